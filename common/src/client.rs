@@ -1,0 +1,153 @@
+//! A typed client for every request/reply API, so callers never touch subjects
+//! or JSON and get the server's [`Error`] back as a value they can match on.
+
+use std::time::Duration;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::error::{Error, ErrorBody, ErrorCode};
+use crate::msg::*;
+use crate::{subject, telemetry};
+
+/// Requests to the coordkit services over one NATS connection (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Client {
+    nats: async_nats::Client,
+    timeout: Duration,
+}
+
+impl Client {
+    pub fn new(nats: async_nats::Client) -> Self {
+        Client {
+            nats,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Deadline for each request.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    /// Sends `req` to `subject` and decodes the reply or the error it carries.
+    pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        subject: &str,
+        req: &Req,
+    ) -> Result<Resp, Error> {
+        let body = serde_json::to_vec(req)
+            .map_err(|e| Error::bad_request(format!("encode request: {e}")))?;
+        let request = async_nats::client::Request::new()
+            .payload(body.into())
+            .headers(telemetry::headers())
+            .timeout(Some(self.timeout));
+        let reply = self
+            .nats
+            .send_request(subject.to_owned(), request)
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => Error::new(
+                    ErrorCode::Unavailable,
+                    format!("no service answers {subject}"),
+                ),
+                async_nats::RequestErrorKind::TimedOut => Error::new(
+                    ErrorCode::Timeout,
+                    format!("{subject}: no reply within {:?}", self.timeout),
+                ),
+                async_nats::RequestErrorKind::MaxPayloadExceeded => {
+                    Error::new(ErrorCode::PayloadTooLarge, format!("{subject}: {e}"))
+                }
+                _ => Error::new(ErrorCode::Unavailable, format!("{subject}: {e}")),
+            })?;
+        decode_reply(&reply)
+    }
+
+    pub async fn register_agent(&self, req: &RegisterAgent) -> Result<AgentInfo, Error> {
+        self.request(subject::AGENT_REGISTER, req).await
+    }
+
+    pub async fn allocate(&self, req: &AllocateRequest) -> Result<Allocation, Error> {
+        self.request(subject::ALLOCATE, req).await
+    }
+
+    pub async fn release(&self, req: &ReleaseRequest) -> Result<ReleaseReply, Error> {
+        self.request(subject::RELEASE, req).await
+    }
+
+    pub async fn capacity(&self, req: &CapacityRequest) -> Result<CapacityStatus, Error> {
+        self.request(subject::CAPACITY_CHECK, req).await
+    }
+
+    pub async fn create_flow(&self, spec: &FlowSpec) -> Result<FlowStatus, Error> {
+        self.request(subject::FLOW_CREATE, spec).await
+    }
+
+    pub async fn flow_status(&self, flow: &crate::FlowId) -> Result<FlowStatus, Error> {
+        self.request(
+            subject::FLOW_STATUS,
+            &FlowRef {
+                flow_id: flow.clone(),
+            },
+        )
+        .await
+    }
+
+    pub async fn list_flows(&self, req: &FlowListRequest) -> Result<FlowList, Error> {
+        self.request(subject::FLOW_LIST, req).await
+    }
+
+    pub async fn state_get(&self, agent: &crate::AgentId) -> Result<StateDoc, Error> {
+        self.request(
+            subject::STATE_GET,
+            &StateGet {
+                agent_id: agent.clone(),
+            },
+        )
+        .await
+    }
+
+    pub async fn state_put(&self, req: &StatePut) -> Result<StateDoc, Error> {
+        self.request(subject::STATE_PUT, req).await
+    }
+
+    pub async fn metrics(&self) -> Result<SystemMetrics, Error> {
+        self.request(subject::MONITOR_METRICS, &MetricsRequest {})
+            .await
+    }
+}
+
+/// A reply is an error when it carries the micro-service error header or an
+/// `{"error": …}` body; the body, when readable, gives the precise code.
+pub fn decode_reply<Resp: DeserializeOwned>(reply: &async_nats::Message) -> Result<Resp, Error> {
+    let header_code = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::service::NATS_SERVICE_ERROR_CODE))
+        .map(|v| v.as_str().to_owned());
+    if header_code.is_some() || reply.payload.starts_with(br#"{"error""#) {
+        if let Ok(body) = serde_json::from_slice::<ErrorBody>(&reply.payload) {
+            return Err(body.error);
+        }
+        let message = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::service::NATS_SERVICE_ERROR))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_else(|| "error reply without a body".to_owned());
+        let code = match header_code.as_deref() {
+            Some("400") => ErrorCode::BadRequest,
+            Some("404") => ErrorCode::NotFound,
+            Some("409") => ErrorCode::Conflict,
+            Some("503") => ErrorCode::Unavailable,
+            _ => ErrorCode::Internal,
+        };
+        return Err(Error::new(code, message));
+    }
+    serde_json::from_slice(&reply.payload)
+        .map_err(|e| Error::internal(format!("unreadable reply: {e}")))
+}

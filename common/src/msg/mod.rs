@@ -1,0 +1,26 @@
+//! Message schemas: every JSON document that crosses the bus.
+//!
+//! Documents people write (flow specs, allocation requests) reject unknown fields,
+//! so a typo such as `dependson` is an error rather than a silently dropped
+//! dependency. Messages between programs (replies, events, reports, heartbeats)
+//! ignore unknown fields, so an old reader accepts a new writer. New fields are
+//! always added with a default. Times are milliseconds since the Unix epoch
+//! (`*_ms`), resource amounts are plain non-negative numbers in the resource's own
+//! unit.
+
+pub mod agent;
+pub mod alloc;
+pub mod event;
+pub mod flow;
+pub mod monitor;
+pub mod state;
+
+pub use agent::*;
+pub use alloc::*;
+pub use event::*;
+pub use flow::*;
+pub use monitor::*;
+pub use state::*;
+
+#[cfg(test)]
+mod tests;

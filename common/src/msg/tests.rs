@@ -1,0 +1,157 @@
+//! Round trips of every wire message, and the exact JSON of the ones agents in
+//! other languages read and write (so a rename shows up as a failing test).
+
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::json;
+
+use super::*;
+use crate::id::*;
+
+fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(v: &T) {
+    let json = serde_json::to_string(v).unwrap();
+    let back: T = serde_json::from_str(&json).unwrap();
+    assert_eq!(&back, v, "{json}");
+}
+
+fn a(s: &str) -> AgentId {
+    AgentId::new(s).unwrap()
+}
+fn t(s: &str) -> TaskId {
+    TaskId::new(s).unwrap()
+}
+
+#[test]
+fn every_message_round_trips() {
+    let flow = FlowId::new("f1").unwrap();
+    let alloc = AllocationId::new("al1").unwrap();
+    round_trip(&RegisterAgent {
+        agent_id: a("w1"),
+        capabilities: vec!["py".into()],
+        labels: [("zone".to_string(), "eu".to_string())].into(),
+        capacity: [("cpu".to_string(), 2.0)].into(),
+        heartbeat_interval_ms: 1000,
+    });
+    round_trip(&Heartbeat {
+        agent_id: a("w1"),
+        at_ms: 5,
+        running: 1,
+    });
+    round_trip(&Assignment {
+        flow_id: flow.clone(),
+        task_id: t("a"),
+        attempt: 1,
+        agent_id: a("w1"),
+        kind: "k".into(),
+        input: json!({"x": 1}),
+        allocation_id: alloc.clone(),
+        resources: Default::default(),
+        assigned_at_ms: 9,
+    });
+    for kind in [
+        ReportKind::Started,
+        ReportKind::Progress {
+            progress: Some(0.5),
+        },
+        ReportKind::Completed {
+            output: json!([1, 2]),
+        },
+        ReportKind::Failed {
+            error: "boom".into(),
+            retryable: true,
+        },
+    ] {
+        round_trip(&AgentReport {
+            flow_id: flow.clone(),
+            task_id: t("a"),
+            attempt: 2,
+            agent_id: a("w1"),
+            kind,
+            at_ms: 1,
+        });
+    }
+    round_trip(&FlowSpec {
+        id: None,
+        name: "n".into(),
+        tasks: vec![TaskSpec {
+            id: t("a"),
+            kind: "k".into(),
+            input: json!(null),
+            requirements: Requirements::default(),
+            depends_on: vec![t("b")],
+            priority: 3,
+        }],
+    });
+    round_trip(&Event {
+        event_id: "e".into(),
+        at_ms: 1,
+        source: "orchestrator".into(),
+        kind: EventKind::TaskTransition {
+            flow_id: flow,
+            task_id: t("a"),
+            from: TaskState::Ready,
+            to: TaskState::Assigned,
+            attempt: 1,
+            agent_id: Some(a("w1")),
+        },
+    });
+    round_trip(&StatePut {
+        agent_id: a("w1"),
+        expected_revision: 0,
+        doc: json!({"k": "v"}),
+    });
+    round_trip(&ReleaseRequest {
+        allocation_id: alloc,
+        agent_id: a("w1"),
+    });
+}
+
+#[test]
+fn report_json_is_flat_and_tagged() {
+    let r: AgentReport = serde_json::from_value(json!({
+        "flow_id": "f1", "task_id": "a", "attempt": 1, "agent_id": "w1",
+        "type": "completed", "output": {"ok": true}, "extra": "ignored"
+    }))
+    .unwrap();
+    assert_eq!(
+        r.kind,
+        ReportKind::Completed {
+            output: json!({"ok": true})
+        }
+    );
+    let unknown: AgentReport = serde_json::from_value(json!({
+        "flow_id": "f1", "task_id": "a", "attempt": 1, "agent_id": "w1", "type": "teleported"
+    }))
+    .unwrap();
+    assert_eq!(unknown.kind, ReportKind::Unknown);
+}
+
+#[test]
+fn specs_people_write_reject_typos() {
+    let err = serde_json::from_value::<FlowSpec>(json!({
+        "tasks": [{"id": "a", "dependson": ["b"]}]
+    }))
+    .unwrap_err();
+    assert!(err.to_string().contains("dependson"), "{err}");
+}
+
+#[test]
+fn unknown_events_are_tolerated() {
+    let e: Event = serde_json::from_value(json!({
+        "event_id": "x", "at_ms": 1, "type": "quantum_leap", "where": "?"
+    }))
+    .unwrap();
+    assert_eq!(e.kind, EventKind::Unknown);
+}
+
+#[test]
+fn event_subjects_follow_the_transition() {
+    let k = EventKind::TaskTransition {
+        flow_id: FlowId::new("f").unwrap(),
+        task_id: t("a"),
+        from: TaskState::Running,
+        to: TaskState::Succeeded,
+        attempt: 1,
+        agent_id: None,
+    };
+    assert_eq!(k.subject(), "coord.events.task.succeeded");
+}

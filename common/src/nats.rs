@@ -1,0 +1,333 @@
+//! The NATS connection, the JetStream resources, and the few bus operations every
+//! service repeats: publishing an event, and a compare-and-set on a KV entry.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use async_nats::HeaderMap;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::config::NatsConfig;
+use crate::error::{Error, ErrorCode};
+use crate::msg::{Event, EventKind};
+use crate::subject;
+use crate::telemetry;
+
+/// Assignments, one durable consumer per agent (work queue: an assignment is
+/// removed once its agent acks it).
+pub const STREAM_ASSIGN: &str = "COORD_ASSIGN";
+/// Agent reports, consumed by the orchestrators through one shared durable consumer.
+pub const STREAM_REPORTS: &str = "COORD_REPORTS";
+/// Every domain event: the audit log.
+pub const STREAM_EVENTS: &str = "COORD_EVENTS";
+/// The orchestrators' shared durable consumer on [`STREAM_REPORTS`].
+pub const CONSUMER_ORCHESTRATOR: &str = "orchestrator";
+
+/// Flows and their tasks' states, one entry per flow.
+pub const KV_FLOWS: &str = "coord_flows";
+/// Agents with their capacity and live allocations, one entry per agent.
+pub const KV_AGENTS: &str = "coord_agents";
+/// Last heartbeat per agent, kept apart so heartbeats never contend with allocations.
+pub const KV_HEARTBEATS: &str = "coord_heartbeats";
+/// Agent state documents, with history for three-way merges and reads at a revision.
+pub const KV_STATE: &str = "coord_state";
+
+/// Connects with retry on the first attempt and unlimited reconnects afterwards,
+/// so a service may start before NATS does.
+pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, Error> {
+    let mut opts = match &cfg.nats_creds {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
+            .await
+            .map_err(|e| {
+                Error::bad_request(format!("cannot read credentials {}: {e}", path.display()))
+            })?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let (Some(user), Some(pass)) = (&cfg.nats_user, &cfg.nats_password) {
+        opts = opts.user_and_password(user.clone(), pass.clone());
+    }
+    if let Some(ca) = &cfg.nats_tls_ca {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&cfg.nats_tls_cert, &cfg.nats_tls_key) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if cfg.nats_tls_required {
+        opts = opts.require_tls(true);
+    }
+    let name = name.to_owned();
+    let opts = opts
+        .name(name.clone())
+        .retry_on_initial_connect()
+        .request_timeout(Some(cfg.request_timeout()))
+        .event_callback(move |event| {
+            let name = name.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!(client = %name, "connected to nats")
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(client = %name, "disconnected from nats")
+                    }
+                    other => tracing::debug!(client = %name, event = %other, "nats event"),
+                }
+            }
+        });
+    let urls = cfg.nats_url.as_str();
+    opts.connect(urls).await.map_err(|e| {
+        Error::new(
+            ErrorCode::Unavailable,
+            format!("cannot connect to nats at {urls}: {e}"),
+        )
+    })
+}
+
+/// The streams coordkit owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Assign,
+    Reports,
+    Events,
+}
+
+impl Stream {
+    pub fn config(self, replicas: usize) -> stream::Config {
+        let base = |name: &str, subject: &str| stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subject.to_owned()],
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        match self {
+            Stream::Assign => stream::Config {
+                retention: stream::RetentionPolicy::WorkQueue,
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                ..base(STREAM_ASSIGN, subject::ASSIGN_ALL)
+            },
+            Stream::Reports => stream::Config {
+                retention: stream::RetentionPolicy::WorkQueue,
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                ..base(STREAM_REPORTS, subject::REPORT_ALL)
+            },
+            Stream::Events => stream::Config {
+                retention: stream::RetentionPolicy::Limits,
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                max_bytes: 1 << 30,
+                ..base(STREAM_EVENTS, subject::EVENTS_ALL)
+            },
+        }
+    }
+}
+
+/// The KV buckets coordkit owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    Flows,
+    Agents,
+    Heartbeats,
+    State,
+}
+
+impl Bucket {
+    pub fn config(self, replicas: usize) -> kv::Config {
+        let (bucket, history) = match self {
+            Bucket::Flows => (KV_FLOWS, 1),
+            Bucket::Agents => (KV_AGENTS, 1),
+            Bucket::Heartbeats => (KV_HEARTBEATS, 1),
+            Bucket::State => (KV_STATE, 64),
+        };
+        kv::Config {
+            bucket: bucket.to_owned(),
+            history,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        }
+    }
+}
+
+/// Gets the stream, creating it if missing. An existing stream keeps the
+/// operator's settings.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    which: Stream,
+    replicas: usize,
+) -> Result<stream::Stream, Error> {
+    let cfg = which.config(replicas);
+    let name = cfg.name.clone();
+    js.get_or_create_stream(cfg).await.map_err(|e| {
+        Error::new(
+            ErrorCode::Unavailable,
+            format!("cannot open stream {name}: {e}"),
+        )
+    })
+}
+
+/// Gets the bucket, creating it if missing (replicas racing to create it is fine).
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    which: Bucket,
+    replicas: usize,
+) -> Result<kv::Store, Error> {
+    let cfg = which.config(replicas);
+    let name = cfg.bucket.clone();
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    match js.create_key_value(cfg).await {
+        Ok(store) => Ok(store),
+        Err(create_err) => js.get_key_value(&name).await.map_err(|_| {
+            Error::new(
+                ErrorCode::Unavailable,
+                format!("cannot open bucket {name}: {create_err}"),
+            )
+        }),
+    }
+}
+
+/// Publishes domain events with the current trace context.
+#[derive(Clone, Debug)]
+pub struct EventPublisher {
+    client: async_nats::Client,
+    source: &'static str,
+}
+
+impl EventPublisher {
+    pub fn new(client: async_nats::Client, source: &'static str) -> Self {
+        EventPublisher { client, source }
+    }
+
+    /// Publishes one event. Core publish (no ack round trip) keeps events off the
+    /// hot path's latency; the events stream captures them.
+    pub async fn publish(&self, kind: EventKind) {
+        let event = Event {
+            event_id: uuid::Uuid::now_v7().simple().to_string(),
+            at_ms: crate::now_ms(),
+            source: self.source.to_owned(),
+            kind,
+        };
+        let subject = event.kind.subject();
+        let mut headers = telemetry::headers();
+        headers.insert("Nats-Msg-Id", event.event_id.as_str());
+        match serde_json::to_vec(&event) {
+            Ok(body) => {
+                if let Err(e) = self
+                    .client
+                    .publish_with_headers(subject, headers, body.into())
+                    .await
+                {
+                    tracing::warn!(error = %e, subject, "event publish failed");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "event encode failed"),
+        }
+    }
+}
+
+/// How many times a compare-and-set is retried from fresh state before giving up.
+pub const CAS_ATTEMPTS: usize = 64;
+
+/// Reads a JSON value and its revision; `None` when the key is absent or deleted.
+pub async fn get_json<T: DeserializeOwned>(
+    kv: &kv::Store,
+    key: &str,
+) -> Result<Option<(T, u64)>, Error> {
+    let entry = kv
+        .entry(key)
+        .await
+        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("kv read {key}: {e}")))?;
+    match entry {
+        Some(e) if e.operation == kv::Operation::Put => {
+            let value = serde_json::from_slice(&e.value)
+                .map_err(|err| Error::internal(format!("stored value {key} unreadable: {err}")))?;
+            Ok(Some((value, e.revision)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The outcome of one step of [`cas_update`].
+pub enum Step<T, R> {
+    /// Write this value, then return `R`.
+    Write(T, R),
+    /// Leave the entry as it is and return `R`.
+    Keep(R),
+}
+
+/// Compare-and-set loop: reads the entry, lets `f` decide, writes against the
+/// revision it read, and on losing the race starts over from fresh state.
+/// Returns `f`'s result and the revision now stored.
+pub async fn cas_update<T, R, F>(kv: &kv::Store, key: &str, mut f: F) -> Result<(R, u64), Error>
+where
+    T: Serialize + DeserializeOwned,
+    F: FnMut(Option<T>) -> Result<Step<T, R>, Error>,
+{
+    for attempt in 0..CAS_ATTEMPTS {
+        let current = get_json::<T>(kv, key).await?;
+        let revision = current.as_ref().map(|(_, r)| *r);
+        match f(current.map(|(v, _)| v))? {
+            Step::Keep(r) => return Ok((r, revision.unwrap_or(0))),
+            Step::Write(value, r) => {
+                let body = serde_json::to_vec(&value)
+                    .map_err(|e| Error::internal(format!("encode {key}: {e}")))?;
+                let written = match revision {
+                    Some(rev) => {
+                        kv.update(key, body.into(), rev)
+                            .await
+                            .map_err(|e| match e.kind() {
+                                kv::UpdateErrorKind::WrongLastRevision => None,
+                                _ => Some(Error::new(
+                                    ErrorCode::Unavailable,
+                                    format!("kv write {key}: {e}"),
+                                )),
+                            })
+                    }
+                    None => kv
+                        .create(key, body.into())
+                        .await
+                        .map_err(|e| match e.kind() {
+                            kv::CreateErrorKind::AlreadyExists => None,
+                            _ => Some(Error::new(
+                                ErrorCode::Unavailable,
+                                format!("kv create {key}: {e}"),
+                            )),
+                        }),
+                };
+                match written {
+                    Ok(rev) => return Ok((r, rev)),
+                    Err(Some(err)) => return Err(err),
+                    Err(None) => {
+                        tracing::debug!(key, attempt, "compare-and-set lost, retrying");
+                        if attempt > 4 {
+                            tokio::time::sleep(Duration::from_millis(1 + fastrand_ms(attempt)))
+                                .await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Err(Error::new(
+        ErrorCode::Conflict,
+        format!("{key}: too much contention, gave up"),
+    ))
+}
+
+/// A small, spread-out back-off without pulling in a random number generator.
+fn fastrand_ms(attempt: usize) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0) as u64;
+    nanos % (attempt as u64 * 2).min(50)
+}
+
+/// Headers for a JetStream publish that must be stored once even if retried.
+pub fn dedupe_headers(msg_id: &str) -> HeaderMap {
+    let mut headers = telemetry::headers();
+    headers.insert("Nats-Msg-Id", msg_id);
+    headers
+}

@@ -1,0 +1,215 @@
+//! NATS micro-service plumbing: every request/reply API of every service goes
+//! through [`Service::serve`], so decoding, size limits, error replies, tracing
+//! and concurrency are the same everywhere.
+//!
+//! Each service registers under its own name, so `$SRV.PING`, `$SRV.INFO` and
+//! `$SRV.STATS` answer per service; replicas share the default queue group and
+//! split the requests between them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use async_nats::service::{Service as NatsService, ServiceExt};
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::error::{Error, ErrorCode};
+use crate::telemetry;
+
+/// Largest request body accepted, in bytes (NATS's default `max_payload`).
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Requests handled at once per endpoint per replica; more wait in the subscription.
+pub const MAX_IN_FLIGHT: usize = 1024;
+/// Version every coordkit service reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+type ErrorCounts = Arc<Mutex<HashMap<String, (u64, Option<ErrorCode>)>>>;
+
+/// A running micro service.
+pub struct Service {
+    inner: NatsService,
+    errors: ErrorCounts,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Service {
+    /// Registers the service (`name` is what `$SRV.PING.{name}` answers to).
+    pub async fn start(
+        client: &async_nats::Client,
+        name: &str,
+        description: &str,
+    ) -> Result<Self, Error> {
+        let errors: ErrorCounts = Arc::default();
+        let stats_errors = errors.clone();
+        let inner = client
+            .service_builder()
+            .description(description)
+            .stats_handler(move |endpoint, _stats| {
+                // Error replies carry a JSON body, so they are counted here rather
+                // than in the built-in error counter (which only sees empty bodies).
+                let counts = stats_errors
+                    .lock()
+                    .map(|m| m.get(&endpoint).cloned())
+                    .ok()
+                    .flatten();
+                let (errors, last) = counts.unwrap_or((0, None));
+                serde_json::json!({ "error_replies": errors, "last_error_code": last })
+            })
+            .start(name, VERSION)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot start service {name}: {e}"),
+                )
+            })?;
+        Ok(Service {
+            inner,
+            errors,
+            tasks: tokio::task::JoinSet::new(),
+        })
+    }
+
+    /// Serves `subject` with `handler`: JSON in, JSON out, typed errors.
+    pub async fn serve<Req, Resp, H, Fut>(
+        &mut self,
+        subject: &'static str,
+        handler: H,
+    ) -> Result<(), Error>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+        H: Fn(Req) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<Resp, Error>> + Send + 'static,
+    {
+        let name = subject
+            .strip_prefix("coord.")
+            .unwrap_or(subject)
+            .replace('.', "-");
+        let mut endpoint = self
+            .inner
+            .endpoint_builder()
+            .name(&name)
+            .add(subject)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot serve {subject}: {e}"),
+                )
+            })?;
+        let errors = self.errors.clone();
+        let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        self.tasks.spawn(async move {
+            while let Some(request) = endpoint.next().await {
+                let Ok(permit) = limit.clone().acquire_owned().await else { break };
+                let handler = handler.clone();
+                let errors = errors.clone();
+                let name = name.clone();
+                let span = telemetry::message_span("request", subject, request.message.headers.as_ref());
+                tokio::spawn(
+                    async move {
+                        let result = match decode::<Req>(&request.message.payload) {
+                            Ok(req) => handler(req).await,
+                            Err(e) => Err(e),
+                        };
+                        let sent = match result.and_then(|resp| encode(&resp)) {
+                            Ok(body) => request.respond(Ok(body.into())).await,
+                            Err(err) => {
+                                tracing::debug!(code = %err.code, message = %err.message, "error reply");
+                                if let Ok(mut m) = errors.lock() {
+                                    let entry = m.entry(name).or_default();
+                                    entry.0 += 1;
+                                    entry.1 = Some(err.code);
+                                }
+                                request.respond_with_headers(Ok(err.to_body().into()), error_headers(&err)).await
+                            }
+                        };
+                        if let Err(e) = sent {
+                            tracing::debug!(error = %e, "reply not sent");
+                        }
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+        });
+        Ok(())
+    }
+
+    /// Stops answering: in-flight requests finish, the service unregisters.
+    pub async fn stop(mut self) {
+        self.tasks.abort_all();
+        let _ = self.inner.stop().await;
+    }
+}
+
+fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Error> {
+    if payload.len() > MAX_REQUEST_BYTES {
+        return Err(Error::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "request is {} bytes, at most {MAX_REQUEST_BYTES} allowed",
+                payload.len()
+            ),
+        ));
+    }
+    // An empty body means "no parameters", so `nats req coord.monitor.metrics ''` works.
+    let payload: &[u8] = if payload.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        payload
+    };
+    serde_json::from_slice(payload).map_err(|e| Error::decode(&e))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(value).map_err(|e| Error::internal(format!("reply encode: {e}")))
+}
+
+/// The micro-service error headers, alongside the JSON body.
+pub fn error_headers(err: &Error) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        async_nats::service::NATS_SERVICE_ERROR,
+        err.message.as_str(),
+    );
+    h.insert(
+        async_nats::service::NATS_SERVICE_ERROR_CODE,
+        err.code.status().to_string().as_str(),
+    );
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_classifies_bad_input() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        struct Req {
+            #[serde(default)]
+            _n: u32,
+        }
+        assert!(decode::<Req>(b"").is_ok());
+        assert_eq!(
+            decode::<Req>(b"not json").unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            decode::<Req>(br#"{"x":1}"#).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+        let big = vec![b' '; MAX_REQUEST_BYTES + 1];
+        assert_eq!(
+            decode::<Req>(&big).unwrap_err().code,
+            ErrorCode::PayloadTooLarge
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! Every NATS subject coordkit uses, in one place.
+//!
+//! No other module writes a subject string: fixed subjects are constants here and
+//! parameterised ones are built by functions that only take validated ids, so a
+//! subject can never be injected through an id. Everything an agent publishes lives
+//! under `coord.agents.{its id}.…`, so NATS permissions can confine each agent.
+//!
+//! Breaking changes to a message go to a new subject (e.g. `….v2`), never in place.
+
+use crate::id::AgentId;
+
+/// Root of every coordkit subject.
+pub const ROOT: &str = "coord";
+/// Everything coordkit publishes (what the monitor listens to).
+pub const ALL: &str = "coord.>";
+
+// Orchestrator: request/reply.
+pub const FLOW_CREATE: &str = "coord.orchestrator.flow.create";
+pub const FLOW_GET: &str = "coord.orchestrator.flow.get";
+pub const FLOW_STATUS: &str = "coord.orchestrator.flow.status";
+pub const FLOW_LIST: &str = "coord.orchestrator.flow.list";
+
+// Allocator: request/reply.
+pub const AGENT_REGISTER: &str = "coord.agents.register";
+pub const ALLOCATE: &str = "coord.allocator.allocate";
+pub const RELEASE: &str = "coord.allocator.release";
+pub const CAPACITY_CHECK: &str = "coord.allocator.capacity.check";
+
+// Synchronizer: request/reply.
+pub const STATE_GET: &str = "coord.sync.state.get";
+pub const STATE_PUT: &str = "coord.sync.state.put";
+
+// Monitor: request/reply.
+pub const MONITOR_METRICS: &str = "coord.monitor.metrics";
+
+/// Heartbeats of every agent (the allocator's subscription).
+pub const HEARTBEAT_ALL: &str = "coord.agents.*.heartbeat";
+/// Assignments to every agent (the assignment stream's subjects).
+pub const ASSIGN_ALL: &str = "coord.agents.*.assign";
+/// Reports of every agent (the report stream's subjects).
+pub const REPORT_ALL: &str = "coord.agents.*.report";
+/// Every domain event (the events stream's subjects).
+pub const EVENTS_ALL: &str = "coord.events.>";
+
+/// An agent's heartbeat (core publish, agent → allocator).
+pub fn heartbeat(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.heartbeat")
+}
+
+/// An agent's assignments (JetStream, durable per agent, orchestrator → agent).
+pub fn assign(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.assign")
+}
+
+/// An agent's task reports (JetStream, agent → orchestrator).
+pub fn report(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.report")
+}
+
+/// The agent id in an agent subject (`coord.agents.{id}.…`), validated.
+///
+/// Identity comes from the subject the agent is permitted to publish on, never
+/// from a field in the JSON alone.
+pub fn agent_of(subject: &str) -> Option<AgentId> {
+    let mut parts = subject.split('.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(ROOT), Some("agents"), Some(id)) => AgentId::new(id).ok(),
+        _ => None,
+    }
+}
+
+/// Event subjects: `coord.events.{family}.{what}`.
+pub mod event {
+    pub const FLOW_CREATED: &str = "coord.events.flow.created";
+    pub const FLOW_COMPLETED: &str = "coord.events.flow.completed";
+    pub const TASK_READY: &str = "coord.events.task.ready";
+    pub const TASK_ASSIGNED: &str = "coord.events.task.assigned";
+    pub const TASK_STARTED: &str = "coord.events.task.started";
+    pub const TASK_SUCCEEDED: &str = "coord.events.task.succeeded";
+    pub const TASK_FAILED: &str = "coord.events.task.failed";
+    pub const TASK_SKIPPED: &str = "coord.events.task.skipped";
+    pub const REPORT_REJECTED: &str = "coord.events.task.report_rejected";
+    pub const AGENT_REGISTERED: &str = "coord.events.agent.registered";
+    pub const ALLOCATION_MADE: &str = "coord.events.allocation.made";
+    pub const ALLOCATION_RELEASED: &str = "coord.events.allocation.released";
+    pub const STATE_UPDATED: &str = "coord.events.state.updated";
+    pub const STATE_CONFLICT: &str = "coord.events.state.conflict";
+    /// Never published by this build; where an unknown event would go.
+    pub const UNKNOWN: &str = "coord.events.unknown";
+}
+
+/// The family of a subject, for metrics: `coord.agents.w1.report` → `coord.agents.*.report`.
+///
+/// Collapsing the id token keeps the number of series bounded however many
+/// agents there are.
+pub fn family(subject: &str) -> String {
+    let parts: Vec<&str> = subject.split('.').collect();
+    match parts.as_slice() {
+        [ROOT, "agents", id, rest @ ..] if !rest.is_empty() && *id != "register" => {
+            format!("coord.agents.*.{}", rest.join("."))
+        }
+        _ => subject.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_subjects_round_trip() {
+        let a = AgentId::new("w-1").unwrap();
+        assert_eq!(heartbeat(&a), "coord.agents.w-1.heartbeat");
+        assert_eq!(agent_of(&report(&a)), Some(a.clone()));
+        assert_eq!(agent_of(&assign(&a)), Some(a));
+        assert_eq!(agent_of("coord.sync.state.get"), None);
+    }
+
+    #[test]
+    fn families_collapse_agent_ids() {
+        assert_eq!(family("coord.agents.w-1.report"), "coord.agents.*.report");
+        assert_eq!(family("coord.agents.register"), "coord.agents.register");
+        assert_eq!(family(FLOW_CREATE), FLOW_CREATE);
+    }
+}

@@ -1,0 +1,158 @@
+//! Logging and tracing set-up, and W3C trace context in NATS headers.
+//!
+//! A tracer provider is always installed, so every span has a real trace id that
+//! travels in a `traceparent` header on every message; spans are *exported* only
+//! when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set.
+//! One task's path through all services is then one trace.
+
+use async_nats::HeaderMap;
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+/// Flushes pending spans when dropped (at the end of `main`).
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            if let Err(e) = p.shutdown() {
+                eprintln!("telemetry shutdown: {e}");
+            }
+        }
+    }
+}
+
+fn otlp_enabled() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|k| std::env::var(k).map(|v| !v.is_empty()).unwrap_or(false))
+}
+
+fn provider(service: &str) -> SdkTracerProvider {
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service.to_owned())
+        .build();
+    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    if otlp_enabled() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+            Err(e) => eprintln!("OTLP exporter disabled: {e}"),
+        }
+    }
+    builder.build()
+}
+
+/// The one subscriber set-up for binaries: `RUST_LOG`-filtered logs on stderr
+/// (default `info`), spans to OTLP when configured. Call once at the top of `main`.
+pub fn init(service: &str) -> TelemetryGuard {
+    install(service, true)
+}
+
+/// For tests: trace context on, logs only when `TEST_LOG` is set. Safe to call
+/// from every test; only the first call installs anything.
+pub fn init_for_tests() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let guard = install("coordkit-test", std::env::var_os("TEST_LOG").is_some());
+        // The test process never flushes; keep the provider alive for its lifetime.
+        std::mem::forget(guard);
+    });
+}
+
+fn install(service: &str, logs: bool) -> TelemetryGuard {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let provider = provider(service);
+    let tracer = provider.tracer(service.to_owned());
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    let fmt = logs.then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+    });
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    // A second install in one process (tests) keeps the first; that is fine.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    TelemetryGuard {
+        provider: Some(provider),
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+}
+
+/// Writes the current span's trace context into `headers`.
+pub fn inject(headers: &mut HeaderMap) {
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut HeaderInjector(headers))
+    });
+}
+
+/// Fresh headers carrying the current trace context.
+pub fn headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    inject(&mut h);
+    h
+}
+
+/// A span for handling a message, continuing the sender's trace when its headers
+/// carry one. Without a `traceparent` the span starts a new trace rather than
+/// being orphaned under a bogus parent.
+pub fn message_span(
+    name: &'static str,
+    subject: &str,
+    headers: Option<&HeaderMap>,
+) -> tracing::Span {
+    let span = tracing::info_span!("message", otel.name = name, subject = %subject);
+    if let Some(h) = headers {
+        if h.get("traceparent").is_some() {
+            let parent =
+                opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(h)));
+            let _ = span.set_parent(parent);
+        }
+    }
+    span
+}
+
+/// The trace id in a `traceparent` header, for tests and logs.
+pub fn trace_id(headers: &HeaderMap) -> Option<String> {
+    let tp = headers.get("traceparent")?.as_str();
+    tp.split('-').nth(1).map(str::to_owned)
+}
