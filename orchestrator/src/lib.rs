@@ -1,1 +1,11 @@
-//! placeholder
+//! The orchestrator: task flows (DAGs of tasks) run on external agents.
+//!
+//! [`machine`] is the pure flow state machine; [`service`] is the NATS adapter
+//! that stores flows in JetStream KV with compare-and-set, places tasks through
+//! the allocator, assigns them on each agent's durable subject and consumes the
+//! agents' reports.
+
+pub mod machine;
+pub mod service;
+
+pub use service::{run, Config};

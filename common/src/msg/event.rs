@@ -77,6 +77,12 @@ pub enum EventKind {
         agent_id: AgentId,
         revision: u64,
     },
+    /// A put was made from a stale revision and refused.
+    StateConflict {
+        agent_id: AgentId,
+        expected_revision: u64,
+        current_revision: u64,
+    },
     /// An event type this build does not know (published by a newer service).
     #[serde(other)]
     Unknown,
@@ -101,6 +107,7 @@ impl EventKind {
             EventKind::AllocationMade { .. } => s::ALLOCATION_MADE,
             EventKind::AllocationReleased { .. } => s::ALLOCATION_RELEASED,
             EventKind::StateUpdated { .. } => s::STATE_UPDATED,
+            EventKind::StateConflict { .. } => s::STATE_CONFLICT,
             EventKind::Unknown => s::UNKNOWN,
         }
     }

@@ -166,3 +166,18 @@ pub struct FlowSummary {
 pub struct FlowList {
     pub flows: Vec<FlowSummary>,
 }
+
+/// One problem found when validating a flow spec; `flow.create` reports all of
+/// them at once in the error's `details.problems`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ValidationProblem {
+    /// Stable: `empty_flow`, `too_many_tasks`, `duplicate_task`, `unknown_dependency`,
+    /// `self_dependency`, `cycle`, `invalid_requirement`.
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    /// For `cycle`: the tasks on the cycle, first one repeated at the end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path: Vec<TaskId>,
+}
