@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv};
 use common::msg::{
-    AgentReport, AllocateRequest, Assignment, EventKind, FlowList, FlowListRequest, FlowRef, FlowSpec, FlowStatus,
-    ReleaseRequest, TaskState,
+    AgentReport, AllocateRequest, Assignment, EventKind, FlowList, FlowListRequest, FlowRef,
+    FlowSpec, FlowStatus, ReleaseRequest, TaskState,
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Step, Stream};
 use common::service::Service;
@@ -44,7 +44,11 @@ pub struct Config {
 
 impl Config {
     pub fn new(nats: common::config::NatsConfig) -> Self {
-        Config { nats, sweep_ms: 1_000, report_concurrency: 256 }
+        Config {
+            nats,
+            sweep_ms: 1_000,
+            report_concurrency: 256,
+        }
     }
 }
 
@@ -72,34 +76,46 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         events: EventPublisher::new(nats.clone(), NAME),
     });
 
-    let mut service = Service::start(&nats, NAME, "Task flows: DAGs of tasks run on external agents").await?;
-    let o = orch.clone();
-    service.serve(subject::FLOW_CREATE, move |spec: FlowSpec| {
-        let o = o.clone();
-        async move { o.create(spec).await }
-    })
+    let mut service = Service::start(
+        &nats,
+        NAME,
+        "Task flows: DAGs of tasks run on external agents",
+    )
     .await?;
     let o = orch.clone();
-    service.serve(subject::FLOW_STATUS, move |r: FlowRef| {
-        let o = o.clone();
-        async move { o.status(&r.flow_id).await }
-    })
-    .await?;
+    service
+        .serve(subject::FLOW_CREATE, move |spec: FlowSpec| {
+            let o = o.clone();
+            async move { o.create(spec).await }
+        })
+        .await?;
     let o = orch.clone();
-    service.serve(subject::FLOW_GET, move |r: FlowRef| {
-        let o = o.clone();
-        async move { o.load(&r.flow_id).await.map(|(f, _)| f.spec()) }
-    })
-    .await?;
+    service
+        .serve(subject::FLOW_STATUS, move |r: FlowRef| {
+            let o = o.clone();
+            async move { o.status(&r.flow_id).await }
+        })
+        .await?;
     let o = orch.clone();
-    service.serve(subject::FLOW_LIST, move |r: FlowListRequest| {
-        let o = o.clone();
-        async move { o.list(r).await }
-    })
-    .await?;
+    service
+        .serve(subject::FLOW_GET, move |r: FlowRef| {
+            let o = o.clone();
+            async move { o.load(&r.flow_id).await.map(|(f, _)| f.spec()) }
+        })
+        .await?;
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_LIST, move |r: FlowListRequest| {
+            let o = o.clone();
+            async move { o.list(r).await }
+        })
+        .await?;
 
     let reports = tokio::spawn(orch.clone().consume_reports(cfg.report_concurrency));
-    let sweeper = tokio::spawn(orch.clone().sweep(Duration::from_millis(cfg.sweep_ms.max(10))));
+    let sweeper = tokio::spawn(
+        orch.clone()
+            .sweep(Duration::from_millis(cfg.sweep_ms.max(10))),
+    );
     tracing::info!(url = %cfg.nats.nats_url, "orchestrator running");
 
     shutdown.await;
@@ -129,15 +145,19 @@ impl Orchestrator {
         let (flow, effects) = Flow::new(id.clone(), spec, common::now_ms());
         let status = flow.status(0);
         let mut fresh = Some(flow);
-        let (created, revision) = bus::cas_update::<Flow, bool, _>(&self.flows, key(&id), |current| {
-            Ok(match (current, fresh.take()) {
-                (None, Some(flow)) => Step::Write(flow, true),
-                _ => Step::Keep(false),
+        let (created, revision) =
+            bus::cas_update::<Flow, bool, _>(&self.flows, key(&id), |current| {
+                Ok(match (current, fresh.take()) {
+                    (None, Some(flow)) => Step::Write(flow, true),
+                    _ => Step::Keep(false),
+                })
             })
-        })
-        .await?;
+            .await?;
         if !created {
-            return Err(Error::new(ErrorCode::Conflict, format!("flow {id} already exists")));
+            return Err(Error::new(
+                ErrorCode::Conflict,
+                format!("flow {id} already exists"),
+            ));
         }
         self.run_effects(&id, effects).await;
         Ok(FlowStatus { revision, ..status })
@@ -180,7 +200,11 @@ impl Orchestrator {
 
     /// Runs one machine step under compare-and-set. The inner `Err` is the
     /// machine's refusal; the outer one a storage failure or a missing flow.
-    async fn step<F>(&self, flow: &FlowId, mut f: F) -> Result<Result<Vec<Effect>, Rejection>, Error>
+    async fn step<F>(
+        &self,
+        flow: &FlowId,
+        mut f: F,
+    ) -> Result<Result<Vec<Effect>, Rejection>, Error>
     where
         F: FnMut(&mut Flow) -> Result<Vec<Effect>, Rejection>,
     {
@@ -200,18 +224,26 @@ impl Orchestrator {
 
     /// Carries out a step's effects. Boxed because dispatching runs effects of
     /// its own (the future would otherwise be recursive and not provably `Send`).
-    fn run_effects<'a>(self: &'a Arc<Self>, flow: &'a FlowId, effects: Vec<Effect>) -> BoxFuture<'a, ()> {
+    fn run_effects<'a>(
+        self: &'a Arc<Self>,
+        flow: &'a FlowId,
+        effects: Vec<Effect>,
+    ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             for effect in effects {
                 match effect {
                     Effect::Event(kind) => self.events.publish(kind).await,
                     Effect::Dispatch(task) => {
                         let (o, flow) = (self.clone(), flow.clone());
-                        tokio::spawn(async move { o.dispatch(&flow, &task).await }.in_current_span());
+                        tokio::spawn(
+                            async move { o.dispatch(&flow, &task).await }.in_current_span(),
+                        );
                     }
                     Effect::Release { agent, allocation } => {
                         let o = self.clone();
-                        tokio::spawn(async move { o.release(agent, allocation).await }.in_current_span());
+                        tokio::spawn(
+                            async move { o.release(agent, allocation).await }.in_current_span(),
+                        );
                     }
                 }
             }
@@ -221,8 +253,12 @@ impl Orchestrator {
     /// Places a ready task through the allocator, records the assignment, then
     /// sends it on the agent's durable subject.
     async fn dispatch(self: &Arc<Self>, flow_id: &FlowId, task_id: &TaskId) {
-        let Ok((flow, _)) = self.load(flow_id).await else { return };
-        let Some(task) = flow.tasks.get(task_id) else { return };
+        let Ok((flow, _)) = self.load(flow_id).await else {
+            return;
+        };
+        let Some(task) = flow.tasks.get(task_id) else {
+            return;
+        };
         if flow.state.is_terminal() || task.state != TaskState::Ready {
             return;
         }
@@ -244,7 +280,13 @@ impl Orchestrator {
         let mut assigned = 0;
         let outcome = self
             .step(flow_id, |f| {
-                f.assign(task_id, &allocation.agent_id, &allocation.allocation_id, now).map(|(attempt, effects)| {
+                f.assign(
+                    task_id,
+                    &allocation.agent_id,
+                    &allocation.allocation_id,
+                    now,
+                )
+                .map(|(attempt, effects)| {
                     assigned = attempt;
                     effects
                 })
@@ -257,7 +299,8 @@ impl Orchestrator {
                 if let Ok(Err(rejection)) = &other {
                     tracing::debug!(flow = %flow_id, task = %task_id, %rejection, "assignment lost");
                 }
-                self.release(allocation.agent_id, allocation.allocation_id).await;
+                self.release(allocation.agent_id, allocation.allocation_id)
+                    .await;
                 return;
             }
         };
@@ -275,7 +318,10 @@ impl Orchestrator {
         self.run_effects(flow_id, effects).await;
         if let Err(e) = self.send_assignment(&assignment).await {
             tracing::warn!(flow = %flow_id, task = %task_id, error = %e, "assignment not sent, task goes back to ready");
-            if let Ok(Ok(effects)) = self.step(flow_id, |f| f.unassign(task_id, assigned, common::now_ms())).await {
+            if let Ok(Ok(effects)) = self
+                .step(flow_id, |f| f.unassign(task_id, assigned, common::now_ms()))
+                .await
+            {
                 self.run_effects(flow_id, effects).await;
             }
         }
@@ -286,15 +332,23 @@ impl Orchestrator {
         let msg_id = format!("{}.{}.{}", a.flow_id, a.task_id, a.attempt);
         let ack = self
             .js
-            .publish_with_headers(subject::assign(&a.agent_id), bus::dedupe_headers(&msg_id), body.into())
+            .publish_with_headers(
+                subject::assign(&a.agent_id),
+                bus::dedupe_headers(&msg_id),
+                body.into(),
+            )
             .await
             .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
-        ack.await.map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+        ack.await
+            .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
         Ok(())
     }
 
     async fn release(&self, agent: AgentId, allocation: AllocationId) {
-        let req = ReleaseRequest { allocation_id: allocation, agent_id: agent };
+        let req = ReleaseRequest {
+            allocation_id: allocation,
+            agent_id: agent,
+        };
         if let Err(e) = self.client.release(&req).await {
             tracing::warn!(allocation = %req.allocation_id, error = %e, "release failed");
         }
@@ -311,7 +365,8 @@ impl Orchestrator {
     }
 
     async fn consume_reports_once(self: Arc<Self>, concurrency: usize) -> Result<(), Error> {
-        let unavailable = |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
+        let unavailable =
+            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         let stream = self
             .js
             .get_stream(common::nats::STREAM_REPORTS)
@@ -334,7 +389,9 @@ impl Orchestrator {
         let limit = Arc::new(Semaphore::new(concurrency.max(1)));
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(|e| unavailable(&e))?;
-            let Ok(permit) = limit.clone().acquire_owned().await else { break };
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
             let o = self.clone();
             let span = telemetry::message_span("report", &msg.subject, msg.headers.as_ref());
             tokio::spawn(
@@ -360,7 +417,9 @@ impl Orchestrator {
         // Identity comes from the subject the agent may publish on, not from the JSON.
         let sender = subject::agent_of(&msg.subject);
         let outcome = if sender.as_ref() != Some(&report.agent_id) {
-            Ok(Err(Rejection::WrongAgent { got: report.agent_id.clone() }))
+            Ok(Err(Rejection::WrongAgent {
+                got: report.agent_id.clone(),
+            }))
         } else {
             let now = common::now_ms();
             self.step(&report.flow_id, |f| f.report(&report, now)).await
@@ -397,7 +456,9 @@ impl Orchestrator {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "report not applied, will be redelivered");
-                let _ = msg.ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                let _ = msg
+                    .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(500))))
+                    .await;
             }
         }
     }
@@ -408,15 +469,21 @@ impl Orchestrator {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let Ok(ids) = self.flow_ids().await else { continue };
+            let Ok(ids) = self.flow_ids().await else {
+                continue;
+            };
             let now = common::now_ms();
             for id in ids {
-                let Ok((flow, _)) = self.load(&id).await else { continue };
+                let Ok((flow, _)) = self.load(&id).await else {
+                    continue;
+                };
                 if flow.state.is_terminal() {
                     continue;
                 }
                 for task in flow.ready_in_order() {
-                    let waited = flow.tasks.get(&task).is_some_and(|t| now.saturating_sub(t.since_ms) >= every.as_millis() as u64);
+                    let waited = flow.tasks.get(&task).is_some_and(|t| {
+                        now.saturating_sub(t.since_ms) >= every.as_millis() as u64
+                    });
                     if waited {
                         self.dispatch(&id, &task).await;
                     }

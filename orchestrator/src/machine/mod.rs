@@ -19,8 +19,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use common::msg::{
-    AgentReport, EventKind, FlowSpec, FlowState, FlowStatus, FlowSummary, ReportKind, TaskSpec, TaskState,
-    TaskStatus, ValidationProblem,
+    AgentReport, EventKind, FlowSpec, FlowState, FlowStatus, FlowSummary, ReportKind, TaskSpec,
+    TaskState, TaskStatus, ValidationProblem,
 };
 use common::{AgentId, AllocationId, FlowId, TaskId};
 use petgraph::graphmap::DiGraphMap;
@@ -75,7 +75,10 @@ pub enum Effect {
     /// Place and assign this ready task.
     Dispatch(TaskId),
     /// Give an allocation back to the allocator.
-    Release { agent: AgentId, allocation: AllocationId },
+    Release {
+        agent: AgentId,
+        allocation: AllocationId,
+    },
 }
 
 /// Why a report or assignment was refused.
@@ -107,7 +110,11 @@ pub fn validate(spec: &FlowSpec) -> Result<(), Vec<ValidationProblem>> {
         path: Vec::new(),
     };
     if spec.tasks.is_empty() {
-        problems.push(problem("empty_flow", "a flow needs at least one task".into(), None));
+        problems.push(problem(
+            "empty_flow",
+            "a flow needs at least one task".into(),
+            None,
+        ));
     }
     if spec.tasks.len() > MAX_TASKS {
         problems.push(problem(
@@ -119,13 +126,20 @@ pub fn validate(spec: &FlowSpec) -> Result<(), Vec<ValidationProblem>> {
     let mut ids = HashSet::new();
     for t in &spec.tasks {
         if !ids.insert(&t.id) {
-            problems.push(problem("duplicate_task", format!("task id {} is used more than once", t.id), Some(&t.id)));
+            problems.push(problem(
+                "duplicate_task",
+                format!("task id {} is used more than once", t.id),
+                Some(&t.id),
+            ));
         }
         for (resource, amount) in &t.requirements.resources {
             if !amount.is_finite() || *amount < 0.0 {
                 problems.push(problem(
                     "invalid_requirement",
-                    format!("task {} asks for {amount} of {resource}; amounts must be finite and >= 0", t.id),
+                    format!(
+                        "task {} asks for {amount} of {resource}; amounts must be finite and >= 0",
+                        t.id
+                    ),
                     Some(&t.id),
                 ));
             }
@@ -134,7 +148,11 @@ pub fn validate(spec: &FlowSpec) -> Result<(), Vec<ValidationProblem>> {
     for t in &spec.tasks {
         for d in &t.depends_on {
             if d == &t.id {
-                problems.push(problem("self_dependency", format!("task {} depends on itself", t.id), Some(&t.id)));
+                problems.push(problem(
+                    "self_dependency",
+                    format!("task {} depends on itself", t.id),
+                    Some(&t.id),
+                ));
             } else if !ids.contains(d) {
                 problems.push(problem(
                     "unknown_dependency",
@@ -223,7 +241,9 @@ fn cycle_path(graph: &DiGraphMap<&str, ()>, members: &HashSet<&str>, start: &str
     back.reverse();
     path.extend(back);
     path.push(start);
-    path.into_iter().filter_map(|s| TaskId::new(s).ok()).collect()
+    path.into_iter()
+        .filter_map(|s| TaskId::new(s).ok())
+        .collect()
 }
 
 impl Flow {
@@ -284,7 +304,11 @@ impl Flow {
 
     /// Ready tasks in dispatch order: priority, then critical path (upward rank), then id.
     pub fn ready_in_order(&self) -> Vec<TaskId> {
-        let mut ready: Vec<&Task> = self.tasks.values().filter(|t| t.state == TaskState::Ready).collect();
+        let mut ready: Vec<&Task> = self
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Ready)
+            .collect();
         ready.sort_by(|a, b| {
             b.spec
                 .priority
@@ -307,7 +331,10 @@ impl Flow {
         if self.state.is_terminal() {
             return Err(Rejection::FlowFinished);
         }
-        let t = self.tasks.get_mut(task).ok_or_else(|| Rejection::UnknownTask(task.clone()))?;
+        let t = self
+            .tasks
+            .get_mut(task)
+            .ok_or_else(|| Rejection::UnknownTask(task.clone()))?;
         if t.state != TaskState::Ready {
             return Err(Rejection::NotReady(t.state));
         }
@@ -322,10 +349,21 @@ impl Flow {
 
     /// Undoes an assignment whose message could not be sent: the task is ready
     /// again and its allocation goes back.
-    pub fn unassign(&mut self, task: &TaskId, attempt: u32, now_ms: u64) -> Result<Vec<Effect>, Rejection> {
-        let t = self.tasks.get_mut(task).ok_or_else(|| Rejection::UnknownTask(task.clone()))?;
+    pub fn unassign(
+        &mut self,
+        task: &TaskId,
+        attempt: u32,
+        now_ms: u64,
+    ) -> Result<Vec<Effect>, Rejection> {
+        let t = self
+            .tasks
+            .get_mut(task)
+            .ok_or_else(|| Rejection::UnknownTask(task.clone()))?;
         if t.attempt != attempt {
-            return Err(Rejection::StaleAttempt { got: attempt, current: t.attempt });
+            return Err(Rejection::StaleAttempt {
+                got: attempt,
+                current: t.attempt,
+            });
         }
         if t.state != TaskState::Assigned {
             return Err(Rejection::NotActive(t.state));
@@ -349,10 +387,15 @@ impl Flow {
             .get(&report.task_id)
             .ok_or_else(|| Rejection::UnknownTask(report.task_id.clone()))?;
         if report.attempt != t.attempt {
-            return Err(Rejection::StaleAttempt { got: report.attempt, current: t.attempt });
+            return Err(Rejection::StaleAttempt {
+                got: report.attempt,
+                current: t.attempt,
+            });
         }
         if t.agent.as_ref() != Some(&report.agent_id) {
-            return Err(Rejection::WrongAgent { got: report.agent_id.clone() });
+            return Err(Rejection::WrongAgent {
+                got: report.agent_id.clone(),
+            });
         }
         let state = t.state;
         if !matches!(state, TaskState::Assigned | TaskState::Running) {
@@ -385,7 +428,9 @@ impl Flow {
     }
 
     fn finish_task(&mut self, id: &TaskId, to: TaskState, now_ms: u64, effects: &mut Vec<Effect>) {
-        let Some(t) = self.tasks.get_mut(id) else { return };
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
         if let (Some(agent), Some(allocation)) = (t.agent.clone(), t.allocation.take()) {
             effects.push(Effect::Release { agent, allocation });
         }
@@ -395,11 +440,11 @@ impl Flow {
             for d in dependents {
                 let ready = self.tasks.get(&d).is_some_and(|dt| {
                     dt.state == TaskState::Blocked
-                        && dt
-                            .spec
-                            .depends_on
-                            .iter()
-                            .all(|p| self.tasks.get(p).is_some_and(|pt| pt.state == TaskState::Succeeded))
+                        && dt.spec.depends_on.iter().all(|p| {
+                            self.tasks
+                                .get(p)
+                                .is_some_and(|pt| pt.state == TaskState::Succeeded)
+                        })
                 });
                 if ready {
                     self.transition(&d, TaskState::Ready, now_ms, effects);
@@ -408,14 +453,21 @@ impl Flow {
             let newly_ready: Vec<TaskId> = effects
                 .iter()
                 .filter_map(|e| match e {
-                    Effect::Event(EventKind::TaskTransition { task_id, to: TaskState::Ready, .. }) => {
-                        Some(task_id.clone())
-                    }
+                    Effect::Event(EventKind::TaskTransition {
+                        task_id,
+                        to: TaskState::Ready,
+                        ..
+                    }) => Some(task_id.clone()),
                     _ => None,
                 })
                 .collect();
             let order = self.ready_in_order();
-            effects.extend(order.into_iter().filter(|t| newly_ready.contains(t)).map(Effect::Dispatch));
+            effects.extend(
+                order
+                    .into_iter()
+                    .filter(|t| newly_ready.contains(t))
+                    .map(Effect::Dispatch),
+            );
         } else {
             self.skip_downstream(id, now_ms, effects);
         }
@@ -424,13 +476,19 @@ impl Flow {
 
     /// Everything downstream of a failed task can never run.
     fn skip_downstream(&mut self, from: &TaskId, now_ms: u64, effects: &mut Vec<Effect>) {
-        let mut stack = self.tasks.get(from).map(|t| t.dependents.clone()).unwrap_or_default();
+        let mut stack = self
+            .tasks
+            .get(from)
+            .map(|t| t.dependents.clone())
+            .unwrap_or_default();
         let mut seen = BTreeSet::new();
         while let Some(d) = stack.pop() {
             if !seen.insert(d.clone()) {
                 continue;
             }
-            let Some(t) = self.tasks.get(&d) else { continue };
+            let Some(t) = self.tasks.get(&d) else {
+                continue;
+            };
             if t.state == TaskState::Blocked {
                 stack.extend(t.dependents.iter().cloned());
                 self.transition(&d, TaskState::Skipped, now_ms, effects);
@@ -443,13 +501,22 @@ impl Flow {
             return;
         }
         let ok = self.tasks.values().all(|t| t.state == TaskState::Succeeded);
-        self.state = if ok { FlowState::Succeeded } else { FlowState::Failed };
+        self.state = if ok {
+            FlowState::Succeeded
+        } else {
+            FlowState::Failed
+        };
         self.finished_at_ms = Some(now_ms);
-        effects.push(Effect::Event(EventKind::FlowCompleted { flow_id: self.id.clone(), state: self.state }));
+        effects.push(Effect::Event(EventKind::FlowCompleted {
+            flow_id: self.id.clone(),
+            state: self.state,
+        }));
     }
 
     fn transition(&mut self, id: &TaskId, to: TaskState, now_ms: u64, effects: &mut Vec<Effect>) {
-        let Some(t) = self.tasks.get_mut(id) else { return };
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
         let from = t.state;
         t.state = to;
         t.since_ms = now_ms;
@@ -508,7 +575,11 @@ impl Flow {
         if self.tasks.is_empty() {
             return 1.0;
         }
-        let done = self.tasks.values().filter(|t| t.state.is_terminal()).count();
+        let done = self
+            .tasks
+            .values()
+            .filter(|t| t.state.is_terminal())
+            .count();
         done as f64 / self.tasks.len() as f64
     }
 
@@ -529,7 +600,12 @@ fn upward_ranks(spec: &FlowSpec) -> HashMap<TaskId, u32> {
     let mut ranks: HashMap<&str, u32> = HashMap::new();
     if let Ok(order) = petgraph::algo::toposort(&graph, None) {
         for n in order.into_iter().rev() {
-            let below = graph.neighbors(n).filter_map(|m| ranks.get(m)).max().copied().unwrap_or(0);
+            let below = graph
+                .neighbors(n)
+                .filter_map(|m| ranks.get(m))
+                .max()
+                .copied()
+                .unwrap_or(0);
             ranks.insert(n, below + 1);
         }
     }

@@ -1,7 +1,9 @@
 //! The flow machine: validation reports every problem, tasks become ready only
 //! when their dependencies succeeded, and fencing refuses stale or foreign reports.
 
-use common::msg::{AgentReport, EventKind, FlowSpec, FlowState, ReportKind, Requirements, TaskSpec, TaskState};
+use common::msg::{
+    AgentReport, EventKind, FlowSpec, FlowState, ReportKind, Requirements, TaskSpec, TaskState,
+};
 use common::{AgentId, AllocationId, FlowId, TaskId};
 use serde_json::json;
 
@@ -23,11 +25,20 @@ fn task(id: &str, deps: &[&str]) -> TaskSpec {
 }
 
 fn spec(tasks: Vec<TaskSpec>) -> FlowSpec {
-    FlowSpec { id: None, name: "t".into(), tasks }
+    FlowSpec {
+        id: None,
+        name: "t".into(),
+        tasks,
+    }
 }
 
 fn diamond() -> FlowSpec {
-    spec(vec![task("a", &[]), task("b", &["a"]), task("c", &["a"]), task("d", &["b", "c"])])
+    spec(vec![
+        task("a", &[]),
+        task("b", &["a"]),
+        task("c", &["a"]),
+        task("d", &["b", "c"]),
+    ])
 }
 
 fn agent() -> AgentId {
@@ -58,10 +69,20 @@ fn dispatched(effects: &[Effect]) -> Vec<&str> {
 /// Assigns `t` to w1 and reports it completed; returns the completion's effects.
 fn run(flow: &mut Flow, t: &str) -> Vec<Effect> {
     let (attempt, _) = flow
-        .assign(&tid(t), &agent(), &AllocationId::new(format!("al-{t}")).unwrap(), 1)
+        .assign(
+            &tid(t),
+            &agent(),
+            &AllocationId::new(format!("al-{t}")).unwrap(),
+            1,
+        )
         .unwrap();
-    flow.report(&report(t, attempt, ReportKind::Started), 2).unwrap();
-    flow.report(&report(t, attempt, ReportKind::Completed { output: json!(t) }), 3).unwrap()
+    flow.report(&report(t, attempt, ReportKind::Started), 2)
+        .unwrap();
+    flow.report(
+        &report(t, attempt, ReportKind::Completed { output: json!(t) }),
+        3,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -87,7 +108,11 @@ fn validation_reports_every_problem_at_once() {
     let cycle = problems.iter().find(|p| p.code == "cycle").unwrap();
     let path: Vec<&str> = cycle.path.iter().map(TaskId::as_str).collect();
     assert_eq!(path, ["x", "y", "z", "x"]);
-    assert!(cycle.message.contains("x -> y -> z -> x"), "{}", cycle.message);
+    assert!(
+        cycle.message.contains("x -> y -> z -> x"),
+        "{}",
+        cycle.message
+    );
 }
 
 #[test]
@@ -95,7 +120,10 @@ fn empty_flows_and_negative_resources_are_refused() {
     assert_eq!(validate(&spec(vec![])).unwrap_err()[0].code, "empty_flow");
     let mut t = task("a", &[]);
     t.requirements.resources.insert("cpu".into(), -1.0);
-    assert_eq!(validate(&spec(vec![t])).unwrap_err()[0].code, "invalid_requirement");
+    assert_eq!(
+        validate(&spec(vec![t])).unwrap_err()[0].code,
+        "invalid_requirement"
+    );
 }
 
 #[test]
@@ -104,7 +132,10 @@ fn roots_are_ready_and_dispatched_on_creation() {
     assert_eq!(flow.tasks[&tid("a")].state, TaskState::Ready);
     assert_eq!(flow.tasks[&tid("d")].state, TaskState::Blocked);
     assert_eq!(dispatched(&effects), ["a"]);
-    assert!(matches!(effects[0], Effect::Event(EventKind::FlowCreated { tasks: 4, .. })));
+    assert!(matches!(
+        effects[0],
+        Effect::Event(EventKind::FlowCreated { tasks: 4, .. })
+    ));
 }
 
 #[test]
@@ -114,8 +145,14 @@ fn dependants_become_ready_only_when_all_dependencies_succeeded() {
     let mut ready = dispatched(&e);
     ready.sort();
     assert_eq!(ready, ["b", "c"]);
-    assert!(e.contains(&Effect::Release { agent: agent(), allocation: AllocationId::new("al-a").unwrap() }));
-    assert!(dispatched(&run(&mut flow, "b")).is_empty(), "d still waits for c");
+    assert!(e.contains(&Effect::Release {
+        agent: agent(),
+        allocation: AllocationId::new("al-a").unwrap()
+    }));
+    assert!(
+        dispatched(&run(&mut flow, "b")).is_empty(),
+        "d still waits for c"
+    );
     assert_eq!(dispatched(&run(&mut flow, "c")), ["d"]);
     let e = run(&mut flow, "d");
     assert_eq!(flow.state, FlowState::Succeeded);
@@ -130,7 +167,12 @@ fn dependants_become_ready_only_when_all_dependencies_succeeded() {
 fn higher_priority_then_longer_chain_goes_first() {
     let mut hi = task("hi", &[]);
     hi.priority = 5;
-    let s = spec(vec![task("short", &[]), task("long", &[]), task("after", &["long"]), hi]);
+    let s = spec(vec![
+        task("short", &[]),
+        task("long", &[]),
+        task("after", &["long"]),
+        hi,
+    ]);
     let (flow, effects) = Flow::new(FlowId::new("f").unwrap(), s, 0);
     assert_eq!(dispatched(&effects), ["hi", "long", "short"]);
     assert_eq!(flow.tasks[&tid("long")].rank, 2);
@@ -139,7 +181,9 @@ fn higher_priority_then_longer_chain_goes_first() {
 #[test]
 fn stale_foreign_and_duplicate_reports_are_fenced() {
     let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
-    let (attempt, _) = flow.assign(&tid("a"), &agent(), &AllocationId::new("al").unwrap(), 1).unwrap();
+    let (attempt, _) = flow
+        .assign(&tid("a"), &agent(), &AllocationId::new("al").unwrap(), 1)
+        .unwrap();
     assert_eq!(attempt, 1);
     assert_eq!(
         flow.report(&report("a", 7, ReportKind::Started), 2),
@@ -147,7 +191,10 @@ fn stale_foreign_and_duplicate_reports_are_fenced() {
     );
     let mut foreign = report("a", 1, ReportKind::Started);
     foreign.agent_id = AgentId::new("intruder").unwrap();
-    assert!(matches!(flow.report(&foreign, 2), Err(Rejection::WrongAgent { .. })));
+    assert!(matches!(
+        flow.report(&foreign, 2),
+        Err(Rejection::WrongAgent { .. })
+    ));
     assert!(matches!(
         flow.report(&report("b", 0, ReportKind::Started), 2),
         Err(Rejection::WrongAgent { .. })
@@ -168,9 +215,21 @@ fn stale_foreign_and_duplicate_reports_are_fenced() {
 fn a_failure_skips_everything_downstream_and_fails_the_flow() {
     let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
     run(&mut flow, "a");
-    let (attempt, _) = flow.assign(&tid("b"), &agent(), &AllocationId::new("al").unwrap(), 1).unwrap();
-    flow.report(&report("b", attempt, ReportKind::Failed { error: "boom".into(), retryable: false }), 2)
+    let (attempt, _) = flow
+        .assign(&tid("b"), &agent(), &AllocationId::new("al").unwrap(), 1)
         .unwrap();
+    flow.report(
+        &report(
+            "b",
+            attempt,
+            ReportKind::Failed {
+                error: "boom".into(),
+                retryable: false,
+            },
+        ),
+        2,
+    )
+    .unwrap();
     assert_eq!(flow.tasks[&tid("d")].state, TaskState::Skipped);
     assert_eq!(flow.state, FlowState::Running, "c is still pending");
     run(&mut flow, "c");
@@ -181,21 +240,36 @@ fn a_failure_skips_everything_downstream_and_fails_the_flow() {
 #[test]
 fn unassign_puts_the_task_back_and_releases() {
     let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
-    let (attempt, _) = flow.assign(&tid("a"), &agent(), &AllocationId::new("al").unwrap(), 1).unwrap();
+    let (attempt, _) = flow
+        .assign(&tid("a"), &agent(), &AllocationId::new("al").unwrap(), 1)
+        .unwrap();
     let e = flow.unassign(&tid("a"), attempt, 2).unwrap();
     assert_eq!(flow.tasks[&tid("a")].state, TaskState::Ready);
     assert!(matches!(e[0], Effect::Release { .. }));
-    let (next, _) = flow.assign(&tid("a"), &agent(), &AllocationId::new("al2").unwrap(), 3).unwrap();
+    let (next, _) = flow
+        .assign(&tid("a"), &agent(), &AllocationId::new("al2").unwrap(), 3)
+        .unwrap();
     assert_eq!(next, 2, "a new attempt fences off the old one");
 }
 
 #[test]
 fn every_transition_is_one_event() {
     let (mut flow, mut all) = Flow::new(FlowId::new("f").unwrap(), spec(vec![task("a", &[])]), 0);
-    let (attempt, e) = flow.assign(&tid("a"), &agent(), &AllocationId::new("al").unwrap(), 1).unwrap();
+    let (attempt, e) = flow
+        .assign(&tid("a"), &agent(), &AllocationId::new("al").unwrap(), 1)
+        .unwrap();
     all.extend(e);
-    all.extend(flow.report(&report("a", attempt, ReportKind::Started), 2).unwrap());
-    all.extend(flow.report(&report("a", attempt, ReportKind::Completed { output: json!(1) }), 3).unwrap());
+    all.extend(
+        flow.report(&report("a", attempt, ReportKind::Started), 2)
+            .unwrap(),
+    );
+    all.extend(
+        flow.report(
+            &report("a", attempt, ReportKind::Completed { output: json!(1) }),
+            3,
+        )
+        .unwrap(),
+    );
     let transitions: Vec<(TaskState, TaskState)> = all
         .iter()
         .filter_map(|e| match e {

@@ -1,0 +1,137 @@
+//! Traffic counters with bounded memory.
+//!
+//! Subjects are folded into families (agent ids collapsed), and the number of
+//! families kept is capped, so memory does not grow with the number of agents or
+//! with traffic volume.
+
+use std::collections::BTreeMap;
+
+use common::msg::{Event, EventKind, SystemMetrics, TaskState};
+
+/// Most subject families tracked; the rest are counted under [`OTHER`].
+pub const MAX_FAMILIES: usize = 1_000;
+/// Where traffic beyond [`MAX_FAMILIES`] is counted.
+pub const OTHER: &str = "(other)";
+
+/// Counts since the monitor started.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    since_ms: u64,
+    messages: u64,
+    bytes: u64,
+    by_family: BTreeMap<String, u64>,
+    flows_created: u64,
+    flows_completed: u64,
+    tasks_assigned: u64,
+    tasks_completed: u64,
+    tasks_failed: u64,
+}
+
+impl Counters {
+    pub fn new(now_ms: u64) -> Self {
+        Counters {
+            since_ms: now_ms,
+            ..Default::default()
+        }
+    }
+
+    /// Counts one message; events are also read for task and flow counts.
+    pub fn observe(&mut self, subject: &str, payload: &[u8]) {
+        self.messages += 1;
+        self.bytes += payload.len() as u64;
+        let family = common::subject::family(subject);
+        if self.by_family.len() < MAX_FAMILIES || self.by_family.contains_key(&family) {
+            *self.by_family.entry(family).or_insert(0) += 1;
+        } else {
+            *self.by_family.entry(OTHER.to_owned()).or_insert(0) += 1;
+        }
+        if subject.starts_with("coord.events.") {
+            if let Ok(event) = serde_json::from_slice::<Event>(payload) {
+                self.count_event(&event.kind);
+            }
+        }
+    }
+
+    fn count_event(&mut self, kind: &EventKind) {
+        match kind {
+            EventKind::FlowCreated { .. } => self.flows_created += 1,
+            EventKind::FlowCompleted { .. } => self.flows_completed += 1,
+            EventKind::TaskTransition { to, .. } => match to {
+                TaskState::Assigned => self.tasks_assigned += 1,
+                TaskState::Succeeded => self.tasks_completed += 1,
+                TaskState::Failed => self.tasks_failed += 1,
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    pub fn snapshot(&self, now_ms: u64) -> SystemMetrics {
+        SystemMetrics {
+            since_ms: self.since_ms,
+            at_ms: now_ms,
+            messages_total: self.messages,
+            bytes_total: self.bytes,
+            messages_by_subject: self.by_family.clone(),
+            flows_created: self.flows_created,
+            flows_completed: self.flows_completed,
+            tasks_assigned: self.tasks_assigned,
+            tasks_completed: self.tasks_completed,
+            tasks_failed: self.tasks_failed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::msg::Event;
+    use common::{FlowId, TaskId};
+
+    fn transition(to: TaskState) -> Vec<u8> {
+        serde_json::to_vec(&Event {
+            event_id: "e".into(),
+            at_ms: 0,
+            source: "t".into(),
+            kind: EventKind::TaskTransition {
+                flow_id: FlowId::new("f").unwrap(),
+                task_id: TaskId::new("a").unwrap(),
+                from: TaskState::Running,
+                to,
+                attempt: 1,
+                agent_id: None,
+            },
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn counts_messages_per_family_and_task_outcomes() {
+        let mut c = Counters::new(1);
+        c.observe("coord.agents.w1.report", b"{}");
+        c.observe("coord.agents.w2.report", b"{}");
+        c.observe(
+            "coord.events.task.succeeded",
+            &transition(TaskState::Succeeded),
+        );
+        c.observe("coord.events.task.failed", &transition(TaskState::Failed));
+        c.observe("coord.events.task.succeeded", b"not json");
+        let m = c.snapshot(2);
+        assert_eq!(m.messages_total, 5);
+        assert_eq!(m.messages_by_subject["coord.agents.*.report"], 2);
+        assert_eq!(m.messages_by_subject["coord.events.task.succeeded"], 2);
+        assert_eq!(m.tasks_completed, 1);
+        assert_eq!(m.tasks_failed, 1);
+    }
+
+    #[test]
+    fn memory_is_bounded_by_the_family_cap() {
+        let mut c = Counters::new(0);
+        for i in 0..(MAX_FAMILIES + 50) {
+            c.observe(&format!("coord.custom.s{i}"), b"");
+        }
+        let m = c.snapshot(0);
+        assert_eq!(m.messages_by_subject.len(), MAX_FAMILIES + 1);
+        assert_eq!(m.messages_by_subject[OTHER], 50);
+    }
+}
