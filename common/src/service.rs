@@ -27,6 +27,9 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 /// Version every coordkit service reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Environment variable naming a file where a service writes its instance id.
+pub const INSTANCE_FILE_ENV: &str = "COORD_INSTANCE_FILE";
+
 type ErrorCounts = Arc<Mutex<HashMap<String, (u64, Option<ErrorCode>)>>>;
 
 /// A running micro service.
@@ -146,6 +149,26 @@ impl Service {
         self.tasks.abort_all();
         let _ = self.inner.stop().await;
     }
+}
+
+/// A container health check: pings this container's own instance (named in
+/// the [`INSTANCE_FILE_ENV`] file) or, without one, any instance of `name`.
+/// Returns whether it answered within two seconds.
+pub async fn healthcheck(cfg: &crate::config::NatsConfig, name: &str) -> bool {
+    let mut subject = format!("{}.{name}", crate::subject::SRV_PING);
+    if let Some(id) =
+        std::env::var_os(INSTANCE_FILE_ENV).and_then(|p| std::fs::read_to_string(p).ok())
+    {
+        subject = format!("{subject}.{}", id.trim());
+    }
+    let check = async {
+        let client = crate::nats::connect(cfg, "healthcheck").await.ok()?;
+        client.request(subject, "".into()).await.ok()
+    };
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(2), check).await,
+        Ok(Some(_))
+    )
 }
 
 fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Error> {

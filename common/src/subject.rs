@@ -33,6 +33,13 @@ pub const STATE_PUT: &str = "coord.sync.state.put";
 // Monitor: request/reply.
 pub const MONITOR_METRICS: &str = "coord.monitor.metrics";
 
+/// Micro-service discovery: every service instance answers (NATS service API).
+pub const SRV_PING: &str = "$SRV.PING";
+/// Micro-service descriptions, with endpoints.
+pub const SRV_INFO: &str = "$SRV.INFO";
+/// Micro-service statistics, per endpoint.
+pub const SRV_STATS: &str = "$SRV.STATS";
+
 /// Heartbeats of every agent (the allocator's subscription).
 pub const HEARTBEAT_ALL: &str = "coord.agents.*.heartbeat";
 /// Assignments to every agent (the assignment stream's subjects).

@@ -6,6 +6,9 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
+    /// Check that this instance answers, then exit (0 healthy, 1 not): for container health checks.
+    #[arg(long)]
+    healthcheck: bool,
     #[command(flatten)]
     config: orchestrator::Config,
 }
@@ -13,6 +16,10 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if cli.healthcheck {
+        let ok = common::service::healthcheck(&cli.config.nats, "orchestrator").await;
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     let _telemetry = common::telemetry::init("coord-orchestrator");
     orchestrator::run(cli.config, common::shutdown::signal()).await
 }

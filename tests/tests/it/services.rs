@@ -1,0 +1,95 @@
+//! Each service is a NATS micro service: `$SRV.PING` from any client gets
+//! answers from four distinct services, `$SRV.INFO` lists each one's endpoints,
+//! `$SRV.STATS` counts requests, and replicas share the work.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::subject;
+use futures::StreamExt;
+use testkit::{eventually, start_service, System, SERVICES};
+
+async fn gather(nats: &async_nats::Client, subject: &str) -> Vec<serde_json::Value> {
+    let inbox = nats.new_inbox();
+    let mut sub = nats.subscribe(inbox.clone()).await.unwrap();
+    nats.publish_with_reply(subject.to_owned(), inbox, "".into())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(500), sub.next()).await {
+        out.push(serde_json::from_slice(&msg.payload).unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn srv_ping_answers_from_four_services_and_info_lists_endpoints() {
+    let sys = System::start().await;
+    let pings = gather(&sys.nats, subject::SRV_PING).await;
+    let names: BTreeSet<&str> = pings.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, SERVICES.into_iter().collect());
+    for p in &pings {
+        assert_eq!(p["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(p["type"], "io.nats.micro.v1.ping_response");
+    }
+
+    let infos = gather(&sys.nats, subject::SRV_INFO).await;
+    let endpoints: BTreeMap<&str, Vec<&str>> = infos
+        .iter()
+        .map(|i| {
+            let subjects = i["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["subject"].as_str().unwrap())
+                .collect();
+            (i["name"].as_str().unwrap(), subjects)
+        })
+        .collect();
+    assert!(endpoints["orchestrator"].contains(&subject::FLOW_CREATE));
+    assert!(endpoints["orchestrator"].contains(&subject::FLOW_STATUS));
+    assert!(endpoints["allocator"].contains(&subject::ALLOCATE));
+    assert!(endpoints["allocator"].contains(&subject::AGENT_REGISTER));
+    assert!(endpoints["synchronizer"].contains(&subject::STATE_PUT));
+    assert!(endpoints["monitor"].contains(&subject::MONITOR_METRICS));
+    for i in &infos {
+        assert!(!i["description"].as_str().unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn replicas_share_a_queue_group_and_stats_count_requests() {
+    let sys = System::start().await;
+    // A second allocator replica on the same server.
+    let second = start_service("allocator", sys.server.config());
+    let ping = format!("{}.allocator", subject::SRV_PING);
+    eventually(
+        Duration::from_secs(10),
+        "two allocator instances answer PING",
+        || async { (gather(&sys.nats, &ping).await.len() == 2).then_some(()) },
+    )
+    .await;
+
+    for _ in 0..20 {
+        sys.client.capacity(&Default::default()).await.unwrap();
+    }
+    let stats = gather(&sys.nats, &format!("{}.allocator", subject::SRV_STATS)).await;
+    let served: Vec<u64> = stats
+        .iter()
+        .map(|s| {
+            s["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["subject"] == subject::CAPACITY_CHECK)
+                .map(|e| e["num_requests"].as_u64().unwrap())
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        served.iter().sum::<u64>(),
+        20,
+        "each request served once: {served:?}"
+    );
+    second.stop().await.unwrap();
+}
