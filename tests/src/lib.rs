@@ -107,6 +107,8 @@ impl NatsServer {
     }
 }
 
+// The child is handed to `NatsServer`, whose `Drop` kills and waits for it.
+#[allow(clippy::zombie_processes)]
 fn spawn(bin: &Path, dir: &Path, port: Option<u16>) -> (Child, String) {
     let store = dir.join("store");
     let ports = dir.join("ports");
@@ -114,7 +116,7 @@ fn spawn(bin: &Path, dir: &Path, port: Option<u16>) -> (Child, String) {
     std::fs::create_dir_all(&ports).expect("ports dir");
     let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
     let log = std::fs::File::create(dir.join("nats-server.log")).expect("log file");
-    let child = Command::new(bin)
+    let mut child = Command::new(bin)
         .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
         .arg(&store)
         .arg("--ports_file_dir")
@@ -136,6 +138,8 @@ fn spawn(bin: &Path, dir: &Path, port: Option<u16>) -> (Child, String) {
             return (child, url);
         }
         if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
             let log = std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default();
             panic!("nats-server did not start within 20 s:\n{log}");
         }

@@ -237,7 +237,7 @@ pub fn candidates<'a>(
 pub fn place<'a>(
     agents: impl IntoIterator<Item = &'a AgentRecord> + Clone,
     req: &Requirements,
-) -> Result<&'a AgentRecord, NoFit> {
+) -> Result<&'a AgentRecord, Box<NoFit>> {
     if let Some(best) = candidates(agents.clone(), req).into_iter().next() {
         return Ok(best);
     }
@@ -281,12 +281,12 @@ pub fn place<'a>(
             format!("no agent has the required capabilities and labels ({why:?})")
         }
     };
-    Err(NoFit {
+    Err(Box::new(NoFit {
         message,
         best_candidate: closest.as_ref().map(|(a, _)| a.agent_id.clone()),
         short: closest.map(|(_, u)| u),
         agents_considered: all.len(),
-    })
+    }))
 }
 
 /// The capacity report over a set of agents, with where `req` would fit.

@@ -90,7 +90,7 @@ fn no_fit_names_the_short_resource_and_best_candidate() {
     book(&mut a, "x", 3.0);
     let b = agent("b", 2.0, &[]);
     let err = place(&[a, b], &cpu(3.5)).unwrap_err();
-    assert_eq!(err.best_candidate.unwrap().as_str(), "b");
+    assert_eq!(err.best_candidate.as_ref().unwrap().as_str(), "b");
     assert!(matches!(err.short, Some(Unfit::Short { ref resource, .. }) if resource == "cpu"));
     let none = place(&[], &cpu(1.0)).unwrap_err();
     assert_eq!(none.message, "no agent is registered");

@@ -1,5 +1,8 @@
 //! Cross-service tests against a real nats-server (one per test).
 
+// Test helpers fail fast, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod compose;
 mod errors;
 mod flow;
