@@ -77,8 +77,9 @@ fn install(service: &str, logs: bool) -> TelemetryGuard {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = provider(service);
     let tracer = provider.tracer(service.to_owned());
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn,opentelemetry=warn,opentelemetry_sdk=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,async_nats=warn,opentelemetry=warn,opentelemetry_sdk=warn")
+    });
     let fmt = logs.then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
