@@ -19,6 +19,9 @@ pub const FLOW_CREATE: &str = "coord.orchestrator.flow.create";
 pub const FLOW_GET: &str = "coord.orchestrator.flow.get";
 pub const FLOW_STATUS: &str = "coord.orchestrator.flow.status";
 pub const FLOW_LIST: &str = "coord.orchestrator.flow.list";
+pub const FLOW_PAUSE: &str = "coord.orchestrator.flow.pause";
+pub const FLOW_RESUME: &str = "coord.orchestrator.flow.resume";
+pub const FLOW_CANCEL: &str = "coord.orchestrator.flow.cancel";
 
 // Allocator: request/reply.
 pub const AGENT_REGISTER: &str = "coord.agents.register";
@@ -64,6 +67,11 @@ pub fn report(agent: &AgentId) -> String {
     format!("coord.agents.{agent}.report")
 }
 
+/// Tells an agent to stop working on an attempt (core publish, orchestrator → agent).
+pub fn cancel(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.cancel")
+}
+
 /// The agent id in an agent subject (`coord.agents.{id}.…`), validated.
 ///
 /// Identity comes from the subject the agent is permitted to publish on, never
@@ -86,6 +94,10 @@ pub mod event {
     pub const TASK_SUCCEEDED: &str = "coord.events.task.succeeded";
     pub const TASK_FAILED: &str = "coord.events.task.failed";
     pub const TASK_SKIPPED: &str = "coord.events.task.skipped";
+    pub const TASK_TIMED_OUT: &str = "coord.events.task.timed_out";
+    pub const TASK_CANCELLED: &str = "coord.events.task.cancelled";
+    pub const FLOW_PAUSED: &str = "coord.events.flow.paused";
+    pub const FLOW_RESUMED: &str = "coord.events.flow.resumed";
     pub const REPORT_REJECTED: &str = "coord.events.task.report_rejected";
     pub const AGENT_REGISTERED: &str = "coord.events.agent.registered";
     pub const ALLOCATION_MADE: &str = "coord.events.allocation.made";

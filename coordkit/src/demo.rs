@@ -17,31 +17,28 @@ pub const DEMO_AGENT: &str = "demo-agent";
 /// The demo flow: `a` fans out to `b` and `c`.
 pub fn demo_flow() -> Result<FlowSpec, Error> {
     let task = |id: &str, deps: &[&str], text: &str| -> Result<TaskSpec, Error> {
-        Ok(TaskSpec {
-            id: TaskId::new(id)?,
-            kind: "echo".into(),
-            input: json!({ "text": text }),
-            requirements: Requirements {
-                resources: [("cpu".to_string(), 1.0)].into(),
-                capabilities: vec!["demo".into()],
-                ..Default::default()
-            },
-            depends_on: deps
-                .iter()
-                .map(|d| TaskId::new(*d))
-                .collect::<Result<_, _>>()?,
-            priority: 0,
-        })
+        let mut t = TaskSpec::new(TaskId::new(id)?);
+        t.kind = "echo".into();
+        t.input = json!({ "text": text });
+        t.requirements = Requirements {
+            resources: [("cpu".to_string(), 1.0)].into(),
+            capabilities: vec!["demo".into()],
+            ..Default::default()
+        };
+        t.depends_on = deps
+            .iter()
+            .map(|d| TaskId::new(*d))
+            .collect::<Result<_, _>>()?;
+        Ok(t)
     };
-    Ok(FlowSpec {
-        id: None,
-        name: "demo: a -> b, a -> c".into(),
-        tasks: vec![
+    Ok(FlowSpec::new(
+        "demo: a -> b, a -> c",
+        vec![
             task("a", &[], "fetch")?,
             task("b", &["a"], "summarise")?,
             task("c", &["a"], "translate")?,
         ],
-    })
+    ))
 }
 
 /// Options of the demo agent: two CPUs, the `demo` capability.
@@ -91,6 +88,7 @@ fn state_name(s: TaskState) -> &'static str {
         TaskState::Failed => "failed",
         TaskState::Cancelled => "cancelled",
         TaskState::Skipped => "skipped",
+        TaskState::TimedOut => "timed_out",
     }
 }
 

@@ -100,6 +100,7 @@ mod tests {
                 to,
                 attempt: 1,
                 agent_id: None,
+                reason: None,
             },
         })
         .unwrap()

@@ -1,30 +1,36 @@
 //! The orchestrator's NATS adapter.
 //!
-//! Flows live in the `coord_flows` KV bucket, one entry per flow. Every change is
-//! `read → machine step → compare-and-set`, retried from fresh state on a lost
-//! race, and its effects (events, dispatches, releases) run only after the write
-//! succeeded. That is what lets any number of replicas run side by side: a task
-//! attempt is assigned by exactly one of them, and a report is applied once.
+//! Flows live in the `coord_flows` KV bucket, one entry per flow. In each replica
+//! every flow with work in progress has an *actor*: a task that takes commands
+//! (agent reports, placements, timer ticks, pause/resume/cancel) from a queue,
+//! applies all that are waiting to the flow in one machine step, and writes the
+//! result with one compare-and-set. Under load a single KV write thus carries
+//! many task transitions, and no two steps of one replica race each other. Steps
+//! of different replicas still may: the loser re-reads and re-applies its batch.
+//! Effects (events, assignments, releases, cancel notices) run only after the
+//! write succeeded.
 //!
 //! Replicas share the `$SRV` queue group for requests and one durable consumer
-//! on the reports stream. A periodic sweep re-dispatches ready tasks that nobody
-//! placed (no capacity yet, or a replica died between its write and its dispatch).
+//! on the reports stream. A periodic sweep ticks every unfinished flow, which
+//! expires attempts past their stored deadlines, ends back-offs and dispatches
+//! ready tasks nobody placed — so a restarted or replacement replica picks up
+//! every flow from KV alone.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv};
 use common::msg::{
-    AgentReport, AllocateRequest, Assignment, EventKind, FlowList, FlowListRequest, FlowRef,
-    FlowSpec, FlowStatus, ReleaseRequest, TaskState,
+    AgentReport, AllocateRequest, Allocation, Assignment, EventKind, FlowList, FlowListRequest,
+    FlowRef, FlowSpec, FlowStatus, ReleaseRequest,
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Step, Stream};
 use common::service::Service;
 use common::{subject, telemetry, AgentId, AllocationId, Error, ErrorCode, FlowId, TaskId};
-use futures::future::BoxFuture;
 use futures::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::machine::{self, Effect, Flow, Rejection};
@@ -34,12 +40,9 @@ use crate::machine::{self, Effect, Flow, Rejection};
 pub struct Config {
     #[command(flatten)]
     pub nats: common::config::NatsConfig,
-    /// How often to sweep for ready tasks nobody placed, in milliseconds.
+    /// How often every unfinished flow is ticked (timeouts, back-offs, unplaced tasks), in ms.
     #[arg(long, env = "ORCHESTRATOR_SWEEP_MS", default_value_t = 1_000)]
     pub sweep_ms: u64,
-    /// Reports applied at once per replica.
-    #[arg(long, env = "ORCHESTRATOR_REPORT_CONCURRENCY", default_value_t = 256)]
-    pub report_concurrency: usize,
 }
 
 impl Config {
@@ -47,18 +50,60 @@ impl Config {
         Config {
             nats,
             sweep_ms: 1_000,
-            report_concurrency: 256,
         }
     }
 }
 
 const NAME: &str = "orchestrator";
+/// Most commands applied in one step.
+const MAX_BATCH: usize = 512;
+/// An actor with nothing to do for this long goes away (its flow stays in KV).
+const ACTOR_IDLE: Duration = Duration::from_secs(30);
+
+/// Flow operations that reply with the flow's status.
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    Pause,
+    Resume,
+    Cancel,
+}
+
+/// What a flow's actor is asked to do.
+enum Cmd {
+    Report {
+        report: AgentReport,
+        msg: jetstream::Message,
+    },
+    /// Record a placement the allocator granted.
+    Assign {
+        task: TaskId,
+        allocation: Allocation,
+    },
+    /// The allocator did not place the task (it stays ready).
+    Unplaced {
+        task: TaskId,
+    },
+    /// The assignment message could not be sent.
+    Unassign {
+        task: TaskId,
+        attempt: u32,
+    },
+    Tick,
+    Control {
+        op: Control,
+        reply: oneshot::Sender<Result<FlowStatus, Error>>,
+    },
+}
 
 struct Orchestrator {
     client: common::Client,
+    nats: async_nats::Client,
     js: jetstream::Context,
     flows: kv::Store,
     events: EventPublisher,
+    actors: Mutex<HashMap<FlowId, mpsc::UnboundedSender<Cmd>>>,
+    /// Flows known to be finished: final, so the sweep never loads them again.
+    finished: Mutex<HashSet<FlowId>>,
 }
 
 /// Runs the orchestrator until `shutdown` resolves, then drains the connection.
@@ -71,9 +116,12 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let flows = bus::ensure_bucket(&js, Bucket::Flows, cfg.nats.js_replicas).await?;
     let orch = Arc::new(Orchestrator {
         client: common::Client::new(nats.clone()).with_timeout(cfg.nats.request_timeout()),
+        nats: nats.clone(),
         js: js.clone(),
         flows,
         events: EventPublisher::new(nats.clone(), NAME),
+        actors: Mutex::default(),
+        finished: Mutex::default(),
     });
 
     let mut service = Service::start(
@@ -110,8 +158,21 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
             async move { o.list(r).await }
         })
         .await?;
+    for (subject, op) in [
+        (subject::FLOW_PAUSE, Control::Pause),
+        (subject::FLOW_RESUME, Control::Resume),
+        (subject::FLOW_CANCEL, Control::Cancel),
+    ] {
+        let o = orch.clone();
+        service
+            .serve(subject, move |r: FlowRef| {
+                let o = o.clone();
+                async move { o.control(r.flow_id, op).await }
+            })
+            .await?;
+    }
 
-    let reports = tokio::spawn(orch.clone().consume_reports(cfg.report_concurrency));
+    let reports = tokio::spawn(orch.clone().consume_reports());
     let sweeper = tokio::spawn(
         orch.clone()
             .sweep(Duration::from_millis(cfg.sweep_ms.max(10))),
@@ -127,8 +188,13 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn key(flow: &FlowId) -> &str {
-    flow.as_str()
+fn rejection_error(r: &Rejection) -> Error {
+    let code = match r {
+        Rejection::UnknownTask(_) => ErrorCode::NotFound,
+        Rejection::StaleAttempt { .. } | Rejection::WrongAgent { .. } => ErrorCode::Fenced,
+        _ => ErrorCode::Conflict,
+    };
+    Error::new(code, r.to_string())
 }
 
 impl Orchestrator {
@@ -142,11 +208,12 @@ impl Orchestrator {
             .with_details(serde_json::json!({ "problems": problems })));
         }
         let id = spec.id.clone().unwrap_or_else(FlowId::random);
-        let (flow, effects) = Flow::new(id.clone(), spec, common::now_ms());
-        let status = flow.status(0);
+        let now = common::now_ms();
+        let (flow, effects) = Flow::new(id.clone(), spec, now);
+        let status = flow.status(0, now);
         let mut fresh = Some(flow);
         let (created, revision) =
-            bus::cas_update::<Flow, bool, _>(&self.flows, key(&id), |current| {
+            bus::cas_update::<Flow, bool, _>(&self.flows, id.as_str(), |current| {
                 Ok(match (current, fresh.take()) {
                     (None, Some(flow)) => Step::Write(flow, true),
                     _ => Step::Keep(false),
@@ -159,19 +226,20 @@ impl Orchestrator {
                 format!("flow {id} already exists"),
             ));
         }
-        self.run_effects(&id, effects).await;
+        self.run_effects(effects).await;
+        self.send(&id, Cmd::Tick);
         Ok(FlowStatus { revision, ..status })
     }
 
     async fn load(&self, flow: &FlowId) -> Result<(Flow, u64), Error> {
-        bus::get_json::<Flow>(&self.flows, key(flow))
+        bus::get_json::<Flow>(&self.flows, flow.as_str())
             .await?
             .ok_or_else(|| Error::not_found(format!("no flow {flow}")))
     }
 
     async fn status(&self, flow: &FlowId) -> Result<FlowStatus, Error> {
         let (f, rev) = self.load(flow).await?;
-        Ok(f.status(rev))
+        Ok(f.status(rev, common::now_ms()))
     }
 
     async fn list(&self, req: FlowListRequest) -> Result<FlowList, Error> {
@@ -198,136 +266,344 @@ impl Orchestrator {
             .await)
     }
 
-    /// Runs one machine step under compare-and-set. The inner `Err` is the
-    /// machine's refusal; the outer one a storage failure or a missing flow.
-    async fn step<F>(
-        &self,
-        flow: &FlowId,
-        mut f: F,
-    ) -> Result<Result<Vec<Effect>, Rejection>, Error>
-    where
-        F: FnMut(&mut Flow) -> Result<Vec<Effect>, Rejection>,
-    {
-        let (outcome, _) = bus::cas_update::<Flow, _, _>(&self.flows, key(flow), |current| {
-            let Some(mut flow) = current else {
-                return Err(Error::not_found("flow is gone"));
-            };
-            Ok(match f(&mut flow) {
-                Ok(effects) if effects.is_empty() => Step::Keep(Ok(effects)),
-                Ok(effects) => Step::Write(flow, Ok(effects)),
-                Err(rejection) => Step::Keep(Err(rejection)),
-            })
-        })
-        .await?;
-        Ok(outcome)
+    async fn control(self: &Arc<Self>, flow: FlowId, op: Control) -> Result<FlowStatus, Error> {
+        // Answer "not found" here rather than spinning up an actor for nothing.
+        self.load(&flow).await?;
+        let (reply, answer) = oneshot::channel();
+        self.send(&flow, Cmd::Control { op, reply });
+        answer
+            .await
+            .map_err(|_| Error::new(ErrorCode::Unavailable, "orchestrator is shutting down"))?
     }
 
-    /// Carries out a step's effects. Boxed because dispatching runs effects of
-    /// its own (the future would otherwise be recursive and not provably `Send`).
-    fn run_effects<'a>(
-        self: &'a Arc<Self>,
-        flow: &'a FlowId,
-        effects: Vec<Effect>,
-    ) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            for effect in effects {
-                match effect {
-                    Effect::Event(kind) => self.events.publish(kind).await,
-                    Effect::Dispatch(task) => {
-                        let (o, flow) = (self.clone(), flow.clone());
-                        tokio::spawn(
-                            async move { o.dispatch(&flow, &task).await }.in_current_span(),
-                        );
-                    }
-                    Effect::Release { agent, allocation } => {
-                        let o = self.clone();
-                        tokio::spawn(
-                            async move { o.release(agent, allocation).await }.in_current_span(),
-                        );
+    /// Queues a command for the flow's actor, starting one if needed.
+    fn send(self: &Arc<Self>, flow: &FlowId, mut cmd: Cmd) {
+        loop {
+            let tx = {
+                let Ok(mut actors) = self.actors.lock() else {
+                    return;
+                };
+                actors
+                    .entry(flow.clone())
+                    .or_insert_with(|| {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        tokio::spawn(self.clone().actor(flow.clone(), rx).in_current_span());
+                        tx
+                    })
+                    .clone()
+            };
+            match tx.send(cmd) {
+                Ok(()) => return,
+                // The actor went idle in between: start a fresh one.
+                Err(mpsc::error::SendError(back)) => {
+                    cmd = back;
+                    if let Ok(mut actors) = self.actors.lock() {
+                        if actors.get(flow).is_some_and(|t| t.same_channel(&tx)) {
+                            actors.remove(flow);
+                        }
                     }
                 }
             }
-        })
+        }
     }
 
-    /// Places a ready task through the allocator, records the assignment, then
-    /// sends it on the agent's durable subject.
-    async fn dispatch(self: &Arc<Self>, flow_id: &FlowId, task_id: &TaskId) {
-        let Ok((flow, _)) = self.load(flow_id).await else {
-            return;
-        };
-        let Some(task) = flow.tasks.get(task_id) else {
-            return;
-        };
-        if flow.state.is_terminal() || task.state != TaskState::Ready {
-            return;
-        }
-        let (kind, input) = (task.spec.kind.clone(), task.spec.input.clone());
-        let request = AllocateRequest {
-            owner: format!("{flow_id}/{task_id}"),
-            requirements: task.spec.requirements.clone(),
-            priority: task.spec.priority,
-        };
-        let allocation = match self.client.allocate(&request).await {
-            Ok(a) => a,
-            Err(e) => {
-                // No capacity yet is normal: the sweep tries again.
-                tracing::debug!(flow = %flow_id, task = %task_id, code = %e.code, message = %e.message, "not placed");
-                return;
+    async fn actor(self: Arc<Self>, flow: FlowId, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut placing: HashSet<TaskId> = HashSet::new();
+        loop {
+            let first = match tokio::time::timeout(ACTOR_IDLE, rx.recv()).await {
+                Ok(Some(cmd)) => cmd,
+                Ok(None) => return,
+                Err(_) => {
+                    // Idle: leave, unless a command slipped in meanwhile.
+                    let Ok(mut actors) = self.actors.lock() else {
+                        return;
+                    };
+                    match rx.try_recv() {
+                        Ok(cmd) => cmd,
+                        Err(_) => {
+                            actors.remove(&flow);
+                            return;
+                        }
+                    }
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
             }
-        };
+            let finished = self.apply_batch(&flow, batch, &mut placing).await;
+            if finished {
+                if let Ok(mut done) = self.finished.lock() {
+                    done.insert(flow.clone());
+                }
+            }
+        }
+    }
+
+    /// Applies a batch of commands in one step. Returns whether the flow is finished.
+    async fn apply_batch(
+        self: &Arc<Self>,
+        flow_id: &FlowId,
+        batch: Vec<Cmd>,
+        placing: &mut HashSet<TaskId>,
+    ) -> bool {
         let now = common::now_ms();
-        let mut assigned = 0;
-        let outcome = self
-            .step(flow_id, |f| {
-                f.assign(
-                    task_id,
-                    &allocation.agent_id,
-                    &allocation.allocation_id,
-                    now,
-                )
-                .map(|(attempt, effects)| {
-                    assigned = attempt;
-                    effects
-                })
+        for _ in 0..bus::CAS_ATTEMPTS {
+            let (mut flow, revision) =
+                match bus::get_json::<Flow>(&self.flows, flow_id.as_str()).await {
+                    Ok(Some(found)) => found,
+                    Ok(None) => {
+                        self.settle_missing(flow_id, batch).await;
+                        return true;
+                    }
+                    Err(e) => {
+                        self.settle_failed(batch, &e).await;
+                        return false;
+                    }
+                };
+            let before = flow.clone();
+            let outcomes: Vec<Result<(u32, Vec<Effect>), Rejection>> =
+                batch.iter().map(|cmd| step(&mut flow, cmd, now)).collect();
+            let revision = if flow == before {
+                revision
+            } else {
+                let body = match serde_json::to_vec(&flow) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        self.settle_failed(batch, &Error::internal(e.to_string()))
+                            .await;
+                        return false;
+                    }
+                };
+                match self
+                    .flows
+                    .update(flow_id.as_str(), body.into(), revision)
+                    .await
+                {
+                    Ok(rev) => rev,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                    Err(e) => {
+                        let err = Error::new(ErrorCode::Unavailable, format!("kv write: {e}"));
+                        self.settle_failed(batch, &err).await;
+                        return false;
+                    }
+                }
+            };
+            self.settle(&flow, revision, now, batch, outcomes, placing)
+                .await;
+            self.dispatch(&flow, now, placing);
+            return flow.state.is_terminal();
+        }
+        let err = Error::new(ErrorCode::Conflict, "too much contention on the flow");
+        self.settle_failed(batch, &err).await;
+        false
+    }
+
+    /// After a successful write: acknowledge, answer, and carry out effects.
+    async fn settle(
+        self: &Arc<Self>,
+        flow: &Flow,
+        revision: u64,
+        now: u64,
+        batch: Vec<Cmd>,
+        outcomes: Vec<Result<(u32, Vec<Effect>), Rejection>>,
+        placing: &mut HashSet<TaskId>,
+    ) {
+        let mut effects = Vec::new();
+        for (cmd, outcome) in batch.into_iter().zip(outcomes) {
+            match (cmd, outcome) {
+                (Cmd::Report { msg, .. }, Ok((_, e))) => {
+                    let _ = msg.ack().await;
+                    effects.extend(e);
+                }
+                (Cmd::Report { report, msg }, Err(rejection)) => {
+                    let _ = msg.ack().await;
+                    self.reject(&report, rejection.to_string()).await;
+                }
+                (Cmd::Assign { task, allocation }, Ok((attempt, e))) => {
+                    placing.remove(&task);
+                    effects.extend(e);
+                    self.send_assignment(flow, &task, attempt, allocation, now);
+                }
+                (Cmd::Assign { task, allocation }, Err(rejection)) => {
+                    placing.remove(&task);
+                    tracing::debug!(flow = %flow.id, %task, %rejection, "placement not used");
+                    self.release(allocation.agent_id, allocation.allocation_id);
+                }
+                (Cmd::Unplaced { task }, _) => {
+                    placing.remove(&task);
+                }
+                (Cmd::Control { reply, .. }, Ok((_, e))) => {
+                    effects.extend(e);
+                    let _ = reply.send(Ok(flow.status(revision, now)));
+                }
+                (Cmd::Control { reply, .. }, Err(rejection)) => {
+                    let _ = reply.send(Err(rejection_error(&rejection)));
+                }
+                (_, Ok((_, e))) => effects.extend(e),
+                (_, Err(_)) => {}
+            }
+        }
+        self.run_effects(effects).await;
+    }
+
+    /// The flow is gone: nothing in the batch can apply.
+    async fn settle_missing(self: &Arc<Self>, flow_id: &FlowId, batch: Vec<Cmd>) {
+        for cmd in batch {
+            match cmd {
+                Cmd::Report { report, msg } => {
+                    let _ = msg.ack().await;
+                    self.reject(&report, format!("no flow {flow_id}")).await;
+                }
+                Cmd::Assign { allocation, .. } => {
+                    self.release(allocation.agent_id, allocation.allocation_id)
+                }
+                Cmd::Control { reply, .. } => {
+                    let _ = reply.send(Err(Error::not_found(format!("no flow {flow_id}"))));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Storage failed: reports are redelivered later, placements given back.
+    async fn settle_failed(self: &Arc<Self>, batch: Vec<Cmd>, err: &Error) {
+        tracing::warn!(error = %err, "flow step not applied");
+        for cmd in batch {
+            match cmd {
+                Cmd::Report { msg, .. } => {
+                    let _ = msg
+                        .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(500))))
+                        .await;
+                }
+                Cmd::Assign { allocation, .. } => {
+                    self.release(allocation.agent_id, allocation.allocation_id)
+                }
+                Cmd::Control { reply, .. } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn reject(&self, report: &AgentReport, reason: String) {
+        tracing::info!(flow = %report.flow_id, task = %report.task_id, attempt = report.attempt, %reason, "report rejected");
+        self.events
+            .publish(EventKind::ReportRejected {
+                flow_id: report.flow_id.clone(),
+                task_id: report.task_id.clone(),
+                attempt: report.attempt,
+                agent_id: report.agent_id.clone(),
+                reason,
             })
             .await;
-        let effects = match outcome {
-            Ok(Ok(effects)) => effects,
-            other => {
-                // Someone else moved the task first: give the resources back.
-                if let Ok(Err(rejection)) = &other {
-                    tracing::debug!(flow = %flow_id, task = %task_id, %rejection, "assignment lost");
+    }
+
+    async fn run_effects(self: &Arc<Self>, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Event(kind) => self.events.publish(kind).await,
+                // Dispatch is decided from the stored state after every step.
+                Effect::Dispatch(_) => {}
+                Effect::Release { agent, allocation } => self.release(agent, allocation),
+                Effect::Cancel { agent, notice } => {
+                    if let Ok(body) = serde_json::to_vec(&notice) {
+                        let headers = telemetry::headers();
+                        if let Err(e) = self
+                            .nats
+                            .publish_with_headers(subject::cancel(&agent), headers, body.into())
+                            .await
+                        {
+                            tracing::warn!(agent = %agent, error = %e, "cancel notice not sent");
+                        }
+                    }
                 }
-                self.release(allocation.agent_id, allocation.allocation_id)
-                    .await;
-                return;
             }
+        }
+    }
+
+    /// Asks the allocator to place every task that is due and not being placed
+    /// already; each grant comes back to the actor as an `Assign`.
+    fn dispatch(self: &Arc<Self>, flow: &Flow, now: u64, placing: &mut HashSet<TaskId>) {
+        let budget = match flow.max_parallelism {
+            Some(max) => (max as usize).saturating_sub(flow.active() + placing.len()),
+            None => usize::MAX,
+        };
+        let due: Vec<TaskId> = flow
+            .dispatchable(now)
+            .into_iter()
+            .filter(|t| !placing.contains(t))
+            .take(budget)
+            .collect();
+        for task in due {
+            let Some(t) = flow.tasks.get(&task) else {
+                continue;
+            };
+            placing.insert(task.clone());
+            let request = AllocateRequest {
+                owner: format!("{}/{}", flow.id, task),
+                requirements: t.spec.requirements.clone(),
+                priority: t.spec.priority,
+            };
+            let (o, flow_id) = (self.clone(), flow.id.clone());
+            tokio::spawn(
+                async move {
+                    let cmd = match o.client.allocate(&request).await {
+                        Ok(allocation) => Cmd::Assign { task, allocation },
+                        Err(e) => {
+                            // No capacity yet is normal: the next tick tries again.
+                            tracing::debug!(flow = %flow_id, %task, code = %e.code, message = %e.message, "not placed");
+                            Cmd::Unplaced { task }
+                        }
+                    };
+                    o.send(&flow_id, cmd);
+                }
+                .in_current_span(),
+            );
+        }
+    }
+
+    /// Publishes an assignment on the agent's durable subject; if JetStream does
+    /// not take it, the task goes back to ready.
+    fn send_assignment(
+        self: &Arc<Self>,
+        flow: &Flow,
+        task: &TaskId,
+        attempt: u32,
+        allocation: Allocation,
+        now: u64,
+    ) {
+        let Some(t) = flow.tasks.get(task) else {
+            return;
         };
         let assignment = Assignment {
-            flow_id: flow_id.clone(),
-            task_id: task_id.clone(),
-            attempt: assigned,
+            flow_id: flow.id.clone(),
+            task_id: task.clone(),
+            attempt,
             agent_id: allocation.agent_id.clone(),
-            kind,
-            input,
+            kind: t.spec.kind.clone(),
+            input: t.spec.input.clone(),
             allocation_id: allocation.allocation_id.clone(),
             resources: allocation.resources.clone(),
             assigned_at_ms: now,
         };
-        self.run_effects(flow_id, effects).await;
-        if let Err(e) = self.send_assignment(&assignment).await {
-            tracing::warn!(flow = %flow_id, task = %task_id, error = %e, "assignment not sent, task goes back to ready");
-            if let Ok(Ok(effects)) = self
-                .step(flow_id, |f| f.unassign(task_id, assigned, common::now_ms()))
-                .await
-            {
-                self.run_effects(flow_id, effects).await;
+        let o = self.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = o.publish_assignment(&assignment).await {
+                    tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment not sent");
+                    o.send(&assignment.flow_id, Cmd::Unassign { task: assignment.task_id.clone(), attempt });
+                }
             }
-        }
+            .in_current_span(),
+        );
     }
 
-    async fn send_assignment(&self, a: &Assignment) -> Result<(), Error> {
+    async fn publish_assignment(&self, a: &Assignment) -> Result<(), Error> {
         let body = serde_json::to_vec(a).map_err(|e| Error::internal(e.to_string()))?;
         let msg_id = format!("{}.{}.{}", a.flow_id, a.task_id, a.attempt);
         let ack = self
@@ -344,27 +620,33 @@ impl Orchestrator {
         Ok(())
     }
 
-    async fn release(&self, agent: AgentId, allocation: AllocationId) {
-        let req = ReleaseRequest {
-            allocation_id: allocation,
-            agent_id: agent,
-        };
-        if let Err(e) = self.client.release(&req).await {
-            tracing::warn!(allocation = %req.allocation_id, error = %e, "release failed");
-        }
+    fn release(self: &Arc<Self>, agent: AgentId, allocation: AllocationId) {
+        let client = self.client.clone();
+        tokio::spawn(
+            async move {
+                let req = ReleaseRequest {
+                    allocation_id: allocation,
+                    agent_id: agent,
+                };
+                if let Err(e) = client.release(&req).await {
+                    tracing::warn!(allocation = %req.allocation_id, error = %e, "release failed");
+                }
+            }
+            .in_current_span(),
+        );
     }
 
-    /// Applies agents' reports from the shared durable consumer.
-    async fn consume_reports(self: Arc<Self>, concurrency: usize) {
+    /// Hands agents' reports from the shared durable consumer to the flows' actors.
+    async fn consume_reports(self: Arc<Self>) {
         loop {
-            if let Err(e) = self.clone().consume_reports_once(concurrency).await {
+            if let Err(e) = self.clone().consume_reports_once().await {
                 tracing::warn!(error = %e, "report consumer stopped, restarting");
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
-    async fn consume_reports_once(self: Arc<Self>, concurrency: usize) -> Result<(), Error> {
+    async fn consume_reports_once(self: Arc<Self>) -> Result<(), Error> {
         let unavailable =
             |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         let stream = self
@@ -379,91 +661,40 @@ impl Orchestrator {
                     durable_name: Some(common::nats::CONSUMER_ORCHESTRATOR.to_owned()),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: Duration::from_secs(30),
-                    max_ack_pending: 10_000,
+                    max_ack_pending: 20_000,
                     ..Default::default()
                 },
             )
             .await
             .map_err(|e| unavailable(&e))?;
         let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
-        let limit = Arc::new(Semaphore::new(concurrency.max(1)));
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(|e| unavailable(&e))?;
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                break;
-            };
-            let o = self.clone();
-            let span = telemetry::message_span("report", &msg.subject, msg.headers.as_ref());
-            tokio::spawn(
-                async move {
-                    o.handle_report(msg).await;
-                    drop(permit);
+            let report: AgentReport = match serde_json::from_slice(&msg.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(subject = %msg.subject, error = %e, "unreadable report dropped");
+                    let _ = msg.ack_with(jetstream::AckKind::Term).await;
+                    continue;
                 }
-                .instrument(span),
-            );
+            };
+            // Identity comes from the subject the agent may publish on, not from the JSON.
+            if subject::agent_of(&msg.subject).as_ref() != Some(&report.agent_id) {
+                let _ = msg.ack().await;
+                self.reject(
+                    &report,
+                    "report published on another agent's subject".into(),
+                )
+                .await;
+                continue;
+            }
+            let flow = report.flow_id.clone();
+            self.send(&flow, Cmd::Report { report, msg });
         }
         Ok(())
     }
 
-    async fn handle_report(self: &Arc<Self>, msg: jetstream::Message) {
-        let report: AgentReport = match serde_json::from_slice(&msg.payload) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(subject = %msg.subject, error = %e, "unreadable report dropped");
-                let _ = msg.ack_with(jetstream::AckKind::Term).await;
-                return;
-            }
-        };
-        // Identity comes from the subject the agent may publish on, not from the JSON.
-        let sender = subject::agent_of(&msg.subject);
-        let outcome = if sender.as_ref() != Some(&report.agent_id) {
-            Ok(Err(Rejection::WrongAgent {
-                got: report.agent_id.clone(),
-            }))
-        } else {
-            let now = common::now_ms();
-            self.step(&report.flow_id, |f| f.report(&report, now)).await
-        };
-        match outcome {
-            Ok(Ok(effects)) => {
-                let _ = msg.ack().await;
-                self.run_effects(&report.flow_id, effects).await;
-            }
-            Ok(Err(rejection)) => {
-                let _ = msg.ack().await;
-                tracing::info!(flow = %report.flow_id, task = %report.task_id, attempt = report.attempt, %rejection, "report rejected");
-                self.events
-                    .publish(EventKind::ReportRejected {
-                        flow_id: report.flow_id.clone(),
-                        task_id: report.task_id.clone(),
-                        attempt: report.attempt,
-                        agent_id: report.agent_id.clone(),
-                        reason: rejection.to_string(),
-                    })
-                    .await;
-            }
-            Err(e) if e.code == ErrorCode::NotFound => {
-                let _ = msg.ack().await;
-                self.events
-                    .publish(EventKind::ReportRejected {
-                        flow_id: report.flow_id.clone(),
-                        task_id: report.task_id.clone(),
-                        attempt: report.attempt,
-                        agent_id: report.agent_id.clone(),
-                        reason: format!("no flow {}", report.flow_id),
-                    })
-                    .await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "report not applied, will be redelivered");
-                let _ = msg
-                    .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(500))))
-                    .await;
-            }
-        }
-    }
-
-    /// Re-dispatches ready tasks that have waited longer than one sweep period.
+    /// Ticks every unfinished flow: deadlines, back-offs, unplaced tasks.
     async fn sweep(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -472,23 +703,45 @@ impl Orchestrator {
             let Ok(ids) = self.flow_ids().await else {
                 continue;
             };
-            let now = common::now_ms();
             for id in ids {
-                let Ok((flow, _)) = self.load(&id).await else {
-                    continue;
-                };
-                if flow.state.is_terminal() {
+                let known_done = self
+                    .finished
+                    .lock()
+                    .map(|d| d.contains(&id))
+                    .unwrap_or(false);
+                if known_done {
                     continue;
                 }
-                for task in flow.ready_in_order() {
-                    let waited = flow.tasks.get(&task).is_some_and(|t| {
-                        now.saturating_sub(t.since_ms) >= every.as_millis() as u64
-                    });
-                    if waited {
-                        self.dispatch(&id, &task).await;
+                match self.load(&id).await {
+                    Ok((flow, _)) if flow.state.is_terminal() => {
+                        if let Ok(mut done) = self.finished.lock() {
+                            done.insert(id);
+                        }
                     }
+                    Ok(_) => self.send(&id, Cmd::Tick),
+                    Err(_) => {}
                 }
             }
         }
+    }
+}
+
+/// One command applied to the flow. `Ok` carries the attempt number for an
+/// assignment (0 otherwise) and the step's effects.
+fn step(flow: &mut Flow, cmd: &Cmd, now: u64) -> Result<(u32, Vec<Effect>), Rejection> {
+    match cmd {
+        Cmd::Report { report, .. } => flow.report(report, now).map(|e| (0, e)),
+        Cmd::Assign { task, allocation } => {
+            flow.assign(task, &allocation.agent_id, &allocation.allocation_id, now)
+        }
+        Cmd::Unplaced { .. } => Ok((0, Vec::new())),
+        Cmd::Unassign { task, attempt } => flow.unassign(task, *attempt, now).map(|e| (0, e)),
+        Cmd::Tick => Ok((0, flow.tick(now))),
+        Cmd::Control { op, .. } => match op {
+            Control::Pause => flow.pause(),
+            Control::Resume => flow.resume(now),
+            Control::Cancel => flow.cancel(now),
+        }
+        .map(|e| (0, e)),
     }
 }

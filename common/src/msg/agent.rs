@@ -136,3 +136,14 @@ pub struct AgentReport {
     #[serde(default)]
     pub at_ms: u64,
 }
+
+/// `coord.agents.{id}.cancel`: stop working on this attempt; its result would be
+/// rejected anyway (the flow was cancelled, or the attempt timed out).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CancelNotice {
+    pub flow_id: FlowId,
+    pub task_id: TaskId,
+    pub attempt: u32,
+    #[serde(default)]
+    pub reason: String,
+}

@@ -48,6 +48,15 @@ pub enum EventKind {
         attempt: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         agent_id: Option<AgentId>,
+        /// Why, when it is not the obvious next step (a retry, a timeout, a cancel).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    FlowPaused {
+        flow_id: FlowId,
+    },
+    FlowResumed {
+        flow_id: FlowId,
     },
     /// A report was fenced off (stale attempt, wrong agent, finished task).
     ReportRejected {
@@ -99,9 +108,13 @@ impl EventKind {
                 TaskState::Assigned => s::TASK_ASSIGNED,
                 TaskState::Running => s::TASK_STARTED,
                 TaskState::Succeeded => s::TASK_SUCCEEDED,
-                TaskState::Failed | TaskState::Cancelled => s::TASK_FAILED,
+                TaskState::Failed => s::TASK_FAILED,
+                TaskState::Cancelled => s::TASK_CANCELLED,
+                TaskState::TimedOut => s::TASK_TIMED_OUT,
                 TaskState::Skipped | TaskState::Blocked => s::TASK_SKIPPED,
             },
+            EventKind::FlowPaused { .. } => s::FLOW_PAUSED,
+            EventKind::FlowResumed { .. } => s::FLOW_RESUMED,
             EventKind::ReportRejected { .. } => s::REPORT_REJECTED,
             EventKind::AgentRegistered { .. } => s::AGENT_REGISTERED,
             EventKind::AllocationMade { .. } => s::ALLOCATION_MADE,

@@ -20,6 +20,122 @@ pub struct FlowSpec {
     #[serde(default)]
     pub name: String,
     pub tasks: Vec<TaskSpec>,
+    /// Most tasks of this flow placed or running at once. Default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallelism: Option<u32>,
+    /// What a task failure does to the rest of the flow. Default `continue`.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+}
+
+/// What happens to a flow when a task fails for good.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Skip the failed task's dependants; independent branches run on.
+    #[default]
+    Continue,
+    /// Stop the flow: cancel running tasks, skip everything not started.
+    FailFast,
+}
+
+/// Deadlines of a task, as Temporal users know them. All optional, in ms.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// From assignment to the agent's `started` report. Default 60000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_to_start_ms: Option<u64>,
+    /// From `started` to `completed`/`failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_to_close_ms: Option<u64>,
+    /// Longest silence between reports while running (`progress` reports extend the lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms: Option<u64>,
+}
+
+/// Which failures a retry policy retries.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The agent reported `failed` with `retryable: true`.
+    Error,
+    /// A deadline of the attempt passed.
+    Timeout,
+    /// The agent holding the attempt was declared lost.
+    AgentLost,
+}
+
+/// How a failed attempt is retried: attempt `n` (1-based) waits
+/// `min(backoff_base_ms * backoff_factor^(n-1), backoff_max_ms)` before it is ready again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included. Default 1 (no retry).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Default 1000.
+    #[serde(default = "default_backoff_base_ms")]
+    pub backoff_base_ms: u64,
+    /// Default 2.
+    #[serde(default = "default_backoff_factor")]
+    pub backoff_factor: f64,
+    /// Default 60000.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// Default: all kinds. A `failed` report with `retryable: false` is never retried.
+    #[serde(default = "default_retry_on")]
+    pub retry_on: Vec<FailureKind>,
+}
+
+fn default_max_attempts() -> u32 {
+    1
+}
+fn default_backoff_base_ms() -> u64 {
+    1_000
+}
+fn default_backoff_factor() -> f64 {
+    2.0
+}
+fn default_backoff_max_ms() -> u64 {
+    60_000
+}
+fn default_retry_on() -> Vec<FailureKind> {
+    vec![
+        FailureKind::Error,
+        FailureKind::Timeout,
+        FailureKind::AgentLost,
+    ]
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: default_max_attempts(),
+            backoff_base_ms: default_backoff_base_ms(),
+            backoff_factor: default_backoff_factor(),
+            backoff_max_ms: default_backoff_max_ms(),
+            retry_on: default_retry_on(),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Wait before the attempt after `failed_attempt` (1-based).
+    pub fn backoff_ms(&self, failed_attempt: u32) -> u64 {
+        let exp = self
+            .backoff_factor
+            .max(1.0)
+            .powi(failed_attempt.saturating_sub(1).min(64) as i32);
+        let wait = self.backoff_base_ms as f64 * exp;
+        if wait.is_finite() {
+            (wait as u64).min(self.backoff_max_ms)
+        } else {
+            self.backoff_max_ms
+        }
+    }
 }
 
 /// One task of a flow.
@@ -41,6 +157,47 @@ pub struct TaskSpec {
     /// Higher runs first among ready tasks. Default 0.
     #[serde(default)]
     pub priority: i32,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub timeouts: Timeouts,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub retry: RetryPolicy,
+    /// Expected run time, for critical-path ordering and ETAs before any run is observed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_duration_ms: Option<u64>,
+}
+
+impl TaskSpec {
+    /// A task with every optional part left at its default.
+    pub fn new(id: TaskId) -> Self {
+        TaskSpec {
+            id,
+            kind: String::new(),
+            input: Value::Null,
+            requirements: Requirements::default(),
+            depends_on: Vec::new(),
+            priority: 0,
+            timeouts: Timeouts::default(),
+            retry: RetryPolicy::default(),
+            estimated_duration_ms: None,
+        }
+    }
+}
+
+impl FlowSpec {
+    /// A flow of `tasks` with every optional part left at its default.
+    pub fn new(name: impl Into<String>, tasks: Vec<TaskSpec>) -> Self {
+        FlowSpec {
+            id: None,
+            name: name.into(),
+            tasks,
+            max_parallelism: None,
+            failure_mode: FailureMode::default(),
+        }
+    }
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// Where a task is in its life cycle.
@@ -62,14 +219,25 @@ pub enum TaskState {
     Cancelled,
     /// Never ran because a dependency failed.
     Skipped,
+    /// The last attempt missed a deadline and no retry was left.
+    TimedOut,
 }
 
 impl TaskState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled | TaskState::Skipped
+            TaskState::Succeeded
+                | TaskState::Failed
+                | TaskState::Cancelled
+                | TaskState::Skipped
+                | TaskState::TimedOut
         )
+    }
+
+    /// Holding (or about to hold) an agent's resources.
+    pub fn is_active(self) -> bool {
+        matches!(self, TaskState::Assigned | TaskState::Running)
     }
 }
 
@@ -78,15 +246,22 @@ impl TaskState {
 #[serde(rename_all = "snake_case")]
 pub enum FlowState {
     Running,
+    /// No new dispatch; running tasks finish and are recorded.
+    Paused,
     /// Every task succeeded.
     Succeeded,
     /// Every task is final and at least one failed.
     Failed,
+    /// Stopped on request.
+    Cancelled,
 }
 
 impl FlowState {
     pub fn is_terminal(self) -> bool {
-        !matches!(self, FlowState::Running)
+        matches!(
+            self,
+            FlowState::Succeeded | FlowState::Failed | FlowState::Cancelled
+        )
     }
 }
 
@@ -113,6 +288,12 @@ pub struct TaskStatus {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub output: Value,
+    /// While in back-off: not dispatched before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
+    /// When the current attempt times out unless the agent reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 /// Reply to `flow.create`, `flow.get` and `flow.status`.
@@ -137,6 +318,21 @@ pub struct FlowStatus {
     pub created_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
+    /// Tasks assigned or running, per agent.
+    #[serde(default)]
+    pub running_by_agent: BTreeMap<AgentId, Vec<TaskId>>,
+    /// Attempts made over all tasks.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Attempts that failed or timed out (retried or not).
+    #[serde(default)]
+    pub failures: u32,
+    /// Length of the longest chain of unfinished tasks, by estimated or observed durations.
+    #[serde(default)]
+    pub critical_path_remaining_ms: u64,
+    /// Expected finish time, when the flow is not finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
 }
 
 /// `coord.orchestrator.flow.list`.
@@ -172,7 +368,8 @@ pub struct FlowList {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ValidationProblem {
     /// Stable: `empty_flow`, `too_many_tasks`, `duplicate_task`, `unknown_dependency`,
-    /// `self_dependency`, `cycle`, `invalid_requirement`.
+    /// `self_dependency`, `cycle`, `invalid_requirement`, `invalid_retry`, `invalid_timeout`,
+    /// `invalid_parallelism`.
     pub code: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -69,17 +69,19 @@ fn every_message_round_trips() {
             at_ms: 1,
         });
     }
+    let mut task = TaskSpec::new(t("a"));
+    task.kind = "k".into();
+    task.depends_on = vec![t("b")];
+    task.priority = 3;
+    task.retry = RetryPolicy {
+        max_attempts: 3,
+        ..Default::default()
+    };
+    task.timeouts.heartbeat_ms = Some(500);
     round_trip(&FlowSpec {
-        id: None,
-        name: "n".into(),
-        tasks: vec![TaskSpec {
-            id: t("a"),
-            kind: "k".into(),
-            input: json!(null),
-            requirements: Requirements::default(),
-            depends_on: vec![t("b")],
-            priority: 3,
-        }],
+        max_parallelism: Some(2),
+        failure_mode: FailureMode::FailFast,
+        ..FlowSpec::new("n", vec![task])
     });
     round_trip(&Event {
         event_id: "e".into(),
@@ -92,6 +94,7 @@ fn every_message_round_trips() {
             to: TaskState::Assigned,
             attempt: 1,
             agent_id: Some(a("w1")),
+            reason: None,
         },
     });
     round_trip(&StatePut {
@@ -152,6 +155,37 @@ fn event_subjects_follow_the_transition() {
         to: TaskState::Succeeded,
         attempt: 1,
         agent_id: None,
+        reason: Some("why".into()),
     };
     assert_eq!(k.subject(), "coord.events.task.succeeded");
+}
+
+#[test]
+fn backoff_grows_and_is_capped() {
+    let p = RetryPolicy {
+        max_attempts: 5,
+        backoff_base_ms: 100,
+        backoff_factor: 2.0,
+        backoff_max_ms: 500,
+        ..Default::default()
+    };
+    assert_eq!(
+        [
+            p.backoff_ms(1),
+            p.backoff_ms(2),
+            p.backoff_ms(3),
+            p.backoff_ms(4)
+        ],
+        [100, 200, 400, 500]
+    );
+    assert_eq!(p.backoff_ms(1000), 500);
+}
+
+#[test]
+fn task_defaults_are_left_out_of_the_json() {
+    let json = serde_json::to_value(TaskSpec::new(t("a"))).unwrap();
+    assert!(
+        json.get("retry").is_none() && json.get("timeouts").is_none(),
+        "{json}"
+    );
 }

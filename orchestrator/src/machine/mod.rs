@@ -1,4 +1,5 @@
-//! The flow state machine: validation, readiness, assignment and report handling.
+//! The flow state machine: readiness, assignment, leases, retries, reports,
+//! pause / resume / cancel.
 //!
 //! Pure and deterministic: no IO, no clock, no random ids. Time and ids come in as
 //! arguments and every decision comes out as [`Effect`]s for the adapter to carry
@@ -6,29 +7,42 @@
 //! adapter re-runs a step from fresh state whenever it loses a CAS race, every
 //! method here must be safe to call on any stored revision.
 //!
-//! Task transitions (every one is an event):
+//! Task transitions (each one is an event):
 //!
 //! ```text
-//! blocked ─deps succeeded─▶ ready ─assign─▶ assigned ─started─▶ running
-//!                             ▲                │  └───completed/failed──┐   │
-//!                             └──publish failed┘                        ▼   ▼
-//!                                                         succeeded | failed
-//! blocked ─a dependency failed or was skipped─▶ skipped
+//! blocked ─deps succeeded─▶ ready ─assign─▶ assigned ─started─▶ running ─completed─▶ succeeded
+//!                            ▲ ▲                │                  │
+//!                            │ └─publish failed─┘                  │
+//!                            └──── retry after back-off ◀── failed, timed out or agent lost
+//!                                   (attempts left)                │ (no attempts left)
+//!                                                                  ▼
+//!                                                        failed | timed_out
+//! blocked/ready ─a dependency failed (continue mode) or fail-fast─▶ skipped
+//! any unfinished ─cancel─▶ cancelled
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+mod status;
+mod validate;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use common::msg::{
-    AgentReport, EventKind, FlowSpec, FlowState, FlowStatus, FlowSummary, ReportKind, TaskSpec,
-    TaskState, TaskStatus, ValidationProblem,
+    AgentReport, CancelNotice, EventKind, FailureKind, FailureMode, FlowSpec, FlowState,
+    ReportKind, TaskSpec, TaskState,
 };
 use common::{AgentId, AllocationId, FlowId, TaskId};
-use petgraph::graphmap::DiGraphMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Most tasks one flow may hold (one KV entry holds the whole flow).
-pub const MAX_TASKS: usize = 10_000;
+pub use validate::{validate, MAX_TASKS};
+
+/// How long an assigned task may wait for its agent's `started` report when the
+/// spec sets no `schedule_to_start_ms`.
+pub const DEFAULT_SCHEDULE_TO_START_MS: u64 = 60_000;
+/// Duration assumed for a task with no estimate and no observed run.
+pub const DEFAULT_ESTIMATE_MS: u64 = 1_000;
+/// Attempts kept in a task's history.
+pub const HISTORY_KEEP: usize = 16;
 
 /// A flow and the state of each of its tasks, as stored in KV.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +53,10 @@ pub struct Flow {
     pub created_at_ms: u64,
     #[serde(default)]
     pub finished_at_ms: Option<u64>,
+    #[serde(default)]
+    pub max_parallelism: Option<u32>,
+    #[serde(default)]
+    pub failure_mode: FailureMode,
     pub tasks: BTreeMap<TaskId, Task>,
 }
 
@@ -56,16 +74,46 @@ pub struct Task {
     /// Tasks that depend on this one (derived from the specs at creation).
     #[serde(default)]
     pub dependents: Vec<TaskId>,
-    /// Upward rank: tasks on the longest remaining chain below this one, itself included.
+    /// Upward rank in estimated milliseconds (critical-path ordering).
     #[serde(default)]
-    pub rank: u32,
+    pub rank: u64,
     /// When the task last changed state.
     #[serde(default)]
     pub since_ms: u64,
+    /// In back-off: not to be dispatched before this time.
+    #[serde(default)]
+    pub not_before_ms: u64,
+    /// When the current attempt times out unless the agent reports.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+    #[serde(default)]
+    pub assigned_ms: Option<u64>,
+    #[serde(default)]
+    pub started_ms: Option<u64>,
     #[serde(default)]
     pub output: Value,
     #[serde(default)]
     pub error: Option<String>,
+    /// Failed or timed-out attempts, retried or not.
+    #[serde(default)]
+    pub failures: u32,
+    /// The last attempts, oldest first (at most [`HISTORY_KEEP`]).
+    #[serde(default)]
+    pub history: Vec<AttemptRecord>,
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    #[serde(default)]
+    pub agent: Option<AgentId>,
+    pub outcome: String,
+    #[serde(default)]
+    pub assigned_ms: Option<u64>,
+    #[serde(default)]
+    pub started_ms: Option<u64>,
+    pub ended_ms: u64,
 }
 
 /// Something the adapter must do once the new state is stored.
@@ -79,13 +127,20 @@ pub enum Effect {
         agent: AgentId,
         allocation: AllocationId,
     },
+    /// Tell an agent to stop working on an attempt.
+    Cancel {
+        agent: AgentId,
+        notice: CancelNotice,
+    },
 }
 
-/// Why a report or assignment was refused.
+/// Why a request, report or assignment was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
     #[error("flow has finished")]
     FlowFinished,
+    #[error("flow is paused")]
+    FlowPaused,
     #[error("no task {0} in this flow")]
     UnknownTask(TaskId),
     #[error("attempt {got} is stale, the current attempt is {current}")]
@@ -96,161 +151,23 @@ pub enum Rejection {
     NotActive(TaskState),
     #[error("task is {0:?}, not ready")]
     NotReady(TaskState),
+    #[error("task is backing off until {0}")]
+    NotDue(u64),
+    #[error("the flow already runs its maximum of {0} tasks at once")]
+    ParallelismLimit(u32),
     #[error("unknown report type")]
     UnknownReport,
-}
-
-/// Checks a spec and returns *every* problem, not just the first.
-pub fn validate(spec: &FlowSpec) -> Result<(), Vec<ValidationProblem>> {
-    let mut problems = Vec::new();
-    let problem = |code: &str, message: String, task_id: Option<&TaskId>| ValidationProblem {
-        code: code.to_owned(),
-        message,
-        task_id: task_id.cloned(),
-        path: Vec::new(),
-    };
-    if spec.tasks.is_empty() {
-        problems.push(problem(
-            "empty_flow",
-            "a flow needs at least one task".into(),
-            None,
-        ));
-    }
-    if spec.tasks.len() > MAX_TASKS {
-        problems.push(problem(
-            "too_many_tasks",
-            format!("{} tasks, at most {MAX_TASKS} per flow", spec.tasks.len()),
-            None,
-        ));
-    }
-    let mut ids = HashSet::new();
-    for t in &spec.tasks {
-        if !ids.insert(&t.id) {
-            problems.push(problem(
-                "duplicate_task",
-                format!("task id {} is used more than once", t.id),
-                Some(&t.id),
-            ));
-        }
-        for (resource, amount) in &t.requirements.resources {
-            if !amount.is_finite() || *amount < 0.0 {
-                problems.push(problem(
-                    "invalid_requirement",
-                    format!(
-                        "task {} asks for {amount} of {resource}; amounts must be finite and >= 0",
-                        t.id
-                    ),
-                    Some(&t.id),
-                ));
-            }
-        }
-    }
-    for t in &spec.tasks {
-        for d in &t.depends_on {
-            if d == &t.id {
-                problems.push(problem(
-                    "self_dependency",
-                    format!("task {} depends on itself", t.id),
-                    Some(&t.id),
-                ));
-            } else if !ids.contains(d) {
-                problems.push(problem(
-                    "unknown_dependency",
-                    format!("task {} depends on {d}, which is not in the flow", t.id),
-                    Some(&t.id),
-                ));
-            }
-        }
-    }
-    problems.extend(cycles(spec));
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems)
-    }
-}
-
-/// One problem per cycle (strongly connected component), each with a path through it.
-fn cycles(spec: &FlowSpec) -> Vec<ValidationProblem> {
-    let graph = dependency_graph(spec);
-    let mut out = Vec::new();
-    for scc in petgraph::algo::tarjan_scc(&graph) {
-        if scc.len() < 2 {
-            continue; // self-dependencies are reported on their own
-        }
-        let members: HashSet<&str> = scc.iter().copied().collect();
-        let start = scc.iter().copied().min().unwrap_or_default();
-        let path = cycle_path(&graph, &members, start);
-        let shown: Vec<&str> = path.iter().map(TaskId::as_str).collect();
-        out.push(ValidationProblem {
-            code: "cycle".into(),
-            message: format!("dependency cycle: {}", shown.join(" -> ")),
-            task_id: path.first().cloned(),
-            path,
-        });
-    }
-    out
-}
-
-/// Edges run from a dependency to its dependant (the order tasks run in).
-fn dependency_graph(spec: &FlowSpec) -> DiGraphMap<&str, ()> {
-    let mut g = DiGraphMap::new();
-    for t in &spec.tasks {
-        g.add_node(t.id.as_str());
-        for d in &t.depends_on {
-            if d != &t.id {
-                g.add_edge(d.as_str(), t.id.as_str(), ());
-            }
-        }
-    }
-    g
-}
-
-/// Breadth-first search inside one strongly connected component from `start`
-/// back to itself; the shortest such path is the clearest to report.
-fn cycle_path(graph: &DiGraphMap<&str, ()>, members: &HashSet<&str>, start: &str) -> Vec<TaskId> {
-    let mut prev: HashMap<&str, &str> = HashMap::new();
-    let mut queue = std::collections::VecDeque::from([start]);
-    let mut end = None;
-    while let Some(n) = queue.pop_front() {
-        for next in graph.neighbors(n) {
-            if !members.contains(next) {
-                continue;
-            }
-            if next == start {
-                end = Some(n);
-                queue.clear();
-                break;
-            }
-            if let std::collections::hash_map::Entry::Vacant(e) = prev.entry(next) {
-                e.insert(n);
-                queue.push_back(next);
-            }
-        }
-    }
-    let mut path = vec![start];
-    let mut cur = end;
-    let mut back = Vec::new();
-    while let Some(n) = cur {
-        if n == start {
-            break;
-        }
-        back.push(n);
-        cur = prev.get(n).copied();
-    }
-    back.reverse();
-    path.extend(back);
-    path.push(start);
-    path.into_iter()
-        .filter_map(|s| TaskId::new(s).ok())
-        .collect()
+    #[error("flow is {0:?}, cannot {1}")]
+    WrongFlowState(FlowState, &'static str),
 }
 
 impl Flow {
     /// A new flow from a validated spec. Tasks without dependencies become ready
     /// at once.
     pub fn new(id: FlowId, spec: FlowSpec, now_ms: u64) -> (Flow, Vec<Effect>) {
-        let ranks = upward_ranks(&spec);
+        let ranks = validate::upward_ranks(&spec, |t: &TaskSpec| {
+            t.estimated_duration_ms.unwrap_or(DEFAULT_ESTIMATE_MS)
+        });
         let mut dependents: HashMap<TaskId, Vec<TaskId>> = HashMap::new();
         for t in &spec.tasks {
             for d in &t.depends_on {
@@ -267,10 +184,16 @@ impl Flow {
                     agent: None,
                     allocation: None,
                     dependents: dependents.remove(&spec.id).unwrap_or_default(),
-                    rank: ranks.get(&spec.id).copied().unwrap_or(1),
+                    rank: ranks.get(&spec.id).copied().unwrap_or(DEFAULT_ESTIMATE_MS),
                     since_ms: now_ms,
+                    not_before_ms: 0,
+                    deadline_ms: None,
+                    assigned_ms: None,
+                    started_ms: None,
                     output: Value::Null,
                     error: None,
+                    failures: 0,
+                    history: Vec::new(),
                     spec,
                 };
                 (task.spec.id.clone(), task)
@@ -282,6 +205,8 @@ impl Flow {
             state: FlowState::Running,
             created_at_ms: now_ms,
             finished_at_ms: None,
+            max_parallelism: spec.max_parallelism,
+            failure_mode: spec.failure_mode,
             tasks,
         };
         let mut effects = vec![Effect::Event(EventKind::FlowCreated {
@@ -296,10 +221,15 @@ impl Flow {
             .map(|t| t.spec.id.clone())
             .collect();
         for t in roots {
-            flow.transition(&t, TaskState::Ready, now_ms, &mut effects);
+            flow.transition(&t, TaskState::Ready, now_ms, None, &mut effects);
         }
-        effects.extend(flow.ready_in_order().into_iter().map(Effect::Dispatch));
+        flow.push_dispatches(now_ms, &mut effects);
         (flow, effects)
+    }
+
+    /// Tasks assigned or running now.
+    pub fn active(&self) -> usize {
+        self.tasks.values().filter(|t| t.state.is_active()).count()
     }
 
     /// Ready tasks in dispatch order: priority, then critical path (upward rank), then id.
@@ -319,6 +249,46 @@ impl Flow {
         ready.into_iter().map(|t| t.spec.id.clone()).collect()
     }
 
+    /// The ready tasks to place now, in order, within the parallelism budget:
+    /// none while the flow is paused or finished, none still backing off.
+    pub fn dispatchable(&self, now_ms: u64) -> Vec<TaskId> {
+        if self.state != FlowState::Running {
+            return Vec::new();
+        }
+        let budget = match self.max_parallelism {
+            Some(max) => (max as usize).saturating_sub(self.active()),
+            None => usize::MAX,
+        };
+        self.ready_in_order()
+            .into_iter()
+            .filter(|id| {
+                self.tasks
+                    .get(id)
+                    .is_some_and(|t| t.not_before_ms <= now_ms)
+            })
+            .take(budget)
+            .collect()
+    }
+
+    /// The earliest time something is due: a back-off ending or a deadline passing.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        if self.state.is_terminal() {
+            return None;
+        }
+        self.tasks
+            .values()
+            .filter_map(|t| match t.state {
+                TaskState::Ready if t.not_before_ms > 0 => Some(t.not_before_ms),
+                TaskState::Assigned | TaskState::Running => t.deadline_ms,
+                _ => None,
+            })
+            .min()
+    }
+
+    fn push_dispatches(&self, now_ms: u64, effects: &mut Vec<Effect>) {
+        effects.extend(self.dispatchable(now_ms).into_iter().map(Effect::Dispatch));
+    }
+
     /// Records that `task` was placed on `agent` and is being sent to it.
     /// Returns the new attempt number.
     pub fn assign(
@@ -328,9 +298,12 @@ impl Flow {
         allocation: &AllocationId,
         now_ms: u64,
     ) -> Result<(u32, Vec<Effect>), Rejection> {
-        if self.state.is_terminal() {
-            return Err(Rejection::FlowFinished);
+        match self.state {
+            FlowState::Running => {}
+            FlowState::Paused => return Err(Rejection::FlowPaused),
+            _ => return Err(Rejection::FlowFinished),
         }
+        let active = self.active();
         let t = self
             .tasks
             .get_mut(task)
@@ -338,17 +311,35 @@ impl Flow {
         if t.state != TaskState::Ready {
             return Err(Rejection::NotReady(t.state));
         }
+        if t.not_before_ms > now_ms {
+            return Err(Rejection::NotDue(t.not_before_ms));
+        }
+        if let Some(max) = self.max_parallelism {
+            if active >= max as usize {
+                return Err(Rejection::ParallelismLimit(max));
+            }
+        }
         t.attempt += 1;
         t.agent = Some(agent.clone());
         t.allocation = Some(allocation.clone());
+        t.assigned_ms = Some(now_ms);
+        t.started_ms = None;
+        t.deadline_ms = Some(
+            now_ms
+                + t.spec
+                    .timeouts
+                    .schedule_to_start_ms
+                    .unwrap_or(DEFAULT_SCHEDULE_TO_START_MS),
+        );
         let attempt = t.attempt;
         let mut effects = Vec::new();
-        self.transition(task, TaskState::Assigned, now_ms, &mut effects);
+        self.transition(task, TaskState::Assigned, now_ms, None, &mut effects);
         Ok((attempt, effects))
     }
 
     /// Undoes an assignment whose message could not be sent: the task is ready
-    /// again and its allocation goes back.
+    /// again and its allocation goes back. The attempt number stays used, so a
+    /// message that did get through after all is fenced off.
     pub fn unassign(
         &mut self,
         task: &TaskId,
@@ -372,7 +363,15 @@ impl Flow {
         if let (Some(agent), Some(allocation)) = (t.agent.take(), t.allocation.take()) {
             effects.push(Effect::Release { agent, allocation });
         }
-        self.transition(task, TaskState::Ready, now_ms, &mut effects);
+        t.deadline_ms = None;
+        self.transition(
+            task,
+            TaskState::Ready,
+            now_ms,
+            Some("assignment not delivered".into()),
+            &mut effects,
+        );
+        self.push_dispatches(now_ms, &mut effects);
         Ok(effects)
     }
 
@@ -398,80 +397,342 @@ impl Flow {
             });
         }
         let state = t.state;
-        if !matches!(state, TaskState::Assigned | TaskState::Running) {
+        if !state.is_active() {
             return Err(Rejection::NotActive(state));
         }
         let id = report.task_id.clone();
         let mut effects = Vec::new();
         match &report.kind {
             ReportKind::Started | ReportKind::Progress { .. } => {
-                // A repeated `started` or a progress report on a running task changes nothing.
                 if state == TaskState::Assigned {
-                    self.transition(&id, TaskState::Running, now_ms, &mut effects);
+                    if let Some(t) = self.tasks.get_mut(&id) {
+                        t.started_ms = Some(now_ms);
+                    }
+                    self.transition(&id, TaskState::Running, now_ms, None, &mut effects);
+                }
+                // Every report from the holder renews its lease.
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.deadline_ms = running_deadline(t, now_ms);
                 }
             }
             ReportKind::Completed { output } => {
                 if let Some(t) = self.tasks.get_mut(&id) {
                     t.output = output.clone();
+                    t.error = None;
                 }
-                self.finish_task(&id, TaskState::Succeeded, now_ms, &mut effects);
+                self.succeed(&id, now_ms, &mut effects);
             }
-            ReportKind::Failed { error, .. } => {
-                if let Some(t) = self.tasks.get_mut(&id) {
-                    t.error = Some(error.clone());
-                }
-                self.finish_task(&id, TaskState::Failed, now_ms, &mut effects);
+            ReportKind::Failed { error, retryable } => {
+                self.fail_attempt(
+                    &id,
+                    FailureKind::Error,
+                    *retryable,
+                    error,
+                    now_ms,
+                    &mut effects,
+                );
             }
             ReportKind::Unknown => return Err(Rejection::UnknownReport),
         }
         Ok(effects)
     }
 
-    fn finish_task(&mut self, id: &TaskId, to: TaskState, now_ms: u64, effects: &mut Vec<Effect>) {
+    /// Expires attempts whose deadline has passed and makes blocked tasks whose
+    /// dependencies all succeeded ready (a repair for steps lost to a crash).
+    /// Derived from stored deadlines only, so a restarted orchestrator picks up
+    /// every timer where it was.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if self.state.is_terminal() {
+            return effects;
+        }
+        let expired: Vec<(TaskId, TaskState)> = self
+            .tasks
+            .values()
+            .filter(|t| t.state.is_active() && t.deadline_ms.is_some_and(|d| d <= now_ms))
+            .map(|t| (t.spec.id.clone(), t.state))
+            .collect();
+        for (id, state) in expired {
+            let what = if state == TaskState::Assigned {
+                "not started in time"
+            } else {
+                "no report in time"
+            };
+            self.fail_attempt(&id, FailureKind::Timeout, true, what, now_ms, &mut effects);
+        }
+        let unblocked: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Blocked && self.deps_succeeded(t))
+            .map(|t| t.spec.id.clone())
+            .collect();
+        for id in unblocked {
+            self.transition(&id, TaskState::Ready, now_ms, None, &mut effects);
+        }
+        self.maybe_finish(now_ms, &mut effects);
+        effects
+    }
+
+    /// Every attempt held by `agent` failed with it.
+    pub fn agent_lost(&mut self, agent: &AgentId, now_ms: u64) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if self.state.is_terminal() {
+            return effects;
+        }
+        let held: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| t.state.is_active() && t.agent.as_ref() == Some(agent))
+            .map(|t| t.spec.id.clone())
+            .collect();
+        for id in held {
+            self.fail_attempt(
+                &id,
+                FailureKind::AgentLost,
+                true,
+                "agent lost",
+                now_ms,
+                &mut effects,
+            );
+        }
+        effects
+    }
+
+    /// Stops new dispatch; running tasks finish and are recorded.
+    pub fn pause(&mut self) -> Result<Vec<Effect>, Rejection> {
+        match self.state {
+            FlowState::Paused => Ok(Vec::new()),
+            FlowState::Running => {
+                self.state = FlowState::Paused;
+                Ok(vec![Effect::Event(EventKind::FlowPaused {
+                    flow_id: self.id.clone(),
+                })])
+            }
+            s => Err(Rejection::WrongFlowState(s, "pause")),
+        }
+    }
+
+    /// Dispatch continues.
+    pub fn resume(&mut self, now_ms: u64) -> Result<Vec<Effect>, Rejection> {
+        match self.state {
+            FlowState::Running => Ok(Vec::new()),
+            FlowState::Paused => {
+                self.state = FlowState::Running;
+                let mut effects = vec![Effect::Event(EventKind::FlowResumed {
+                    flow_id: self.id.clone(),
+                })];
+                // Tasks that finished while paused may have completed the flow.
+                self.maybe_finish(now_ms, &mut effects);
+                self.push_dispatches(now_ms, &mut effects);
+                Ok(effects)
+            }
+            s => Err(Rejection::WrongFlowState(s, "resume")),
+        }
+    }
+
+    /// Ends the flow: running attempts are told to stop, every allocation goes
+    /// back, every unfinished task is cancelled.
+    pub fn cancel(&mut self, now_ms: u64) -> Result<Vec<Effect>, Rejection> {
+        if self.state.is_terminal() {
+            return Err(Rejection::WrongFlowState(self.state, "cancel"));
+        }
+        let mut effects = Vec::new();
+        let open: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| !t.state.is_terminal())
+            .map(|t| t.spec.id.clone())
+            .collect();
+        for id in open {
+            self.stop_task(
+                &id,
+                TaskState::Cancelled,
+                "flow cancelled",
+                now_ms,
+                &mut effects,
+            );
+        }
+        self.state = FlowState::Cancelled;
+        self.finished_at_ms = Some(now_ms);
+        effects.push(Effect::Event(EventKind::FlowCompleted {
+            flow_id: self.id.clone(),
+            state: self.state,
+        }));
+        Ok(effects)
+    }
+
+    fn deps_succeeded(&self, t: &Task) -> bool {
+        t.spec.depends_on.iter().all(|p| {
+            self.tasks
+                .get(p)
+                .is_some_and(|pt| pt.state == TaskState::Succeeded)
+        })
+    }
+
+    fn succeed(&mut self, id: &TaskId, now_ms: u64, effects: &mut Vec<Effect>) {
+        self.close_attempt(id, "succeeded", now_ms, effects);
+        let dependents = self
+            .tasks
+            .get(id)
+            .map(|t| t.dependents.clone())
+            .unwrap_or_default();
+        self.transition(id, TaskState::Succeeded, now_ms, None, effects);
+        for d in dependents {
+            let ready = self
+                .tasks
+                .get(&d)
+                .is_some_and(|dt| dt.state == TaskState::Blocked && self.deps_succeeded(dt));
+            if ready {
+                self.transition(&d, TaskState::Ready, now_ms, None, effects);
+            }
+        }
+        self.maybe_finish(now_ms, effects);
+        self.push_dispatches(now_ms, effects);
+    }
+
+    /// Ends the current attempt's hold on its agent: history, release.
+    fn close_attempt(
+        &mut self,
+        id: &TaskId,
+        outcome: &str,
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) {
         let Some(t) = self.tasks.get_mut(id) else {
             return;
         };
         if let (Some(agent), Some(allocation)) = (t.agent.clone(), t.allocation.take()) {
             effects.push(Effect::Release { agent, allocation });
         }
-        let dependents = t.dependents.clone();
-        self.transition(id, to, now_ms, effects);
-        if to == TaskState::Succeeded {
-            for d in dependents {
-                let ready = self.tasks.get(&d).is_some_and(|dt| {
-                    dt.state == TaskState::Blocked
-                        && dt.spec.depends_on.iter().all(|p| {
-                            self.tasks
-                                .get(p)
-                                .is_some_and(|pt| pt.state == TaskState::Succeeded)
-                        })
+        t.history.push(AttemptRecord {
+            attempt: t.attempt,
+            agent: t.agent.clone(),
+            outcome: outcome.to_owned(),
+            assigned_ms: t.assigned_ms,
+            started_ms: t.started_ms,
+            ended_ms: now_ms,
+        });
+        if t.history.len() > HISTORY_KEEP {
+            let extra = t.history.len() - HISTORY_KEEP;
+            t.history.drain(..extra);
+        }
+        t.deadline_ms = None;
+    }
+
+    /// A failed attempt: retried after back-off while the policy allows, else
+    /// the task fails for good and the failure mode decides about the rest.
+    fn fail_attempt(
+        &mut self,
+        id: &TaskId,
+        kind: FailureKind,
+        retryable: bool,
+        error: &str,
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(t) = self.tasks.get(id) else { return };
+        let (attempt, agent) = (t.attempt, t.agent.clone());
+        if kind == FailureKind::Timeout {
+            // The agent may still be working on it: tell it to stop.
+            if let Some(agent) = agent {
+                effects.push(Effect::Cancel {
+                    agent,
+                    notice: CancelNotice {
+                        flow_id: self.id.clone(),
+                        task_id: id.clone(),
+                        attempt,
+                        reason: format!("attempt timed out: {error}"),
+                    },
                 });
-                if ready {
-                    self.transition(&d, TaskState::Ready, now_ms, effects);
+            }
+        }
+        let outcome = match kind {
+            FailureKind::Error => format!("failed: {error}"),
+            FailureKind::Timeout => format!("timed out: {error}"),
+            FailureKind::AgentLost => "agent lost".to_owned(),
+        };
+        self.close_attempt(id, &outcome, now_ms, effects);
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        t.failures += 1;
+        t.error = Some(outcome.clone());
+        let policy = &t.spec.retry;
+        let retry = t.attempt < policy.max_attempts
+            && policy.retry_on.contains(&kind)
+            && (kind != FailureKind::Error || retryable);
+        if retry {
+            let wait = policy.backoff_ms(t.attempt);
+            t.not_before_ms = now_ms + wait;
+            t.allocation = None;
+            let reason = format!("{outcome}; attempt {} in {wait} ms", t.attempt + 1);
+            self.transition(id, TaskState::Ready, now_ms, Some(reason), effects);
+            if let Some(t) = self.tasks.get_mut(id) {
+                t.agent = None;
+            }
+            self.push_dispatches(now_ms, effects);
+            return;
+        }
+        let end = if kind == FailureKind::Timeout {
+            TaskState::TimedOut
+        } else {
+            TaskState::Failed
+        };
+        self.transition(id, end, now_ms, Some(outcome), effects);
+        match self.failure_mode {
+            FailureMode::Continue => self.skip_downstream(id, now_ms, effects),
+            FailureMode::FailFast => {
+                let open: Vec<TaskId> = self
+                    .tasks
+                    .values()
+                    .filter(|t| !t.state.is_terminal())
+                    .map(|t| t.spec.id.clone())
+                    .collect();
+                for other in open {
+                    let to = if self.tasks.get(&other).is_some_and(|t| t.state.is_active()) {
+                        TaskState::Cancelled
+                    } else {
+                        TaskState::Skipped
+                    };
+                    self.stop_task(
+                        &other,
+                        to,
+                        &format!("fail-fast: task {id} failed"),
+                        now_ms,
+                        effects,
+                    );
                 }
             }
-            let newly_ready: Vec<TaskId> = effects
-                .iter()
-                .filter_map(|e| match e {
-                    Effect::Event(EventKind::TaskTransition {
-                        task_id,
-                        to: TaskState::Ready,
-                        ..
-                    }) => Some(task_id.clone()),
-                    _ => None,
-                })
-                .collect();
-            let order = self.ready_in_order();
-            effects.extend(
-                order
-                    .into_iter()
-                    .filter(|t| newly_ready.contains(t))
-                    .map(Effect::Dispatch),
-            );
-        } else {
-            self.skip_downstream(id, now_ms, effects);
         }
         self.maybe_finish(now_ms, effects);
+        self.push_dispatches(now_ms, effects);
+    }
+
+    /// Ends an unfinished task without running it (further).
+    fn stop_task(
+        &mut self,
+        id: &TaskId,
+        to: TaskState,
+        reason: &str,
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(t) = self.tasks.get(id) else { return };
+        if t.state.is_active() {
+            if let Some(agent) = t.agent.clone() {
+                effects.push(Effect::Cancel {
+                    agent,
+                    notice: CancelNotice {
+                        flow_id: self.id.clone(),
+                        task_id: id.clone(),
+                        attempt: t.attempt,
+                        reason: reason.to_owned(),
+                    },
+                });
+            }
+            self.close_attempt(id, reason, now_ms, effects);
+        }
+        self.transition(id, to, now_ms, Some(reason.to_owned()), effects);
     }
 
     /// Everything downstream of a failed task can never run.
@@ -482,6 +743,7 @@ impl Flow {
             .map(|t| t.dependents.clone())
             .unwrap_or_default();
         let mut seen = BTreeSet::new();
+        let reason = format!("dependency {from} did not succeed");
         while let Some(d) = stack.pop() {
             if !seen.insert(d.clone()) {
                 continue;
@@ -489,15 +751,21 @@ impl Flow {
             let Some(t) = self.tasks.get(&d) else {
                 continue;
             };
-            if t.state == TaskState::Blocked {
+            if matches!(t.state, TaskState::Blocked | TaskState::Ready) {
                 stack.extend(t.dependents.iter().cloned());
-                self.transition(&d, TaskState::Skipped, now_ms, effects);
+                self.transition(
+                    &d,
+                    TaskState::Skipped,
+                    now_ms,
+                    Some(reason.clone()),
+                    effects,
+                );
             }
         }
     }
 
     fn maybe_finish(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
-        if self.state.is_terminal() || !self.tasks.values().all(|t| t.state.is_terminal()) {
+        if self.state != FlowState::Running || !self.tasks.values().all(|t| t.state.is_terminal()) {
             return;
         }
         let ok = self.tasks.values().all(|t| t.state == TaskState::Succeeded);
@@ -513,13 +781,23 @@ impl Flow {
         }));
     }
 
-    fn transition(&mut self, id: &TaskId, to: TaskState, now_ms: u64, effects: &mut Vec<Effect>) {
+    fn transition(
+        &mut self,
+        id: &TaskId,
+        to: TaskState,
+        now_ms: u64,
+        reason: Option<String>,
+        effects: &mut Vec<Effect>,
+    ) {
         let Some(t) = self.tasks.get_mut(id) else {
             return;
         };
         let from = t.state;
         t.state = to;
         t.since_ms = now_ms;
+        if !to.is_active() {
+            t.deadline_ms = None;
+        }
         effects.push(Effect::Event(EventKind::TaskTransition {
             flow_id: self.id.clone(),
             task_id: id.clone(),
@@ -527,60 +805,8 @@ impl Flow {
             to,
             attempt: t.attempt,
             agent_id: t.agent.clone(),
+            reason,
         }));
-    }
-
-    /// The status reply for this flow at `revision`.
-    pub fn status(&self, revision: u64) -> FlowStatus {
-        let mut counts = BTreeMap::new();
-        for t in self.tasks.values() {
-            *counts.entry(t.state).or_insert(0) += 1;
-        }
-        FlowStatus {
-            flow_id: self.id.clone(),
-            name: self.name.clone(),
-            state: self.state,
-            revision,
-            counts,
-            progress: self.progress(),
-            tasks: self
-                .tasks
-                .values()
-                .map(|t| TaskStatus {
-                    task_id: t.spec.id.clone(),
-                    state: t.state,
-                    attempt: t.attempt,
-                    agent_id: t.agent.clone(),
-                    allocation_id: t.allocation.clone(),
-                    error: t.error.clone(),
-                    output: t.output.clone(),
-                })
-                .collect(),
-            created_at_ms: self.created_at_ms,
-            finished_at_ms: self.finished_at_ms,
-        }
-    }
-
-    pub fn summary(&self) -> FlowSummary {
-        FlowSummary {
-            flow_id: self.id.clone(),
-            name: self.name.clone(),
-            state: self.state,
-            tasks: self.tasks.len(),
-            progress: self.progress(),
-        }
-    }
-
-    fn progress(&self) -> f64 {
-        if self.tasks.is_empty() {
-            return 1.0;
-        }
-        let done = self
-            .tasks
-            .values()
-            .filter(|t| t.state.is_terminal())
-            .count();
-        done as f64 / self.tasks.len() as f64
     }
 
     /// The spec the flow was created from, with its id.
@@ -589,30 +815,26 @@ impl Flow {
             id: Some(self.id.clone()),
             name: self.name.clone(),
             tasks: self.tasks.values().map(|t| t.spec.clone()).collect(),
+            max_parallelism: self.max_parallelism,
+            failure_mode: self.failure_mode,
         }
     }
 }
 
-/// Longest chain of tasks from each task to a sink, counting the task itself.
-/// Ready tasks with a higher rank sit on the critical path and go first.
-fn upward_ranks(spec: &FlowSpec) -> HashMap<TaskId, u32> {
-    let graph = dependency_graph(spec);
-    let mut ranks: HashMap<&str, u32> = HashMap::new();
-    if let Ok(order) = petgraph::algo::toposort(&graph, None) {
-        for n in order.into_iter().rev() {
-            let below = graph
-                .neighbors(n)
-                .filter_map(|m| ranks.get(m))
-                .max()
-                .copied()
-                .unwrap_or(0);
-            ranks.insert(n, below + 1);
-        }
+/// The lease of a running attempt: the earlier of the start-to-close deadline
+/// and the next heartbeat due; `None` when the spec sets neither (the agent's
+/// own heartbeats to the allocator still cover a crash).
+fn running_deadline(t: &Task, now_ms: u64) -> Option<u64> {
+    let close = t
+        .spec
+        .timeouts
+        .start_to_close_ms
+        .map(|d| t.started_ms.unwrap_or(now_ms) + d);
+    let beat = t.spec.timeouts.heartbeat_ms.map(|d| now_ms + d);
+    match (close, beat) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
-    ranks
-        .into_iter()
-        .filter_map(|(k, v)| TaskId::new(k).ok().map(|id| (id, v)))
-        .collect()
 }
 
 #[cfg(test)]

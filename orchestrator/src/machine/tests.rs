@@ -2,7 +2,8 @@
 //! when their dependencies succeeded, and fencing refuses stale or foreign reports.
 
 use common::msg::{
-    AgentReport, EventKind, FlowSpec, FlowState, ReportKind, Requirements, TaskSpec, TaskState,
+    AgentReport, EventKind, FailureKind, FailureMode, FlowSpec, FlowState, ReportKind, RetryPolicy,
+    TaskSpec, TaskState,
 };
 use common::{AgentId, AllocationId, FlowId, TaskId};
 use serde_json::json;
@@ -14,22 +15,14 @@ fn tid(s: &str) -> TaskId {
 }
 
 fn task(id: &str, deps: &[&str]) -> TaskSpec {
-    TaskSpec {
-        id: tid(id),
-        kind: "k".into(),
-        input: json!(null),
-        requirements: Requirements::default(),
-        depends_on: deps.iter().map(|d| tid(d)).collect(),
-        priority: 0,
-    }
+    let mut t = TaskSpec::new(tid(id));
+    t.kind = "k".into();
+    t.depends_on = deps.iter().map(|d| tid(d)).collect();
+    t
 }
 
 fn spec(tasks: Vec<TaskSpec>) -> FlowSpec {
-    FlowSpec {
-        id: None,
-        name: "t".into(),
-        tasks,
-    }
+    FlowSpec::new("t", tasks)
 }
 
 fn diamond() -> FlowSpec {
@@ -149,8 +142,9 @@ fn dependants_become_ready_only_when_all_dependencies_succeeded() {
         agent: agent(),
         allocation: AllocationId::new("al-a").unwrap()
     }));
-    assert!(
-        dispatched(&run(&mut flow, "b")).is_empty(),
+    assert_eq!(
+        dispatched(&run(&mut flow, "b")),
+        ["c"],
         "d still waits for c"
     );
     assert_eq!(dispatched(&run(&mut flow, "c")), ["d"]);
@@ -160,7 +154,7 @@ fn dependants_become_ready_only_when_all_dependencies_succeeded() {
         flow_id: FlowId::new("f").unwrap(),
         state: FlowState::Succeeded
     })));
-    assert_eq!(flow.status(1).progress, 1.0);
+    assert_eq!(flow.status(1, 10).progress, 1.0);
 }
 
 #[test]
@@ -175,7 +169,7 @@ fn higher_priority_then_longer_chain_goes_first() {
     ]);
     let (flow, effects) = Flow::new(FlowId::new("f").unwrap(), s, 0);
     assert_eq!(dispatched(&effects), ["hi", "long", "short"]);
-    assert_eq!(flow.tasks[&tid("long")].rank, 2);
+    assert_eq!(flow.tasks[&tid("long")].rank, 2 * DEFAULT_ESTIMATE_MS);
 }
 
 #[test]
@@ -234,7 +228,7 @@ fn a_failure_skips_everything_downstream_and_fails_the_flow() {
     assert_eq!(flow.state, FlowState::Running, "c is still pending");
     run(&mut flow, "c");
     assert_eq!(flow.state, FlowState::Failed);
-    assert_eq!(flow.tasks[&tid("b")].error.as_deref(), Some("boom"));
+    assert_eq!(flow.tasks[&tid("b")].error.as_deref(), Some("failed: boom"));
 }
 
 #[test]
@@ -286,4 +280,343 @@ fn every_transition_is_one_event() {
             (TaskState::Running, TaskState::Succeeded)
         ]
     );
+}
+
+fn flow_of(tasks: Vec<TaskSpec>) -> Flow {
+    Flow::new(FlowId::new("f").unwrap(), spec(tasks), 0).0
+}
+
+fn assign(flow: &mut Flow, t: &str, agent_name: &str, now: u64) -> u32 {
+    let agent = AgentId::new(agent_name).unwrap();
+    let alloc = AllocationId::new(format!("al-{t}-{now}")).unwrap();
+    flow.assign(&tid(t), &agent, &alloc, now).unwrap().0
+}
+
+fn retrying(id: &str, attempts: u32) -> TaskSpec {
+    let mut t = task(id, &[]);
+    t.retry = RetryPolicy {
+        max_attempts: attempts,
+        backoff_base_ms: 100,
+        backoff_factor: 2.0,
+        ..Default::default()
+    };
+    t
+}
+
+#[test]
+fn a_retryable_failure_backs_off_then_runs_again() {
+    let mut flow = flow_of(vec![retrying("a", 3)]);
+    let attempt = assign(&mut flow, "a", "w1", 10);
+    let e = flow
+        .report(
+            &report(
+                "a",
+                attempt,
+                ReportKind::Failed {
+                    error: "flaky".into(),
+                    retryable: true,
+                },
+            ),
+            20,
+        )
+        .unwrap();
+    let t = &flow.tasks[&tid("a")];
+    assert_eq!(
+        (t.state, t.not_before_ms, t.failures),
+        (TaskState::Ready, 120, 1)
+    );
+    assert!(e.iter().any(|e| matches!(e, Effect::Release { .. })));
+    assert!(flow.dispatchable(119).is_empty(), "still backing off");
+    assert_eq!(flow.dispatchable(120), [tid("a")]);
+    assert_eq!(
+        flow.assign(&tid("a"), &agent(), &AllocationId::new("x").unwrap(), 50),
+        Err(Rejection::NotDue(120))
+    );
+    let second = assign(&mut flow, "a", "w1", 130);
+    assert_eq!(second, 2);
+    // The first attempt's late report is fenced off.
+    assert_eq!(
+        flow.report(
+            &report("a", 1, ReportKind::Completed { output: json!(1) }),
+            140
+        ),
+        Err(Rejection::StaleAttempt { got: 1, current: 2 })
+    );
+    let e = flow
+        .report(
+            &report(
+                "a",
+                2,
+                ReportKind::Failed {
+                    error: "flaky".into(),
+                    retryable: true,
+                },
+            ),
+            150,
+        )
+        .unwrap();
+    assert_eq!(
+        flow.tasks[&tid("a")].not_before_ms,
+        350,
+        "second back-off doubles"
+    );
+    assert!(!e.is_empty());
+    let third = assign(&mut flow, "a", "w1", 400);
+    flow.report(
+        &report(
+            "a",
+            third,
+            ReportKind::Completed {
+                output: json!("ok"),
+            },
+        ),
+        410,
+    )
+    .unwrap();
+    assert_eq!(flow.state, FlowState::Succeeded);
+    assert_eq!(flow.tasks[&tid("a")].history.len(), 3);
+}
+
+#[test]
+fn non_retryable_errors_and_exhausted_attempts_fail_for_good() {
+    let mut flow = flow_of(vec![retrying("a", 3), retrying("b", 1)]);
+    let a = assign(&mut flow, "a", "w1", 0);
+    flow.report(
+        &report(
+            "a",
+            a,
+            ReportKind::Failed {
+                error: "bad input".into(),
+                retryable: false,
+            },
+        ),
+        1,
+    )
+    .unwrap();
+    assert_eq!(flow.tasks[&tid("a")].state, TaskState::Failed);
+    let b = assign(&mut flow, "b", "w1", 0);
+    flow.report(
+        &report(
+            "b",
+            b,
+            ReportKind::Failed {
+                error: "x".into(),
+                retryable: true,
+            },
+        ),
+        1,
+    )
+    .unwrap();
+    assert_eq!(flow.tasks[&tid("b")].state, TaskState::Failed);
+    assert_eq!(flow.state, FlowState::Failed);
+}
+
+#[test]
+fn retry_on_limits_which_failures_retry() {
+    let mut t = retrying("a", 3);
+    t.retry.retry_on = vec![FailureKind::Timeout];
+    let mut flow = flow_of(vec![t]);
+    let a = assign(&mut flow, "a", "w1", 0);
+    flow.report(
+        &report(
+            "a",
+            a,
+            ReportKind::Failed {
+                error: "e".into(),
+                retryable: true,
+            },
+        ),
+        1,
+    )
+    .unwrap();
+    assert_eq!(flow.tasks[&tid("a")].state, TaskState::Failed);
+}
+
+#[test]
+fn deadlines_expire_attempts_and_tell_the_agent() {
+    let mut t = retrying("a", 2);
+    t.timeouts.schedule_to_start_ms = Some(50);
+    t.timeouts.start_to_close_ms = Some(1_000);
+    t.timeouts.heartbeat_ms = Some(200);
+    let mut flow = flow_of(vec![t]);
+    let first = assign(&mut flow, "a", "w1", 0);
+    assert_eq!(flow.tasks[&tid("a")].deadline_ms, Some(50));
+    assert_eq!(flow.next_wakeup(), Some(50));
+    assert!(flow.tick(49).is_empty());
+    let e = flow.tick(50);
+    assert!(e
+        .iter()
+        .any(|e| matches!(e, Effect::Cancel { notice, .. } if notice.attempt == first)));
+    assert_eq!(flow.tasks[&tid("a")].state, TaskState::Ready);
+
+    let second = assign(&mut flow, "a", "w2", 200);
+    let w2 = |kind| AgentReport {
+        agent_id: AgentId::new("w2").unwrap(),
+        ..report("a", second, kind)
+    };
+    flow.report(&w2(ReportKind::Started), 210).unwrap();
+    assert_eq!(
+        flow.tasks[&tid("a")].deadline_ms,
+        Some(410),
+        "heartbeat comes first"
+    );
+    flow.report(
+        &w2(ReportKind::Progress {
+            progress: Some(0.5),
+        }),
+        400,
+    )
+    .unwrap();
+    assert_eq!(
+        flow.tasks[&tid("a")].deadline_ms,
+        Some(600),
+        "progress renews the lease"
+    );
+    assert!(flow.tick(599).is_empty());
+    flow.tick(600);
+    let t = &flow.tasks[&tid("a")];
+    assert_eq!(t.state, TaskState::TimedOut, "no attempts left");
+    assert_eq!(flow.state, FlowState::Failed);
+}
+
+#[test]
+fn a_lost_agent_fails_its_attempts() {
+    let mut flow = flow_of(vec![retrying("a", 2), retrying("b", 1)]);
+    assign(&mut flow, "a", "w1", 0);
+    assign(&mut flow, "b", "w2", 0);
+    let e = flow.agent_lost(&AgentId::new("w1").unwrap(), 10);
+    assert!(e.iter().any(|e| matches!(e, Effect::Release { .. })));
+    assert_eq!(flow.tasks[&tid("a")].state, TaskState::Ready);
+    assert_eq!(
+        flow.tasks[&tid("b")].state,
+        TaskState::Assigned,
+        "other agents are not touched"
+    );
+}
+
+#[test]
+fn pause_stops_dispatch_and_resume_continues() {
+    let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
+    run(&mut flow, "a");
+    flow.pause().unwrap();
+    assert_eq!(flow.state, FlowState::Paused);
+    assert!(flow.dispatchable(10).is_empty());
+    assert_eq!(
+        flow.assign(&tid("b"), &agent(), &AllocationId::new("x").unwrap(), 10),
+        Err(Rejection::FlowPaused)
+    );
+    assert!(
+        flow.pause().unwrap().is_empty(),
+        "pausing twice is harmless"
+    );
+    let e = flow.resume(20).unwrap();
+    let mut ready = dispatched(&e);
+    ready.sort();
+    assert_eq!(ready, ["b", "c"]);
+}
+
+#[test]
+fn work_finishing_while_paused_completes_the_flow_on_resume() {
+    let mut flow = flow_of(vec![task("a", &[])]);
+    let a = assign(&mut flow, "a", "w1", 0);
+    flow.pause().unwrap();
+    flow.report(
+        &report("a", a, ReportKind::Completed { output: json!(1) }),
+        5,
+    )
+    .unwrap();
+    assert_eq!(
+        flow.state,
+        FlowState::Paused,
+        "running tasks finish and are recorded"
+    );
+    flow.resume(6).unwrap();
+    assert_eq!(flow.state, FlowState::Succeeded);
+}
+
+#[test]
+fn cancel_stops_everything_and_releases() {
+    let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
+    let a = assign(&mut flow, "a", "w1", 0);
+    let e = flow.cancel(5).unwrap();
+    assert_eq!(flow.state, FlowState::Cancelled);
+    assert!(flow.tasks.values().all(|t| t.state == TaskState::Cancelled));
+    assert!(e.iter().any(|e| matches!(e, Effect::Release { .. })));
+    assert!(e
+        .iter()
+        .any(|e| matches!(e, Effect::Cancel { notice, .. } if notice.attempt == a)));
+    assert_eq!(
+        flow.report(&report("a", a, ReportKind::Started), 6),
+        Err(Rejection::FlowFinished)
+    );
+    assert!(flow.cancel(7).is_err());
+}
+
+#[test]
+fn fail_fast_cancels_running_and_skips_the_rest() {
+    let mut s = spec(vec![task("a", &[]), task("b", &[]), task("c", &["a"])]);
+    s.failure_mode = FailureMode::FailFast;
+    let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), s, 0);
+    let a = assign(&mut flow, "a", "w1", 0);
+    assign(&mut flow, "b", "w1", 0);
+    let e = flow
+        .report(
+            &report(
+                "a",
+                a,
+                ReportKind::Failed {
+                    error: "x".into(),
+                    retryable: false,
+                },
+            ),
+            1,
+        )
+        .unwrap();
+    assert_eq!(flow.tasks[&tid("b")].state, TaskState::Cancelled);
+    assert_eq!(flow.tasks[&tid("c")].state, TaskState::Skipped);
+    assert_eq!(flow.state, FlowState::Failed);
+    assert!(e.iter().any(|e| matches!(e, Effect::Cancel { .. })));
+}
+
+#[test]
+fn max_parallelism_caps_what_is_dispatched() {
+    let mut s = spec(vec![task("a", &[]), task("b", &[]), task("c", &[])]);
+    s.max_parallelism = Some(2);
+    let (mut flow, effects) = Flow::new(FlowId::new("f").unwrap(), s, 0);
+    assert_eq!(dispatched(&effects).len(), 2);
+    assign(&mut flow, "a", "w1", 0);
+    assign(&mut flow, "b", "w1", 0);
+    assert!(flow.dispatchable(1).is_empty());
+    assert_eq!(
+        flow.assign(&tid("c"), &agent(), &AllocationId::new("x").unwrap(), 1),
+        Err(Rejection::ParallelismLimit(2))
+    );
+}
+
+#[test]
+fn tick_repairs_a_blocked_task_whose_dependencies_succeeded() {
+    let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
+    run(&mut flow, "a");
+    // As if the step that readied b had been lost.
+    flow.tasks.get_mut(&tid("b")).unwrap().state = TaskState::Blocked;
+    flow.tick(10);
+    assert_eq!(flow.tasks[&tid("b")].state, TaskState::Ready);
+}
+
+#[test]
+fn status_reports_who_runs_what_and_the_critical_path() {
+    let mut long = task("long", &[]);
+    long.estimated_duration_ms = Some(5_000);
+    let mut after = task("after", &["long"]);
+    after.estimated_duration_ms = Some(2_000);
+    let mut flow = flow_of(vec![long, after, task("short", &[])]);
+    assign(&mut flow, "long", "w1", 0);
+    let s = flow.status(3, 0);
+    assert_eq!(
+        s.running_by_agent[&AgentId::new("w1").unwrap()],
+        [tid("long")]
+    );
+    assert_eq!(s.critical_path_remaining_ms, 7_000);
+    assert_eq!(s.eta_ms, Some(7_000));
+    assert_eq!(s.attempts, 1);
 }

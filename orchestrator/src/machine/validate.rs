@@ -1,0 +1,225 @@
+//! Flow validation: every problem at once, cycles with their path, and the
+//! upward ranks used to order ready tasks.
+
+use std::collections::{HashMap, HashSet};
+
+use common::msg::{FlowSpec, TaskSpec, ValidationProblem};
+use common::TaskId;
+use petgraph::graphmap::DiGraphMap;
+
+/// Most tasks one flow may hold (a flow is stored as one KV entry).
+pub const MAX_TASKS: usize = 10_000;
+
+/// Checks a spec and returns *every* problem, not just the first.
+pub fn validate(spec: &FlowSpec) -> Result<(), Vec<ValidationProblem>> {
+    let mut problems = Vec::new();
+    let problem = |code: &str, message: String, task_id: Option<&TaskId>| ValidationProblem {
+        code: code.to_owned(),
+        message,
+        task_id: task_id.cloned(),
+        path: Vec::new(),
+    };
+    if spec.tasks.is_empty() {
+        problems.push(problem(
+            "empty_flow",
+            "a flow needs at least one task".into(),
+            None,
+        ));
+    }
+    if spec.tasks.len() > MAX_TASKS {
+        problems.push(problem(
+            "too_many_tasks",
+            format!("{} tasks, at most {MAX_TASKS} per flow", spec.tasks.len()),
+            None,
+        ));
+    }
+    if spec.max_parallelism == Some(0) {
+        problems.push(problem(
+            "invalid_parallelism",
+            "max_parallelism must be at least 1".into(),
+            None,
+        ));
+    }
+    let mut ids = HashSet::new();
+    for t in &spec.tasks {
+        if !ids.insert(&t.id) {
+            problems.push(problem(
+                "duplicate_task",
+                format!("task id {} is used more than once", t.id),
+                Some(&t.id),
+            ));
+        }
+        let r = &t.retry;
+        if r.max_attempts == 0 || r.max_attempts > 100 {
+            problems.push(problem(
+                "invalid_retry",
+                format!(
+                    "task {}: max_attempts is {}, must be 1..=100",
+                    t.id, r.max_attempts
+                ),
+                Some(&t.id),
+            ));
+        }
+        if !r.backoff_factor.is_finite() || r.backoff_factor < 1.0 {
+            problems.push(problem(
+                "invalid_retry",
+                format!("task {}: backoff_factor must be a finite number >= 1", t.id),
+                Some(&t.id),
+            ));
+        }
+        let timeouts = [
+            t.timeouts.schedule_to_start_ms,
+            t.timeouts.start_to_close_ms,
+            t.timeouts.heartbeat_ms,
+        ];
+        if timeouts.iter().flatten().any(|ms| *ms == 0) {
+            problems.push(problem(
+                "invalid_timeout",
+                format!("task {}: timeouts must be > 0 ms", t.id),
+                Some(&t.id),
+            ));
+        }
+        for (resource, amount) in &t.requirements.resources {
+            if !amount.is_finite() || *amount < 0.0 {
+                problems.push(problem(
+                    "invalid_requirement",
+                    format!(
+                        "task {} asks for {amount} of {resource}; amounts must be finite and >= 0",
+                        t.id
+                    ),
+                    Some(&t.id),
+                ));
+            }
+        }
+    }
+    for t in &spec.tasks {
+        for d in &t.depends_on {
+            if d == &t.id {
+                problems.push(problem(
+                    "self_dependency",
+                    format!("task {} depends on itself", t.id),
+                    Some(&t.id),
+                ));
+            } else if !ids.contains(d) {
+                problems.push(problem(
+                    "unknown_dependency",
+                    format!("task {} depends on {d}, which is not in the flow", t.id),
+                    Some(&t.id),
+                ));
+            }
+        }
+    }
+    problems.extend(cycles(spec));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+/// One problem per cycle (strongly connected component), each with a path through it.
+fn cycles(spec: &FlowSpec) -> Vec<ValidationProblem> {
+    let graph = dependency_graph(spec);
+    let mut out = Vec::new();
+    for scc in petgraph::algo::tarjan_scc(&graph) {
+        if scc.len() < 2 {
+            continue; // self-dependencies are reported on their own
+        }
+        let members: HashSet<&str> = scc.iter().copied().collect();
+        let start = scc.iter().copied().min().unwrap_or_default();
+        let path = cycle_path(&graph, &members, start);
+        let shown: Vec<&str> = path.iter().map(TaskId::as_str).collect();
+        out.push(ValidationProblem {
+            code: "cycle".into(),
+            message: format!("dependency cycle: {}", shown.join(" -> ")),
+            task_id: path.first().cloned(),
+            path,
+        });
+    }
+    out
+}
+
+/// Edges run from a dependency to its dependant (the order tasks run in).
+pub(crate) fn dependency_graph(spec: &FlowSpec) -> DiGraphMap<&str, ()> {
+    let mut g = DiGraphMap::new();
+    for t in &spec.tasks {
+        g.add_node(t.id.as_str());
+        for d in &t.depends_on {
+            if d != &t.id {
+                g.add_edge(d.as_str(), t.id.as_str(), ());
+            }
+        }
+    }
+    g
+}
+
+/// Breadth-first search inside one strongly connected component from `start`
+/// back to itself; the shortest such path is the clearest to report.
+fn cycle_path(graph: &DiGraphMap<&str, ()>, members: &HashSet<&str>, start: &str) -> Vec<TaskId> {
+    let mut prev: HashMap<&str, &str> = HashMap::new();
+    let mut queue = std::collections::VecDeque::from([start]);
+    let mut end = None;
+    while let Some(n) = queue.pop_front() {
+        for next in graph.neighbors(n) {
+            if !members.contains(next) {
+                continue;
+            }
+            if next == start {
+                end = Some(n);
+                queue.clear();
+                break;
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = prev.entry(next) {
+                e.insert(n);
+                queue.push_back(next);
+            }
+        }
+    }
+    let mut path = vec![start];
+    let mut cur = end;
+    let mut back = Vec::new();
+    while let Some(n) = cur {
+        if n == start {
+            break;
+        }
+        back.push(n);
+        cur = prev.get(n).copied();
+    }
+    back.reverse();
+    path.extend(back);
+    path.push(start);
+    path.into_iter()
+        .filter_map(|s| TaskId::new(s).ok())
+        .collect()
+}
+
+/// Upward rank: the longest chain of estimated durations from each task to a
+/// sink, the task itself included. Ready tasks with a higher rank sit on the
+/// critical path and go first.
+pub(crate) fn upward_ranks(
+    spec: &FlowSpec,
+    duration: impl Fn(&TaskSpec) -> u64,
+) -> HashMap<TaskId, u64> {
+    let graph = dependency_graph(spec);
+    let own: HashMap<&str, u64> = spec
+        .tasks
+        .iter()
+        .map(|t| (t.id.as_str(), duration(t)))
+        .collect();
+    let mut ranks: HashMap<&str, u64> = HashMap::new();
+    if let Ok(order) = petgraph::algo::toposort(&graph, None) {
+        for n in order.into_iter().rev() {
+            let below = graph
+                .neighbors(n)
+                .filter_map(|m| ranks.get(m))
+                .max()
+                .copied()
+                .unwrap_or(0);
+            ranks.insert(n, below + own.get(n).copied().unwrap_or(0));
+        }
+    }
+    ranks
+        .into_iter()
+        .filter_map(|(k, v)| TaskId::new(k).ok().map(|id| (id, v)))
+        .collect()
+}
