@@ -5,18 +5,19 @@
 //! the handler with bounded concurrency, and reports `started` then `completed`
 //! or `failed` with the attempt number so the orchestrator can fence stale
 //! attempts. An assignment is acked only after its final report is stored, so a
-//! crash mid-task means redelivery rather than a lost task.
+//! crash mid-task means redelivery rather than a lost task. A cancel notice on
+//! `coord.agents.{id}.cancel` aborts the handler of that attempt.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
-use common::msg::{AgentReport, Assignment, Heartbeat, RegisterAgent, ReportKind};
+use common::msg::{AgentReport, Assignment, CancelNotice, Heartbeat, RegisterAgent, ReportKind};
 use common::nats::{self as bus, Stream};
-use common::{subject, telemetry, AgentId, Client, Error, ErrorCode};
+use common::{subject, telemetry, AgentId, Client, Error, ErrorCode, FlowId, TaskId};
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -118,6 +119,29 @@ where
     tracing::info!(agent = %opts.agent_id, "registered");
 
     let running = Arc::new(AtomicU32::new(0));
+    let in_flight: InFlight = Arc::default();
+    let mut cancels = nats
+        .subscribe(subject::cancel(&opts.agent_id))
+        .await
+        .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+    let cancel_map = in_flight.clone();
+    let canceller = tokio::spawn(async move {
+        while let Some(msg) = cancels.next().await {
+            let Ok(notice) = serde_json::from_slice::<CancelNotice>(&msg.payload) else {
+                continue;
+            };
+            let key = (
+                notice.flow_id.clone(),
+                notice.task_id.clone(),
+                notice.attempt,
+            );
+            let handle = cancel_map.lock().ok().and_then(|mut m| m.remove(&key));
+            if let Some(h) = handle {
+                tracing::info!(flow = %notice.flow_id, task = %notice.task_id, attempt = notice.attempt, reason = %notice.reason, "attempt cancelled");
+                h.abort();
+            }
+        }
+    });
     let heartbeat = tokio::spawn(heartbeats(
         nats.clone(),
         opts.agent_id.clone(),
@@ -168,10 +192,11 @@ where
             running.clone(),
             opts.agent_id.clone(),
         );
+        let in_flight = in_flight.clone();
         tokio::spawn(
             async move {
                 running.fetch_add(1, Ordering::Relaxed);
-                work(&js, &me, msg, handler).await;
+                work(&js, &me, msg, handler, &in_flight).await;
                 running.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             }
@@ -181,13 +206,22 @@ where
     // Let in-flight tasks finish and report before going away.
     let _ = limit.acquire_many(opts.concurrency.max(1) as u32).await;
     heartbeat.abort();
+    canceller.abort();
     Ok(())
 }
 
-async fn work<H, Fut>(js: &jetstream::Context, me: &AgentId, msg: jetstream::Message, handler: H)
-where
+/// Handler tasks by (flow, task, attempt), so a cancel notice can abort one.
+type InFlight = Arc<Mutex<HashMap<(FlowId, TaskId, u32), tokio::task::AbortHandle>>>;
+
+async fn work<H, Fut>(
+    js: &jetstream::Context,
+    me: &AgentId,
+    msg: jetstream::Message,
+    handler: H,
+    in_flight: &InFlight,
+) where
     H: Fn(Assignment) -> Fut,
-    Fut: Future<Output = Result<Value, TaskFailure>>,
+    Fut: Future<Output = Result<Value, TaskFailure>> + Send + 'static,
 {
     let assignment: Assignment = match serde_json::from_slice(&msg.payload) {
         Ok(a) => a,
@@ -208,11 +242,33 @@ where
             .await;
         return;
     }
-    let outcome = match handler(assignment.clone()).await {
-        Ok(output) => ReportKind::Completed { output },
-        Err(f) => ReportKind::Failed {
+    let key = (
+        assignment.flow_id.clone(),
+        assignment.task_id.clone(),
+        assignment.attempt,
+    );
+    let task = tokio::spawn(handler(assignment.clone()).in_current_span());
+    if let Ok(mut m) = in_flight.lock() {
+        m.insert(key.clone(), task.abort_handle());
+    }
+    let result = task.await;
+    if let Ok(mut m) = in_flight.lock() {
+        m.remove(&key);
+    }
+    let outcome = match result {
+        Ok(Ok(output)) => ReportKind::Completed { output },
+        Ok(Err(f)) => ReportKind::Failed {
             error: f.error,
             retryable: f.retryable,
+        },
+        Err(e) if e.is_cancelled() => {
+            // The orchestrator no longer wants this attempt; a report would be rejected.
+            let _ = msg.ack_with(jetstream::AckKind::Term).await;
+            return;
+        }
+        Err(e) => ReportKind::Failed {
+            error: format!("handler panicked: {e}"),
+            retryable: true,
         },
     };
     match report(js, &assignment, outcome).await {

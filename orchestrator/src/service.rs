@@ -43,6 +43,10 @@ pub struct Config {
     /// How often every unfinished flow is ticked (timeouts, back-offs, unplaced tasks), in ms.
     #[arg(long, env = "ORCHESTRATOR_SWEEP_MS", default_value_t = 1_000)]
     pub sweep_ms: u64,
+    /// How long a report taken by a replica may stay unacknowledged before it is
+    /// redelivered (to another replica if this one died), in ms.
+    #[arg(long, env = "ORCHESTRATOR_REPORT_ACK_WAIT_MS", default_value_t = 5_000)]
+    pub report_ack_wait_ms: u64,
 }
 
 impl Config {
@@ -50,6 +54,7 @@ impl Config {
         Config {
             nats,
             sweep_ms: 1_000,
+            report_ack_wait_ms: 5_000,
         }
     }
 }
@@ -70,9 +75,10 @@ enum Control {
 
 /// What a flow's actor is asked to do.
 enum Cmd {
+    // Boxed: reports are the most common command and the largest by far.
     Report {
-        report: AgentReport,
-        msg: jetstream::Message,
+        report: Box<AgentReport>,
+        msg: Box<jetstream::Message>,
     },
     /// Record a placement the allocator granted.
     Assign {
@@ -172,7 +178,10 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
             .await?;
     }
 
-    let reports = tokio::spawn(orch.clone().consume_reports());
+    let reports = tokio::spawn(
+        orch.clone()
+            .consume_reports(Duration::from_millis(cfg.report_ack_wait_ms.max(100))),
+    );
     let sweeper = tokio::spawn(
         orch.clone()
             .sweep(Duration::from_millis(cfg.sweep_ms.max(10))),
@@ -309,6 +318,8 @@ impl Orchestrator {
 
     async fn actor(self: Arc<Self>, flow: FlowId, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         let mut placing: HashSet<TaskId> = HashSet::new();
+        // The flow as this actor last wrote it, with its revision.
+        let mut cache: Option<(Flow, u64)> = None;
         loop {
             let first = match tokio::time::timeout(ACTOR_IDLE, rx.recv()).await {
                 Ok(Some(cmd)) => cmd,
@@ -334,7 +345,9 @@ impl Orchestrator {
                     Err(_) => break,
                 }
             }
-            let finished = self.apply_batch(&flow, batch, &mut placing).await;
+            let finished = self
+                .apply_batch(&flow, batch, &mut placing, &mut cache)
+                .await;
             if finished {
                 if let Ok(mut done) = self.finished.lock() {
                     done.insert(flow.clone());
@@ -344,16 +357,25 @@ impl Orchestrator {
     }
 
     /// Applies a batch of commands in one step. Returns whether the flow is finished.
+    ///
+    /// The step starts from the flow as this actor last wrote it, which saves a
+    /// read while one replica drives the flow: the compare-and-set proves the
+    /// copy was current. A step that writes nothing proves nothing, so it is
+    /// redone on a fresh read before anything (a rejection, say) is settled.
     async fn apply_batch(
         self: &Arc<Self>,
         flow_id: &FlowId,
         batch: Vec<Cmd>,
         placing: &mut HashSet<TaskId>,
+        cache: &mut Option<(Flow, u64)>,
     ) -> bool {
         let now = common::now_ms();
         for _ in 0..bus::CAS_ATTEMPTS {
-            let (mut flow, revision) =
-                match bus::get_json::<Flow>(&self.flows, flow_id.as_str()).await {
+            let cached = cache.take();
+            let from_cache = cached.is_some();
+            let (mut flow, revision) = match cached {
+                Some(c) => c,
+                None => match bus::get_json::<Flow>(&self.flows, flow_id.as_str()).await {
                     Ok(Some(found)) => found,
                     Ok(None) => {
                         self.settle_missing(flow_id, batch).await;
@@ -363,11 +385,15 @@ impl Orchestrator {
                         self.settle_failed(batch, &e).await;
                         return false;
                     }
-                };
+                },
+            };
             let before = flow.clone();
             let outcomes: Vec<Result<(u32, Vec<Effect>), Rejection>> =
                 batch.iter().map(|cmd| step(&mut flow, cmd, now)).collect();
             let revision = if flow == before {
+                if from_cache {
+                    continue;
+                }
                 revision
             } else {
                 let body = match serde_json::to_vec(&flow) {
@@ -395,7 +421,9 @@ impl Orchestrator {
             self.settle(&flow, revision, now, batch, outcomes, placing)
                 .await;
             self.dispatch(&flow, now, placing);
-            return flow.state.is_terminal();
+            let finished = flow.state.is_terminal();
+            *cache = Some((flow, revision));
+            return finished;
         }
         let err = Error::new(ErrorCode::Conflict, "too much contention on the flow");
         self.settle_failed(batch, &err).await;
@@ -637,16 +665,16 @@ impl Orchestrator {
     }
 
     /// Hands agents' reports from the shared durable consumer to the flows' actors.
-    async fn consume_reports(self: Arc<Self>) {
+    async fn consume_reports(self: Arc<Self>, ack_wait: Duration) {
         loop {
-            if let Err(e) = self.clone().consume_reports_once().await {
+            if let Err(e) = self.clone().consume_reports_once(ack_wait).await {
                 tracing::warn!(error = %e, "report consumer stopped, restarting");
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
-    async fn consume_reports_once(self: Arc<Self>) -> Result<(), Error> {
+    async fn consume_reports_once(self: Arc<Self>, ack_wait: Duration) -> Result<(), Error> {
         let unavailable =
             |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         let stream = self
@@ -660,7 +688,7 @@ impl Orchestrator {
                 consumer::pull::Config {
                     durable_name: Some(common::nats::CONSUMER_ORCHESTRATOR.to_owned()),
                     ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(30),
+                    ack_wait,
                     max_ack_pending: 20_000,
                     ..Default::default()
                 },
@@ -689,7 +717,13 @@ impl Orchestrator {
                 continue;
             }
             let flow = report.flow_id.clone();
-            self.send(&flow, Cmd::Report { report, msg });
+            self.send(
+                &flow,
+                Cmd::Report {
+                    report: Box::new(report),
+                    msg: Box::new(msg),
+                },
+            );
         }
         Ok(())
     }

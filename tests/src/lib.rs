@@ -196,6 +196,49 @@ impl Drop for ServiceHandle {
     }
 }
 
+/// A service replica on its own runtime and thread, so that [`Replica::kill`]
+/// ends it the way `kill -9` would: every task it spawned stops at once, its
+/// connection drops, nothing is acknowledged or cleaned up.
+pub struct Replica {
+    pub name: &'static str,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Replica {
+    pub fn start(name: &'static str, cfg: NatsConfig) -> Replica {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("replica runtime");
+        let handle = {
+            let _context = runtime.enter();
+            start_service(name, cfg)
+        };
+        // The handle must not stop the service when dropped here: the runtime owns it now.
+        std::mem::forget(handle);
+        Replica {
+            name,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Ends the replica abruptly.
+    pub fn kill(mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// The four services against one fresh server.
 pub struct System {
     pub server: NatsServer,

@@ -15,10 +15,10 @@ pub struct Requirements {
     #[serde(default)]
     pub resources: BTreeMap<String, f64>,
     /// Capabilities the agent must have, all of them.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
     /// Labels the agent must carry, with these exact values.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
 }
 

@@ -147,15 +147,15 @@ pub struct TaskSpec {
     #[serde(default)]
     pub kind: String,
     /// Passed to the agent as is.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Value::is_null")]
     pub input: Value,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub requirements: Requirements,
     /// Tasks that must succeed before this one is ready.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<TaskId>,
     /// Higher runs first among ready tasks. Default 0.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub priority: i32,
     #[serde(default, skip_serializing_if = "is_default")]
     pub timeouts: Timeouts,

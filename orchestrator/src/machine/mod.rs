@@ -67,12 +67,12 @@ pub struct Task {
     pub state: TaskState,
     /// Attempts made; the current attempt when assigned or running.
     pub attempt: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentId>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocation: Option<AllocationId>,
     /// Tasks that depend on this one (derived from the specs at creation).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dependents: Vec<TaskId>,
     /// Upward rank in estimated milliseconds (critical-path ordering).
     #[serde(default)]
@@ -81,25 +81,29 @@ pub struct Task {
     #[serde(default)]
     pub since_ms: u64,
     /// In back-off: not to be dispatched before this time.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub not_before_ms: u64,
     /// When the current attempt times out unless the agent reports.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assigned_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Value::is_null")]
     pub output: Value,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Failed or timed-out attempts, retried or not.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub failures: u32,
     /// The last attempts, oldest first (at most [`HISTORY_KEEP`]).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<AttemptRecord>,
+}
+
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// How one attempt ended.
@@ -378,9 +382,6 @@ impl Flow {
     /// Applies an agent's report. Fencing: only the current attempt, from the
     /// agent that holds it, while it is assigned or running, is accepted.
     pub fn report(&mut self, report: &AgentReport, now_ms: u64) -> Result<Vec<Effect>, Rejection> {
-        if self.state.is_terminal() {
-            return Err(Rejection::FlowFinished);
-        }
         let t = self
             .tasks
             .get(&report.task_id)
@@ -395,6 +396,9 @@ impl Flow {
             return Err(Rejection::WrongAgent {
                 got: report.agent_id.clone(),
             });
+        }
+        if self.state.is_terminal() {
+            return Err(Rejection::FlowFinished);
         }
         let state = t.state;
         if !state.is_active() {

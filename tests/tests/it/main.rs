@@ -6,5 +6,6 @@
 mod compose;
 mod errors;
 mod flow;
+mod orchestrator;
 mod services;
 mod state;

@@ -1,0 +1,547 @@
+//! Orchestrator behaviour against a real nats-server: retries with back-off,
+//! timed-out attempts moving to another agent with the late report fenced off,
+//! pause / resume, cancel releasing everything, a 1,000-task random DAG run
+//! exactly once, and two replicas with one killed mid-run.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use common::msg::{
+    Event, EventKind, FlowSpec, FlowState, FlowStatus, RegisterAgent, Requirements, RetryPolicy,
+    TaskSpec, TaskState,
+};
+use common::{subject, AgentId, Client, FlowId, TaskId};
+use coordkit::agent::{self, AgentOptions, TaskFailure};
+use futures::StreamExt;
+use serde_json::json;
+use testkit::{eventually, Replica, System};
+use tokio::sync::oneshot;
+
+fn tid(s: &str) -> TaskId {
+    TaskId::new(s).unwrap()
+}
+
+fn cpu_task(id: &str, deps: &[&str]) -> TaskSpec {
+    let mut t = TaskSpec::new(tid(id));
+    t.kind = "work".into();
+    t.requirements = Requirements {
+        resources: [("cpu".to_string(), 1.0)].into(),
+        ..Default::default()
+    };
+    t.depends_on = deps.iter().map(|d| tid(d)).collect();
+    t
+}
+
+/// Runs an agent with `cpu` capacity until the returned sender fires.
+fn spawn_agent<H, Fut>(
+    nats: &async_nats::Client,
+    id: &str,
+    cpu: f64,
+    handler: H,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), common::Error>>,
+)
+where
+    H: Fn(common::msg::Assignment) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<serde_json::Value, TaskFailure>> + Send + 'static,
+{
+    let mut opts = AgentOptions::new(AgentId::new(id).unwrap()).capacity("cpu", cpu);
+    opts.heartbeat_interval = Duration::from_millis(500);
+    opts.concurrency = cpu.max(1.0) as usize;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(agent::run(nats.clone(), opts, handler, async {
+        let _ = stopped.await;
+    }));
+    (stop, handle)
+}
+
+async fn wait_finished(client: &Client, flow: &FlowId, within: Duration) -> FlowStatus {
+    eventually(within, "flow to finish", || async {
+        let s = client.flow_status(flow).await.ok()?;
+        s.state.is_terminal().then_some(s)
+    })
+    .await
+}
+
+async fn wait_registered(client: &Client, agent: &str) {
+    let id = AgentId::new(agent).unwrap();
+    eventually(Duration::from_secs(10), "agent registered", || async {
+        client
+            .capacity(&Default::default())
+            .await
+            .ok()?
+            .agents
+            .contains_key(&id)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_flaky_task_is_retried_after_back_off_and_succeeds() {
+    let sys = System::start().await;
+    let mut events = sys
+        .nats
+        .subscribe(subject::event::TASK_READY)
+        .await
+        .unwrap();
+    let (stop, agent) = spawn_agent(&sys.nats, "flaky", 1.0, |a| async move {
+        if a.attempt == 1 {
+            Err(TaskFailure {
+                error: "flaky upstream".into(),
+                retryable: true,
+            })
+        } else {
+            Ok(json!({"attempt": a.attempt}))
+        }
+    });
+    wait_registered(&sys.client, "flaky").await;
+    let mut t = cpu_task("a", &[]);
+    t.retry = RetryPolicy {
+        max_attempts: 3,
+        backoff_base_ms: 300,
+        ..Default::default()
+    };
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new("retry", vec![t]))
+        .await
+        .unwrap();
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(20)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    let a = &done.tasks[0];
+    assert_eq!((a.attempt, a.output.clone()), (2, json!({"attempt": 2})));
+    assert_eq!(done.failures, 1);
+
+    // The retry went through ready again, with the reason and the back-off.
+    let mut retried = None;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
+        let e: Event = serde_json::from_slice(&msg.payload).unwrap();
+        if let EventKind::TaskTransition {
+            from: TaskState::Running,
+            reason,
+            ..
+        } = e.kind
+        {
+            retried = reason;
+            break;
+        }
+    }
+    let reason = retried.expect("a running -> ready transition");
+    assert!(
+        reason.contains("flaky upstream") && reason.contains("attempt 2 in 300 ms"),
+        "{reason}"
+    );
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_timed_out_attempt_moves_to_another_agent_and_the_late_report_is_rejected() {
+    let sys = System::start().await;
+    let js = jetstream::new(sys.nats.clone());
+    let slow = AgentId::new("slow").unwrap();
+    let mut rejected = sys
+        .nats
+        .subscribe(subject::event::REPORT_REJECTED)
+        .await
+        .unwrap();
+    let mut cancels = sys.nats.subscribe(subject::cancel(&slow)).await.unwrap();
+
+    // "slow" is a hand-written agent: it takes the task, says it started, and goes quiet.
+    let register = |cpu: f64| RegisterAgent {
+        agent_id: slow.clone(),
+        capabilities: vec![],
+        labels: Default::default(),
+        capacity: [("cpu".to_string(), cpu)].into(),
+        heartbeat_interval_ms: 60_000,
+    };
+    sys.client.register_agent(&register(1.0)).await.unwrap();
+    let stream = js.get_stream(common::nats::STREAM_ASSIGN).await.unwrap();
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("agent-slow".into()),
+            filter_subject: subject::assign(&slow),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut t = cpu_task("t", &[]);
+    t.timeouts.start_to_close_ms = Some(600);
+    t.retry = RetryPolicy {
+        max_attempts: 2,
+        backoff_base_ms: 10,
+        ..Default::default()
+    };
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new("timeout", vec![t]))
+        .await
+        .unwrap();
+
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(10))
+        .messages()
+        .await
+        .unwrap();
+    let msg = batch.next().await.expect("an assignment").unwrap();
+    let assignment: common::msg::Assignment = serde_json::from_slice(&msg.payload).unwrap();
+    msg.ack().await.unwrap();
+    assert_eq!((assignment.attempt, &assignment.agent_id), (1, &slow));
+    let report = |kind: serde_json::Value| {
+        let mut r =
+            json!({"flow_id": created.flow_id, "task_id": "t", "attempt": 1, "agent_id": slow});
+        r.as_object_mut()
+            .unwrap()
+            .extend(kind.as_object().unwrap().clone());
+        r.to_string()
+    };
+    js.publish(
+        subject::report(&slow),
+        report(json!({"type": "started"})).into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // The slow agent withdraws its capacity; a healthy one joins.
+    sys.client.register_agent(&register(0.0)).await.unwrap();
+    let (stop, agent) = spawn_agent(&sys.nats, "healthy", 1.0, |a| async move {
+        Ok(json!(a.attempt))
+    });
+
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(20)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    let task = &done.tasks[0];
+    assert_eq!(task.attempt, 2);
+    assert_eq!(task.agent_id.as_ref().map(AgentId::as_str), Some("healthy"));
+
+    // The slow agent was told to stop, and its late result is fenced off.
+    let notice = tokio::time::timeout(Duration::from_secs(5), cancels.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let notice: common::msg::CancelNotice = serde_json::from_slice(&notice.payload).unwrap();
+    assert_eq!(notice.attempt, 1);
+    js.publish(
+        subject::report(&slow),
+        report(json!({"type": "completed", "output": "late"})).into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(5), rejected.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let event: Event = serde_json::from_slice(&msg.payload).unwrap();
+    assert!(
+        matches!(&event.kind, EventKind::ReportRejected { attempt: 1, reason, .. } if reason.contains("stale")),
+        "{event:?}"
+    );
+    assert_eq!(
+        sys.client
+            .flow_status(&created.flow_id)
+            .await
+            .unwrap()
+            .tasks[0]
+            .output,
+        json!(2)
+    );
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_paused_flow_dispatches_nothing_until_resumed() {
+    let sys = System::start().await;
+    let (stop, agent) = spawn_agent(&sys.nats, "w", 2.0, |_| async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(json!("done"))
+    });
+    wait_registered(&sys.client, "w").await;
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new(
+            "pausable",
+            vec![cpu_task("a", &[]), cpu_task("b", &["a"])],
+        ))
+        .await
+        .unwrap();
+    let paused = sys
+        .client
+        .request::<_, FlowStatus>(subject::FLOW_PAUSE, &json!({"flow_id": created.flow_id}))
+        .await
+        .unwrap();
+    assert_eq!(paused.state, FlowState::Paused);
+
+    // Whatever was already running finishes; nothing new starts.
+    eventually(Duration::from_secs(10), "a to settle", || async {
+        let s = sys.client.flow_status(&created.flow_id).await.ok()?;
+        let a = s.tasks.iter().find(|t| t.task_id == tid("a"))?;
+        matches!(a.state, TaskState::Succeeded | TaskState::Ready).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let s = sys.client.flow_status(&created.flow_id).await.unwrap();
+    assert_eq!(s.state, FlowState::Paused);
+    assert!(
+        s.tasks.iter().all(|t| !t.state.is_active()),
+        "nothing runs while paused: {:?}",
+        s.tasks
+    );
+    let b = s.tasks.iter().find(|t| t.task_id == tid("b")).unwrap();
+    assert_eq!(b.attempt, 0, "b was never assigned");
+
+    let resumed = sys
+        .client
+        .request::<_, FlowStatus>(subject::FLOW_RESUME, &json!({"flow_id": created.flow_id}))
+        .await
+        .unwrap();
+    assert_eq!(resumed.state, FlowState::Running);
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(20)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+
+    // Pausing a finished flow is a typed error.
+    let err = sys
+        .client
+        .request::<_, FlowStatus>(subject::FLOW_PAUSE, &json!({"flow_id": created.flow_id}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, common::ErrorCode::Conflict);
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn cancel_stops_the_agents_and_releases_every_allocation() {
+    let sys = System::start().await;
+    let started = Arc::new(AtomicU32::new(0));
+    let s = started.clone();
+    let (stop, agent) = spawn_agent(&sys.nats, "busy", 2.0, move |_| {
+        let s = s.clone();
+        async move {
+            s.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            Ok(json!("never"))
+        }
+    });
+    wait_registered(&sys.client, "busy").await;
+    let spec = FlowSpec::new(
+        "doomed",
+        vec![
+            cpu_task("x", &[]),
+            cpu_task("y", &[]),
+            cpu_task("z", &["x"]),
+        ],
+    );
+    let created = sys.client.create_flow(&spec).await.unwrap();
+    eventually(Duration::from_secs(10), "both tasks running", || async {
+        let s = sys.client.flow_status(&created.flow_id).await.ok()?;
+        (s.counts.get(&TaskState::Running) == Some(&2)).then_some(())
+    })
+    .await;
+    let cap = sys.client.capacity(&Default::default()).await.unwrap();
+    assert_eq!(cap.pool["cpu"].allocated, 2.0);
+
+    let cancelled = sys
+        .client
+        .request::<_, FlowStatus>(subject::FLOW_CANCEL, &json!({"flow_id": created.flow_id}))
+        .await
+        .unwrap();
+    assert_eq!(cancelled.state, FlowState::Cancelled);
+    assert!(cancelled
+        .tasks
+        .iter()
+        .all(|t| t.state == TaskState::Cancelled));
+    eventually(Duration::from_secs(10), "allocations released", || async {
+        let c = sys.client.capacity(&Default::default()).await.ok()?;
+        (c.pool["cpu"].allocated == 0.0).then_some(())
+    })
+    .await;
+    // The agent's handlers were aborted: it stops at once instead of after two minutes.
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), agent)
+        .await
+        .expect("agent stops promptly")
+        .unwrap()
+        .unwrap();
+    assert_eq!(started.load(Ordering::SeqCst), 2);
+}
+
+/// A random DAG: task i depends on up to three earlier tasks (deterministic).
+fn random_dag(n: usize, seed: u64) -> FlowSpec {
+    let mut state = seed;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as usize
+    };
+    let tasks = (0..n)
+        .map(|i| {
+            let mut deps: Vec<String> = Vec::new();
+            if i > 0 {
+                for _ in 0..next() % 4 {
+                    let d = format!("t{}", next() % i);
+                    if !deps.contains(&d) {
+                        deps.push(d);
+                    }
+                }
+            }
+            let deps: Vec<&str> = deps.iter().map(String::as_str).collect();
+            cpu_task(&format!("t{i}"), &deps)
+        })
+        .collect();
+    FlowSpec::new("random", tasks)
+}
+
+/// Counts, from the events, how often each task reached `succeeded`.
+fn count_successes(events: &[Event], flow: &FlowId) -> BTreeMap<String, usize> {
+    let mut done = BTreeMap::new();
+    for e in events {
+        if let EventKind::TaskTransition {
+            flow_id,
+            task_id,
+            to: TaskState::Succeeded,
+            ..
+        } = &e.kind
+        {
+            if flow_id == flow {
+                *done.entry(task_id.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    done
+}
+
+async fn collect_events(nats: &async_nats::Client) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    let mut sub = nats.subscribe(subject::EVENTS_ALL).await.unwrap();
+    nats.flush().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if let Ok(e) = serde_json::from_slice::<Event>(&msg.payload) {
+                let _ = tx.send(e);
+            }
+        }
+    });
+    rx
+}
+
+fn drain(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        out.push(e);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_thousand_task_random_dag_runs_every_task_exactly_once() {
+    let sys = System::start().await;
+    let mut events = collect_events(&sys.nats).await;
+    let agents: Vec<_> = (0..4)
+        .map(|i| {
+            spawn_agent(&sys.nats, &format!("w{i}"), 16.0, |a| async move {
+                Ok(json!(a.task_id))
+            })
+        })
+        .collect();
+    for i in 0..4 {
+        wait_registered(&sys.client, &format!("w{i}")).await;
+    }
+    let spec = random_dag(1_000, 7);
+    let created = sys.client.create_flow(&spec).await.unwrap();
+    let (client, flow) = (sys.client.clone(), created.flow_id.clone());
+    let progress = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            if let Ok(s) = client.flow_status(&flow).await {
+                eprintln!("progress {:.0}% {:?}", s.progress * 100.0, s.counts);
+            }
+        }
+    });
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(120)).await;
+    progress.abort();
+    assert_eq!(done.state, FlowState::Succeeded);
+    assert!(
+        done.tasks.iter().all(|t| t.attempt == 1),
+        "no task needed a second attempt"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let successes = count_successes(&drain(&mut events), &created.flow_id);
+    assert_eq!(successes.len(), 1_000);
+    assert!(
+        successes.values().all(|n| *n == 1),
+        "a task succeeded twice"
+    );
+    for (stop, handle) in agents {
+        let _ = stop.send(());
+        handle.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn with_two_replicas_and_one_killed_every_task_completes_exactly_once() {
+    let sys = System::start().await;
+    let replica = Replica::start("orchestrator", sys.server.config());
+    let mut events = collect_events(&sys.nats).await;
+    let agents: Vec<_> = (0..2)
+        .map(|i| {
+            spawn_agent(&sys.nats, &format!("r{i}"), 8.0, |a| async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(json!(a.task_id))
+            })
+        })
+        .collect();
+    for i in 0..2 {
+        wait_registered(&sys.client, &format!("r{i}")).await;
+    }
+    let flows: Vec<FlowId> = {
+        let mut ids = Vec::new();
+        for seed in 0..3 {
+            ids.push(
+                sys.client
+                    .create_flow(&random_dag(100, seed))
+                    .await
+                    .unwrap()
+                    .flow_id,
+            );
+        }
+        ids
+    };
+    // Let both replicas get to work, then kill one mid-run.
+    eventually(Duration::from_secs(20), "work under way", || async {
+        let s = sys.client.flow_status(&flows[0]).await.ok()?;
+        (s.progress > 0.2).then_some(())
+    })
+    .await;
+    replica.kill();
+    let mut all = Vec::new();
+    for f in &flows {
+        let done = wait_finished(&sys.client, f, Duration::from_secs(90)).await;
+        assert_eq!(done.state, FlowState::Succeeded, "flow {f}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    all.extend(drain(&mut events));
+    for f in &flows {
+        let successes = count_successes(&all, f);
+        assert_eq!(successes.len(), 100, "flow {f}");
+        assert!(
+            successes.values().all(|n| *n == 1),
+            "flow {f}: a task succeeded twice: {successes:?}"
+        );
+    }
+    for (stop, handle) in agents {
+        let _ = stop.send(());
+        handle.await.unwrap().unwrap();
+    }
+}
