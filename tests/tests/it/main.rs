@@ -8,3 +8,4 @@ mod errors;
 mod flow;
 mod services;
 mod state;
+mod sync;
