@@ -185,3 +185,76 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// Small documents: objects over a few keys, nested twice, with scalar and array leaves.
+    fn doc() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            any::<i8>().prop_map(|n| json!(n)),
+            "[a-c]{0,2}".prop_map(Value::String),
+            Just(Value::Null),
+            prop::collection::vec(any::<i8>(), 0..3).prop_map(|v| json!(v)),
+        ];
+        leaf.prop_recursive(2, 24, 4, |inner| {
+            prop::collection::btree_map("[a-e]", inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect()))
+        })
+    }
+
+    fn object() -> impl Strategy<Value = Map<String, Value>> {
+        prop::collection::btree_map("[a-h]", doc(), 0..8).prop_map(|m| m.into_iter().collect())
+    }
+
+    proptest! {
+        #[test]
+        fn an_unchanged_side_yields_the_other(base in doc(), other in doc()) {
+            let m = merge3(Some(&base), &base, &other, Side::Theirs);
+            prop_assert_eq!(&m.value, &other);
+            prop_assert!(m.conflicts.is_empty());
+            let m = merge3(Some(&base), &other, &base, Side::Ours);
+            prop_assert_eq!(&m.value, &other);
+            prop_assert!(m.conflicts.is_empty());
+        }
+
+        #[test]
+        fn disjoint_edits_are_both_kept(
+            base in object(),
+            ours_edits in prop::collection::btree_map("[i-m]", doc(), 0..4),
+            theirs_edits in prop::collection::btree_map("[n-r]", doc(), 0..4),
+        ) {
+            let mut ours = base.clone();
+            ours.extend(ours_edits.clone());
+            let mut theirs = base.clone();
+            theirs.extend(theirs_edits.clone());
+            let m = merge3(
+                Some(&Value::Object(base)),
+                &Value::Object(theirs),
+                &Value::Object(ours),
+                Side::Ours,
+            );
+            prop_assert!(m.conflicts.is_empty());
+            for (k, v) in ours_edits.iter().chain(theirs_edits.iter()) {
+                prop_assert_eq!(m.value.get(k), Some(v));
+            }
+        }
+
+        #[test]
+        fn the_result_is_deterministic_and_symmetric(
+            base in doc(), theirs in doc(), ours in doc(), aged in any::<bool>()
+        ) {
+            let b = (!aged).then_some(&base);
+            let one = merge3(b, &theirs, &ours, Side::Ours);
+            let two = merge3(b, &theirs, &ours, Side::Ours);
+            prop_assert_eq!(&one, &two);
+            // Swapping the sides and the preference gives the same document.
+            let swapped = merge3(b, &ours, &theirs, Side::Theirs);
+            prop_assert_eq!(&one.value, &swapped.value);
+            prop_assert_eq!(&one.conflicts, &swapped.conflicts);
+        }
+    }
+}
