@@ -101,18 +101,89 @@ impl Client {
         self.request(subject::FLOW_LIST, req).await
     }
 
+    /// The latest document of `agent` in the default scope.
     pub async fn state_get(&self, agent: &crate::AgentId) -> Result<StateDoc, Error> {
+        self.state_get_at(&StateGet {
+            agent_id: agent.clone(),
+            scope: Default::default(),
+            revision: None,
+        })
+        .await
+    }
+
+    /// A document in any scope, latest or at a revision.
+    pub async fn state_get_at(&self, req: &StateGet) -> Result<StateDoc, Error> {
+        self.request(subject::STATE_GET, req).await
+    }
+
+    pub async fn state_put(&self, req: &StatePut) -> Result<StateDoc, Error> {
+        self.request(subject::STATE_PUT, req).await
+    }
+
+    pub async fn state_delete(&self, req: &StateDelete) -> Result<StateDeleted, Error> {
+        self.request(subject::STATE_DELETE, req).await
+    }
+
+    pub async fn state_history(&self, req: &StateHistoryRequest) -> Result<StateHistory, Error> {
+        self.request(subject::STATE_HISTORY, req).await
+    }
+
+    pub async fn scope_set(&self, cfg: &ScopeConfig) -> Result<ScopeConfig, Error> {
+        self.request(subject::SCOPE_SET, cfg).await
+    }
+
+    pub async fn scope_get(&self, scope: &crate::ScopeId) -> Result<ScopeConfig, Error> {
         self.request(
-            subject::STATE_GET,
-            &StateGet {
-                agent_id: agent.clone(),
+            subject::SCOPE_GET,
+            &ScopeGet {
+                scope: scope.clone(),
             },
         )
         .await
     }
 
-    pub async fn state_put(&self, req: &StatePut) -> Result<StateDoc, Error> {
-        self.request(subject::STATE_PUT, req).await
+    pub async fn validate_states(&self, req: &ValidateRequest) -> Result<ValidationReport, Error> {
+        self.request(subject::VALIDATE, req).await
+    }
+
+    pub async fn synchronize(&self, req: &SynchronizeRequest) -> Result<SyncReport, Error> {
+        self.request(subject::SYNCHRONIZE, req).await
+    }
+
+    pub async fn syncpoint_initiate(&self, req: &SyncPointInitiate) -> Result<SyncPoint, Error> {
+        self.request(subject::SYNCPOINT_INITIATE, req).await
+    }
+
+    pub async fn syncpoint_complete(&self, req: &SyncPointWait) -> Result<SyncPoint, Error> {
+        self.request(subject::SYNCPOINT_COMPLETE, req).await
+    }
+
+    pub async fn syncpoint_rollback(&self, req: &SyncPointWait) -> Result<RollbackReport, Error> {
+        self.request(subject::SYNCPOINT_ROLLBACK, req).await
+    }
+
+    pub async fn syncpoint_list(&self, req: &SyncPointListRequest) -> Result<SyncPointList, Error> {
+        self.request(subject::SYNCPOINT_LIST, req).await
+    }
+
+    pub async fn syncpoint_get(&self, id: &crate::SyncPointId) -> Result<SyncPoint, Error> {
+        self.request(
+            subject::SYNCPOINT_GET,
+            &SyncPointRef {
+                sync_point_id: id.clone(),
+            },
+        )
+        .await
+    }
+
+    pub async fn syncpoint_diff(&self, id: &crate::SyncPointId) -> Result<SyncPointDiff, Error> {
+        self.request(
+            subject::SYNCPOINT_DIFF,
+            &SyncPointRef {
+                sync_point_id: id.clone(),
+            },
+        )
+        .await
     }
 
     pub async fn metrics(&self) -> Result<SystemMetrics, Error> {

@@ -137,6 +137,23 @@ id_type!(
     /// One allocation of resources on one agent.
     AllocationId
 );
+id_type!(
+    /// A namespace of agent state documents with its own conflict policy, schema and invariants.
+    ScopeId
+);
+id_type!(
+    /// A sync point: a recorded consistent cut of a set of agents' states.
+    SyncPointId
+);
+
+/// The scope a state request uses when it names none.
+pub const DEFAULT_SCOPE: &str = "default";
+
+impl Default for ScopeId {
+    fn default() -> Self {
+        ScopeId(DEFAULT_SCOPE.to_owned())
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -31,6 +31,11 @@ pub const KV_AGENTS: &str = "coord_agents";
 pub const KV_HEARTBEATS: &str = "coord_heartbeats";
 /// Agent state documents, with history for three-way merges and reads at a revision.
 pub const KV_STATE: &str = "coord_state";
+/// Per-scope synchronizer configuration (policy, schema, invariants), one entry per scope.
+pub const KV_SYNC_SCOPES: &str = "coord_sync_scopes";
+/// Sync points (`sp.{id}`), their cut documents (`cut.{id}.{agent}`) and the
+/// agents' acknowledgements (`ack.{notice}.{agent}`, one key each so acks never contend).
+pub const KV_SYNC_POINTS: &str = "coord_sync_points";
 
 /// Connects with retry on the first attempt and unlimited reconnects afterwards,
 /// so a service may start before NATS does.
@@ -129,6 +134,8 @@ pub enum Bucket {
     Agents,
     Heartbeats,
     State,
+    SyncScopes,
+    SyncPoints,
 }
 
 impl Bucket {
@@ -138,12 +145,23 @@ impl Bucket {
             Bucket::Agents => (KV_AGENTS, 1),
             Bucket::Heartbeats => (KV_HEARTBEATS, 1),
             Bucket::State => (KV_STATE, 64),
+            Bucket::SyncScopes => (KV_SYNC_SCOPES, 1),
+            Bucket::SyncPoints => (KV_SYNC_POINTS, 1),
         };
+        // The server republishes every state write on the watch subjects, in
+        // the same step as the write: watchers see each change exactly once,
+        // whichever synchronizer replica made it.
+        let republish = (self == Bucket::State).then(|| stream::Republish {
+            source: format!("$KV.{KV_STATE}.>"),
+            destination: format!("{}.>", subject::STATE_WATCH_PREFIX),
+            headers_only: false,
+        });
         kv::Config {
             bucket: bucket.to_owned(),
             history,
             storage: stream::StorageType::File,
             num_replicas: replicas.max(1),
+            republish,
             ..Default::default()
         }
     }

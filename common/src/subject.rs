@@ -7,7 +7,7 @@
 //!
 //! Breaking changes to a message go to a new subject (e.g. `….v2`), never in place.
 
-use crate::id::AgentId;
+use crate::id::{AgentId, ScopeId};
 
 /// Root of every coordkit subject.
 pub const ROOT: &str = "coord";
@@ -29,9 +29,53 @@ pub const ALLOCATE: &str = "coord.allocator.allocate";
 pub const RELEASE: &str = "coord.allocator.release";
 pub const CAPACITY_CHECK: &str = "coord.allocator.capacity.check";
 
-// Synchronizer: request/reply.
+// ---------------------------------------------------------------------------
+// Synchronizer: request/reply under `coord.sync.…`; the watch subjects carry
+// every write to the state bucket (republished by the server itself, so no
+// write is ever missed or announced twice); notices to an agent and its
+// acknowledgements live under `coord.agents.{id}.sync…` (functions below).
 pub const STATE_GET: &str = "coord.sync.state.get";
 pub const STATE_PUT: &str = "coord.sync.state.put";
+pub const STATE_DELETE: &str = "coord.sync.state.delete";
+pub const STATE_HISTORY: &str = "coord.sync.state.history";
+pub const SCOPE_SET: &str = "coord.sync.scope.set";
+pub const SCOPE_GET: &str = "coord.sync.scope.get";
+pub const VALIDATE: &str = "coord.sync.validate";
+pub const SYNCHRONIZE: &str = "coord.sync.synchronize";
+pub const SYNCPOINT_INITIATE: &str = "coord.sync.syncpoint.initiate";
+pub const SYNCPOINT_COMPLETE: &str = "coord.sync.syncpoint.complete";
+pub const SYNCPOINT_ROLLBACK: &str = "coord.sync.syncpoint.rollback";
+pub const SYNCPOINT_LIST: &str = "coord.sync.syncpoint.list";
+pub const SYNCPOINT_GET: &str = "coord.sync.syncpoint.get";
+pub const SYNCPOINT_DIFF: &str = "coord.sync.syncpoint.diff";
+/// Prefix of the watch subjects; the state bucket republishes `{scope}.{agent}` under it.
+pub const STATE_WATCH_PREFIX: &str = "coord.sync.watch";
+/// Every state change of every scope.
+pub const STATE_WATCH_ALL: &str = "coord.sync.watch.>";
+/// Every agent's acknowledgements (the synchronizers' queue subscription).
+pub const SYNC_ACK_ALL: &str = "coord.agents.*.sync.ack";
+
+/// Changes of one agent's document in one scope.
+pub fn state_watch(scope: &ScopeId, agent: &AgentId) -> String {
+    format!("{STATE_WATCH_PREFIX}.{scope}.{agent}")
+}
+
+/// Changes of every document in a scope.
+pub fn state_watch_scope(scope: &ScopeId) -> String {
+    format!("{STATE_WATCH_PREFIX}.{scope}.*")
+}
+
+/// Notices pushed to an agent: sync points, rollbacks, agreed state (synchronizer → agent).
+pub fn sync_notice(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.sync")
+}
+
+/// An agent's acknowledgements of those notices (agent → synchronizer).
+pub fn sync_ack(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.sync.ack")
+}
+// End of the synchronizer block.
+// ---------------------------------------------------------------------------
 
 // Monitor: request/reply.
 pub const MONITOR_METRICS: &str = "coord.monitor.metrics";
@@ -104,6 +148,12 @@ pub mod event {
     pub const ALLOCATION_RELEASED: &str = "coord.events.allocation.released";
     pub const STATE_UPDATED: &str = "coord.events.state.updated";
     pub const STATE_CONFLICT: &str = "coord.events.state.conflict";
+    pub const STATE_DELETED: &str = "coord.events.state.deleted";
+    pub const SCOPE_CONFIGURED: &str = "coord.events.state.scope_configured";
+    pub const STATE_SYNCHRONIZED: &str = "coord.events.state.synchronized";
+    pub const SYNCPOINT_INITIATED: &str = "coord.events.syncpoint.initiated";
+    pub const SYNCPOINT_COMPLETED: &str = "coord.events.syncpoint.completed";
+    pub const SYNCPOINT_ROLLED_BACK: &str = "coord.events.syncpoint.rolled_back";
     /// Never published by this build; where an unknown event would go.
     pub const UNKNOWN: &str = "coord.events.unknown";
 }
@@ -131,8 +181,13 @@ mod tests {
         let a = AgentId::new("w-1").unwrap();
         assert_eq!(heartbeat(&a), "coord.agents.w-1.heartbeat");
         assert_eq!(agent_of(&report(&a)), Some(a.clone()));
-        assert_eq!(agent_of(&assign(&a)), Some(a));
+        assert_eq!(agent_of(&assign(&a)), Some(a.clone()));
         assert_eq!(agent_of("coord.sync.state.get"), None);
+        let scope = ScopeId::new("plans").unwrap();
+        assert_eq!(state_watch(&scope, &a), "coord.sync.watch.plans.w-1");
+        assert_eq!(agent_of(&sync_ack(&a)), Some(a.clone()));
+        assert_eq!(family(&sync_ack(&a)), "coord.agents.*.sync.ack");
+        assert_eq!(sync_notice(&a), "coord.agents.w-1.sync");
     }
 
     #[test]

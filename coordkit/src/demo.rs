@@ -144,6 +144,8 @@ pub async fn show_state(client: &Client) -> Result<(), Error> {
             agent_id: agent.clone(),
             expected_revision,
             doc: json!({ "last_demo_ms": common::now_ms() }),
+            scope: Default::default(),
+            clock: None,
         })
         .await?;
     let got = client.state_get(&agent).await?;

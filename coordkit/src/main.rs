@@ -198,6 +198,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 agent_id: AgentId::new(agent_id)?,
                 expected_revision: revision,
                 doc,
+                scope: Default::default(),
+                clock: None,
             };
             let stored = client.state_put(&put).await?;
             print(json, &stored, || {

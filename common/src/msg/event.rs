@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::id::{AgentId, AllocationId, FlowId, TaskId};
-use crate::msg::{FlowState, TaskState};
+use crate::id::{AgentId, AllocationId, FlowId, ScopeId, SyncPointId, TaskId};
+use crate::msg::{ConflictOutcome, ConflictPolicy, FlowState, SyncPointState, TaskState};
 use crate::subject::event as s;
 
 /// An event: who said what, when.
@@ -85,12 +85,65 @@ pub enum EventKind {
     StateUpdated {
         agent_id: AgentId,
         revision: u64,
+        #[serde(default)]
+        scope: ScopeId,
     },
-    /// A put was made from a stale revision and refused.
+    /// A put was made from a stale revision; `outcome` says how the scope's
+    /// policy resolved it.
     StateConflict {
         agent_id: AgentId,
         expected_revision: u64,
         current_revision: u64,
+        #[serde(default)]
+        scope: ScopeId,
+        #[serde(default)]
+        policy: ConflictPolicy,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outcome: Option<ConflictOutcome>,
+        /// The revision written by the resolution, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resolved_revision: Option<u64>,
+        /// Leaves both sides changed (merge).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        conflicts: Vec<String>,
+    },
+    StateDeleted {
+        agent_id: AgentId,
+        #[serde(default)]
+        scope: ScopeId,
+    },
+    ScopeConfigured {
+        scope: ScopeId,
+        policy: ConflictPolicy,
+    },
+    /// A synchronize round agreed the shared keys of a set of agents.
+    StateSynchronized {
+        round_id: SyncPointId,
+        scope: ScopeId,
+        agents: usize,
+        divergences: usize,
+        #[serde(default)]
+        unacked: Vec<AgentId>,
+    },
+    SyncPointInitiated {
+        sync_point_id: SyncPointId,
+        scope: ScopeId,
+        participants: usize,
+        sequence: u64,
+    },
+    /// Completion was attempted: `state` is `completed` or `incomplete`.
+    SyncPointCompleted {
+        sync_point_id: SyncPointId,
+        state: SyncPointState,
+        #[serde(default)]
+        missing: Vec<AgentId>,
+    },
+    SyncPointRolledBack {
+        sync_point_id: SyncPointId,
+        participants: usize,
+        verified: bool,
+        #[serde(default)]
+        unacked: Vec<AgentId>,
     },
     /// An event type this build does not know (published by a newer service).
     #[serde(other)]
@@ -121,6 +174,12 @@ impl EventKind {
             EventKind::AllocationReleased { .. } => s::ALLOCATION_RELEASED,
             EventKind::StateUpdated { .. } => s::STATE_UPDATED,
             EventKind::StateConflict { .. } => s::STATE_CONFLICT,
+            EventKind::StateDeleted { .. } => s::STATE_DELETED,
+            EventKind::ScopeConfigured { .. } => s::SCOPE_CONFIGURED,
+            EventKind::StateSynchronized { .. } => s::STATE_SYNCHRONIZED,
+            EventKind::SyncPointInitiated { .. } => s::SYNCPOINT_INITIATED,
+            EventKind::SyncPointCompleted { .. } => s::SYNCPOINT_COMPLETED,
+            EventKind::SyncPointRolledBack { .. } => s::SYNCPOINT_ROLLED_BACK,
             EventKind::Unknown => s::UNKNOWN,
         }
     }

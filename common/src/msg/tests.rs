@@ -101,6 +101,38 @@ fn every_message_round_trips() {
         agent_id: a("w1"),
         expected_revision: 0,
         doc: json!({"k": "v"}),
+        scope: ScopeId::default(),
+        clock: Some(Hlc {
+            physical_ms: 5,
+            logical: 1,
+            node: "w1".into(),
+        }),
+    });
+    round_trip(&ScopeConfig {
+        scope: ScopeId::new("plans").unwrap(),
+        policy: ConflictPolicy::Merge,
+        merge_fallback: MergeFallback::Theirs,
+        schema: Some(json!({"type": "object"})),
+        invariants: vec![
+            Invariant::Agree {
+                pointer: "/plan/id".into(),
+                agents: vec![a("w1")],
+            },
+            Invariant::SumAtMost {
+                pointer: "/budget".into(),
+                max: 10.0,
+            },
+        ],
+        shared: vec!["/plan".into()],
+    });
+    round_trip(&SyncNotice {
+        notice_id: SyncPointId::new("sp1").unwrap(),
+        kind: NoticeKind::Rollback,
+        scope: ScopeId::default(),
+        agent_id: a("w1"),
+        revision: 4,
+        doc: json!({"a": 1}),
+        at_ms: 3,
     });
     round_trip(&ReleaseRequest {
         allocation_id: alloc,
@@ -187,5 +219,29 @@ fn task_defaults_are_left_out_of_the_json() {
     assert!(
         json.get("retry").is_none() && json.get("timeouts").is_none(),
         "{json}"
+    );
+}
+
+#[test]
+fn state_requests_default_the_scope_and_reject_typos() {
+    let get: StateGet = serde_json::from_value(json!({"agent_id": "w1"})).unwrap();
+    assert_eq!(get.scope.as_str(), crate::id::DEFAULT_SCOPE);
+    assert_eq!(get.revision, None);
+    let err =
+        serde_json::from_value::<ScopeConfig>(json!({"scope": "s", "polcy": "merge"})).unwrap_err();
+    assert!(err.to_string().contains("polcy"), "{err}");
+    let err = serde_json::from_value::<ScopeConfig>(json!({
+        "invariants": [{"type": "agree", "pointer": "/a", "agent": ["x"]}]
+    }))
+    .unwrap_err();
+    assert!(err.to_string().contains("agent"), "{err}");
+    let inv: Invariant =
+        serde_json::from_value(json!({"type": "sum_at_most", "pointer": "/b", "max": 3})).unwrap();
+    assert_eq!(
+        inv,
+        Invariant::SumAtMost {
+            pointer: "/b".into(),
+            max: 3.0
+        }
     );
 }

@@ -9,3 +9,4 @@ mod flow;
 mod orchestrator;
 mod services;
 mod state;
+mod sync;

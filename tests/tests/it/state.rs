@@ -20,6 +20,8 @@ async fn put_with_expected_revision_and_get() {
             agent_id: agent.clone(),
             expected_revision: 0,
             doc: json!({"plan": 1}),
+            scope: Default::default(),
+            clock: None,
         })
         .await
         .unwrap();
@@ -36,6 +38,8 @@ async fn put_with_expected_revision_and_get() {
             agent_id: agent.clone(),
             expected_revision: first.revision,
             doc: json!({"plan": 2}),
+            scope: Default::default(),
+            clock: None,
         })
         .await
         .unwrap();
@@ -48,6 +52,8 @@ async fn put_with_expected_revision_and_get() {
             agent_id: agent.clone(),
             expected_revision: first.revision,
             doc: json!({"plan": 99}),
+            scope: Default::default(),
+            clock: None,
         })
         .await
         .unwrap_err();
@@ -61,6 +67,8 @@ async fn put_with_expected_revision_and_get() {
             agent_id: agent.clone(),
             expected_revision: 0,
             doc: json!({}),
+            scope: Default::default(),
+            clock: None,
         })
         .await
         .unwrap_err();

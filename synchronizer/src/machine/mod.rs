@@ -1,4 +1,19 @@
-//! Checks on state documents, independent of storage.
+//! The synchronizer's pure core: document checks, the hybrid logical clock,
+//! the three-way merge, conflict resolution, agreement on shared keys,
+//! consistency rules, diffs and sync point bookkeeping.
+//!
+//! Nothing here does IO, reads a clock or makes an id: the adapter in
+//! `service` passes time, ids and stored documents in, and stores what comes
+//! out. That keeps every decision unit- and property-testable.
+
+pub mod agree;
+pub mod diff;
+pub mod hlc;
+pub mod merge;
+pub mod pointer;
+pub mod resolve;
+pub mod rules;
+pub mod syncpoint;
 
 use common::{Error, ErrorCode};
 use serde_json::Value;

@@ -1,0 +1,390 @@
+//! The synchronizer's NATS adapter: moves requests, KV entries and notices in
+//! and out of the pure `machine`.
+//!
+//! - `state`: documents (get, put with conflict resolution, delete, history) and
+//!   scope configuration.
+//! - `consistency`: validation and synchronize rounds.
+//! - `points`: sync points, and the acknowledgements agents publish.
+//!
+//! Every write is a compare-and-set on a KV revision, and nothing is kept in
+//! memory between requests except the hybrid logical clock, so replicas run
+//! side by side and any of them may answer any request.
+
+mod consistency;
+mod points;
+mod state;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use common::msg::{Hlc, NoticeKind, StateDoc, SyncNotice};
+use common::nats::{self as bus, Bucket, EventPublisher, Stream};
+use common::service::Service;
+use common::{subject, AgentId, Error, ErrorCode, ScopeId, SyncPointId};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::machine::hlc::Clock;
+
+/// Synchronizer settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: common::config::NatsConfig,
+}
+
+impl Config {
+    pub fn new(nats: common::config::NatsConfig) -> Self {
+        Config { nats }
+    }
+}
+
+const NAME: &str = "synchronizer";
+/// Queue group of the acknowledgement listener: each ack is stored once.
+const ACK_GROUP: &str = "synchronizer-acks";
+/// KV reads and writes in flight at once for one request over many agents.
+const FAN_OUT: usize = 64;
+
+pub(crate) struct Synchronizer {
+    nats: async_nats::Client,
+    client: common::Client,
+    state: kv::Store,
+    scopes: kv::Store,
+    points: kv::Store,
+    events: EventPublisher,
+    clock: Mutex<Clock>,
+}
+
+/// An agent's acknowledgement as stored under `ack.{notice}.{agent}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AckRecord {
+    revision: u64,
+    at_ms: u64,
+}
+
+/// Runs the synchronizer until `shutdown` resolves, then drains the connection.
+pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
+    let nats = bus::connect(&cfg.nats, NAME).await?;
+    let js = jetstream::new(nats.clone());
+    let replicas = cfg.nats.js_replicas;
+    bus::ensure_stream(&js, Stream::Events, replicas).await?;
+    let state = bus::ensure_bucket(&js, Bucket::State, replicas).await?;
+    let scopes = bus::ensure_bucket(&js, Bucket::SyncScopes, replicas).await?;
+    let points = bus::ensure_bucket(&js, Bucket::SyncPoints, replicas).await?;
+    let node = format!("sync-{}", uuid::Uuid::now_v7().simple());
+    let sync = Arc::new(Synchronizer {
+        nats: nats.clone(),
+        client: common::Client::new(nats.clone()),
+        state,
+        scopes,
+        points,
+        events: EventPublisher::new(nats.clone(), NAME),
+        clock: Mutex::new(Clock::new(node)),
+    });
+
+    let acks = nats
+        .queue_subscribe(subject::SYNC_ACK_ALL, ACK_GROUP.to_owned())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot subscribe to acknowledgements: {e}"))?;
+    let ack_task = tokio::spawn(points::store_acks(sync.clone(), acks));
+
+    let mut service = Service::start(&nats, NAME, "Versioned agent state").await?;
+    macro_rules! serve {
+        ($subject:expr, $method:ident) => {{
+            let s = sync.clone();
+            service
+                .serve($subject, move |r| {
+                    let s = s.clone();
+                    async move { s.$method(r).await }
+                })
+                .await?;
+        }};
+    }
+    serve!(subject::STATE_GET, get);
+    serve!(subject::STATE_PUT, put);
+    serve!(subject::STATE_DELETE, delete);
+    serve!(subject::STATE_HISTORY, history);
+    serve!(subject::SCOPE_SET, scope_set);
+    serve!(subject::SCOPE_GET, scope_get);
+    serve!(subject::VALIDATE, validate);
+    serve!(subject::SYNCHRONIZE, synchronize);
+    serve!(subject::SYNCPOINT_INITIATE, initiate);
+    serve!(subject::SYNCPOINT_COMPLETE, complete);
+    serve!(subject::SYNCPOINT_ROLLBACK, rollback);
+    serve!(subject::SYNCPOINT_LIST, list);
+    serve!(subject::SYNCPOINT_GET, get_point);
+    serve!(subject::SYNCPOINT_DIFF, diff);
+    tracing::info!(url = %cfg.nats.nats_url, "synchronizer running");
+
+    shutdown.await;
+    tracing::info!("synchronizer shutting down");
+    service.stop().await;
+    ack_task.abort();
+    nats.drain().await.ok();
+    Ok(())
+}
+
+/// The KV key of a document.
+fn doc_key(scope: &ScopeId, agent: &AgentId) -> String {
+    format!("{scope}.{agent}")
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorCode::Unavailable, format!("{what}: {e}"))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<bytes::Bytes, Error> {
+    serde_json::to_vec(value)
+        .map(Into::into)
+        .map_err(|e| Error::internal(format!("encode: {e}")))
+}
+
+/// A KV entry's state document, with the revision filled in; `None` for a deletion.
+fn decode_doc(entry: &kv::Entry) -> Result<Option<StateDoc>, Error> {
+    if entry.operation != kv::Operation::Put {
+        return Ok(None);
+    }
+    let doc: StateDoc = serde_json::from_slice(&entry.value)
+        .map_err(|e| Error::internal(format!("stored state {} unreadable: {e}", entry.key)))?;
+    Ok(Some(StateDoc {
+        revision: entry.revision,
+        resolution: None,
+        ..doc
+    }))
+}
+
+impl Synchronizer {
+    fn now_hlc(&self) -> Hlc {
+        let now = common::now_ms();
+        match self.clock.lock() {
+            Ok(mut c) => c.tick(now),
+            Err(poisoned) => poisoned.into_inner().tick(now),
+        }
+    }
+
+    fn observe(&self, remote: &Hlc) {
+        let now = common::now_ms();
+        match self.clock.lock() {
+            Ok(mut c) => c.observe(remote, now),
+            Err(poisoned) => poisoned.into_inner().observe(remote, now),
+        };
+    }
+
+    /// The raw latest entry of a key (puts and deletions alike).
+    async fn entry(&self, key: &str) -> Result<Option<kv::Entry>, Error> {
+        self.state
+            .entry(key)
+            .await
+            .map_err(|e| unavailable(&format!("kv read {key}"), e))
+    }
+
+    /// The document of `key` at exactly `revision`: `Ok(None)` when that
+    /// revision is not in the history (aged out, or another key's), and
+    /// `Ok(Some(None))` when it was a deletion.
+    async fn doc_at(&self, key: &str, revision: u64) -> Result<Option<Option<StateDoc>>, Error> {
+        // The stream's message get, not `entry_for_revision`: it checks the
+        // subject quietly and works whether or not direct gets are enabled.
+        let msg = match self.state.stream.get_raw_message(revision).await {
+            Ok(m) => m,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::stream::RawMessageErrorKind::NoMessageFound
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(unavailable(&format!("kv read {key}@{revision}"), e)),
+        };
+        if msg.subject.as_str() != format!("$KV.{}.{key}", common::nats::KV_STATE) {
+            return Ok(None);
+        }
+        let deleted = msg
+            .headers
+            .get("KV-Operation")
+            .is_some_and(|v| v.as_str() == "DEL" || v.as_str() == "PURGE");
+        if deleted {
+            return Ok(Some(None));
+        }
+        let doc: StateDoc = serde_json::from_slice(&msg.payload)
+            .map_err(|e| Error::internal(format!("stored state {key} unreadable: {e}")))?;
+        Ok(Some(Some(StateDoc {
+            revision,
+            resolution: None,
+            ..doc
+        })))
+    }
+
+    /// Writes `doc` against `revision` (`None` = create). `Ok(None)` means the
+    /// compare-and-set lost and the caller must re-read.
+    async fn cas_write(
+        &self,
+        key: &str,
+        doc: &StateDoc,
+        revision: Option<u64>,
+    ) -> Result<Option<u64>, Error> {
+        let body = encode(&StateDoc {
+            revision: 0,
+            resolution: None,
+            ..doc.clone()
+        })?;
+        match revision {
+            Some(rev) => match self.state.update(key, body, rev).await {
+                Ok(r) => Ok(Some(r)),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+                Err(e) => Err(unavailable(&format!("kv write {key}"), e)),
+            },
+            None => match self.state.create(key, body).await {
+                Ok(r) => Ok(Some(r)),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(unavailable(&format!("kv create {key}"), e)),
+            },
+        }
+    }
+
+    /// Pushes a notice to each agent on its own subject.
+    async fn notify(&self, notices: Vec<SyncNotice>) {
+        for n in notices {
+            let subject = subject::sync_notice(&n.agent_id);
+            match serde_json::to_vec(&n) {
+                Ok(body) => {
+                    let headers = common::telemetry::headers();
+                    if let Err(e) = self
+                        .nats
+                        .publish_with_headers(subject, headers, body.into())
+                        .await
+                    {
+                        tracing::warn!(error = %e, agent = %n.agent_id, "notice not sent");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "notice encode failed"),
+            }
+        }
+        if let Err(e) = self.nats.flush().await {
+            tracing::warn!(error = %e, "flush after notices failed");
+        }
+    }
+
+    /// Waits until each agent in `expected` has acknowledged `notice` with the
+    /// expected revision, or `timeout` passes. Returns when each acknowledged (ms).
+    async fn wait_acks(
+        &self,
+        notice: &SyncPointId,
+        expected: &BTreeMap<AgentId, u64>,
+        timeout: Duration,
+    ) -> Result<BTreeMap<AgentId, u64>, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Watch first, so an acknowledgement stored while the existing ones
+        // are read is not missed; then take what is already there.
+        let mut watch = self
+            .points
+            .watch(format!("ack.{notice}.*"))
+            .await
+            .map_err(|e| unavailable("watch acknowledgements", e))?;
+        let mut got = BTreeMap::new();
+        let keys: Vec<(AgentId, String)> = expected
+            .keys()
+            .map(|a| (a.clone(), format!("ack.{notice}.{a}")))
+            .collect();
+        let found = futures::stream::iter(keys)
+            .map(|(agent, key)| async move {
+                let rec = bus::get_json::<AckRecord>(&self.points, &key).await;
+                (agent, rec)
+            })
+            .buffer_unordered(FAN_OUT)
+            .collect::<Vec<_>>()
+            .await;
+        for (agent, rec) in found {
+            if let Some((rec, _)) = rec? {
+                accept(&mut got, expected, agent, &rec);
+            }
+        }
+        while got.len() < expected.len() {
+            let next = tokio::time::timeout_at(deadline, watch.next()).await;
+            let entry = match next {
+                Ok(Some(Ok(e))) => e,
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "acknowledgement watch error");
+                    continue;
+                }
+                Ok(None) | Err(_) => break,
+            };
+            let Some(agent) = entry
+                .key
+                .rsplit('.')
+                .next()
+                .and_then(|a| AgentId::new(a).ok())
+            else {
+                continue;
+            };
+            if let Ok(rec) = serde_json::from_slice::<AckRecord>(&entry.value) {
+                accept(&mut got, expected, agent, &rec);
+            }
+        }
+        Ok(got)
+    }
+}
+
+/// Counts an acknowledgement when it is for the revision the agent was told
+/// about (0 = "whatever you sent me", for agents that do not track revisions).
+fn accept(
+    got: &mut BTreeMap<AgentId, u64>,
+    expected: &BTreeMap<AgentId, u64>,
+    agent: AgentId,
+    rec: &AckRecord,
+) {
+    if let Some(rev) = expected.get(&agent) {
+        if rec.revision == 0 || rec.revision == *rev {
+            got.insert(agent, rec.at_ms);
+        }
+    }
+}
+
+/// Notices of one kind for several agents.
+fn notices(
+    id: &SyncPointId,
+    kind: NoticeKind,
+    scope: &ScopeId,
+    docs: impl IntoIterator<Item = StateDoc>,
+) -> Vec<SyncNotice> {
+    let at_ms = common::now_ms();
+    docs.into_iter()
+        .map(|d| SyncNotice {
+            notice_id: id.clone(),
+            kind,
+            scope: scope.clone(),
+            agent_id: d.agent_id,
+            revision: d.revision,
+            doc: d.doc,
+            at_ms,
+        })
+        .collect()
+}
+
+/// Per-agent results of waiting for acknowledgements: a `timeout` for each missing one.
+fn ack_results(
+    expected: &BTreeMap<AgentId, u64>,
+    acked: &BTreeMap<AgentId, u64>,
+    timeout: Duration,
+) -> Vec<common::msg::AgentSyncResult> {
+    expected
+        .iter()
+        .map(|(agent, rev)| {
+            let ok = acked.contains_key(agent);
+            common::msg::AgentSyncResult {
+                agent_id: agent.clone(),
+                revision: *rev,
+                acked: ok,
+                error: (!ok).then(|| {
+                    Error::new(
+                        ErrorCode::Timeout,
+                        format!("{agent} did not acknowledge revision {rev} within {timeout:?}"),
+                    )
+                }),
+            }
+        })
+        .collect()
+}
