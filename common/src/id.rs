@@ -137,6 +137,10 @@ id_type!(
     /// One allocation of resources on one agent.
     AllocationId
 );
+id_type!(
+    /// Capacity held on one agent for one owner over a time window.
+    ReservationId
+);
 
 #[cfg(test)]
 mod tests {
