@@ -83,6 +83,36 @@ impl Client {
         self.request(subject::CAPACITY_CHECK, req).await
     }
 
+    pub async fn deregister_agent(&self, agent: &crate::AgentId) -> Result<AgentInfo, Error> {
+        self.request(
+            subject::AGENT_DEREGISTER,
+            &DeregisterAgent {
+                agent_id: agent.clone(),
+            },
+        )
+        .await
+    }
+
+    pub async fn allocate_gang(&self, req: &GangRequest) -> Result<GangReply, Error> {
+        self.request(subject::ALLOCATE_GANG, req).await
+    }
+
+    pub async fn reserve(&self, req: &ReserveRequest) -> Result<Reservation, Error> {
+        self.request(subject::CAPACITY_RESERVE, req).await
+    }
+
+    pub async fn cancel_reservation(&self, req: &CancelReservation) -> Result<CancelReply, Error> {
+        self.request(subject::RESERVATION_CANCEL, req).await
+    }
+
+    pub async fn adjust_capacity(&self, req: &AdjustRequest) -> Result<AdjustReply, Error> {
+        self.request(subject::CAPACITY_ADJUST, req).await
+    }
+
+    pub async fn optimize(&self, req: &OptimizeRequest) -> Result<OptimizePlan, Error> {
+        self.request(subject::OPTIMIZE, req).await
+    }
+
     pub async fn create_flow(&self, spec: &FlowSpec) -> Result<FlowStatus, Error> {
         self.request(subject::FLOW_CREATE, spec).await
     }

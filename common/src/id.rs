@@ -154,6 +154,10 @@ impl Default for ScopeId {
         ScopeId(DEFAULT_SCOPE.to_owned())
     }
 }
+id_type!(
+    /// Capacity held on one agent for one owner over a time window.
+    ReservationId
+);
 
 #[cfg(test)]
 mod tests {

@@ -20,7 +20,7 @@ pub mod telemetry;
 
 pub use client::Client;
 pub use error::{Error, ErrorCode};
-pub use id::{AgentId, AllocationId, FlowId, IdError, ScopeId, SyncPointId, TaskId};
+pub use id::{AgentId, AllocationId, FlowId, IdError, ReservationId, ScopeId, SyncPointId, TaskId};
 
 /// Wall-clock milliseconds since the Unix epoch: the one time unit on the wire.
 pub fn now_ms() -> u64 {

@@ -142,7 +142,8 @@ impl Bucket {
     pub fn config(self, replicas: usize) -> kv::Config {
         let (bucket, history) = match self {
             Bucket::Flows => (KV_FLOWS, 1),
-            Bucket::Agents => (KV_AGENTS, 1),
+            // History lets a checker replay every revision of an agent's ledger.
+            Bucket::Agents => (KV_AGENTS, 64),
             Bucket::Heartbeats => (KV_HEARTBEATS, 1),
             Bucket::State => (KV_STATE, 64),
             Bucket::SyncScopes => (KV_SYNC_SCOPES, 1),

@@ -23,11 +23,25 @@ pub const FLOW_PAUSE: &str = "coord.orchestrator.flow.pause";
 pub const FLOW_RESUME: &str = "coord.orchestrator.flow.resume";
 pub const FLOW_CANCEL: &str = "coord.orchestrator.flow.cancel";
 
-// Allocator: request/reply.
+// ---- Allocator: request/reply -------------------------------------------
+// Agents' life cycle and every capacity operation; served by the allocator.
 pub const AGENT_REGISTER: &str = "coord.agents.register";
+/// The agent leaves: it drains (keeps its allocations, takes no new ones).
+pub const AGENT_DEREGISTER: &str = "coord.agents.deregister";
 pub const ALLOCATE: &str = "coord.allocator.allocate";
+/// Several requirements placed all-or-nothing.
+pub const ALLOCATE_GANG: &str = "coord.allocator.allocate.gang";
 pub const RELEASE: &str = "coord.allocator.release";
 pub const CAPACITY_CHECK: &str = "coord.allocator.capacity.check";
+/// Hold capacity for an owner over a time window.
+pub const CAPACITY_RESERVE: &str = "coord.allocator.capacity.reserve";
+/// Cancel a reservation.
+pub const RESERVATION_CANCEL: &str = "coord.allocator.reservation.cancel";
+/// Change an agent's capacity at run time, optionally preempting.
+pub const CAPACITY_ADJUST: &str = "coord.allocator.capacity.adjust";
+/// A rebalancing plan, applied on request.
+pub const OPTIMIZE: &str = "coord.allocator.optimize";
+// ---- end of allocator ----------------------------------------------------
 
 // ---------------------------------------------------------------------------
 // Synchronizer: request/reply under `coord.sync.…`; the watch subjects carry
@@ -147,6 +161,14 @@ pub mod event {
     pub const ALLOCATION_MADE: &str = "coord.events.allocation.made";
     pub const ALLOCATION_RELEASED: &str = "coord.events.allocation.released";
     pub const STATE_UPDATED: &str = "coord.events.state.updated";
+    // Allocator events.
+    pub const AGENT_LOST: &str = "coord.events.agent.lost";
+    pub const AGENT_DEREGISTERED: &str = "coord.events.agent.deregistered";
+    pub const CAPACITY_ADJUSTED: &str = "coord.events.agent.capacity_adjusted";
+    pub const ALLOCATION_PREEMPTED: &str = "coord.events.allocation.preempted";
+    pub const ALLOCATION_MOVED: &str = "coord.events.allocation.moved";
+    pub const RESERVATION_MADE: &str = "coord.events.reservation.made";
+    pub const RESERVATION_ENDED: &str = "coord.events.reservation.ended";
     pub const STATE_CONFLICT: &str = "coord.events.state.conflict";
     pub const STATE_DELETED: &str = "coord.events.state.deleted";
     pub const SCOPE_CONFIGURED: &str = "coord.events.state.scope_configured";

@@ -1,24 +1,50 @@
 //! The capacity ledger and the placement policy.
 //!
-//! Pure and deterministic: the adapter hands in agent records (as read from KV)
-//! and gets back a decision; it then writes the chosen agent's record with a
-//! compare-and-set, so a decision made on stale data can never over-allocate —
-//! it just loses the race and is made again.
+//! Pure and deterministic: the adapter hands in agent records (as read from KV),
+//! the current time and fresh ids, and gets back a decision; it then writes the
+//! chosen agent's record with a compare-and-set, so a decision made on stale data
+//! can never over-allocate — it just loses the race and is made again.
+//!
+//! # The ledger invariant
+//!
+//! Allocations are open-ended (they last until released), reservations are
+//! bounded windows. For every resource of every agent, and every instant `t`
+//! from now on:
+//!
+//! ```text
+//! Σ allocations outside reservations + Σ reservations whose window holds t  <=  capacity
+//! ```
+//!
+//! and the allocations drawing from a reservation never exceed it. An open-ended
+//! allocation must therefore leave room for the *peak* of reservations still
+//! ahead (it may still be running then), while a reservation only needs room
+//! inside its own window. An allocation drawn from a reservation ends with it.
+
+mod adjust;
+mod optimize;
+mod place;
 
 use std::collections::BTreeMap;
 
+pub use adjust::{shrink_to_fit, Expired, Shrink};
 use common::msg::{
-    AgentInfo, Allocation, CapacityStatus, RegisterAgent, Requirements, ResourceCapacity,
+    AgentInfo, AgentStatus, Allocation, RegisterAgent, Requirements, Reservation, ResourceCapacity,
 };
-use common::{AgentId, AllocationId};
+pub use common::msg::{NoFit, Unfit};
+use common::{AgentId, AllocationId, ReservationId};
+pub use optimize::{plan, utilisation};
+pub use place::{candidates, capacity_status, place, place_gang, place_reservation, Candidate};
 use serde::{Deserialize, Serialize};
 
 /// Slack for floating-point sums of resource amounts.
-const EPS: f64 = 1e-9;
+pub const EPS: f64 = 1e-9;
 
-/// One agent as stored in KV: what it offers and what is allocated on it.
-/// Allocations live inside the agent's record so that one compare-and-set covers
-/// the check and the booking.
+/// An agent is lost after this many heartbeat intervals without one.
+pub const MISSED_HEARTBEATS: u64 = 3;
+
+/// One agent as stored in KV: what it offers, what is allocated and reserved on
+/// it. Allocations and reservations live inside the agent's record so that one
+/// compare-and-set covers the check and the booking.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentRecord {
     pub agent_id: AgentId,
@@ -34,38 +60,32 @@ pub struct AgentRecord {
     pub registered_at_ms: u64,
     #[serde(default)]
     pub heartbeat_interval_ms: u64,
+    #[serde(default)]
+    pub status: AgentStatus,
+    /// Last (re-)registration. It counts as a heartbeat, so an agent is not
+    /// declared lost before its first beat had a chance to arrive.
+    #[serde(default)]
+    pub seen_ms: u64,
+    #[serde(default)]
+    pub reservations: BTreeMap<ReservationId, Reservation>,
 }
 
-/// Why requirements do not fit on one agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "reason", rename_all = "snake_case")]
-pub enum Unfit {
-    MissingCapability {
-        capability: String,
-    },
-    LabelMismatch {
-        label: String,
-        want: String,
-        have: Option<String>,
-    },
-    /// `resource` is short by `needed - free`.
-    Short {
-        resource: String,
-        needed: f64,
-        free: f64,
-    },
+/// Where an allocation draws its resources from on the chosen agent.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Draw {
+    /// One of the owner's reservations, active now.
+    Reservation(ReservationId),
+    /// The agent's capacity outside reservations.
+    General,
 }
 
-/// No agent can take the requirements now.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NoFit {
-    pub message: String,
-    /// The agent closest to fitting (short on the least), if any agent has the
-    /// right capabilities and labels.
-    pub best_candidate: Option<AgentId>,
-    /// What that candidate lacks.
-    pub short: Option<Unfit>,
-    pub agents_considered: usize,
+/// Whether a reservation or quota held by `holder` serves `owner`: the same
+/// owner, or one below it (`flow-1` serves `flow-1/task-a`).
+pub fn owner_covers(holder: &str, owner: &str) -> bool {
+    owner == holder
+        || owner
+            .strip_prefix(holder)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Checks amounts a person or program sent: finite and not negative.
@@ -83,15 +103,22 @@ pub fn check_amounts(amounts: &BTreeMap<String, f64>) -> Result<(), String> {
     Ok(())
 }
 
+fn active(r: &Reservation, now_ms: u64) -> bool {
+    r.start_ms <= now_ms && now_ms < r.end_ms
+}
+
 impl AgentRecord {
+    /// The record after a (re-)registration. Registering again revives a lost or
+    /// draining agent and keeps its allocations and reservations; if the new
+    /// capacity no longer holds them, the caller preempts with [`shrink_to_fit`].
     pub fn register(
         req: &RegisterAgent,
         previous: Option<AgentRecord>,
         now_ms: u64,
     ) -> AgentRecord {
-        let (allocations, registered_at_ms) = match previous {
-            Some(p) => (p.allocations, p.registered_at_ms),
-            None => (BTreeMap::new(), now_ms),
+        let (allocations, reservations, registered_at_ms) = match previous {
+            Some(p) => (p.allocations, p.reservations, p.registered_at_ms),
+            None => (BTreeMap::new(), BTreeMap::new(), now_ms),
         };
         AgentRecord {
             agent_id: req.agent_id.clone(),
@@ -101,32 +128,97 @@ impl AgentRecord {
             allocations,
             registered_at_ms,
             heartbeat_interval_ms: req.heartbeat_interval_ms,
+            status: AgentStatus::Active,
+            seen_ms: now_ms,
+            reservations,
         }
     }
 
-    /// Sum of live allocations per resource.
+    pub fn accepts_placements(&self) -> bool {
+        self.status == AgentStatus::Active
+    }
+
+    /// Held per resource by allocations outside reservations.
     pub fn allocated(&self) -> BTreeMap<String, f64> {
         let mut sum = BTreeMap::new();
         for a in self.allocations.values() {
-            for (r, v) in &a.resources {
-                *sum.entry(r.clone()).or_insert(0.0) += v;
+            if a.reservation_id.is_none() {
+                for (r, v) in &a.resources {
+                    *sum.entry(r.clone()).or_insert(0.0) += v;
+                }
             }
         }
         sum
     }
 
-    pub fn free(&self, resource: &str) -> f64 {
-        let cap = self.capacity.get(resource).copied().unwrap_or(0.0);
-        let used: f64 = self
-            .allocations
+    /// Held by allocations outside reservations, for one resource.
+    pub fn general_used(&self, resource: &str) -> f64 {
+        self.allocations
             .values()
+            .filter(|a| a.reservation_id.is_none())
             .filter_map(|a| a.resources.get(resource))
-            .sum();
-        cap - used
+            .sum()
     }
 
-    /// Whether `req` fits now; the first reason it does not otherwise.
-    pub fn fits(&self, req: &Requirements) -> Result<(), Unfit> {
+    /// Sum of `resource` over reservations whose window holds `t`.
+    fn reserved_at(&self, resource: &str, t: u64) -> f64 {
+        self.reservations
+            .values()
+            .filter(|r| active(r, t))
+            .filter_map(|r| r.resources.get(resource))
+            .sum()
+    }
+
+    /// The instants in `[from, to)` where the reserved sum can peak: `from` and
+    /// every reservation start after it.
+    fn breakpoints(&self, from: u64, to: u64) -> Vec<u64> {
+        let mut ts: Vec<u64> = std::iter::once(from)
+            .chain(
+                self.reservations
+                    .values()
+                    .map(|r| r.start_ms)
+                    .filter(|s| *s > from && *s < to),
+            )
+            .collect();
+        ts.sort_unstable();
+        ts.dedup();
+        ts
+    }
+
+    /// The most of `resource` reserved at any instant of `[from, to)`.
+    pub fn reserved_peak_within(&self, resource: &str, from: u64, to: u64) -> f64 {
+        if self.reservations.is_empty() || from >= to {
+            return 0.0;
+        }
+        self.breakpoints(from, to)
+            .into_iter()
+            .map(|t| self.reserved_at(resource, t))
+            .fold(0.0, f64::max)
+    }
+
+    /// The most of `resource` reserved at any instant from `now_ms` on: what an
+    /// open-ended allocation has to leave room for.
+    pub fn reserved_peak(&self, resource: &str, now_ms: u64) -> f64 {
+        self.reserved_peak_within(resource, now_ms, u64::MAX)
+    }
+
+    /// What an owner without a reservation here can take of `resource`.
+    pub fn free(&self, resource: &str, now_ms: u64) -> f64 {
+        let cap = self.capacity.get(resource).copied().unwrap_or(0.0);
+        cap - self.general_used(resource) - self.reserved_peak(resource, now_ms)
+    }
+
+    /// Allocations drawing from reservation `id`, summed for `resource`.
+    pub fn drawn(&self, id: &ReservationId, resource: &str) -> f64 {
+        self.allocations
+            .values()
+            .filter(|a| a.reservation_id.as_ref() == Some(id))
+            .filter_map(|a| a.resources.get(resource))
+            .sum()
+    }
+
+    /// Capabilities, labels and anti-affinity: the checks that do not depend on amounts.
+    fn qualifies(&self, req: &Requirements) -> Result<(), Unfit> {
         if let Some(c) = req
             .capabilities
             .iter()
@@ -145,10 +237,71 @@ impl AgentRecord {
                 });
             }
         }
+        if let Some(group) = &req.anti_affinity {
+            if self
+                .allocations
+                .values()
+                .any(|a| a.anti_affinity.as_ref() == Some(group))
+            {
+                return Err(Unfit::AntiAffinity {
+                    group: group.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The owner's reservation active now that has room for `req`, if any
+    /// (the one with the least room left, so big ones stay whole).
+    fn reservation_for(
+        &self,
+        req: &Requirements,
+        owner: &str,
+        now_ms: u64,
+    ) -> Option<ReservationId> {
+        self.reservations
+            .values()
+            .filter(|r| active(r, now_ms) && owner_covers(&r.owner, owner))
+            .filter_map(|r| {
+                let mut slack = f64::INFINITY;
+                for (res, need) in &req.resources {
+                    if *need <= EPS {
+                        continue;
+                    }
+                    let room = r.resources.get(res).copied().unwrap_or(0.0)
+                        - self.drawn(&r.reservation_id, res);
+                    if need - room > EPS {
+                        return None;
+                    }
+                    slack = slack.min(room - need);
+                }
+                Some((slack, r.reservation_id.clone()))
+            })
+            .min_by(|(a, x), (b, y)| a.total_cmp(b).then_with(|| x.cmp(y)))
+            .map(|(_, id)| id)
+    }
+
+    /// Whether `req` fits now for `owner` (who may draw from its reservations),
+    /// and from where; the first reason it does not otherwise.
+    pub fn fit(&self, req: &Requirements, owner: Option<&str>, now_ms: u64) -> Result<Draw, Unfit> {
+        if !self.accepts_placements() {
+            return Err(Unfit::NotAccepting {
+                status: self.status,
+            });
+        }
+        self.qualifies(req)?;
+        if let Some(owner) = owner {
+            if let Some(id) = self.reservation_for(req, owner, now_ms) {
+                return Ok(Draw::Reservation(id));
+            }
+        }
         let mut worst: Option<Unfit> = None;
         let mut worst_gap = 0.0;
         for (r, needed) in &req.resources {
-            let free = self.free(r);
+            if *needed <= EPS {
+                continue;
+            }
+            let free = self.free(r, now_ms);
             let gap = needed - free;
             if gap > EPS && gap > worst_gap {
                 worst_gap = gap;
@@ -159,13 +312,49 @@ impl AgentRecord {
                 });
             }
         }
-        worst.map_or(Ok(()), Err)
+        worst.map_or(Ok(Draw::General), Err)
+    }
+
+    /// Whether a reservation of `req` over `[start_ms, end_ms)` fits beside
+    /// everything already here.
+    pub fn fit_reservation(
+        &self,
+        req: &Requirements,
+        start_ms: u64,
+        end_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), Unfit> {
+        if !self.accepts_placements() {
+            return Err(Unfit::NotAccepting {
+                status: self.status,
+            });
+        }
+        self.qualifies(&Requirements {
+            anti_affinity: None,
+            ..req.clone()
+        })?;
+        let from = start_ms.max(now_ms);
+        for (r, needed) in &req.resources {
+            if *needed <= EPS {
+                continue;
+            }
+            let cap = self.capacity.get(r).copied().unwrap_or(0.0);
+            let free = cap - self.general_used(r) - self.reserved_peak_within(r, from, end_ms);
+            if needed - free > EPS {
+                return Err(Unfit::Short {
+                    resource: r.clone(),
+                    needed: *needed,
+                    free,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Best-fit score: the smallest share of capacity left on any requested
     /// resource after placing. Lower is a tighter fit, which keeps big holes
     /// free for big requests.
-    fn leftover(&self, req: &Requirements) -> f64 {
+    fn leftover(&self, req: &Requirements, now_ms: u64) -> f64 {
         req.resources
             .iter()
             .map(|(r, needed)| {
@@ -173,10 +362,61 @@ impl AgentRecord {
                 if cap <= EPS {
                     0.0
                 } else {
-                    (self.free(r) - needed) / cap
+                    (self.free(r, now_ms) - needed) / cap
                 }
             })
             .fold(f64::INFINITY, f64::min)
+    }
+
+    /// The first way this record breaks the ledger invariant, if any: what a
+    /// checker over stored history asserts at every revision.
+    pub fn overcommitted(&self, now_ms: u64) -> Option<String> {
+        let mut resources: Vec<&String> = self.capacity.keys().collect();
+        for a in self.allocations.values() {
+            resources.extend(a.resources.keys());
+        }
+        for r in self.reservations.values() {
+            resources.extend(r.resources.keys());
+        }
+        resources.sort();
+        resources.dedup();
+        for r in resources {
+            let free = self.free(r, now_ms);
+            if free < -EPS * 1e3 {
+                return Some(format!("{}: {r} over capacity by {}", self.agent_id, -free));
+            }
+            for res in self.reservations.values() {
+                let over = self.drawn(&res.reservation_id, r)
+                    - res.resources.get(r).copied().unwrap_or(0.0);
+                if over > EPS * 1e3 {
+                    return Some(format!(
+                        "{}: reservation {} overdrawn on {r} by {over}",
+                        self.agent_id, res.reservation_id
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether the agent has missed its heartbeats at `now_ms`, given the last
+    /// beat recorded (0 if none): returns when it was last seen.
+    pub fn lost_at(&self, last_beat_ms: u64, now_ms: u64) -> Option<u64> {
+        if self.status == AgentStatus::Lost {
+            return None;
+        }
+        let seen = self.seen_ms.max(last_beat_ms);
+        let interval = self.heartbeat_interval_ms.max(1);
+        (now_ms > seen.saturating_add(MISSED_HEARTBEATS.saturating_mul(interval))).then_some(seen)
+    }
+
+    /// Marks the agent lost and releases everything it held. Its reservations
+    /// stay (they are promises about this agent, kept for when it comes back).
+    pub fn mark_lost(&mut self) -> Vec<Allocation> {
+        self.status = AgentStatus::Lost;
+        std::mem::take(&mut self.allocations)
+            .into_values()
+            .collect()
     }
 
     pub fn info(&self, last_heartbeat_ms: u64) -> AgentInfo {
@@ -190,130 +430,85 @@ impl AgentRecord {
             registered_at_ms: self.registered_at_ms,
             last_heartbeat_ms,
             assign_subject: common::subject::assign(&self.agent_id),
+            status: self.status,
         }
     }
 
-    fn usage(&self) -> BTreeMap<String, ResourceCapacity> {
-        let allocated = self.allocated();
-        let mut out = BTreeMap::new();
-        for (r, cap) in &self.capacity {
-            let used = allocated.get(r).copied().unwrap_or(0.0);
-            out.insert(
-                r.clone(),
-                ResourceCapacity {
-                    capacity: *cap,
-                    allocated: used,
-                    free: cap - used,
-                },
-            );
+    /// Capacity, allocated, reserved and free per resource.
+    pub fn usage(&self, now_ms: u64) -> BTreeMap<String, ResourceCapacity> {
+        let mut names: Vec<String> = self.capacity.keys().cloned().collect();
+        names.extend(self.allocated().into_keys());
+        for r in self.reservations.values() {
+            names.extend(r.resources.keys().cloned());
         }
-        for (r, used) in allocated {
-            out.entry(r).or_insert(ResourceCapacity {
-                capacity: 0.0,
-                allocated: used,
-                free: -used,
-            });
-        }
-        out
-    }
-}
-
-/// Agents `req` fits on now, tightest fit first (ties by id, so the choice is
-/// deterministic).
-pub fn candidates<'a>(
-    agents: impl IntoIterator<Item = &'a AgentRecord>,
-    req: &Requirements,
-) -> Vec<&'a AgentRecord> {
-    let mut fit: Vec<(&AgentRecord, f64)> = agents
-        .into_iter()
-        .filter(|a| a.fits(req).is_ok())
-        .map(|a| (a, a.leftover(req)))
-        .collect();
-    fit.sort_by(|(a, x), (b, y)| x.total_cmp(y).then_with(|| a.agent_id.cmp(&b.agent_id)));
-    fit.into_iter().map(|(a, _)| a).collect()
-}
-
-/// Chooses where `req` goes (best fit), or says why it cannot go anywhere.
-pub fn place<'a>(
-    agents: impl IntoIterator<Item = &'a AgentRecord> + Clone,
-    req: &Requirements,
-) -> Result<&'a AgentRecord, Box<NoFit>> {
-    if let Some(best) = candidates(agents.clone(), req).into_iter().next() {
-        return Ok(best);
-    }
-    let all: Vec<&AgentRecord> = agents.into_iter().collect();
-    // Among agents that qualify by capabilities and labels, the one short by the least.
-    let closest = all
-        .iter()
-        .filter_map(|a| match a.fits(req) {
-            Err(u @ Unfit::Short { .. }) => Some((*a, u)),
-            _ => None,
-        })
-        .min_by(|(a, x), (b, y)| {
-            let gap = |u: &Unfit| match u {
-                Unfit::Short { needed, free, .. } => needed - free,
-                _ => f64::INFINITY,
-            };
-            gap(x)
-                .total_cmp(&gap(y))
-                .then_with(|| a.agent_id.cmp(&b.agent_id))
-        });
-    let message = match (&closest, all.is_empty()) {
-        (_, true) => "no agent is registered".to_owned(),
-        (
-            Some((
-                a,
-                Unfit::Short {
-                    resource,
-                    needed,
-                    free,
-                },
-            )),
-            _,
-        ) => {
-            format!(
-                "{resource} is short: needs {needed}, best candidate {} has {free} free",
-                a.agent_id
-            )
-        }
-        _ => {
-            let why = all.first().and_then(|a| a.fits(req).err());
-            format!("no agent has the required capabilities and labels ({why:?})")
-        }
-    };
-    Err(Box::new(NoFit {
-        message,
-        best_candidate: closest.as_ref().map(|(a, _)| a.agent_id.clone()),
-        short: closest.map(|(_, u)| u),
-        agents_considered: all.len(),
-    }))
-}
-
-/// The capacity report over a set of agents, with where `req` would fit.
-pub fn capacity_status<'a>(
-    agents: impl IntoIterator<Item = &'a AgentRecord> + Clone,
-    req: Option<&Requirements>,
-) -> CapacityStatus {
-    let mut status = CapacityStatus::default();
-    for a in agents.clone() {
-        let usage = a.usage();
-        for (r, u) in &usage {
-            let p = status.pool.entry(r.clone()).or_default();
-            p.capacity += u.capacity;
-            p.allocated += u.allocated;
-            p.free += u.free;
-        }
-        status.agents.insert(a.agent_id.clone(), usage);
-    }
-    if let Some(req) = req {
-        status.candidates = candidates(agents, req)
+        names.sort();
+        names.dedup();
+        names
             .into_iter()
-            .map(|a| a.agent_id.clone())
-            .collect();
-        status.fits = Some(!status.candidates.is_empty());
+            .map(|r| {
+                let capacity = self.capacity.get(&r).copied().unwrap_or(0.0);
+                let allocated = self.general_used(&r);
+                let reserved = self.reserved_peak(&r, now_ms);
+                let free = capacity - allocated - reserved;
+                (
+                    r,
+                    ResourceCapacity {
+                        capacity,
+                        allocated,
+                        reserved,
+                        free,
+                    },
+                )
+            })
+            .collect()
     }
-    status
 }
 
+/// A new allocation of `req` for `owner`, drawing as `draw` says.
+#[allow(clippy::too_many_arguments)]
+pub fn new_allocation(
+    id: AllocationId,
+    agent: &AgentId,
+    owner: &str,
+    req: &Requirements,
+    priority: i32,
+    draw: Draw,
+    now_ms: u64,
+    gang_id: Option<&str>,
+) -> Allocation {
+    Allocation {
+        allocation_id: id,
+        agent_id: agent.clone(),
+        owner: owner.to_owned(),
+        resources: req.resources.clone(),
+        priority,
+        created_at_ms: now_ms,
+        reservation_id: match draw {
+            Draw::Reservation(id) => Some(id),
+            Draw::General => None,
+        },
+        anti_affinity: req.anti_affinity.clone(),
+        movable: req.movable,
+        capabilities: req.capabilities.clone(),
+        labels: req.labels.clone(),
+        gang_id: gang_id.map(str::to_owned),
+        pending: gang_id.is_some(),
+    }
+}
+
+/// The requirements an allocation was made for (for moving it elsewhere).
+pub fn requirements_of(a: &Allocation) -> Requirements {
+    Requirements {
+        resources: a.resources.clone(),
+        capabilities: a.capabilities.clone(),
+        labels: a.labels.clone(),
+        policy: Default::default(),
+        anti_affinity: a.anti_affinity.clone(),
+        movable: a.movable,
+    }
+}
+
+#[cfg(test)]
+mod props;
 #[cfg(test)]
 mod tests;

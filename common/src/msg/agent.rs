@@ -33,6 +33,29 @@ fn default_heartbeat_ms() -> u64 {
     5_000
 }
 
+/// Where an agent is in its life cycle, as the allocator sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    /// Takes new placements.
+    #[default]
+    Active,
+    /// Deregistered: keeps its allocations until they are released, takes no new ones.
+    Draining,
+    /// Missed its heartbeats: its allocations were released. Registering again revives it.
+    Lost,
+    /// A status this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// `coord.agents.deregister`: the agent is leaving; it drains (no new placements).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeregisterAgent {
+    pub agent_id: AgentId,
+}
+
 /// Reply to a registration, and the allocator's view of one agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AgentInfo {
@@ -57,6 +80,8 @@ pub struct AgentInfo {
     /// Subject the agent receives its assignments on (a durable JetStream subject).
     #[serde(default)]
     pub assign_subject: String,
+    #[serde(default)]
+    pub status: AgentStatus,
 }
 
 /// `coord.agents.{id}.heartbeat`: published by an agent every `heartbeat_interval_ms`.

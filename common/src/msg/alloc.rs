@@ -1,11 +1,12 @@
-//! Allocation and capacity requests.
+//! Allocation, capacity, reservation, adjustment and rebalancing messages.
 
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::id::{AgentId, AllocationId};
+use crate::id::{AgentId, AllocationId, ReservationId};
+use crate::msg::AgentStatus;
 
 /// What a task (or any client) needs from the agent that runs it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -20,6 +21,36 @@ pub struct Requirements {
     /// Labels the agent must carry, with these exact values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// How to choose among the agents that fit. Default `best_fit`.
+    #[serde(default, skip_serializing_if = "Policy::is_default")]
+    pub policy: Policy,
+    /// Anti-affinity group: never on an agent that already holds an allocation
+    /// of the same group (so gang members of one group land on distinct agents).
+    /// Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<String>,
+    /// Whether `optimize` with `apply` may move the allocation to another agent.
+    /// Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub movable: bool,
+}
+
+/// How to choose among the agents requirements fit on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Least leftover on the scarcest requested resource: keeps big holes free
+    /// for big requests. The default.
+    #[default]
+    BestFit,
+    /// Most leftover: spreads load (and the blast radius of losing an agent).
+    Spread,
+}
+
+impl Policy {
+    fn is_default(&self) -> bool {
+        *self == Policy::BestFit
+    }
 }
 
 /// `coord.allocator.allocate`.
@@ -27,10 +58,11 @@ pub struct Requirements {
 #[serde(deny_unknown_fields)]
 pub struct AllocateRequest {
     /// Who holds the allocation: a flow/task pair or any client id (free text).
+    /// Reservations of owner `x` also serve owners `x/…`.
     pub owner: String,
     #[serde(default)]
     pub requirements: Requirements,
-    /// Higher is more important. Default 0.
+    /// Higher is more important; preemption releases the lowest first. Default 0.
     #[serde(default)]
     pub priority: i32,
 }
@@ -47,6 +79,47 @@ pub struct Allocation {
     pub priority: i32,
     #[serde(default)]
     pub created_at_ms: u64,
+    /// The reservation this allocation draws from; it ends with the reservation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation_id: Option<ReservationId>,
+    /// Anti-affinity group, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<String>,
+    /// Whether a rebalancing may move it.
+    #[serde(default)]
+    pub movable: bool,
+    /// Capabilities it needs (so a rebalancing only moves it where they are).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+    /// Labels it needs, likewise.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The gang it belongs to, if it was placed as part of one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang_id: Option<String>,
+    /// A gang member booked but not yet confirmed: it holds capacity, and is
+    /// rolled back if its gang is not confirmed in time (the booking replica died).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
+}
+
+/// `coord.allocator.allocate.gang`: several requirements placed all-or-nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GangRequest {
+    pub owner: String,
+    /// One entry per member; at least one. Members sharing an anti-affinity
+    /// group land on distinct agents.
+    pub members: Vec<Requirements>,
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// Reply to a gang allocation: one allocation per member, in request order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GangReply {
+    pub gang_id: String,
+    pub allocations: Vec<Allocation>,
 }
 
 /// `coord.allocator.release`. Releasing twice is not an error and frees nothing twice.
@@ -54,6 +127,7 @@ pub struct Allocation {
 #[serde(deny_unknown_fields)]
 pub struct ReleaseRequest {
     pub allocation_id: AllocationId,
+    /// Where it was placed. If it has been moved since, it is found where it is now.
     pub agent_id: AgentId,
 }
 
@@ -71,29 +145,232 @@ pub struct ReleaseReply {
 pub struct CapacityRequest {
     #[serde(default)]
     pub requirements: Option<Requirements>,
+    /// Check the fit as this owner (who may draw from its reservations). Default: nobody's.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// Capacity of one resource.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ResourceCapacity {
     pub capacity: f64,
+    /// Held by allocations outside reservations.
     pub allocated: f64,
+    /// Held by reservations now or later (the peak still ahead), whether drawn from or not.
+    #[serde(default)]
+    pub reserved: f64,
+    /// `capacity - allocated - reserved`: what an owner without a reservation can take.
     pub free: f64,
+}
+
+/// Why requirements do not fit on one agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Unfit {
+    /// The agent is draining or lost: no new placements.
+    NotAccepting {
+        status: AgentStatus,
+    },
+    MissingCapability {
+        capability: String,
+    },
+    LabelMismatch {
+        label: String,
+        want: String,
+        #[serde(default)]
+        have: Option<String>,
+    },
+    /// An allocation of the same anti-affinity group is already there.
+    AntiAffinity {
+        group: String,
+    },
+    /// `resource` is short by `needed - free`.
+    Short {
+        resource: String,
+        needed: f64,
+        free: f64,
+    },
+    /// A reason this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// No agent can take the requirements now (the `details` of a `no_capacity` error).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NoFit {
+    pub message: String,
+    /// The agent closest to fitting (short on the least), if any agent has the
+    /// right capabilities and labels.
+    #[serde(default)]
+    pub best_candidate: Option<AgentId>,
+    /// What that candidate lacks.
+    #[serde(default)]
+    pub short: Option<Unfit>,
+    #[serde(default)]
+    pub agents_considered: usize,
+    /// For a gang: which member (0-based) could not be placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<usize>,
 }
 
 /// Reply to a capacity check.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CapacityStatus {
-    /// Totals over every agent, per resource.
+    /// Totals over the agents that take placements (not draining, not lost), per resource.
     #[serde(default)]
     pub pool: BTreeMap<String, ResourceCapacity>,
-    /// Per agent, per resource.
+    /// Per agent (every agent), per resource.
     #[serde(default)]
     pub agents: BTreeMap<AgentId, BTreeMap<String, ResourceCapacity>>,
+    /// Per label (`key=value`), totals over the agents that take placements.
+    #[serde(default)]
+    pub labels: BTreeMap<String, BTreeMap<String, ResourceCapacity>>,
+    /// Every agent's life-cycle status.
+    #[serde(default)]
+    pub agent_status: BTreeMap<AgentId, AgentStatus>,
     /// Whether the requirements (if given) fit on some agent now.
     #[serde(default)]
     pub fits: Option<bool>,
     /// Agents the requirements fit on now, best first.
     #[serde(default)]
     pub candidates: Vec<AgentId>,
+    /// When they do not fit: what is short, and on which best candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_fit: Option<NoFit>,
+}
+
+/// `coord.allocator.capacity.reserve`: hold capacity on one agent for `owner`
+/// over `[start_ms, end_ms)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveRequest {
+    /// Who may draw from it: this owner and owners `owner/…`.
+    pub owner: String,
+    pub requirements: Requirements,
+    /// Window start, ms since the epoch (may be now or in the past: starts at once).
+    pub start_ms: u64,
+    /// Window end (exclusive), after `start_ms` and in the future.
+    pub end_ms: u64,
+    /// Reserve on this agent; default: placed by best fit over the window.
+    #[serde(default)]
+    pub agent_id: Option<AgentId>,
+}
+
+/// A reservation as stored and answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Reservation {
+    pub reservation_id: ReservationId,
+    pub agent_id: AgentId,
+    pub owner: String,
+    #[serde(default)]
+    pub resources: BTreeMap<String, f64>,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    #[serde(default)]
+    pub created_at_ms: u64,
+}
+
+/// `coord.allocator.reservation.cancel`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelReservation {
+    pub reservation_id: ReservationId,
+    /// Where it is held; looked up when absent.
+    #[serde(default)]
+    pub agent_id: Option<AgentId>,
+}
+
+/// Reply to a cancellation (idempotent, like release).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CancelReply {
+    /// False when the reservation was already gone.
+    pub cancelled: bool,
+    /// Allocations that drew from it, released with it.
+    #[serde(default)]
+    pub released: Vec<Allocation>,
+}
+
+/// `coord.allocator.capacity.adjust`: change one agent's capacity at run time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdjustRequest {
+    pub agent_id: AgentId,
+    /// New amounts for the named resources; resources not named keep theirs.
+    pub capacity: BTreeMap<String, f64>,
+    /// When allocations no longer fit: release the lowest-priority ones first
+    /// (newest first among equals). Without it, such an adjustment is not applied
+    /// and the reply names what would have to go. Default false.
+    #[serde(default)]
+    pub preempt: bool,
+}
+
+/// Reply to an adjustment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AdjustReply {
+    /// Whether the new capacity is in force.
+    pub applied: bool,
+    /// The agent's capacity now.
+    #[serde(default)]
+    pub capacity: BTreeMap<String, f64>,
+    /// Allocations that do not fit the new capacity, in preemption order.
+    #[serde(default)]
+    pub no_longer_fit: Vec<Allocation>,
+    /// Reservations that do not fit it either (cancelled when preempting).
+    #[serde(default)]
+    pub reservations_no_longer_fit: Vec<Reservation>,
+    /// What was released (empty unless `preempt`).
+    #[serde(default)]
+    pub preempted: Vec<Allocation>,
+}
+
+/// `coord.allocator.optimize`: a rebalancing plan, applied only on request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizeRequest {
+    /// Carry out the moves (only allocations marked movable are ever moved). Default false.
+    #[serde(default)]
+    pub apply: bool,
+    /// Most moves to plan. Default 100.
+    #[serde(default)]
+    pub max_moves: Option<usize>,
+}
+
+/// One planned move.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Move {
+    pub allocation_id: AllocationId,
+    pub owner: String,
+    pub from: AgentId,
+    pub to: AgentId,
+    #[serde(default)]
+    pub resources: BTreeMap<String, f64>,
+}
+
+/// Utilisation figures over the agents that take placements. An agent's
+/// utilisation is its busiest resource's share of capacity (0..=1).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Utilisation {
+    /// The hottest agent's utilisation.
+    pub max: f64,
+    pub mean: f64,
+    /// Standard deviation across agents: how uneven the load is.
+    pub stddev: f64,
+    /// Per resource, the share of free capacity outside the largest free block:
+    /// averaged over resources (0 = all free capacity in one place).
+    pub fragmentation: f64,
+    #[serde(default)]
+    pub per_agent: BTreeMap<AgentId, f64>,
+}
+
+/// Reply to `optimize`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct OptimizePlan {
+    pub moves: Vec<Move>,
+    pub before: Utilisation,
+    /// As it would be (or is, when applied) after the moves.
+    pub after: Utilisation,
+    /// Moves carried out (empty unless `apply`); a move whose allocation changed
+    /// meanwhile is skipped.
+    #[serde(default)]
+    pub applied: Vec<AllocationId>,
 }

@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::id::{AgentId, AllocationId, FlowId, ScopeId, SyncPointId, TaskId};
-use crate::msg::{ConflictOutcome, ConflictPolicy, FlowState, SyncPointState, TaskState};
+use crate::id::{AgentId, AllocationId, FlowId, ReservationId, ScopeId, SyncPointId, TaskId};
+use crate::msg::{
+    Allocation, ConflictOutcome, ConflictPolicy, FlowState, SyncPointState, TaskState,
+};
 use crate::subject::event as s;
 
 /// An event: who said what, when.
@@ -87,6 +89,64 @@ pub enum EventKind {
         revision: u64,
         #[serde(default)]
         scope: ScopeId,
+    },
+    /// An agent missed its heartbeats: every allocation it held is released
+    /// (listed, with owners, so their tasks can be re-queued).
+    AgentLost {
+        agent_id: AgentId,
+        /// Last heartbeat (or registration) seen, ms since the epoch.
+        #[serde(default)]
+        last_seen_ms: u64,
+        #[serde(default)]
+        released: Vec<Allocation>,
+    },
+    /// An agent deregistered and drains: no new placements.
+    AgentDeregistered {
+        agent_id: AgentId,
+        /// Allocations it still holds.
+        #[serde(default)]
+        allocations: usize,
+    },
+    /// An agent's capacity changed at run time.
+    CapacityAdjusted {
+        agent_id: AgentId,
+        #[serde(default)]
+        capacity: BTreeMap<String, f64>,
+    },
+    /// An allocation was taken back before its owner released it.
+    AllocationPreempted {
+        allocation_id: AllocationId,
+        agent_id: AgentId,
+        owner: String,
+        #[serde(default)]
+        priority: i32,
+        /// `capacity_reduced`, `reservation_ended` or `gang_rolled_back`.
+        #[serde(default)]
+        reason: String,
+    },
+    /// A movable allocation was moved by a rebalancing.
+    AllocationMoved {
+        allocation_id: AllocationId,
+        owner: String,
+        from: AgentId,
+        to: AgentId,
+    },
+    ReservationMade {
+        reservation_id: ReservationId,
+        agent_id: AgentId,
+        owner: String,
+        start_ms: u64,
+        end_ms: u64,
+        #[serde(default)]
+        resources: BTreeMap<String, f64>,
+    },
+    /// A reservation ended: `cancelled`, `expired` or `capacity_reduced`.
+    ReservationEnded {
+        reservation_id: ReservationId,
+        agent_id: AgentId,
+        owner: String,
+        #[serde(default)]
+        reason: String,
     },
     /// A put was made from a stale revision; `outcome` says how the scope's
     /// policy resolved it.
@@ -173,6 +233,13 @@ impl EventKind {
             EventKind::AllocationMade { .. } => s::ALLOCATION_MADE,
             EventKind::AllocationReleased { .. } => s::ALLOCATION_RELEASED,
             EventKind::StateUpdated { .. } => s::STATE_UPDATED,
+            EventKind::AgentLost { .. } => s::AGENT_LOST,
+            EventKind::AgentDeregistered { .. } => s::AGENT_DEREGISTERED,
+            EventKind::CapacityAdjusted { .. } => s::CAPACITY_ADJUSTED,
+            EventKind::AllocationPreempted { .. } => s::ALLOCATION_PREEMPTED,
+            EventKind::AllocationMoved { .. } => s::ALLOCATION_MOVED,
+            EventKind::ReservationMade { .. } => s::RESERVATION_MADE,
+            EventKind::ReservationEnded { .. } => s::RESERVATION_ENDED,
             EventKind::StateConflict { .. } => s::STATE_CONFLICT,
             EventKind::StateDeleted { .. } => s::STATE_DELETED,
             EventKind::ScopeConfigured { .. } => s::SCOPE_CONFIGURED,

@@ -1,0 +1,116 @@
+//! A replica's view of a KV bucket, kept current by a watch.
+//!
+//! Revisions decide which copy is newer, so the initial load, the watch and the
+//! replica's own writes can arrive in any order. The view may lag; every write
+//! made from it is a compare-and-set, so lag costs a retry, never correctness.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use common::{AgentId, Error};
+use futures::StreamExt;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::unavailable;
+
+/// The last heartbeat of one agent, as recorded in `coord_heartbeats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Beat {
+    pub(crate) agent_id: AgentId,
+    /// When a replica recorded it (its clock, ms since the epoch).
+    pub(crate) at_ms: u64,
+    #[serde(default)]
+    pub(crate) running: u32,
+}
+
+/// Values by agent id with the KV revision they were read at.
+pub(crate) struct Cache<T>(Arc<RwLock<HashMap<AgentId, (T, u64)>>>);
+
+impl<T> Default for Cache<T> {
+    fn default() -> Self {
+        Cache(Arc::default())
+    }
+}
+
+impl<T> Clone for Cache<T> {
+    fn clone(&self) -> Self {
+        Cache(self.0.clone())
+    }
+}
+
+impl<T: Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
+    /// Loads every key and keeps the view current from a KV watch. Returns once
+    /// the initial state is loaded, so the first request sees every agent.
+    pub(crate) async fn start(
+        self,
+        store: kv::Store,
+    ) -> Result<tokio::task::JoinHandle<()>, Error> {
+        // Watch first, then load: a change made in between is caught by the watch,
+        // and revisions decide which copy is newer.
+        let mut watch = store
+            .watch_all()
+            .await
+            .map_err(|e| unavailable("kv watch", e))?;
+        let mut keys = store.keys().await.map_err(|e| unavailable("kv keys", e))?;
+        while let Some(k) = keys.next().await {
+            let Ok(k) = k else { continue };
+            if let Ok(Some(entry)) = store.entry(&k).await {
+                self.apply(entry);
+            }
+        }
+        Ok(tokio::spawn(async move {
+            loop {
+                while let Some(entry) = watch.next().await {
+                    let Ok(entry) = entry else { continue };
+                    self.apply(entry);
+                }
+                // The watch ended (e.g. the server restarted): re-create it.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                match store.watch_with_history(">").await {
+                    Ok(w) => watch = w,
+                    Err(e) => tracing::warn!(error = %e, "kv watch not re-created yet"),
+                }
+            }
+        }))
+    }
+
+    pub(crate) fn apply(&self, entry: kv::Entry) {
+        let Ok(id) = AgentId::new(entry.key.clone()) else {
+            return;
+        };
+        match entry.operation {
+            kv::Operation::Put => {
+                if let Ok(v) = serde_json::from_slice::<T>(&entry.value) {
+                    self.remember(id, v, entry.revision);
+                }
+            }
+            kv::Operation::Delete | kv::Operation::Purge => {
+                if let Ok(mut c) = self.0.write() {
+                    c.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Keeps `value` unless a newer revision is already known.
+    pub(crate) fn remember(&self, id: AgentId, value: T, revision: u64) {
+        if let Ok(mut c) = self.0.write() {
+            if c.get(&id).is_none_or(|(_, rev)| *rev < revision) {
+                c.insert(id, (value, revision));
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, id: &AgentId) -> Option<(T, u64)> {
+        self.0.read().ok().and_then(|c| c.get(id).cloned())
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<(T, u64)> {
+        self.0
+            .read()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,225 @@
+//! The allocator's NATS adapter.
+//!
+//! Agents (with their live allocations and reservations) live in the
+//! `coord_agents` KV bucket. Each replica keeps a cache of that bucket, fed by a
+//! KV watch, and places from it; every booking is a compare-and-set against the
+//! revision the decision was made on. A stale cache therefore costs a retry,
+//! never an over-allocation, and the happy path is one KV write per allocation.
+//!
+//! Every replica also runs a sweep ([`sweep`]) that marks agents lost when they
+//! miss their heartbeats, ends expired reservations and rolls back gang members
+//! whose booking replica died. The sweep's writes are compare-and-sets too, so
+//! replicas racing on the same agent produce one transition and one event.
+
+mod cache;
+mod ops;
+mod sweep;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, kv};
+use common::msg::{
+    AdjustRequest, CancelReservation, CapacityRequest, DeregisterAgent, GangRequest,
+    OptimizeRequest, RegisterAgent, ReleaseRequest, ReserveRequest,
+};
+use common::nats::{self as bus, Bucket, EventPublisher, Stream};
+use common::service::Service;
+use common::{subject, AgentId, Error, ErrorCode};
+use futures::StreamExt;
+
+use crate::machine::AgentRecord;
+
+/// Allocator settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: common::config::NatsConfig,
+    /// How often each replica looks for lost agents, expired reservations and
+    /// unconfirmed gang members, in ms.
+    #[arg(long, env = "COORD_ALLOCATOR_SWEEP_MS", default_value_t = 500)]
+    pub sweep_ms: u64,
+    /// How long a gang member may stay booked but unconfirmed before a sweep
+    /// rolls it back (its booking replica is presumed dead), in ms.
+    #[arg(
+        long,
+        env = "COORD_ALLOCATOR_GANG_DEADLINE_MS",
+        default_value_t = 30_000
+    )]
+    pub gang_deadline_ms: u64,
+}
+
+impl Config {
+    pub fn new(nats: common::config::NatsConfig) -> Self {
+        Config {
+            nats,
+            sweep_ms: 500,
+            gang_deadline_ms: 30_000,
+        }
+    }
+}
+
+const NAME: &str = "allocator";
+/// Queue group for heartbeats, so each is recorded by one replica.
+const HEARTBEAT_QUEUE: &str = "allocator";
+
+pub(crate) struct Allocator {
+    agents: kv::Store,
+    heartbeats: kv::Store,
+    cache: cache::Cache<AgentRecord>,
+    beats: cache::Cache<cache::Beat>,
+    events: EventPublisher,
+    gang_deadline_ms: u64,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorCode::Unavailable, format!("{what}: {e}"))
+}
+
+macro_rules! serve {
+    ($service:expr, $alloc:expr, $subject:expr, $req:ty, $method:ident) => {{
+        let a = $alloc.clone();
+        $service
+            .serve($subject, move |r: $req| {
+                let a = a.clone();
+                async move { a.$method(r).await }
+            })
+            .await?;
+    }};
+}
+
+/// Runs the allocator until `shutdown` resolves, then drains the connection.
+pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
+    let nats = bus::connect(&cfg.nats, NAME).await?;
+    let js = jetstream::new(nats.clone());
+    bus::ensure_stream(&js, Stream::Events, cfg.nats.js_replicas).await?;
+    let agents = bus::ensure_bucket(&js, Bucket::Agents, cfg.nats.js_replicas).await?;
+    let heartbeats = bus::ensure_bucket(&js, Bucket::Heartbeats, cfg.nats.js_replicas).await?;
+    let alloc = Arc::new(Allocator {
+        agents: agents.clone(),
+        heartbeats: heartbeats.clone(),
+        cache: cache::Cache::default(),
+        beats: cache::Cache::default(),
+        events: EventPublisher::new(nats.clone(), NAME),
+        gang_deadline_ms: cfg.gang_deadline_ms,
+    });
+    let watchers = [
+        alloc.cache.clone().start(agents).await?,
+        alloc.beats.clone().start(heartbeats).await?,
+    ];
+
+    let mut service = Service::start(&nats, NAME, "Agents, capacity and placement").await?;
+    serve!(
+        service,
+        alloc,
+        subject::AGENT_REGISTER,
+        RegisterAgent,
+        register
+    );
+    serve!(
+        service,
+        alloc,
+        subject::AGENT_DEREGISTER,
+        DeregisterAgent,
+        deregister
+    );
+    serve!(
+        service,
+        alloc,
+        subject::ALLOCATE,
+        common::msg::AllocateRequest,
+        allocate
+    );
+    serve!(
+        service,
+        alloc,
+        subject::ALLOCATE_GANG,
+        GangRequest,
+        allocate_gang
+    );
+    serve!(service, alloc, subject::RELEASE, ReleaseRequest, release);
+    serve!(
+        service,
+        alloc,
+        subject::CAPACITY_CHECK,
+        CapacityRequest,
+        capacity
+    );
+    serve!(
+        service,
+        alloc,
+        subject::CAPACITY_RESERVE,
+        ReserveRequest,
+        reserve
+    );
+    serve!(
+        service,
+        alloc,
+        subject::RESERVATION_CANCEL,
+        CancelReservation,
+        cancel_reservation
+    );
+    serve!(
+        service,
+        alloc,
+        subject::CAPACITY_ADJUST,
+        AdjustRequest,
+        adjust
+    );
+    serve!(service, alloc, subject::OPTIMIZE, OptimizeRequest, optimize);
+
+    let mut beats = nats
+        .queue_subscribe(subject::HEARTBEAT_ALL, HEARTBEAT_QUEUE.to_owned())
+        .await
+        .map_err(|e| unavailable("heartbeat subscription", e))?;
+    let a = alloc.clone();
+    let heartbeat_task = tokio::spawn(async move {
+        while let Some(msg) = beats.next().await {
+            a.heartbeat(&msg).await;
+        }
+    });
+    let sweep_task = tokio::spawn(alloc.clone().sweep_forever(cfg.sweep_ms));
+    tracing::info!(url = %cfg.nats.nats_url, "allocator running");
+
+    shutdown.await;
+    tracing::info!("allocator shutting down");
+    service.stop().await;
+    heartbeat_task.abort();
+    sweep_task.abort();
+    for w in watchers {
+        w.abort();
+    }
+    nats.drain().await.ok();
+    Ok(())
+}
+
+impl Allocator {
+    /// Records the last heartbeat per agent in its own bucket, so heartbeats never
+    /// race with allocations for the agent's record.
+    async fn heartbeat(&self, msg: &async_nats::Message) {
+        let Some(agent) = subject::agent_of(&msg.subject) else {
+            return;
+        };
+        let beat = serde_json::from_slice::<common::msg::Heartbeat>(&msg.payload).ok();
+        let record = cache::Beat {
+            agent_id: agent.clone(),
+            at_ms: common::now_ms(),
+            running: beat.map(|b| b.running).unwrap_or(0),
+        };
+        let Ok(body) = serde_json::to_vec(&record) else {
+            return;
+        };
+        if let Err(e) = self.heartbeats.put(agent.as_str(), body.into()).await {
+            tracing::warn!(agent = %agent, error = %e, "heartbeat not recorded");
+        }
+    }
+
+    /// The last heartbeat recorded for `agent`, read from KV (not the cache):
+    /// declaring an agent lost must not rest on a stale view.
+    async fn last_beat(&self, agent: &AgentId) -> u64 {
+        match bus::get_json::<cache::Beat>(&self.heartbeats, agent.as_str()).await {
+            Ok(Some((b, _))) => b.at_ms,
+            _ => self.beats.get(agent).map(|(b, _)| b.at_ms).unwrap_or(0),
+        }
+    }
+}

@@ -1,0 +1,694 @@
+//! The request handlers: each decides in the pure core and books with a
+//! compare-and-set on the agent records it touches.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use common::msg::{
+    AdjustReply, AdjustRequest, AgentInfo, AgentStatus, AllocateRequest, Allocation, CancelReply,
+    CancelReservation, CapacityRequest, CapacityStatus, DeregisterAgent, EventKind, GangReply,
+    GangRequest, OptimizePlan, OptimizeRequest, RegisterAgent, ReleaseReply, ReleaseRequest,
+    Requirements, Reservation, ReserveRequest,
+};
+use common::nats::{self as bus, Step};
+use common::{AgentId, AllocationId, Error, ErrorCode, ReservationId};
+
+use super::{unavailable, Allocator};
+use crate::machine::{self, AgentRecord, Draw, NoFit};
+
+/// Placement decisions retried from fresh state before giving up on contention.
+const PLACE_ATTEMPTS: usize = 16;
+/// Default most moves one optimisation plans.
+const DEFAULT_MAX_MOVES: usize = 100;
+
+fn invalid(m: String) -> Error {
+    Error::new(ErrorCode::ValidationFailed, m)
+}
+
+fn check_requirements(req: &Requirements) -> Result<(), Error> {
+    machine::check_amounts(&req.resources).map_err(invalid)
+}
+
+fn check_owner(owner: &str) -> Result<(), Error> {
+    if owner.trim().is_empty() || owner.len() > 256 {
+        return Err(invalid("owner must be 1 to 256 characters".into()));
+    }
+    Ok(())
+}
+
+fn no_capacity(nofit: &NoFit) -> Error {
+    Error::new(ErrorCode::NoCapacity, nofit.message.clone()).with_details(nofit)
+}
+
+fn contention() -> Error {
+    Error::new(
+        ErrorCode::Conflict,
+        "too much contention on the agents, gave up",
+    )
+}
+
+impl Allocator {
+    pub(super) fn records(&self) -> Vec<AgentRecord> {
+        self.cache.snapshot().into_iter().map(|(r, _)| r).collect()
+    }
+
+    async fn refresh(&self, id: &AgentId) -> Result<(), Error> {
+        match self.agents.entry(id.as_str()).await {
+            Ok(Some(entry)) => {
+                self.cache.apply(entry);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(unavailable("kv read", e)),
+        }
+    }
+
+    /// Compare-and-set on one agent's record, starting from the cached copy.
+    /// A lost race refreshes the copy and runs `f` again; so does a decision
+    /// to change nothing made on the cache (it may be stale: a release must
+    /// not miss an allocation another replica has just booked). Errors with
+    /// `not_found` if the agent does not exist.
+    pub(super) async fn update_agent<R>(
+        &self,
+        id: &AgentId,
+        mut f: impl FnMut(AgentRecord) -> Result<Step<AgentRecord, R>, Error>,
+    ) -> Result<R, Error> {
+        let mut fresh = false;
+        for attempt in 0..bus::CAS_ATTEMPTS {
+            let cached = match self.cache.get(id) {
+                Some(c) => Some(c),
+                None if !fresh => {
+                    self.refresh(id).await?;
+                    fresh = true;
+                    self.cache.get(id)
+                }
+                None => None,
+            };
+            let Some((rec, revision)) = cached else {
+                return Err(Error::not_found(format!("no agent {id}")));
+            };
+            match f(rec)? {
+                Step::Keep(r) if fresh => return Ok(r),
+                Step::Keep(_) => {
+                    self.refresh(id).await?;
+                    fresh = true;
+                }
+                Step::Write(next, r) => {
+                    let body = serde_json::to_vec(&next)
+                        .map_err(|e| Error::internal(format!("encode agent: {e}")))?;
+                    match self.agents.update(id.as_str(), body.into(), revision).await {
+                        Ok(rev) => {
+                            self.cache.remember(id.clone(), next, rev);
+                            return Ok(r);
+                        }
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                            self.refresh(id).await?;
+                            fresh = true;
+                            if attempt > 4 {
+                                let jitter = (common::now_ms() % 7) + attempt as u64;
+                                tokio::time::sleep(Duration::from_millis(jitter)).await;
+                            }
+                        }
+                        Err(e) => return Err(unavailable("kv write", e)),
+                    }
+                }
+            }
+        }
+        Err(contention())
+    }
+
+    async fn preempted(&self, allocations: &[Allocation], reason: &str) {
+        for a in allocations {
+            self.events
+                .publish(EventKind::AllocationPreempted {
+                    allocation_id: a.allocation_id.clone(),
+                    agent_id: a.agent_id.clone(),
+                    owner: a.owner.clone(),
+                    priority: a.priority,
+                    reason: reason.to_owned(),
+                })
+                .await;
+        }
+    }
+
+    async fn reservations_ended(&self, reservations: &[Reservation], reason: &str) {
+        for r in reservations {
+            self.events
+                .publish(EventKind::ReservationEnded {
+                    reservation_id: r.reservation_id.clone(),
+                    agent_id: r.agent_id.clone(),
+                    owner: r.owner.clone(),
+                    reason: reason.to_owned(),
+                })
+                .await;
+        }
+    }
+
+    pub(super) async fn register(&self, req: RegisterAgent) -> Result<AgentInfo, Error> {
+        machine::check_amounts(&req.capacity).map_err(invalid)?;
+        let now = common::now_ms();
+        // Registering with less capacity than is held preempts what no longer fits:
+        // the agent's word about itself wins over the ledger.
+        let (shrink, revision) = bus::cas_update::<AgentRecord, machine::Shrink, _>(
+            &self.agents,
+            req.agent_id.as_str(),
+            |prev| {
+                let rec = AgentRecord::register(&req, prev, now);
+                let shrink = machine::shrink_to_fit(&rec, now);
+                Ok(Step::Write(shrink.record.clone(), shrink))
+            },
+        )
+        .await?;
+        let rec = shrink.record.clone();
+        self.cache
+            .remember(rec.agent_id.clone(), rec.clone(), revision);
+        self.events
+            .publish(EventKind::AgentRegistered {
+                agent_id: rec.agent_id.clone(),
+                capacity: rec.capacity.clone(),
+            })
+            .await;
+        self.preempted(&shrink.evicted, "capacity_reduced").await;
+        self.reservations_ended(&shrink.dropped, "capacity_reduced")
+            .await;
+        Ok(rec.info(0))
+    }
+
+    pub(super) async fn deregister(&self, req: DeregisterAgent) -> Result<AgentInfo, Error> {
+        let rec = self
+            .update_agent(&req.agent_id, |mut rec| {
+                rec.status = AgentStatus::Draining;
+                Ok(Step::Write(rec.clone(), rec))
+            })
+            .await?;
+        self.events
+            .publish(EventKind::AgentDeregistered {
+                agent_id: rec.agent_id.clone(),
+                allocations: rec.allocations.len(),
+            })
+            .await;
+        let beat = self.beats.get(&rec.agent_id).map(|(b, _)| b.at_ms);
+        Ok(rec.info(beat.unwrap_or(0)))
+    }
+
+    pub(super) async fn allocate(&self, req: AllocateRequest) -> Result<Allocation, Error> {
+        check_requirements(&req.requirements)?;
+        check_owner(&req.owner)?;
+        for _ in 0..PLACE_ATTEMPTS {
+            let now = common::now_ms();
+            let records = self.records();
+            let chosen = machine::place(&records, &req.requirements, Some(&req.owner), now)
+                .map_err(|n| no_capacity(&n))?;
+            let agent = chosen.agent.agent_id.clone();
+            let id = AllocationId::random();
+            let booked = self
+                .update_agent(&agent, |mut rec| {
+                    // Decide again on the record being written: the view it was
+                    // chosen from may be stale.
+                    let Ok(draw) = rec.fit(&req.requirements, Some(&req.owner), now) else {
+                        return Ok(Step::Keep(None));
+                    };
+                    let a = machine::new_allocation(
+                        id.clone(),
+                        &rec.agent_id,
+                        &req.owner,
+                        &req.requirements,
+                        req.priority,
+                        draw,
+                        now,
+                        None,
+                    );
+                    rec.allocations.insert(a.allocation_id.clone(), a.clone());
+                    Ok(Step::Write(rec, Some(a)))
+                })
+                .await;
+            match booked {
+                Ok(Some(a)) => {
+                    self.made(&a).await;
+                    return Ok(a);
+                }
+                // It no longer fits there, or the agent is gone: choose again.
+                Ok(None) => continue,
+                Err(e) if e.code == ErrorCode::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(contention())
+    }
+
+    async fn made(&self, a: &Allocation) {
+        self.events
+            .publish(EventKind::AllocationMade {
+                allocation_id: a.allocation_id.clone(),
+                agent_id: a.agent_id.clone(),
+                owner: a.owner.clone(),
+                resources: a.resources.clone(),
+            })
+            .await;
+    }
+
+    /// Books every member as pending, agent by agent; if one agent refuses, rolls
+    /// back the others and plans again. Once all are booked, confirms them. A
+    /// replica dying in between leaves pending members, which a sweep rolls back.
+    pub(super) async fn allocate_gang(&self, req: GangRequest) -> Result<GangReply, Error> {
+        check_owner(&req.owner)?;
+        if req.members.is_empty() {
+            return Err(invalid("a gang needs at least one member".into()));
+        }
+        if req.members.len() > 1024 {
+            return Err(invalid("a gang has at most 1024 members".into()));
+        }
+        for m in &req.members {
+            check_requirements(m)?;
+        }
+        let gang_id = uuid::Uuid::now_v7().simple().to_string();
+        for _ in 0..PLACE_ATTEMPTS {
+            let now = common::now_ms();
+            let ids: Vec<AllocationId> =
+                req.members.iter().map(|_| AllocationId::random()).collect();
+            let plan = machine::place_gang(
+                &self.records(),
+                &req.members,
+                &req.owner,
+                req.priority,
+                &ids,
+                &gang_id,
+                now,
+            )
+            .map_err(|n| no_capacity(&n))?;
+            let mut by_agent: BTreeMap<AgentId, Vec<(usize, Allocation)>> = BTreeMap::new();
+            for (i, a) in plan.iter().enumerate() {
+                by_agent
+                    .entry(a.agent_id.clone())
+                    .or_default()
+                    .push((i, a.clone()));
+            }
+            let mut booked: Vec<AgentId> = Vec::new();
+            let mut placed: Vec<Option<Allocation>> = vec![None; plan.len()];
+            let mut failed = false;
+            for (agent, members) in &by_agent {
+                let result = self
+                    .update_agent(agent, |mut rec| {
+                        let mut out = Vec::new();
+                        for (i, a) in members {
+                            let Some(member) = req.members.get(*i) else {
+                                return Ok(Step::Keep(None));
+                            };
+                            let Ok(draw) = rec.fit(member, Some(&req.owner), now) else {
+                                return Ok(Step::Keep(None));
+                            };
+                            let mut a = a.clone();
+                            a.reservation_id = match draw {
+                                Draw::Reservation(id) => Some(id),
+                                Draw::General => None,
+                            };
+                            rec.allocations.insert(a.allocation_id.clone(), a.clone());
+                            out.push((*i, a));
+                        }
+                        Ok(Step::Write(rec, Some(out)))
+                    })
+                    .await;
+                match result {
+                    Ok(Some(out)) => {
+                        booked.push(agent.clone());
+                        for (i, a) in out {
+                            if let Some(slot) = placed.get_mut(i) {
+                                *slot = Some(a);
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        failed = true;
+                        break;
+                    }
+                    Err(e) if e.code == ErrorCode::NotFound => {
+                        failed = true;
+                        break;
+                    }
+                    Err(e) => {
+                        self.unbook(&booked, &ids).await;
+                        return Err(e);
+                    }
+                }
+            }
+            if failed {
+                self.unbook(&booked, &ids).await;
+                continue;
+            }
+            // Confirm: every member must still be there (a sweep may have rolled
+            // back a member whose confirmation came too late).
+            let mut confirmed = true;
+            for agent in &booked {
+                let ok = self
+                    .update_agent(agent, |mut rec| {
+                        let mut all = true;
+                        for id in &ids {
+                            if let Some(a) = rec.allocations.get_mut(id) {
+                                a.pending = false;
+                            }
+                        }
+                        for (i, slot) in placed.iter().enumerate() {
+                            if slot.as_ref().is_some_and(|a| &a.agent_id == agent)
+                                && ids
+                                    .get(i)
+                                    .is_none_or(|id| !rec.allocations.contains_key(id))
+                            {
+                                all = false;
+                            }
+                        }
+                        Ok(Step::Write(rec, all))
+                    })
+                    .await
+                    .unwrap_or(false);
+                confirmed &= ok;
+            }
+            if !confirmed {
+                self.unbook(&booked, &ids).await;
+                return Err(Error::new(
+                    ErrorCode::Conflict,
+                    "gang booking was rolled back before it was confirmed; retry",
+                ));
+            }
+            let allocations: Vec<Allocation> = placed
+                .into_iter()
+                .flatten()
+                .map(|mut a| {
+                    a.pending = false;
+                    a
+                })
+                .collect();
+            for a in &allocations {
+                self.made(a).await;
+            }
+            return Ok(GangReply {
+                gang_id,
+                allocations,
+            });
+        }
+        Err(contention())
+    }
+
+    /// Removes gang members `ids` from `agents` (compensating a partial booking).
+    async fn unbook(&self, agents: &[AgentId], ids: &[AllocationId]) {
+        for agent in agents {
+            let undone = self
+                .update_agent(agent, |mut rec| {
+                    let before = rec.allocations.len();
+                    for id in ids {
+                        rec.allocations.remove(id);
+                    }
+                    Ok(if rec.allocations.len() == before {
+                        Step::Keep(())
+                    } else {
+                        Step::Write(rec, ())
+                    })
+                })
+                .await;
+            if let Err(e) = undone {
+                // The sweep rolls pending members back after the deadline.
+                tracing::warn!(agent = %agent, error = %e, "gang roll-back deferred to the sweep");
+            }
+        }
+    }
+
+    pub(super) async fn release(&self, req: ReleaseRequest) -> Result<ReleaseReply, Error> {
+        let remove = |mut rec: AgentRecord| {
+            Ok(match rec.allocations.remove(&req.allocation_id) {
+                Some(_) => Step::Write(rec, true),
+                None => Step::Keep(false),
+            })
+        };
+        let mut holder = req.agent_id.clone();
+        let mut released = match self.update_agent(&holder, remove).await {
+            Ok(r) => r,
+            Err(e) if e.code == ErrorCode::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        if !released {
+            // It may have been moved by a rebalancing: release it where it is now.
+            let elsewhere = self
+                .records()
+                .into_iter()
+                .find(|r| r.allocations.contains_key(&req.allocation_id));
+            if let Some(rec) = elsewhere {
+                holder = rec.agent_id.clone();
+                released = self.update_agent(&holder, remove).await?;
+            }
+        }
+        if released {
+            self.events
+                .publish(EventKind::AllocationReleased {
+                    allocation_id: req.allocation_id,
+                    agent_id: holder,
+                })
+                .await;
+        }
+        Ok(ReleaseReply { released })
+    }
+
+    pub(super) async fn capacity(&self, req: CapacityRequest) -> Result<CapacityStatus, Error> {
+        if let Some(r) = &req.requirements {
+            check_requirements(r)?;
+        }
+        let records = self.records();
+        Ok(machine::capacity_status(
+            &records,
+            req.requirements.as_ref(),
+            req.owner.as_deref(),
+            common::now_ms(),
+        ))
+    }
+
+    pub(super) async fn reserve(&self, req: ReserveRequest) -> Result<Reservation, Error> {
+        check_owner(&req.owner)?;
+        check_requirements(&req.requirements)?;
+        let now = common::now_ms();
+        if req.end_ms <= req.start_ms {
+            return Err(invalid("end_ms must be after start_ms".into()));
+        }
+        if req.end_ms <= now {
+            return Err(invalid("the window is already over".into()));
+        }
+        for _ in 0..PLACE_ATTEMPTS {
+            let now = common::now_ms();
+            let records = self.records();
+            let agent = match &req.agent_id {
+                Some(id) => {
+                    let rec = records
+                        .iter()
+                        .find(|r| &r.agent_id == id)
+                        .ok_or_else(|| Error::not_found(format!("no agent {id}")))?;
+                    machine::place_reservation(
+                        [rec],
+                        &req.requirements,
+                        req.start_ms,
+                        req.end_ms,
+                        now,
+                    )
+                }
+                None => machine::place_reservation(
+                    &records,
+                    &req.requirements,
+                    req.start_ms,
+                    req.end_ms,
+                    now,
+                ),
+            }
+            .map_err(|n| no_capacity(&n))?
+            .agent_id
+            .clone();
+            let reservation = Reservation {
+                reservation_id: ReservationId::random(),
+                agent_id: agent.clone(),
+                owner: req.owner.clone(),
+                resources: req.requirements.resources.clone(),
+                start_ms: req.start_ms,
+                end_ms: req.end_ms,
+                created_at_ms: now,
+            };
+            let booked = self
+                .update_agent(&agent, |mut rec| {
+                    if rec
+                        .fit_reservation(&req.requirements, req.start_ms, req.end_ms, now)
+                        .is_err()
+                    {
+                        return Ok(Step::Keep(false));
+                    }
+                    rec.reservations
+                        .insert(reservation.reservation_id.clone(), reservation.clone());
+                    Ok(Step::Write(rec, true))
+                })
+                .await?;
+            if booked {
+                self.events
+                    .publish(EventKind::ReservationMade {
+                        reservation_id: reservation.reservation_id.clone(),
+                        agent_id: agent,
+                        owner: reservation.owner.clone(),
+                        start_ms: reservation.start_ms,
+                        end_ms: reservation.end_ms,
+                        resources: reservation.resources.clone(),
+                    })
+                    .await;
+                return Ok(reservation);
+            }
+        }
+        Err(contention())
+    }
+
+    pub(super) async fn cancel_reservation(
+        &self,
+        req: CancelReservation,
+    ) -> Result<CancelReply, Error> {
+        let agent = req.agent_id.clone().or_else(|| {
+            self.records()
+                .into_iter()
+                .find(|r| r.reservations.contains_key(&req.reservation_id))
+                .map(|r| r.agent_id)
+        });
+        let none = CancelReply {
+            cancelled: false,
+            released: vec![],
+        };
+        let Some(agent) = agent else {
+            return Ok(none);
+        };
+        let outcome = self
+            .update_agent(&agent, |mut rec| {
+                Ok(match rec.cancel_reservation(&req.reservation_id) {
+                    Some(out) => Step::Write(rec, Some(out)),
+                    None => Step::Keep(None),
+                })
+            })
+            .await;
+        let (reservation, drawn) = match outcome {
+            Ok(Some(out)) => out,
+            Ok(None) => return Ok(none),
+            Err(e) if e.code == ErrorCode::NotFound => return Ok(none),
+            Err(e) => return Err(e),
+        };
+        self.reservations_ended(std::slice::from_ref(&reservation), "cancelled")
+            .await;
+        self.preempted(&drawn, "reservation_ended").await;
+        Ok(CancelReply {
+            cancelled: true,
+            released: drawn,
+        })
+    }
+
+    pub(super) async fn adjust(&self, req: AdjustRequest) -> Result<AdjustReply, Error> {
+        machine::check_amounts(&req.capacity).map_err(invalid)?;
+        let now = common::now_ms();
+        let reply = self
+            .update_agent(&req.agent_id, |rec| {
+                let shrink = machine::shrink_to_fit(&rec.with_capacity(&req.capacity), now);
+                let overflow = !shrink.evicted.is_empty() || !shrink.dropped.is_empty();
+                let mut reply = AdjustReply {
+                    applied: req.preempt || !overflow,
+                    capacity: shrink.record.capacity.clone(),
+                    no_longer_fit: shrink.evicted.clone(),
+                    reservations_no_longer_fit: shrink.dropped.clone(),
+                    preempted: vec![],
+                };
+                if !reply.applied {
+                    reply.capacity = rec.capacity.clone();
+                    return Ok(Step::Keep(reply));
+                }
+                reply.preempted = shrink.evicted.clone();
+                Ok(Step::Write(shrink.record, reply))
+            })
+            .await?;
+        if reply.applied {
+            self.events
+                .publish(EventKind::CapacityAdjusted {
+                    agent_id: req.agent_id.clone(),
+                    capacity: reply.capacity.clone(),
+                })
+                .await;
+            self.preempted(&reply.preempted, "capacity_reduced").await;
+            self.reservations_ended(&reply.reservations_no_longer_fit, "capacity_reduced")
+                .await;
+        }
+        Ok(reply)
+    }
+
+    pub(super) async fn optimize(&self, req: OptimizeRequest) -> Result<OptimizePlan, Error> {
+        let now = common::now_ms();
+        let max_moves = req.max_moves.unwrap_or(DEFAULT_MAX_MOVES).min(10_000);
+        let (moves, before, mut after) = machine::plan(&self.records(), max_moves, now);
+        let mut applied = Vec::new();
+        if req.apply {
+            for m in &moves {
+                if self.apply_move(m, now).await? {
+                    applied.push(m.allocation_id.clone());
+                }
+            }
+            after = machine::utilisation(&self.records(), common::now_ms());
+        }
+        Ok(OptimizePlan {
+            moves,
+            before,
+            after,
+            applied,
+        })
+    }
+
+    /// Moves one allocation: books it on the destination first, then removes it
+    /// from the source (so it is never held nowhere); if the source no longer
+    /// has it (released meanwhile), the destination copy is removed again.
+    async fn apply_move(&self, m: &common::msg::Move, now: u64) -> Result<bool, Error> {
+        let Some((src, _)) = self.cache.get(&m.from) else {
+            return Ok(false);
+        };
+        let Some(original) = src.allocations.get(&m.allocation_id).cloned() else {
+            return Ok(false);
+        };
+        if !original.movable || original.pending || original.reservation_id.is_some() {
+            return Ok(false);
+        }
+        let req = machine::requirements_of(&original);
+        let booked = self
+            .update_agent(&m.to, |mut rec| {
+                if rec.fit(&req, None, now) != Ok(Draw::General) {
+                    return Ok(Step::Keep(false));
+                }
+                let mut moved = original.clone();
+                moved.agent_id = rec.agent_id.clone();
+                rec.allocations.insert(moved.allocation_id.clone(), moved);
+                Ok(Step::Write(rec, true))
+            })
+            .await?;
+        if !booked {
+            return Ok(false);
+        }
+        let removed = self
+            .update_agent(&m.from, |mut rec| {
+                Ok(match rec.allocations.remove(&m.allocation_id) {
+                    Some(_) => Step::Write(rec, true),
+                    None => Step::Keep(false),
+                })
+            })
+            .await
+            .unwrap_or(false);
+        if !removed {
+            self.update_agent(&m.to, |mut rec| {
+                Ok(match rec.allocations.remove(&m.allocation_id) {
+                    Some(_) => Step::Write(rec, ()),
+                    None => Step::Keep(()),
+                })
+            })
+            .await?;
+            return Ok(false);
+        }
+        self.events
+            .publish(EventKind::AllocationMoved {
+                allocation_id: m.allocation_id.clone(),
+                owner: m.owner.clone(),
+                from: m.from.clone(),
+                to: m.to.clone(),
+            })
+            .await;
+        Ok(true)
+    }
+}

@@ -1,0 +1,119 @@
+//! The periodic sweep every replica runs: lost agents, expired reservations,
+//! unconfirmed gang members.
+//!
+//! Replicas sweep independently; each transition is a compare-and-set that
+//! re-checks its condition on the record being written, so when two replicas
+//! race, one writes and publishes the event and the other finds nothing to do.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::msg::EventKind;
+use common::nats::Step;
+
+use super::Allocator;
+use crate::machine::{AgentRecord, Expired};
+
+impl Allocator {
+    pub(super) async fn sweep_forever(self: Arc<Self>, every_ms: u64) {
+        let mut tick = tokio::time::interval(Duration::from_millis(every_ms.max(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.sweep().await;
+        }
+    }
+
+    async fn sweep(&self) {
+        let now = common::now_ms();
+        for rec in self.records() {
+            let beat = self.beats.get(&rec.agent_id).map(|(b, _)| b.at_ms);
+            if rec.lost_at(beat.unwrap_or(0), now).is_some() {
+                self.lose(&rec).await;
+            }
+            let mut probe = rec.clone();
+            if !probe.expire(now, self.gang_deadline_ms).is_empty() {
+                self.expire(&rec).await;
+            }
+        }
+    }
+
+    /// Marks the agent lost if, on fresh data, it still has missed its heartbeats.
+    async fn lose(&self, rec: &AgentRecord) {
+        let beat = self.last_beat(&rec.agent_id).await;
+        let now = common::now_ms();
+        let outcome = self
+            .update_agent(&rec.agent_id, |mut rec| {
+                let Some(seen) = rec.lost_at(beat, now) else {
+                    return Ok(Step::Keep(None));
+                };
+                let released = rec.mark_lost();
+                Ok(Step::Write(rec, Some((seen, released))))
+            })
+            .await;
+        match outcome {
+            Ok(Some((last_seen_ms, released))) => {
+                tracing::info!(agent = %rec.agent_id, released = released.len(), "agent lost");
+                self.events
+                    .publish(EventKind::AgentLost {
+                        agent_id: rec.agent_id.clone(),
+                        last_seen_ms,
+                        released,
+                    })
+                    .await;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(agent = %rec.agent_id, error = %e, "lost check deferred"),
+        }
+    }
+
+    async fn expire(&self, rec: &AgentRecord) {
+        let now = common::now_ms();
+        let deadline = self.gang_deadline_ms;
+        let outcome = self
+            .update_agent(&rec.agent_id, |mut rec| {
+                let expired = rec.expire(now, deadline);
+                Ok(if expired.is_empty() {
+                    Step::Keep(Expired::default())
+                } else {
+                    Step::Write(rec, expired)
+                })
+            })
+            .await;
+        match outcome {
+            Ok(expired) => {
+                self.reservations_ended_pub(&expired).await;
+            }
+            Err(e) => tracing::debug!(agent = %rec.agent_id, error = %e, "expiry deferred"),
+        }
+    }
+
+    async fn reservations_ended_pub(&self, expired: &Expired) {
+        for r in &expired.reservations {
+            self.events
+                .publish(EventKind::ReservationEnded {
+                    reservation_id: r.reservation_id.clone(),
+                    agent_id: r.agent_id.clone(),
+                    owner: r.owner.clone(),
+                    reason: "expired".into(),
+                })
+                .await;
+        }
+        for (allocs, reason) in [
+            (&expired.drawn, "reservation_ended"),
+            (&expired.unconfirmed, "gang_rolled_back"),
+        ] {
+            for a in allocs {
+                self.events
+                    .publish(EventKind::AllocationPreempted {
+                        allocation_id: a.allocation_id.clone(),
+                        agent_id: a.agent_id.clone(),
+                        owner: a.owner.clone(),
+                        priority: a.priority,
+                        reason: reason.to_owned(),
+                    })
+                    .await;
+            }
+        }
+    }
+}
