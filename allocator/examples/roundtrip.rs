@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
         priority: 0,
+        allocation_id: None,
     });
     let per_task = args.ops / args.concurrency.max(1);
     let started = Instant::now();
@@ -72,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
                 };
                 let release = ReleaseRequest {
                     allocation_id: a.allocation_id,
-                    agent_id: a.agent_id,
+                    agent_id: Some(a.agent_id),
                 };
                 if client.release(&release).await.is_ok() {
                     done += 1;

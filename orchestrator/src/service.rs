@@ -30,7 +30,7 @@ use common::nats::{self as bus, Bucket, EventPublisher, Step, Stream};
 use common::service::Service;
 use common::{subject, telemetry, AgentId, AllocationId, Error, ErrorCode, FlowId, TaskId};
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
 
 use crate::machine::{self, Effect, Flow, Rejection};
@@ -62,6 +62,9 @@ impl Config {
 const NAME: &str = "orchestrator";
 /// Most commands applied in one step.
 const MAX_BATCH: usize = 512;
+/// Allocation requests one replica has in flight at most: enough to keep the
+/// allocator busy, few enough that a burst of ready tasks does not swamp it.
+const MAX_PLACING: usize = 64;
 /// An actor with nothing to do for this long goes away (its flow stays in KV).
 const ACTOR_IDLE: Duration = Duration::from_secs(30);
 
@@ -110,6 +113,8 @@ struct Orchestrator {
     actors: Mutex<HashMap<FlowId, mpsc::UnboundedSender<Cmd>>>,
     /// Flows known to be finished: final, so the sweep never loads them again.
     finished: Mutex<HashSet<FlowId>>,
+    /// Bounds allocation requests in flight (see [`MAX_PLACING`]).
+    placing: Semaphore,
 }
 
 /// Runs the orchestrator until `shutdown` resolves, then drains the connection.
@@ -128,6 +133,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         events: EventPublisher::new(nats.clone(), NAME),
         actors: Mutex::default(),
         finished: Mutex::default(),
+        placing: Semaphore::new(MAX_PLACING),
     });
 
     let mut service = Service::start(
@@ -576,22 +582,45 @@ impl Orchestrator {
                 owner: format!("{}/{}", flow.id, task),
                 requirements: t.spec.requirements.clone(),
                 priority: t.spec.priority,
+                allocation_id: Some(AllocationId::random()),
             };
             let (o, flow_id) = (self.clone(), flow.id.clone());
             tokio::spawn(
                 async move {
-                    let cmd = match o.client.allocate(&request).await {
-                        Ok(allocation) => Cmd::Assign { task, allocation },
-                        Err(e) => {
-                            // No capacity yet is normal: the next tick tries again.
-                            tracing::debug!(flow = %flow_id, %task, code = %e.code, message = %e.message, "not placed");
-                            Cmd::Unplaced { task }
-                        }
+                    let cmd = match o.place(&request).await {
+                        Some(allocation) => Cmd::Assign { task, allocation },
+                        None => Cmd::Unplaced { task },
                     };
                     o.send(&flow_id, cmd);
                 }
                 .in_current_span(),
             );
+        }
+    }
+
+    /// One placement through the allocator, with at most [`MAX_PLACING`] in
+    /// flight per replica. A request that got no answer may still have been
+    /// booked, so its (caller-chosen) allocation id is released, now and once
+    /// more a little later in case the booking lands after the first release.
+    async fn place(self: &Arc<Self>, request: &AllocateRequest) -> Option<Allocation> {
+        let _slot = self.placing.acquire().await.ok()?;
+        match self.client.allocate(request).await {
+            Ok(allocation) => Some(allocation),
+            Err(e) => {
+                // No capacity yet is normal: the next tick tries again.
+                tracing::debug!(owner = %request.owner, code = %e.code, message = %e.message, "not placed");
+                if let (ErrorCode::Timeout | ErrorCode::Unavailable, Some(id)) =
+                    (e.code, &request.allocation_id)
+                {
+                    let (o, id) = (self.clone(), id.clone());
+                    tokio::spawn(async move {
+                        o.release_by_id(id.clone(), None).await;
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        o.release_by_id(id, None).await;
+                    });
+                }
+                None
+            }
         }
     }
 
@@ -649,19 +678,20 @@ impl Orchestrator {
     }
 
     fn release(self: &Arc<Self>, agent: AgentId, allocation: AllocationId) {
-        let client = self.client.clone();
+        let o = self.clone();
         tokio::spawn(
-            async move {
-                let req = ReleaseRequest {
-                    allocation_id: allocation,
-                    agent_id: agent,
-                };
-                if let Err(e) = client.release(&req).await {
-                    tracing::warn!(allocation = %req.allocation_id, error = %e, "release failed");
-                }
-            }
-            .in_current_span(),
+            async move { o.release_by_id(allocation, Some(agent)).await }.in_current_span(),
         );
+    }
+
+    async fn release_by_id(&self, allocation: AllocationId, agent: Option<AgentId>) {
+        let req = ReleaseRequest {
+            allocation_id: allocation,
+            agent_id: agent,
+        };
+        if let Err(e) = self.client.release(&req).await {
+            tracing::warn!(allocation = %req.allocation_id, error = %e, "release failed");
+        }
     }
 
     /// Hands agents' reports from the shared durable consumer to the flows' actors.

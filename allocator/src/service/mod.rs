@@ -70,6 +70,8 @@ pub(crate) struct Allocator {
     beats: cache::Cache<cache::Beat>,
     events: EventPublisher,
     gang_deadline_ms: u64,
+    /// Per-agent booking locks (see `update_agent`).
+    locks: std::sync::Mutex<std::collections::HashMap<AgentId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
@@ -102,6 +104,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         beats: cache::Cache::default(),
         events: EventPublisher::new(nats.clone(), NAME),
         gang_deadline_ms: cfg.gang_deadline_ms,
+        locks: Default::default(),
     });
     let watchers = [
         alloc.cache.clone().start(agents).await?,

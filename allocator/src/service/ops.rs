@@ -2,6 +2,7 @@
 //! compare-and-set on the agent records it touches.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -64,6 +65,11 @@ impl Allocator {
         }
     }
 
+    fn agent_lock(&self, id: &AgentId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(id.clone()).or_default().clone()
+    }
+
     /// Compare-and-set on one agent's record, starting from the cached copy.
     /// A lost race refreshes the copy and runs `f` again; so does a decision
     /// to change nothing made on the cache (it may be stale: a release must
@@ -74,6 +80,11 @@ impl Allocator {
         id: &AgentId,
         mut f: impl FnMut(AgentRecord) -> Result<Step<AgentRecord, R>, Error>,
     ) -> Result<R, Error> {
+        // One booking per agent at a time in this replica: concurrent requests
+        // for one agent queue here instead of losing compare-and-sets to each
+        // other. Other replicas are still fenced by the compare-and-set.
+        let lock = self.agent_lock(id);
+        let _held = lock.lock().await;
         let mut fresh = false;
         for attempt in 0..bus::CAS_ATTEMPTS {
             let cached = match self.cache.get(id) {
@@ -195,15 +206,25 @@ impl Allocator {
     pub(super) async fn allocate(&self, req: AllocateRequest) -> Result<Allocation, Error> {
         check_requirements(&req.requirements)?;
         check_owner(&req.owner)?;
+        let id = req
+            .allocation_id
+            .clone()
+            .unwrap_or_else(AllocationId::random);
         for _ in 0..PLACE_ATTEMPTS {
             let now = common::now_ms();
             let records = self.records();
+            // A retry of a request that was booked already gets the same answer.
+            if let Some(a) = records.iter().find_map(|r| r.allocations.get(&id)) {
+                return Ok(a.clone());
+            }
             let chosen = machine::place(&records, &req.requirements, Some(&req.owner), now)
                 .map_err(|n| no_capacity(&n))?;
             let agent = chosen.agent.agent_id.clone();
-            let id = AllocationId::random();
             let booked = self
                 .update_agent(&agent, |mut rec| {
+                    if let Some(a) = rec.allocations.get(&id) {
+                        return Ok(Step::Keep(Some(a.clone())));
+                    }
                     // Decide again on the record being written: the view it was
                     // chosen from may be stale.
                     let Ok(draw) = rec.fit(&req.requirements, Some(&req.owner), now) else {
@@ -420,10 +441,13 @@ impl Allocator {
             })
         };
         let mut holder = req.agent_id.clone();
-        let mut released = match self.update_agent(&holder, remove).await {
-            Ok(r) => r,
-            Err(e) if e.code == ErrorCode::NotFound => false,
-            Err(e) => return Err(e),
+        let mut released = match &holder {
+            Some(agent) => match self.update_agent(agent, remove).await {
+                Ok(r) => r,
+                Err(e) if e.code == ErrorCode::NotFound => false,
+                Err(e) => return Err(e),
+            },
+            None => false,
         };
         if !released {
             // It may have been moved by a rebalancing: release it where it is now.
@@ -432,11 +456,11 @@ impl Allocator {
                 .into_iter()
                 .find(|r| r.allocations.contains_key(&req.allocation_id));
             if let Some(rec) = elsewhere {
-                holder = rec.agent_id.clone();
-                released = self.update_agent(&holder, remove).await?;
+                released = self.update_agent(&rec.agent_id, remove).await?;
+                holder = Some(rec.agent_id);
             }
         }
-        if released {
+        if let (true, Some(holder)) = (released, holder) {
             self.events
                 .publish(EventKind::AllocationReleased {
                     allocation_id: req.allocation_id,

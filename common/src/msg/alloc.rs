@@ -65,6 +65,11 @@ pub struct AllocateRequest {
     /// Higher is more important; preemption releases the lowest first. Default 0.
     #[serde(default)]
     pub priority: i32,
+    /// Id for the allocation, chosen by the caller so that a retried or timed-out
+    /// request is harmless: an allocation with this id that exists already is
+    /// returned as it is, and the id can be released without knowing the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_id: Option<AllocationId>,
 }
 
 /// A live allocation: `resources` held on `agent_id` for `owner`.
@@ -127,8 +132,10 @@ pub struct GangReply {
 #[serde(deny_unknown_fields)]
 pub struct ReleaseRequest {
     pub allocation_id: AllocationId,
-    /// Where it was placed. If it has been moved since, it is found where it is now.
-    pub agent_id: AgentId,
+    /// Where it was placed, if known. If it has been moved since, or is not
+    /// given, it is found where it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
 }
 
 /// Reply to a release.

@@ -135,8 +135,12 @@ fn every_message_round_trips() {
         at_ms: 3,
     });
     round_trip(&ReleaseRequest {
+        allocation_id: alloc.clone(),
+        agent_id: Some(a("w1")),
+    });
+    round_trip(&ReleaseRequest {
         allocation_id: alloc,
-        agent_id: a("w1"),
+        agent_id: None,
     });
 }
 

@@ -51,6 +51,7 @@ async fn allocate(
         owner: owner.into(),
         requirements: req,
         priority,
+        allocation_id: None,
     })
     .await
 }
@@ -132,7 +133,7 @@ async fn heartbeat_loss_marks_the_agent_lost_releases_and_says_so() {
     let again = c
         .release(&ReleaseRequest {
             allocation_id: held.allocation_id.clone(),
-            agent_id: id("w1"),
+            agent_id: Some(id("w1")),
         })
         .await
         .unwrap();
@@ -175,7 +176,7 @@ async fn deregistered_agents_drain() {
     let r = c
         .release(&ReleaseRequest {
             allocation_id: held.allocation_id,
-            agent_id: id("w1"),
+            agent_id: Some(id("w1")),
         })
         .await
         .unwrap();
@@ -495,7 +496,7 @@ async fn optimize_plans_and_moves_only_movable_allocations() {
     let r = c
         .release(&ReleaseRequest {
             allocation_id: held[0].allocation_id.clone(),
-            agent_id: id("hot"),
+            agent_id: Some(id("hot")),
         })
         .await
         .unwrap();
@@ -608,7 +609,7 @@ async fn two_replicas_never_over_allocate_under_500_concurrent_requests() {
                     let r = client
                         .release(&ReleaseRequest {
                             allocation_id: a.allocation_id.clone(),
-                            agent_id: a.agent_id.clone(),
+                            agent_id: Some(a.agent_id.clone()),
                         })
                         .await
                         .unwrap();

@@ -91,6 +91,7 @@ async fn malformed_requests_get_typed_errors_and_change_nothing() {
             ..Default::default()
         },
         priority: 0,
+        allocation_id: None,
     };
     assert_eq!(
         sys.client.allocate(&negative).await.unwrap_err().code,
@@ -107,6 +108,7 @@ async fn malformed_requests_get_typed_errors_and_change_nothing() {
         owner: "me".into(),
         requirements: Requirements::default(),
         priority: 0,
+        allocation_id: None,
     };
     let err = sys.client.allocate(&nothing).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::NoCapacity);
