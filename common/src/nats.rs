@@ -22,6 +22,9 @@ pub const STREAM_REPORTS: &str = "COORD_REPORTS";
 pub const STREAM_EVENTS: &str = "COORD_EVENTS";
 /// The orchestrators' shared durable consumer on [`STREAM_REPORTS`].
 pub const CONSUMER_ORCHESTRATOR: &str = "orchestrator";
+/// The orchestrators' shared durable consumer of the allocator's `agent.lost`
+/// and `allocation.preempted` events on [`STREAM_EVENTS`].
+pub const CONSUMER_ORCHESTRATOR_ALLOCATOR_EVENTS: &str = "orchestrator-allocator-events";
 
 /// Flows and their tasks' states, one entry per flow.
 pub const KV_FLOWS: &str = "coord_flows";

@@ -121,6 +121,28 @@ where
     }
     tracing::info!(agent = %opts.agent_id, "registered");
 
+    // Declared lost (a long pause, a partition)? Register again to get work again.
+    let mut lost = nats
+        .subscribe(subject::event::AGENT_LOST)
+        .await
+        .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+    let (me, again) = (opts.agent_id.clone(), client.clone());
+    let reregister = tokio::spawn(async move {
+        while let Some(msg) = lost.next().await {
+            let Ok(event) = serde_json::from_slice::<common::msg::Event>(&msg.payload) else {
+                continue;
+            };
+            if let common::msg::EventKind::AgentLost { agent_id, .. } = event.kind {
+                if agent_id == me {
+                    tracing::warn!(agent = %me, "declared lost by the allocator, registering again");
+                    if let Err(e) = again.register_agent(&registration).await {
+                        tracing::warn!(agent = %me, error = %e, "registering again failed");
+                    }
+                }
+            }
+        }
+    });
+
     let running = Arc::new(AtomicU32::new(0));
     let in_flight: InFlight = Arc::default();
     let mut cancels = nats
@@ -210,6 +232,7 @@ where
     let _ = limit.acquire_many(opts.concurrency.max(1) as u32).await;
     heartbeat.abort();
     canceller.abort();
+    reregister.abort();
     Ok(())
 }
 

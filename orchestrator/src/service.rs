@@ -33,6 +33,8 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
 
+use common::msg::TaskState;
+
 use crate::machine::{self, Effect, Flow, Rejection};
 
 /// Orchestrator settings.
@@ -65,6 +67,10 @@ const MAX_BATCH: usize = 512;
 /// Allocation requests one replica has in flight at most: enough to keep the
 /// allocator busy, few enough that a burst of ready tasks does not swamp it.
 const MAX_PLACING: usize = 64;
+/// An assignment not started this long after it was recorded is published again.
+const REDELIVER_AFTER_MS: u64 = 2_000;
+/// ... but only while the stream's duplicate window (2 min) still recognises it.
+const REDELIVER_UNTIL_MS: u64 = 100_000;
 /// An actor with nothing to do for this long goes away (its flow stays in KV).
 const ACTOR_IDLE: Duration = Duration::from_secs(30);
 
@@ -98,6 +104,14 @@ enum Cmd {
         attempt: u32,
     },
     Tick,
+    /// The allocator declared the agent lost.
+    AgentLost(AgentId),
+    /// The allocator took an allocation back.
+    Preempted {
+        task: TaskId,
+        allocation: AllocationId,
+        reason: String,
+    },
     Control {
         op: Control,
         reply: oneshot::Sender<Result<FlowStatus, Error>>,
@@ -184,6 +198,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
             .await?;
     }
 
+    let allocator_events = tokio::spawn(orch.clone().consume_allocator_events());
     let reports = tokio::spawn(
         orch.clone()
             .consume_reports(Duration::from_millis(cfg.report_ack_wait_ms.max(100))),
@@ -198,6 +213,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     tracing::info!("orchestrator shutting down");
     service.stop().await;
     reports.abort();
+    allocator_events.abort();
     sweeper.abort();
     nats.drain().await.ok();
     Ok(())
@@ -324,6 +340,7 @@ impl Orchestrator {
 
     async fn actor(self: Arc<Self>, flow: FlowId, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         let mut placing: HashSet<TaskId> = HashSet::new();
+        let mut resent: HashMap<(TaskId, u32), u64> = HashMap::new();
         // The flow as this actor last wrote it, with its revision.
         let mut cache: Option<(Flow, u64)> = None;
         loop {
@@ -351,9 +368,15 @@ impl Orchestrator {
                     Err(_) => break,
                 }
             }
+            let ticked = batch.iter().any(|c| matches!(c, Cmd::Tick));
             let finished = self
                 .apply_batch(&flow, batch, &mut placing, &mut cache)
                 .await;
+            if ticked {
+                if let Some((f, _)) = &cache {
+                    self.redeliver(f, common::now_ms(), &mut resent);
+                }
+            }
             if finished {
                 if let Ok(mut done) = self.finished.lock() {
                     done.insert(flow.clone());
@@ -460,7 +483,14 @@ impl Orchestrator {
                 (Cmd::Assign { task, allocation }, Ok((attempt, e))) => {
                     placing.remove(&task);
                     effects.extend(e);
-                    self.send_assignment(flow, &task, attempt, allocation, now);
+                    self.send_assignment(
+                        flow,
+                        &task,
+                        attempt,
+                        allocation.agent_id,
+                        allocation.allocation_id,
+                        now,
+                    );
                 }
                 (Cmd::Assign { task, allocation }, Err(rejection)) => {
                     placing.remove(&task);
@@ -624,6 +654,49 @@ impl Orchestrator {
         }
     }
 
+    /// Publishes again the assignments that are still not started a while after
+    /// they were recorded. The replica that recorded one may have died before
+    /// publishing it; the `Nats-Msg-Id` makes a repeat of one that did get
+    /// through a no-op, as long as it falls inside the stream's duplicate window.
+    fn redeliver(
+        self: &Arc<Self>,
+        flow: &Flow,
+        now: u64,
+        resent: &mut HashMap<(TaskId, u32), u64>,
+    ) {
+        resent.retain(|(task, attempt), _| {
+            flow.tasks
+                .get(task)
+                .is_some_and(|t| t.state == TaskState::Assigned && t.attempt == *attempt)
+        });
+        for t in flow
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Assigned)
+        {
+            let Some(assigned) = t.assigned_ms else {
+                continue;
+            };
+            let age = now.saturating_sub(assigned);
+            if !(REDELIVER_AFTER_MS..REDELIVER_UNTIL_MS).contains(&age) {
+                continue;
+            }
+            let key = (t.spec.id.clone(), t.attempt);
+            if resent
+                .get(&key)
+                .is_some_and(|last| now.saturating_sub(*last) < REDELIVER_AFTER_MS)
+            {
+                continue;
+            }
+            let (Some(agent), Some(allocation)) = (t.agent.clone(), t.allocation.clone()) else {
+                continue;
+            };
+            resent.insert(key, now);
+            tracing::debug!(flow = %flow.id, task = %t.spec.id, attempt = t.attempt, "assignment published again");
+            self.send_assignment(flow, &t.spec.id, t.attempt, agent, allocation, assigned);
+        }
+    }
+
     /// Publishes an assignment on the agent's durable subject; if JetStream does
     /// not take it, the task goes back to ready.
     fn send_assignment(
@@ -631,8 +704,9 @@ impl Orchestrator {
         flow: &Flow,
         task: &TaskId,
         attempt: u32,
-        allocation: Allocation,
-        now: u64,
+        agent: AgentId,
+        allocation: AllocationId,
+        assigned_at_ms: u64,
     ) {
         let Some(t) = flow.tasks.get(task) else {
             return;
@@ -641,12 +715,12 @@ impl Orchestrator {
             flow_id: flow.id.clone(),
             task_id: task.clone(),
             attempt,
-            agent_id: allocation.agent_id.clone(),
+            agent_id: agent,
             kind: t.spec.kind.clone(),
             input: t.spec.input.clone(),
-            allocation_id: allocation.allocation_id.clone(),
-            resources: allocation.resources.clone(),
-            assigned_at_ms: now,
+            allocation_id: allocation,
+            resources: t.spec.requirements.resources.clone(),
+            assigned_at_ms,
         };
         let o = self.clone();
         tokio::spawn(
@@ -758,6 +832,85 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Re-queues the tasks of agents the allocator declared lost and of
+    /// allocations it preempted. Read from the events stream through a durable
+    /// consumer, so an event published while no orchestrator ran is not missed.
+    async fn consume_allocator_events(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.clone().consume_allocator_events_once().await {
+                tracing::warn!(error = %e, "allocator event consumer stopped, restarting");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn consume_allocator_events_once(self: Arc<Self>) -> Result<(), Error> {
+        let unavailable =
+            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
+        let stream = self
+            .js
+            .get_stream(common::nats::STREAM_EVENTS)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let consumer = stream
+            .get_or_create_consumer(
+                common::nats::CONSUMER_ORCHESTRATOR_ALLOCATOR_EVENTS,
+                consumer::pull::Config {
+                    durable_name: Some(
+                        common::nats::CONSUMER_ORCHESTRATOR_ALLOCATOR_EVENTS.to_owned(),
+                    ),
+                    filter_subjects: vec![
+                        subject::event::AGENT_LOST.to_owned(),
+                        subject::event::ALLOCATION_PREEMPTED.to_owned(),
+                    ],
+                    deliver_policy: consumer::DeliverPolicy::New,
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+        while let Some(msg) = messages.next().await {
+            let msg = msg.map_err(|e| unavailable(&e))?;
+            match serde_json::from_slice::<common::msg::Event>(&msg.payload).map(|e| e.kind) {
+                Ok(EventKind::AgentLost {
+                    agent_id, released, ..
+                }) => {
+                    let flows: HashSet<FlowId> = released
+                        .iter()
+                        .filter_map(|a| owner_task(&a.owner))
+                        .map(|(f, _)| f)
+                        .collect();
+                    tracing::info!(agent = %agent_id, flows = flows.len(), "agent lost, re-queuing its tasks");
+                    for flow in flows {
+                        self.send(&flow, Cmd::AgentLost(agent_id.clone()));
+                    }
+                }
+                Ok(EventKind::AllocationPreempted {
+                    allocation_id,
+                    owner,
+                    reason,
+                    ..
+                }) => {
+                    if let Some((flow, task)) = owner_task(&owner) {
+                        self.send(
+                            &flow,
+                            Cmd::Preempted {
+                                task,
+                                allocation: allocation_id,
+                                reason,
+                            },
+                        );
+                    }
+                }
+                _ => {}
+            }
+            let _ = msg.ack().await;
+        }
+        Ok(())
+    }
+
     /// Ticks every unfinished flow: deadlines, back-offs, unplaced tasks.
     async fn sweep(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
@@ -790,6 +943,12 @@ impl Orchestrator {
     }
 }
 
+/// The flow and task an allocation owner names (`{flow}/{task}`), if it is one of ours.
+fn owner_task(owner: &str) -> Option<(FlowId, TaskId)> {
+    let (flow, task) = owner.split_once('/')?;
+    Some((FlowId::new(flow).ok()?, TaskId::new(task).ok()?))
+}
+
 /// One command applied to the flow. `Ok` carries the attempt number for an
 /// assignment (0 otherwise) and the step's effects.
 fn step(flow: &mut Flow, cmd: &Cmd, now: u64) -> Result<(u32, Vec<Effect>), Rejection> {
@@ -801,6 +960,12 @@ fn step(flow: &mut Flow, cmd: &Cmd, now: u64) -> Result<(u32, Vec<Effect>), Reje
         Cmd::Unplaced { .. } => Ok((0, Vec::new())),
         Cmd::Unassign { task, attempt } => flow.unassign(task, *attempt, now).map(|e| (0, e)),
         Cmd::Tick => Ok((0, flow.tick(now))),
+        Cmd::AgentLost(agent) => Ok((0, flow.agent_lost(agent, now))),
+        Cmd::Preempted {
+            task,
+            allocation,
+            reason,
+        } => Ok((0, flow.preempted(task, allocation, reason, now))),
         Cmd::Control { op, .. } => match op {
             Control::Pause => flow.pause(),
             Control::Resume => flow.resume(now),

@@ -502,6 +502,48 @@ impl Flow {
         effects
     }
 
+    /// The allocator took back the allocation an attempt runs on (capacity
+    /// reduced, reservation ended): the attempt fails like one whose agent was
+    /// lost, and is retried under the task's policy.
+    pub fn preempted(
+        &mut self,
+        task: &TaskId,
+        allocation: &AllocationId,
+        reason: &str,
+        now_ms: u64,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let holds = self
+            .tasks
+            .get(task)
+            .is_some_and(|t| t.state.is_active() && t.allocation.as_ref() == Some(allocation));
+        if holds && !self.state.is_terminal() {
+            if let Some(t) = self.tasks.get(task) {
+                if let Some(agent) = t.agent.clone() {
+                    effects.push(Effect::Cancel {
+                        agent,
+                        notice: CancelNotice {
+                            flow_id: self.id.clone(),
+                            task_id: task.clone(),
+                            attempt: t.attempt,
+                            reason: format!("resources preempted: {reason}"),
+                        },
+                    });
+                }
+            }
+            let error = format!("preempted: {reason}");
+            self.fail_attempt(
+                task,
+                FailureKind::AgentLost,
+                true,
+                &error,
+                now_ms,
+                &mut effects,
+            );
+        }
+        effects
+    }
+
     /// Stops new dispatch; running tasks finish and are recorded.
     pub fn pause(&mut self) -> Result<Vec<Effect>, Rejection> {
         match self.state {
@@ -653,7 +695,7 @@ impl Flow {
         let outcome = match kind {
             FailureKind::Error => format!("failed: {error}"),
             FailureKind::Timeout => format!("timed out: {error}"),
-            FailureKind::AgentLost => "agent lost".to_owned(),
+            FailureKind::AgentLost => error.to_owned(),
         };
         self.close_attempt(id, &outcome, now_ms, effects);
         let Some(t) = self.tasks.get_mut(id) else {

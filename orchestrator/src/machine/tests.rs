@@ -620,3 +620,18 @@ fn status_reports_who_runs_what_and_the_critical_path() {
     assert_eq!(s.eta_ms, Some(7_000));
     assert_eq!(s.attempts, 1);
 }
+
+#[test]
+fn a_preempted_attempt_is_retried_and_only_its_own_allocation_counts() {
+    let mut flow = flow_of(vec![retrying("a", 2)]);
+    assign(&mut flow, "a", "w1", 0);
+    let current = flow.tasks[&tid("a")].allocation.clone().unwrap();
+    assert!(flow
+        .preempted(&tid("a"), &AllocationId::new("other").unwrap(), "x", 1)
+        .is_empty());
+    let e = flow.preempted(&tid("a"), &current, "capacity_reduced", 1);
+    assert!(e.iter().any(|e| matches!(e, Effect::Cancel { .. })));
+    let t = &flow.tasks[&tid("a")];
+    assert_eq!(t.state, TaskState::Ready);
+    assert!(t.error.as_deref().unwrap().contains("capacity_reduced"));
+}

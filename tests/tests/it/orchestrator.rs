@@ -528,7 +528,12 @@ async fn with_two_replicas_and_one_killed_every_task_completes_exactly_once() {
     let mut all = Vec::new();
     for f in &flows {
         let done = wait_finished(&sys.client, f, Duration::from_secs(90)).await;
-        assert_eq!(done.state, FlowState::Succeeded, "flow {f}");
+        let failed: Vec<_> = done
+            .tasks
+            .iter()
+            .filter(|t| t.state != TaskState::Succeeded)
+            .collect();
+        assert_eq!(done.state, FlowState::Succeeded, "flow {f}: {failed:?}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     all.extend(drain(&mut events));
@@ -544,4 +549,141 @@ async fn with_two_replicas_and_one_killed_every_task_completes_exactly_once() {
         let _ = stop.send(());
         handle.await.unwrap().unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_lost_agents_task_is_requeued_to_another_agent() {
+    let sys = System::start().await;
+    let js = jetstream::new(sys.nats.clone());
+    let ghost = AgentId::new("ghost").unwrap();
+    let mut rejected = sys
+        .nats
+        .subscribe(subject::event::REPORT_REJECTED)
+        .await
+        .unwrap();
+    // "ghost" registers with a short heartbeat interval, takes the task, says it
+    // started, and never heartbeats: the allocator declares it lost.
+    sys.client
+        .register_agent(&RegisterAgent {
+            agent_id: ghost.clone(),
+            capabilities: vec!["ghostly".into()],
+            labels: Default::default(),
+            capacity: [("cpu".to_string(), 1.0)].into(),
+            heartbeat_interval_ms: 300,
+        })
+        .await
+        .unwrap();
+    let consumer = js
+        .get_stream(common::nats::STREAM_ASSIGN)
+        .await
+        .unwrap()
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("agent-ghost".into()),
+            filter_subject: subject::assign(&ghost),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut t = cpu_task("t", &[]);
+    t.retry = RetryPolicy {
+        max_attempts: 2,
+        backoff_base_ms: 10,
+        ..Default::default()
+    };
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new("lost", vec![t]))
+        .await
+        .unwrap();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(10))
+        .messages()
+        .await
+        .unwrap();
+    let msg = batch.next().await.expect("an assignment").unwrap();
+    msg.ack().await.unwrap();
+    let started = json!({"flow_id": created.flow_id, "task_id": "t", "attempt": 1, "agent_id": ghost, "type": "started"});
+    js.publish(subject::report(&ghost), started.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // A live agent joins; once the ghost is declared lost, the task moves to it.
+    let (stop, agent) = spawn_agent(
+        &sys.nats,
+        "alive",
+        1.0,
+        |a| async move { Ok(json!(a.attempt)) },
+    );
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(20)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    assert_eq!(done.tasks[0].attempt, 2);
+    assert_eq!(
+        done.tasks[0].agent_id.as_ref().map(AgentId::as_str),
+        Some("alive")
+    );
+    let late = json!({"flow_id": created.flow_id, "task_id": "t", "attempt": 1, "agent_id": ghost, "type": "completed"});
+    js.publish(subject::report(&ghost), late.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(5), rejected.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let event: Event = serde_json::from_slice(&msg.payload).unwrap();
+    assert!(
+        matches!(event.kind, EventKind::ReportRejected { attempt: 1, .. }),
+        "{event:?}"
+    );
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_assignment_recorded_but_never_sent_is_delivered_by_the_sweep() {
+    let sys = System::start().await;
+    let (stop, agent) = spawn_agent(&sys.nats, "x", 1.0, |a| async move { Ok(json!(a.attempt)) });
+    wait_registered(&sys.client, "x").await;
+    // As if a replica booked the task, wrote `assigned`, and died before publishing.
+    let allocation = sys
+        .client
+        .allocate(&common::msg::AllocateRequest {
+            owner: "stranded/a".into(),
+            requirements: cpu_task("a", &[]).requirements,
+            priority: 0,
+            allocation_id: None,
+        })
+        .await
+        .unwrap();
+    let id = FlowId::new("stranded").unwrap();
+    let now = common::now_ms();
+    let (mut flow, _) = orchestrator::machine::Flow::new(
+        id.clone(),
+        FlowSpec::new("stranded", vec![cpu_task("a", &[])]),
+        now - 5_000,
+    );
+    flow.assign(
+        &tid("a"),
+        &allocation.agent_id,
+        &allocation.allocation_id,
+        now - 3_000,
+    )
+    .unwrap();
+    let kv = jetstream::new(sys.nats.clone())
+        .get_key_value(common::nats::KV_FLOWS)
+        .await
+        .unwrap();
+    kv.put(id.as_str(), serde_json::to_vec(&flow).unwrap().into())
+        .await
+        .unwrap();
+
+    let done = wait_finished(&sys.client, &id, Duration::from_secs(15)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    assert_eq!(done.tasks[0].attempt, 1, "delivered, not retried");
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
 }
