@@ -127,6 +127,48 @@ impl Client {
         .await
     }
 
+    pub async fn pause_flow(&self, flow: &crate::FlowId) -> Result<FlowStatus, Error> {
+        self.request(
+            subject::FLOW_PAUSE,
+            &FlowRef {
+                flow_id: flow.clone(),
+            },
+        )
+        .await
+    }
+
+    pub async fn resume_flow(&self, flow: &crate::FlowId) -> Result<FlowStatus, Error> {
+        self.request(
+            subject::FLOW_RESUME,
+            &FlowRef {
+                flow_id: flow.clone(),
+            },
+        )
+        .await
+    }
+
+    pub async fn cancel_flow(&self, flow: &crate::FlowId) -> Result<FlowStatus, Error> {
+        self.request(
+            subject::FLOW_CANCEL,
+            &FlowRef {
+                flow_id: flow.clone(),
+            },
+        )
+        .await
+    }
+
+    pub async fn modify_flow(&self, changes: &FlowChanges) -> Result<FlowStatus, Error> {
+        self.request(subject::FLOW_MODIFY, changes).await
+    }
+
+    pub async fn rerun_task(&self, req: &RerunRequest) -> Result<FlowStatus, Error> {
+        self.request(subject::FLOW_RERUN, req).await
+    }
+
+    pub async fn explain_flow(&self, req: &ExplainRequest) -> Result<Explanation, Error> {
+        self.request(subject::FLOW_EXPLAIN, req).await
+    }
+
     pub async fn list_flows(&self, req: &FlowListRequest) -> Result<FlowList, Error> {
         self.request(subject::FLOW_LIST, req).await
     }

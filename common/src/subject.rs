@@ -22,6 +22,17 @@ pub const FLOW_LIST: &str = "coord.orchestrator.flow.list";
 pub const FLOW_PAUSE: &str = "coord.orchestrator.flow.pause";
 pub const FLOW_RESUME: &str = "coord.orchestrator.flow.resume";
 pub const FLOW_CANCEL: &str = "coord.orchestrator.flow.cancel";
+pub const FLOW_MODIFY: &str = "coord.orchestrator.flow.modify";
+pub const FLOW_RERUN: &str = "coord.orchestrator.flow.rerun";
+pub const FLOW_EXPLAIN: &str = "coord.orchestrator.flow.explain";
+
+/// A flow's status summary after every change (core publish, orchestrator → watchers).
+pub fn flow_watch(flow: &crate::id::FlowId) -> String {
+    format!("coord.orchestrator.watch.{flow}")
+}
+
+/// Every flow's status changes.
+pub const FLOW_WATCH_ALL: &str = "coord.orchestrator.watch.*";
 
 // ---- Allocator: request/reply -------------------------------------------
 // Agents' life cycle and every capacity operation; served by the allocator.

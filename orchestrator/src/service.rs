@@ -23,8 +23,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv};
 use common::msg::{
-    AgentReport, AllocateRequest, Allocation, Assignment, EventKind, FlowList, FlowListRequest,
-    FlowRef, FlowSpec, FlowStatus, ReleaseRequest,
+    AgentReport, AllocateRequest, Allocation, Assignment, CapacityRequest, EventKind,
+    ExplainRequest, Explanation, FlowChanges, FlowList, FlowListRequest, FlowRef, FlowSpec,
+    FlowStatus, ReleaseRequest, RerunRequest,
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Step, Stream};
 use common::service::Service;
@@ -75,11 +76,13 @@ const REDELIVER_UNTIL_MS: u64 = 100_000;
 const ACTOR_IDLE: Duration = Duration::from_secs(30);
 
 /// Flow operations that reply with the flow's status.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Control {
     Pause,
     Resume,
     Cancel,
+    Modify(Box<FlowChanges>),
+    Rerun(TaskId),
 }
 
 /// What a flow's actor is asked to do.
@@ -192,11 +195,35 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         let o = orch.clone();
         service
             .serve(subject, move |r: FlowRef| {
-                let o = o.clone();
+                let (o, op) = (o.clone(), op.clone());
                 async move { o.control(r.flow_id, op).await }
             })
             .await?;
     }
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_MODIFY, move |c: FlowChanges| {
+            let o = o.clone();
+            async move {
+                o.control(c.flow_id.clone(), Control::Modify(Box::new(c)))
+                    .await
+            }
+        })
+        .await?;
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_RERUN, move |r: RerunRequest| {
+            let o = o.clone();
+            async move { o.control(r.flow_id, Control::Rerun(r.task_id)).await }
+        })
+        .await?;
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_EXPLAIN, move |r: ExplainRequest| {
+            let o = o.clone();
+            async move { o.explain(r).await }
+        })
+        .await?;
 
     let allocator_events = tokio::spawn(orch.clone().consume_allocator_events());
     let reports = tokio::spawn(
@@ -219,13 +246,57 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rejection_error(r: &Rejection) -> Error {
-    let code = match r {
-        Rejection::UnknownTask(_) => ErrorCode::NotFound,
-        Rejection::StaleAttempt { .. } | Rejection::WrongAgent { .. } => ErrorCode::Fenced,
-        _ => ErrorCode::Conflict,
-    };
-    Error::new(code, r.to_string())
+/// Why a command changed nothing.
+#[derive(Debug)]
+enum Refusal {
+    Rejected(Rejection),
+    Invalid(machine::Problems),
+    /// A modification made from an older revision of the flow.
+    Stale {
+        expected: u64,
+        current: u64,
+    },
+}
+
+impl From<Rejection> for Refusal {
+    fn from(r: Rejection) -> Self {
+        Refusal::Rejected(r)
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Rejected(r) => write!(f, "{r}"),
+            Refusal::Invalid(problems) => {
+                let all: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+                write!(f, "{}", all.join("; "))
+            }
+            Refusal::Stale { expected, current } => {
+                write!(
+                    f,
+                    "the flow is at revision {current}, not {expected}: read it again"
+                )
+            }
+        }
+    }
+}
+
+fn refusal_error(r: &Refusal) -> Error {
+    match r {
+        Refusal::Rejected(rejection) => {
+            let code = match rejection {
+                Rejection::UnknownTask(_) => ErrorCode::NotFound,
+                Rejection::StaleAttempt { .. } | Rejection::WrongAgent { .. } => ErrorCode::Fenced,
+                _ => ErrorCode::Conflict,
+            };
+            Error::new(code, r.to_string())
+        }
+        Refusal::Invalid(problems) => Error::new(ErrorCode::ValidationFailed, r.to_string())
+            .with_details(serde_json::json!({ "problems": problems })),
+        Refusal::Stale { current, .. } => Error::new(ErrorCode::Conflict, r.to_string())
+            .with_details(serde_json::json!({ "current_revision": current })),
+    }
 }
 
 impl Orchestrator {
@@ -295,6 +366,53 @@ impl Orchestrator {
             .filter_map(|k| async move { k.ok().and_then(|k| FlowId::new(k).ok()) })
             .collect()
             .await)
+    }
+
+    /// Every reason each unfinished task (or the one named) is where it is,
+    /// with the allocator's word on tasks that wait for placement.
+    async fn explain(&self, req: ExplainRequest) -> Result<Explanation, Error> {
+        let (flow, _) = self.load(&req.flow_id).await?;
+        let now = common::now_ms();
+        if let Some(t) = &req.task_id {
+            if !flow.tasks.contains_key(t) {
+                return Err(Error::not_found(format!(
+                    "no task {t} in flow {}",
+                    req.flow_id
+                )));
+            }
+        }
+        let (mut tasks, placement) = flow.explain(req.task_id.as_ref(), now);
+        for id in placement {
+            let Some(t) = flow.tasks.get(&id) else {
+                continue;
+            };
+            let check = CapacityRequest {
+                requirements: Some(t.spec.requirements.clone()),
+                ..Default::default()
+            };
+            let reason = match self.client.capacity(&check).await {
+                Ok(c) if c.fits == Some(true) => {
+                    let on: Vec<&str> = c.candidates.iter().take(3).map(|a| a.as_str()).collect();
+                    format!("waiting for placement; it fits now on {}", on.join(", "))
+                }
+                Ok(c) => match c.no_fit {
+                    Some(n) => format!("no agent can take it now: {}", n.message),
+                    None => "no agent can take it now".to_owned(),
+                },
+                Err(e) => format!(
+                    "waiting for placement; the allocator did not answer ({})",
+                    e.code
+                ),
+            };
+            if let Some(x) = tasks.iter_mut().find(|x| x.task_id == id) {
+                x.reasons.push(reason);
+            }
+        }
+        Ok(Explanation {
+            flow_id: flow.id.clone(),
+            state: flow.state,
+            tasks,
+        })
     }
 
     async fn control(self: &Arc<Self>, flow: FlowId, op: Control) -> Result<FlowStatus, Error> {
@@ -417,8 +535,10 @@ impl Orchestrator {
                 },
             };
             let before = flow.clone();
-            let outcomes: Vec<Result<(u32, Vec<Effect>), Rejection>> =
-                batch.iter().map(|cmd| step(&mut flow, cmd, now)).collect();
+            let outcomes: Vec<Result<(u32, Vec<Effect>), Refusal>> = batch
+                .iter()
+                .map(|cmd| step(&mut flow, cmd, revision, now))
+                .collect();
             let revision = if flow == before {
                 if from_cache {
                     continue;
@@ -447,6 +567,9 @@ impl Orchestrator {
                     }
                 }
             };
+            if flow != before {
+                self.publish_watch(&flow, revision, now).await;
+            }
             self.settle(&flow, revision, now, batch, outcomes, placing)
                 .await;
             self.dispatch(&flow, now, placing);
@@ -466,7 +589,7 @@ impl Orchestrator {
         revision: u64,
         now: u64,
         batch: Vec<Cmd>,
-        outcomes: Vec<Result<(u32, Vec<Effect>), Rejection>>,
+        outcomes: Vec<Result<(u32, Vec<Effect>), Refusal>>,
         placing: &mut HashSet<TaskId>,
     ) {
         let mut effects = Vec::new();
@@ -505,13 +628,29 @@ impl Orchestrator {
                     let _ = reply.send(Ok(flow.status(revision, now)));
                 }
                 (Cmd::Control { reply, .. }, Err(rejection)) => {
-                    let _ = reply.send(Err(rejection_error(&rejection)));
+                    let _ = reply.send(Err(refusal_error(&rejection)));
                 }
                 (_, Ok((_, e))) => effects.extend(e),
                 (_, Err(_)) => {}
             }
         }
         self.run_effects(effects).await;
+    }
+
+    /// Tells watchers of the flow what it looks like now (counts and progress,
+    /// not every task: a watcher that wants those asks for the status).
+    async fn publish_watch(&self, flow: &Flow, revision: u64, now: u64) {
+        let mut status = flow.status(revision, now);
+        status.tasks.clear();
+        if let Ok(body) = serde_json::to_vec(&status) {
+            if let Err(e) = self
+                .nats
+                .publish(subject::flow_watch(&flow.id), body.into())
+                .await
+            {
+                tracing::debug!(error = %e, "watch update not sent");
+            }
+        }
     }
 
     /// The flow is gone: nothing in the batch can apply.
@@ -951,26 +1090,40 @@ fn owner_task(owner: &str) -> Option<(FlowId, TaskId)> {
 
 /// One command applied to the flow. `Ok` carries the attempt number for an
 /// assignment (0 otherwise) and the step's effects.
-fn step(flow: &mut Flow, cmd: &Cmd, now: u64) -> Result<(u32, Vec<Effect>), Rejection> {
-    match cmd {
-        Cmd::Report { report, .. } => flow.report(report, now).map(|e| (0, e)),
+fn step(
+    flow: &mut Flow,
+    cmd: &Cmd,
+    revision: u64,
+    now: u64,
+) -> Result<(u32, Vec<Effect>), Refusal> {
+    Ok(match cmd {
+        Cmd::Report { report, .. } => (0, flow.report(report, now)?),
         Cmd::Assign { task, allocation } => {
-            flow.assign(task, &allocation.agent_id, &allocation.allocation_id, now)
+            flow.assign(task, &allocation.agent_id, &allocation.allocation_id, now)?
         }
-        Cmd::Unplaced { .. } => Ok((0, Vec::new())),
-        Cmd::Unassign { task, attempt } => flow.unassign(task, *attempt, now).map(|e| (0, e)),
-        Cmd::Tick => Ok((0, flow.tick(now))),
-        Cmd::AgentLost(agent) => Ok((0, flow.agent_lost(agent, now))),
+        Cmd::Unplaced { .. } => (0, Vec::new()),
+        Cmd::Unassign { task, attempt } => (0, flow.unassign(task, *attempt, now)?),
+        Cmd::Tick => (0, flow.tick(now)),
+        Cmd::AgentLost(agent) => (0, flow.agent_lost(agent, now)),
         Cmd::Preempted {
             task,
             allocation,
             reason,
-        } => Ok((0, flow.preempted(task, allocation, reason, now))),
+        } => (0, flow.preempted(task, allocation, reason, now)),
         Cmd::Control { op, .. } => match op {
-            Control::Pause => flow.pause(),
-            Control::Resume => flow.resume(now),
-            Control::Cancel => flow.cancel(now),
-        }
-        .map(|e| (0, e)),
-    }
+            Control::Pause => (0, flow.pause()?),
+            Control::Resume => (0, flow.resume(now)?),
+            Control::Cancel => (0, flow.cancel(now)?),
+            Control::Modify(changes) => {
+                if changes.expected_revision != revision {
+                    return Err(Refusal::Stale {
+                        expected: changes.expected_revision,
+                        current: revision,
+                    });
+                }
+                (0, flow.modify(changes, now).map_err(Refusal::Invalid)?)
+            }
+            Control::Rerun(task) => (0, flow.rerun(task, now).map_err(Refusal::Invalid)?),
+        },
+    })
 }

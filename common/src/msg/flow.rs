@@ -378,3 +378,72 @@ pub struct ValidationProblem {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub path: Vec<TaskId>,
 }
+
+/// `coord.orchestrator.flow.modify`: changes to a flow that is not finished,
+/// applied all at once or not at all, against the revision the client read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlowChanges {
+    pub flow_id: FlowId,
+    /// The flow revision the changes were made from (`revision` of a status
+    /// reply); a flow changed since is a `conflict`.
+    pub expected_revision: u64,
+    /// New tasks; they may depend on existing tasks (finished ones included).
+    #[serde(default)]
+    pub add: Vec<TaskSpec>,
+    /// New dependencies of tasks that have not started.
+    #[serde(default)]
+    pub add_dependencies: Vec<Dependency>,
+    /// Tasks that have not started (blocked or ready), with nothing left depending on them.
+    #[serde(default)]
+    pub remove: Vec<TaskId>,
+    /// New priorities of tasks that have not started.
+    #[serde(default)]
+    pub priorities: BTreeMap<TaskId, i32>,
+    /// New inputs of tasks not yet assigned.
+    #[serde(default)]
+    pub inputs: BTreeMap<TaskId, Value>,
+}
+
+/// `task_id` depends on `depends_on`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Dependency {
+    pub task_id: TaskId,
+    pub depends_on: TaskId,
+}
+
+/// `coord.orchestrator.flow.rerun`: reset a finished task and everything
+/// downstream of it to run again (history is kept; attempts keep counting).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RerunRequest {
+    pub flow_id: FlowId,
+    pub task_id: TaskId,
+}
+
+/// `coord.orchestrator.flow.explain`: why tasks are where they are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainRequest {
+    pub flow_id: FlowId,
+    /// Only this task; default every task that is not finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+}
+
+/// Reply to `flow.explain`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Explanation {
+    pub flow_id: FlowId,
+    pub state: FlowState,
+    pub tasks: Vec<TaskExplanation>,
+}
+
+/// Every reason one task is in its state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskExplanation {
+    pub task_id: TaskId,
+    pub state: TaskState,
+    pub reasons: Vec<String>,
+}

@@ -21,6 +21,8 @@
 //! any unfinished ─cancel─▶ cancelled
 //! ```
 
+mod change;
+mod explain;
 mod status;
 mod validate;
 
@@ -34,6 +36,7 @@ use common::{AgentId, AllocationId, FlowId, TaskId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use change::Problems;
 pub use validate::{validate, MAX_TASKS};
 
 /// How long an assigned task may wait for its agent's `started` report when the

@@ -635,3 +635,152 @@ fn a_preempted_attempt_is_retried_and_only_its_own_allocation_counts() {
     assert_eq!(t.state, TaskState::Ready);
     assert!(t.error.as_deref().unwrap().contains("capacity_reduced"));
 }
+
+fn changes() -> common::msg::FlowChanges {
+    common::msg::FlowChanges {
+        flow_id: FlowId::new("f").unwrap(),
+        expected_revision: 1,
+        add: vec![],
+        add_dependencies: vec![],
+        remove: vec![],
+        priorities: Default::default(),
+        inputs: Default::default(),
+    }
+}
+
+#[test]
+fn modify_adds_a_task_after_a_finished_one_and_removes_a_pending_one() {
+    let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
+    run(&mut flow, "a");
+    let mut c = changes();
+    c.add = vec![task("e", &["a"])];
+    c.remove = vec![tid("d")];
+    c.priorities.insert(tid("b"), 9);
+    let e = flow.modify(&c, 10).unwrap();
+    assert_eq!(
+        flow.tasks[&tid("e")].state,
+        TaskState::Ready,
+        "its dependency already succeeded"
+    );
+    assert!(!flow.tasks.contains_key(&tid("d")));
+    assert!(flow.tasks[&tid("a")].dependents.contains(&tid("e")));
+    assert_eq!(flow.tasks[&tid("b")].spec.priority, 9);
+    assert_eq!(dispatched(&e)[0], "b", "the new priority orders dispatch");
+}
+
+#[test]
+fn modify_refuses_with_every_problem_and_changes_nothing() {
+    let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
+    let a = assign(&mut flow, "a", "w1", 0);
+    flow.report(&report("a", a, ReportKind::Started), 1)
+        .unwrap();
+    let before = flow.clone();
+    let mut c = changes();
+    c.remove = vec![tid("a"), tid("b")];
+    c.add = vec![task("x", &["y"]), task("y", &["x"])];
+    c.inputs.insert(tid("a"), json!(1));
+    let problems = flow.modify(&c, 2).unwrap_err();
+    let codes: Vec<&str> = problems.iter().map(|p| p.code.as_str()).collect();
+    assert!(codes.contains(&"task_started"), "{codes:?}");
+    assert!(
+        codes.contains(&"dependency_removed"),
+        "d still depends on b: {codes:?}"
+    );
+    assert!(codes.contains(&"cycle"), "{codes:?}");
+    assert_eq!(flow, before);
+}
+
+#[test]
+fn a_new_dependency_sends_a_ready_task_back_to_blocked() {
+    let mut flow = flow_of(vec![task("a", &[]), task("b", &[])]);
+    let mut c = changes();
+    c.add_dependencies = vec![common::msg::Dependency {
+        task_id: tid("b"),
+        depends_on: tid("a"),
+    }];
+    flow.modify(&c, 1).unwrap();
+    assert_eq!(flow.tasks[&tid("b")].state, TaskState::Blocked);
+    assert_eq!(flow.dispatchable(1), [tid("a")]);
+}
+
+#[test]
+fn rerun_resets_a_task_and_everything_downstream() {
+    let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
+    for t in ["a", "b", "c", "d"] {
+        run(&mut flow, t);
+    }
+    assert_eq!(flow.state, FlowState::Succeeded);
+    let e = flow.rerun(&tid("b"), 10).unwrap();
+    assert_eq!(flow.state, FlowState::Running);
+    assert_eq!(flow.tasks[&tid("b")].state, TaskState::Ready);
+    assert_eq!(flow.tasks[&tid("d")].state, TaskState::Blocked);
+    assert_eq!(
+        flow.tasks[&tid("a")].state,
+        TaskState::Succeeded,
+        "upstream is kept"
+    );
+    assert_eq!(
+        flow.tasks[&tid("c")].state,
+        TaskState::Succeeded,
+        "siblings are kept"
+    );
+    assert_eq!(dispatched(&e), ["b"]);
+    let next = assign(&mut flow, "b", "w1", 11);
+    assert_eq!(
+        next, 2,
+        "attempts keep counting, so old reports stay fenced"
+    );
+    assert_eq!(flow.tasks[&tid("b")].history.len(), 1);
+    assert!(
+        flow.rerun(&tid("b"), 12).is_err(),
+        "only a finished task can be re-run"
+    );
+}
+
+#[test]
+fn explain_gives_every_reason() {
+    let mut t = retrying("r", 3);
+    t.timeouts.start_to_close_ms = Some(1_000);
+    let mut flow = flow_of(vec![t, task("dep", &["r"]), task("free", &[])]);
+    let r = assign(&mut flow, "r", "w1", 0);
+    flow.report(
+        &report(
+            "r",
+            r,
+            ReportKind::Failed {
+                error: "flaky".into(),
+                retryable: true,
+            },
+        ),
+        10,
+    )
+    .unwrap();
+    let (tasks, placement) = flow.explain(None, 20);
+    let reasons = |id: &str| {
+        tasks
+            .iter()
+            .find(|t| t.task_id == tid(id))
+            .unwrap()
+            .reasons
+            .join(" | ")
+    };
+    assert!(
+        reasons("r").contains("backing off for 90 ms more after failed: flaky (attempt 2 of 3)"),
+        "{}",
+        reasons("r")
+    );
+    assert!(
+        reasons("dep").contains("waiting on dependency r (ready)"),
+        "{}",
+        reasons("dep")
+    );
+    assert_eq!(
+        placement,
+        [tid("free")],
+        "only the allocator can say more about free"
+    );
+    flow.pause().unwrap();
+    let (tasks, placement) = flow.explain(Some(&tid("free")), 20);
+    assert_eq!(tasks[0].reasons, ["the flow is paused"]);
+    assert!(placement.is_empty());
+}

@@ -469,7 +469,7 @@ async fn a_thousand_task_random_dag_runs_every_task_exactly_once() {
             }
         }
     });
-    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(120)).await;
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(300)).await;
     progress.abort();
     assert_eq!(done.state, FlowState::Succeeded);
     assert!(
@@ -684,6 +684,186 @@ async fn an_assignment_recorded_but_never_sent_is_delivered_by_the_sweep() {
     let done = wait_finished(&sys.client, &id, Duration::from_secs(15)).await;
     assert_eq!(done.state, FlowState::Succeeded);
     assert_eq!(done.tasks[0].attempt, 1, "delivered, not retried");
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_running_flow_is_modified_re_run_explained_and_watched() {
+    let sys = System::start().await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    // Tasks of kind "held" wait for the test to let them go.
+    let (stop, agent) = spawn_agent(&sys.nats, "m", 4.0, move |a| {
+        let g = g.clone();
+        async move {
+            if a.kind == "held" {
+                g.acquire()
+                    .await
+                    .map_err(|e| TaskFailure::from(e.to_string()))?
+                    .forget();
+            }
+            Ok(json!({"task": a.task_id, "input": a.input}))
+        }
+    });
+    wait_registered(&sys.client, "m").await;
+    let mut held = cpu_task("b", &["a"]);
+    held.kind = "held".into();
+    let spec = FlowSpec::new(
+        "modifiable",
+        vec![cpu_task("a", &[]), held, cpu_task("c", &["b"])],
+    );
+    let created = sys.client.create_flow(&spec).await.unwrap();
+    let mut watch = sys
+        .nats
+        .subscribe(subject::flow_watch(&created.flow_id))
+        .await
+        .unwrap();
+    let status = eventually(Duration::from_secs(10), "b running", || async {
+        let s = sys.client.flow_status(&created.flow_id).await.ok()?;
+        (s.counts.get(&TaskState::Running) == Some(&1)).then_some(s)
+    })
+    .await;
+
+    // Explain: c waits on b, which runs on m.
+    let why = sys
+        .client
+        .explain_flow(&common::msg::ExplainRequest {
+            flow_id: created.flow_id.clone(),
+            task_id: None,
+        })
+        .await
+        .unwrap();
+    let reasons = |id: &str| {
+        why.tasks
+            .iter()
+            .find(|t| t.task_id == tid(id))
+            .unwrap()
+            .reasons
+            .join(" | ")
+    };
+    assert!(
+        reasons("c").contains("waiting on dependency b (running)"),
+        "{why:?}"
+    );
+    assert!(reasons("b").contains("running on agent m"), "{why:?}");
+
+    // Modify: add d after the finished a, remove the pending c — against the revision read.
+    let mut d = cpu_task("d", &["a"]);
+    d.input = json!("new");
+    let changes = common::msg::FlowChanges {
+        flow_id: created.flow_id.clone(),
+        expected_revision: status.revision,
+        add: vec![d],
+        add_dependencies: vec![],
+        remove: vec![tid("c")],
+        priorities: Default::default(),
+        inputs: Default::default(),
+    };
+    let stale = common::msg::FlowChanges {
+        expected_revision: status.revision - 1,
+        ..changes.clone()
+    };
+    let err = sys.client.modify_flow(&stale).await.unwrap_err();
+    assert_eq!(err.code, common::ErrorCode::Conflict, "{err:?}");
+    let modified = sys.client.modify_flow(&changes).await.unwrap();
+    assert!(modified.tasks.iter().all(|t| t.task_id != tid("c")));
+    assert!(modified.revision > status.revision);
+    // Like any client: read the revision, change, and start over on `conflict`.
+    let err = loop {
+        let now = sys.client.flow_status(&created.flow_id).await.unwrap();
+        let bad = common::msg::FlowChanges {
+            expected_revision: now.revision,
+            remove: vec![tid("b")],
+            add: vec![],
+            ..changes.clone()
+        };
+        let err = sys.client.modify_flow(&bad).await.unwrap_err();
+        if err.code != common::ErrorCode::Conflict {
+            break err;
+        }
+    };
+    assert_eq!(
+        err.code,
+        common::ErrorCode::ValidationFailed,
+        "b is running: {err:?}"
+    );
+    assert_eq!(err.details["problems"][0]["code"], "task_started");
+
+    gate.add_permits(10);
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(20)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    let d = done.tasks.iter().find(|t| t.task_id == tid("d")).unwrap();
+    assert_eq!(d.output["input"], json!("new"));
+
+    // Re-run from a: everything downstream runs again, with fresh attempts.
+    let rerun = sys
+        .client
+        .rerun_task(&common::msg::RerunRequest {
+            flow_id: created.flow_id.clone(),
+            task_id: tid("a"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(rerun.state, FlowState::Running);
+    let again = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(20)).await;
+    assert_eq!(again.state, FlowState::Succeeded);
+    assert!(
+        again.tasks.iter().all(|t| t.attempt == 2),
+        "{:?}",
+        again.tasks
+    );
+
+    // Watchers saw the flow change, ending with it finished.
+    let mut last = None;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(300), watch.next()).await {
+        last = Some(serde_json::from_slice::<FlowStatus>(&msg.payload).unwrap());
+    }
+    assert_eq!(last.expect("watch updates").state, FlowState::Succeeded);
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn explain_says_what_the_allocator_lacks() {
+    let sys = System::start().await;
+    let (stop, agent) = spawn_agent(&sys.nats, "small", 1.0, |_| async { Ok(json!(null)) });
+    wait_registered(&sys.client, "small").await;
+    let mut big = cpu_task("big", &[]);
+    big.requirements.resources.insert("cpu".into(), 8.0);
+    let mut gpu = cpu_task("gpu", &[]);
+    gpu.requirements.capabilities.push("cuda".into());
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new("stuck", vec![big, gpu]))
+        .await
+        .unwrap();
+    let why = sys
+        .client
+        .explain_flow(&common::msg::ExplainRequest {
+            flow_id: created.flow_id.clone(),
+            task_id: None,
+        })
+        .await
+        .unwrap();
+    let reasons = |id: &str| {
+        why.tasks
+            .iter()
+            .find(|t| t.task_id == tid(id))
+            .unwrap()
+            .reasons
+            .join(" | ")
+    };
+    assert!(
+        reasons("big").contains("cpu is short"),
+        "{}",
+        reasons("big")
+    );
+    assert!(
+        reasons("gpu").contains("no agent can take it now"),
+        "{}",
+        reasons("gpu")
+    );
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
 }
