@@ -333,7 +333,18 @@ pub async fn report(
         at_ms: common::now_ms(),
     };
     let body = serde_json::to_vec(&body).map_err(|e| Error::internal(e.to_string()))?;
-    let msg_id = format!("{}.{}.{}.{tag}", a.flow_id, a.task_id, a.attempt);
+    // Each progress report is new; every other kind is sent once per attempt.
+    let msg_id = if tag == "progress" {
+        format!(
+            "{}.{}.{}.{tag}.{}",
+            a.flow_id,
+            a.task_id,
+            a.attempt,
+            uuid::Uuid::now_v7().simple()
+        )
+    } else {
+        format!("{}.{}.{}.{tag}", a.flow_id, a.task_id, a.attempt)
+    };
     let mut last = None;
     for attempt in 0..5u64 {
         let sent = js

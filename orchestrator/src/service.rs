@@ -309,9 +309,22 @@ impl Orchestrator {
             )
             .with_details(serde_json::json!({ "problems": problems })));
         }
+        let warnings = self.infeasible(&spec).await;
+        if spec.require_feasible && !warnings.is_empty() {
+            let summary: Vec<&str> = warnings.iter().map(|p| p.message.as_str()).collect();
+            return Err(Error::new(
+                ErrorCode::ValidationFailed,
+                format!(
+                    "flow cannot run on the registered agents: {}",
+                    summary.join("; ")
+                ),
+            )
+            .with_details(serde_json::json!({ "problems": warnings })));
+        }
         let id = spec.id.clone().unwrap_or_else(FlowId::random);
         let now = common::now_ms();
-        let (flow, effects) = Flow::new(id.clone(), spec, now);
+        let (mut flow, effects) = Flow::new(id.clone(), spec, now);
+        flow.warnings = warnings;
         let status = flow.status(0, now);
         let mut fresh = Some(flow);
         let (created, revision) =
@@ -331,6 +344,75 @@ impl Orchestrator {
         self.run_effects(effects).await;
         self.send(&id, Cmd::Tick);
         Ok(FlowStatus { revision, ..status })
+    }
+
+    /// Tasks whose requirements no registered agent could satisfy even when
+    /// idle: no agent has the capabilities and labels, or none has the
+    /// capacity at all. Each distinct requirement is asked about once.
+    async fn infeasible(&self, spec: &FlowSpec) -> Vec<common::msg::ValidationProblem> {
+        let mut verdicts: Vec<(&common::msg::Requirements, Option<String>)> = Vec::new();
+        let mut out = Vec::new();
+        for t in &spec.tasks {
+            let known = verdicts
+                .iter()
+                .find(|(r, _)| *r == &t.requirements)
+                .map(|(_, v)| v.clone());
+            let verdict = match known {
+                Some(v) => v,
+                None => {
+                    let v = self.never_fits(&t.requirements).await;
+                    verdicts.push((&t.requirements, v.clone()));
+                    v
+                }
+            };
+            if let Some(why) = verdict {
+                out.push(common::msg::ValidationProblem {
+                    code: "infeasible_requirements".into(),
+                    message: format!("task {}: {why}", t.id),
+                    task_id: Some(t.id.clone()),
+                    path: Vec::new(),
+                });
+            }
+        }
+        out
+    }
+
+    async fn never_fits(&self, req: &common::msg::Requirements) -> Option<String> {
+        let check = CapacityRequest {
+            requirements: Some(req.clone()),
+            ..Default::default()
+        };
+        // Without an answer nothing is known: no warning rather than a false one.
+        let status = self.client.capacity(&check).await.ok()?;
+        if status.fits == Some(true) {
+            return None;
+        }
+        let Some(best) = status
+            .no_fit
+            .as_ref()
+            .and_then(|n| n.best_candidate.clone())
+        else {
+            return Some(match status.no_fit {
+                Some(n) => format!(
+                    "no registered agent has the capabilities and labels it needs ({})",
+                    n.message
+                ),
+                None => "no registered agent has the capabilities and labels it needs".to_owned(),
+            });
+        };
+        let totals = status.agents.get(&best)?;
+        let short: Vec<String> = req
+            .resources
+            .iter()
+            .filter(|(r, need)| totals.get(*r).map(|c| c.capacity).unwrap_or(0.0) < **need)
+            .map(|(r, need)| format!("{r} {need}"))
+            .collect();
+        (!short.is_empty()).then(|| {
+            format!(
+                "needs {} but no suitable agent has that much in all",
+                short.join(", ")
+            )
+        })
     }
 
     async fn load(&self, flow: &FlowId) -> Result<(Flow, u64), Error> {

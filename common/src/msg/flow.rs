@@ -26,6 +26,10 @@ pub struct FlowSpec {
     /// What a task failure does to the rest of the flow. Default `continue`.
     #[serde(default)]
     pub failure_mode: FailureMode,
+    /// Refuse the flow (instead of warning) when some task's requirements no
+    /// registered agent could ever satisfy. Default false: agents may join later.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_feasible: bool,
 }
 
 /// What happens to a flow when a task fails for good.
@@ -192,6 +196,7 @@ impl FlowSpec {
             tasks,
             max_parallelism: None,
             failure_mode: FailureMode::default(),
+            require_feasible: false,
         }
     }
 }
@@ -333,6 +338,10 @@ pub struct FlowStatus {
     /// Expected finish time, when the flow is not finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_ms: Option<u64>,
+    /// Problems found at creation that do not stop the flow, e.g. requirements
+    /// no registered agent could satisfy (`infeasible_requirements`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<ValidationProblem>,
 }
 
 /// `coord.orchestrator.flow.list`.
@@ -369,6 +378,7 @@ pub struct FlowList {
 pub struct ValidationProblem {
     /// Stable: `empty_flow`, `too_many_tasks`, `duplicate_task`, `unknown_dependency`,
     /// `self_dependency`, `cycle`, `invalid_requirement`, `invalid_retry`, `invalid_timeout`,
+    /// `infeasible_requirements` (a warning unless the spec sets `require_feasible`),
     /// `invalid_parallelism`.
     pub code: String,
     pub message: String,

@@ -60,6 +60,9 @@ pub struct Flow {
     pub max_parallelism: Option<u32>,
     #[serde(default)]
     pub failure_mode: FailureMode,
+    /// Problems found at creation that did not stop the flow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<common::msg::ValidationProblem>,
     pub tasks: BTreeMap<TaskId, Task>,
 }
 
@@ -214,6 +217,7 @@ impl Flow {
             finished_at_ms: None,
             max_parallelism: spec.max_parallelism,
             failure_mode: spec.failure_mode,
+            warnings: Vec::new(),
             tasks,
         };
         let mut effects = vec![Effect::Event(EventKind::FlowCreated {
@@ -866,6 +870,7 @@ impl Flow {
             tasks: self.tasks.values().map(|t| t.spec.clone()).collect(),
             max_parallelism: self.max_parallelism,
             failure_mode: self.failure_mode,
+            require_feasible: false,
         }
     }
 }

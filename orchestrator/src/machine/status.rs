@@ -54,6 +54,7 @@ impl Flow {
             failures: self.tasks.values().map(|t| t.failures).sum(),
             critical_path_remaining_ms: critical,
             eta_ms: (self.state == FlowState::Running).then_some(now_ms + critical),
+            warnings: self.warnings.clone(),
         }
     }
 
