@@ -127,6 +127,25 @@ impl Client {
         .await
     }
 
+    /// The flow's spec as submitted, with its id.
+    pub async fn flow_get(&self, flow: &crate::FlowId) -> Result<FlowSpec, Error> {
+        self.request(subject::FLOW_GET, &flow_ref(flow)).await
+    }
+
+    /// Stops starting tasks; tasks already running finish.
+    pub async fn pause_flow(&self, flow: &crate::FlowId) -> Result<FlowStatus, Error> {
+        self.request(subject::FLOW_PAUSE, &flow_ref(flow)).await
+    }
+
+    pub async fn resume_flow(&self, flow: &crate::FlowId) -> Result<FlowStatus, Error> {
+        self.request(subject::FLOW_RESUME, &flow_ref(flow)).await
+    }
+
+    /// Cancels the flow: its agents are told to stop and its allocations released.
+    pub async fn cancel_flow(&self, flow: &crate::FlowId) -> Result<FlowStatus, Error> {
+        self.request(subject::FLOW_CANCEL, &flow_ref(flow)).await
+    }
+
     pub async fn list_flows(&self, req: &FlowListRequest) -> Result<FlowList, Error> {
         self.request(subject::FLOW_LIST, req).await
     }
@@ -219,6 +238,12 @@ impl Client {
     pub async fn metrics(&self) -> Result<SystemMetrics, Error> {
         self.request(subject::MONITOR_METRICS, &MetricsRequest {})
             .await
+    }
+}
+
+fn flow_ref(flow: &crate::FlowId) -> FlowRef {
+    FlowRef {
+        flow_id: flow.clone(),
     }
 }
 
