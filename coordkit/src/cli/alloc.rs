@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use clap::{Args, Subcommand};
 use common::msg::{
     AdjustRequest, AllocateRequest, CancelReservation, CapacityRequest, CapacityStatus,
-    OptimizeRequest, Policy, ReleaseRequest, Requirements, ReserveRequest, ResourceCapacity,
+    GangRequest, OptimizeRequest, Policy, ReleaseRequest, Requirements, ReserveRequest,
+    ResourceCapacity,
 };
 use common::{AgentId, AllocationId, Error, ErrorCode, ReservationId};
 
@@ -88,6 +89,9 @@ pub(crate) enum AllocCmd {
         #[arg(long)]
         allocation_id: Option<String>,
     },
+    /// Place several requirements all-or-nothing, from a YAML or JSON file (`-` reads
+    /// stdin): `{"owner", "members": [requirements], "priority"}`.
+    Gang { file: String },
     /// Release an allocation (idempotent).
     Release {
         allocation_id: String,
@@ -201,9 +205,18 @@ fn agent_rows(cap: &CapacityStatus) -> Vec<AgentRow> {
 
 fn resources_text(r: &BTreeMap<String, ResourceCapacity>) -> String {
     r.iter()
-        .map(|(name, c)| format!("{name} {}/{}", c.allocated, c.capacity))
+        .map(|(name, c)| format!("{name} {}/{}", amount(c.allocated), amount(c.capacity)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// An amount as people read it: sums of releases can leave `-0`, which is 0.
+fn amount(x: f64) -> String {
+    if x == 0.0 {
+        "0".into()
+    } else {
+        x.to_string()
+    }
 }
 
 fn capacity_text(cap: &CapacityStatus) -> String {
@@ -213,10 +226,10 @@ fn capacity_text(cap: &CapacityStatus) -> String {
         .map(|(r, c)| {
             vec![
                 r.clone(),
-                c.capacity.to_string(),
-                c.allocated.to_string(),
-                c.reserved.to_string(),
-                c.free.to_string(),
+                amount(c.capacity),
+                amount(c.allocated),
+                amount(c.reserved),
+                amount(c.free),
             ]
         })
         .collect();
@@ -374,6 +387,34 @@ pub(crate) async fn run_alloc(ctx: &Ctx, cmd: AllocCmd) -> anyhow::Result<()> {
                 format!(
                     "allocation {} on {} for {}: {:?}",
                     a.allocation_id, a.agent_id, a.owner, a.resources
+                )
+            });
+        }
+        AllocCmd::Gang { file } => {
+            let arg = if file == "-" {
+                file
+            } else {
+                format!("@{file}")
+            };
+            let req: GangRequest = serde_yaml::from_str(&super::read_arg(&arg)?)
+                .map_err(|e| Error::bad_request(format!("the gang request is not valid: {e}")))?;
+            let reply = c.allocate_gang(&req).await?;
+            ctx.emit(&reply, |g| {
+                let rows = g
+                    .allocations
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.allocation_id.to_string(),
+                            a.agent_id.to_string(),
+                            format!("{:?}", a.resources),
+                        ]
+                    })
+                    .collect();
+                format!(
+                    "gang {}\n{}",
+                    g.gang_id,
+                    table(&["allocation", "agent", "resources"], rows)
                 )
             });
         }

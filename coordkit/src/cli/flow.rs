@@ -6,10 +6,10 @@ use std::time::Duration;
 use clap::Subcommand;
 use common::msg::{FlowListRequest, FlowSpec, FlowState, FlowStatus};
 use common::{Error, FlowId};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{id, parse_wire, table, Ctx};
-use crate::demo::{progress_line, state_name};
+use crate::demo::state_name;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum FlowCmd {
@@ -129,21 +129,39 @@ fn read_spec(file: &Path) -> Result<FlowSpec, Error> {
         .map_err(|e| Error::bad_request(format!("the flow spec is not valid: {e}")))
 }
 
-/// Polls the flow until it is no longer running, drawing a progress bar on stderr
-/// (hidden when stderr is not a terminal or the output is JSON).
+/// Flows up to this many tasks get one live line per task under the bar; bigger
+/// ones only the bar, so the terminal is not flooded.
+const LIVE_TASK_LINES: usize = 20;
+
+/// Polls the flow until it is no longer running, drawing a progress bar and a live
+/// task table on stderr (hidden when stderr is not a terminal or the output is JSON).
 async fn watch(ctx: &Ctx, flow: &FlowId, interval: Duration) -> Result<FlowStatus, Error> {
     let mut status = ctx.client.flow_status(flow).await?;
-    let bar = if ctx.json {
-        ProgressBar::hidden()
+    let multi = if ctx.json {
+        MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
     } else {
-        ProgressBar::new(status.tasks.len() as u64)
+        MultiProgress::new()
     };
+    let bar = multi.add(ProgressBar::new(status.tasks.len() as u64));
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} tasks {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
     bar.set_prefix(status.flow_id.to_string());
+    let line_style =
+        ProgressStyle::with_template("  {msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
+    let lines: Vec<ProgressBar> = if status.tasks.len() <= LIVE_TASK_LINES {
+        (0..=status.tasks.len())
+            .map(|_| {
+                let line = multi.add(ProgressBar::new(1));
+                line.set_style(line_style.clone());
+                line
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     loop {
         let done = status
             .tasks
@@ -152,16 +170,20 @@ async fn watch(ctx: &Ctx, flow: &FlowId, interval: Duration) -> Result<FlowStatu
             .count();
         bar.set_length(status.tasks.len() as u64);
         bar.set_position(done as u64);
-        bar.set_message(format!(
-            "{} {}",
-            flow_state(status.state),
-            progress_line(&status)
-        ));
+        bar.set_message(flow_state(status.state));
+        if !lines.is_empty() {
+            for (line, text) in lines.iter().zip(task_table(&status).lines()) {
+                line.set_message(text.to_owned());
+            }
+        }
         if status.state.is_terminal() {
             break;
         }
         tokio::time::sleep(interval).await;
         status = ctx.client.flow_status(flow).await?;
+    }
+    for line in &lines {
+        line.finish_and_clear();
     }
     bar.finish_and_clear();
     Ok(status)

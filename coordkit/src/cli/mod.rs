@@ -21,7 +21,12 @@ use crate::demo;
 
 /// coordctl: drive a coordkit system from the command line.
 #[derive(Parser, Debug)]
-#[command(version, about, propagate_version = true)]
+#[command(
+    name = "coordctl",
+    version,
+    about = "coordctl: drive a coordkit system from the command line",
+    propagate_version = true
+)]
 #[command(
     after_help = "Errors print `error [code]: message` and exit with status 1 \
     (with --output json the error body {\"error\": {\"code\", \"message\", \"details\"}} goes to stdout); \
@@ -70,7 +75,7 @@ enum Command {
     /// Pool capacity: show, check a requirement, reserve, adjust an agent.
     #[command(subcommand)]
     Capacity(alloc::CapacityCmd),
-    /// Allocations: allocate, release.
+    /// Allocations: allocate, gang, release.
     #[command(subcommand)]
     Alloc(alloc::AllocCmd),
     /// Plan (and with --apply, make) moves of movable allocations that even out utilisation.

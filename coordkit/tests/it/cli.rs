@@ -3,8 +3,9 @@
 
 use common::error::ErrorBody;
 use common::msg::{
-    AdjustReply, CapacityStatus, FlowList, FlowState, FlowStatus, RegisterAgent, Reservation,
-    StateDoc, StateHistory, SyncPoint, SyncPointDiff, SyncPointList, TaskState,
+    AdjustReply, Allocation, CapacityStatus, ConflictPolicy, FlowList, FlowState, FlowStatus,
+    GangReply, RegisterAgent, ReleaseReply, Reservation, ScopeConfig, StateDoc, StateHistory,
+    SyncPoint, SyncPointDiff, SyncPointList, TaskState,
 };
 use common::{AgentId, ErrorCode};
 use coordkit::demo;
@@ -227,6 +228,54 @@ async fn capacity_agents_reserve_and_adjust() {
 
     let plan: serde_json::Value = coordctl_json(&url, &["optimize"]).await;
     assert!(plan["moves"].as_array().unwrap().is_empty());
+
+    let a: Allocation = coordctl_json(
+        &url,
+        &[
+            "alloc",
+            "allocate",
+            "--owner",
+            "job-1",
+            "-r",
+            "cpu=2",
+            "--allocation-id",
+            "job-1-a",
+        ],
+    )
+    .await;
+    assert_eq!(a.allocation_id.as_str(), "job-1-a");
+    let dir = tempfile::tempdir().unwrap();
+    let gang = write(
+        &dir,
+        "gang.yaml",
+        "owner: job-2\nmembers:\n  - resources: {cpu: 1}\n  - resources: {cpu: 1}\n",
+    );
+    let g: GangReply = coordctl_json(&url, &["alloc", "gang", &gang]).await;
+    assert_eq!(g.allocations.len(), 2);
+    let released: ReleaseReply = coordctl_json(&url, &["alloc", "release", "job-1-a"]).await;
+    assert!(released.released);
+    let cap: CapacityStatus = coordctl_json(&url, &["capacity", "show"]).await;
+    assert_eq!(cap.pool["cpu"].allocated, 2.0);
+}
+
+#[tokio::test]
+async fn scope_set_and_get() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        &dir,
+        "scope.yaml",
+        "scope: plans\npolicy: lww\nshared: [/goal]\n",
+    );
+    let set: ScopeConfig = coordctl_json(&url, &["scope", "set", &cfg]).await;
+    assert_eq!(set.policy, ConflictPolicy::Lww);
+    let got: ScopeConfig = coordctl_json(&url, &["scope", "get", "plans"]).await;
+    assert_eq!(got, set);
+    // A typo in a config a person wrote is refused, naming the field.
+    let typo = write(&dir, "typo.yaml", "scope: plans\npolicyy: lww\n");
+    let stderr = coordctl_fails(&url, &["scope", "set", &typo], "bad_request").await;
+    assert!(stderr.contains("policyy"), "{stderr}");
 }
 
 #[tokio::test]
