@@ -6,7 +6,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::msg::{FlowSpec, FlowState, Requirements, TaskSpec};
+use common::msg::{
+    FlowSpec, FlowState, Requirements, SyncPointInitiate, SyncPointState, SyncPointWait, TaskSpec,
+};
 use common::{AgentId, TaskId};
 use testkit::{eventually, workspace_root, System};
 
@@ -108,6 +110,26 @@ async fn a_flow_completes_on_the_python_agent() {
         },
     )
     .await;
+
+    // It acknowledges sync-point notices, so a sync point over it completes.
+    let point = sys
+        .client
+        .syncpoint_initiate(&SyncPointInitiate {
+            scope: Default::default(),
+            agents: vec![me.clone()],
+            label: "python".into(),
+        })
+        .await
+        .unwrap();
+    let completed = sys
+        .client
+        .syncpoint_complete(&SyncPointWait {
+            sync_point_id: point.id.clone(),
+            timeout_ms: 10_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(completed.state, SyncPointState::Completed, "{completed:?}");
 
     // A failing task is reported as failed (not retryable), and the flow fails.
     let failing = FlowSpec::new(
