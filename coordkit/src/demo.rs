@@ -57,9 +57,22 @@ pub async fn run_demo_agent(
     work: Duration,
     shutdown: impl std::future::Future,
 ) -> Result<(), Error> {
+    run_echo_agent(nats, AgentId::new(DEMO_AGENT)?, work, shutdown).await
+}
+
+/// Runs an agent with the demo agent's options under another id, so several echo
+/// agents can serve one system.
+pub async fn run_echo_agent(
+    nats: async_nats::Client,
+    agent_id: AgentId,
+    work: Duration,
+    shutdown: impl std::future::Future,
+) -> Result<(), Error> {
+    let mut opts = demo_agent_options()?;
+    opts.agent_id = agent_id;
     agent::run(
         nats,
-        demo_agent_options()?,
+        opts,
         move |task| async move {
             tokio::time::sleep(work).await;
             Ok(json!({ "task": task.task_id, "echo": task.input, "attempt": task.attempt }))
@@ -78,7 +91,8 @@ pub fn progress_line(s: &FlowStatus) -> String {
     line
 }
 
-fn state_name(s: TaskState) -> &'static str {
+/// A task state by its wire name.
+pub fn state_name(s: TaskState) -> &'static str {
     match s {
         TaskState::Blocked => "blocked",
         TaskState::Ready => "ready",

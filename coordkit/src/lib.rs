@@ -11,6 +11,7 @@
 //! ```
 
 pub mod agent;
+pub mod cli;
 pub mod demo;
 
 pub use common::msg;

@@ -1,0 +1,247 @@
+//! `coordctl flow …`: the orchestrator's operations.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Subcommand;
+use common::msg::{FlowListRequest, FlowSpec, FlowState, FlowStatus};
+use common::{Error, FlowId};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::{id, parse_wire, table, Ctx};
+use crate::demo::state_name;
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum FlowCmd {
+    /// Submit a flow spec from a YAML or JSON file (`-` reads stdin).
+    ///
+    /// Unknown fields are rejected, so a typo such as `dependson` is an error.
+    Submit {
+        file: PathBuf,
+        /// Follow the flow until it finishes (progress bar, then the task table).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// A flow's state and its task table.
+    Status { flow_id: String },
+    /// Follow a flow with a live progress bar until it finishes, then print its task table.
+    Watch {
+        flow_id: String,
+        /// How often to ask for the status, in milliseconds.
+        #[arg(long, default_value_t = 250)]
+        interval_ms: u64,
+    },
+    /// The flow's spec as submitted.
+    Get { flow_id: String },
+    /// Every flow, optionally only those in one state (running, paused, succeeded, failed, cancelled).
+    List {
+        #[arg(long, value_parser = parse_wire::<FlowState>)]
+        state: Option<FlowState>,
+    },
+    /// Stop starting tasks; running tasks finish.
+    Pause { flow_id: String },
+    /// Start tasks again after a pause.
+    Resume { flow_id: String },
+    /// Cancel a flow: its agents are told to stop and its allocations are released.
+    Cancel { flow_id: String },
+}
+
+pub(crate) async fn run(ctx: &Ctx, cmd: FlowCmd) -> anyhow::Result<()> {
+    let c = &ctx.client;
+    match cmd {
+        FlowCmd::Submit { file, wait } => {
+            let spec = read_spec(&file)?;
+            let status = c.create_flow(&spec).await?;
+            let status = if wait {
+                watch(ctx, &status.flow_id, Duration::from_millis(250)).await?
+            } else {
+                status
+            };
+            ctx.emit(&status, status_text);
+            if wait && status.state != FlowState::Succeeded {
+                anyhow::bail!("flow {} ended {}", status.flow_id, flow_state(status.state));
+            }
+        }
+        FlowCmd::Status { flow_id } => {
+            let status = c.flow_status(&id::<FlowId>(&flow_id)?).await?;
+            ctx.emit(&status, status_text);
+        }
+        FlowCmd::Watch {
+            flow_id,
+            interval_ms,
+        } => {
+            let status = watch(
+                ctx,
+                &id::<FlowId>(&flow_id)?,
+                Duration::from_millis(interval_ms),
+            )
+            .await?;
+            ctx.emit(&status, status_text);
+        }
+        FlowCmd::Get { flow_id } => {
+            let spec = c.flow_get(&id::<FlowId>(&flow_id)?).await?;
+            ctx.emit(&spec, |s| serde_yaml::to_string(s).unwrap_or_default());
+        }
+        FlowCmd::List { state } => {
+            let list = c.list_flows(&FlowListRequest { state }).await?;
+            ctx.emit(&list, |l| {
+                let rows = l
+                    .flows
+                    .iter()
+                    .map(|f| {
+                        vec![
+                            f.flow_id.to_string(),
+                            flow_state(f.state).to_owned(),
+                            f.tasks.to_string(),
+                            format!("{:.0}%", f.progress * 100.0),
+                            f.name.clone(),
+                        ]
+                    })
+                    .collect();
+                table(&["flow", "state", "tasks", "progress", "name"], rows)
+            });
+        }
+        FlowCmd::Pause { flow_id } => {
+            let status = c.pause_flow(&id::<FlowId>(&flow_id)?).await?;
+            ctx.emit(&status, status_text);
+        }
+        FlowCmd::Resume { flow_id } => {
+            let status = c.resume_flow(&id::<FlowId>(&flow_id)?).await?;
+            ctx.emit(&status, status_text);
+        }
+        FlowCmd::Cancel { flow_id } => {
+            let status = c.cancel_flow(&id::<FlowId>(&flow_id)?).await?;
+            ctx.emit(&status, status_text);
+        }
+    }
+    Ok(())
+}
+
+/// A flow spec from YAML or JSON; YAML is a superset of JSON, so one parser reads
+/// both, and its errors name the line and the unknown field.
+fn read_spec(file: &Path) -> Result<FlowSpec, Error> {
+    let text = super::read_arg(&if file.as_os_str() == "-" {
+        "-".to_owned()
+    } else {
+        format!("@{}", file.display())
+    })?;
+    serde_yaml::from_str(&text)
+        .map_err(|e| Error::bad_request(format!("the flow spec is not valid: {e}")))
+}
+
+/// Flows up to this many tasks get one live line per task under the bar; bigger
+/// ones only the bar, so the terminal is not flooded.
+const LIVE_TASK_LINES: usize = 20;
+
+/// Polls the flow until it is no longer running, drawing a progress bar and a live
+/// task table on stderr (hidden when stderr is not a terminal or the output is JSON).
+async fn watch(ctx: &Ctx, flow: &FlowId, interval: Duration) -> Result<FlowStatus, Error> {
+    let mut status = ctx.client.flow_status(flow).await?;
+    let multi = if ctx.json {
+        MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
+    } else {
+        MultiProgress::new()
+    };
+    let bar = multi.add(ProgressBar::new(status.tasks.len() as u64));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} tasks {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(status.flow_id.to_string());
+    let line_style =
+        ProgressStyle::with_template("  {msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
+    let lines: Vec<ProgressBar> = if status.tasks.len() <= LIVE_TASK_LINES {
+        (0..=status.tasks.len())
+            .map(|_| {
+                let line = multi.add(ProgressBar::new(1));
+                line.set_style(line_style.clone());
+                line
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    loop {
+        let done = status
+            .tasks
+            .iter()
+            .filter(|t| t.state.is_terminal())
+            .count();
+        bar.set_length(status.tasks.len() as u64);
+        bar.set_position(done as u64);
+        bar.set_message(flow_state(status.state));
+        if !lines.is_empty() {
+            for (line, text) in lines.iter().zip(task_table(&status).lines()) {
+                line.set_message(text.to_owned());
+            }
+        }
+        if status.state.is_terminal() {
+            break;
+        }
+        tokio::time::sleep(interval).await;
+        status = ctx.client.flow_status(flow).await?;
+    }
+    for line in &lines {
+        line.finish_and_clear();
+    }
+    bar.finish_and_clear();
+    Ok(status)
+}
+
+fn flow_state(s: FlowState) -> &'static str {
+    match s {
+        FlowState::Running => "running",
+        FlowState::Paused => "paused",
+        FlowState::Succeeded => "succeeded",
+        FlowState::Failed => "failed",
+        FlowState::Cancelled => "cancelled",
+    }
+}
+
+fn status_text(s: &FlowStatus) -> String {
+    format!(
+        "flow {} ({}): {} {:.0}%\n{}",
+        s.flow_id,
+        s.name,
+        flow_state(s.state),
+        s.progress * 100.0,
+        task_table(s)
+    )
+}
+
+/// One row per task: state, attempt, agent, and its output or error.
+pub(crate) fn task_table(s: &FlowStatus) -> String {
+    let rows = s
+        .tasks
+        .iter()
+        .map(|t| {
+            let result = match &t.error {
+                Some(e) => e.clone(),
+                None if t.output.is_null() => String::new(),
+                None => t.output.to_string(),
+            };
+            vec![
+                t.task_id.to_string(),
+                state_name(t.state).to_owned(),
+                t.attempt.to_string(),
+                t.agent_id
+                    .as_ref()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                truncate(&result, 60),
+            ]
+        })
+        .collect();
+    table(&["task", "state", "attempt", "agent", "result"], rows)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        let mut out: String = s.chars().take(max - 1).collect();
+        out.push('…');
+        out
+    }
+}

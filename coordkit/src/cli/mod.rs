@@ -1,0 +1,382 @@
+//! `coordctl`: every service operation from the command line.
+//!
+//! Each command maps to one typed [`Client`] request, so the CLI can never speak a
+//! different protocol than the SDK. Every command prints either a human summary or,
+//! with `--output json`, the reply exactly as the service sent it, for scripts. A
+//! failed request prints `error [code]: message` (with `--output json`, the error
+//! body `{"error": …}` on stdout) and exits with status 1; usage errors exit 2.
+
+mod alloc;
+mod flow;
+mod sync;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use common::{subject, AgentId, Client, Error};
+use futures::StreamExt;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::demo;
+
+/// coordctl: drive a coordkit system from the command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "coordctl",
+    version,
+    about = "coordctl: drive a coordkit system from the command line",
+    propagate_version = true
+)]
+#[command(
+    after_help = "Errors print `error [code]: message` and exit with status 1 \
+    (with --output json the error body {\"error\": {\"code\", \"message\", \"details\"}} goes to stdout); \
+    usage errors exit with status 2."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    nats: common::config::NatsConfig,
+    /// Output format: text for people, json (the service's reply as is) for scripts.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the demo: a demo agent, the flow a -> b, a -> c with live progress, state and metrics.
+    Demo {
+        /// Exit once the demo flow has completed instead of serving until Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+        /// How long each demo task works, in milliseconds.
+        #[arg(long, default_value_t = 700)]
+        work_ms: u64,
+    },
+    /// Run a demo agent that echoes each task's input.
+    Agent {
+        #[arg(long, default_value = demo::DEMO_AGENT)]
+        id: String,
+        #[arg(long, default_value_t = 100)]
+        work_ms: u64,
+    },
+    /// Task flows: submit, follow, pause, resume, cancel.
+    #[command(subcommand)]
+    Flow(flow::FlowCmd),
+    /// Registered agents.
+    #[command(subcommand)]
+    Agents(alloc::AgentsCmd),
+    /// Pool capacity: show, check a requirement, reserve, adjust an agent.
+    #[command(subcommand)]
+    Capacity(alloc::CapacityCmd),
+    /// Allocations: allocate, gang, release.
+    #[command(subcommand)]
+    Alloc(alloc::AllocCmd),
+    /// Plan (and with --apply, make) moves of movable allocations that even out utilisation.
+    Optimize(alloc::OptimizeArgs),
+    /// Agent state documents: get, put, history, delete.
+    #[command(subcommand)]
+    State(sync::StateCmd),
+    /// Scope configuration: conflict policy, schema, invariants, shared pointers.
+    #[command(subcommand)]
+    Scope(sync::ScopeCmd),
+    /// Check a scope's documents against its schema and invariants.
+    Validate(sync::ValidateArgs),
+    /// Make the agents agree on the shared values of a scope and wait for their acknowledgements.
+    Synchronize(sync::SynchronizeArgs),
+    /// Sync points: consistent cuts of agents' state, completion, rollback.
+    #[command(subcommand)]
+    Syncpoint(sync::SyncpointCmd),
+    /// Traffic metrics from the monitor.
+    Metrics,
+    /// The services answering $SRV.INFO, with their endpoints.
+    Services {
+        /// How long to collect answers, in milliseconds.
+        #[arg(long, default_value_t = 500)]
+        wait_ms: u64,
+    },
+}
+
+/// What every command needs: the client and how to print.
+pub(crate) struct Ctx {
+    pub(crate) client: Client,
+    pub(crate) json: bool,
+}
+
+impl Ctx {
+    /// Prints the reply as JSON or as `text` renders it.
+    pub(crate) fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce(&T) -> String) {
+        if self.json {
+            match serde_json::to_string_pretty(value) {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("error: cannot encode the reply: {e}"),
+            }
+        } else {
+            println!("{}", text(value));
+        }
+    }
+}
+
+/// Parses the command line, runs it and exits with its status.
+pub async fn main() {
+    let cli = Cli::parse();
+    let json = cli.output == Output::Json;
+    if let Err(e) = run(cli).await {
+        match e.downcast_ref::<Error>() {
+            Some(api) => {
+                if json {
+                    let body = common::error::ErrorBody { error: api.clone() };
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&body).unwrap_or_default()
+                    );
+                }
+                eprintln!("error [{}]: {}", api.code, api.message);
+                if !api.details.is_null() {
+                    eprintln!("details: {}", api.details);
+                }
+            }
+            None => eprintln!("error: {e:#}"),
+        }
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        std::mem::forget(common::telemetry::init("coordctl"));
+    }
+    let nats = common::nats::connect(&cli.nats, "coordctl").await?;
+    let client = Client::new(nats.clone()).with_timeout(cli.nats.request_timeout());
+    let ctx = Ctx {
+        client: client.clone(),
+        json: cli.output == Output::Json,
+    };
+    match cli.command {
+        Command::Demo { exit, work_ms } => run_demo(nats.clone(), client, exit, work_ms).await?,
+        Command::Agent { id, work_ms } => {
+            let agent: AgentId = self::id(&id)?;
+            println!("agent {agent} running; Ctrl-C to stop");
+            demo::run_echo_agent(
+                nats.clone(),
+                agent,
+                Duration::from_millis(work_ms),
+                common::shutdown::signal(),
+            )
+            .await?;
+        }
+        Command::Flow(cmd) => flow::run(&ctx, cmd).await?,
+        Command::Agents(cmd) => alloc::run_agents(&ctx, cmd).await?,
+        Command::Capacity(cmd) => alloc::run_capacity(&ctx, cmd).await?,
+        Command::Alloc(cmd) => alloc::run_alloc(&ctx, cmd).await?,
+        Command::Optimize(args) => alloc::run_optimize(&ctx, args).await?,
+        Command::State(cmd) => sync::run_state(&ctx, cmd).await?,
+        Command::Scope(cmd) => sync::run_scope(&ctx, cmd).await?,
+        Command::Validate(args) => sync::run_validate(&ctx, args).await?,
+        Command::Synchronize(args) => sync::run_synchronize(&ctx, args).await?,
+        Command::Syncpoint(cmd) => sync::run_syncpoint(&ctx, cmd).await?,
+        Command::Metrics => {
+            let m = client.metrics().await?;
+            ctx.emit(&m, |m| {
+                let mut out = format!(
+                    "{} messages, {} bytes since {}\nflows: {} created, {} completed\ntasks: {} assigned, {} completed, {} failed",
+                    m.messages_total,
+                    m.bytes_total,
+                    m.since_ms,
+                    m.flows_created,
+                    m.flows_completed,
+                    m.tasks_assigned,
+                    m.tasks_completed,
+                    m.tasks_failed
+                );
+                let rows = m
+                    .messages_by_subject
+                    .iter()
+                    .map(|(s, n)| vec![s.clone(), n.to_string()])
+                    .collect();
+                out.push('\n');
+                out.push_str(&table(&["subject", "messages"], rows));
+                out
+            });
+        }
+        Command::Services { wait_ms } => {
+            let infos = discover(&nats, subject::SRV_INFO, Duration::from_millis(wait_ms)).await?;
+            ctx.emit(&infos, |infos| {
+                let rows = infos
+                    .iter()
+                    .map(|i| {
+                        let endpoints: Vec<&str> = i["endpoints"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|e| e["subject"].as_str()).collect())
+                            .unwrap_or_default();
+                        vec![
+                            i["name"].as_str().unwrap_or("?").to_owned(),
+                            i["version"].as_str().unwrap_or("?").to_owned(),
+                            i["id"].as_str().unwrap_or("?").to_owned(),
+                            endpoints.join(", "),
+                        ]
+                    })
+                    .collect();
+                table(&["service", "version", "instance", "endpoints"], rows)
+            });
+        }
+    }
+    nats.drain().await.ok();
+    Ok(())
+}
+
+/// A plain text table, columns padded to their widest cell.
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = vec![line(headers.iter().map(|h| h.to_uppercase()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}
+
+/// An enum's wire name (`draining`, `completed`, …), the same word the JSON output uses.
+pub(crate) fn wire_name<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
+/// An id from the command line; a bad one is the protocol's `invalid_id` error.
+pub(crate) fn id<T: std::str::FromStr<Err = common::IdError>>(s: &str) -> Result<T, Error> {
+    s.parse().map_err(Error::from)
+}
+
+/// `name=value` pairs from the command line.
+pub(crate) fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected name=value, got `{s}`")),
+    }
+}
+
+/// `resource=amount` pairs from the command line.
+pub(crate) fn parse_amount(s: &str) -> Result<(String, f64), String> {
+    let (k, v) = parse_pair(s)?;
+    let amount: f64 = v
+        .parse()
+        .map_err(|_| format!("`{v}` is not a number (in `{s}`)"))?;
+    Ok((k, amount))
+}
+
+/// A wire enum by its wire name (`running`, `completed`, …), so the CLI accepts
+/// exactly what the protocol does.
+pub(crate) fn parse_wire<T: DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|e| e.to_string())
+}
+
+/// JSON text from the command line, `@file`, or `-` for stdin.
+pub(crate) fn read_json(arg: &str) -> Result<serde_json::Value, Error> {
+    let text = read_arg(arg)?;
+    serde_json::from_str(&text).map_err(|e| Error::bad_request(format!("not valid JSON: {e}")))
+}
+
+pub(crate) fn read_arg(arg: &str) -> Result<String, Error> {
+    if arg == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| Error::bad_request(format!("cannot read stdin: {e}")))
+    } else if let Some(path) = arg.strip_prefix('@') {
+        std::fs::read_to_string(path)
+            .map_err(|e| Error::bad_request(format!("cannot read {path}: {e}")))
+    } else {
+        Ok(arg.to_owned())
+    }
+}
+
+/// Every answer to a discovery request within `wait` (services answer once per instance).
+async fn discover(
+    nats: &async_nats::Client,
+    subject: &str,
+    wait: Duration,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let inbox = nats.new_inbox();
+    let mut replies = nats.subscribe(inbox.clone()).await?;
+    nats.publish_with_reply(subject.to_owned(), inbox, "".into())
+        .await?;
+    nats.flush().await?;
+    let mut out = Vec::new();
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            msg = replies.next() => match msg {
+                Some(m) => out.extend(serde_json::from_slice(&m.payload).ok()),
+                None => break,
+            },
+        }
+    }
+    Ok(out)
+}
+
+async fn run_demo(
+    nats: async_nats::Client,
+    client: Client,
+    exit: bool,
+    work_ms: u64,
+) -> anyhow::Result<()> {
+    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(demo::run_demo_agent(
+        nats.clone(),
+        Duration::from_millis(work_ms),
+        async {
+            let _ = agent_stopped.await;
+        },
+    ));
+    println!(
+        "demo agent {} started (cpu: 2, capability: demo)",
+        demo::DEMO_AGENT
+    );
+    let status = demo::run_demo_flow(&client, Duration::from_secs(60)).await?;
+    println!("flow {} finished: {:?}", status.flow_id, status.state);
+    println!("{}", flow::task_table(&status));
+    demo::show_state(&client).await?;
+    // Give the monitor a moment to see the last events.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = client.metrics().await?;
+    println!(
+        "monitor: {} messages, {} flows completed, {} tasks completed",
+        m.messages_total, m.flows_completed, m.tasks_completed
+    );
+    let services = discover(&nats, subject::SRV_PING, Duration::from_millis(300)).await?;
+    let mut names: Vec<&str> = services.iter().filter_map(|s| s["name"].as_str()).collect();
+    names.sort();
+    names.dedup();
+    println!("services answering $SRV.PING: {}", names.join(", "));
+    if status.state != common::msg::FlowState::Succeeded {
+        anyhow::bail!("the demo flow ended {:?}", status.state);
+    }
+    if !exit {
+        println!("the system is up; the demo agent keeps serving. Ctrl-C to stop.");
+        common::shutdown::signal().await;
+    }
+    let _ = stop_agent.send(());
+    agent.await??;
+    Ok(())
+}

@@ -1,0 +1,409 @@
+//! `coordctl` as a user runs it: every command against a real system, JSON output
+//! parsed with the wire types, failures exiting 1 with the server's error code.
+
+use common::error::ErrorBody;
+use common::msg::{
+    AdjustReply, Allocation, CapacityStatus, ConflictPolicy, FlowList, FlowState, FlowStatus,
+    GangReply, RegisterAgent, ReleaseReply, Reservation, ScopeConfig, StateDoc, StateHistory,
+    SyncPoint, SyncPointDiff, SyncPointList, TaskState,
+};
+use common::{AgentId, ErrorCode};
+use coordkit::demo;
+use testkit::System;
+
+use crate::{coordctl, coordctl_fails, coordctl_json};
+
+const FLOW_YAML: &str = "\
+name: cli flow
+tasks:
+  - id: a
+    kind: echo
+    input: {text: hello}
+    requirements: {resources: {cpu: 1}, capabilities: [cli]}
+  - id: b
+    kind: echo
+    depends_on: [a]
+    requirements: {resources: {cpu: 1}, capabilities: [cli]}
+";
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// An echo agent with the `cli` capability, in this process.
+fn spawn_agent(sys: &System, id: &str) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let nats = sys.nats.clone();
+    let id = AgentId::new(id).unwrap();
+    tokio::spawn(async move {
+        let mut opts = demo::demo_agent_options().unwrap().capability("cli");
+        opts.agent_id = id;
+        coordkit::agent::run(
+            nats,
+            opts,
+            |task| async move { Ok(serde_json::json!({ "echo": task.input })) },
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .await
+    });
+    stop
+}
+
+#[tokio::test]
+async fn submit_yaml_and_wait_then_status_and_list() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    let _agent = spawn_agent(&sys, "cli-agent");
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(&dir, "flow.yaml", FLOW_YAML);
+
+    let done: FlowStatus = coordctl_json(&url, &["flow", "submit", &spec, "--wait"]).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    assert!(done.tasks.iter().all(|t| t.state == TaskState::Succeeded));
+    let a = done
+        .tasks
+        .iter()
+        .find(|t| t.task_id.as_str() == "a")
+        .unwrap();
+    assert_eq!(a.output["echo"]["text"], "hello");
+
+    let id = done.flow_id.to_string();
+    let status = coordctl(&url, &["flow", "status", &id]).await;
+    assert!(status.status.success());
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("succeeded"), "{text}");
+    assert!(
+        text.contains("cli-agent"),
+        "the task table names the agent: {text}"
+    );
+
+    let list: FlowList = coordctl_json(&url, &["flow", "list", "--state", "succeeded"]).await;
+    assert!(list.flows.iter().any(|f| f.flow_id == done.flow_id));
+
+    // A JSON spec on stdin works too, and `watch` follows it to the end.
+    let json_spec =
+        serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(FLOW_YAML).unwrap())
+            .unwrap();
+    let json_path = write(&dir, "flow.json", &json_spec);
+    let created: FlowStatus = coordctl_json(&url, &["flow", "submit", &json_path]).await;
+    let watched: FlowStatus =
+        coordctl_json(&url, &["flow", "watch", created.flow_id.as_str()]).await;
+    assert_eq!(watched.state, FlowState::Succeeded);
+}
+
+#[tokio::test]
+async fn pause_resume_and_cancel_a_flow() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    // No agent has the `cli` capability: the flow stays running, waiting.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(&dir, "flow.yaml", FLOW_YAML);
+    let created: FlowStatus = coordctl_json(&url, &["flow", "submit", &spec]).await;
+    let id = created.flow_id.to_string();
+    assert_eq!(created.state, FlowState::Running);
+
+    let paused: FlowStatus = coordctl_json(&url, &["flow", "pause", &id]).await;
+    assert_eq!(paused.state, FlowState::Paused);
+    let resumed: FlowStatus = coordctl_json(&url, &["flow", "resume", &id]).await;
+    assert_eq!(resumed.state, FlowState::Running);
+    let cancelled: FlowStatus = coordctl_json(&url, &["flow", "cancel", &id]).await;
+    assert_eq!(cancelled.state, FlowState::Cancelled);
+    let status: FlowStatus = coordctl_json(&url, &["flow", "status", &id]).await;
+    assert_eq!(status.state, FlowState::Cancelled);
+}
+
+#[tokio::test]
+async fn state_put_get_history_and_a_stale_put_fails_with_conflict() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+
+    let stored: StateDoc = coordctl_json(
+        &url,
+        &[
+            "state",
+            "put",
+            "planner",
+            "--revision",
+            "0",
+            r#"{"step": 1}"#,
+        ],
+    )
+    .await;
+    assert!(stored.revision > 0);
+    let got: StateDoc = coordctl_json(&url, &["state", "get", "planner"]).await;
+    assert_eq!(got.doc, serde_json::json!({"step": 1}));
+    assert_eq!(got.revision, stored.revision);
+
+    let rev = stored.revision.to_string();
+    let _: StateDoc = coordctl_json(
+        &url,
+        &[
+            "state",
+            "put",
+            "planner",
+            "--revision",
+            &rev,
+            r#"{"step": 2}"#,
+        ],
+    )
+    .await;
+    let history: StateHistory = coordctl_json(&url, &["state", "history", "planner"]).await;
+    let steps: Vec<&serde_json::Value> = history.entries.iter().map(|e| &e.doc["step"]).collect();
+    assert_eq!(steps, [1, 2]);
+
+    // The default scope rejects a put made from a stale revision.
+    let stderr = coordctl_fails(
+        &url,
+        &[
+            "state",
+            "put",
+            "planner",
+            "--revision",
+            &rev,
+            r#"{"step": 3}"#,
+        ],
+        "conflict",
+    )
+    .await;
+    assert!(stderr.contains("details"), "{stderr}");
+}
+
+#[tokio::test]
+async fn capacity_agents_reserve_and_adjust() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    sys.client
+        .register_agent(&RegisterAgent {
+            agent_id: AgentId::new("big").unwrap(),
+            capabilities: vec!["gpu".into()],
+            labels: Default::default(),
+            capacity: [("cpu".to_string(), 4.0)].into(),
+            heartbeat_interval_ms: 60_000,
+        })
+        .await
+        .unwrap();
+
+    let cap: CapacityStatus = coordctl_json(&url, &["capacity", "show"]).await;
+    assert_eq!(cap.pool["cpu"].capacity, 4.0);
+    let agents: serde_json::Value = coordctl_json(&url, &["agents", "list"]).await;
+    assert_eq!(agents[0]["agent_id"], "big");
+    assert_eq!(agents[0]["status"], "active");
+
+    let fits: CapacityStatus = coordctl_json(
+        &url,
+        &["capacity", "check", "-r", "cpu=2", "--capability", "gpu"],
+    )
+    .await;
+    assert_eq!(fits.fits, Some(true));
+    let too_big: CapacityStatus = coordctl_json(&url, &["capacity", "check", "-r", "cpu=64"]).await;
+    assert_eq!(too_big.fits, Some(false));
+
+    let r: Reservation = coordctl_json(
+        &url,
+        &[
+            "capacity",
+            "reserve",
+            "--owner",
+            "team",
+            "-r",
+            "cpu=1",
+            "--duration-ms",
+            "600000",
+        ],
+    )
+    .await;
+    assert_eq!(r.agent_id.as_str(), "big");
+    let cap: CapacityStatus = coordctl_json(&url, &["capacity", "show"]).await;
+    assert_eq!(cap.pool["cpu"].reserved, 1.0);
+
+    let adjusted: AdjustReply =
+        coordctl_json(&url, &["capacity", "adjust", "big", "-r", "cpu=8"]).await;
+    assert!(adjusted.applied);
+    let cap: CapacityStatus = coordctl_json(&url, &["capacity", "show"]).await;
+    assert_eq!(cap.pool["cpu"].capacity, 8.0);
+
+    let plan: serde_json::Value = coordctl_json(&url, &["optimize"]).await;
+    assert!(plan["moves"].as_array().unwrap().is_empty());
+
+    let a: Allocation = coordctl_json(
+        &url,
+        &[
+            "alloc",
+            "allocate",
+            "--owner",
+            "job-1",
+            "-r",
+            "cpu=2",
+            "--allocation-id",
+            "job-1-a",
+        ],
+    )
+    .await;
+    assert_eq!(a.allocation_id.as_str(), "job-1-a");
+    let dir = tempfile::tempdir().unwrap();
+    let gang = write(
+        &dir,
+        "gang.yaml",
+        "owner: job-2\nmembers:\n  - resources: {cpu: 1}\n  - resources: {cpu: 1}\n",
+    );
+    let g: GangReply = coordctl_json(&url, &["alloc", "gang", &gang]).await;
+    assert_eq!(g.allocations.len(), 2);
+    let released: ReleaseReply = coordctl_json(&url, &["alloc", "release", "job-1-a"]).await;
+    assert!(released.released);
+    let cap: CapacityStatus = coordctl_json(&url, &["capacity", "show"]).await;
+    assert_eq!(cap.pool["cpu"].allocated, 2.0);
+}
+
+#[tokio::test]
+async fn scope_set_and_get() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        &dir,
+        "scope.yaml",
+        "scope: plans\npolicy: lww\nshared: [/goal]\n",
+    );
+    let set: ScopeConfig = coordctl_json(&url, &["scope", "set", &cfg]).await;
+    assert_eq!(set.policy, ConflictPolicy::Lww);
+    let got: ScopeConfig = coordctl_json(&url, &["scope", "get", "plans"]).await;
+    assert_eq!(got, set);
+    // A typo in a config a person wrote is refused, naming the field.
+    let typo = write(&dir, "typo.yaml", "scope: plans\npolicyy: lww\n");
+    let stderr = coordctl_fails(&url, &["scope", "set", &typo], "bad_request").await;
+    assert!(stderr.contains("policyy"), "{stderr}");
+}
+
+#[tokio::test]
+async fn sync_points_from_the_command_line() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    for agent in ["s1", "s2"] {
+        let _: StateDoc = coordctl_json(
+            &url,
+            &["state", "put", agent, "--revision", "0", r#"{"plan": "a"}"#],
+        )
+        .await;
+    }
+    let sp: SyncPoint = coordctl_json(
+        &url,
+        &[
+            "syncpoint",
+            "create",
+            "--agent",
+            "s1",
+            "--agent",
+            "s2",
+            "--label",
+            "before",
+        ],
+    )
+    .await;
+    assert_eq!(sp.cut.len(), 2);
+    let id = sp.id.to_string();
+    let shown: SyncPoint = coordctl_json(&url, &["syncpoint", "show", &id]).await;
+    assert_eq!(shown.id, sp.id);
+    let list: SyncPointList = coordctl_json(&url, &["syncpoint", "list"]).await;
+    assert!(list.sync_points.iter().any(|p| p.id == sp.id));
+
+    let current: StateDoc = coordctl_json(&url, &["state", "get", "s1"]).await;
+    let rev = current.revision.to_string();
+    let _: StateDoc = coordctl_json(
+        &url,
+        &["state", "put", "s1", "--revision", &rev, r#"{"plan": "b"}"#],
+    )
+    .await;
+    let diff: SyncPointDiff = coordctl_json(&url, &["syncpoint", "diff", &id]).await;
+    assert!(!diff.unchanged);
+    let changed: Vec<&str> = diff
+        .agents
+        .iter()
+        .filter(|a| !a.changes.is_empty())
+        .map(|a| a.agent_id.as_str())
+        .collect();
+    assert_eq!(changed, ["s1"]);
+
+    let report: serde_json::Value =
+        coordctl_json(&url, &["validate", "--agent", "s1", "--agent", "s2"]).await;
+    assert_eq!(report["valid"], true);
+
+    // Nobody acknowledges (no agent runs): completion is recorded as incomplete.
+    let completed: SyncPoint =
+        coordctl_json(&url, &["syncpoint", "complete", &id, "--timeout-ms", "200"]).await;
+    assert_eq!(completed.missing.len(), 2);
+}
+
+#[tokio::test]
+async fn bad_input_exits_non_zero_with_the_error_code() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+
+    // A typo in a spec a person wrote is an error naming the field, before any request.
+    let typo = write(
+        &dir,
+        "typo.yaml",
+        "name: x\ntasks:\n  - id: a\n    dependson: [b]\n",
+    );
+    let stderr = coordctl_fails(&url, &["flow", "submit", &typo], "bad_request").await;
+    assert!(stderr.contains("dependson"), "{stderr}");
+
+    // The server's own validation: a cycle.
+    let cycle = write(
+        &dir,
+        "cycle.yaml",
+        "name: x\ntasks:\n  - {id: a, depends_on: [b]}\n  - {id: b, depends_on: [a]}\n",
+    );
+    coordctl_fails(&url, &["flow", "submit", &cycle], "validation_failed").await;
+
+    coordctl_fails(&url, &["flow", "status", "no-such-flow"], "not_found").await;
+    coordctl_fails(&url, &["state", "get", "nobody"], "not_found").await;
+
+    // With --output json the error body goes to stdout for scripts.
+    let out = coordctl(
+        &url,
+        &["--output", "json", "flow", "status", "not a valid id"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let body: ErrorBody = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body.error.code, ErrorCode::InvalidId);
+
+    // Usage errors are clap's: status 2.
+    let out = coordctl(&url, &["flow", "frobnicate"]).await;
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn every_command_has_help() {
+    let out = coordctl("nats://127.0.0.1:1", &["--help"]).await;
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for cmd in [
+        "flow",
+        "agents",
+        "capacity",
+        "alloc",
+        "optimize",
+        "state",
+        "scope",
+        "validate",
+        "synchronize",
+        "syncpoint",
+        "metrics",
+    ] {
+        assert!(text.contains(cmd), "--help lists {cmd}: {text}");
+        let sub = coordctl("nats://127.0.0.1:1", &[cmd, "--help"]).await;
+        assert!(sub.status.success(), "{cmd} --help");
+    }
+    for sub in [
+        "submit", "status", "watch", "list", "pause", "resume", "cancel",
+    ] {
+        let out = coordctl("nats://127.0.0.1:1", &["flow", sub, "--help"]).await;
+        assert!(out.status.success(), "flow {sub} --help");
+    }
+}

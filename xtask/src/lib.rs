@@ -1,0 +1,951 @@
+//! The wire protocol as generated artefacts: one JSON Schema per message type and an
+//! AsyncAPI 3 document, both written to `schemas/` and checked in.
+//!
+//! Everything comes from one table, [`channels`], so the documentation cannot list a
+//! subject the code does not use or miss one it does: the drift test regenerates the
+//! files in memory and compares them with the checked-in ones, and a coverage test
+//! checks that every subject defined in `common::subject` has a row here.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use common::error::ErrorBody;
+use common::msg::*;
+use common::{subject, AgentId, FlowId, ScopeId};
+use schemars::{schema_for, Schema};
+use serde_json::{json, Value};
+
+/// Folder (relative to the workspace root) the artefacts live in.
+pub const SCHEMA_DIR: &str = "schemas";
+/// The AsyncAPI document's file name inside [`SCHEMA_DIR`].
+pub const ASYNCAPI_FILE: &str = "asyncapi.yaml";
+
+/// A message type and the JSON Schema derived from its Rust type.
+#[derive(Clone, Copy)]
+pub struct Msg {
+    pub name: &'static str,
+    schema: fn() -> Schema,
+}
+
+impl Msg {
+    pub fn schema(&self) -> Schema {
+        (self.schema)()
+    }
+
+    pub fn file(&self) -> String {
+        format!("{}.json", self.name)
+    }
+}
+
+/// A wire type by its Rust name; the name is the schema's file name.
+macro_rules! msg {
+    ($t:ident) => {
+        Msg {
+            name: stringify!($t),
+            schema: || schema_for!($t),
+        }
+    };
+}
+
+/// Who talks on a subject, and how.
+#[derive(Clone, Copy)]
+pub enum Pattern {
+    /// A request/reply endpoint served by `server`; every failure reply is an [`ErrorBody`].
+    Request {
+        server: &'static str,
+        request: Msg,
+        reply: Msg,
+    },
+    /// A one-way message from `from` to `to`; `jetstream` when it is stored in a stream.
+    Publish {
+        from: &'static str,
+        to: &'static str,
+        message: Msg,
+        jetstream: Option<&'static str>,
+    },
+}
+
+/// One subject of the protocol.
+pub struct Channel {
+    /// The AsyncAPI channel and operation id.
+    pub id: &'static str,
+    /// The subject, with `{agent_id}` / `{scope}` where a parameter goes.
+    pub address: String,
+    /// The constant or function in `common::subject` that builds the subject.
+    pub source: &'static str,
+    pub summary: &'static str,
+    pub pattern: Pattern,
+}
+
+const AGENT_PLACEHOLDER: &str = "AGENT_ID";
+const SCOPE_PLACEHOLDER: &str = "SCOPE_ID";
+const FLOW_PLACEHOLDER: &str = "FLOW_ID";
+
+/// An agent subject with the id left as the AsyncAPI parameter `{agent_id}`; built
+/// by the real subject function so the address cannot drift from the code.
+fn per_agent(f: fn(&AgentId) -> String) -> anyhow::Result<String> {
+    let agent = AgentId::new(AGENT_PLACEHOLDER)?;
+    Ok(f(&agent).replace(AGENT_PLACEHOLDER, "{agent_id}"))
+}
+
+/// A flow subject with the id left as the AsyncAPI parameter `{flow_id}`.
+fn per_flow(f: fn(&FlowId) -> String) -> anyhow::Result<String> {
+    let flow = FlowId::new(FLOW_PLACEHOLDER)?;
+    Ok(f(&flow).replace(FLOW_PLACEHOLDER, "{flow_id}"))
+}
+
+fn per_scope_agent(f: fn(&ScopeId, &AgentId) -> String) -> anyhow::Result<String> {
+    let agent = AgentId::new(AGENT_PLACEHOLDER)?;
+    let scope = ScopeId::new(SCOPE_PLACEHOLDER)?;
+    Ok(f(&scope, &agent)
+        .replace(AGENT_PLACEHOLDER, "{agent_id}")
+        .replace(SCOPE_PLACEHOLDER, "{scope}"))
+}
+
+/// Payload of the watch subjects: the stored state document itself, any JSON.
+const STATE_DOCUMENT: Msg = Msg {
+    name: "StateDocument",
+    schema: || {
+        schemars::json_schema!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "StateDocument",
+            "description": "An agent's state document exactly as stored; its revision is the `Nats-Sequence` header, and a deletion has `KV-Operation: DEL` and no body."
+        })
+    },
+};
+
+/// Payload of the NATS service API discovery subjects, defined by NATS (ADR-32), not coordkit.
+const SERVICE_API: Msg = Msg {
+    name: "NatsServiceApi",
+    schema: || {
+        schemars::json_schema!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "NatsServiceApi",
+            "description": "A NATS micro-service API request (empty) or response (ping, info or stats), as specified by NATS ADR-32.",
+            "type": "object"
+        })
+    },
+};
+
+const ORCHESTRATOR: &str = "orchestrator";
+const ALLOCATOR: &str = "allocator";
+const SYNCHRONIZER: &str = "synchronizer";
+const MONITOR: &str = "monitor";
+const AGENT: &str = "agent";
+
+fn request(server: &'static str, request: Msg, reply: Msg) -> Pattern {
+    Pattern::Request {
+        server,
+        request,
+        reply,
+    }
+}
+
+fn event(
+    id: &'static str,
+    source: &'static str,
+    address: &str,
+    from: &'static str,
+    summary: &'static str,
+) -> Channel {
+    Channel {
+        id,
+        address: address.to_owned(),
+        source,
+        summary,
+        pattern: Pattern::Publish {
+            from,
+            to: "any listener (monitor, orchestrator)",
+            message: msg!(Event),
+            jetstream: Some("COORD_EVENTS"),
+        },
+    }
+}
+
+/// Every subject coordkit uses: the single table the AsyncAPI document is generated from.
+pub fn channels() -> anyhow::Result<Vec<Channel>> {
+    use Pattern::Publish;
+    let req = |id, source, address: &str, summary, pattern| Channel {
+        id,
+        address: address.to_owned(),
+        source,
+        summary,
+        pattern,
+    };
+    let mut out = vec![
+        // Orchestrator.
+        req(
+            "flowCreate",
+            "FLOW_CREATE",
+            subject::FLOW_CREATE,
+            "Submit a flow.",
+            request(ORCHESTRATOR, msg!(FlowSpec), msg!(FlowStatus)),
+        ),
+        req(
+            "flowGet",
+            "FLOW_GET",
+            subject::FLOW_GET,
+            "A flow's spec, with its id.",
+            request(ORCHESTRATOR, msg!(FlowRef), msg!(FlowSpec)),
+        ),
+        req(
+            "flowStatus",
+            "FLOW_STATUS",
+            subject::FLOW_STATUS,
+            "A flow's state and every task's.",
+            request(ORCHESTRATOR, msg!(FlowRef), msg!(FlowStatus)),
+        ),
+        req(
+            "flowList",
+            "FLOW_LIST",
+            subject::FLOW_LIST,
+            "Every flow, optionally in one state.",
+            request(ORCHESTRATOR, msg!(FlowListRequest), msg!(FlowList)),
+        ),
+        req(
+            "flowPause",
+            "FLOW_PAUSE",
+            subject::FLOW_PAUSE,
+            "Stop starting tasks; running ones finish.",
+            request(ORCHESTRATOR, msg!(FlowRef), msg!(FlowStatus)),
+        ),
+        req(
+            "flowResume",
+            "FLOW_RESUME",
+            subject::FLOW_RESUME,
+            "Start tasks again.",
+            request(ORCHESTRATOR, msg!(FlowRef), msg!(FlowStatus)),
+        ),
+        req(
+            "flowCancel",
+            "FLOW_CANCEL",
+            subject::FLOW_CANCEL,
+            "Cancel a flow: agents are told, allocations released.",
+            request(ORCHESTRATOR, msg!(FlowRef), msg!(FlowStatus)),
+        ),
+        req(
+            "flowModify",
+            "FLOW_MODIFY",
+            subject::FLOW_MODIFY,
+            "Change a flow that has not finished, against the revision read; all or nothing.",
+            request(ORCHESTRATOR, msg!(FlowChanges), msg!(FlowStatus)),
+        ),
+        req(
+            "flowRerun",
+            "FLOW_RERUN",
+            subject::FLOW_RERUN,
+            "Run a finished task and everything downstream of it again.",
+            request(ORCHESTRATOR, msg!(RerunRequest), msg!(FlowStatus)),
+        ),
+        req(
+            "flowExplain",
+            "FLOW_EXPLAIN",
+            subject::FLOW_EXPLAIN,
+            "Every reason each unfinished task is where it is.",
+            request(ORCHESTRATOR, msg!(ExplainRequest), msg!(Explanation)),
+        ),
+        // Allocator.
+        req(
+            "agentRegister",
+            "AGENT_REGISTER",
+            subject::AGENT_REGISTER,
+            "An agent joins (or re-joins) with its capabilities and capacity.",
+            request(ALLOCATOR, msg!(RegisterAgent), msg!(AgentInfo)),
+        ),
+        req(
+            "agentDeregister",
+            "AGENT_DEREGISTER",
+            subject::AGENT_DEREGISTER,
+            "An agent leaves: it drains, keeping its allocations.",
+            request(ALLOCATOR, msg!(DeregisterAgent), msg!(AgentInfo)),
+        ),
+        req(
+            "allocate",
+            "ALLOCATE",
+            subject::ALLOCATE,
+            "Place one requirement on an agent.",
+            request(ALLOCATOR, msg!(AllocateRequest), msg!(Allocation)),
+        ),
+        req(
+            "allocateGang",
+            "ALLOCATE_GANG",
+            subject::ALLOCATE_GANG,
+            "Place several requirements all-or-nothing.",
+            request(ALLOCATOR, msg!(GangRequest), msg!(GangReply)),
+        ),
+        req(
+            "release",
+            "RELEASE",
+            subject::RELEASE,
+            "Release an allocation (idempotent).",
+            request(ALLOCATOR, msg!(ReleaseRequest), msg!(ReleaseReply)),
+        ),
+        req(
+            "capacityCheck",
+            "CAPACITY_CHECK",
+            subject::CAPACITY_CHECK,
+            "Capacity per resource, agent and label; whether a requirement fits.",
+            request(ALLOCATOR, msg!(CapacityRequest), msg!(CapacityStatus)),
+        ),
+        req(
+            "capacityReserve",
+            "CAPACITY_RESERVE",
+            subject::CAPACITY_RESERVE,
+            "Hold capacity for an owner over a time window.",
+            request(ALLOCATOR, msg!(ReserveRequest), msg!(Reservation)),
+        ),
+        req(
+            "reservationCancel",
+            "RESERVATION_CANCEL",
+            subject::RESERVATION_CANCEL,
+            "Cancel a reservation (idempotent).",
+            request(ALLOCATOR, msg!(CancelReservation), msg!(CancelReply)),
+        ),
+        req(
+            "capacityAdjust",
+            "CAPACITY_ADJUST",
+            subject::CAPACITY_ADJUST,
+            "Change an agent's capacity, optionally preempting.",
+            request(ALLOCATOR, msg!(AdjustRequest), msg!(AdjustReply)),
+        ),
+        req(
+            "optimize",
+            "OPTIMIZE",
+            subject::OPTIMIZE,
+            "Plan (and optionally apply) moves of movable allocations.",
+            request(ALLOCATOR, msg!(OptimizeRequest), msg!(OptimizePlan)),
+        ),
+        // Synchronizer.
+        req(
+            "stateGet",
+            "STATE_GET",
+            subject::STATE_GET,
+            "An agent's document, latest or at a revision.",
+            request(SYNCHRONIZER, msg!(StateGet), msg!(StateDoc)),
+        ),
+        req(
+            "statePut",
+            "STATE_PUT",
+            subject::STATE_PUT,
+            "Store a document made from `expected_revision`.",
+            request(SYNCHRONIZER, msg!(StatePut), msg!(StateDoc)),
+        ),
+        req(
+            "stateDelete",
+            "STATE_DELETE",
+            subject::STATE_DELETE,
+            "Delete a document.",
+            request(SYNCHRONIZER, msg!(StateDelete), msg!(StateDeleted)),
+        ),
+        req(
+            "stateHistory",
+            "STATE_HISTORY",
+            subject::STATE_HISTORY,
+            "A document's kept revisions, oldest first.",
+            request(SYNCHRONIZER, msg!(StateHistoryRequest), msg!(StateHistory)),
+        ),
+        req(
+            "scopeSet",
+            "SCOPE_SET",
+            subject::SCOPE_SET,
+            "Configure a scope: policy, schema, invariants, shared pointers.",
+            request(SYNCHRONIZER, msg!(ScopeConfig), msg!(ScopeConfig)),
+        ),
+        req(
+            "scopeGet",
+            "SCOPE_GET",
+            subject::SCOPE_GET,
+            "A scope's configuration (defaults when never set).",
+            request(SYNCHRONIZER, msg!(ScopeGet), msg!(ScopeConfig)),
+        ),
+        req(
+            "validate",
+            "VALIDATE",
+            subject::VALIDATE,
+            "Check documents against the scope's schema and invariants.",
+            request(SYNCHRONIZER, msg!(ValidateRequest), msg!(ValidationReport)),
+        ),
+        req(
+            "synchronize",
+            "SYNCHRONIZE",
+            subject::SYNCHRONIZE,
+            "Agree on the shared values and push them to the agents.",
+            request(SYNCHRONIZER, msg!(SynchronizeRequest), msg!(SyncReport)),
+        ),
+        req(
+            "syncpointInitiate",
+            "SYNCPOINT_INITIATE",
+            subject::SYNCPOINT_INITIATE,
+            "Take a consistent cut of the participants' documents.",
+            request(SYNCHRONIZER, msg!(SyncPointInitiate), msg!(SyncPoint)),
+        ),
+        req(
+            "syncpointComplete",
+            "SYNCPOINT_COMPLETE",
+            subject::SYNCPOINT_COMPLETE,
+            "Wait for every participant's acknowledgement.",
+            request(SYNCHRONIZER, msg!(SyncPointWait), msg!(SyncPoint)),
+        ),
+        req(
+            "syncpointRollback",
+            "SYNCPOINT_ROLLBACK",
+            subject::SYNCPOINT_ROLLBACK,
+            "Write the cut back as new revisions and tell the agents.",
+            request(SYNCHRONIZER, msg!(SyncPointWait), msg!(RollbackReport)),
+        ),
+        req(
+            "syncpointList",
+            "SYNCPOINT_LIST",
+            subject::SYNCPOINT_LIST,
+            "Sync points, optionally by scope and state.",
+            request(
+                SYNCHRONIZER,
+                msg!(SyncPointListRequest),
+                msg!(SyncPointList),
+            ),
+        ),
+        req(
+            "syncpointGet",
+            "SYNCPOINT_GET",
+            subject::SYNCPOINT_GET,
+            "One sync point.",
+            request(SYNCHRONIZER, msg!(SyncPointRef), msg!(SyncPoint)),
+        ),
+        req(
+            "syncpointDiff",
+            "SYNCPOINT_DIFF",
+            subject::SYNCPOINT_DIFF,
+            "What changed in each participant's document since the cut.",
+            request(SYNCHRONIZER, msg!(SyncPointRef), msg!(SyncPointDiff)),
+        ),
+        // Monitor.
+        req(
+            "monitorMetrics",
+            "MONITOR_METRICS",
+            subject::MONITOR_METRICS,
+            "Traffic and flow counters.",
+            request(MONITOR, msg!(MetricsRequest), msg!(SystemMetrics)),
+        ),
+        // NATS service discovery.
+        req(
+            "srvPing",
+            "SRV_PING",
+            subject::SRV_PING,
+            "Every service instance answers (NATS service API).",
+            request("every service", SERVICE_API, SERVICE_API),
+        ),
+        req(
+            "srvInfo",
+            "SRV_INFO",
+            subject::SRV_INFO,
+            "Service descriptions with their endpoints (NATS service API).",
+            request("every service", SERVICE_API, SERVICE_API),
+        ),
+        req(
+            "srvStats",
+            "SRV_STATS",
+            subject::SRV_STATS,
+            "Per-endpoint statistics (NATS service API).",
+            request("every service", SERVICE_API, SERVICE_API),
+        ),
+    ];
+    out.extend([
+        Channel {
+            id: "agentHeartbeat",
+            address: per_agent(subject::heartbeat)?,
+            source: "heartbeat",
+            summary: "Every `heartbeat_interval_ms`; three missed and the agent is lost.",
+            pattern: Publish { from: AGENT, to: ALLOCATOR, message: msg!(Heartbeat), jetstream: None },
+        },
+        Channel {
+            id: "agentAssign",
+            address: per_agent(subject::assign)?,
+            source: "assign",
+            summary: "Work for the agent; read through the durable pull consumer `agent-{agent_id}` on stream `COORD_ASSIGN`, ack after the final report.",
+            pattern: Publish { from: ORCHESTRATOR, to: AGENT, message: msg!(Assignment), jetstream: Some("COORD_ASSIGN") },
+        },
+        Channel {
+            id: "agentReport",
+            address: per_agent(subject::report)?,
+            source: "report",
+            summary: "Started, progress, completed or failed, per attempt; `Nats-Msg-Id` = `{flow}.{task}.{attempt}.{type}`.",
+            pattern: Publish { from: AGENT, to: ORCHESTRATOR, message: msg!(AgentReport), jetstream: Some("COORD_REPORTS") },
+        },
+        Channel {
+            id: "flowWatch",
+            address: per_flow(subject::flow_watch)?,
+            source: "flow_watch",
+            summary: "The flow's status (without the task list) after every change.",
+            pattern: Publish { from: ORCHESTRATOR, to: "watchers", message: msg!(FlowStatus), jetstream: None },
+        },
+        Channel {
+            id: "agentCancel",
+            address: per_agent(subject::cancel)?,
+            source: "cancel",
+            summary: "Stop working on an attempt (flow cancelled, task timed out).",
+            pattern: Publish { from: ORCHESTRATOR, to: AGENT, message: msg!(CancelNotice), jetstream: None },
+        },
+        Channel {
+            id: "agentSyncNotice",
+            address: per_agent(subject::sync_notice)?,
+            source: "sync_notice",
+            summary: "Sync points, rollbacks and agreed state for the agent to apply and acknowledge.",
+            pattern: Publish { from: SYNCHRONIZER, to: AGENT, message: msg!(SyncNotice), jetstream: None },
+        },
+        Channel {
+            id: "agentSyncAck",
+            address: per_agent(subject::sync_ack)?,
+            source: "sync_ack",
+            summary: "The agent acknowledges a notice (the agent is taken from the subject).",
+            pattern: Publish { from: AGENT, to: SYNCHRONIZER, message: msg!(SyncAck), jetstream: None },
+        },
+        Channel {
+            id: "stateWatch",
+            address: per_scope_agent(subject::state_watch)?,
+            source: "state_watch",
+            summary: "Every write to the state bucket, republished by the NATS server itself.",
+            pattern: Publish { from: "nats-server (state bucket republish)", to: "any watcher", message: STATE_DOCUMENT, jetstream: None },
+        },
+    ]);
+    use subject::event as e;
+    out.extend([
+        event(
+            "eventFlowCreated",
+            "event::FLOW_CREATED",
+            e::FLOW_CREATED,
+            ORCHESTRATOR,
+            "A flow was accepted.",
+        ),
+        event(
+            "eventFlowCompleted",
+            "event::FLOW_COMPLETED",
+            e::FLOW_COMPLETED,
+            ORCHESTRATOR,
+            "A flow ended: succeeded, failed or cancelled.",
+        ),
+        event(
+            "eventFlowPaused",
+            "event::FLOW_PAUSED",
+            e::FLOW_PAUSED,
+            ORCHESTRATOR,
+            "A flow was paused.",
+        ),
+        event(
+            "eventFlowResumed",
+            "event::FLOW_RESUMED",
+            e::FLOW_RESUMED,
+            ORCHESTRATOR,
+            "A flow was resumed.",
+        ),
+        event(
+            "eventTaskReady",
+            "event::TASK_READY",
+            e::TASK_READY,
+            ORCHESTRATOR,
+            "A task's dependencies are met.",
+        ),
+        event(
+            "eventTaskAssigned",
+            "event::TASK_ASSIGNED",
+            e::TASK_ASSIGNED,
+            ORCHESTRATOR,
+            "A task was placed on an agent.",
+        ),
+        event(
+            "eventTaskStarted",
+            "event::TASK_STARTED",
+            e::TASK_STARTED,
+            ORCHESTRATOR,
+            "An agent started a task.",
+        ),
+        event(
+            "eventTaskSucceeded",
+            "event::TASK_SUCCEEDED",
+            e::TASK_SUCCEEDED,
+            ORCHESTRATOR,
+            "A task completed.",
+        ),
+        event(
+            "eventTaskFailed",
+            "event::TASK_FAILED",
+            e::TASK_FAILED,
+            ORCHESTRATOR,
+            "A task failed for good.",
+        ),
+        event(
+            "eventTaskSkipped",
+            "event::TASK_SKIPPED",
+            e::TASK_SKIPPED,
+            ORCHESTRATOR,
+            "A task will not run (a dependency failed).",
+        ),
+        event(
+            "eventTaskTimedOut",
+            "event::TASK_TIMED_OUT",
+            e::TASK_TIMED_OUT,
+            ORCHESTRATOR,
+            "A task exceeded a timeout.",
+        ),
+        event(
+            "eventTaskCancelled",
+            "event::TASK_CANCELLED",
+            e::TASK_CANCELLED,
+            ORCHESTRATOR,
+            "A task was cancelled.",
+        ),
+        event(
+            "eventReportRejected",
+            "event::REPORT_REJECTED",
+            e::REPORT_REJECTED,
+            ORCHESTRATOR,
+            "A report was fenced off; nothing changed.",
+        ),
+        event(
+            "eventAgentRegistered",
+            "event::AGENT_REGISTERED",
+            e::AGENT_REGISTERED,
+            ALLOCATOR,
+            "An agent registered.",
+        ),
+        event(
+            "eventAgentLost",
+            "event::AGENT_LOST",
+            e::AGENT_LOST,
+            ALLOCATOR,
+            "An agent missed its heartbeats; its allocations were released.",
+        ),
+        event(
+            "eventAgentDeregistered",
+            "event::AGENT_DEREGISTERED",
+            e::AGENT_DEREGISTERED,
+            ALLOCATOR,
+            "An agent is draining.",
+        ),
+        event(
+            "eventCapacityAdjusted",
+            "event::CAPACITY_ADJUSTED",
+            e::CAPACITY_ADJUSTED,
+            ALLOCATOR,
+            "An agent's capacity changed.",
+        ),
+        event(
+            "eventAllocationMade",
+            "event::ALLOCATION_MADE",
+            e::ALLOCATION_MADE,
+            ALLOCATOR,
+            "Capacity was booked.",
+        ),
+        event(
+            "eventAllocationReleased",
+            "event::ALLOCATION_RELEASED",
+            e::ALLOCATION_RELEASED,
+            ALLOCATOR,
+            "Capacity was freed.",
+        ),
+        event(
+            "eventAllocationPreempted",
+            "event::ALLOCATION_PREEMPTED",
+            e::ALLOCATION_PREEMPTED,
+            ALLOCATOR,
+            "An allocation was taken back.",
+        ),
+        event(
+            "eventAllocationMoved",
+            "event::ALLOCATION_MOVED",
+            e::ALLOCATION_MOVED,
+            ALLOCATOR,
+            "An allocation moved to another agent.",
+        ),
+        event(
+            "eventReservationMade",
+            "event::RESERVATION_MADE",
+            e::RESERVATION_MADE,
+            ALLOCATOR,
+            "Capacity was reserved for a window.",
+        ),
+        event(
+            "eventReservationEnded",
+            "event::RESERVATION_ENDED",
+            e::RESERVATION_ENDED,
+            ALLOCATOR,
+            "A reservation expired or was cancelled.",
+        ),
+        event(
+            "eventStateUpdated",
+            "event::STATE_UPDATED",
+            e::STATE_UPDATED,
+            SYNCHRONIZER,
+            "A state document was written.",
+        ),
+        event(
+            "eventStateConflict",
+            "event::STATE_CONFLICT",
+            e::STATE_CONFLICT,
+            SYNCHRONIZER,
+            "A write met a newer revision; the scope's policy decided.",
+        ),
+        event(
+            "eventStateDeleted",
+            "event::STATE_DELETED",
+            e::STATE_DELETED,
+            SYNCHRONIZER,
+            "A state document was deleted.",
+        ),
+        event(
+            "eventScopeConfigured",
+            "event::SCOPE_CONFIGURED",
+            e::SCOPE_CONFIGURED,
+            SYNCHRONIZER,
+            "A scope's configuration changed.",
+        ),
+        event(
+            "eventStateSynchronized",
+            "event::STATE_SYNCHRONIZED",
+            e::STATE_SYNCHRONIZED,
+            SYNCHRONIZER,
+            "A synchronize round ended.",
+        ),
+        event(
+            "eventSyncpointInitiated",
+            "event::SYNCPOINT_INITIATED",
+            e::SYNCPOINT_INITIATED,
+            SYNCHRONIZER,
+            "A sync point's cut was taken.",
+        ),
+        event(
+            "eventSyncpointCompleted",
+            "event::SYNCPOINT_COMPLETED",
+            e::SYNCPOINT_COMPLETED,
+            SYNCHRONIZER,
+            "A sync point completed (or not).",
+        ),
+        event(
+            "eventSyncpointRolledBack",
+            "event::SYNCPOINT_ROLLED_BACK",
+            e::SYNCPOINT_ROLLED_BACK,
+            SYNCHRONIZER,
+            "The participants were rolled back to a cut.",
+        ),
+    ]);
+    Ok(out)
+}
+
+/// Every message on the bus, by name: the channels' messages plus the error body.
+pub fn messages(channels: &[Channel]) -> BTreeMap<&'static str, Msg> {
+    let mut out = BTreeMap::new();
+    out.insert("ErrorBody", msg!(ErrorBody));
+    for c in channels {
+        match c.pattern {
+            Pattern::Request { request, reply, .. } => {
+                out.insert(request.name, request);
+                out.insert(reply.name, reply);
+            }
+            Pattern::Publish { message, .. } => {
+                out.insert(message.name, message);
+            }
+        }
+    }
+    out
+}
+
+fn message_ref(channel: &str, msg: &Msg) -> Value {
+    json!({"$ref": format!("#/channels/{channel}/messages/{}", msg.name)})
+}
+
+fn component_ref(msg: &Msg) -> Value {
+    json!({"$ref": format!("#/components/messages/{}", msg.name)})
+}
+
+/// The AsyncAPI 3.0 document, from the point of view of the coordkit services.
+pub fn asyncapi(channels: &[Channel]) -> Value {
+    let mut chans = serde_json::Map::new();
+    let mut ops = serde_json::Map::new();
+    for c in channels {
+        let mut channel = json!({
+            "address": c.address,
+            "summary": c.summary,
+            "x-rust-subject": format!("common::subject::{}", c.source),
+        });
+        let params: Vec<&str> = ["agent_id", "scope", "flow_id"]
+            .into_iter()
+            .filter(|p| c.address.contains(&format!("{{{p}}}")))
+            .collect();
+        if !params.is_empty() {
+            channel["parameters"] = params
+                .iter()
+                .map(|p| {
+                    (
+                        (*p).to_owned(),
+                        json!({"description": format!("The {p}: `^[A-Za-z0-9_-]{{1,64}}$`.")}),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        match c.pattern {
+            Pattern::Request {
+                server,
+                request,
+                reply,
+            } => {
+                let error = msg!(ErrorBody);
+                channel["messages"] = json!({
+                    request.name: component_ref(&request),
+                    reply.name: component_ref(&reply),
+                    error.name: component_ref(&error),
+                });
+                ops.insert(
+                    c.id.to_owned(),
+                    json!({
+                        "action": "receive",
+                        "summary": c.summary,
+                        "description": format!("Request/reply served by the {server}; any client may request. A failure replies `ErrorBody` with the `Nats-Service-Error` and `Nats-Service-Error-Code` headers."),
+                        "channel": {"$ref": format!("#/channels/{}", c.id)},
+                        "messages": [message_ref(c.id, &request)],
+                        "reply": {
+                            "channel": {"$ref": format!("#/channels/{}", c.id)},
+                            "messages": [message_ref(c.id, &reply), message_ref(c.id, &error)],
+                        },
+                        "x-direction": format!("client → {server} → client"),
+                    }),
+                );
+            }
+            Pattern::Publish {
+                from,
+                to,
+                message,
+                jetstream,
+            } => {
+                channel["messages"] = json!({ message.name: component_ref(&message) });
+                // The document describes the services: they send what they publish
+                // and receive what agents publish.
+                let action = if from == AGENT { "receive" } else { "send" };
+                let mut op = json!({
+                    "action": action,
+                    "summary": c.summary,
+                    "channel": {"$ref": format!("#/channels/{}", c.id)},
+                    "messages": [message_ref(c.id, &message)],
+                    "x-direction": format!("{from} → {to}"),
+                });
+                if let Some(stream) = jetstream {
+                    op["x-jetstream-stream"] = stream.into();
+                }
+                ops.insert(c.id.to_owned(), op);
+            }
+        }
+        chans.insert(c.id.to_owned(), channel);
+    }
+    let components: serde_json::Map<String, Value> = messages(channels)
+        .values()
+        .map(|m| {
+            (
+                m.name.to_owned(),
+                json!({
+                    "name": m.name,
+                    "contentType": "application/json",
+                    "payload": {"$ref": format!("./{}", m.file())},
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "coordkit",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "The coordkit wire protocol: JSON over NATS. Generated by `cargo xtask schemas` from the Rust types in `common/src/msg/` and the subjects in `common/src/subject.rs`; do not edit. The prose reference is docs/protocol.md.",
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "local": {"host": "127.0.0.1:4222", "protocol": "nats", "description": "nats-server with JetStream, as scripts/run.sh starts it"}
+        },
+        "channels": chans,
+        "operations": ops,
+        "components": {"messages": components},
+    })
+}
+
+/// Every generated file, by path relative to [`SCHEMA_DIR`], with its exact contents.
+pub fn generate() -> anyhow::Result<BTreeMap<String, String>> {
+    let channels = channels()?;
+    let mut files = BTreeMap::new();
+    for m in messages(&channels).values() {
+        let text = serde_json::to_string_pretty(&m.schema())
+            .with_context(|| format!("schema of {}", m.name))?;
+        files.insert(m.file(), text + "\n");
+    }
+    let doc = serde_yaml::to_string(&asyncapi(&channels)).context("AsyncAPI to YAML")?;
+    files.insert(
+        ASYNCAPI_FILE.to_owned(),
+        format!("# Generated by `cargo xtask schemas`; do not edit.\n{doc}"),
+    );
+    Ok(files)
+}
+
+/// The protocol page (relative to the workspace root) whose subject table is generated.
+pub const PROTOCOL_DOC: &str = "docs/protocol.md";
+const TABLE_BEGIN: &str =
+    "<!-- BEGIN GENERATED subjects: `cargo xtask schemas` rewrites this table -->";
+const TABLE_END: &str = "<!-- END GENERATED subjects -->";
+
+/// Every subject as a Markdown table: who publishes, who listens, the schemas.
+pub fn subjects_markdown(channels: &[Channel]) -> String {
+    let link = |m: &Msg| format!("[`{}`](../{SCHEMA_DIR}/{})", m.name, m.file());
+    let mut out = String::from(
+        "| subject | kind | publisher → listener | message(s) | what for |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for c in channels {
+        let (kind, who, msgs) = match &c.pattern {
+            Pattern::Request {
+                server,
+                request,
+                reply,
+            } => (
+                "request/reply".to_owned(),
+                format!("any client → {server}"),
+                format!(
+                    "{} → {} or [`ErrorBody`](../{SCHEMA_DIR}/ErrorBody.json)",
+                    link(request),
+                    link(reply)
+                ),
+            ),
+            Pattern::Publish {
+                from,
+                to,
+                message,
+                jetstream,
+            } => (
+                match jetstream {
+                    Some(stream) => format!("JetStream (`{stream}`)"),
+                    None => "publish".to_owned(),
+                },
+                format!("{from} → {to}"),
+                link(message),
+            ),
+        };
+        out.push_str(&format!(
+            "| `{}` | {kind} | {who} | {msgs} | {} |\n",
+            c.address, c.summary
+        ));
+    }
+    out
+}
+
+/// `doc` with the text between the generated-table markers replaced by `table`.
+pub fn splice_subjects(doc: &str, table: &str) -> anyhow::Result<String> {
+    let begin = doc
+        .find(TABLE_BEGIN)
+        .with_context(|| format!("{PROTOCOL_DOC} lacks the line {TABLE_BEGIN}"))?;
+    let end = doc
+        .find(TABLE_END)
+        .with_context(|| format!("{PROTOCOL_DOC} lacks the line {TABLE_END}"))?;
+    anyhow::ensure!(
+        begin < end,
+        "{PROTOCOL_DOC}: the generated-table markers are out of order"
+    );
+    Ok(format!(
+        "{}{TABLE_BEGIN}\n\n{table}\n{}",
+        &doc[..begin],
+        &doc[end..]
+    ))
+}
