@@ -684,6 +684,11 @@ impl Flow {
         effects: &mut Vec<Effect>,
     ) {
         let Some(t) = self.tasks.get(id) else { return };
+        // A step that ends several attempts (a tick, a lost agent) may already have
+        // ended this one through fail-fast.
+        if !t.state.is_active() {
+            return;
+        }
         let (attempt, agent) = (t.attempt, t.agent.clone());
         if kind == FailureKind::Timeout {
             // The agent may still be working on it: tell it to stop.
@@ -891,5 +896,7 @@ fn running_deadline(t: &Task, now_ms: u64) -> Option<u64> {
     }
 }
 
+#[cfg(test)]
+mod props;
 #[cfg(test)]
 mod tests;

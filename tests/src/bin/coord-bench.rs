@@ -1,0 +1,517 @@
+//! `coord-bench`: end-to-end throughput and latency of coordkit, side by side with
+//! the bus's own limit for the same message pattern, measured in the same run.
+//!
+//! Nothing starts by magic: `--spawn` starts a private nats-server through the
+//! test kit (or `--nats-url` names one), the four services run in-process (with
+//! `--orchestrators` replicas of the orchestrator), and `--agents` no-op agents
+//! built on the real agent runtime do the work. Then:
+//!
+//! - `baseline`: the raw JetStream round a task needs at least once — publish to a
+//!   work-queue stream, a pull consumer per worker, ack, a completion published on
+//!   a core subject the driver subscribes to — pipelined and one at a time;
+//! - `dispatch`: the baseline first, then `--tasks` independent no-op tasks as
+//!   `--flows` flows submitted at once, then `--serial` one-task flows one at a
+//!   time; every figure is also printed as a ratio of the baseline's.
+//!
+//! Latency is from just before a flow's create request (or a message's publish)
+//! to the driver receiving its task's `task.succeeded` event (or completion).
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::IntoFuture;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use async_nats::jetstream::{self, consumer, stream};
+use clap::{Parser, ValueEnum};
+use common::config::NatsConfig;
+use common::msg::{Event, EventKind, FlowSpec, TaskSpec};
+use common::{subject, AgentId, FlowId, TaskId};
+use coordkit::agent::{self, AgentOptions};
+use futures::{stream::FuturesUnordered, StreamExt};
+use testkit::{NatsServer, ServiceHandle};
+use tokio::sync::{oneshot, Mutex};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// The raw JetStream round only.
+    Baseline,
+    /// The baseline, then independent no-op tasks through the whole system.
+    Dispatch,
+}
+
+/// End-to-end benchmarks of coordkit against the bus's own limit.
+#[derive(Debug, Parser)]
+#[command(name = "coord-bench")]
+struct Args {
+    /// Start a private nats-server (JetStream, temp store) for this run.
+    #[arg(long, conflicts_with = "nats_url")]
+    spawn: bool,
+    /// Use this NATS server instead (it must have JetStream on).
+    #[arg(long, env = "COORD_BENCH_NATS_URL")]
+    nats_url: Option<String>,
+    /// What to measure.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// Independent no-op tasks in the pipelined round.
+    #[arg(long, default_value_t = 2000)]
+    tasks: usize,
+    /// Flows the tasks are split into, submitted at once.
+    #[arg(long, default_value_t = 20)]
+    flows: usize,
+    /// No-op agents (baseline: pull consumers).
+    #[arg(long, default_value_t = 4)]
+    agents: usize,
+    /// Orchestrator replicas.
+    #[arg(long, default_value_t = 1)]
+    orchestrators: usize,
+    /// Tasks run one after the other (each waits for the last to complete).
+    #[arg(long, default_value_t = 100)]
+    serial: usize,
+    /// Give up on a round after this many seconds.
+    #[arg(long, default_value_t = 180)]
+    timeout_s: u64,
+}
+
+/// One measured round.
+struct Round {
+    name: String,
+    tasks: usize,
+    wall: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Round {
+    fn per_sec(&self) -> f64 {
+        self.tasks as f64 / self.wall.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    fn pct(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.latencies.len() as f64 * p).ceil() as usize).clamp(1, self.latencies.len());
+        self.latencies[i - 1]
+    }
+}
+
+fn round(name: &str, wall: Duration, mut latencies: Vec<Duration>) -> Round {
+    latencies.sort_unstable();
+    Round {
+        name: name.to_owned(),
+        tasks: latencies.len(),
+        wall,
+        latencies,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.tasks == 0 || args.flows == 0 || args.agents == 0 || args.orchestrators == 0 {
+        bail!("--tasks, --flows, --agents and --orchestrators must be at least 1");
+    }
+    let server = if args.spawn {
+        Some(NatsServer::start())
+    } else {
+        None
+    };
+    let url = match (&server, &args.nats_url) {
+        (Some(s), _) => s.url().to_owned(),
+        (None, Some(u)) => u.clone(),
+        (None, None) => bail!("give --spawn or --nats-url"),
+    };
+    let nats = async_nats::connect(&url)
+        .await
+        .with_context(|| format!("failed to connect to {url}"))?;
+    let run_id = common::now_ms();
+    let limit = Duration::from_secs(args.timeout_s);
+    println!(
+        "coord-bench: {url}, {} agents, {} orchestrator replica(s), {} tasks in {} flows, {} serial",
+        args.agents, args.orchestrators, args.tasks, args.flows, args.serial
+    );
+
+    let mut rounds = Vec::new();
+    let (base_pipe, base_serial) = baseline(&nats, &args, run_id, limit).await?;
+    rounds.push(base_pipe);
+    rounds.push(base_serial);
+
+    if args.scenario == Scenario::Dispatch {
+        let cfg = NatsConfig::new(url.clone());
+        let mut services: Vec<ServiceHandle> = Vec::new();
+        for _ in 0..args.orchestrators {
+            services.push(testkit::start_service("orchestrator", cfg.clone()));
+        }
+        for name in ["allocator", "synchronizer", "monitor"] {
+            services.push(testkit::start_service(name, cfg.clone()));
+        }
+        for name in testkit::SERVICES {
+            testkit::wait_for_service(&nats, name).await;
+        }
+        let mut agents = Vec::new();
+        for i in 0..args.agents {
+            agents.push(start_agent(&nats, run_id, i)?);
+        }
+        wait_registered(&nats, run_id, args.agents, limit).await?;
+        let pipe = dispatch_pipelined(&nats, &args, run_id, limit).await?;
+        rounds.push(pipe);
+        let serial = dispatch_serial(&nats, &args, run_id, limit).await?;
+        rounds.push(serial);
+        for (stop, handle) in agents {
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+        }
+        for s in services {
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.stop()).await;
+        }
+    }
+    print_table(&rounds);
+    Ok(())
+}
+
+fn print_table(rounds: &[Round]) {
+    println!();
+    println!("| round | tasks | wall s | tasks/s | p50 ms | p90 ms | p99 ms | max ms | tasks/s vs baseline | p99 vs baseline |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let base = |serial: bool| rounds.get(usize::from(serial));
+    for (i, r) in rounds.iter().enumerate() {
+        let serial = r.name.contains("one at a time");
+        let (rate, p99) = match base(serial) {
+            Some(b) if i >= 2 => (
+                format!("{:.1} %", 100.0 * r.per_sec() / b.per_sec()),
+                format!(
+                    "{:.1}×",
+                    r.pct(0.99).as_secs_f64() / b.pct(0.99).as_secs_f64().max(1e-9)
+                ),
+            ),
+            _ => ("(baseline)".to_owned(), "(baseline)".to_owned()),
+        };
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            r.name,
+            r.tasks,
+            r.wall.as_secs_f64(),
+            r.per_sec(),
+            ms(r.pct(0.50)),
+            ms(r.pct(0.90)),
+            ms(r.pct(0.99)),
+            ms(r.pct(1.0)),
+            rate,
+            p99
+        );
+    }
+}
+
+/// The raw pattern: publish to a work-queue stream, one pull consumer per worker
+/// (as each agent has its own durable consumer), ack, completion on a core subject.
+async fn baseline(
+    nats: &async_nats::Client,
+    args: &Args,
+    run_id: u64,
+    limit: Duration,
+) -> anyhow::Result<(Round, Round)> {
+    let js = jetstream::new(nats.clone());
+    let name = format!("BENCH_BASELINE_{run_id}");
+    let prefix = format!("bench.{run_id}.work");
+    let done_subject = format!("bench.{run_id}.done");
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{prefix}.*")],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .context("failed to create the baseline stream")?;
+    let mut workers = Vec::new();
+    for i in 0..args.agents {
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(format!("w{i}")),
+                filter_subject: format!("{prefix}.{i}"),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .context("failed to create a baseline consumer")?;
+        let mut messages = consumer.messages().await?;
+        let (nats, done) = (nats.clone(), done_subject.clone());
+        workers.push(tokio::spawn(async move {
+            while let Some(Ok(msg)) = messages.next().await {
+                if msg.ack().await.is_err() {
+                    break;
+                }
+                if nats
+                    .publish(done.clone(), msg.payload.clone())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }));
+    }
+    let mut done = nats.subscribe(done_subject).await?;
+    nats.flush().await?;
+
+    // Pipelined: every message published at once (publish acks awaited concurrently).
+    let n = args.tasks;
+    let sent: Mutex<Vec<Option<Instant>>> = Mutex::new(vec![None; n]);
+    let started = Instant::now();
+    let publishing = async {
+        let mut acks = FuturesUnordered::new();
+        for i in 0..n {
+            sent.lock().await[i] = Some(Instant::now());
+            let subject = format!("{prefix}.{}", i % args.agents);
+            acks.push(
+                js.publish(subject, i.to_string().into())
+                    .await?
+                    .into_future(),
+            );
+            while acks.len() >= 1024 {
+                if let Some(r) = acks.next().await {
+                    r?;
+                }
+            }
+        }
+        while let Some(r) = acks.next().await {
+            r?;
+        }
+        anyhow::Ok(())
+    };
+    let collecting = async {
+        let mut latencies = Vec::with_capacity(n);
+        let mut seen = HashSet::new();
+        while seen.len() < n {
+            let msg = tokio::time::timeout(limit.saturating_sub(started.elapsed()), done.next())
+                .await
+                .context("baseline round timed out")?
+                .context("completion subscription ended")?;
+            let i: usize = std::str::from_utf8(&msg.payload)?.parse()?;
+            if seen.insert(i) {
+                if let Some(Some(t)) = sent.lock().await.get(i) {
+                    latencies.push(t.elapsed());
+                }
+            }
+        }
+        anyhow::Ok(latencies)
+    };
+    let (published, latencies) = tokio::join!(publishing, collecting);
+    published?;
+    let latencies = latencies?;
+    let wall = started.elapsed();
+    let pipelined = round("baseline, pipelined", wall, latencies);
+
+    // One at a time: publish, wait for the completion, next.
+    let mut latencies = Vec::with_capacity(args.serial);
+    let started = Instant::now();
+    for i in 0..args.serial {
+        let t = Instant::now();
+        let subject = format!("{prefix}.{}", i % args.agents);
+        js.publish(subject, (n + i).to_string().into())
+            .await?
+            .await?;
+        loop {
+            let msg = tokio::time::timeout(limit, done.next())
+                .await
+                .context("baseline serial round timed out")?
+                .context("completion subscription ended")?;
+            if std::str::from_utf8(&msg.payload)?.parse::<usize>()? == n + i {
+                break;
+            }
+        }
+        latencies.push(t.elapsed());
+    }
+    let serial = round("baseline, one at a time", started.elapsed(), latencies);
+
+    for w in workers {
+        w.abort();
+    }
+    let _ = js.delete_stream(&name).await;
+    Ok((pipelined, serial))
+}
+
+fn agent_id(run_id: u64, i: usize) -> anyhow::Result<AgentId> {
+    Ok(AgentId::new(format!("bench-{run_id}-{i}"))?)
+}
+
+type AgentHandle = (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), common::Error>>,
+);
+
+/// A no-op agent with room for far more tasks than the round runs at once.
+fn start_agent(nats: &async_nats::Client, run_id: u64, i: usize) -> anyhow::Result<AgentHandle> {
+    let mut opts = AgentOptions::new(agent_id(run_id, i)?).capacity("cpu", 100_000.0);
+    opts.concurrency = 1024;
+    opts.heartbeat_interval = Duration::from_secs(1);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(agent::run(
+        nats.clone(),
+        opts,
+        |_assignment| async { Ok(serde_json::Value::Null) },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Ok((stop, handle))
+}
+
+async fn wait_registered(
+    nats: &async_nats::Client,
+    run_id: u64,
+    agents: usize,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let client = common::Client::new(nats.clone());
+    let want = (0..agents)
+        .map(|i| agent_id(run_id, i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let started = Instant::now();
+    loop {
+        if let Ok(cap) = client.capacity(&Default::default()).await {
+            if want.iter().all(|a| cap.agents.contains_key(a)) {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > limit {
+            bail!("agents did not register within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn flow_spec(id: &FlowId, tasks: usize) -> anyhow::Result<FlowSpec> {
+    let tasks = (0..tasks)
+        .map(|i| {
+            let mut t = TaskSpec::new(TaskId::new(format!("t{i}"))?);
+            t.kind = "noop".into();
+            t.requirements.resources.insert("cpu".into(), 1.0);
+            Ok(t)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut spec = FlowSpec::new("bench", tasks);
+    spec.id = Some(id.clone());
+    Ok(spec)
+}
+
+/// Waits for `want` distinct task completions and returns when each arrived.
+async fn completions(
+    events: &mut async_nats::Subscriber,
+    want: usize,
+    deadline: Instant,
+) -> anyhow::Result<BTreeMap<(FlowId, TaskId), Instant>> {
+    let mut done = BTreeMap::new();
+    while done.len() < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::time::timeout(left, events.next())
+            .await
+            .with_context(|| format!("timed out with {} of {want} tasks done", done.len()))?
+            .context("event subscription ended")?;
+        let Ok(event) = serde_json::from_slice::<Event>(&msg.payload) else {
+            continue;
+        };
+        if let EventKind::TaskTransition {
+            flow_id, task_id, ..
+        } = event.kind
+        {
+            done.entry((flow_id, task_id)).or_insert_with(Instant::now);
+        }
+    }
+    Ok(done)
+}
+
+async fn dispatch_pipelined(
+    nats: &async_nats::Client,
+    args: &Args,
+    run_id: u64,
+    limit: Duration,
+) -> anyhow::Result<Round> {
+    let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(30));
+    let mut events = nats.subscribe(subject::event::TASK_SUCCEEDED).await?;
+    nats.flush().await?;
+    let per_flow = args.tasks.div_ceil(args.flows);
+    let mut specs = Vec::new();
+    let mut left = args.tasks;
+    for f in 0..args.flows {
+        let n = per_flow.min(left);
+        if n == 0 {
+            break;
+        }
+        left -= n;
+        let id = FlowId::new(format!("bench-{run_id}-p{f}"))?;
+        specs.push((id.clone(), flow_spec(&id, n)?));
+    }
+    let total: usize = specs.iter().map(|(_, s)| s.tasks.len()).sum();
+    let started = Instant::now();
+    let mut submitted = BTreeMap::new();
+    let mut creates = FuturesUnordered::new();
+    for (id, spec) in specs {
+        submitted.insert(id, Instant::now());
+        let client = client.clone();
+        creates.push(async move { client.create_flow(&spec).await });
+    }
+    let creating = async {
+        while let Some(r) = creates.next().await {
+            r.map_err(|e| anyhow::anyhow!("flow create failed: {e}"))?;
+        }
+        anyhow::Ok(())
+    };
+    let (created, done) = tokio::join!(creating, completions(&mut events, total, started + limit));
+    created?;
+    let done = done?;
+    let wall = started.elapsed();
+    let latencies = done
+        .iter()
+        .filter_map(|((flow, _), at)| Some(at.duration_since(*submitted.get(flow)?)))
+        .collect();
+    Ok(round(
+        &format!(
+            "dispatch, {} flows × {} tasks",
+            args.flows.min(total),
+            per_flow
+        ),
+        wall,
+        latencies,
+    ))
+}
+
+async fn dispatch_serial(
+    nats: &async_nats::Client,
+    args: &Args,
+    run_id: u64,
+    limit: Duration,
+) -> anyhow::Result<Round> {
+    let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(30));
+    let mut events = nats.subscribe(subject::event::TASK_SUCCEEDED).await?;
+    nats.flush().await?;
+    let mut latencies = Vec::with_capacity(args.serial);
+    let started = Instant::now();
+    for i in 0..args.serial {
+        let id = FlowId::new(format!("bench-{run_id}-s{i}"))?;
+        let spec = flow_spec(&id, 1)?;
+        let t = Instant::now();
+        let (created, done) = tokio::join!(
+            client.create_flow(&spec),
+            completions(&mut events, 1, t + limit)
+        );
+        created.map_err(|e| anyhow::anyhow!("flow create failed: {e}"))?;
+        let done = done?;
+        let Some(at) = done
+            .iter()
+            .find_map(|((f, _), at)| (*f == id).then_some(*at))
+        else {
+            bail!("a completion of another flow arrived during the serial round");
+        };
+        latencies.push(at.duration_since(t));
+    }
+    Ok(round(
+        "dispatch, one at a time (1-task flows)",
+        started.elapsed(),
+        latencies,
+    ))
+}
