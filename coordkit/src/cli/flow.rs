@@ -4,8 +4,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Subcommand;
-use common::msg::{FlowListRequest, FlowSpec, FlowState, FlowStatus};
-use common::{Error, FlowId};
+use common::msg::{
+    ExplainRequest, FlowChanges, FlowListRequest, FlowSpec, FlowState, FlowStatus, RerunRequest,
+};
+use common::{Error, ErrorCode, FlowId};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{id, parse_wire, table, Ctx};
@@ -44,6 +46,21 @@ pub(crate) enum FlowCmd {
     Resume { flow_id: String },
     /// Cancel a flow: its agents are told to stop and its allocations are released.
     Cancel { flow_id: String },
+    /// Change a flow that has not finished, all at once or not at all.
+    ///
+    /// The changes (YAML or JSON file, `-` for stdin) are a `FlowChanges` document
+    /// without `flow_id` and `expected_revision`: `add`, `add_dependencies`,
+    /// `remove`, `priorities`, `inputs`. The flow's current revision is read
+    /// first; if it changes before the modification lands, it is retried.
+    Modify { flow_id: String, changes: PathBuf },
+    /// Run a finished task and everything downstream of it again.
+    Rerun { flow_id: String, task_id: String },
+    /// Why each unfinished task (or the one named) is where it is.
+    Explain {
+        flow_id: String,
+        #[arg(long)]
+        task: Option<String>,
+    },
 }
 
 pub(crate) async fn run(ctx: &Ctx, cmd: FlowCmd) -> anyhow::Result<()> {
@@ -112,6 +129,77 @@ pub(crate) async fn run(ctx: &Ctx, cmd: FlowCmd) -> anyhow::Result<()> {
         FlowCmd::Cancel { flow_id } => {
             let status = c.cancel_flow(&id::<FlowId>(&flow_id)?).await?;
             ctx.emit(&status, status_text);
+        }
+        FlowCmd::Modify { flow_id, changes } => {
+            let flow_id = id::<FlowId>(&flow_id)?;
+            let text = if changes.as_os_str() == "-" {
+                super::read_arg("-")?
+            } else {
+                std::fs::read_to_string(&changes).map_err(|e| {
+                    Error::bad_request(format!("cannot read {}: {e}", changes.display()))
+                })?
+            };
+            let mut doc: serde_json::Value = serde_yaml::from_str(&text).map_err(|e| {
+                Error::bad_request(format!("the changes are not valid YAML or JSON: {e}"))
+            })?;
+            let mut status = None;
+            for _ in 0..10 {
+                let current = c.flow_status(&flow_id).await?;
+                if let Some(obj) = doc.as_object_mut() {
+                    obj.insert("flow_id".into(), serde_json::json!(flow_id));
+                    obj.insert(
+                        "expected_revision".into(),
+                        serde_json::json!(current.revision),
+                    );
+                }
+                let changes: FlowChanges = serde_json::from_value(doc.clone())
+                    .map_err(|e| Error::bad_request(format!("the changes are not valid: {e}")))?;
+                match c.modify_flow(&changes).await {
+                    Err(e)
+                        if e.code == ErrorCode::Conflict
+                            && e.details.get("current_revision").is_some() =>
+                    {
+                        continue
+                    }
+                    other => {
+                        status = Some(other?);
+                        break;
+                    }
+                }
+            }
+            let status = status.ok_or_else(|| {
+                Error::new(ErrorCode::Conflict, "the flow kept changing; try again")
+            })?;
+            ctx.emit(&status, status_text);
+        }
+        FlowCmd::Rerun { flow_id, task_id } => {
+            let req = RerunRequest {
+                flow_id: id(&flow_id)?,
+                task_id: id(&task_id)?,
+            };
+            let status = c.rerun_task(&req).await?;
+            ctx.emit(&status, status_text);
+        }
+        FlowCmd::Explain { flow_id, task } => {
+            let req = ExplainRequest {
+                flow_id: id(&flow_id)?,
+                task_id: task.as_deref().map(id).transpose()?,
+            };
+            let why = c.explain_flow(&req).await?;
+            ctx.emit(&why, |w| {
+                let rows = w
+                    .tasks
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.task_id.to_string(),
+                            state_name(t.state).to_owned(),
+                            t.reasons.join("; "),
+                        ]
+                    })
+                    .collect();
+                table(&["task", "state", "why"], rows)
+            });
         }
     }
     Ok(())

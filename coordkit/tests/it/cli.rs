@@ -117,6 +117,48 @@ async fn pause_resume_and_cancel_a_flow() {
 }
 
 #[tokio::test]
+async fn modify_explain_and_rerun_a_flow() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(&dir, "flow.yaml", FLOW_YAML);
+    // No agent yet: the flow waits, and explain says why.
+    let created: FlowStatus = coordctl_json(&url, &["flow", "submit", &spec]).await;
+    let id = created.flow_id.to_string();
+    let why: common::msg::Explanation = coordctl_json(&url, &["flow", "explain", &id]).await;
+    let a = why
+        .tasks
+        .iter()
+        .find(|t| t.task_id.as_str() == "a")
+        .unwrap();
+    assert!(a.reasons.iter().any(|r| r.contains("no agent")), "{why:?}");
+    let text = coordctl(&url, &["flow", "explain", &id, "--task", "b"]).await;
+    assert!(String::from_utf8_lossy(&text.stdout).contains("waiting on dependency a"));
+
+    // Remove b, add c after a: the revision is read for us.
+    let changes = write(&dir, "changes.yaml", "remove: [b]\nadd:\n  - {id: c, kind: echo, depends_on: [a], requirements: {resources: {cpu: 1}, capabilities: [cli]}}\n");
+    let modified: FlowStatus = coordctl_json(&url, &["flow", "modify", &id, &changes]).await;
+    let ids: Vec<&str> = modified.tasks.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(ids, ["a", "c"]);
+    let bad = write(&dir, "bad.yaml", "remove: [nope]\n");
+    coordctl_fails(&url, &["flow", "modify", &id, &bad], "validation_failed").await;
+
+    let _agent = spawn_agent(&sys, "cli-agent");
+    let done: FlowStatus = coordctl_json(&url, &["flow", "watch", &id]).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    let again: FlowStatus = coordctl_json(&url, &["flow", "rerun", &id, "c"]).await;
+    assert_eq!(again.state, FlowState::Running);
+    let done: FlowStatus = coordctl_json(&url, &["flow", "watch", &id]).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    let c = done
+        .tasks
+        .iter()
+        .find(|t| t.task_id.as_str() == "c")
+        .unwrap();
+    assert_eq!(c.attempt, 2);
+}
+
+#[tokio::test]
 async fn state_put_get_history_and_a_stale_put_fails_with_conflict() {
     let sys = System::start().await;
     let url = sys.server.url().to_owned();
@@ -401,7 +443,8 @@ async fn every_command_has_help() {
         assert!(sub.status.success(), "{cmd} --help");
     }
     for sub in [
-        "submit", "status", "watch", "list", "pause", "resume", "cancel",
+        "submit", "status", "watch", "list", "pause", "resume", "cancel", "modify", "rerun",
+        "explain",
     ] {
         let out = coordctl("nats://127.0.0.1:1", &["flow", sub, "--help"]).await;
         assert!(out.status.success(), "flow {sub} --help");
