@@ -290,6 +290,13 @@ fn varz_summary(v: Value) -> Value {
     Value::Object(out)
 }
 
+async fn publish(events: &EventPublisher, found: Vec<common::msg::Anomaly>) {
+    for anomaly in found {
+        tracing::warn!(kind = anomaly.kind.as_str(), subject = %anomaly.subject, "{}", anomaly.message);
+        events.publish(EventKind::AnomalyDetected { anomaly }).await;
+    }
+}
+
 /// Runs the monitor until `shutdown` resolves, then drains the connection.
 ///
 /// Every replica sees all traffic (a plain subscription, not a queue group), so
@@ -330,16 +337,22 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         )
     })?;
     let mut tasks = tokio::task::JoinSet::new();
+    let events = EventPublisher::new(nats.clone(), NAME);
     let s = shared.clone();
+    let ev = events.clone();
     tasks.spawn(async move {
         while let Some(msg) = all.next().await {
-            if let Ok(mut m) = s.monitor.lock() {
-                m.observe(&msg.subject, &msg.payload, common::now_ms());
-            }
+            // Anomalies read straight from an event (an agent lost) go out at once.
+            let found = s
+                .with(|m| {
+                    m.observe(&msg.subject, &msg.payload, common::now_ms());
+                    m.take_new_anomalies()
+                })
+                .unwrap_or_default();
+            publish(&ev, found).await;
         }
     });
 
-    let events = EventPublisher::new(nats.clone(), NAME);
     let s = shared.clone();
     let every = Duration::from_millis(cfg.detect_interval_ms.max(10));
     tasks.spawn(async move {
@@ -353,10 +366,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
                     m.take_new_anomalies()
                 })
                 .unwrap_or_default();
-            for anomaly in found {
-                tracing::warn!(kind = anomaly.kind.as_str(), subject = %anomaly.subject, "{}", anomaly.message);
-                events.publish(EventKind::AnomalyDetected { anomaly }).await;
-            }
+            publish(&events, found).await;
         }
     });
 
