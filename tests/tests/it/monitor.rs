@@ -457,3 +457,113 @@ async fn an_injected_latency_spike_and_throughput_drop_are_each_reported_once() 
     agent.await.unwrap().unwrap();
     monitor.stop().await.unwrap();
 }
+
+/// Chromium, if installed (`scripts/test.sh` installs it): `CHROMIUM_BIN`, or on `PATH`.
+fn chromium() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("CHROMIUM_BIN") {
+        return Some(p.into());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|d| [d.join("chromium"), d.join("chromium-browser")])
+        .find(|p| p.is_file())
+}
+
+/// The page as Chromium renders it after its scripts ran, and what it logged.
+async fn render(browser: &std::path::Path, url: &str) -> (String, String) {
+    let profile = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new(browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--virtual-time-budget=3000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("--dump-dom")
+            .arg(url)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chromium finishes")
+    .expect("chromium runs");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn task_state<'a>(dom: &'a str, task: &str) -> Option<&'a str> {
+    let at = dom.find(&format!("data-task=\"{task}\""))?;
+    let rest = &dom[at..];
+    let s = rest.find("data-state=\"")? + "data-state=\"".len();
+    rest[s..].split('"').next()
+}
+
+#[tokio::test]
+async fn dashboard_shows_a_running_flows_tasks_changing_state_in_headless_chromium() {
+    let Some(browser) = chromium() else {
+        println!(
+            "SKIPPED: chromium is not installed and could not be installed here \
+             (scripts/test.sh installs it with apt-get; or set CHROMIUM_BIN)"
+        );
+        return;
+    };
+    let sys = System::start().await;
+    let delay = Arc::new(AtomicU64::new(4_000));
+    let (stop, agent) = agent_with_delay(&sys.nats, "dash-w1", 2.0, delay.clone());
+    wait_registered(&sys.client, "dash-w1").await;
+    let created = sys
+        .client
+        .create_flow(&flow("dash-f1", vec![work("a", &[]), work("b", &["a"])]))
+        .await
+        .unwrap();
+    let fid = created.flow_id.clone();
+    eventually(Duration::from_secs(20), "task a running", || async {
+        let s = sys.client.flow_status(&fid).await.ok()?;
+        let a = s.tasks.iter().find(|t| t.task_id.as_str() == "a")?;
+        (a.state == common::msg::TaskState::Running).then_some(())
+    })
+    .await;
+    let addr = sys.client.health_report().await.unwrap().http_addr.unwrap();
+    let url = format!("http://{addr}/");
+
+    let (dom, log) = render(&browser, &url).await;
+    assert!(
+        dom.contains("data-loaded=\"true\""),
+        "page did not load:\n{dom}\n{log}"
+    );
+    assert!(dom.contains("data-flow=\"dash-f1\""), "{dom}");
+    assert_eq!(task_state(&dom, "a"), Some("running"), "{dom}");
+    assert_eq!(task_state(&dom, "b"), Some("blocked"), "{dom}");
+    assert!(dom.contains("class=\"verdict healthy\""), "{dom}");
+    assert!(dom.contains("<path"), "charts drawn: {dom}");
+    assert!(
+        !log.contains("Uncaught") && !log.contains("refresh failed"),
+        "console errors:\n{log}"
+    );
+
+    delay.store(1, Ordering::Relaxed);
+    eventually(Duration::from_secs(30), "flow finished", || async {
+        let s = sys.client.flow_status(&fid).await.ok()?;
+        s.state.is_terminal().then_some(())
+    })
+    .await;
+    let (dom, log) = render(&browser, &url).await;
+    assert_eq!(task_state(&dom, "a"), Some("succeeded"), "{dom}");
+    assert_eq!(task_state(&dom, "b"), Some("succeeded"), "{dom}");
+    assert!(dom.contains("class=\"agent\""), "{dom}");
+    assert!(!log.contains("Uncaught"), "console errors:\n{log}");
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+}
