@@ -567,3 +567,82 @@ async fn dashboard_shows_a_running_flows_tasks_changing_state_in_headless_chromi
     stop.send(()).unwrap();
     agent.await.unwrap().unwrap();
 }
+
+/// A nats-server with its monitoring port on, killed on drop.
+struct MonitoredServer {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    nats_url: String,
+    http_url: String,
+}
+
+impl Drop for MonitoredServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn monitored_server() -> MonitoredServer {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = dir.path().join("ports");
+    std::fs::create_dir_all(&ports).unwrap();
+    let child = std::process::Command::new(testkit::nats_server_bin().unwrap())
+        .args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1", "-js", "-sd"])
+        .arg(dir.path().join("store"))
+        .arg("--ports_file_dir")
+        .arg(&ports)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = MonitoredServer {
+        child,
+        _dir: dir,
+        nats_url: String::new(),
+        http_url: String::new(),
+    };
+    let (nats_url, http_url) = eventually(Duration::from_secs(20), "ports file", || async {
+        let entry = std::fs::read_dir(&ports).ok()?.next()?.ok()?;
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(entry.path()).ok()?).ok()?;
+        Some((
+            v["nats"][0].as_str()?.to_owned(),
+            v["monitoring"][0].as_str()?.to_owned(),
+        ))
+    })
+    .await;
+    server.nats_url = nats_url;
+    server.http_url = http_url;
+    server
+}
+
+#[tokio::test]
+async fn health_reads_the_nats_server_monitoring_endpoint_when_configured() {
+    common::telemetry::init_for_tests();
+    let server = monitored_server().await;
+    let cfg = common::config::NatsConfig::new(server.nats_url.clone());
+    let _services: Vec<ServiceHandle> = ["orchestrator", "allocator", "synchronizer"]
+        .into_iter()
+        .map(|n| start_service(n, cfg.clone()))
+        .collect();
+    let mut c = ::monitor::Config::new(cfg);
+    c.http_addr = "127.0.0.1:0".into();
+    c.nats_monitor_url = Some(server.http_url.clone());
+    let monitor = ServiceHandle::spawn("monitor", move |rx| async move {
+        ::monitor::run(c, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let nats = async_nats::connect(&server.nats_url).await.unwrap();
+    for n in testkit::SERVICES {
+        wait_for_service(&nats, n).await;
+    }
+    let client = Client::new(nats);
+    let h = client.health().await.unwrap();
+    assert_eq!(h.verdict, Verdict::Healthy, "{:?}", h.reasons);
+    let varz = h.nats_server.expect("the server's /varz");
+    assert!(varz["version"].as_str().unwrap().starts_with('2'), "{varz}");
+    assert!(varz["connections"].as_u64().unwrap() >= 4, "{varz}");
+    monitor.stop().await.unwrap();
+}
