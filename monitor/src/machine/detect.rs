@@ -31,6 +31,10 @@ pub struct Tuning {
     /// Least difference relative to the median (0.5 = half the median).
     pub min_ratio: f64,
     pub ewma_alpha: f64,
+    /// A sample at or below this share of the median is anomalous whatever the
+    /// spread (a series collapsing to nothing on a noisy host); 0 turns it off.
+    /// Only judged once the median is at least twice `min_delta`.
+    pub collapse_ratio: f64,
 }
 
 impl Default for Tuning {
@@ -43,6 +47,7 @@ impl Default for Tuning {
             min_delta: 1.0,
             min_ratio: 0.5,
             ewma_alpha: 0.2,
+            collapse_ratio: 0.0,
         }
     }
 }
@@ -115,18 +120,22 @@ impl Detector {
             };
             let z = signed / scale;
             let big_enough = signed >= t.min_delta && signed >= t.min_ratio * med.abs();
-            Some((z, big_enough, med))
+            let collapsed = self.direction == Direction::Down
+                && t.collapse_ratio > 0.0
+                && med >= 2.0 * t.min_delta
+                && x <= t.collapse_ratio * med;
+            Some((z, big_enough, collapsed, med))
         } else {
             None
         };
         let expected = self.ewma.unwrap_or(x);
         let mut signal = None;
-        if let Some((z, big_enough, med)) = verdict {
+        if let Some((z, big_enough, collapsed, med)) = verdict {
             if self.active {
-                if z < t.exit_z {
+                if z < t.exit_z && !collapsed {
                     self.active = false;
                 }
-            } else if z >= t.enter_z && big_enough {
+            } else if (z >= t.enter_z && big_enough) || collapsed {
                 self.active = true;
                 signal = Some(Signal {
                     value: x,
@@ -240,6 +249,31 @@ mod tests {
         // One failure where there were none has an enormous z-score, but is noise.
         assert_eq!(strict.observe(1.0), None);
         assert!(strict.observe(5.0).is_some());
+    }
+
+    #[test]
+    fn a_noisy_series_collapsing_to_nothing_is_one_anomaly() {
+        let t = Tuning {
+            min_delta: 3.0,
+            collapse_ratio: 0.1,
+            ..Default::default()
+        };
+        let mut d = Detector::new(Direction::Down, t);
+        let noisy = [12.0, 4.0, 20.0, 8.0, 16.0, 2.0, 14.0, 10.0, 18.0, 6.0];
+        for i in 0..60 {
+            assert_eq!(d.observe(noisy[i % noisy.len()]), None, "sample {i}");
+        }
+        let s = d.observe(0.0).unwrap();
+        assert!(
+            s.z < 3.5,
+            "the z-score alone would not have caught it: {s:?}"
+        );
+        for _ in 0..20 {
+            assert_eq!(d.observe(0.0), None);
+        }
+        assert!(d.is_active());
+        assert_eq!(d.observe(12.0), None);
+        assert!(!d.is_active());
     }
 
     #[test]

@@ -132,6 +132,11 @@ impl Detectors {
             min_delta: 3.0,
             ..base
         };
+        // Throughput falling to (almost) nothing is a drop however noisy it was.
+        let throughput = Tuning {
+            collapse_ratio: 0.1,
+            ..counts
+        };
         let latency = Tuning {
             min_delta: 50.0,
             min_ratio: 1.0,
@@ -143,7 +148,7 @@ impl Detectors {
             ..base
         };
         Detectors {
-            succeeded: Detector::new(Direction::Down, counts),
+            succeeded: Detector::new(Direction::Down, throughput),
             failed: Detector::new(Direction::Up, counts),
             messages: Detector::new(Direction::Up, traffic),
             run_time: Detector::new(Direction::Up, latency),

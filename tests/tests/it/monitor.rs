@@ -2,7 +2,8 @@
 //! HTTP endpoints (Prometheus text read back strictly), cross-service
 //! validation finding a planted violation, and anomaly detection seeing an
 //! injected latency spike and throughput drop once each, and nothing in a
-//! steady run.
+//! steady run; health reading the NATS server's monitoring endpoint; the
+//! dashboard rendered in headless Chromium.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
