@@ -253,6 +253,30 @@ impl Client {
         self.request(subject::MONITOR_METRICS, &MetricsRequest {})
             .await
     }
+
+    pub async fn analysis(&self) -> Result<PerformanceAnalysis, Error> {
+        self.request(subject::MONITOR_ANALYSIS, &AnalysisRequest {})
+            .await
+    }
+
+    pub async fn anomalies(&self, req: &AnomaliesRequest) -> Result<AnomalyList, Error> {
+        self.request(subject::MONITOR_ANOMALIES, req).await
+    }
+
+    pub async fn health(&self) -> Result<HealthStatus, Error> {
+        self.request(subject::MONITOR_HEALTH, &HealthRequest {})
+            .await
+    }
+
+    pub async fn validate_system(&self) -> Result<SystemValidation, Error> {
+        self.request(subject::MONITOR_VALIDATE, &SystemValidateRequest {})
+            .await
+    }
+
+    pub async fn health_report(&self) -> Result<HealthReport, Error> {
+        self.request(subject::MONITOR_REPORT, &ReportRequest {})
+            .await
+    }
 }
 
 fn flow_ref(flow: &crate::FlowId) -> FlowRef {

@@ -102,8 +102,21 @@ pub fn sync_ack(agent: &AgentId) -> String {
 // End of the synchronizer block.
 // ---------------------------------------------------------------------------
 
-// Monitor: request/reply.
+// ---- Monitor: request/reply ---------------------------------------------
+// Every replica sees all traffic and answers for the whole system; anomalies it
+// detects are events under `coord.events.anomaly.{kind}` (see `event::anomaly`).
 pub const MONITOR_METRICS: &str = "coord.monitor.metrics";
+/// Trends, slowest agents/kinds/flows, bottleneck resource.
+pub const MONITOR_ANALYSIS: &str = "coord.monitor.analysis";
+/// The recent anomalies.
+pub const MONITOR_ANOMALIES: &str = "coord.monitor.anomalies";
+/// Services, JetStream and the NATS server: healthy, degraded or unhealthy.
+pub const MONITOR_HEALTH: &str = "coord.monitor.health";
+/// Cross-service consistency of allocations, tasks and agents.
+pub const MONITOR_VALIDATE: &str = "coord.monitor.validate";
+/// Health, key metrics, anomalies and validation in one document.
+pub const MONITOR_REPORT: &str = "coord.monitor.report";
+// ---- end of monitor ------------------------------------------------------
 
 /// Micro-service discovery: every service instance answers (NATS service API).
 pub const SRV_PING: &str = "$SRV.PING";
@@ -189,6 +202,24 @@ pub mod event {
     pub const SYNCPOINT_ROLLED_BACK: &str = "coord.events.syncpoint.rolled_back";
     /// Never published by this build; where an unknown event would go.
     pub const UNKNOWN: &str = "coord.events.unknown";
+    // Monitor events: one subject per anomaly kind.
+    pub const ANOMALY_ALL: &str = "coord.events.anomaly.>";
+
+    /// Where an anomaly of `kind` is published.
+    pub fn anomaly(kind: crate::msg::AnomalyKind) -> &'static str {
+        use crate::msg::AnomalyKind as K;
+        match kind {
+            K::Outlier => "coord.events.anomaly.outlier",
+            K::ThroughputDrop => "coord.events.anomaly.throughput_drop",
+            K::ErrorRateSpike => "coord.events.anomaly.error_rate_spike",
+            K::LatencySpike => "coord.events.anomaly.latency_spike",
+            K::StuckTask => "coord.events.anomaly.stuck_task",
+            K::AgentLost => "coord.events.anomaly.agent_lost",
+            K::ResourceSaturation => "coord.events.anomaly.resource_saturation",
+            K::ConsumerLag => "coord.events.anomaly.consumer_lag",
+            K::Unknown => "coord.events.anomaly.unknown",
+        }
+    }
 }
 
 /// The family of a subject, for metrics: `coord.agents.w1.report` → `coord.agents.*.report`.

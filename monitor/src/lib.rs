@@ -1,7 +1,9 @@
 //! The monitor: watches all coordination traffic and answers questions about it.
 //!
-//! [`machine`] holds the bounded counters (pure); [`service`] subscribes to
-//! `coord.>` and serves them.
+//! [`machine`] holds everything derived from the traffic (windows, latency
+//! histograms, anomaly detectors, analysis, validation and health rules), pure
+//! and bounded; [`service`] feeds it from `coord.>`, probes the other services
+//! and JetStream, and serves it over NATS and HTTP.
 
 pub mod machine;
 pub mod service;

@@ -268,7 +268,10 @@ pub fn start_service(name: &'static str, cfg: NatsConfig) -> ServiceHandle {
             synchronizer::run(synchronizer::Config::new(cfg), shutdown(rx))
         }),
         "monitor" => ServiceHandle::spawn(name, move |rx| {
-            monitor::run(monitor::Config::new(cfg), shutdown(rx))
+            let mut c = monitor::Config::new(cfg);
+            // Any free port, so parallel tests never collide on HTTP.
+            c.http_addr = "127.0.0.1:0".into();
+            monitor::run(c, shutdown(rx))
         }),
         other => panic!("no service called {other}"),
     }

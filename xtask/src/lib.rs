@@ -426,6 +426,41 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             "Traffic and flow counters.",
             request(MONITOR, msg!(MetricsRequest), msg!(SystemMetrics)),
         ),
+        req(
+            "monitorAnalysis",
+            "MONITOR_ANALYSIS",
+            subject::MONITOR_ANALYSIS,
+            "Trends, slowest agents/kinds/flows, bottleneck resource.",
+            request(MONITOR, msg!(AnalysisRequest), msg!(PerformanceAnalysis)),
+        ),
+        req(
+            "monitorAnomalies",
+            "MONITOR_ANOMALIES",
+            subject::MONITOR_ANOMALIES,
+            "The recent anomalies.",
+            request(MONITOR, msg!(AnomaliesRequest), msg!(AnomalyList)),
+        ),
+        req(
+            "monitorHealth",
+            "MONITOR_HEALTH",
+            subject::MONITOR_HEALTH,
+            "Services, JetStream and the NATS server: healthy, degraded or unhealthy, with reasons.",
+            request(MONITOR, msg!(HealthRequest), msg!(HealthStatus)),
+        ),
+        req(
+            "monitorValidate",
+            "MONITOR_VALIDATE",
+            subject::MONITOR_VALIDATE,
+            "Cross-service consistency of allocations, tasks and agents: every violation.",
+            request(MONITOR, msg!(SystemValidateRequest), msg!(SystemValidation)),
+        ),
+        req(
+            "monitorReport",
+            "MONITOR_REPORT",
+            subject::MONITOR_REPORT,
+            "Health, key metrics, anomalies and validation in one document.",
+            request(MONITOR, msg!(ReportRequest), msg!(HealthReport)),
+        ),
         // NATS service discovery.
         req(
             "srvPing",
@@ -523,6 +558,18 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             ORCHESTRATOR,
             "A flow ended: succeeded, failed or cancelled.",
         ),
+        Channel {
+            id: "eventAnomaly",
+            address: e::anomaly(AnomalyKind::Outlier).replace("outlier", "{kind}"),
+            source: "event::anomaly",
+            summary: "An anomaly the monitor detected, one subject per kind (`throughput_drop`, `latency_spike`, …).",
+            pattern: Pattern::Publish {
+                from: MONITOR,
+                to: "any listener (monitor, orchestrator)",
+                message: msg!(Event),
+                jetstream: Some("COORD_EVENTS"),
+            },
+        },
         event(
             "eventFlowPaused",
             "event::FLOW_PAUSED",
@@ -766,7 +813,7 @@ pub fn asyncapi(channels: &[Channel]) -> Value {
             "summary": c.summary,
             "x-rust-subject": format!("common::subject::{}", c.source),
         });
-        let params: Vec<&str> = ["agent_id", "scope", "flow_id"]
+        let params: Vec<&str> = ["agent_id", "scope", "flow_id", "kind"]
             .into_iter()
             .filter(|p| c.address.contains(&format!("{{{p}}}")))
             .collect();

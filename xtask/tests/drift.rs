@@ -71,6 +71,7 @@ const NOT_CHANNELS: &[(&str, &str)] = &[
     ),
     ("EVENTS_ALL", "wildcard over the event channels"),
     ("FLOW_WATCH_ALL", "wildcard over flow_watch"),
+    ("event::ANOMALY_ALL", "wildcard over event::anomaly"),
     ("state_watch_scope", "wildcard over state_watch"),
     ("event::UNKNOWN", "never published by this build"),
     ("agent_of", "parses subjects, builds none"),

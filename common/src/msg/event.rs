@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::{AgentId, AllocationId, FlowId, ReservationId, ScopeId, SyncPointId, TaskId};
 use crate::msg::{
-    Allocation, ConflictOutcome, ConflictPolicy, FlowState, SyncPointState, TaskState,
+    Allocation, Anomaly, ConflictOutcome, ConflictPolicy, FlowState, SyncPointState, TaskState,
 };
 use crate::subject::event as s;
 
@@ -205,6 +205,10 @@ pub enum EventKind {
         #[serde(default)]
         unacked: Vec<AgentId>,
     },
+    /// The monitor detected an anomaly (published on `coord.events.anomaly.{kind}`).
+    AnomalyDetected {
+        anomaly: Anomaly,
+    },
     /// An event type this build does not know (published by a newer service).
     #[serde(other)]
     Unknown,
@@ -247,6 +251,7 @@ impl EventKind {
             EventKind::SyncPointInitiated { .. } => s::SYNCPOINT_INITIATED,
             EventKind::SyncPointCompleted { .. } => s::SYNCPOINT_COMPLETED,
             EventKind::SyncPointRolledBack { .. } => s::SYNCPOINT_ROLLED_BACK,
+            EventKind::AnomalyDetected { anomaly } => s::anomaly(anomaly.kind),
             EventKind::Unknown => s::UNKNOWN,
         }
     }

@@ -249,3 +249,23 @@ fn state_requests_default_the_scope_and_reject_typos() {
         }
     );
 }
+
+#[test]
+fn anomaly_events_go_to_their_kind_and_unknown_kinds_still_read() {
+    let a: Anomaly = serde_json::from_value(json!({
+        "anomaly_id": "m-1", "kind": "throughput_drop", "severity": "warning",
+        "subject": "tasks_succeeded", "at_ms": 5, "value": 0.0, "expected": 20.0,
+        "message": "fell", "new_field": true
+    }))
+    .unwrap();
+    let k = EventKind::AnomalyDetected { anomaly: a };
+    assert_eq!(k.subject(), "coord.events.anomaly.throughput_drop");
+    let v = serde_json::to_value(&k).unwrap();
+    assert_eq!(v["type"], "anomaly_detected");
+    let newer: Anomaly = serde_json::from_value(json!({
+        "anomaly_id": "m-2", "kind": "from_the_future", "at_ms": 1
+    }))
+    .unwrap();
+    assert_eq!(newer.kind, AnomalyKind::Unknown);
+    assert!(serde_json::from_value::<AnomaliesRequest>(json!({"limt": 1})).is_err());
+}

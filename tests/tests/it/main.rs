@@ -7,6 +7,7 @@ mod allocator;
 mod compose;
 mod errors;
 mod flow;
+mod monitor;
 mod orchestrator;
 mod services;
 mod state;

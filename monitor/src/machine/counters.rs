@@ -66,6 +66,18 @@ impl Counters {
         }
     }
 
+    pub fn messages_total(&self) -> u64 {
+        self.messages
+    }
+
+    pub fn tasks_completed(&self) -> u64 {
+        self.tasks_completed
+    }
+
+    pub fn tasks_failed(&self) -> u64 {
+        self.tasks_failed
+    }
+
     pub fn snapshot(&self, now_ms: u64) -> SystemMetrics {
         SystemMetrics {
             since_ms: self.since_ms,
@@ -78,6 +90,7 @@ impl Counters {
             tasks_assigned: self.tasks_assigned,
             tasks_completed: self.tasks_completed,
             tasks_failed: self.tasks_failed,
+            ..Default::default()
         }
     }
 }

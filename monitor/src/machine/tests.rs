@@ -1,0 +1,229 @@
+use super::*;
+use common::msg::ResourceCapacity;
+use common::{AgentId, FlowId, TaskId};
+
+fn ev(at_ms: u64, kind: EventKind) -> Vec<u8> {
+    serde_json::to_vec(&Event {
+        event_id: "e".into(),
+        at_ms,
+        source: "test".into(),
+        kind,
+    })
+    .unwrap()
+}
+
+fn tr(flow: &str, task: &str, to: TaskState, at_ms: u64) -> (String, Vec<u8>) {
+    let kind = EventKind::TaskTransition {
+        flow_id: FlowId::new(flow).unwrap(),
+        task_id: TaskId::new(task).unwrap(),
+        from: TaskState::Blocked,
+        to,
+        attempt: 1,
+        agent_id: Some(AgentId::new("w1").unwrap()),
+        reason: None,
+    };
+    (kind.subject().to_owned(), ev(at_ms, kind))
+}
+
+/// Runs one task through ready → assigned → running → `end`, at `t0`.
+fn run_task(m: &mut Monitor, flow: &str, task: &str, t0: u64, wait: u64, run: u64, end: TaskState) {
+    let steps = [
+        (TaskState::Ready, t0),
+        (TaskState::Assigned, t0 + 1),
+        (TaskState::Running, t0 + 1 + wait),
+        (end, t0 + 1 + wait + run),
+    ];
+    for (to, at) in steps {
+        let (s, p) = tr(flow, task, to, at);
+        m.observe(&s, &p, at);
+    }
+}
+
+#[test]
+fn task_latencies_and_rates_come_from_transitions() {
+    let mut m = Monitor::new(0, "m", Settings::default());
+    for i in 0..10u64 {
+        run_task(
+            &mut m,
+            "f",
+            &format!("t{i}"),
+            1_000 * i,
+            20,
+            100,
+            TaskState::Succeeded,
+        );
+    }
+    run_task(&mut m, "f", "bad", 11_000, 20, 50, TaskState::Failed);
+    let x = m.metrics(12_000);
+    assert_eq!(x.tasks_completed, 10);
+    assert_eq!(x.tasks_failed, 1);
+    let run = &x.latency["run_time"];
+    assert_eq!(run.count, 11);
+    assert!((99..=101).contains(&run.p90_ms), "{run:?}");
+    assert!((19..=21).contains(&x.latency["queue_wait"].p50_ms));
+    assert!((120..=122).contains(&x.latency["end_to_end"].p90_ms));
+    assert!((x.task_rates["succeeded"].last_1m - 10.0 / 60.0).abs() < 1e-9);
+    assert_eq!(x.tasks_tracked, 0, "finished tasks are evicted");
+    assert_eq!(m.slowest_agents()[0].name, "w1");
+    assert_eq!(m.slowest_flows()[0].runs, 11);
+}
+
+#[test]
+fn memory_stays_bounded_under_endless_traffic() {
+    let mut m = Monitor::new(0, "m", Settings::default());
+    // Tasks that start and never finish, many more than the cap.
+    for i in 0..(MAX_TRACKED_TASKS + 5_000) {
+        let (s, p) = tr("f", &format!("t{i}"), TaskState::Running, i as u64);
+        m.observe(&s, &p, i as u64);
+    }
+    assert!(m.metrics(0).tasks_tracked <= MAX_TRACKED_TASKS);
+    for i in 0..(MAX_FAMILIES + 10) {
+        m.observe(&format!("coord.x{i}"), b"", 0);
+    }
+    assert_eq!(m.metrics(0).message_rates.len(), MAX_FAMILIES + 1);
+    for i in 0..(MAX_RANKED + 10) {
+        run_task(&mut m, &format!("f{i}"), "a", 0, 1, 1, TaskState::Succeeded);
+    }
+    assert!(m.by_flow.len() <= MAX_RANKED);
+}
+
+#[test]
+fn agent_loss_is_an_anomaly_and_counted() {
+    let mut m = Monitor::new(0, "m", Settings::default());
+    let a = AgentId::new("w1").unwrap();
+    let reg = EventKind::AgentRegistered {
+        agent_id: a.clone(),
+        capacity: Default::default(),
+    };
+    m.observe(reg.subject(), &ev(0, reg.clone()), 0);
+    assert_eq!(m.metrics(0).agents_online, 1);
+    let lost = EventKind::AgentLost {
+        agent_id: a.clone(),
+        last_seen_ms: 1_000,
+        released: vec![serde_json::from_value(serde_json::json!({
+            "allocation_id": "al", "agent_id": "w1", "owner": "f/t"
+        }))
+        .unwrap()],
+    };
+    m.observe(lost.subject(), &ev(4_000, lost), 4_000);
+    let x = m.metrics(4_000);
+    assert_eq!((x.agents_online, x.agents_lost), (0, 1));
+    let new = m.take_new_anomalies();
+    assert_eq!(new.len(), 1);
+    assert_eq!(new[0].kind, AnomalyKind::AgentLost);
+    assert_eq!(new[0].subject, "w1");
+    assert!(m.take_new_anomalies().is_empty());
+    assert_eq!(m.anomalies().count(), 1);
+}
+
+#[test]
+fn throughput_drop_and_latency_spike_are_each_reported_once() {
+    let mut m = Monitor::new(0, "m", Settings::default());
+    let mut t = 0u64;
+    let mut n = 0;
+    let mut interval = |m: &mut Monitor, t: &mut u64, tasks: usize, run: u64| {
+        for _ in 0..tasks {
+            n += 1;
+            run_task(m, "f", &format!("t{n}"), *t, 5, run, TaskState::Succeeded);
+        }
+        *t += 1_000;
+        m.tick(*t);
+    };
+    for i in 0..30 {
+        interval(&mut m, &mut t, 20 + i % 3, 20 + (i % 4) as u64);
+    }
+    assert_eq!(m.take_new_anomalies(), vec![], "steady run");
+    for _ in 0..5 {
+        interval(&mut m, &mut t, 20, 400);
+    }
+    for _ in 0..5 {
+        interval(&mut m, &mut t, 20, 20);
+    }
+    for _ in 0..5 {
+        interval(&mut m, &mut t, 0, 20);
+    }
+    let kinds: Vec<(AnomalyKind, String)> = m
+        .take_new_anomalies()
+        .into_iter()
+        .map(|a| (a.kind, a.subject))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (AnomalyKind::LatencySpike, "run_time".to_owned()),
+            (AnomalyKind::ThroughputDrop, "tasks_succeeded".to_owned()),
+        ]
+    );
+}
+
+#[test]
+fn a_task_running_far_past_the_usual_time_is_stuck_once() {
+    let mut m = Monitor::new(0, "m", Settings::default());
+    for i in 0..30 {
+        run_task(
+            &mut m,
+            "f",
+            &format!("t{i}"),
+            0,
+            1,
+            100,
+            TaskState::Succeeded,
+        );
+    }
+    let (s, p) = tr("f", "slow", TaskState::Running, 1_000);
+    m.observe(&s, &p, 1_000);
+    m.tick(10_000);
+    assert!(m.take_new_anomalies().is_empty());
+    m.tick(1_000 + STUCK_MIN_MS + 1);
+    m.tick(1_000 + STUCK_MIN_MS + 2);
+    let a = m.take_new_anomalies();
+    assert_eq!(a.len(), 1);
+    assert_eq!(
+        (a[0].kind, a[0].subject.as_str()),
+        (AnomalyKind::StuckTask, "f/slow")
+    );
+}
+
+#[test]
+fn saturation_and_growing_lag_fire_once_until_they_clear() {
+    let mut m = Monitor::new(0, "m", Settings::default());
+    let cap = |allocated: f64| {
+        let mut c = CapacityStatus::default();
+        c.pool.insert(
+            "cpu".into(),
+            ResourceCapacity {
+                capacity: 4.0,
+                allocated,
+                reserved: 0.0,
+                free: 4.0 - allocated,
+            },
+        );
+        c
+    };
+    for used in [1.0, 4.0, 4.0, 3.9, 1.0, 4.0] {
+        m.observe_capacity(0, &cap(used));
+    }
+    let sat: Vec<_> = m.take_new_anomalies();
+    assert_eq!(sat.len(), 2);
+    assert!(sat
+        .iter()
+        .all(|a| a.kind == AnomalyKind::ResourceSaturation));
+
+    let stream = |pending: u64| {
+        let mut s = StreamHealth {
+            name: "S".into(),
+            ..Default::default()
+        };
+        s.consumer_pending.insert("c".into(), pending);
+        vec![s]
+    };
+    for p in [10, 2_000, 3_000, 4_000, 5_000, 6_000, 6_000, 7_000] {
+        m.observe_streams(0, &stream(p));
+    }
+    let lag = m.take_new_anomalies();
+    assert_eq!(lag.len(), 1);
+    assert_eq!(
+        (lag[0].kind, lag[0].subject.as_str()),
+        (AnomalyKind::ConsumerLag, "S/c")
+    );
+}

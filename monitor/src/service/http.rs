@@ -1,0 +1,75 @@
+//! HTTP: Prometheus `/metrics`, `/healthz`, `/report`, `/api/flows` and the
+//! dashboard at `/` (one static page, embedded, no build step).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use common::msg::Verdict;
+use common::Error;
+
+use super::Shared;
+use crate::machine::prom;
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+pub(super) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(DASHBOARD) }))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/report", get(report))
+        .route("/api/flows", get(flows))
+        .with_state(shared)
+}
+
+fn error(e: Error) -> Response {
+    let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        e.to_body(),
+    )
+        .into_response()
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let verdict = s.last_verdict.lock().ok().and_then(|v| *v);
+    match s.with(|m| prom::render(&m.metrics(common::now_ms()), m.anomalies_total(), verdict)) {
+        Ok(text) => ([(header::CONTENT_TYPE, prom::CONTENT_TYPE)], text).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+/// 200 unless the verdict is `unhealthy` (503), so a load balancer or
+/// orchestrator probe can use it as is; the body says why.
+async fn healthz(State(s): State<Arc<Shared>>) -> Response {
+    match s.health().await {
+        Ok(h) => {
+            let status = if h.verdict == Verdict::Unhealthy {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            (status, Json(h)).into_response()
+        }
+        Err(e) => error(e),
+    }
+}
+
+async fn report(State(s): State<Arc<Shared>>) -> Response {
+    match s.report().await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+async fn flows(State(s): State<Arc<Shared>>) -> Response {
+    match s.flows_view().await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(e),
+    }
+}

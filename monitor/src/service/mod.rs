@@ -1,0 +1,455 @@
+//! The monitor's adapter: one subscription to everything feeding the
+//! [`Monitor`](crate::machine::Monitor), request/reply endpoints for every
+//! query, a detection tick, a probe loop, and the HTTP server.
+
+mod http;
+mod probe;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::msg::{
+    AnalysisRequest, AnomaliesRequest, AnomalyList, CapacityStatus, EventKind, HealthReport,
+    HealthRequest, HealthStatus, MetricsRequest, PerformanceAnalysis, ReportRequest, SystemMetrics,
+    SystemValidateRequest, SystemValidation, Verdict,
+};
+use common::nats::{self as bus, EventPublisher};
+use common::service::Service;
+use common::{subject, Error, ErrorCode};
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::machine::{analysis, health, validate, Monitor, Settings};
+
+/// Monitor settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: common::config::NatsConfig,
+    /// Where to serve `/metrics`, `/healthz`, `/report` and the dashboard (port 0: any free port).
+    #[arg(long, env = "MONITOR_HTTP_ADDR", default_value = DEFAULT_HTTP_ADDR)]
+    pub http_addr: String,
+    /// The NATS server's monitoring endpoint (e.g. `http://127.0.0.1:8222`), read for health.
+    #[arg(long, env = "MONITOR_NATS_MONITOR_URL")]
+    pub nats_monitor_url: Option<String>,
+    /// How often the series are judged for anomalies, in ms.
+    #[arg(long, env = "MONITOR_DETECT_INTERVAL_MS", default_value_t = 10_000)]
+    pub detect_interval_ms: u64,
+    /// Intervals a series is watched before it is judged.
+    #[arg(long, env = "MONITOR_DETECT_WARMUP", default_value_t = 8)]
+    pub detect_warmup: usize,
+    /// How often capacity, consumers and service stats are polled, in ms.
+    #[arg(long, env = "MONITOR_PROBE_INTERVAL_MS", default_value_t = 15_000)]
+    pub probe_interval_ms: u64,
+}
+
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9090";
+
+impl Config {
+    pub fn new(nats: common::config::NatsConfig) -> Self {
+        Config {
+            nats,
+            http_addr: DEFAULT_HTTP_ADDR.to_owned(),
+            nats_monitor_url: None,
+            detect_interval_ms: 10_000,
+            detect_warmup: 8,
+            probe_interval_ms: 15_000,
+        }
+    }
+}
+
+const NAME: &str = "monitor";
+/// Anomalies returned by one query at most (all that are kept).
+pub const MAX_ANOMALIES_REPLY: usize = crate::machine::MAX_ANOMALIES;
+
+/// What the endpoints, loops and HTTP handlers share.
+pub(crate) struct Shared {
+    monitor: Mutex<Monitor>,
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    client: common::Client,
+    nats_monitor_url: Option<String>,
+    last_verdict: Mutex<Option<Verdict>>,
+    http_addr: Option<String>,
+}
+
+fn poisoned() -> Error {
+    Error::internal("monitor state lock poisoned")
+}
+
+impl Shared {
+    fn with<R>(&self, f: impl FnOnce(&mut Monitor) -> R) -> Result<R, Error> {
+        self.monitor
+            .lock()
+            .map(|mut m| f(&mut m))
+            .map_err(|_| poisoned())
+    }
+
+    async fn metrics(&self) -> Result<SystemMetrics, Error> {
+        self.with(|m| m.metrics(common::now_ms()))
+    }
+
+    async fn capacity(&self) -> Result<CapacityStatus, Error> {
+        self.client.capacity(&Default::default()).await
+    }
+
+    async fn analysis(&self) -> Result<PerformanceAnalysis, Error> {
+        let now = common::now_ms();
+        let mut notes = Vec::new();
+        let bottleneck = match self.capacity().await {
+            Ok(cap) => analysis::bottleneck(&cap),
+            Err(e) => {
+                notes.push(format!("no bottleneck: allocator: {}", e.message));
+                None
+            }
+        };
+        let flows = match probe::records(&self.js, bus::KV_FLOWS).await {
+            Ok(f) => f.into_iter().map(|(_, v)| v).collect(),
+            Err(e) => {
+                notes.push(format!("no task kinds: {}", e.message));
+                Vec::new()
+            }
+        };
+        let slowest_kinds = analysis::slowest_kinds(&flows, now.saturating_sub(3_600_000));
+        self.with(|m| {
+            let n = analysis::TREND_MINUTES + 1;
+            let mut trends: Vec<_> = m
+                .task_minutes(now, n)
+                .into_iter()
+                .map(|(k, v)| analysis::trend(k, &v))
+                .collect();
+            trends.extend(
+                m.family_minutes(now, n)
+                    .into_iter()
+                    .map(|(k, v)| analysis::trend(&format!("messages:{k}"), &v)),
+            );
+            PerformanceAnalysis {
+                at_ms: now,
+                trends,
+                slowest_agents: m.slowest_agents(),
+                slowest_kinds,
+                slowest_flows: m.slowest_flows(),
+                bottleneck,
+                notes,
+            }
+        })
+    }
+
+    async fn anomalies(&self, req: AnomaliesRequest) -> Result<AnomalyList, Error> {
+        let limit = req.limit.unwrap_or(MAX_ANOMALIES_REPLY);
+        if limit == 0 {
+            return Err(Error::bad_request("limit must be at least 1"));
+        }
+        self.with(|m| AnomalyList {
+            anomalies: m
+                .anomalies()
+                .filter(|a| req.since_ms.is_none_or(|s| a.at_ms >= s))
+                .filter(|a| req.kind.is_none_or(|k| a.kind == k))
+                .take(limit)
+                .cloned()
+                .collect(),
+            total: m.anomalies_total(),
+        })
+    }
+
+    async fn health(&self) -> Result<HealthStatus, Error> {
+        let (pings, stats) = tokio::join!(
+            probe::gather(&self.nats, subject::SRV_PING),
+            probe::gather(&self.nats, subject::SRV_STATS)
+        );
+        let services = health::services(&pings?, &stats?);
+        let streams = probe::streams(&self.js).await;
+        let nats_server = match &self.nats_monitor_url {
+            Some(url) => Some(probe::http_get_json(url, "/varz").await),
+            None => None,
+        };
+        let (verdict, reasons) = health::verdict(&services, &streams, nats_server.as_ref());
+        if let Ok(mut v) = self.last_verdict.lock() {
+            *v = Some(verdict);
+        }
+        let allocation_failures: u64 = services
+            .iter()
+            .filter(|s| s.name == "allocator")
+            .flat_map(|s| s.errors_by_endpoint.iter())
+            .filter(|(e, _)| e.starts_with("allocator-allocate"))
+            .map(|(_, n)| n)
+            .sum();
+        let streams = streams.unwrap_or_default();
+        let now = common::now_ms();
+        self.with(|m| {
+            m.set_allocation_failures(allocation_failures);
+            m.observe_streams(now, &streams);
+        })?;
+        Ok(HealthStatus {
+            at_ms: now,
+            verdict,
+            reasons,
+            services,
+            streams,
+            nats_server: nats_server.and_then(Result::ok).map(varz_summary),
+        })
+    }
+
+    async fn validate(&self) -> Result<SystemValidation, Error> {
+        let agents = probe::records(&self.js, bus::KV_AGENTS).await?;
+        let flows = probe::records(&self.js, bus::KV_FLOWS).await?;
+        let now = common::now_ms();
+        let violations = validate::validate(&agents, &flows, now);
+        Ok(SystemValidation {
+            at_ms: now,
+            valid: violations.is_empty(),
+            violations,
+            agents_checked: agents.len(),
+            flows_checked: flows.len(),
+        })
+    }
+
+    async fn report(&self) -> Result<HealthReport, Error> {
+        let (health, validation) = tokio::join!(self.health(), self.validate());
+        let anomalies = self
+            .anomalies(AnomaliesRequest {
+                limit: Some(20),
+                ..Default::default()
+            })
+            .await?
+            .anomalies;
+        Ok(HealthReport {
+            at_ms: common::now_ms(),
+            health: health?,
+            metrics: self.metrics().await?,
+            anomalies,
+            validation: validation?,
+            http_addr: self.http_addr.clone(),
+        })
+    }
+
+    /// Flows with their tasks, and agents with their utilisation, for the dashboard.
+    async fn flows_view(&self) -> Result<Value, Error> {
+        let flows = probe::records(&self.js, bus::KV_FLOWS).await?;
+        let mut flows: Vec<Value> = flows
+            .into_iter()
+            .map(|(id, f)| {
+                let tasks: Vec<Value> = f
+                    .get("tasks")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                    .map(|(tid, t)| {
+                        serde_json::json!({
+                            "id": tid,
+                            "state": t.get("state"),
+                            "agent": t.get("agent"),
+                            "attempt": t.get("attempt"),
+                            "kind": t.pointer("/spec/kind"),
+                            "depends_on": t.pointer("/spec/depends_on"),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "id": id,
+                    "name": f.get("name"),
+                    "state": f.get("state"),
+                    "created_at_ms": f.get("created_at_ms"),
+                    "tasks": tasks,
+                })
+            })
+            .collect();
+        flows.sort_by_key(|f| std::cmp::Reverse(f["created_at_ms"].as_u64().unwrap_or(0)));
+        flows.truncate(50);
+        let agents = match self.capacity().await {
+            Ok(cap) => serde_json::to_value(&cap.agents).unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
+        Ok(serde_json::json!({ "flows": flows, "agents": agents }))
+    }
+}
+
+/// The fields of `/varz` worth reporting.
+fn varz_summary(v: Value) -> Value {
+    let keep = [
+        "server_name",
+        "version",
+        "uptime",
+        "connections",
+        "in_msgs",
+        "out_msgs",
+        "in_bytes",
+        "out_bytes",
+        "slow_consumers",
+        "mem",
+        "cpu",
+    ];
+    let mut out = serde_json::Map::new();
+    for k in keep {
+        if let Some(x) = v.get(k) {
+            out.insert(k.to_owned(), x.clone());
+        }
+    }
+    Value::Object(out)
+}
+
+async fn publish(events: &EventPublisher, found: Vec<common::msg::Anomaly>) {
+    for anomaly in found {
+        tracing::warn!(kind = anomaly.kind.as_str(), subject = %anomaly.subject, "{}", anomaly.message);
+        events.publish(EventKind::AnomalyDetected { anomaly }).await;
+    }
+}
+
+/// Runs the monitor until `shutdown` resolves, then drains the connection.
+///
+/// Every replica sees all traffic (a plain subscription, not a queue group), so
+/// each answers for the whole system.
+pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
+    let nats = bus::connect(&cfg.nats, NAME).await?;
+    let listener = tokio::net::TcpListener::bind(&cfg.http_addr)
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorCode::Unavailable,
+                format!("bind {}: {e}", cfg.http_addr),
+            )
+        })?;
+    let http_addr = listener.local_addr().ok().map(|a| a.to_string());
+    let instance = uuid::Uuid::now_v7().simple().to_string();
+    let settings = Settings {
+        warmup: cfg.detect_warmup,
+    };
+    let shared = Arc::new(Shared {
+        monitor: Mutex::new(Monitor::new(
+            common::now_ms(),
+            &instance[instance.len() - 8..],
+            settings,
+        )),
+        js: jetstream::new(nats.clone()),
+        client: common::Client::new(nats.clone()).with_timeout(cfg.nats.request_timeout()),
+        nats: nats.clone(),
+        nats_monitor_url: cfg.nats_monitor_url.clone(),
+        last_verdict: Mutex::new(None),
+        http_addr: http_addr.clone(),
+    });
+
+    let mut all = nats.subscribe(subject::ALL).await.map_err(|e| {
+        Error::new(
+            ErrorCode::Unavailable,
+            format!("subscribe {}: {e}", subject::ALL),
+        )
+    })?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let events = EventPublisher::new(nats.clone(), NAME);
+    let s = shared.clone();
+    let ev = events.clone();
+    tasks.spawn(async move {
+        while let Some(msg) = all.next().await {
+            // Anomalies read straight from an event (an agent lost) go out at once.
+            let found = s
+                .with(|m| {
+                    m.observe(&msg.subject, &msg.payload, common::now_ms());
+                    m.take_new_anomalies()
+                })
+                .unwrap_or_default();
+            publish(&ev, found).await;
+        }
+    });
+
+    let s = shared.clone();
+    let every = Duration::from_millis(cfg.detect_interval_ms.max(10));
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let found = s
+                .with(|m| {
+                    m.tick(common::now_ms());
+                    m.take_new_anomalies()
+                })
+                .unwrap_or_default();
+            publish(&events, found).await;
+        }
+    });
+
+    let s = shared.clone();
+    let every = Duration::from_millis(cfg.probe_interval_ms.max(100));
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Ok(cap) = s.capacity().await {
+                let _ = s.with(|m| m.observe_capacity(common::now_ms(), &cap));
+            }
+            if let Err(e) = s.health().await {
+                tracing::debug!(error = %e.message, "health probe failed");
+            }
+        }
+    });
+
+    let mut service = Service::start(
+        &nats,
+        NAME,
+        "Metrics, anomalies and health of the coordination plane",
+    )
+    .await?;
+    let s = shared.clone();
+    service
+        .serve(subject::MONITOR_METRICS, move |_: MetricsRequest| {
+            let s = s.clone();
+            async move { s.metrics().await }
+        })
+        .await?;
+    let s = shared.clone();
+    service
+        .serve(subject::MONITOR_ANALYSIS, move |_: AnalysisRequest| {
+            let s = s.clone();
+            async move { s.analysis().await }
+        })
+        .await?;
+    let s = shared.clone();
+    service
+        .serve(subject::MONITOR_ANOMALIES, move |req: AnomaliesRequest| {
+            let s = s.clone();
+            async move { s.anomalies(req).await }
+        })
+        .await?;
+    let s = shared.clone();
+    service
+        .serve(subject::MONITOR_HEALTH, move |_: HealthRequest| {
+            let s = s.clone();
+            async move { s.health().await }
+        })
+        .await?;
+    let s = shared.clone();
+    service
+        .serve(
+            subject::MONITOR_VALIDATE,
+            move |_: SystemValidateRequest| {
+                let s = s.clone();
+                async move { s.validate().await }
+            },
+        )
+        .await?;
+    let s = shared.clone();
+    service
+        .serve(subject::MONITOR_REPORT, move |_: ReportRequest| {
+            let s = s.clone();
+            async move { s.report().await }
+        })
+        .await?;
+
+    let s = shared.clone();
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(listener, http::router(s)).await {
+            tracing::error!(error = %e, "monitor HTTP server stopped");
+        }
+    });
+    tracing::info!(url = %cfg.nats.nats_url, http = ?http_addr, "monitor running");
+
+    shutdown.await;
+    tracing::info!("monitor shutting down");
+    service.stop().await;
+    tasks.abort_all();
+    nats.drain().await.ok();
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! What the monitor asks of others: `$SRV` scatter-gathers, JetStream infos,
+//! read-only KV scans, the NATS server's monitoring endpoint.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::msg::StreamHealth;
+use common::{Error, ErrorCode};
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Longest wait for the first answer of a scatter-gather, and for each next one.
+const GATHER_FIRST: Duration = Duration::from_millis(1_000);
+const GATHER_NEXT: Duration = Duration::from_millis(250);
+/// Most records read from one bucket per request.
+pub(super) const MAX_RECORDS: usize = 2_000;
+
+/// Every answer to `subject` (each replica of each service answers once).
+pub(super) async fn gather(nats: &async_nats::Client, subject: &str) -> Result<Vec<Value>, Error> {
+    let inbox = nats.new_inbox();
+    let mut sub = nats
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("subscribe: {e}")))?;
+    nats.publish_with_reply(subject.to_owned(), inbox, "".into())
+        .await
+        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("{subject}: {e}")))?;
+    let mut out = Vec::new();
+    let mut wait = GATHER_FIRST;
+    while let Ok(Some(msg)) = tokio::time::timeout(wait, sub.next()).await {
+        if let Ok(v) = serde_json::from_slice(&msg.payload) {
+            out.push(v);
+        }
+        wait = GATHER_NEXT;
+    }
+    let _ = sub.unsubscribe().await;
+    Ok(out)
+}
+
+/// Every stream with its consumers' backlog.
+pub(super) async fn streams(js: &jetstream::Context) -> Result<Vec<StreamHealth>, String> {
+    let mut names = js.stream_names();
+    let mut out = Vec::new();
+    while let Some(name) = names.next().await {
+        let name = name.map_err(|e| format!("list streams: {e}"))?;
+        // KV buckets are streams too; their health is the services' business.
+        if name.starts_with("KV_") {
+            continue;
+        }
+        let mut stream = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| format!("stream {name}: {e}"))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| format!("stream {name}: {e}"))?;
+        let mut h = StreamHealth {
+            name: name.clone(),
+            messages: info.state.messages,
+            bytes: info.state.bytes,
+            ..Default::default()
+        };
+        let mut consumers = stream.consumers();
+        while let Some(c) = consumers.next().await {
+            let c = c.map_err(|e| format!("consumers of {name}: {e}"))?;
+            let id = c.config.durable_name.clone().unwrap_or(c.name.clone());
+            h.consumer_pending.insert(id.clone(), c.num_pending);
+            h.consumer_ack_pending.insert(id, c.num_ack_pending as u64);
+        }
+        out.push(h);
+    }
+    Ok(out)
+}
+
+/// Up to [`MAX_RECORDS`] `(key, record)` pairs of a bucket, as JSON; a missing
+/// bucket reads as empty (the service owning it has not started yet).
+pub(super) async fn records(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> Result<Vec<(String, Value)>, Error> {
+    let store = match js.get_key_value(bucket).await {
+        Ok(s) => s,
+        Err(_) => return Ok(Vec::new()),
+    };
+    let mut keys = store
+        .keys()
+        .await
+        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("keys of {bucket}: {e}")))?;
+    let mut out = Vec::new();
+    while let Some(key) = keys.next().await {
+        let Ok(key) = key else { continue };
+        if out.len() >= MAX_RECORDS {
+            break;
+        }
+        let value = store
+            .get(&key)
+            .await
+            .map_err(|e| Error::new(ErrorCode::Unavailable, format!("{bucket}/{key}: {e}")))?;
+        if let Some(bytes) = value {
+            let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            out.push((key, v));
+        }
+    }
+    Ok(out)
+}
+
+/// `GET {base}{path}` over plain HTTP/1.0, JSON body. The NATS monitoring port
+/// speaks plain HTTP; a tiny client keeps a TLS stack out of the monitor.
+pub(super) async fn http_get_json(base: &str, path: &str) -> Result<Value, String> {
+    let rest = base
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{base}: only http:// URLs are supported"))?;
+    let host = rest.trim_end_matches('/');
+    let request = async {
+        let mut s = tokio::net::TcpStream::connect(host)
+            .await
+            .map_err(|e| format!("{host}: {e}"))?;
+        let req =
+            format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("{host}: {e}"))?;
+        let mut buf = Vec::new();
+        s.take(16 * 1024 * 1024)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("{host}: {e}"))?;
+        Ok::<_, String>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(2), request)
+        .await
+        .map_err(|_| format!("{host}: no answer within 2 s"))??;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{host}{path}: not an HTTP response"))?;
+    let status = head.split(' ').nth(1).unwrap_or("");
+    if status != "200" {
+        return Err(format!("{host}{path}: HTTP {status}"));
+    }
+    serde_json::from_str(body).map_err(|e| format!("{host}{path}: {e}"))
+}
