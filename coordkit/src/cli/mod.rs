@@ -95,6 +95,21 @@ enum Command {
     Syncpoint(sync::SyncpointCmd),
     /// Traffic metrics from the monitor.
     Metrics,
+    /// Health of every service, JetStream and the NATS server: healthy, degraded or unhealthy, with reasons.
+    /// Exits 1 when unhealthy.
+    Health,
+    /// The monitor's health report: health, key metrics, recent anomalies and cross-service validation.
+    Report,
+    /// Trends, slowest agents and flows, and the bottleneck resource.
+    Analysis,
+    /// Recent anomalies the monitor detected.
+    Anomalies {
+        /// Only those since this time (ms since the epoch).
+        #[arg(long)]
+        since_ms: Option<u64>,
+    },
+    /// Cross-service consistency: allocations match running tasks, nothing on lost agents. Exits 1 on a violation.
+    CheckSystem,
     /// The services answering $SRV.INFO, with their endpoints.
     Services {
         /// How long to collect answers, in milliseconds.
@@ -204,6 +219,79 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.push_str(&table(&["subject", "messages"], rows));
                 out
             });
+        }
+        Command::Health => {
+            let h = client.health().await?;
+            ctx.emit(&h, health_text);
+            if h.verdict == common::msg::Verdict::Unhealthy {
+                anyhow::bail!("the system is unhealthy");
+            }
+        }
+        Command::Report => {
+            let r = client.health_report().await?;
+            ctx.emit(&r, |r| {
+                let mut out = health_text(&r.health);
+                out.push_str(&format!(
+                    "\n\ntasks: {} completed, {} failed; flows: {} completed\nanomalies: {}\nvalidation: {}",
+                    r.metrics.tasks_completed,
+                    r.metrics.tasks_failed,
+                    r.metrics.flows_completed,
+                    r.anomalies.len(),
+                    if r.validation.valid { "consistent".to_owned() } else { format!("{} violations", r.validation.violations.len()) },
+                ));
+                out
+            });
+        }
+        Command::Analysis => {
+            let a = client.analysis().await?;
+            ctx.emit(&a, |a| serde_json::to_string_pretty(a).unwrap_or_default());
+        }
+        Command::Anomalies { since_ms } => {
+            let req = common::msg::AnomaliesRequest {
+                since_ms,
+                ..Default::default()
+            };
+            let list = client.anomalies(&req).await?;
+            ctx.emit(&list, |l| {
+                let rows = l
+                    .anomalies
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.at_ms.to_string(),
+                            wire_name(&a.kind),
+                            wire_name(&a.severity),
+                            a.subject.clone(),
+                            format!("{:.2} (expected {:.2})", a.value, a.expected),
+                        ]
+                    })
+                    .collect();
+                table(&["at_ms", "kind", "severity", "series", "value"], rows)
+            });
+        }
+        Command::CheckSystem => {
+            let v = client.validate_system().await?;
+            ctx.emit(&v, |v| {
+                let rows = v
+                    .violations
+                    .iter()
+                    .map(|x| vec![x.rule.clone(), x.subject.clone(), x.message.clone()])
+                    .collect();
+                format!(
+                    "{} agents and {} flows checked: {}\n{}",
+                    v.agents_checked,
+                    v.flows_checked,
+                    if v.valid {
+                        "consistent"
+                    } else {
+                        "violations found"
+                    },
+                    table(&["rule", "subject", "what"], rows)
+                )
+            });
+            if !v.valid {
+                anyhow::bail!("{} violations", v.violations.len());
+            }
         }
         Command::Services { wait_ms } => {
             let infos = discover(&nats, subject::SRV_INFO, Duration::from_millis(wait_ms)).await?;
@@ -379,4 +467,33 @@ async fn run_demo(
     let _ = stop_agent.send(());
     agent.await??;
     Ok(())
+}
+
+fn health_text(h: &common::msg::HealthStatus) -> String {
+    let rows = h
+        .services
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.replicas.to_string(),
+                s.requests.to_string(),
+                s.errors.to_string(),
+                format!("{:.2}", s.average_processing_ms),
+            ]
+        })
+        .collect();
+    format!(
+        "{}{}\n{}",
+        wire_name(&h.verdict),
+        if h.reasons.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", h.reasons.join("; "))
+        },
+        table(
+            &["service", "replicas", "requests", "errors", "avg ms"],
+            rows
+        )
+    )
 }

@@ -117,6 +117,25 @@ async fn pause_resume_and_cancel_a_flow() {
 }
 
 #[tokio::test]
+async fn health_report_analysis_anomalies_and_system_check() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    let health: common::msg::HealthStatus = coordctl_json(&url, &["health"]).await;
+    let names: Vec<&str> = health.services.iter().map(|s| s.name.as_str()).collect();
+    for svc in ["orchestrator", "allocator", "synchronizer", "monitor"] {
+        assert!(names.contains(&svc), "{names:?}");
+    }
+    let text = coordctl(&url, &["health"]).await;
+    assert!(String::from_utf8_lossy(&text.stdout).contains("orchestrator"));
+    let report: common::msg::HealthReport = coordctl_json(&url, &["report"]).await;
+    assert!(report.validation.valid, "{:?}", report.validation);
+    let _: common::msg::PerformanceAnalysis = coordctl_json(&url, &["analysis"]).await;
+    let _: common::msg::AnomalyList = coordctl_json(&url, &["anomalies"]).await;
+    let check: common::msg::SystemValidation = coordctl_json(&url, &["check-system"]).await;
+    assert!(check.valid);
+}
+
+#[tokio::test]
 async fn modify_explain_and_rerun_a_flow() {
     let sys = System::start().await;
     let url = sys.server.url().to_owned();
@@ -437,6 +456,11 @@ async fn every_command_has_help() {
         "synchronize",
         "syncpoint",
         "metrics",
+        "health",
+        "report",
+        "analysis",
+        "anomalies",
+        "check-system",
     ] {
         assert!(text.contains(cmd), "--help lists {cmd}: {text}");
         let sub = coordctl("nats://127.0.0.1:1", &[cmd, "--help"]).await;
