@@ -4,21 +4,23 @@
 #   and the demo flow a -> b, a -> c with live progress until it completes.
 # The system then stays up until Ctrl-C. With --exit it stops once the demo is done.
 #
-# Environment: NATS_PORT (default 4222), NATS_MONITOR_PORT (default 8222).
+# Environment: NATS_PORT (default 4222), NATS_MONITOR_PORT (default 8222),
+# MONITOR_PORT (the dashboard and /metrics, default 9090).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$ROOT"
 
 NATS_PORT="${NATS_PORT:-4222}"
 NATS_MONITOR_PORT="${NATS_MONITOR_PORT:-8222}"
+MONITOR_PORT="${MONITOR_PORT:-9090}"
 RUN="$LOCAL/run"
 LOGS="$RUN/logs"
 mkdir -p "$LOGS" "$RUN/jetstream"
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$NATS_PORT" "$NATS_MONITOR_PORT"; do
+for p in "$NATS_PORT" "$NATS_MONITOR_PORT" "$MONITOR_PORT"; do
     if port_busy "$p"; then
-        echo "error: port $p is in use; stop what uses it or set NATS_PORT / NATS_MONITOR_PORT" >&2
+        echo "error: port $p is in use; stop what uses it or set NATS_PORT / NATS_MONITOR_PORT / MONITOR_PORT" >&2
         exit 1
     fi
 done
@@ -51,11 +53,14 @@ for _ in $(seq 100); do port_busy "$NATS_PORT" && break; sleep 0.1; done
 port_busy "$NATS_PORT" || { echo "error: nats-server did not start, see $LOGS/nats-server.log" >&2; exit 1; }
 
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
+export MONITOR_HTTP_ADDR="127.0.0.1:$MONITOR_PORT"
+export MONITOR_NATS_MONITOR_URL="http://127.0.0.1:$NATS_MONITOR_PORT"
 for svc in orchestrator allocator synchronizer monitor; do
     "target/release/coord-$svc" >"$LOGS/$svc.log" 2>&1 &
     pids+=($!)
     echo "==> coord-$svc started (pid $!)"
 done
 
+echo "==> dashboard: http://127.0.0.1:$MONITOR_PORT/  (Prometheus: /metrics, health: /healthz)"
 echo "==> demo"
 target/release/coordctl demo "$@"
