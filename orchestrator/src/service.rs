@@ -989,27 +989,36 @@ impl Orchestrator {
         }
     }
 
-    /// Hands agents' reports from the shared durable consumer to the flows' actors.
-    async fn consume_reports(self: Arc<Self>, ack_wait: Duration) {
-        loop {
-            if let Err(e) = self.clone().consume_reports_once(ack_wait).await {
-                tracing::warn!(error = %e, "report consumer stopped, restarting");
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    async fn consume_reports_once(self: Arc<Self>, ack_wait: Duration) -> Result<(), Error> {
+    /// Opens (creating it if needed) a durable pull consumer and its messages.
+    async fn durable_messages(
+        &self,
+        stream: &str,
+        config: consumer::pull::Config,
+    ) -> Result<consumer::pull::Stream, Error> {
         let unavailable =
             |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
+        let name = config.durable_name.clone().unwrap_or_default();
         let stream = self
             .js
-            .get_stream(common::nats::STREAM_REPORTS)
+            .get_stream(stream)
             .await
             .map_err(|e| unavailable(&e))?;
         let consumer = stream
-            .get_or_create_consumer(
-                common::nats::CONSUMER_ORCHESTRATOR,
+            .get_or_create_consumer(&name, config)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        consumer.messages().await.map_err(|e| unavailable(&e))
+    }
+
+    /// Hands agents' reports from the shared durable consumer to the flows' actors.
+    async fn consume_reports(self: Arc<Self>, ack_wait: Duration) {
+        keep_running("reports", || self.clone().consume_reports_once(ack_wait)).await;
+    }
+
+    async fn consume_reports_once(self: Arc<Self>, ack_wait: Duration) -> Result<(), Error> {
+        let mut messages = self
+            .durable_messages(
+                common::nats::STREAM_REPORTS,
                 consumer::pull::Config {
                     durable_name: Some(common::nats::CONSUMER_ORCHESTRATOR.to_owned()),
                     ack_policy: consumer::AckPolicy::Explicit,
@@ -1018,9 +1027,9 @@ impl Orchestrator {
                     ..Default::default()
                 },
             )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+            .await?;
+        let unavailable =
+            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(|e| unavailable(&e))?;
             let report: AgentReport = match serde_json::from_slice(&msg.payload) {
@@ -1057,25 +1066,16 @@ impl Orchestrator {
     /// allocations it preempted. Read from the events stream through a durable
     /// consumer, so an event published while no orchestrator ran is not missed.
     async fn consume_allocator_events(self: Arc<Self>) {
-        loop {
-            if let Err(e) = self.clone().consume_allocator_events_once().await {
-                tracing::warn!(error = %e, "allocator event consumer stopped, restarting");
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        keep_running("allocator events", || {
+            self.clone().consume_allocator_events_once()
+        })
+        .await;
     }
 
     async fn consume_allocator_events_once(self: Arc<Self>) -> Result<(), Error> {
-        let unavailable =
-            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
-        let stream = self
-            .js
-            .get_stream(common::nats::STREAM_EVENTS)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let consumer = stream
-            .get_or_create_consumer(
-                common::nats::CONSUMER_ORCHESTRATOR_ALLOCATOR_EVENTS,
+        let mut messages = self
+            .durable_messages(
+                common::nats::STREAM_EVENTS,
                 consumer::pull::Config {
                     durable_name: Some(
                         common::nats::CONSUMER_ORCHESTRATOR_ALLOCATOR_EVENTS.to_owned(),
@@ -1089,9 +1089,9 @@ impl Orchestrator {
                     ..Default::default()
                 },
             )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+            .await?;
+        let unavailable =
+            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(|e| unavailable(&e))?;
             match serde_json::from_slice::<common::msg::Event>(&msg.payload).map(|e| e.kind) {
@@ -1161,6 +1161,21 @@ impl Orchestrator {
                 }
             }
         }
+    }
+}
+
+/// Runs a consumer loop for ever, starting it again (after a pause) whenever it
+/// ends: a server restart or a deleted consumer ends it, and it must come back.
+async fn keep_running<F, Fut>(what: &'static str, mut run: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    loop {
+        if let Err(e) = run().await {
+            tracing::warn!(error = %e, consumer = what, "consumer stopped, restarting");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
