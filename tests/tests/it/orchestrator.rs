@@ -59,6 +59,39 @@ where
     (stop, handle)
 }
 
+/// The durable consumer a hand-written agent reads its assignments from.
+async fn assignment_consumer(
+    js: &jetstream::Context,
+    agent: &AgentId,
+) -> consumer::Consumer<consumer::pull::Config> {
+    js.get_stream(common::nats::STREAM_ASSIGN)
+        .await
+        .unwrap()
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(coordkit::agent::consumer_name(agent)),
+            filter_subject: subject::assign(agent),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+/// Takes (and acks) the next assignment, as an agent that then goes its own way.
+async fn take_assignment(
+    consumer: &consumer::Consumer<consumer::pull::Config>,
+) -> common::msg::Assignment {
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(10))
+        .messages()
+        .await
+        .unwrap();
+    let msg = batch.next().await.expect("an assignment").unwrap();
+    msg.ack().await.unwrap();
+    serde_json::from_slice(&msg.payload).unwrap()
+}
+
 async fn wait_finished(client: &Client, flow: &FlowId, within: Duration) -> FlowStatus {
     eventually(within, "flow to finish", || async {
         let s = client.flow_status(flow).await.ok()?;
@@ -161,15 +194,7 @@ async fn a_timed_out_attempt_moves_to_another_agent_and_the_late_report_is_rejec
         heartbeat_interval_ms: 60_000,
     };
     sys.client.register_agent(&register(1.0)).await.unwrap();
-    let stream = js.get_stream(common::nats::STREAM_ASSIGN).await.unwrap();
-    let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("agent-slow".into()),
-            filter_subject: subject::assign(&slow),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let consumer = assignment_consumer(&js, &slow).await;
     let mut t = cpu_task("t", &[]);
     t.timeouts.start_to_close_ms = Some(600);
     t.retry = RetryPolicy {
@@ -183,16 +208,7 @@ async fn a_timed_out_attempt_moves_to_another_agent_and_the_late_report_is_rejec
         .await
         .unwrap();
 
-    let mut batch = consumer
-        .fetch()
-        .max_messages(1)
-        .expires(Duration::from_secs(10))
-        .messages()
-        .await
-        .unwrap();
-    let msg = batch.next().await.expect("an assignment").unwrap();
-    let assignment: common::msg::Assignment = serde_json::from_slice(&msg.payload).unwrap();
-    msg.ack().await.unwrap();
+    let assignment = take_assignment(&consumer).await;
     assert_eq!((assignment.attempt, &assignment.agent_id), (1, &slow));
     let report = |kind: serde_json::Value| {
         let mut r =
@@ -579,17 +595,7 @@ async fn a_lost_agents_task_is_requeued_to_another_agent() {
         })
         .await
         .unwrap();
-    let consumer = js
-        .get_stream(common::nats::STREAM_ASSIGN)
-        .await
-        .unwrap()
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("agent-ghost".into()),
-            filter_subject: subject::assign(&ghost),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let consumer = assignment_consumer(&js, &ghost).await;
     let mut t = cpu_task("t", &[]);
     t.retry = RetryPolicy {
         max_attempts: 2,
@@ -601,15 +607,7 @@ async fn a_lost_agents_task_is_requeued_to_another_agent() {
         .create_flow(&FlowSpec::new("lost", vec![t]))
         .await
         .unwrap();
-    let mut batch = consumer
-        .fetch()
-        .max_messages(1)
-        .expires(Duration::from_secs(10))
-        .messages()
-        .await
-        .unwrap();
-    let msg = batch.next().await.expect("an assignment").unwrap();
-    msg.ack().await.unwrap();
+    take_assignment(&consumer).await;
     let started = json!({"flow_id": created.flow_id, "task_id": "t", "attempt": 1, "agent_id": ghost, "type": "started"});
     js.publish(subject::report(&ghost), started.to_string().into())
         .await
