@@ -109,6 +109,10 @@ impl Client {
         self.request(subject::CAPACITY_ADJUST, req).await
     }
 
+    pub async fn set_quota(&self, req: &QuotaRequest) -> Result<QuotaReply, Error> {
+        self.request(subject::QUOTA_SET, req).await
+    }
+
     pub async fn optimize(&self, req: &OptimizeRequest) -> Result<OptimizePlan, Error> {
         self.request(subject::OPTIMIZE, req).await
     }

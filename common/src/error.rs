@@ -30,6 +30,9 @@ pub enum ErrorCode {
     ValidationFailed,
     /// No agent can take the requirements now; `details` says what is short.
     NoCapacity,
+    /// The allocation would take its owner beyond a quota; `details` names the
+    /// quota's owner, the resource, the limit, what is in use and what was asked.
+    QuotaExceeded,
     /// A report for an attempt or agent that no longer holds the task.
     Fenced,
     /// A service this one depends on did not answer.
@@ -50,6 +53,7 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::InvalidId => 400,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict | ErrorCode::Fenced => 409,
+            ErrorCode::QuotaExceeded => 429,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::ValidationFailed => 422,
             ErrorCode::Internal | ErrorCode::Unknown => 500,
@@ -67,6 +71,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::ValidationFailed => "validation_failed",
             ErrorCode::NoCapacity => "no_capacity",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Fenced => "fenced",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Timeout => "timeout",
@@ -76,7 +81,7 @@ impl ErrorCode {
     }
 
     /// Every code, for docs and tests.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidId,
         ErrorCode::PayloadTooLarge,
@@ -84,6 +89,7 @@ impl ErrorCode {
         ErrorCode::Conflict,
         ErrorCode::ValidationFailed,
         ErrorCode::NoCapacity,
+        ErrorCode::QuotaExceeded,
         ErrorCode::Fenced,
         ErrorCode::Unavailable,
         ErrorCode::Timeout,

@@ -32,6 +32,8 @@ pub const KV_FLOWS: &str = "coord_flows";
 pub const KV_AGENTS: &str = "coord_agents";
 /// Last heartbeat per agent, kept apart so heartbeats never contend with allocations.
 pub const KV_HEARTBEATS: &str = "coord_heartbeats";
+/// Owner quotas and the allocations counted against them, one document (`pool`).
+pub const KV_QUOTAS: &str = "coord_quotas";
 /// Agent state documents, with history for three-way merges and reads at a revision.
 pub const KV_STATE: &str = "coord_state";
 /// Per-scope synchronizer configuration (policy, schema, invariants), one entry per scope.
@@ -139,6 +141,7 @@ pub enum Bucket {
     State,
     SyncScopes,
     SyncPoints,
+    Quotas,
 }
 
 impl Bucket {
@@ -151,6 +154,8 @@ impl Bucket {
             Bucket::State => (KV_STATE, 64),
             Bucket::SyncScopes => (KV_SYNC_SCOPES, 1),
             Bucket::SyncPoints => (KV_SYNC_POINTS, 1),
+            // History lets a checker replay the quota ledger beside the agents'.
+            Bucket::Quotas => (KV_QUOTAS, 64),
         };
         // The server republishes every state write on the watch subjects, in
         // the same step as the write: watchers see each change exactly once,

@@ -50,6 +50,8 @@ pub const CAPACITY_RESERVE: &str = "coord.allocator.capacity.reserve";
 pub const RESERVATION_CANCEL: &str = "coord.allocator.reservation.cancel";
 /// Change an agent's capacity at run time, optionally preempting.
 pub const CAPACITY_ADJUST: &str = "coord.allocator.capacity.adjust";
+/// Set, change or clear an owner's quota, optionally preempting.
+pub const QUOTA_SET: &str = "coord.allocator.quota.set";
 /// A rebalancing plan, applied on request.
 pub const OPTIMIZE: &str = "coord.allocator.optimize";
 // ---- end of allocator ----------------------------------------------------

@@ -309,6 +309,13 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             request(ALLOCATOR, msg!(AdjustRequest), msg!(AdjustReply)),
         ),
         req(
+            "quotaSet",
+            "QUOTA_SET",
+            subject::QUOTA_SET,
+            "Set, change or clear an owner's quota, optionally preempting.",
+            request(ALLOCATOR, msg!(QuotaRequest), msg!(QuotaReply)),
+        ),
+        req(
             "optimize",
             "OPTIMIZE",
             subject::OPTIMIZE,

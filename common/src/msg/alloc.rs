@@ -102,8 +102,9 @@ pub struct Allocation {
     /// The gang it belongs to, if it was placed as part of one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gang_id: Option<String>,
-    /// A gang member booked but not yet confirmed: it holds capacity, and is
-    /// rolled back if its gang is not confirmed in time (the booking replica died).
+    /// Booked but not yet confirmed (a gang member, or an allocation waiting to
+    /// be counted against its owner's quota): it holds capacity, and is rolled
+    /// back if not confirmed in time (the booking replica died).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
 }
@@ -244,6 +245,10 @@ pub struct CapacityStatus {
     /// When they do not fit: what is short, and on which best candidate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_fit: Option<NoFit>,
+    /// Quotas by the owner they are set for: those covering the request's
+    /// `owner` when it names one, else every quota.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub quotas: BTreeMap<String, QuotaStatus>,
 }
 
 /// `coord.allocator.capacity.reserve`: hold capacity on one agent for `owner`
@@ -328,6 +333,73 @@ pub struct AdjustReply {
     /// What was released (empty unless `preempt`).
     #[serde(default)]
     pub preempted: Vec<Allocation>,
+}
+
+/// `coord.allocator.quota.set`: cap what `owner` may hold across the pool.
+/// The quota covers the owner and every owner below it (`team` covers
+/// `team/flow-1`), like reservations; gang members count one by one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaRequest {
+    pub owner: String,
+    /// Most the owner may hold per resource, summed over its allocations on
+    /// every agent; resources not named are not capped. Empty clears the quota.
+    #[serde(default)]
+    pub limits: BTreeMap<String, f64>,
+    /// When the owner already holds more than the new limits: release the
+    /// lowest-priority allocations first (newest first among equals). Without
+    /// it, such a change is not applied and the reply names what would have to
+    /// go. Default false.
+    #[serde(default)]
+    pub preempt: bool,
+}
+
+/// A quota and what is counted against it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QuotaStatus {
+    /// Most the owner may hold, per resource.
+    #[serde(default)]
+    pub limits: BTreeMap<String, f64>,
+    /// Held now by the owner and the owners below it, per resource (every
+    /// resource they hold, limited or not).
+    #[serde(default)]
+    pub used: BTreeMap<String, f64>,
+    /// How many allocations are counted.
+    #[serde(default)]
+    pub allocations: usize,
+}
+
+/// Reply to a quota change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QuotaReply {
+    pub owner: String,
+    /// Whether the requested limits are in force.
+    pub applied: bool,
+    /// The quota in force now; absent when the owner has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaStatus>,
+    /// Allocations beyond the new limits, in preemption order.
+    #[serde(default)]
+    pub no_longer_fit: Vec<Allocation>,
+    /// What was released (empty unless `preempt`).
+    #[serde(default)]
+    pub preempted: Vec<Allocation>,
+}
+
+/// Why an allocation was refused by a quota (the `details` of a
+/// `quota_exceeded` error).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QuotaExceeded {
+    /// Who the allocation was for.
+    pub owner: String,
+    /// Who the quota is set for: `owner` or an owner above it.
+    pub quota_owner: String,
+    pub resource: String,
+    pub limit: f64,
+    /// Already held against the quota.
+    pub in_use: f64,
+    /// What the refused request (all of a gang's members) asked for.
+    pub requested: f64,
 }
 
 /// `coord.allocator.optimize`: a rebalancing plan, applied only on request.

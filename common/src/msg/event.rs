@@ -120,7 +120,8 @@ pub enum EventKind {
         owner: String,
         #[serde(default)]
         priority: i32,
-        /// `capacity_reduced`, `reservation_ended` or `gang_rolled_back`.
+        /// `capacity_reduced`, `quota_reduced`, `reservation_ended` or
+        /// `gang_rolled_back`.
         #[serde(default)]
         reason: String,
     },
