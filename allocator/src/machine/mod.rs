@@ -23,6 +23,7 @@
 mod adjust;
 mod optimize;
 mod place;
+mod quota;
 
 use std::collections::BTreeMap;
 
@@ -33,6 +34,7 @@ use common::msg::{
 pub use common::msg::{NoFit, Unfit};
 use common::{AgentId, AllocationId, ReservationId};
 pub use optimize::{plan, utilisation};
+pub use quota::{Admission, Quota, QuotaBook};
 pub use place::{candidates, capacity_status, place, place_gang, place_reservation, Candidate};
 use serde::{Deserialize, Serialize};
 
