@@ -13,6 +13,7 @@
 
 mod cache;
 mod ops;
+mod quota;
 mod sweep;
 
 use std::future::Future;
@@ -21,14 +22,14 @@ use std::sync::Arc;
 use async_nats::jetstream::{self, kv};
 use common::msg::{
     AdjustRequest, CancelReservation, CapacityRequest, DeregisterAgent, GangRequest,
-    OptimizeRequest, RegisterAgent, ReleaseRequest, ReserveRequest,
+    OptimizeRequest, QuotaRequest, RegisterAgent, ReleaseRequest, ReserveRequest,
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Stream};
 use common::service::Service;
 use common::{subject, AgentId, Error, ErrorCode};
 use futures::StreamExt;
 
-use crate::machine::AgentRecord;
+use crate::machine::{AgentRecord, QuotaBook};
 
 /// Allocator settings.
 #[derive(clap::Args, Debug, Clone)]
@@ -72,6 +73,12 @@ pub(crate) struct Allocator {
     gang_deadline_ms: u64,
     /// Per-agent booking locks (see `update_agent`).
     locks: std::sync::Mutex<std::collections::HashMap<AgentId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Owner quotas and what is counted against them (see `quota`).
+    quotas: kv::Store,
+    /// The quota book as last read or written here, with its revision.
+    quota_cache: std::sync::RwLock<(QuotaBook, u64)>,
+    /// Quota book updates in this replica, one at a time.
+    quota_lock: tokio::sync::Mutex<()>,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
@@ -97,6 +104,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     bus::ensure_stream(&js, Stream::Events, cfg.nats.js_replicas).await?;
     let agents = bus::ensure_bucket(&js, Bucket::Agents, cfg.nats.js_replicas).await?;
     let heartbeats = bus::ensure_bucket(&js, Bucket::Heartbeats, cfg.nats.js_replicas).await?;
+    let quotas = bus::ensure_bucket(&js, Bucket::Quotas, cfg.nats.js_replicas).await?;
     let alloc = Arc::new(Allocator {
         agents: agents.clone(),
         heartbeats: heartbeats.clone(),
@@ -105,7 +113,11 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         events: EventPublisher::new(nats.clone(), NAME),
         gang_deadline_ms: cfg.gang_deadline_ms,
         locks: Default::default(),
+        quotas,
+        quota_cache: Default::default(),
+        quota_lock: Default::default(),
     });
+    alloc.read_quotas().await?;
     let watchers = [
         alloc.cache.clone().start(agents).await?,
         alloc.beats.clone().start(heartbeats).await?,
@@ -169,6 +181,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         AdjustRequest,
         adjust
     );
+    serve!(service, alloc, subject::QUOTA_SET, QuotaRequest, set_quota);
     serve!(service, alloc, subject::OPTIMIZE, OptimizeRequest, optimize);
 
     let mut beats = nats

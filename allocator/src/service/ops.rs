@@ -9,21 +9,22 @@ use async_nats::jetstream::kv;
 use common::msg::{
     AdjustReply, AdjustRequest, AgentInfo, AgentStatus, AllocateRequest, Allocation, CancelReply,
     CancelReservation, CapacityRequest, CapacityStatus, DeregisterAgent, EventKind, GangReply,
-    GangRequest, OptimizePlan, OptimizeRequest, RegisterAgent, ReleaseReply, ReleaseRequest,
+    GangRequest, OptimizePlan, OptimizeRequest, QuotaExceeded, RegisterAgent, ReleaseReply,
+    ReleaseRequest,
     Requirements, Reservation, ReserveRequest,
 };
 use common::nats::{self as bus, Step};
 use common::{AgentId, AllocationId, Error, ErrorCode, ReservationId};
 
 use super::{unavailable, Allocator};
-use crate::machine::{self, AgentRecord, Draw, NoFit};
+use crate::machine::{self, Admission, AgentRecord, Draw, NoFit};
 
 /// Placement decisions retried from fresh state before giving up on contention.
 const PLACE_ATTEMPTS: usize = 16;
 /// Default most moves one optimisation plans.
 const DEFAULT_MAX_MOVES: usize = 100;
 
-fn invalid(m: String) -> Error {
+pub(super) fn invalid(m: String) -> Error {
     Error::new(ErrorCode::ValidationFailed, m)
 }
 
@@ -31,7 +32,7 @@ fn check_requirements(req: &Requirements) -> Result<(), Error> {
     machine::check_amounts(&req.resources).map_err(invalid)
 }
 
-fn check_owner(owner: &str) -> Result<(), Error> {
+pub(super) fn check_owner(owner: &str) -> Result<(), Error> {
     if owner.trim().is_empty() || owner.len() > 256 {
         return Err(invalid("owner must be 1 to 256 characters".into()));
     }
@@ -40,6 +41,17 @@ fn check_owner(owner: &str) -> Result<(), Error> {
 
 fn no_capacity(nofit: &NoFit) -> Error {
     Error::new(ErrorCode::NoCapacity, nofit.message.clone()).with_details(nofit)
+}
+
+fn quota_exceeded(over: &QuotaExceeded) -> Error {
+    Error::new(
+        ErrorCode::QuotaExceeded,
+        format!(
+            "quota of {} exceeded on {}: {} in use, {} asked, limit {}",
+            over.quota_owner, over.resource, over.in_use, over.requested, over.limit
+        ),
+    )
+    .with_details(over)
 }
 
 fn contention() -> Error {
@@ -129,7 +141,7 @@ impl Allocator {
         Err(contention())
     }
 
-    async fn preempted(&self, allocations: &[Allocation], reason: &str) {
+    pub(super) async fn preempted(&self, allocations: &[Allocation], reason: &str) {
         for a in allocations {
             self.events
                 .publish(EventKind::AllocationPreempted {
@@ -180,6 +192,7 @@ impl Allocator {
                 capacity: rec.capacity.clone(),
             })
             .await;
+        self.forget(&shrink.evicted).await;
         self.preempted(&shrink.evicted, "capacity_reduced").await;
         self.reservations_ended(&shrink.dropped, "capacity_reduced")
             .await;
@@ -215,22 +228,26 @@ impl Allocator {
             let records = self.records();
             // A retry of a request that was booked already gets the same answer.
             if let Some(a) = records.iter().find_map(|r| r.allocations.get(&id)) {
-                return Ok(a.clone());
+                if !a.pending {
+                    return Ok(a.clone());
+                }
             }
+            // Under a quota the booking stays pending until it is counted.
+            let governed = self.cached_quotas().governs(&req.owner);
             let chosen = machine::place(&records, &req.requirements, Some(&req.owner), now)
                 .map_err(|n| no_capacity(&n))?;
             let agent = chosen.agent.agent_id.clone();
             let booked = self
                 .update_agent(&agent, |mut rec| {
                     if let Some(a) = rec.allocations.get(&id) {
-                        return Ok(Step::Keep(Some(a.clone())));
+                        return Ok(Step::Keep(Some((a.clone(), false))));
                     }
                     // Decide again on the record being written: the view it was
                     // chosen from may be stale.
                     let Ok(draw) = rec.fit(&req.requirements, Some(&req.owner), now) else {
                         return Ok(Step::Keep(None));
                     };
-                    let a = machine::new_allocation(
+                    let mut a = machine::new_allocation(
                         id.clone(),
                         &rec.agent_id,
                         &req.owner,
@@ -240,22 +257,79 @@ impl Allocator {
                         now,
                         None,
                     );
+                    a.pending = governed;
                     rec.allocations.insert(a.allocation_id.clone(), a.clone());
-                    Ok(Step::Write(rec, Some(a)))
+                    Ok(Step::Write(rec, Some((a, true))))
                 })
                 .await;
-            match booked {
-                Ok(Some(a)) => {
-                    self.made(&a).await;
-                    return Ok(a);
+            let a = match booked {
+                Ok(Some((a, true))) => a,
+                Ok(Some((a, false))) if !a.pending => return Ok(a),
+                // Another booking of the same id is still being counted.
+                Ok(Some(_)) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
                 }
                 // It no longer fits there, or the agent is gone: choose again.
                 Ok(None) => continue,
                 Err(e) if e.code == ErrorCode::NotFound => continue,
                 Err(e) => return Err(e),
+            };
+            // Count it against the owner's quotas; this also catches a quota
+            // set after the hint above was read.
+            let admission = match self.admit(std::slice::from_ref(&a)).await {
+                Ok(x) => x,
+                Err(e) => {
+                    self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
+                        .await;
+                    return Err(e);
+                }
+            };
+            match admission {
+                Admission::Ungoverned | Admission::Admitted => {}
+                Admission::Counting => {
+                    self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Admission::Over(over) => {
+                    self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
+                        .await;
+                    return Err(quota_exceeded(&over));
+                }
             }
+            if a.pending && !self.confirm(&agent, std::slice::from_ref(&id)).await {
+                self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
+                    .await;
+                self.forget(std::slice::from_ref(&a)).await;
+                return Err(Error::new(
+                    ErrorCode::Conflict,
+                    "the booking was rolled back before it was confirmed; retry",
+                ));
+            }
+            let a = Allocation { pending: false, ..a };
+            self.made(&a).await;
+            return Ok(a);
         }
         Err(contention())
+    }
+
+    /// Confirms pending allocations `ids` on `agent`; false if any is gone (a
+    /// sweep rolled it back because the confirmation came too late).
+    async fn confirm(&self, agent: &AgentId, ids: &[AllocationId]) -> bool {
+        self.update_agent(agent, |mut rec| {
+            let mut all = true;
+            for id in ids {
+                match rec.allocations.get_mut(id) {
+                    Some(a) => a.pending = false,
+                    None => all = false,
+                }
+            }
+            Ok(Step::Write(rec, all))
+        })
+        .await
+        .unwrap_or(false)
     }
 
     async fn made(&self, a: &Allocation) {
@@ -357,6 +431,24 @@ impl Allocator {
                 self.unbook(&booked, &ids).await;
                 continue;
             }
+            // Count every member against the owner's quotas, all at once.
+            let members: Vec<Allocation> = placed.iter().flatten().cloned().collect();
+            match self.admit(&members).await {
+                Ok(Admission::Ungoverned | Admission::Admitted) => {}
+                Ok(Admission::Counting) => {
+                    self.unbook(&booked, &ids).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Ok(Admission::Over(over)) => {
+                    self.unbook(&booked, &ids).await;
+                    return Err(quota_exceeded(&over));
+                }
+                Err(e) => {
+                    self.unbook(&booked, &ids).await;
+                    return Err(e);
+                }
+            }
             // Confirm: every member must still be there (a sweep may have rolled
             // back a member whose confirmation came too late).
             let mut confirmed = true;
@@ -386,6 +478,7 @@ impl Allocator {
             }
             if !confirmed {
                 self.unbook(&booked, &ids).await;
+                self.forget(&members).await;
                 return Err(Error::new(
                     ErrorCode::Conflict,
                     "gang booking was rolled back before it was confirmed; retry",
@@ -434,41 +527,20 @@ impl Allocator {
     }
 
     pub(super) async fn release(&self, req: ReleaseRequest) -> Result<ReleaseReply, Error> {
-        let remove = |mut rec: AgentRecord| {
-            Ok(match rec.allocations.remove(&req.allocation_id) {
-                Some(_) => Step::Write(rec, true),
-                None => Step::Keep(false),
+        let taken = self
+            .take_allocation(&req.allocation_id, req.agent_id.as_ref())
+            .await?;
+        let Some(a) = taken else {
+            return Ok(ReleaseReply { released: false });
+        };
+        self.forget(std::slice::from_ref(&a)).await;
+        self.events
+            .publish(EventKind::AllocationReleased {
+                allocation_id: req.allocation_id,
+                agent_id: a.agent_id,
             })
-        };
-        let mut holder = req.agent_id.clone();
-        let mut released = match &holder {
-            Some(agent) => match self.update_agent(agent, remove).await {
-                Ok(r) => r,
-                Err(e) if e.code == ErrorCode::NotFound => false,
-                Err(e) => return Err(e),
-            },
-            None => false,
-        };
-        if !released {
-            // It may have been moved by a rebalancing: release it where it is now.
-            let elsewhere = self
-                .records()
-                .into_iter()
-                .find(|r| r.allocations.contains_key(&req.allocation_id));
-            if let Some(rec) = elsewhere {
-                released = self.update_agent(&rec.agent_id, remove).await?;
-                holder = Some(rec.agent_id);
-            }
-        }
-        if let (true, Some(holder)) = (released, holder) {
-            self.events
-                .publish(EventKind::AllocationReleased {
-                    allocation_id: req.allocation_id,
-                    agent_id: holder,
-                })
-                .await;
-        }
-        Ok(ReleaseReply { released })
+            .await;
+        Ok(ReleaseReply { released: true })
     }
 
     pub(super) async fn capacity(&self, req: CapacityRequest) -> Result<CapacityStatus, Error> {
@@ -476,12 +548,14 @@ impl Allocator {
             check_requirements(r)?;
         }
         let records = self.records();
-        Ok(machine::capacity_status(
+        let mut status = machine::capacity_status(
             &records,
             req.requirements.as_ref(),
             req.owner.as_deref(),
             common::now_ms(),
-        ))
+        );
+        status.quotas = self.read_quotas().await?.0.report(req.owner.as_deref());
+        Ok(status)
     }
 
     pub(super) async fn reserve(&self, req: ReserveRequest) -> Result<Reservation, Error> {
@@ -592,6 +666,7 @@ impl Allocator {
             Err(e) if e.code == ErrorCode::NotFound => return Ok(none),
             Err(e) => return Err(e),
         };
+        self.forget(&drawn).await;
         self.reservations_ended(std::slice::from_ref(&reservation), "cancelled")
             .await;
         self.preempted(&drawn, "reservation_ended").await;
@@ -630,6 +705,7 @@ impl Allocator {
                     capacity: reply.capacity.clone(),
                 })
                 .await;
+            self.forget(&reply.preempted).await;
             self.preempted(&reply.preempted, "capacity_reduced").await;
             self.reservations_ended(&reply.reservations_no_longer_fit, "capacity_reduced")
                 .await;

@@ -1,5 +1,5 @@
 //! The periodic sweep every replica runs: lost agents, expired reservations,
-//! unconfirmed gang members.
+//! unconfirmed bookings, and the quota book's repairs.
 //!
 //! Replicas sweep independently; each transition is a compare-and-set that
 //! re-checks its condition on the record being written, so when two replicas
@@ -36,6 +36,7 @@ impl Allocator {
                 self.expire(&rec).await;
             }
         }
+        self.sweep_quotas().await;
     }
 
     /// Marks the agent lost if, on fresh data, it still has missed its heartbeats.
@@ -54,6 +55,7 @@ impl Allocator {
         match outcome {
             Ok(Some((last_seen_ms, released))) => {
                 tracing::info!(agent = %rec.agent_id, released = released.len(), "agent lost");
+                self.forget(&released).await;
                 self.events
                     .publish(EventKind::AgentLost {
                         agent_id: rec.agent_id.clone(),
@@ -82,6 +84,8 @@ impl Allocator {
             .await;
         match outcome {
             Ok(expired) => {
+                self.forget(&expired.drawn).await;
+                self.forget(&expired.unconfirmed).await;
                 self.reservations_ended_pub(&expired).await;
             }
             Err(e) => tracing::debug!(agent = %rec.agent_id, error = %e, "expiry deferred"),
