@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use clap::{Args, Subcommand};
 use common::msg::{
     AdjustRequest, AllocateRequest, CancelReservation, CapacityRequest, CapacityStatus,
-    GangRequest, OptimizeRequest, Policy, ReleaseRequest, Requirements, ReserveRequest,
-    ResourceCapacity,
+    GangRequest, OptimizeRequest, Policy, QuotaRequest, QuotaStatus, ReleaseRequest, Requirements,
+    ReserveRequest, ResourceCapacity,
 };
 use common::{AgentId, AllocationId, Error, ErrorCode, ReservationId};
 
@@ -70,6 +70,21 @@ pub(crate) enum CapacityCmd {
         resources: Vec<(String, f64)>,
         /// Release allocations that no longer fit (lowest priority, newest first);
         /// without it nothing changes and the reply lists them.
+        #[arg(long)]
+        preempt: bool,
+    },
+    /// Cap what an owner (and every owner below it) may hold across the pool.
+    Quota {
+        owner: String,
+        /// Most the owner may hold, `resource=amount` (repeatable).
+        #[arg(long = "limit", short = 'l', value_parser = parse_amount, required_unless_present = "clear")]
+        limits: Vec<(String, f64)>,
+        /// Remove the owner's quota.
+        #[arg(long, conflicts_with = "limits")]
+        clear: bool,
+        /// Release the owner's allocations beyond the new limits (lowest
+        /// priority, newest first); without it nothing changes and the reply
+        /// lists them.
         #[arg(long)]
         preempt: bool,
     },
@@ -250,7 +265,27 @@ fn capacity_text(cap: &CapacityStatus) -> String {
             out.push_str(&format!("\nwhy not: {}", no_fit.message));
         }
     }
+    if !cap.quotas.is_empty() {
+        out.push_str("\n\n");
+        out.push_str(&quota_table(&cap.quotas));
+    }
     out
+}
+
+fn quota_table(quotas: &BTreeMap<String, QuotaStatus>) -> String {
+    let mut rows = Vec::new();
+    for (owner, q) in quotas {
+        for (r, limit) in &q.limits {
+            rows.push(vec![
+                owner.clone(),
+                r.clone(),
+                amount(*limit),
+                amount(q.used.get(r).copied().unwrap_or(0.0)),
+                q.allocations.to_string(),
+            ]);
+        }
+    }
+    table(&["quota owner", "resource", "limit", "used", "allocations"], rows)
 }
 
 fn now_ms() -> u64 {
@@ -356,6 +391,47 @@ pub(crate) async fn run_capacity(ctx: &Ctx, cmd: CapacityCmd) -> anyhow::Result<
                         "not applied: allocations no longer fit: [{}] (use --preempt)",
                         ids(&r.no_longer_fit)
                     )
+                }
+            });
+        }
+        CapacityCmd::Quota {
+            owner,
+            limits,
+            clear,
+            preempt,
+        } => {
+            let reply = c
+                .set_quota(&QuotaRequest {
+                    owner,
+                    limits: if clear {
+                        BTreeMap::new()
+                    } else {
+                        limits.into_iter().collect()
+                    },
+                    preempt,
+                })
+                .await?;
+            ctx.emit(&reply, |r| {
+                let ids = r
+                    .no_longer_fit
+                    .iter()
+                    .map(|a| a.allocation_id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                match (&r.quota, r.applied) {
+                    (None, true) => format!("{} has no quota", r.owner),
+                    (Some(q), true) => format!(
+                        "{}\npreempted: [{}]",
+                        quota_table(&[(r.owner.clone(), q.clone())].into()),
+                        r.preempted
+                            .iter()
+                            .map(|a| a.allocation_id.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    (_, false) => format!(
+                        "not applied: allocations beyond the limits: [{ids}] (use --preempt)"
+                    ),
                 }
             });
         }
