@@ -74,7 +74,16 @@ impl Allocator {
     }
 
     /// Counts one request's allocations against the quotas covering its owner.
+    /// The first read is fresh, and made after the booking, so a quota created
+    /// meanwhile is either seen here or counts this booking itself (its count
+    /// starts after it is stored); owners without a quota stop at this read.
     pub(super) async fn admit(&self, allocs: &[Allocation]) -> Result<Admission, Error> {
+        let Some(owner) = allocs.first().map(|a| a.owner.as_str()) else {
+            return Ok(Admission::Ungoverned);
+        };
+        if !self.read_quotas().await?.0.governs(owner) {
+            return Ok(Admission::Ungoverned);
+        }
         self.update_quotas(|mut book| {
             Ok(match book.admit(allocs) {
                 Admission::Admitted => Step::Write(book, Admission::Admitted),
@@ -113,7 +122,9 @@ impl Allocator {
         let first = self.read_agents().await?;
         let second = self.read_agents().await?;
         let revisions = |m: &BTreeMap<String, (u64, Option<AgentRecord>)>| {
-            m.iter().map(|(k, (r, _))| (k.clone(), *r)).collect::<Vec<_>>()
+            m.iter()
+                .map(|(k, (r, _))| (k.clone(), *r))
+                .collect::<Vec<_>>()
         };
         if revisions(&first) != revisions(&second) {
             return Ok(None);
@@ -300,7 +311,10 @@ impl Allocator {
         // now take back what is over it.
         let mut preempted = Vec::new();
         for v in &victims {
-            if let Some(a) = self.take_allocation(&v.allocation_id, Some(&v.agent_id)).await? {
+            if let Some(a) = self
+                .take_allocation(&v.allocation_id, Some(&v.agent_id))
+                .await?
+            {
                 preempted.push(a);
             }
         }
