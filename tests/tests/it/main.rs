@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod allocator;
+mod allocator_quota;
 mod compose;
 mod errors;
 mod flow;
