@@ -269,3 +269,235 @@ fn anomaly_events_go_to_their_kind_and_unknown_kinds_still_read() {
     assert_eq!(newer.kind, AnomalyKind::Unknown);
     assert!(serde_json::from_value::<AnomaliesRequest>(json!({"limt": 1})).is_err());
 }
+
+fn cpu(n: f64) -> std::collections::BTreeMap<String, f64> {
+    [("cpu".to_string(), n)].into()
+}
+
+fn allocation() -> Allocation {
+    Allocation {
+        allocation_id: AllocationId::new("al1").unwrap(),
+        agent_id: a("w1"),
+        owner: "team/f1".into(),
+        resources: cpu(2.0),
+        priority: 3,
+        created_at_ms: 7,
+        reservation_id: Some(ReservationId::new("rs1").unwrap()),
+        anti_affinity: Some("g".into()),
+        movable: true,
+        capabilities: vec!["py".into()],
+        labels: [("zone".to_string(), "eu".to_string())].into(),
+        gang_id: Some("gang1".into()),
+        pending: true,
+    }
+}
+
+#[test]
+fn allocator_messages_round_trip() {
+    let req = Requirements {
+        resources: cpu(1.0),
+        capabilities: vec!["py".into()],
+        labels: [("zone".to_string(), "eu".to_string())].into(),
+        policy: Policy::Spread,
+        anti_affinity: Some("g".into()),
+        movable: true,
+    };
+    round_trip(&GangRequest {
+        owner: "team".into(),
+        members: vec![req.clone(), Requirements::default()],
+        priority: -1,
+    });
+    round_trip(&GangReply {
+        gang_id: "gang1".into(),
+        allocations: vec![allocation()],
+    });
+    round_trip(&ReserveRequest {
+        owner: "team".into(),
+        requirements: req.clone(),
+        start_ms: 1,
+        end_ms: 2,
+        agent_id: Some(a("w1")),
+    });
+    let reservation = Reservation {
+        reservation_id: ReservationId::new("rs1").unwrap(),
+        agent_id: a("w1"),
+        owner: "team".into(),
+        resources: cpu(1.0),
+        start_ms: 1,
+        end_ms: 2,
+        created_at_ms: 1,
+    };
+    round_trip(&reservation);
+    round_trip(&CancelReservation {
+        reservation_id: ReservationId::new("rs1").unwrap(),
+        agent_id: None,
+    });
+    round_trip(&CancelReply {
+        cancelled: true,
+        released: vec![allocation()],
+    });
+    round_trip(&AdjustRequest {
+        agent_id: a("w1"),
+        capacity: cpu(0.5),
+        preempt: true,
+    });
+    round_trip(&AdjustReply {
+        applied: true,
+        capacity: cpu(0.5),
+        no_longer_fit: vec![allocation()],
+        reservations_no_longer_fit: vec![reservation],
+        preempted: vec![allocation()],
+    });
+    round_trip(&OptimizeRequest {
+        apply: true,
+        max_moves: Some(3),
+    });
+    let util = Utilisation {
+        max: 1.0,
+        mean: 0.5,
+        stddev: 0.5,
+        fragmentation: 0.25,
+        per_agent: [(a("w1"), 1.0), (a("w2"), 0.0)].into(),
+    };
+    round_trip(&OptimizePlan {
+        moves: vec![Move {
+            allocation_id: AllocationId::new("al1").unwrap(),
+            owner: "o".into(),
+            from: a("w1"),
+            to: a("w2"),
+            resources: cpu(1.0),
+        }],
+        before: util.clone(),
+        after: util,
+        applied: vec![AllocationId::new("al1").unwrap()],
+    });
+    let quota = QuotaStatus {
+        limits: cpu(4.0),
+        used: cpu(2.5),
+        allocations: 2,
+    };
+    round_trip(&QuotaRequest {
+        owner: "team".into(),
+        limits: cpu(4.0),
+        preempt: true,
+    });
+    round_trip(&QuotaReply {
+        owner: "team".into(),
+        applied: false,
+        quota: Some(quota.clone()),
+        no_longer_fit: vec![allocation()],
+        preempted: vec![],
+    });
+    round_trip(&CapacityStatus {
+        fits: Some(false),
+        no_fit: Some(NoFit {
+            message: "cpu is short".into(),
+            best_candidate: Some(a("w1")),
+            short: Some(Unfit::Short {
+                resource: "cpu".into(),
+                needed: 2.0,
+                free: 1.0,
+            }),
+            agents_considered: 1,
+            member: Some(0),
+        }),
+        quotas: [("team".to_string(), quota)].into(),
+        ..Default::default()
+    });
+    round_trip(&QuotaExceeded {
+        owner: "team/f1".into(),
+        quota_owner: "team".into(),
+        resource: "cpu".into(),
+        limit: 4.0,
+        in_use: 3.0,
+        requested: 2.0,
+    });
+}
+
+#[test]
+fn allocator_json_is_pinned() {
+    let mut gang_member = allocation();
+    gang_member.reservation_id = None;
+    gang_member.anti_affinity = None;
+    gang_member.capabilities = vec![];
+    gang_member.labels = Default::default();
+    assert_eq!(
+        serde_json::to_value(&gang_member).unwrap(),
+        json!({
+            "allocation_id": "al1", "agent_id": "w1", "owner": "team/f1",
+            "resources": {"cpu": 2.0}, "priority": 3, "created_at_ms": 7,
+            "movable": true, "gang_id": "gang1", "pending": true
+        })
+    );
+    // Defaults may be left out of requests.
+    let gang: GangRequest =
+        serde_json::from_value(json!({"owner": "o", "members": [{"resources": {"gpu": 1}}]}))
+            .unwrap();
+    assert_eq!(
+        (gang.priority, gang.members[0].policy),
+        (0, Policy::BestFit)
+    );
+    let adjust: AdjustRequest =
+        serde_json::from_value(json!({"agent_id": "w1", "capacity": {"cpu": 1}})).unwrap();
+    assert!(!adjust.preempt);
+    let quota: QuotaRequest = serde_json::from_value(json!({"owner": "team"})).unwrap();
+    assert!(
+        quota.limits.is_empty() && !quota.preempt,
+        "empty limits clear"
+    );
+    assert_eq!(
+        serde_json::to_value(QuotaReply {
+            owner: "team".into(),
+            applied: true,
+            quota: None,
+            no_longer_fit: vec![],
+            preempted: vec![],
+        })
+        .unwrap(),
+        json!({"owner": "team", "applied": true, "no_longer_fit": [], "preempted": []})
+    );
+    assert_eq!(
+        serde_json::to_value(QuotaStatus {
+            limits: cpu(4.0),
+            used: cpu(1.0),
+            allocations: 1,
+        })
+        .unwrap(),
+        json!({"limits": {"cpu": 4.0}, "used": {"cpu": 1.0}, "allocations": 1})
+    );
+    assert_eq!(
+        serde_json::to_value(Unfit::Short {
+            resource: "cpu".into(),
+            needed: 2.0,
+            free: 0.5,
+        })
+        .unwrap(),
+        json!({"reason": "short", "resource": "cpu", "needed": 2.0, "free": 0.5})
+    );
+    assert_eq!(
+        serde_json::to_value(EventKind::AllocationPreempted {
+            allocation_id: AllocationId::new("al1").unwrap(),
+            agent_id: a("w1"),
+            owner: "team".into(),
+            priority: 0,
+            reason: "quota_reduced".into(),
+        })
+        .unwrap(),
+        json!({
+            "type": "allocation_preempted", "allocation_id": "al1", "agent_id": "w1",
+            "owner": "team", "priority": 0, "reason": "quota_reduced"
+        })
+    );
+    // A capacity report without quotas reads as it did before quotas existed.
+    let v = serde_json::to_value(CapacityStatus::default()).unwrap();
+    assert!(v.get("quotas").is_none(), "{v}");
+    // Requests people and programs write reject typos.
+    let err =
+        serde_json::from_value::<GangRequest>(json!({"owner": "o", "member": []})).unwrap_err();
+    assert!(err.to_string().contains("member"), "{err}");
+    let err = serde_json::from_value::<QuotaRequest>(json!({"owner": "o", "limit": {"cpu": 1}}))
+        .unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+    let err = serde_json::from_value::<OptimizeRequest>(json!({"aply": true})).unwrap_err();
+    assert!(err.to_string().contains("aply"), "{err}");
+}
