@@ -285,7 +285,10 @@ fn quota_table(quotas: &BTreeMap<String, QuotaStatus>) -> String {
             ]);
         }
     }
-    table(&["quota owner", "resource", "limit", "used", "allocations"], rows)
+    table(
+        &["quota owner", "resource", "limit", "used", "allocations"],
+        rows,
+    )
 }
 
 fn now_ms() -> u64 {

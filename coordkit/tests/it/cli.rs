@@ -4,8 +4,8 @@
 use common::error::ErrorBody;
 use common::msg::{
     AdjustReply, Allocation, CapacityStatus, ConflictPolicy, FlowList, FlowState, FlowStatus,
-    GangReply, RegisterAgent, ReleaseReply, Reservation, ScopeConfig, StateDoc, StateHistory,
-    SyncPoint, SyncPointDiff, SyncPointList, TaskState,
+    GangReply, QuotaReply, RegisterAgent, ReleaseReply, Reservation, ScopeConfig, StateDoc,
+    StateHistory, SyncPoint, SyncPointDiff, SyncPointList, TaskState,
 };
 use common::{AgentId, ErrorCode};
 use coordkit::demo;
@@ -317,6 +317,61 @@ async fn capacity_agents_reserve_and_adjust() {
     assert!(released.released);
     let cap: CapacityStatus = coordctl_json(&url, &["capacity", "show"]).await;
     assert_eq!(cap.pool["cpu"].allocated, 2.0);
+}
+
+#[tokio::test]
+async fn capacity_quota_caps_an_owner() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    sys.client
+        .register_agent(&RegisterAgent {
+            agent_id: AgentId::new("w1").unwrap(),
+            capabilities: vec![],
+            labels: Default::default(),
+            capacity: [("cpu".to_string(), 8.0)].into(),
+            heartbeat_interval_ms: 60_000,
+        })
+        .await
+        .unwrap();
+    let set: QuotaReply =
+        coordctl_json(&url, &["capacity", "quota", "team", "--limit", "cpu=3"]).await;
+    assert!(set.applied);
+    assert_eq!(set.quota.unwrap().limits["cpu"], 3.0);
+    let alloc = ["alloc", "allocate", "--owner", "team/a", "-r", "cpu=2"];
+    let _: Allocation = coordctl_json(&url, &alloc).await;
+    let stderr = coordctl_fails(&url, &alloc, "quota_exceeded").await;
+    assert!(stderr.contains("quota_owner"), "{stderr}");
+    let cap: CapacityStatus = coordctl_json(
+        &url,
+        &["capacity", "check", "-r", "cpu=1", "--owner", "team/b"],
+    )
+    .await;
+    assert_eq!(cap.quotas["team"].used["cpu"], 2.0);
+    let shown = coordctl(&url, &["capacity", "show"]).await;
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("QUOTA OWNER") && text.contains("team"),
+        "{text}"
+    );
+
+    let refused: QuotaReply =
+        coordctl_json(&url, &["capacity", "quota", "team", "-l", "cpu=1"]).await;
+    assert!(!refused.applied);
+    assert_eq!(refused.no_longer_fit.len(), 1);
+    let lowered: QuotaReply = coordctl_json(
+        &url,
+        &["capacity", "quota", "team", "-l", "cpu=1", "--preempt"],
+    )
+    .await;
+    assert_eq!(lowered.preempted.len(), 1);
+    let cleared: QuotaReply = coordctl_json(&url, &["capacity", "quota", "team", "--clear"]).await;
+    assert!(cleared.applied && cleared.quota.is_none());
+    coordctl_fails(
+        &url,
+        &["capacity", "quota", "team", "-l", "cpu=-1"],
+        "validation_failed",
+    )
+    .await;
 }
 
 #[tokio::test]
