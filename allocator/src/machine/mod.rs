@@ -34,8 +34,8 @@ use common::msg::{
 pub use common::msg::{NoFit, Unfit};
 use common::{AgentId, AllocationId, ReservationId};
 pub use optimize::{plan, utilisation};
-pub use quota::{Admission, Quota, QuotaBook};
 pub use place::{candidates, capacity_status, place, place_gang, place_reservation, Candidate};
+pub use quota::{Admission, Quota, QuotaBook};
 use serde::{Deserialize, Serialize};
 
 /// Slack for floating-point sums of resource amounts.

@@ -309,23 +309,43 @@ mod tests {
     #[test]
     fn a_quota_covers_the_owner_and_owners_below_it_across_agents() {
         let mut b = book("team", 3.0);
-        assert_eq!(b.admit(&[alloc("a", "team/f1", 2.0, 0, 0)]), Admission::Admitted);
-        assert_eq!(b.admit(&[alloc("b", "team", 1.0, 0, 1)]), Admission::Admitted);
+        assert_eq!(
+            b.admit(&[alloc("a", "team/f1", 2.0, 0, 0)]),
+            Admission::Admitted
+        );
+        assert_eq!(
+            b.admit(&[alloc("b", "team", 1.0, 0, 1)]),
+            Admission::Admitted
+        );
         let Admission::Over(over) = b.admit(&[alloc("c", "team/f2", 0.5, 0, 2)]) else {
             panic!("admitted beyond the quota")
         };
         assert_eq!(
-            (over.quota_owner.as_str(), over.limit, over.in_use, over.requested),
+            (
+                over.quota_owner.as_str(),
+                over.limit,
+                over.in_use,
+                over.requested
+            ),
             ("team", 3.0, 3.0, 0.5)
         );
-        assert_eq!(b.admit(&[alloc("d", "teammate", 9.0, 0, 3)]), Admission::Ungoverned);
+        assert_eq!(
+            b.admit(&[alloc("d", "teammate", 9.0, 0, 3)]),
+            Admission::Ungoverned
+        );
         assert_eq!(b.status("team").unwrap().used["cpu"], 3.0);
         // Counting the same allocation again replaces it.
-        assert_eq!(b.admit(&[alloc("b", "team", 1.0, 0, 1)]), Admission::Admitted);
+        assert_eq!(
+            b.admit(&[alloc("b", "team", 1.0, 0, 1)]),
+            Admission::Admitted
+        );
         assert_eq!(b.status("team").unwrap().allocations, 2);
         assert!(b.forget([&AllocationId::new("a").unwrap()]));
         assert!(!b.forget([&AllocationId::new("a").unwrap()]));
-        assert_eq!(b.admit(&[alloc("c", "team/f2", 2.0, 0, 2)]), Admission::Admitted);
+        assert_eq!(
+            b.admit(&[alloc("c", "team/f2", 2.0, 0, 2)]),
+            Admission::Admitted
+        );
     }
 
     #[test]
@@ -341,15 +361,29 @@ mod tests {
     fn nothing_is_admitted_while_a_quota_is_being_counted() {
         let mut b = book("o", 4.0);
         b.quotas.insert("o/x".into(), Quota::default());
-        assert_eq!(b.admit(&[alloc("a", "o/x/y", 1.0, 0, 0)]), Admission::Counting);
-        assert_eq!(b.admit(&[alloc("a", "o/z", 1.0, 0, 0)]), Admission::Admitted);
+        assert_eq!(
+            b.admit(&[alloc("a", "o/x/y", 1.0, 0, 0)]),
+            Admission::Counting
+        );
+        assert_eq!(
+            b.admit(&[alloc("a", "o/z", 1.0, 0, 0)]),
+            Admission::Admitted
+        );
     }
 
     #[test]
     fn lowering_takes_the_lowest_priority_then_the_newest_first() {
         let mut b = book("o", 10.0);
-        for (id, prio, at) in [("p5", 5, 0), ("p0-old", 0, 1), ("p0-new", 0, 2), ("p1", 1, 3)] {
-            assert_eq!(b.admit(&[alloc(id, "o", 2.0, prio, at)]), Admission::Admitted);
+        for (id, prio, at) in [
+            ("p5", 5, 0),
+            ("p0-old", 0, 1),
+            ("p0-new", 0, 2),
+            ("p1", 1, 3),
+        ] {
+            assert_eq!(
+                b.admit(&[alloc(id, "o", 2.0, prio, at)]),
+                Admission::Admitted
+            );
         }
         let gone: Vec<String> = b
             .over_limits("o", &[("cpu".to_string(), 3.0)].into())
@@ -357,7 +391,9 @@ mod tests {
             .map(|a| a.allocation_id.to_string())
             .collect();
         assert_eq!(gone, ["p0-new", "p0-old", "p1"]);
-        assert!(b.over_limits("o", &[("cpu".to_string(), 8.0)].into()).is_empty());
+        assert!(b
+            .over_limits("o", &[("cpu".to_string(), 8.0)].into())
+            .is_empty());
     }
 
     #[test]
@@ -373,7 +409,11 @@ mod tests {
             .collect();
         assert!(b.reconcile(&live));
         let held: Vec<String> = b.holds.keys().map(|k| k.to_string()).collect();
-        assert_eq!(held, ["kept", "pend"], "pending ones count while a quota is new");
+        assert_eq!(
+            held,
+            ["kept", "pend"],
+            "pending ones count while a quota is new"
+        );
         assert!(b.quotas.values().all(|q| q.counted));
         assert!(!b.reconcile(&live), "a second pass changes nothing");
         // Once counted, a pending booking counts itself.

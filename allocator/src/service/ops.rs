@@ -10,8 +10,7 @@ use common::msg::{
     AdjustReply, AdjustRequest, AgentInfo, AgentStatus, AllocateRequest, Allocation, CancelReply,
     CancelReservation, CapacityRequest, CapacityStatus, DeregisterAgent, EventKind, GangReply,
     GangRequest, OptimizePlan, OptimizeRequest, QuotaExceeded, RegisterAgent, ReleaseReply,
-    ReleaseRequest,
-    Requirements, Reservation, ReserveRequest,
+    ReleaseRequest, Requirements, Reservation, ReserveRequest,
 };
 use common::nats::{self as bus, Step};
 use common::{AgentId, AllocationId, Error, ErrorCode, ReservationId};
@@ -308,7 +307,10 @@ impl Allocator {
                     "the booking was rolled back before it was confirmed; retry",
                 ));
             }
-            let a = Allocation { pending: false, ..a };
+            let a = Allocation {
+                pending: false,
+                ..a
+            };
             self.made(&a).await;
             return Ok(a);
         }
