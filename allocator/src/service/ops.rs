@@ -505,7 +505,8 @@ impl Allocator {
         Err(contention())
     }
 
-    /// Removes gang members `ids` from `agents` (compensating a partial booking).
+    /// Removes allocations `ids` from `agents`: compensates a booking that did
+    /// not go through (a gang member elsewhere refused, or a quota did).
     async fn unbook(&self, agents: &[AgentId], ids: &[AllocationId]) {
         for agent in agents {
             let undone = self
@@ -523,7 +524,7 @@ impl Allocator {
                 .await;
             if let Err(e) = undone {
                 // The sweep rolls pending members back after the deadline.
-                tracing::warn!(agent = %agent, error = %e, "gang roll-back deferred to the sweep");
+                tracing::warn!(agent = %agent, error = %e, "roll-back of a pending booking deferred to the sweep");
             }
         }
     }
