@@ -486,3 +486,57 @@ async fn two_replicas_never_exceed_a_quota_under_concurrent_requests() {
     );
     second.stop().await.unwrap();
 }
+
+/// A quota set while its owner's allocations are being booked (on two
+/// replicas) counts every one of them: each booking either sees the new quota
+/// or is seen by its first count, so what is counted is exactly what is live.
+#[tokio::test]
+async fn a_quota_set_during_a_burst_counts_every_allocation() {
+    let sys = System::start().await;
+    let second = start_service("allocator", sys.server.config());
+    testkit::wait_for_service(&sys.nats, "allocator").await;
+    for i in 0..8 {
+        register(&sys.client, &format!("w{i}"), 64.0).await;
+    }
+    let mut tasks = Vec::new();
+    for k in 0..6u64 {
+        let client = Client::new(sys.server.connect().await).with_timeout(Duration::from_secs(20));
+        tasks.push(tokio::spawn(async move {
+            let mut made = Vec::new();
+            for i in 0..15 {
+                let a = allocate(&client, &format!("burst/c{k}/{i}"), 0.5, 0)
+                    .await
+                    .unwrap();
+                made.push(a);
+            }
+            made
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let set = sys
+        .client
+        .set_quota(&quota("burst", Some(1000.0), false))
+        .await
+        .unwrap();
+    assert!(set.applied);
+    let set_at = common::now_ms();
+    let mut made = Vec::new();
+    for t in tasks {
+        made.extend(t.await.unwrap());
+    }
+    assert_eq!(made.len(), 90);
+    assert!(
+        made.iter().any(|a| a.created_at_ms < set_at)
+            && made.iter().any(|a| a.created_at_ms > set_at),
+        "the quota was set in the middle of the burst"
+    );
+    // Counted as soon as the burst is over.
+    assert_eq!(quota_used(&sys.client, "burst").await, Some(45.0));
+    let cap = sys
+        .client
+        .capacity(&CapacityRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(cap.quotas["burst"].allocations, 90);
+    second.stop().await.unwrap();
+}
