@@ -340,8 +340,19 @@ async fn two_replicas_never_exceed_a_quota_under_concurrent_requests() {
         },
     )
     .await;
+    // Each client places on its own two agents (by label), so that no agent's
+    // history outgrows what the bucket keeps.
     for i in 0..AGENTS {
-        register(&sys.client, &format!("w{i}"), 4.0).await;
+        sys.client
+            .register_agent(&RegisterAgent {
+                agent_id: AgentId::new(format!("w{i}")).unwrap(),
+                capabilities: vec![],
+                labels: [("slot".to_string(), (i as u64 % CLIENTS).to_string())].into(),
+                capacity: [("cpu".to_string(), 4.0)].into(),
+                heartbeat_interval_ms: 600_000,
+            })
+            .await
+            .unwrap();
     }
     // The pool (64) is far larger than the quota: only the quota refuses.
     sys.client
@@ -369,10 +380,8 @@ async fn two_replicas_never_exceed_a_quota_under_concurrent_requests() {
                     assert!(r.released);
                     released.push(a.allocation_id);
                 } else {
-                    // Spread, so that every agent's history stays within
-                    // what the bucket keeps.
                     let req = Requirements {
-                        policy: common::msg::Policy::Spread,
+                        labels: [("slot".to_string(), k.to_string())].into(),
                         ..cpu(0.5 * (1 + rng.next(3)) as f64)
                     };
                     let booked = client
