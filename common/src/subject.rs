@@ -191,6 +191,7 @@ pub mod event {
     pub const AGENT_LOST: &str = "coord.events.agent.lost";
     pub const AGENT_DEREGISTERED: &str = "coord.events.agent.deregistered";
     pub const CAPACITY_ADJUSTED: &str = "coord.events.agent.capacity_adjusted";
+    pub const QUOTA_CHANGED: &str = "coord.events.quota.changed";
     pub const ALLOCATION_PREEMPTED: &str = "coord.events.allocation.preempted";
     pub const ALLOCATION_MOVED: &str = "coord.events.allocation.moved";
     pub const RESERVATION_MADE: &str = "coord.events.reservation.made";

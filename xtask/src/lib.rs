@@ -683,6 +683,13 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             "An agent's capacity changed.",
         ),
         event(
+            "eventQuotaChanged",
+            "event::QUOTA_CHANGED",
+            e::QUOTA_CHANGED,
+            ALLOCATOR,
+            "An owner's quota was set, changed or cleared.",
+        ),
+        event(
             "eventAllocationMade",
             "event::ALLOCATION_MADE",
             e::ALLOCATION_MADE,

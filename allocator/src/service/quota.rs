@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::msg::{Allocation, QuotaReply, QuotaRequest};
+use common::msg::{Allocation, EventKind, QuotaReply, QuotaRequest};
 use common::nats::{self as bus, Step};
 use common::{AgentId, AllocationId, Error, ErrorCode};
 use futures::StreamExt;
@@ -223,14 +223,18 @@ impl Allocator {
         machine::check_amounts(&req.limits).map_err(super::ops::invalid)?;
         let owner = req.owner.clone();
         if req.limits.is_empty() {
-            self.update_quotas(|mut book| {
-                Ok(if book.clear(&owner) {
-                    Step::Write(book, ())
-                } else {
-                    Step::Keep(())
+            let cleared = self
+                .update_quotas(|mut book| {
+                    Ok(if book.clear(&owner) {
+                        Step::Write(book, true)
+                    } else {
+                        Step::Keep(false)
+                    })
                 })
-            })
-            .await?;
+                .await?;
+            if cleared {
+                self.quota_changed(&owner, &req.limits).await;
+            }
             return Ok(QuotaReply {
                 owner,
                 applied: true,
@@ -307,6 +311,7 @@ impl Allocator {
                 preempted: vec![],
             });
         }
+        self.quota_changed(&owner, &req.limits).await;
         // The lower limit is in force (nothing new is admitted beyond it);
         // now take back what is over it.
         let mut preempted = Vec::new();
@@ -328,6 +333,15 @@ impl Allocator {
             no_longer_fit: victims,
             preempted,
         })
+    }
+
+    async fn quota_changed(&self, owner: &str, limits: &BTreeMap<String, f64>) {
+        self.events
+            .publish(EventKind::QuotaChanged {
+                owner: owner.to_owned(),
+                limits: limits.clone(),
+            })
+            .await;
     }
 
     /// Removes allocation `id` from its agent (`hint`, or wherever it is now).

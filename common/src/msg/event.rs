@@ -113,6 +113,12 @@ pub enum EventKind {
         #[serde(default)]
         capacity: BTreeMap<String, f64>,
     },
+    /// An owner's quota was set, changed or (with empty `limits`) cleared.
+    QuotaChanged {
+        owner: String,
+        #[serde(default)]
+        limits: BTreeMap<String, f64>,
+    },
     /// An allocation was taken back before its owner released it.
     AllocationPreempted {
         allocation_id: AllocationId,
@@ -241,6 +247,7 @@ impl EventKind {
             EventKind::AgentLost { .. } => s::AGENT_LOST,
             EventKind::AgentDeregistered { .. } => s::AGENT_DEREGISTERED,
             EventKind::CapacityAdjusted { .. } => s::CAPACITY_ADJUSTED,
+            EventKind::QuotaChanged { .. } => s::QUOTA_CHANGED,
             EventKind::AllocationPreempted { .. } => s::ALLOCATION_PREEMPTED,
             EventKind::AllocationMoved { .. } => s::ALLOCATION_MOVED,
             EventKind::ReservationMade { .. } => s::RESERVATION_MADE,

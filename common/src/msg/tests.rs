@@ -488,6 +488,15 @@ fn allocator_json_is_pinned() {
             "owner": "team", "priority": 0, "reason": "quota_reduced"
         })
     );
+    let changed = EventKind::QuotaChanged {
+        owner: "team".into(),
+        limits: cpu(4.0),
+    };
+    assert_eq!(changed.subject(), "coord.events.quota.changed");
+    assert_eq!(
+        serde_json::to_value(&changed).unwrap(),
+        json!({"type": "quota_changed", "owner": "team", "limits": {"cpu": 4.0}})
+    );
     // A capacity report without quotas reads as it did before quotas existed.
     let v = serde_json::to_value(CapacityStatus::default()).unwrap();
     assert!(v.get("quotas").is_none(), "{v}");

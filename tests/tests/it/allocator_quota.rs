@@ -166,6 +166,11 @@ async fn lowering_a_quota_reports_then_preempts_lowest_priority_first() {
     let sys = System::start().await;
     let c = &sys.client;
     let mut ev = sys.nats.subscribe(subject::EVENTS_ALL).await.unwrap();
+    let mut changes = sys
+        .nats
+        .subscribe(subject::event::QUOTA_CHANGED)
+        .await
+        .unwrap();
     sys.nats.flush().await.unwrap();
     register(c, "w1", 4.0).await;
     register(c, "w2", 4.0).await;
@@ -226,6 +231,17 @@ async fn lowering_a_quota_reports_then_preempts_lowest_priority_first() {
     assert!(!refused.applied && refused.quota.is_none());
     assert_eq!(refused.no_longer_fit.len(), 2);
     assert_eq!(quota_used(c, "o/t").await, None);
+
+    // The changes in force were announced, in order; the refused ones were not.
+    let mut limits = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(500), changes.next()).await
+    {
+        let e: Event = serde_json::from_slice(&msg.payload).unwrap();
+        if let EventKind::QuotaChanged { owner, limits: l } = e.kind {
+            limits.push((owner, l["cpu"]));
+        }
+    }
+    assert_eq!(limits, [("o".to_string(), 8.0), ("o".to_string(), 4.0)]);
 }
 
 #[tokio::test]
