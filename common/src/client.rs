@@ -164,6 +164,10 @@ impl Client {
         self.request(subject::FLOW_EXPLAIN, req).await
     }
 
+    pub async fn optimize_flow(&self, req: &FlowOptimizeRequest) -> Result<FlowPlan, Error> {
+        self.request(subject::FLOW_OPTIMIZE, req).await
+    }
+
     pub async fn list_flows(&self, req: &FlowListRequest) -> Result<FlowList, Error> {
         self.request(subject::FLOW_LIST, req).await
     }

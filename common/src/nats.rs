@@ -28,6 +28,8 @@ pub const CONSUMER_ORCHESTRATOR_ALLOCATOR_EVENTS: &str = "orchestrator-allocator
 
 /// Flows and their tasks' states, one entry per flow.
 pub const KV_FLOWS: &str = "coord_flows";
+/// Holders of each concurrency key's slots, one entry per key.
+pub const KV_CONCURRENCY: &str = "coord_concurrency";
 /// Agents with their capacity and live allocations, one entry per agent.
 pub const KV_AGENTS: &str = "coord_agents";
 /// Last heartbeat per agent, kept apart so heartbeats never contend with allocations.
@@ -136,6 +138,7 @@ impl Stream {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bucket {
     Flows,
+    Concurrency,
     Agents,
     Heartbeats,
     State,
@@ -148,6 +151,7 @@ impl Bucket {
     pub fn config(self, replicas: usize) -> kv::Config {
         let (bucket, history) = match self {
             Bucket::Flows => (KV_FLOWS, 1),
+            Bucket::Concurrency => (KV_CONCURRENCY, 1),
             // History lets a checker replay every revision of an agent's ledger.
             Bucket::Agents => (KV_AGENTS, 64),
             Bucket::Heartbeats => (KV_HEARTBEATS, 1),

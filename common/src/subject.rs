@@ -25,6 +25,9 @@ pub const FLOW_CANCEL: &str = "coord.orchestrator.flow.cancel";
 pub const FLOW_MODIFY: &str = "coord.orchestrator.flow.modify";
 pub const FLOW_RERUN: &str = "coord.orchestrator.flow.rerun";
 pub const FLOW_EXPLAIN: &str = "coord.orchestrator.flow.explain";
+/// A plan for the remaining tasks (critical path, makespan, placement,
+/// bottleneck), applied as new priorities on request.
+pub const FLOW_OPTIMIZE: &str = "coord.orchestrator.flow.optimize";
 
 /// A flow's status summary after every change (core publish, orchestrator → watchers).
 pub fn flow_watch(flow: &crate::id::FlowId) -> String {

@@ -7,5 +7,6 @@
 
 pub mod machine;
 pub mod service;
+mod slots;
 
 pub use service::{run, Config};

@@ -24,8 +24,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv};
 use common::msg::{
     AgentReport, AllocateRequest, Allocation, Assignment, CapacityRequest, EventKind,
-    ExplainRequest, Explanation, FlowChanges, FlowList, FlowListRequest, FlowRef, FlowSpec,
-    FlowStatus, ReleaseRequest, RerunRequest,
+    ExplainRequest, Explanation, FlowChanges, FlowList, FlowListRequest, FlowOptimizeRequest,
+    FlowPlan, FlowRef, FlowSpec, FlowStatus, ReleaseRequest, RerunRequest,
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Step, Stream};
 use common::service::Service;
@@ -37,6 +37,7 @@ use tracing::Instrument;
 use common::msg::TaskState;
 
 use crate::machine::{self, Effect, Flow, Rejection};
+use crate::slots::Slots;
 
 /// Orchestrator settings.
 #[derive(clap::Args, Debug, Clone)]
@@ -95,7 +96,8 @@ enum Cmd {
     /// Record a placement the allocator granted.
     Assign {
         task: TaskId,
-        allocation: Allocation,
+        allocation: Box<Allocation>,
+        slot: SlotHeld,
     },
     /// The allocator did not place the task (it stays ready).
     Unplaced {
@@ -132,7 +134,11 @@ struct Orchestrator {
     finished: Mutex<HashSet<FlowId>>,
     /// Bounds allocation requests in flight (see [`MAX_PLACING`]).
     placing: Semaphore,
+    slots: Slots,
 }
+
+/// A concurrency slot taken for a placement: the key and its holder.
+type SlotHeld = Option<(String, String)>;
 
 /// Runs the orchestrator until `shutdown` resolves, then drains the connection.
 pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
@@ -142,6 +148,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         bus::ensure_stream(&js, s, cfg.nats.js_replicas).await?;
     }
     let flows = bus::ensure_bucket(&js, Bucket::Flows, cfg.nats.js_replicas).await?;
+    let slots = bus::ensure_bucket(&js, Bucket::Concurrency, cfg.nats.js_replicas).await?;
     let orch = Arc::new(Orchestrator {
         client: common::Client::new(nats.clone()).with_timeout(cfg.nats.request_timeout()),
         nats: nats.clone(),
@@ -151,6 +158,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         actors: Mutex::default(),
         finished: Mutex::default(),
         placing: Semaphore::new(MAX_PLACING),
+        slots: Slots::new(slots),
     });
 
     let mut service = Service::start(
@@ -222,6 +230,13 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         .serve(subject::FLOW_EXPLAIN, move |r: ExplainRequest| {
             let o = o.clone();
             async move { o.explain(r).await }
+        })
+        .await?;
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_OPTIMIZE, move |r: FlowOptimizeRequest| {
+            let o = o.clone();
+            async move { o.optimize(r).await }
         })
         .await?;
 
@@ -468,6 +483,23 @@ impl Orchestrator {
             let Some(t) = flow.tasks.get(&id) else {
                 continue;
             };
+            if let Some(c) = &t.spec.concurrency {
+                if let Ok(holders) = self.slots.holders(&c.key).await {
+                    if holders.len() >= c.limit as usize {
+                        let names: Vec<&str> = holders.keys().take(5).map(String::as_str).collect();
+                        let reason = format!(
+                            "concurrency key {} is at its limit: {} of {} slots held (by {})",
+                            c.key,
+                            holders.len(),
+                            c.limit,
+                            names.join(", ")
+                        );
+                        if let Some(x) = tasks.iter_mut().find(|x| x.task_id == id) {
+                            x.reasons.push(reason);
+                        }
+                    }
+                }
+            }
             let check = CapacityRequest {
                 requirements: Some(t.spec.requirements.clone()),
                 ..Default::default()
@@ -495,6 +527,116 @@ impl Orchestrator {
             state: flow.state,
             tasks,
         })
+    }
+
+    /// A plan for the remaining tasks; with `apply`, its priorities are set
+    /// through `modify` against the revision planned from (re-planned if the
+    /// flow moved on meanwhile).
+    async fn optimize(self: &Arc<Self>, req: FlowOptimizeRequest) -> Result<FlowPlan, Error> {
+        const TRIES: usize = 5;
+        for _ in 0..TRIES {
+            let (flow, revision) = self.load(&req.flow_id).await?;
+            let input = self.plan_input(&flow).await?;
+            let now = common::now_ms();
+            let mut plan = flow.plan(revision, &input, now);
+            if !req.apply {
+                return Ok(plan);
+            }
+            if flow.state.is_terminal() {
+                return Err(Error::new(
+                    ErrorCode::Conflict,
+                    format!("flow {} has finished: nothing to apply", flow.id),
+                ));
+            }
+            if plan.priority_changes.is_empty() {
+                plan.applied = true;
+                plan.status = Some(flow.status(revision, now));
+                return Ok(plan);
+            }
+            let changes = FlowChanges {
+                flow_id: flow.id.clone(),
+                expected_revision: revision,
+                add: Vec::new(),
+                add_dependencies: Vec::new(),
+                remove: Vec::new(),
+                priorities: plan
+                    .priority_changes
+                    .iter()
+                    .map(|c| (c.task_id.clone(), c.to))
+                    .collect(),
+                inputs: Default::default(),
+            };
+            match self
+                .control(flow.id.clone(), Control::Modify(Box::new(changes)))
+                .await
+            {
+                Ok(status) => {
+                    plan.applied = true;
+                    plan.status = Some(status);
+                    return Ok(plan);
+                }
+                // The flow moved on (or a task started): plan again.
+                Err(e) if matches!(e.code, ErrorCode::Conflict | ErrorCode::ValidationFailed) => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::new(
+            ErrorCode::Conflict,
+            format!(
+                "flow {} kept changing while the plan was applied ({TRIES} tries); try again",
+                req.flow_id
+            ),
+        ))
+    }
+
+    /// What the agents offer `flow` now: per agent, free capacity plus what the
+    /// flow itself holds there; per task not started, the agents that could run it.
+    async fn plan_input(&self, flow: &Flow) -> Result<machine::PlanInput, Error> {
+        let pool = self.client.capacity(&CapacityRequest::default()).await?;
+        let mut input = machine::PlanInput::default();
+        for (agent, resources) in &pool.agents {
+            if pool.agent_status.get(agent) != Some(&common::msg::AgentStatus::Active) {
+                continue;
+            }
+            let mut offer: std::collections::BTreeMap<String, f64> = resources
+                .iter()
+                .map(|(r, c)| (r.clone(), c.free.max(0.0)))
+                .collect();
+            for t in flow
+                .tasks
+                .values()
+                .filter(|t| t.state.is_active() && t.agent.as_ref() == Some(agent))
+            {
+                for (r, amount) in &t.spec.requirements.resources {
+                    *offer.entry(r.clone()).or_default() += amount;
+                }
+            }
+            input.capacity.insert(agent.clone(), offer);
+        }
+        let mut known: Vec<(&common::msg::Requirements, Vec<AgentId>)> = Vec::new();
+        for t in flow
+            .tasks
+            .values()
+            .filter(|t| matches!(t.state, TaskState::Blocked | TaskState::Ready))
+        {
+            let req = &t.spec.requirements;
+            let agents = match known.iter().find(|(r, _)| *r == req) {
+                Some((_, agents)) => agents.clone(),
+                None => {
+                    let check = CapacityRequest {
+                        requirements: Some(req.clone()),
+                        ..Default::default()
+                    };
+                    let agents = self.client.capacity(&check).await?.eligible;
+                    known.push((req, agents.clone()));
+                    agents
+                }
+            };
+            input.eligible.insert(t.spec.id.clone(), agents);
+        }
+        Ok(input)
     }
 
     async fn control(self: &Arc<Self>, flow: FlowId, op: Control) -> Result<FlowStatus, Error> {
@@ -685,7 +827,12 @@ impl Orchestrator {
                     let _ = msg.ack().await;
                     self.reject(&report, rejection.to_string()).await;
                 }
-                (Cmd::Assign { task, allocation }, Ok((attempt, e))) => {
+                (
+                    Cmd::Assign {
+                        task, allocation, ..
+                    },
+                    Ok((attempt, e)),
+                ) => {
                     placing.remove(&task);
                     effects.extend(e);
                     self.send_assignment(
@@ -697,10 +844,18 @@ impl Orchestrator {
                         now,
                     );
                 }
-                (Cmd::Assign { task, allocation }, Err(rejection)) => {
+                (
+                    Cmd::Assign {
+                        task,
+                        allocation,
+                        slot,
+                    },
+                    Err(rejection),
+                ) => {
                     placing.remove(&task);
                     tracing::debug!(flow = %flow.id, %task, %rejection, "placement not used");
                     self.release(allocation.agent_id, allocation.allocation_id);
+                    self.free_slot(slot);
                 }
                 (Cmd::Unplaced { task }, _) => {
                     placing.remove(&task);
@@ -743,8 +898,11 @@ impl Orchestrator {
                     let _ = msg.ack().await;
                     self.reject(&report, format!("no flow {flow_id}")).await;
                 }
-                Cmd::Assign { allocation, .. } => {
-                    self.release(allocation.agent_id, allocation.allocation_id)
+                Cmd::Assign {
+                    allocation, slot, ..
+                } => {
+                    self.release(allocation.agent_id, allocation.allocation_id);
+                    self.free_slot(slot);
                 }
                 Cmd::Control { reply, .. } => {
                     let _ = reply.send(Err(Error::not_found(format!("no flow {flow_id}"))));
@@ -764,8 +922,11 @@ impl Orchestrator {
                         .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(500))))
                         .await;
                 }
-                Cmd::Assign { allocation, .. } => {
-                    self.release(allocation.agent_id, allocation.allocation_id)
+                Cmd::Assign {
+                    allocation, slot, ..
+                } => {
+                    self.release(allocation.agent_id, allocation.allocation_id);
+                    self.free_slot(slot);
                 }
                 Cmd::Control { reply, .. } => {
                     let _ = reply.send(Err(err.clone()));
@@ -795,6 +956,7 @@ impl Orchestrator {
                 // Dispatch is decided from the stored state after every step.
                 Effect::Dispatch(_) => {}
                 Effect::Release { agent, allocation } => self.release(agent, allocation),
+                Effect::FreeSlot { key, holder } => self.free_slot(Some((key, holder))),
                 Effect::Cancel { agent, notice } => {
                     if let Ok(body) = serde_json::to_vec(&notice) {
                         let headers = telemetry::headers();
@@ -818,17 +980,39 @@ impl Orchestrator {
             Some(max) => (max as usize).saturating_sub(flow.active() + placing.len()),
             None => usize::MAX,
         };
-        let due: Vec<TaskId> = flow
-            .dispatchable(now)
-            .into_iter()
-            .filter(|t| !placing.contains(t))
-            .take(budget)
-            .collect();
+        // Per concurrency key: slots this flow is taking already.
+        let mut taking: HashMap<&str, usize> = HashMap::new();
+        for t in placing.iter().filter_map(|t| flow.tasks.get(t)) {
+            if let Some(c) = &t.spec.concurrency {
+                *taking.entry(c.key.as_str()).or_default() += 1;
+            }
+        }
+        let mut due = Vec::new();
+        for id in flow.dispatchable(now) {
+            if due.len() >= budget {
+                break;
+            }
+            let Some(t) = flow.tasks.get(&id).filter(|_| !placing.contains(&id)) else {
+                continue;
+            };
+            if let Some(c) = &t.spec.concurrency {
+                let n = taking.entry(c.key.as_str()).or_default();
+                if *n >= c.limit as usize || self.slots.known_full(&c.key, now) {
+                    continue;
+                }
+                *n += 1;
+            }
+            due.push(id);
+        }
         for task in due {
             let Some(t) = flow.tasks.get(&task) else {
                 continue;
             };
             placing.insert(task.clone());
+            let slot = t.spec.concurrency.clone().map(|c| {
+                let holder = machine::slot_holder(&flow.id, &task, t.attempt + 1);
+                (c, holder)
+            });
             let request = AllocateRequest {
                 owner: format!("{}/{}", flow.id, task),
                 requirements: t.spec.requirements.clone(),
@@ -838,9 +1022,32 @@ impl Orchestrator {
             let (o, flow_id) = (self.clone(), flow.id.clone());
             tokio::spawn(
                 async move {
+                    if let Some((limit, holder)) = &slot {
+                        let now = common::now_ms();
+                        match o.slots.acquire(limit, holder, &flow_id, now).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                o.send(&flow_id, Cmd::Unplaced { task });
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(key = %limit.key, error = %e, "concurrency slot not taken");
+                                o.send(&flow_id, Cmd::Unplaced { task });
+                                return;
+                            }
+                        }
+                    }
+                    let slot = slot.map(|(limit, holder)| (limit.key, holder));
                     let cmd = match o.place(&request).await {
-                        Some(allocation) => Cmd::Assign { task, allocation },
-                        None => Cmd::Unplaced { task },
+                        Some(allocation) => Cmd::Assign {
+                            task,
+                            allocation: Box::new(allocation),
+                            slot,
+                        },
+                        None => {
+                            o.free_slot(slot);
+                            Cmd::Unplaced { task }
+                        }
                     };
                     o.send(&flow_id, cmd);
                 }
@@ -970,6 +1177,23 @@ impl Orchestrator {
         ack.await
             .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
         Ok(())
+    }
+
+    /// Gives a concurrency slot back, then wakes this replica's flows that
+    /// found its key full.
+    fn free_slot(self: &Arc<Self>, slot: SlotHeld) {
+        let Some((key, holder)) = slot else {
+            return;
+        };
+        let o = self.clone();
+        tokio::spawn(
+            async move {
+                for flow in o.slots.free(&key, &holder).await {
+                    o.send(&flow, Cmd::Tick);
+                }
+            }
+            .in_current_span(),
+        );
     }
 
     fn release(self: &Arc<Self>, agent: AgentId, allocation: AllocationId) {
@@ -1136,8 +1360,24 @@ impl Orchestrator {
     async fn sweep(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_reconcile = 0;
         loop {
             tick.tick().await;
+            let now = common::now_ms();
+            if now.saturating_sub(last_reconcile) >= crate::slots::GRACE_MS / 3 {
+                last_reconcile = now;
+                let load = |id: FlowId| {
+                    let flows = self.flows.clone();
+                    async move {
+                        Ok(bus::get_json::<Flow>(&flows, id.as_str())
+                            .await?
+                            .map(|(f, _)| f))
+                    }
+                };
+                if let Err(e) = self.slots.reconcile(now, load).await {
+                    tracing::warn!(error = %e, "concurrency slots not reconciled");
+                }
+            }
             let Ok(ids) = self.flow_ids().await else {
                 continue;
             };
@@ -1195,9 +1435,9 @@ fn step(
 ) -> Result<(u32, Vec<Effect>), Refusal> {
     Ok(match cmd {
         Cmd::Report { report, .. } => (0, flow.report(report, now)?),
-        Cmd::Assign { task, allocation } => {
-            flow.assign(task, &allocation.agent_id, &allocation.allocation_id, now)?
-        }
+        Cmd::Assign {
+            task, allocation, ..
+        } => flow.assign(task, &allocation.agent_id, &allocation.allocation_id, now)?,
         Cmd::Unplaced { .. } => (0, Vec::new()),
         Cmd::Unassign { task, attempt } => (0, flow.unassign(task, *attempt, now)?),
         Cmd::Tick => (0, flow.tick(now)),

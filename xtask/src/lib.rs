@@ -244,6 +244,13 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             "Every reason each unfinished task is where it is.",
             request(ORCHESTRATOR, msg!(ExplainRequest), msg!(Explanation)),
         ),
+        req(
+            "flowOptimize",
+            "FLOW_OPTIMIZE",
+            subject::FLOW_OPTIMIZE,
+            "A plan for the remaining tasks; applied as new priorities on request.",
+            request(ORCHESTRATOR, msg!(FlowOptimizeRequest), msg!(FlowPlan)),
+        ),
         // Allocator.
         req(
             "agentRegister",

@@ -219,6 +219,22 @@ impl AgentRecord {
             .sum()
     }
 
+    /// Whether `req` could go here once this agent is idle: it takes
+    /// placements, qualifies (anti-affinity aside: that changes as work ends)
+    /// and has enough of every resource in all.
+    pub fn could_take(&self, req: &Requirements) -> bool {
+        let timeless = Requirements {
+            anti_affinity: None,
+            ..req.clone()
+        };
+        self.accepts_placements()
+            && self.qualifies(&timeless).is_ok()
+            && req
+                .resources
+                .iter()
+                .all(|(r, need)| self.capacity.get(r).copied().unwrap_or(0.0) + EPS >= *need)
+    }
+
     /// Capabilities, labels and anti-affinity: the checks that do not depend on amounts.
     fn qualifies(&self, req: &Requirements) -> Result<(), Unfit> {
         if let Some(c) = req

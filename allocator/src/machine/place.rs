@@ -322,6 +322,12 @@ pub fn capacity_status<'a>(
             .into_iter()
             .map(|c| c.agent.agent_id.clone())
             .collect();
+        status.eligible = agents
+            .clone()
+            .into_iter()
+            .filter(|a| a.could_take(req))
+            .map(|a| a.agent_id.clone())
+            .collect();
         status.fits = Some(!status.candidates.is_empty());
         if status.candidates.is_empty() {
             status.no_fit = Some(*no_fit(agents, |a| a.fit(req, owner, now_ms).err()));

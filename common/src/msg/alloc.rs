@@ -242,6 +242,10 @@ pub struct CapacityStatus {
     /// Agents the requirements fit on now, best first.
     #[serde(default)]
     pub candidates: Vec<AgentId>,
+    /// Agents the requirements could go to once those agents are idle: they take
+    /// placements, have the capabilities and labels, and enough capacity in all.
+    #[serde(default)]
+    pub eligible: Vec<AgentId>,
     /// When they do not fit: what is short, and on which best candidate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_fit: Option<NoFit>,

@@ -168,6 +168,23 @@ pub struct TaskSpec {
     /// Expected run time, for critical-path ordering and ETAs before any run is observed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_duration_ms: Option<u64>,
+    /// At most `limit` tasks holding `key` run at once, across every flow: for
+    /// rate-limited tools and APIs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<ConcurrencyLimit>,
+}
+
+/// A named limit shared by every flow: a task takes one of the key's `limit`
+/// slots when it is dispatched and gives it back when its attempt ends. Each
+/// task's own `limit` applies when it is dispatched, so tasks sharing a key
+/// should declare the same limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyLimit {
+    /// Letters, digits, `_` and `-`, at most 64 characters.
+    pub key: String,
+    /// At least 1.
+    pub limit: u32,
 }
 
 impl TaskSpec {
@@ -183,6 +200,7 @@ impl TaskSpec {
             timeouts: Timeouts::default(),
             retry: RetryPolicy::default(),
             estimated_duration_ms: None,
+            concurrency: None,
         }
     }
 }
@@ -379,7 +397,7 @@ pub struct ValidationProblem {
     /// Stable: `empty_flow`, `too_many_tasks`, `duplicate_task`, `unknown_dependency`,
     /// `self_dependency`, `cycle`, `invalid_requirement`, `invalid_retry`, `invalid_timeout`,
     /// `infeasible_requirements` (a warning unless the spec sets `require_feasible`),
-    /// `invalid_parallelism`.
+    /// `invalid_parallelism`, `invalid_concurrency`.
     pub code: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -456,4 +474,96 @@ pub struct TaskExplanation {
     pub task_id: TaskId,
     pub state: TaskState,
     pub reasons: Vec<String>,
+}
+
+/// `coord.orchestrator.flow.optimize`: a plan for the flow's remaining tasks,
+/// applied (as new priorities of the tasks not started) only on request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlowOptimizeRequest {
+    pub flow_id: FlowId,
+    /// Re-prioritise the tasks that have not started as the plan proposes.
+    #[serde(default)]
+    pub apply: bool,
+}
+
+/// Reply to `flow.optimize`: how the remaining work is expected to run on the
+/// agents registered now, and the order that would finish it soonest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FlowPlan {
+    pub flow_id: FlowId,
+    /// The flow revision the plan was made from.
+    pub revision: u64,
+    /// The longest chain of remaining work, first task first.
+    pub critical_path: Vec<TaskId>,
+    /// Its length in estimated milliseconds (observed means where known).
+    pub critical_path_ms: u64,
+    /// Expected time to finish with the current priorities, simulated over the
+    /// capacity the agents have for this flow now.
+    pub makespan_ms: u64,
+    /// Expected time to finish with the proposed priorities.
+    pub optimized_makespan_ms: u64,
+    /// No order can finish sooner: the longer of the critical path, the busiest
+    /// resource's work over its capacity and the work over `max_parallelism`.
+    pub lower_bound_ms: u64,
+    /// What limits the makespan most.
+    pub bottleneck: FlowBottleneck,
+    /// Demand and capacity per resource the remaining tasks need.
+    #[serde(default)]
+    pub resources: BTreeMap<String, ResourceLoad>,
+    /// Where and when each remaining task would run under the proposed order
+    /// (times relative to the plan), by the allocator's default policy (best fit).
+    pub placements: Vec<PlannedTask>,
+    /// Tasks no registered agent could run, and tasks waiting on them.
+    #[serde(default)]
+    pub unplaceable: Vec<TaskExplanation>,
+    /// Priority changes the plan proposes; empty when the current order is as good.
+    pub priority_changes: Vec<PriorityChange>,
+    /// Whether the changes were applied.
+    pub applied: bool,
+    /// The flow after applying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<FlowStatus>,
+}
+
+/// What limits a flow's makespan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FlowBottleneck {
+    /// `critical_path`, `resource`, `parallelism` or `none` (nothing left to run).
+    pub kind: String,
+    /// For `resource`: which one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    /// The makespan this limit alone imposes, in ms.
+    pub bound_ms: u64,
+    pub message: String,
+}
+
+/// One resource's load from the remaining tasks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ResourceLoad {
+    /// Sum over the remaining tasks of amount × estimated ms.
+    pub demand: f64,
+    /// What the agents have for this flow now, summed.
+    pub capacity: f64,
+    /// `demand / capacity`: the makespan this resource alone imposes, in ms.
+    pub bound_ms: u64,
+}
+
+/// Where and when the plan runs one task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PlannedTask {
+    pub task_id: TaskId,
+    pub agent_id: AgentId,
+    /// Start and end, in ms after the plan was made.
+    pub start_ms: u64,
+    pub end_ms: u64,
+}
+
+/// A new priority for a task that has not started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PriorityChange {
+    pub task_id: TaskId,
+    pub from: i32,
+    pub to: i32,
 }

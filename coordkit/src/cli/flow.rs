@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use common::msg::{
-    ExplainRequest, FlowChanges, FlowListRequest, FlowSpec, FlowState, FlowStatus, RerunRequest,
+    ExplainRequest, FlowChanges, FlowListRequest, FlowOptimizeRequest, FlowPlan, FlowSpec,
+    FlowState, FlowStatus, RerunRequest,
 };
 use common::{Error, ErrorCode, FlowId};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -60,6 +61,15 @@ pub(crate) enum FlowCmd {
         flow_id: String,
         #[arg(long)]
         task: Option<String>,
+    },
+    /// A plan for the remaining tasks: critical path, expected makespan now and
+    /// with critical-path priorities, where each task would run, the bottleneck.
+    #[command(alias = "optimize")]
+    Optimise {
+        flow_id: String,
+        /// Set the proposed priorities on the tasks that have not started.
+        #[arg(long)]
+        apply: bool,
     },
 }
 
@@ -201,8 +211,71 @@ pub(crate) async fn run(ctx: &Ctx, cmd: FlowCmd) -> anyhow::Result<()> {
                 table(&["task", "state", "why"], rows)
             });
         }
+        FlowCmd::Optimise { flow_id, apply } => {
+            let req = FlowOptimizeRequest {
+                flow_id: id(&flow_id)?,
+                apply,
+            };
+            let plan = c.optimize_flow(&req).await?;
+            ctx.emit(&plan, plan_text);
+        }
     }
     Ok(())
+}
+
+fn plan_text(p: &FlowPlan) -> String {
+    let path: Vec<&str> = p.critical_path.iter().map(|t| t.as_str()).collect();
+    let mut out = format!(
+        "flow {} (revision {})\ncritical path: {} ({} ms)\nmakespan: {} ms now, {} ms with the proposed priorities (no order beats {} ms)\nbottleneck: {}\n",
+        p.flow_id,
+        p.revision,
+        if path.is_empty() { "-".to_owned() } else { path.join(" → ") },
+        p.critical_path_ms,
+        p.makespan_ms,
+        p.optimized_makespan_ms,
+        p.lower_bound_ms,
+        p.bottleneck.message,
+    );
+    if p.priority_changes.is_empty() {
+        out.push_str("priorities: the current order is as good as the plan can do\n");
+    } else {
+        let rows = p
+            .priority_changes
+            .iter()
+            .map(|c| vec![c.task_id.to_string(), c.from.to_string(), c.to.to_string()])
+            .collect();
+        out.push_str(&table(&["task", "priority", "proposed"], rows));
+        out.push('\n');
+        out.push_str(if p.applied {
+            "applied\n"
+        } else {
+            "not applied (use --apply)\n"
+        });
+    }
+    if !p.placements.is_empty() {
+        let rows = p
+            .placements
+            .iter()
+            .map(|t| {
+                vec![
+                    t.task_id.to_string(),
+                    t.agent_id.to_string(),
+                    t.start_ms.to_string(),
+                    t.end_ms.to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["task", "agent", "start ms", "end ms"], rows));
+        out.push('\n');
+    }
+    for u in &p.unplaceable {
+        out.push_str(&format!(
+            "cannot run: {}: {}\n",
+            u.task_id,
+            u.reasons.join("; ")
+        ));
+    }
+    out
 }
 
 /// A flow spec from YAML or JSON; YAML is a superset of JSON, so one parser reads

@@ -153,6 +153,18 @@ async fn modify_explain_and_rerun_a_flow() {
     assert!(a.reasons.iter().any(|r| r.contains("no agent")), "{why:?}");
     let text = coordctl(&url, &["flow", "explain", &id, "--task", "b"]).await;
     assert!(String::from_utf8_lossy(&text.stdout).contains("waiting on dependency a"));
+    // The plan says the same: nothing can run a, so b waits on it.
+    let plan: common::msg::FlowPlan = coordctl_json(&url, &["flow", "optimise", &id]).await;
+    let stuck: Vec<&str> = plan
+        .unplaceable
+        .iter()
+        .map(|u| u.task_id.as_str())
+        .collect();
+    assert_eq!(stuck, ["a", "b"], "{plan:?}");
+    let text = coordctl(&url, &["flow", "optimize", &id, "--apply"]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("critical path: a → b"), "{text}");
+    assert!(text.contains("cannot run: a"), "{text}");
 
     // Remove b, add c after a: the revision is read for us.
     let changes = write(&dir, "changes.yaml", "remove: [b]\nadd:\n  - {id: c, kind: echo, depends_on: [a], requirements: {resources: {cpu: 1}, capabilities: [cli]}}\n");
@@ -523,7 +535,7 @@ async fn every_command_has_help() {
     }
     for sub in [
         "submit", "status", "watch", "list", "pause", "resume", "cancel", "modify", "rerun",
-        "explain",
+        "explain", "optimise",
     ] {
         let out = coordctl("nats://127.0.0.1:1", &["flow", sub, "--help"]).await;
         assert!(out.status.success(), "flow {sub} --help");

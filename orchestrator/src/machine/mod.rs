@@ -23,6 +23,7 @@
 
 mod change;
 mod explain;
+mod plan;
 mod status;
 mod validate;
 
@@ -37,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use change::Problems;
+pub use plan::PlanInput;
 pub use validate::{validate, MAX_TASKS};
 
 /// How long an assigned task may wait for its agent's `started` report when the
@@ -137,6 +139,11 @@ pub enum Effect {
         agent: AgentId,
         allocation: AllocationId,
     },
+    /// Give back the concurrency slot an attempt held.
+    FreeSlot {
+        key: String,
+        holder: String,
+    },
     /// Tell an agent to stop working on an attempt.
     Cancel {
         agent: AgentId,
@@ -169,6 +176,25 @@ pub enum Rejection {
     UnknownReport,
     #[error("flow is {0:?}, cannot {1}")]
     WrongFlowState(FlowState, &'static str),
+}
+
+/// Who holds a concurrency slot: one attempt of one task (ids hold no `.`).
+pub fn slot_holder(flow: &FlowId, task: &TaskId, attempt: u32) -> String {
+    format!("{flow}.{task}.{attempt}")
+}
+
+/// The attempt a slot holder names, if it is one.
+pub fn parse_slot_holder(holder: &str) -> Option<(FlowId, TaskId, u32)> {
+    let mut parts = holder.split('.');
+    let (flow, task, attempt) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((
+        FlowId::new(flow).ok()?,
+        TaskId::new(task).ok()?,
+        attempt.parse().ok()?,
+    ))
 }
 
 impl Flow {
@@ -373,6 +399,12 @@ impl Flow {
         let mut effects = Vec::new();
         if let (Some(agent), Some(allocation)) = (t.agent.take(), t.allocation.take()) {
             effects.push(Effect::Release { agent, allocation });
+        }
+        if let Some(c) = &t.spec.concurrency {
+            effects.push(Effect::FreeSlot {
+                key: c.key.clone(),
+                holder: slot_holder(&self.id, task, attempt),
+            });
         }
         t.deadline_ms = None;
         self.transition(
@@ -656,6 +688,12 @@ impl Flow {
         };
         if let (Some(agent), Some(allocation)) = (t.agent.clone(), t.allocation.take()) {
             effects.push(Effect::Release { agent, allocation });
+        }
+        if let Some(c) = &t.spec.concurrency {
+            effects.push(Effect::FreeSlot {
+                key: c.key.clone(),
+                holder: slot_holder(&self.id, id, t.attempt),
+            });
         }
         t.history.push(AttemptRecord {
             attempt: t.attempt,

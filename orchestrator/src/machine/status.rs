@@ -7,7 +7,7 @@ use common::msg::{FlowState, FlowStatus, FlowSummary, TaskState, TaskStatus};
 use common::TaskId;
 use petgraph::graphmap::DiGraphMap;
 
-use super::{Flow, Task, DEFAULT_ESTIMATE_MS};
+use super::{Flow, DEFAULT_ESTIMATE_MS};
 
 impl Flow {
     /// The status reply for this flow at `revision`, as of `now_ms`.
@@ -103,52 +103,86 @@ impl Flow {
             .collect()
     }
 
-    /// Longest chain of unfinished work: each task counts its estimate (or the
-    /// observed mean of its kind), minus what a running task has already done.
-    pub fn critical_path_remaining_ms(&self, now_ms: u64) -> u64 {
+    /// Work left per unfinished task: its estimate (or the observed mean of its
+    /// kind), minus what a running task has already done.
+    pub(super) fn remaining_ms(&self, now_ms: u64) -> HashMap<&TaskId, u64> {
         let observed = self.observed_ms();
-        let left = |t: &Task| -> u64 {
-            let full = t
-                .spec
-                .estimated_duration_ms
-                .or_else(|| observed.get(t.spec.kind.as_str()).copied())
-                .unwrap_or(DEFAULT_ESTIMATE_MS);
-            match (t.state, t.started_ms) {
-                (TaskState::Running, Some(s)) => full.saturating_sub(now_ms.saturating_sub(s)),
-                _ => full,
-            }
-        };
-        let open: HashMap<&str, &Task> = self
-            .tasks
+        self.tasks
             .values()
             .filter(|t| !t.state.is_terminal())
-            .map(|t| (t.spec.id.as_str(), t))
-            .collect();
+            .map(|t| {
+                let full = t
+                    .spec
+                    .estimated_duration_ms
+                    .or_else(|| observed.get(t.spec.kind.as_str()).copied())
+                    .unwrap_or(DEFAULT_ESTIMATE_MS);
+                let left = match (t.state, t.started_ms) {
+                    (TaskState::Running, Some(s)) => full.saturating_sub(now_ms.saturating_sub(s)),
+                    _ => full,
+                };
+                (&t.spec.id, left)
+            })
+            .collect()
+    }
+
+    /// Upward rank of every unfinished task over the work left (its own plus
+    /// the longest chain below it), and the longest chain itself.
+    pub(super) fn remaining_ranks(&self, now_ms: u64) -> (HashMap<&TaskId, u64>, Vec<TaskId>) {
+        let left = self.remaining_ms(now_ms);
+        let by_name: HashMap<&str, &TaskId> = left.keys().map(|id| (id.as_str(), *id)).collect();
         let mut graph = DiGraphMap::<&str, ()>::new();
-        for (id, t) in &open {
-            graph.add_node(id);
-            for d in t
-                .dependents
-                .iter()
-                .filter(|d| open.contains_key(d.as_str()))
-            {
-                graph.add_edge(id, d.as_str(), ());
+        for id in left.keys() {
+            graph.add_node(id.as_str());
+        }
+        for id in left.keys() {
+            if let Some(t) = self.tasks.get(*id) {
+                for d in t.dependents.iter().filter(|d| left.contains_key(d)) {
+                    graph.add_edge(id.as_str(), d.as_str(), ());
+                }
             }
         }
         let Ok(order) = petgraph::algo::toposort(&graph, None) else {
-            return 0;
+            return (HashMap::new(), Vec::new());
         };
-        let mut memo: HashMap<&str, u64> = HashMap::new();
+        // Rank and the next task on the longest chain below.
+        let mut memo: HashMap<&str, (u64, Option<&str>)> = HashMap::new();
         for id in order.into_iter().rev() {
             let below = graph
                 .neighbors(id)
-                .filter_map(|d| memo.get(d))
-                .max()
+                .filter_map(|d| memo.get(d).map(|(r, _)| (*r, d)))
+                .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(a.1)));
+            let own = by_name
+                .get(id)
+                .and_then(|t| left.get(*t))
                 .copied()
                 .unwrap_or(0);
-            let own = open.get(id).map(|t| left(t)).unwrap_or(0);
-            memo.insert(id, own + below);
+            memo.insert(id, (own + below.map_or(0, |b| b.0), below.map(|b| b.1)));
         }
-        memo.values().max().copied().unwrap_or(0)
+        let mut path = Vec::new();
+        let mut at = memo
+            .iter()
+            .max_by(|a, b| a.1 .0.cmp(&b.1 .0).then(b.0.cmp(a.0)))
+            .map(|(id, _)| *id);
+        while let Some(id) = at {
+            if let Some(t) = by_name.get(id) {
+                path.push((*t).clone());
+            }
+            at = memo.get(id).and_then(|(_, next)| *next);
+        }
+        let ranks = left
+            .keys()
+            .map(|id| (*id, memo.get(id.as_str()).map_or(0, |(r, _)| *r)))
+            .collect();
+        (ranks, path)
+    }
+
+    /// Longest chain of unfinished work, in estimated milliseconds.
+    pub fn critical_path_remaining_ms(&self, now_ms: u64) -> u64 {
+        self.remaining_ranks(now_ms)
+            .0
+            .values()
+            .max()
+            .copied()
+            .unwrap_or(0)
     }
 }

@@ -784,3 +784,24 @@ fn explain_gives_every_reason() {
     assert_eq!(tasks[0].reasons, ["the flow is paused"]);
     assert!(placement.is_empty());
 }
+
+#[test]
+fn an_attempt_with_a_concurrency_key_gives_its_slot_back_when_it_ends() {
+    let mut a = task("a", &[]);
+    a.concurrency = Some(common::msg::ConcurrencyLimit {
+        key: "api".into(),
+        limit: 1,
+    });
+    let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), spec(vec![a]), 0);
+    let e = run(&mut flow, "a");
+    assert!(e.contains(&Effect::FreeSlot {
+        key: "api".into(),
+        holder: "f.a.1".into()
+    }));
+    assert_eq!(
+        parse_slot_holder("f.a.1"),
+        Some((FlowId::new("f").unwrap(), tid("a"), 1))
+    );
+    assert_eq!(parse_slot_holder("f.a"), None);
+    assert_eq!(parse_slot_holder("f.a.1.2"), None);
+}

@@ -49,6 +49,18 @@ pub fn validate(spec: &FlowSpec) -> Result<(), Vec<ValidationProblem>> {
                 Some(&t.id),
             ));
         }
+        if let Some(c) = &t.concurrency {
+            if c.limit == 0 || common::id::validate(&c.key).is_err() {
+                problems.push(problem(
+                    "invalid_concurrency",
+                    format!(
+                        "task {}: a concurrency key is 1 to 64 letters, digits, _ or - and its limit at least 1",
+                        t.id
+                    ),
+                    Some(&t.id),
+                ));
+            }
+        }
         let r = &t.retry;
         if r.max_attempts == 0 || r.max_attempts > 100 {
             problems.push(problem(

@@ -907,3 +907,236 @@ async fn requirements_no_agent_can_meet_are_reported_at_creation() {
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
 }
+
+/// Registers an agent by hand that never takes its assignments: what it is
+/// given stays assigned, and its capacity stays booked.
+async fn register_idle_agent(client: &Client, id: &str, capacity: &[(&str, f64)]) {
+    client
+        .register_agent(&RegisterAgent {
+            agent_id: AgentId::new(id).unwrap(),
+            capabilities: Vec::new(),
+            labels: BTreeMap::new(),
+            capacity: capacity.iter().map(|(r, v)| (r.to_string(), *v)).collect(),
+            heartbeat_interval_ms: 60_000,
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn optimize_plans_the_remaining_work_and_applies_critical_path_priorities() {
+    let sys = System::start().await;
+    // A gate task holds every other task back; its agent never starts it, so
+    // the plan sees the same flow from one call to the next.
+    register_idle_agent(&sys.client, "gatekeeper", &[("gate", 1.0)]).await;
+    register_idle_agent(&sys.client, "worker", &[("cpu", 2.0)]).await;
+    let mut gate = TaskSpec::new(tid("gate"));
+    gate.requirements.resources.insert("gate".into(), 1.0);
+    gate.estimated_duration_ms = Some(1);
+    let mut tasks = vec![gate];
+    for (id, deps, priority) in [
+        ("s1", vec!["gate"], 5),
+        ("s2", vec!["gate"], 5),
+        ("s3", vec!["gate"], 5),
+        ("c1", vec!["gate"], 0),
+        ("c2", vec!["c1"], 0),
+        ("c3", vec!["c2"], 0),
+    ] {
+        let mut t = cpu_task(id, &deps);
+        t.priority = priority;
+        t.estimated_duration_ms = Some(100);
+        tasks.push(t);
+    }
+    let mut unrunnable = cpu_task("gpu", &["gate"]);
+    unrunnable.requirements.capabilities.push("cuda".into());
+    unrunnable.estimated_duration_ms = Some(100);
+    tasks.push(unrunnable);
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new("plan", tasks))
+        .await
+        .unwrap();
+    let flow = created.flow_id.clone();
+    eventually(Duration::from_secs(10), "gate assigned", || async {
+        let s = sys.client.flow_status(&flow).await.ok()?;
+        s.tasks
+            .iter()
+            .any(|t| t.task_id == tid("gate") && t.state == TaskState::Assigned)
+            .then_some(())
+    })
+    .await;
+
+    let ask = |apply| common::msg::FlowOptimizeRequest {
+        flow_id: flow.clone(),
+        apply,
+    };
+    let plan = sys.client.optimize_flow(&ask(false)).await.unwrap();
+    assert!(!plan.applied && plan.status.is_none());
+    let path: Vec<&str> = plan.critical_path.iter().map(|t| t.as_str()).collect();
+    assert_eq!(path, ["gate", "c1", "c2", "c3"]);
+    assert_eq!(plan.critical_path_ms, 301);
+    assert_eq!(plan.makespan_ms, 401, "{plan:?}");
+    assert_eq!(plan.optimized_makespan_ms, 301, "{plan:?}");
+    assert_eq!(plan.bottleneck.kind, "critical_path");
+    assert!(plan
+        .placements
+        .iter()
+        .all(|p| p.agent_id.as_str() == "worker"));
+    let stuck: Vec<&str> = plan
+        .unplaceable
+        .iter()
+        .map(|u| u.task_id.as_str())
+        .collect();
+    assert_eq!(stuck, ["gpu"]);
+    // Planning alone changes nothing.
+    let spec = sys.client.flow_get(&flow).await.unwrap();
+    assert!(spec
+        .tasks
+        .iter()
+        .any(|t| t.id == tid("s1") && t.priority == 5));
+
+    let applied = sys.client.optimize_flow(&ask(true)).await.unwrap();
+    assert!(applied.applied);
+    assert!(applied.status.is_some());
+    let spec = sys.client.flow_get(&flow).await.unwrap();
+    let priority = |id: &str| {
+        spec.tasks
+            .iter()
+            .find(|t| t.id == tid(id))
+            .unwrap()
+            .priority
+    };
+    assert!(priority("c1") > priority("s1"), "{spec:?}");
+    assert!(priority("c2") > priority("s1"), "{spec:?}");
+    // Now the order is the plan's: nothing more to change.
+    let again = sys.client.optimize_flow(&ask(false)).await.unwrap();
+    assert!(again.priority_changes.is_empty(), "{again:?}");
+    assert_eq!(again.makespan_ms, 301);
+
+    let missing = sys
+        .client
+        .optimize_flow(&common::msg::FlowOptimizeRequest {
+            flow_id: FlowId::new("no-such-flow").unwrap(),
+            apply: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code, common::ErrorCode::NotFound);
+}
+
+fn limited(id: &str, key: &str, limit: u32) -> TaskSpec {
+    let mut t = cpu_task(id, &[]);
+    t.concurrency = Some(common::msg::ConcurrencyLimit {
+        key: key.into(),
+        limit,
+    });
+    t
+}
+
+#[tokio::test]
+async fn a_concurrency_key_caps_running_tasks_across_flows() {
+    let sys = System::start().await;
+    let running = Arc::new(AtomicU32::new(0));
+    let peak = Arc::new(AtomicU32::new(0));
+    let (r, p) = (running.clone(), peak.clone());
+    let (stop, agent) = spawn_agent(&sys.nats, "wide", 8.0, move |_| {
+        let (r, p) = (r.clone(), p.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok(json!(null))
+        }
+    });
+    wait_registered(&sys.client, "wide").await;
+    let mut flows = Vec::new();
+    for f in 0..2 {
+        let tasks = (0..4)
+            .map(|i| limited(&format!("t{i}"), "api", 2))
+            .collect();
+        let created = sys
+            .client
+            .create_flow(&FlowSpec::new(format!("limited-{f}"), tasks))
+            .await
+            .unwrap();
+        flows.push(created.flow_id);
+    }
+    // While the key is full, explain says so for the tasks left waiting.
+    let why = eventually(
+        Duration::from_secs(10),
+        "a task waiting on the key",
+        || async {
+            for f in &flows {
+                let why = sys
+                    .client
+                    .explain_flow(&common::msg::ExplainRequest {
+                        flow_id: f.clone(),
+                        task_id: None,
+                    })
+                    .await
+                    .ok()?;
+                let text: Vec<String> = why.tasks.iter().flat_map(|t| t.reasons.clone()).collect();
+                if let Some(r) = text.iter().find(|r| r.contains("concurrency key api")) {
+                    return Some(r.clone());
+                }
+            }
+            None
+        },
+    )
+    .await;
+    assert!(why.contains("2 of 2 slots held"), "{why}");
+    for f in &flows {
+        let done = wait_finished(&sys.client, f, Duration::from_secs(60)).await;
+        assert_eq!(done.state, FlowState::Succeeded);
+    }
+    assert_eq!(peak.load(Ordering::SeqCst), 2, "two at a time, never more");
+    // Every slot was given back.
+    let kv = jetstream::new(sys.nats.clone())
+        .get_key_value(common::nats::KV_CONCURRENCY)
+        .await
+        .unwrap();
+    let entry = kv.get("api").await.unwrap().unwrap();
+    let slots: serde_json::Value = serde_json::from_slice(&entry).unwrap();
+    assert_eq!(slots["holders"], json!({}), "{slots}");
+
+    // A bad key or a zero limit is refused at creation.
+    let bad = sys
+        .client
+        .create_flow(&FlowSpec::new(
+            "bad",
+            vec![limited("x", "no.dots", 1), limited("y", "ok", 0)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code, common::ErrorCode::ValidationFailed);
+    let problems = bad.details["problems"].as_array().unwrap().len();
+    assert_eq!(problems, 2);
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_slot_left_behind_by_a_dead_replica_is_freed_by_the_sweep() {
+    let sys = System::start().await;
+    // A holder from long ago whose attempt does not exist: what a replica that
+    // died between taking a slot and placing the task leaves behind.
+    let kv = jetstream::new(sys.nats.clone())
+        .get_key_value(common::nats::KV_CONCURRENCY)
+        .await
+        .unwrap();
+    kv.put("solo", r#"{"holders":{"gone.t.1":0}}"#.into())
+        .await
+        .unwrap();
+    let (stop, agent) = spawn_agent(&sys.nats, "one", 1.0, |_| async { Ok(json!(null)) });
+    wait_registered(&sys.client, "one").await;
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new("solo", vec![limited("only", "solo", 1)]))
+        .await
+        .unwrap();
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(40)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
