@@ -136,7 +136,11 @@ struct Orchestrator {
 
 /// Runs the orchestrator until `shutdown` resolves, then drains the connection.
 pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
-    let nats = bus::connect(&cfg.nats, NAME).await?;
+    // NATS may not be up yet: wait for it, unless asked to stop first.
+    tokio::pin!(shutdown);
+    let Some(nats) = bus::connect_until(&cfg.nats, NAME, shutdown.as_mut()).await? else {
+        return Ok(());
+    };
     let js = jetstream::new(nats.clone());
     for s in [Stream::Assign, Stream::Reports, Stream::Events] {
         bus::ensure_stream(&js, s, cfg.nats.js_replicas).await?;

@@ -92,7 +92,11 @@ macro_rules! serve {
 
 /// Runs the allocator until `shutdown` resolves, then drains the connection.
 pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
-    let nats = bus::connect(&cfg.nats, NAME).await?;
+    // NATS may not be up yet: wait for it, unless asked to stop first.
+    tokio::pin!(shutdown);
+    let Some(nats) = bus::connect_until(&cfg.nats, NAME, shutdown.as_mut()).await? else {
+        return Ok(());
+    };
     let js = jetstream::new(nats.clone());
     bus::ensure_stream(&js, Stream::Events, cfg.nats.js_replicas).await?;
     let agents = bus::ensure_bucket(&js, Bucket::Agents, cfg.nats.js_replicas).await?;

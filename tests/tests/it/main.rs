@@ -10,5 +10,6 @@ mod flow;
 mod monitor;
 mod orchestrator;
 mod services;
+mod startup;
 mod state;
 mod sync;
