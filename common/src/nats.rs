@@ -164,6 +164,46 @@ pub async fn connect_within(
     Ok(client)
 }
 
+/// When a connection was last seen down, kept current by a background task
+/// that polls the client's state.
+///
+/// A process that decides on silence (no heartbeat for a while) must not count
+/// the time it could hear nothing: while it was disconnected, messages were
+/// not lost by their senders but never reached it. Clones share one watcher,
+/// which ends when the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Outages {
+    last_down_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Outages {
+    /// How often the watcher looks at the connection: an outage shorter than
+    /// this may go unseen, and one that short hides no heartbeat interval.
+    pub const POLL: Duration = Duration::from_millis(50);
+
+    /// Starts watching `client` (needs a Tokio runtime).
+    pub fn watch(client: &async_nats::Client) -> Outages {
+        let last_down_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (client, down) = (client.clone(), std::sync::Arc::downgrade(&last_down_ms));
+        tokio::spawn(async move {
+            loop {
+                let Some(down) = down.upgrade() else { return };
+                if client.connection_state() != async_nats::connection::State::Connected {
+                    down.store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+                }
+                drop(down);
+                tokio::time::sleep(Self::POLL).await;
+            }
+        });
+        Outages { last_down_ms }
+    }
+
+    /// The last moment (ms since the epoch) the connection was seen down, 0 if never.
+    pub fn last_down_ms(&self) -> u64 {
+        self.last_down_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// The streams coordkit owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
