@@ -9,6 +9,7 @@ mod errors;
 mod flow;
 mod monitor;
 mod orchestrator;
+mod reconnect;
 mod services;
 mod startup;
 mod state;
