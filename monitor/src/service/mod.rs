@@ -142,6 +142,11 @@ impl Shared {
         if limit == 0 {
             return Err(Error::bad_request("limit must be at least 1"));
         }
+        // `unknown` stands for kinds newer than this build in events; as a
+        // filter someone typed it is a typo that would silently match nothing.
+        if req.kind == Some(common::msg::AnomalyKind::Unknown) {
+            return Err(Error::bad_request("unknown anomaly kind"));
+        }
         self.with(|m| AnomalyList {
             anomalies: m
                 .anomalies()

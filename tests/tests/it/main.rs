@@ -5,6 +5,7 @@
 
 mod allocator;
 mod compose;
+mod corpus;
 mod errors;
 mod flow;
 mod monitor;
