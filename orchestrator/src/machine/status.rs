@@ -53,7 +53,7 @@ impl Flow {
             attempts: self.tasks.values().map(|t| t.attempt).sum(),
             failures: self.tasks.values().map(|t| t.failures).sum(),
             critical_path_remaining_ms: critical,
-            eta_ms: (self.state == FlowState::Running).then_some(now_ms + critical),
+            eta_ms: (self.state == FlowState::Running).then_some(now_ms.saturating_add(critical)),
             warnings: self.warnings.clone(),
         }
     }
@@ -94,7 +94,7 @@ impl Flow {
                 .and_then(|h| h.started_ms.map(|s| h.ended_ms.saturating_sub(s)))
             {
                 let e = sums.entry(t.spec.kind.as_str()).or_insert((0, 0));
-                e.0 += run;
+                e.0 = e.0.saturating_add(run);
                 e.1 += 1;
             }
         }
@@ -105,6 +105,7 @@ impl Flow {
 
     /// Longest chain of unfinished work: each task counts its estimate (or the
     /// observed mean of its kind), minus what a running task has already done.
+    /// Sums saturate: an estimate is whatever the spec says, up to `u64::MAX`.
     pub fn critical_path_remaining_ms(&self, now_ms: u64) -> u64 {
         let observed = self.observed_ms();
         let left = |t: &Task| -> u64 {
@@ -147,7 +148,7 @@ impl Flow {
                 .copied()
                 .unwrap_or(0);
             let own = open.get(id).map(|t| left(t)).unwrap_or(0);
-            memo.insert(id, own + below);
+            memo.insert(id, own.saturating_add(below));
         }
         memo.values().max().copied().unwrap_or(0)
     }
