@@ -130,9 +130,35 @@ fn field_names() -> Vec<String> {
 
 /// Strings that mean something somewhere: ids good and bad, enum values, pointers.
 const WORDS: &[&str] = &[
-    "a", "b", "t1", "w-1", "a.b", "*", ">", "a b", "ü", "", "cpu", "mem", "gpu", "running",
-    "paused", "reject", "merge", "lww", "best_fit", "spread", "/x", "/a/0", "~", "completed",
-    "failed", "started", "progress", "fail_fast", "continue",
+    "a",
+    "b",
+    "t1",
+    "w-1",
+    "a.b",
+    "*",
+    ">",
+    "a b",
+    "ü",
+    "",
+    "cpu",
+    "mem",
+    "gpu",
+    "running",
+    "paused",
+    "reject",
+    "merge",
+    "lww",
+    "best_fit",
+    "spread",
+    "/x",
+    "/a/0",
+    "~",
+    "completed",
+    "failed",
+    "started",
+    "progress",
+    "fail_fast",
+    "continue",
 ];
 
 fn number() -> impl Strategy<Value = Value> {
@@ -140,8 +166,15 @@ fn number() -> impl Strategy<Value = Value> {
         any::<i64>().prop_map(Value::from),
         any::<u64>().prop_map(Value::from),
         any::<f64>().prop_map(|f| json!(f)),
-        prop::sample::select(vec![0.0, -1.0, 1e308, -1e308, f64::MIN_POSITIVE, 4294967296.0])
-            .prop_map(|f| json!(f)),
+        prop::sample::select(vec![
+            0.0,
+            -1.0,
+            1e308,
+            -1e308,
+            f64::MIN_POSITIVE,
+            4294967296.0
+        ])
+        .prop_map(|f| json!(f)),
     ]
 }
 
@@ -172,8 +205,11 @@ fn bodies() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         any::<Vec<u8>>(),
         json.clone(),
-        (json, prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)).prop_map(
-            |(mut body, edits)| {
+        (
+            json,
+            prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)
+        )
+            .prop_map(|(mut body, edits)| {
                 for (at, byte) in edits {
                     if !body.is_empty() {
                         let i = at.index(body.len());
@@ -181,8 +217,7 @@ fn bodies() -> impl Strategy<Value = Vec<u8>> {
                     }
                 }
                 body
-            }
-        ),
+            }),
     ]
 }
 
@@ -198,23 +233,36 @@ fn amount() -> impl Strategy<Value = f64> {
 }
 
 fn resources() -> impl Strategy<Value = BTreeMap<String, f64>> {
-    prop::collection::btree_map(prop::sample::select(vec!["cpu".to_owned(), "mem".to_owned(), "".to_owned()]), amount(), 0..3)
+    prop::collection::btree_map(
+        prop::sample::select(vec!["cpu".to_owned(), "mem".to_owned(), "".to_owned()]),
+        amount(),
+        0..3,
+    )
 }
 
 fn requirements() -> impl Strategy<Value = Requirements> {
     (
         resources(),
-        prop::collection::vec(prop::sample::select(vec!["gpu".to_owned(), "x".to_owned()]), 0..2),
+        prop::collection::vec(
+            prop::sample::select(vec!["gpu".to_owned(), "x".to_owned()]),
+            0..2,
+        ),
         any::<bool>(),
         prop::option::of(prop::sample::select(vec!["g".to_owned()])),
     )
-        .prop_map(|(resources, capabilities, spread, anti_affinity)| Requirements {
-            resources,
-            capabilities,
-            policy: if spread { Policy::Spread } else { Policy::BestFit },
-            anti_affinity,
-            ..Default::default()
-        })
+        .prop_map(
+            |(resources, capabilities, spread, anti_affinity)| Requirements {
+                resources,
+                capabilities,
+                policy: if spread {
+                    Policy::Spread
+                } else {
+                    Policy::BestFit
+                },
+                anti_affinity,
+                ..Default::default()
+            },
+        )
 }
 
 fn task_id(i: usize) -> TaskId {
@@ -232,23 +280,28 @@ fn flow_specs() -> impl Strategy<Value = FlowSpec> {
             3 => (1u32..6, 0u64..2_000, 1.0..4.0f64, 0u64..60_000),
             1 => (any::<u32>(), any::<u64>(), amount(), any::<u64>()),
         ],
-        (prop::option::of(any::<u64>()), prop::option::of(any::<u64>())),
+        (
+            prop::option::of(any::<u64>()),
+            prop::option::of(any::<u64>()),
+        ),
         prop::option::of(any::<u64>()),
     )
-        .prop_map(|(id, deps, requirements, priority, retry, timeouts, estimate)| {
-            let mut t = TaskSpec::new(task_id(id));
-            t.depends_on = deps.into_iter().map(task_id).collect();
-            t.requirements = requirements;
-            t.priority = priority;
-            t.retry.max_attempts = retry.0;
-            t.retry.backoff_base_ms = retry.1;
-            t.retry.backoff_factor = retry.2;
-            t.retry.backoff_max_ms = retry.3;
-            t.timeouts.schedule_to_start_ms = timeouts.0;
-            t.timeouts.start_to_close_ms = timeouts.1;
-            t.estimated_duration_ms = estimate;
-            t
-        });
+        .prop_map(
+            |(id, deps, requirements, priority, retry, timeouts, estimate)| {
+                let mut t = TaskSpec::new(task_id(id));
+                t.depends_on = deps.into_iter().map(task_id).collect();
+                t.requirements = requirements;
+                t.priority = priority;
+                t.retry.max_attempts = retry.0;
+                t.retry.backoff_base_ms = retry.1;
+                t.retry.backoff_factor = retry.2;
+                t.retry.backoff_max_ms = retry.3;
+                t.timeouts.schedule_to_start_ms = timeouts.0;
+                t.timeouts.start_to_close_ms = timeouts.1;
+                t.estimated_duration_ms = estimate;
+                t
+            },
+        );
     (
         prop::collection::vec((task, prop::bool::weighted(0.1)), 0..9),
         prop::option::of(any::<u32>()),
@@ -264,7 +317,8 @@ fn flow_specs() -> impl Strategy<Value = FlowSpec> {
                 .map(|(i, (mut t, wild))| {
                     if !wild {
                         t.id = task_id(i);
-                        t.depends_on.retain(|d| d.as_str()[1..].parse::<usize>().is_ok_and(|n| n < i));
+                        t.depends_on
+                            .retain(|d| d.as_str()[1..].parse::<usize>().is_ok_and(|n| n < i));
                     }
                     t
                 })
@@ -303,7 +357,9 @@ fn drive(spec: FlowSpec, outcomes: &[bool], jumps: &[u64]) {
             };
             let _ = flow.report(&report, now);
             report.kind = if outcomes[round as usize % outcomes.len()] {
-                ReportKind::Completed { output: json!(round) }
+                ReportKind::Completed {
+                    output: json!(round),
+                }
             } else {
                 ReportKind::Failed {
                     error: "boom".into(),
@@ -325,7 +381,10 @@ fn agents() -> impl Strategy<Value = Vec<AgentRecord>> {
     prop::collection::vec(
         (
             resources(),
-            prop::collection::vec(prop::sample::select(vec!["gpu".to_owned(), "x".to_owned()]), 0..2),
+            prop::collection::vec(
+                prop::sample::select(vec!["gpu".to_owned(), "x".to_owned()]),
+                0..2,
+            ),
             any::<u64>(),
             any::<bool>(),
         ),
@@ -335,23 +394,25 @@ fn agents() -> impl Strategy<Value = Vec<AgentRecord>> {
         specs
             .into_iter()
             .enumerate()
-            .map(|(i, (capacity, capabilities, heartbeat_interval_ms, lost))| {
-                let mut rec = AgentRecord::register(
-                    &RegisterAgent {
-                        agent_id: AgentId::new(format!("a{i}")).unwrap(),
-                        capabilities,
-                        labels: BTreeMap::new(),
-                        capacity,
-                        heartbeat_interval_ms,
-                    },
-                    None,
-                    0,
-                );
-                if lost {
-                    rec.mark_lost();
-                }
-                rec
-            })
+            .map(
+                |(i, (capacity, capabilities, heartbeat_interval_ms, lost))| {
+                    let mut rec = AgentRecord::register(
+                        &RegisterAgent {
+                            agent_id: AgentId::new(format!("a{i}")).unwrap(),
+                            capabilities,
+                            labels: BTreeMap::new(),
+                            capacity,
+                            heartbeat_interval_ms,
+                        },
+                        None,
+                        0,
+                    );
+                    if lost {
+                        rec.mark_lost();
+                    }
+                    rec
+                },
+            )
             .collect()
     })
 }

@@ -891,7 +891,11 @@ fn running_deadline(t: &Task, now_ms: u64) -> Option<u64> {
         .timeouts
         .start_to_close_ms
         .map(|d| t.started_ms.unwrap_or(now_ms).saturating_add(d));
-    let beat = t.spec.timeouts.heartbeat_ms.map(|d| now_ms.saturating_add(d));
+    let beat = t
+        .spec
+        .timeouts
+        .heartbeat_ms
+        .map(|d| now_ms.saturating_add(d));
     match (close, beat) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

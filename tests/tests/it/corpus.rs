@@ -395,7 +395,7 @@ fn derived(schema: &Value, base: &Map<String, Value>) -> Vec<Case> {
                 ("array", json!([1, 2])),
                 ("object", json!({"k": "v"})),
             ] {
-                if !accepted.contains(kind) && !(kind == "number" && accepted.contains("integer")) {
+                if !accepted.contains(kind) {
                     out.push(case(
                         format!("{field} as {kind}"),
                         with(field, wrong),
