@@ -4,7 +4,8 @@
 //! finishes with every task run and accepted exactly once; and every watch,
 //! durable consumer and subscription the services hold is back: the
 //! allocator's agent and heartbeat watches, the orchestrator's report and
-//! allocator-event consumers, the monitor's counters.
+//! allocator-event consumers, the synchronizer's acknowledgements and the
+//! agent's sync notices, the monitor's counters.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -12,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
 use common::msg::{
-    AgentStatus, Event, EventKind, FlowSpec, FlowState, RegisterAgent, RetryPolicy, TaskState,
+    AgentStatus, Event, EventKind, FlowSpec, FlowState, RegisterAgent, RetryPolicy, StatePut,
+    SyncPointInitiate, SyncPointState, SyncPointWait, TaskState,
 };
 use common::{subject, AgentId, FlowId};
-use coordkit::agent::{self, AgentOptions};
+use coordkit::agent::{self, AgentOptions, SyncFollower};
 use futures::StreamExt;
 use serde_json::json;
 use testkit::{eventually, System};
@@ -85,6 +87,22 @@ async fn after_a_nats_restart_agents_flows_watches_and_consumers_carry_on() {
         }
     });
     wait_registered(&sys.client, "steady").await;
+    // It keeps state and follows sync points, on its own connection.
+    let follower = SyncFollower::subscribe(agent_nats.clone(), AgentId::new("steady").unwrap())
+        .await
+        .unwrap();
+    let (stop_follower, follower_stopped) = oneshot::channel::<()>();
+    let following = tokio::spawn(follower.run(|_| async { true }, async {
+        let _ = follower_stopped.await;
+    }));
+    let put = |expected_revision: u64, n: u64| StatePut {
+        agent_id: AgentId::new("steady").unwrap(),
+        expected_revision,
+        doc: json!({"n": n}),
+        scope: Default::default(),
+        clock: None,
+    };
+    let first = sys.client.state_put(&put(0, 1)).await.unwrap();
 
     // A flow long enough to be running when the server goes away.
     let across = sys.client.create_flow(&random_dag(60, 3)).await.unwrap();
@@ -273,6 +291,29 @@ async fn after_a_nats_restart_agents_flows_watches_and_consumers_carry_on() {
         Some("alive")
     );
 
+    // The synchronizer's acknowledgement subscription and the agent's notice
+    // subscription: a sync point taken after the outage completes.
+    let second = sys.client.state_put(&put(first.revision, 2)).await.unwrap();
+    let point = sys
+        .client
+        .syncpoint_initiate(&SyncPointInitiate {
+            scope: Default::default(),
+            agents: vec![AgentId::new("steady").unwrap()],
+            label: "after the outage".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(point.cut[&AgentId::new("steady").unwrap()], second.revision);
+    let completed = sys
+        .client
+        .syncpoint_complete(&SyncPointWait {
+            sync_point_id: point.id.clone(),
+            timeout_ms: 5_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(completed.state, SyncPointState::Completed);
+
     // The monitor's subscription counted what happened after the outage.
     let metrics = eventually(Duration::from_secs(10), "the monitor counts", || async {
         let m = sys.client.metrics().await.ok()?;
@@ -320,6 +361,8 @@ async fn after_a_nats_restart_agents_flows_watches_and_consumers_carry_on() {
         .collect();
     assert!(failed.is_empty(), "attempts failed: {failed:?}");
 
+    let _ = stop_follower.send(());
+    following.await.unwrap();
     let _ = stop_alive.send(());
     alive.await.unwrap().unwrap();
     let _ = stop_steady.send(());
