@@ -166,8 +166,17 @@ where
             tracing::info!(agent = %me, why, "registering again");
             // Until it answers: while NATS or the allocator is still coming back.
             let mut pause = Duration::from_millis(100);
-            while let Err(e) = again.register_agent(&registration).await {
-                tracing::warn!(agent = %me, error = %e, "registering again failed, retrying");
+            loop {
+                match again.register_agent(&registration).await {
+                    Ok(_) => break,
+                    Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                        tracing::debug!(agent = %me, error = %e, "registering again, allocator not answering yet");
+                    }
+                    Err(e) => {
+                        tracing::warn!(agent = %me, error = %e, "registering again failed");
+                        break;
+                    }
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
@@ -192,11 +201,12 @@ where
                 notice.task_id.clone(),
                 notice.attempt,
             );
-            let handle = cancel_map
-                .lock()
-                .ok()
-                .and_then(|mut m| m.remove(&key))
-                .flatten();
+            // Only a running handler is taken out: a claim whose handler has
+            // not started yet keeps fending off a second delivery.
+            let handle = cancel_map.lock().ok().and_then(|mut m| match m.get(&key) {
+                Some(Some(_)) => m.remove(&key).flatten(),
+                _ => None,
+            });
             if let Some(h) = handle {
                 tracing::info!(flow = %notice.flow_id, task = %notice.task_id, attempt = notice.attempt, reason = %notice.reason, "attempt cancelled");
                 h.abort();
