@@ -44,9 +44,15 @@ pub const KV_SYNC_SCOPES: &str = "coord_sync_scopes";
 /// agents' acknowledgements (`ack.{notice}.{agent}`, one key each so acks never contend).
 pub const KV_SYNC_POINTS: &str = "coord_sync_points";
 
-/// Connects with retry on the first attempt and unlimited reconnects afterwards,
-/// so a service may start before NATS does.
-pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, Error> {
+/// Longest pause between two reconnect attempts. async-nats backs off up to
+/// 4 s by default; a shorter cap brings everyone back within a heartbeat
+/// interval of the server's return, at the cost of a few more attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// Opens a connection that retries its first attempt in the background and
+/// reconnects without limit afterwards. It returns at once; nothing is sent
+/// before the server is reached (see [`connect`] and [`connect_until`]).
+async fn open(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, Error> {
     let mut opts = match &cfg.nats_creds {
         Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
             .await
@@ -71,6 +77,10 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client,
     let opts = opts
         .name(name.clone())
         .retry_on_initial_connect()
+        .reconnect_delay_callback(|attempts| {
+            let exp = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+            Duration::from_millis(2_u64.saturating_pow(exp)).min(MAX_RECONNECT_DELAY)
+        })
         .request_timeout(Some(cfg.request_timeout()))
         .event_callback(move |event| {
             let name = name.clone();
@@ -93,6 +103,109 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client,
             format!("cannot connect to nats at {urls}: {e}"),
         )
     })
+}
+
+/// Waits until `client` has reached the server, saying every few seconds
+/// that it is still waiting.
+async fn connected(client: &async_nats::Client, urls: &str) {
+    let started = std::time::Instant::now();
+    let mut said = started;
+    while client.connection_state() != async_nats::connection::State::Connected {
+        if said.elapsed() >= Duration::from_secs(5) {
+            said = std::time::Instant::now();
+            tracing::info!(
+                url = urls,
+                waited_s = started.elapsed().as_secs(),
+                "waiting for nats"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Connects, waiting as long as it takes for the server to come up (a service
+/// may start before NATS does), and reconnects without limit afterwards.
+pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, Error> {
+    let client = open(cfg, name).await?;
+    connected(&client, &cfg.nats_url).await;
+    Ok(client)
+}
+
+/// [`connect`] for a service's start: gives up (with `None`) if `shutdown`
+/// resolves first, so a service waiting for NATS still stops when asked.
+pub async fn connect_until<F: std::future::Future>(
+    cfg: &NatsConfig,
+    name: &str,
+    shutdown: std::pin::Pin<&mut F>,
+) -> Result<Option<async_nats::Client>, Error> {
+    let client = open(cfg, name).await?;
+    tokio::select! {
+        _ = connected(&client, &cfg.nats_url) => Ok(Some(client)),
+        _ = shutdown => Ok(None),
+    }
+}
+
+/// [`connect`] for a command someone waits on: fails with `unavailable` if
+/// the server is not reached within `patience`.
+pub async fn connect_within(
+    cfg: &NatsConfig,
+    name: &str,
+    patience: Duration,
+) -> Result<async_nats::Client, Error> {
+    let client = open(cfg, name).await?;
+    tokio::time::timeout(patience, connected(&client, &cfg.nats_url))
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "cannot connect to nats at {}: no answer within {} ms",
+                    cfg.nats_url,
+                    patience.as_millis()
+                ),
+            )
+        })?;
+    Ok(client)
+}
+
+/// When a connection was last seen down, kept current by a background task
+/// that polls the client's state.
+///
+/// A process that decides on silence (no heartbeat for a while) must not count
+/// the time it could hear nothing: while it was disconnected, messages were
+/// not lost by their senders but never reached it. Clones share one watcher,
+/// which ends when the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Outages {
+    last_down_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Outages {
+    /// How often the watcher looks at the connection: an outage shorter than
+    /// this may go unseen, and one that short hides no heartbeat interval.
+    pub const POLL: Duration = Duration::from_millis(50);
+
+    /// Starts watching `client` (needs a Tokio runtime).
+    pub fn watch(client: &async_nats::Client) -> Outages {
+        let last_down_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (client, down) = (client.clone(), std::sync::Arc::downgrade(&last_down_ms));
+        tokio::spawn(async move {
+            loop {
+                let Some(down) = down.upgrade() else { return };
+                if client.connection_state() != async_nats::connection::State::Connected {
+                    down.store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+                }
+                drop(down);
+                tokio::time::sleep(Self::POLL).await;
+            }
+        });
+        Outages { last_down_ms }
+    }
+
+    /// The last moment (ms since the epoch) the connection was seen down, 0 if never.
+    pub fn last_down_ms(&self) -> u64 {
+        self.last_down_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// The streams coordkit owns.

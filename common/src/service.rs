@@ -171,7 +171,9 @@ pub async fn healthcheck(cfg: &crate::config::NatsConfig, name: &str) -> bool {
     )
 }
 
-fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Error> {
+/// Reads a request the way every endpoint does: the size limit, an empty body
+/// as `{}`, then JSON into `T`; every failure is a typed [`Error`].
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Error> {
     if payload.len() > MAX_REQUEST_BYTES {
         return Err(Error::new(
             ErrorCode::PayloadTooLarge,

@@ -7,8 +7,13 @@
 //! attempts. An assignment is acked only after its final report is stored, so a
 //! crash mid-task means redelivery rather than a lost task. A cancel notice on
 //! `coord.agents.{id}.cancel` aborts the handler of that attempt.
+//!
+//! A NATS outage is ridden out: the client reconnects on its own, the durable
+//! consumer carries on where it was, reports and acks are retried until the
+//! server has them, and the agent registers again after every reconnect (if
+//! it was declared lost meanwhile, the event saying so may have been missed).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,30 +126,66 @@ where
     }
     tracing::info!(agent = %opts.agent_id, "registered");
 
-    // Declared lost (a long pause, a partition)? Register again to get work again.
+    // Declared lost (a long pause, a partition)? Register again to get work
+    // again. The event is a core message, missed if it comes while this
+    // connection is down, so every reconnect registers again as well.
     let mut lost = nats
         .subscribe(subject::event::AGENT_LOST)
         .await
         .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+    let outages = bus::Outages::watch(&nats);
     let (me, again) = (opts.agent_id.clone(), client.clone());
     let reregister = tokio::spawn(async move {
-        while let Some(msg) = lost.next().await {
-            let Ok(event) = serde_json::from_slice::<common::msg::Event>(&msg.payload) else {
-                continue;
-            };
-            if let common::msg::EventKind::AgentLost { agent_id, .. } = event.kind {
-                if agent_id == me {
-                    tracing::warn!(agent = %me, "declared lost by the allocator, registering again");
-                    if let Err(e) = again.register_agent(&registration).await {
-                        tracing::warn!(agent = %me, error = %e, "registering again failed");
+        let mut seen_down = outages.last_down_ms();
+        let mut poll = tokio::time::interval(bus::Outages::POLL * 2);
+        loop {
+            let why = tokio::select! {
+                msg = lost.next() => {
+                    let Some(msg) = msg else { break };
+                    let Ok(event) = serde_json::from_slice::<common::msg::Event>(&msg.payload) else {
+                        continue;
+                    };
+                    match event.kind {
+                        common::msg::EventKind::AgentLost { agent_id, .. } if agent_id == me => {
+                            "declared lost by the allocator"
+                        }
+                        _ => continue,
                     }
                 }
+                _ = poll.tick() => {
+                    let down = outages.last_down_ms();
+                    if down == seen_down
+                        || again.nats().connection_state() != async_nats::connection::State::Connected
+                    {
+                        continue;
+                    }
+                    seen_down = down;
+                    "reconnected to nats"
+                }
+            };
+            tracing::info!(agent = %me, why, "registering again");
+            // Until it answers: while NATS or the allocator is still coming back.
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match again.register_agent(&registration).await {
+                    Ok(_) => break,
+                    Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                        tracing::debug!(agent = %me, error = %e, "registering again, allocator not answering yet");
+                    }
+                    Err(e) => {
+                        tracing::warn!(agent = %me, error = %e, "registering again failed");
+                        break;
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
         }
     });
 
     let running = Arc::new(AtomicU32::new(0));
     let in_flight: InFlight = Arc::default();
+    let finished: Arc<Mutex<Finished>> = Arc::default();
     let mut cancels = nats
         .subscribe(subject::cancel(&opts.agent_id))
         .await
@@ -160,7 +201,12 @@ where
                 notice.task_id.clone(),
                 notice.attempt,
             );
-            let handle = cancel_map.lock().ok().and_then(|mut m| m.remove(&key));
+            // Only a running handler is taken out: a claim whose handler has
+            // not started yet keeps fending off a second delivery.
+            let handle = cancel_map.lock().ok().and_then(|mut m| match m.get(&key) {
+                Some(Some(_)) => m.remove(&key).flatten(),
+                _ => None,
+            });
             if let Some(h) = handle {
                 tracing::info!(flow = %notice.flow_id, task = %notice.task_id, attempt = notice.attempt, reason = %notice.reason, "attempt cancelled");
                 h.abort();
@@ -217,11 +263,11 @@ where
             running.clone(),
             opts.agent_id.clone(),
         );
-        let in_flight = in_flight.clone();
+        let (in_flight, finished) = (in_flight.clone(), finished.clone());
         tokio::spawn(
             async move {
                 running.fetch_add(1, Ordering::Relaxed);
-                work(&js, &me, msg, handler, &in_flight).await;
+                work(&js, &me, msg, handler, &in_flight, &finished).await;
                 running.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             }
@@ -236,8 +282,50 @@ where
     Ok(())
 }
 
-/// Handler tasks by (flow, task, attempt), so a cancel notice can abort one.
-type InFlight = Arc<Mutex<HashMap<(FlowId, TaskId, u32), tokio::task::AbortHandle>>>;
+/// One attempt of one task.
+type AttemptKey = (FlowId, TaskId, u32);
+
+/// Attempts being worked on, with their handler task once it runs (so a
+/// cancel notice can abort it). An attempt is claimed here before anything
+/// else happens, so a second delivery of it meanwhile is left alone.
+type InFlight = Arc<Mutex<HashMap<AttemptKey, Option<tokio::task::AbortHandle>>>>;
+
+/// An attempt's place in [`InFlight`], given up on drop.
+struct Claim<'a>(&'a InFlight, AttemptKey);
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(&self.1);
+        }
+    }
+}
+
+/// How many finished attempts the runtime remembers.
+const REMEMBER_FINISHED: usize = 4096;
+
+/// Attempts this runtime has run and reported, oldest first. The server may
+/// deliver an assignment again after its ack (a consumer's acks reach disk
+/// after the fact, so a server killed just after one forgets it); the attempt
+/// is then acknowledged again instead of run twice.
+#[derive(Default)]
+struct Finished {
+    keys: HashSet<AttemptKey>,
+    order: VecDeque<AttemptKey>,
+}
+
+impl Finished {
+    fn insert(&mut self, key: AttemptKey) {
+        if self.keys.insert(key.clone()) {
+            self.order.push_back(key);
+        }
+        while self.order.len() > REMEMBER_FINISHED {
+            if let Some(old) = self.order.pop_front() {
+                self.keys.remove(&old);
+            }
+        }
+    }
+}
 
 async fn work<H, Fut>(
     js: &jetstream::Context,
@@ -245,6 +333,7 @@ async fn work<H, Fut>(
     msg: jetstream::Message,
     handler: H,
     in_flight: &InFlight,
+    finished: &Mutex<Finished>,
 ) where
     H: Fn(Assignment) -> Fut,
     Fut: Future<Output = Result<Value, TaskFailure>> + Send + 'static,
@@ -262,25 +351,40 @@ async fn work<H, Fut>(
         let _ = msg.ack_with(jetstream::AckKind::Term).await;
         return;
     }
+    let key = (
+        assignment.flow_id.clone(),
+        assignment.task_id.clone(),
+        assignment.attempt,
+    );
+    if finished.lock().is_ok_and(|f| f.keys.contains(&key)) {
+        tracing::debug!(flow = %key.0, task = %key.1, attempt = key.2, "finished attempt delivered again, acknowledged");
+        ack(&msg).await;
+        return;
+    }
+    let claimed = in_flight.lock().is_ok_and(|mut m| {
+        if m.contains_key(&key) {
+            return false;
+        }
+        m.insert(key.clone(), None);
+        true
+    });
+    if !claimed {
+        // Being worked on already: that delivery is acknowledged when it ends.
+        return;
+    }
+    // Released when this function returns, after the attempt is in `finished`.
+    let _claim = Claim(in_flight, key.clone());
     if report(js, &assignment, ReportKind::Started).await.is_err() {
         let _ = msg
             .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
             .await;
         return;
     }
-    let key = (
-        assignment.flow_id.clone(),
-        assignment.task_id.clone(),
-        assignment.attempt,
-    );
     let task = tokio::spawn(handler(assignment.clone()).in_current_span());
     if let Ok(mut m) = in_flight.lock() {
-        m.insert(key.clone(), task.abort_handle());
+        m.insert(key.clone(), Some(task.abort_handle()));
     }
     let result = task.await;
-    if let Ok(mut m) = in_flight.lock() {
-        m.remove(&key);
-    }
     let outcome = match result {
         Ok(Ok(output)) => ReportKind::Completed { output },
         Ok(Err(f)) => ReportKind::Failed {
@@ -299,7 +403,10 @@ async fn work<H, Fut>(
     };
     match report(js, &assignment, outcome).await {
         Ok(()) => {
-            let _ = msg.ack().await;
+            if let Ok(mut f) = finished.lock() {
+                f.insert(key);
+            }
+            ack(&msg).await
         }
         Err(e) => {
             tracing::warn!(error = %e, "final report not stored; the assignment will be redelivered");
@@ -310,8 +417,36 @@ async fn work<H, Fut>(
     }
 }
 
-/// Publishes a report and waits for JetStream to store it, retrying briefly.
-/// The message id makes a retried publish land once.
+/// How long a report or an ack is retried before the runtime gives up on it:
+/// longer than a server restart, shorter than the stream's duplicate window
+/// (two minutes), so a retried report is still recognised as a duplicate.
+pub const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Acknowledges an assignment and waits for the server to confirm it, retrying
+/// through an outage: a lost ack would bring the assignment back after the ack
+/// wait (minutes) and run the task a second time.
+async fn ack(msg: &jetstream::Message) {
+    let deadline = tokio::time::Instant::now() + DELIVERY_DEADLINE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match msg.double_ack().await {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() + pause < deadline => {
+                tracing::debug!(error = %e, "ack not confirmed, retrying");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ack not confirmed; the assignment will come back");
+                return;
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Publishes a report and waits for JetStream to store it, retrying for up to
+/// [`DELIVERY_DEADLINE`] (a NATS restart must not cost a finished task). The
+/// message id makes a retried publish land once.
 pub async fn report(
     js: &jetstream::Context,
     a: &Assignment,
@@ -345,8 +480,9 @@ pub async fn report(
     } else {
         format!("{}.{}.{}.{tag}", a.flow_id, a.task_id, a.attempt)
     };
-    let mut last = None;
-    for attempt in 0..5u64 {
+    let deadline = tokio::time::Instant::now() + DELIVERY_DEADLINE;
+    let mut pause = Duration::from_millis(100);
+    loop {
         let sent = js
             .publish_with_headers(
                 subject::report(&a.agent_id),
@@ -354,19 +490,23 @@ pub async fn report(
                 body.clone().into(),
             )
             .await;
-        match sent {
+        let failure = match sent {
             Ok(ack) => match ack.await {
                 Ok(_) => return Ok(()),
-                Err(e) => last = Some(e.to_string()),
+                Err(e) => e.to_string(),
             },
-            Err(e) => last = Some(e.to_string()),
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() + pause >= deadline {
+            return Err(Error::new(
+                ErrorCode::Unavailable,
+                format!("report not stored: {failure}"),
+            ));
         }
-        tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+        tracing::debug!(error = %failure, "report not stored yet, retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
-    Err(Error::new(
-        ErrorCode::Unavailable,
-        format!("report not stored: {}", last.unwrap_or_default()),
-    ))
 }
 
 async fn heartbeats(

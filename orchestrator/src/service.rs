@@ -142,7 +142,11 @@ type SlotHeld = Option<(String, String)>;
 
 /// Runs the orchestrator until `shutdown` resolves, then drains the connection.
 pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
-    let nats = bus::connect(&cfg.nats, NAME).await?;
+    // NATS may not be up yet: wait for it, unless asked to stop first.
+    tokio::pin!(shutdown);
+    let Some(nats) = bus::connect_until(&cfg.nats, NAME, shutdown.as_mut()).await? else {
+        return Ok(());
+    };
     let js = jetstream::new(nats.clone());
     for s in [Stream::Assign, Stream::Reports, Stream::Events] {
         bus::ensure_stream(&js, s, cfg.nats.js_replicas).await?;
@@ -753,7 +757,7 @@ impl Orchestrator {
                         return true;
                     }
                     Err(e) => {
-                        self.settle_failed(batch, &e).await;
+                        self.settle_failed(flow_id, batch, &e, placing).await;
                         return false;
                     }
                 },
@@ -772,8 +776,8 @@ impl Orchestrator {
                 let body = match serde_json::to_vec(&flow) {
                     Ok(b) => b,
                     Err(e) => {
-                        self.settle_failed(batch, &Error::internal(e.to_string()))
-                            .await;
+                        let err = Error::internal(e.to_string());
+                        self.settle_failed(flow_id, batch, &err, placing).await;
                         return false;
                     }
                 };
@@ -786,7 +790,7 @@ impl Orchestrator {
                     Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                     Err(e) => {
                         let err = Error::new(ErrorCode::Unavailable, format!("kv write: {e}"));
-                        self.settle_failed(batch, &err).await;
+                        self.settle_failed(flow_id, batch, &err, placing).await;
                         return false;
                     }
                 }
@@ -802,7 +806,7 @@ impl Orchestrator {
             return finished;
         }
         let err = Error::new(ErrorCode::Conflict, "too much contention on the flow");
-        self.settle_failed(batch, &err).await;
+        self.settle_failed(flow_id, batch, &err, placing).await;
         false
     }
 
@@ -912,8 +916,15 @@ impl Orchestrator {
         }
     }
 
-    /// Storage failed: reports are redelivered later, placements given back.
-    async fn settle_failed(self: &Arc<Self>, batch: Vec<Cmd>, err: &Error) {
+    /// Storage failed: reports are redelivered later, placements given back
+    /// unless the write landed after all, and the tasks may be placed again.
+    async fn settle_failed(
+        self: &Arc<Self>,
+        flow_id: &FlowId,
+        batch: Vec<Cmd>,
+        err: &Error,
+        placing: &mut HashSet<TaskId>,
+    ) {
         tracing::warn!(error = %err, "flow step not applied");
         for cmd in batch {
             match cmd {
@@ -923,10 +934,15 @@ impl Orchestrator {
                         .await;
                 }
                 Cmd::Assign {
-                    allocation, slot, ..
+                    task,
+                    allocation,
+                    slot,
                 } => {
-                    self.release(allocation.agent_id, allocation.allocation_id);
-                    self.free_slot(slot);
+                    placing.remove(&task);
+                    self.release_unless_held(flow_id.clone(), task, *allocation, slot);
+                }
+                Cmd::Unplaced { task } => {
+                    placing.remove(&task);
                 }
                 Cmd::Control { reply, .. } => {
                     let _ = reply.send(Err(err.clone()));
@@ -1125,8 +1141,11 @@ impl Orchestrator {
         }
     }
 
-    /// Publishes an assignment on the agent's durable subject; if JetStream does
-    /// not take it, the task goes back to ready.
+    /// Publishes an assignment on the agent's durable subject; if JetStream
+    /// refuses it, the task goes back to ready. If JetStream does not answer,
+    /// the assignment may be stored and on its way to the agent, so the task
+    /// stays assigned and [`Orchestrator::redeliver`] publishes it again under
+    /// the same message id: taking it back would run the task twice.
     fn send_assignment(
         self: &Arc<Self>,
         flow: &Flow,
@@ -1153,9 +1172,15 @@ impl Orchestrator {
         let o = self.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = o.publish_assignment(&assignment).await {
-                    tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment not sent");
-                    o.send(&assignment.flow_id, Cmd::Unassign { task: assignment.task_id.clone(), attempt });
+                match o.publish_assignment(&assignment).await {
+                    Ok(()) => {}
+                    Err(e) if e.code == ErrorCode::Timeout => {
+                        tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment unconfirmed, publishing it again later");
+                    }
+                    Err(e) => {
+                        tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment not sent");
+                        o.send(&assignment.flow_id, Cmd::Unassign { task: assignment.task_id.clone(), attempt });
+                    }
                 }
             }
             .in_current_span(),
@@ -1174,8 +1199,15 @@ impl Orchestrator {
             )
             .await
             .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
-        ack.await
-            .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+        ack.await.map_err(|e| {
+            // No answer is not a refusal: the server may have stored it and
+            // gone away before acknowledging (a restart, a lost connection).
+            let code = match e.kind() {
+                jetstream::context::PublishErrorKind::TimedOut => ErrorCode::Timeout,
+                _ => ErrorCode::Unavailable,
+            };
+            Error::new(code, e.to_string())
+        })?;
         Ok(())
     }
 
@@ -1200,6 +1232,50 @@ impl Orchestrator {
         let o = self.clone();
         tokio::spawn(
             async move { o.release_by_id(allocation, Some(agent)).await }.in_current_span(),
+        );
+    }
+
+    /// Releases an allocation a failed step was to record, once the flow can
+    /// be read and does not hold it. A write that timed out may have been
+    /// stored (the server went away before answering): releasing at once
+    /// would leave an assigned task on capacity the allocator thinks is free.
+    fn release_unless_held(
+        self: &Arc<Self>,
+        flow_id: FlowId,
+        task: TaskId,
+        allocation: Allocation,
+        slot: SlotHeld,
+    ) {
+        let o = self.clone();
+        tokio::spawn(
+            async move {
+                let mut pause = Duration::from_millis(200);
+                let held = loop {
+                    match bus::get_json::<Flow>(&o.flows, flow_id.as_str()).await {
+                        Ok(flow) => {
+                            break flow.is_some_and(|(f, _)| {
+                                f.tasks.get(&task).is_some_and(|t| {
+                                    t.allocation.as_ref() == Some(&allocation.allocation_id)
+                                })
+                            })
+                        }
+                        Err(e) if pause < Duration::from_secs(60) => {
+                            tracing::debug!(error = %e, "flow unreadable, checking the allocation later");
+                            tokio::time::sleep(pause).await;
+                            pause *= 2;
+                        }
+                        // Still unknown after a minute: give it back rather
+                        // than hold it for ever.
+                        Err(_) => break false,
+                    }
+                };
+                if !held {
+                    o.free_slot(slot);
+                    o.release_by_id(allocation.allocation_id, Some(allocation.agent_id))
+                        .await;
+                }
+            }
+            .in_current_span(),
         );
     }
 

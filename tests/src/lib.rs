@@ -62,18 +62,35 @@ pub struct NatsServer {
     child: Child,
     url: String,
     dir: tempfile::TempDir,
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
     /// Starts a server and waits until it accepts connections.
     pub fn start() -> NatsServer {
+        Self::start_with_config("")
+    }
+
+    /// [`NatsServer::start`] with extra server configuration (nats-server's
+    /// config file syntax, e.g. `max_payload: 4MB`), kept across restarts.
+    pub fn start_with_config(extra: &str) -> NatsServer {
         let bin = match nats_server_bin() {
             Ok(b) => b,
             Err(hint) => panic!("{hint}"),
         };
         let dir = tempfile::tempdir().expect("temp dir for nats-server");
-        let (child, url) = spawn(&bin, dir.path(), None);
-        NatsServer { child, url, dir }
+        let config = (!extra.is_empty()).then(|| {
+            let path = dir.path().join("nats-server.conf");
+            std::fs::write(&path, extra).expect("nats-server config");
+            path
+        });
+        let (child, url) = spawn(&bin, dir.path(), None, config.as_deref());
+        NatsServer {
+            child,
+            url,
+            dir,
+            config,
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -87,15 +104,26 @@ impl NatsServer {
     /// Stops the server and starts it again on the same port and store, as after
     /// a crash (the process is killed, not asked to stop).
     pub fn restart(&mut self) {
+        self.kill();
+        self.resume();
+    }
+
+    /// Kills the server (as a crash would) and keeps its port and store, so
+    /// [`NatsServer::resume`] brings the same server back: an outage of any length.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the server again on its port and store after [`NatsServer::kill`].
+    pub fn resume(&mut self) {
         let port = self
             .url
             .rsplit(':')
             .next()
             .and_then(|p| p.parse::<u16>().ok());
         let bin = nats_server_bin().expect("nats-server");
-        let (child, url) = spawn(&bin, self.dir.path(), port);
+        let (child, url) = spawn(&bin, self.dir.path(), port, self.config.as_deref());
         self.child = child;
         self.url = url;
     }
@@ -109,14 +137,19 @@ impl NatsServer {
 
 // The child is handed to `NatsServer`, whose `Drop` kills and waits for it.
 #[allow(clippy::zombie_processes)]
-fn spawn(bin: &Path, dir: &Path, port: Option<u16>) -> (Child, String) {
+fn spawn(bin: &Path, dir: &Path, port: Option<u16>, config: Option<&Path>) -> (Child, String) {
     let store = dir.join("store");
     let ports = dir.join("ports");
     let _ = std::fs::remove_dir_all(&ports);
     std::fs::create_dir_all(&ports).expect("ports dir");
     let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
     let log = std::fs::File::create(dir.join("nats-server.log")).expect("log file");
-    let mut child = Command::new(bin)
+    let mut command = Command::new(bin);
+    if let Some(config) = config {
+        // First, so the flags below win over anything the file says.
+        command.arg("-c").arg(config);
+    }
+    let mut child = command
         .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
         .arg(&store)
         .arg("--ports_file_dir")
@@ -174,6 +207,11 @@ impl ServiceHandle {
             stop: Some(tx),
             task: Some(tokio::spawn(run(rx))),
         }
+    }
+
+    /// Whether the service is still running (it has neither stopped nor failed).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// Asks the service to shut down gracefully and waits for it.
@@ -281,7 +319,12 @@ impl System {
     /// A fresh server with all four services, returned once each answers `$SRV.PING`.
     pub async fn start() -> System {
         common::telemetry::init_for_tests();
-        let server = NatsServer::start();
+        Self::start_on(NatsServer::start()).await
+    }
+
+    /// The four services against `server`.
+    pub async fn start_on(server: NatsServer) -> System {
+        common::telemetry::init_for_tests();
         let services = SERVICES
             .iter()
             .map(|n| start_service(n, server.config()))

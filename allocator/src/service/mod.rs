@@ -63,6 +63,8 @@ impl Config {
 const NAME: &str = "allocator";
 /// Queue group for heartbeats, so each is recorded by one replica.
 const HEARTBEAT_QUEUE: &str = "allocator";
+/// Heartbeats being recorded at once per replica; more wait in the subscription.
+const HEARTBEATS_IN_FLIGHT: usize = 256;
 
 pub(crate) struct Allocator {
     agents: kv::Store,
@@ -71,6 +73,9 @@ pub(crate) struct Allocator {
     beats: cache::Cache<cache::Beat>,
     events: EventPublisher,
     gang_deadline_ms: u64,
+    /// When this replica's connection was last down: heartbeats sent then
+    /// never reached it, so that silence is not held against the agents.
+    outages: bus::Outages,
     /// Per-agent booking locks (see `update_agent`).
     locks: std::sync::Mutex<std::collections::HashMap<AgentId, Arc<tokio::sync::Mutex<()>>>>,
     /// Owner quotas and what is counted against them (see `quota`).
@@ -99,7 +104,11 @@ macro_rules! serve {
 
 /// Runs the allocator until `shutdown` resolves, then drains the connection.
 pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
-    let nats = bus::connect(&cfg.nats, NAME).await?;
+    // NATS may not be up yet: wait for it, unless asked to stop first.
+    tokio::pin!(shutdown);
+    let Some(nats) = bus::connect_until(&cfg.nats, NAME, shutdown.as_mut()).await? else {
+        return Ok(());
+    };
     let js = jetstream::new(nats.clone());
     bus::ensure_stream(&js, Stream::Events, cfg.nats.js_replicas).await?;
     let agents = bus::ensure_bucket(&js, Bucket::Agents, cfg.nats.js_replicas).await?;
@@ -112,6 +121,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         beats: cache::Cache::default(),
         events: EventPublisher::new(nats.clone(), NAME),
         gang_deadline_ms: cfg.gang_deadline_ms,
+        outages: bus::Outages::watch(&nats),
         locks: Default::default(),
         quotas,
         quota_cache: Default::default(),
@@ -190,8 +200,19 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         .map_err(|e| unavailable("heartbeat subscription", e))?;
     let a = alloc.clone();
     let heartbeat_task = tokio::spawn(async move {
+        // Recorded side by side: one write stuck on a slow or restarting
+        // server must not hold back every other agent's heartbeat until it
+        // times out, long enough for them all to look lost.
+        let limit = Arc::new(tokio::sync::Semaphore::new(HEARTBEATS_IN_FLIGHT));
         while let Some(msg) = beats.next().await {
-            a.heartbeat(&msg).await;
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
+            let a = a.clone();
+            tokio::spawn(async move {
+                a.heartbeat(&msg).await;
+                drop(permit);
+            });
         }
     });
     let sweep_task = tokio::spawn(alloc.clone().sweep_forever(cfg.sweep_ms));

@@ -28,7 +28,8 @@ impl Allocator {
         let now = common::now_ms();
         for rec in self.records() {
             let beat = self.beats.get(&rec.agent_id).map(|(b, _)| b.at_ms);
-            if rec.lost_at(beat.unwrap_or(0), now).is_some() {
+            let heard = beat.unwrap_or(0).max(self.outages.last_down_ms());
+            if rec.lost_at(heard, now).is_some() {
                 self.lose(&rec).await;
             }
             let mut probe = rec.clone();
@@ -40,14 +41,19 @@ impl Allocator {
     }
 
     /// Marks the agent lost if, on fresh data, it still has missed its heartbeats.
+    /// Time this replica spent disconnected counts as heard from: a NATS outage
+    /// silences every agent at once, and must not make them all lost.
     async fn lose(&self, rec: &AgentRecord) {
         let beat = self.last_beat(&rec.agent_id).await;
+        let heard = beat.max(self.outages.last_down_ms());
         let now = common::now_ms();
         let outcome = self
             .update_agent(&rec.agent_id, |mut rec| {
-                let Some(seen) = rec.lost_at(beat, now) else {
+                if rec.lost_at(heard, now).is_none() {
                     return Ok(Step::Keep(None));
-                };
+                }
+                // The event names the real last sign of life, not the outage.
+                let seen = rec.lost_at(beat, now).unwrap_or(heard);
                 let released = rec.mark_lost();
                 Ok(Step::Write(rec, Some((seen, released))))
             })

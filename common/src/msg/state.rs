@@ -17,9 +17,7 @@ use crate::id::{AgentId, ScopeId, SyncPointId};
 /// within the same millisecond (or while the wall clock lags a peer), and the
 /// node that made it. Readings order by `(physical_ms, logical, node)`, so two
 /// writers can never tie.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, JsonSchema)]
 pub struct Hlc {
     /// Milliseconds since the Unix epoch.
     pub physical_ms: u64,
@@ -28,6 +26,28 @@ pub struct Hlc {
     /// Who made the reading (an agent or a synchronizer instance); breaks ties.
     #[serde(default)]
     pub node: String,
+}
+
+/// Only the object form: serde's derive would also take `[1, 2]` as a clock
+/// (its fields in order), so a malformed put would be stored as if it had one.
+impl<'de> Deserialize<'de> for Hlc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Fields {
+            physical_ms: u64,
+            #[serde(default)]
+            logical: u32,
+            #[serde(default)]
+            node: String,
+        }
+        let map = serde_json::Map::<String, Value>::deserialize(d)?;
+        let f = Fields::deserialize(Value::Object(map)).map_err(serde::de::Error::custom)?;
+        Ok(Hlc {
+            physical_ms: f.physical_ms,
+            logical: f.logical,
+            node: f.node,
+        })
+    }
 }
 
 /// How a put made from a stale revision is resolved.

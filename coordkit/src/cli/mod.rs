@@ -167,7 +167,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if std::env::var_os("RUST_LOG").is_some() {
         std::mem::forget(common::telemetry::init("coordctl"));
     }
-    let nats = common::nats::connect(&cli.nats, "coordctl").await?;
+    let nats =
+        common::nats::connect_within(&cli.nats, "coordctl", cli.nats.request_timeout()).await?;
     let client = Client::new(nats.clone()).with_timeout(cli.nats.request_timeout());
     let ctx = Ctx {
         client: client.clone(),

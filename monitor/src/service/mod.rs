@@ -142,6 +142,11 @@ impl Shared {
         if limit == 0 {
             return Err(Error::bad_request("limit must be at least 1"));
         }
+        // `unknown` stands for kinds newer than this build in events; as a
+        // filter someone typed it is a typo that would silently match nothing.
+        if req.kind == Some(common::msg::AnomalyKind::Unknown) {
+            return Err(Error::bad_request("unknown anomaly kind"));
+        }
         self.with(|m| AnomalyList {
             anomalies: m
                 .anomalies()
@@ -302,7 +307,11 @@ async fn publish(events: &EventPublisher, found: Vec<common::msg::Anomaly>) {
 /// Every replica sees all traffic (a plain subscription, not a queue group), so
 /// each answers for the whole system.
 pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
-    let nats = bus::connect(&cfg.nats, NAME).await?;
+    // NATS may not be up yet: wait for it, unless asked to stop first.
+    tokio::pin!(shutdown);
+    let Some(nats) = bus::connect_until(&cfg.nats, NAME, shutdown.as_mut()).await? else {
+        return Ok(());
+    };
     let listener = tokio::net::TcpListener::bind(&cfg.http_addr)
         .await
         .map_err(|e| {

@@ -362,11 +362,12 @@ impl Flow {
         t.assigned_ms = Some(now_ms);
         t.started_ms = None;
         t.deadline_ms = Some(
-            now_ms
-                + t.spec
+            now_ms.saturating_add(
+                t.spec
                     .timeouts
                     .schedule_to_start_ms
                     .unwrap_or(DEFAULT_SCHEDULE_TO_START_MS),
+            ),
         );
         let attempt = t.attempt;
         let mut effects = Vec::new();
@@ -759,7 +760,7 @@ impl Flow {
             && (kind != FailureKind::Error || retryable);
         if retry {
             let wait = policy.backoff_ms(t.attempt);
-            t.not_before_ms = now_ms + wait;
+            t.not_before_ms = now_ms.saturating_add(wait);
             t.allocation = None;
             let reason = format!("{outcome}; attempt {} in {wait} ms", t.attempt + 1);
             self.transition(id, TaskState::Ready, now_ms, Some(reason), effects);
@@ -920,14 +921,19 @@ impl Flow {
 
 /// The lease of a running attempt: the earlier of the start-to-close deadline
 /// and the next heartbeat due; `None` when the spec sets neither (the agent's
-/// own heartbeats to the allocator still cover a crash).
+/// own heartbeats to the allocator still cover a crash). Timeouts are whatever
+/// the spec says, up to `u64::MAX`, so the sums saturate.
 fn running_deadline(t: &Task, now_ms: u64) -> Option<u64> {
     let close = t
         .spec
         .timeouts
         .start_to_close_ms
-        .map(|d| t.started_ms.unwrap_or(now_ms) + d);
-    let beat = t.spec.timeouts.heartbeat_ms.map(|d| now_ms + d);
+        .map(|d| t.started_ms.unwrap_or(now_ms).saturating_add(d));
+    let beat = t
+        .spec
+        .timeouts
+        .heartbeat_ms
+        .map(|d| now_ms.saturating_add(d));
     match (close, beat) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

@@ -75,8 +75,7 @@ impl Flow {
         let work: u64 = left
             .iter()
             .filter(|(id, _)| !chosen.stuck.contains(**id))
-            .map(|(_, ms)| ms)
-            .sum();
+            .fold(0u64, |sum, (_, ms)| sum.saturating_add(*ms));
         let mut bottleneck = FlowBottleneck {
             kind: "critical_path".into(),
             resource: None,
@@ -224,7 +223,7 @@ impl Flow {
                     continue;
                 };
                 take(&mut free, &agent, need);
-                let end = now + left.get(id).copied().unwrap_or(0);
+                let end = now.saturating_add(left.get(id).copied().unwrap_or(0));
                 events.push(Reverse((end, t.spec.id.clone())));
                 placements.push(PlannedTask {
                     task_id: t.spec.id.clone(),

@@ -53,7 +53,7 @@ impl Flow {
             attempts: self.tasks.values().map(|t| t.attempt).sum(),
             failures: self.tasks.values().map(|t| t.failures).sum(),
             critical_path_remaining_ms: critical,
-            eta_ms: (self.state == FlowState::Running).then_some(now_ms + critical),
+            eta_ms: (self.state == FlowState::Running).then_some(now_ms.saturating_add(critical)),
             warnings: self.warnings.clone(),
         }
     }
@@ -94,7 +94,7 @@ impl Flow {
                 .and_then(|h| h.started_ms.map(|s| h.ended_ms.saturating_sub(s)))
             {
                 let e = sums.entry(t.spec.kind.as_str()).or_insert((0, 0));
-                e.0 += run;
+                e.0 = e.0.saturating_add(run);
                 e.1 += 1;
             }
         }
@@ -156,7 +156,13 @@ impl Flow {
                 .and_then(|t| left.get(*t))
                 .copied()
                 .unwrap_or(0);
-            memo.insert(id, (own + below.map_or(0, |b| b.0), below.map(|b| b.1)));
+            memo.insert(
+                id,
+                (
+                    own.saturating_add(below.map_or(0, |b| b.0)),
+                    below.map(|b| b.1),
+                ),
+            );
         }
         let mut path = Vec::new();
         let mut at = memo

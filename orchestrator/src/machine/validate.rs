@@ -227,7 +227,8 @@ pub(crate) fn upward_ranks(
                 .max()
                 .copied()
                 .unwrap_or(0);
-            ranks.insert(n, below + own.get(n).copied().unwrap_or(0));
+            // Saturating: estimates come from the spec, up to `u64::MAX` each.
+            ranks.insert(n, below.saturating_add(own.get(n).copied().unwrap_or(0)));
         }
     }
     ranks

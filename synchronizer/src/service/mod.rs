@@ -67,7 +67,11 @@ struct AckRecord {
 
 /// Runs the synchronizer until `shutdown` resolves, then drains the connection.
 pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
-    let nats = bus::connect(&cfg.nats, NAME).await?;
+    // NATS may not be up yet: wait for it, unless asked to stop first.
+    tokio::pin!(shutdown);
+    let Some(nats) = bus::connect_until(&cfg.nats, NAME, shutdown.as_mut()).await? else {
+        return Ok(());
+    };
     let js = jetstream::new(nats.clone());
     let replicas = cfg.nats.js_replicas;
     bus::ensure_stream(&js, Stream::Events, replicas).await?;

@@ -328,6 +328,11 @@ impl Synchronizer {
     }
 
     pub(super) async fn list(&self, req: SyncPointListRequest) -> Result<SyncPointList, Error> {
+        // `unknown` stands for states newer than this build; as a filter it is
+        // a typo that would silently match nothing.
+        if req.state == Some(common::msg::SyncPointState::Unknown) {
+            return Err(Error::bad_request("unknown sync point state"));
+        }
         let keys: Vec<String> = self
             .points
             .keys()

@@ -6,10 +6,13 @@
 mod allocator;
 mod allocator_quota;
 mod compose;
+mod corpus;
 mod errors;
 mod flow;
 mod monitor;
 mod orchestrator;
+mod reconnect;
 mod services;
+mod startup;
 mod state;
 mod sync;

@@ -20,11 +20,11 @@ use serde_json::json;
 use testkit::{eventually, Replica, System};
 use tokio::sync::oneshot;
 
-fn tid(s: &str) -> TaskId {
+pub(crate) fn tid(s: &str) -> TaskId {
     TaskId::new(s).unwrap()
 }
 
-fn cpu_task(id: &str, deps: &[&str]) -> TaskSpec {
+pub(crate) fn cpu_task(id: &str, deps: &[&str]) -> TaskSpec {
     let mut t = TaskSpec::new(tid(id));
     t.kind = "work".into();
     t.requirements = Requirements {
@@ -36,7 +36,7 @@ fn cpu_task(id: &str, deps: &[&str]) -> TaskSpec {
 }
 
 /// Runs an agent with `cpu` capacity until the returned sender fires.
-fn spawn_agent<H, Fut>(
+pub(crate) fn spawn_agent<H, Fut>(
     nats: &async_nats::Client,
     id: &str,
     cpu: f64,
@@ -60,7 +60,7 @@ where
 }
 
 /// The durable consumer a hand-written agent reads its assignments from.
-async fn assignment_consumer(
+pub(crate) async fn assignment_consumer(
     js: &jetstream::Context,
     agent: &AgentId,
 ) -> consumer::Consumer<consumer::pull::Config> {
@@ -77,7 +77,7 @@ async fn assignment_consumer(
 }
 
 /// Takes (and acks) the next assignment, as an agent that then goes its own way.
-async fn take_assignment(
+pub(crate) async fn take_assignment(
     consumer: &consumer::Consumer<consumer::pull::Config>,
 ) -> common::msg::Assignment {
     let mut batch = consumer
@@ -92,7 +92,7 @@ async fn take_assignment(
     serde_json::from_slice(&msg.payload).unwrap()
 }
 
-async fn wait_finished(client: &Client, flow: &FlowId, within: Duration) -> FlowStatus {
+pub(crate) async fn wait_finished(client: &Client, flow: &FlowId, within: Duration) -> FlowStatus {
     eventually(within, "flow to finish", || async {
         let s = client.flow_status(flow).await.ok()?;
         s.state.is_terminal().then_some(s)
@@ -100,7 +100,7 @@ async fn wait_finished(client: &Client, flow: &FlowId, within: Duration) -> Flow
     .await
 }
 
-async fn wait_registered(client: &Client, agent: &str) {
+pub(crate) async fn wait_registered(client: &Client, agent: &str) {
     let id = AgentId::new(agent).unwrap();
     eventually(Duration::from_secs(10), "agent registered", || async {
         client
@@ -393,7 +393,7 @@ async fn cancel_stops_the_agents_and_releases_every_allocation() {
 }
 
 /// A random DAG: task i depends on up to three earlier tasks (deterministic).
-fn random_dag(n: usize, seed: u64) -> FlowSpec {
+pub(crate) fn random_dag(n: usize, seed: u64) -> FlowSpec {
     let mut state = seed;
     let mut next = move || {
         state = state
@@ -420,7 +420,7 @@ fn random_dag(n: usize, seed: u64) -> FlowSpec {
 }
 
 /// Counts, from the events, how often each task reached `succeeded`.
-fn count_successes(events: &[Event], flow: &FlowId) -> BTreeMap<String, usize> {
+pub(crate) fn count_successes(events: &[Event], flow: &FlowId) -> BTreeMap<String, usize> {
     let mut done = BTreeMap::new();
     for e in events {
         if let EventKind::TaskTransition {
