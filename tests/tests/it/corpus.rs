@@ -57,6 +57,7 @@ fn base(subject: &str) -> Option<Value> {
         subject::FLOW_MODIFY => json!({"flow_id": "f1", "expected_revision": 1, "remove": ["a"]}),
         subject::FLOW_RERUN => json!({"flow_id": "f1", "task_id": "a"}),
         subject::FLOW_EXPLAIN => json!({"flow_id": "f1", "task_id": "a"}),
+        subject::FLOW_OPTIMIZE => json!({"flow_id": "f1", "apply": true}),
         subject::AGENT_REGISTER => json!({
             "agent_id": "a1", "capabilities": ["c"], "labels": {"k": "v"},
             "capacity": {"cpu": 2.0}, "heartbeat_interval_ms": 1000
@@ -76,6 +77,7 @@ fn base(subject: &str) -> Option<Value> {
             json!({"agent_id": "a1", "capacity": {"cpu": 1.0}, "preempt": true})
         }
         subject::OPTIMIZE => json!({"apply": false, "max_moves": 3}),
+        subject::QUOTA_SET => json!({"owner": "team", "limits": {"cpu": 4.0}, "preempt": true}),
         subject::STATE_GET => json!({"agent_id": "a1", "revision": 1, "scope": "s"}),
         subject::STATE_PUT => {
             json!({"agent_id": "a1", "expected_revision": 0, "doc": {}, "scope": "s"})
@@ -245,6 +247,11 @@ fn semantic(subject: &str) -> Vec<Case> {
             "negative capacity",
             body(json!({"agent_id": "a1", "capacity": {"cpu": -1.0}})),
             &[ValidationFailed, NotFound],
+        )],
+        subject::QUOTA_SET => vec![case(
+            "negative limit",
+            body(json!({"owner": "team", "limits": {"cpu": -1.0}})),
+            &[ValidationFailed],
         )],
         subject::STATE_PUT => vec![case(
             "document over 512 KiB",
