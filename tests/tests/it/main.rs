@@ -12,3 +12,4 @@ mod orchestrator;
 mod services;
 mod state;
 mod sync;
+mod traces;
