@@ -870,6 +870,11 @@ impl Flow {
             attempt: t.attempt,
             agent_id: t.agent.clone(),
             reason,
+            timeout_ms: if to == TaskState::Running {
+                t.spec.timeouts.start_to_close_ms
+            } else {
+                None
+            },
         }));
     }
 

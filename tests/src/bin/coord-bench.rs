@@ -602,6 +602,7 @@ fn ingest_message(run_id: u64, i: u64) -> anyhow::Result<(String, Vec<u8>)> {
                     attempt: 1,
                     agent_id: Some(agent),
                     reason: None,
+                    timeout_ms: None,
                 },
             };
             (event.kind.subject().to_owned(), serde_json::to_vec(&event)?)
