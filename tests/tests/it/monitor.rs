@@ -603,6 +603,10 @@ async fn dashboard_shows_a_running_flows_tasks_changing_state_in_headless_chromi
     assert!(dom.contains("class=\"verdict healthy\""), "{dom}");
     assert!(dom.contains("<path"), "charts drawn: {dom}");
     assert!(
+        dom.contains("<svg class=\"dag\"") && dom.matches("class=\"edge\"").count() == 1,
+        "the flow drawn as a graph with its one edge a → b: {dom}"
+    );
+    assert!(
         !log.contains("Uncaught") && !log.contains("refresh failed"),
         "console errors:\n{log}"
     );
