@@ -1243,11 +1243,15 @@ fn step_span(
     now: u64,
 ) -> tracing::Span {
     let caused = causes.iter().any(|c| !c.is_disabled());
-    let room = flow
-        .max_parallelism
-        .is_none_or(|max| (max as usize) > flow.active() + placing.len());
-    let places = room && flow.dispatchable(now).iter().any(|t| !placing.contains(t));
-    if !caused && flow == before && !places {
+    // Only asked when nothing else says the step matters: on a large flow
+    // `dispatchable` is the step's dearest part.
+    let places = || {
+        let room = flow
+            .max_parallelism
+            .is_none_or(|max| (max as usize) > flow.active() + placing.len());
+        room && flow.dispatchable(now).iter().any(|t| !placing.contains(t))
+    };
+    if !caused && flow == before && !places() {
         return tracing::Span::none();
     }
     let span = tracing::info_span!(
