@@ -4,12 +4,20 @@
 //! travels in a `traceparent` header on every message; spans are *exported* only
 //! when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set.
 //! One task's path through all services is then one trace.
+//!
+//! Tests install a provider that can also keep finished spans in memory
+//! ([`SpanCapture`]), so a test can check how spans link without an exporter.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use async_nats::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanProcessor};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -39,11 +47,14 @@ fn otlp_enabled() -> bool {
     .any(|k| std::env::var(k).map(|v| !v.is_empty()).unwrap_or(false))
 }
 
-fn provider(service: &str) -> SdkTracerProvider {
+fn provider(service: &str, capture: bool) -> SdkTracerProvider {
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service.to_owned())
         .build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    if capture {
+        builder = builder.with_span_processor(CaptureProcessor);
+    }
     if otlp_enabled() {
         match opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -59,7 +70,7 @@ fn provider(service: &str) -> SdkTracerProvider {
 /// The one subscriber set-up for binaries: `RUST_LOG`-filtered logs on stderr
 /// (default `info`), spans to OTLP when configured. Call once at the top of `main`.
 pub fn init(service: &str) -> TelemetryGuard {
-    install(service, true)
+    install(service, true, false)
 }
 
 /// For tests: trace context on, logs only when `TEST_LOG` is set. Safe to call
@@ -67,15 +78,19 @@ pub fn init(service: &str) -> TelemetryGuard {
 pub fn init_for_tests() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let guard = install("coordkit-test", std::env::var_os("TEST_LOG").is_some());
+        let guard = install(
+            "coordkit-test",
+            std::env::var_os("TEST_LOG").is_some(),
+            true,
+        );
         // The test process never flushes; keep the provider alive for its lifetime.
         std::mem::forget(guard);
     });
 }
 
-fn install(service: &str, logs: bool) -> TelemetryGuard {
+fn install(service: &str, logs: bool, capture: bool) -> TelemetryGuard {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let provider = provider(service);
+    let provider = provider(service, capture);
     let tracer = provider.tracer(service.to_owned());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,async_nats=warn,opentelemetry=warn,opentelemetry_sdk=warn")
@@ -150,6 +165,123 @@ pub fn message_span(
         }
     }
     span
+}
+
+/// The current span's context as a W3C `traceparent` value, to store with
+/// state that outlives the span (a flow remembers the trace that created it).
+pub fn traceparent() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    let mut fields = HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut fields));
+    fields.remove("traceparent")
+}
+
+/// Makes `span`, one step of work done on behalf of several `causes` (a batch
+/// of commands, each sent from its own span), continue the first cause's trace
+/// and link to every other cause. When no cause has a trace, the step
+/// continues the stored `fallback` `traceparent` instead, if there is one.
+/// `span` must not have been entered yet: a started span's parent is fixed.
+pub fn join_causes(span: &tracing::Span, causes: &[tracing::Span], fallback: Option<&str>) {
+    /// Links beyond this many add little to a trace and cost memory per span.
+    const MAX_LINKS: usize = 32;
+    let mut contexts = causes
+        .iter()
+        .filter(|c| !c.is_disabled())
+        .map(|c| c.context())
+        .filter(|cx| cx.span().span_context().is_valid());
+    let Some(parent) = contexts.next() else {
+        if let Some(tp) = fallback {
+            let fields = HashMap::from([("traceparent".to_owned(), tp.to_owned())]);
+            let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&fields));
+            if cx.span().span_context().is_valid() {
+                let _ = span.set_parent(cx);
+            }
+        }
+        return;
+    };
+    let mut linked = vec![parent.span().span_context().span_id()];
+    let _ = span.set_parent(parent);
+    for cx in contexts {
+        if linked.len() > MAX_LINKS {
+            break;
+        }
+        let sc = cx.span().span_context().clone();
+        if !linked.contains(&sc.span_id()) {
+            linked.push(sc.span_id());
+            span.add_link(sc);
+        }
+    }
+}
+
+/// Every span that ended while at least one capture was alive, kept in memory
+/// for a test to inspect. Spans of the whole process are kept (services run
+/// in-process in tests), so a test picks its own by trace id; that also keeps
+/// tests that share a process (`cargo test`) out of each other's way.
+/// Needs the provider [`init_for_tests`] installs (which `start` calls).
+pub struct SpanCapture(());
+
+static CAPTURES: AtomicUsize = AtomicUsize::new(0);
+static CAPTURED: Mutex<Vec<SpanData>> = Mutex::new(Vec::new());
+/// Spans kept at most while capturing, so a forgotten capture cannot eat memory.
+const MAX_CAPTURED: usize = 200_000;
+
+impl SpanCapture {
+    pub fn start() -> SpanCapture {
+        init_for_tests();
+        CAPTURES.fetch_add(1, Ordering::SeqCst);
+        SpanCapture(())
+    }
+
+    /// The spans of `trace_id` (hex, as in `traceparent`) that have ended so far.
+    pub fn trace(&self, trace_id: &str) -> Vec<SpanData> {
+        CAPTURED
+            .lock()
+            .map(|spans| {
+                spans
+                    .iter()
+                    .filter(|s| s.span_context.trace_id().to_string() == trace_id)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for SpanCapture {
+    fn drop(&mut self) {
+        if CAPTURES.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if let Ok(mut spans) = CAPTURED.lock() {
+                spans.clear();
+            }
+        }
+    }
+}
+
+/// Hands ended spans to [`CAPTURED`] while a [`SpanCapture`] is alive.
+#[derive(Debug)]
+struct CaptureProcessor;
+
+impl SpanProcessor for CaptureProcessor {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if CAPTURES.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        if let Ok(mut spans) = CAPTURED.lock() {
+            if spans.len() < MAX_CAPTURED {
+                spans.push(span);
+            }
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: std::time::Duration) -> OTelSdkResult {
+        Ok(())
+    }
 }
 
 /// The trace id in a `traceparent` header, for tests and logs.

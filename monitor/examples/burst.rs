@@ -51,6 +51,7 @@ fn message(i: u64) -> (String, Vec<u8>) {
                 attempt: 1,
                 agent_id: Some(AgentId::new(&agent).unwrap()),
                 reason: None,
+                timeout_ms: None,
             };
             let ev = Event {
                 event_id: format!("e{i}"),

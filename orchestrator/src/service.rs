@@ -123,13 +123,18 @@ enum Cmd {
     },
 }
 
+/// A command with the span it was sent from (its cause), so the work it leads
+/// to continues the sender's trace although the actor applies it later, in a
+/// batch with others.
+type Queued = (Cmd, tracing::Span);
+
 struct Orchestrator {
     client: common::Client,
     nats: async_nats::Client,
     js: jetstream::Context,
     flows: kv::Store,
     events: EventPublisher,
-    actors: Mutex<HashMap<FlowId, mpsc::UnboundedSender<Cmd>>>,
+    actors: Mutex<HashMap<FlowId, mpsc::UnboundedSender<Queued>>>,
     /// Flows known to be finished: final, so the sweep never loads them again.
     finished: Mutex<HashSet<FlowId>>,
     /// Bounds allocation requests in flight (see [`MAX_PLACING`]).
@@ -344,6 +349,7 @@ impl Orchestrator {
         let now = common::now_ms();
         let (mut flow, effects) = Flow::new(id.clone(), spec, now);
         flow.warnings = warnings;
+        flow.trace = telemetry::traceparent();
         let status = flow.status(0, now);
         let mut fresh = Some(flow);
         let (created, revision) =
@@ -653,8 +659,10 @@ impl Orchestrator {
             .map_err(|_| Error::new(ErrorCode::Unavailable, "orchestrator is shutting down"))?
     }
 
-    /// Queues a command for the flow's actor, starting one if needed.
-    fn send(self: &Arc<Self>, flow: &FlowId, mut cmd: Cmd) {
+    /// Queues a command for the flow's actor, starting one if needed. The
+    /// current span goes with it as the command's cause.
+    fn send(self: &Arc<Self>, flow: &FlowId, cmd: Cmd) {
+        let mut cmd = (cmd, tracing::Span::current());
         loop {
             let tx = {
                 let Ok(mut actors) = self.actors.lock() else {
@@ -664,7 +672,9 @@ impl Orchestrator {
                     .entry(flow.clone())
                     .or_insert_with(|| {
                         let (tx, rx) = mpsc::unbounded_channel();
-                        tokio::spawn(self.clone().actor(flow.clone(), rx).in_current_span());
+                        // No span: the actor outlives its first sender; each
+                        // step runs in a span of the commands it applies.
+                        tokio::spawn(self.clone().actor(flow.clone(), rx));
                         tx
                     })
                     .clone()
@@ -684,7 +694,7 @@ impl Orchestrator {
         }
     }
 
-    async fn actor(self: Arc<Self>, flow: FlowId, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    async fn actor(self: Arc<Self>, flow: FlowId, mut rx: mpsc::UnboundedReceiver<Queued>) {
         let mut placing: HashSet<TaskId> = HashSet::new();
         let mut resent: HashMap<(TaskId, u32), u64> = HashMap::new();
         // The flow as this actor last wrote it, with its revision.
@@ -714,9 +724,10 @@ impl Orchestrator {
                     Err(_) => break,
                 }
             }
+            let (batch, causes): (Vec<Cmd>, Vec<tracing::Span>) = batch.into_iter().unzip();
             let ticked = batch.iter().any(|c| matches!(c, Cmd::Tick));
             let finished = self
-                .apply_batch(&flow, batch, &mut placing, &mut cache)
+                .apply_batch(&flow, batch, causes, &mut placing, &mut cache)
                 .await;
             if ticked {
                 if let Some((f, _)) = &cache {
@@ -737,10 +748,14 @@ impl Orchestrator {
     /// read while one replica drives the flow: the compare-and-set proves the
     /// copy was current. A step that writes nothing proves nothing, so it is
     /// redone on a fresh read before anything (a rejection, say) is settled.
+    ///
+    /// The step's span continues the trace of the first command that has one
+    /// and links to the others' (see [`step_span`]).
     async fn apply_batch(
         self: &Arc<Self>,
         flow_id: &FlowId,
         batch: Vec<Cmd>,
+        causes: Vec<tracing::Span>,
         placing: &mut HashSet<TaskId>,
         cache: &mut Option<(Flow, u64)>,
     ) -> bool {
@@ -767,10 +782,11 @@ impl Orchestrator {
                 .iter()
                 .map(|cmd| step(&mut flow, cmd, revision, now))
                 .collect();
+            if flow == before && from_cache {
+                continue;
+            }
+            let span = step_span(&flow, &before, &causes, placing, now);
             let revision = if flow == before {
-                if from_cache {
-                    continue;
-                }
                 revision
             } else {
                 let body = match serde_json::to_vec(&flow) {
@@ -784,6 +800,7 @@ impl Orchestrator {
                 match self
                     .flows
                     .update(flow_id.as_str(), body.into(), revision)
+                    .instrument(span.clone())
                     .await
                 {
                     Ok(rev) => rev,
@@ -796,11 +813,24 @@ impl Orchestrator {
                 }
             };
             if flow != before {
-                self.publish_watch(&flow, revision, now).await;
+                self.publish_watch(&flow, revision, now)
+                    .instrument(span.clone())
+                    .await;
             }
-            self.settle(&flow, revision, now, batch, outcomes, placing)
-                .await;
-            self.dispatch(&flow, now, placing);
+            // Each command's outcome in its cause's span (the step's when it
+            // has none): a report's transitions and the assignment a
+            // placement leads to continue the trace they came from.
+            for ((cmd, outcome), cause) in batch.into_iter().zip(outcomes).zip(causes) {
+                let span = if cause.is_disabled() {
+                    span.clone()
+                } else {
+                    cause
+                };
+                self.settle(&flow, revision, now, cmd, outcome, placing)
+                    .instrument(span)
+                    .await;
+            }
+            span.in_scope(|| self.dispatch(&flow, now, placing));
             let finished = flow.state.is_terminal();
             *cache = Some((flow, revision));
             return finished;
@@ -810,70 +840,69 @@ impl Orchestrator {
         false
     }
 
-    /// After a successful write: acknowledge, answer, and carry out effects.
+    /// After a successful write: acknowledge, answer, and carry out the
+    /// command's effects.
     async fn settle(
         self: &Arc<Self>,
         flow: &Flow,
         revision: u64,
         now: u64,
-        batch: Vec<Cmd>,
-        outcomes: Vec<Result<(u32, Vec<Effect>), Refusal>>,
+        cmd: Cmd,
+        outcome: Result<(u32, Vec<Effect>), Refusal>,
         placing: &mut HashSet<TaskId>,
     ) {
         let mut effects = Vec::new();
-        for (cmd, outcome) in batch.into_iter().zip(outcomes) {
-            match (cmd, outcome) {
-                (Cmd::Report { msg, .. }, Ok((_, e))) => {
-                    let _ = msg.ack().await;
-                    effects.extend(e);
-                }
-                (Cmd::Report { report, msg }, Err(rejection)) => {
-                    let _ = msg.ack().await;
-                    self.reject(&report, rejection.to_string()).await;
-                }
-                (
-                    Cmd::Assign {
-                        task, allocation, ..
-                    },
-                    Ok((attempt, e)),
-                ) => {
-                    placing.remove(&task);
-                    effects.extend(e);
-                    self.send_assignment(
-                        flow,
-                        &task,
-                        attempt,
-                        allocation.agent_id,
-                        allocation.allocation_id,
-                        now,
-                    );
-                }
-                (
-                    Cmd::Assign {
-                        task,
-                        allocation,
-                        slot,
-                    },
-                    Err(rejection),
-                ) => {
-                    placing.remove(&task);
-                    tracing::debug!(flow = %flow.id, %task, %rejection, "placement not used");
-                    self.release(allocation.agent_id, allocation.allocation_id);
-                    self.free_slot(slot);
-                }
-                (Cmd::Unplaced { task }, _) => {
-                    placing.remove(&task);
-                }
-                (Cmd::Control { reply, .. }, Ok((_, e))) => {
-                    effects.extend(e);
-                    let _ = reply.send(Ok(flow.status(revision, now)));
-                }
-                (Cmd::Control { reply, .. }, Err(rejection)) => {
-                    let _ = reply.send(Err(refusal_error(&rejection)));
-                }
-                (_, Ok((_, e))) => effects.extend(e),
-                (_, Err(_)) => {}
+        match (cmd, outcome) {
+            (Cmd::Report { msg, .. }, Ok((_, e))) => {
+                let _ = msg.ack().await;
+                effects.extend(e);
             }
+            (Cmd::Report { report, msg }, Err(rejection)) => {
+                let _ = msg.ack().await;
+                self.reject(&report, rejection.to_string()).await;
+            }
+            (
+                Cmd::Assign {
+                    task, allocation, ..
+                },
+                Ok((attempt, e)),
+            ) => {
+                placing.remove(&task);
+                effects.extend(e);
+                self.send_assignment(
+                    flow,
+                    &task,
+                    attempt,
+                    allocation.agent_id,
+                    allocation.allocation_id,
+                    now,
+                );
+            }
+            (
+                Cmd::Assign {
+                    task,
+                    allocation,
+                    slot,
+                },
+                Err(rejection),
+            ) => {
+                placing.remove(&task);
+                tracing::debug!(flow = %flow.id, %task, %rejection, "placement not used");
+                self.release(allocation.agent_id, allocation.allocation_id);
+                self.free_slot(slot);
+            }
+            (Cmd::Unplaced { task }, _) => {
+                placing.remove(&task);
+            }
+            (Cmd::Control { reply, .. }, Ok((_, e))) => {
+                effects.extend(e);
+                let _ = reply.send(Ok(flow.status(revision, now)));
+            }
+            (Cmd::Control { reply, .. }, Err(rejection)) => {
+                let _ = reply.send(Err(refusal_error(&rejection)));
+            }
+            (_, Ok((_, e))) => effects.extend(e),
+            (_, Err(_)) => {}
         }
         self.run_effects(effects).await;
     }
@@ -1036,6 +1065,9 @@ impl Orchestrator {
                 allocation_id: Some(AllocationId::random()),
             };
             let (o, flow_id) = (self.clone(), flow.id.clone());
+            // The grant goes back to the actor with this span as its cause,
+            // so the assignment it leads to continues the same trace.
+            let span = tracing::info_span!("place", flow = %flow.id, task = %task);
             tokio::spawn(
                 async move {
                     if let Some((limit, holder)) = &slot {
@@ -1067,7 +1099,7 @@ impl Orchestrator {
                     };
                     o.send(&flow_id, cmd);
                 }
-                .in_current_span(),
+                .instrument(span),
             );
         }
     }
@@ -1136,8 +1168,14 @@ impl Orchestrator {
                 continue;
             };
             resent.insert(key, now);
-            tracing::debug!(flow = %flow.id, task = %t.spec.id, attempt = t.attempt, "assignment published again");
-            self.send_assignment(flow, &t.spec.id, t.attempt, agent, allocation, assigned);
+            // In the flow's trace: the sweep that got here has none of its own.
+            let span =
+                tracing::info_span!(parent: None, "redeliver", flow = %flow.id, task = %t.spec.id);
+            telemetry::join_causes(&span, &[], flow.trace.as_deref());
+            span.in_scope(|| {
+                tracing::debug!(attempt = t.attempt, "assignment published again");
+                self.send_assignment(flow, &t.spec.id, t.attempt, agent, allocation, assigned)
+            });
         }
     }
 
@@ -1350,14 +1388,18 @@ impl Orchestrator {
                 .await;
                 continue;
             }
+            // The agent's trace goes with the report into the flow's actor.
+            let span = telemetry::message_span("report", &msg.subject, msg.headers.as_ref());
             let flow = report.flow_id.clone();
-            self.send(
-                &flow,
-                Cmd::Report {
-                    report: Box::new(report),
-                    msg: Box::new(msg),
-                },
-            );
+            span.in_scope(|| {
+                self.send(
+                    &flow,
+                    Cmd::Report {
+                        report: Box::new(report),
+                        msg: Box::new(msg),
+                    },
+                )
+            });
         }
         Ok(())
     }
@@ -1394,7 +1436,10 @@ impl Orchestrator {
             |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(|e| unavailable(&e))?;
-            match serde_json::from_slice::<common::msg::Event>(&msg.payload).map(|e| e.kind) {
+            let span =
+                telemetry::message_span("allocator event", &msg.subject, msg.headers.as_ref());
+            let kind = serde_json::from_slice::<common::msg::Event>(&msg.payload).map(|e| e.kind);
+            span.in_scope(|| match kind {
                 Ok(EventKind::AgentLost {
                     agent_id, released, ..
                 }) => {
@@ -1426,7 +1471,7 @@ impl Orchestrator {
                     }
                 }
                 _ => {}
-            }
+            });
             let _ = msg.ack().await;
         }
         Ok(())
@@ -1499,6 +1544,40 @@ where
 fn owner_task(owner: &str) -> Option<(FlowId, TaskId)> {
     let (flow, task) = owner.split_once('/')?;
     Some((FlowId::new(flow).ok()?, TaskId::new(task).ok()?))
+}
+
+/// The span of one step (one write) of a flow's actor. It continues the
+/// trace of the first command that has one and links the others'; a step
+/// driven only by the sweep continues the flow's own trace. A sweep's step that
+/// changes nothing and places nothing gets no span, else every unfinished flow
+/// would add one to its trace every sweep.
+fn step_span(
+    flow: &Flow,
+    before: &Flow,
+    causes: &[tracing::Span],
+    placing: &HashSet<TaskId>,
+    now: u64,
+) -> tracing::Span {
+    let caused = causes.iter().any(|c| !c.is_disabled());
+    // Only asked when nothing else says the step matters: on a large flow
+    // `dispatchable` is the step's dearest part.
+    let places = || {
+        let room = flow
+            .max_parallelism
+            .is_none_or(|max| (max as usize) > flow.active() + placing.len());
+        room && flow.dispatchable(now).iter().any(|t| !placing.contains(t))
+    };
+    if !caused && flow == before && !places() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        parent: None,
+        "flow step",
+        flow = %flow.id,
+        commands = causes.len()
+    );
+    telemetry::join_causes(&span, causes, flow.trace.as_deref());
+    span
 }
 
 /// One command applied to the flow. `Ok` carries the attempt number for an

@@ -53,6 +53,10 @@ pub enum EventKind {
         /// Why, when it is not the obvious next step (a retry, a timeout, a cancel).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// On `running`: the attempt's start-to-close timeout in ms, when the
+        /// task's spec sets one, so a watcher can tell a long run from a stuck one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
     },
     FlowPaused {
         flow_id: FlowId,

@@ -57,6 +57,14 @@ pub struct SystemMetrics {
     /// Tasks whose attempt the monitor is timing now (bounded).
     #[serde(default)]
     pub tasks_tracked: usize,
+    /// Assignments stored for agents and not yet delivered to them (the
+    /// pending count of every consumer on the assignments stream), at the
+    /// monitor's last look at JetStream.
+    #[serde(default)]
+    pub queue_depth: u64,
+    /// The same per agent, for agents with any waiting (bounded).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub queue_depth_by_agent: BTreeMap<String, u64>,
 }
 
 /// Rates over the three sliding windows, per second.

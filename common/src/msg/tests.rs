@@ -95,6 +95,7 @@ fn every_message_round_trips() {
             attempt: 1,
             agent_id: Some(a("w1")),
             reason: None,
+            timeout_ms: None,
         },
     });
     round_trip(&StatePut {
@@ -192,6 +193,7 @@ fn event_subjects_follow_the_transition() {
         attempt: 1,
         agent_id: None,
         reason: Some("why".into()),
+        timeout_ms: None,
     };
     assert_eq!(k.subject(), "coord.events.task.succeeded");
 }

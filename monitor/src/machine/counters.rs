@@ -70,6 +70,11 @@ impl Counters {
         self.messages
     }
 
+    /// Messages per subject family since the start.
+    pub fn families(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.by_family.iter().map(|(f, n)| (f.as_str(), *n))
+    }
+
     pub fn tasks_completed(&self) -> u64 {
         self.tasks_completed
     }
@@ -114,6 +119,7 @@ mod tests {
                 attempt: 1,
                 agent_id: None,
                 reason: None,
+                timeout_ms: None,
             },
         })
         .unwrap()

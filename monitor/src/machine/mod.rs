@@ -36,6 +36,9 @@ pub const MAX_RANKED: usize = 512;
 pub const MAX_ANOMALIES: usize = 256;
 /// Consumers and resources watched by the threshold rules.
 pub const MAX_WATCHED: usize = 256;
+/// Subject families with a traffic detector of their own; the first seen get
+/// one (a detector keeps its last 60 samples, so this bounds the memory).
+pub const MAX_FAMILY_DETECTORS: usize = 64;
 
 /// A running task is stuck when it has run this many times its usual (p99) time…
 pub const STUCK_FACTOR: u64 = 5;
@@ -43,6 +46,10 @@ pub const STUCK_FACTOR: u64 = 5;
 pub const STUCK_MIN_MS: u64 = 30_000;
 /// Runs needed before "usual time" means anything.
 pub const STUCK_MIN_SAMPLES: u64 = 20;
+/// A running task with a start-to-close timeout is stuck this long past it:
+/// the orchestrator times an attempt out within a sweep (a second) of its
+/// deadline, so by then nobody is enforcing it.
+pub const STUCK_PAST_TIMEOUT_MS: u64 = 5_000;
 /// Pool utilisation that counts as saturated, and where the state clears.
 pub const SATURATED: f64 = 0.95;
 pub const SATURATION_CLEARS: f64 = 0.85;
@@ -70,6 +77,8 @@ struct Tracked {
     ready_ms: Option<u64>,
     assigned_ms: Option<u64>,
     started_ms: Option<u64>,
+    /// The running attempt's start-to-close timeout, when its spec set one.
+    timeout_ms: Option<u64>,
     agent: Option<String>,
     stuck_reported: bool,
 }
@@ -116,6 +125,10 @@ struct Detectors {
     messages: Detector,
     run_time: Detector,
     queue_wait: Detector,
+    /// Messages per interval of each subject family, with the family's count
+    /// at the previous tick.
+    families: BTreeMap<String, (Detector, u64)>,
+    traffic: Tuning,
     /// Counts at the previous tick.
     last: (u64, u64, u64),
     run_interval: Option<Histogram<u32>>,
@@ -153,6 +166,8 @@ impl Detectors {
             messages: Detector::new(Direction::Up, traffic),
             run_time: Detector::new(Direction::Up, latency),
             queue_wait: Detector::new(Direction::Up, latency),
+            families: BTreeMap::new(),
+            traffic,
             last: (0, 0, 0),
             run_interval: latency::interval_histogram(),
             wait_interval: latency::interval_histogram(),
@@ -188,6 +203,10 @@ pub struct Monitor {
     detectors: Detectors,
     saturation: BTreeMap<String, Latch>,
     lag: BTreeMap<String, (u64, u32, Latch)>,
+    /// Assignments waiting in all, and per agent (capped), from the last
+    /// look at the streams.
+    queue_depth: u64,
+    queue: BTreeMap<String, u64>,
 }
 
 impl Monitor {
@@ -219,6 +238,8 @@ impl Monitor {
             detectors: Detectors::new(settings),
             saturation: BTreeMap::new(),
             lag: BTreeMap::new(),
+            queue_depth: 0,
+            queue: BTreeMap::new(),
         }
     }
 
@@ -248,12 +269,13 @@ impl Monitor {
                 to,
                 attempt,
                 agent_id,
+                timeout_ms,
                 ..
             } => self.transition(
                 flow_id.as_str(),
                 task_id.as_str(),
                 *to,
-                *attempt,
+                (*attempt, *timeout_ms),
                 agent_id.as_ref().map(|a| a.as_str()),
                 e.at_ms,
                 now_ms,
@@ -303,7 +325,7 @@ impl Monitor {
         flow: &str,
         task: &str,
         to: TaskState,
-        attempt: u32,
+        (attempt, timeout_ms): (u32, Option<u64>),
         agent: Option<&str>,
         at_ms: u64,
         now_ms: u64,
@@ -332,6 +354,7 @@ impl Monitor {
             }
             TaskState::Running => {
                 t.started_ms = Some(at_ms);
+                t.timeout_ms = timeout_ms;
                 if agent.is_some() {
                     t.agent = agent.map(str::to_owned);
                 }
@@ -468,6 +491,22 @@ impl Monitor {
                 "messages per interval rose",
             ));
         }
+        let mut by_family = Vec::new();
+        let traffic = d.traffic;
+        for (family, count) in m.families() {
+            if !d.families.contains_key(family) && d.families.len() >= MAX_FAMILY_DETECTORS {
+                continue;
+            }
+            // A family first seen had no messages at the previous tick.
+            let (det, last) = d
+                .families
+                .entry(family.to_owned())
+                .or_insert_with(|| (Detector::new(Direction::Up, traffic), 0));
+            if let Some(s) = det.observe(count.saturating_sub(*last) as f64) {
+                by_family.push((format!("messages:{family}"), s));
+            }
+            *last = count;
+        }
         for (hist, det, name) in [
             (&mut d.run_interval, &mut d.run_time, "run_time"),
             (&mut d.wait_interval, &mut d.queue_wait, "queue_wait"),
@@ -498,38 +537,81 @@ impl Monitor {
                 kind, severity, subject, now_ms, s.value, s.expected, message,
             );
         }
+        for (subject, s) in by_family {
+            let message = format!(
+                "messages per interval on {} rose: {:.1} against a median of {:.1} (robust z {:.1})",
+                &subject["messages:".len()..],
+                s.value,
+                s.median,
+                s.z
+            );
+            self.raise(
+                AnomalyKind::Outlier,
+                Severity::Info,
+                &subject,
+                now_ms,
+                s.value,
+                s.expected,
+                message,
+            );
+        }
         self.stuck_tasks(now_ms);
     }
 
+    /// A running task is stuck when it is well past its own start-to-close
+    /// timeout, or, without one, far past the usual (p99) run time once
+    /// there is a usual time to speak of.
     fn stuck_tasks(&mut self, now_ms: u64) {
         let usual = self.run_time.summary(now_ms, 60);
-        if usual.count < STUCK_MIN_SAMPLES {
-            return;
-        }
-        let limit = (usual.p99_ms.max(1) * STUCK_FACTOR).max(STUCK_MIN_MS);
+        let usual_limit = (usual.count >= STUCK_MIN_SAMPLES)
+            .then(|| (usual.p99_ms.max(1) * STUCK_FACTOR).max(STUCK_MIN_MS));
         let mut stuck = Vec::new();
         for ((flow, task), t) in self.tasks.iter_mut() {
-            if let Some(s) = t.started_ms {
-                let ran = now_ms.saturating_sub(s);
-                if ran > limit && !t.stuck_reported {
-                    t.stuck_reported = true;
-                    stuck.push((format!("{flow}/{task}"), ran, t.attempt, t.agent.clone()));
-                }
+            let (Some(s), false) = (t.started_ms, t.stuck_reported) else {
+                continue;
+            };
+            let limit = match (t.timeout_ms, usual_limit) {
+                (Some(timeout), _) => timeout.saturating_add(STUCK_PAST_TIMEOUT_MS),
+                (None, Some(limit)) => limit,
+                (None, None) => continue,
+            };
+            let ran = now_ms.saturating_sub(s);
+            if ran > limit {
+                t.stuck_reported = true;
+                stuck.push((
+                    format!("{flow}/{task}"),
+                    ran,
+                    t.attempt,
+                    t.agent.clone(),
+                    t.timeout_ms,
+                ));
             }
         }
-        for (subject, ran, attempt, agent) in stuck {
+        for (subject, ran, attempt, agent, timeout) in stuck {
+            let on = agent.as_deref().unwrap_or("an unknown agent");
+            let (expected, message) = match timeout {
+                Some(timeout) => (
+                    timeout,
+                    format!(
+                        "attempt {attempt} on {on} has run {ran} ms, past its start-to-close timeout of {timeout} ms"
+                    ),
+                ),
+                None => (
+                    usual.p99_ms,
+                    format!(
+                        "attempt {attempt} on {on} has run {ran} ms; tasks usually finish within {} ms (p99)",
+                        usual.p99_ms
+                    ),
+                ),
+            };
             self.raise(
                 AnomalyKind::StuckTask,
                 Severity::Warning,
                 &subject,
                 now_ms,
                 ran as f64,
-                usual.p99_ms as f64,
-                format!(
-                    "attempt {attempt} on {} has run {ran} ms; tasks usually finish within {} ms (p99)",
-                    agent.as_deref().unwrap_or("an unknown agent"),
-                    usual.p99_ms
-                ),
+                expected as f64,
+                message,
             );
         }
     }
@@ -564,8 +646,23 @@ impl Monitor {
         }
     }
 
-    /// Consumer lag that keeps growing, from the JetStream consumer infos.
+    /// Queue depth and consumer lag that keeps growing, from the JetStream
+    /// consumer infos.
     pub fn observe_streams(&mut self, now_ms: u64, streams: &[StreamHealth]) {
+        if let Some(assign) = streams
+            .iter()
+            .find(|s| s.name == common::nats::STREAM_ASSIGN)
+        {
+            self.queue_depth = assign.consumer_pending.values().sum();
+            // Each agent reads its assignments through the durable `agent-{id}`.
+            self.queue = assign
+                .consumer_pending
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .take(MAX_WATCHED)
+                .map(|(c, n)| (c.strip_prefix("agent-").unwrap_or(c).to_owned(), *n))
+                .collect();
+        }
         for s in streams {
             for (consumer, pending) in &s.consumer_pending {
                 let key = format!("{}/{consumer}", s.name);
@@ -628,6 +725,8 @@ impl Monitor {
         m.state_conflicts = self.state_conflicts;
         m.sync_points = self.sync_points;
         m.tasks_tracked = self.tasks.len();
+        m.queue_depth = self.queue_depth;
+        m.queue_depth_by_agent = self.queue.clone();
         m
     }
 

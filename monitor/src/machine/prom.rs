@@ -194,6 +194,20 @@ pub fn render(m: &SystemMetrics, anomalies_total: u64, verdict: Option<Verdict>)
         m.tasks_tracked as f64,
     );
     o.one(
+        "coord_queue_depth",
+        "gauge",
+        "Assignments stored for agents and not yet delivered.",
+        m.queue_depth as f64,
+    );
+    o.family(
+        "coord_agent_queue_depth",
+        "gauge",
+        "Assignments waiting for one agent (agents with any waiting).",
+    );
+    for (agent, n) in &m.queue_depth_by_agent {
+        o.sample("coord_agent_queue_depth", &[("agent", agent)], *n as f64);
+    }
+    o.one(
         "coord_anomalies_total",
         "counter",
         "Anomalies detected.",

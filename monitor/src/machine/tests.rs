@@ -13,6 +13,16 @@ fn ev(at_ms: u64, kind: EventKind) -> Vec<u8> {
 }
 
 fn tr(flow: &str, task: &str, to: TaskState, at_ms: u64) -> (String, Vec<u8>) {
+    tr_timeout(flow, task, to, at_ms, None)
+}
+
+fn tr_timeout(
+    flow: &str,
+    task: &str,
+    to: TaskState,
+    at_ms: u64,
+    timeout_ms: Option<u64>,
+) -> (String, Vec<u8>) {
     let kind = EventKind::TaskTransition {
         flow_id: FlowId::new(flow).unwrap(),
         task_id: TaskId::new(task).unwrap(),
@@ -21,6 +31,7 @@ fn tr(flow: &str, task: &str, to: TaskState, at_ms: u64) -> (String, Vec<u8>) {
         attempt: 1,
         agent_id: Some(AgentId::new("w1").unwrap()),
         reason: None,
+        timeout_ms,
     };
     (kind.subject().to_owned(), ev(at_ms, kind))
 }
@@ -182,6 +193,130 @@ fn a_task_running_far_past_the_usual_time_is_stuck_once() {
         (a[0].kind, a[0].subject.as_str()),
         (AnomalyKind::StuckTask, "f/slow")
     );
+}
+
+#[test]
+fn a_task_past_its_own_timeout_is_stuck_without_any_history() {
+    let mut m = Monitor::new(0, "m", Settings::default());
+    // No run has finished yet, so there is no usual time; the timeouts decide.
+    let (s, p) = tr_timeout("f", "short", TaskState::Running, 1_000, Some(2_000));
+    m.observe(&s, &p, 1_000);
+    let (s, p) = tr_timeout("f", "long", TaskState::Running, 1_000, Some(600_000));
+    m.observe(&s, &p, 1_000);
+    let (s, p) = tr("f", "unbounded", TaskState::Running, 1_000);
+    m.observe(&s, &p, 1_000);
+    m.tick(1_000 + 2_000 + STUCK_PAST_TIMEOUT_MS);
+    assert!(
+        m.take_new_anomalies().is_empty(),
+        "not past timeout + grace yet"
+    );
+    m.tick(1_000 + 2_000 + STUCK_PAST_TIMEOUT_MS + 1);
+    m.tick(1_000 + 2_000 + STUCK_PAST_TIMEOUT_MS + 2);
+    let a = m.take_new_anomalies();
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(
+        (a[0].kind, a[0].subject.as_str(), a[0].expected),
+        (AnomalyKind::StuckTask, "f/short", 2_000.0)
+    );
+    assert!(
+        a[0].message.contains("timeout of 2000 ms"),
+        "{}",
+        a[0].message
+    );
+}
+
+#[test]
+fn a_long_timeout_overrides_the_usual_time() {
+    let mut m = Monitor::new(0, "m", Settings::default());
+    for i in 0..30 {
+        run_task(
+            &mut m,
+            "f",
+            &format!("t{i}"),
+            0,
+            1,
+            100,
+            TaskState::Succeeded,
+        );
+    }
+    // Far past the usual time, but well within the 10-minute timeout it was given.
+    let (s, p) = tr_timeout("f", "batch", TaskState::Running, 1_000, Some(600_000));
+    m.observe(&s, &p, 1_000);
+    m.tick(1_000 + STUCK_MIN_MS * 4);
+    assert!(m.take_new_anomalies().is_empty());
+    m.tick(1_000 + 600_000 + STUCK_PAST_TIMEOUT_MS + 1);
+    let a = m.take_new_anomalies();
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(a[0].subject, "f/batch");
+}
+
+#[test]
+fn each_subject_family_has_its_own_traffic_detector() {
+    let mut m = Monitor::new(0, "m", Settings::default());
+    let mut now = 0;
+    let mut interval = |m: &mut Monitor, a: usize, b: usize| {
+        for _ in 0..a {
+            m.observe("coord.custom.a", b"{}", now);
+        }
+        for _ in 0..b {
+            m.observe("coord.custom.b", b"{}", now);
+        }
+        now += 10_000;
+        m.tick(now);
+        m.take_new_anomalies()
+    };
+    for i in 0..20 {
+        let found = interval(&mut m, 50 + i % 3, 3_000 + 10 * (i % 4));
+        assert!(found.is_empty(), "steady traffic: {found:?}");
+    }
+    // Family a jumps twentyfold; the total moves by a third (not an outlier).
+    let found = interval(&mut m, 1_000, 3_000);
+    let subjects: Vec<&str> = found.iter().map(|a| a.subject.as_str()).collect();
+    assert_eq!(subjects, ["messages:coord.custom.a"], "{found:?}");
+    assert_eq!(found[0].kind, AnomalyKind::Outlier);
+    // It stays one anomaly while it lasts.
+    assert!(interval(&mut m, 1_000, 3_000).is_empty());
+}
+
+#[test]
+fn family_detectors_are_capped() {
+    let mut m = Monitor::new(0, "m", Settings::default());
+    for i in 0..(MAX_FAMILY_DETECTORS + 10) {
+        m.observe(&format!("coord.custom.f{i}"), b"{}", 0);
+    }
+    m.tick(10_000);
+    assert_eq!(m.detectors.families.len(), MAX_FAMILY_DETECTORS);
+}
+
+#[test]
+fn queue_depth_is_the_assignments_waiting_per_agent() {
+    let mut m = Monitor::new(0, "m", Settings::default());
+    let assign = |pending: &[(&str, u64)]| StreamHealth {
+        name: common::nats::STREAM_ASSIGN.into(),
+        consumer_pending: pending.iter().map(|(c, n)| (c.to_string(), *n)).collect(),
+        ..Default::default()
+    };
+    let reports = StreamHealth {
+        name: common::nats::STREAM_REPORTS.into(),
+        consumer_pending: [("orchestrator".to_string(), 40)].into(),
+        ..Default::default()
+    };
+    m.observe_streams(
+        1_000,
+        &[
+            assign(&[("agent-w1", 3), ("agent-w2", 0), ("agent-w3", 5)]),
+            reports,
+        ],
+    );
+    let x = m.metrics(1_000);
+    assert_eq!(x.queue_depth, 8, "only the assignments stream counts");
+    assert_eq!(
+        x.queue_depth_by_agent,
+        [("w1".to_string(), 3), ("w3".to_string(), 5)].into()
+    );
+    m.observe_streams(2_000, &[assign(&[("agent-w1", 0)])]);
+    assert_eq!(m.metrics(2_000).queue_depth, 0);
+    assert!(m.metrics(2_000).queue_depth_by_agent.is_empty());
 }
 
 #[test]

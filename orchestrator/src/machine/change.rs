@@ -167,6 +167,7 @@ impl Flow {
                     attempt: t.attempt,
                     agent_id: None,
                     reason: Some("removed from the flow".into()),
+                    timeout_ms: None,
                 }));
             }
         }

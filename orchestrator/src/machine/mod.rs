@@ -65,6 +65,11 @@ pub struct Flow {
     /// Problems found at creation that did not stop the flow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<common::msg::ValidationProblem>,
+    /// The W3C `traceparent` of the request that created the flow. Work with no
+    /// cause of its own (a sweep's tick ending a back-off) continues this
+    /// trace, so every attempt of a task stays in the flow's trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
     pub tasks: BTreeMap<TaskId, Task>,
 }
 
@@ -244,6 +249,7 @@ impl Flow {
             max_parallelism: spec.max_parallelism,
             failure_mode: spec.failure_mode,
             warnings: Vec::new(),
+            trace: None,
             tasks,
         };
         let mut effects = vec![Effect::Event(EventKind::FlowCreated {
@@ -903,6 +909,11 @@ impl Flow {
             attempt: t.attempt,
             agent_id: t.agent.clone(),
             reason,
+            timeout_ms: if to == TaskState::Running {
+                t.spec.timeouts.start_to_close_ms
+            } else {
+                None
+            },
         }));
     }
 

@@ -16,3 +16,4 @@ mod services;
 mod startup;
 mod state;
 mod sync;
+mod traces;

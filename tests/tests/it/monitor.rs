@@ -2,8 +2,9 @@
 //! HTTP endpoints (Prometheus text read back strictly), cross-service
 //! validation finding a planted violation, and anomaly detection seeing an
 //! injected latency spike and throughput drop once each, and nothing in a
-//! steady run; health reading the NATS server's monitoring endpoint; the
-//! dashboard rendered in headless Chromium.
+//! steady run; health reading the NATS server's monitoring endpoint; queue
+//! depth read from the assignments stream; the dashboard rendered in headless
+//! Chromium.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -193,6 +194,58 @@ async fn bad_monitor_requests_get_typed_errors_and_the_monitor_stays_up() {
     let h = sys.client.health().await.unwrap();
     let me = h.services.iter().find(|s| s.name == "monitor").unwrap();
     assert!(me.errors >= 3, "{me:?}");
+}
+
+#[tokio::test]
+async fn queue_depth_counts_assignments_an_agent_has_not_taken() {
+    let sys = System::start().await;
+    // An agent that registers and opens its assignment consumer, then never pulls.
+    let agent = AgentId::new("queue-w1").unwrap();
+    let reg: common::msg::RegisterAgent = serde_json::from_value(json!({
+        "agent_id": agent,
+        "capacity": {"cpu": 4.0},
+        "heartbeat_interval_ms": 60_000,
+    }))
+    .unwrap();
+    sys.client.register_agent(&reg).await.unwrap();
+    async_nats::jetstream::new(sys.nats.clone())
+        .get_stream(common::nats::STREAM_ASSIGN)
+        .await
+        .unwrap()
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(coordkit::agent::consumer_name(&agent)),
+            filter_subject: subject::assign(&agent),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let tasks = vec![work("a", &[]), work("b", &[]), work("c", &[])];
+    sys.client
+        .create_flow(&flow("queue-f1", tasks))
+        .await
+        .unwrap();
+    let m = eventually(
+        Duration::from_secs(20),
+        "three assignments waiting",
+        || async {
+            // A health check reads the streams (as the probe loop does).
+            sys.client.health().await.ok()?;
+            let m = sys.client.metrics().await.ok()?;
+            (m.queue_depth == 3).then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(m.queue_depth_by_agent, [("queue-w1".to_string(), 3)].into());
+    let (_, _, text) = http_get(
+        &sys.client.health_report().await.unwrap().http_addr.unwrap(),
+        "/metrics",
+    )
+    .await;
+    assert!(text.contains("coord_queue_depth 3"), "{text}");
+    assert!(
+        text.contains("coord_agent_queue_depth{agent=\"queue-w1\"} 3"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -549,6 +602,10 @@ async fn dashboard_shows_a_running_flows_tasks_changing_state_in_headless_chromi
     assert_eq!(task_state(&dom, "b"), Some("blocked"), "{dom}");
     assert!(dom.contains("class=\"verdict healthy\""), "{dom}");
     assert!(dom.contains("<path"), "charts drawn: {dom}");
+    assert!(
+        dom.contains("<svg class=\"dag\"") && dom.matches("class=\"edge\"").count() == 1,
+        "the flow drawn as a graph with its one edge a → b: {dom}"
+    );
     assert!(
         !log.contains("Uncaught") && !log.contains("refresh failed"),
         "console errors:\n{log}"
