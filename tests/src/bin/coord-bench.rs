@@ -11,7 +11,10 @@
 //!   a core subject the driver subscribes to — pipelined and one at a time;
 //! - `dispatch`: the baseline first, then `--tasks` independent no-op tasks as
 //!   `--flows` flows submitted at once, then `--serial` one-task flows one at a
-//!   time; every figure is also printed as a ratio of the baseline's.
+//!   time; every figure is also printed as a ratio of the baseline's;
+//! - `state`: the synchronizer alone — compare-and-set updates on one hot key
+//!   under each conflict policy and over many keys, and a sync point with
+//!   rollback — beside the same KV pattern done raw (see `state.rs`).
 //!
 //! Latency is from just before a flow's create request (or a message's publish)
 //! to the driver receiving its task's `task.succeeded` event (or completion).
@@ -31,12 +34,17 @@ use futures::{stream::FuturesUnordered, StreamExt};
 use testkit::{NatsServer, ServiceHandle};
 use tokio::sync::{oneshot, Mutex};
 
+#[path = "coord-bench/state.rs"]
+mod state;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     /// The raw JetStream round only.
     Baseline,
     /// The baseline, then independent no-op tasks through the whole system.
     Dispatch,
+    /// The synchronizer's updates and sync points against raw KV.
+    State,
 }
 
 /// End-to-end benchmarks of coordkit against the bus's own limit.
@@ -70,6 +78,8 @@ struct Args {
     /// Give up on a round after this many seconds.
     #[arg(long, default_value_t = 180)]
     timeout_s: u64,
+    #[command(flatten)]
+    state: state::StateArgs,
 }
 
 /// One measured round.
@@ -129,6 +139,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("failed to connect to {url}"))?;
     let run_id = common::now_ms();
     let limit = Duration::from_secs(args.timeout_s);
+    if args.scenario == Scenario::State {
+        return state::run(&nats, &url, &args.state, run_id, limit).await;
+    }
     println!(
         "coord-bench: {url}, {} agents, {} orchestrator replica(s), {} tasks in {} flows, {} serial",
         args.agents, args.orchestrators, args.tasks, args.flows, args.serial
