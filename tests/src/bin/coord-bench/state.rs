@@ -48,8 +48,8 @@ pub(crate) struct StateArgs {
     /// Concurrent writers on the one hot key.
     #[arg(long, default_value_t = 8)]
     pub(crate) writers: usize,
-    /// Accepted updates per hot-key round.
-    #[arg(long, default_value_t = 400)]
+    /// Accepted updates per hot-key round (a quarter of them with one writer).
+    #[arg(long, default_value_t = 2000)]
     pub(crate) hot_updates: usize,
     /// Documents in the many-keys rounds.
     #[arg(long, default_value_t = 10_000)]
