@@ -17,6 +17,9 @@
 //!   of `--monitor-rates` for `--monitor-seconds`; it prints what the monitor
 //!   counted against what was published, beside a plain subscription to
 //!   `coord.>` in the driver (the bus's own limit), and the monitor's memory.
+//! - `state`: the synchronizer alone — compare-and-set updates on one hot key
+//!   under each conflict policy and over many keys, and a sync point with
+//!   rollback — beside the same KV pattern done raw (see `state.rs`).
 //!
 //! Latency is from just before a flow's create request (or a message's publish)
 //! to the driver receiving its task's `task.succeeded` event (or completion).
@@ -36,6 +39,9 @@ use futures::{stream::FuturesUnordered, StreamExt};
 use testkit::{NatsServer, ServiceHandle};
 use tokio::sync::{oneshot, Mutex};
 
+#[path = "coord-bench/state.rs"]
+mod state;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     /// The raw JetStream round only.
@@ -44,6 +50,8 @@ enum Scenario {
     Dispatch,
     /// The monitor's ingest rate and memory under sustained traffic.
     Monitor,
+    /// The synchronizer's updates and sync points against raw KV.
+    State,
 }
 
 /// End-to-end benchmarks of coordkit against the bus's own limit.
@@ -87,6 +95,8 @@ struct Args {
     /// How long each monitor step lasts.
     #[arg(long, default_value_t = 10)]
     monitor_seconds: u64,
+    #[command(flatten)]
+    state: state::StateArgs,
 }
 
 /// One measured round.
@@ -152,6 +162,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let run_id = common::now_ms();
     let limit = Duration::from_secs(args.timeout_s);
+    if args.scenario == Scenario::State {
+        return state::run(&nats, &url, &args.state, run_id, limit).await;
+    }
     println!(
         "coord-bench: {url}, {} agents, {} orchestrator replica(s), {} tasks in {} flows, {} serial",
         args.agents, args.orchestrators, args.tasks, args.flows, args.serial

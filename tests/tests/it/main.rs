@@ -5,6 +5,7 @@
 
 mod allocator;
 mod allocator_quota;
+mod bench;
 mod compose;
 mod corpus;
 mod errors;
