@@ -81,6 +81,26 @@ impl Allocator {
         locks.entry(id.clone()).or_default().clone()
     }
 
+    /// `best`, or, while this replica is booking on `best` already, the best
+    /// other agent that fits and is not being booked: concurrent requests then
+    /// book side by side instead of queueing behind one agent's lock (best
+    /// fit sends every request to the same agent). The compare-and-set still
+    /// re-checks the fit on the record it writes.
+    fn unbusy<'a>(
+        &self,
+        best: AgentId,
+        candidates: impl FnOnce() -> Vec<machine::Candidate<'a>>,
+    ) -> AgentId {
+        if self.agent_lock(&best).try_lock().is_ok() {
+            return best;
+        }
+        candidates()
+            .into_iter()
+            .map(|c| c.agent.agent_id.clone())
+            .find(|a| self.agent_lock(a).try_lock().is_ok())
+            .unwrap_or(best)
+    }
+
     /// Compare-and-set on one agent's record, starting from the cached copy.
     /// A lost race refreshes the copy and runs `f` again; so does a decision
     /// to change nothing made on the cache (it may be stale: a release must
@@ -235,7 +255,9 @@ impl Allocator {
             let governed = self.cached_quotas().governs(&req.owner);
             let chosen = machine::place(&records, &req.requirements, Some(&req.owner), now)
                 .map_err(|n| no_capacity(&n))?;
-            let agent = chosen.agent.agent_id.clone();
+            let agent = self.unbusy(chosen.agent.agent_id.clone(), || {
+                machine::candidates(&records, &req.requirements, Some(&req.owner), now)
+            });
             let booked = self
                 .update_agent(&agent, |mut rec| {
                     if let Some(a) = rec.allocations.get(&id) {
