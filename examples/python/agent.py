@@ -251,8 +251,23 @@ async def main():
     if not args.capacity:
         args.capacity = ["cpu=2"]
 
-    nc = await nats.connect(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), name=f"python-agent-{args.agent_id}")
+    holder = {}
+
+    async def on_reconnect():
+        # Events published while we were away (agent.lost among them) are gone:
+        # register again after every reconnect, as the protocol page says.
+        if "agent" in holder:
+            print("reconnected; registering again", flush=True)
+            asyncio.get_running_loop().create_task(holder["agent"].register())
+
+    nc = await nats.connect(
+        os.environ.get("NATS_URL", "nats://127.0.0.1:4222"),
+        name=f"python-agent-{args.agent_id}",
+        reconnected_cb=on_reconnect,
+        max_reconnect_attempts=-1,
+    )
     agent = Agent(nc, args)
+    holder["agent"] = agent
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, agent.stop.set)

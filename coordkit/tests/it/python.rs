@@ -154,3 +154,50 @@ async fn a_flow_completes_on_the_python_agent() {
     );
     let _ = agent.start_kill();
 }
+
+#[tokio::test]
+async fn the_python_agent_carries_on_after_a_nats_outage() {
+    let mut sys = System::start().await;
+    let mut agent = tokio::process::Command::new(python())
+        .arg(workspace_root().join("examples/python/agent.py"))
+        .args(["--agent-id", "py-2", "--capability", "python"])
+        .env("NATS_URL", sys.server.url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let run = |name: &'static str| {
+        let client = sys.client.clone();
+        async move {
+            let spec = FlowSpec::new(name, vec![task("only", &[], serde_json::json!({}))]);
+            let created = client.create_flow(&spec).await.unwrap();
+            eventually(Duration::from_secs(60), "the flow to finish", || async {
+                let s = client.flow_status(&created.flow_id).await.ok()?;
+                s.state.is_terminal().then_some(s.state)
+            })
+            .await
+        }
+    };
+    assert_eq!(run("before").await, FlowState::Succeeded);
+    sys.server.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sys.server.resume();
+    let after = run("after").await;
+    if after != FlowState::Succeeded {
+        let _ = agent.start_kill();
+        let out = agent.wait_with_output().await.unwrap();
+        panic!(
+            "flow after the outage ended {after:?}\nagent stdout:\n{}\nagent stderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = agent.start_kill();
+    let out = agent.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("reconnected; registering again"),
+        "{stdout}"
+    );
+}
