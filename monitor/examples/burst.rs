@@ -52,6 +52,7 @@ fn message(i: u64) -> (String, Vec<u8>) {
                 agent_id: Some(AgentId::new(&agent).unwrap()),
                 reason: None,
                 timeout_ms: None,
+                task_kind: None,
             };
             let ev = Event {
                 event_id: format!("e{i}"),

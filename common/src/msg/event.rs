@@ -57,6 +57,10 @@ pub enum EventKind {
         /// task's spec sets one, so a watcher can tell a long run from a stuck one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
+        /// On `running`: the task's kind, so a watcher can compare a run with
+        /// the usual time of its kind.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        task_kind: Option<String>,
     },
     FlowPaused {
         flow_id: FlowId,

@@ -96,6 +96,7 @@ fn every_message_round_trips() {
             agent_id: Some(a("w1")),
             reason: None,
             timeout_ms: None,
+            task_kind: Some("summarise".into()),
         },
     });
     round_trip(&StatePut {
@@ -194,6 +195,7 @@ fn event_subjects_follow_the_transition() {
         agent_id: None,
         reason: Some("why".into()),
         timeout_ms: None,
+        task_kind: None,
     };
     assert_eq!(k.subject(), "coord.events.task.succeeded");
 }

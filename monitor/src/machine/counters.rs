@@ -120,6 +120,7 @@ mod tests {
                 agent_id: None,
                 reason: None,
                 timeout_ms: None,
+                task_kind: None,
             },
         })
         .unwrap()

@@ -79,6 +79,8 @@ struct Tracked {
     started_ms: Option<u64>,
     /// The running attempt's start-to-close timeout, when its spec set one.
     timeout_ms: Option<u64>,
+    /// The task's kind, once it runs.
+    kind: Option<String>,
     agent: Option<String>,
     stuck_reported: bool,
 }
@@ -192,6 +194,9 @@ pub struct Monitor {
     agents: BTreeMap<String, bool>,
     agents_lost: u64,
     by_agent: HashMap<String, Ranked>,
+    /// Successful run times per task kind: the usual time a stuck task of
+    /// that kind is judged by.
+    by_kind: HashMap<String, Ranked>,
     by_flow: HashMap<String, Ranked>,
     state_conflicts: u64,
     sync_points: u64,
@@ -227,6 +232,7 @@ impl Monitor {
             agents: BTreeMap::new(),
             agents_lost: 0,
             by_agent: HashMap::new(),
+            by_kind: HashMap::new(),
             by_flow: HashMap::new(),
             state_conflicts: 0,
             sync_points: 0,
@@ -270,12 +276,13 @@ impl Monitor {
                 attempt,
                 agent_id,
                 timeout_ms,
+                task_kind,
                 ..
             } => self.transition(
                 flow_id.as_str(),
                 task_id.as_str(),
                 *to,
-                (*attempt, *timeout_ms),
+                (*attempt, *timeout_ms, task_kind.as_deref()),
                 agent_id.as_ref().map(|a| a.as_str()),
                 e.at_ms,
                 now_ms,
@@ -325,7 +332,7 @@ impl Monitor {
         flow: &str,
         task: &str,
         to: TaskState,
-        (attempt, timeout_ms): (u32, Option<u64>),
+        (attempt, timeout_ms, kind): (u32, Option<u64>, Option<&str>),
         agent: Option<&str>,
         at_ms: u64,
         now_ms: u64,
@@ -355,6 +362,9 @@ impl Monitor {
             TaskState::Running => {
                 t.started_ms = Some(at_ms);
                 t.timeout_ms = timeout_ms;
+                if kind.is_some() {
+                    t.kind = kind.map(str::to_owned);
+                }
                 if agent.is_some() {
                     t.agent = agent.map(str::to_owned);
                 }
@@ -388,6 +398,9 @@ impl Monitor {
                     }
                     if let Some(a) = t.agent.as_deref().or(agent) {
                         ranked_entry(&mut self.by_agent, a).record(seq, run);
+                    }
+                    if let (Some(k), TaskState::Succeeded) = (&t.kind, to) {
+                        ranked_entry(&mut self.by_kind, k).record(seq, run);
                     }
                 }
                 if let Some(r) = t.ready_ms {
@@ -559,21 +572,30 @@ impl Monitor {
     }
 
     /// A running task is stuck when it is well past its own start-to-close
-    /// timeout, or, without one, far past the usual (p99) run time once
-    /// there is a usual time to speak of.
+    /// timeout, or, without one, far past the usual (p99) run time of its
+    /// kind — or of all tasks while its kind has too few runs — once there is
+    /// a usual time to speak of.
     fn stuck_tasks(&mut self, now_ms: u64) {
         let usual = self.run_time.summary(now_ms, 60);
-        let usual_limit = (usual.count >= STUCK_MIN_SAMPLES)
-            .then(|| (usual.p99_ms.max(1) * STUCK_FACTOR).max(STUCK_MIN_MS));
+        let limit_of = |p99: u64| (p99.max(1) * STUCK_FACTOR).max(STUCK_MIN_MS);
+        let usual_all = (usual.count >= STUCK_MIN_SAMPLES).then_some(usual.p99_ms);
         let mut stuck = Vec::new();
         for ((flow, task), t) in self.tasks.iter_mut() {
             let (Some(s), false) = (t.started_ms, t.stuck_reported) else {
                 continue;
             };
-            let limit = match (t.timeout_ms, usual_limit) {
-                (Some(timeout), _) => timeout.saturating_add(STUCK_PAST_TIMEOUT_MS),
-                (None, Some(limit)) => limit,
-                (None, None) => continue,
+            let of_kind = t.kind.as_ref().and_then(|k| {
+                let r = self.by_kind.get(k)?;
+                let p99 = r.hist.as_ref()?.value_at_quantile(0.99);
+                (r.runs >= STUCK_MIN_SAMPLES).then(|| (k.clone(), p99))
+            });
+            let (limit, usual_ms, kind) = match (t.timeout_ms, of_kind, usual_all) {
+                (Some(timeout), _, _) => {
+                    (timeout.saturating_add(STUCK_PAST_TIMEOUT_MS), timeout, None)
+                }
+                (None, Some((k, p99)), _) => (limit_of(p99), p99, Some(k)),
+                (None, None, Some(p99)) => (limit_of(p99), p99, None),
+                (None, None, None) => continue,
             };
             let ran = now_ms.saturating_sub(s);
             if ran > limit {
@@ -584,10 +606,11 @@ impl Monitor {
                     t.attempt,
                     t.agent.clone(),
                     t.timeout_ms,
+                    (usual_ms, kind),
                 ));
             }
         }
-        for (subject, ran, attempt, agent, timeout) in stuck {
+        for (subject, ran, attempt, agent, timeout, (usual_ms, kind)) in stuck {
             let on = agent.as_deref().unwrap_or("an unknown agent");
             let (expected, message) = match timeout {
                 Some(timeout) => (
@@ -597,11 +620,15 @@ impl Monitor {
                     ),
                 ),
                 None => (
-                    usual.p99_ms,
-                    format!(
-                        "attempt {attempt} on {on} has run {ran} ms; tasks usually finish within {} ms (p99)",
-                        usual.p99_ms
-                    ),
+                    usual_ms,
+                    match kind {
+                        Some(k) => format!(
+                            "attempt {attempt} on {on} has run {ran} ms; tasks of kind {k} usually finish within {usual_ms} ms (p99)"
+                        ),
+                        None => format!(
+                            "attempt {attempt} on {on} has run {ran} ms; tasks usually finish within {usual_ms} ms (p99)"
+                        ),
+                    },
                 ),
             };
             self.raise(

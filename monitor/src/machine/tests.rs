@@ -23,6 +23,17 @@ fn tr_timeout(
     at_ms: u64,
     timeout_ms: Option<u64>,
 ) -> (String, Vec<u8>) {
+    tr_full(flow, task, to, at_ms, timeout_ms, None)
+}
+
+fn tr_full(
+    flow: &str,
+    task: &str,
+    to: TaskState,
+    at_ms: u64,
+    timeout_ms: Option<u64>,
+    task_kind: Option<&str>,
+) -> (String, Vec<u8>) {
     let kind = EventKind::TaskTransition {
         flow_id: FlowId::new(flow).unwrap(),
         task_id: TaskId::new(task).unwrap(),
@@ -32,6 +43,7 @@ fn tr_timeout(
         agent_id: Some(AgentId::new("w1").unwrap()),
         reason: None,
         timeout_ms,
+        task_kind: task_kind.map(str::to_owned),
     };
     (kind.subject().to_owned(), ev(at_ms, kind))
 }
@@ -360,5 +372,44 @@ fn saturation_and_growing_lag_fire_once_until_they_clear() {
     assert_eq!(
         (lag[0].kind, lag[0].subject.as_str()),
         (AnomalyKind::ConsumerLag, "S/c")
+    );
+}
+
+#[test]
+fn a_task_is_judged_by_the_usual_time_of_its_own_kind() {
+    let mut m = Monitor::new(0, "m", Settings::default());
+    // Quick tasks usually take 1 s, slow ones 100 s: the overall p99 (100 s)
+    // would let a quick task hang for 500 s before anyone said so.
+    for (kind, run) in [("quick", 1_000u64), ("slow", 100_000)] {
+        for i in 0..25 {
+            let task = format!("{kind}{i}");
+            let (s, p) = tr_full("f", &task, TaskState::Running, 0, None, Some(kind));
+            m.observe(&s, &p, 0);
+            let (s, p) = tr("f", &task, TaskState::Succeeded, run);
+            m.observe(&s, &p, run);
+        }
+    }
+    let (s, p) = tr_full(
+        "f",
+        "hung",
+        TaskState::Running,
+        200_000,
+        None,
+        Some("quick"),
+    );
+    m.observe(&s, &p, 200_000);
+    let (s, p) = tr_full("f", "long", TaskState::Running, 200_000, None, Some("slow"));
+    m.observe(&s, &p, 200_000);
+    m.tick(200_000 + STUCK_MIN_MS - 1);
+    assert!(m.take_new_anomalies().is_empty());
+    m.tick(200_000 + STUCK_MIN_MS + 1);
+    m.tick(200_000 + STUCK_MIN_MS + 2);
+    let a = m.take_new_anomalies();
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(a[0].subject, "f/hung");
+    assert!(
+        a[0].message.contains("tasks of kind quick"),
+        "{}",
+        a[0].message
     );
 }

@@ -168,6 +168,7 @@ impl Flow {
                     agent_id: None,
                     reason: Some("removed from the flow".into()),
                     timeout_ms: None,
+                    task_kind: None,
                 }));
             }
         }

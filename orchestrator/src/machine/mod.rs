@@ -914,6 +914,8 @@ impl Flow {
             } else {
                 None
             },
+            task_kind: (to == TaskState::Running && !t.spec.kind.is_empty())
+                .then(|| t.spec.kind.clone()),
         }));
     }
 

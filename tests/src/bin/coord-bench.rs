@@ -616,6 +616,7 @@ fn ingest_message(run_id: u64, i: u64) -> anyhow::Result<(String, Vec<u8>)> {
                     agent_id: Some(agent),
                     reason: None,
                     timeout_ms: None,
+                    task_kind: None,
                 },
             };
             (event.kind.subject().to_owned(), serde_json::to_vec(&event)?)
