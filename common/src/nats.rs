@@ -73,6 +73,9 @@ async fn open(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, Error>
     if cfg.nats_tls_required {
         opts = opts.require_tls(true);
     }
+    if let Some(prefix) = &cfg.nats_inbox_prefix {
+        opts = opts.custom_inbox_prefix(prefix);
+    }
     let name = name.to_owned();
     let opts = opts
         .name(name.clone())

@@ -163,9 +163,16 @@ pub async fn main() {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(mut cli: Cli) -> anyhow::Result<()> {
     if std::env::var_os("RUST_LOG").is_some() {
         std::mem::forget(common::telemetry::init("coordctl"));
+    }
+    // An agent's replies go to its own inboxes, the only ones a server that
+    // isolates agents lets it read.
+    if let Command::Agent { id, .. } = &cli.command {
+        if cli.nats.nats_inbox_prefix.is_none() {
+            cli.nats.nats_inbox_prefix = Some(crate::agent::inbox_prefix(&self::id(id)?));
+        }
     }
     let nats =
         common::nats::connect_within(&cli.nats, "coordctl", cli.nats.request_timeout()).await?;
