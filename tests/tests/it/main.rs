@@ -10,6 +10,7 @@ mod compose;
 mod corpus;
 mod errors;
 mod flow;
+mod isolation;
 mod monitor;
 mod orchestrator;
 mod reconnect;
