@@ -102,3 +102,52 @@ fn compose_runs_workspace_binaries_against_the_nats_service() {
         assert!(depends.contains("nats"), "{name} starts after nats");
     }
 }
+
+/// The isolating overlay: nats loads `nats-isolated.conf` (mounted next to
+/// the files it includes), every service logs in as `coord-service`, the demo
+/// agent as itself, and every password the server's config reads is given to it.
+#[test]
+fn the_isolating_overlay_logs_every_client_in() {
+    let root = workspace_root();
+    let overlay: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root.join("deploy/compose.isolated.yml")).unwrap(),
+    )
+    .unwrap();
+    let base: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(root.join("docker-compose.yml")).unwrap())
+            .unwrap();
+    let nats = &overlay["services"]["nats"];
+    assert!(serde_yaml::to_string(&nats["command"])
+        .unwrap()
+        .contains("/etc/nats/nats-isolated.conf"));
+    let mounts = serde_yaml::to_string(&nats["volumes"]).unwrap()
+        + &serde_yaml::to_string(&base["services"]["nats"]["volumes"]).unwrap();
+    for file in ["nats.conf", "nats-auth.conf", "nats-isolated.conf"] {
+        assert!(root.join("deploy").join(file).exists());
+        assert!(
+            mounts.contains(&format!("./deploy/{file}:/etc/nats/{file}")),
+            "{file} mounted: {mounts}"
+        );
+    }
+    let auth = std::fs::read_to_string(root.join("deploy/nats-auth.conf")).unwrap();
+    let nats_env = serde_yaml::to_string(&nats["environment"]).unwrap();
+    for var in auth.split('$').skip(1).filter_map(|rest| {
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+            .collect();
+        name.ends_with("_PASSWORD").then_some(name)
+    }) {
+        assert!(nats_env.contains(&var), "nats is given {var}: {nats_env}");
+    }
+    for name in ["orchestrator", "allocator", "synchronizer", "monitor"] {
+        let env = serde_yaml::to_string(&overlay["services"][name]["environment"]).unwrap();
+        assert!(
+            env.contains("NATS_USER: coord-service") && env.contains("NATS_PASSWORD"),
+            "{name} logs in: {env}"
+        );
+    }
+    let agent = serde_yaml::to_string(&overlay["services"]["demo-agent"]["environment"]).unwrap();
+    assert!(agent.contains("NATS_USER: demo-agent"), "{agent}");
+    assert!(auth.contains("user: \"demo-agent\""));
+}
