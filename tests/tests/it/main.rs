@@ -6,6 +6,7 @@
 mod allocator;
 mod allocator_quota;
 mod bench;
+mod cluster;
 mod compose;
 mod corpus;
 mod errors;
