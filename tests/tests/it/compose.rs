@@ -151,3 +151,56 @@ fn the_isolating_overlay_logs_every_client_in() {
     assert!(agent.contains("NATS_USER: demo-agent"), "{agent}");
     assert!(auth.contains("user: \"demo-agent\""));
 }
+
+/// The cluster overlay: three nodes, each with its own store and the cluster
+/// config routing to all three by service name; every client knows all three
+/// and asks for 3 replicas.
+#[test]
+fn the_cluster_overlay_runs_three_routed_nodes() {
+    let root = workspace_root();
+    let mut overlay: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root.join("deploy/compose.cluster.yml")).unwrap(),
+    )
+    .unwrap();
+    // The nodes share their settings through `<<: *node`.
+    overlay.apply_merge().unwrap();
+    let conf = std::fs::read_to_string(root.join("deploy/nats-cluster.conf")).unwrap();
+    let nodes = ["nats", "nats-2", "nats-3"];
+    let mut names = BTreeSet::new();
+    for node in nodes {
+        assert!(
+            conf.contains(&format!("nats-route://{node}:6222")),
+            "routes reach {node}"
+        );
+        let svc = &overlay["services"][node];
+        assert!(serde_yaml::to_string(&svc["command"])
+            .unwrap()
+            .contains("/etc/nats/nats-cluster.conf"));
+        names.insert(svc["environment"]["NATS_SERVER_NAME"].as_str().unwrap());
+        let volumes = serde_yaml::to_string(&svc["volumes"]).unwrap();
+        assert!(volumes.contains("./deploy/nats-cluster.conf:/etc/nats/nats-cluster.conf"));
+    }
+    assert_eq!(names.len(), 3, "every node has a name of its own");
+    for node in ["nats-2", "nats-3"] {
+        let volumes = serde_yaml::to_string(&overlay["services"][node]["volumes"]).unwrap();
+        assert!(volumes.contains(&format!("nats-data-{}:/data", &node[5..])));
+        assert!(volumes.contains("./deploy/nats.conf:/etc/nats/nats.conf"));
+    }
+    for name in [
+        "orchestrator",
+        "allocator",
+        "synchronizer",
+        "monitor",
+        "demo-agent",
+    ] {
+        let env = &overlay["services"][name]["environment"];
+        let url = env["NATS_URL"].as_str().unwrap();
+        for node in nodes {
+            assert!(
+                url.contains(&format!("nats://{node}:4222")),
+                "{name}: {url}"
+            );
+        }
+        assert_eq!(env["COORD_JS_REPLICAS"].as_str(), Some("3"), "{name}");
+    }
+}
