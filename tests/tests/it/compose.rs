@@ -203,4 +203,7 @@ fn the_cluster_overlay_runs_three_routed_nodes() {
         }
         assert_eq!(env["COORD_JS_REPLICAS"].as_str(), Some("3"), "{name}");
     }
+    // Failover takes seconds; a 1 s heartbeat would get the agent declared lost.
+    let beat = &overlay["services"]["demo-agent"]["environment"]["COORD_HEARTBEAT_MS"];
+    assert!(beat.as_str().and_then(|b| b.parse::<u64>().ok()) >= Some(5_000));
 }
