@@ -31,6 +31,12 @@ pub struct NatsConfig {
     /// Refuse to connect without TLS.
     #[arg(long, env = "NATS_TLS_REQUIRED")]
     pub nats_tls_required: bool,
+    /// Prefix of this connection's reply subjects (default `_INBOX`). An agent
+    /// on a server that isolates agents uses `_INBOX_{its id}`, the only inbox
+    /// it may subscribe to, so no one else can read the replies it is sent
+    /// (JetStream delivers pulled assignments to an inbox too).
+    #[arg(long, env = "NATS_INBOX_PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
     /// Replicas for the JetStream streams and KV buckets a service creates
     /// (3 on a 3-node cluster). Existing ones are left as they are.
     #[arg(long, env = "COORD_JS_REPLICAS", default_value_t = 1)]
@@ -52,6 +58,7 @@ impl NatsConfig {
             nats_tls_cert: None,
             nats_tls_key: None,
             nats_tls_required: false,
+            nats_inbox_prefix: None,
             js_replicas: 1,
             request_timeout_ms: 5_000,
         }

@@ -73,6 +73,9 @@ async fn open(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, Error>
     if cfg.nats_tls_required {
         opts = opts.require_tls(true);
     }
+    if let Some(prefix) = &cfg.nats_inbox_prefix {
+        opts = opts.custom_inbox_prefix(prefix);
+    }
     let name = name.to_owned();
     let opts = opts
         .name(name.clone())
@@ -97,7 +100,14 @@ async fn open(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, Error>
             }
         });
     let urls = cfg.nats_url.as_str();
-    opts.connect(urls).await.map_err(|e| {
+    // Several servers (a cluster) are a comma-separated list; the client
+    // moves to another one when the server it is on goes away.
+    let servers: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    opts.connect(servers).await.map_err(|e| {
         Error::new(
             ErrorCode::Unavailable,
             format!("cannot connect to nats at {urls}: {e}"),

@@ -88,6 +88,13 @@ pub fn consumer_name(agent: &AgentId) -> String {
     format!("agent-{agent}")
 }
 
+/// The reply-subject prefix of an agent's connection (`_INBOX_{id}`; see
+/// `NatsConfig::nats_inbox_prefix`): where a server isolating agents lets this
+/// agent, and only it, receive replies and pulled assignments.
+pub fn inbox_prefix(agent: &AgentId) -> String {
+    format!("_INBOX_{agent}")
+}
+
 /// Runs an agent until `shutdown` resolves: in-flight tasks finish and are
 /// reported, then the function returns.
 pub async fn run<H, Fut>(

@@ -70,6 +70,16 @@ pub async fn run_echo_agent(
 ) -> Result<(), Error> {
     let mut opts = demo_agent_options()?;
     opts.agent_id = agent_id;
+    run_echo_agent_with(nats, opts, work, shutdown).await
+}
+
+/// An echo agent with options of its own (another heartbeat interval, say).
+pub async fn run_echo_agent_with(
+    nats: async_nats::Client,
+    opts: agent::AgentOptions,
+    work: Duration,
+    shutdown: impl std::future::Future,
+) -> Result<(), Error> {
     agent::run(
         nats,
         opts,

@@ -187,6 +187,144 @@ impl Drop for NatsServer {
     }
 }
 
+/// A JetStream cluster of nats-servers on loopback, private to one test.
+///
+/// The first node picks its route port itself; the others route to it and
+/// find each other by gossip. After the first start every node's config pins
+/// the ports it got, so a node killed and resumed comes back where its peers
+/// look for it, with its store.
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+}
+
+struct ClusterNode {
+    child: Option<Child>,
+    url: String,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes and waits until JetStream answers through each.
+    pub async fn start(size: usize) -> NatsCluster {
+        let bin = nats_server_bin().unwrap_or_else(|hint| panic!("{hint}"));
+        let mut nodes: Vec<ClusterNode> = Vec::new();
+        let mut route_ports: Vec<u16> = Vec::new();
+        let write = |config: &Path, i: usize, port: Option<u16>, routes: &[u16]| {
+            // A clustered JetStream server will not start without a route; the
+            // first node gets one to a closed port until it knows its peers.
+            let routes: Vec<String> = match routes {
+                [] => vec!["\"nats-route://127.0.0.1:1\"".to_owned()],
+                ports => ports
+                    .iter()
+                    .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+                    .collect(),
+            };
+            let port = port.map_or("-1".to_owned(), |p| p.to_string());
+            std::fs::write(
+                config,
+                format!(
+                    "server_name: n{i}\ncluster {{\n  name: coordkit-test\n  host: 127.0.0.1\n  port: {port}\n  routes: [{}]\n}}\n",
+                    routes.join(", ")
+                ),
+            )
+            .expect("nats-server config");
+        };
+        for i in 0..size {
+            let dir = tempfile::tempdir().expect("temp dir for nats-server");
+            let config = dir.path().join("nats-server.conf");
+            write(&config, i, None, &route_ports);
+            let (child, url) = spawn(&bin, dir.path(), None, Some(&config));
+            let route_port = read_ports(dir.path())["cluster"][0]
+                .as_str()
+                .and_then(|u| u.rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok())
+                .expect("the node's route port");
+            route_ports.push(route_port);
+            nodes.push(ClusterNode {
+                child: Some(child),
+                url,
+                dir,
+                config,
+            });
+        }
+        // From now on every node starts on its own ports with routes to all.
+        for (i, node) in nodes.iter().enumerate() {
+            write(&node.config, i, Some(route_ports[i]), &route_ports);
+        }
+        let cluster = NatsCluster { nodes };
+        for node in &cluster.nodes {
+            let client = async_nats::connect(&node.url)
+                .await
+                .expect("connect to a node");
+            let js = async_nats::jetstream::new(client);
+            let started = Instant::now();
+            while js.query_account().await.is_err() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "JetStream cluster not ready within 30 s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        cluster
+    }
+
+    /// Every node's URL, comma-separated (what `NATS_URL` takes).
+    pub fn urls(&self) -> String {
+        let urls: Vec<&str> = self.nodes.iter().map(|n| n.url.as_str()).collect();
+        urls.join(",")
+    }
+
+    pub fn url(&self, node: usize) -> &str {
+        &self.nodes[node].url
+    }
+
+    /// Settings for a service on this cluster, streams and buckets on every node.
+    pub fn config(&self) -> NatsConfig {
+        let mut cfg = NatsConfig::new(self.urls());
+        cfg.js_replicas = self.nodes.len();
+        cfg
+    }
+
+    /// Kills one node (as a crash would), keeping its ports and store.
+    pub fn kill(&mut self, node: usize) {
+        if let Some(mut child) = self.nodes[node].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a killed node again on its ports and store.
+    pub fn resume(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        let port = n.url.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+        let bin = nats_server_bin().expect("nats-server");
+        let (child, url) = spawn(&bin, n.dir.path(), port, Some(&n.config));
+        n.child = Some(child);
+        n.url = url;
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// What a server wrote to its ports file (`--ports_file_dir`).
+fn read_ports(dir: &Path) -> serde_json::Value {
+    std::fs::read_dir(dir.join("ports"))
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .and_then(|e| std::fs::read_to_string(e.path()).ok())
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default()
+}
+
 /// One service running in-process, stopped on drop or by [`ServiceHandle::stop`].
 pub struct ServiceHandle {
     pub name: &'static str,

@@ -65,6 +65,10 @@ enum Command {
         id: String,
         #[arg(long, default_value_t = 100)]
         work_ms: u64,
+        /// Heartbeat interval in milliseconds; on a NATS cluster, above a
+        /// node's failover time (5000), or the agent is declared lost meanwhile.
+        #[arg(long, env = "COORD_HEARTBEAT_MS", default_value_t = 1_000)]
+        heartbeat_ms: u64,
     },
     /// Task flows: submit, follow, pause, resume, cancel.
     #[command(subcommand)]
@@ -163,9 +167,16 @@ pub async fn main() {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(mut cli: Cli) -> anyhow::Result<()> {
     if std::env::var_os("RUST_LOG").is_some() {
         std::mem::forget(common::telemetry::init("coordctl"));
+    }
+    // An agent's replies go to its own inboxes, the only ones a server that
+    // isolates agents lets it read.
+    if let Command::Agent { id, .. } = &cli.command {
+        if cli.nats.nats_inbox_prefix.is_none() {
+            cli.nats.nats_inbox_prefix = Some(crate::agent::inbox_prefix(&self::id(id)?));
+        }
     }
     let nats =
         common::nats::connect_within(&cli.nats, "coordctl", cli.nats.request_timeout()).await?;
@@ -176,12 +187,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Demo { exit, work_ms } => run_demo(nats.clone(), client, exit, work_ms).await?,
-        Command::Agent { id, work_ms } => {
+        Command::Agent {
+            id,
+            work_ms,
+            heartbeat_ms,
+        } => {
             let agent: AgentId = self::id(&id)?;
             println!("agent {agent} running; Ctrl-C to stop");
-            demo::run_echo_agent(
+            let mut opts = demo::demo_agent_options()?;
+            opts.agent_id = agent;
+            opts.heartbeat_interval = Duration::from_millis(heartbeat_ms.max(50));
+            demo::run_echo_agent_with(
                 nats.clone(),
-                agent,
+                opts,
                 Duration::from_millis(work_ms),
                 common::shutdown::signal(),
             )

@@ -102,3 +102,108 @@ fn compose_runs_workspace_binaries_against_the_nats_service() {
         assert!(depends.contains("nats"), "{name} starts after nats");
     }
 }
+
+/// The isolating overlay: nats loads `nats-isolated.conf` (mounted next to
+/// the files it includes), every service logs in as `coord-service`, the demo
+/// agent as itself, and every password the server's config reads is given to it.
+#[test]
+fn the_isolating_overlay_logs_every_client_in() {
+    let root = workspace_root();
+    let overlay: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root.join("deploy/compose.isolated.yml")).unwrap(),
+    )
+    .unwrap();
+    let base: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(root.join("docker-compose.yml")).unwrap())
+            .unwrap();
+    let nats = &overlay["services"]["nats"];
+    assert!(serde_yaml::to_string(&nats["command"])
+        .unwrap()
+        .contains("/etc/nats/nats-isolated.conf"));
+    let mounts = serde_yaml::to_string(&nats["volumes"]).unwrap()
+        + &serde_yaml::to_string(&base["services"]["nats"]["volumes"]).unwrap();
+    for file in ["nats.conf", "nats-auth.conf", "nats-isolated.conf"] {
+        assert!(root.join("deploy").join(file).exists());
+        assert!(
+            mounts.contains(&format!("./deploy/{file}:/etc/nats/{file}")),
+            "{file} mounted: {mounts}"
+        );
+    }
+    let auth = std::fs::read_to_string(root.join("deploy/nats-auth.conf")).unwrap();
+    let nats_env = serde_yaml::to_string(&nats["environment"]).unwrap();
+    for var in auth.split('$').skip(1).filter_map(|rest| {
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+            .collect();
+        name.ends_with("_PASSWORD").then_some(name)
+    }) {
+        assert!(nats_env.contains(&var), "nats is given {var}: {nats_env}");
+    }
+    for name in ["orchestrator", "allocator", "synchronizer", "monitor"] {
+        let env = serde_yaml::to_string(&overlay["services"][name]["environment"]).unwrap();
+        assert!(
+            env.contains("NATS_USER: coord-service") && env.contains("NATS_PASSWORD"),
+            "{name} logs in: {env}"
+        );
+    }
+    let agent = serde_yaml::to_string(&overlay["services"]["demo-agent"]["environment"]).unwrap();
+    assert!(agent.contains("NATS_USER: demo-agent"), "{agent}");
+    assert!(auth.contains("user: \"demo-agent\""));
+}
+
+/// The cluster overlay: three nodes, each with its own store and the cluster
+/// config routing to all three by service name; every client knows all three
+/// and asks for 3 replicas.
+#[test]
+fn the_cluster_overlay_runs_three_routed_nodes() {
+    let root = workspace_root();
+    let mut overlay: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root.join("deploy/compose.cluster.yml")).unwrap(),
+    )
+    .unwrap();
+    // The nodes share their settings through `<<: *node`.
+    overlay.apply_merge().unwrap();
+    let conf = std::fs::read_to_string(root.join("deploy/nats-cluster.conf")).unwrap();
+    let nodes = ["nats", "nats-2", "nats-3"];
+    let mut names = BTreeSet::new();
+    for node in nodes {
+        assert!(
+            conf.contains(&format!("nats-route://{node}:6222")),
+            "routes reach {node}"
+        );
+        let svc = &overlay["services"][node];
+        assert!(serde_yaml::to_string(&svc["command"])
+            .unwrap()
+            .contains("/etc/nats/nats-cluster.conf"));
+        names.insert(svc["environment"]["NATS_SERVER_NAME"].as_str().unwrap());
+        let volumes = serde_yaml::to_string(&svc["volumes"]).unwrap();
+        assert!(volumes.contains("./deploy/nats-cluster.conf:/etc/nats/nats-cluster.conf"));
+    }
+    assert_eq!(names.len(), 3, "every node has a name of its own");
+    for node in ["nats-2", "nats-3"] {
+        let volumes = serde_yaml::to_string(&overlay["services"][node]["volumes"]).unwrap();
+        assert!(volumes.contains(&format!("nats-data-{}:/data", &node[5..])));
+        assert!(volumes.contains("./deploy/nats.conf:/etc/nats/nats.conf"));
+    }
+    for name in [
+        "orchestrator",
+        "allocator",
+        "synchronizer",
+        "monitor",
+        "demo-agent",
+    ] {
+        let env = &overlay["services"][name]["environment"];
+        let url = env["NATS_URL"].as_str().unwrap();
+        for node in nodes {
+            assert!(
+                url.contains(&format!("nats://{node}:4222")),
+                "{name}: {url}"
+            );
+        }
+        assert_eq!(env["COORD_JS_REPLICAS"].as_str(), Some("3"), "{name}");
+    }
+    // Failover takes seconds; a 1 s heartbeat would get the agent declared lost.
+    let beat = &overlay["services"]["demo-agent"]["environment"]["COORD_HEARTBEAT_MS"];
+    assert!(beat.as_str().and_then(|b| b.parse::<u64>().ok()) >= Some(5_000));
+}

@@ -6,10 +6,12 @@
 mod allocator;
 mod allocator_quota;
 mod bench;
+mod cluster;
 mod compose;
 mod corpus;
 mod errors;
 mod flow;
+mod isolation;
 mod monitor;
 mod orchestrator;
 mod reconnect;
