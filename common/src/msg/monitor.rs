@@ -65,6 +65,20 @@ pub struct SystemMetrics {
     /// The same per agent, for agents with any waiting (bounded).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub queue_depth_by_agent: BTreeMap<String, u64>,
+    /// The deepest the queue was seen over each window.
+    #[serde(default)]
+    pub queue_depth_peak: WindowPeaks,
+}
+
+/// The highest value a gauge was seen at over each sliding window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WindowPeaks {
+    #[serde(default)]
+    pub last_1m: f64,
+    #[serde(default)]
+    pub last_15m: f64,
+    #[serde(default)]
+    pub last_1h: f64,
 }
 
 /// Rates over the three sliding windows, per second.

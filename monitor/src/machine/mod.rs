@@ -211,6 +211,7 @@ pub struct Monitor {
     /// Assignments waiting in all, and per agent (capped), from the last
     /// look at the streams.
     queue_depth: u64,
+    queue_depth_windows: Windows,
     queue: BTreeMap<String, u64>,
 }
 
@@ -245,6 +246,7 @@ impl Monitor {
             saturation: BTreeMap::new(),
             lag: BTreeMap::new(),
             queue_depth: 0,
+            queue_depth_windows: Windows::default(),
             queue: BTreeMap::new(),
         }
     }
@@ -681,6 +683,8 @@ impl Monitor {
             .find(|s| s.name == common::nats::STREAM_ASSIGN)
         {
             self.queue_depth = assign.consumer_pending.values().sum();
+            self.queue_depth_windows
+                .observe(now_ms, self.queue_depth as f64);
             // Each agent reads its assignments through the durable `agent-{id}`.
             self.queue = assign
                 .consumer_pending
@@ -753,6 +757,7 @@ impl Monitor {
         m.sync_points = self.sync_points;
         m.tasks_tracked = self.tasks.len();
         m.queue_depth = self.queue_depth;
+        m.queue_depth_peak = self.queue_depth_windows.peaks(now_ms);
         m.queue_depth_by_agent = self.queue.clone();
         m
     }

@@ -4,7 +4,7 @@
 //! passed are cleared lazily when the ring advances, so memory is the same after
 //! one message or a billion.
 
-use common::msg::WindowRates;
+use common::msg::{WindowPeaks, WindowRates};
 
 /// One ring of `len` buckets, each `width_ms` wide.
 #[derive(Debug, Clone)]
@@ -48,6 +48,16 @@ impl Ring {
         if cur + self.len() > self.head {
             let i = (cur % self.len()) as usize;
             self.slots[i] += v;
+        }
+    }
+
+    /// Keeps the larger of the bucket's value and `v` (for gauges).
+    pub fn raise(&mut self, now_ms: u64, v: f64) {
+        self.advance(now_ms);
+        let cur = now_ms / self.width_ms;
+        if cur + self.len() > self.head {
+            let i = (cur % self.len()) as usize;
+            self.slots[i] = self.slots[i].max(v);
         }
     }
 
@@ -105,6 +115,23 @@ impl Windows {
         }
     }
 
+    /// Records a gauge reading: each bucket keeps the highest seen in it.
+    pub fn observe(&mut self, now_ms: u64, v: f64) {
+        self.sec.raise(now_ms, v);
+        self.ten.raise(now_ms, v);
+        self.min.raise(now_ms, v);
+    }
+
+    /// The highest gauge reading over the last minute, 15 minutes and hour.
+    pub fn peaks(&self, now_ms: u64) -> WindowPeaks {
+        let max = |r: &Ring, n| r.buckets(now_ms, n).into_iter().fold(0.0, f64::max);
+        WindowPeaks {
+            last_1m: max(&self.sec, 60),
+            last_15m: max(&self.ten, 90),
+            last_1h: max(&self.min, 60),
+        }
+    }
+
     /// Totals of the last `n` whole minutes, oldest first (the current minute last).
     pub fn minutes(&self, now_ms: u64, n: usize) -> Vec<f64> {
         self.min.buckets(now_ms, n)
@@ -141,5 +168,17 @@ mod tests {
         assert!((r.last_1h - 240.0 / 3_600.0).abs() < 1e-9, "{r:?}");
         // Nothing before the epoch of the clock: only the minutes that exist.
         assert_eq!(w.minutes(119_999, 3), vec![120.0, 120.0]);
+    }
+
+    #[test]
+    fn a_gauge_keeps_its_peak_per_window() {
+        let mut w = Windows::default();
+        w.observe(0, 5.0);
+        w.observe(500, 2.0);
+        w.observe(120_000, 1.0);
+        let p = w.peaks(120_000);
+        assert_eq!(p.last_1m, 1.0, "the 5 is older than a minute");
+        assert_eq!(p.last_15m, 5.0);
+        assert_eq!(p.last_1h, 5.0);
     }
 }

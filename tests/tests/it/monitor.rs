@@ -236,6 +236,8 @@ async fn queue_depth_counts_assignments_an_agent_has_not_taken() {
     )
     .await;
     assert_eq!(m.queue_depth_by_agent, [("queue-w1".to_string(), 3)].into());
+    assert_eq!(m.queue_depth_peak.last_1m, 3.0, "{:?}", m.queue_depth_peak);
+    assert_eq!(m.queue_depth_peak.last_1h, 3.0);
     let (_, _, text) = http_get(
         &sys.client.health_report().await.unwrap().http_addr.unwrap(),
         "/metrics",
