@@ -44,7 +44,7 @@ use common::{AgentId, Client, ErrorCode, FlowId, TaskId};
 use coordkit::agent::{self, AgentOptions};
 use futures::StreamExt;
 use serde_json::json;
-use testkit::{eventually, wait_for_service, NatsServer, Replica, System, SERVICES};
+use testkit::{eventually, wait_for_service, Isolated, NatsServer, Replica, System, SERVICES};
 
 /// The run's size and pace, from the environment.
 #[derive(Debug)]
@@ -57,7 +57,8 @@ struct Size {
     /// Mean time between faults.
     fault_every_ms: u64,
     seed: u64,
-    /// Each task's fixed work time.
+    /// Each task's fixed work time: long enough that a flow (a few tasks
+    /// deep) is still running when the next one arrives, so faults meet work.
     work_ms: u64,
 }
 
@@ -82,7 +83,7 @@ impl Size {
             seconds: env_u64("CHAOS_SECONDS", 60),
             fault_every_ms: env_u64("CHAOS_FAULT_EVERY_MS", 5_000),
             seed: env_u64("CHAOS_SEED", now.as_nanos() as u64 & 0xffff_ffff),
-            work_ms: env_u64("CHAOS_WORK_MS", 300),
+            work_ms: env_u64("CHAOS_WORK_MS", 1_000),
         }
     }
 }
@@ -118,62 +119,34 @@ struct Ledger {
 
 /// An agent on a runtime of its own, so that killing it ends its handlers,
 /// heartbeats and connection at once, as `kill -9` ends a process.
-struct AgentProc {
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl AgentProc {
-    fn start(cfg: NatsConfig, id: &str, ledger: Arc<Ledger>, work: Duration) -> AgentProc {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
+fn start_agent(cfg: NatsConfig, id: &str, ledger: Arc<Ledger>, work: Duration) -> Isolated {
+    let me = id.to_owned();
+    Isolated::spawn(async move {
+        let nats = common::nats::connect(&cfg, &format!("agent-{me}"))
+            .await
             .unwrap();
-        let me = id.to_owned();
-        runtime.spawn(async move {
-            let nats = common::nats::connect(&cfg, &format!("agent-{me}"))
-                .await
-                .unwrap();
-            let mut opts = AgentOptions::new(AgentId::new(&me).unwrap()).capacity("cpu", 2.0);
-            opts.heartbeat_interval = Duration::from_millis(500);
-            opts.concurrency = 2;
-            let handler = move |a: common::msg::Assignment| {
-                let (ledger, me) = (ledger.clone(), me.clone());
-                async move {
-                    *ledger.busy.lock().unwrap().entry(me.clone()).or_default() += 1;
-                    tokio::time::sleep(work).await;
-                    *ledger
-                        .runs
-                        .lock()
-                        .unwrap()
-                        .entry((a.flow_id.to_string(), a.task_id.to_string()))
-                        .or_default() += 1;
-                    *ledger.busy.lock().unwrap().entry(me.clone()).or_default() -= 1;
-                    Ok(json!({"by": me}))
-                }
-            };
-            if let Err(e) = agent::run(nats, opts, handler, pending::<()>()).await {
-                eprintln!("agent stopped: {e}");
+        let mut opts = AgentOptions::new(AgentId::new(&me).unwrap()).capacity("cpu", 2.0);
+        opts.heartbeat_interval = Duration::from_millis(500);
+        opts.concurrency = 2;
+        let handler = move |a: common::msg::Assignment| {
+            let (ledger, me) = (ledger.clone(), me.clone());
+            async move {
+                *ledger.busy.lock().unwrap().entry(me.clone()).or_default() += 1;
+                tokio::time::sleep(work).await;
+                *ledger
+                    .runs
+                    .lock()
+                    .unwrap()
+                    .entry((a.flow_id.to_string(), a.task_id.to_string()))
+                    .or_default() += 1;
+                *ledger.busy.lock().unwrap().entry(me.clone()).or_default() -= 1;
+                Ok(json!({"by": me}))
             }
-        });
-        AgentProc {
-            runtime: Some(runtime),
+        };
+        if let Err(e) = agent::run(nats, opts, handler, pending::<()>()).await {
+            eprintln!("agent stopped: {e}");
         }
-    }
-
-    fn kill(mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -191,7 +164,7 @@ struct Fault {
 }
 
 /// A random DAG of `n` tasks: each depends on up to two earlier ones.
-fn flow_spec(index: usize, n: usize, rng: &mut Rng) -> FlowSpec {
+fn flow_spec(index: usize, n: usize, work_ms: u64, rng: &mut Rng) -> FlowSpec {
     let tasks = (0..n)
         .map(|i| {
             let mut t = TaskSpec::new(TaskId::new(format!("t{i}")).unwrap());
@@ -209,7 +182,7 @@ fn flow_spec(index: usize, n: usize, rng: &mut Rng) -> FlowSpec {
                 }
             }
             // The lease: an attempt whose agent died is retried after this.
-            t.timeouts.start_to_close_ms = Some(3_000);
+            t.timeouts.start_to_close_ms = Some(2_000 + 3 * work_ms);
             t.retry = RetryPolicy {
                 max_attempts: 20,
                 backoff_base_ms: 100,
@@ -347,12 +320,12 @@ async fn no_task_is_lost_or_completed_twice_and_no_agent_over_allocated_under_ch
     let ledger: Arc<Ledger> = Arc::default();
     let work = Duration::from_millis(size.work_ms);
     let ids: Vec<String> = (0..size.agents).map(|i| format!("agent{i}")).collect();
-    let mut agents: BTreeMap<String, AgentProc> = ids
+    let mut agents: BTreeMap<String, Isolated> = ids
         .iter()
         .map(|id| {
             (
                 id.clone(),
-                AgentProc::start(cfg.clone(), id, ledger.clone(), work),
+                start_agent(cfg.clone(), id, ledger.clone(), work),
             )
         })
         .collect();
@@ -366,14 +339,14 @@ async fn no_task_is_lost_or_completed_twice_and_no_agent_over_allocated_under_ch
     )
     .await;
 
-    // Flows arrive through the first 70% of the window, so faults meet work.
+    // Flows arrive through the first 80% of the window, so faults meet work.
     let specs: Vec<FlowSpec> = (0..size.flows)
-        .map(|i| flow_spec(i, size.tasks, &mut rng))
+        .map(|i| flow_spec(i, size.tasks, size.work_ms, &mut rng))
         .collect();
     let flow_ids: Vec<FlowId> = specs.iter().map(|s| s.id.clone().unwrap()).collect();
     let started = Instant::now();
     let window = Duration::from_secs(size.seconds);
-    let gap = window.mul_f64(0.7) / size.flows.max(1) as u32;
+    let gap = window.mul_f64(0.8) / size.flows.max(1) as u32;
     let submitter = {
         let client = client.clone();
         tokio::spawn(async move {
@@ -439,7 +412,7 @@ async fn no_task_is_lost_or_completed_twice_and_no_agent_over_allocated_under_ch
             tokio::time::sleep(rng.millis(200, 3_000)).await;
             agents.insert(
                 id.clone(),
-                AgentProc::start(cfg.clone(), &id, ledger.clone(), work),
+                start_agent(cfg.clone(), &id, ledger.clone(), work),
             );
         }
     }
