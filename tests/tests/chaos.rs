@@ -663,8 +663,10 @@ async fn restart_nats(server: &mut NatsServer, rng: &mut Rng) -> Fault {
 }
 
 /// How long the paused agent is frozen: well past its heartbeat-loss window
-/// (3 × 300 ms) and its task's start-to-close lease (1.5 s).
-const PAUSE: Duration = Duration::from_secs(4);
+/// (3 × 300 ms, checked every 500 ms) and its task's start-to-close lease
+/// (3 s, long enough that the loss decides first and the frozen agent,
+/// declared lost, is not given the retry).
+const PAUSE: Duration = Duration::from_secs(6);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_paused_past_its_lease_has_its_late_reports_rejected() {
@@ -716,7 +718,7 @@ async fn an_agent_paused_past_its_lease_has_its_late_reports_rejected() {
         resources: [("cpu".to_string(), 1.0)].into(),
         ..Default::default()
     };
-    t.timeouts.start_to_close_ms = Some(1_500);
+    t.timeouts.start_to_close_ms = Some(3_000);
     t.retry = RetryPolicy {
         max_attempts: 5,
         backoff_base_ms: 100,
