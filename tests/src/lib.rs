@@ -128,11 +128,6 @@ impl NatsServer {
         self.url = url;
     }
 
-    /// What the server has logged since it last started.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
-    }
-
     pub async fn connect(&self) -> async_nats::Client {
         async_nats::connect(&self.url)
             .await
