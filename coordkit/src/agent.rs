@@ -230,6 +230,20 @@ where
     let unavailable = |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
     let stream = bus::ensure_stream(&js, Stream::Assign, 1).await?;
     let name = consumer_name(&opts.agent_id);
+    // Deliveries nobody acknowledged went to an earlier run of this agent that
+    // died mid-task. Until their ack wait (minutes) ends they count against
+    // `max_ack_pending` and hold back this run's assignments, so the consumer
+    // is made afresh: the stream is a work queue, its messages stay, and the
+    // new consumer delivers them at once (a stale attempt's reports are fenced).
+    if let Ok(info) = stream.consumer_info(&name).await {
+        if info.num_ack_pending > 0 {
+            tracing::info!(agent = %opts.agent_id, pending = info.num_ack_pending, "assignments of an earlier run unacknowledged, delivering them again");
+            stream
+                .delete_consumer(&name)
+                .await
+                .map_err(|e| unavailable(&e))?;
+        }
+    }
     let consumer = stream
         .get_or_create_consumer(
             &name,

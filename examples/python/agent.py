@@ -26,6 +26,7 @@ import time
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NotFoundError
 
 
 def now_ms() -> int:
@@ -204,6 +205,15 @@ class Agent:
         ]
         beats = asyncio.create_task(self.heartbeats())
         consumer = f"agent-{self.id}"
+        # Deliveries still unacknowledged went to an earlier run that died; they
+        # would hold back new work until ack_wait. A fresh consumer delivers
+        # them now (the work-queue stream keeps the messages).
+        try:
+            info = await self.js.consumer_info("COORD_ASSIGN", consumer)
+            if info.num_ack_pending:
+                await self.js.delete_consumer("COORD_ASSIGN", consumer)
+        except NotFoundError:
+            pass
         psub = await self.js.pull_subscribe(
             self.subject("assign"),
             durable=consumer,

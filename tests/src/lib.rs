@@ -415,6 +415,47 @@ impl Drop for Replica {
     }
 }
 
+/// Work on a runtime of its own (one worker thread), for an agent or any
+/// other process a test must be able to end the way `kill -9` would:
+/// [`Isolated::kill`] stops every task it spawned at once and drops its
+/// connections, with nothing acknowledged or cleaned up.
+pub struct Isolated {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Isolated {
+    pub fn spawn<F>(work: F) -> Isolated
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("isolated runtime");
+        runtime.spawn(work);
+        Isolated {
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Ends it abruptly.
+    pub fn kill(mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Isolated {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// The four services against one fresh server.
 pub struct System {
     pub server: NatsServer,

@@ -17,7 +17,7 @@ use common::{subject, AgentId, Client, FlowId, TaskId};
 use coordkit::agent::{self, AgentOptions, TaskFailure};
 use futures::StreamExt;
 use serde_json::json;
-use testkit::{eventually, Replica, System};
+use testkit::{eventually, Isolated, Replica, System};
 use tokio::sync::oneshot;
 
 pub(crate) fn tid(s: &str) -> TaskId {
@@ -571,6 +571,53 @@ async fn with_two_replicas_and_one_killed_every_task_completes_exactly_once() {
         let _ = stop.send(());
         handle.await.unwrap().unwrap();
     }
+}
+
+/// Before the runtime re-created its consumer, the killed run's delivery
+/// stayed pending for the ack wait (300 s) and filled `max_ack_pending`, so the
+/// restarted agent got nothing and this task never finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_task_and_restarted_runs_the_attempt_again_at_once() {
+    let sys = System::start().await;
+    let start = |hang: bool| {
+        let cfg = sys.server.config();
+        Isolated::spawn(async move {
+            let nats = common::nats::connect(&cfg, "agent-phoenix").await.unwrap();
+            let mut opts = AgentOptions::new(AgentId::new("phoenix").unwrap()).capacity("cpu", 1.0);
+            opts.heartbeat_interval = Duration::from_secs(1);
+            opts.concurrency = 1;
+            let handler = move |_| async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                Ok(json!("done"))
+            };
+            agent::run(nats, opts, handler, std::future::pending::<()>())
+                .await
+                .unwrap();
+        })
+    };
+    let first = start(true);
+    wait_registered(&sys.client, "phoenix").await;
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new("phoenix", vec![cpu_task("t", &[])]))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the task running", || async {
+        let s = sys.client.flow_status(&created.flow_id).await.ok()?;
+        (s.tasks[0].state == TaskState::Running).then_some(())
+    })
+    .await;
+    first.kill();
+    // Back within the heartbeat-loss window: the attempt is still its own.
+    let _second = start(false);
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(20)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    assert_eq!(
+        (done.tasks[0].attempt, done.tasks[0].output.clone()),
+        (1, json!("done"))
+    );
 }
 
 #[tokio::test]
