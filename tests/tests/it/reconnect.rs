@@ -322,16 +322,23 @@ async fn after_a_nats_restart_agents_flows_watches_and_consumers_carry_on() {
     .await;
     assert!(metrics.tasks_completed >= metrics_before.tasks_completed + 3);
 
-    // The audit log: every task of every flow succeeded exactly once, and the
-    // only agent declared lost is the ghost.
+    // The audit log: no task succeeded twice, and the only agent declared lost
+    // is the ghost. Events are core NATS publishes (at most once): one sent as
+    // the server is killed can be missing, so for the flow running across the
+    // outage "exactly once" rests on the agent's run counts and the stored
+    // attempts above; the flows after the outage must be complete.
     let events = stored_events(&sys.nats).await;
-    for (flow, tasks) in [
-        (&across.flow_id, 60),
-        (&after.flow_id, 2),
-        (&orphan.flow_id, 1),
+    for (flow, tasks, across_outage) in [
+        (&across.flow_id, 60, true),
+        (&after.flow_id, 2, false),
+        (&orphan.flow_id, 1, false),
     ] {
         let successes = count_successes(&events, flow);
-        assert_eq!(successes.len(), tasks, "flow {flow}: {successes:?}");
+        if across_outage {
+            assert!(successes.len() <= tasks, "flow {flow}: {successes:?}");
+        } else {
+            assert_eq!(successes.len(), tasks, "flow {flow}: {successes:?}");
+        }
         assert!(
             successes.values().all(|n| *n == 1),
             "flow {flow}: a task succeeded twice: {successes:?}"
