@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use common::msg::{FlowSpec, TaskSpec, ValidationProblem};
 use common::TaskId;
-use petgraph::graphmap::DiGraphMap;
+use petgraph::graph::{DiGraph, NodeIndex};
 
 /// Most tasks one flow may hold (a flow is stored as one KV entry).
 pub const MAX_TASKS: usize = 10_000;
@@ -131,15 +131,20 @@ pub fn validate(spec: &FlowSpec) -> Result<(), Vec<ValidationProblem>> {
 
 /// One problem per cycle (strongly connected component), each with a path through it.
 fn cycles(spec: &FlowSpec) -> Vec<ValidationProblem> {
-    let graph = dependency_graph(spec);
+    let deps = Dependencies::of(spec);
     let mut out = Vec::new();
-    for scc in petgraph::algo::tarjan_scc(&graph) {
+    for scc in petgraph::algo::tarjan_scc(&deps.graph) {
         if scc.len() < 2 {
             continue; // self-dependencies are reported on their own
         }
-        let members: HashSet<&str> = scc.iter().copied().collect();
-        let start = scc.iter().copied().min().unwrap_or_default();
-        let path = cycle_path(&graph, &members, start);
+        let members: HashSet<NodeIndex> = scc.iter().copied().collect();
+        let Some(start) = scc.iter().copied().min_by_key(|n| deps.name(*n)) else {
+            continue;
+        };
+        let path: Vec<TaskId> = cycle_path(&deps.graph, &members, start)
+            .into_iter()
+            .filter_map(|n| TaskId::new(deps.name(n)).ok())
+            .collect();
         let shown: Vec<&str> = path.iter().map(TaskId::as_str).collect();
         out.push(ValidationProblem {
             code: "cycle".into(),
@@ -151,29 +156,58 @@ fn cycles(spec: &FlowSpec) -> Vec<ValidationProblem> {
     out
 }
 
-/// Edges run from a dependency to its dependant (the order tasks run in).
-pub(crate) fn dependency_graph(spec: &FlowSpec) -> DiGraphMap<&str, ()> {
-    let mut g = DiGraphMap::new();
-    for t in &spec.tasks {
-        g.add_node(t.id.as_str());
-        for d in &t.depends_on {
-            if d != &t.id {
-                g.add_edge(d.as_str(), t.id.as_str(), ());
+/// The dependency graph with dense integer nodes: the graph algorithms then
+/// never hash or compare task ids, which keeps large flows linear.
+/// Edges run from a dependency to its dependant (the order tasks run in);
+/// unknown dependencies and self-dependencies are left out (validation
+/// reports them on their own).
+pub(crate) struct Dependencies<'a> {
+    names: Vec<&'a str>,
+    pub(crate) graph: DiGraph<(), (), u32>,
+}
+
+impl<'a> Dependencies<'a> {
+    pub(crate) fn of(spec: &'a FlowSpec) -> Self {
+        let mut graph = DiGraph::with_capacity(spec.tasks.len(), spec.tasks.len());
+        let mut names = Vec::with_capacity(spec.tasks.len());
+        let mut index: HashMap<&str, NodeIndex> = HashMap::with_capacity(spec.tasks.len());
+        for t in &spec.tasks {
+            index.entry(t.id.as_str()).or_insert_with(|| {
+                names.push(t.id.as_str());
+                graph.add_node(())
+            });
+        }
+        for t in &spec.tasks {
+            let Some(&to) = index.get(t.id.as_str()) else {
+                continue;
+            };
+            for d in t.depends_on.iter().filter(|d| *d != &t.id) {
+                if let Some(&from) = index.get(d.as_str()) {
+                    graph.update_edge(from, to, ());
+                }
             }
         }
+        Dependencies { names, graph }
     }
-    g
+
+    pub(crate) fn name(&self, n: NodeIndex) -> &'a str {
+        self.names.get(n.index()).copied().unwrap_or_default()
+    }
 }
 
 /// Breadth-first search inside one strongly connected component from `start`
 /// back to itself; the shortest such path is the clearest to report.
-fn cycle_path(graph: &DiGraphMap<&str, ()>, members: &HashSet<&str>, start: &str) -> Vec<TaskId> {
-    let mut prev: HashMap<&str, &str> = HashMap::new();
+fn cycle_path(
+    graph: &DiGraph<(), (), u32>,
+    members: &HashSet<NodeIndex>,
+    start: NodeIndex,
+) -> Vec<NodeIndex> {
+    let mut prev: HashMap<NodeIndex, NodeIndex> = HashMap::new();
     let mut queue = std::collections::VecDeque::from([start]);
     let mut end = None;
     while let Some(n) = queue.pop_front() {
         for next in graph.neighbors(n) {
-            if !members.contains(next) {
+            if !members.contains(&next) {
                 continue;
             }
             if next == start {
@@ -195,14 +229,12 @@ fn cycle_path(graph: &DiGraphMap<&str, ()>, members: &HashSet<&str>, start: &str
             break;
         }
         back.push(n);
-        cur = prev.get(n).copied();
+        cur = prev.get(&n).copied();
     }
     back.reverse();
     path.extend(back);
     path.push(start);
-    path.into_iter()
-        .filter_map(|s| TaskId::new(s).ok())
-        .collect()
+    path
 }
 
 /// Upward rank: the longest chain of estimated durations from each task to a
@@ -212,27 +244,29 @@ pub(crate) fn upward_ranks(
     spec: &FlowSpec,
     duration: impl Fn(&TaskSpec) -> u64,
 ) -> HashMap<TaskId, u64> {
-    let graph = dependency_graph(spec);
-    let own: HashMap<&str, u64> = spec
-        .tasks
-        .iter()
-        .map(|t| (t.id.as_str(), duration(t)))
-        .collect();
-    let mut ranks: HashMap<&str, u64> = HashMap::new();
-    if let Ok(order) = petgraph::algo::toposort(&graph, None) {
-        for n in order.into_iter().rev() {
-            let below = graph
-                .neighbors(n)
-                .filter_map(|m| ranks.get(m))
-                .max()
-                .copied()
-                .unwrap_or(0);
-            // Saturating: estimates come from the spec, up to `u64::MAX` each.
-            ranks.insert(n, below.saturating_add(own.get(n).copied().unwrap_or(0)));
+    let deps = Dependencies::of(spec);
+    let mut own = vec![0u64; deps.names.len()];
+    let mut seen = HashSet::with_capacity(spec.tasks.len());
+    for t in &spec.tasks {
+        if seen.insert(t.id.as_str()) {
+            own[seen.len() - 1] = duration(t);
         }
     }
-    ranks
-        .into_iter()
-        .filter_map(|(k, v)| TaskId::new(k).ok().map(|id| (id, v)))
-        .collect()
+    let mut ranks = vec![0u64; deps.names.len()];
+    let mut out = HashMap::with_capacity(deps.names.len());
+    if let Ok(order) = petgraph::algo::toposort(&deps.graph, None) {
+        for n in order.into_iter().rev() {
+            let below = deps
+                .graph
+                .neighbors(n)
+                .map(|m| ranks[m.index()])
+                .max()
+                .unwrap_or(0);
+            ranks[n.index()] = below.saturating_add(own[n.index()]);
+            if let Ok(id) = TaskId::new(deps.name(n)) {
+                out.insert(id, ranks[n.index()]);
+            }
+        }
+    }
+    out
 }
