@@ -22,6 +22,26 @@ fn python() -> std::path::PathBuf {
     venv
 }
 
+/// Starts the example agent as `id` against `url`, with the `python` capability.
+fn spawn_agent(url: &str, id: &str) -> tokio::process::Child {
+    tokio::process::Command::new(python())
+        .arg(workspace_root().join("examples/python/agent.py"))
+        .args([
+            "--agent-id",
+            id,
+            "--capability",
+            "python",
+            "--capacity",
+            "cpu=2",
+        ])
+        .env("NATS_URL", url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
 fn task(id: &str, deps: &[&str], input: serde_json::Value) -> TaskSpec {
     let mut t = TaskSpec::new(TaskId::new(id).unwrap());
     t.kind = "echo".into();
@@ -38,22 +58,7 @@ fn task(id: &str, deps: &[&str], input: serde_json::Value) -> TaskSpec {
 #[tokio::test]
 async fn a_flow_completes_on_the_python_agent() {
     let sys = System::start().await;
-    let mut agent = tokio::process::Command::new(python())
-        .arg(workspace_root().join("examples/python/agent.py"))
-        .args([
-            "--agent-id",
-            "py-1",
-            "--capability",
-            "python",
-            "--capacity",
-            "cpu=2",
-        ])
-        .env("NATS_URL", sys.server.url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut agent = spawn_agent(sys.server.url(), "py-1");
 
     let flow = FlowSpec::new(
         "python",
@@ -158,15 +163,7 @@ async fn a_flow_completes_on_the_python_agent() {
 #[tokio::test]
 async fn the_python_agent_carries_on_after_a_nats_outage() {
     let mut sys = System::start().await;
-    let mut agent = tokio::process::Command::new(python())
-        .arg(workspace_root().join("examples/python/agent.py"))
-        .args(["--agent-id", "py-2", "--capability", "python"])
-        .env("NATS_URL", sys.server.url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut agent = spawn_agent(sys.server.url(), "py-2");
     let run = |name: &'static str| {
         let client = sys.client.clone();
         async move {

@@ -160,7 +160,7 @@ impl Flow {
             };
             if t.state.is_active() {
                 if let Some(agent) = &t.agent {
-                    take(&mut free, agent, &t.spec.requirements.resources);
+                    shift(&mut free, agent, &t.spec.requirements.resources, 1.0);
                     on_agent.insert(t.spec.id.clone(), agent.clone());
                 }
                 events.push(Reverse((*ms, t.spec.id.clone())));
@@ -222,7 +222,7 @@ impl Flow {
                     no_room.insert(class);
                     continue;
                 };
-                take(&mut free, &agent, need);
+                shift(&mut free, &agent, need, 1.0);
                 let end = now.saturating_add(left.get(id).copied().unwrap_or(0));
                 events.push(Reverse((end, t.spec.id.clone())));
                 placements.push(PlannedTask {
@@ -260,7 +260,7 @@ impl Flow {
                     continue;
                 };
                 if let Some(agent) = on_agent.remove(&id) {
-                    give(&mut free, &agent, &t.spec.requirements.resources);
+                    shift(&mut free, &agent, &t.spec.requirements.resources, -1.0);
                 }
                 for d in &t.dependents {
                     if let Some(n) = waiting.get_mut(d) {
@@ -409,26 +409,16 @@ fn best_fit(
     best.map(|(_, a)| a.clone())
 }
 
-fn take(
+/// Books (`sign` 1) or gives back (`sign` -1) `need` on `agent`'s free capacity.
+fn shift(
     free: &mut BTreeMap<AgentId, BTreeMap<String, f64>>,
     agent: &AgentId,
     need: &BTreeMap<String, f64>,
+    sign: f64,
 ) {
     if let Some(have) = free.get_mut(agent) {
         for (r, amount) in need {
-            *have.entry(r.clone()).or_default() -= amount;
-        }
-    }
-}
-
-fn give(
-    free: &mut BTreeMap<AgentId, BTreeMap<String, f64>>,
-    agent: &AgentId,
-    need: &BTreeMap<String, f64>,
-) {
-    if let Some(have) = free.get_mut(agent) {
-        for (r, amount) in need {
-            *have.entry(r.clone()).or_default() += amount;
+            *have.entry(r.clone()).or_default() -= sign * amount;
         }
     }
 }
