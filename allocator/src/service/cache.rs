@@ -25,8 +25,10 @@ pub(crate) struct Beat {
     pub(crate) running: u32,
 }
 
-/// Values by agent id with the KV revision they were read at.
-pub(crate) struct Cache<T>(Arc<RwLock<HashMap<AgentId, (T, u64)>>>);
+/// Values by agent id with the KV revision they were read at. Shared, so a
+/// snapshot of every agent costs a pointer per agent, not a copy of each
+/// record's allocations.
+pub(crate) struct Cache<T>(Arc<RwLock<HashMap<AgentId, (Arc<T>, u64)>>>);
 
 impl<T> Default for Cache<T> {
     fn default() -> Self {
@@ -98,16 +100,19 @@ impl<T: Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
     pub(crate) fn remember(&self, id: AgentId, value: T, revision: u64) {
         if let Ok(mut c) = self.0.write() {
             if c.get(&id).is_none_or(|(_, rev)| *rev < revision) {
-                c.insert(id, (value, revision));
+                c.insert(id, (Arc::new(value), revision));
             }
         }
     }
 
     pub(crate) fn get(&self, id: &AgentId) -> Option<(T, u64)> {
-        self.0.read().ok().and_then(|c| c.get(id).cloned())
+        self.0
+            .read()
+            .ok()
+            .and_then(|c| c.get(id).map(|(v, rev)| (T::clone(v), *rev)))
     }
 
-    pub(crate) fn snapshot(&self) -> Vec<(T, u64)> {
+    pub(crate) fn snapshot(&self) -> Vec<(Arc<T>, u64)> {
         self.0
             .read()
             .map(|c| c.values().cloned().collect())

@@ -12,6 +12,7 @@
 //! replicas racing on the same agent produce one transition and one event.
 
 mod cache;
+mod lanes;
 mod ops;
 mod quota;
 mod sweep;
@@ -76,14 +77,18 @@ pub(crate) struct Allocator {
     /// When this replica's connection was last down: heartbeats sent then
     /// never reached it, so that silence is not held against the agents.
     outages: bus::Outages,
-    /// Per-agent booking locks (see `update_agent`).
-    locks: std::sync::Mutex<std::collections::HashMap<AgentId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per-agent writers with their waiting changes (see [`lanes`]).
+    lanes: std::sync::Mutex<std::collections::HashMap<AgentId, Arc<lanes::Lane>>>,
     /// Owner quotas and what is counted against them (see `quota`).
     quotas: kv::Store,
     /// The quota book as last read or written here, with its revision.
     quota_cache: std::sync::RwLock<(QuotaBook, u64)>,
     /// Quota book updates in this replica, one at a time.
     quota_lock: tokio::sync::Mutex<()>,
+    /// Fresh reads of the quota book shared by the bookings waiting for one
+    /// (see `fresh_quotas`): the last read with the ticket count it started at.
+    quota_reads: tokio::sync::Mutex<Option<(u64, QuotaBook, u64)>>,
+    quota_tickets: std::sync::atomic::AtomicU64,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
@@ -122,10 +127,12 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         events: EventPublisher::new(nats.clone(), NAME),
         gang_deadline_ms: cfg.gang_deadline_ms,
         outages: bus::Outages::watch(&nats),
-        locks: Default::default(),
+        lanes: Default::default(),
         quotas,
         quota_cache: Default::default(),
         quota_lock: Default::default(),
+        quota_reads: Default::default(),
+        quota_tickets: Default::default(),
     });
     alloc.read_quotas().await?;
     let watchers = [

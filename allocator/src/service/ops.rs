@@ -15,6 +15,9 @@ use common::msg::{
 use common::nats::{self as bus, Step};
 use common::{AgentId, AllocationId, Error, ErrorCode, ReservationId};
 
+use tokio::sync::oneshot;
+
+use super::lanes::{self, Lane, Waiting};
 use super::{unavailable, Allocator};
 use crate::machine::{self, Admission, AgentRecord, Draw, NoFit};
 
@@ -62,6 +65,14 @@ fn contention() -> Error {
 
 impl Allocator {
     pub(super) fn records(&self) -> Vec<AgentRecord> {
+        self.shared_records()
+            .into_iter()
+            .map(Arc::unwrap_or_clone)
+            .collect()
+    }
+
+    /// The cached records without copying them, for decisions that only read.
+    pub(super) fn shared_records(&self) -> Vec<Arc<AgentRecord>> {
         self.cache.snapshot().into_iter().map(|(r, _)| r).collect()
     }
 
@@ -76,9 +87,28 @@ impl Allocator {
         }
     }
 
-    fn agent_lock(&self, id: &AgentId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-        locks.entry(id.clone()).or_default().clone()
+    fn lane(&self, id: &AgentId) -> Arc<Lane> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        lanes.entry(id.clone()).or_default().clone()
+    }
+
+    /// The agent's record as this replica knows it, read from KV once per
+    /// update (`fresh`) when the cache does not have it.
+    async fn current(
+        &self,
+        id: &AgentId,
+        fresh: &mut bool,
+    ) -> Result<(AgentRecord, u64), Error> {
+        let cached = match self.cache.get(id) {
+            Some(c) => Some(c),
+            None if !*fresh => {
+                self.refresh(id).await?;
+                *fresh = true;
+                self.cache.get(id)
+            }
+            None => None,
+        };
+        cached.ok_or_else(|| Error::not_found(format!("no agent {id}")))
     }
 
     /// `best`, or, while this replica is booking on `best` already, the best
@@ -91,13 +121,13 @@ impl Allocator {
         best: AgentId,
         candidates: impl FnOnce() -> Vec<machine::Candidate<'a>>,
     ) -> AgentId {
-        if self.agent_lock(&best).try_lock().is_ok() {
+        if self.lane(&best).lock.try_lock().is_ok() {
             return best;
         }
         candidates()
             .into_iter()
             .map(|c| c.agent.agent_id.clone())
-            .find(|a| self.agent_lock(a).try_lock().is_ok())
+            .find(|a| self.lane(a).lock.try_lock().is_ok())
             .unwrap_or(best)
     }
 
@@ -114,22 +144,11 @@ impl Allocator {
         // One booking per agent at a time in this replica: concurrent requests
         // for one agent queue here instead of losing compare-and-sets to each
         // other. Other replicas are still fenced by the compare-and-set.
-        let lock = self.agent_lock(id);
-        let _held = lock.lock().await;
+        let lane = self.lane(id);
+        let _held = lane.lock.lock().await;
         let mut fresh = false;
         for attempt in 0..bus::CAS_ATTEMPTS {
-            let cached = match self.cache.get(id) {
-                Some(c) => Some(c),
-                None if !fresh => {
-                    self.refresh(id).await?;
-                    fresh = true;
-                    self.cache.get(id)
-                }
-                None => None,
-            };
-            let Some((rec, revision)) = cached else {
-                return Err(Error::not_found(format!("no agent {id}")));
-            };
+            let (rec, revision) = self.current(id, &mut fresh).await?;
             match f(rec)? {
                 Step::Keep(r) if fresh => return Ok(r),
                 Step::Keep(_) => {
@@ -155,6 +174,90 @@ impl Allocator {
                         Err(e) => return Err(unavailable("kv write", e)),
                     }
                 }
+            }
+        }
+        Err(contention())
+    }
+
+    /// [`Self::update_agent`] for the hot paths (booking, release): the change
+    /// joins the agent's next group write instead of a write of its own (see
+    /// [`super::lanes`]). `f` edits the record in place and must leave it
+    /// untouched when it keeps it or fails.
+    pub(super) async fn book_agent<R: Send + 'static>(
+        &self,
+        id: &AgentId,
+        f: impl FnMut(&mut AgentRecord) -> Result<Step<(), R>, Error> + Send + 'static,
+    ) -> Result<R, Error> {
+        let (change, slot) = lanes::boxed(f);
+        let (done, mut outcome) = oneshot::channel();
+        let lane = self.lane(id);
+        lane.push(Waiting { change, done });
+        let held = lane.lock.lock().await;
+        // The writer before this one answers every change it carried before
+        // it unlocks: no answer yet means this change is still waiting.
+        let result = match outcome.try_recv() {
+            Ok(r) => r,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                Err(Error::internal("a booking was dropped unanswered"))
+            }
+            Err(oneshot::error::TryRecvError::Empty) => {
+                let mut group = lane.take();
+                let outcomes = self.write_group(id, &mut group).await;
+                for (i, w) in group.into_iter().enumerate() {
+                    let o = match &outcomes {
+                        Ok(each) => each[i].clone(),
+                        Err(e) => Err(e.clone()),
+                    };
+                    let _ = w.done.send(o);
+                }
+                drop(held);
+                outcome
+                    .await
+                    .unwrap_or_else(|_| Err(Error::internal("a booking was dropped unanswered")))
+            }
+        };
+        result?;
+        let r = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        r.ok_or_else(|| Error::internal("a booking decided nothing"))
+    }
+
+    /// One compare-and-set carrying every change of `group`, each decided on
+    /// the record as the ones before it left it. As in
+    /// [`Self::update_agent`], a group that changes nothing on the cached copy
+    /// is decided again on a fresh read.
+    async fn write_group(
+        &self,
+        id: &AgentId,
+        group: &mut [Waiting],
+    ) -> Result<Vec<Result<(), Error>>, Error> {
+        let mut fresh = false;
+        for attempt in 0..bus::CAS_ATTEMPTS {
+            let (mut rec, revision) = self.current(id, &mut fresh).await?;
+            let (outcomes, changed) = lanes::apply_all(&mut rec, group);
+            if !changed {
+                if fresh {
+                    return Ok(outcomes);
+                }
+                self.refresh(id).await?;
+                fresh = true;
+                continue;
+            }
+            let body = serde_json::to_vec(&rec)
+                .map_err(|e| Error::internal(format!("encode agent: {e}")))?;
+            match self.agents.update(id.as_str(), body.into(), revision).await {
+                Ok(rev) => {
+                    self.cache.remember(id.clone(), rec, rev);
+                    return Ok(outcomes);
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    self.refresh(id).await?;
+                    fresh = true;
+                    if attempt > 4 {
+                        let jitter = (common::now_ms() % 7) + attempt as u64;
+                        tokio::time::sleep(Duration::from_millis(jitter)).await;
+                    }
+                }
+                Err(e) => return Err(unavailable("kv write", e)),
             }
         }
         Err(contention())
@@ -244,7 +347,8 @@ impl Allocator {
             .unwrap_or_else(AllocationId::random);
         for _ in 0..PLACE_ATTEMPTS {
             let now = common::now_ms();
-            let records = self.records();
+            let shared = self.shared_records();
+            let records: Vec<&AgentRecord> = shared.iter().map(|r| &**r).collect();
             // A retry of a request that was booked already gets the same answer.
             if let Some(a) = records.iter().find_map(|r| r.allocations.get(&id)) {
                 if !a.pending {
@@ -253,34 +357,47 @@ impl Allocator {
             }
             // Under a quota the booking stays pending until it is counted.
             let governed = self.cached_quotas().governs(&req.owner);
-            let chosen = machine::place(&records, &req.requirements, Some(&req.owner), now)
-                .map_err(|n| no_capacity(&n))?;
+            let chosen = machine::place(
+                records.iter().copied(),
+                &req.requirements,
+                Some(&req.owner),
+                now,
+            )
+            .map_err(|n| no_capacity(&n))?;
             let agent = self.unbusy(chosen.agent.agent_id.clone(), || {
-                machine::candidates(&records, &req.requirements, Some(&req.owner), now)
+                machine::candidates(
+                    records.iter().copied(),
+                    &req.requirements,
+                    Some(&req.owner),
+                    now,
+                )
             });
+            let (wanted, owner, priority) =
+                (req.requirements.clone(), req.owner.clone(), req.priority);
+            let this = id.clone();
             let booked = self
-                .update_agent(&agent, |mut rec| {
-                    if let Some(a) = rec.allocations.get(&id) {
+                .book_agent(&agent, move |rec| {
+                    if let Some(a) = rec.allocations.get(&this) {
                         return Ok(Step::Keep(Some((a.clone(), false))));
                     }
                     // Decide again on the record being written: the view it was
                     // chosen from may be stale.
-                    let Ok(draw) = rec.fit(&req.requirements, Some(&req.owner), now) else {
+                    let Ok(draw) = rec.fit(&wanted, Some(&owner), now) else {
                         return Ok(Step::Keep(None));
                     };
                     let mut a = machine::new_allocation(
-                        id.clone(),
+                        this.clone(),
                         &rec.agent_id,
-                        &req.owner,
-                        &req.requirements,
-                        req.priority,
+                        &owner,
+                        &wanted,
+                        priority,
                         draw,
                         now,
                         None,
                     );
                     a.pending = governed;
                     rec.allocations.insert(a.allocation_id.clone(), a.clone());
-                    Ok(Step::Write(rec, Some((a, true))))
+                    Ok(Step::Write((), Some((a, true))))
                 })
                 .await;
             let a = match booked {

@@ -51,6 +51,25 @@ impl Allocator {
         Ok((book, rev))
     }
 
+    /// A read of the book that started after this call did: bookings that
+    /// need one share it. Each takes a ticket once its booking is stored; a
+    /// read serves every ticket taken before it started, so one read in
+    /// flight at a time answers all the bookings that arrived meanwhile.
+    async fn fresh_quotas(&self) -> Result<(QuotaBook, u64), Error> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let ticket = self.quota_tickets.fetch_add(1, SeqCst) + 1;
+        let mut last = self.quota_reads.lock().await;
+        if let Some((served, book, rev)) = &*last {
+            if *served >= ticket {
+                return Ok((book.clone(), *rev));
+            }
+        }
+        let served = self.quota_tickets.load(SeqCst);
+        let (book, rev) = self.read_quotas().await?;
+        *last = Some((served, book.clone(), rev));
+        Ok((book, rev))
+    }
+
     /// Compare-and-set on the book. Bookings in this replica queue on a lock
     /// rather than losing races to each other; other replicas are fenced by
     /// the compare-and-set.
@@ -81,7 +100,7 @@ impl Allocator {
         let Some(owner) = allocs.first().map(|a| a.owner.as_str()) else {
             return Ok(Admission::Ungoverned);
         };
-        if !self.read_quotas().await?.0.governs(owner) {
+        if !self.fresh_quotas().await?.0.governs(owner) {
             return Ok(Admission::Ungoverned);
         }
         self.update_quotas(|mut book| {
@@ -350,14 +369,17 @@ impl Allocator {
         id: &AllocationId,
         hint: Option<&AgentId>,
     ) -> Result<Option<Allocation>, Error> {
-        let remove = |mut rec: AgentRecord| {
-            Ok(match rec.allocations.remove(id) {
-                Some(a) => Step::Write(rec, Some(a)),
-                None => Step::Keep(None),
-            })
+        let remove = || {
+            let id = id.clone();
+            move |rec: &mut AgentRecord| {
+                Ok(match rec.allocations.remove(&id) {
+                    Some(a) => Step::Write((), Some(a)),
+                    None => Step::Keep(None),
+                })
+            }
         };
         if let Some(agent) = hint {
-            match self.update_agent(agent, remove).await {
+            match self.book_agent(agent, remove()).await {
                 Ok(Some(a)) => return Ok(Some(a)),
                 Ok(None) => {}
                 Err(e) if e.code == ErrorCode::NotFound => {}
@@ -370,7 +392,7 @@ impl Allocator {
             .into_iter()
             .find(|r| r.allocations.contains_key(id) && Some(&r.agent_id) != hint);
         match elsewhere {
-            Some(rec) => self.update_agent(&rec.agent_id, remove).await,
+            Some(rec) => self.book_agent(&rec.agent_id, remove()).await,
             None => Ok(None),
         }
     }
