@@ -403,6 +403,26 @@ pub async fn get_json<T: DeserializeOwned>(
     }
 }
 
+/// [`get_json`] that also returns the stored bytes, for callers that tell a
+/// change by comparing encodings instead of keeping a copy of the value.
+pub async fn get_json_raw<T: DeserializeOwned>(
+    kv: &kv::Store,
+    key: &str,
+) -> Result<Option<(T, u64, bytes::Bytes)>, Error> {
+    let entry = kv
+        .entry(key)
+        .await
+        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("kv read {key}: {e}")))?;
+    match entry {
+        Some(e) if e.operation == kv::Operation::Put => {
+            let value = serde_json::from_slice(&e.value)
+                .map_err(|err| Error::internal(format!("stored value {key} unreadable: {err}")))?;
+            Ok(Some((value, e.revision, e.value)))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// The outcome of one step of [`cas_update`].
 pub enum Step<T, R> {
     /// Write this value, then return `R`.

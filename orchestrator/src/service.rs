@@ -123,6 +123,10 @@ enum Cmd {
     },
 }
 
+/// The flow as an actor last wrote (or read) it: the value, its revision and
+/// its stored encoding.
+type Stored = (Flow, u64, bytes::Bytes);
+
 /// A command with the span it was sent from (its cause), so the work it leads
 /// to continues the sender's trace although the actor applies it later, in a
 /// batch with others.
@@ -698,7 +702,7 @@ impl Orchestrator {
         let mut placing: HashSet<TaskId> = HashSet::new();
         let mut resent: HashMap<(TaskId, u32), u64> = HashMap::new();
         // The flow as this actor last wrote it, with its revision.
-        let mut cache: Option<(Flow, u64)> = None;
+        let mut cache: Option<Stored> = None;
         loop {
             let first = match tokio::time::timeout(ACTOR_IDLE, rx.recv()).await {
                 Ok(Some(cmd)) => cmd,
@@ -730,7 +734,7 @@ impl Orchestrator {
                 .apply_batch(&flow, batch, causes, &mut placing, &mut cache)
                 .await;
             if ticked {
-                if let Some((f, _)) = &cache {
+                if let Some((f, _, _)) = &cache {
                     self.redeliver(f, common::now_ms(), &mut resent);
                 }
             }
@@ -757,15 +761,15 @@ impl Orchestrator {
         batch: Vec<Cmd>,
         causes: Vec<tracing::Span>,
         placing: &mut HashSet<TaskId>,
-        cache: &mut Option<(Flow, u64)>,
+        cache: &mut Option<Stored>,
     ) -> bool {
         let now = common::now_ms();
         for _ in 0..bus::CAS_ATTEMPTS {
             let cached = cache.take();
             let from_cache = cached.is_some();
-            let (mut flow, revision) = match cached {
+            let (mut flow, revision, stored) = match cached {
                 Some(c) => c,
-                None => match bus::get_json::<Flow>(&self.flows, flow_id.as_str()).await {
+                None => match bus::get_json_raw::<Flow>(&self.flows, flow_id.as_str()).await {
                     Ok(Some(found)) => found,
                     Ok(None) => {
                         self.settle_missing(flow_id, batch).await;
@@ -777,29 +781,32 @@ impl Orchestrator {
                     }
                 },
             };
-            let before = flow.clone();
             let outcomes: Vec<Result<(u32, Vec<Effect>), Refusal>> = batch
                 .iter()
                 .map(|cmd| step(&mut flow, cmd, revision, now))
                 .collect();
-            if flow == before && from_cache {
+            // The encoding tells whether the step changed anything: it is
+            // needed for the write anyway, and keeping a copy of a large
+            // flow to compare against cost more than the step itself.
+            let body = match serde_json::to_vec(&flow) {
+                Ok(b) => bytes::Bytes::from(b),
+                Err(e) => {
+                    let err = Error::internal(e.to_string());
+                    self.settle_failed(flow_id, batch, &err, placing).await;
+                    return false;
+                }
+            };
+            let changed = body != stored;
+            if !changed && from_cache {
                 continue;
             }
-            let span = step_span(&flow, &before, &causes, placing, now);
-            let revision = if flow == before {
+            let span = step_span(&flow, changed, &causes, placing, now);
+            let revision = if !changed {
                 revision
             } else {
-                let body = match serde_json::to_vec(&flow) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let err = Error::internal(e.to_string());
-                        self.settle_failed(flow_id, batch, &err, placing).await;
-                        return false;
-                    }
-                };
                 match self
                     .flows
-                    .update(flow_id.as_str(), body.into(), revision)
+                    .update(flow_id.as_str(), body.clone(), revision)
                     .instrument(span.clone())
                     .await
                 {
@@ -812,7 +819,7 @@ impl Orchestrator {
                     }
                 }
             };
-            if flow != before {
+            if changed {
                 self.publish_watch(&flow, revision, now)
                     .instrument(span.clone())
                     .await;
@@ -832,7 +839,7 @@ impl Orchestrator {
             }
             span.in_scope(|| self.dispatch(&flow, now, placing));
             let finished = flow.state.is_terminal();
-            *cache = Some((flow, revision));
+            *cache = Some((flow, revision, body));
             return finished;
         }
         let err = Error::new(ErrorCode::Conflict, "too much contention on the flow");
@@ -910,8 +917,7 @@ impl Orchestrator {
     /// Tells watchers of the flow what it looks like now (counts and progress,
     /// not every task: a watcher that wants those asks for the status).
     async fn publish_watch(&self, flow: &Flow, revision: u64, now: u64) {
-        let mut status = flow.status(revision, now);
-        status.tasks.clear();
+        let status = flow.overview(revision, now);
         if let Ok(body) = serde_json::to_vec(&status) {
             if let Err(e) = self
                 .nats
@@ -1553,7 +1559,7 @@ fn owner_task(owner: &str) -> Option<(FlowId, TaskId)> {
 /// would add one to its trace every sweep.
 fn step_span(
     flow: &Flow,
-    before: &Flow,
+    changed: bool,
     causes: &[tracing::Span],
     placing: &HashSet<TaskId>,
     now: u64,
@@ -1567,7 +1573,7 @@ fn step_span(
             .is_none_or(|max| (max as usize) > flow.active() + placing.len());
         room && flow.dispatchable(now).iter().any(|t| !placing.contains(t))
     };
-    if !caused && flow == before && !places() {
+    if !caused && !changed && !places() {
         return tracing::Span::none();
     }
     let span = tracing::info_span!(

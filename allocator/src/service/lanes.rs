@@ -68,7 +68,10 @@ pub(super) fn boxed<R: Send + 'static>(
 
 /// Applies every change of a group to `rec` in order. Returns each one's
 /// outcome and whether any changed the record.
-pub(super) fn apply_all(rec: &mut AgentRecord, group: &mut [Waiting]) -> (Vec<Result<(), Error>>, bool) {
+pub(super) fn apply_all(
+    rec: &mut AgentRecord,
+    group: &mut [Waiting],
+) -> (Vec<Result<(), Error>>, bool) {
     let mut changed = false;
     let outcomes = group
         .iter_mut()

@@ -94,11 +94,7 @@ impl Allocator {
 
     /// The agent's record as this replica knows it, read from KV once per
     /// update (`fresh`) when the cache does not have it.
-    async fn current(
-        &self,
-        id: &AgentId,
-        fresh: &mut bool,
-    ) -> Result<(AgentRecord, u64), Error> {
+    async fn current(&self, id: &AgentId, fresh: &mut bool) -> Result<(AgentRecord, u64), Error> {
         let cached = match self.cache.get(id) {
             Some(c) => Some(c),
             None if !*fresh => {

@@ -5,13 +5,36 @@ use std::collections::{BTreeMap, HashMap};
 
 use common::msg::{FlowState, FlowStatus, FlowSummary, TaskState, TaskStatus};
 use common::TaskId;
-use petgraph::graphmap::DiGraphMap;
+use petgraph::graph::{DiGraph, NodeIndex};
 
 use super::{Flow, DEFAULT_ESTIMATE_MS};
 
 impl Flow {
     /// The status reply for this flow at `revision`, as of `now_ms`.
     pub fn status(&self, revision: u64, now_ms: u64) -> FlowStatus {
+        let mut status = self.overview(revision, now_ms);
+        status.tasks = self
+            .tasks
+            .values()
+            .map(|t| TaskStatus {
+                task_id: t.spec.id.clone(),
+                state: t.state,
+                attempt: t.attempt,
+                agent_id: t.agent.clone(),
+                allocation_id: t.allocation.clone(),
+                error: t.error.clone(),
+                output: t.output.clone(),
+                not_before_ms: (t.state == TaskState::Ready && t.not_before_ms > now_ms)
+                    .then_some(t.not_before_ms),
+                deadline_ms: t.deadline_ms,
+            })
+            .collect();
+        status
+    }
+
+    /// The status without the per-task list: what watchers get after every
+    /// step, so it must not copy every task's output.
+    pub fn overview(&self, revision: u64, now_ms: u64) -> FlowStatus {
         let mut counts = BTreeMap::new();
         let mut running_by_agent: BTreeMap<_, Vec<TaskId>> = BTreeMap::new();
         for t in self.tasks.values() {
@@ -31,22 +54,7 @@ impl Flow {
             revision,
             counts,
             progress: self.progress(),
-            tasks: self
-                .tasks
-                .values()
-                .map(|t| TaskStatus {
-                    task_id: t.spec.id.clone(),
-                    state: t.state,
-                    attempt: t.attempt,
-                    agent_id: t.agent.clone(),
-                    allocation_id: t.allocation.clone(),
-                    error: t.error.clone(),
-                    output: t.output.clone(),
-                    not_before_ms: (t.state == TaskState::Ready && t.not_before_ms > now_ms)
-                        .then_some(t.not_before_ms),
-                    deadline_ms: t.deadline_ms,
-                })
-                .collect(),
+            tasks: Vec::new(),
             created_at_ms: self.created_at_ms,
             finished_at_ms: self.finished_at_ms,
             running_by_agent,
@@ -129,55 +137,53 @@ impl Flow {
     /// the longest chain below it), and the longest chain itself.
     pub(super) fn remaining_ranks(&self, now_ms: u64) -> (HashMap<&TaskId, u64>, Vec<TaskId>) {
         let left = self.remaining_ms(now_ms);
-        let by_name: HashMap<&str, &TaskId> = left.keys().map(|id| (id.as_str(), *id)).collect();
-        let mut graph = DiGraphMap::<&str, ()>::new();
-        for id in left.keys() {
-            graph.add_node(id.as_str());
+        // Dense integer nodes: this runs after every step of a large flow
+        // (the watch's critical path), where hashing names dominated.
+        let ids: Vec<&TaskId> = left.keys().copied().collect();
+        let index: HashMap<&TaskId, NodeIndex> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, NodeIndex::new(i)))
+            .collect();
+        let mut graph = DiGraph::<(), ()>::with_capacity(ids.len(), ids.len());
+        for _ in &ids {
+            graph.add_node(());
         }
-        for id in left.keys() {
+        for (i, id) in ids.iter().enumerate() {
             if let Some(t) = self.tasks.get(*id) {
-                for d in t.dependents.iter().filter(|d| left.contains_key(d)) {
-                    graph.add_edge(id.as_str(), d.as_str(), ());
+                for d in t.dependents.iter().filter_map(|d| index.get(d)) {
+                    graph.add_edge(NodeIndex::new(i), *d, ());
                 }
             }
         }
         let Ok(order) = petgraph::algo::toposort(&graph, None) else {
             return (HashMap::new(), Vec::new());
         };
-        // Rank and the next task on the longest chain below.
-        let mut memo: HashMap<&str, (u64, Option<&str>)> = HashMap::new();
-        for id in order.into_iter().rev() {
+        // Rank and the next task on the longest chain below; ties go to the
+        // smaller id, so the path is the same whatever the graph's order.
+        let mut memo: Vec<(u64, Option<usize>)> = vec![(0, None); ids.len()];
+        for n in order.into_iter().rev() {
             let below = graph
-                .neighbors(id)
-                .filter_map(|d| memo.get(d).map(|(r, _)| (*r, d)))
-                .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(a.1)));
-            let own = by_name
-                .get(id)
-                .and_then(|t| left.get(*t))
-                .copied()
-                .unwrap_or(0);
-            memo.insert(
-                id,
-                (
-                    own.saturating_add(below.map_or(0, |b| b.0)),
-                    below.map(|b| b.1),
-                ),
+                .neighbors(n)
+                .map(|d| (memo[d.index()].0, d.index()))
+                .max_by(|a, b| a.0.cmp(&b.0).then(ids[b.1].cmp(ids[a.1])));
+            let own = left.get(ids[n.index()]).copied().unwrap_or(0);
+            memo[n.index()] = (
+                own.saturating_add(below.map_or(0, |b| b.0)),
+                below.map(|b| b.1),
             );
         }
         let mut path = Vec::new();
-        let mut at = memo
-            .iter()
-            .max_by(|a, b| a.1 .0.cmp(&b.1 .0).then(b.0.cmp(a.0)))
-            .map(|(id, _)| *id);
-        while let Some(id) = at {
-            if let Some(t) = by_name.get(id) {
-                path.push((*t).clone());
-            }
-            at = memo.get(id).and_then(|(_, next)| *next);
+        let mut at =
+            (0..ids.len()).max_by(|a, b| memo[*a].0.cmp(&memo[*b].0).then(ids[*b].cmp(ids[*a])));
+        while let Some(i) = at {
+            path.push(ids[i].clone());
+            at = memo[i].1;
         }
-        let ranks = left
-            .keys()
-            .map(|id| (*id, memo.get(id.as_str()).map_or(0, |(r, _)| *r)))
+        let ranks = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, memo[i].0))
             .collect();
         (ranks, path)
     }
