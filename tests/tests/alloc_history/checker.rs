@@ -72,6 +72,43 @@ pub(crate) struct Revision {
     pub record: Option<Record>,
 }
 
+/// What kind of inconsistency a [`Violation`] is, where a test must tell them
+/// apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// An id booked again after it was removed.
+    BookedAgain,
+    /// An id booked at the end though its client was told it was not held.
+    LeftBooked,
+    /// Anything else.
+    Other,
+}
+
+/// One inconsistency: its kind, the allocation id (if one), when the
+/// revision at fault was stored (µs; 0 if none), and what it is.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Violation {
+    pub kind: Kind,
+    pub id: String,
+    pub at_us: u64,
+    pub text: String,
+}
+
+impl Violation {
+    fn new(kind: Kind, id: &str, at_us: u64, text: String) -> Violation {
+        Violation {
+            kind,
+            id: id.to_owned(),
+            at_us,
+            text,
+        }
+    }
+
+    fn other(text: String) -> Violation {
+        Violation::new(Kind::Other, "", 0, text)
+    }
+}
+
 /// What a consistent history amounts to.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct Summary {
@@ -98,20 +135,23 @@ struct Held {
 /// id held twice at once or again after its removal; every grant stored
 /// before it was acknowledged and held until a release was asked for; every
 /// acknowledged release the one that removed it; the end state what the
-/// clients were told. Returns every violation found.
-pub(crate) fn check(history: &[Attempt], revisions: &[Revision]) -> Result<Summary, Vec<String>> {
+/// clients were told. Returns the figures and every violation found.
+pub(crate) fn check(history: &[Attempt], revisions: &[Revision]) -> (Summary, Vec<Violation>) {
     let mut errors = Vec::new();
     let mut revisions: Vec<&Revision> = revisions.iter().collect();
     revisions.sort_by_key(|r| r.revision);
     for pair in revisions.windows(2) {
         if pair[1].revision == pair[0].revision {
-            errors.push(format!("revision {} given twice", pair[0].revision));
+            errors.push(Violation::other(format!(
+                "revision {} given twice",
+                pair[0].revision
+            )));
         } else if pair[1].revision != pair[0].revision + 1 {
-            errors.push(format!(
+            errors.push(Violation::other(format!(
                 "revisions {}..{} missing: never checked",
                 pair[0].revision + 1,
                 pair[1].revision - 1
-            ));
+            )));
         }
     }
 
@@ -131,10 +171,10 @@ pub(crate) fn check(history: &[Attempt], revisions: &[Revision]) -> Result<Summa
                 for (r, n) in total {
                     let cap = record.capacity.get(r).copied().unwrap_or(0.0);
                     if n > cap + 1e-9 {
-                        errors.push(format!(
+                        errors.push(Violation::other(format!(
                             "{} over capacity at revision {}: {r} {n} of {cap}",
                             rev.agent, rev.revision
-                        ));
+                        )));
                     }
                 }
                 record.allocations.keys().cloned().collect()
@@ -150,15 +190,20 @@ pub(crate) fn check(history: &[Attempt], revisions: &[Revision]) -> Result<Summa
         for new in ids.difference(&before) {
             let spans = held.entry(new.clone()).or_default();
             match spans.last() {
-                Some(h) if h.to.is_none() => errors.push(format!(
+                Some(h) if h.to.is_none() => errors.push(Violation::other(format!(
                     "{new} booked on {} at revision {} while held on {} since revision {}",
                     rev.agent, rev.revision, h.agent, h.from.0
-                )),
-                Some(h) => errors.push(format!(
-                    "{new} booked again on {} at revision {} after its removal at revision {}",
-                    rev.agent,
-                    rev.revision,
-                    h.to.map_or(0, |t| t.0)
+                ))),
+                Some(h) => errors.push(Violation::new(
+                    Kind::BookedAgain,
+                    new,
+                    rev.at_us,
+                    format!(
+                        "{new} booked again on {} at revision {} after its removal at revision {}",
+                        rev.agent,
+                        rev.revision,
+                        h.to.map_or(0, |t| t.0)
+                    ),
                 )),
                 None => {}
             }
@@ -196,29 +241,38 @@ pub(crate) fn check(history: &[Attempt], revisions: &[Revision]) -> Result<Summa
         for a in list.iter() {
             match (&a.op, &a.outcome) {
                 (Op::Allocate { .. }, Outcome::Granted { agent }) => match span {
-                    None => errors.push(format!("{id} granted on {agent} but never stored")),
-                    Some(h) if &h.agent != agent => {
-                        errors.push(format!("{id} granted on {agent} but stored on {}", h.agent))
-                    }
-                    Some(h) if h.from.1 > a.completed_us => errors.push(format!(
+                    None => errors.push(Violation::other(format!(
+                        "{id} granted on {agent} but never stored"
+                    ))),
+                    Some(h) if &h.agent != agent => errors.push(Violation::other(format!(
+                        "{id} granted on {agent} but stored on {}",
+                        h.agent
+                    ))),
+                    Some(h) if h.from.1 > a.completed_us => errors.push(Violation::other(format!(
                         "{id} granted before it was stored (revision {})",
                         h.from.0
-                    )),
+                    ))),
                     Some(_) => {}
                 },
-                (Op::Allocate { .. }, Outcome::Refused(code)) if throughout(a) => errors.push(
-                    format!("{id} refused ({code}) while it was booked: a retry must get it back"),
-                ),
+                (Op::Allocate { .. }, Outcome::Refused(code)) if throughout(a) => {
+                    errors.push(Violation::other(format!(
+                        "{id} refused ({code}) while it was booked: a retry must get it back"
+                    )))
+                }
                 (Op::Release { .. }, Outcome::Released(true)) => match span.and_then(|h| h.to) {
                     Some((_, at)) if at >= a.invoked_us && at <= a.completed_us => {}
-                    Some((rev, _)) => errors.push(format!(
+                    Some((rev, _)) => errors.push(Violation::other(format!(
                         "{id} released, but removed at revision {rev}, outside the release"
-                    )),
-                    None => errors.push(format!("{id} released, but nothing was removed")),
+                    ))),
+                    None => errors.push(Violation::other(format!(
+                        "{id} released, but nothing was removed"
+                    ))),
                 },
-                (Op::Release { .. }, Outcome::Released(false)) if throughout(a) => errors.push(
-                    format!("{id} release found nothing, but it was held all along"),
-                ),
+                (Op::Release { .. }, Outcome::Released(false)) if throughout(a) => {
+                    errors.push(Violation::other(format!(
+                        "{id} release found nothing, but it was held all along"
+                    )))
+                }
                 _ => {}
             }
         }
@@ -230,10 +284,10 @@ pub(crate) fn check(history: &[Attempt], revisions: &[Revision]) -> Result<Summa
                     && !matches!(a.outcome, Outcome::Refused(_))
             });
             if !asked {
-                errors.push(format!(
+                errors.push(Violation::other(format!(
                     "{id} booked at revision {} with no request that could have booked it",
                     h.from.0
-                ));
+                )));
             }
             // Removed only once a release was asked for: else it was lost.
             if let Some((rev, at)) = h.to {
@@ -241,9 +295,9 @@ pub(crate) fn check(history: &[Attempt], revisions: &[Revision]) -> Result<Summa
                     .iter()
                     .any(|a| matches!(a.op, Op::Release { .. }) && a.invoked_us <= at);
                 if !released {
-                    errors.push(format!(
+                    errors.push(Violation::other(format!(
                         "{id} lost: removed at revision {rev} with no release asked for"
-                    ));
+                    )));
                 }
             }
         }
@@ -255,7 +309,7 @@ pub(crate) fn check(history: &[Attempt], revisions: &[Revision]) -> Result<Summa
         let unsettled = list
             .last()
             .is_some_and(|a| a.outcome == Outcome::Indeterminate);
-        let live_now = span.is_some_and(|h| h.to.is_none());
+        let live_now = spans.last().is_some_and(|h| h.to.is_none());
         if unsettled {
             summary.unsettled += 1;
             continue;
@@ -263,27 +317,28 @@ pub(crate) fn check(history: &[Attempt], revisions: &[Revision]) -> Result<Summa
         let expected = matches!(last.map(|a| &a.outcome), Some(Outcome::Granted { .. }));
         summary.live_at_end += usize::from(expected);
         if expected && !live_now {
-            errors.push(format!(
+            errors.push(Violation::other(format!(
                 "{id} granted and never released, but gone at the end"
-            ));
+            )));
         }
         if !expected && live_now {
-            errors.push(format!(
+            errors.push(Violation::new(
+                Kind::LeftBooked,
+                id,
+                spans.last().map_or(0, |h| h.from.1),
+                format!(
                 "{id} still booked at the end after the client was told it was not (last: {:?})",
                 last.map(|a| &a.outcome)
+            ),
             ));
         }
     }
     for id in held.keys() {
         if !attempts.contains_key(id.as_str()) {
-            errors.push(format!("{id} booked but never asked for"));
+            errors.push(Violation::other(format!("{id} booked but never asked for")));
         }
     }
-    if errors.is_empty() {
-        Ok(summary)
-    } else {
-        Err(errors)
-    }
+    (summary, errors)
 }
 
 #[cfg(test)]
@@ -340,7 +395,11 @@ mod tests {
     }
 
     fn errors(history: &[Attempt], revisions: &[Revision]) -> Vec<String> {
-        check(history, revisions).err().unwrap_or_default()
+        check(history, revisions)
+            .1
+            .into_iter()
+            .map(|v| v.text)
+            .collect()
     }
 
     /// Agent `a` (2 cpu) registered at revision 1 (10 µs); `x` booked at
@@ -365,7 +424,8 @@ mod tests {
     #[test]
     fn a_consistent_history_passes() {
         let (history, revisions) = good();
-        let summary = check(&history, &revisions).unwrap();
+        let (summary, violations) = check(&history, &revisions);
+        assert_eq!(violations, vec![]);
         assert_eq!(
             summary,
             Summary {
@@ -388,7 +448,8 @@ mod tests {
         history.push(alloc("w", (50, 60), Outcome::Indeterminate));
         history.push(alloc("w", (61, 62), Outcome::Refused("no_capacity".into())));
         history.push(release("w", (63, 64), Outcome::Released(false)));
-        let summary = check(&history, &revisions).unwrap();
+        let (summary, violations) = check(&history, &revisions);
+        assert_eq!(violations, vec![]);
         assert_eq!(summary.live_at_end, 1);
     }
 
@@ -440,7 +501,7 @@ mod tests {
         assert!(e.iter().any(|e| e.contains("gone at the end")), "{e:?}");
         // A release asked for (even unanswered) accounts for the removal.
         history.push(release("y", (65, 80), Outcome::Indeterminate));
-        assert!(check(&history, &revisions).is_ok());
+        assert_eq!(check(&history, &revisions).1, vec![]);
     }
 
     #[test]
@@ -467,13 +528,20 @@ mod tests {
             revision: 5,
             at_us: 50,
             agent: "a".into(),
-            record: record(2.0, &[("y", 2.0), ("x", 1.0)]),
+            record: record(3.0, &[("y", 2.0), ("x", 1.0)]),
         });
         let e = errors(&history, &revisions);
         assert!(
             e.iter()
                 .any(|e| e.contains("x booked again on a at revision 5 after its removal")),
             "{e:?}"
+        );
+        let v = check(&history, &revisions).1;
+        assert_eq!(
+            v.iter()
+                .map(|v| (v.kind, v.id.as_str(), v.at_us))
+                .collect::<Vec<_>>(),
+            vec![(Kind::BookedAgain, "x", 50), (Kind::LeftBooked, "x", 50)]
         );
     }
 
@@ -540,6 +608,13 @@ mod tests {
             e.iter().any(|e| e.contains("z still booked at the end")),
             "{e:?}"
         );
+        let left: Vec<_> = check(&history, &revisions)
+            .1
+            .into_iter()
+            .filter(|v| v.kind == Kind::LeftBooked)
+            .map(|v| (v.id, v.at_us))
+            .collect();
+        assert_eq!(left, vec![("z".to_string(), 50)]);
     }
 
     #[test]
