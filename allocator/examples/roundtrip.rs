@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         },
         priority: 0,
         allocation_id: None,
+        deadline_ms: None,
     });
     let per_task = args.ops / args.concurrency.max(1);
     let started = Instant::now();

@@ -71,8 +71,18 @@ impl Client {
         self.request(subject::AGENT_REGISTER, req).await
     }
 
+    /// Books an allocation. Without a deadline of its own, the request gets
+    /// this client's: the moment it stops waiting for the answer.
     pub async fn allocate(&self, req: &AllocateRequest) -> Result<Allocation, Error> {
-        self.request(subject::ALLOCATE, req).await
+        if req.deadline_ms.is_some() {
+            return self.request(subject::ALLOCATE, req).await;
+        }
+        let deadline = crate::now_ms().saturating_add(self.timeout.as_millis() as u64);
+        let req = AllocateRequest {
+            deadline_ms: Some(deadline),
+            ..req.clone()
+        };
+        self.request(subject::ALLOCATE, &req).await
     }
 
     pub async fn release(&self, req: &ReleaseRequest) -> Result<ReleaseReply, Error> {

@@ -1069,6 +1069,7 @@ impl Orchestrator {
                 requirements: t.spec.requirements.clone(),
                 priority: t.spec.priority,
                 allocation_id: Some(AllocationId::random()),
+                deadline_ms: None,
             };
             let (o, flow_id) = (self.clone(), flow.id.clone());
             // The grant goes back to the actor with this span as its cause,

@@ -456,6 +456,68 @@ impl Drop for Isolated {
     }
 }
 
+/// A child process a test can freeze and thaw with signals (`SIGSTOP` /
+/// `SIGCONT`): unlike [`Isolated`], it keeps its sockets open while frozen and
+/// wakes with every timer expired. Killed (after a `SIGCONT`) on drop.
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    /// Starts `bin` with `args`; its output goes to the test's stderr.
+    pub fn spawn<I, S>(bin: &Path, args: I) -> Process
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        Process { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Freezes it (`kill -STOP`).
+    pub fn stop(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws it (`kill -CONT`).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    /// Whether it is still running (or frozen), not exited.
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {} failed", self.pid());
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.pid().to_string())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The four services against one fresh server.
 pub struct System {
     pub server: NatsServer,

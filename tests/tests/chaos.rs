@@ -25,7 +25,9 @@
 //!
 //! A second test pauses an agent (its whole runtime frozen, heartbeats
 //! included) past its lease: its late reports are rejected as stale and the
-//! task completes once, elsewhere.
+//! task completes once, elsewhere. A third does the same to an agent that is
+//! a process of its own (`coord-proc agent`), frozen with `SIGSTOP` and
+//! thawed with `SIGCONT`.
 
 // Test code: failing fast with a clear message is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -44,7 +46,9 @@ use common::{AgentId, Client, ErrorCode, FlowId, TaskId};
 use coordkit::agent::{self, AgentOptions};
 use futures::StreamExt;
 use serde_json::json;
-use testkit::{eventually, wait_for_service, Isolated, NatsServer, Replica, System, SERVICES};
+use testkit::{
+    eventually, wait_for_service, Isolated, NatsServer, Process, Replica, System, SERVICES,
+};
 
 /// The run's size and pace, from the environment.
 #[derive(Debug)]
@@ -796,6 +800,145 @@ async fn an_agent_paused_past_its_lease_has_its_late_reports_rejected() {
 
     let _ = stop_sleeper.send(());
     sleeper.join().unwrap().unwrap();
+    let _ = stop_steady.send(());
+    steady.await.unwrap().unwrap();
+}
+
+/// How long the stopped agent process works on a task: long enough that it is
+/// frozen mid-task, whatever the machine's load.
+const STOPPED_WORK_MS: u64 = 3_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_process_stopped_past_its_lease_has_its_late_report_rejected() {
+    let sys = System::start().await;
+    let flow_id = FlowId::new("stopped").unwrap();
+    let work_ms = STOPPED_WORK_MS.to_string();
+    // A real process, frozen by SIGSTOP: sockets open, nothing running.
+    let mut sleeper = Process::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_coord-proc")),
+        [
+            "--nats-url",
+            sys.server.url(),
+            "agent",
+            "--id",
+            "sleeper",
+            "--heartbeat-ms",
+            "300",
+            "--work-ms",
+            &work_ms,
+        ],
+    );
+    eventually(Duration::from_secs(20), "sleeper registered", || async {
+        let cap = sys.client.capacity(&Default::default()).await.ok()?;
+        cap.agents
+            .contains_key(&AgentId::new("sleeper").unwrap())
+            .then_some(())
+    })
+    .await;
+
+    let mut t = TaskSpec::new(TaskId::new("t").unwrap());
+    t.requirements = Requirements {
+        resources: [("cpu".to_string(), 1.0)].into(),
+        ..Default::default()
+    };
+    t.timeouts.start_to_close_ms = Some(3_000);
+    t.retry = RetryPolicy {
+        max_attempts: 5,
+        backoff_base_ms: 100,
+        ..Default::default()
+    };
+    let mut spec = FlowSpec::new("stopped", vec![t]);
+    spec.id = Some(flow_id.clone());
+    sys.client.create_flow(&spec).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the sleeper running it",
+        || async {
+            let s = sys.client.flow_status(&flow_id).await.ok()?;
+            (s.tasks[0].state == TaskState::Running).then_some(())
+        },
+    )
+    .await;
+    sleeper.stop();
+    let stopped = Instant::now();
+
+    // While it is frozen, another agent joins and the task moves to it.
+    let steady_nats = common::nats::connect(&sys.server.config(), "agent-steady")
+        .await
+        .unwrap();
+    let mut opts = AgentOptions::new(AgentId::new("steady").unwrap()).capacity("cpu", 1.0);
+    opts.heartbeat_interval = Duration::from_millis(300);
+    let (stop_steady, steady_stopped) = tokio::sync::oneshot::channel::<()>();
+    let steady = tokio::spawn(agent::run(
+        steady_nats,
+        opts,
+        |_| async { Ok(json!({"by": "steady"})) },
+        async {
+            let _ = steady_stopped.await;
+        },
+    ));
+    let done = eventually(
+        Duration::from_secs(30),
+        "the task done elsewhere",
+        || async {
+            let s = sys.client.flow_status(&flow_id).await.ok()?;
+            s.state.is_terminal().then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    let task = &done.tasks[0];
+    assert!(task.attempt >= 2, "attempt {}", task.attempt);
+    assert_eq!(task.output, json!({"by": "steady"}));
+    // Frozen past its lease and its work time, so it wakes with attempt 1 done.
+    let frozen = Duration::from_millis(STOPPED_WORK_MS + 1_000);
+    tokio::time::sleep(frozen.saturating_sub(stopped.elapsed())).await;
+    assert!(sleeper.is_alive(), "the stopped agent exited");
+    let frozen_for = stopped.elapsed();
+    sleeper.resume();
+
+    // Thawed, it reports attempt 1 completed: rejected as stale.
+    let events = eventually(
+        Duration::from_secs(30),
+        "the late report rejected",
+        || async {
+            let events = all_events(&sys.nats).await;
+            events
+                .iter()
+                .any(|e| {
+                    matches!(&e.kind, EventKind::ReportRejected { attempt: 1, agent_id, .. }
+                    if agent_id.as_str() == "sleeper")
+                })
+                .then_some(events)
+        },
+    )
+    .await;
+    let completions: BTreeSet<(u32, Option<String>)> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::TaskTransition {
+                to: TaskState::Succeeded,
+                attempt,
+                agent_id,
+                ..
+            } => Some((*attempt, agent_id.as_ref().map(|a| a.to_string()))),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        completions,
+        BTreeSet::from([(task.attempt, Some("steady".to_string()))]),
+        "completed once, by the agent holding the lease"
+    );
+    let status = sys.client.flow_status(&flow_id).await.unwrap();
+    assert_eq!(status.tasks[0].output, json!({"by": "steady"}));
+    assert_eq!(status.tasks[0].attempt, task.attempt);
+    assert!(sleeper.is_alive(), "the resumed agent exited");
+    eprintln!(
+        "stopped agent: frozen {:.1} s, task done by steady at attempt {}, late report rejected",
+        frozen_for.as_secs_f64(),
+        task.attempt
+    );
     let _ = stop_steady.send(());
     steady.await.unwrap().unwrap();
 }

@@ -56,6 +56,22 @@ fn quota_exceeded(over: &QuotaExceeded) -> Error {
     .with_details(over)
 }
 
+/// Refuses a request whose caller has stopped waiting for it: carried out
+/// late, it would book behind the caller's back (see `AllocateRequest`).
+fn past_deadline(deadline_ms: Option<u64>) -> Result<(), Error> {
+    let now = common::now_ms();
+    match deadline_ms {
+        Some(d) if now > d => Err(Error::new(
+            ErrorCode::Timeout,
+            format!(
+                "the request's deadline passed {} ms ago; nothing was booked",
+                now - d
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn contention() -> Error {
     Error::new(
         ErrorCode::Conflict,
@@ -351,6 +367,7 @@ impl Allocator {
                     return Ok(a.clone());
                 }
             }
+            past_deadline(req.deadline_ms)?;
             // Under a quota the booking stays pending until it is counted.
             let governed = self.cached_quotas().governs(&req.owner);
             let chosen = machine::place(
@@ -376,6 +393,9 @@ impl Allocator {
                     if let Some(a) = rec.allocations.get(&this) {
                         return Ok(Step::Keep(Some((a.clone(), false))));
                     }
+                    // Checked again just before the write: the replica may
+                    // have stalled since the first check.
+                    past_deadline(req.deadline_ms)?;
                     // Decide again on the record being written: the view it was
                     // chosen from may be stale.
                     let Ok(draw) = rec.fit(&wanted, Some(&owner), now) else {

@@ -70,6 +70,14 @@ pub struct AllocateRequest {
     /// returned as it is, and the id can be released without knowing the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocation_id: Option<AllocationId>,
+    /// When the caller stops waiting, in ms since the epoch. A request the
+    /// allocator reaches later (its replica was frozen or stalled, and read it
+    /// late) is refused with `timeout` instead of booked, so it cannot book
+    /// behind the back of a caller who has since retried, been refused or
+    /// released the id. Checked again in the booking's compare-and-set. The
+    /// typed client sets it to its request timeout. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 /// A live allocation: `resources` held on `agent_id` for `owner`.

@@ -460,6 +460,7 @@ pub(crate) async fn run_alloc(ctx: &Ctx, cmd: AllocCmd) -> anyhow::Result<()> {
                         .as_deref()
                         .map(id::<AllocationId>)
                         .transpose()?,
+                    deadline_ms: None,
                 })
                 .await?;
             ctx.emit(&a, |a| {

@@ -2,7 +2,7 @@
 //! releases allocations with an event, deregistration drains, reservation
 //! windows (before/during/after), gangs all-or-nothing, spread and
 //! anti-affinity, preemption order, rebalancing of movable allocations, typed
-//! errors for bad input, and — with two replicas and 500 concurrent requests —
+//! errors for bad input, requests past their deadline booking nothing, and — with two replicas and 500 concurrent requests —
 //! no agent's ledger over capacity at any revision in KV history.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,6 +52,7 @@ async fn allocate(
         requirements: req,
         priority,
         allocation_id: None,
+        deadline_ms: None,
     })
     .await
 }
@@ -706,4 +707,39 @@ async fn two_replicas_never_over_allocate_under_500_concurrent_requests() {
     assert_eq!(live, expected);
     assert!(checked >= made.len() + released.len());
     second.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_allocate_request_past_its_deadline_books_nothing() {
+    let sys = System::start().await;
+    let c = &sys.client;
+    register(c, "late", 2.0, 60_000).await;
+    let id = common::AllocationId::new("late-1").unwrap();
+    let mut req = AllocateRequest {
+        owner: "o".into(),
+        requirements: cpu(1.0),
+        priority: 0,
+        allocation_id: Some(id.clone()),
+        // A caller that stopped waiting a second ago: read this late, the
+        // allocator must not book behind its back.
+        deadline_ms: Some(common::now_ms() - 1_000),
+    };
+    let err = c.allocate(&req).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Timeout, "{err}");
+    assert_eq!(allocated_on(c, "late").await, 0.0);
+    // In time, it books; a late retry of a booked id still gets it back.
+    req.deadline_ms = None;
+    let a = c.allocate(&req).await.unwrap();
+    assert_eq!(allocated_on(c, "late").await, 1.0);
+    req.deadline_ms = Some(common::now_ms() - 1_000);
+    assert_eq!(c.allocate(&req).await.unwrap(), a);
+    // Released, the id stays released however late a request for it comes.
+    c.release(&ReleaseRequest {
+        allocation_id: id,
+        agent_id: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(c.allocate(&req).await.unwrap_err().code, ErrorCode::Timeout);
+    assert_eq!(allocated_on(c, "late").await, 0.0);
 }

@@ -48,6 +48,7 @@ async fn allocate(
         requirements: cpu(n),
         priority,
         allocation_id: None,
+        deadline_ms: None,
     })
     .await
 }
@@ -406,6 +407,7 @@ async fn two_replicas_never_exceed_a_quota_under_concurrent_requests() {
                             requirements: req,
                             priority: 0,
                             allocation_id: None,
+                            deadline_ms: None,
                         })
                         .await;
                     match booked {

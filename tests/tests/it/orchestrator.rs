@@ -707,6 +707,7 @@ async fn an_assignment_recorded_but_never_sent_is_delivered_by_the_sweep() {
             requirements: cpu_task("a", &[]).requirements,
             priority: 0,
             allocation_id: None,
+            deadline_ms: None,
         })
         .await
         .unwrap();
