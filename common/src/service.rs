@@ -322,18 +322,22 @@ mod tests {
             ErrorCode::BadRequest
         );
         let big = vec![b' '; MAX_REQUEST_BYTES + 1];
-        let a = AgentId::new("a").unwrap();
-        assert!(same_agent(&subject::agent_state_put(&a), &a).is_ok());
-        let b = AgentId::new("b").unwrap();
-        assert_eq!(
-            same_agent(&subject::agent_state_put(&a), &b)
-                .unwrap_err()
-                .code,
-            ErrorCode::Forbidden
-        );
         assert_eq!(
             decode::<Req>(&big).unwrap_err().code,
             ErrorCode::PayloadTooLarge
+        );
+    }
+
+    #[test]
+    fn an_agent_subject_must_agree_with_the_body() {
+        let (a, b) = (AgentId::new("a").unwrap(), AgentId::new("b").unwrap());
+        assert!(same_agent(&subject::agent_state_put(&a), &a).is_ok());
+        let refused = same_agent(&subject::agent_register(&a), &b).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Forbidden);
+        assert_eq!(refused.details["subject_agent"], "a");
+        assert_eq!(
+            same_agent(subject::FLOW_CREATE, &a).unwrap_err().code,
+            ErrorCode::BadRequest
         );
     }
 }

@@ -322,7 +322,7 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
     .to_string();
     let forged_put =
         serde_json::to_string(&put(&b, b_doc.revision, json!({"owner": "a"}))).unwrap();
-    let forged_delete = json!({"agent_id": b}).to_string();
+    let naming_b = json!({"agent_id": b}).to_string();
     let forged_registration = serde_json::to_string(&registration(&b)).unwrap();
     for (what, subj, body) in [
         (
@@ -386,17 +386,17 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
         (
             "B's state delete",
             subject::agent_state_delete(&b),
-            forged_delete.clone(),
+            naming_b.clone(),
         ),
         (
             "a shared state delete",
             subject::STATE_DELETE.to_owned(),
-            forged_delete.clone(),
+            naming_b.clone(),
         ),
         (
             "B's own state read",
             subject::agent_state_get(&b),
-            forged_delete.clone(),
+            naming_b.clone(),
         ),
         (
             "registering as B",
@@ -411,12 +411,12 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
         (
             "deregistering B",
             subject::agent_deregister(&b),
-            forged_delete.clone(),
+            naming_b.clone(),
         ),
         (
             "a shared deregistration",
             subject::AGENT_DEREGISTER.to_owned(),
-            forged_delete,
+            naming_b,
         ),
     ] {
         spy.publish_with_reply(subj.clone(), spy.new_inbox(), body.into())
