@@ -10,12 +10,16 @@
 # (`nats server passwd`) keeps it out of the file.
 #
 # The agent may publish only what the protocol asks of it: its heartbeats,
-# reports and sync acknowledgements, registration, its own state through the
-# synchronizer, and the JetStream API calls that open and pull its own durable
-# consumer `agent-{id}` on COORD_ASSIGN and acknowledge what it pulled. It may
-# subscribe only to its own inboxes (`_INBOX_{id}.>`: connect with
-# NATS_INBOX_PREFIX=_INBOX_{id}; `coordctl agent` does so by itself), its cancel
-# and sync notices, and `agent.lost` events.
+# reports and sync acknowledgements, its (de)registration and state requests on
+# its own subjects (`coord.agents.{id}.register`, `.state.put`, …: the services
+# refuse a body naming another agent there), reads of any agent's state
+# (`coord.sync.state.get`/`history`, read-only), and the JetStream API calls
+# that open and pull its own durable consumer `agent-{id}` on COORD_ASSIGN and
+# acknowledge what it pulled. The shared write subjects (`coord.agents.register`,
+# `coord.sync.state.put`, …) name the agent only in the JSON, so they stay
+# closed to agents. It may subscribe only to its own inboxes (`_INBOX_{id}.>`:
+# connect with NATS_INBOX_PREFIX=_INBOX_{id}; `coordctl agent` and the Python
+# example agent do so), its cancel and sync notices, and `agent.lost` events.
 set -eu
 if [ $# -ne 2 ]; then
     echo "usage: $0 AGENT_ID PASSWORD" >&2
@@ -35,8 +39,10 @@ cat <<ENTRY
     { user: "$id", password: $pass, permissions: {
         publish: { allow: [
           "coord.agents.$id.heartbeat", "coord.agents.$id.report", "coord.agents.$id.sync.ack",
-          "coord.agents.register", "coord.agents.deregister",
-          "coord.sync.state.get", "coord.sync.state.put", "coord.sync.state.history",
+          "coord.agents.$id.register", "coord.agents.$id.deregister",
+          "coord.agents.$id.state.get", "coord.agents.$id.state.put",
+          "coord.agents.$id.state.delete", "coord.agents.$id.state.history",
+          "coord.sync.state.get", "coord.sync.state.history",
           "\$JS.API.STREAM.INFO.COORD_ASSIGN",
           "\$JS.API.CONSUMER.INFO.COORD_ASSIGN.agent-$id",
           "\$JS.API.CONSUMER.CREATE.COORD_ASSIGN.agent-$id.coord.agents.$id.assign",

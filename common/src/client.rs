@@ -1,5 +1,9 @@
 //! A typed client for every request/reply API, so callers never touch subjects
 //! or JSON and get the server's [`Error`] back as a value they can match on.
+//!
+//! Registration and state requests go to the named agent's own subject
+//! (`coord.agents.{id}.…`): an agent confined by the server's permissions can
+//! make them for itself only, and an operator (allowed everything) for anyone.
 
 use std::time::Duration;
 
@@ -68,7 +72,8 @@ impl Client {
     }
 
     pub async fn register_agent(&self, req: &RegisterAgent) -> Result<AgentInfo, Error> {
-        self.request(subject::AGENT_REGISTER, req).await
+        self.request(&subject::agent_register(&req.agent_id), req)
+            .await
     }
 
     /// Books an allocation. Without a deadline of its own, the request gets
@@ -95,7 +100,7 @@ impl Client {
 
     pub async fn deregister_agent(&self, agent: &crate::AgentId) -> Result<AgentInfo, Error> {
         self.request(
-            subject::AGENT_DEREGISTER,
+            &subject::agent_deregister(agent),
             &DeregisterAgent {
                 agent_id: agent.clone(),
             },
@@ -194,19 +199,23 @@ impl Client {
 
     /// A document in any scope, latest or at a revision.
     pub async fn state_get_at(&self, req: &StateGet) -> Result<StateDoc, Error> {
-        self.request(subject::STATE_GET, req).await
+        self.request(&subject::agent_state_get(&req.agent_id), req)
+            .await
     }
 
     pub async fn state_put(&self, req: &StatePut) -> Result<StateDoc, Error> {
-        self.request(subject::STATE_PUT, req).await
+        self.request(&subject::agent_state_put(&req.agent_id), req)
+            .await
     }
 
     pub async fn state_delete(&self, req: &StateDelete) -> Result<StateDeleted, Error> {
-        self.request(subject::STATE_DELETE, req).await
+        self.request(&subject::agent_state_delete(&req.agent_id), req)
+            .await
     }
 
     pub async fn state_history(&self, req: &StateHistoryRequest) -> Result<StateHistory, Error> {
-        self.request(subject::STATE_HISTORY, req).await
+        self.request(&subject::agent_state_history(&req.agent_id), req)
+            .await
     }
 
     pub async fn scope_set(&self, cfg: &ScopeConfig) -> Result<ScopeConfig, Error> {

@@ -35,6 +35,9 @@ pub enum ErrorCode {
     QuotaExceeded,
     /// A report for an attempt or agent that no longer holds the task.
     Fenced,
+    /// A request on one agent's own subject (`coord.agents.{id}.…`) whose body
+    /// names another agent: an agent acts only for itself.
+    Forbidden,
     /// A service this one depends on did not answer.
     Unavailable,
     /// The request timed out.
@@ -51,6 +54,7 @@ impl ErrorCode {
     pub fn status(self) -> u16 {
         match self {
             ErrorCode::BadRequest | ErrorCode::InvalidId => 400,
+            ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict | ErrorCode::Fenced => 409,
             ErrorCode::QuotaExceeded => 429,
@@ -73,6 +77,7 @@ impl ErrorCode {
             ErrorCode::NoCapacity => "no_capacity",
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Fenced => "fenced",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
@@ -81,7 +86,7 @@ impl ErrorCode {
     }
 
     /// Every code, for docs and tests.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidId,
         ErrorCode::PayloadTooLarge,
@@ -91,6 +96,7 @@ impl ErrorCode {
         ErrorCode::NoCapacity,
         ErrorCode::QuotaExceeded,
         ErrorCode::Fenced,
+        ErrorCode::Forbidden,
         ErrorCode::Unavailable,
         ErrorCode::Timeout,
         ErrorCode::Internal,

@@ -5,6 +5,10 @@
 //! Each service registers under its own name, so `$SRV.PING`, `$SRV.INFO` and
 //! `$SRV.STATS` answer per service; replicas share the default queue group and
 //! split the requests between them.
+//!
+//! What an agent asks about itself is served on a per-agent wildcard
+//! ([`Service::serve_agent`]): the agent is the one the subject names, which
+//! the server's permissions can confine, so an agent cannot act for another.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,7 +22,11 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::error::{Error, ErrorCode};
-use crate::telemetry;
+use crate::id::AgentId;
+use crate::msg::{
+    DeregisterAgent, RegisterAgent, StateDelete, StateGet, StateHistoryRequest, StatePut,
+};
+use crate::{subject, telemetry};
 
 /// Largest request body accepted, in bytes (NATS's default `max_payload`).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -89,9 +97,53 @@ impl Service {
         H: Fn(Req) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<Resp, Error>> + Send + 'static,
     {
+        self.serve_on(subject, move |_: String, req| handler(req))
+            .await
+    }
+
+    /// Serves a per-agent wildcard (`coord.agents.*.…`) with `handler`, which
+    /// only sees requests whose body names the agent of the subject they came
+    /// on; any other is refused with [`ErrorCode::Forbidden`]. The subject is
+    /// what the server lets an agent publish on, so it is the sender's
+    /// identity and the body must agree with it.
+    pub async fn serve_agent<Req, Resp, H, Fut>(
+        &mut self,
+        subject: &'static str,
+        handler: H,
+    ) -> Result<(), Error>
+    where
+        Req: AgentRequest + DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+        H: Fn(Req) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<Resp, Error>> + Send + 'static,
+    {
+        self.serve_on(subject, move |on: String, req: Req| {
+            let handler = handler.clone();
+            async move {
+                same_agent(&on, req.agent_id())?;
+                handler(req).await
+            }
+        })
+        .await
+    }
+
+    /// Serves `subject` with a handler that also gets the subject each request came on.
+    async fn serve_on<Req, Resp, H, Fut>(
+        &mut self,
+        subject: &'static str,
+        handler: H,
+    ) -> Result<(), Error>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+        H: Fn(String, Req) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<Resp, Error>> + Send + 'static,
+    {
+        // Endpoint names are tokens: a wildcard's `*` becomes `id`.
         let name = subject
             .strip_prefix("coord.")
             .unwrap_or(subject)
+            .replace(".*.", ".id.")
             .replace('.', "-");
         let mut endpoint = self
             .inner
@@ -116,8 +168,9 @@ impl Service {
                 let span = telemetry::message_span("request", subject, request.message.headers.as_ref());
                 tokio::spawn(
                     async move {
+                        let on = request.message.subject.to_string();
                         let result = match decode::<Req>(&request.message.payload) {
-                            Ok(req) => handler(req).await,
+                            Ok(req) => handler(on, req).await,
                             Err(e) => Err(e),
                         };
                         let sent = match result.and_then(|resp| encode(&resp)) {
@@ -148,6 +201,43 @@ impl Service {
     pub async fn stop(mut self) {
         self.tasks.abort_all();
         let _ = self.inner.stop().await;
+    }
+}
+
+/// A request about one agent, named in its body.
+pub trait AgentRequest {
+    fn agent_id(&self) -> &AgentId;
+}
+
+macro_rules! agent_request {
+    ($($t:ty),*) => {$(
+        impl AgentRequest for $t {
+            fn agent_id(&self) -> &AgentId {
+                &self.agent_id
+            }
+        }
+    )*};
+}
+
+agent_request!(
+    RegisterAgent,
+    DeregisterAgent,
+    StateGet,
+    StatePut,
+    StateDelete,
+    StateHistoryRequest
+);
+
+/// Checks that a request on `on` (an agent's own subject) names that agent.
+pub fn same_agent(on: &str, named: &AgentId) -> Result<(), Error> {
+    match subject::agent_of(on) {
+        Some(sender) if &sender == named => Ok(()),
+        Some(sender) => Err(Error::new(
+            ErrorCode::Forbidden,
+            format!("{on} is {sender}'s subject but the request names {named}"),
+        )
+        .with_details(serde_json::json!({ "subject_agent": sender, "agent_id": named }))),
+        None => Err(Error::bad_request(format!("{on} names no agent"))),
     }
 }
 
@@ -235,6 +325,19 @@ mod tests {
         assert_eq!(
             decode::<Req>(&big).unwrap_err().code,
             ErrorCode::PayloadTooLarge
+        );
+    }
+
+    #[test]
+    fn an_agent_subject_must_agree_with_the_body() {
+        let (a, b) = (AgentId::new("a").unwrap(), AgentId::new("b").unwrap());
+        assert!(same_agent(&subject::agent_state_put(&a), &a).is_ok());
+        let refused = same_agent(&subject::agent_register(&a), &b).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Forbidden);
+        assert_eq!(refused.details["subject_agent"], "a");
+        assert_eq!(
+            same_agent(subject::FLOW_CREATE, &a).unwrap_err().code,
+            ErrorCode::BadRequest
         );
     }
 }

@@ -39,9 +39,29 @@ pub const FLOW_WATCH_ALL: &str = "coord.orchestrator.watch.*";
 
 // ---- Allocator: request/reply -------------------------------------------
 // Agents' life cycle and every capacity operation; served by the allocator.
+// An agent registers on its own subject (`agent_register` below), which the
+// server can confine to it; these shared subjects name the agent only in the
+// JSON and are for operators' tools and agents written before the per-agent
+// ones existed.
 pub const AGENT_REGISTER: &str = "coord.agents.register";
 /// The agent leaves: it drains (keeps its allocations, takes no new ones).
 pub const AGENT_DEREGISTER: &str = "coord.agents.deregister";
+/// Every agent's own registration subject (the allocators' endpoint).
+pub const AGENT_REGISTER_ALL: &str = "coord.agents.*.register";
+/// Every agent's own deregistration subject (the allocators' endpoint).
+pub const AGENT_DEREGISTER_ALL: &str = "coord.agents.*.deregister";
+
+/// An agent joins (or re-joins) on its own subject (agent → allocator); the
+/// body must name the same agent.
+pub fn agent_register(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.register")
+}
+
+/// An agent leaves on its own subject (agent → allocator); the body must name
+/// the same agent.
+pub fn agent_deregister(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.deregister")
+}
 pub const ALLOCATE: &str = "coord.allocator.allocate";
 /// Several requirements placed all-or-nothing.
 pub const ALLOCATE_GANG: &str = "coord.allocator.allocate.gang";
@@ -64,6 +84,11 @@ pub const OPTIMIZE: &str = "coord.allocator.optimize";
 // every write to the state bucket (republished by the server itself, so no
 // write is ever missed or announced twice); notices to an agent and its
 // acknowledgements live under `coord.agents.{id}.sync…` (functions below).
+//
+// An agent reads and writes its own documents on `coord.agents.{id}.state.…`,
+// which the server can confine to it; the shared `coord.sync.state.…` subjects
+// name the agent only in the JSON and are for operators' tools (and for
+// reading another agent's document).
 pub const STATE_GET: &str = "coord.sync.state.get";
 pub const STATE_PUT: &str = "coord.sync.state.put";
 pub const STATE_DELETE: &str = "coord.sync.state.delete";
@@ -84,6 +109,34 @@ pub const STATE_WATCH_PREFIX: &str = "coord.sync.watch";
 pub const STATE_WATCH_ALL: &str = "coord.sync.watch.>";
 /// Every agent's acknowledgements (the synchronizers' queue subscription).
 pub const SYNC_ACK_ALL: &str = "coord.agents.*.sync.ack";
+/// Every agent's own document reads (the synchronizers' endpoint).
+pub const AGENT_STATE_GET_ALL: &str = "coord.agents.*.state.get";
+/// Every agent's own document writes (the synchronizers' endpoint).
+pub const AGENT_STATE_PUT_ALL: &str = "coord.agents.*.state.put";
+/// Every agent's own document deletions (the synchronizers' endpoint).
+pub const AGENT_STATE_DELETE_ALL: &str = "coord.agents.*.state.delete";
+/// Every agent's own document histories (the synchronizers' endpoint).
+pub const AGENT_STATE_HISTORY_ALL: &str = "coord.agents.*.state.history";
+
+/// An agent reads its own document (agent → synchronizer).
+pub fn agent_state_get(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.state.get")
+}
+
+/// An agent writes its own document (agent → synchronizer).
+pub fn agent_state_put(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.state.put")
+}
+
+/// An agent deletes its own document (agent → synchronizer).
+pub fn agent_state_delete(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.state.delete")
+}
+
+/// An agent reads its own document's kept revisions (agent → synchronizer).
+pub fn agent_state_history(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.state.history")
+}
 
 /// Changes of one agent's document in one scope.
 pub fn state_watch(scope: &ScopeId, agent: &AgentId) -> String {
@@ -258,6 +311,14 @@ mod tests {
         assert_eq!(agent_of(&sync_ack(&a)), Some(a.clone()));
         assert_eq!(family(&sync_ack(&a)), "coord.agents.*.sync.ack");
         assert_eq!(sync_notice(&a), "coord.agents.w-1.sync");
+        assert_eq!(agent_of(&agent_register(&a)), Some(a.clone()));
+        assert_eq!(agent_of(&agent_state_put(&a)), Some(a.clone()));
+        assert_eq!(family(&agent_register(&a)), AGENT_REGISTER_ALL);
+        assert_eq!(family(&agent_deregister(&a)), AGENT_DEREGISTER_ALL);
+        assert_eq!(family(&agent_state_get(&a)), AGENT_STATE_GET_ALL);
+        assert_eq!(family(&agent_state_put(&a)), AGENT_STATE_PUT_ALL);
+        assert_eq!(family(&agent_state_delete(&a)), AGENT_STATE_DELETE_ALL);
+        assert_eq!(family(&agent_state_history(&a)), AGENT_STATE_HISTORY_ALL);
     }
 
     #[test]

@@ -5,12 +5,17 @@ nats-py client and nothing else.
 It registers with its capabilities and capacity, heartbeats, takes assignments
 from its durable consumer, reports `started` then `completed` (or `failed`) on
 JetStream, publishes a state document after each task, acknowledges sync-point
-notices, and stops starting work when told to cancel an attempt.
+notices, and stops starting work when told to cancel an attempt. Everything it
+asks or says about itself goes on its own subjects (`coord.agents.{id}.…`) and
+its replies come to its own inboxes (`NATS_INBOX_PREFIX`, default
+`_INBOX_{id}`), so it also runs on a server that keeps agents apart.
 
 Each task is an echo: its output is `{"agent", "kind", "echo": input, "attempt"}`.
 A task whose input has `"fail": "message"` fails (not retryable) instead.
 
     NATS_URL=nats://127.0.0.1:4222 python agent.py --agent-id py-1 --capability python
+
+On such a server it logs in as itself: NATS_USER=py-1 NATS_PASSWORD=….
 
 Stops on SIGINT/SIGTERM, or after --max-tasks tasks.
 """
@@ -81,7 +86,7 @@ class Agent:
         # The allocator may not be up yet: `no responders` / timeouts mean wait and retry.
         while True:
             try:
-                info = await request(self.nc, "coord.agents.register", body)
+                info = await request(self.nc, self.subject("register"), body)
                 print(f"registered {info['agent_id']} ({info.get('status')})", flush=True)
                 return
             except (nats.errors.NoRespondersError, NatsTimeout):
@@ -143,7 +148,7 @@ class Agent:
         """Store this agent's state document (compare-and-set on the revision)."""
         for _ in range(5):
             try:
-                current = await request(self.nc, "coord.sync.state.get", {"agent_id": self.id})
+                current = await request(self.nc, self.subject("state.get"), {"agent_id": self.id})
                 revision = current["revision"]
             except ServiceError as e:
                 if e.code != "not_found":
@@ -152,7 +157,7 @@ class Agent:
             try:
                 stored = await request(
                     self.nc,
-                    "coord.sync.state.put",
+                    self.subject("state.put"),
                     {"agent_id": self.id, "expected_revision": revision, "doc": doc},
                 )
                 return stored["revision"]
@@ -275,6 +280,11 @@ async def main():
         name=f"python-agent-{args.agent_id}",
         reconnected_cb=on_reconnect,
         max_reconnect_attempts=-1,
+        # Replies and pulled assignments arrive on inboxes under this prefix;
+        # a server keeping agents apart lets an agent read only `_INBOX_{id}.>`.
+        inbox_prefix=os.environ.get("NATS_INBOX_PREFIX") or f"_INBOX_{args.agent_id}",
+        user=os.environ.get("NATS_USER"),
+        password=os.environ.get("NATS_PASSWORD"),
     )
     agent = Agent(nc, args)
     holder["agent"] = agent

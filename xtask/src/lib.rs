@@ -50,8 +50,10 @@ macro_rules! msg {
 /// Who talks on a subject, and how.
 #[derive(Clone, Copy)]
 pub enum Pattern {
-    /// A request/reply endpoint served by `server`; every failure reply is an [`ErrorBody`].
+    /// A request/reply endpoint served by `server` to `from`; every failure
+    /// reply is an [`ErrorBody`].
     Request {
+        from: &'static str,
         server: &'static str,
         request: Msg,
         reply: Msg,
@@ -135,6 +137,29 @@ const AGENT: &str = "agent";
 
 fn request(server: &'static str, request: Msg, reply: Msg) -> Pattern {
     Pattern::Request {
+        from: "any client",
+        server,
+        request,
+        reply,
+    }
+}
+
+/// A write naming its agent only in the JSON: an isolating server lets only
+/// operators make it (agents use their own subjects, [`own_request`]).
+fn operator_request(server: &'static str, request: Msg, reply: Msg) -> Pattern {
+    Pattern::Request {
+        from: "operators",
+        server,
+        request,
+        reply,
+    }
+}
+
+/// A request an agent makes about itself on its own subject: the server can
+/// confine it there, and the service refuses a body naming another agent.
+fn own_request(server: &'static str, request: Msg, reply: Msg) -> Pattern {
+    Pattern::Request {
+        from: "the agent itself, operators",
         server,
         request,
         reply,
@@ -256,15 +281,29 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             "agentRegister",
             "AGENT_REGISTER",
             subject::AGENT_REGISTER,
-            "An agent joins (or re-joins) with its capabilities and capacity.",
-            request(ALLOCATOR, msg!(RegisterAgent), msg!(AgentInfo)),
+            "An agent joins (or re-joins) with its capabilities and capacity; an agent itself uses its own subject.",
+            operator_request(ALLOCATOR, msg!(RegisterAgent), msg!(AgentInfo)),
         ),
         req(
             "agentDeregister",
             "AGENT_DEREGISTER",
             subject::AGENT_DEREGISTER,
-            "An agent leaves: it drains, keeping its allocations.",
-            request(ALLOCATOR, msg!(DeregisterAgent), msg!(AgentInfo)),
+            "An agent leaves: it drains, keeping its allocations; an agent itself uses its own subject.",
+            operator_request(ALLOCATOR, msg!(DeregisterAgent), msg!(AgentInfo)),
+        ),
+        req(
+            "agentOwnRegister",
+            "agent_register",
+            &per_agent(subject::agent_register)?,
+            "The agent joins (or re-joins) on its own subject; a body naming another agent is `forbidden`.",
+            own_request(ALLOCATOR, msg!(RegisterAgent), msg!(AgentInfo)),
+        ),
+        req(
+            "agentOwnDeregister",
+            "agent_deregister",
+            &per_agent(subject::agent_deregister)?,
+            "The agent leaves on its own subject: it drains, keeping its allocations.",
+            own_request(ALLOCATOR, msg!(DeregisterAgent), msg!(AgentInfo)),
         ),
         req(
             "allocate",
@@ -334,29 +373,57 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             "stateGet",
             "STATE_GET",
             subject::STATE_GET,
-            "An agent's document, latest or at a revision.",
+            "Any agent's document by name, latest or at a revision.",
             request(SYNCHRONIZER, msg!(StateGet), msg!(StateDoc)),
         ),
         req(
             "statePut",
             "STATE_PUT",
             subject::STATE_PUT,
-            "Store a document made from `expected_revision`.",
-            request(SYNCHRONIZER, msg!(StatePut), msg!(StateDoc)),
+            "Store a document made from `expected_revision`; an agent itself uses its own subject.",
+            operator_request(SYNCHRONIZER, msg!(StatePut), msg!(StateDoc)),
         ),
         req(
             "stateDelete",
             "STATE_DELETE",
             subject::STATE_DELETE,
-            "Delete a document.",
-            request(SYNCHRONIZER, msg!(StateDelete), msg!(StateDeleted)),
+            "Delete a document; an agent itself uses its own subject.",
+            operator_request(SYNCHRONIZER, msg!(StateDelete), msg!(StateDeleted)),
         ),
         req(
             "stateHistory",
             "STATE_HISTORY",
             subject::STATE_HISTORY,
-            "A document's kept revisions, oldest first.",
+            "Any agent's document's kept revisions by name, oldest first.",
             request(SYNCHRONIZER, msg!(StateHistoryRequest), msg!(StateHistory)),
+        ),
+        req(
+            "agentStateGet",
+            "agent_state_get",
+            &per_agent(subject::agent_state_get)?,
+            "The agent's own document, latest or at a revision; a body naming another agent is `forbidden`.",
+            own_request(SYNCHRONIZER, msg!(StateGet), msg!(StateDoc)),
+        ),
+        req(
+            "agentStatePut",
+            "agent_state_put",
+            &per_agent(subject::agent_state_put)?,
+            "Store the agent's own document made from `expected_revision`.",
+            own_request(SYNCHRONIZER, msg!(StatePut), msg!(StateDoc)),
+        ),
+        req(
+            "agentStateDelete",
+            "agent_state_delete",
+            &per_agent(subject::agent_state_delete)?,
+            "Delete the agent's own document.",
+            own_request(SYNCHRONIZER, msg!(StateDelete), msg!(StateDeleted)),
+        ),
+        req(
+            "agentStateHistory",
+            "agent_state_history",
+            &per_agent(subject::agent_state_history)?,
+            "The agent's own document's kept revisions, oldest first.",
+            own_request(SYNCHRONIZER, msg!(StateHistoryRequest), msg!(StateHistory)),
         ),
         req(
             "scopeSet",
@@ -852,6 +919,7 @@ pub fn asyncapi(channels: &[Channel]) -> Value {
         }
         match c.pattern {
             Pattern::Request {
+                from,
                 server,
                 request,
                 reply,
@@ -867,7 +935,7 @@ pub fn asyncapi(channels: &[Channel]) -> Value {
                     json!({
                         "action": "receive",
                         "summary": c.summary,
-                        "description": format!("Request/reply served by the {server}; any client may request. A failure replies `ErrorBody` with the `Nats-Service-Error` and `Nats-Service-Error-Code` headers."),
+                        "description": format!("Request/reply served by the {server}; who may request: {from}. A failure replies `ErrorBody` with the `Nats-Service-Error` and `Nats-Service-Error-Code` headers."),
                         "channel": {"$ref": format!("#/channels/{}", c.id)},
                         "messages": [message_ref(c.id, &request)],
                         "reply": {
@@ -965,12 +1033,13 @@ pub fn subjects_markdown(channels: &[Channel]) -> String {
     for c in channels {
         let (kind, who, msgs) = match &c.pattern {
             Pattern::Request {
+                from,
                 server,
                 request,
                 reply,
             } => (
                 "request/reply".to_owned(),
-                format!("any client → {server}"),
+                format!("{from} → {server}"),
                 format!(
                     "{} → {} or [`ErrorBody`](../{SCHEMA_DIR}/ErrorBody.json)",
                     link(request),

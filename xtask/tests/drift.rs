@@ -60,6 +60,15 @@ const NOT_CHANNELS: &[(&str, &str)] = &[
     ("STATE_WATCH_PREFIX", "prefix of the state_watch channel"),
     ("STATE_WATCH_ALL", "wildcard over state_watch"),
     ("SYNC_ACK_ALL", "wildcard over sync_ack"),
+    ("AGENT_REGISTER_ALL", "wildcard over agent_register"),
+    ("AGENT_DEREGISTER_ALL", "wildcard over agent_deregister"),
+    ("AGENT_STATE_GET_ALL", "wildcard over agent_state_get"),
+    ("AGENT_STATE_PUT_ALL", "wildcard over agent_state_put"),
+    ("AGENT_STATE_DELETE_ALL", "wildcard over agent_state_delete"),
+    (
+        "AGENT_STATE_HISTORY_ALL",
+        "wildcard over agent_state_history",
+    ),
     ("HEARTBEAT_ALL", "wildcard over heartbeat"),
     (
         "ASSIGN_ALL",

@@ -96,10 +96,13 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 macro_rules! serve {
-    ($service:expr, $alloc:expr, $subject:expr, $req:ty, $method:ident) => {{
+    ($service:expr, $alloc:expr, $subject:expr, $req:ty, $method:ident) => {
+        serve!(serve, $service, $alloc, $subject, $req, $method)
+    };
+    ($how:ident, $service:expr, $alloc:expr, $subject:expr, $req:ty, $method:ident) => {{
         let a = $alloc.clone();
         $service
-            .serve($subject, move |r: $req| {
+            .$how($subject, move |r: $req| {
                 let a = a.clone();
                 async move { a.$method(r).await }
             })
@@ -141,6 +144,24 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     ];
 
     let mut service = Service::start(&nats, NAME, "Agents, capacity and placement").await?;
+    // An agent (de)registers on its own subject, so it cannot do so for another.
+    serve!(
+        serve_agent,
+        service,
+        alloc,
+        subject::AGENT_REGISTER_ALL,
+        RegisterAgent,
+        register
+    );
+    serve!(
+        serve_agent,
+        service,
+        alloc,
+        subject::AGENT_DEREGISTER_ALL,
+        DeregisterAgent,
+        deregister
+    );
+    // The shared subjects, for operators' tools and agents written before.
     serve!(
         service,
         alloc,

@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use crate::id::{AgentId, AllocationId, FlowId, TaskId};
 
-/// `coord.agents.register`: an agent announces itself and its capacity.
+/// `coord.agents.{agent_id}.register` (operators: `coord.agents.register`): an
+/// agent announces itself and its capacity.
 /// Registering again replaces capabilities, labels and capacity and keeps the
 /// agent's current allocations.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -49,7 +50,8 @@ pub enum AgentStatus {
     Unknown,
 }
 
-/// `coord.agents.deregister`: the agent is leaving; it drains (no new placements).
+/// `coord.agents.{agent_id}.deregister` (operators: `coord.agents.deregister`):
+/// the agent is leaving; it drains (no new placements).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeregisterAgent {

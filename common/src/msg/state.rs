@@ -124,7 +124,8 @@ pub struct ScopeGet {
     pub scope: ScopeId,
 }
 
-/// `coord.sync.state.get`: the latest document, or the one at `revision`.
+/// `coord.agents.{agent_id}.state.get` (any agent's: `coord.sync.state.get`):
+/// the latest document, or the one at `revision`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StateGet {
@@ -136,7 +137,8 @@ pub struct StateGet {
     pub revision: Option<u64>,
 }
 
-/// `coord.sync.state.put`: a compare-and-set of an agent's state document.
+/// `coord.agents.{agent_id}.state.put` (operators: `coord.sync.state.put`): a
+/// compare-and-set of an agent's state document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatePut {
@@ -202,7 +204,7 @@ pub struct StateDoc {
     pub resolution: Option<Resolution>,
 }
 
-/// `coord.sync.state.delete`.
+/// `coord.agents.{agent_id}.state.delete` (operators: `coord.sync.state.delete`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StateDelete {
@@ -214,7 +216,7 @@ pub struct StateDelete {
     pub expected_revision: Option<u64>,
 }
 
-/// Reply to `coord.sync.state.delete`.
+/// Reply to a state delete.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StateDeleted {
     pub agent_id: AgentId,
@@ -224,7 +226,7 @@ pub struct StateDeleted {
     pub deleted: bool,
 }
 
-/// `coord.sync.state.history`.
+/// `coord.agents.{agent_id}.state.history` (any agent's: `coord.sync.state.history`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StateHistoryRequest {
@@ -248,7 +250,7 @@ pub struct HistoryEntry {
     pub hlc: Option<Hlc>,
 }
 
-/// Reply to `coord.sync.state.history`: oldest first, at most the bucket's history (64).
+/// Reply to a state history request: oldest first, at most the bucket's history (64).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StateHistory {
     pub agent_id: AgentId,

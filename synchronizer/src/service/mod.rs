@@ -97,16 +97,25 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
 
     let mut service = Service::start(&nats, NAME, "Versioned agent state").await?;
     macro_rules! serve {
-        ($subject:expr, $method:ident) => {{
+        ($subject:expr, $method:ident) => {
+            serve!(serve, $subject, $method)
+        };
+        ($how:ident, $subject:expr, $method:ident) => {{
             let s = sync.clone();
             service
-                .serve($subject, move |r| {
+                .$how($subject, move |r| {
                     let s = s.clone();
                     async move { s.$method(r).await }
                 })
                 .await?;
         }};
     }
+    // An agent's own documents, on its own subjects: it cannot write another's.
+    serve!(serve_agent, subject::AGENT_STATE_GET_ALL, get);
+    serve!(serve_agent, subject::AGENT_STATE_PUT_ALL, put);
+    serve!(serve_agent, subject::AGENT_STATE_DELETE_ALL, delete);
+    serve!(serve_agent, subject::AGENT_STATE_HISTORY_ALL, history);
+    // Any agent's documents by name, for operators' tools.
     serve!(subject::STATE_GET, get);
     serve!(subject::STATE_PUT, put);
     serve!(subject::STATE_DELETE, delete);

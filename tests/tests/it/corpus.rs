@@ -11,7 +11,9 @@
 //! Most cases are derived from the request's JSON Schema (required fields,
 //! property types, id patterns, enums) applied to a well-formed base request
 //! per endpoint, which is never sent itself. An endpoint without a base fails
-//! the test, so a new endpoint cannot go without coverage.
+//! the test, so a new endpoint cannot go without coverage. A per-agent
+//! endpoint (`coord.agents.*.…`) is sent to agent `a1`'s subject, and a body
+//! naming another agent there is `forbidden`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -38,7 +40,13 @@ fn case(what: impl Into<String>, body: impl Into<Vec<u8>>, expect: &[ErrorCode])
     }
 }
 
-use ErrorCode::{BadRequest, InvalidId, NoCapacity, NotFound, PayloadTooLarge, ValidationFailed};
+use ErrorCode::{
+    BadRequest, Forbidden, InvalidId, NoCapacity, NotFound, PayloadTooLarge, ValidationFailed,
+};
+
+/// The agent whose own subjects the per-agent endpoints are sent to (the base
+/// requests name it).
+const AGENT: &str = "a1";
 
 /// A well-formed request per endpoint: the starting point of the derived
 /// cases. Never sent as is (some would change state).
@@ -58,11 +66,11 @@ fn base(subject: &str) -> Option<Value> {
         subject::FLOW_RERUN => json!({"flow_id": "f1", "task_id": "a"}),
         subject::FLOW_EXPLAIN => json!({"flow_id": "f1", "task_id": "a"}),
         subject::FLOW_OPTIMIZE => json!({"flow_id": "f1", "apply": true}),
-        subject::AGENT_REGISTER => json!({
+        subject::AGENT_REGISTER | subject::AGENT_REGISTER_ALL => json!({
             "agent_id": "a1", "capabilities": ["c"], "labels": {"k": "v"},
             "capacity": {"cpu": 2.0}, "heartbeat_interval_ms": 1000
         }),
-        subject::AGENT_DEREGISTER => json!({"agent_id": "a1"}),
+        subject::AGENT_DEREGISTER | subject::AGENT_DEREGISTER_ALL => json!({"agent_id": "a1"}),
         subject::ALLOCATE => {
             json!({"owner": "o", "requirements": needs, "priority": 1, "allocation_id": "x1"})
         }
@@ -78,12 +86,18 @@ fn base(subject: &str) -> Option<Value> {
         }
         subject::OPTIMIZE => json!({"apply": false, "max_moves": 3}),
         subject::QUOTA_SET => json!({"owner": "team", "limits": {"cpu": 4.0}, "preempt": true}),
-        subject::STATE_GET => json!({"agent_id": "a1", "revision": 1, "scope": "s"}),
-        subject::STATE_PUT => {
+        subject::STATE_GET | subject::AGENT_STATE_GET_ALL => {
+            json!({"agent_id": "a1", "revision": 1, "scope": "s"})
+        }
+        subject::STATE_PUT | subject::AGENT_STATE_PUT_ALL => {
             json!({"agent_id": "a1", "expected_revision": 0, "doc": {}, "scope": "s"})
         }
-        subject::STATE_DELETE => json!({"agent_id": "a1", "expected_revision": 1, "scope": "s"}),
-        subject::STATE_HISTORY => json!({"agent_id": "a1", "scope": "s"}),
+        subject::STATE_DELETE | subject::AGENT_STATE_DELETE_ALL => {
+            json!({"agent_id": "a1", "expected_revision": 1, "scope": "s"})
+        }
+        subject::STATE_HISTORY | subject::AGENT_STATE_HISTORY_ALL => {
+            json!({"agent_id": "a1", "scope": "s"})
+        }
         subject::SCOPE_SET => json!({"scope": "s", "policy": "reject", "shared": ["/x"]}),
         subject::SCOPE_GET => json!({"scope": "s"}),
         subject::VALIDATE => json!({"scope": "s", "agents": ["a1"]}),
@@ -111,6 +125,23 @@ fn semantic(subject: &str) -> Vec<Case> {
     let body = |v: Value| v.to_string().into_bytes();
     let task = |id: &str, deps: &[&str]| json!({"id": id, "depends_on": deps});
     let negative = json!({"resources": {"cpu": -1.0}});
+    if subject.starts_with("coord.agents.*.") {
+        // Valid in every other respect, so only the agent can be wrong.
+        let mut other = base(subject).unwrap_or_default();
+        other["agent_id"] = json!("a2");
+        let mut out = vec![case(
+            "a body naming another agent",
+            body(other),
+            &[Forbidden],
+        )];
+        let shared = match subject {
+            subject::AGENT_REGISTER_ALL => subject::AGENT_REGISTER,
+            subject::AGENT_STATE_PUT_ALL => subject::STATE_PUT,
+            _ => return out,
+        };
+        out.extend(semantic(shared));
+        return out;
+    }
     match subject {
         subject::FLOW_CREATE => vec![
             case(
@@ -538,7 +569,11 @@ async fn every_endpoint_answers_a_corpus_of_bad_input_with_typed_errors_and_chan
         } = c.pattern
         {
             let schema = serde_json::to_value(request.schema()).unwrap();
-            endpoints.insert(c.address.clone(), (server.to_owned(), schema));
+            // Served as the wildcard over every agent's subject.
+            endpoints.insert(
+                c.address.replace("{agent_id}", "*"),
+                (server.to_owned(), schema),
+            );
         }
     }
     let mut served = BTreeSet::new();
@@ -574,8 +609,9 @@ async fn every_endpoint_answers_a_corpus_of_bad_input_with_typed_errors_and_chan
 
     let mut failures = Vec::new();
     let mut sent = 0;
-    for (subject, (server, schema)) in &endpoints {
-        let Some(Value::Object(base)) = base(subject) else {
+    for (endpoint, (server, schema)) in &endpoints {
+        let subject = &endpoint.replace('*', AGENT);
+        let Some(Value::Object(base)) = base(endpoint) else {
             failures.push(format!(
                 "{subject} ({server}): no base request in the corpus"
             ));
@@ -584,7 +620,7 @@ async fn every_endpoint_answers_a_corpus_of_bad_input_with_typed_errors_and_chan
         let cases = generic()
             .into_iter()
             .chain(derived(schema, &base))
-            .chain(semantic(subject));
+            .chain(semantic(endpoint));
         for c in cases {
             sent += 1;
             let reply = match tokio::time::timeout(

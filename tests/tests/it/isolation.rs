@@ -2,17 +2,21 @@
 //! `deploy/agent-user.sh`): an agent logged in as itself registers, runs a
 //! flow's tasks and keeps its state through the synchronizer, while the server
 //! refuses it another agent's assignments (core subject, durable consumer,
-//! inbox), reports and JetStream back doors. Fencing keeps a report for
-//! another agent's lease out even on an open server. User/password login over
-//! TLS is exercised once.
+//! inbox), reports, registration and state writes, and JetStream back doors.
+//! On any server the services refuse a request on an agent's own subject that
+//! names another agent, and fencing keeps a report for another agent's lease
+//! out. User/password login over TLS is exercised once.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::config::NatsConfig;
-use common::msg::{Event, EventKind, FlowState, RegisterAgent, StatePut};
-use common::{subject, AgentId, Client};
+use common::msg::{
+    AgentInfo, DeregisterAgent, Event, EventKind, FlowState, RegisterAgent, StateDelete,
+    StateDeleted, StateDoc, StateGet, StateHistory, StateHistoryRequest, StatePut,
+};
+use common::{subject, AgentId, Client, ErrorCode};
 use coordkit::{agent, demo};
 use futures::StreamExt;
 use serde_json::json;
@@ -94,6 +98,128 @@ async fn watched(cfg: &NatsConfig) -> (async_nats::Client, mpsc::UnboundedReceiv
     (client, rx)
 }
 
+fn registration(agent: &AgentId) -> RegisterAgent {
+    RegisterAgent {
+        agent_id: agent.clone(),
+        capabilities: vec![],
+        labels: Default::default(),
+        capacity: [("cpu".to_string(), 1.0)].into(),
+        // Long enough that no sweep declares it lost while the test runs.
+        heartbeat_interval_ms: 600_000,
+    }
+}
+
+fn put(agent: &AgentId, expected_revision: u64, doc: serde_json::Value) -> StatePut {
+    StatePut {
+        agent_id: agent.clone(),
+        expected_revision,
+        doc,
+        scope: Default::default(),
+        clock: None,
+    }
+}
+
+/// The revision of `agent`'s record in the agents bucket: any registration,
+/// deregistration or booking moves it.
+async fn agent_revision(nats: &async_nats::Client, agent: &AgentId) -> u64 {
+    let agents = async_nats::jetstream::new(nats.clone())
+        .get_key_value(common::nats::KV_AGENTS)
+        .await
+        .unwrap();
+    agents
+        .entry(agent.as_str())
+        .await
+        .unwrap()
+        .expect("the agent is registered")
+        .revision
+}
+
+/// Requests on `me`'s own subjects whose bodies name `other`: every one is
+/// refused by the service with `forbidden`.
+async fn acting_for_another_is_forbidden(
+    client: &Client,
+    me: &AgentId,
+    other: &AgentId,
+    other_revision: u64,
+) {
+    let results: Vec<(&str, Result<(), common::Error>)> = vec![
+        (
+            "put",
+            client
+                .request::<_, StateDoc>(
+                    &subject::agent_state_put(me),
+                    &put(other, other_revision, json!({"owner": "intruder"})),
+                )
+                .await
+                .map(drop),
+        ),
+        (
+            "delete",
+            client
+                .request::<_, StateDeleted>(
+                    &subject::agent_state_delete(me),
+                    &StateDelete {
+                        agent_id: other.clone(),
+                        scope: Default::default(),
+                        expected_revision: None,
+                    },
+                )
+                .await
+                .map(drop),
+        ),
+        (
+            "get",
+            client
+                .request::<_, StateDoc>(
+                    &subject::agent_state_get(me),
+                    &StateGet {
+                        agent_id: other.clone(),
+                        scope: Default::default(),
+                        revision: None,
+                    },
+                )
+                .await
+                .map(drop),
+        ),
+        (
+            "history",
+            client
+                .request::<_, StateHistory>(
+                    &subject::agent_state_history(me),
+                    &StateHistoryRequest {
+                        agent_id: other.clone(),
+                        scope: Default::default(),
+                    },
+                )
+                .await
+                .map(drop),
+        ),
+        (
+            "register",
+            client
+                .request::<_, AgentInfo>(&subject::agent_register(me), &registration(other))
+                .await
+                .map(drop),
+        ),
+        (
+            "deregister",
+            client
+                .request::<_, AgentInfo>(
+                    &subject::agent_deregister(me),
+                    &DeregisterAgent {
+                        agent_id: other.clone(),
+                    },
+                )
+                .await
+                .map(drop),
+        ),
+    ];
+    for (what, result) in results {
+        let err = result.expect_err(what);
+        assert_eq!(err.code, ErrorCode::Forbidden, "{what}: {err}");
+    }
+}
+
 /// Waits for the server's permissions violation naming `subject`.
 async fn refused(errors: &mut mpsc::UnboundedReceiver<String>, what: &str, subject: &str) {
     let quoted = format!("\"{subject}\"");
@@ -156,29 +282,24 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
 
     // A keeps its own state through the synchronizer.
     let a_client = Client::new(a_nats.clone()).with_timeout(Duration::from_secs(10));
-    let put = |agent: &AgentId, doc| StatePut {
-        agent_id: agent.clone(),
-        expected_revision: 0,
-        doc,
-        scope: Default::default(),
-        clock: None,
-    };
     let mine = a_client
-        .state_put(&put(&a, json!({"step": 1})))
+        .state_put(&put(&a, 0, json!({"step": 1})))
         .await
         .unwrap();
     assert_eq!(a_client.state_get(&a).await.unwrap().doc, mine.doc);
 
-    // B's state, written by B.
+    // B, registered and with its state, written by B.
     let b_client = Client::new(
         common::nats::connect(&agent_login(&server, &b), "iso-b")
             .await
             .unwrap(),
     );
-    b_client
-        .state_put(&put(&b, json!({"owner": "b"})))
+    b_client.register_agent(&registration(&b)).await.unwrap();
+    let b_doc = b_client
+        .state_put(&put(&b, 0, json!({"owner": "b"})))
         .await
         .unwrap();
+    let b_registered = agent_revision(&operator, &b).await;
 
     // Everything A might try against B, each refused by the server.
     let (spy, mut errors) = watched(&agent_login(&server, &a)).await;
@@ -199,6 +320,10 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
         "type": "completed", "output": {"forged": true}
     })
     .to_string();
+    let forged_put =
+        serde_json::to_string(&put(&b, b_doc.revision, json!({"owner": "a"}))).unwrap();
+    let naming_b = json!({"agent_id": b}).to_string();
+    let forged_registration = serde_json::to_string(&registration(&b)).unwrap();
     for (what, subj, body) in [
         (
             "pulling from B's durable",
@@ -246,6 +371,53 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
             "$JS.API.STREAM.INFO.KV_coord_state".to_owned(),
             String::new(),
         ),
+        // Registration and state, on B's own subjects and on the shared ones
+        // (which name the agent only in the JSON).
+        (
+            "B's state put",
+            subject::agent_state_put(&b),
+            forged_put.clone(),
+        ),
+        (
+            "a shared state put",
+            subject::STATE_PUT.to_owned(),
+            forged_put,
+        ),
+        (
+            "B's state delete",
+            subject::agent_state_delete(&b),
+            naming_b.clone(),
+        ),
+        (
+            "a shared state delete",
+            subject::STATE_DELETE.to_owned(),
+            naming_b.clone(),
+        ),
+        (
+            "B's own state read",
+            subject::agent_state_get(&b),
+            naming_b.clone(),
+        ),
+        (
+            "registering as B",
+            subject::agent_register(&b),
+            forged_registration.clone(),
+        ),
+        (
+            "a shared registration",
+            subject::AGENT_REGISTER.to_owned(),
+            forged_registration,
+        ),
+        (
+            "deregistering B",
+            subject::agent_deregister(&b),
+            naming_b.clone(),
+        ),
+        (
+            "a shared deregistration",
+            subject::AGENT_DEREGISTER.to_owned(),
+            naming_b,
+        ),
     ] {
         spy.publish_with_reply(subj.clone(), spy.new_inbox(), body.into())
             .await
@@ -253,40 +425,173 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
         refused(&mut errors, what, &subj).await;
     }
 
-    // The server keeps A off B's subjects, but registration and state requests
-    // name their agent in the JSON on shared subjects, and the services cannot
-    // tell who sent them. FIXME: these should be refused (per-agent request
-    // subjects, `coord.agents.{id}.state.put` and the like, would let the
-    // server do it); today they are accepted.
-    let overwritten = a_client
-        .state_put(&StatePut {
-            expected_revision: b_client.state_get(&b).await.unwrap().revision,
-            ..put(&b, json!({"owner": "a"}))
-        })
-        .await
-        .expect("FIXME: a put naming another agent is accepted");
-    assert_eq!(overwritten.agent_id, b);
-    a_client
-        .register_agent(&RegisterAgent {
-            agent_id: b.clone(),
-            capabilities: vec![],
-            labels: Default::default(),
-            capacity: Default::default(),
-            heartbeat_interval_ms: 5_000,
-        })
-        .await
-        .expect("FIXME: a registration naming another agent is accepted");
+    // On its own subjects the service refuses A a body naming B.
+    acting_for_another_is_forbidden(&a_client, &a, &b, b_doc.revision).await;
 
-    // Refusals close nothing: A's own connection still works.
+    // B's registration and state are as B left them.
+    assert_eq!(agent_revision(&operator, &b).await, b_registered);
+    let b_now = ops.state_get(&b).await.unwrap();
     assert_eq!(
-        a_client.state_get(&a).await.unwrap().revision,
-        mine.revision
+        (b_now.revision, &b_now.doc),
+        (b_doc.revision, &json!({"owner": "b"}))
     );
+
+    // Refusals close nothing: A's own requests still work, and it may read
+    // B's state through the shared, read-only subject.
+    a_client.register_agent(&registration(&a)).await.unwrap();
+    let again = a_client
+        .state_put(&put(&a, mine.revision, json!({"step": 2})))
+        .await
+        .unwrap();
+    assert!(again.revision > mine.revision);
+    let history = a_client
+        .state_history(&StateHistoryRequest {
+            agent_id: a.clone(),
+            scope: Default::default(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(history.entries.len(), 2);
+    let peer: StateDoc = a_client
+        .request(
+            subject::STATE_GET,
+            &StateGet {
+                agent_id: b.clone(),
+                scope: Default::default(),
+                revision: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(peer.doc, json!({"owner": "b"}));
     let _ = stop.send(());
     runtime.await.unwrap().unwrap();
     for s in services {
         s.stop().await.unwrap();
     }
+}
+
+/// The Python example agent, written from the protocol page, logs in as itself
+/// on the isolating server with its own inbox prefix (the default it derives
+/// from its id) and runs a flow's tasks, storing its state after each one on
+/// its own subjects.
+#[tokio::test]
+async fn the_python_agent_runs_as_itself_on_an_isolating_server() {
+    common::telemetry::init_for_tests();
+    let me = AgentId::new("iso-py").unwrap();
+    let server = isolated_server(&[me.as_str()]);
+    let services: Vec<_> = testkit::SERVICES
+        .iter()
+        .map(|n| start_service(n, login(&server, SERVICE)))
+        .collect();
+    let operator = common::nats::connect(&login(&server, OPERATOR), "operator")
+        .await
+        .unwrap();
+    for name in testkit::SERVICES {
+        wait_for_service(&operator, name).await;
+    }
+    let ops = Client::new(operator.clone()).with_timeout(Duration::from_secs(10));
+    let python = workspace_root().join(".local/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `source scripts/setup.sh` (it installs nats-py)",
+        python.display()
+    );
+    let mut agent = tokio::process::Command::new(python)
+        .arg(workspace_root().join("examples/python/agent.py"))
+        .args(["--agent-id", me.as_str(), "--capability", "python"])
+        .env("NATS_URL", server.url())
+        .env("NATS_USER", me.as_str())
+        .env("NATS_PASSWORD", password(me.as_str()))
+        .env_remove("NATS_INBOX_PREFIX")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let mut spec = demo::demo_flow().unwrap();
+    for t in &mut spec.tasks {
+        t.requirements.capabilities = vec!["python".into()];
+    }
+    let tasks = spec.tasks.len();
+    let created = ops.create_flow(&spec).await.unwrap();
+    let done = eventually(Duration::from_secs(60), "the flow to finish", || async {
+        let s = ops.flow_status(&created.flow_id).await.ok()?;
+        s.state.is_terminal().then_some(s)
+    })
+    .await;
+    if done.state != FlowState::Succeeded {
+        let _ = agent.start_kill();
+        let out = agent.wait_with_output().await.unwrap();
+        panic!(
+            "flow ended {:?}\nagent stdout:\n{}\nagent stderr:\n{}",
+            done.state,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(done.tasks.iter().all(|t| t.agent_id.as_ref() == Some(&me)));
+    eventually(
+        Duration::from_secs(10),
+        "its state after every task",
+        || async {
+            let doc = ops.state_get(&me).await.ok()?;
+            (doc.doc["tasks_done"] == tasks).then_some(())
+        },
+    )
+    .await;
+    let _ = agent.start_kill();
+    for s in services {
+        s.stop().await.unwrap();
+    }
+}
+
+/// On a server that lets anyone publish anywhere, the services still take the
+/// agent from the subject of its own requests: a body naming another agent is
+/// refused with `forbidden`, the other agent's registration and state stay as
+/// they were, and the agent's requests for itself go through.
+#[tokio::test]
+async fn services_refuse_a_request_for_another_agent_on_an_open_server() {
+    let sys = System::start().await;
+    let (a, b) = (
+        AgentId::new("open-a").unwrap(),
+        AgentId::new("open-b").unwrap(),
+    );
+    sys.client.register_agent(&registration(&b)).await.unwrap();
+    let b_doc = sys
+        .client
+        .state_put(&put(&b, 0, json!({"owner": "b"})))
+        .await
+        .unwrap();
+    let b_registered = agent_revision(&sys.nats, &b).await;
+    sys.client.register_agent(&registration(&a)).await.unwrap();
+
+    acting_for_another_is_forbidden(&sys.client, &a, &b, b_doc.revision).await;
+
+    assert_eq!(agent_revision(&sys.nats, &b).await, b_registered);
+    let b_now = sys.client.state_get(&b).await.unwrap();
+    assert_eq!(
+        (b_now.revision, &b_now.doc),
+        (b_doc.revision, &json!({"owner": "b"}))
+    );
+    let mine = sys
+        .client
+        .state_put(&put(&a, 0, json!({"owner": "a"})))
+        .await
+        .unwrap();
+    let deleted = sys
+        .client
+        .state_delete(&StateDelete {
+            agent_id: a.clone(),
+            scope: Default::default(),
+            expected_revision: Some(mine.revision),
+        })
+        .await
+        .unwrap();
+    assert!(deleted.deleted);
+    let left = sys.client.deregister_agent(&a).await.unwrap();
+    assert_eq!(left.status, common::msg::AgentStatus::Draining);
 }
 
 /// On a server that lets anyone publish anywhere, a report for an attempt

@@ -50,7 +50,9 @@ async fn srv_ping_answers_from_four_services_and_info_lists_endpoints() {
     assert!(endpoints["orchestrator"].contains(&subject::FLOW_STATUS));
     assert!(endpoints["allocator"].contains(&subject::ALLOCATE));
     assert!(endpoints["allocator"].contains(&subject::AGENT_REGISTER));
+    assert!(endpoints["allocator"].contains(&subject::AGENT_REGISTER_ALL));
     assert!(endpoints["synchronizer"].contains(&subject::STATE_PUT));
+    assert!(endpoints["synchronizer"].contains(&subject::AGENT_STATE_PUT_ALL));
     assert!(endpoints["monitor"].contains(&subject::MONITOR_METRICS));
     for i in &infos {
         assert!(!i["description"].as_str().unwrap().is_empty());
