@@ -20,6 +20,10 @@
 //! - `state`: the synchronizer alone — compare-and-set updates on one hot key
 //!   under each conflict policy and over many keys, and a sync point with
 //!   rollback — beside the same KV pattern done raw (see `state.rs`).
+//! - `dag`, `alloc`, `curves`: makespan of wide, deep and random graphs against
+//!   the critical path; allocate/release round trips over large agent pools
+//!   against raw KV compare-and-sets; tasks/s against agents, replicas and flow
+//!   size, drawn to SVG (see `scale.rs`).
 //!
 //! Latency is from just before a flow's create request (or a message's publish)
 //! to the driver receiving its task's `task.succeeded` event (or completion).
@@ -39,8 +43,12 @@ use futures::{stream::FuturesUnordered, StreamExt};
 use testkit::{NatsServer, ServiceHandle};
 use tokio::sync::{oneshot, Mutex};
 
+#[path = "coord-bench/scale.rs"]
+mod scale;
 #[path = "coord-bench/state.rs"]
 mod state;
+#[path = "coord-bench/svg.rs"]
+mod svg;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -52,6 +60,12 @@ enum Scenario {
     Monitor,
     /// The synchronizer's updates and sync points against raw KV.
     State,
+    /// Makespan of fan-out, chain and random graphs against the critical path.
+    Dag,
+    /// Allocate/release round trips with large agent pools against raw KV.
+    Alloc,
+    /// Tasks/s against agents, orchestrator replicas and flow size, as tables and SVG.
+    Curves,
 }
 
 /// End-to-end benchmarks of coordkit against the bus's own limit.
@@ -97,6 +111,8 @@ struct Args {
     monitor_seconds: u64,
     #[command(flatten)]
     state: state::StateArgs,
+    #[command(flatten)]
+    scale: scale::ScaleArgs,
 }
 
 /// One measured round.
@@ -162,8 +178,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let run_id = common::now_ms();
     let limit = Duration::from_secs(args.timeout_s);
-    if args.scenario == Scenario::State {
-        return state::run(&nats, &url, &args.state, run_id, limit).await;
+    match args.scenario {
+        Scenario::State => return state::run(&nats, &url, &args.state, run_id, limit).await,
+        Scenario::Dag => return scale::dag(&nats, &url, &args, run_id, limit).await,
+        Scenario::Alloc => return scale::alloc(&nats, &url, &args, run_id, limit).await,
+        Scenario::Curves => return scale::curves(&nats, &url, &args, run_id, limit).await,
+        Scenario::Baseline | Scenario::Dispatch | Scenario::Monitor => {}
     }
     println!(
         "coord-bench: {url}, {} agents, {} orchestrator replica(s), {} tasks in {} flows, {} serial",
@@ -176,33 +196,22 @@ async fn main() -> anyhow::Result<()> {
     rounds.push(base_serial);
 
     if args.scenario == Scenario::Dispatch {
-        let cfg = NatsConfig::new(url.clone());
-        let mut services: Vec<ServiceHandle> = Vec::new();
-        for _ in 0..args.orchestrators {
-            services.push(testkit::start_service("orchestrator", cfg.clone()));
-        }
-        for name in ["allocator", "synchronizer", "monitor"] {
-            services.push(testkit::start_service(name, cfg.clone()));
-        }
-        for name in testkit::SERVICES {
-            testkit::wait_for_service(&nats, name).await;
-        }
-        let mut agents = Vec::new();
-        for i in 0..args.agents {
-            agents.push(start_agent(&nats, run_id, i)?);
-        }
-        wait_registered(&nats, run_id, args.agents, limit).await?;
-        let pipe = dispatch_pipelined(&nats, &args, run_id, limit).await?;
+        let system = System::start(
+            &nats,
+            &url,
+            args.orchestrators,
+            args.agents,
+            "",
+            Duration::ZERO,
+            limit,
+        )
+        .await?;
+        let tag = format!("{run_id}-p");
+        let pipe = dispatch_pipelined(&nats, args.tasks, args.flows, &tag, limit).await?;
         rounds.push(pipe);
         let serial = dispatch_serial(&nats, &args, run_id, limit).await?;
         rounds.push(serial);
-        for (stop, handle) in agents {
-            let _ = stop.send(());
-            let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
-        }
-        for s in services {
-            let _ = tokio::time::timeout(Duration::from_secs(10), s.stop()).await;
-        }
+        system.stop(&nats).await;
     }
     print_table(&rounds);
     Ok(())
@@ -371,42 +380,117 @@ async fn baseline(
     Ok((pipelined, serial))
 }
 
-fn agent_id(run_id: u64, i: usize) -> anyhow::Result<AgentId> {
-    Ok(AgentId::new(format!("bench-{run_id}-{i}"))?)
-}
-
 type AgentHandle = (
     oneshot::Sender<()>,
     tokio::task::JoinHandle<Result<(), common::Error>>,
 );
 
-/// A no-op agent with room for far more tasks than the round runs at once.
-fn start_agent(nats: &async_nats::Client, run_id: u64, i: usize) -> anyhow::Result<AgentHandle> {
-    let mut opts = AgentOptions::new(agent_id(run_id, i)?).capacity("cpu", 100_000.0);
-    opts.concurrency = 1024;
-    opts.heartbeat_interval = Duration::from_secs(1);
+/// Tasks an agent runs at once; its capacity is far above what a round asks.
+const AGENT_CONCURRENCY: usize = 1024;
+
+/// The services in-process and agents on the real runtime, for one round.
+struct System {
+    services: Vec<ServiceHandle>,
+    agents: Vec<AgentHandle>,
+    ids: Vec<AgentId>,
+}
+
+impl System {
+    /// Starts `orchestrators` orchestrator replicas, the other three services
+    /// and `agents` agents (`bench-{tag}{i}`) that each take `work` per task,
+    /// and waits until every agent is registered.
+    async fn start(
+        nats: &async_nats::Client,
+        url: &str,
+        orchestrators: usize,
+        agents: usize,
+        tag: &str,
+        work: Duration,
+        limit: Duration,
+    ) -> anyhow::Result<System> {
+        let cfg = NatsConfig::new(url.to_owned());
+        let mut services: Vec<ServiceHandle> = Vec::new();
+        for _ in 0..orchestrators {
+            services.push(testkit::start_service("orchestrator", cfg.clone()));
+        }
+        for name in ["allocator", "synchronizer", "monitor"] {
+            services.push(testkit::start_service(name, cfg.clone()));
+        }
+        for name in testkit::SERVICES {
+            testkit::wait_for_service(nats, name).await;
+        }
+        let run_id = common::now_ms();
+        let ids = (0..agents)
+            .map(|i| Ok(AgentId::new(format!("bench-{run_id}-{tag}{i}"))?))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Heartbeats of a thousand agents are load of their own: spread them.
+        let beat = Duration::from_millis((10 * agents as u64).max(1000));
+        let started = ids
+            .iter()
+            .map(|id| start_agent(nats, id.clone(), work, beat))
+            .collect();
+        let system = System {
+            services,
+            agents: started,
+            ids,
+        };
+        wait_registered(nats, &system.ids, limit).await?;
+        Ok(system)
+    }
+
+    /// Stops the agents, takes them out of the pool (a stopped agent is not
+    /// deregistered by itself, and the next round must not be placed on it),
+    /// then stops the services.
+    async fn stop(self, nats: &async_nats::Client) {
+        for (stop, handle) in self.agents {
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+        }
+        let client = common::Client::new(nats.clone());
+        let mut gone = futures::stream::iter(self.ids.iter())
+            .map(|id| client.deregister_agent(id))
+            .buffer_unordered(64);
+        while gone.next().await.is_some() {}
+        for s in self.services {
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.stop()).await;
+        }
+    }
+}
+
+/// An agent that takes `work` per task (no-op when zero), with room for far
+/// more tasks than a round runs at once.
+fn start_agent(
+    nats: &async_nats::Client,
+    id: AgentId,
+    work: Duration,
+    heartbeat: Duration,
+) -> AgentHandle {
+    let mut opts = AgentOptions::new(id).capacity("cpu", 100_000.0);
+    opts.concurrency = AGENT_CONCURRENCY;
+    opts.heartbeat_interval = heartbeat;
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(agent::run(
         nats.clone(),
         opts,
-        |_assignment| async { Ok(serde_json::Value::Null) },
+        move |_assignment| async move {
+            if !work.is_zero() {
+                tokio::time::sleep(work).await;
+            }
+            Ok(serde_json::Value::Null)
+        },
         async {
             let _ = stopped.await;
         },
     ));
-    Ok((stop, handle))
+    (stop, handle)
 }
 
 async fn wait_registered(
     nats: &async_nats::Client,
-    run_id: u64,
-    agents: usize,
+    want: &[AgentId],
     limit: Duration,
 ) -> anyhow::Result<()> {
     let client = common::Client::new(nats.clone());
-    let want = (0..agents)
-        .map(|i| agent_id(run_id, i))
-        .collect::<anyhow::Result<Vec<_>>>()?;
     let started = Instant::now();
     loop {
         if let Ok(cap) = client.capacity(&Default::default()).await {
@@ -461,25 +545,28 @@ async fn completions(
     Ok(done)
 }
 
+/// `tasks` independent no-op tasks as `flows` flows (ids `bench-{tag}{f}`),
+/// all created at once; the round ends when every task succeeded.
 async fn dispatch_pipelined(
     nats: &async_nats::Client,
-    args: &Args,
-    run_id: u64,
+    tasks: usize,
+    flows: usize,
+    tag: &str,
     limit: Duration,
 ) -> anyhow::Result<Round> {
     let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(30));
     let mut events = nats.subscribe(subject::event::TASK_SUCCEEDED).await?;
     nats.flush().await?;
-    let per_flow = args.tasks.div_ceil(args.flows);
+    let per_flow = tasks.div_ceil(flows);
     let mut specs = Vec::new();
-    let mut left = args.tasks;
-    for f in 0..args.flows {
+    let mut left = tasks;
+    for f in 0..flows {
         let n = per_flow.min(left);
         if n == 0 {
             break;
         }
         left -= n;
-        let id = FlowId::new(format!("bench-{run_id}-p{f}"))?;
+        let id = FlowId::new(format!("bench-{tag}{f}"))?;
         specs.push((id.clone(), flow_spec(&id, n)?));
     }
     let total: usize = specs.iter().map(|(_, s)| s.tasks.len()).sum();
@@ -506,11 +593,7 @@ async fn dispatch_pipelined(
         .filter_map(|((flow, _), at)| Some(at.duration_since(*submitted.get(flow)?)))
         .collect();
     Ok(round(
-        &format!(
-            "dispatch, {} flows × {} tasks",
-            args.flows.min(total),
-            per_flow
-        ),
+        &format!("dispatch, {} flows × {} tasks", flows.min(total), per_flow),
         wall,
         latencies,
     ))
