@@ -72,7 +72,7 @@ enum Scenario {
 #[derive(Debug, Parser)]
 #[command(name = "coord-bench")]
 struct Args {
-    /// Start a private nats-server (JetStream, temp store) for this run.
+    /// Start a private nats-server (JetStream, temp store, 8 MB `max_payload`) for this run.
     #[arg(long, conflicts_with = "nats_url")]
     spawn: bool,
     /// Use this NATS server instead (it must have JetStream on).
@@ -161,7 +161,9 @@ async fn main() -> anyhow::Result<()> {
         bail!("--tasks, --flows, --agents and --orchestrators must be at least 1");
     }
     let server = if args.spawn {
-        Some(NatsServer::start())
+        // A flow is one KV entry: at 10,000 tasks (`MAX_TASKS`) it is about
+        // 2 MB of JSON, over the default 1 MB `max_payload`.
+        Some(NatsServer::start_with_config("max_payload: 8MB\n"))
     } else {
         None
     };

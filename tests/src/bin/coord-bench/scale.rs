@@ -163,8 +163,10 @@ fn dag_spec(id: &FlowId, deps: &[Vec<usize>]) -> anyhow::Result<FlowSpec> {
     Ok(spec)
 }
 
-/// Waits for `flow`'s `flow.completed` event and fails unless it succeeded.
+/// Waits for `flow`'s `flow.completed` event and fails unless it succeeded,
+/// naming the task states and the first errors.
 async fn flow_completed(
+    client: &Client,
     events: &mut async_nats::Subscriber,
     flow: &FlowId,
     deadline: Instant,
@@ -181,7 +183,22 @@ async fn flow_completed(
         if let EventKind::FlowCompleted { flow_id, state } = event.kind {
             if flow_id == *flow {
                 if state != FlowState::Succeeded {
-                    bail!("flow {flow} ended {state:?}");
+                    let status = client.flow_status(flow).await;
+                    let (counts, errors) = match &status {
+                        Ok(s) => (
+                            format!("{:?}", s.counts),
+                            s.tasks
+                                .iter()
+                                .filter_map(|t| {
+                                    Some(format!("{}: {}", t.task_id, t.error.as_ref()?))
+                                })
+                                .take(3)
+                                .collect::<Vec<_>>()
+                                .join("; "),
+                        ),
+                        Err(e) => (format!("status unavailable: {e}"), String::new()),
+                    };
+                    bail!("flow {flow} ended {state:?}: {counts}; {errors}");
                 }
                 return Ok(());
             }
@@ -228,7 +245,7 @@ pub(crate) async fn dag(
             .create_flow(&spec)
             .await
             .map_err(|e| anyhow::anyhow!("flow create failed: {e}"))?;
-        flow_completed(&mut events, &id, started + limit).await?;
+        flow_completed(&client, &mut events, &id, started + limit).await?;
         let makespan = started.elapsed();
         let cp = critical_path(deps);
         let slots = (args.agents * AGENT_CONCURRENCY).max(1);
