@@ -36,7 +36,7 @@ use anyhow::{bail, Context};
 use async_nats::jetstream::{self, consumer, stream};
 use clap::{Parser, ValueEnum};
 use common::config::NatsConfig;
-use common::msg::{Event, EventKind, FlowSpec, TaskSpec};
+use common::msg::{Event, EventKind, FlowSpec, FlowState, TaskSpec};
 use common::{subject, AgentId, FlowId, TaskId};
 use coordkit::agent::{self, AgentOptions};
 use futures::{stream::FuturesUnordered, StreamExt};
@@ -431,18 +431,29 @@ impl System {
             .iter()
             .map(|id| start_agent(nats, id.clone(), work, beat))
             .collect();
-        let system = System {
+        let mut system = System {
             services,
             agents: started,
             ids,
         };
         wait_registered(nats, &system.ids, limit).await?;
+        // An agent registers before it opens its assignment consumer; one that
+        // failed there would take placements and never start them.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for ((_, handle), id) in system.agents.iter_mut().zip(&system.ids) {
+            if handle.is_finished() {
+                let outcome = handle.await;
+                bail!("agent {id} stopped after registering: {outcome:?}");
+            }
+        }
         Ok(system)
     }
 
     /// Stops the agents, takes them out of the pool (a stopped agent is not
     /// deregistered by itself, and the next round must not be placed on it),
-    /// then stops the services.
+    /// deletes their durable assignment consumers (they outlive the agent,
+    /// and the server refuses new ones after about a thousand), then stops
+    /// the services.
     async fn stop(self, nats: &async_nats::Client) {
         for (stop, handle) in self.agents {
             let _ = stop.send(());
@@ -453,6 +464,16 @@ impl System {
             .map(|id| client.deregister_agent(id))
             .buffer_unordered(64);
         while gone.next().await.is_some() {}
+        let js = jetstream::new(nats.clone());
+        if let Ok(stream) = js.get_stream(common::nats::STREAM_ASSIGN).await {
+            let mut deleted = futures::stream::iter(self.ids.iter())
+                .map(|id| {
+                    let (stream, name) = (&stream, agent::consumer_name(id));
+                    async move { stream.delete_consumer(&name).await }
+                })
+                .buffer_unordered(64);
+            while deleted.next().await.is_some() {}
+        }
         for s in self.services {
             let _ = tokio::time::timeout(Duration::from_secs(10), s.stop()).await;
         }
@@ -521,9 +542,20 @@ fn flow_spec(id: &FlowId, tasks: usize) -> anyhow::Result<FlowSpec> {
     Ok(spec)
 }
 
-/// Waits for `want` distinct task completions and returns when each arrived.
+/// `task.succeeded` and `flow.completed` events, as one stream.
+async fn completion_events(
+    nats: &async_nats::Client,
+) -> anyhow::Result<impl futures::Stream<Item = async_nats::Message> + Unpin> {
+    let tasks = nats.subscribe(subject::event::TASK_SUCCEEDED).await?;
+    let flows = nats.subscribe(subject::event::FLOW_COMPLETED).await?;
+    nats.flush().await?;
+    Ok(futures::stream::select(tasks, flows))
+}
+
+/// Waits for `want` distinct task completions and returns when each arrived;
+/// fails as soon as a flow ends other than `succeeded` (its tasks never will).
 async fn completions(
-    events: &mut async_nats::Subscriber,
+    events: &mut (impl futures::Stream<Item = async_nats::Message> + Unpin),
     want: usize,
     deadline: Instant,
 ) -> anyhow::Result<BTreeMap<(FlowId, TaskId), Instant>> {
@@ -537,11 +569,18 @@ async fn completions(
         let Ok(event) = serde_json::from_slice::<Event>(&msg.payload) else {
             continue;
         };
-        if let EventKind::TaskTransition {
-            flow_id, task_id, ..
-        } = event.kind
-        {
-            done.entry((flow_id, task_id)).or_insert_with(Instant::now);
+        match event.kind {
+            EventKind::TaskTransition {
+                flow_id, task_id, ..
+            } => {
+                done.entry((flow_id, task_id)).or_insert_with(Instant::now);
+            }
+            EventKind::FlowCompleted { flow_id, state }
+                if state != FlowState::Succeeded && flow_id.as_str().starts_with("bench-") =>
+            {
+                bail!("flow {flow_id} ended {state:?} with {} of {want} tasks done", done.len())
+            }
+            _ => {}
         }
     }
     Ok(done)
@@ -557,8 +596,7 @@ async fn dispatch_pipelined(
     limit: Duration,
 ) -> anyhow::Result<Round> {
     let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(30));
-    let mut events = nats.subscribe(subject::event::TASK_SUCCEEDED).await?;
-    nats.flush().await?;
+    let mut events = completion_events(nats).await?;
     let per_flow = tasks.div_ceil(flows);
     let mut specs = Vec::new();
     let mut left = tasks;
@@ -608,8 +646,7 @@ async fn dispatch_serial(
     limit: Duration,
 ) -> anyhow::Result<Round> {
     let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(30));
-    let mut events = nats.subscribe(subject::event::TASK_SUCCEEDED).await?;
-    nats.flush().await?;
+    let mut events = completion_events(nats).await?;
     let mut latencies = Vec::with_capacity(args.serial);
     let started = Instant::now();
     for i in 0..args.serial {

@@ -16,8 +16,9 @@
 //! - `curves`: `--tasks` independent tasks in `--flows` flows against
 //!   `--curve-agents` agents and `--curve-replicas` orchestrator replicas, and
 //!   `--curve-flow-sizes` tasks (as flows of at most `MAX_TASKS`) with the
-//!   process's memory per task; printed as tables and, with `--svg-dir`, drawn
-//!   to SVG files captioned with the command that made them.
+//!   process's memory per task (measured first, in a fresh process); printed
+//!   as tables and, with `--svg-dir`, drawn to SVG files captioned with the
+//!   command that made them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -581,6 +582,17 @@ pub(crate) async fn curves(
             anyhow::Ok((round, (before, peak, after)))
         }
     };
+    // Flow size first, smallest first: the process's memory then holds
+    // only what earlier sizes left (freed pages are kept and reused).
+    let mut by_size = Vec::new();
+    for &n in &s.curve_flow_sizes {
+        let (round, memory) = measure(1, args.agents, n, n.div_ceil(MAX_TASKS)).await?;
+        by_size.push(Point {
+            x: n,
+            round,
+            memory,
+        });
+    }
     let mut by_agents = Vec::new();
     for &n in &s.curve_agents {
         let (round, memory) = measure(1, n, args.tasks, args.flows).await?;
@@ -612,15 +624,6 @@ pub(crate) async fn curves(
         "replicas",
         &by_replicas,
     );
-    let mut by_size = Vec::new();
-    for &n in &s.curve_flow_sizes {
-        let (round, memory) = measure(1, args.agents, n, n.div_ceil(MAX_TASKS)).await?;
-        by_size.push(Point {
-            x: n,
-            round,
-            memory,
-        });
-    }
     println!();
     println!(
         "Flow size ({} agents, 1 orchestrator; flows of at most {MAX_TASKS} tasks, all created at once; memory of the whole process)",
