@@ -50,7 +50,7 @@ run $BENCH --spawn state
 run $BENCH --spawn dag
 run $BENCH --spawn --agents 16 dag --work-ms 10
 run $BENCH --spawn alloc
-run $BENCH --spawn --agents 16 curves --svg-dir docs/bench
+run $BENCH --spawn --agents 16 --timeout-s 600 curves --svg-dir docs/bench
 
 echo
 echo "log: $LOG"

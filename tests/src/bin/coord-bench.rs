@@ -578,7 +578,10 @@ async fn completions(
             EventKind::FlowCompleted { flow_id, state }
                 if state != FlowState::Succeeded && flow_id.as_str().starts_with("bench-") =>
             {
-                bail!("flow {flow_id} ended {state:?} with {} of {want} tasks done", done.len())
+                bail!(
+                    "flow {flow_id} ended {state:?} with {} of {want} tasks done",
+                    done.len()
+                )
             }
             _ => {}
         }
