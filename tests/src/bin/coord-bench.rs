@@ -20,6 +20,10 @@
 //! - `state`: the synchronizer alone — compare-and-set updates on one hot key
 //!   under each conflict policy and over many keys, and a sync point with
 //!   rollback — beside the same KV pattern done raw (see `state.rs`).
+//! - `dag`, `alloc`, `curves`: makespan of wide, deep and random graphs against
+//!   the critical path; allocate/release round trips over large agent pools
+//!   against raw KV compare-and-sets; tasks/s against agents, replicas and flow
+//!   size, drawn to SVG (see `scale.rs`).
 //!
 //! Latency is from just before a flow's create request (or a message's publish)
 //! to the driver receiving its task's `task.succeeded` event (or completion).
@@ -32,15 +36,19 @@ use anyhow::{bail, Context};
 use async_nats::jetstream::{self, consumer, stream};
 use clap::{Parser, ValueEnum};
 use common::config::NatsConfig;
-use common::msg::{Event, EventKind, FlowSpec, TaskSpec};
+use common::msg::{Event, EventKind, FlowSpec, FlowState, TaskSpec};
 use common::{subject, AgentId, FlowId, TaskId};
 use coordkit::agent::{self, AgentOptions};
 use futures::{stream::FuturesUnordered, StreamExt};
 use testkit::{NatsServer, ServiceHandle};
 use tokio::sync::{oneshot, Mutex};
 
+#[path = "coord-bench/scale.rs"]
+mod scale;
 #[path = "coord-bench/state.rs"]
 mod state;
+#[path = "coord-bench/svg.rs"]
+mod svg;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -52,13 +60,19 @@ enum Scenario {
     Monitor,
     /// The synchronizer's updates and sync points against raw KV.
     State,
+    /// Makespan of fan-out, chain and random graphs against the critical path.
+    Dag,
+    /// Allocate/release round trips with large agent pools against raw KV.
+    Alloc,
+    /// Tasks/s against agents, orchestrator replicas and flow size, as tables and SVG.
+    Curves,
 }
 
 /// End-to-end benchmarks of coordkit against the bus's own limit.
 #[derive(Debug, Parser)]
 #[command(name = "coord-bench")]
 struct Args {
-    /// Start a private nats-server (JetStream, temp store) for this run.
+    /// Start a private nats-server (JetStream, temp store, 8 MB `max_payload`) for this run.
     #[arg(long, conflicts_with = "nats_url")]
     spawn: bool,
     /// Use this NATS server instead (it must have JetStream on).
@@ -97,6 +111,8 @@ struct Args {
     monitor_seconds: u64,
     #[command(flatten)]
     state: state::StateArgs,
+    #[command(flatten)]
+    scale: scale::ScaleArgs,
 }
 
 /// One measured round.
@@ -145,7 +161,9 @@ async fn main() -> anyhow::Result<()> {
         bail!("--tasks, --flows, --agents and --orchestrators must be at least 1");
     }
     let server = if args.spawn {
-        Some(NatsServer::start())
+        // A flow is one KV entry: at 10,000 tasks (`MAX_TASKS`) it is about
+        // 2 MB of JSON, over the default 1 MB `max_payload`.
+        Some(NatsServer::start_with_config("max_payload: 8MB\n"))
     } else {
         None
     };
@@ -162,8 +180,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let run_id = common::now_ms();
     let limit = Duration::from_secs(args.timeout_s);
-    if args.scenario == Scenario::State {
-        return state::run(&nats, &url, &args.state, run_id, limit).await;
+    match args.scenario {
+        Scenario::State => return state::run(&nats, &url, &args.state, run_id, limit).await,
+        Scenario::Dag => return scale::dag(&nats, &url, &args, run_id, limit).await,
+        Scenario::Alloc => return scale::alloc(&nats, &url, &args, run_id, limit).await,
+        Scenario::Curves => return scale::curves(&nats, &url, &args, run_id, limit).await,
+        Scenario::Baseline | Scenario::Dispatch | Scenario::Monitor => {}
     }
     println!(
         "coord-bench: {url}, {} agents, {} orchestrator replica(s), {} tasks in {} flows, {} serial",
@@ -176,33 +198,22 @@ async fn main() -> anyhow::Result<()> {
     rounds.push(base_serial);
 
     if args.scenario == Scenario::Dispatch {
-        let cfg = NatsConfig::new(url.clone());
-        let mut services: Vec<ServiceHandle> = Vec::new();
-        for _ in 0..args.orchestrators {
-            services.push(testkit::start_service("orchestrator", cfg.clone()));
-        }
-        for name in ["allocator", "synchronizer", "monitor"] {
-            services.push(testkit::start_service(name, cfg.clone()));
-        }
-        for name in testkit::SERVICES {
-            testkit::wait_for_service(&nats, name).await;
-        }
-        let mut agents = Vec::new();
-        for i in 0..args.agents {
-            agents.push(start_agent(&nats, run_id, i)?);
-        }
-        wait_registered(&nats, run_id, args.agents, limit).await?;
-        let pipe = dispatch_pipelined(&nats, &args, run_id, limit).await?;
+        let system = System::start(
+            &nats,
+            &url,
+            args.orchestrators,
+            args.agents,
+            "",
+            Duration::ZERO,
+            limit,
+        )
+        .await?;
+        let tag = format!("{run_id}-p");
+        let pipe = dispatch_pipelined(&nats, args.tasks, args.flows, &tag, limit).await?;
         rounds.push(pipe);
         let serial = dispatch_serial(&nats, &args, run_id, limit).await?;
         rounds.push(serial);
-        for (stop, handle) in agents {
-            let _ = stop.send(());
-            let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
-        }
-        for s in services {
-            let _ = tokio::time::timeout(Duration::from_secs(10), s.stop()).await;
-        }
+        system.stop(&nats).await;
     }
     print_table(&rounds);
     Ok(())
@@ -371,42 +382,138 @@ async fn baseline(
     Ok((pipelined, serial))
 }
 
-fn agent_id(run_id: u64, i: usize) -> anyhow::Result<AgentId> {
-    Ok(AgentId::new(format!("bench-{run_id}-{i}"))?)
-}
-
 type AgentHandle = (
     oneshot::Sender<()>,
     tokio::task::JoinHandle<Result<(), common::Error>>,
 );
 
-/// A no-op agent with room for far more tasks than the round runs at once.
-fn start_agent(nats: &async_nats::Client, run_id: u64, i: usize) -> anyhow::Result<AgentHandle> {
-    let mut opts = AgentOptions::new(agent_id(run_id, i)?).capacity("cpu", 100_000.0);
-    opts.concurrency = 1024;
-    opts.heartbeat_interval = Duration::from_secs(1);
+/// Tasks an agent runs at once; its capacity is far above what a round asks.
+const AGENT_CONCURRENCY: usize = 1024;
+
+/// The services in-process and agents on the real runtime, for one round.
+struct System {
+    services: Vec<ServiceHandle>,
+    agents: Vec<AgentHandle>,
+    ids: Vec<AgentId>,
+}
+
+impl System {
+    /// Starts `orchestrators` orchestrator replicas, the other three services
+    /// and `agents` agents (`bench-{tag}{i}`) that each take `work` per task,
+    /// and waits until every agent is registered.
+    async fn start(
+        nats: &async_nats::Client,
+        url: &str,
+        orchestrators: usize,
+        agents: usize,
+        tag: &str,
+        work: Duration,
+        limit: Duration,
+    ) -> anyhow::Result<System> {
+        let cfg = NatsConfig::new(url.to_owned());
+        let mut services: Vec<ServiceHandle> = Vec::new();
+        for _ in 0..orchestrators {
+            services.push(testkit::start_service("orchestrator", cfg.clone()));
+        }
+        for name in ["allocator", "synchronizer", "monitor"] {
+            services.push(testkit::start_service(name, cfg.clone()));
+        }
+        for name in testkit::SERVICES {
+            testkit::wait_for_service(nats, name).await;
+        }
+        let run_id = common::now_ms();
+        let ids = (0..agents)
+            .map(|i| Ok(AgentId::new(format!("bench-{run_id}-{tag}{i}"))?))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Heartbeats of a thousand agents are load of their own: spread them.
+        let beat = Duration::from_millis((10 * agents as u64).max(1000));
+        let started = ids
+            .iter()
+            .map(|id| start_agent(nats, id.clone(), work, beat))
+            .collect();
+        let mut system = System {
+            services,
+            agents: started,
+            ids,
+        };
+        wait_registered(nats, &system.ids, limit).await?;
+        // An agent registers before it opens its assignment consumer; one that
+        // failed there would take placements and never start them.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for ((_, handle), id) in system.agents.iter_mut().zip(&system.ids) {
+            if handle.is_finished() {
+                let outcome = handle.await;
+                bail!("agent {id} stopped after registering: {outcome:?}");
+            }
+        }
+        Ok(system)
+    }
+
+    /// Stops the agents, takes them out of the pool (a stopped agent is not
+    /// deregistered by itself, and the next round must not be placed on it),
+    /// deletes their durable assignment consumers (they outlive the agent,
+    /// and the server refuses new ones after about a thousand), then stops
+    /// the services.
+    async fn stop(self, nats: &async_nats::Client) {
+        for (stop, handle) in self.agents {
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+        }
+        let client = common::Client::new(nats.clone());
+        let mut gone = futures::stream::iter(self.ids.iter())
+            .map(|id| client.deregister_agent(id))
+            .buffer_unordered(64);
+        while gone.next().await.is_some() {}
+        let js = jetstream::new(nats.clone());
+        if let Ok(stream) = js.get_stream(common::nats::STREAM_ASSIGN).await {
+            let mut deleted = futures::stream::iter(self.ids.iter())
+                .map(|id| {
+                    let (stream, name) = (&stream, agent::consumer_name(id));
+                    async move { stream.delete_consumer(&name).await }
+                })
+                .buffer_unordered(64);
+            while deleted.next().await.is_some() {}
+        }
+        for s in self.services {
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.stop()).await;
+        }
+    }
+}
+
+/// An agent that takes `work` per task (no-op when zero), with room for far
+/// more tasks than a round runs at once.
+fn start_agent(
+    nats: &async_nats::Client,
+    id: AgentId,
+    work: Duration,
+    heartbeat: Duration,
+) -> AgentHandle {
+    let mut opts = AgentOptions::new(id).capacity("cpu", 100_000.0);
+    opts.concurrency = AGENT_CONCURRENCY;
+    opts.heartbeat_interval = heartbeat;
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(agent::run(
         nats.clone(),
         opts,
-        |_assignment| async { Ok(serde_json::Value::Null) },
+        move |_assignment| async move {
+            if !work.is_zero() {
+                tokio::time::sleep(work).await;
+            }
+            Ok(serde_json::Value::Null)
+        },
         async {
             let _ = stopped.await;
         },
     ));
-    Ok((stop, handle))
+    (stop, handle)
 }
 
 async fn wait_registered(
     nats: &async_nats::Client,
-    run_id: u64,
-    agents: usize,
+    want: &[AgentId],
     limit: Duration,
 ) -> anyhow::Result<()> {
     let client = common::Client::new(nats.clone());
-    let want = (0..agents)
-        .map(|i| agent_id(run_id, i))
-        .collect::<anyhow::Result<Vec<_>>>()?;
     let started = Instant::now();
     loop {
         if let Ok(cap) = client.capacity(&Default::default()).await {
@@ -435,9 +542,20 @@ fn flow_spec(id: &FlowId, tasks: usize) -> anyhow::Result<FlowSpec> {
     Ok(spec)
 }
 
-/// Waits for `want` distinct task completions and returns when each arrived.
+/// `task.succeeded` and `flow.completed` events, as one stream.
+async fn completion_events(
+    nats: &async_nats::Client,
+) -> anyhow::Result<impl futures::Stream<Item = async_nats::Message> + Unpin> {
+    let tasks = nats.subscribe(subject::event::TASK_SUCCEEDED).await?;
+    let flows = nats.subscribe(subject::event::FLOW_COMPLETED).await?;
+    nats.flush().await?;
+    Ok(futures::stream::select(tasks, flows))
+}
+
+/// Waits for `want` distinct task completions and returns when each arrived;
+/// fails as soon as a flow ends other than `succeeded` (its tasks never will).
 async fn completions(
-    events: &mut async_nats::Subscriber,
+    events: &mut (impl futures::Stream<Item = async_nats::Message> + Unpin),
     want: usize,
     deadline: Instant,
 ) -> anyhow::Result<BTreeMap<(FlowId, TaskId), Instant>> {
@@ -451,35 +569,47 @@ async fn completions(
         let Ok(event) = serde_json::from_slice::<Event>(&msg.payload) else {
             continue;
         };
-        if let EventKind::TaskTransition {
-            flow_id, task_id, ..
-        } = event.kind
-        {
-            done.entry((flow_id, task_id)).or_insert_with(Instant::now);
+        match event.kind {
+            EventKind::TaskTransition {
+                flow_id, task_id, ..
+            } => {
+                done.entry((flow_id, task_id)).or_insert_with(Instant::now);
+            }
+            EventKind::FlowCompleted { flow_id, state }
+                if state != FlowState::Succeeded && flow_id.as_str().starts_with("bench-") =>
+            {
+                bail!(
+                    "flow {flow_id} ended {state:?} with {} of {want} tasks done",
+                    done.len()
+                )
+            }
+            _ => {}
         }
     }
     Ok(done)
 }
 
+/// `tasks` independent no-op tasks as `flows` flows (ids `bench-{tag}{f}`),
+/// all created at once; the round ends when every task succeeded.
 async fn dispatch_pipelined(
     nats: &async_nats::Client,
-    args: &Args,
-    run_id: u64,
+    tasks: usize,
+    flows: usize,
+    tag: &str,
     limit: Duration,
 ) -> anyhow::Result<Round> {
     let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(30));
-    let mut events = nats.subscribe(subject::event::TASK_SUCCEEDED).await?;
-    nats.flush().await?;
-    let per_flow = args.tasks.div_ceil(args.flows);
+    let mut events = completion_events(nats).await?;
+    let per_flow = tasks.div_ceil(flows);
     let mut specs = Vec::new();
-    let mut left = args.tasks;
-    for f in 0..args.flows {
+    let mut left = tasks;
+    for f in 0..flows {
         let n = per_flow.min(left);
         if n == 0 {
             break;
         }
         left -= n;
-        let id = FlowId::new(format!("bench-{run_id}-p{f}"))?;
+        let id = FlowId::new(format!("bench-{tag}{f}"))?;
         specs.push((id.clone(), flow_spec(&id, n)?));
     }
     let total: usize = specs.iter().map(|(_, s)| s.tasks.len()).sum();
@@ -506,11 +636,7 @@ async fn dispatch_pipelined(
         .filter_map(|((flow, _), at)| Some(at.duration_since(*submitted.get(flow)?)))
         .collect();
     Ok(round(
-        &format!(
-            "dispatch, {} flows × {} tasks",
-            args.flows.min(total),
-            per_flow
-        ),
+        &format!("dispatch, {} flows × {} tasks", flows.min(total), per_flow),
         wall,
         latencies,
     ))
@@ -523,8 +649,7 @@ async fn dispatch_serial(
     limit: Duration,
 ) -> anyhow::Result<Round> {
     let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(30));
-    let mut events = nats.subscribe(subject::event::TASK_SUCCEEDED).await?;
-    nats.flush().await?;
+    let mut events = completion_events(nats).await?;
     let mut latencies = Vec::with_capacity(args.serial);
     let started = Instant::now();
     for i in 0..args.serial {

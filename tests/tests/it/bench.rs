@@ -29,3 +29,127 @@ async fn coord_bench_state_runs_at_a_tiny_size() {
         assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
     }
 }
+
+/// Runs coord-bench against a fresh server and returns its stdout; fails the
+/// test unless it exits 0.
+async fn coord_bench(server: &NatsServer, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_coord-bench"))
+        .args(["--nats-url", server.url(), "--timeout-s", "90"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    stdout
+}
+
+/// `coord-bench dag` exits 0 only when every flow completed `succeeded`, and
+/// reports each shape's critical path (2 for a fan-out, a chain's length).
+#[tokio::test]
+async fn coord_bench_dag_runs_at_a_tiny_size() {
+    let server = NatsServer::start();
+    let stdout = coord_bench(
+        &server,
+        &[
+            "--agents",
+            "2",
+            "dag",
+            "--fan-out",
+            "8",
+            "--chain",
+            "6",
+            "--random-tasks",
+            "40",
+            "--work-ms",
+            "5",
+        ],
+    )
+    .await;
+    for row in [
+        "| fan-out 1 → 8 | 9 | 2 |",
+        "| chain of 6 | 6 | 6 |",
+        "| random (seed 1) | 40 |",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
+    }
+}
+
+/// `coord-bench alloc` fails on any refused allocate or release, so a row
+/// with every pair counted is the proof they all went through.
+#[tokio::test]
+async fn coord_bench_alloc_runs_at_a_tiny_size() {
+    let server = NatsServer::start();
+    let stdout = coord_bench(
+        &server,
+        &[
+            "alloc",
+            "--alloc-agents",
+            "5,30",
+            "--alloc-ops",
+            "40",
+            "--alloc-concurrency",
+            "4",
+        ],
+    )
+    .await;
+    for row in [
+        "| allocator: allocate + release | 5 | 40 |",
+        "| raw KV: 2 compare-and-sets on one key | 5 | 40 |",
+        "| allocator: allocate + release | 30 | 40 |",
+        "| raw KV: 2 compare-and-sets on one key | 30 | 40 |",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
+    }
+}
+
+/// `coord-bench curves` prints each sweep and writes its four charts, each a
+/// polyline through every point, captioned with the command.
+#[tokio::test]
+async fn coord_bench_curves_runs_at_a_tiny_size() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let svg_dir = dir.path().to_str().unwrap();
+    let stdout = coord_bench(
+        &server,
+        &[
+            "--tasks",
+            "12",
+            "--flows",
+            "3",
+            "--agents",
+            "2",
+            "curves",
+            "--curve-agents",
+            "1,3",
+            "--curve-replicas",
+            "1,2",
+            "--curve-flow-sizes",
+            "10,25",
+            "--svg-dir",
+            svg_dir,
+        ],
+    )
+    .await;
+    for row in [
+        "| 1 | 12 |",
+        "| 3 | 12 |",
+        "| 2 | 12 |",
+        "| 10 | 1 |",
+        "| 25 | 1 |",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
+    }
+    for file in [
+        "curve-agents.svg",
+        "curve-replicas.svg",
+        "curve-flow-size.svg",
+        "curve-flow-memory.svg",
+    ] {
+        let svg = std::fs::read_to_string(dir.path().join(file)).unwrap();
+        assert!(svg.starts_with("<svg"), "{file}: {svg}");
+        assert_eq!(svg.matches("<circle").count(), 2, "{file}: {svg}");
+        assert!(svg.contains("--curve-flow-sizes 10,25"), "{file}: {svg}");
+    }
+}

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Reproduces every table of BENCHMARKS.md, in its order, and redraws the
+# curves in docs/bench/. Everything goes to the terminal and to
+# .local/bench/bench-<date>.log. Takes the better part of an hour on two cores;
+# figures move with whatever else the machine runs.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# shellcheck source=scripts/setup.sh
+source scripts/setup.sh
+mkdir -p .local/bench
+LOG=".local/bench/bench-$(date -u +%Y%m%dT%H%M%SZ).log"
+exec > >(tee "$LOG") 2>&1
+export RUST_LOG=error
+
+run() {
+    echo
+    echo "\$ $*"
+    "$@"
+}
+
+cargo build --release -p tests --bin coord-bench
+cargo build --release -p allocator --example roundtrip
+cargo build --release -p monitor --example burst
+BENCH=./target/release/coord-bench
+
+# Allocator
+run cargo bench -p allocator --bench placement -- --warm-up-time 1 --measurement-time 3
+STORE="$(mktemp -d)"
+nats-server -a 127.0.0.1 -p 14322 -js -sd "$STORE" >/dev/null 2>&1 &
+NATS_PID=$!
+trap 'kill "$NATS_PID" 2>/dev/null; rm -rf "$STORE"' EXIT
+sleep 1
+run ./target/release/examples/roundtrip --nats-url nats://127.0.0.1:14322 --ops 3000 --concurrency 32
+
+# Orchestrator
+run cargo bench -p orchestrator --bench flow -- --warm-up-time 1 --measurement-time 3
+run $BENCH --spawn dispatch
+run $BENCH --spawn dispatch --orchestrators 2
+
+# Monitor
+run ./target/release/examples/burst --messages 1000000
+run $BENCH --spawn monitor
+
+# Synchronizer
+run cargo bench -p synchronizer --bench merge -- --warm-up-time 1 --measurement-time 3
+run $BENCH --spawn state
+
+# Scale
+run $BENCH --spawn dag
+run $BENCH --spawn --agents 16 dag --work-ms 10
+run $BENCH --spawn alloc
+run $BENCH --spawn --agents 16 --timeout-s 600 curves --svg-dir docs/bench
+
+echo
+echo "log: $LOG"
