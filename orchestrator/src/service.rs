@@ -354,6 +354,7 @@ impl Orchestrator {
         let (mut flow, effects) = Flow::new(id.clone(), spec, now);
         flow.warnings = warnings;
         flow.trace = telemetry::traceparent();
+        self.fits_in_one_entry(&flow)?;
         let status = flow.status(0, now);
         let mut fresh = Some(flow);
         let (created, revision) =
@@ -373,6 +374,33 @@ impl Orchestrator {
         self.run_effects(effects).await;
         self.send(&id, Cmd::Tick);
         Ok(FlowStatus { revision, ..status })
+    }
+
+    /// A flow is stored as one KV entry, and it grows as it runs (outputs,
+    /// errors, attempt history): one that would start above half the server's
+    /// `max_payload` is refused up front, with the figures, rather than failing
+    /// its first write or a later one.
+    fn fits_in_one_entry(&self, flow: &Flow) -> Result<(), Error> {
+        let size = serde_json::to_vec(flow)
+            .map_err(|e| Error::internal(e.to_string()))?
+            .len();
+        let limit = self.nats.server_info().max_payload;
+        if limit > 0 && size > limit / 2 {
+            return Err(Error::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "the flow would be stored as {size} bytes, more than half the server's \
+                     max_payload of {limit} bytes (room is kept for its run state); split it \
+                     into smaller flows or raise max_payload"
+                ),
+            )
+            .with_details(serde_json::json!({
+                "stored_bytes": size,
+                "max_payload": limit,
+                "tasks": flow.tasks.len(),
+            })));
+        }
+        Ok(())
     }
 
     /// Tasks whose requirements no registered agent could satisfy even when
@@ -1516,6 +1544,17 @@ impl Orchestrator {
                     .map(|d| d.contains(&id))
                     .unwrap_or(false);
                 if known_done {
+                    continue;
+                }
+                // A flow with an actor here is ticked without a read: the
+                // actor holds it current and notes when it is finished.
+                let live = self
+                    .actors
+                    .lock()
+                    .map(|a| a.contains_key(&id))
+                    .unwrap_or(false);
+                if live {
+                    self.send(&id, Cmd::Tick);
                     continue;
                 }
                 match self.load(&id).await {

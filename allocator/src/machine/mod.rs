@@ -34,7 +34,10 @@ use common::msg::{
 pub use common::msg::{NoFit, Unfit};
 use common::{AgentId, AllocationId, ReservationId};
 pub use optimize::{plan, utilisation};
-pub use place::{candidates, capacity_status, place, place_gang, place_reservation, Candidate};
+pub use place::{
+    candidates, capacity_status, place, place_gang, place_reservation, rank, sample, why_not,
+    Candidate,
+};
 pub use quota::{Admission, Quota, QuotaBook};
 use serde::{Deserialize, Serialize};
 

@@ -72,6 +72,60 @@ pub fn candidates<'a>(
     fit
 }
 
+/// Agents `req` fits on, in no particular order; in a pool larger than
+/// `enough`, only the first `enough` found scanning from `start` (callers
+/// rotate it, so requests look at different parts of the pool). As with
+/// Kubernetes' share of nodes to score, the best of a large sample is nearly
+/// the best of all, and a placement then costs the same among ten thousand
+/// agents as among a hundred. An owner's reservation outranks any general
+/// fit and may sit on any agent, so a pool holding reservations is scanned
+/// in full.
+pub fn sample<'a>(
+    agents: &[&'a AgentRecord],
+    req: &Requirements,
+    owner: Option<&str>,
+    now_ms: u64,
+    start: usize,
+    enough: usize,
+) -> Vec<Candidate<'a>> {
+    let n = agents.len();
+    let full = n <= enough || agents.iter().any(|a| !a.reservations.is_empty());
+    let mut found = Vec::new();
+    for i in 0..n {
+        if let Some(c) = candidate(agents[(start + i) % n], req, owner, now_ms) {
+            found.push(c);
+            if !full && found.len() >= enough {
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// The best of `found` by `policy`, and the others best first.
+pub fn rank(mut found: Vec<Candidate<'_>>, policy: Policy) -> Vec<Candidate<'_>> {
+    found.sort_by(|a, b| {
+        if a.better_than(b, policy) {
+            std::cmp::Ordering::Less
+        } else if b.better_than(a, policy) {
+            std::cmp::Ordering::Greater
+        } else {
+            std::cmp::Ordering::Equal
+        }
+    });
+    found
+}
+
+/// Why `req` fits on none of `agents` (see [`place`]).
+pub fn why_not<'a>(
+    agents: impl IntoIterator<Item = &'a AgentRecord>,
+    req: &Requirements,
+    owner: Option<&str>,
+    now_ms: u64,
+) -> Box<NoFit> {
+    no_fit(agents, |a| a.fit(req, owner, now_ms).err())
+}
+
 /// Chooses where `req` goes for `owner`, or says why it cannot go anywhere.
 /// One pass over the agents: no sorting on the hot path.
 pub fn place<'a>(

@@ -326,3 +326,31 @@ fn bad_amounts_are_refused() {
     assert!(check_amounts(&[("cpu".to_string(), f64::NAN)].into()).is_err());
     assert!(check_amounts(&[("cpu".to_string(), 1.0)].into()).is_ok());
 }
+
+/// In a large pool a placement looks at a sample, spread by its start; in a
+/// small one, or one holding a reservation (which outranks any general fit),
+/// at every agent.
+#[test]
+fn a_large_pool_is_sampled_unless_it_holds_reservations() {
+    let mut pool: Vec<AgentRecord> = (0..200)
+        .map(|i| agent(&format!("a{i:03}"), 4.0, &[]))
+        .collect();
+    let refs: Vec<&AgentRecord> = pool.iter().collect();
+    let first = sample(&refs, &cpu(1.0), None, 0, 0, 10);
+    assert_eq!(first.len(), 10);
+    let later = sample(&refs, &cpu(1.0), None, 0, 150, 10);
+    assert_eq!(later[0].agent.agent_id.as_str(), "a150");
+    assert_eq!(sample(&refs[..8], &cpu(1.0), None, 0, 3, 10).len(), 8);
+    assert!(sample(&refs, &cpu(9.0), None, 0, 0, 10).is_empty());
+
+    reservation(&mut pool[199], "r1", "o", 2.0, 0, 1_000);
+    let refs: Vec<&AgentRecord> = pool.iter().collect();
+    let all = sample(&refs, &cpu(1.0), Some("o"), 0, 0, 10);
+    assert_eq!(all.len(), 200);
+    let best = rank(all, Policy::BestFit);
+    assert_eq!(best[0].agent.agent_id.as_str(), "a199");
+    assert_eq!(
+        best[0].draw,
+        Draw::Reservation(ReservationId::new("r1").unwrap())
+    );
+}

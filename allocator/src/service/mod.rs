@@ -79,6 +79,8 @@ pub(crate) struct Allocator {
     outages: bus::Outages,
     /// Per-agent writers with their waiting changes (see [`lanes`]).
     lanes: std::sync::Mutex<std::collections::HashMap<AgentId, Arc<lanes::Lane>>>,
+    /// Where the next placement starts looking in a large pool.
+    rotation: std::sync::atomic::AtomicUsize,
     /// Owner quotas and what is counted against them (see `quota`).
     quotas: kv::Store,
     /// The quota book as last read or written here, with its revision.
@@ -131,6 +133,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         gang_deadline_ms: cfg.gang_deadline_ms,
         outages: bus::Outages::watch(&nats),
         lanes: Default::default(),
+        rotation: Default::default(),
         quotas,
         quota_cache: Default::default(),
         quota_lock: Default::default(),

@@ -23,6 +23,9 @@ use crate::machine::{self, Admission, AgentRecord, Draw, NoFit};
 
 /// Placement decisions retried from fresh state before giving up on contention.
 const PLACE_ATTEMPTS: usize = 16;
+/// Agents that fit looked at per placement in a large pool (see
+/// [`machine::sample`]).
+const PLACEMENT_SAMPLE: usize = 64;
 /// Default most moves one optimisation plans.
 const DEFAULT_MAX_MOVES: usize = 100;
 
@@ -370,21 +373,28 @@ impl Allocator {
             past_deadline(req.deadline_ms)?;
             // Under a quota the booking stays pending until it is counted.
             let governed = self.cached_quotas().governs(&req.owner);
-            let chosen = machine::place(
-                records.iter().copied(),
+            let start = self
+                .rotation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let found = machine::sample(
+                &records,
                 &req.requirements,
                 Some(&req.owner),
                 now,
-            )
-            .map_err(|n| no_capacity(&n))?;
-            let agent = self.unbusy(chosen.agent.agent_id.clone(), || {
-                machine::candidates(
+                start,
+                PLACEMENT_SAMPLE,
+            );
+            if found.is_empty() {
+                let why = machine::why_not(
                     records.iter().copied(),
                     &req.requirements,
                     Some(&req.owner),
                     now,
-                )
-            });
+                );
+                return Err(no_capacity(&why));
+            }
+            let ranked = machine::rank(found, req.requirements.policy);
+            let agent = self.unbusy(ranked[0].agent.agent_id.clone(), || ranked);
             let (wanted, owner, priority) =
                 (req.requirements.clone(), req.owner.clone(), req.priority);
             let this = id.clone();

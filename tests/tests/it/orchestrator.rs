@@ -1188,3 +1188,43 @@ async fn a_slot_left_behind_by_a_dead_replica_is_freed_by_the_sweep() {
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
 }
+
+/// A flow whose stored form would not leave room for its run state under the
+/// server's `max_payload` is refused with the sizes, and nothing is stored;
+/// a smaller one on the same server is accepted.
+#[tokio::test]
+async fn a_flow_too_large_to_store_is_refused_with_its_size() {
+    let sys = System::start_on(testkit::NatsServer::start_with_config(
+        "max_payload: 64KB\n",
+    ))
+    .await;
+    let tasks = |n: usize| {
+        (0..n)
+            .map(|i| cpu_task(&format!("t{i}"), &[]))
+            .collect::<Vec<_>>()
+    };
+    let mut big = FlowSpec::new("big", tasks(300));
+    big.id = Some(FlowId::new("big").unwrap());
+    let body = serde_json::to_vec(&big).unwrap();
+    assert!(
+        body.len() < 64 * 1024,
+        "the request itself fits ({} bytes)",
+        body.len()
+    );
+    let err = sys.client.create_flow(&big).await.unwrap_err();
+    assert_eq!(err.code, common::ErrorCode::PayloadTooLarge, "{err}");
+    let details = err.details.clone();
+    assert!(
+        details["stored_bytes"].as_u64().unwrap() > 32 * 1024,
+        "{details}"
+    );
+    assert_eq!(details["max_payload"], 64 * 1024);
+    let missing = sys
+        .client
+        .flow_status(&FlowId::new("big").unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code, common::ErrorCode::NotFound);
+    let small = FlowSpec::new("small", tasks(20));
+    sys.client.create_flow(&small).await.unwrap();
+}
