@@ -28,7 +28,9 @@ pub(crate) struct Beat {
 /// Values by agent id with the KV revision they were read at. Shared, so a
 /// snapshot of every agent costs a pointer per agent, not a copy of each
 /// record's allocations.
-pub(crate) struct Cache<T>(Arc<RwLock<HashMap<AgentId, (Arc<T>, u64)>>>);
+pub(crate) struct Cache<T>(Arc<RwLock<Entries<T>>>);
+
+type Entries<T> = HashMap<AgentId, (Arc<T>, u64)>;
 
 impl<T> Default for Cache<T> {
     fn default() -> Self {
