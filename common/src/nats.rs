@@ -212,9 +212,41 @@ impl Outages {
         Outages { last_down_ms }
     }
 
-    /// The last moment (ms since the epoch) the connection was seen down, 0 if never.
+    /// The last moment (ms since the epoch) the connection was seen down, or
+    /// JetStream stalled (see [`Outages::stalled`]), 0 if never.
     pub fn last_down_ms(&self) -> u64 {
         self.last_down_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts this moment as an outage although the connection is up:
+    /// JetStream is not answering (a stream without a leader while a cluster
+    /// fails over, or a node cut off from its peers), so what the process
+    /// would have written or read, heartbeats among them, did not get through.
+    pub fn stalled(&self) {
+        self.last_down_ms
+            .fetch_max(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs a JetStream operation, counting as stalled every moment it is
+    /// still unanswered past `slow`, and the moment it fails.
+    pub async fn observe<T, E>(
+        &self,
+        slow: Duration,
+        op: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        tokio::pin!(op);
+        let mut late = tokio::time::interval_at(tokio::time::Instant::now() + slow, Self::POLL);
+        loop {
+            tokio::select! {
+                out = &mut op => {
+                    if out.is_err() {
+                        self.stalled();
+                    }
+                    return out;
+                }
+                _ = late.tick() => self.stalled(),
+            }
+        }
     }
 }
 

@@ -20,6 +20,7 @@ mod sweep;
 use std::future::Future;
 use std::sync::Arc;
 
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, kv};
 use common::msg::{
     AdjustRequest, CancelReservation, CapacityRequest, DeregisterAgent, GangRequest,
@@ -66,16 +67,23 @@ const NAME: &str = "allocator";
 const HEARTBEAT_QUEUE: &str = "allocator";
 /// Heartbeats being recorded at once per replica; more wait in the subscription.
 const HEARTBEATS_IN_FLIGHT: usize = 256;
+/// How long a heartbeat write or read, or a look at the heartbeat stream, may
+/// go unanswered before the time counts as a JetStream stall. On a healthy
+/// server it takes milliseconds.
+const STALL_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
 
 pub(crate) struct Allocator {
     agents: kv::Store,
     heartbeats: kv::Store,
+    /// The stream under `heartbeats`, whose leader the stall probe asks.
+    heartbeat_stream: jetstream::stream::Stream,
     cache: cache::Cache<AgentRecord>,
     beats: cache::Cache<cache::Beat>,
     events: EventPublisher,
     gang_deadline_ms: u64,
-    /// When this replica's connection was last down: heartbeats sent then
-    /// never reached it, so that silence is not held against the agents.
+    /// When this replica's connection was last down, or its heartbeat
+    /// bucket last stalled: heartbeats sent then never reached it or were not
+    /// recorded, so that silence is not held against the agents.
     outages: bus::Outages,
     /// Per-agent writers with their waiting changes (see [`lanes`]).
     lanes: std::sync::Mutex<std::collections::HashMap<AgentId, Arc<lanes::Lane>>>,
@@ -124,9 +132,14 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let agents = bus::ensure_bucket(&js, Bucket::Agents, cfg.nats.js_replicas).await?;
     let heartbeats = bus::ensure_bucket(&js, Bucket::Heartbeats, cfg.nats.js_replicas).await?;
     let quotas = bus::ensure_bucket(&js, Bucket::Quotas, cfg.nats.js_replicas).await?;
+    let heartbeat_stream = js
+        .get_stream(format!("KV_{}", bus::KV_HEARTBEATS))
+        .await
+        .map_err(|e| unavailable("heartbeat stream", e))?;
     let alloc = Arc::new(Allocator {
         agents: agents.clone(),
         heartbeats: heartbeats.clone(),
+        heartbeat_stream,
         cache: cache::Cache::default(),
         beats: cache::Cache::default(),
         events: EventPublisher::new(nats.clone(), NAME),
@@ -247,6 +260,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         }
     });
     let sweep_task = tokio::spawn(alloc.clone().sweep_forever(cfg.sweep_ms));
+    let probe_task = tokio::spawn(alloc.clone().probe_forever(cfg.sweep_ms));
     tracing::info!(url = %cfg.nats.nats_url, "allocator running");
 
     shutdown.await;
@@ -254,6 +268,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     service.stop().await;
     heartbeat_task.abort();
     sweep_task.abort();
+    probe_task.abort();
     for w in watchers {
         w.abort();
     }
@@ -277,17 +292,50 @@ impl Allocator {
         let Ok(body) = serde_json::to_vec(&record) else {
             return;
         };
-        if let Err(e) = self.heartbeats.put(agent.as_str(), body.into()).await {
+        let put = self.heartbeats.put(agent.as_str(), body.into());
+        if let Err(e) = self.outages.observe(STALL_AFTER, put).await {
             tracing::warn!(agent = %agent, error = %e, "heartbeat not recorded");
         }
     }
 
-    /// The last heartbeat recorded for `agent`, read from KV (not the cache):
-    /// declaring an agent lost must not rest on a stale view.
+    /// The last heartbeat recorded for `agent`, as the heartbeat stream's
+    /// leader holds it: declaring an agent lost must not rest on a stale view,
+    /// neither this replica's cache nor a KV read that any replica of the
+    /// stream may answer (a node rejoining its cluster serves what it had
+    /// before it was cut off until it has caught up).
     async fn last_beat(&self, agent: &AgentId) -> u64 {
-        match bus::get_json::<cache::Beat>(&self.heartbeats, agent.as_str()).await {
-            Ok(Some((b, _))) => b.at_ms,
-            _ => self.beats.get(agent).map(|(b, _)| b.at_ms).unwrap_or(0),
+        let subject = format!("$KV.{}.{}", bus::KV_HEARTBEATS, agent.as_str());
+        let read = async {
+            match self
+                .heartbeat_stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+            {
+                Ok(msg) => Ok(serde_json::from_slice::<cache::Beat>(&msg.payload).ok()),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        match self.outages.observe(STALL_AFTER, read).await {
+            Ok(beat) => beat.map_or(0, |b| b.at_ms),
+            Err(_) => self.beats.get(agent).map(|(b, _)| b.at_ms).unwrap_or(0),
+        }
+    }
+
+    /// Asks the heartbeat stream's leader for its state every `every_ms`, so
+    /// that a stall is seen (and counted, see [`bus::Outages::stalled`]) even
+    /// when no heartbeat reaches this replica to be written: while a cluster
+    /// elects a new leader, or while this replica's node is cut off from the
+    /// others, recorded heartbeats stop although agents keep sending them.
+    async fn probe_forever(self: Arc<Self>, every_ms: u64) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(every_ms.max(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let info = self.heartbeat_stream.get_info();
+            if let Err(e) = self.outages.observe(STALL_AFTER, info).await {
+                tracing::debug!(error = %e, "heartbeat stream not answering");
+            }
         }
     }
 }

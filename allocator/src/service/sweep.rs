@@ -41,7 +41,8 @@ impl Allocator {
     }
 
     /// Marks the agent lost if, on fresh data, it still has missed its heartbeats.
-    /// Time this replica spent disconnected counts as heard from: a NATS outage
+    /// Time this replica spent disconnected, or saw the heartbeat bucket
+    /// stalled, counts as heard from: a NATS outage or a cluster's failover
     /// silences every agent at once, and must not make them all lost.
     async fn lose(&self, rec: &AgentRecord) {
         let beat = self.last_beat(&rec.agent_id).await;

@@ -5,7 +5,9 @@
 //! inbox), reports, registration and state writes, and JetStream back doors.
 //! On any server the services refuse a request on an agent's own subject that
 //! names another agent, and fencing keeps a report for another agent's lease
-//! out. User/password login over TLS is exercised once.
+//! out. User/password login over TLS is exercised once, and once over mutual
+//! TLS with the services and an agent running a flow; a login with a
+//! credentials file (operator/JWT mode) once.
 
 use std::path::Path;
 use std::process::Command;
@@ -680,7 +682,8 @@ async fn fencing_rejects_a_report_for_another_agents_lease_on_an_open_server() {
     runtime.await.unwrap().unwrap();
 }
 
-/// Files for a server certificate for 127.0.0.1 signed by a CA made here.
+/// Files for a server certificate for 127.0.0.1 and a client certificate,
+/// both signed by a CA made here.
 fn make_certs(dir: &Path) {
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
@@ -743,6 +746,37 @@ fn make_certs(dir: &Path) {
         "-extfile",
         "san.ext",
     ]);
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=coordkit test client",
+        ],
+    ]
+    .concat());
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "client.ext",
+    ]);
 }
 
 /// The connection options of `NatsConfig` against a server that wants TLS and
@@ -794,6 +828,214 @@ async fn services_log_in_with_a_password_over_tls() {
     untrusted.nats_tls_ca = None;
     assert!(
         common::nats::connect_within(&untrusted, "unknown-ca", patience)
+            .await
+            .is_err()
+    );
+    allocator.stop().await.unwrap();
+}
+
+/// Mutual TLS and a password, set through the documented flags (each also
+/// read from its `NATS_*` variable): the services and an agent log in and run
+/// a flow; without the client certificate, or with a wrong password, the
+/// server refuses the connection.
+#[tokio::test]
+async fn services_and_an_agent_run_a_flow_over_mutual_tls_with_a_password() {
+    common::telemetry::init_for_tests();
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let server = NatsServer::start_with_config(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}\nauthorization {{ user: svc, password: \"s3cret\" }}\n",
+        p("server.pem"),
+        p("server.key"),
+        p("ca.pem")
+    ));
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        nats: NatsConfig,
+    }
+    let flags = [
+        "coord",
+        "--nats-url",
+        server.url(),
+        "--nats-user",
+        "svc",
+        "--nats-password",
+        "s3cret",
+        "--nats-tls-ca",
+        &p("ca.pem"),
+        "--nats-tls-cert",
+        &p("client.pem"),
+        "--nats-tls-key",
+        &p("client.key"),
+        "--nats-tls-required",
+    ];
+    let cfg = <Flags as clap::Parser>::try_parse_from(flags).unwrap().nats;
+
+    let services: Vec<_> = ["orchestrator", "allocator"]
+        .into_iter()
+        .map(|n| start_service(n, cfg.clone()))
+        .collect();
+    let nats = common::nats::connect_within(&cfg, "mtls-test", Duration::from_secs(10))
+        .await
+        .unwrap();
+    for name in ["orchestrator", "allocator"] {
+        wait_for_service(&nats, name).await;
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(demo::run_demo_agent(
+        common::nats::connect_within(&cfg, "mtls-agent", Duration::from_secs(10))
+            .await
+            .unwrap(),
+        Duration::from_millis(10),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let client = Client::new(nats).with_timeout(Duration::from_secs(10));
+    let created = client
+        .create_flow(&demo::demo_flow().unwrap())
+        .await
+        .unwrap();
+    let status = eventually(Duration::from_secs(30), "flow done", || async {
+        let s = client.flow_status(&created.flow_id).await.ok()?;
+        (s.state != FlowState::Running).then_some(s)
+    })
+    .await;
+    assert_eq!(status.state, FlowState::Succeeded, "{status:?}");
+
+    let patience = Duration::from_millis(1_500);
+    let mut no_cert = cfg.clone();
+    no_cert.nats_tls_cert = None;
+    no_cert.nats_tls_key = None;
+    assert!(
+        common::nats::connect_within(&no_cert, "no-client-cert", patience)
+            .await
+            .is_err()
+    );
+    let mut wrong = cfg.clone();
+    wrong.nats_password = Some("guess".into());
+    assert!(
+        common::nats::connect_within(&wrong, "wrong-password", patience)
+            .await
+            .is_err()
+    );
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+    for s in services {
+        s.stop().await.unwrap();
+    }
+}
+
+/// A NATS JWT: `nats` claims about `subject`, signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({
+        "jti": subject,
+        "iat": common::now_ms() / 1000,
+        "iss": issuer.public_key(),
+        "name": subject,
+        "sub": subject,
+        "nats": nats,
+    });
+    let claims = b64.encode(serde_json::to_vec(&claims).unwrap());
+    let signed = format!("{header}.{claims}");
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", b64.encode(signature))
+}
+
+/// A server in operator (JWT) mode, its operator, system account and one
+/// account with JetStream made here, and a credentials file (user JWT and
+/// nkey seed) for a user of that account: a service logs in with the file
+/// alone; without it, or with a user of an account the server does not
+/// know, the server refuses the connection.
+#[tokio::test]
+async fn services_log_in_with_a_credentials_file() {
+    common::telemetry::init_for_tests();
+    let dir = tempfile::tempdir().unwrap();
+    let operator = nkeys::KeyPair::new_operator();
+    let system = nkeys::KeyPair::new_account();
+    let account = nkeys::KeyPair::new_account();
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        json!({ "type": "operator", "version": 2, "system_account": system.public_key() }),
+    );
+    let limits = |jetstream: bool| {
+        let mut l = json!({
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1,
+        });
+        if jetstream {
+            for k in ["mem_storage", "disk_storage", "streams", "consumer"] {
+                l[k] = json!(-1);
+            }
+        }
+        json!({ "limits": l, "default_permissions": { "pub": {}, "sub": {} }, "type": "account", "version": 2 })
+    };
+    let system_jwt = nats_jwt(&operator, &system.public_key(), limits(false));
+    let account_jwt = nats_jwt(&operator, &account.public_key(), limits(true));
+    let operator_file = dir.path().join("operator.jwt");
+    std::fs::write(&operator_file, &operator_jwt).unwrap();
+    let server = NatsServer::start_with_config(&format!(
+        "operator: \"{}\"\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{system_jwt}\"\n  {}: \"{account_jwt}\"\n}}\n",
+        operator_file.display(),
+        system.public_key(),
+        system.public_key(),
+        account.public_key(),
+    ));
+    let creds = |signer: &nkeys::KeyPair, name: &str| {
+        let user = nkeys::KeyPair::new_user();
+        let jwt = nats_jwt(
+            signer,
+            &user.public_key(),
+            json!({ "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2 }),
+        );
+        let path = dir.path().join(format!("{name}.creds"));
+        std::fs::write(
+            &path,
+            format!(
+                "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+                user.seed().unwrap()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let mut cfg = server.config();
+    cfg.nats_creds = Some(creds(&account, "svc"));
+
+    let allocator = start_service("allocator", cfg.clone());
+    let nats = common::nats::connect_within(&cfg, "creds-test", Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_for_service(&nats, "allocator").await;
+    let info = Client::new(nats)
+        .with_timeout(Duration::from_secs(10))
+        .register_agent(&RegisterAgent {
+            agent_id: AgentId::new("creds-agent").unwrap(),
+            capabilities: vec![],
+            labels: Default::default(),
+            capacity: [("cpu".to_string(), 1.0)].into(),
+            heartbeat_interval_ms: 5_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(info.agent_id.as_str(), "creds-agent");
+
+    let patience = Duration::from_millis(1_500);
+    let mut none = cfg.clone();
+    none.nats_creds = None;
+    assert!(common::nats::connect_within(&none, "no-creds", patience)
+        .await
+        .is_err());
+    let mut stranger = cfg.clone();
+    stranger.nats_creds = Some(creds(&nkeys::KeyPair::new_account(), "stranger"));
+    assert!(
+        common::nats::connect_within(&stranger, "stranger", patience)
             .await
             .is_err()
     );

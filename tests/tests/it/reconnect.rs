@@ -34,27 +34,39 @@ const OUTAGE: Duration = Duration::from_secs(2);
 
 /// Every event the events stream holds, read back through an ephemeral consumer.
 async fn stored_events(nats: &async_nats::Client) -> Vec<Event> {
+    read_events(nats)
+        .await
+        .expect("the events stream reads back")
+}
+
+/// [`stored_events`], or why JetStream could not answer (a cluster may still
+/// be electing leaders).
+pub(crate) async fn read_events(nats: &async_nats::Client) -> Result<Vec<Event>, String> {
     let js = jetstream::new(nats.clone());
-    let stream = js.get_stream(common::nats::STREAM_EVENTS).await.unwrap();
-    let total = stream.get_info().await.unwrap().state.messages as usize;
+    let why = |e: &dyn std::fmt::Display| e.to_string();
+    let stream = js
+        .get_stream(common::nats::STREAM_EVENTS)
+        .await
+        .map_err(|e| why(&e))?;
+    let total = stream.get_info().await.map_err(|e| why(&e))?.state.messages as usize;
     let consumer = stream
         .create_consumer(consumer::pull::Config {
             ack_policy: consumer::AckPolicy::None,
             ..Default::default()
         })
         .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
+        .map_err(|e| why(&e))?;
+    let mut messages = consumer.messages().await.map_err(|e| why(&e))?;
     let mut out = Vec::with_capacity(total);
     while out.len() < total {
         let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
             .await
-            .expect("the events stream reads back")
-            .unwrap()
-            .unwrap();
-        out.push(serde_json::from_slice(&msg.payload).unwrap());
+            .map_err(|e| why(&e))?
+            .ok_or("the events stream ended")?
+            .map_err(|e| why(&e))?;
+        out.push(serde_json::from_slice(&msg.payload).map_err(|e| why(&e))?);
     }
-    out
+    Ok(out)
 }
 
 /// Kills the server, keeps it down for [`OUTAGE`], and starts it again.
