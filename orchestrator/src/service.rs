@@ -69,6 +69,9 @@ const MAX_BATCH: usize = 512;
 /// Allocation requests one replica has in flight at most: enough to keep the
 /// allocator busy, few enough that a burst of ready tasks does not swamp it.
 const MAX_PLACING: usize = 64;
+/// Tries at one release before leaving it to the agent's loss (see
+/// `release_by_id`): with back-off doubling from 100 ms to 10 s, about a minute.
+const RELEASE_ATTEMPTS: u32 = 10;
 /// An assignment not started this long after it was recorded is published again.
 const REDELIVER_AFTER_MS: u64 = 2_000;
 /// ... but only while the stream's duplicate window (2 min) still recognises it.
@@ -1352,13 +1355,31 @@ impl Orchestrator {
         );
     }
 
+    /// Releases are idempotent, and a lost one holds the agent's capacity
+    /// until the agent itself is lost, so one that gets no answer (or an
+    /// unavailable store) is tried again with back-off, for about a minute.
     async fn release_by_id(&self, allocation: AllocationId, agent: Option<AgentId>) {
         let req = ReleaseRequest {
             allocation_id: allocation,
             agent_id: agent,
         };
-        if let Err(e) = self.client.release(&req).await {
-            tracing::warn!(allocation = %req.allocation_id, error = %e, "release failed");
+        let mut pause = Duration::from_millis(100);
+        for attempt in 1..=RELEASE_ATTEMPTS {
+            match self.client.release(&req).await {
+                Ok(_) => return,
+                Err(e)
+                    if attempt < RELEASE_ATTEMPTS
+                        && matches!(e.code, ErrorCode::Timeout | ErrorCode::Unavailable) =>
+                {
+                    tracing::debug!(allocation = %req.allocation_id, error = %e, attempt, "release unanswered, trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => {
+                    tracing::warn!(allocation = %req.allocation_id, error = %e, "release failed");
+                    return;
+                }
+            }
         }
     }
 
