@@ -15,7 +15,9 @@
 # refuse a body naming another agent there), reads of any agent's state
 # (`coord.sync.state.get`/`history`, read-only), and the JetStream API calls
 # that open and pull its own durable consumer `agent-{id}` on COORD_ASSIGN and
-# acknowledge what it pulled. The shared write subjects (`coord.agents.register`,
+# acknowledge what it pulled (and delete that consumer: an agent restarted
+# after dying mid-task makes it afresh so its unacknowledged assignments are
+# delivered again at once). The shared write subjects (`coord.agents.register`,
 # `coord.sync.state.put`, …) name the agent only in the JSON, so they stay
 # closed to agents. It may subscribe only to its own inboxes (`_INBOX_{id}.>`:
 # connect with NATS_INBOX_PREFIX=_INBOX_{id}; `coordctl agent` and the Python
@@ -46,6 +48,7 @@ cat <<ENTRY
           "\$JS.API.STREAM.INFO.COORD_ASSIGN",
           "\$JS.API.CONSUMER.INFO.COORD_ASSIGN.agent-$id",
           "\$JS.API.CONSUMER.CREATE.COORD_ASSIGN.agent-$id.coord.agents.$id.assign",
+          "\$JS.API.CONSUMER.DELETE.COORD_ASSIGN.agent-$id",
           "\$JS.API.CONSUMER.MSG.NEXT.COORD_ASSIGN.agent-$id",
           "\$JS.ACK.COORD_ASSIGN.agent-$id.>"
         ] }

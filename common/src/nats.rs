@@ -1,6 +1,7 @@
 //! The NATS connection, the JetStream resources, and the few bus operations every
 //! service repeats: publishing an event, and a compare-and-set on a KV entry.
 
+use std::future::Future;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
@@ -342,14 +343,42 @@ pub async fn ensure_stream(
     which: Stream,
     replicas: usize,
 ) -> Result<stream::Stream, Error> {
-    let cfg = which.config(replicas);
-    let name = cfg.name.clone();
-    js.get_or_create_stream(cfg).await.map_err(|e| {
-        Error::new(
-            ErrorCode::Unavailable,
-            format!("cannot open stream {name}: {e}"),
-        )
+    let name = which.config(replicas).name;
+    opening(|| async {
+        js.get_or_create_stream(which.config(replicas))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot open stream {name}: {e}"),
+                )
+            })
     })
+    .await
+}
+
+/// Opening a stream or bucket right after another service created it (on a
+/// cluster, before it has a leader) can fail for a moment: tried again with
+/// back-off for about ten seconds before the service gives up.
+async fn opening<T, F, Fut>(mut open: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let mut pause = Duration::from_millis(200);
+    let mut tries = 0;
+    loop {
+        match open().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tries < 8 => {
+                tries += 1;
+                tracing::debug!(error = %e, "not open yet, trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Gets the bucket, creating it if missing (replicas racing to create it is fine).
@@ -358,20 +387,22 @@ pub async fn ensure_bucket(
     which: Bucket,
     replicas: usize,
 ) -> Result<kv::Store, Error> {
-    let cfg = which.config(replicas);
-    let name = cfg.bucket.clone();
-    if let Ok(store) = js.get_key_value(&name).await {
-        return Ok(store);
-    }
-    match js.create_key_value(cfg).await {
-        Ok(store) => Ok(store),
-        Err(create_err) => js.get_key_value(&name).await.map_err(|_| {
-            Error::new(
-                ErrorCode::Unavailable,
-                format!("cannot open bucket {name}: {create_err}"),
-            )
-        }),
-    }
+    let name = which.config(replicas).bucket;
+    opening(|| async {
+        if let Ok(store) = js.get_key_value(&name).await {
+            return Ok(store);
+        }
+        match js.create_key_value(which.config(replicas)).await {
+            Ok(store) => Ok(store),
+            Err(create_err) => js.get_key_value(&name).await.map_err(|_| {
+                Error::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot open bucket {name}: {create_err}"),
+                )
+            }),
+        }
+    })
+    .await
 }
 
 /// Publishes domain events with the current trace context.

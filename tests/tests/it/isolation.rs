@@ -477,6 +477,73 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
 /// on the isolating server with its own inbox prefix (the default it derives
 /// from its id) and runs a flow's tasks, storing its state after each one on
 /// its own subjects.
+/// An agent killed mid-task leaves its delivery unacknowledged; started
+/// again under the same id it makes its consumer afresh (deleting the old
+/// one, which its permissions allow for its own consumer only) and the task
+/// completes, on a server that keeps agents apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_task_restarts_and_finishes_it_on_an_isolating_server() {
+    let me = AgentId::new("iso-r").unwrap();
+    let server = isolated_server(&[me.as_str()]);
+    let services: Vec<_> = testkit::SERVICES
+        .iter()
+        .map(|n| start_service(n, login(&server, SERVICE)))
+        .collect();
+    let operator = common::nats::connect(&login(&server, OPERATOR), "operator")
+        .await
+        .unwrap();
+    for name in testkit::SERVICES {
+        wait_for_service(&operator, name).await;
+    }
+    let ops = Client::new(operator.clone()).with_timeout(Duration::from_secs(10));
+    let start = |finish: bool| {
+        let (cfg, me) = (agent_login(&server, &me), me.clone());
+        testkit::Isolated::spawn(async move {
+            let nats = common::nats::connect(&cfg, me.as_str()).await.unwrap();
+            let opts = agent::AgentOptions::new(me).capacity("cpu", 1.0);
+            let handler = move |_a: common::msg::Assignment| async move {
+                if !finish {
+                    std::future::pending::<()>().await;
+                }
+                Ok(json!({"done": true}))
+            };
+            if let Err(e) = agent::run(nats, opts, handler, std::future::pending::<()>()).await {
+                eprintln!("agent stopped: {e}");
+            }
+        })
+    };
+    let first = start(false);
+    let mut spec = common::msg::FlowSpec::new("restart", vec![demo_task("only")]);
+    spec.id = Some(common::FlowId::new("restart").unwrap());
+    let created = ops.create_flow(&spec).await.unwrap();
+    eventually(Duration::from_secs(20), "the task running", || async {
+        let s = ops.flow_status(&created.flow_id).await.ok()?;
+        (s.tasks[0].state == common::msg::TaskState::Running).then_some(())
+    })
+    .await;
+    tokio::task::block_in_place(|| first.kill());
+
+    let second = start(true);
+    let status = eventually(Duration::from_secs(20), "flow done", || async {
+        let s = ops.flow_status(&created.flow_id).await.ok()?;
+        (s.state != FlowState::Running).then_some(s)
+    })
+    .await;
+    assert_eq!(status.state, FlowState::Succeeded, "{status:?}");
+    assert_eq!(status.tasks[0].attempt, 1, "the same attempt, redelivered");
+    tokio::task::block_in_place(|| second.kill());
+    for s in services {
+        s.stop().await.unwrap();
+    }
+}
+
+fn demo_task(id: &str) -> common::msg::TaskSpec {
+    let mut t = common::msg::TaskSpec::new(common::TaskId::new(id).unwrap());
+    t.kind = "work".into();
+    t.requirements.resources.insert("cpu".into(), 1.0);
+    t
+}
+
 #[tokio::test]
 async fn the_python_agent_runs_as_itself_on_an_isolating_server() {
     common::telemetry::init_for_tests();
