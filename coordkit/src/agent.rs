@@ -300,6 +300,17 @@ where
     heartbeat.abort();
     canceller.abort();
     reregister.abort();
+    // A durable consumer outlives its agent; one with nothing waiting in it is
+    // removed, so agents that come and go leave no consumers behind (the
+    // server caps them). One with assignments waiting stays for a restart.
+    drop(messages);
+    if let Ok(info) = stream.consumer_info(&name).await {
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            if let Err(e) = stream.delete_consumer(&name).await {
+                tracing::debug!(agent = %opts.agent_id, error = %e, "assignment consumer left behind");
+            }
+        }
+    }
     Ok(())
 }
 

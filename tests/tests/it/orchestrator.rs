@@ -1228,3 +1228,40 @@ async fn a_flow_too_large_to_store_is_refused_with_its_size() {
     let small = FlowSpec::new("small", tasks(20));
     sys.client.create_flow(&small).await.unwrap();
 }
+
+/// An agent that stops with nothing waiting for it removes its durable
+/// assignment consumer (agents that come and go would otherwise pile them up
+/// until the server refuses new ones); the flow it ran is unaffected.
+#[tokio::test]
+async fn an_agent_stopping_with_nothing_waiting_leaves_no_consumer() {
+    let sys = System::start().await;
+    let (stop, handle) = spawn_agent(&sys.nats, "leaver", 1.0, |_a| async {
+        Ok(json!({"ok": true}))
+    });
+    let mut spec = FlowSpec::new("leave", vec![cpu_task("a", &[])]);
+    spec.id = Some(FlowId::new("leave").unwrap());
+    sys.client.create_flow(&spec).await.unwrap();
+    let status = eventually(Duration::from_secs(20), "flow done", || async {
+        let s = sys
+            .client
+            .flow_status(&FlowId::new("leave").unwrap())
+            .await
+            .ok()?;
+        (s.state != FlowState::Running).then_some(s)
+    })
+    .await;
+    assert_eq!(status.state, FlowState::Succeeded);
+    let js = jetstream::new(sys.nats.clone());
+    let stream = js.get_stream(common::nats::STREAM_ASSIGN).await.unwrap();
+    let name = coordkit::agent::consumer_name(&AgentId::new("leaver").unwrap());
+    assert!(
+        stream.consumer_info(&name).await.is_ok(),
+        "consumer while running"
+    );
+    stop.send(()).unwrap();
+    handle.await.unwrap().unwrap();
+    assert!(
+        stream.consumer_info(&name).await.is_err(),
+        "the stopped agent's consumer is gone"
+    );
+}
