@@ -40,6 +40,7 @@ run $BENCH --spawn dispatch --orchestrators 2
 
 # Monitor
 run ./target/release/examples/burst --messages 1000000
+run cargo bench -p monitor --bench detect -- --warm-up-time 1 --measurement-time 3
 run $BENCH --spawn monitor
 
 # Synchronizer
