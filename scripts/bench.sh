@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces every table of BENCHMARKS.md, in its order, and redraws the
 # curves in docs/bench/. Everything goes to the terminal and to
-# .local/bench/bench-<date>.log. Takes the better part of an hour on two cores;
+# .local/bench/bench-<date>.log. Takes about ten minutes on two cores once built;
 # figures move with whatever else the machine runs.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
