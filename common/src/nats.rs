@@ -452,18 +452,9 @@ pub async fn get_json<T: DeserializeOwned>(
     kv: &kv::Store,
     key: &str,
 ) -> Result<Option<(T, u64)>, Error> {
-    let entry = kv
-        .entry(key)
-        .await
-        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("kv read {key}: {e}")))?;
-    match entry {
-        Some(e) if e.operation == kv::Operation::Put => {
-            let value = serde_json::from_slice(&e.value)
-                .map_err(|err| Error::internal(format!("stored value {key} unreadable: {err}")))?;
-            Ok(Some((value, e.revision)))
-        }
-        _ => Ok(None),
-    }
+    Ok(get_json_raw(kv, key)
+        .await?
+        .map(|(value, revision, _)| (value, revision)))
 }
 
 /// [`get_json`] that also returns the stored bytes, for callers that tell a

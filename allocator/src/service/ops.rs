@@ -171,27 +171,43 @@ impl Allocator {
                     fresh = true;
                 }
                 Step::Write(next, r) => {
-                    let body = serde_json::to_vec(&next)
-                        .map_err(|e| Error::internal(format!("encode agent: {e}")))?;
-                    match self.agents.update(id.as_str(), body.into(), revision).await {
-                        Ok(rev) => {
-                            self.cache.remember(id.clone(), next, rev);
-                            return Ok(r);
-                        }
-                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                            self.refresh(id).await?;
-                            fresh = true;
-                            if attempt > 4 {
-                                let jitter = (common::now_ms() % 7) + attempt as u64;
-                                tokio::time::sleep(Duration::from_millis(jitter)).await;
-                            }
-                        }
-                        Err(e) => return Err(unavailable("kv write", e)),
+                    if self.store(id, next, revision, attempt).await? {
+                        return Ok(r);
                     }
+                    fresh = true;
                 }
             }
         }
         Err(contention())
+    }
+
+    /// Writes `rec` over `revision` and remembers it. A lost race refreshes
+    /// the cached copy (after a pause once races keep being lost) and says
+    /// so with `false`.
+    async fn store(
+        &self,
+        id: &AgentId,
+        rec: AgentRecord,
+        revision: u64,
+        attempt: usize,
+    ) -> Result<bool, Error> {
+        let body =
+            serde_json::to_vec(&rec).map_err(|e| Error::internal(format!("encode agent: {e}")))?;
+        match self.agents.update(id.as_str(), body.into(), revision).await {
+            Ok(rev) => {
+                self.cache.remember(id.clone(), rec, rev);
+                Ok(true)
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                self.refresh(id).await?;
+                if attempt > 4 {
+                    let jitter = (common::now_ms() % 7) + attempt as u64;
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Ok(false)
+            }
+            Err(e) => Err(unavailable("kv write", e)),
+        }
     }
 
     /// [`Self::update_agent`] for the hot paths (booking, release): the change
@@ -257,23 +273,10 @@ impl Allocator {
                 fresh = true;
                 continue;
             }
-            let body = serde_json::to_vec(&rec)
-                .map_err(|e| Error::internal(format!("encode agent: {e}")))?;
-            match self.agents.update(id.as_str(), body.into(), revision).await {
-                Ok(rev) => {
-                    self.cache.remember(id.clone(), rec, rev);
-                    return Ok(outcomes);
-                }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    self.refresh(id).await?;
-                    fresh = true;
-                    if attempt > 4 {
-                        let jitter = (common::now_ms() % 7) + attempt as u64;
-                        tokio::time::sleep(Duration::from_millis(jitter)).await;
-                    }
-                }
-                Err(e) => return Err(unavailable("kv write", e)),
+            if self.store(id, rec, revision, attempt).await? {
+                return Ok(outcomes);
             }
+            fresh = true;
         }
         Err(contention())
     }
