@@ -525,21 +525,37 @@ async fn a_quota_set_during_a_burst_counts_every_allocation() {
     for i in 0..8 {
         register(&sys.client, &format!("w{i}"), 64.0).await;
     }
+    // Each client books until it has seen the quota set, then 5 more, so the
+    // quota lands in the middle of the burst however fast bookings are.
+    let set_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for k in 0..6u64 {
         let client = Client::new(sys.server.connect().await).with_timeout(Duration::from_secs(20));
+        let (set_done, started) = (set_done.clone(), started.clone());
         tasks.push(tokio::spawn(async move {
             let mut made = Vec::new();
-            for i in 0..15 {
+            let mut after = 0;
+            for i in 0.. {
                 let a = allocate(&client, &format!("burst/c{k}/{i}"), 0.5, 0)
                     .await
                     .unwrap();
                 made.push(a);
+                started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if set_done.load(std::sync::atomic::Ordering::SeqCst) {
+                    after += 1;
+                    if after == 5 {
+                        break;
+                    }
+                }
             }
             made
         }));
     }
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    eventually(Duration::from_secs(10), "the burst under way", || async {
+        (started.load(std::sync::atomic::Ordering::SeqCst) >= 12).then_some(())
+    })
+    .await;
     let set = sys
         .client
         .set_quota(&quota("burst", Some(1000.0), false))
@@ -547,23 +563,27 @@ async fn a_quota_set_during_a_burst_counts_every_allocation() {
         .unwrap();
     assert!(set.applied);
     let set_at = common::now_ms();
+    set_done.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut made = Vec::new();
     for t in tasks {
         made.extend(t.await.unwrap());
     }
-    assert_eq!(made.len(), 90);
+    let booked = made.len();
     assert!(
         made.iter().any(|a| a.created_at_ms < set_at)
             && made.iter().any(|a| a.created_at_ms > set_at),
         "the quota was set in the middle of the burst"
     );
     // Counted as soon as the burst is over.
-    assert_eq!(quota_used(&sys.client, "burst").await, Some(45.0));
+    assert_eq!(
+        quota_used(&sys.client, "burst").await,
+        Some(booked as f64 * 0.5)
+    );
     let cap = sys
         .client
         .capacity(&CapacityRequest::default())
         .await
         .unwrap();
-    assert_eq!(cap.quotas["burst"].allocations, 90);
+    assert_eq!(cap.quotas["burst"].allocations, booked);
     second.stop().await.unwrap();
 }
