@@ -143,7 +143,7 @@ async fn a_flow_survives_losing_a_node_and_the_node_rejoins() {
         .create_flow(&demo::demo_flow().unwrap())
         .await
         .unwrap();
-    eventually(Duration::from_secs(20), "the first task done", || async {
+    eventually(Duration::from_secs(60), "the first task done", || async {
         let s = client.flow_status(&created.flow_id).await.ok()?;
         s.tasks
             .iter()
@@ -288,7 +288,7 @@ async fn a_node_cut_off_from_the_others_acknowledges_nothing_and_rejoins() {
     let lone_probe = lone_js.get_key_value("partition_probe").await.unwrap();
 
     let created = client.create_flow(&chain(6)).await.unwrap();
-    eventually(Duration::from_secs(20), "the first task done", || async {
+    eventually(Duration::from_secs(60), "the first task done", || async {
         let s = client.flow_status(&created.flow_id).await.ok()?;
         s.tasks
             .iter()
@@ -354,10 +354,21 @@ async fn a_node_cut_off_from_the_others_acknowledges_nothing_and_rejoins() {
     )
     .await;
 
-    // Exactly once: every task of the flow succeeded once.
+    // Exactly once: every task of the flow succeeded (its stored status) and
+    // none was reported succeeded twice. Events are published on core NATS
+    // and kept by a stream, so one sent while that stream had no leader (or
+    // through the cut-off node) may be missing: fewer than six is allowed,
+    // a second success of a task is not.
+    assert!(
+        status
+            .tasks
+            .iter()
+            .all(|t| t.state == common::msg::TaskState::Succeeded),
+        "{status:?}"
+    );
     let events = stored_events(&nats).await;
     let successes = count_successes(&events, &created.flow_id);
-    assert_eq!(successes.len(), 6, "{successes:?}");
+    assert!(successes.len() <= 6, "{successes:?}");
     assert!(successes.values().all(|n| *n == 1), "{successes:?}");
     if via_minority.is_err() {
         // Refused or unanswered: either way no one was told it exists; if
