@@ -358,7 +358,9 @@ impl NatsCluster {
             std::fs::write(
                 config,
                 format!(
-                    "server_name: n{i}\ncluster {{\n  name: coordkit-test\n  host: 127.0.0.1\n  port: {port}\n{advertise}  routes: [{}]\n}}\n",
+                    // Every write on disk before it is acknowledged, as
+                    // deploy/nats.conf has it (the store dir is a flag).
+                    "server_name: n{i}\njetstream {{\n  sync_interval: always\n}}\ncluster {{\n  name: coordkit-test\n  host: 127.0.0.1\n  port: {port}\n{advertise}  routes: [{}]\n}}\n",
                     routes.join(", ")
                 ),
             )
