@@ -166,7 +166,7 @@ async fn a_flow_survives_losing_a_node_and_the_node_rejoins() {
     )
     .await;
     cluster.kill(leader);
-    let status = eventually(Duration::from_secs(40), "flow done", || async {
+    let status = eventually(Duration::from_secs(120), "flow done", || async {
         let s = client.flow_status(&created.flow_id).await.ok()?;
         (s.state != FlowState::Running).then_some(s)
     })
@@ -328,7 +328,7 @@ async fn a_node_cut_off_from_the_others_acknowledges_nothing_and_rejoins() {
         || async { probe.update("k", "majority".into(), before).await.ok() },
     )
     .await;
-    let status = finished(&client, &created.flow_id, Duration::from_secs(60)).await;
+    let status = finished(&client, &created.flow_id, Duration::from_secs(120)).await;
     assert_eq!(status.state, FlowState::Succeeded, "{status:?}");
 
     cluster.heal();
