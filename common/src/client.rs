@@ -132,8 +132,31 @@ impl Client {
         self.request(subject::OPTIMIZE, req).await
     }
 
+    /// Creates a flow. A spec larger than a request may be sends its tasks
+    /// ahead through the object store (see [`FlowSpec::tasks_object`]).
     pub async fn create_flow(&self, spec: &FlowSpec) -> Result<FlowStatus, Error> {
-        self.request(subject::FLOW_CREATE, spec).await
+        let tasks = serde_json::to_vec(&spec.tasks)
+            .map_err(|e| Error::new(ErrorCode::BadRequest, format!("flow spec: {e}")))?;
+        if tasks.len() < crate::service::MAX_REQUEST_BYTES / 2 {
+            return self.request(subject::FLOW_CREATE, spec).await;
+        }
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let uploads = crate::nats::ensure_uploads(&js).await?;
+        let name = uuid::Uuid::now_v7().simple().to_string();
+        uploads
+            .put(name.as_str(), &mut tasks.as_slice())
+            .await
+            .map_err(|e| Error::new(ErrorCode::Unavailable, format!("upload of the tasks: {e}")))?;
+        let head = FlowSpec {
+            id: spec.id.clone(),
+            name: spec.name.clone(),
+            tasks: Vec::new(),
+            max_parallelism: spec.max_parallelism,
+            failure_mode: spec.failure_mode,
+            require_feasible: spec.require_feasible,
+            tasks_object: Some(name),
+        };
+        self.request(subject::FLOW_CREATE, &head).await
     }
 
     pub async fn flow_status(&self, flow: &crate::FlowId) -> Result<FlowStatus, Error> {

@@ -405,6 +405,39 @@ pub async fn ensure_bucket(
     .await
 }
 
+/// Object store holding flow specs too large for one message until
+/// `flow.create` reads them.
+pub const OBJ_UPLOADS: &str = "coord_uploads";
+/// An upload nobody created a flow from is dropped after this long.
+pub const UPLOAD_MAX_AGE: Duration = Duration::from_secs(3600);
+
+/// Gets the uploads object store, creating it if missing.
+pub async fn ensure_uploads(
+    js: &jetstream::Context,
+) -> Result<jetstream::object_store::ObjectStore, Error> {
+    opening(|| async {
+        if let Ok(store) = js.get_object_store(OBJ_UPLOADS).await {
+            return Ok(store);
+        }
+        let config = jetstream::object_store::Config {
+            bucket: OBJ_UPLOADS.to_owned(),
+            max_age: UPLOAD_MAX_AGE,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        match js.create_object_store(config).await {
+            Ok(store) => Ok(store),
+            Err(create_err) => js.get_object_store(OBJ_UPLOADS).await.map_err(|_| {
+                Error::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot open object store {OBJ_UPLOADS}: {create_err}"),
+                )
+            }),
+        }
+    })
+    .await
+}
+
 /// Publishes domain events with the current trace context.
 #[derive(Clone, Debug)]
 pub struct EventPublisher {

@@ -45,6 +45,7 @@ pub struct Service {
     inner: NatsService,
     errors: ErrorCounts,
     tasks: tokio::task::JoinSet<()>,
+    client: async_nats::Client,
 }
 
 impl Service {
@@ -82,6 +83,7 @@ impl Service {
             inner,
             errors,
             tasks: tokio::task::JoinSet::new(),
+            client: client.clone(),
         })
     }
 
@@ -158,6 +160,7 @@ impl Service {
                 )
             })?;
         let errors = self.errors.clone();
+        let client = self.client.clone();
         let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         self.tasks.spawn(async move {
             while let Some(request) = endpoint.next().await {
@@ -165,6 +168,7 @@ impl Service {
                 let handler = handler.clone();
                 let errors = errors.clone();
                 let name = name.clone();
+                let client = client.clone();
                 let span = telemetry::message_span("request", subject, request.message.headers.as_ref());
                 tokio::spawn(
                     async move {
@@ -173,7 +177,10 @@ impl Service {
                             Ok(req) => handler(on, req).await,
                             Err(e) => Err(e),
                         };
-                        let sent = match result.and_then(|resp| encode(&resp)) {
+                        let result = result
+                            .and_then(|resp| encode(&resp))
+                            .and_then(|body| fits(body, client.server_info().max_payload));
+                        let sent = match result {
                             Ok(body) => request.respond(Ok(body.into())).await,
                             Err(err) => {
                                 tracing::debug!(code = %err.code, message = %err.message, "error reply");
@@ -284,6 +291,21 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Error> {
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
     serde_json::to_vec(value).map_err(|e| Error::internal(format!("reply encode: {e}")))
+}
+
+/// A reply the server would refuse to carry becomes an error the caller can
+/// read, rather than a request that times out.
+fn fits(body: Vec<u8>, max_payload: usize) -> Result<Vec<u8>, Error> {
+    if max_payload > 0 && body.len() > max_payload {
+        return Err(Error::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the reply would be {} bytes, more than the server's max_payload of {max_payload}",
+                body.len()
+            ),
+        ));
+    }
+    Ok(body)
 }
 
 /// The micro-service error headers, alongside the JSON body.

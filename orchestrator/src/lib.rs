@@ -8,5 +8,6 @@
 pub mod machine;
 pub mod service;
 mod slots;
+pub mod store;
 
 pub use service::{run, Config};

@@ -25,9 +25,9 @@ use async_nats::jetstream::{self, consumer, kv};
 use common::msg::{
     AgentReport, AllocateRequest, Allocation, Assignment, CapacityRequest, EventKind,
     ExplainRequest, Explanation, FlowChanges, FlowList, FlowListRequest, FlowOptimizeRequest,
-    FlowPlan, FlowRef, FlowSpec, FlowStatus, ReleaseRequest, RerunRequest,
+    FlowPlan, FlowRef, FlowSpec, FlowStatus, ReleaseRequest, RerunRequest, TaskSpec,
 };
-use common::nats::{self as bus, Bucket, EventPublisher, Step, Stream};
+use common::nats::{self as bus, Bucket, EventPublisher, Stream};
 use common::service::Service;
 use common::{subject, telemetry, AgentId, AllocationId, Error, ErrorCode, FlowId, TaskId};
 use futures::StreamExt;
@@ -38,6 +38,7 @@ use common::msg::TaskState;
 
 use crate::machine::{self, Effect, Flow, Rejection};
 use crate::slots::Slots;
+use crate::store::{self, Stored, WriteError};
 
 /// Orchestrator settings.
 #[derive(clap::Args, Debug, Clone)]
@@ -126,10 +127,6 @@ enum Cmd {
     },
 }
 
-/// The flow as an actor last wrote (or read) it: the value, its revision and
-/// its stored encoding.
-type Stored = (Flow, u64, bytes::Bytes);
-
 /// A command with the span it was sent from (its cause), so the work it leads
 /// to continues the sender's trace although the actor applies it later, in a
 /// batch with others.
@@ -164,6 +161,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         bus::ensure_stream(&js, s, cfg.nats.js_replicas).await?;
     }
     let flows = bus::ensure_bucket(&js, Bucket::Flows, cfg.nats.js_replicas).await?;
+    store::allow_batches(&js, &flows).await?;
     let slots = bus::ensure_bucket(&js, Bucket::Concurrency, cfg.nats.js_replicas).await?;
     let orch = Arc::new(Orchestrator {
         client: common::Client::new(nats.clone()).with_timeout(cfg.nats.request_timeout()),
@@ -330,8 +328,14 @@ fn refusal_error(r: &Refusal) -> Error {
     }
 }
 
+/// Infeasible-requirement warnings listed one by one; more are counted.
+const MAX_WARNINGS: usize = 100;
+
 impl Orchestrator {
-    async fn create(self: &Arc<Self>, spec: FlowSpec) -> Result<FlowStatus, Error> {
+    async fn create(self: &Arc<Self>, mut spec: FlowSpec) -> Result<FlowStatus, Error> {
+        if let Some(name) = spec.tasks_object.take() {
+            spec.tasks = self.uploaded_tasks(&name, !spec.tasks.is_empty()).await?;
+        }
         if let Err(problems) = machine::validate(&spec) {
             let summary: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
             return Err(Error::new(
@@ -357,44 +361,90 @@ impl Orchestrator {
         let (mut flow, effects) = Flow::new(id.clone(), spec, now);
         flow.warnings = warnings;
         flow.trace = telemetry::traceparent();
-        self.fits_in_one_entry(&flow)?;
+        store::lay_out(&mut flow);
+        let (encoded, _) = store::encode(&mut flow, None)?;
+        self.fits_in_entries(&flow, &encoded)?;
         let status = flow.status(0, now);
-        let mut fresh = Some(flow);
-        let (created, revision) =
-            bus::cas_update::<Flow, bool, _>(&self.flows, id.as_str(), |current| {
-                Ok(match (current, fresh.take()) {
-                    (None, Some(flow)) => Step::Write(flow, true),
-                    _ => Step::Keep(false),
-                })
-            })
-            .await?;
-        if !created {
-            return Err(Error::new(
-                ErrorCode::Conflict,
-                format!("flow {id} already exists"),
-            ));
-        }
-        self.run_effects(effects).await;
-        self.send(&id, Cmd::Tick);
+        let revision = match store::create(&self.flows, &flow, encoded).await {
+            Ok((revision, _)) => revision,
+            Err(WriteError::Conflict) => {
+                return Err(Error::new(
+                    ErrorCode::Conflict,
+                    format!("flow {id} already exists"),
+                ))
+            }
+            Err(WriteError::Failed(e)) => return Err(e),
+        };
+        // A large flow's creation is many events (each root becomes ready):
+        // the reply does not wait for them, and dispatch starts after them.
+        let o = self.clone();
+        tokio::spawn(
+            async move {
+                o.run_effects(effects).await;
+                o.send(&id, Cmd::Tick);
+            }
+            .in_current_span(),
+        );
         Ok(FlowStatus { revision, ..status })
     }
 
-    /// A flow is stored as one KV entry, and it grows as it runs (outputs,
-    /// errors, attempt history): one that would start above half the server's
-    /// `max_payload` is refused up front, with the figures, rather than failing
-    /// its first write or a later one.
-    fn fits_in_one_entry(&self, flow: &Flow) -> Result<(), Error> {
-        let size = serde_json::to_vec(flow)
-            .map_err(|e| Error::internal(e.to_string()))?
-            .len();
+    /// The tasks a client uploaded ahead of a spec too large for one message;
+    /// the upload is deleted once read.
+    async fn uploaded_tasks(&self, name: &str, inline_too: bool) -> Result<Vec<TaskSpec>, Error> {
+        if inline_too {
+            return Err(Error::new(
+                ErrorCode::BadRequest,
+                "a spec with `tasks_object` must leave `tasks` empty",
+            ));
+        }
+        let uploads = bus::ensure_uploads(&self.js).await?;
+        let mut object = uploads.get(name).await.map_err(|e| {
+            Error::new(
+                ErrorCode::BadRequest,
+                format!("no uploaded tasks {name:?} ({e}); uploads are kept for an hour"),
+            )
+        })?;
+        let mut body = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut body)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorCode::Unavailable,
+                    format!("uploaded tasks {name:?}: {e}"),
+                )
+            })?;
+        let tasks = serde_json::from_slice(&body).map_err(|e| {
+            Error::new(
+                ErrorCode::BadRequest,
+                format!("uploaded tasks {name:?} are not a JSON array of tasks: {e}"),
+            )
+        });
+        if let Err(e) = uploads.delete(name).await {
+            tracing::debug!(error = %e, name, "upload not deleted; it expires");
+        }
+        tasks
+    }
+
+    /// Each entry of a flow (the flow, or its header and pages) grows as it
+    /// runs (outputs, errors, attempt history): one that would start above
+    /// half the server's `max_payload` is refused up front, with the figures,
+    /// rather than failing its first write or a later one.
+    fn fits_in_entries(&self, flow: &Flow, encoded: &store::Encoded) -> Result<(), Error> {
+        let size = encoded
+            .pages
+            .iter()
+            .map(|p| p.len() + 64)
+            .chain([encoded.header.len()])
+            .max()
+            .unwrap_or(0);
         let limit = self.nats.server_info().max_payload;
         if limit > 0 && size > limit / 2 {
             return Err(Error::new(
                 ErrorCode::PayloadTooLarge,
                 format!(
-                    "the flow would be stored as {size} bytes, more than half the server's \
-                     max_payload of {limit} bytes (room is kept for its run state); split it \
-                     into smaller flows or raise max_payload"
+                    "the flow would be stored in entries of up to {size} bytes, more than \
+                     half the server's max_payload of {limit} bytes (room is kept for its run \
+                     state); make task inputs smaller, split the flow or raise max_payload"
                 ),
             )
             .with_details(serde_json::json!({
@@ -433,6 +483,18 @@ impl Orchestrator {
                     path: Vec::new(),
                 });
             }
+        }
+        // Stored with the flow and sent in every status: a large flow's
+        // warnings are summed up past the first few.
+        if out.len() > MAX_WARNINGS {
+            let more = out.len() - MAX_WARNINGS;
+            out.truncate(MAX_WARNINGS);
+            out.push(common::msg::ValidationProblem {
+                code: "infeasible_requirements".into(),
+                message: format!("and {more} more tasks no registered agent could run"),
+                task_id: None,
+                path: Vec::new(),
+            });
         }
         out
     }
@@ -476,8 +538,9 @@ impl Orchestrator {
     }
 
     async fn load(&self, flow: &FlowId) -> Result<(Flow, u64), Error> {
-        bus::get_json::<Flow>(&self.flows, flow.as_str())
+        store::read(&self.flows, flow)
             .await?
+            .map(|(f, rev, _)| (f, rev))
             .ok_or_else(|| Error::not_found(format!("no flow {flow}")))
     }
 
@@ -800,7 +863,7 @@ impl Orchestrator {
             let from_cache = cached.is_some();
             let (mut flow, revision, stored) = match cached {
                 Some(c) => c,
-                None => match bus::get_json_raw::<Flow>(&self.flows, flow_id.as_str()).await {
+                None => match store::read(&self.flows, flow_id).await {
                     Ok(Some(found)) => found,
                     Ok(None) => {
                         self.settle_missing(flow_id, batch).await;
@@ -819,15 +882,14 @@ impl Orchestrator {
             // The encoding tells whether the step changed anything: it is
             // needed for the write anyway, and keeping a copy of a large
             // flow to compare against cost more than the step itself.
-            let body = match serde_json::to_vec(&flow) {
-                Ok(b) => bytes::Bytes::from(b),
-                Err(e) => {
-                    let err = Error::internal(e.to_string());
+            let (body, dirty) = match store::encode(&mut flow, Some(&stored)) {
+                Ok(encoded) => encoded,
+                Err(err) => {
                     self.settle_failed(flow_id, batch, &err, placing).await;
                     return false;
                 }
             };
-            let changed = body != stored;
+            let changed = body.header != stored.header;
             if !changed && from_cache {
                 continue;
             }
@@ -835,16 +897,13 @@ impl Orchestrator {
             let revision = if !changed {
                 revision
             } else {
-                match self
-                    .flows
-                    .update(flow_id.as_str(), body.clone(), revision)
+                match store::write(&self.flows, &self.nats, &flow, &body, &dirty, revision)
                     .instrument(span.clone())
                     .await
                 {
                     Ok(rev) => rev,
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                    Err(e) => {
-                        let err = Error::new(ErrorCode::Unavailable, format!("kv write: {e}"));
+                    Err(WriteError::Conflict) => continue,
+                    Err(WriteError::Failed(err)) => {
                         self.settle_failed(flow_id, batch, &err, placing).await;
                         return false;
                     }
@@ -1327,9 +1386,9 @@ impl Orchestrator {
             async move {
                 let mut pause = Duration::from_millis(200);
                 let held = loop {
-                    match bus::get_json::<Flow>(&o.flows, flow_id.as_str()).await {
+                    match store::read(&o.flows, &flow_id).await {
                         Ok(flow) => {
-                            break flow.is_some_and(|(f, _)| {
+                            break flow.is_some_and(|(f, _, _)| {
                                 f.tasks.get(&task).is_some_and(|t| {
                                     t.allocation.as_ref() == Some(&allocation.allocation_id)
                                 })
@@ -1545,11 +1604,7 @@ impl Orchestrator {
                 last_reconcile = now;
                 let load = |id: FlowId| {
                     let flows = self.flows.clone();
-                    async move {
-                        Ok(bus::get_json::<Flow>(&flows, id.as_str())
-                            .await?
-                            .map(|(f, _)| f))
-                    }
+                    async move { Ok(store::read(&flows, &id).await?.map(|(f, _, _)| f)) }
                 };
                 if let Err(e) = self.slots.reconcile(now, load).await {
                     tracing::warn!(error = %e, "concurrency slots not reconciled");

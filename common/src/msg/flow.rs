@@ -30,6 +30,12 @@ pub struct FlowSpec {
     /// registered agent could ever satisfy. Default false: agents may join later.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_feasible: bool,
+    /// A spec too large for one message sends its tasks ahead: the name of an
+    /// object in the `coord_uploads` object store holding them as a JSON
+    /// array, read (and deleted) by `flow.create`; `tasks` is then empty.
+    /// [`crate::Client::create_flow`] does this by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks_object: Option<String>,
 }
 
 /// What happens to a flow when a task fails for good.
@@ -215,6 +221,7 @@ impl FlowSpec {
             max_parallelism: None,
             failure_mode: FailureMode::default(),
             require_feasible: false,
+            tasks_object: None,
         }
     }
 }
@@ -335,8 +342,12 @@ pub struct FlowStatus {
     /// Share of tasks in a final state, 0..=1.
     #[serde(default)]
     pub progress: f64,
+    /// Tasks, unfinished ones first; a large flow lists at most 1,000.
     #[serde(default)]
     pub tasks: Vec<TaskStatus>,
+    /// Tasks left out of `tasks` (only a large flow's list is cut).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tasks_omitted: usize,
     #[serde(default)]
     pub created_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -566,4 +577,8 @@ pub struct PriorityChange {
     pub task_id: TaskId,
     pub from: i32,
     pub to: i32,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }

@@ -105,7 +105,7 @@ impl Shared {
                 None
             }
         };
-        let flows = match probe::records(&self.js, bus::KV_FLOWS).await {
+        let flows = match probe::flow_records(&self.js).await {
             Ok(f) => f.into_iter().map(|(_, v)| v).collect(),
             Err(e) => {
                 notes.push(format!("no task kinds: {}", e.message));
@@ -199,7 +199,7 @@ impl Shared {
 
     async fn validate(&self) -> Result<SystemValidation, Error> {
         let agents = probe::records(&self.js, bus::KV_AGENTS).await?;
-        let flows = probe::records(&self.js, bus::KV_FLOWS).await?;
+        let flows = probe::flow_records(&self.js).await?;
         let now = common::now_ms();
         let violations = validate::validate(&agents, &flows, now);
         Ok(SystemValidation {
@@ -232,7 +232,7 @@ impl Shared {
 
     /// Flows with their tasks, and agents with their utilisation, for the dashboard.
     async fn flows_view(&self) -> Result<Value, Error> {
-        let flows = probe::records(&self.js, bus::KV_FLOWS).await?;
+        let flows = probe::flow_records(&self.js).await?;
         let mut flows: Vec<Value> = flows
             .into_iter()
             .map(|(id, f)| {

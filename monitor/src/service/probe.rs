@@ -106,6 +106,30 @@ pub(super) async fn records(
     Ok(out)
 }
 
+/// The flows bucket's records, with a large flow's page entries (`{flow}.p{n}`)
+/// folded into its `tasks`, so every flow reads as one record.
+pub(super) async fn flow_records(js: &jetstream::Context) -> Result<Vec<(String, Value)>, Error> {
+    let mut flows = Vec::new();
+    let mut pages: std::collections::HashMap<String, Vec<Value>> = Default::default();
+    for (key, value) in records(js, common::nats::KV_FLOWS).await? {
+        match key.split_once('.') {
+            Some((flow, _)) => pages.entry(flow.to_owned()).or_default().push(value),
+            None => flows.push((key, value)),
+        }
+    }
+    for (key, flow) in &mut flows {
+        let Some(Value::Object(tasks)) = flow.get_mut("tasks") else {
+            continue;
+        };
+        for mut page in pages.remove(key.as_str()).unwrap_or_default() {
+            if let Some(Value::Object(more)) = page.get_mut("tasks").map(Value::take) {
+                tasks.extend(more);
+            }
+        }
+    }
+    Ok(flows)
+}
+
 /// `GET {base}{path}` over plain HTTP/1.0, JSON body. The NATS monitoring port
 /// speaks plain HTTP; a tiny client keeps a TLS stack out of the monitor.
 pub(super) async fn http_get_json(base: &str, path: &str) -> Result<Value, String> {

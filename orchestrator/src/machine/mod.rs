@@ -39,6 +39,7 @@ use serde_json::Value;
 
 pub use change::Problems;
 pub use plan::PlanInput;
+pub use status::STATUS_TASKS;
 pub use validate::{validate, MAX_TASKS};
 
 /// How long an assigned task may wait for its agent's `started` report when the
@@ -71,6 +72,23 @@ pub struct Flow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
     pub tasks: BTreeMap<TaskId, Task>,
+    /// How the tasks are spread over KV entries; `None` while they fit in the
+    /// flow's own entry. Kept by the store, never read by the state machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<Pages>,
+}
+
+/// A large flow's tasks live in `count` page entries beside the flow's entry
+/// (its header). Every write stamps the pages it changes with a new `step`
+/// and records it here, so a reader can tell a page written after the header
+/// it read (a torn read) and read again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pages {
+    pub count: u32,
+    /// The step of the header's last write.
+    pub step: u64,
+    /// The step each page was last written at.
+    pub steps: Vec<u64>,
 }
 
 /// One task's spec and run state.
@@ -251,6 +269,7 @@ impl Flow {
             warnings: Vec::new(),
             trace: None,
             tasks,
+            pages: None,
         };
         let mut effects = vec![Effect::Event(EventKind::FlowCreated {
             flow_id: id,
@@ -928,6 +947,7 @@ impl Flow {
             max_parallelism: self.max_parallelism,
             failure_mode: self.failure_mode,
             require_feasible: false,
+            tasks_object: None,
         }
     }
 }

@@ -9,13 +9,23 @@ use petgraph::graph::{DiGraph, NodeIndex};
 
 use super::{Flow, DEFAULT_ESTIMATE_MS};
 
+/// Most tasks a status lists: a reply must fit in one NATS message.
+pub const STATUS_TASKS: usize = 1_000;
+
 impl Flow {
-    /// The status reply for this flow at `revision`, as of `now_ms`.
+    /// The status reply for this flow at `revision`, as of `now_ms`. A large
+    /// flow lists its unfinished tasks first, up to [`STATUS_TASKS`].
     pub fn status(&self, revision: u64, now_ms: u64) -> FlowStatus {
         let mut status = self.overview(revision, now_ms);
-        status.tasks = self
-            .tasks
-            .values()
+        let mut listed: Vec<&super::Task> = self.tasks.values().collect();
+        if listed.len() > STATUS_TASKS {
+            // Stable: id order within the unfinished and the finished.
+            listed.sort_by_key(|t| t.state.is_terminal());
+            listed.truncate(STATUS_TASKS);
+        }
+        status.tasks_omitted = self.tasks.len() - listed.len();
+        status.tasks = listed
+            .into_iter()
             .map(|t| TaskStatus {
                 task_id: t.spec.id.clone(),
                 state: t.state,
@@ -55,6 +65,7 @@ impl Flow {
             counts,
             progress: self.progress(),
             tasks: Vec::new(),
+            tasks_omitted: 0,
             created_at_ms: self.created_at_ms,
             finished_at_ms: self.finished_at_ms,
             running_by_agent,

@@ -8,7 +8,7 @@ use common::TaskId;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 /// Most tasks one flow may hold (a flow is stored as one KV entry).
-pub const MAX_TASKS: usize = 10_000;
+pub const MAX_TASKS: usize = 1_000_000;
 
 /// Checks a spec and returns *every* problem, not just the first.
 pub fn validate(spec: &FlowSpec) -> Result<(), Vec<ValidationProblem>> {

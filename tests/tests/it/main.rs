@@ -12,6 +12,7 @@ mod corpus;
 mod errors;
 mod flow;
 mod isolation;
+mod large_flows;
 mod monitor;
 mod orchestrator;
 mod reconnect;
