@@ -3,9 +3,8 @@
 //! one agent report costs the way the adapter applies it (clone, step, compare,
 //! serialise the whole flow for the KV compare-and-set).
 //!
-//! 100k-task flows exceed `MAX_TASKS` (10,000 per flow, since a flow is one KV
-//! entry), so at that size the pure functions are measured directly: `validate`
-//! does all its checks and reports `too_many_tasks` among the problems.
+//! At 100k tasks the pure functions are measured alone; the same flow created
+//! and run over the wire is `coord-bench curves --curve-flow-sizes 100000`.
 //!
 //! Run: `cargo bench -p orchestrator --bench flow`.
 

@@ -34,7 +34,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
 
-use common::msg::TaskState;
+use common::msg::{FlowState, TaskState};
 
 use crate::machine::{self, Effect, Flow, Rejection};
 use crate::slots::Slots;
@@ -325,6 +325,39 @@ fn refusal_error(r: &Refusal) -> Error {
             .with_details(serde_json::json!({ "problems": problems })),
         Refusal::Stale { current, .. } => Error::new(ErrorCode::Conflict, r.to_string())
             .with_details(serde_json::json!({ "current_revision": current })),
+    }
+}
+
+/// Placements one flow has waiting at once (beside [`MAX_PLACING`] in
+/// flight per replica): a wide flow's ready tasks are taken a batch at a
+/// time, as grants come back, rather than all 100,000 queueing here at once.
+const MAX_PLACING_PER_FLOW: usize = 1_024;
+
+/// A large flow's watch updates are this far apart at least, and 1 ms more
+/// per [`WATCH_TASKS_PER_MS`] tasks.
+const WATCH_EVERY_MS: u64 = 250;
+const WATCH_TASKS_PER_MS: usize = 40;
+
+/// The watch updates of one flow. A status is a scan of every task (and its
+/// critical path): a large (paged) flow's is sent at most every
+/// [`WATCH_EVERY_MS`] or, larger still, at intervals growing with its size
+/// (2.5 s at 100,000 tasks), so that it costs a bounded share of the
+/// orchestrator's time; a change of the flow's own state is sent at once,
+/// and the last change by the first tick after the interval.
+#[derive(Debug, Default)]
+struct Watch {
+    pending: bool,
+    last_ms: u64,
+    last_state: Option<FlowState>,
+}
+
+impl Watch {
+    fn due(&self, flow: &Flow, now: u64) -> bool {
+        self.pending
+            && (flow.pages.is_none()
+                || self.last_state != Some(flow.state)
+                || now.saturating_sub(self.last_ms)
+                    >= WATCH_EVERY_MS.max((flow.tasks.len() / WATCH_TASKS_PER_MS) as u64))
     }
 }
 
@@ -797,6 +830,7 @@ impl Orchestrator {
         let mut resent: HashMap<(TaskId, u32), u64> = HashMap::new();
         // The flow as this actor last wrote it, with its revision.
         let mut cache: Option<Stored> = None;
+        let mut watch = Watch::default();
         loop {
             let first = match tokio::time::timeout(ACTOR_IDLE, rx.recv()).await {
                 Ok(Some(cmd)) => cmd,
@@ -825,11 +859,15 @@ impl Orchestrator {
             let (batch, causes): (Vec<Cmd>, Vec<tracing::Span>) = batch.into_iter().unzip();
             let ticked = batch.iter().any(|c| matches!(c, Cmd::Tick));
             let finished = self
-                .apply_batch(&flow, batch, causes, &mut placing, &mut cache)
+                .apply_batch(&flow, batch, causes, &mut placing, &mut cache, &mut watch)
                 .await;
             if ticked {
-                if let Some((f, _, _)) = &cache {
-                    self.redeliver(f, common::now_ms(), &mut resent);
+                if let Some((f, rev, _)) = &cache {
+                    let now = common::now_ms();
+                    self.redeliver(f, now, &mut resent);
+                    if watch.due(f, now) {
+                        self.publish_watch(f, *rev, now, &mut watch).await;
+                    }
                 }
             }
             if finished {
@@ -856,6 +894,7 @@ impl Orchestrator {
         causes: Vec<tracing::Span>,
         placing: &mut HashSet<TaskId>,
         cache: &mut Option<Stored>,
+        watch: &mut Watch,
     ) -> bool {
         let now = common::now_ms();
         for _ in 0..bus::CAS_ATTEMPTS {
@@ -909,8 +948,9 @@ impl Orchestrator {
                     }
                 }
             };
-            if changed {
-                self.publish_watch(&flow, revision, now)
+            watch.pending |= changed;
+            if watch.due(&flow, now) {
+                self.publish_watch(&flow, revision, now, watch)
                     .instrument(span.clone())
                     .await;
             }
@@ -1006,7 +1046,12 @@ impl Orchestrator {
 
     /// Tells watchers of the flow what it looks like now (counts and progress,
     /// not every task: a watcher that wants those asks for the status).
-    async fn publish_watch(&self, flow: &Flow, revision: u64, now: u64) {
+    async fn publish_watch(&self, flow: &Flow, revision: u64, now: u64, watch: &mut Watch) {
+        *watch = Watch {
+            pending: false,
+            last_ms: now,
+            last_state: Some(flow.state),
+        };
         let status = flow.overview(revision, now);
         if let Ok(body) = serde_json::to_vec(&status) {
             if let Err(e) = self
@@ -1094,8 +1139,6 @@ impl Orchestrator {
         for effect in effects {
             match effect {
                 Effect::Event(kind) => self.events.publish(kind).await,
-                // Dispatch is decided from the stored state after every step.
-                Effect::Dispatch(_) => {}
                 Effect::Release { agent, allocation } => self.release(agent, allocation),
                 Effect::FreeSlot { key, holder } => self.free_slot(Some((key, holder))),
                 Effect::Cancel { agent, notice } => {
@@ -1120,7 +1163,8 @@ impl Orchestrator {
         let budget = match flow.max_parallelism {
             Some(max) => (max as usize).saturating_sub(flow.active() + placing.len()),
             None => usize::MAX,
-        };
+        }
+        .min(MAX_PLACING_PER_FLOW.saturating_sub(placing.len()));
         // Per concurrency key: slots this flow is taking already.
         let mut taking: HashMap<&str, usize> = HashMap::new();
         for t in placing.iter().filter_map(|t| flow.tasks.get(t)) {
@@ -1129,7 +1173,15 @@ impl Orchestrator {
             }
         }
         let mut due = Vec::new();
-        for id in flow.dispatchable(now) {
+        // The first ones may be being placed already: ask for that many more.
+        // Tasks skipped for a full concurrency key must not hide the others.
+        let keyed = flow.tasks.values().any(|t| t.spec.concurrency.is_some());
+        let wanted = if keyed {
+            usize::MAX
+        } else {
+            budget.saturating_add(placing.len())
+        };
+        for id in flow.dispatchable_up_to(now, wanted) {
             if due.len() >= budget {
                 break;
             }
@@ -1687,7 +1739,10 @@ fn step_span(
         let room = flow
             .max_parallelism
             .is_none_or(|max| (max as usize) > flow.active() + placing.len());
-        room && flow.dispatchable(now).iter().any(|t| !placing.contains(t))
+        room && flow
+            .dispatchable_up_to(now, placing.len() + 1)
+            .iter()
+            .any(|t| !placing.contains(t))
     };
     if !caused && !changed && !places() {
         return tracing::Span::none();

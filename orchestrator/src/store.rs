@@ -12,6 +12,7 @@
 //! it read carries a step the header does not name: the read is torn and is
 //! made again.
 
+use std::ops::Bound;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -21,7 +22,7 @@ use common::{Error, ErrorCode, FlowId, TaskId};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::machine::{Flow, Pages, Task};
+use crate::machine::{Flow, Pages, Task, Touched};
 
 /// Tasks per page, and the most a flow keeps in its own entry (about 0.5 MB
 /// at a full attempt history, under NATS's default 1 MB `max_payload`).
@@ -64,40 +65,76 @@ pub fn page_count(tasks: usize) -> u32 {
 /// Lays a new flow out: pages for a large one, stamped with a fresh step so
 /// pages left by another create of the same id never pass for this flow's.
 pub fn lay_out(flow: &mut Flow) {
-    let count = page_count(flow.tasks.len());
-    flow.pages = (count > 0).then(|| {
-        let step = uuid::Uuid::now_v7().as_u64_pair().1 >> 1;
-        Pages {
-            count,
-            step,
-            steps: vec![step; count as usize],
-        }
+    let step = uuid::Uuid::now_v7().as_u64_pair().1 >> 1;
+    flow.pages = None;
+    split_pages(flow, step);
+}
+
+/// Pages are ranges of task ids, about equal in size: tasks that run
+/// together are mostly neighbours by id (they are dispatched in id order
+/// within a priority and rank), so a step changes few pages.
+fn split_pages(flow: &mut Flow, step: u64) {
+    let n = flow.tasks.len();
+    let count = page_count(n);
+    if count == 0 {
+        return;
+    }
+    let per_page = n.div_ceil(count as usize);
+    let bounds = flow
+        .tasks
+        .keys()
+        .skip(per_page)
+        .step_by(per_page)
+        .cloned()
+        .collect::<Vec<_>>();
+    let count = bounds.len() as u32 + 1;
+    let steps = flow
+        .pages
+        .take()
+        .map(|mut p| {
+            p.steps.resize(count as usize, step);
+            p.steps
+        })
+        .unwrap_or_else(|| vec![step; count as usize]);
+    flow.pages = Some(Pages {
+        count,
+        step,
+        steps,
+        bounds,
     });
 }
 
-/// A flow grown by `flow.modify` gets pages, or more of them, once its pages
-/// hold twice what they were meant to. Every page is then written again
-/// (their encodings no longer match), in the same atomic batch as ever.
-fn grow(flow: &mut Flow) {
-    let wanted = page_count(flow.tasks.len());
-    match &mut flow.pages {
-        None if wanted > 0 => lay_out(flow),
-        Some(p) if wanted >= p.count.saturating_mul(2) && p.count < MAX_PAGES as u32 => {
-            p.count = wanted;
-            p.steps.resize(wanted as usize, 0);
-        }
-        _ => {}
-    }
+/// Most tasks a page may hold before the flow is laid out again: twice what
+/// a layout gives it (a page fills unevenly as `flow.modify` adds tasks).
+fn page_limit(flow: &Flow) -> usize {
+    2 * PAGE_TASKS.max(flow.tasks.len().div_ceil(MAX_PAGES))
 }
 
-fn page_of(task: &TaskId, count: u32) -> usize {
-    // FNV-1a: stable across processes and releases, unlike the std hasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in task.as_str().bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+/// A flow grown by `flow.modify` past one entry gets pages. Returns whether
+/// the layout changed.
+fn grow(flow: &mut Flow) -> bool {
+    if flow.pages.is_none() && page_count(flow.tasks.len()) > 0 {
+        lay_out(flow);
+        return true;
     }
-    (h % u64::from(count)) as usize
+    false
+}
+
+fn page_of(task: &TaskId, pages: &Pages) -> usize {
+    pages.bounds.partition_point(|b| b <= task)
+}
+
+/// The ids page `i` holds.
+fn page_range(pages: &Pages, i: usize) -> (Bound<&TaskId>, Bound<&TaskId>) {
+    let lo = i
+        .checked_sub(1)
+        .and_then(|j| pages.bounds.get(j))
+        .map_or(Bound::Unbounded, Bound::Included);
+    let hi = pages
+        .bounds
+        .get(i)
+        .map_or(Bound::Unbounded, Bound::Excluded);
+    (lo, hi)
 }
 
 fn page_key(flow: &FlowId, page: usize) -> String {
@@ -136,10 +173,31 @@ fn encode_err(e: serde_json::Error) -> Error {
 }
 
 /// Encodes the flow and says which pages differ from `before` (all of them
-/// without it). Changed pages get a new step, recorded in the header, so it
-/// must be called once per write.
+/// without it). Only pages holding tasks handed out for change since `before`
+/// (see [`crate::machine::Tasks`]) are encoded again. Changed pages get a new
+/// step, recorded in the header, so it must be called once per write.
 pub fn encode(flow: &mut Flow, before: Option<&Encoded>) -> Result<(Encoded, Vec<usize>), Error> {
-    grow(flow);
+    let mut grown = grow(flow);
+    let touched = flow.tasks.take_touched();
+    loop {
+        let (encoded, dirty, overfull) = encode_pages(flow, before, grown, &touched)?;
+        if !overfull {
+            return Ok((encoded, dirty));
+        }
+        // A page outgrew its share: split the ids again, write every page.
+        let step = flow.pages.as_ref().map_or(0, |p| p.step);
+        split_pages(flow, step);
+        grown = true;
+    }
+}
+
+/// One try at [`encode`]; also says whether some page holds too many tasks.
+fn encode_pages(
+    flow: &mut Flow,
+    before: Option<&Encoded>,
+    grown: bool,
+    touched: &Touched,
+) -> Result<(Encoded, Vec<usize>, bool), Error> {
     let Some(count) = flow.pages.as_ref().map(|p| p.count) else {
         let header = serde_json::to_vec(flow).map_err(encode_err)?.into();
         return Ok((
@@ -148,19 +206,36 @@ pub fn encode(flow: &mut Flow, before: Option<&Encoded>) -> Result<(Encoded, Vec
                 pages: Vec::new(),
             },
             Vec::new(),
+            false,
         ));
     };
-    let mut split: Vec<Vec<(&TaskId, &Task)>> = vec![Vec::new(); count as usize];
-    for (id, t) in &flow.tasks {
-        split[page_of(id, count)].push((id, t));
+    let n = count as usize;
+    let layout = flow.pages.as_ref().expect("paged");
+    let kept = before.filter(|b| !grown && b.pages.len() == n);
+    let mut redo = vec![kept.is_none(); n];
+    match (kept, touched) {
+        (None, _) | (_, Touched::All) => redo.fill(true),
+        (Some(_), Touched::None) => {}
+        (Some(_), Touched::Some(ids)) => ids.iter().for_each(|id| redo[page_of(id, layout)] = true),
     }
-    let pages = split
-        .iter()
-        .map(|p| serde_json::to_vec(&TasksRef(p)).map(Bytes::from))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(encode_err)?;
-    drop(split);
-    let dirty: Vec<usize> = (0..pages.len())
+    let limit = page_limit(flow);
+    let mut pages = Vec::with_capacity(n);
+    let mut page = Vec::new();
+    for (i, redo) in redo.iter().enumerate() {
+        pages.push(match kept {
+            Some(b) if !redo => b.pages[i].clone(),
+            _ => {
+                page.clear();
+                page.extend(flow.tasks.range::<TaskId, _>(page_range(layout, i)));
+                if page.len() > limit {
+                    return Ok((Encoded::default(), Vec::new(), true));
+                }
+                Bytes::from(serde_json::to_vec(&TasksRef(&page)).map_err(encode_err)?)
+            }
+        });
+    }
+    drop(page);
+    let dirty: Vec<usize> = (0..n)
         .filter(|&i| before.and_then(|b| b.pages.get(i)) != Some(&pages[i]))
         .collect();
     if let Some(p) = flow.pages.as_mut().filter(|_| !dirty.is_empty()) {
@@ -178,6 +253,7 @@ pub fn encode(flow: &mut Flow, before: Option<&Encoded>) -> Result<(Encoded, Vec
             pages,
         },
         dirty,
+        false,
     ))
 }
 
@@ -220,6 +296,8 @@ pub async fn read(kv: &kv::Store, flow: &FlowId) -> Result<Option<Stored>, Error
             }
         }
         if !torn {
+            // As stored: nothing to write back.
+            f.tasks.take_touched();
             return Ok(Some((
                 f,
                 revision,
@@ -455,19 +533,20 @@ mod tests {
         let t = TaskId::new("t7").unwrap();
         f.tasks.get_mut(&t).unwrap().attempt = 9;
         let (_, dirty) = encode(&mut f, Some(&first)).unwrap();
-        assert_eq!(dirty, vec![page_of(&t, 5)]);
+        assert_eq!(dirty, vec![page_of(&t, f.pages.as_ref().unwrap())]);
         let p = f.pages.as_ref().unwrap();
         assert_eq!((p.step, p.steps[dirty[0]]), (step + 1, step + 1));
 
-        // An unpaged flow grown past a page, and a paged one past twice its pages.
+        // An unpaged flow grown past a page, and a page grown past its share.
         let mut small = flow(3 * PAGE_TASKS);
         let (enc, dirty) = encode(&mut small, None).unwrap();
         assert_eq!((enc.pages.len(), dirty.len()), (3, 3));
         let mut big = flow(12 * PAGE_TASKS);
         big.pages = Some(Pages {
-            count: 5,
+            count: 2,
             step: 1,
-            steps: vec![1; 5],
+            steps: vec![1; 2],
+            bounds: vec![TaskId::new("t5").unwrap()],
         });
         let (enc, _) = encode(&mut big, None).unwrap();
         assert_eq!(enc.pages.len(), 12);

@@ -183,7 +183,6 @@ impl Flow {
         }
         self.relink();
         self.settle_readiness(now_ms, &mut effects);
-        self.push_dispatches(now_ms, &mut effects);
         Ok(effects)
     }
 
@@ -255,7 +254,6 @@ impl Flow {
             self.finished_at_ms = None;
         }
         self.settle_readiness(now_ms, &mut effects);
-        self.push_dispatches(now_ms, &mut effects);
         Ok(effects)
     }
 

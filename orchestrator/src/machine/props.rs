@@ -568,8 +568,21 @@ proptest! {
         let mut model = Model::new(&flow);
         model.effects(&effects, false)?;
         check(&flow, &mut model)?;
+        // Spread over pages, as a large flow is: after every step the pages
+        // the store encodes again (those holding touched tasks) must give
+        // what encoding every page would.
+        let keys: Vec<TaskId> = flow.tasks.keys().cloned().collect();
+        let bounds: Vec<TaskId> =
+            (1..3).filter_map(|k| keys.get(k * keys.len() / 3).cloned()).collect();
+        let count = bounds.len() + 1;
+        flow.pages = Some(super::Pages { count: count as u32, step: 0, steps: vec![0; count], bounds });
+        let (mut stored, _) = crate::store::encode(&mut flow, None).unwrap();
         for op in &ops {
             step(&mut flow, &mut model, op)?;
+            let (incremental, _) = crate::store::encode(&mut flow, Some(&stored)).unwrap();
+            let (whole, _) = crate::store::encode(&mut flow.clone(), None).unwrap();
+            prop_assert_eq!(&incremental.pages, &whole.pages, "after {:?}", op);
+            stored = incremental;
         }
         drain(&mut flow, &mut model)?;
     }

@@ -49,13 +49,11 @@ fn report(t: &str, attempt: u32, kind: ReportKind) -> AgentReport {
     }
 }
 
-fn dispatched(effects: &[Effect]) -> Vec<&str> {
-    effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Dispatch(t) => Some(t.as_str()),
-            _ => None,
-        })
+/// What the adapter would place next, as of `now`.
+fn due(flow: &Flow, now: u64) -> Vec<String> {
+    flow.dispatchable(now)
+        .into_iter()
+        .map(|t| t.to_string())
         .collect()
 }
 
@@ -124,7 +122,7 @@ fn roots_are_ready_and_dispatched_on_creation() {
     let (flow, effects) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
     assert_eq!(flow.tasks[&tid("a")].state, TaskState::Ready);
     assert_eq!(flow.tasks[&tid("d")].state, TaskState::Blocked);
-    assert_eq!(dispatched(&effects), ["a"]);
+    assert_eq!(due(&flow, 0), ["a"]);
     assert!(matches!(
         effects[0],
         Effect::Event(EventKind::FlowCreated { tasks: 4, .. })
@@ -135,19 +133,17 @@ fn roots_are_ready_and_dispatched_on_creation() {
 fn dependants_become_ready_only_when_all_dependencies_succeeded() {
     let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
     let e = run(&mut flow, "a");
-    let mut ready = dispatched(&e);
+    let mut ready = due(&flow, 0);
     ready.sort();
     assert_eq!(ready, ["b", "c"]);
     assert!(e.contains(&Effect::Release {
         agent: agent(),
         allocation: AllocationId::new("al-a").unwrap()
     }));
-    assert_eq!(
-        dispatched(&run(&mut flow, "b")),
-        ["c"],
-        "d still waits for c"
-    );
-    assert_eq!(dispatched(&run(&mut flow, "c")), ["d"]);
+    run(&mut flow, "b");
+    assert_eq!(due(&flow, 0), ["c"], "d still waits for c");
+    run(&mut flow, "c");
+    assert_eq!(due(&flow, 0), ["d"]);
     let e = run(&mut flow, "d");
     assert_eq!(flow.state, FlowState::Succeeded);
     assert!(e.contains(&Effect::Event(EventKind::FlowCompleted {
@@ -167,8 +163,8 @@ fn higher_priority_then_longer_chain_goes_first() {
         task("after", &["long"]),
         hi,
     ]);
-    let (flow, effects) = Flow::new(FlowId::new("f").unwrap(), s, 0);
-    assert_eq!(dispatched(&effects), ["hi", "long", "short"]);
+    let (flow, _) = Flow::new(FlowId::new("f").unwrap(), s, 0);
+    assert_eq!(due(&flow, 0), ["hi", "long", "short"]);
     assert_eq!(flow.tasks[&tid("long")].rank, 2 * DEFAULT_ESTIMATE_MS);
 }
 
@@ -509,8 +505,8 @@ fn pause_stops_dispatch_and_resume_continues() {
         flow.pause().unwrap().is_empty(),
         "pausing twice is harmless"
     );
-    let e = flow.resume(20).unwrap();
-    let mut ready = dispatched(&e);
+    flow.resume(20).unwrap();
+    let mut ready = due(&flow, 20);
     ready.sort();
     assert_eq!(ready, ["b", "c"]);
 }
@@ -582,8 +578,8 @@ fn fail_fast_cancels_running_and_skips_the_rest() {
 fn max_parallelism_caps_what_is_dispatched() {
     let mut s = spec(vec![task("a", &[]), task("b", &[]), task("c", &[])]);
     s.max_parallelism = Some(2);
-    let (mut flow, effects) = Flow::new(FlowId::new("f").unwrap(), s, 0);
-    assert_eq!(dispatched(&effects).len(), 2);
+    let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), s, 0);
+    assert_eq!(due(&flow, 0).len(), 2);
     assign(&mut flow, "a", "w1", 0);
     assign(&mut flow, "b", "w1", 0);
     assert!(flow.dispatchable(1).is_empty());
@@ -656,7 +652,7 @@ fn modify_adds_a_task_after_a_finished_one_and_removes_a_pending_one() {
     c.add = vec![task("e", &["a"])];
     c.remove = vec![tid("d")];
     c.priorities.insert(tid("b"), 9);
-    let e = flow.modify(&c, 10).unwrap();
+    flow.modify(&c, 10).unwrap();
     assert_eq!(
         flow.tasks[&tid("e")].state,
         TaskState::Ready,
@@ -665,7 +661,7 @@ fn modify_adds_a_task_after_a_finished_one_and_removes_a_pending_one() {
     assert!(!flow.tasks.contains_key(&tid("d")));
     assert!(flow.tasks[&tid("a")].dependents.contains(&tid("e")));
     assert_eq!(flow.tasks[&tid("b")].spec.priority, 9);
-    assert_eq!(dispatched(&e)[0], "b", "the new priority orders dispatch");
+    assert_eq!(due(&flow, 10)[0], "b", "the new priority orders dispatch");
 }
 
 #[test]
@@ -710,7 +706,7 @@ fn rerun_resets_a_task_and_everything_downstream() {
         run(&mut flow, t);
     }
     assert_eq!(flow.state, FlowState::Succeeded);
-    let e = flow.rerun(&tid("b"), 10).unwrap();
+    flow.rerun(&tid("b"), 10).unwrap();
     assert_eq!(flow.state, FlowState::Running);
     assert_eq!(flow.tasks[&tid("b")].state, TaskState::Ready);
     assert_eq!(flow.tasks[&tid("d")].state, TaskState::Blocked);
@@ -724,7 +720,7 @@ fn rerun_resets_a_task_and_everything_downstream() {
         TaskState::Succeeded,
         "siblings are kept"
     );
-    assert_eq!(dispatched(&e), ["b"]);
+    assert_eq!(due(&flow, 10), ["b"]);
     let next = assign(&mut flow, "b", "w1", 11);
     assert_eq!(
         next, 2,

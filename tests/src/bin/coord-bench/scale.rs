@@ -15,7 +15,7 @@
 //!   compare-and-sets on one key of a bucket holding one key per agent.
 //! - `curves`: `--tasks` independent tasks in `--flows` flows against
 //!   `--curve-agents` agents and `--curve-replicas` orchestrator replicas, and
-//!   `--curve-flow-sizes` tasks (as flows of at most `MAX_TASKS`) with the
+//!   `--curve-flow-sizes` tasks (one flow each, up to `MAX_TASKS`) with the
 //!   process's memory per task (measured first, in a fresh process); printed
 //!   as tables and, with `--svg-dir`, drawn to SVG files captioned with the
 //!   command that made them.
@@ -91,7 +91,7 @@ pub(crate) struct ScaleArgs {
     /// Orchestrator replica counts of the second curve (`--agents` agents).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub(crate) curve_replicas: Vec<usize>,
-    /// Task counts of the flow-size curve, as flows of at most 10,000 tasks.
+    /// Task counts of the flow-size curve, one flow each (at most 1,000,000).
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     pub(crate) curve_flow_sizes: Vec<usize>,
     /// Write the curves as SVG files into this directory.
@@ -232,6 +232,12 @@ pub(crate) async fn dag(
         "coord-bench dag: {url}, {} agents ({AGENT_CONCURRENCY} tasks at once each), {} orchestrator replica(s), {} ms of work per task",
         args.agents, args.orchestrators, s.work_ms
     );
+    // The bus's own round in the same run: every rate is also a share of it.
+    let (base, _) = super::baseline(nats, args, run_id, limit).await?;
+    println!(
+        "baseline (JetStream work queue round, pipelined): {:.0} tasks/s",
+        base.per_sec()
+    );
     let system =
         System::start(nats, url, args.orchestrators, args.agents, "d", work, limit).await?;
     let client = Client::new(nats.clone()).with_timeout(Duration::from_secs(60));
@@ -256,8 +262,8 @@ pub(crate) async fn dag(
     system.stop(nats).await;
 
     println!();
-    println!("| graph | tasks | critical path (tasks) | makespan s | lower bound s | makespan / bound | overhead per critical-path task ms | overhead per task ms | tasks/s |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| graph | tasks | critical path (tasks) | makespan s | lower bound s | makespan / bound | overhead per critical-path task ms | overhead per task ms | tasks/s | tasks/s vs baseline |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (shape, tasks, cp, makespan, bound) in rows {
         let over = makespan.saturating_sub(bound);
         let ratio = if bound.is_zero() {
@@ -270,13 +276,14 @@ pub(crate) async fn dag(
             Shape::Chain => format!("chain of {tasks}"),
             Shape::Random => format!("random (seed {})", s.seed),
         };
+        let rate = tasks as f64 / makespan.as_secs_f64().max(f64::MIN_POSITIVE);
         println!(
-            "| {name} | {tasks} | {cp} | {:.2} | {:.2} | {ratio} | {} | {:.3} | {:.0} |",
+            "| {name} | {tasks} | {cp} | {:.2} | {:.2} | {ratio} | {} | {:.3} | {rate:.0} | {:.1} % |",
             makespan.as_secs_f64(),
             bound.as_secs_f64(),
             ms(over / cp.max(1) as u32),
             over.as_secs_f64() * 1e3 / tasks.max(1) as f64,
-            tasks as f64 / makespan.as_secs_f64().max(f64::MIN_POSITIVE),
+            100.0 * rate / base.per_sec().max(f64::MIN_POSITIVE),
         );
     }
     Ok(())
@@ -343,6 +350,11 @@ pub(crate) async fn alloc(
     println!(
         "coord-bench alloc: {url}, 1 allocator, {} pairs per round from {} callers",
         s.alloc_ops, s.alloc_concurrency
+    );
+    let (base, _) = super::baseline(nats, args, run_id, limit).await?;
+    println!(
+        "baseline (JetStream work queue round, pipelined): {:.0} tasks/s",
+        base.per_sec()
     );
     let mut rounds: Vec<(usize, Round, Round)> = Vec::new();
     let mut registering = Vec::new();
@@ -469,8 +481,8 @@ pub(crate) async fn alloc(
         );
     }
     println!();
-    println!("| round | agents | pairs | wall s | pairs/s | requests/s | p50 ms | p99 ms | max ms | pairs/s vs raw KV |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| round | agents | pairs | wall s | pairs/s | requests/s | p50 ms | p99 ms | max ms | pairs/s vs raw KV | pairs/s vs baseline round |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (n, allocator, raw) in &rounds {
         for (r, vs) in [
             (
@@ -480,7 +492,7 @@ pub(crate) async fn alloc(
             (raw, "(baseline)".to_owned()),
         ] {
             println!(
-                "| {} | {n} | {} | {:.2} | {:.0} | {:.0} | {} | {} | {} | {vs} |",
+                "| {} | {n} | {} | {:.2} | {:.0} | {:.0} | {} | {} | {} | {vs} | {:.1} % |",
                 r.name,
                 r.tasks,
                 r.wall.as_secs_f64(),
@@ -489,6 +501,7 @@ pub(crate) async fn alloc(
                 ms(r.pct(0.50)),
                 ms(r.pct(0.99)),
                 ms(r.pct(1.0)),
+                100.0 * r.per_sec() / base.per_sec().max(f64::MIN_POSITIVE),
             );
         }
     }
@@ -627,7 +640,7 @@ pub(crate) async fn curves(
     );
     println!();
     println!(
-        "Flow size ({} agents, 1 orchestrator; flows of at most {MAX_TASKS} tasks, all created at once; memory of the whole process)",
+        "Flow size ({} agents, 1 orchestrator; one flow per point, up to {MAX_TASKS} tasks; memory of the whole process)",
         args.agents
     );
     println!();
@@ -699,7 +712,7 @@ pub(crate) async fn curves(
                         "Tasks/s against tasks submitted at once ({} agents)",
                         args.agents
                     ),
-                    x_label: format!("tasks (flows of at most {MAX_TASKS})"),
+                    x_label: "tasks in one flow".to_owned(),
                     y_label: "tasks/s".into(),
                     log_x: true,
                     series: vec![Series {
@@ -713,7 +726,7 @@ pub(crate) async fn curves(
                 "curve-flow-memory.svg",
                 Chart {
                     title: "Peak memory growth per task (whole process)".into(),
-                    x_label: format!("tasks (flows of at most {MAX_TASKS})"),
+                    x_label: "tasks in one flow".to_owned(),
                     y_label: "KiB per task".into(),
                     log_x: true,
                     series: vec![Series {

@@ -1,0 +1,168 @@
+//! A flow's tasks by id, remembering which ones a step may have changed.
+
+use std::collections::{btree_map, BTreeMap};
+use std::ops::Deref;
+
+use common::TaskId;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::Task;
+
+/// The tasks of a flow. Reading goes through `Deref` to the map; every way to
+/// change it is a method here that notes the task it hands out, so the store
+/// can write only the pages holding tasks a step touched (a large flow would
+/// otherwise be encoded whole after every step).
+#[derive(Debug, Clone, Default)]
+pub struct Tasks {
+    map: BTreeMap<TaskId, Task>,
+    touched: Touched,
+}
+
+/// Tasks handed out for change since the store last asked (an id may be
+/// listed more than once: noting is on the hot path, hashing is not needed).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Touched {
+    #[default]
+    None,
+    Some(Vec<TaskId>),
+    /// Every task may have changed.
+    All,
+}
+
+/// Past this many notes, "all" is cheaper to act on.
+const MAX_NOTED: usize = 1 << 16;
+
+impl Touched {
+    fn note(&mut self, id: &TaskId) {
+        match self {
+            Touched::None => *self = Touched::Some(vec![id.clone()]),
+            Touched::Some(ids) if ids.len() < MAX_NOTED => ids.push(id.clone()),
+            Touched::Some(_) => *self = Touched::All,
+            Touched::All => {}
+        }
+    }
+}
+
+impl Tasks {
+    pub fn get_mut(&mut self, id: &TaskId) -> Option<&mut Task> {
+        let task = self.map.get_mut(id)?;
+        self.touched.note(id);
+        Some(task)
+    }
+
+    pub fn insert(&mut self, id: TaskId, task: Task) -> Option<Task> {
+        self.touched.note(&id);
+        self.map.insert(id, task)
+    }
+
+    pub fn remove(&mut self, id: &TaskId) -> Option<Task> {
+        self.touched.note(id);
+        self.map.remove(id)
+    }
+
+    pub fn iter_mut(&mut self) -> btree_map::IterMut<'_, TaskId, Task> {
+        self.touched = Touched::All;
+        self.map.iter_mut()
+    }
+
+    pub fn values_mut(&mut self) -> btree_map::ValuesMut<'_, TaskId, Task> {
+        self.touched = Touched::All;
+        self.map.values_mut()
+    }
+
+    /// What was handed out for change since the last call.
+    pub fn take_touched(&mut self) -> Touched {
+        std::mem::take(&mut self.touched)
+    }
+}
+
+impl Deref for Tasks {
+    type Target = BTreeMap<TaskId, Task>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl PartialEq for Tasks {
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map
+    }
+}
+
+impl FromIterator<(TaskId, Task)> for Tasks {
+    fn from_iter<I: IntoIterator<Item = (TaskId, Task)>>(iter: I) -> Self {
+        Tasks {
+            map: iter.into_iter().collect(),
+            touched: Touched::All,
+        }
+    }
+}
+
+impl Extend<(TaskId, Task)> for Tasks {
+    fn extend<I: IntoIterator<Item = (TaskId, Task)>>(&mut self, iter: I) {
+        self.touched = Touched::All;
+        self.map.extend(iter);
+    }
+}
+
+impl<'a> IntoIterator for &'a Tasks {
+    type Item = (&'a TaskId, &'a Task);
+    type IntoIter = btree_map::Iter<'a, TaskId, Task>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.map.iter()
+    }
+}
+
+impl Serialize for Tasks {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.map.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Tasks {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Tasks {
+            map: BTreeMap::deserialize(d)?,
+            touched: Touched::None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tasks(n: usize) -> Tasks {
+        let spec = common::msg::FlowSpec::new(
+            "f",
+            (0..n)
+                .map(|i| common::msg::TaskSpec::new(TaskId::new(format!("t{i}")).unwrap()))
+                .collect(),
+        );
+        super::super::Flow::new(common::FlowId::new("f").unwrap(), spec, 1)
+            .0
+            .tasks
+    }
+
+    #[test]
+    fn every_way_to_change_a_task_is_noted() {
+        let mut t = tasks(3);
+        assert_eq!(t.take_touched(), Touched::All, "new tasks are all new");
+        assert_eq!(t.take_touched(), Touched::None);
+        let id = |s: &str| TaskId::new(s).unwrap();
+        let _ = t.get(&id("t0"));
+        assert_eq!(t.take_touched(), Touched::None, "reading changes nothing");
+        t.get_mut(&id("t0")).unwrap().attempt = 2;
+        let gone = t.remove(&id("t1")).unwrap();
+        t.insert(id("t9"), gone);
+        assert!(t.get_mut(&id("nope")).is_none());
+        assert_eq!(
+            t.take_touched(),
+            Touched::Some(vec![id("t0"), id("t1"), id("t9")])
+        );
+        t.values_mut().for_each(|_| {});
+        assert_eq!(t.take_touched(), Touched::All);
+    }
+}
