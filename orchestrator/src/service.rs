@@ -883,7 +883,8 @@ impl Orchestrator {
     /// The step starts from the flow as this actor last wrote it, which saves a
     /// read while one replica drives the flow: the compare-and-set proves the
     /// copy was current. A step that writes nothing proves nothing, so it is
-    /// redone on a fresh read before anything (a rejection, say) is settled.
+    /// redone on a fresh read before anything (a rejection, say) is settled,
+    /// unless the flow is large and its header shows it unchanged since.
     ///
     /// The step's span continues the trace of the first command that has one
     /// and links to the others' (see [`step_span`]).
@@ -929,7 +930,7 @@ impl Orchestrator {
                 }
             };
             let changed = body.header != stored.header;
-            if !changed && from_cache {
+            if !changed && from_cache && !self.still_current(&flow, revision).await {
                 continue;
             }
             let span = step_span(&flow, changed, &causes, placing, now);
@@ -975,6 +976,19 @@ impl Orchestrator {
         let err = Error::new(ErrorCode::Conflict, "too much contention on the flow");
         self.settle_failed(flow_id, batch, &err, placing).await;
         false
+    }
+
+    /// Whether a large flow's stored header is still at `revision`, so the
+    /// copy this actor holds is current without reading every page again
+    /// (a tick that changes nothing would otherwise read the whole flow).
+    async fn still_current(&self, flow: &Flow, revision: u64) -> bool {
+        if flow.pages.is_none() {
+            return false;
+        }
+        matches!(
+            self.flows.entry(flow.id.as_str()).await,
+            Ok(Some(e)) if e.revision == revision && e.operation == kv::Operation::Put
+        )
     }
 
     /// After a successful write: acknowledge, answer, and carry out the
@@ -1160,11 +1174,19 @@ impl Orchestrator {
     /// Asks the allocator to place every task that is due and not being placed
     /// already; each grant comes back to the actor as an `Assign`.
     fn dispatch(self: &Arc<Self>, flow: &Flow, now: u64, placing: &mut HashSet<TaskId>) {
+        // Finding due tasks is a pass over every task: a wide flow refills
+        // its placements in batches, once half of them have come back.
+        if placing.len() > MAX_PLACING_PER_FLOW / 2 {
+            return;
+        }
         let budget = match flow.max_parallelism {
             Some(max) => (max as usize).saturating_sub(flow.active() + placing.len()),
             None => usize::MAX,
         }
         .min(MAX_PLACING_PER_FLOW.saturating_sub(placing.len()));
+        if budget == 0 {
+            return;
+        }
         // Per concurrency key: slots this flow is taking already.
         let mut taking: HashMap<&str, usize> = HashMap::new();
         for t in placing.iter().filter_map(|t| flow.tasks.get(t)) {

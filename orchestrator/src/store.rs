@@ -2,11 +2,11 @@
 //!
 //! A flow of up to [`PAGE_TASKS`] tasks is one entry, so every step is one
 //! compare-and-set. A larger flow would outgrow the server's `max_payload`:
-//! its tasks are spread by a hash of their id over page entries
-//! `{flow}.p{n}` beside the flow's own entry (the header), and a step writes
-//! the pages it changed and the header in one atomic batch whose commit is
-//! the header's compare-and-set. Writers therefore serialise on the header
-//! alone, and a batch that loses the race stores nothing.
+//! its tasks are split by ranges of their ids over page entries `{flow}.p{n}`
+//! beside the flow's own entry (the header), and a step writes the pages it
+//! changed and the header in one atomic batch whose commit is the header's
+//! compare-and-set. Writers therefore serialise on the header alone, and a
+//! batch that loses the race stores nothing.
 //!
 //! A reader takes the header, then the pages. A page written after the header
 //! it read carries a step the header does not name: the read is torn and is
@@ -198,7 +198,7 @@ fn encode_pages(
     grown: bool,
     touched: &Touched,
 ) -> Result<(Encoded, Vec<usize>, bool), Error> {
-    let Some(count) = flow.pages.as_ref().map(|p| p.count) else {
+    let Some(layout) = flow.pages.as_ref() else {
         let header = serde_json::to_vec(flow).map_err(encode_err)?.into();
         return Ok((
             Encoded {
@@ -209,8 +209,7 @@ fn encode_pages(
             false,
         ));
     };
-    let n = count as usize;
-    let layout = flow.pages.as_ref().expect("paged");
+    let n = layout.count as usize;
     let kept = before.filter(|b| !grown && b.pages.len() == n);
     let mut redo = vec![kept.is_none(); n];
     match (kept, touched) {
@@ -235,8 +234,9 @@ fn encode_pages(
         });
     }
     drop(page);
+    // Kept pages are `before`'s own: only those encoded again can differ.
     let dirty: Vec<usize> = (0..n)
-        .filter(|&i| before.and_then(|b| b.pages.get(i)) != Some(&pages[i]))
+        .filter(|&i| redo[i] && before.and_then(|b| b.pages.get(i)) != Some(&pages[i]))
         .collect();
     if let Some(p) = flow.pages.as_mut().filter(|_| !dirty.is_empty()) {
         p.step += 1;
