@@ -351,6 +351,16 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_larger_than_the_server_carries_is_an_error() {
+        assert_eq!(fits(vec![b'x'; 10], 10).unwrap().len(), 10);
+        assert_eq!(
+            fits(vec![b'x'; 11], 10).unwrap_err().code,
+            ErrorCode::PayloadTooLarge
+        );
+        assert!(fits(vec![b'x'; 11], 0).is_ok(), "no limit known");
+    }
+
+    #[test]
     fn an_agent_subject_must_agree_with_the_body() {
         let (a, b) = (AgentId::new("a").unwrap(), AgentId::new("b").unwrap());
         assert!(same_agent(&subject::agent_state_put(&a), &a).is_ok());

@@ -511,13 +511,7 @@ mod tests {
     }
 
     fn flow(n: usize) -> Flow {
-        let spec = common::msg::FlowSpec::new(
-            "f",
-            (0..n)
-                .map(|i| common::msg::TaskSpec::new(TaskId::new(format!("t{i}")).unwrap()))
-                .collect(),
-        );
-        Flow::new(FlowId::new("f").unwrap(), spec, 1).0
+        Flow::independent(n)
     }
 
     #[test]

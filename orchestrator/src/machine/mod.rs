@@ -240,6 +240,20 @@ pub fn parse_slot_holder(holder: &str) -> Option<(FlowId, TaskId, u32)> {
 }
 
 impl Flow {
+    /// A flow `f` of `n` independent tasks `t0`…, for tests.
+    #[cfg(test)]
+    pub(crate) fn independent(n: usize) -> Flow {
+        let tasks = (0..n)
+            .map(|i| TaskSpec::new(TaskId::new(format!("t{i}")).expect("valid id")))
+            .collect();
+        Flow::new(
+            FlowId::new("f").expect("valid id"),
+            FlowSpec::new("f", tasks),
+            1,
+        )
+        .0
+    }
+
     /// A new flow from a validated spec. Tasks without dependencies become ready
     /// at once.
     pub fn new(id: FlowId, spec: FlowSpec, now_ms: u64) -> (Flow, Vec<Effect>) {

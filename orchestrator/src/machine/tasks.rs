@@ -135,15 +135,7 @@ mod tests {
     use super::*;
 
     fn tasks(n: usize) -> Tasks {
-        let spec = common::msg::FlowSpec::new(
-            "f",
-            (0..n)
-                .map(|i| common::msg::TaskSpec::new(TaskId::new(format!("t{i}")).unwrap()))
-                .collect(),
-        );
-        super::super::Flow::new(common::FlowId::new("f").unwrap(), spec, 1)
-            .0
-            .tasks
+        super::super::Flow::independent(n).tasks
     }
 
     #[test]
