@@ -1,17 +1,14 @@
 //! Flows larger than one KV entry: their tasks live in pages written with the
 //! flow's entry in one atomic batch.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use common::msg::{FlowSpec, FlowState, TaskState};
 use orchestrator::store::PAGE_TASKS;
-use serde_json::json;
 use testkit::{eventually, Replica, System};
 
-use crate::orchestrator::{random_dag, spawn_agent, wait_finished, wait_registered};
+use crate::orchestrator::{random_dag, wait_finished, wait_registered, Runs};
 
 /// Page entries of a flow in the flows bucket.
 async fn page_keys(js: &jetstream::Context, flow: &str) -> usize {
@@ -34,23 +31,8 @@ async fn page_keys(js: &jetstream::Context, flow: &str) -> usize {
 async fn a_paged_flow_runs_each_task_once_with_two_replicas_and_one_killed() {
     let sys = System::start().await;
     let replica = Replica::start("orchestrator", sys.server.config());
-    let runs: Arc<Mutex<BTreeMap<String, usize>>> = Default::default();
-    let agents: Vec<_> = (0..2)
-        .map(|i| {
-            let runs = runs.clone();
-            spawn_agent(&sys.nats, &format!("p{i}"), 16.0, move |a| {
-                let runs = runs.clone();
-                async move {
-                    *runs
-                        .lock()
-                        .unwrap()
-                        .entry(a.task_id.to_string())
-                        .or_insert(0) += 1;
-                    Ok(json!(a.task_id))
-                }
-            })
-        })
-        .collect();
+    let runs = Runs::default();
+    let agents = runs.agents(&sys.nats, "p", 2, 16.0, Duration::ZERO);
     for i in 0..2 {
         wait_registered(&sys.client, &format!("p{i}")).await;
     }
@@ -68,10 +50,7 @@ async fn a_paged_flow_runs_each_task_once_with_two_replicas_and_one_killed() {
     let done = wait_finished(&sys.client, &flow, Duration::from_secs(240)).await;
     assert_eq!(done.state, FlowState::Succeeded, "{:?}", done.counts);
     assert_eq!(done.counts.get(&TaskState::Succeeded), Some(&n));
-    let runs = runs.lock().unwrap().clone();
-    assert_eq!(runs.len(), n);
-    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "tasks run more than once: {twice:?}");
+    runs.assert_each_once(n);
     for (stop, handle) in agents {
         let _ = stop.send(());
         handle.await.unwrap().unwrap();

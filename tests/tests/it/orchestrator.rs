@@ -59,6 +59,55 @@ where
     (stop, handle)
 }
 
+/// A running agent: fire the sender to stop it.
+pub(crate) type AgentHandle = (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), common::Error>>,
+);
+
+/// Every run of a handler, by (flow, task): the agents' side of "exactly once".
+#[derive(Clone, Default)]
+pub(crate) struct Runs(Arc<Mutex<BTreeMap<(String, String), usize>>>);
+
+impl Runs {
+    /// Agents `{prefix}0`… that count each run, wait `work`, and succeed.
+    pub(crate) fn agents(
+        &self,
+        nats: &async_nats::Client,
+        prefix: &str,
+        count: usize,
+        cpu: f64,
+        work: Duration,
+    ) -> Vec<AgentHandle> {
+        (0..count)
+            .map(|i| {
+                let runs = self.clone();
+                spawn_agent(nats, &format!("{prefix}{i}"), cpu, move |a| {
+                    let runs = runs.clone();
+                    async move {
+                        tokio::time::sleep(work).await;
+                        *runs
+                            .0
+                            .lock()
+                            .unwrap()
+                            .entry((a.flow_id.to_string(), a.task_id.to_string()))
+                            .or_insert(0) += 1;
+                        Ok(json!(a.task_id))
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Each of `tasks` tasks ran, and none twice.
+    pub(crate) fn assert_each_once(&self, tasks: usize) {
+        let runs = self.0.lock().unwrap().clone();
+        assert_eq!(runs.len(), tasks, "tasks run");
+        let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "tasks run more than once: {twice:?}");
+    }
+}
+
 /// The durable consumer a hand-written agent reads its assignments from.
 pub(crate) async fn assignment_consumer(
     js: &jetstream::Context,
@@ -510,25 +559,8 @@ async fn with_two_replicas_and_one_killed_every_task_completes_exactly_once() {
     let sys = System::start().await;
     let replica = Replica::start("orchestrator", sys.server.config());
     let mut events = collect_events(&sys.nats).await;
-    // Every run of a handler, by (flow, task): the agents' side of "exactly once".
-    let runs: Arc<Mutex<BTreeMap<(String, String), usize>>> = Default::default();
-    let agents: Vec<_> = (0..2)
-        .map(|i| {
-            let runs = runs.clone();
-            spawn_agent(&sys.nats, &format!("r{i}"), 8.0, move |a| {
-                let runs = runs.clone();
-                async move {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    *runs
-                        .lock()
-                        .unwrap()
-                        .entry((a.flow_id.to_string(), a.task_id.to_string()))
-                        .or_insert(0) += 1;
-                    Ok(json!(a.task_id))
-                }
-            })
-        })
-        .collect();
+    let runs = Runs::default();
+    let agents = runs.agents(&sys.nats, "r", 2, 8.0, Duration::from_millis(20));
     for i in 0..2 {
         wait_registered(&sys.client, &format!("r{i}")).await;
     }
@@ -564,10 +596,7 @@ async fn with_two_replicas_and_one_killed_every_task_completes_exactly_once() {
     // Each task ran once on an agent. Events are published after the write
     // they report, so the killed replica may take its last step's events with
     // it: they are checked for doubles, not for completeness.
-    let runs = runs.lock().unwrap().clone();
-    assert_eq!(runs.len(), 300, "tasks run: {}", runs.len());
-    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "tasks run more than once: {twice:?}");
+    runs.assert_each_once(300);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let all = drain(&mut events);
     for f in &flows {
