@@ -36,7 +36,7 @@ use anyhow::{bail, Context};
 use async_nats::jetstream::{self, consumer, stream};
 use clap::{Parser, ValueEnum};
 use common::config::NatsConfig;
-use common::msg::{Event, EventKind, FlowSpec, FlowState, TaskSpec};
+use common::msg::{Event, EventKind, FlowSpec, FlowState, TaskSpec, TaskState};
 use common::{subject, AgentId, FlowId, TaskId};
 use coordkit::agent::{self, AgentOptions};
 use futures::{stream::FuturesUnordered, StreamExt};
@@ -547,13 +547,18 @@ async fn completion_events(
     nats: &async_nats::Client,
 ) -> anyhow::Result<impl futures::Stream<Item = async_nats::Message> + Unpin> {
     let tasks = nats.subscribe(subject::event::TASK_SUCCEEDED).await?;
+    let failed = nats.subscribe(subject::event::TASK_FAILED).await?;
+    let timed_out = nats.subscribe(subject::event::TASK_TIMED_OUT).await?;
     let flows = nats.subscribe(subject::event::FLOW_COMPLETED).await?;
     nats.flush().await?;
-    Ok(futures::stream::select(tasks, flows))
+    Ok(futures::stream::select_all([
+        tasks, failed, timed_out, flows,
+    ]))
 }
 
 /// Waits for `want` distinct task completions and returns when each arrived;
-/// fails as soon as a flow ends other than `succeeded` (its tasks never will).
+/// fails as soon as a task fails for good or a flow ends other than
+/// `succeeded` (the round could never finish), saying why.
 async fn completions(
     events: &mut (impl futures::Stream<Item = async_nats::Message> + Unpin),
     want: usize,
@@ -571,9 +576,28 @@ async fn completions(
         };
         match event.kind {
             EventKind::TaskTransition {
-                flow_id, task_id, ..
+                flow_id,
+                task_id,
+                to: TaskState::Succeeded,
+                ..
             } => {
                 done.entry((flow_id, task_id)).or_insert_with(Instant::now);
+            }
+            EventKind::TaskTransition {
+                flow_id,
+                task_id,
+                to,
+                attempt,
+                agent_id,
+                reason,
+                ..
+            } if flow_id.as_str().starts_with("bench-") => {
+                bail!(
+                    "task {task_id} of flow {flow_id} ended {to:?} (attempt {attempt}, agent {}): {}; {} of {want} tasks done",
+                    agent_id.map_or("none".to_owned(), |a| a.to_string()),
+                    reason.as_deref().unwrap_or("no reason given"),
+                    done.len()
+                )
             }
             EventKind::FlowCompleted { flow_id, state }
                 if state != FlowState::Succeeded && flow_id.as_str().starts_with("bench-") =>
