@@ -22,7 +22,9 @@ use common::{subject, AgentId, Client, ErrorCode};
 use coordkit::{agent, demo};
 use futures::StreamExt;
 use serde_json::json;
-use testkit::{eventually, start_service, wait_for_service, workspace_root, NatsServer, System};
+use testkit::{
+    eventually, start_service, wait_for_service, workspace_root, NatsServer, ServiceHandle, System,
+};
 use tokio::sync::mpsc;
 
 const SERVICE: (&str, &str) = ("coord-service", "service-secret");
@@ -62,6 +64,23 @@ fn isolated_server(agents: &[&str]) -> NatsServer {
         password("demo-agent")
     );
     NatsServer::start_with_config(&format!("{vars}{auth}"))
+}
+
+/// The four services logged in as `coord-service` and answering, and an
+/// operator's connection with a client over it.
+async fn serve_isolated(server: &NatsServer) -> (Vec<ServiceHandle>, async_nats::Client, Client) {
+    let services = testkit::SERVICES
+        .iter()
+        .map(|n| start_service(n, login(server, SERVICE)))
+        .collect();
+    let operator = common::nats::connect(&login(server, OPERATOR), "operator")
+        .await
+        .unwrap();
+    for name in testkit::SERVICES {
+        wait_for_service(&operator, name).await;
+    }
+    let ops = Client::new(operator.clone()).with_timeout(Duration::from_secs(10));
+    (services, operator, ops)
 }
 
 fn login(server: &NatsServer, (user, pass): (&str, &str)) -> NatsConfig {
@@ -248,17 +267,7 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
         AgentId::new("iso-b").unwrap(),
     );
     let server = isolated_server(&[a.as_str(), b.as_str()]);
-    let services: Vec<_> = testkit::SERVICES
-        .iter()
-        .map(|n| start_service(n, login(&server, SERVICE)))
-        .collect();
-    let operator = common::nats::connect(&login(&server, OPERATOR), "operator")
-        .await
-        .unwrap();
-    for name in testkit::SERVICES {
-        wait_for_service(&operator, name).await;
-    }
-    let ops = Client::new(operator.clone()).with_timeout(Duration::from_secs(10));
+    let (services, operator, ops) = serve_isolated(&server).await;
 
     // A, through the agent runtime on its own login, runs a whole flow.
     let a_nats = common::nats::connect(&agent_login(&server, &a), "iso-a")
@@ -485,17 +494,7 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
 async fn an_agent_killed_mid_task_restarts_and_finishes_it_on_an_isolating_server() {
     let me = AgentId::new("iso-r").unwrap();
     let server = isolated_server(&[me.as_str()]);
-    let services: Vec<_> = testkit::SERVICES
-        .iter()
-        .map(|n| start_service(n, login(&server, SERVICE)))
-        .collect();
-    let operator = common::nats::connect(&login(&server, OPERATOR), "operator")
-        .await
-        .unwrap();
-    for name in testkit::SERVICES {
-        wait_for_service(&operator, name).await;
-    }
-    let ops = Client::new(operator.clone()).with_timeout(Duration::from_secs(10));
+    let (services, _, ops) = serve_isolated(&server).await;
     let start = |finish: bool| {
         let (cfg, me) = (agent_login(&server, &me), me.clone());
         testkit::Isolated::spawn(async move {
@@ -549,17 +548,7 @@ async fn the_python_agent_runs_as_itself_on_an_isolating_server() {
     common::telemetry::init_for_tests();
     let me = AgentId::new("iso-py").unwrap();
     let server = isolated_server(&[me.as_str()]);
-    let services: Vec<_> = testkit::SERVICES
-        .iter()
-        .map(|n| start_service(n, login(&server, SERVICE)))
-        .collect();
-    let operator = common::nats::connect(&login(&server, OPERATOR), "operator")
-        .await
-        .unwrap();
-    for name in testkit::SERVICES {
-        wait_for_service(&operator, name).await;
-    }
-    let ops = Client::new(operator.clone()).with_timeout(Duration::from_secs(10));
+    let (services, _, ops) = serve_isolated(&server).await;
     let python = workspace_root().join(".local/venv/bin/python");
     assert!(
         python.exists(),
