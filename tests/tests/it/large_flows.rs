@@ -63,12 +63,15 @@ async fn a_paged_flow_runs_each_task_once_with_two_replicas_and_one_killed() {
 async fn a_100k_task_flow_is_created_over_the_wire_paged_and_cancelled() {
     let sys = System::start().await;
     let n = 100_000;
-    let spec = FlowSpec::new(
+    // No agent will ever take these tasks: one placement at a time keeps the
+    // allocator's refusals from filling the two cores while the test reads.
+    let mut spec = FlowSpec::new(
         "wide",
         (0..n)
             .map(|i| crate::orchestrator::cpu_task(&format!("t{i}"), &[]))
             .collect(),
     );
+    spec.max_parallelism = Some(1);
     let created = sys.client.create_flow(&spec).await.unwrap();
     let flow = created.flow_id.clone();
     let js = jetstream::new(sys.nats.clone());
