@@ -6,6 +6,7 @@
 //! agents' reports.
 
 pub mod machine;
+mod placing;
 pub mod service;
 mod slots;
 pub mod store;

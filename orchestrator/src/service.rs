@@ -18,6 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +38,7 @@ use tracing::Instrument;
 use common::msg::{FlowState, TaskState};
 
 use crate::machine::{self, Effect, Flow, Rejection};
+use crate::placing::Placing;
 use crate::slots::Slots;
 use crate::store::{self, Stored, WriteError};
 
@@ -103,10 +105,14 @@ enum Cmd {
         allocation: Box<Allocation>,
         slot: SlotHeld,
     },
-    /// The allocator did not place the task (it stays ready).
+    /// The allocator did not place the task (it stays ready); `asked_at` is
+    /// the replica's freed count when it was asked (see [`Placing`]).
     Unplaced {
         task: TaskId,
+        asked_at: u64,
     },
+    /// Held-back tasks are due to be placed again.
+    Wake,
     /// The assignment message could not be sent.
     Unassign {
         task: TaskId,
@@ -143,6 +149,9 @@ struct Orchestrator {
     finished: Mutex<HashSet<FlowId>>,
     /// Bounds allocation requests in flight (see [`MAX_PLACING`]).
     placing: Semaphore,
+    /// Moves whenever capacity may have freed up: this replica released an
+    /// allocation or a slot, or an agent registered or changed capacity.
+    freed: AtomicU64,
     slots: Slots,
 }
 
@@ -172,6 +181,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         actors: Mutex::default(),
         finished: Mutex::default(),
         placing: Semaphore::new(MAX_PLACING),
+        freed: AtomicU64::new(0),
         slots: Slots::new(slots),
     });
 
@@ -255,6 +265,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         .await?;
 
     let allocator_events = tokio::spawn(orch.clone().consume_allocator_events());
+    let capacity = tokio::spawn(orch.clone().count_capacity_changes());
     let reports = tokio::spawn(
         orch.clone()
             .consume_reports(Duration::from_millis(cfg.report_ack_wait_ms.max(100))),
@@ -270,9 +281,24 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     service.stop().await;
     reports.abort();
     allocator_events.abort();
+    capacity.abort();
     sweeper.abort();
     nats.drain().await.ok();
     Ok(())
+}
+
+/// Runs what takes seconds on a large flow (validating, laying out, a status
+/// of a million tasks) without holding up the other tasks queued on this
+/// worker: on a two-core host those include agents' heartbeats, which an
+/// allocator in the same process would miss.
+fn off_worker<T>(large: bool, work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if large && h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
 }
 
 /// Why a command changed nothing.
@@ -369,7 +395,8 @@ impl Orchestrator {
         if let Some(name) = spec.tasks_object.take() {
             spec.tasks = self.uploaded_tasks(&name, !spec.tasks.is_empty()).await?;
         }
-        if let Err(problems) = machine::validate(&spec) {
+        let large = spec.tasks.len() > store::PAGE_TASKS;
+        if let Err(problems) = off_worker(large, || machine::validate(&spec)) {
             let summary: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
             return Err(Error::new(
                 ErrorCode::ValidationFailed,
@@ -391,13 +418,18 @@ impl Orchestrator {
         }
         let id = spec.id.clone().unwrap_or_else(FlowId::random);
         let now = common::now_ms();
-        let (mut flow, effects) = Flow::new(id.clone(), spec, now);
-        flow.warnings = warnings;
-        flow.trace = telemetry::traceparent();
-        store::lay_out(&mut flow);
-        let (encoded, _) = store::encode(&mut flow, None)?;
+        let trace = telemetry::traceparent();
+        let (flow, effects, encoded, status) = off_worker(large, || {
+            let (mut flow, effects) = Flow::new(id.clone(), spec, now);
+            flow.warnings = warnings;
+            flow.trace = trace;
+            store::lay_out(&mut flow);
+            let encoded = store::encode(&mut flow, None).map(|(e, _)| e);
+            let status = flow.status(0, now);
+            (flow, effects, encoded, status)
+        });
+        let encoded = encoded?;
         self.fits_in_entries(&flow, &encoded)?;
-        let status = flow.status(0, now);
         let revision = match store::create(&self.flows, &flow, encoded).await {
             Ok((revision, _)) => revision,
             Err(WriteError::Conflict) => {
@@ -579,7 +611,9 @@ impl Orchestrator {
 
     async fn status(&self, flow: &FlowId) -> Result<FlowStatus, Error> {
         let (f, rev) = self.load(flow).await?;
-        Ok(f.status(rev, common::now_ms()))
+        Ok(off_worker(f.pages.is_some(), || {
+            f.status(rev, common::now_ms())
+        }))
     }
 
     async fn list(&self, req: FlowListRequest) -> Result<FlowList, Error> {
@@ -794,7 +828,10 @@ impl Orchestrator {
     /// current span goes with it as the command's cause.
     fn send(self: &Arc<Self>, flow: &FlowId, cmd: Cmd) {
         let mut cmd = (cmd, tracing::Span::current());
-        loop {
+        // An actor goes idle between our lookup and our send at most once in
+        // a while; a fresh one that is gone at once means the runtime is
+        // shutting down.
+        for _ in 0..3 {
             let tx = {
                 let Ok(mut actors) = self.actors.lock() else {
                     return;
@@ -823,10 +860,11 @@ impl Orchestrator {
                 }
             }
         }
+        tracing::debug!(%flow, "command dropped: the runtime is shutting down");
     }
 
     async fn actor(self: Arc<Self>, flow: FlowId, mut rx: mpsc::UnboundedReceiver<Queued>) {
-        let mut placing: HashSet<TaskId> = HashSet::new();
+        let mut placing = Placing::default();
         let mut resent: HashMap<(TaskId, u32), u64> = HashMap::new();
         // The flow as this actor last wrote it, with its revision.
         let mut cache: Option<Stored> = None;
@@ -893,7 +931,7 @@ impl Orchestrator {
         flow_id: &FlowId,
         batch: Vec<Cmd>,
         causes: Vec<tracing::Span>,
-        placing: &mut HashSet<TaskId>,
+        placing: &mut Placing,
         cache: &mut Option<Stored>,
         watch: &mut Watch,
     ) -> bool {
@@ -1000,7 +1038,7 @@ impl Orchestrator {
         now: u64,
         cmd: Cmd,
         outcome: Result<(u32, Vec<Effect>), Refusal>,
-        placing: &mut HashSet<TaskId>,
+        placing: &mut Placing,
     ) {
         let mut effects = Vec::new();
         match (cmd, outcome) {
@@ -1018,7 +1056,7 @@ impl Orchestrator {
                 },
                 Ok((attempt, e)),
             ) => {
-                placing.remove(&task);
+                placing.placed(&task);
                 effects.extend(e);
                 self.send_assignment(
                     flow,
@@ -1042,8 +1080,8 @@ impl Orchestrator {
                 self.release(allocation.agent_id, allocation.allocation_id);
                 self.free_slot(slot);
             }
-            (Cmd::Unplaced { task }, _) => {
-                placing.remove(&task);
+            (Cmd::Unplaced { task, asked_at }, _) => {
+                placing.refused(task, asked_at, self.freed.load(Ordering::Relaxed), now);
             }
             (Cmd::Control { reply, .. }, Ok((_, e))) => {
                 effects.extend(e);
@@ -1066,7 +1104,7 @@ impl Orchestrator {
             last_ms: now,
             last_state: Some(flow.state),
         };
-        let status = flow.overview(revision, now);
+        let status = off_worker(flow.pages.is_some(), || flow.overview(revision, now));
         if let Ok(body) = serde_json::to_vec(&status) {
             if let Err(e) = self
                 .nats
@@ -1107,7 +1145,7 @@ impl Orchestrator {
         flow_id: &FlowId,
         batch: Vec<Cmd>,
         err: &Error,
-        placing: &mut HashSet<TaskId>,
+        placing: &mut Placing,
     ) {
         tracing::warn!(error = %err, "flow step not applied");
         for cmd in batch {
@@ -1125,7 +1163,7 @@ impl Orchestrator {
                     placing.remove(&task);
                     self.release_unless_held(flow_id.clone(), task, *allocation, slot);
                 }
-                Cmd::Unplaced { task } => {
+                Cmd::Unplaced { task, .. } => {
                     placing.remove(&task);
                 }
                 Cmd::Control { reply, .. } => {
@@ -1173,7 +1211,19 @@ impl Orchestrator {
 
     /// Asks the allocator to place every task that is due and not being placed
     /// already; each grant comes back to the actor as an `Assign`.
-    fn dispatch(self: &Arc<Self>, flow: &Flow, now: u64, placing: &mut HashSet<TaskId>) {
+    fn dispatch(self: &Arc<Self>, flow: &Flow, now: u64, placing: &mut Placing) {
+        placing.refresh(self.freed.load(Ordering::Relaxed));
+        self.dispatch_due(flow, now, placing);
+        if let Some(wait) = placing.wake_in(now) {
+            let (o, flow_id) = (self.clone(), flow.id.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                o.send(&flow_id, Cmd::Wake);
+            });
+        }
+    }
+
+    fn dispatch_due(self: &Arc<Self>, flow: &Flow, now: u64, placing: &mut Placing) {
         // Finding due tasks is a pass over every task: a wide flow refills
         // its placements in batches, once half of them have come back.
         if placing.len() > MAX_PLACING_PER_FLOW / 2 {
@@ -1207,7 +1257,11 @@ impl Orchestrator {
             if due.len() >= budget {
                 break;
             }
-            let Some(t) = flow.tasks.get(&id).filter(|_| !placing.contains(&id)) else {
+            let Some(t) = flow
+                .tasks
+                .get(&id)
+                .filter(|_| !placing.contains(&id) && !placing.held_back(&id, now))
+            else {
                 continue;
             };
             if let Some(c) = &t.spec.concurrency {
@@ -1241,17 +1295,18 @@ impl Orchestrator {
             let span = tracing::info_span!("place", flow = %flow.id, task = %task);
             tokio::spawn(
                 async move {
+                    let asked_at = o.freed.load(Ordering::Relaxed);
                     if let Some((limit, holder)) = &slot {
                         let now = common::now_ms();
                         match o.slots.acquire(limit, holder, &flow_id, now).await {
                             Ok(true) => {}
                             Ok(false) => {
-                                o.send(&flow_id, Cmd::Unplaced { task });
+                                o.send(&flow_id, Cmd::Unplaced { task, asked_at });
                                 return;
                             }
                             Err(e) => {
                                 tracing::warn!(key = %limit.key, error = %e, "concurrency slot not taken");
-                                o.send(&flow_id, Cmd::Unplaced { task });
+                                o.send(&flow_id, Cmd::Unplaced { task, asked_at });
                                 return;
                             }
                         }
@@ -1265,7 +1320,7 @@ impl Orchestrator {
                         },
                         None => {
                             o.free_slot(slot);
-                            Cmd::Unplaced { task }
+                            Cmd::Unplaced { task, asked_at }
                         }
                     };
                     o.send(&flow_id, cmd);
@@ -1426,6 +1481,7 @@ impl Orchestrator {
         let Some((key, holder)) = slot else {
             return;
         };
+        self.freed.fetch_add(1, Ordering::Relaxed);
         let o = self.clone();
         tokio::spawn(
             async move {
@@ -1438,6 +1494,7 @@ impl Orchestrator {
     }
 
     fn release(self: &Arc<Self>, agent: AgentId, allocation: AllocationId) {
+        self.freed.fetch_add(1, Ordering::Relaxed);
         let o = self.clone();
         tokio::spawn(
             async move { o.release_by_id(allocation, Some(agent)).await }.in_current_span(),
@@ -1499,7 +1556,10 @@ impl Orchestrator {
         let mut pause = Duration::from_millis(100);
         for attempt in 1..=RELEASE_ATTEMPTS {
             match self.client.release(&req).await {
-                Ok(_) => return,
+                Ok(_) => {
+                    self.freed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 Err(e)
                     if attempt < RELEASE_ATTEMPTS
                         && matches!(e.code, ErrorCode::Timeout | ErrorCode::Unavailable) =>
@@ -1666,6 +1726,28 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Moves the freed count when capacity may have been added (see
+    /// [`Placing`]); the next tick of a flow whose tasks were refused asks
+    /// for them again. Core messages: one missed only delays that.
+    async fn count_capacity_changes(self: Arc<Self>) {
+        let subjects = [
+            subject::event::AGENT_REGISTERED,
+            subject::event::CAPACITY_ADJUSTED,
+            subject::event::RESERVATION_ENDED,
+            subject::event::QUOTA_CHANGED,
+        ];
+        let mut all = futures::stream::SelectAll::new();
+        for s in subjects {
+            match self.nats.subscribe(s).await {
+                Ok(sub) => all.push(sub),
+                Err(e) => tracing::warn!(subject = s, error = %e, "not subscribed"),
+            }
+        }
+        while all.next().await.is_some() {
+            self.freed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Ticks every unfinished flow: deadlines, back-offs, unplaced tasks.
     async fn sweep(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
@@ -1792,7 +1874,7 @@ fn step(
         Cmd::Assign {
             task, allocation, ..
         } => flow.assign(task, &allocation.agent_id, &allocation.allocation_id, now)?,
-        Cmd::Unplaced { .. } => (0, Vec::new()),
+        Cmd::Unplaced { .. } | Cmd::Wake => (0, Vec::new()),
         Cmd::Unassign { task, attempt } => (0, flow.unassign(task, *attempt, now)?),
         Cmd::Tick => (0, flow.tick(now)),
         Cmd::AgentLost(agent) => (0, flow.agent_lost(agent, now)),

@@ -1304,3 +1304,40 @@ async fn an_agent_stopping_with_nothing_waiting_leaves_no_consumer() {
         "the stopped agent's consumer is gone"
     );
 }
+
+/// A flow with nowhere to run waits with a growing back-off between asks
+/// (each refused task used to go straight back to the allocator, a busy
+/// loop over both cores), loses nothing, and runs once an agent comes.
+#[tokio::test]
+async fn tasks_nobody_can_take_wait_with_back_off_and_run_when_an_agent_comes() {
+    let sys = System::start().await;
+    let mut asks = sys.nats.subscribe(subject::ALLOCATE).await.unwrap();
+    let tasks: Vec<TaskSpec> = (0..20).map(|i| cpu_task(&format!("t{i}"), &[])).collect();
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new("nowhere", tasks))
+        .await
+        .unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut asked = 0;
+    while let Ok(Some(_)) = tokio::time::timeout_at(until, asks.next()).await {
+        asked += 1;
+    }
+    // Back-off doubling from 10 ms: about 9 asks per task in 5 s.
+    assert!(
+        (20..=20 * 12).contains(&asked),
+        "the allocator was asked {asked} times in 5 s for 20 tasks"
+    );
+    let status = sys.client.flow_status(&created.flow_id).await.unwrap();
+    assert!(
+        status.tasks.iter().all(|t| t.state == TaskState::Ready),
+        "{status:?}"
+    );
+
+    let (stop, agent) = spawn_agent(&sys.nats, "late", 4.0, |_| async { Ok(json!(null)) });
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(30)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    assert!(done.tasks.iter().all(|t| t.attempt == 1), "{done:?}");
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
