@@ -1837,8 +1837,7 @@ fn step_span(
     now: u64,
 ) -> tracing::Span {
     let caused = causes.iter().any(|c| !c.is_disabled());
-    // Only asked when nothing else says the step matters: on a large flow
-    // `dispatchable` is the step's dearest part.
+    // Only asked when nothing else says the step matters.
     let places = || {
         let room = flow
             .max_parallelism

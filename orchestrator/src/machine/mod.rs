@@ -329,19 +329,8 @@ impl Flow {
 
     /// Ready tasks in dispatch order: priority, then critical path (upward rank), then id.
     pub fn ready_in_order(&self) -> Vec<TaskId> {
-        let mut ready: Vec<&Task> = self
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Ready)
-            .collect();
-        ready.sort_by(|a, b| {
-            b.spec
-                .priority
-                .cmp(&a.spec.priority)
-                .then(b.rank.cmp(&a.rank))
-                .then(a.spec.id.cmp(&b.spec.id))
-        });
-        ready.into_iter().map(|t| t.spec.id.clone()).collect()
+        let ready = self.tasks.ready_in_order();
+        ready.iter().map(|(_, id)| id.clone()).collect()
     }
 
     /// The ready tasks to place now, in order, within the parallelism budget:
@@ -350,8 +339,9 @@ impl Flow {
         self.dispatchable_up_to(now_ms, usize::MAX)
     }
 
-    /// The first `limit` of [`Flow::dispatchable`], without ordering the rest:
-    /// a wide flow has far more ready tasks than can be placed at once.
+    /// The first `limit` of [`Flow::dispatchable`], read off the ready tasks
+    /// kept in order: a wide flow has far more ready tasks than can be
+    /// placed at once, and finding them must not be a pass over every task.
     pub fn dispatchable_up_to(&self, now_ms: u64, limit: usize) -> Vec<TaskId> {
         if self.state != FlowState::Running {
             return Vec::new();
@@ -364,24 +354,17 @@ impl Flow {
         if budget == 0 {
             return Vec::new();
         }
-        let mut due: Vec<&Task> = self
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Ready && t.not_before_ms <= now_ms)
-            .collect();
-        let order = |a: &&Task, b: &&Task| {
-            b.spec
-                .priority
-                .cmp(&a.spec.priority)
-                .then(b.rank.cmp(&a.rank))
-                .then(a.spec.id.cmp(&b.spec.id))
-        };
-        if due.len() > budget {
-            due.select_nth_unstable_by(budget - 1, order);
-            due.truncate(budget);
-        }
-        due.sort_by(order);
-        due.into_iter().map(|t| t.spec.id.clone()).collect()
+        let ready = self.tasks.ready_in_order();
+        ready
+            .iter()
+            .filter(|(_, id)| {
+                self.tasks
+                    .get(id)
+                    .is_some_and(|t| t.not_before_ms <= now_ms)
+            })
+            .take(budget)
+            .map(|(_, id)| id.clone())
+            .collect()
     }
 
     /// The earliest time something is due: a back-off ending or a deadline passing.
@@ -563,12 +546,16 @@ impl Flow {
         if self.state.is_terminal() {
             return effects;
         }
-        let expired: Vec<(TaskId, TaskState)> = self
-            .tasks
-            .values()
-            .filter(|t| t.state.is_active() && t.deadline_ms.is_some_and(|d| d <= now_ms))
-            .map(|t| (t.spec.id.clone(), t.state))
-            .collect();
+        // One pass: on a flow of a million tasks each costs tens of ms.
+        let mut expired: Vec<(TaskId, TaskState)> = Vec::new();
+        let mut unblocked: Vec<TaskId> = Vec::new();
+        for t in self.tasks.values() {
+            if t.state.is_active() && t.deadline_ms.is_some_and(|d| d <= now_ms) {
+                expired.push((t.spec.id.clone(), t.state));
+            } else if t.state == TaskState::Blocked && self.deps_succeeded(t) {
+                unblocked.push(t.spec.id.clone());
+            }
+        }
         for (id, state) in expired {
             let what = if state == TaskState::Assigned {
                 "not started in time"
@@ -577,13 +564,16 @@ impl Flow {
             };
             self.fail_attempt(&id, FailureKind::Timeout, true, what, now_ms, &mut effects);
         }
-        let unblocked: Vec<TaskId> = self
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Blocked && self.deps_succeeded(t))
-            .map(|t| t.spec.id.clone())
-            .collect();
         for id in unblocked {
+            // Unless an expiry above ended the flow meanwhile.
+            if self.state.is_terminal()
+                || self
+                    .tasks
+                    .get(&id)
+                    .is_none_or(|t| t.state != TaskState::Blocked)
+            {
+                continue;
+            }
             self.transition(&id, TaskState::Ready, now_ms, None, &mut effects);
         }
         self.maybe_finish(now_ms, &mut effects);

@@ -554,6 +554,22 @@ fn drain(flow: &mut Flow, model: &mut Model) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+fn ready_by_sorting(flow: &Flow) -> Vec<TaskId> {
+    let mut ready: Vec<&Task> = flow
+        .tasks
+        .values()
+        .filter(|t| t.state == TaskState::Ready)
+        .collect();
+    ready.sort_by(|a, b| {
+        b.spec
+            .priority
+            .cmp(&a.spec.priority)
+            .then(b.rank.cmp(&a.rank))
+            .then(a.spec.id.cmp(&b.spec.id))
+    });
+    ready.into_iter().map(|t| t.spec.id.clone()).collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -579,7 +595,11 @@ proptest! {
         let (mut stored, _) = crate::store::encode(&mut flow, None).unwrap();
         for op in &ops {
             step(&mut flow, &mut model, op)?;
+            // The ready order kept up from the noted tasks, before and
+            // after the store takes the notes, is the order sorted afresh.
+            prop_assert_eq!(flow.ready_in_order(), ready_by_sorting(&flow), "after {:?}", op);
             let (incremental, _) = crate::store::encode(&mut flow, Some(&stored)).unwrap();
+            prop_assert_eq!(flow.ready_in_order(), ready_by_sorting(&flow), "after {:?}", op);
             let (whole, _) = crate::store::encode(&mut flow.clone(), None).unwrap();
             prop_assert_eq!(&incremental.pages, &whole.pages, "after {:?}", op);
             stored = incremental;

@@ -1,8 +1,11 @@
 //! A flow's tasks by id, remembering which ones a step may have changed.
 
-use std::collections::{btree_map, BTreeMap};
+use std::cmp::Reverse;
+use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap};
 use std::ops::Deref;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use common::msg::TaskState;
 use common::TaskId;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -11,11 +14,83 @@ use super::Task;
 /// The tasks of a flow. Reading goes through `Deref` to the map; every way to
 /// change it is a method here that notes the task it hands out, so the store
 /// can write only the pages holding tasks a step touched (a large flow would
-/// otherwise be encoded whole after every step).
-#[derive(Debug, Clone, Default)]
+/// otherwise be encoded whole after every step), and the ready tasks can be
+/// kept in dispatch order without a pass over every task.
+#[derive(Debug, Default)]
 pub struct Tasks {
     map: BTreeMap<TaskId, Task>,
     touched: Touched,
+    /// Behind a lock so that reading the order (through `&self`) can bring
+    /// it up to date with the tasks noted since.
+    ready: Mutex<Ready>,
+}
+
+/// Where a ready task stands in dispatch order: priority, then upward rank,
+/// both highest first, then id.
+type Rank = (Reverse<i32>, Reverse<u64>);
+
+/// The ready tasks in dispatch order, kept up to date from the noted tasks.
+#[derive(Debug, Default)]
+struct Ready {
+    /// `None` until built (after every task may have changed).
+    order: Option<BTreeSet<(Rank, TaskId)>>,
+    /// The rank each task in `order` is filed under.
+    filed: HashMap<TaskId, Rank>,
+    /// How many of the noted tasks `order` has taken in.
+    seen: usize,
+}
+
+fn rank_of(t: &Task) -> Rank {
+    (Reverse(t.spec.priority), Reverse(t.rank))
+}
+
+impl Ready {
+    fn refile(&mut self, map: &BTreeMap<TaskId, Task>, id: &TaskId) {
+        let Some(order) = &mut self.order else {
+            return;
+        };
+        if let Some(rank) = self.filed.remove(id) {
+            order.remove(&(rank, id.clone()));
+        }
+        if let Some(t) = map.get(id).filter(|t| t.state == TaskState::Ready) {
+            let rank = rank_of(t);
+            order.insert((rank, id.clone()));
+            self.filed.insert(id.clone(), rank);
+        }
+    }
+
+    /// Takes in what was noted since the last time.
+    fn catch_up(&mut self, map: &BTreeMap<TaskId, Task>, touched: &Touched) {
+        match touched {
+            Touched::All => self.seen = usize::MAX,
+            Touched::Some(ids) => {
+                for id in ids.get(self.seen..).unwrap_or_default() {
+                    self.refile(map, id);
+                }
+                self.seen = ids.len();
+            }
+            Touched::None => {}
+        }
+    }
+
+    fn build(&mut self, map: &BTreeMap<TaskId, Task>) {
+        let ready = map.values().filter(|t| t.state == TaskState::Ready);
+        self.filed = ready
+            .clone()
+            .map(|t| (t.spec.id.clone(), rank_of(t)))
+            .collect();
+        self.order = Some(ready.map(|t| (rank_of(t), t.spec.id.clone())).collect());
+    }
+}
+
+impl Clone for Tasks {
+    fn clone(&self) -> Self {
+        Tasks {
+            map: self.map.clone(),
+            touched: self.touched.clone(),
+            ready: Mutex::default(),
+        }
+    }
 }
 
 /// Tasks handed out for change since the store last asked (an id may be
@@ -72,7 +147,38 @@ impl Tasks {
 
     /// What was handed out for change since the last call.
     pub fn take_touched(&mut self) -> Touched {
+        let ready = self.ready.get_mut().unwrap_or_else(PoisonError::into_inner);
+        match &self.touched {
+            Touched::All => ready.order = None,
+            other => ready.catch_up(&self.map, other),
+        }
+        ready.seen = 0;
         std::mem::take(&mut self.touched)
+    }
+
+    /// The ready tasks in dispatch order (see [`Rank`]), as of now.
+    pub fn ready_in_order(&self) -> impl Deref<Target = BTreeSet<(Rank, TaskId)>> + '_ {
+        let mut ready = self.ready.lock().unwrap_or_else(PoisonError::into_inner);
+        ready.catch_up(&self.map, &self.touched);
+        if matches!(self.touched, Touched::All) || ready.order.is_none() {
+            // Built afresh while every task may still change: again next time.
+            ready.build(&self.map);
+            if matches!(self.touched, Touched::All) {
+                ready.seen = usize::MAX;
+            }
+        }
+        ReadyOrder(ready)
+    }
+}
+
+struct ReadyOrder<'a>(MutexGuard<'a, Ready>);
+
+impl Deref for ReadyOrder<'_> {
+    type Target = BTreeSet<(Rank, TaskId)>;
+    fn deref(&self) -> &Self::Target {
+        // Built by `ready_in_order` before it hands this out.
+        static EMPTY: BTreeSet<(Rank, TaskId)> = BTreeSet::new();
+        self.0.order.as_ref().unwrap_or(&EMPTY)
     }
 }
 
@@ -95,6 +201,7 @@ impl FromIterator<(TaskId, Task)> for Tasks {
         Tasks {
             map: iter.into_iter().collect(),
             touched: Touched::All,
+            ready: Mutex::default(),
         }
     }
 }
@@ -126,6 +233,7 @@ impl<'de> Deserialize<'de> for Tasks {
         Ok(Tasks {
             map: BTreeMap::deserialize(d)?,
             touched: Touched::None,
+            ready: Mutex::default(),
         })
     }
 }

@@ -413,7 +413,14 @@ impl System {
         let cfg = NatsConfig::new(url.to_owned());
         let mut services: Vec<ServiceHandle> = Vec::new();
         for _ in 0..orchestrators {
-            services.push(testkit::start_service("orchestrator", cfg.clone()));
+            // As deployed (the test kit's sweeps every 200 ms, which a
+            // million-task flow pays for in full on every tick).
+            let cfg = orchestrator::Config::new(cfg.clone());
+            services.push(ServiceHandle::spawn("orchestrator", move |rx| {
+                orchestrator::run(cfg, async move {
+                    let _ = rx.await;
+                })
+            }));
         }
         for name in ["allocator", "synchronizer", "monitor"] {
             services.push(testkit::start_service(name, cfg.clone()));
