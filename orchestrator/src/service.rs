@@ -1245,34 +1245,28 @@ impl Orchestrator {
             }
         }
         let mut due = Vec::new();
-        // The first ones may be being placed already: ask for that many more.
-        // Tasks skipped for a full concurrency key must not hide the others.
-        let keyed = flow.tasks.values().any(|t| t.spec.concurrency.is_some());
-        let wanted = if keyed {
-            usize::MAX
-        } else {
-            budget.saturating_add(placing.len())
-        };
-        for id in flow.dispatchable_up_to(now, wanted) {
-            if due.len() >= budget {
-                break;
+        // Held-back tasks keep their place in the budget (a flow with nowhere
+        // to run would otherwise go on to try every task it has); tasks
+        // skipped for a full concurrency key do not hide the others.
+        let mut held = 0;
+        flow.visit_dispatchable(now, |t| {
+            let id = &t.spec.id;
+            if placing.contains(id) {
+                return true;
             }
-            let Some(t) = flow
-                .tasks
-                .get(&id)
-                .filter(|_| !placing.contains(&id) && !placing.held_back(&id, now))
-            else {
-                continue;
-            };
-            if let Some(c) = &t.spec.concurrency {
+            if placing.held_back(id, now) {
+                held += 1;
+            } else if let Some(c) = &t.spec.concurrency {
                 let n = taking.entry(c.key.as_str()).or_default();
-                if *n >= c.limit as usize || self.slots.known_full(&c.key, now) {
-                    continue;
+                if *n < c.limit as usize && !self.slots.known_full(&c.key, now) {
+                    *n += 1;
+                    due.push(id.clone());
                 }
-                *n += 1;
+            } else {
+                due.push(id.clone());
             }
-            due.push(id);
-        }
+            due.len() + held < budget
+        });
         for task in due {
             let Some(t) = flow.tasks.get(&task) else {
                 continue;

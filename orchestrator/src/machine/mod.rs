@@ -354,17 +354,29 @@ impl Flow {
         if budget == 0 {
             return Vec::new();
         }
+        let mut due = Vec::new();
+        self.visit_dispatchable(now_ms, |t| {
+            due.push(t.spec.id.clone());
+            due.len() < budget
+        });
+        due
+    }
+
+    /// Hands the ready tasks due at `now_ms` to `visit`, in dispatch order,
+    /// until it returns `false`; the parallelism budget is the caller's.
+    pub fn visit_dispatchable<'a>(&'a self, now_ms: u64, mut visit: impl FnMut(&'a Task) -> bool) {
+        if self.state != FlowState::Running {
+            return;
+        }
         let ready = self.tasks.ready_in_order();
-        ready
-            .iter()
-            .filter(|(_, id)| {
-                self.tasks
-                    .get(id)
-                    .is_some_and(|t| t.not_before_ms <= now_ms)
-            })
-            .take(budget)
-            .map(|(_, id)| id.clone())
-            .collect()
+        for (_, id) in ready.iter() {
+            let Some(t) = self.tasks.get(id).filter(|t| t.not_before_ms <= now_ms) else {
+                continue;
+            };
+            if !visit(t) {
+                return;
+            }
+        }
     }
 
     /// The earliest time something is due: a back-off ending or a deadline passing.
