@@ -31,7 +31,7 @@ use common::msg::{
 use common::nats::{self as bus, Bucket, EventPublisher, Stream};
 use common::service::Service;
 use common::{subject, telemetry, AgentId, AllocationId, Error, ErrorCode, FlowId, TaskId};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
 
@@ -629,15 +629,24 @@ impl Orchestrator {
     }
 
     async fn flow_ids(&self) -> Result<Vec<FlowId>, Error> {
-        let keys = self
+        let unavailable = |e: &dyn std::fmt::Display| {
+            Error::new(ErrorCode::Unavailable, format!("list flows: {e}"))
+        };
+        // Stopped at the first error: polled again after one, a key listing
+        // whose connection went away panics (async-nats 0.51).
+        let keys: Vec<String> = self
             .flows
             .keys()
             .await
-            .map_err(|e| Error::new(ErrorCode::Unavailable, format!("list flows: {e}")))?;
+            .map_err(|e| unavailable(&e))?
+            .try_collect()
+            .await
+            .map_err(|e| unavailable(&e))?;
+        // Page keys hold a `.`, which no flow id does.
         Ok(keys
-            .filter_map(|k| async move { k.ok().and_then(|k| FlowId::new(k).ok()) })
-            .collect()
-            .await)
+            .into_iter()
+            .filter_map(|k| FlowId::new(k).ok())
+            .collect())
     }
 
     /// Every reason each unfinished task (or the one named) is where it is,
@@ -1224,8 +1233,8 @@ impl Orchestrator {
     }
 
     fn dispatch_due(self: &Arc<Self>, flow: &Flow, now: u64, placing: &mut Placing) {
-        // Finding due tasks is a pass over every task: a wide flow refills
-        // its placements in batches, once half of them have come back.
+        // A wide flow refills its placements in batches, once half of them
+        // have come back, rather than after every grant.
         if placing.len() > MAX_PLACING_PER_FLOW / 2 {
             return;
         }

@@ -16,7 +16,7 @@ use async_nats::jetstream::kv;
 use common::msg::ConcurrencyLimit;
 use common::nats::{self as bus, Step};
 use common::{Error, FlowId};
-use futures::StreamExt;
+use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::machine::{parse_slot_holder, Flow};
@@ -126,9 +126,12 @@ impl Slots {
         F: Fn(FlowId) -> Fut,
         Fut: std::future::Future<Output = Result<Option<Flow>, Error>>,
     {
+        let unavailable =
+            |e: &dyn std::fmt::Display| Error::new(common::ErrorCode::Unavailable, e.to_string());
+        // Stopped at the first error (see `Orchestrator::flow_ids`).
         let keys: Vec<String> = match self.kv.keys().await {
-            Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
-            Err(e) => return Err(Error::new(common::ErrorCode::Unavailable, e.to_string())),
+            Ok(keys) => keys.try_collect().await.map_err(|e| unavailable(&e))?,
+            Err(e) => return Err(unavailable(&e)),
         };
         // A flow that could not be read counts as live: nothing is freed on doubt.
         let mut flows: HashMap<FlowId, Result<Option<Flow>, Error>> = HashMap::new();

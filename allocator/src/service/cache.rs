@@ -58,19 +58,20 @@ impl<T: Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
             .await
             .map_err(|e| unavailable("kv watch", e))?;
         let mut keys = store.keys().await.map_err(|e| unavailable("kv keys", e))?;
-        while let Some(k) = keys.next().await {
-            let Ok(k) = k else { continue };
+        // Stopped at the first error: polled again after one, a key listing
+        // whose connection went away panics (async-nats 0.51).
+        while let Some(Ok(k)) = keys.next().await {
             if let Ok(Some(entry)) = store.entry(&k).await {
                 self.apply(entry);
             }
         }
         Ok(tokio::spawn(async move {
             loop {
-                while let Some(entry) = watch.next().await {
-                    let Ok(entry) = entry else { continue };
+                while let Some(Ok(entry)) = watch.next().await {
                     self.apply(entry);
                 }
-                // The watch ended (e.g. the server restarted): re-create it.
+                // The watch ended or failed (e.g. the server restarted):
+                // re-create it.
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 match store.watch_with_history(">").await {
                     Ok(w) => watch = w,

@@ -161,9 +161,7 @@ async fn main() -> anyhow::Result<()> {
         bail!("--tasks, --flows, --agents and --orchestrators must be at least 1");
     }
     let server = if args.spawn {
-        // A flow is one KV entry: at 10,000 tasks (`MAX_TASKS`) it is about
-        // 2 MB of JSON, over the default 1 MB `max_payload`.
-        Some(NatsServer::start_with_config("max_payload: 8MB\n"))
+        Some(NatsServer::start_with_config(SPAWNED_CONFIG))
     } else {
         None
     };
@@ -389,6 +387,11 @@ type AgentHandle = (
 
 /// Tasks an agent runs at once; its capacity is far above what a round asks.
 const AGENT_CONCURRENCY: usize = 1024;
+
+/// What `--spawn` gives its nats-server beyond the test kit's settings: a
+/// flow entry of 10,000 tasks (before flows had pages) was about 2 MB of
+/// JSON, over the default 1 MB `max_payload`.
+const SPAWNED_CONFIG: &str = "max_payload: 8MB\n";
 
 /// The services in-process and agents on the real runtime, for one round.
 struct System {

@@ -1318,21 +1318,7 @@ async fn tasks_nobody_can_take_wait_with_back_off_and_run_when_an_agent_comes() 
         .create_flow(&FlowSpec::new("nowhere", tasks))
         .await
         .unwrap();
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    let mut asked = 0;
-    while let Ok(Some(_)) = tokio::time::timeout_at(until, asks.next()).await {
-        asked += 1;
-    }
-    // Back-off doubling from 10 ms: about 9 asks per task in 5 s.
-    assert!(
-        (20..=20 * 12).contains(&asked),
-        "the allocator was asked {asked} times in 5 s for 20 tasks"
-    );
-    let status = sys.client.flow_status(&created.flow_id).await.unwrap();
-    assert!(
-        status.tasks.iter().all(|t| t.state == TaskState::Ready),
-        "{status:?}"
-    );
+    waits_with_back_off(&sys.client, &created.flow_id, &mut asks).await;
 
     let (stop, agent) = spawn_agent(&sys.nats, "late", 4.0, |_| async { Ok(json!(null)) });
     let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(30)).await;
@@ -1340,4 +1326,55 @@ async fn tasks_nobody_can_take_wait_with_back_off_and_run_when_an_agent_comes() 
     assert!(done.tasks.iter().all(|t| t.attempt == 1), "{done:?}");
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
+}
+
+/// With the allocator gone, placement waits with back-off as well and loses
+/// nothing; once an allocator is back the flow runs.
+#[tokio::test]
+async fn with_the_allocator_gone_placement_waits_and_loses_nothing() {
+    let mut sys = System::start().await;
+    let (stop, agent) = spawn_agent(&sys.nats, "steady", 4.0, |_| async { Ok(json!(null)) });
+    wait_registered(&sys.client, "steady").await;
+    let at = sys
+        .services
+        .iter()
+        .position(|s| s.name == "allocator")
+        .unwrap();
+    sys.services.remove(at).stop().await.unwrap();
+    let mut asks = sys.nats.subscribe(subject::ALLOCATE).await.unwrap();
+    let tasks: Vec<TaskSpec> = (0..20).map(|i| cpu_task(&format!("t{i}"), &[])).collect();
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new("no-allocator", tasks))
+        .await
+        .unwrap();
+    waits_with_back_off(&sys.client, &created.flow_id, &mut asks).await;
+
+    sys.services
+        .push(testkit::start_service("allocator", sys.server.config()));
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(30)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    assert!(done.tasks.iter().all(|t| t.attempt == 1), "{done:?}");
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
+
+/// Counts the allocation requests for 5 s: 20 ready tasks that cannot be
+/// placed are asked for with a back-off doubling from 10 ms (about 9 times
+/// each), not in a busy loop (thousands), and stay ready.
+async fn waits_with_back_off(client: &Client, flow: &FlowId, asks: &mut async_nats::Subscriber) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut asked = 0;
+    while let Ok(Some(_)) = tokio::time::timeout_at(until, asks.next()).await {
+        asked += 1;
+    }
+    assert!(
+        (20..=20 * 12).contains(&asked),
+        "the allocator was asked {asked} times in 5 s for 20 tasks"
+    );
+    let status = client.flow_status(flow).await.unwrap();
+    assert!(
+        status.tasks.iter().all(|t| t.state == TaskState::Ready),
+        "{status:?}"
+    );
 }

@@ -37,7 +37,11 @@ use futures::StreamExt;
 use orchestrator::machine::MAX_TASKS;
 
 use super::svg::{Chart, Series};
-use super::{dispatch_pipelined, memory_kib, ms, round, Args, Round, System, AGENT_CONCURRENCY};
+use super::{
+    dispatch_pipelined, memory_kib, ms, round, Args, Round, System, AGENT_CONCURRENCY,
+    SPAWNED_CONFIG,
+};
+use testkit::NatsServer;
 
 /// A graph shape of the `dag` scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -582,17 +586,23 @@ pub(crate) async fn curves(
     );
     let pid = std::process::id();
     let mut point = 0usize;
-    let mut measure = |orchestrators: usize, agents: usize, tasks: usize, flows: usize| {
+    let mut measure = |nats: async_nats::Client,
+                       url: String,
+                       orchestrators: usize,
+                       agents: usize,
+                       tasks: usize,
+                       flows: usize| {
         point += 1;
         let tag = format!("c{point}-");
         async move {
-            let system = System::start(nats, url, orchestrators, agents, &tag, work, limit).await?;
+            let system =
+                System::start(&nats, &url, orchestrators, agents, &tag, work, limit).await?;
             reset_peak();
             let (before, _) = memory_kib(pid);
             let round =
-                dispatch_pipelined(nats, tasks, flows, &format!("{run_id}-{tag}"), limit).await?;
+                dispatch_pipelined(&nats, tasks, flows, &format!("{run_id}-{tag}"), limit).await?;
             let (after, peak) = memory_kib(pid);
-            system.stop(nats).await;
+            system.stop(&nats).await;
             anyhow::Ok((round, (before, peak, after)))
         }
     };
@@ -600,16 +610,37 @@ pub(crate) async fn curves(
     // only what earlier sizes left (freed pages are kept and reused).
     let mut by_size = Vec::new();
     for &n in &s.curve_flow_sizes {
-        let (round, memory) = measure(1, args.agents, n, n.div_ceil(MAX_TASKS)).await?;
+        let (round, memory) = measure(
+            nats.clone(),
+            url.to_owned(),
+            1,
+            args.agents,
+            n,
+            n.div_ceil(MAX_TASKS),
+        )
+        .await?;
         by_size.push(Point {
             x: n,
             round,
             memory,
         });
     }
+    // The other curves on a fresh server when this run started one: the
+    // flows above stay in its store, and each new orchestrator reads every
+    // unfinished-looking flow once (a million-task flow for seconds), which
+    // made the agent curve four times slower after a 1,000,000-task point.
+    let fresh = match args.spawn {
+        true => Some(NatsServer::start_with_config(SPAWNED_CONFIG)),
+        false => None,
+    };
+    let (nats, url) = match &fresh {
+        Some(server) => (server.connect().await, server.url().to_owned()),
+        None => (nats.clone(), url.to_owned()),
+    };
     let mut by_agents = Vec::new();
     for &n in &s.curve_agents {
-        let (round, memory) = measure(1, n, args.tasks, args.flows).await?;
+        let (round, memory) =
+            measure(nats.clone(), url.clone(), 1, n, args.tasks, args.flows).await?;
         by_agents.push(Point {
             x: n,
             round,
@@ -623,7 +654,15 @@ pub(crate) async fn curves(
     );
     let mut by_replicas = Vec::new();
     for &n in &s.curve_replicas {
-        let (round, memory) = measure(n, args.agents, args.tasks, args.flows).await?;
+        let (round, memory) = measure(
+            nats.clone(),
+            url.clone(),
+            n,
+            args.agents,
+            args.tasks,
+            args.flows,
+        )
+        .await?;
         by_replicas.push(Point {
             x: n,
             round,
