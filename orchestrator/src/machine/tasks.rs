@@ -160,12 +160,9 @@ impl Tasks {
     pub fn ready_in_order(&self) -> impl Deref<Target = BTreeSet<(Rank, TaskId)>> + '_ {
         let mut ready = self.ready.lock().unwrap_or_else(PoisonError::into_inner);
         ready.catch_up(&self.map, &self.touched);
+        // While every task may have changed, built afresh on every call.
         if matches!(self.touched, Touched::All) || ready.order.is_none() {
-            // Built afresh while every task may still change: again next time.
             ready.build(&self.map);
-            if matches!(self.touched, Touched::All) {
-                ready.seen = usize::MAX;
-            }
         }
         ReadyOrder(ready)
     }

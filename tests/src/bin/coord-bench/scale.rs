@@ -629,10 +629,9 @@ pub(crate) async fn curves(
     // flows above stay in its store, and each new orchestrator reads every
     // unfinished-looking flow once (a million-task flow for seconds), which
     // made the agent curve four times slower after a 1,000,000-task point.
-    let fresh = match args.spawn {
-        true => Some(NatsServer::start_with_config(SPAWNED_CONFIG)),
-        false => None,
-    };
+    let fresh = args
+        .spawn
+        .then(|| NatsServer::start_with_config(SPAWNED_CONFIG));
     let (nats, url) = match &fresh {
         Some(server) => (server.connect().await, server.url().to_owned()),
         None => (nats.clone(), url.to_owned()),
