@@ -1311,19 +1311,9 @@ async fn an_agent_stopping_with_nothing_waiting_leaves_no_consumer() {
 #[tokio::test]
 async fn tasks_nobody_can_take_wait_with_back_off_and_run_when_an_agent_comes() {
     let sys = System::start().await;
-    let mut asks = sys.nats.subscribe(subject::ALLOCATE).await.unwrap();
-    let tasks: Vec<TaskSpec> = (0..20).map(|i| cpu_task(&format!("t{i}"), &[])).collect();
-    let created = sys
-        .client
-        .create_flow(&FlowSpec::new("nowhere", tasks))
-        .await
-        .unwrap();
-    waits_with_back_off(&sys.client, &created.flow_id, &mut asks).await;
-
+    let flow = waits_with_back_off(&sys, "nowhere").await;
     let (stop, agent) = spawn_agent(&sys.nats, "late", 4.0, |_| async { Ok(json!(null)) });
-    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(30)).await;
-    assert_eq!(done.state, FlowState::Succeeded);
-    assert!(done.tasks.iter().all(|t| t.attempt == 1), "{done:?}");
+    runs_each_task_once(&sys.client, &flow).await;
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
 }
@@ -1341,28 +1331,27 @@ async fn with_the_allocator_gone_placement_waits_and_loses_nothing() {
         .position(|s| s.name == "allocator")
         .unwrap();
     sys.services.remove(at).stop().await.unwrap();
-    let mut asks = sys.nats.subscribe(subject::ALLOCATE).await.unwrap();
-    let tasks: Vec<TaskSpec> = (0..20).map(|i| cpu_task(&format!("t{i}"), &[])).collect();
-    let created = sys
-        .client
-        .create_flow(&FlowSpec::new("no-allocator", tasks))
-        .await
-        .unwrap();
-    waits_with_back_off(&sys.client, &created.flow_id, &mut asks).await;
-
+    let flow = waits_with_back_off(&sys, "no-allocator").await;
     sys.services
         .push(testkit::start_service("allocator", sys.server.config()));
-    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(30)).await;
-    assert_eq!(done.state, FlowState::Succeeded);
-    assert!(done.tasks.iter().all(|t| t.attempt == 1), "{done:?}");
+    runs_each_task_once(&sys.client, &flow).await;
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
 }
 
-/// Counts the allocation requests for 5 s: 20 ready tasks that cannot be
-/// placed are asked for with a back-off doubling from 10 ms (about 9 times
-/// each), not in a busy loop (thousands), and stay ready.
-async fn waits_with_back_off(client: &Client, flow: &FlowId, asks: &mut async_nats::Subscriber) {
+/// Creates a flow of 20 tasks that cannot be placed and counts the
+/// allocation requests for 5 s: each task is asked for with a back-off
+/// doubling from 10 ms (about 9 times), not in a busy loop (thousands), and
+/// stays ready.
+async fn waits_with_back_off(sys: &System, name: &str) -> FlowId {
+    let mut asks = sys.nats.subscribe(subject::ALLOCATE).await.unwrap();
+    let tasks: Vec<TaskSpec> = (0..20).map(|i| cpu_task(&format!("t{i}"), &[])).collect();
+    let flow = sys
+        .client
+        .create_flow(&FlowSpec::new(name, tasks))
+        .await
+        .unwrap()
+        .flow_id;
     let until = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut asked = 0;
     while let Ok(Some(_)) = tokio::time::timeout_at(until, asks.next()).await {
@@ -1372,9 +1361,16 @@ async fn waits_with_back_off(client: &Client, flow: &FlowId, asks: &mut async_na
         (20..=20 * 12).contains(&asked),
         "the allocator was asked {asked} times in 5 s for 20 tasks"
     );
-    let status = client.flow_status(flow).await.unwrap();
+    let status = sys.client.flow_status(&flow).await.unwrap();
     assert!(
         status.tasks.iter().all(|t| t.state == TaskState::Ready),
         "{status:?}"
     );
+    flow
+}
+
+async fn runs_each_task_once(client: &Client, flow: &FlowId) {
+    let done = wait_finished(client, flow, Duration::from_secs(30)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    assert!(done.tasks.iter().all(|t| t.attempt == 1), "{done:?}");
 }
