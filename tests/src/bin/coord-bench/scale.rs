@@ -625,10 +625,10 @@ pub(crate) async fn curves(
             memory,
         });
     }
-    // The other curves on a fresh server when this run started one: the
-    // flows above stay in its store, and each new orchestrator reads every
-    // unfinished-looking flow once (a million-task flow for seconds), which
-    // made the agent curve four times slower after a 1,000,000-task point.
+    // The other curves on a fresh server when this run started one: after
+    // a 1,000,000-task point on the same server the agent curve ran four
+    // times slower (each new orchestrator reads every flow it has not seen
+    // finish once, a million-task flow for seconds).
     let fresh = args
         .spawn
         .then(|| NatsServer::start_with_config(SPAWNED_CONFIG));
