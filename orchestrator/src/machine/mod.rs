@@ -363,7 +363,8 @@ impl Flow {
     }
 
     /// Hands the ready tasks due at `now_ms` to `visit`, in dispatch order,
-    /// until it returns `false`; the parallelism budget is the caller's.
+    /// until it returns `false`; the parallelism budget is the caller's. The
+    /// order stays locked meanwhile: `visit` must not ask for it again.
     pub fn visit_dispatchable<'a>(&'a self, now_ms: u64, mut visit: impl FnMut(&'a Task) -> bool) {
         if self.state != FlowState::Running {
             return;
