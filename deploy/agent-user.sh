@@ -10,7 +10,7 @@
 # (`nats server passwd`) keeps it out of the file.
 #
 # The agent may publish only what the protocol asks of it: its heartbeats,
-# reports and sync acknowledgements, its (de)registration and state requests on
+# reports and sync acknowledgements, its (de)registration, leave and state requests on
 # its own subjects (`coord.agents.{id}.register`, `.state.put`, …: the services
 # refuse a body naming another agent there), reads of any agent's state
 # (`coord.sync.state.get`/`history`, read-only), and the JetStream API calls
@@ -21,7 +21,7 @@
 # `coord.sync.state.put`, …) name the agent only in the JSON, so they stay
 # closed to agents. It may subscribe only to its own inboxes (`_INBOX_{id}.>`:
 # connect with NATS_INBOX_PREFIX=_INBOX_{id}; `coordctl agent` and the Python
-# example agent do so), its cancel and sync notices, and `agent.lost` events.
+# example agent do so), its cancel notices, report verdicts and sync notices, and `agent.lost` events.
 set -eu
 if [ $# -ne 2 ]; then
     echo "usage: $0 AGENT_ID PASSWORD" >&2
@@ -41,7 +41,7 @@ cat <<ENTRY
     { user: "$id", password: $pass, permissions: {
         publish: { allow: [
           "coord.agents.$id.heartbeat", "coord.agents.$id.report", "coord.agents.$id.sync.ack",
-          "coord.agents.$id.register", "coord.agents.$id.deregister",
+          "coord.agents.$id.register", "coord.agents.$id.deregister", "coord.agents.$id.leave",
           "coord.agents.$id.state.get", "coord.agents.$id.state.put",
           "coord.agents.$id.state.delete", "coord.agents.$id.state.history",
           "coord.sync.state.get", "coord.sync.state.history",
@@ -53,7 +53,8 @@ cat <<ENTRY
           "\$JS.ACK.COORD_ASSIGN.agent-$id.>"
         ] }
         subscribe: { allow: [
-          "_INBOX_$id.>", "coord.agents.$id.cancel", "coord.agents.$id.sync", "coord.events.agent.lost"
+          "_INBOX_$id.>", "coord.agents.$id.cancel", "coord.agents.$id.rejected", "coord.agents.$id.sync",
+          "coord.events.agent.lost"
         ] }
     } }
 ENTRY

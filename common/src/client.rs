@@ -108,6 +108,17 @@ impl Client {
         .await
     }
 
+    /// The agent is done: `left`, whatever it still held handed back.
+    pub async fn leave_agent(&self, agent: &crate::AgentId) -> Result<AgentInfo, Error> {
+        self.request(
+            &subject::agent_leave(agent),
+            &crate::msg::LeaveAgent {
+                agent_id: agent.clone(),
+            },
+        )
+        .await
+    }
+
     pub async fn allocate_gang(&self, req: &GangRequest) -> Result<GangReply, Error> {
         self.request(subject::ALLOCATE_GANG, req).await
     }

@@ -22,6 +22,11 @@ pub const STREAM_REPORTS: &str = "COORD_REPORTS";
 /// Every domain event: the audit log.
 pub const STREAM_EVENTS: &str = "COORD_EVENTS";
 /// The orchestrators' shared durable consumer on [`STREAM_REPORTS`].
+/// The durable consumer an agent reads its assignments through.
+pub fn agent_consumer(agent: &crate::AgentId) -> String {
+    format!("agent-{agent}")
+}
+
 pub const CONSUMER_ORCHESTRATOR: &str = "orchestrator";
 /// The orchestrators' shared durable consumer of the allocator's `agent.lost`
 /// and `allocation.preempted` events on [`STREAM_EVENTS`].

@@ -24,7 +24,8 @@ use tracing::Instrument;
 use crate::error::{Error, ErrorCode};
 use crate::id::AgentId;
 use crate::msg::{
-    DeregisterAgent, RegisterAgent, StateDelete, StateGet, StateHistoryRequest, StatePut,
+    DeregisterAgent, LeaveAgent, RegisterAgent, StateDelete, StateGet, StateHistoryRequest,
+    StatePut,
 };
 use crate::{subject, telemetry};
 
@@ -229,6 +230,7 @@ macro_rules! agent_request {
 agent_request!(
     RegisterAgent,
     DeregisterAgent,
+    LeaveAgent,
     StateGet,
     StatePut,
     StateDelete,

@@ -62,6 +62,14 @@ pub fn agent_register(agent: &AgentId) -> String {
 pub fn agent_deregister(agent: &AgentId) -> String {
     format!("coord.agents.{agent}.deregister")
 }
+
+/// Every agent's own leave subject (the allocators' endpoint).
+pub const AGENT_LEAVE_ALL: &str = "coord.agents.*.leave";
+
+/// An agent is done, on its own subject (agent → allocator): status `left`.
+pub fn agent_leave(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.leave")
+}
 pub const ALLOCATE: &str = "coord.allocator.allocate";
 /// Several requirements placed all-or-nothing.
 pub const ALLOCATE_GANG: &str = "coord.allocator.allocate.gang";
@@ -212,6 +220,11 @@ pub fn cancel(agent: &AgentId) -> String {
     format!("coord.agents.{agent}.cancel")
 }
 
+/// Verdicts on an agent's refused reports (core publish, orchestrator → agent).
+pub fn rejected(agent: &AgentId) -> String {
+    format!("coord.agents.{agent}.rejected")
+}
+
 /// The agent id in an agent subject (`coord.agents.{id}.…`), validated.
 ///
 /// Identity comes from the subject the agent is permitted to publish on, never
@@ -246,6 +259,8 @@ pub mod event {
     // Allocator events.
     pub const AGENT_LOST: &str = "coord.events.agent.lost";
     pub const AGENT_DEREGISTERED: &str = "coord.events.agent.deregistered";
+    pub const AGENT_LEFT: &str = "coord.events.agent.left";
+    pub const AGENT_RETIRED: &str = "coord.events.agent.retired";
     pub const CAPACITY_ADJUSTED: &str = "coord.events.agent.capacity_adjusted";
     pub const QUOTA_CHANGED: &str = "coord.events.quota.changed";
     pub const ALLOCATION_PREEMPTED: &str = "coord.events.allocation.preempted";

@@ -8,6 +8,13 @@
 //! crash mid-task means redelivery rather than a lost task. A cancel notice on
 //! `coord.agents.{id}.cancel` aborts the handler of that attempt.
 //!
+//! On shutdown the agent leaves cleanly: it drains (no new placements, at
+//! once in every allocator replica), takes and runs what was already stored
+//! for it, waits for its running tasks up to `leave_grace`, then leaves
+//! (`left`, never `lost`): whatever is still running is handed back. Report
+//! verdicts (`coord.agents.{id}.rejected`) are logged, and sync notices are
+//! acknowledged unless `follow_sync` is off, so sync points complete.
+//!
 //! A NATS outage is ridden out: the client reconnects on its own, the durable
 //! consumer carries on where it was, reports and acks are retried until the
 //! server has them, and the agent registers again after every reconnect (if
@@ -41,6 +48,12 @@ pub struct AgentOptions {
     pub heartbeat_interval: Duration,
     /// Tasks run at once.
     pub concurrency: usize,
+    /// On shutdown, how long running tasks may take to finish before they are
+    /// handed back.
+    pub leave_grace: Duration,
+    /// Acknowledge the synchronizer's notices (sync points, rollbacks, agreed
+    /// state). Turn off to handle them yourself with a [`SyncFollower`].
+    pub follow_sync: bool,
 }
 
 impl AgentOptions {
@@ -52,6 +65,8 @@ impl AgentOptions {
             capacity: BTreeMap::new(),
             heartbeat_interval: Duration::from_secs(5),
             concurrency: 8,
+            leave_grace: Duration::from_secs(3),
+            follow_sync: true,
         }
     }
 
@@ -85,7 +100,7 @@ impl<E: std::fmt::Display> From<E> for TaskFailure {
 
 /// The durable consumer name of an agent's assignments.
 pub fn consumer_name(agent: &AgentId) -> String {
-    format!("agent-{agent}")
+    bus::agent_consumer(agent)
 }
 
 /// The reply-subject prefix of an agent's connection (`_INBOX_{id}`; see
@@ -220,6 +235,32 @@ where
             }
         }
     });
+    // Verdicts on this agent's reports: a refused report changed nothing.
+    let mut verdicts = nats
+        .subscribe(subject::rejected(&opts.agent_id))
+        .await
+        .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+    let listener = tokio::spawn(async move {
+        while let Some(msg) = verdicts.next().await {
+            match serde_json::from_slice::<common::msg::ReportRejected>(&msg.payload) {
+                Ok(v) => tracing::warn!(
+                    flow = ?v.flow_id, task = ?v.task_id, attempt = ?v.attempt,
+                    code = ?v.code, reason = ?v.reason, message = %v.message,
+                    "report rejected"
+                ),
+                Err(e) => tracing::debug!(error = %e, "unreadable verdict"),
+            }
+        }
+    });
+    let (stop_sync, sync_stopped) = tokio::sync::oneshot::channel::<()>();
+    let follower = if opts.follow_sync {
+        let follower = SyncFollower::subscribe(nats.clone(), opts.agent_id.clone()).await?;
+        Some(tokio::spawn(
+            follower.run(|_notice| async { true }, sync_stopped),
+        ))
+    } else {
+        None
+    };
     let heartbeat = tokio::spawn(heartbeats(
         nats.clone(),
         opts.agent_id.clone(),
@@ -260,23 +301,10 @@ where
         .map_err(|e| unavailable(&e))?;
     let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
     let limit = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let permits = opts.concurrency.max(1) as u32;
 
-    loop {
-        let msg = tokio::select! {
-            _ = &mut shutdown => break,
-            msg = messages.next() => msg,
-        };
-        let Some(msg) = msg else { break };
-        let msg = match msg {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "assignment stream error");
-                continue;
-            }
-        };
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            break;
-        };
+    // Runs one delivered assignment on a worker of its own.
+    let take = |msg: jetstream::Message, permit: tokio::sync::OwnedSemaphorePermit| {
         let span = telemetry::message_span("assignment", &msg.subject, msg.headers.as_ref());
         let (js, handler, running, me) = (
             js.clone(),
@@ -294,20 +322,105 @@ where
             }
             .instrument(span),
         );
+    };
+
+    let leaving = loop {
+        let msg = tokio::select! {
+            _ = &mut shutdown => break true,
+            msg = messages.next() => msg,
+        };
+        let Some(msg) = msg else { break false };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "assignment stream error");
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break false;
+        };
+        take(msg, permit);
+    };
+    let mut left = false;
+    if leaving {
+        // Drain: no new placements from here on, in every allocator replica.
+        let grace = tokio::time::Instant::now() + opts.leave_grace;
+        match client.deregister_agent(&opts.agent_id).await {
+            Ok(_) => tracing::info!(agent = %opts.agent_id, "draining"),
+            Err(e) => tracing::warn!(agent = %opts.agent_id, error = %e, "drain not confirmed"),
+        }
+        // What was placed before the drain is stored for this agent: take it
+        // while the grace lasts.
+        loop {
+            let pending = stream
+                .consumer_info(&name)
+                .await
+                .map(|i| i.num_pending)
+                .unwrap_or(0);
+            if pending == 0 || tokio::time::Instant::now() >= grace {
+                break;
+            }
+            let next = tokio::select! {
+                _ = tokio::time::sleep_until(grace) => break,
+                msg = tokio::time::timeout(Duration::from_millis(200), messages.next()) => msg,
+            };
+            if let Ok(Some(Ok(msg))) = next {
+                let permit = tokio::select! {
+                    _ = tokio::time::sleep_until(grace) => break,
+                    p = limit.clone().acquire_owned() => p,
+                };
+                let Ok(permit) = permit else { break };
+                take(msg, permit);
+            }
+        }
+        // Running tasks get the rest of the grace; what is still running then
+        // is handed back by the leave.
+        let finished_in_time = tokio::select! {
+            _ = limit.acquire_many(permits) => true,
+            _ = tokio::time::sleep_until(grace) => false,
+        };
+        if !finished_in_time {
+            let handles: Vec<_> = in_flight
+                .lock()
+                .map(|m| m.values().flatten().cloned().collect())
+                .unwrap_or_default();
+            tracing::info!(agent = %opts.agent_id, running = handles.len(), "grace over, handing back running tasks");
+            for h in handles {
+                h.abort();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), limit.acquire_many(permits)).await;
+        }
+        match client.leave_agent(&opts.agent_id).await {
+            Ok(_) => {
+                left = true;
+                tracing::info!(agent = %opts.agent_id, "left");
+            }
+            Err(e) => tracing::warn!(agent = %opts.agent_id, error = %e, "leave not confirmed"),
+        }
+    } else {
+        // Let in-flight tasks finish and report before going away.
+        let _ = limit.acquire_many(permits).await;
     }
-    // Let in-flight tasks finish and report before going away.
-    let _ = limit.acquire_many(opts.concurrency.max(1) as u32).await;
     heartbeat.abort();
     canceller.abort();
+    listener.abort();
     reregister.abort();
-    // A durable consumer outlives its agent; one with nothing waiting in it is
-    // removed, so agents that come and go leave no consumers behind (the
-    // server caps them). One with assignments waiting stays for a restart.
+    let _ = stop_sync.send(());
+    if let Some(f) = follower {
+        let _ = f.await;
+    }
+    // A durable consumer outlives its agent: the allocator removes it on
+    // leave. Without a confirmed leave, one with nothing waiting in it is
+    // removed here, so agents that come and go leave no consumers behind (the
+    // server caps them); one with assignments waiting stays for a restart.
     drop(messages);
-    if let Ok(info) = stream.consumer_info(&name).await {
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            if let Err(e) = stream.delete_consumer(&name).await {
-                tracing::debug!(agent = %opts.agent_id, error = %e, "assignment consumer left behind");
+    if !left {
+        if let Ok(info) = stream.consumer_info(&name).await {
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                if let Err(e) = stream.delete_consumer(&name).await {
+                    tracing::debug!(agent = %opts.agent_id, error = %e, "assignment consumer left behind");
+                }
             }
         }
     }
@@ -412,7 +525,12 @@ async fn work<H, Fut>(
             .await;
         return;
     }
-    let task = tokio::spawn(handler(assignment.clone()).in_current_span());
+    let current = Arc::new((js.clone(), assignment.clone()));
+    let task = tokio::spawn(
+        ATTEMPT
+            .scope(current, handler(assignment.clone()))
+            .in_current_span(),
+    );
     if let Ok(mut m) = in_flight.lock() {
         m.insert(key.clone(), Some(task.abort_handle()));
     }
@@ -447,6 +565,31 @@ async fn work<H, Fut>(
                 .await;
         }
     }
+}
+
+tokio::task_local! {
+    /// The attempt the running handler works on, for [`progress`].
+    static ATTEMPT: Arc<(jetstream::Context, Assignment)>;
+}
+
+/// Reports progress on the attempt the calling handler works on: renews its
+/// lease (send one at least every `lease.heartbeat_ms`) and shows `fraction`
+/// (0..=1) and `message` with the task's status. Outside a handler it is
+/// `bad_request`.
+pub async fn progress(fraction: Option<f64>, message: Option<String>) -> Result<(), Error> {
+    let current = ATTEMPT
+        .try_with(Arc::clone)
+        .map_err(|_| Error::bad_request("progress is reported from inside a task handler"))?;
+    let (js, assignment) = &*current;
+    report(
+        js,
+        assignment,
+        ReportKind::Progress {
+            progress: fraction,
+            message,
+        },
+    )
+    .await
 }
 
 /// How long a report or an ack is retried before the runtime gives up on it:

@@ -26,12 +26,15 @@ use async_nats::jetstream::{self, consumer, kv};
 use common::msg::{
     AgentReport, AllocateRequest, Allocation, Assignment, CapacityRequest, EventKind,
     ExplainRequest, Explanation, FlowChanges, FlowList, FlowListRequest, FlowOptimizeRequest,
-    FlowPlan, FlowRef, FlowSpec, FlowStatus, ReleaseRequest, RerunRequest, TaskSpec,
+    FlowPlan, FlowRef, FlowSpec, FlowStatus, RejectReason, ReleaseRequest, ReportKind,
+    ReportRejected, RerunRequest, TaskSpec,
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Stream};
+use common::now_ms;
 use common::service::Service;
 use common::{subject, telemetry, AgentId, AllocationId, Error, ErrorCode, FlowId, TaskId};
 use futures::{StreamExt, TryStreamExt};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
 
@@ -120,7 +123,8 @@ enum Cmd {
     },
     Tick,
     /// The allocator declared the agent lost.
-    AgentLost(AgentId),
+    /// The agent was lost (`false`) or left (`true`) holding attempts.
+    AgentGone(AgentId, bool),
     /// The allocator took an allocation back.
     Preempted {
         task: TaskId,
@@ -153,6 +157,8 @@ struct Orchestrator {
     /// allocation or a slot, or an agent registered or changed capacity.
     freed: AtomicU64,
     slots: Slots,
+    /// How often the sweep checks deadlines (told to agents in each lease).
+    tick_ms: u64,
 }
 
 /// A concurrency slot taken for a placement: the key and its holder.
@@ -183,6 +189,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         placing: Semaphore::new(MAX_PLACING),
         freed: AtomicU64::new(0),
         slots: Slots::new(slots),
+        tick_ms: cfg.sweep_ms.max(10),
     });
 
     let mut service = Service::start(
@@ -1057,7 +1064,12 @@ impl Orchestrator {
             }
             (Cmd::Report { report, msg }, Err(rejection)) => {
                 let _ = msg.ack().await;
-                self.reject(&report, rejection.to_string()).await;
+                let (code, reason) = match &rejection {
+                    Refusal::Rejected(r) => r.verdict(),
+                    _ => (ErrorCode::Fenced, RejectReason::Other),
+                };
+                self.reject(&report, &msg, code, reason, rejection.to_string())
+                    .await;
             }
             (
                 Cmd::Assign {
@@ -1131,7 +1143,14 @@ impl Orchestrator {
             match cmd {
                 Cmd::Report { report, msg } => {
                     let _ = msg.ack().await;
-                    self.reject(&report, format!("no flow {flow_id}")).await;
+                    self.reject(
+                        &report,
+                        &msg,
+                        ErrorCode::NotFound,
+                        RejectReason::UnknownFlow,
+                        format!("no flow {flow_id}"),
+                    )
+                    .await;
                 }
                 Cmd::Assign {
                     allocation, slot, ..
@@ -1183,8 +1202,34 @@ impl Orchestrator {
         }
     }
 
-    async fn reject(&self, report: &AgentReport, reason: String) {
+    /// A report changed nothing: the agent hears why on its own subject, and
+    /// the rejection is an event.
+    async fn reject(
+        &self,
+        report: &AgentReport,
+        msg: &jetstream::Message,
+        code: ErrorCode,
+        why: RejectReason,
+        reason: String,
+    ) {
         tracing::info!(flow = %report.flow_id, task = %report.task_id, attempt = report.attempt, %reason, "report rejected");
+        if let Some(agent) = subject::agent_of(&msg.subject) {
+            self.tell_rejected(
+                &agent,
+                ReportRejected {
+                    flow_id: Some(report.flow_id.to_string()),
+                    task_id: Some(report.task_id.to_string()),
+                    attempt: Some(report.attempt),
+                    report_type: Some(report_type(&report.kind).to_owned()),
+                    code,
+                    reason: why,
+                    message: reason.clone(),
+                    msg_id: msg_id(msg),
+                    at_ms: now_ms(),
+                },
+            )
+            .await;
+        }
         self.events
             .publish(EventKind::ReportRejected {
                 flow_id: report.flow_id.clone(),
@@ -1194,6 +1239,20 @@ impl Orchestrator {
                 reason,
             })
             .await;
+    }
+
+    /// Publishes a verdict on the agent's `rejected` subject (core NATS: an
+    /// agent that is not listening loses nothing but the explanation).
+    async fn tell_rejected(&self, agent: &AgentId, verdict: ReportRejected) {
+        if let Ok(body) = serde_json::to_vec(&verdict) {
+            if let Err(e) = self
+                .nats
+                .publish_with_headers(subject::rejected(agent), telemetry::headers(), body.into())
+                .await
+            {
+                tracing::warn!(agent = %agent, error = %e, "rejection not sent");
+            }
+        }
     }
 
     async fn run_effects(self: &Arc<Self>, effects: Vec<Effect>) {
@@ -1435,6 +1494,7 @@ impl Orchestrator {
             allocation_id: allocation,
             resources: t.spec.requirements.resources.clone(),
             assigned_at_ms,
+            lease: t.lease(assigned_at_ms, self.tick_ms),
         };
         let o = self.clone();
         tokio::spawn(
@@ -1593,10 +1653,15 @@ impl Orchestrator {
             .get_stream(stream)
             .await
             .map_err(|e| unavailable(&e))?;
-        let consumer = stream
-            .get_or_create_consumer(&name, config)
-            .await
-            .map_err(|e| unavailable(&e))?;
+        // Create or update: a consumer made by an older build gets this
+        // build's filters (the allocator events grew `agent.left`).
+        let consumer: consumer::PullConsumer = match stream.create_consumer(config.clone()).await {
+            Ok(c) => c,
+            Err(_) => stream
+                .get_or_create_consumer(&name, config)
+                .await
+                .map_err(|e| unavailable(&e))?,
+        };
         consumer.messages().await.map_err(|e| unavailable(&e))
     }
 
@@ -1627,6 +1692,9 @@ impl Orchestrator {
                 Err(e) => {
                     tracing::warn!(subject = %msg.subject, error = %e, "unreadable report dropped");
                     let _ = msg.ack_with(jetstream::AckKind::Term).await;
+                    if let Some(agent) = subject::agent_of(&msg.subject) {
+                        self.tell_rejected(&agent, malformed(&msg, &e)).await;
+                    }
                     continue;
                 }
             };
@@ -1635,7 +1703,13 @@ impl Orchestrator {
                 let _ = msg.ack().await;
                 self.reject(
                     &report,
-                    "report published on another agent's subject".into(),
+                    &msg,
+                    ErrorCode::BadRequest,
+                    RejectReason::AgentMismatch,
+                    format!(
+                        "report names agent {} but came on {}",
+                        report.agent_id, msg.subject
+                    ),
                 )
                 .await;
                 continue;
@@ -1676,6 +1750,7 @@ impl Orchestrator {
                     ),
                     filter_subjects: vec![
                         subject::event::AGENT_LOST.to_owned(),
+                        subject::event::AGENT_LEFT.to_owned(),
                         subject::event::ALLOCATION_PREEMPTED.to_owned(),
                     ],
                     deliver_policy: consumer::DeliverPolicy::New,
@@ -1692,17 +1767,26 @@ impl Orchestrator {
                 telemetry::message_span("allocator event", &msg.subject, msg.headers.as_ref());
             let kind = serde_json::from_slice::<common::msg::Event>(&msg.payload).map(|e| e.kind);
             span.in_scope(|| match kind {
-                Ok(EventKind::AgentLost {
-                    agent_id, released, ..
-                }) => {
+                Ok(
+                    ref kind @ (EventKind::AgentLost {
+                        ref agent_id,
+                        ref released,
+                        ..
+                    }
+                    | EventKind::AgentLeft {
+                        ref agent_id,
+                        ref released,
+                    }),
+                ) => {
+                    let left = matches!(kind, EventKind::AgentLeft { .. });
                     let flows: HashSet<FlowId> = released
                         .iter()
                         .filter_map(|a| owner_task(&a.owner))
                         .map(|(f, _)| f)
                         .collect();
-                    tracing::info!(agent = %agent_id, flows = flows.len(), "agent lost, re-queuing its tasks");
+                    tracing::info!(agent = %agent_id, flows = flows.len(), left, "agent gone, re-queuing its tasks");
                     for flow in flows {
-                        self.send(&flow, Cmd::AgentLost(agent_id.clone()));
+                        self.send(&flow, Cmd::AgentGone(agent_id.clone(), left));
                     }
                 }
                 Ok(EventKind::AllocationPreempted {
@@ -1822,6 +1906,51 @@ where
 }
 
 /// The flow and task an allocation owner names (`{flow}/{task}`), if it is one of ours.
+/// The `type` of a report, as on the wire.
+fn report_type(kind: &ReportKind) -> &'static str {
+    match kind {
+        ReportKind::Started => "started",
+        ReportKind::Progress { .. } => "progress",
+        ReportKind::Completed { .. } => "completed",
+        ReportKind::Failed { .. } => "failed",
+        ReportKind::Unknown => "unknown",
+    }
+}
+
+fn msg_id(msg: &jetstream::Message) -> Option<String> {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Msg-Id"))
+        .map(|v| v.to_string())
+}
+
+/// The verdict on a report that is not an `AgentReport`: whatever of its ids
+/// can be read is echoed, so the agent can tell which report it was.
+fn malformed(msg: &jetstream::Message, e: &serde_json::Error) -> ReportRejected {
+    let body: Option<serde_json::Map<String, Value>> = serde_json::from_slice(&msg.payload).ok();
+    let text = |k: &str| {
+        body.as_ref()
+            .and_then(|b| b.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    ReportRejected {
+        flow_id: text("flow_id"),
+        task_id: text("task_id"),
+        attempt: body
+            .as_ref()
+            .and_then(|b| b.get("attempt"))
+            .and_then(Value::as_u64)
+            .and_then(|a| u32::try_from(a).ok()),
+        report_type: text("type"),
+        code: ErrorCode::BadRequest,
+        reason: RejectReason::Malformed,
+        message: format!("not a report: {e}"),
+        msg_id: msg_id(msg),
+        at_ms: now_ms(),
+    }
+}
+
 fn owner_task(owner: &str) -> Option<(FlowId, TaskId)> {
     let (flow, task) = owner.split_once('/')?;
     Some((FlowId::new(flow).ok()?, TaskId::new(task).ok()?))
@@ -1879,7 +2008,7 @@ fn step(
         Cmd::Unplaced { .. } | Cmd::Wake => (0, Vec::new()),
         Cmd::Unassign { task, attempt } => (0, flow.unassign(task, *attempt, now)?),
         Cmd::Tick => (0, flow.tick(now)),
-        Cmd::AgentLost(agent) => (0, flow.agent_lost(agent, now)),
+        Cmd::AgentGone(agent, left) => (0, flow.agent_gone(agent, *left, now)),
         Cmd::Preempted {
             task,
             allocation,

@@ -73,6 +73,9 @@ pub struct AgentRecord {
     pub seen_ms: u64,
     #[serde(default)]
     pub reservations: BTreeMap<ReservationId, Reservation>,
+    /// When `status` last changed.
+    #[serde(default)]
+    pub status_since_ms: u64,
 }
 
 /// Where an allocation draws its resources from on the chosen agent.
@@ -136,6 +139,7 @@ impl AgentRecord {
             status: AgentStatus::Active,
             seen_ms: now_ms,
             reservations,
+            status_since_ms: now_ms,
         }
     }
 
@@ -423,7 +427,7 @@ impl AgentRecord {
     /// Whether the agent has missed its heartbeats at `now_ms`, given the last
     /// beat recorded (0 if none): returns when it was last seen.
     pub fn lost_at(&self, last_beat_ms: u64, now_ms: u64) -> Option<u64> {
-        if self.status == AgentStatus::Lost {
+        if matches!(self.status, AgentStatus::Lost | AgentStatus::Left) {
             return None;
         }
         let seen = self.seen_ms.max(last_beat_ms);
@@ -440,6 +444,32 @@ impl AgentRecord {
             .collect()
     }
 
+    /// The agent left on purpose: what it held is released (and handed back
+    /// by the orchestrator); it takes nothing until it registers again.
+    pub fn leave(&mut self, now_ms: u64) -> Vec<Allocation> {
+        if self.status != AgentStatus::Left {
+            self.status = AgentStatus::Left;
+            self.status_since_ms = now_ms;
+        }
+        std::mem::take(&mut self.allocations)
+            .into_values()
+            .collect()
+    }
+
+    /// Whether a lost or left agent has been so for `retention_ms` at
+    /// `now_ms` and holds nothing still promised (a reservation): it is then
+    /// removed from the listing.
+    pub fn retire_at(&self, retention_ms: u64, now_ms: u64) -> bool {
+        matches!(self.status, AgentStatus::Lost | AgentStatus::Left)
+            && self.allocations.is_empty()
+            && self.reservations.is_empty()
+            && now_ms
+                >= self
+                    .status_since_ms
+                    .max(self.seen_ms)
+                    .saturating_add(retention_ms)
+    }
+
     pub fn info(&self, last_heartbeat_ms: u64) -> AgentInfo {
         AgentInfo {
             agent_id: self.agent_id.clone(),
@@ -452,6 +482,7 @@ impl AgentRecord {
             last_heartbeat_ms,
             assign_subject: common::subject::assign(&self.agent_id),
             status: self.status,
+            status_since_ms: self.status_since_ms.max(self.seen_ms),
         }
     }
 

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, kv};
 use common::msg::{
-    AdjustRequest, CancelReservation, CapacityRequest, DeregisterAgent, GangRequest,
+    AdjustRequest, CancelReservation, CapacityRequest, DeregisterAgent, GangRequest, LeaveAgent,
     OptimizeRequest, QuotaRequest, RegisterAgent, ReleaseRequest, ReserveRequest,
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Stream};
@@ -50,6 +50,14 @@ pub struct Config {
         default_value_t = 30_000
     )]
     pub gang_deadline_ms: u64,
+    /// How long a lost or left agent stays listed before it is retired (its
+    /// record, consumer and stored assignments removed), in ms.
+    #[arg(
+        long,
+        env = "COORD_ALLOCATOR_AGENT_RETENTION_MS",
+        default_value_t = 3_600_000
+    )]
+    pub agent_retention_ms: u64,
 }
 
 impl Config {
@@ -58,6 +66,7 @@ impl Config {
             nats,
             sweep_ms: 500,
             gang_deadline_ms: 30_000,
+            agent_retention_ms: 3_600_000,
         }
     }
 }
@@ -81,6 +90,9 @@ pub(crate) struct Allocator {
     beats: cache::Cache<cache::Beat>,
     events: EventPublisher,
     gang_deadline_ms: u64,
+    agent_retention_ms: u64,
+    /// For the agents' assignment consumers, removed when an agent leaves.
+    js: jetstream::Context,
     /// When this replica's connection was last down, or its heartbeat
     /// bucket last stalled: heartbeats sent then never reached it or were not
     /// recorded, so that silence is not held against the agents.
@@ -144,6 +156,8 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         beats: cache::Cache::default(),
         events: EventPublisher::new(nats.clone(), NAME),
         gang_deadline_ms: cfg.gang_deadline_ms,
+        agent_retention_ms: cfg.agent_retention_ms,
+        js: js.clone(),
         outages: bus::Outages::watch(&nats),
         lanes: Default::default(),
         rotation: Default::default(),
@@ -176,6 +190,14 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         subject::AGENT_DEREGISTER_ALL,
         DeregisterAgent,
         deregister
+    );
+    serve!(
+        serve_agent,
+        service,
+        alloc,
+        subject::AGENT_LEAVE_ALL,
+        LeaveAgent,
+        leave
     );
     // The shared subjects, for operators' tools and agents written before.
     serve!(

@@ -9,8 +9,8 @@ use async_nats::jetstream::kv;
 use common::msg::{
     AdjustReply, AdjustRequest, AgentInfo, AgentStatus, AllocateRequest, Allocation, CancelReply,
     CancelReservation, CapacityRequest, CapacityStatus, DeregisterAgent, EventKind, GangReply,
-    GangRequest, OptimizePlan, OptimizeRequest, QuotaExceeded, RegisterAgent, ReleaseReply,
-    ReleaseRequest, Requirements, Reservation, ReserveRequest,
+    GangRequest, LeaveAgent, OptimizePlan, OptimizeRequest, QuotaExceeded, RegisterAgent,
+    ReleaseReply, ReleaseRequest, Requirements, Reservation, ReserveRequest,
 };
 use common::nats::{self as bus, Step};
 use common::{AgentId, AllocationId, Error, ErrorCode, ReservationId};
@@ -340,9 +340,19 @@ impl Allocator {
     }
 
     pub(super) async fn deregister(&self, req: DeregisterAgent) -> Result<AgentInfo, Error> {
+        let now = common::now_ms();
         let rec = self
             .update_agent(&req.agent_id, |mut rec| {
-                rec.status = AgentStatus::Draining;
+                if rec.status == AgentStatus::Left {
+                    return Err(Error::new(
+                        ErrorCode::Conflict,
+                        format!("agent {} has left; register again first", rec.agent_id),
+                    ));
+                }
+                if rec.status != AgentStatus::Draining {
+                    rec.status = AgentStatus::Draining;
+                    rec.status_since_ms = now;
+                }
                 Ok(Step::Write(rec.clone(), rec))
             })
             .await?;
@@ -354,6 +364,45 @@ impl Allocator {
             .await;
         let beat = self.beats.get(&rec.agent_id).map(|(b, _)| b.at_ms);
         Ok(rec.info(beat.unwrap_or(0)))
+    }
+
+    /// The agent is done: `left`, what it held released and handed back,
+    /// its assignments consumer and stored assignments removed. Leaving again
+    /// is a no-op that answers the same.
+    pub(super) async fn leave(&self, req: LeaveAgent) -> Result<AgentInfo, Error> {
+        let now = common::now_ms();
+        let (rec, released) = self
+            .update_agent(&req.agent_id, |mut rec| {
+                let released = rec.leave(now);
+                Ok(Step::Write(rec.clone(), (rec, released)))
+            })
+            .await?;
+        tracing::info!(agent = %rec.agent_id, released = released.len(), "agent left");
+        self.forget(&released).await;
+        self.events
+            .publish(EventKind::AgentLeft {
+                agent_id: rec.agent_id.clone(),
+                released,
+            })
+            .await;
+        self.remove_work_path(&rec.agent_id).await;
+        let beat = self.beats.get(&rec.agent_id).map(|(b, _)| b.at_ms);
+        Ok(rec.info(beat.unwrap_or(0)))
+    }
+
+    /// Deletes the agent's assignments consumer and purges what is stored for
+    /// it: durable consumers outlive their agents and a server caps how many a
+    /// stream keeps. An agent that registers again creates its consumer anew.
+    pub(super) async fn remove_work_path(&self, agent: &AgentId) {
+        let Ok(stream) = self.js.get_stream(bus::STREAM_ASSIGN).await else {
+            return;
+        };
+        if let Err(e) = stream.delete_consumer(&bus::agent_consumer(agent)).await {
+            tracing::debug!(agent = %agent, error = %e, "no assignments consumer to delete");
+        }
+        if let Err(e) = stream.purge().filter(common::subject::assign(agent)).await {
+            tracing::warn!(agent = %agent, error = %e, "stored assignments not purged");
+        }
     }
 
     pub(super) async fn allocate(&self, req: AllocateRequest) -> Result<Allocation, Error> {

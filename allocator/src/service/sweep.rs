@@ -36,6 +36,9 @@ impl Allocator {
             if !probe.expire(now, self.gang_deadline_ms).is_empty() {
                 self.expire(&rec).await;
             }
+            if rec.retire_at(self.agent_retention_ms, now) {
+                self.retire(&rec).await;
+            }
         }
         self.sweep_quotas().await;
     }
@@ -56,6 +59,7 @@ impl Allocator {
                 // The event names the real last sign of life, not the outage.
                 let seen = rec.lost_at(beat, now).unwrap_or(heard);
                 let released = rec.mark_lost();
+                rec.status_since_ms = now;
                 Ok(Step::Write(rec, Some((seen, released))))
             })
             .await;
@@ -74,6 +78,41 @@ impl Allocator {
             Ok(None) => {}
             Err(e) => tracing::debug!(agent = %rec.agent_id, error = %e, "lost check deferred"),
         }
+    }
+
+    /// Removes a lost or left agent past the retention period: its record
+    /// (a delete over the revision that still shows it retired-to-be, so a
+    /// registration meanwhile wins), its last heartbeat, its consumer and
+    /// stored assignments.
+    async fn retire(&self, rec: &AgentRecord) {
+        let now = common::now_ms();
+        let Ok(entry) = self.agents.entry(rec.agent_id.as_str()).await else {
+            return;
+        };
+        let Some(entry) = entry else { return };
+        let Ok(current) = serde_json::from_slice::<AgentRecord>(&entry.value) else {
+            return;
+        };
+        if !current.retire_at(self.agent_retention_ms, now) {
+            return;
+        }
+        if let Err(e) = self
+            .agents
+            .delete_expect_revision(rec.agent_id.as_str(), Some(entry.revision))
+            .await
+        {
+            tracing::debug!(agent = %rec.agent_id, error = %e, "retirement deferred");
+            return;
+        }
+        let _ = self.heartbeats.delete(rec.agent_id.as_str()).await;
+        self.remove_work_path(&rec.agent_id).await;
+        tracing::info!(agent = %rec.agent_id, status = ?current.status, "agent retired");
+        self.events
+            .publish(EventKind::AgentRetired {
+                agent_id: rec.agent_id.clone(),
+                status: current.status,
+            })
+            .await;
     }
 
     async fn expire(&self, rec: &AgentRecord) {

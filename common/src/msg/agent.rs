@@ -45,6 +45,9 @@ pub enum AgentStatus {
     Draining,
     /// Missed its heartbeats: its allocations were released. Registering again revives it.
     Lost,
+    /// Left on purpose (`coord.agents.{id}.leave`): anything it still held was
+    /// released and handed back; heartbeats are ignored until it registers again.
+    Left,
     /// A status this build does not know.
     #[serde(other)]
     Unknown,
@@ -55,6 +58,16 @@ pub enum AgentStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeregisterAgent {
+    pub agent_id: AgentId,
+}
+
+/// `coord.agents.{agent_id}.leave`: the agent is done. What it still holds is
+/// released (its attempts are handed back and run elsewhere under their retry
+/// policy), its assignments consumer is deleted, and it is `left`, not `lost`.
+/// Drain first (`deregister`) and finish running work, so nothing is handed back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaveAgent {
     pub agent_id: AgentId,
 }
 
@@ -84,6 +97,10 @@ pub struct AgentInfo {
     pub assign_subject: String,
     #[serde(default)]
     pub status: AgentStatus,
+    /// When `status` last changed (ms since the epoch); lost and left agents
+    /// are retired from the listing a retention period after it.
+    #[serde(default)]
+    pub status_since_ms: u64,
 }
 
 /// `coord.agents.{id}.heartbeat`: published by an agent every `heartbeat_interval_ms`.
@@ -120,6 +137,36 @@ pub struct Assignment {
     /// When the orchestrator assigned it.
     #[serde(default)]
     pub assigned_at_ms: u64,
+    /// The timeouts this attempt runs under and their deadlines.
+    #[serde(default)]
+    pub lease: AttemptLease,
+}
+
+/// The timing contract of one attempt. The orchestrator checks deadlines every
+/// `tick_ms`, so a timeout fires between its due time and `tick_ms` later;
+/// aim well inside them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AttemptLease {
+    /// Send `started` within this long of `assigned_at_ms`.
+    #[serde(default)]
+    pub schedule_to_start_ms: u64,
+    /// `assigned_at_ms + schedule_to_start_ms`: `started` must be in by then.
+    #[serde(default)]
+    pub start_by_ms: u64,
+    /// Finish (final report stored) within this long of your `started` report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_to_close_ms: Option<u64>,
+    /// Report (`started`, `progress`) at least this often while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms: Option<u64>,
+    /// The latest the attempt can still finish: `start_by_ms +
+    /// start_to_close_ms` (absent without a start-to-close timeout). Starting
+    /// earlier moves your own deadline earlier: `started` + `start_to_close_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// How often the orchestrator checks deadlines.
+    #[serde(default)]
+    pub tick_ms: u64,
 }
 
 /// What a report says happened.
@@ -128,10 +175,13 @@ pub struct Assignment {
 pub enum ReportKind {
     /// The agent began work on the attempt.
     Started,
-    /// Still working; optional progress in 0..=1.
+    /// Still working: renews the lease; optional progress in 0..=1 and a
+    /// short message (at most 1,024 bytes), shown with the task's status.
     Progress {
         #[serde(default)]
         progress: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
     },
     /// Finished with an output.
     Completed {
@@ -164,13 +214,101 @@ pub struct AgentReport {
     pub at_ms: u64,
 }
 
-/// `coord.agents.{id}.cancel`: stop working on this attempt; its result would be
-/// rejected anyway (the flow was cancelled, or the attempt timed out).
+/// `coord.agents.{id}.cancel`: the attempt was taken away from the agent, for
+/// any reason; stop working on it and send no final report (it would be
+/// rejected as `fenced`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CancelNotice {
     pub flow_id: FlowId,
     pub task_id: TaskId,
     pub attempt: u32,
+    /// Why, for programs.
+    #[serde(default)]
+    pub code: CancelCode,
+    /// Why, for people.
     #[serde(default)]
     pub reason: String,
+}
+
+/// Why an attempt was taken away.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelCode {
+    /// The flow was cancelled.
+    FlowCancelled,
+    /// A timeout of the attempt fired (`reason` names which).
+    TimedOut,
+    /// The allocator declared the agent lost (missed heartbeats).
+    AgentLost,
+    /// The agent left while holding it.
+    AgentLeft,
+    /// Its allocation was preempted (capacity reduced, quota lowered, reservation ended).
+    Preempted,
+    /// An upstream task is re-run, so this one starts over.
+    Rerun,
+    /// Another task failed in a `fail_fast` flow.
+    FailFast,
+    /// A code this build does not know.
+    #[default]
+    #[serde(other)]
+    Other,
+}
+
+/// `coord.agents.{id}.rejected` (core publish, orchestrator → agent): a report
+/// of this agent's was refused and changed nothing. Fields the report did not
+/// carry readably are absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReportRejected {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// The report's `type`, if readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_type: Option<String>,
+    /// `bad_request` (the report is malformed), `not_found` (no such flow or
+    /// task) or `fenced` (the attempt is not this agent's current one, or it
+    /// has ended).
+    pub code: crate::ErrorCode,
+    /// The precise rule broken.
+    pub reason: RejectReason,
+    /// For people.
+    #[serde(default)]
+    pub message: String,
+    /// The report's `Nats-Msg-Id` header, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<String>,
+    #[serde(default)]
+    pub at_ms: u64,
+}
+
+/// The rule a rejected report broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// Not JSON, or not an `AgentReport` (wrong or missing fields, bad ids).
+    Malformed,
+    /// A report `type` the orchestrator does not know.
+    UnknownType,
+    /// `progress` outside 0..=1 (or not a finite number), or a message over 1,024 bytes.
+    ProgressOutOfRange,
+    /// The body's `agent_id` is not the agent whose subject it came on.
+    AgentMismatch,
+    /// No such flow.
+    UnknownFlow,
+    /// No such task in the flow.
+    UnknownTask,
+    /// Not the task's current attempt (it timed out, was taken away or re-run).
+    StaleAttempt,
+    /// The current attempt is held by another agent.
+    WrongAgent,
+    /// The attempt is no longer running (it already ended).
+    NotRunning,
+    /// The flow has finished (or been cancelled).
+    FlowFinished,
+    /// A reason this build does not know.
+    #[serde(other)]
+    Other,
 }

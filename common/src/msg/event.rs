@@ -108,6 +108,20 @@ pub enum EventKind {
         #[serde(default)]
         released: Vec<Allocation>,
     },
+    /// An agent left on purpose: whatever it still held is released (listed,
+    /// with owners, so their tasks are handed back).
+    AgentLeft {
+        agent_id: AgentId,
+        #[serde(default)]
+        released: Vec<Allocation>,
+    },
+    /// A lost or left agent was removed from the listing after the retention
+    /// period, with its assignments consumer and any assignments still stored.
+    AgentRetired {
+        agent_id: AgentId,
+        /// `lost` or `left`: what it was when retired.
+        status: crate::msg::AgentStatus,
+    },
     /// An agent deregistered and drains: no new placements.
     AgentDeregistered {
         agent_id: AgentId,
@@ -254,6 +268,8 @@ impl EventKind {
             EventKind::StateUpdated { .. } => s::STATE_UPDATED,
             EventKind::AgentLost { .. } => s::AGENT_LOST,
             EventKind::AgentDeregistered { .. } => s::AGENT_DEREGISTERED,
+            EventKind::AgentLeft { .. } => s::AGENT_LEFT,
+            EventKind::AgentRetired { .. } => s::AGENT_RETIRED,
             EventKind::CapacityAdjusted { .. } => s::CAPACITY_ADJUSTED,
             EventKind::QuotaChanged { .. } => s::QUOTA_CHANGED,
             EventKind::AllocationPreempted { .. } => s::ALLOCATION_PREEMPTED,

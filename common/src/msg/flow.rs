@@ -324,6 +324,12 @@ pub struct TaskStatus {
     /// When the current attempt times out unless the agent reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// The current attempt's latest reported progress, 0..=1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
+    /// The message that came with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_message: Option<String>,
 }
 
 /// Reply to `flow.create`, `flow.get` and `flow.status`.

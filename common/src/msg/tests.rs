@@ -46,11 +46,20 @@ fn every_message_round_trips() {
         allocation_id: alloc.clone(),
         resources: Default::default(),
         assigned_at_ms: 9,
+        lease: AttemptLease {
+            schedule_to_start_ms: 60_000,
+            start_by_ms: 60_009,
+            start_to_close_ms: Some(1_000),
+            heartbeat_ms: None,
+            deadline_ms: Some(61_009),
+            tick_ms: 1_000,
+        },
     });
     for kind in [
         ReportKind::Started,
         ReportKind::Progress {
             progress: Some(0.5),
+            message: Some("half".into()),
         },
         ReportKind::Completed {
             output: json!([1, 2]),

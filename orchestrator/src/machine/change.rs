@@ -229,6 +229,7 @@ impl Flow {
                     &id,
                     TaskState::Blocked,
                     "re-run upstream",
+                    common::msg::CancelCode::Rerun,
                     now_ms,
                     &mut effects,
                 );
@@ -336,6 +337,8 @@ impl Task {
             error: None,
             failures: 0,
             history: Vec::new(),
+            progress: None,
+            progress_message: None,
             spec,
         }
     }

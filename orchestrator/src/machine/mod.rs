@@ -31,8 +31,8 @@ mod validate;
 use std::collections::{BTreeSet, HashMap};
 
 use common::msg::{
-    AgentReport, CancelNotice, EventKind, FailureKind, FailureMode, FlowSpec, FlowState,
-    ReportKind, TaskSpec, TaskState,
+    AgentReport, CancelCode, CancelNotice, EventKind, FailureKind, FailureMode, FlowSpec,
+    FlowState, RejectReason, ReportKind, TaskSpec, TaskState,
 };
 use common::{AgentId, AllocationId, FlowId, TaskId};
 use serde::{Deserialize, Serialize};
@@ -152,6 +152,11 @@ pub struct Task {
     /// The last attempts, oldest first (at most [`HISTORY_KEEP`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<AttemptRecord>,
+    /// The current attempt's latest progress, 0..=1, and its message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_message: Option<String>,
 }
 
 fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
@@ -216,9 +221,36 @@ pub enum Rejection {
     ParallelismLimit(u32),
     #[error("unknown report type")]
     UnknownReport,
+    #[error("{0}")]
+    ProgressOutOfRange(String),
     #[error("flow is {0:?}, cannot {1}")]
     WrongFlowState(FlowState, &'static str),
 }
+
+impl Rejection {
+    /// The typed verdict an agent hears for a report refused with this.
+    pub fn verdict(&self) -> (common::ErrorCode, RejectReason) {
+        use common::ErrorCode as C;
+        match self {
+            Rejection::FlowFinished | Rejection::WrongFlowState(..) => {
+                (C::Fenced, RejectReason::FlowFinished)
+            }
+            Rejection::UnknownTask(_) => (C::NotFound, RejectReason::UnknownTask),
+            Rejection::StaleAttempt { .. } => (C::Fenced, RejectReason::StaleAttempt),
+            Rejection::WrongAgent { .. } => (C::Fenced, RejectReason::WrongAgent),
+            Rejection::NotActive(_) => (C::Fenced, RejectReason::NotRunning),
+            Rejection::UnknownReport => (C::BadRequest, RejectReason::UnknownType),
+            Rejection::ProgressOutOfRange(_) => (C::BadRequest, RejectReason::ProgressOutOfRange),
+            Rejection::FlowPaused
+            | Rejection::NotReady(_)
+            | Rejection::NotDue(_)
+            | Rejection::ParallelismLimit(_) => (C::Fenced, RejectReason::Other),
+        }
+    }
+}
+
+/// The longest progress message kept with a task.
+pub const MAX_PROGRESS_MESSAGE: usize = 1_024;
 
 /// Who holds a concurrency slot: one attempt of one task (ids hold no `.`).
 pub fn slot_holder(flow: &FlowId, task: &TaskId, attempt: u32) -> String {
@@ -286,6 +318,8 @@ impl Flow {
                     error: None,
                     failures: 0,
                     history: Vec::new(),
+                    progress: None,
+                    progress_message: None,
                     spec,
                 };
                 (task.spec.id.clone(), task)
@@ -431,6 +465,8 @@ impl Flow {
         t.allocation = Some(allocation.clone());
         t.assigned_ms = Some(now_ms);
         t.started_ms = None;
+        t.progress = None;
+        t.progress_message = None;
         t.deadline_ms = Some(
             now_ms.saturating_add(
                 t.spec
@@ -513,10 +549,37 @@ impl Flow {
         if !state.is_active() {
             return Err(Rejection::NotActive(state));
         }
+        if let ReportKind::Progress { progress, message } = &report.kind {
+            if let Some(p) = progress {
+                if !p.is_finite() || !(0.0..=1.0).contains(p) {
+                    return Err(Rejection::ProgressOutOfRange(format!(
+                        "progress {p} is outside 0..=1"
+                    )));
+                }
+            }
+            if message
+                .as_ref()
+                .is_some_and(|m| m.len() > MAX_PROGRESS_MESSAGE)
+            {
+                return Err(Rejection::ProgressOutOfRange(format!(
+                    "progress message is over {MAX_PROGRESS_MESSAGE} bytes"
+                )));
+            }
+        }
         let id = report.task_id.clone();
         let mut effects = Vec::new();
         match &report.kind {
             ReportKind::Started | ReportKind::Progress { .. } => {
+                if let (ReportKind::Progress { progress, message }, Some(t)) =
+                    (&report.kind, self.tasks.get_mut(&id))
+                {
+                    if progress.is_some() {
+                        t.progress = *progress;
+                    }
+                    if message.is_some() {
+                        t.progress_message = message.clone();
+                    }
+                }
                 if state == TaskState::Assigned {
                     if let Some(t) = self.tasks.get_mut(&id) {
                         t.started_ms = Some(now_ms);
@@ -541,6 +604,7 @@ impl Flow {
                     FailureKind::Error,
                     *retryable,
                     error,
+                    None,
                     now_ms,
                     &mut effects,
                 );
@@ -570,12 +634,28 @@ impl Flow {
             }
         }
         for (id, state) in expired {
-            let what = if state == TaskState::Assigned {
-                "not started in time"
-            } else {
-                "no report in time"
+            let what = match self.tasks.get(&id) {
+                _ if state == TaskState::Assigned => {
+                    "schedule_to_start: no `started` report in time"
+                }
+                Some(t)
+                    if t.spec.timeouts.start_to_close_ms.is_some_and(|d| {
+                        t.started_ms.unwrap_or(now_ms).saturating_add(d) <= now_ms
+                    }) =>
+                {
+                    "start_to_close: not finished in time"
+                }
+                _ => "heartbeat: no `progress` report in time",
             };
-            self.fail_attempt(&id, FailureKind::Timeout, true, what, now_ms, &mut effects);
+            self.fail_attempt(
+                &id,
+                FailureKind::Timeout,
+                true,
+                what,
+                Some(CancelCode::TimedOut),
+                now_ms,
+                &mut effects,
+            );
         }
         for id in unblocked {
             // Unless an expiry above ended the flow meanwhile.
@@ -595,6 +675,13 @@ impl Flow {
 
     /// Every attempt held by `agent` failed with it.
     pub fn agent_lost(&mut self, agent: &AgentId, now_ms: u64) -> Vec<Effect> {
+        self.agent_gone(agent, false, now_ms)
+    }
+
+    /// Every attempt held by `agent`, lost or (`left`) gone on purpose, fails
+    /// with it and is retried under its policy (as `agent_lost`); the agent is
+    /// told, in case it still works on them.
+    pub fn agent_gone(&mut self, agent: &AgentId, left: bool, now_ms: u64) -> Vec<Effect> {
         let mut effects = Vec::new();
         if self.state.is_terminal() {
             return effects;
@@ -605,12 +692,18 @@ impl Flow {
             .filter(|t| t.state.is_active() && t.agent.as_ref() == Some(agent))
             .map(|t| t.spec.id.clone())
             .collect();
+        let (error, code) = if left {
+            ("agent left", CancelCode::AgentLeft)
+        } else {
+            ("agent lost", CancelCode::AgentLost)
+        };
         for id in held {
             self.fail_attempt(
                 &id,
                 FailureKind::AgentLost,
                 true,
-                "agent lost",
+                error,
+                Some(code),
                 now_ms,
                 &mut effects,
             );
@@ -642,6 +735,7 @@ impl Flow {
                             flow_id: self.id.clone(),
                             task_id: task.clone(),
                             attempt: t.attempt,
+                            code: CancelCode::Preempted,
                             reason: format!("resources preempted: {reason}"),
                         },
                     });
@@ -653,6 +747,7 @@ impl Flow {
                 FailureKind::AgentLost,
                 true,
                 &error,
+                None,
                 now_ms,
                 &mut effects,
             );
@@ -709,6 +804,7 @@ impl Flow {
                 &id,
                 TaskState::Cancelled,
                 "flow cancelled",
+                CancelCode::FlowCancelled,
                 now_ms,
                 &mut effects,
             );
@@ -787,12 +883,16 @@ impl Flow {
 
     /// A failed attempt: retried after back-off while the policy allows, else
     /// the task fails for good and the failure mode decides about the rest.
+    /// `cancel`: the attempt is taken from an agent that may still work on it,
+    /// which is told so.
+    #[allow(clippy::too_many_arguments)]
     fn fail_attempt(
         &mut self,
         id: &TaskId,
         kind: FailureKind,
         retryable: bool,
         error: &str,
+        cancel: Option<CancelCode>,
         now_ms: u64,
         effects: &mut Vec<Effect>,
     ) {
@@ -803,19 +903,22 @@ impl Flow {
             return;
         }
         let (attempt, agent) = (t.attempt, t.agent.clone());
-        if kind == FailureKind::Timeout {
+        if let (Some(code), Some(agent)) = (cancel, agent) {
             // The agent may still be working on it: tell it to stop.
-            if let Some(agent) = agent {
-                effects.push(Effect::Cancel {
-                    agent,
-                    notice: CancelNotice {
-                        flow_id: self.id.clone(),
-                        task_id: id.clone(),
-                        attempt,
-                        reason: format!("attempt timed out: {error}"),
-                    },
-                });
-            }
+            let reason = match code {
+                CancelCode::TimedOut => format!("attempt timed out: {error}"),
+                _ => error.to_owned(),
+            };
+            effects.push(Effect::Cancel {
+                agent,
+                notice: CancelNotice {
+                    flow_id: self.id.clone(),
+                    task_id: id.clone(),
+                    attempt,
+                    code,
+                    reason,
+                },
+            });
         }
         let outcome = match kind {
             FailureKind::Error => format!("failed: {error}"),
@@ -868,6 +971,7 @@ impl Flow {
                         &other,
                         to,
                         &format!("fail-fast: task {id} failed"),
+                        CancelCode::FailFast,
                         now_ms,
                         effects,
                     );
@@ -878,11 +982,12 @@ impl Flow {
     }
 
     /// Ends an unfinished task without running it (further).
-    fn stop_task(
+    pub(crate) fn stop_task(
         &mut self,
         id: &TaskId,
         to: TaskState,
         reason: &str,
+        code: CancelCode,
         now_ms: u64,
         effects: &mut Vec<Effect>,
     ) {
@@ -895,6 +1000,7 @@ impl Flow {
                         flow_id: self.id.clone(),
                         task_id: id.clone(),
                         attempt: t.attempt,
+                        code,
                         reason: reason.to_owned(),
                     },
                 });
@@ -1014,6 +1120,26 @@ impl Flow {
             failure_mode: self.failure_mode,
             require_feasible: false,
             tasks_object: None,
+        }
+    }
+}
+
+impl Task {
+    /// The timing contract of the attempt assigned at `assigned_at_ms`, as the
+    /// assignment tells the agent; `tick_ms` is how often deadlines are checked.
+    pub fn lease(&self, assigned_at_ms: u64, tick_ms: u64) -> common::msg::AttemptLease {
+        let t = &self.spec.timeouts;
+        let schedule_to_start_ms = t
+            .schedule_to_start_ms
+            .unwrap_or(DEFAULT_SCHEDULE_TO_START_MS);
+        let start_by_ms = assigned_at_ms.saturating_add(schedule_to_start_ms);
+        common::msg::AttemptLease {
+            schedule_to_start_ms,
+            start_by_ms,
+            start_to_close_ms: t.start_to_close_ms,
+            heartbeat_ms: t.heartbeat_ms,
+            deadline_ms: t.start_to_close_ms.map(|d| start_by_ms.saturating_add(d)),
+            tick_ms,
         }
     }
 }

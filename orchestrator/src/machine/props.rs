@@ -416,6 +416,7 @@ fn step(flow: &mut Flow, model: &mut Model, op: &Op) -> Result<(), TestCaseError
                 0 => ReportKind::Started,
                 1 => ReportKind::Progress {
                     progress: Some(0.5),
+                    message: None,
                 },
                 2 | 3 => ReportKind::Completed {
                     output: serde_json::json!(attempt),

@@ -37,6 +37,8 @@ impl Flow {
                 not_before_ms: (t.state == TaskState::Ready && t.not_before_ms > now_ms)
                     .then_some(t.not_before_ms),
                 deadline_ms: t.deadline_ms,
+                progress: t.progress,
+                progress_message: t.progress_message.clone(),
             })
             .collect();
         status

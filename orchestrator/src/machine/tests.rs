@@ -459,6 +459,7 @@ fn deadlines_expire_attempts_and_tell_the_agent() {
     flow.report(
         &w2(ReportKind::Progress {
             progress: Some(0.5),
+            message: None,
         }),
         400,
     )
