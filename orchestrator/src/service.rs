@@ -1707,7 +1707,7 @@ impl Orchestrator {
                     ErrorCode::BadRequest,
                     RejectReason::AgentMismatch,
                     format!(
-                        "report names agent {} but came on {}",
+                        "report names agent {} but was published on another agent's subject, {}",
                         report.agent_id, msg.subject
                     ),
                 )

@@ -73,6 +73,7 @@ request_types!(
     FlowOptimizeRequest,
     RegisterAgent,
     DeregisterAgent,
+    LeaveAgent,
     AllocateRequest,
     GangRequest,
     ReleaseRequest,

@@ -62,6 +62,7 @@ const NOT_CHANNELS: &[(&str, &str)] = &[
     ("SYNC_ACK_ALL", "wildcard over sync_ack"),
     ("AGENT_REGISTER_ALL", "wildcard over agent_register"),
     ("AGENT_DEREGISTER_ALL", "wildcard over agent_deregister"),
+    ("AGENT_LEAVE_ALL", "wildcard over agent_leave"),
     ("AGENT_STATE_GET_ALL", "wildcard over agent_state_get"),
     ("AGENT_STATE_PUT_ALL", "wildcard over agent_state_put"),
     ("AGENT_STATE_DELETE_ALL", "wildcard over agent_state_delete"),

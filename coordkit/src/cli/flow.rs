@@ -390,11 +390,26 @@ pub(crate) fn task_table(s: &FlowStatus) -> String {
                     .as_ref()
                     .map(|a| a.to_string())
                     .unwrap_or_else(|| "-".into()),
+                progress_text(t.progress, t.progress_message.as_deref()),
                 truncate(&result, 60),
             ]
         })
         .collect();
-    table(&["task", "state", "attempt", "agent", "result"], rows)
+    table(
+        &["task", "state", "attempt", "agent", "progress", "result"],
+        rows,
+    )
+}
+
+/// `40% indexing`: the attempt's latest progress and message, `-` if none.
+fn progress_text(progress: Option<f64>, message: Option<&str>) -> String {
+    let text = match (progress, message) {
+        (Some(p), Some(m)) => format!("{:.0}% {m}", p * 100.0),
+        (Some(p), None) => format!("{:.0}%", p * 100.0),
+        (None, Some(m)) => m.to_owned(),
+        (None, None) => "-".into(),
+    };
+    truncate(&text, 30)
 }
 
 fn truncate(s: &str, max: usize) -> String {

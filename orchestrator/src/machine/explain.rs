@@ -90,6 +90,12 @@ impl Flow {
                         "running on agent {agent} for {since} ms (attempt {})",
                         t.attempt
                     );
+                    if let Some(p) = t.progress {
+                        r.push_str(&format!("; {:.0}% done", p * 100.0));
+                    }
+                    if let Some(m) = &t.progress_message {
+                        r.push_str(&format!(" ({m})"));
+                    }
                     if let Some(d) = t.deadline_ms {
                         r.push_str(&format!(
                             "; its lease ends in {} ms unless it reports",

@@ -802,3 +802,209 @@ fn an_attempt_with_a_concurrency_key_gives_its_slot_back_when_it_ends() {
     assert_eq!(parse_slot_holder("f.a"), None);
     assert_eq!(parse_slot_holder("f.a.1.2"), None);
 }
+
+/// The cancel notices among effects, as (code, attempt).
+fn cancels(effects: &[Effect]) -> Vec<(CancelCode, u32)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Cancel { notice, .. } => Some((notice.code, notice.attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_taken_away_attempt_is_cancelled_with_its_code() {
+    let mut flow = flow_of(vec![retrying("a", 3), retrying("b", 3)]);
+    let a1 = assign(&mut flow, "a", "w1", 0);
+    assign(&mut flow, "b", "w2", 0);
+    assert_eq!(
+        cancels(&flow.agent_lost(&agent(), 10)),
+        vec![(CancelCode::AgentLost, a1)],
+        "a lost agent may still be working: it is told"
+    );
+    let a2 = assign(&mut flow, "a", "w1", 5_000);
+    assert_eq!(
+        cancels(&flow.agent_gone(&agent(), true, 5_010)),
+        vec![(CancelCode::AgentLeft, a2)]
+    );
+    let b = flow.tasks[&tid("b")].attempt;
+    let alloc = flow.tasks[&tid("b")].allocation.clone().unwrap();
+    assert_eq!(
+        cancels(&flow.preempted(&tid("b"), &alloc, "capacity_reduced", 5_020)),
+        vec![(CancelCode::Preempted, b)]
+    );
+    let a3 = assign(&mut flow, "a", "w1", 20_000);
+    assert_eq!(
+        cancels(&flow.cancel(20_010).unwrap()),
+        vec![(CancelCode::FlowCancelled, a3)]
+    );
+}
+
+#[test]
+fn a_timeout_names_the_timeout_that_fired() {
+    let reason = |flow: &Flow| {
+        flow.tasks[&tid("a")]
+            .history
+            .last()
+            .map(|h| h.outcome.clone())
+            .unwrap_or_default()
+    };
+    let mut t = retrying("a", 5);
+    t.timeouts.schedule_to_start_ms = Some(100);
+    t.timeouts.start_to_close_ms = Some(1_000);
+    t.timeouts.heartbeat_ms = Some(400);
+    let mut flow = flow_of(vec![t]);
+    assign(&mut flow, "a", "w1", 0);
+    flow.tick(100);
+    assert!(
+        reason(&flow).contains("schedule_to_start"),
+        "{}",
+        reason(&flow)
+    );
+
+    // Regular progress, but the whole attempt runs too long.
+    let n = assign(&mut flow, "a", "w1", 10_000);
+    flow.report(&report("a", n, ReportKind::Started), 10_000)
+        .unwrap();
+    for at in [10_300, 10_600, 10_900] {
+        flow.report(
+            &report(
+                "a",
+                n,
+                ReportKind::Progress {
+                    progress: Some(0.5),
+                    message: None,
+                },
+            ),
+            at,
+        )
+        .unwrap();
+    }
+    flow.tick(11_000);
+    assert!(
+        reason(&flow).contains("start_to_close"),
+        "{}",
+        reason(&flow)
+    );
+
+    // Started, then silence.
+    let n = assign(&mut flow, "a", "w1", 30_000);
+    flow.report(&report("a", n, ReportKind::Started), 30_000)
+        .unwrap();
+    flow.tick(30_400);
+    assert!(reason(&flow).contains("heartbeat"), "{}", reason(&flow));
+}
+
+#[test]
+fn progress_is_kept_until_the_next_attempt_and_checked() {
+    let mut flow = flow_of(vec![retrying("a", 2)]);
+    let n = assign(&mut flow, "a", "w1", 0);
+    let progress = |p: f64, m: &str| {
+        report(
+            "a",
+            n,
+            ReportKind::Progress {
+                progress: Some(p),
+                message: Some(m.into()),
+            },
+        )
+    };
+    flow.report(&progress(0.25, "a quarter"), 10).unwrap();
+    let status = flow.status(0, 20);
+    assert_eq!(status.tasks[0].progress, Some(0.25));
+    assert_eq!(
+        status.tasks[0].progress_message.as_deref(),
+        Some("a quarter")
+    );
+    let (explained, _) = flow.explain(Some(&tid("a")), 20);
+    assert!(
+        explained[0].reasons[0].contains("25% done (a quarter)"),
+        "{:?}",
+        explained[0].reasons
+    );
+
+    for bad in [7.5, -0.1, f64::NAN] {
+        let e = flow.report(&progress(bad, "x"), 30).unwrap_err();
+        assert_eq!(
+            e.verdict(),
+            (
+                common::ErrorCode::BadRequest,
+                RejectReason::ProgressOutOfRange
+            )
+        );
+    }
+    let long = "x".repeat(MAX_PROGRESS_MESSAGE + 1);
+    assert!(flow.report(&progress(0.5, &long), 30).is_err());
+    assert_eq!(
+        flow.tasks[&tid("a")].progress,
+        Some(0.25),
+        "refused: unchanged"
+    );
+
+    flow.report(
+        &report(
+            "a",
+            n,
+            ReportKind::Failed {
+                error: "x".into(),
+                retryable: true,
+            },
+        ),
+        40,
+    )
+    .unwrap();
+    assign(&mut flow, "a", "w1", 5_000);
+    assert_eq!(
+        flow.tasks[&tid("a")].progress,
+        None,
+        "a new attempt starts at none"
+    );
+}
+
+#[test]
+fn refused_reports_map_to_the_codes_agents_hear() {
+    let mut flow = flow_of(vec![retrying("a", 2)]);
+    let n = assign(&mut flow, "a", "w1", 0);
+    let stale = flow
+        .report(&report("a", n + 1, ReportKind::Started), 1)
+        .unwrap_err();
+    assert_eq!(
+        stale.verdict(),
+        (common::ErrorCode::Fenced, RejectReason::StaleAttempt)
+    );
+    let unknown = flow
+        .report(&report("zz", n, ReportKind::Started), 1)
+        .unwrap_err();
+    assert_eq!(
+        unknown.verdict(),
+        (common::ErrorCode::NotFound, RejectReason::UnknownTask)
+    );
+    let other = AgentReport {
+        agent_id: AgentId::new("w9").unwrap(),
+        ..report("a", n, ReportKind::Started)
+    };
+    assert_eq!(
+        flow.report(&other, 1).unwrap_err().verdict(),
+        (common::ErrorCode::Fenced, RejectReason::WrongAgent)
+    );
+}
+
+#[test]
+fn the_lease_tells_the_agent_every_timeout_and_deadline() {
+    let mut t = retrying("a", 1);
+    t.timeouts.start_to_close_ms = Some(2_000);
+    t.timeouts.heartbeat_ms = Some(500);
+    let flow = flow_of(vec![t]);
+    let lease = flow.tasks[&tid("a")].lease(1_000, 200);
+    assert_eq!(lease.schedule_to_start_ms, DEFAULT_SCHEDULE_TO_START_MS);
+    assert_eq!(lease.start_by_ms, 1_000 + DEFAULT_SCHEDULE_TO_START_MS);
+    assert_eq!(lease.start_to_close_ms, Some(2_000));
+    assert_eq!(lease.heartbeat_ms, Some(500));
+    assert_eq!(
+        lease.deadline_ms,
+        Some(1_000 + DEFAULT_SCHEDULE_TO_START_MS + 2_000)
+    );
+    assert_eq!(lease.tick_ms, 200);
+}

@@ -70,7 +70,9 @@ fn base(subject: &str) -> Option<Value> {
             "agent_id": "a1", "capabilities": ["c"], "labels": {"k": "v"},
             "capacity": {"cpu": 2.0}, "heartbeat_interval_ms": 1000
         }),
-        subject::AGENT_DEREGISTER | subject::AGENT_DEREGISTER_ALL => json!({"agent_id": "a1"}),
+        subject::AGENT_DEREGISTER | subject::AGENT_DEREGISTER_ALL | subject::AGENT_LEAVE_ALL => {
+            json!({"agent_id": "a1"})
+        }
         subject::ALLOCATE => {
             json!({"owner": "o", "requirements": needs, "priority": 1, "allocation_id": "x1"})
         }

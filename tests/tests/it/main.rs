@@ -8,6 +8,7 @@ mod allocator_quota;
 mod bench;
 mod cluster;
 mod compose;
+mod contract;
 mod corpus;
 mod errors;
 mod flow;
