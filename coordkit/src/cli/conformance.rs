@@ -438,6 +438,22 @@ impl Kit {
         retry: RetryPolicy,
         timeouts: Timeouts,
     ) -> Result<FlowId, String> {
+        // An agent gone (lost, left) takes no task: say so rather than wait.
+        let cap = self
+            .client
+            .capacity(&CapacityRequest::default())
+            .await
+            .map_err(because("agent status"))?;
+        match cap.agent_status.get(&self.agent) {
+            Some(AgentStatus::Active) => {}
+            status => {
+                return Err(format!(
+                    "{} is {}, so it takes no task",
+                    self.agent,
+                    status.map_or("unlisted".into(), super::wire_name)
+                ))
+            }
+        }
         let mut task = TaskSpec::new(TaskId::new(TASK).map_err(|e| e.to_string())?);
         task.kind = "conformance".into();
         task.input = json!({ "conformance": conf });
