@@ -29,17 +29,7 @@ use tokio::time::Instant;
 
 use super::{id, parse_amount, parse_pair, table, Ctx};
 
-/// Check that a running agent keeps the agent contract: one small flow per
-/// rule, pinned on the agent, watched from outside.
-///
-/// The agent must be registered, running and otherwise idle, and follow the
-/// conformance task convention (docs/protocol.md, *Conformance*). The kit's
-/// tasks require the agent's own capabilities and labels (plus any given
-/// here) and one unit of one of its resources; it refuses to run unless the
-/// agent is the only one those tasks can go to, so give a --capability or
-/// --label only this agent has when others look alike. It writes the
-/// agent's state document (default scope), adjusts the agent's capacity for
-/// the preemption rule (and restores it), and with --stop-cmd stops the agent.
+/// `coordctl conformance`; the command's help (in `Command`) says what it needs.
 #[derive(Args, Debug)]
 pub(crate) struct ConformanceArgs {
     /// The agent to check.
@@ -66,7 +56,7 @@ pub(crate) struct ConformanceArgs {
     #[arg(long = "label", value_parser = parse_pair)]
     labels: Vec<(String, String)>,
     /// What each task holds, `resource=amount` (default: 1 of the agent's
-    /// first resource, `cpu` if it has one). Preemption takes it away.
+    /// `cpu`, else of its first resource). Preemption takes it away.
     #[arg(long, value_parser = parse_amount)]
     resource: Option<(String, f64)>,
 }

@@ -117,6 +117,17 @@ enum Command {
     CheckSystem,
     /// Drive a running agent through every rule of the agent contract: a PASS/FAIL table.
     /// Exits 1 when a rule fails.
+    ///
+    /// The agent must be registered, running, otherwise idle, and follow the
+    /// conformance task convention (docs/protocol.md, "Conformance"). The kit
+    /// pins its tasks on the agent by requirements: the agent's own
+    /// capabilities and labels, any --capability/--label given, and one unit
+    /// of one of its resources. No requirement names an agent, so the kit
+    /// runs only if the agent is the one agent those tasks can go to; when
+    /// others look alike, give a --capability or --label only this agent
+    /// has. The kit writes the agent's state document (default scope), sets
+    /// its capacity of that resource to 0 and back (preemption), and with
+    /// --stop-cmd stops the agent last.
     Conformance(conformance::ConformanceArgs),
     /// The services answering $SRV.INFO, with their endpoints.
     Services {
