@@ -5,9 +5,11 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use common::msg::{FlowSpec, FlowState, FlowStatus, Requirements, StatePut, TaskSpec, TaskState};
+use common::msg::{
+    Assignment, FlowSpec, FlowState, FlowStatus, Requirements, StatePut, TaskSpec, TaskState,
+};
 use common::{AgentId, Client, Error, ErrorCode, TaskId};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::agent::{self, AgentOptions};
 
@@ -74,22 +76,112 @@ pub async fn run_echo_agent(
 }
 
 /// An echo agent with options of its own (another heartbeat interval, say).
+/// A task whose input has a `conformance` object is run as that object says
+/// (see [`run_conformance_task`]), so `coordctl conformance` can drive it.
 pub async fn run_echo_agent_with(
     nats: async_nats::Client,
     opts: agent::AgentOptions,
     work: Duration,
     shutdown: impl std::future::Future,
 ) -> Result<(), Error> {
+    let client = Client::new(nats.clone());
     agent::run(
         nats,
         opts,
-        move |task| async move {
-            tokio::time::sleep(work).await;
-            Ok(json!({ "task": task.task_id, "echo": task.input, "attempt": task.attempt }))
+        move |task| {
+            let client = client.clone();
+            async move {
+                if task.input.get("conformance").is_some_and(Value::is_object) {
+                    return run_conformance_task(&client, &task).await;
+                }
+                tokio::time::sleep(work).await;
+                Ok(json!({ "task": task.task_id, "echo": task.input, "attempt": task.attempt }))
+            }
         },
         shutdown,
     )
     .await
+}
+
+/// How often a conformance task's state put is tried again after a `conflict`.
+const STATE_CAS_RETRIES: usize = 5;
+
+/// Runs a task the way its input's `conformance` object says (the convention
+/// in docs/protocol.md, *Conformance*): work `sleep_ms`, reporting progress
+/// every `progress_every_ms`; put `state` as this agent's document by
+/// compare-and-set; then fail as `fail` says or complete with `output`
+/// (default `{"echo": input}`). A cancel notice aborts this future, so the
+/// sleep ends at once and no final report follows.
+pub async fn run_conformance_task(
+    client: &Client,
+    task: &Assignment,
+) -> Result<Value, agent::TaskFailure> {
+    let spec = &task.input["conformance"];
+    let sleep = Duration::from_millis(spec["sleep_ms"].as_u64().unwrap_or(0));
+    let every = spec["progress_every_ms"]
+        .as_u64()
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis);
+    let started = tokio::time::Instant::now();
+    let end = started + sleep;
+    let mut step = 0u32;
+    loop {
+        let next = every.map_or(end, |e| (started + e * (step + 1)).min(end));
+        tokio::time::sleep_until(next).await;
+        if next >= end {
+            break;
+        }
+        step += 1;
+        let done = started.elapsed().as_secs_f64() / sleep.as_secs_f64();
+        agent::progress(Some(done.clamp(0.0, 1.0)), Some(format!("step {step}")))
+            .await
+            .map_err(|e| agent::TaskFailure {
+                error: format!("progress not reported: {e}"),
+                retryable: true,
+            })?;
+    }
+    if let Some(state) = spec.get("state").filter(|s| s.is_object()) {
+        put_state(client, &task.agent_id, state)
+            .await
+            .map_err(|e| agent::TaskFailure {
+                error: format!("conformance: state not stored: {e}"),
+                retryable: true,
+            })?;
+    }
+    if let Some(fail) = spec["fail"].as_str() {
+        return Err(agent::TaskFailure {
+            error: "conformance: asked to fail".into(),
+            retryable: fail == "retryable",
+        });
+    }
+    Ok(match spec.get("output") {
+        Some(output) => output.clone(),
+        None => json!({ "echo": task.input }),
+    })
+}
+
+/// Stores `doc` as `agent`'s document made from the revision just read,
+/// reading again when someone wrote in between.
+async fn put_state(client: &Client, agent: &AgentId, doc: &Value) -> Result<(), Error> {
+    let mut tries = 0;
+    loop {
+        let expected_revision = match client.state_get(agent).await {
+            Ok(current) => current.revision,
+            Err(e) if e.code == ErrorCode::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        let put = StatePut {
+            agent_id: agent.clone(),
+            expected_revision,
+            doc: doc.clone(),
+            scope: Default::default(),
+            clock: None,
+        };
+        match client.state_put(&put).await {
+            Err(e) if e.code == ErrorCode::Conflict && tries < STATE_CAS_RETRIES => tries += 1,
+            other => return other.map(|_| ()),
+        }
+    }
 }
 
 /// One line of progress: `[ 33%] a:succeeded b:running c:assigned`.

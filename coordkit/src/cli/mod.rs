@@ -7,6 +7,7 @@
 //! body `{"error": …}` on stdout) and exits with status 1; usage errors exit 2.
 
 mod alloc;
+mod conformance;
 mod flow;
 mod sync;
 
@@ -114,6 +115,20 @@ enum Command {
     },
     /// Cross-service consistency: allocations match running tasks, nothing on lost agents. Exits 1 on a violation.
     CheckSystem,
+    /// Drive a running agent through every rule of the agent contract: a PASS/FAIL table.
+    /// Exits 1 when a rule fails.
+    ///
+    /// The agent must be registered, running, otherwise idle, and follow the
+    /// conformance task convention (docs/protocol.md, "Conformance"). The kit
+    /// pins its tasks on the agent by requirements: the agent's own
+    /// capabilities and labels, any --capability/--label given, and one unit
+    /// of one of its resources. No requirement names an agent, so the kit
+    /// runs only if the agent is the one agent those tasks can go to; when
+    /// others look alike, give a --capability or --label only this agent
+    /// has. The kit writes the agent's state document (default scope), sets
+    /// its capacity of that resource to 0 and back (preemption), and with
+    /// --stop-cmd stops the agent last.
+    Conformance(conformance::ConformanceArgs),
     /// The services answering $SRV.INFO, with their endpoints.
     Services {
         /// How long to collect answers, in milliseconds.
@@ -215,6 +230,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         Command::Validate(args) => sync::run_validate(&ctx, args).await?,
         Command::Synchronize(args) => sync::run_synchronize(&ctx, args).await?,
         Command::Syncpoint(cmd) => sync::run_syncpoint(&ctx, cmd).await?,
+        Command::Conformance(args) => conformance::run(&ctx, args).await?,
         Command::Metrics => {
             let m = client.metrics().await?;
             ctx.emit(&m, |m| {

@@ -528,6 +528,7 @@ async fn every_command_has_help() {
         "analysis",
         "anomalies",
         "check-system",
+        "conformance",
     ] {
         assert!(text.contains(cmd), "--help lists {cmd}: {text}");
         let sub = coordctl("nats://127.0.0.1:1", &[cmd, "--help"]).await;
