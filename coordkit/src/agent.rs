@@ -223,14 +223,22 @@ where
                 notice.task_id.clone(),
                 notice.attempt,
             );
-            // Only a running handler is taken out: a claim whose handler has
-            // not started yet keeps fending off a second delivery.
-            let handle = cancel_map.lock().ok().and_then(|mut m| match m.get(&key) {
-                Some(Some(_)) => m.remove(&key).flatten(),
+            // A running handler is taken out; a claim whose handler has not
+            // started yet is marked, so it never starts (and keeps fending
+            // off a second delivery).
+            let handle = cancel_map.lock().ok().and_then(|mut m| match m.get_mut(&key) {
+                Some(Slot::Running(_)) => match m.remove(&key) {
+                    Some(Slot::Running(h)) => Some(h),
+                    _ => None,
+                },
+                Some(slot @ Slot::Claimed) => {
+                    *slot = Slot::Cancelled;
+                    None
+                }
                 _ => None,
             });
+            tracing::info!(flow = %notice.flow_id, task = %notice.task_id, attempt = notice.attempt, code = ?notice.code, reason = %notice.reason, "attempt cancelled");
             if let Some(h) = handle {
-                tracing::info!(flow = %notice.flow_id, task = %notice.task_id, attempt = notice.attempt, reason = %notice.reason, "attempt cancelled");
                 h.abort();
             }
         }
@@ -383,7 +391,14 @@ where
         if !finished_in_time {
             let handles: Vec<_> = in_flight
                 .lock()
-                .map(|m| m.values().flatten().cloned().collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|s| match s {
+                            Slot::Running(h) => Some(h.clone()),
+                            _ => None,
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
             tracing::info!(agent = %opts.agent_id, running = handles.len(), "grace over, handing back running tasks");
             for h in handles {
@@ -433,7 +448,17 @@ type AttemptKey = (FlowId, TaskId, u32);
 /// Attempts being worked on, with their handler task once it runs (so a
 /// cancel notice can abort it). An attempt is claimed here before anything
 /// else happens, so a second delivery of it meanwhile is left alone.
-type InFlight = Arc<Mutex<HashMap<AttemptKey, Option<tokio::task::AbortHandle>>>>;
+type InFlight = Arc<Mutex<HashMap<AttemptKey, Slot>>>;
+
+/// Where a claimed attempt is.
+enum Slot {
+    /// Delivered and being started.
+    Claimed,
+    /// A cancel notice came before its handler started: it never will.
+    Cancelled,
+    /// Its handler runs.
+    Running(tokio::task::AbortHandle),
+}
 
 /// An attempt's place in [`InFlight`], given up on drop.
 struct Claim<'a>(&'a InFlight, AttemptKey);
@@ -510,7 +535,7 @@ async fn work<H, Fut>(
         if m.contains_key(&key) {
             return false;
         }
-        m.insert(key.clone(), None);
+        m.insert(key.clone(), Slot::Claimed);
         true
     });
     if !claimed {
@@ -526,14 +551,24 @@ async fn work<H, Fut>(
         return;
     }
     let current = Arc::new((js.clone(), assignment.clone()));
-    let task = tokio::spawn(
-        ATTEMPT
-            .scope(current, handler(assignment.clone()))
-            .in_current_span(),
-    );
-    if let Ok(mut m) = in_flight.lock() {
-        m.insert(key.clone(), Some(task.abort_handle()));
-    }
+    // Started under the lock, so a cancel notice either finds the claim (and
+    // the handler never starts) or finds it running (and aborts it).
+    let task = in_flight.lock().ok().and_then(|mut m| {
+        if matches!(m.get(&key), Some(Slot::Cancelled)) {
+            return None;
+        }
+        let task = tokio::spawn(
+            ATTEMPT
+                .scope(current, handler(assignment.clone()))
+                .in_current_span(),
+        );
+        m.insert(key.clone(), Slot::Running(task.abort_handle()));
+        Some(task)
+    });
+    let Some(task) = task else {
+        let _ = msg.ack_with(jetstream::AckKind::Term).await;
+        return;
+    };
     let result = task.await;
     let outcome = match result {
         Ok(Ok(output)) => ReportKind::Completed { output },
