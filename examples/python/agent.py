@@ -551,6 +551,11 @@ class Agent:
             try:
                 msgs = await self.fetch(psub, free, timeout, self.stop)
             except nats.errors.Error as e:
+                if self.nc.is_closed:
+                    # Refused for good (a login revoked, say): nothing comes back.
+                    log("connection closed; leaving")
+                    self.stop.set()
+                    break
                 # A reconnect, a consumer made afresh, a server restart: wait a
                 # moment; a missing consumer is made again.
                 log(f"fetch failed: {e!r}")
