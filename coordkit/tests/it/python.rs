@@ -522,8 +522,8 @@ async fn the_python_agent_runs_conformance_tasks() {
     retryable.retry = two_attempts();
     let mut fatal = conformance("fatal", serde_json::json!({"fail": "fatal"}));
     fatal.retry = two_attempts();
-    // Reports no more often than the orchestrator's 200 ms sweep would
-    // forgive: the lease is kept by the agent itself.
+    // No progress_every_ms: only the agent's own lease keeping stops the
+    // 400 ms heartbeat timeout from firing during the 1.5 s of work.
     let mut leased = conformance("leased", serde_json::json!({"sleep_ms": 1500}));
     leased.timeouts.heartbeat_ms = Some(400);
     let spec = FlowSpec::new(
