@@ -599,7 +599,27 @@ async fn the_python_agent_runs_as_itself_on_an_isolating_server() {
         },
     )
     .await;
-    let _ = agent.start_kill();
+    // It leaves on SIGTERM with only the subjects the server allows it:
+    // drain, its consumer's info, leave.
+    let pid = agent.id().unwrap().to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::time::timeout(Duration::from_secs(5), agent.wait_with_output())
+        .await
+        .expect("the agent exits within 5 s of SIGTERM")
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("left (left)"), "{log}");
+    assert!(
+        !log.to_lowercase().contains("permissions violation"),
+        "{log}"
+    );
     for s in services {
         s.stop().await.unwrap();
     }
