@@ -337,6 +337,7 @@ impl Task {
             error: None,
             failures: 0,
             history: Vec::new(),
+            handed_back: 0,
             progress: None,
             progress_message: None,
             spec,

@@ -152,6 +152,10 @@ pub struct Task {
     /// The last attempts, oldest first (at most [`HISTORY_KEEP`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<AttemptRecord>,
+    /// Attempts handed back by an agent that left: not failures, so they do
+    /// not count against `max_attempts`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub handed_back: u32,
     /// The current attempt's latest progress, 0..=1, and its message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
@@ -318,6 +322,7 @@ impl Flow {
                     error: None,
                     failures: 0,
                     history: Vec::new(),
+                    handed_back: 0,
                     progress: None,
                     progress_message: None,
                     spec,
@@ -678,9 +683,10 @@ impl Flow {
         self.agent_gone(agent, false, now_ms)
     }
 
-    /// Every attempt held by `agent`, lost or (`left`) gone on purpose, fails
-    /// with it and is retried under its policy (as `agent_lost`); the agent is
-    /// told, in case it still works on them.
+    /// Every attempt held by `agent` is taken away and the agent told, in
+    /// case it still works on them. A lost agent's attempts fail (as
+    /// `agent_lost`, under the retry policy); a left agent handed them back:
+    /// they run again at once, not counted against `max_attempts`.
     pub fn agent_gone(&mut self, agent: &AgentId, left: bool, now_ms: u64) -> Vec<Effect> {
         let mut effects = Vec::new();
         if self.state.is_terminal() {
@@ -692,11 +698,13 @@ impl Flow {
             .filter(|t| t.state.is_active() && t.agent.as_ref() == Some(agent))
             .map(|t| t.spec.id.clone())
             .collect();
-        let (error, code) = if left {
-            ("agent left", CancelCode::AgentLeft)
-        } else {
-            ("agent lost", CancelCode::AgentLost)
-        };
+        if left {
+            for id in held {
+                self.hand_back(&id, agent, now_ms, &mut effects);
+            }
+            return effects;
+        }
+        let (error, code) = ("agent lost", CancelCode::AgentLost);
         for id in held {
             self.fail_attempt(
                 &id,
@@ -881,6 +889,40 @@ impl Flow {
         t.deadline_ms = None;
     }
 
+    /// An attempt its agent handed back on leaving: ready again at once, its
+    /// agent told to stop, and not a failure.
+    fn hand_back(&mut self, id: &TaskId, agent: &AgentId, now_ms: u64, effects: &mut Vec<Effect>) {
+        let Some(t) = self.tasks.get(id) else { return };
+        if !t.state.is_active() {
+            return;
+        }
+        effects.push(Effect::Cancel {
+            agent: agent.clone(),
+            notice: CancelNotice {
+                flow_id: self.id.clone(),
+                task_id: id.clone(),
+                attempt: t.attempt,
+                code: CancelCode::AgentLeft,
+                reason: "agent left: the attempt is handed back".into(),
+            },
+        });
+        self.close_attempt(id, "handed back: agent left", now_ms, effects);
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        t.handed_back += 1;
+        t.not_before_ms = 0;
+        t.allocation = None;
+        let reason = format!(
+            "handed back by agent {agent} on leaving; attempt {} next",
+            t.attempt + 1
+        );
+        self.transition(id, TaskState::Ready, now_ms, Some(reason), effects);
+        if let Some(t) = self.tasks.get_mut(id) {
+            t.agent = None;
+        }
+    }
+
     /// A failed attempt: retried after back-off while the policy allows, else
     /// the task fails for good and the failure mode decides about the rest.
     /// `cancel`: the attempt is taken from an agent that may still work on it,
@@ -932,7 +974,7 @@ impl Flow {
         t.failures += 1;
         t.error = Some(outcome.clone());
         let policy = &t.spec.retry;
-        let retry = t.attempt < policy.max_attempts
+        let retry = t.attempt.saturating_sub(t.handed_back) < policy.max_attempts
             && policy.retry_on.contains(&kind)
             && (kind != FailureKind::Error || retryable);
         if retry {

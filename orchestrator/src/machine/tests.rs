@@ -843,6 +843,33 @@ fn every_taken_away_attempt_is_cancelled_with_its_code() {
 }
 
 #[test]
+fn an_attempt_handed_back_on_leaving_runs_again_without_using_the_budget() {
+    let mut flow = flow_of(vec![retrying("a", 1)]);
+    let first = assign(&mut flow, "a", "w1", 0);
+    let e = flow.agent_gone(&agent(), true, 10);
+    assert_eq!(cancels(&e), vec![(CancelCode::AgentLeft, first)]);
+    assert!(e.iter().any(|e| matches!(e, Effect::Release { .. })));
+    let t = &flow.tasks[&tid("a")];
+    assert_eq!((t.state, t.not_before_ms), (TaskState::Ready, 0), "at once");
+    let second = assign(&mut flow, "a", "w2", 11);
+    assert_eq!(second, first + 1, "a new attempt number: the old one is fenced");
+    // A real failure of the only counted attempt still ends the task.
+    let w2 = AgentReport {
+        agent_id: AgentId::new("w2").unwrap(),
+        ..report(
+            "a",
+            second,
+            ReportKind::Failed {
+                error: "x".into(),
+                retryable: true,
+            },
+        )
+    };
+    flow.report(&w2, 20).unwrap();
+    assert_eq!(flow.tasks[&tid("a")].state, TaskState::Failed);
+}
+
+#[test]
 fn a_timeout_names_the_timeout_that_fired() {
     let reason = |flow: &Flow| {
         flow.tasks[&tid("a")]
