@@ -11,7 +11,10 @@ use crate::id::{AgentId, ScopeId};
 
 /// Root of every coordkit subject.
 pub const ROOT: &str = "coord";
-/// Everything coordkit publishes (what the monitor listens to).
+/// Every coordkit subject. Nothing serving the system subscribes to it: a
+/// subscription matching a request subject counts as interest, so a request
+/// to a service that is down would wait out its timeout instead of failing at
+/// once with "no responders" (see [`MONITOR_INTAKE`]).
 pub const ALL: &str = "coord.>";
 
 // Orchestrator: request/reply.
@@ -182,6 +185,25 @@ pub const MONITOR_HEALTH: &str = "coord.monitor.health";
 pub const MONITOR_VALIDATE: &str = "coord.monitor.validate";
 /// Health, key metrics, anomalies and validation in one document.
 pub const MONITOR_REPORT: &str = "coord.monitor.report";
+/// What the monitor subscribes to: every subject that is not a request to a
+/// service. Request subjects are left out so that a request to a service that
+/// is down meets no interest and fails at once with "no responders"; the
+/// monitor counts them from the services' `$SRV.STATS` instead. The agent
+/// subjects are listed one suffix at a time because `coord.agents.*.>` would
+/// match the per-agent requests (`register`, `state.get`, …).
+pub const MONITOR_INTAKE: &[&str] = &[
+    EVENTS_ALL,
+    HEARTBEAT_ALL,
+    ASSIGN_ALL,
+    REPORT_ALL,
+    "coord.agents.*.cancel",
+    // Report rejections (orchestrator → agent).
+    "coord.agents.*.rejected",
+    "coord.agents.*.sync",
+    SYNC_ACK_ALL,
+    FLOW_WATCH_ALL,
+    STATE_WATCH_ALL,
+];
 // ---- end of monitor ------------------------------------------------------
 
 /// Micro-service discovery: every service instance answers (NATS service API).

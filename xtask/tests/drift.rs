@@ -56,7 +56,11 @@ fn protocol_page_subject_table_matches_the_code() {
 /// Names in `common::subject` that are not a channel of their own, and why.
 const NOT_CHANNELS: &[(&str, &str)] = &[
     ("ROOT", "prefix of every subject"),
-    ("ALL", "wildcard: what the monitor subscribes to"),
+    ("ALL", "wildcard over every subject"),
+    (
+        "MONITOR_INTAKE",
+        "wildcards: what the monitor subscribes to",
+    ),
     ("STATE_WATCH_PREFIX", "prefix of the state_watch channel"),
     ("STATE_WATCH_ALL", "wildcard over state_watch"),
     ("SYNC_ACK_ALL", "wildcard over sync_ack"),

@@ -15,7 +15,11 @@ pub struct MetricsRequest {}
 pub struct SystemMetrics {
     pub since_ms: u64,
     pub at_ms: u64,
+    /// Messages on `coord.>` since the monitor started; requests are counted
+    /// by the services that took them (`$SRV.STATS`), within a second.
     pub messages_total: u64,
+    /// Payload bytes of those messages, requests left out (their bodies are
+    /// not seen by the monitor).
     pub bytes_total: u64,
     /// Messages per subject family (agent ids collapsed to `*`).
     #[serde(default)]
@@ -33,7 +37,7 @@ pub struct SystemMetrics {
     /// Messages per second per subject family over the sliding windows.
     #[serde(default)]
     pub message_rates: BTreeMap<String, WindowRates>,
-    /// Bytes per second over the sliding windows.
+    /// Bytes per second over the sliding windows, requests left out.
     #[serde(default)]
     pub byte_rate: WindowRates,
     /// Tasks started, succeeded and failed per second (`started`, `succeeded`, `failed`).

@@ -37,18 +37,24 @@ impl Counters {
 
     /// Counts one message; events are also read for task and flow counts.
     pub fn observe(&mut self, subject: &str, payload: &[u8]) {
-        self.messages += 1;
         self.bytes += payload.len() as u64;
-        let family = common::subject::family(subject);
-        if self.by_family.len() < MAX_FAMILIES || self.by_family.contains_key(&family) {
-            *self.by_family.entry(family).or_insert(0) += 1;
-        } else {
-            *self.by_family.entry(OTHER.to_owned()).or_insert(0) += 1;
-        }
+        self.count(subject, 1);
         if subject.starts_with("coord.events.") {
             if let Ok(event) = serde_json::from_slice::<Event>(payload) {
                 self.count_event(&event.kind);
             }
+        }
+    }
+
+    /// Counts `n` messages on `subject` whose bodies the monitor does not see
+    /// (requests, counted by the services that took them).
+    pub fn count(&mut self, subject: &str, n: u64) {
+        self.messages += n;
+        let family = common::subject::family(subject);
+        if self.by_family.len() < MAX_FAMILIES || self.by_family.contains_key(&family) {
+            *self.by_family.entry(family).or_insert(0) += n;
+        } else {
+            *self.by_family.entry(OTHER.to_owned()).or_insert(0) += n;
         }
     }
 

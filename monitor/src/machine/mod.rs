@@ -12,6 +12,7 @@ pub mod detect;
 pub mod health;
 pub mod latency;
 pub mod prom;
+pub mod requests;
 pub mod validate;
 pub mod window;
 
@@ -26,6 +27,7 @@ use hdrhistogram::Histogram;
 pub use counters::{Counters, MAX_FAMILIES, OTHER};
 use detect::{Detector, Direction, Latch, Tuning};
 use latency::Latency;
+use requests::Requests;
 use window::Windows;
 
 /// Tasks timed at once; beyond it the oldest are forgotten (their latency is lost, not the count).
@@ -182,6 +184,8 @@ impl Detectors {
 pub struct Monitor {
     instance: String,
     counters: Counters,
+    /// Request counts of every service replica, from `$SRV.STATS`.
+    requests: Requests,
     bytes: Windows,
     families: BTreeMap<String, Windows>,
     started: Windows,
@@ -221,6 +225,7 @@ impl Monitor {
         Monitor {
             instance: instance.into(),
             counters: Counters::new(now_ms),
+            requests: Requests::default(),
             bytes: Windows::default(),
             families: BTreeMap::new(),
             started: Windows::default(),
@@ -251,22 +256,39 @@ impl Monitor {
         }
     }
 
-    /// Takes one message seen on `coord.>` at `now_ms`.
+    /// Takes one message seen on the monitor's subscriptions
+    /// ([`MONITOR_INTAKE`](common::subject::MONITOR_INTAKE)) at `now_ms`.
     pub fn observe(&mut self, subject: &str, payload: &[u8], now_ms: u64) {
         self.counters.observe(subject, payload);
         self.bytes.add(now_ms, payload.len() as f64);
+        self.family_window(subject).add(now_ms, 1.0);
+        if subject.starts_with("coord.events.") {
+            if let Ok(event) = serde_json::from_slice::<Event>(payload) {
+                self.event(&event, now_ms);
+            }
+        }
+    }
+
+    /// Takes one gather of `$SRV.STATS` answers at `now_ms`: the requests each
+    /// endpoint took since the previous answers count as traffic on its
+    /// subject, now (see [`requests`]).
+    pub fn observe_requests(&mut self, now_ms: u64, stats: &[serde_json::Value]) {
+        for (subject, n) in self.requests.observe(stats) {
+            self.counters.count(&subject, n);
+            self.family_window(&subject).add(now_ms, n as f64);
+        }
+    }
+
+    /// The sliding windows of a subject's family, or of [`OTHER`] once
+    /// [`MAX_FAMILIES`] are kept.
+    fn family_window(&mut self, subject: &str) -> &mut Windows {
         let family = common::subject::family(subject);
         let key = if self.families.len() < MAX_FAMILIES || self.families.contains_key(&family) {
             family
         } else {
             OTHER.to_owned()
         };
-        self.families.entry(key).or_default().add(now_ms, 1.0);
-        if subject.starts_with("coord.events.") {
-            if let Ok(event) = serde_json::from_slice::<Event>(payload) {
-                self.event(&event, now_ms);
-            }
-        }
+        self.families.entry(key).or_default()
     }
 
     fn event(&mut self, e: &Event, now_ms: u64) {

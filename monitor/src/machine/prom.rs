@@ -61,13 +61,13 @@ pub fn render(m: &SystemMetrics, anomalies_total: u64, verdict: Option<Verdict>)
     o.one(
         "coord_messages_total",
         "counter",
-        "Messages seen on coord.> since the monitor started.",
+        "Messages on coord.> since the monitor started (requests as the services counted them).",
         m.messages_total as f64,
     );
     o.one(
         "coord_bytes_total",
         "counter",
-        "Payload bytes seen on coord.> since the monitor started.",
+        "Payload bytes of the coord.> messages other than requests since the monitor started.",
         m.bytes_total as f64,
     );
     o.family(

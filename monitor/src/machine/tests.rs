@@ -111,6 +111,32 @@ fn memory_stays_bounded_under_endless_traffic() {
 }
 
 #[test]
+fn requests_counted_by_the_services_are_traffic_on_their_families() {
+    let stats = |create: u64, get: u64| {
+        [
+            serde_json::json!({"name": "orchestrator", "id": "o1", "endpoints": [
+                {"subject": common::subject::FLOW_CREATE, "num_requests": create},
+                {"subject": common::subject::AGENT_STATE_GET_ALL, "num_requests": get},
+            ]}),
+        ]
+    };
+    let mut m = Monitor::new(0, "m", Settings::default());
+    m.observe_requests(1_000, &stats(5, 0));
+    m.observe("coord.agents.w1.heartbeat", b"{}", 1_500);
+    m.observe_requests(2_000, &stats(8, 2));
+    let got = m.metrics(2_000);
+    assert_eq!(got.messages_by_subject[common::subject::FLOW_CREATE], 3);
+    assert_eq!(got.messages_by_subject["coord.agents.*.state.get"], 2);
+    assert_eq!(got.messages_by_subject["coord.agents.*.heartbeat"], 1);
+    assert_eq!(got.messages_total, 6);
+    assert_eq!(
+        got.bytes_total, 2,
+        "requests add no bytes: their bodies are unseen"
+    );
+    assert!((got.message_rates[common::subject::FLOW_CREATE].last_1m - 3.0 / 60.0).abs() < 1e-9);
+}
+
+#[test]
 fn agent_loss_is_an_anomaly_and_counted() {
     let mut m = Monitor::new(0, "m", Settings::default());
     let a = AgentId::new("w1").unwrap();

@@ -1,4 +1,5 @@
-//! The monitor's adapter: one subscription to everything feeding the
+//! The monitor's adapter: subscriptions to every one-way subject and a poll
+//! of the services' request counts feeding the
 //! [`Monitor`](crate::machine::Monitor), request/reply endpoints for every
 //! query, a detection tick, a probe loop, and the HTTP server.
 
@@ -159,12 +160,21 @@ impl Shared {
         })
     }
 
+    /// Counts the requests the services took since their previous answers.
+    async fn poll_requests(&self) -> Result<(), Error> {
+        let stats = probe::gather(&self.nats, subject::SRV_STATS).await?;
+        self.with(|m| m.observe_requests(common::now_ms(), &stats))
+    }
+
     async fn health(&self) -> Result<HealthStatus, Error> {
         let (pings, stats) = tokio::join!(
             probe::gather(&self.nats, subject::SRV_PING),
             probe::gather(&self.nats, subject::SRV_STATS)
         );
-        let services = health::services(&pings?, &stats?);
+        let stats = stats?;
+        // Fresh answers are request counts too; older ones arriving late add nothing.
+        self.with(|m| m.observe_requests(common::now_ms(), &stats))?;
+        let services = health::services(&pings?, &stats);
         let streams = probe::streams(&self.js).await;
         let nats_server = match &self.nats_monitor_url {
             Some(url) => Some(probe::http_get_json(url, "/varz").await),
@@ -302,10 +312,16 @@ async fn publish(events: &EventPublisher, found: Vec<common::msg::Anomaly>) {
     }
 }
 
+/// Longest time between two polls of the services' request counts; shorter
+/// when detection runs more often, so every detection interval sees its
+/// requests.
+const REQUEST_POLL: Duration = Duration::from_secs(1);
+
 /// Runs the monitor until `shutdown` resolves, then drains the connection.
 ///
-/// Every replica sees all traffic (a plain subscription, not a queue group), so
-/// each answers for the whole system.
+/// Every replica sees all traffic (plain subscriptions, not a queue group, and
+/// every service replica's request counts), so each answers for the whole
+/// system.
 pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     // NATS may not be up yet: wait for it, unless asked to stop first.
     tokio::pin!(shutdown);
@@ -339,12 +355,16 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         http_addr: http_addr.clone(),
     });
 
-    let mut all = nats.subscribe(subject::ALL).await.map_err(|e| {
-        Error::new(
-            ErrorCode::Unavailable,
-            format!("subscribe {}: {e}", subject::ALL),
-        )
-    })?;
+    // Never a request subject: that interest would keep NATS from answering
+    // "no responders" for a service that is down.
+    let mut all = futures::stream::SelectAll::new();
+    for s in subject::MONITOR_INTAKE {
+        let sub = nats
+            .subscribe(*s)
+            .await
+            .map_err(|e| Error::new(ErrorCode::Unavailable, format!("subscribe {s}: {e}")))?;
+        all.push(sub);
+    }
     let mut tasks = tokio::task::JoinSet::new();
     let events = EventPublisher::new(nats.clone(), NAME);
     let s = shared.clone();
@@ -376,6 +396,19 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
                 })
                 .unwrap_or_default();
             publish(&events, found).await;
+        }
+    });
+
+    let s = shared.clone();
+    let every = REQUEST_POLL.min(Duration::from_millis(cfg.detect_interval_ms.max(10)));
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = s.poll_requests().await {
+                tracing::debug!(error = %e.message, "request counts not polled");
+            }
         }
     });
 

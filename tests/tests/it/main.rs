@@ -15,6 +15,7 @@ mod flow;
 mod isolation;
 mod large_flows;
 mod monitor;
+mod monitor_traffic;
 mod orchestrator;
 mod reconnect;
 mod services;

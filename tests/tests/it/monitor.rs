@@ -576,8 +576,26 @@ async fn dashboard_shows_a_running_flows_tasks_changing_state_in_headless_chromi
         return;
     };
     let sys = System::start().await;
-    let delay = Arc::new(AtomicU64::new(4_000));
-    let (stop, agent) = agent_with_delay(&sys.nats, "dash-w1", 2.0, delay.clone());
+    // Every task runs until the test lets it go, so `a` is still running
+    // however long the page takes to render.
+    let go = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut opts = AgentOptions::new(AgentId::new("dash-w1").unwrap()).capacity("cpu", 2.0);
+    opts.heartbeat_interval = Duration::from_millis(300);
+    opts.concurrency = 2;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handler = {
+        let go = go.clone();
+        move |_a: common::msg::Assignment| {
+            let go = go.clone();
+            async move {
+                let _ = go.acquire().await.map(|p| p.forget());
+                Ok::<_, TaskFailure>(json!({"ok": true}))
+            }
+        }
+    };
+    let agent = tokio::spawn(agent::run(sys.nats.clone(), opts, handler, async {
+        let _ = stopped.await;
+    }));
     wait_registered(&sys.client, "dash-w1").await;
     let created = sys
         .client
@@ -613,7 +631,8 @@ async fn dashboard_shows_a_running_flows_tasks_changing_state_in_headless_chromi
         "console errors:\n{log}"
     );
 
-    delay.store(1, Ordering::Relaxed);
+    // Let every task finish: `a`, then `b`.
+    go.add_permits(2);
     eventually(Duration::from_secs(30), "flow finished", || async {
         let s = sys.client.flow_status(&fid).await.ok()?;
         s.state.is_terminal().then_some(())
