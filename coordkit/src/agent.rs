@@ -226,17 +226,20 @@ where
             // A running handler is taken out; a claim whose handler has not
             // started yet is marked, so it never starts (and keeps fending
             // off a second delivery).
-            let handle = cancel_map.lock().ok().and_then(|mut m| match m.get_mut(&key) {
-                Some(Slot::Running(_)) => match m.remove(&key) {
-                    Some(Slot::Running(h)) => Some(h),
+            let handle = cancel_map
+                .lock()
+                .ok()
+                .and_then(|mut m| match m.get_mut(&key) {
+                    Some(Slot::Running(_)) => match m.remove(&key) {
+                        Some(Slot::Running(h)) => Some(h),
+                        _ => None,
+                    },
+                    Some(slot @ Slot::Claimed) => {
+                        *slot = Slot::Cancelled;
+                        None
+                    }
                     _ => None,
-                },
-                Some(slot @ Slot::Claimed) => {
-                    *slot = Slot::Cancelled;
-                    None
-                }
-                _ => None,
-            });
+                });
             tracing::info!(flow = %notice.flow_id, task = %notice.task_id, attempt = notice.attempt, code = ?notice.code, reason = %notice.reason, "attempt cancelled");
             if let Some(h) = handle {
                 h.abort();

@@ -257,6 +257,8 @@ impl Shared {
                             "state": t.get("state"),
                             "agent": t.get("agent"),
                             "attempt": t.get("attempt"),
+                            "progress": t.get("progress"),
+                            "progress_message": t.get("progress_message"),
                             "kind": t.pointer("/spec/kind"),
                             "depends_on": t.pointer("/spec/depends_on"),
                         })

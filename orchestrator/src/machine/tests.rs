@@ -852,7 +852,11 @@ fn an_attempt_handed_back_on_leaving_runs_again_without_using_the_budget() {
     let t = &flow.tasks[&tid("a")];
     assert_eq!((t.state, t.not_before_ms), (TaskState::Ready, 0), "at once");
     let second = assign(&mut flow, "a", "w2", 11);
-    assert_eq!(second, first + 1, "a new attempt number: the old one is fenced");
+    assert_eq!(
+        second,
+        first + 1,
+        "a new attempt number: the old one is fenced"
+    );
     // A real failure of the only counted attempt still ends the task.
     let w2 = AgentReport {
         agent_id: AgentId::new("w2").unwrap(),

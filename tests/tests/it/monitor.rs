@@ -588,6 +588,9 @@ async fn dashboard_shows_a_running_flows_tasks_changing_state_in_headless_chromi
         move |_a: common::msg::Assignment| {
             let go = go.clone();
             async move {
+                agent::progress(Some(0.4), Some("indexing".into()))
+                    .await
+                    .map_err(|e| TaskFailure::from(e.to_string()))?;
                 let _ = go.acquire().await.map(|p| p.forget());
                 Ok::<_, TaskFailure>(json!({"ok": true}))
             }
@@ -603,10 +606,10 @@ async fn dashboard_shows_a_running_flows_tasks_changing_state_in_headless_chromi
         .await
         .unwrap();
     let fid = created.flow_id.clone();
-    eventually(Duration::from_secs(20), "task a running", || async {
+    eventually(Duration::from_secs(20), "task a running at 40%", || async {
         let s = sys.client.flow_status(&fid).await.ok()?;
         let a = s.tasks.iter().find(|t| t.task_id.as_str() == "a")?;
-        (a.state == common::msg::TaskState::Running).then_some(())
+        (a.state == common::msg::TaskState::Running && a.progress == Some(0.4)).then_some(())
     })
     .await;
     let addr = sys.client.health_report().await.unwrap().http_addr.unwrap();
@@ -619,6 +622,11 @@ async fn dashboard_shows_a_running_flows_tasks_changing_state_in_headless_chromi
     );
     assert!(dom.contains("data-flow=\"dash-f1\""), "{dom}");
     assert_eq!(task_state(&dom, "a"), Some("running"), "{dom}");
+    assert!(
+        dom.contains("data-progress=\"0.4\"") && dom.contains("a: running 40%"),
+        "a's progress shown: {dom}"
+    );
+    assert!(dom.contains("indexing"), "its message in the title: {dom}");
     assert_eq!(task_state(&dom, "b"), Some("blocked"), "{dom}");
     assert!(dom.contains("class=\"verdict healthy\""), "{dom}");
     assert!(dom.contains("<path"), "charts drawn: {dom}");
