@@ -390,7 +390,11 @@ pub(crate) fn task_table(s: &FlowStatus) -> String {
                     .as_ref()
                     .map(|a| a.to_string())
                     .unwrap_or_else(|| "-".into()),
-                progress_text(t.progress, t.progress_message.as_deref()),
+                if t.state.is_terminal() {
+                    "-".into()
+                } else {
+                    progress_text(t.progress, t.progress_message.as_deref())
+                },
                 truncate(&result, 60),
             ]
         })

@@ -542,3 +542,73 @@ async fn every_command_has_help() {
         assert!(out.status.success(), "flow {sub} --help");
     }
 }
+
+#[tokio::test]
+async fn a_running_tasks_progress_shows_in_status_explain_and_watch() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    // The task reports progress, then runs until the test lets it finish.
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (nats, release) = (sys.nats.clone(), go.clone());
+    tokio::spawn(async move {
+        let mut opts = demo::demo_agent_options().unwrap().capability("cli");
+        opts.agent_id = AgentId::new("cli-progress").unwrap();
+        coordkit::agent::run(
+            nats,
+            opts,
+            move |_task| {
+                let release = release.clone();
+                async move {
+                    coordkit::agent::progress(Some(0.4), Some("indexing".into())).await?;
+                    release.notified().await;
+                    Ok(serde_json::json!("done"))
+                }
+            },
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .await
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(&dir, "flow.yaml", FLOW_YAML);
+    let created: FlowStatus = coordctl_json(&url, &["flow", "submit", &spec]).await;
+    let id = created.flow_id.to_string();
+    let started = std::time::Instant::now();
+    let text = loop {
+        let out = coordctl(&url, &["flow", "status", &id]).await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("40% indexing") {
+            break text;
+        }
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "no progress shown: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(text.contains("PROGRESS"), "{text}");
+    let explain = coordctl(&url, &["flow", "explain", &id]).await;
+    let explain = String::from_utf8_lossy(&explain.stdout);
+    assert!(explain.contains("40% done (indexing)"), "{explain}");
+    // `watch` follows the flow; its statuses carry each task's progress.
+    let watch = {
+        let (url, id) = (url.clone(), id.clone());
+        tokio::spawn(
+            async move { coordctl_json::<FlowStatus>(&url, &["flow", "watch", &id]).await },
+        )
+    };
+    go.notify_one();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    go.notify_one();
+    let watched = watch.await.unwrap();
+    assert_eq!(watched.state, FlowState::Succeeded);
+    let a = watched
+        .tasks
+        .iter()
+        .find(|t| t.task_id.as_str() == "a")
+        .unwrap();
+    assert_eq!(a.progress, Some(0.4), "the last progress of a's attempt");
+    let _ = stop.send(());
+}

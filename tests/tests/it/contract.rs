@@ -435,3 +435,37 @@ async fn sync_points_complete_with_runtime_agents() {
         run.await.unwrap().unwrap();
     }
 }
+
+/// Idle for `COORD_IDLE_S` seconds (20 by default; the documented run uses
+/// 600), then a flow: the runtime rides out long stretches with no work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_agent_stays_up_through_a_long_idle_stretch() {
+    let idle = std::env::var("COORD_IDLE_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let sys = System::start().await;
+    let (stop, run) = spawn_agent(&sys.nats, "idler", 1.0, |_a| async { Ok(json!(1)) });
+    eventually(Duration::from_secs(10), "idler active", || async {
+        (status_of(&sys, &aid("idler")).await == Some(AgentStatus::Active)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(idle)).await;
+    assert!(!run.is_finished(), "the agent stopped while idle");
+    assert_eq!(
+        status_of(&sys, &aid("idler")).await,
+        Some(AgentStatus::Active)
+    );
+    let flow = sys
+        .client
+        .create_flow(&FlowSpec::new("after idle", vec![cpu_task("a", &[])]))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(20), "the flow to succeed", || async {
+        let s = sys.client.flow_status(&flow.flow_id).await.ok()?;
+        (s.state == FlowState::Succeeded).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    run.await.unwrap().unwrap();
+}
