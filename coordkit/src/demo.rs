@@ -119,14 +119,17 @@ pub fn state_name(s: TaskState) -> &'static str {
 /// Submits the demo flow and prints progress until it completes (or `deadline` passes).
 pub async fn run_demo_flow(client: &Client, deadline: Duration) -> Result<FlowStatus, Error> {
     let created = submit_with_retry(client, &demo_flow()?).await?;
-    println!("flow {} created: {}", created.flow_id, created.name);
+    crate::cli::say(&format!(
+        "flow {} created: {}",
+        created.flow_id, created.name
+    ));
     let started = tokio::time::Instant::now();
     let mut last = String::new();
     loop {
         let status = client.flow_status(&created.flow_id).await?;
         let line = progress_line(&status);
         if line != last {
-            println!("{line}");
+            crate::cli::say(&line);
             last = line;
         }
         if status.state != FlowState::Running {
@@ -173,9 +176,9 @@ pub async fn show_state(client: &Client) -> Result<(), Error> {
         })
         .await?;
     let got = client.state_get(&agent).await?;
-    println!(
+    crate::cli::say(&format!(
         "state of {agent}: revision {} (put) / {} (get): {}",
         put.revision, got.revision, got.doc
-    );
+    ));
     Ok(())
 }

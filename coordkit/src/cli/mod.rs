@@ -133,12 +133,26 @@ impl Ctx {
     pub(crate) fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce(&T) -> String) {
         if self.json {
             match serde_json::to_string_pretty(value) {
-                Ok(s) => println!("{s}"),
+                Ok(s) => say(&s),
                 Err(e) => eprintln!("error: cannot encode the reply: {e}"),
             }
         } else {
-            println!("{}", text(value));
+            say(&text(value));
         }
+    }
+}
+
+/// Prints a line on stdout. When the reader has gone (`coordctl flow list | head -1`)
+/// the command ends quietly with status 0, as `println!` would panic instead.
+pub(crate) fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {e}");
+        std::process::exit(1);
     }
 }
 
@@ -151,10 +165,7 @@ pub async fn main() {
             Some(api) => {
                 if json {
                     let body = common::error::ErrorBody { error: api.clone() };
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&body).unwrap_or_default()
-                    );
+                    say(&serde_json::to_string_pretty(&body).unwrap_or_default());
                 }
                 eprintln!("error [{}]: {}", api.code, api.message);
                 if !api.details.is_null() {
@@ -193,7 +204,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             heartbeat_ms,
         } => {
             let agent: AgentId = self::id(&id)?;
-            println!("agent {agent} running; Ctrl-C to stop");
+            say(&format!("agent {agent} running; Ctrl-C to stop"));
             let mut opts = demo::demo_agent_options()?;
             opts.agent_id = agent;
             opts.heartbeat_interval = Duration::from_millis(heartbeat_ms.max(50));
@@ -456,31 +467,37 @@ async fn run_demo(
             let _ = agent_stopped.await;
         },
     ));
-    println!(
+    say(&format!(
         "demo agent {} started (cpu: 2, capability: demo)",
         demo::DEMO_AGENT
-    );
+    ));
     let status = demo::run_demo_flow(&client, Duration::from_secs(60)).await?;
-    println!("flow {} finished: {:?}", status.flow_id, status.state);
-    println!("{}", flow::task_table(&status));
+    say(&format!(
+        "flow {} finished: {:?}",
+        status.flow_id, status.state
+    ));
+    say(&flow::task_table(&status));
     demo::show_state(&client).await?;
     // Give the monitor a moment to see the last events.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let m = client.metrics().await?;
-    println!(
+    say(&format!(
         "monitor: {} messages, {} flows completed, {} tasks completed",
         m.messages_total, m.flows_completed, m.tasks_completed
-    );
+    ));
     let services = discover(&nats, subject::SRV_PING, Duration::from_millis(300)).await?;
     let mut names: Vec<&str> = services.iter().filter_map(|s| s["name"].as_str()).collect();
     names.sort();
     names.dedup();
-    println!("services answering $SRV.PING: {}", names.join(", "));
+    say(&format!(
+        "services answering $SRV.PING: {}",
+        names.join(", ")
+    ));
     if status.state != common::msg::FlowState::Succeeded {
         anyhow::bail!("the demo flow ended {:?}", status.state);
     }
     if !exit {
-        println!("the system is up; the demo agent keeps serving. Ctrl-C to stop.");
+        say("the system is up; the demo agent keeps serving. Ctrl-C to stop.");
         common::shutdown::signal().await;
     }
     let _ = stop_agent.send(());

@@ -506,6 +506,33 @@ async fn bad_input_exits_non_zero_with_the_error_code() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// `coordctl flow list | head -1`: a reader that has gone ends coordctl quietly,
+/// not with a panic.
+#[tokio::test]
+async fn a_closed_stdout_ends_the_command_quietly() {
+    let sys = System::start().await;
+    let (writer, reader) = tokio::net::unix::pipe::pipe().unwrap();
+    // The reader is gone before coordctl writes a byte, so its first write fails.
+    drop(reader);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_coordctl"))
+        .args(["flow", "list"])
+        .env("NATS_URL", sys.server.url())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::from(
+            writer.into_blocking_fd().unwrap(),
+        ))
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
 #[tokio::test]
 async fn every_command_has_help() {
     let out = coordctl("nats://127.0.0.1:1", &["--help"]).await;
