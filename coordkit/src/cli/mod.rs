@@ -4,7 +4,7 @@
 //! different protocol than the SDK. Every command prints either a human summary or,
 //! with `--output json`, the reply exactly as the service sent it, for scripts. A
 //! failed request prints `error [code]: message` (with `--output json`, the error
-//! body `{"error": …}` on stdout) and exits with status 1; usage errors exit 2.
+//! body `{"error": …}` on stdout). The exit status follows [`EXIT_STATUSES`].
 
 mod alloc;
 mod flow;
@@ -13,11 +13,31 @@ mod sync;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use common::{subject, AgentId, Client, Error};
+use common::{subject, AgentId, Client, Error, ErrorCode};
 use futures::StreamExt;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::demo;
+
+/// What each exit status means, the same for every command (shown by `--help`).
+pub const EXIT_STATUSES: &str = "\
+Exit status:
+  0  done; the answer is yes
+  1  the request failed: an error reply, printed as `error [code]: message`
+     (with --output json the body {\"error\": {\"code\", \"message\", \"details\"}} goes to stdout)
+  2  usage error
+  3  the answer is no: validate finds violations, a sync point, synchronize round or
+     rollback is not complete or not verified, a followed flow (flow watch, flow submit
+     --wait) ended failed or cancelled, health is unhealthy, check-system finds
+     violations, capacity check does not fit
+  4  the system did not answer: no NATS connection, no service answering, a timeout
+     (error codes unavailable, timeout)";
+
+/// The request succeeded and its answer is no (exit status 3), e.g. a scope
+/// that is invalid: scripts tell it apart from a request that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Negative(pub(crate) String);
 
 /// coordctl: drive a coordkit system from the command line.
 #[derive(Parser, Debug)]
@@ -27,11 +47,7 @@ use crate::demo;
     about = "coordctl: drive a coordkit system from the command line",
     propagate_version = true
 )]
-#[command(
-    after_help = "Errors print `error [code]: message` and exit with status 1 \
-    (with --output json the error body {\"error\": {\"code\", \"message\", \"details\"}} goes to stdout); \
-    usage errors exit with status 2."
-)]
+#[command(after_help = EXIT_STATUSES)]
 pub struct Cli {
     #[command(flatten)]
     nats: common::config::NatsConfig,
@@ -90,7 +106,7 @@ enum Command {
     /// Scope configuration: conflict policy, schema, invariants, shared pointers.
     #[command(subcommand)]
     Scope(sync::ScopeCmd),
-    /// Check a scope's documents against its schema and invariants.
+    /// Check a scope's documents against its schema and invariants. Exits 3 when they break one.
     Validate(sync::ValidateArgs),
     /// Make the agents agree on the shared values of a scope and wait for their acknowledgements.
     Synchronize(sync::SynchronizeArgs),
@@ -100,7 +116,7 @@ enum Command {
     /// Traffic metrics from the monitor.
     Metrics,
     /// Health of every service, JetStream and the NATS server: healthy, degraded or unhealthy, with reasons.
-    /// Exits 1 when unhealthy.
+    /// Exits 3 when unhealthy, 4 when the monitor does not answer.
     Health,
     /// The monitor's health report: health, key metrics, recent anomalies and cross-service validation.
     Report,
@@ -112,7 +128,7 @@ enum Command {
         #[arg(long)]
         since_ms: Option<u64>,
     },
-    /// Cross-service consistency: allocations match running tasks, nothing on lost agents. Exits 1 on a violation.
+    /// Cross-service consistency: allocations match running tasks, nothing on lost agents. Exits 3 on a violation.
     CheckSystem,
     /// The services answering $SRV.INFO, with their endpoints.
     Services {
@@ -161,8 +177,16 @@ pub async fn main() {
     let cli = Cli::parse();
     let json = cli.output == Output::Json;
     if let Err(e) = run(cli).await {
+        if let Some(no) = e.downcast_ref::<Negative>() {
+            eprintln!("{no}");
+            std::process::exit(3);
+        }
+        let mut status = 1;
         match e.downcast_ref::<Error>() {
             Some(api) => {
+                if matches!(api.code, ErrorCode::Unavailable | ErrorCode::Timeout) {
+                    status = 4;
+                }
                 if json {
                     let body = common::error::ErrorBody { error: api.clone() };
                     say(&serde_json::to_string_pretty(&body).unwrap_or_default());
@@ -174,7 +198,7 @@ pub async fn main() {
             }
             None => eprintln!("error: {e:#}"),
         }
-        std::process::exit(1);
+        std::process::exit(status);
     }
 }
 
@@ -254,7 +278,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             let h = client.health().await?;
             ctx.emit(&h, health_text);
             if h.verdict == common::msg::Verdict::Unhealthy {
-                anyhow::bail!("the system is unhealthy");
+                return Err(Negative("the system is unhealthy".into()).into());
             }
         }
         Command::Report => {
@@ -320,7 +344,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
                 )
             });
             if !v.valid {
-                anyhow::bail!("{} violations", v.violations.len());
+                return Err(Negative(format!("{} violations", v.violations.len())).into());
             }
         }
         Command::Services { wait_ms } => {
