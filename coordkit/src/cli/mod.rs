@@ -298,7 +298,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         }
         Command::Analysis => {
             let a = client.analysis().await?;
-            ctx.emit(&a, |a| serde_json::to_string_pretty(a).unwrap_or_default());
+            ctx.emit(&a, analysis_text);
         }
         Command::Anomalies { since_ms } => {
             let req = common::msg::AnomaliesRequest {
@@ -527,6 +527,61 @@ async fn run_demo(
     let _ = stop_agent.send(());
     agent.await??;
     Ok(())
+}
+
+fn analysis_text(a: &common::msg::PerformanceAnalysis) -> String {
+    let mut out = match &a.bottleneck {
+        Some(b) => format!(
+            "bottleneck: {} at {:.0}% ({} free)",
+            b.resource,
+            b.utilisation * 100.0,
+            b.free
+        ),
+        None => "bottleneck: none known".to_owned(),
+    };
+    let trends = a
+        .trends
+        .iter()
+        .map(|t| {
+            vec![
+                t.series.clone(),
+                t.direction.clone(),
+                format!("{:.2}", t.current),
+                format!("{:.2}", t.previous),
+                t.change
+                    .map(|c| format!("{:+.0}%", c * 100.0))
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    out.push_str("\n\ntrends (per second, this minute and the one before)\n");
+    out.push_str(&table(
+        &["series", "direction", "now", "before", "change"],
+        trends,
+    ));
+    for (what, list) in [
+        ("agents", &a.slowest_agents),
+        ("task kinds", &a.slowest_kinds),
+        ("flows", &a.slowest_flows),
+    ] {
+        let rows = list
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.runs.to_string(),
+                    s.p50_ms.to_string(),
+                    s.p99_ms.to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&format!("\n\nslowest {what} (last hour)\n"));
+        out.push_str(&table(&["name", "runs", "p50 ms", "p99 ms"], rows));
+    }
+    for note in &a.notes {
+        out.push_str(&format!("\nnote: {note}"));
+    }
+    out
 }
 
 fn health_text(h: &common::msg::HealthStatus) -> String {

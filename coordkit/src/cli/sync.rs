@@ -339,7 +339,7 @@ fn sync_point_text(p: &common::msg::SyncPoint) -> String {
         p.label,
         p.scope,
         wire_name(&p.state),
-        table(&["agent", "cut revision", "acked revision"], rows)
+        table(&["agent", "cut revision", "acked at ms"], rows)
     );
     if !p.missing.is_empty() {
         out.push_str(&format!(

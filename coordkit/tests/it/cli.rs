@@ -130,6 +130,13 @@ async fn health_report_analysis_anomalies_and_system_check() {
     let report: common::msg::HealthReport = coordctl_json(&url, &["report"]).await;
     assert!(report.validation.valid, "{:?}", report.validation);
     let _: common::msg::PerformanceAnalysis = coordctl_json(&url, &["analysis"]).await;
+    // Text for people, not the JSON reply.
+    let text = coordctl(&url, &["analysis"]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(!text.trim_start().starts_with('{'), "{text}");
+    for part in ["bottleneck:", "trends", "slowest agents", "P99 MS"] {
+        assert!(text.contains(part), "{part}: {text}");
+    }
     let _: common::msg::AnomalyList = coordctl_json(&url, &["anomalies"]).await;
     let check: common::msg::SystemValidation = coordctl_json(&url, &["check-system"]).await;
     assert!(check.valid);
@@ -436,6 +443,10 @@ async fn sync_points_from_the_command_line() {
     let id = sp.id.to_string();
     let shown: SyncPoint = coordctl_json(&url, &["syncpoint", "show", &id]).await;
     assert_eq!(shown.id, sp.id);
+    // `acked` holds when each agent acknowledged, in ms: the column says so.
+    let text = coordctl(&url, &["syncpoint", "show", &id]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("ACKED AT MS"), "{text}");
     let list: SyncPointList = coordctl_json(&url, &["syncpoint", "list"]).await;
     assert!(list.sync_points.iter().any(|p| p.id == sp.id));
 
