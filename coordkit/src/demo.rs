@@ -103,17 +103,7 @@ pub fn progress_line(s: &FlowStatus) -> String {
 
 /// A task state by its wire name.
 pub fn state_name(s: TaskState) -> &'static str {
-    match s {
-        TaskState::Blocked => "blocked",
-        TaskState::Ready => "ready",
-        TaskState::Assigned => "assigned",
-        TaskState::Running => "running",
-        TaskState::Succeeded => "succeeded",
-        TaskState::Failed => "failed",
-        TaskState::Cancelled => "cancelled",
-        TaskState::Skipped => "skipped",
-        TaskState::TimedOut => "timed_out",
-    }
+    s.as_str()
 }
 
 /// Submits the demo flow and prints progress until it completes (or `deadline` passes).

@@ -367,13 +367,7 @@ fn succeeded(status: &FlowStatus) -> Result<(), Negative> {
 }
 
 fn flow_state(s: FlowState) -> &'static str {
-    match s {
-        FlowState::Running => "running",
-        FlowState::Paused => "paused",
-        FlowState::Succeeded => "succeeded",
-        FlowState::Failed => "failed",
-        FlowState::Cancelled => "cancelled",
-    }
+    s.as_str()
 }
 
 fn status_text(s: &FlowStatus) -> String {

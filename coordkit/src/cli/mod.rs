@@ -497,7 +497,7 @@ async fn run_demo(
     ));
     let status = demo::run_demo_flow(&client, Duration::from_secs(60)).await?;
     say(&format!(
-        "flow {} finished: {:?}",
+        "flow {} finished: {}",
         status.flow_id, status.state
     ));
     say(&flow::task_table(&status));
@@ -518,7 +518,7 @@ async fn run_demo(
         names.join(", ")
     ));
     if status.state != common::msg::FlowState::Succeeded {
-        anyhow::bail!("the demo flow ended {:?}", status.state);
+        anyhow::bail!("the demo flow ended {}", status.state);
     }
     if !exit {
         say("the system is up; the demo agent keeps serving. Ctrl-C to stop.");
