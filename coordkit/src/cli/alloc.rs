@@ -454,6 +454,15 @@ pub(crate) async fn run_alloc(ctx: &Ctx, cmd: AllocCmd) -> anyhow::Result<()> {
             priority,
             allocation_id,
         } => {
+            // The allocator takes an empty requirement (a task that needs only an
+            // agent); from the command line it is a forgotten -r that would book `{}`.
+            if req.resources.is_empty() {
+                return Err(Error::new(
+                    ErrorCode::ValidationFailed,
+                    "an allocation needs at least one resource: -r name=amount",
+                )
+                .into());
+            }
             let a = c
                 .allocate(&AllocateRequest {
                     owner,

@@ -325,6 +325,13 @@ async fn capacity_agents_reserve_and_adjust() {
     )
     .await;
     assert_eq!(a.allocation_id.as_str(), "job-1-a");
+    // No -r: refused, not an allocation of nothing.
+    coordctl_fails(
+        &url,
+        &["alloc", "allocate", "--owner", "job-0"],
+        "validation_failed",
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let gang = write(
         &dir,
