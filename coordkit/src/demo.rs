@@ -195,30 +195,23 @@ pub fn progress_line(s: &FlowStatus) -> String {
 
 /// A task state by its wire name.
 pub fn state_name(s: TaskState) -> &'static str {
-    match s {
-        TaskState::Blocked => "blocked",
-        TaskState::Ready => "ready",
-        TaskState::Assigned => "assigned",
-        TaskState::Running => "running",
-        TaskState::Succeeded => "succeeded",
-        TaskState::Failed => "failed",
-        TaskState::Cancelled => "cancelled",
-        TaskState::Skipped => "skipped",
-        TaskState::TimedOut => "timed_out",
-    }
+    s.as_str()
 }
 
 /// Submits the demo flow and prints progress until it completes (or `deadline` passes).
 pub async fn run_demo_flow(client: &Client, deadline: Duration) -> Result<FlowStatus, Error> {
     let created = submit_with_retry(client, &demo_flow()?).await?;
-    println!("flow {} created: {}", created.flow_id, created.name);
+    crate::cli::say(&format!(
+        "flow {} created: {}",
+        created.flow_id, created.name
+    ));
     let started = tokio::time::Instant::now();
     let mut last = String::new();
     loop {
         let status = client.flow_status(&created.flow_id).await?;
         let line = progress_line(&status);
         if line != last {
-            println!("{line}");
+            crate::cli::say(&line);
             last = line;
         }
         if status.state != FlowState::Running {
@@ -265,9 +258,9 @@ pub async fn show_state(client: &Client) -> Result<(), Error> {
         })
         .await?;
     let got = client.state_get(&agent).await?;
-    println!(
+    crate::cli::say(&format!(
         "state of {agent}: revision {} (put) / {} (get): {}",
         put.revision, got.revision, got.doc
-    );
+    ));
     Ok(())
 }

@@ -162,20 +162,22 @@ impl AgentRecord {
 
     /// Held by allocations outside reservations, for one resource.
     pub fn general_used(&self, resource: &str) -> f64 {
-        self.allocations
-            .values()
-            .filter(|a| a.reservation_id.is_none())
-            .filter_map(|a| a.resources.get(resource))
-            .sum()
+        total(
+            self.allocations
+                .values()
+                .filter(|a| a.reservation_id.is_none())
+                .filter_map(|a| a.resources.get(resource)),
+        )
     }
 
     /// Sum of `resource` over reservations whose window holds `t`.
     fn reserved_at(&self, resource: &str, t: u64) -> f64 {
-        self.reservations
-            .values()
-            .filter(|r| active(r, t))
-            .filter_map(|r| r.resources.get(resource))
-            .sum()
+        total(
+            self.reservations
+                .values()
+                .filter(|r| active(r, t))
+                .filter_map(|r| r.resources.get(resource)),
+        )
     }
 
     /// The instants in `[from, to)` where the reserved sum can peak: `from` and
@@ -219,11 +221,12 @@ impl AgentRecord {
 
     /// Allocations drawing from reservation `id`, summed for `resource`.
     pub fn drawn(&self, id: &ReservationId, resource: &str) -> f64 {
-        self.allocations
-            .values()
-            .filter(|a| a.reservation_id.as_ref() == Some(id))
-            .filter_map(|a| a.resources.get(resource))
-            .sum()
+        total(
+            self.allocations
+                .values()
+                .filter(|a| a.reservation_id.as_ref() == Some(id))
+                .filter_map(|a| a.resources.get(resource)),
+        )
     }
 
     /// Whether `req` could go here once this agent is idle: it takes
@@ -514,6 +517,12 @@ impl AgentRecord {
             })
             .collect()
     }
+}
+
+/// Adds amounts up from +0.0: `Iterator::sum` starts from -0.0, so nothing
+/// held would reach the wire as `"allocated": -0.0`.
+fn total<'a>(amounts: impl Iterator<Item = &'a f64>) -> f64 {
+    amounts.fold(0.0, |sum, v| sum + v)
 }
 
 /// A new allocation of `req` for `owner`, drawing as `draw` says.

@@ -162,10 +162,11 @@ impl QuotaBook {
 
     /// The holds that would have to go for `holder` to be within `limits`:
     /// lowest priority first, newest first among equals (so the longest-running
-    /// work survives), only allocations that hold an over-limit resource.
+    /// work survives), only allocations that hold an over-limit resource, and
+    /// none that the limits could keep once the others have gone.
     pub fn over_limits(&self, holder: &str, limits: &BTreeMap<String, f64>) -> Vec<Allocation> {
         let mut gone: BTreeSet<&AllocationId> = BTreeSet::new();
-        let mut out = Vec::new();
+        let mut out: Vec<&Allocation> = Vec::new();
         for (r, limit) in limits {
             loop {
                 let used = self
@@ -189,10 +190,28 @@ impl QuotaBook {
                     });
                 let Some(v) = victim else { break };
                 gone.insert(&v.allocation_id);
-                out.push(v.clone());
+                out.push(v);
             }
         }
-        out
+        // Taking in order can take too much (a small victim, then a large one
+        // that alone suffices): keep back, the last to be preempted first,
+        // every victim the limits allow.
+        let within = |gone: &BTreeSet<&AllocationId>| {
+            let used = self.used_except(holder, gone);
+            limits
+                .iter()
+                .all(|(r, limit)| used.get(r).copied().unwrap_or(0.0) - limit <= EPS)
+        };
+        for i in (0..out.len()).rev() {
+            let id = &out[i].allocation_id;
+            gone.remove(id);
+            if within(&gone) {
+                out.remove(i);
+            } else {
+                gone.insert(id);
+            }
+        }
+        out.into_iter().cloned().collect()
     }
 
     /// Whether every counted quota is within its limits (what a checker of
@@ -394,6 +413,24 @@ mod tests {
         assert!(b
             .over_limits("o", &[("cpu".to_string(), 8.0)].into())
             .is_empty());
+    }
+
+    #[test]
+    fn lowering_releases_only_what_it_must() {
+        let mut b = book("o", 10.0);
+        // The small one comes first in preemption order, but the big one alone suffices.
+        for (id, cpu, prio) in [("big", 1.5, 1), ("small", 0.5, 0)] {
+            assert_eq!(
+                b.admit(&[alloc(id, "o", cpu, prio, 0)]),
+                Admission::Admitted
+            );
+        }
+        let gone: Vec<String> = b
+            .over_limits("o", &[("cpu".to_string(), 1.0)].into())
+            .iter()
+            .map(|a| a.allocation_id.to_string())
+            .collect();
+        assert_eq!(gone, ["big"]);
     }
 
     #[test]

@@ -171,6 +171,18 @@ fn draining_and_lost_agents_take_nothing_new() {
     );
 }
 
+/// Nothing held is 0, not -0 (what an empty `f64` sum gives), in every figure.
+#[test]
+fn idle_figures_are_positive_zero() {
+    let a = agent("a", 4.0, &[]);
+    let s = capacity_status(&[a], None, None, 0);
+    let json = serde_json::to_string(&s).unwrap();
+    assert!(!json.contains("-0.0"), "{json}");
+    let usage = &s.agents[&AgentId::new("a").unwrap()]["cpu"];
+    assert!(usage.allocated.is_sign_positive(), "{usage:?}");
+    assert!(usage.reserved.is_sign_positive(), "{usage:?}");
+}
+
 #[test]
 fn capacity_status_sums_the_pool_per_label() {
     let mut a = agent("a", 4.0, &[]);

@@ -269,6 +269,27 @@ impl TaskState {
     pub fn is_active(self) -> bool {
         matches!(self, TaskState::Assigned | TaskState::Running)
     }
+
+    /// The wire name (`running`, `timed_out`, …), for messages people read.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Blocked => "blocked",
+            TaskState::Ready => "ready",
+            TaskState::Assigned => "assigned",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::Skipped => "skipped",
+            TaskState::TimedOut => "timed_out",
+        }
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Where a flow is in its life cycle.
@@ -292,6 +313,23 @@ impl FlowState {
             self,
             FlowState::Succeeded | FlowState::Failed | FlowState::Cancelled
         )
+    }
+
+    /// The wire name (`running`, `succeeded`, …), for messages people read.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlowState::Running => "running",
+            FlowState::Paused => "paused",
+            FlowState::Succeeded => "succeeded",
+            FlowState::Failed => "failed",
+            FlowState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for FlowState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -98,7 +98,8 @@ pub enum Invariant {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScopeConfig {
-    #[serde(default)]
+    /// The scope to configure. Required, so that a body of defaults alone
+    /// cannot replace the `default` scope's configuration.
     pub scope: ScopeId,
     /// Default `reject`.
     #[serde(default)]

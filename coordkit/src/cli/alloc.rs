@@ -10,7 +10,7 @@ use common::msg::{
 };
 use common::{AgentId, AllocationId, Error, ErrorCode, ReservationId};
 
-use super::{id, parse_amount, parse_pair, parse_wire, table, Ctx};
+use super::{id, parse_amount, parse_pair, parse_wire, table, Ctx, Negative};
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum AgentsCmd {
@@ -24,7 +24,7 @@ pub(crate) enum AgentsCmd {
 pub(crate) enum CapacityCmd {
     /// Capacity, allocations, reservations and free amounts per resource, agent and label.
     Show,
-    /// Whether a requirement fits now, on which agents, and if not, why.
+    /// Whether a requirement fits now, on which agents, and if not, why. Exits 3 when it does not fit.
     Check {
         #[command(flatten)]
         req: ReqArgs,
@@ -310,6 +310,9 @@ pub(crate) async fn run_capacity(ctx: &Ctx, cmd: CapacityCmd) -> anyhow::Result<
                 })
                 .await?;
             ctx.emit(&cap, capacity_text);
+            if cap.fits == Some(false) {
+                return Err(Negative("the requirement does not fit".into()).into());
+            }
         }
         CapacityCmd::Reserve {
             owner,
@@ -451,6 +454,15 @@ pub(crate) async fn run_alloc(ctx: &Ctx, cmd: AllocCmd) -> anyhow::Result<()> {
             priority,
             allocation_id,
         } => {
+            // The allocator takes an empty requirement (a task that needs only an
+            // agent); from the command line it is a forgotten -r that would book `{}`.
+            if req.resources.is_empty() {
+                return Err(Error::new(
+                    ErrorCode::ValidationFailed,
+                    "an allocation needs at least one resource: -r name=amount",
+                )
+                .into());
+            }
             let a = c
                 .allocate(&AllocateRequest {
                     owner,

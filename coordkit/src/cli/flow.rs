@@ -11,7 +11,7 @@ use common::msg::{
 use common::{Error, ErrorCode, FlowId};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{id, parse_wire, table, Ctx};
+use super::{id, parse_wire, table, Ctx, Negative};
 use crate::demo::state_name;
 
 #[derive(Subcommand, Debug)]
@@ -21,13 +21,15 @@ pub(crate) enum FlowCmd {
     /// Unknown fields are rejected, so a typo such as `dependson` is an error.
     Submit {
         file: PathBuf,
-        /// Follow the flow until it finishes (progress bar, then the task table).
+        /// Follow the flow until it finishes (progress bar, then the task table);
+        /// exit status 3 when it did not succeed.
         #[arg(long)]
         wait: bool,
     },
     /// A flow's state and its task table.
     Status { flow_id: String },
-    /// Follow a flow with a live progress bar until it finishes, then print its task table.
+    /// Follow a flow with a live progress bar until it finishes, then print its task
+    /// table; exit status 3 when it did not succeed.
     Watch {
         flow_id: String,
         /// How often to ask for the status, in milliseconds.
@@ -85,8 +87,8 @@ pub(crate) async fn run(ctx: &Ctx, cmd: FlowCmd) -> anyhow::Result<()> {
                 status
             };
             ctx.emit(&status, status_text);
-            if wait && status.state != FlowState::Succeeded {
-                anyhow::bail!("flow {} ended {}", status.flow_id, flow_state(status.state));
+            if wait {
+                succeeded(&status)?;
             }
         }
         FlowCmd::Status { flow_id } => {
@@ -104,6 +106,7 @@ pub(crate) async fn run(ctx: &Ctx, cmd: FlowCmd) -> anyhow::Result<()> {
             )
             .await?;
             ctx.emit(&status, status_text);
+            succeeded(&status)?;
         }
         FlowCmd::Get { flow_id } => {
             let spec = c.flow_get(&id::<FlowId>(&flow_id)?).await?;
@@ -350,14 +353,21 @@ async fn watch(ctx: &Ctx, flow: &FlowId, interval: Duration) -> Result<FlowStatu
     Ok(status)
 }
 
-fn flow_state(s: FlowState) -> &'static str {
-    match s {
-        FlowState::Running => "running",
-        FlowState::Paused => "paused",
-        FlowState::Succeeded => "succeeded",
-        FlowState::Failed => "failed",
-        FlowState::Cancelled => "cancelled",
+/// A followed flow that ended other than succeeded is a "no" (exit status 3).
+fn succeeded(status: &FlowStatus) -> Result<(), Negative> {
+    if status.state == FlowState::Succeeded {
+        Ok(())
+    } else {
+        Err(Negative(format!(
+            "flow {} ended {}",
+            status.flow_id,
+            flow_state(status.state)
+        )))
     }
+}
+
+fn flow_state(s: FlowState) -> &'static str {
+    s.as_str()
 }
 
 fn status_text(s: &FlowStatus) -> String {

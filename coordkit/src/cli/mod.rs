@@ -4,7 +4,7 @@
 //! different protocol than the SDK. Every command prints either a human summary or,
 //! with `--output json`, the reply exactly as the service sent it, for scripts. A
 //! failed request prints `error [code]: message` (with `--output json`, the error
-//! body `{"error": …}` on stdout) and exits with status 1; usage errors exit 2.
+//! body `{"error": …}` on stdout). The exit status follows [`EXIT_STATUSES`].
 
 mod alloc;
 mod conformance;
@@ -14,11 +14,31 @@ mod sync;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use common::{subject, AgentId, Client, Error};
+use common::{subject, AgentId, Client, Error, ErrorCode};
 use futures::StreamExt;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::demo;
+
+/// What each exit status means, the same for every command (shown by `--help`).
+pub const EXIT_STATUSES: &str = "\
+Exit status:
+  0  done; the answer is yes
+  1  the request failed: an error reply, printed as `error [code]: message`
+     (with --output json the body {\"error\": {\"code\", \"message\", \"details\"}} goes to stdout)
+  2  usage error
+  3  the answer is no: validate finds violations, a sync point, synchronize round or
+     rollback is not complete or not verified, a followed flow (flow watch, flow submit
+     --wait) ended failed or cancelled, health is unhealthy, check-system finds
+     violations, capacity check does not fit
+  4  the system did not answer: no NATS connection, no service answering, a timeout
+     (error codes unavailable, timeout)";
+
+/// The request succeeded and its answer is no (exit status 3), e.g. a scope
+/// that is invalid: scripts tell it apart from a request that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Negative(pub(crate) String);
 
 /// coordctl: drive a coordkit system from the command line.
 #[derive(Parser, Debug)]
@@ -28,11 +48,7 @@ use crate::demo;
     about = "coordctl: drive a coordkit system from the command line",
     propagate_version = true
 )]
-#[command(
-    after_help = "Errors print `error [code]: message` and exit with status 1 \
-    (with --output json the error body {\"error\": {\"code\", \"message\", \"details\"}} goes to stdout); \
-    usage errors exit with status 2."
-)]
+#[command(after_help = EXIT_STATUSES)]
 pub struct Cli {
     #[command(flatten)]
     nats: common::config::NatsConfig,
@@ -91,7 +107,7 @@ enum Command {
     /// Scope configuration: conflict policy, schema, invariants, shared pointers.
     #[command(subcommand)]
     Scope(sync::ScopeCmd),
-    /// Check a scope's documents against its schema and invariants.
+    /// Check a scope's documents against its schema and invariants. Exits 3 when they break one.
     Validate(sync::ValidateArgs),
     /// Make the agents agree on the shared values of a scope and wait for their acknowledgements.
     Synchronize(sync::SynchronizeArgs),
@@ -101,7 +117,7 @@ enum Command {
     /// Traffic metrics from the monitor.
     Metrics,
     /// Health of every service, JetStream and the NATS server: healthy, degraded or unhealthy, with reasons.
-    /// Exits 1 when unhealthy.
+    /// Exits 3 when unhealthy, 4 when the monitor does not answer.
     Health,
     /// The monitor's health report: health, key metrics, recent anomalies and cross-service validation.
     Report,
@@ -113,7 +129,7 @@ enum Command {
         #[arg(long)]
         since_ms: Option<u64>,
     },
-    /// Cross-service consistency: allocations match running tasks, nothing on lost agents. Exits 1 on a violation.
+    /// Cross-service consistency: allocations match running tasks, nothing on lost agents. Exits 3 on a violation.
     CheckSystem,
     /// Drive a running agent through every rule of the agent contract: a PASS/FAIL table.
     /// Exits 1 when a rule fails.
@@ -148,12 +164,26 @@ impl Ctx {
     pub(crate) fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce(&T) -> String) {
         if self.json {
             match serde_json::to_string_pretty(value) {
-                Ok(s) => println!("{s}"),
+                Ok(s) => say(&s),
                 Err(e) => eprintln!("error: cannot encode the reply: {e}"),
             }
         } else {
-            println!("{}", text(value));
+            say(&text(value));
         }
+    }
+}
+
+/// Prints a line on stdout. When the reader has gone (`coordctl flow list | head -1`)
+/// the command ends quietly with status 0, as `println!` would panic instead.
+pub(crate) fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {e}");
+        std::process::exit(1);
     }
 }
 
@@ -162,14 +192,19 @@ pub async fn main() {
     let cli = Cli::parse();
     let json = cli.output == Output::Json;
     if let Err(e) = run(cli).await {
+        if let Some(no) = e.downcast_ref::<Negative>() {
+            eprintln!("{no}");
+            std::process::exit(3);
+        }
+        let mut status = 1;
         match e.downcast_ref::<Error>() {
             Some(api) => {
+                if matches!(api.code, ErrorCode::Unavailable | ErrorCode::Timeout) {
+                    status = 4;
+                }
                 if json {
                     let body = common::error::ErrorBody { error: api.clone() };
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&body).unwrap_or_default()
-                    );
+                    say(&serde_json::to_string_pretty(&body).unwrap_or_default());
                 }
                 eprintln!("error [{}]: {}", api.code, api.message);
                 if !api.details.is_null() {
@@ -178,7 +213,7 @@ pub async fn main() {
             }
             None => eprintln!("error: {e:#}"),
         }
-        std::process::exit(1);
+        std::process::exit(status);
     }
 }
 
@@ -208,7 +243,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             heartbeat_ms,
         } => {
             let agent: AgentId = self::id(&id)?;
-            println!("agent {agent} running; Ctrl-C to stop");
+            say(&format!("agent {agent} running; Ctrl-C to stop"));
             let mut opts = demo::demo_agent_options()?;
             opts.agent_id = agent;
             opts.heartbeat_interval = Duration::from_millis(heartbeat_ms.max(50));
@@ -259,7 +294,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             let h = client.health().await?;
             ctx.emit(&h, health_text);
             if h.verdict == common::msg::Verdict::Unhealthy {
-                anyhow::bail!("the system is unhealthy");
+                return Err(Negative("the system is unhealthy".into()).into());
             }
         }
         Command::Report => {
@@ -279,7 +314,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         }
         Command::Analysis => {
             let a = client.analysis().await?;
-            ctx.emit(&a, |a| serde_json::to_string_pretty(a).unwrap_or_default());
+            ctx.emit(&a, analysis_text);
         }
         Command::Anomalies { since_ms } => {
             let req = common::msg::AnomaliesRequest {
@@ -325,7 +360,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
                 )
             });
             if !v.valid {
-                anyhow::bail!("{} violations", v.violations.len());
+                return Err(Negative(format!("{} violations", v.violations.len())).into());
             }
         }
         Command::Services { wait_ms } => {
@@ -472,36 +507,97 @@ async fn run_demo(
             let _ = agent_stopped.await;
         },
     ));
-    println!(
+    say(&format!(
         "demo agent {} started (cpu: 2, capability: demo)",
         demo::DEMO_AGENT
-    );
+    ));
     let status = demo::run_demo_flow(&client, Duration::from_secs(60)).await?;
-    println!("flow {} finished: {:?}", status.flow_id, status.state);
-    println!("{}", flow::task_table(&status));
+    say(&format!(
+        "flow {} finished: {}",
+        status.flow_id, status.state
+    ));
+    say(&flow::task_table(&status));
     demo::show_state(&client).await?;
     // Give the monitor a moment to see the last events.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let m = client.metrics().await?;
-    println!(
+    say(&format!(
         "monitor: {} messages, {} flows completed, {} tasks completed",
         m.messages_total, m.flows_completed, m.tasks_completed
-    );
+    ));
     let services = discover(&nats, subject::SRV_PING, Duration::from_millis(300)).await?;
     let mut names: Vec<&str> = services.iter().filter_map(|s| s["name"].as_str()).collect();
     names.sort();
     names.dedup();
-    println!("services answering $SRV.PING: {}", names.join(", "));
+    say(&format!(
+        "services answering $SRV.PING: {}",
+        names.join(", ")
+    ));
     if status.state != common::msg::FlowState::Succeeded {
-        anyhow::bail!("the demo flow ended {:?}", status.state);
+        anyhow::bail!("the demo flow ended {}", status.state);
     }
     if !exit {
-        println!("the system is up; the demo agent keeps serving. Ctrl-C to stop.");
+        say("the system is up; the demo agent keeps serving. Ctrl-C to stop.");
         common::shutdown::signal().await;
     }
     let _ = stop_agent.send(());
     agent.await??;
     Ok(())
+}
+
+fn analysis_text(a: &common::msg::PerformanceAnalysis) -> String {
+    let mut out = match &a.bottleneck {
+        Some(b) => format!(
+            "bottleneck: {} at {:.0}% ({} free)",
+            b.resource,
+            b.utilisation * 100.0,
+            b.free
+        ),
+        None => "bottleneck: none known".to_owned(),
+    };
+    let trends = a
+        .trends
+        .iter()
+        .map(|t| {
+            vec![
+                t.series.clone(),
+                t.direction.clone(),
+                format!("{:.2}", t.current),
+                format!("{:.2}", t.previous),
+                t.change
+                    .map(|c| format!("{:+.0}%", c * 100.0))
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    out.push_str("\n\ntrends (per second, this minute and the one before)\n");
+    out.push_str(&table(
+        &["series", "direction", "now", "before", "change"],
+        trends,
+    ));
+    for (what, list) in [
+        ("agents", &a.slowest_agents),
+        ("task kinds", &a.slowest_kinds),
+        ("flows", &a.slowest_flows),
+    ] {
+        let rows = list
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.runs.to_string(),
+                    s.p50_ms.to_string(),
+                    s.p99_ms.to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&format!("\n\nslowest {what} (last hour)\n"));
+        out.push_str(&table(&["name", "runs", "p50 ms", "p99 ms"], rows));
+    }
+    for note in &a.notes {
+        out.push_str(&format!("\nnote: {note}"));
+    }
+    out
 }
 
 fn health_text(h: &common::msg::HealthStatus) -> String {

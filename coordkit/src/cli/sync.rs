@@ -8,7 +8,7 @@ use common::msg::{
 };
 use common::{AgentId, Error, ScopeId, SyncPointId};
 
-use super::{id, parse_wire, read_arg, read_json, table, wire_name, Ctx};
+use super::{id, parse_wire, read_arg, read_json, table, wire_name, Ctx, Negative};
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum StateCmd {
@@ -93,7 +93,8 @@ pub(crate) enum SyncpointCmd {
         #[arg(long, default_value = "")]
         label: String,
     },
-    /// Wait for every participant's acknowledgement; records completed or incomplete.
+    /// Wait for every participant's acknowledgement; records completed or incomplete
+    /// (exit status 3).
     Complete {
         sync_point_id: String,
         #[arg(long, default_value_t = common::msg::default_ack_timeout_ms())]
@@ -269,6 +270,9 @@ pub(crate) async fn run_validate(ctx: &Ctx, args: ValidateArgs) -> anyhow::Resul
         })
         .await?;
     ctx.emit(&report, validation_text);
+    if !report.valid {
+        return Err(Negative(format!("scope {} is invalid", report.scope)).into());
+    }
     Ok(())
 }
 
@@ -305,6 +309,12 @@ pub(crate) async fn run_synchronize(ctx: &Ctx, args: SynchronizeArgs) -> anyhow:
             validation_text(&r.validation)
         )
     });
+    if !report.complete {
+        return Err(Negative(format!("round {} is incomplete", report.round_id)).into());
+    }
+    if !report.validation.valid {
+        return Err(Negative(format!("scope {} is invalid", report.scope)).into());
+    }
     Ok(())
 }
 
@@ -329,7 +339,7 @@ fn sync_point_text(p: &common::msg::SyncPoint) -> String {
         p.label,
         p.scope,
         wire_name(&p.state),
-        table(&["agent", "cut revision", "acked revision"], rows)
+        table(&["agent", "cut revision", "acked at ms"], rows)
     );
     if !p.missing.is_empty() {
         out.push_str(&format!(
@@ -372,6 +382,11 @@ pub(crate) async fn run_syncpoint(ctx: &Ctx, cmd: SyncpointCmd) -> anyhow::Resul
                 })
                 .await?;
             ctx.emit(&p, sync_point_text);
+            if p.state != SyncPointState::Completed {
+                return Err(
+                    Negative(format!("sync point {} is {}", p.id, wire_name(&p.state))).into(),
+                );
+            }
         }
         SyncpointCmd::Rollback {
             sync_point_id,
@@ -403,6 +418,13 @@ pub(crate) async fn run_syncpoint(ctx: &Ctx, cmd: SyncpointCmd) -> anyhow::Resul
                     table(&["agent", "revision", "acked"], rows)
                 )
             });
+            if !r.verified {
+                return Err(Negative(format!(
+                    "the rollback of {} is not verified",
+                    r.sync_point_id
+                ))
+                .into());
+            }
         }
         SyncpointCmd::List { scope: s, state } => {
             let list = c

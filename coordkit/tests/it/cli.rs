@@ -5,13 +5,13 @@ use common::error::ErrorBody;
 use common::msg::{
     AdjustReply, Allocation, CapacityStatus, ConflictPolicy, FlowList, FlowState, FlowStatus,
     GangReply, QuotaReply, RegisterAgent, ReleaseReply, Reservation, ScopeConfig, StateDoc,
-    StateHistory, SyncPoint, SyncPointDiff, SyncPointList, TaskState,
+    StateHistory, SyncPoint, SyncPointDiff, SyncPointList, TaskState, ValidationReport,
 };
 use common::{AgentId, ErrorCode};
 use coordkit::demo;
 use testkit::System;
 
-use crate::{coordctl, coordctl_fails, coordctl_json};
+use crate::{coordctl, coordctl_answer, coordctl_fails, coordctl_json};
 
 const FLOW_YAML: &str = "\
 name: cli flow
@@ -130,6 +130,13 @@ async fn health_report_analysis_anomalies_and_system_check() {
     let report: common::msg::HealthReport = coordctl_json(&url, &["report"]).await;
     assert!(report.validation.valid, "{:?}", report.validation);
     let _: common::msg::PerformanceAnalysis = coordctl_json(&url, &["analysis"]).await;
+    // Text for people, not the JSON reply.
+    let text = coordctl(&url, &["analysis"]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(!text.trim_start().starts_with('{'), "{text}");
+    for part in ["bottleneck:", "trends", "slowest agents", "P99 MS"] {
+        assert!(text.contains(part), "{part}: {text}");
+    }
     let _: common::msg::AnomalyList = coordctl_json(&url, &["anomalies"]).await;
     let check: common::msg::SystemValidation = coordctl_json(&url, &["check-system"]).await;
     assert!(check.valid);
@@ -272,7 +279,8 @@ async fn capacity_agents_reserve_and_adjust() {
     )
     .await;
     assert_eq!(fits.fits, Some(true));
-    let too_big: CapacityStatus = coordctl_json(&url, &["capacity", "check", "-r", "cpu=64"]).await;
+    let too_big: CapacityStatus =
+        coordctl_answer(&url, &["capacity", "check", "-r", "cpu=64"], 3).await;
     assert_eq!(too_big.fits, Some(false));
 
     let r: Reservation = coordctl_json(
@@ -317,6 +325,13 @@ async fn capacity_agents_reserve_and_adjust() {
     )
     .await;
     assert_eq!(a.allocation_id.as_str(), "job-1-a");
+    // No -r: refused, not an allocation of nothing.
+    coordctl_fails(
+        &url,
+        &["alloc", "allocate", "--owner", "job-0"],
+        "validation_failed",
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let gang = write(
         &dir,
@@ -435,6 +450,10 @@ async fn sync_points_from_the_command_line() {
     let id = sp.id.to_string();
     let shown: SyncPoint = coordctl_json(&url, &["syncpoint", "show", &id]).await;
     assert_eq!(shown.id, sp.id);
+    // `acked` holds when each agent acknowledged, in ms: the column says so.
+    let text = coordctl(&url, &["syncpoint", "show", &id]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("ACKED AT MS"), "{text}");
     let list: SyncPointList = coordctl_json(&url, &["syncpoint", "list"]).await;
     assert!(list.sync_points.iter().any(|p| p.id == sp.id));
 
@@ -459,9 +478,14 @@ async fn sync_points_from_the_command_line() {
         coordctl_json(&url, &["validate", "--agent", "s1", "--agent", "s2"]).await;
     assert_eq!(report["valid"], true);
 
-    // Nobody acknowledges (no agent runs): completion is recorded as incomplete.
-    let completed: SyncPoint =
-        coordctl_json(&url, &["syncpoint", "complete", &id, "--timeout-ms", "200"]).await;
+    // Nobody acknowledges (no agent runs): completion is recorded as incomplete,
+    // a "no" (status 3).
+    let completed: SyncPoint = coordctl_answer(
+        &url,
+        &["syncpoint", "complete", &id, "--timeout-ms", "200"],
+        3,
+    )
+    .await;
     assert_eq!(completed.missing.len(), 2);
 }
 
@@ -504,6 +528,103 @@ async fn bad_input_exits_non_zero_with_the_error_code() {
     // Usage errors are clap's: status 2.
     let out = coordctl(&url, &["flow", "frobnicate"]).await;
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A "no" (invalid, incomplete, a flow that did not succeed, unhealthy) exits 3,
+/// a system that does not answer 4, and `--help` says so.
+#[tokio::test]
+async fn exit_statuses_tell_a_no_from_a_failure() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+
+    // A document written before its scope got a schema it breaks.
+    let _: StateDoc = coordctl_json(
+        &url,
+        &[
+            "state",
+            "put",
+            "v1",
+            "--scope",
+            "checks",
+            "--revision",
+            "0",
+            "{}",
+        ],
+    )
+    .await;
+    let cfg = write(
+        &dir,
+        "scope.yaml",
+        "scope: checks\nschema: {type: object, required: [ok]}\n",
+    );
+    let _: ScopeConfig = coordctl_json(&url, &["scope", "set", &cfg]).await;
+    let report: ValidationReport =
+        coordctl_answer(&url, &["validate", "--scope", "checks"], 3).await;
+    assert!(!report.valid);
+    let text = coordctl(&url, &["validate", "--scope", "checks"]).await;
+    assert_eq!(text.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&text.stdout).contains("INVALID"));
+
+    // A followed flow that ends cancelled: watch says no, as submit --wait does.
+    let spec = write(&dir, "flow.yaml", FLOW_YAML);
+    let created: FlowStatus = coordctl_json(&url, &["flow", "submit", &spec]).await;
+    let id = created.flow_id.to_string();
+    let _: FlowStatus = coordctl_json(&url, &["flow", "cancel", &id]).await;
+    let watched: FlowStatus = coordctl_answer(&url, &["flow", "watch", &id], 3).await;
+    assert_eq!(watched.state, FlowState::Cancelled);
+
+    let help = coordctl(&url, &["--help"]).await;
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("Exit status:"), "{help}");
+    for line in ["  3  the answer is no", "  4  the system did not answer"] {
+        assert!(help.contains(line), "{help}");
+    }
+}
+
+/// Health says no (3) when a required service is missing, and cannot say
+/// anything (4) when no monitor answers.
+#[tokio::test]
+async fn health_tells_unhealthy_from_unreachable() {
+    let server = testkit::NatsServer::start();
+    let url = server.url().to_owned();
+    let out = coordctl(&url, &["health"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("error [unavailable]"), "{stderr}");
+
+    // Only the monitor: the others do not answer $SRV.PING.
+    let _monitor = testkit::start_service("monitor", server.config());
+    testkit::wait_for_service(&server.connect().await, "monitor").await;
+    let health: common::msg::HealthStatus = coordctl_answer(&url, &["health"], 3).await;
+    assert_eq!(health.verdict, common::msg::Verdict::Unhealthy);
+}
+
+/// `coordctl flow list | head -1`: a reader that has gone ends coordctl quietly,
+/// not with a panic.
+#[tokio::test]
+async fn a_closed_stdout_ends_the_command_quietly() {
+    let sys = System::start().await;
+    let (writer, reader) = tokio::net::unix::pipe::pipe().unwrap();
+    // The reader is gone before coordctl writes a byte, so its first write fails.
+    drop(reader);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_coordctl"))
+        .args(["flow", "list"])
+        .env("NATS_URL", sys.server.url())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::from(
+            writer.into_blocking_fd().unwrap(),
+        ))
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
 }
 
 #[tokio::test]

@@ -28,12 +28,23 @@ pub async fn coordctl(url: &str, args: &[&str]) -> Output {
 
 /// `coordctl -o json …`, which must succeed, its stdout parsed.
 pub async fn coordctl_json<T: serde::de::DeserializeOwned>(url: &str, args: &[&str]) -> T {
+    coordctl_answer(url, args, 0).await
+}
+
+/// `coordctl -o json …` whose request succeeds and exits with `status` (3: the
+/// answer is no), its stdout parsed.
+pub async fn coordctl_answer<T: serde::de::DeserializeOwned>(
+    url: &str,
+    args: &[&str],
+    status: i32,
+) -> T {
     let mut all = vec!["--output", "json"];
     all.extend_from_slice(args);
     let out = coordctl(url, &all).await;
-    assert!(
-        out.status.success(),
-        "coordctl {args:?} failed: {}\n{}",
+    assert_eq!(
+        out.status.code(),
+        Some(status),
+        "coordctl {args:?} exited other than {status}: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );

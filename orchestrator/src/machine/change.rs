@@ -35,7 +35,7 @@ impl Flow {
         if self.state.is_terminal() {
             return Err(vec![problem(
                 "flow_finished",
-                format!("flow is {:?}", self.state),
+                format!("flow is {}", self.state),
                 None,
             )]);
         }
@@ -50,7 +50,7 @@ impl Flow {
                 )),
                 Some(s) if !not_started(s) => problems.push(problem(
                     "task_started",
-                    format!("task {id} is {s:?}; only tasks that have not started can be removed"),
+                    format!("task {id} is {s}; only tasks that have not started can be removed"),
                     Some(id),
                 )),
                 _ => {}
@@ -58,10 +58,16 @@ impl Flow {
         }
         for id in changes.priorities.keys() {
             match state_of(id) {
-                None => problems.push(problem("unknown_task", format!("no task {id} to re-prioritise"), Some(id))),
+                None => problems.push(problem(
+                    "unknown_task",
+                    format!("no task {id} to re-prioritise"),
+                    Some(id),
+                )),
                 Some(s) if !not_started(s) => problems.push(problem(
                     "task_started",
-                    format!("task {id} is {s:?}; only tasks that have not started can be re-prioritised"),
+                    format!(
+                        "task {id} is {s}; only tasks that have not started can be re-prioritised"
+                    ),
                     Some(id),
                 )),
                 _ => {}
@@ -76,7 +82,7 @@ impl Flow {
                 )),
                 Some(s) if !not_started(s) => problems.push(problem(
                     "task_started",
-                    format!("task {id} is {s:?}; inputs can change only before assignment"),
+                    format!("task {id} is {s}; inputs can change only before assignment"),
                     Some(id),
                 )),
                 _ => {}
@@ -94,7 +100,7 @@ impl Flow {
                 Some(s) if !not_started(s) => problems.push(problem(
                     "task_started",
                     format!(
-                        "task {} is {s:?}; no dependency can be added to it",
+                        "task {} is {s}; no dependency can be added to it",
                         dep.task_id
                     ),
                     Some(&dep.task_id),
@@ -200,7 +206,7 @@ impl Flow {
             return Err(vec![problem(
                 "task_not_finished",
                 format!(
-                    "task {task} is {:?}; only a finished task can be re-run",
+                    "task {task} is {}; only a finished task can be re-run",
                     t.state
                 ),
                 Some(task),

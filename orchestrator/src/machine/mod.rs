@@ -215,9 +215,9 @@ pub enum Rejection {
     StaleAttempt { got: u32, current: u32 },
     #[error("agent {got} does not hold the task")]
     WrongAgent { got: AgentId },
-    #[error("task is {0:?}, not running")]
+    #[error("task is {0}, not running")]
     NotActive(TaskState),
-    #[error("task is {0:?}, not ready")]
+    #[error("task is {0}, not ready")]
     NotReady(TaskState),
     #[error("task is backing off until {0}")]
     NotDue(u64),
@@ -227,7 +227,7 @@ pub enum Rejection {
     UnknownReport,
     #[error("{0}")]
     ProgressOutOfRange(String),
-    #[error("flow is {0:?}, cannot {1}")]
+    #[error("flow is {0}, cannot {1}")]
     WrongFlowState(FlowState, &'static str),
 }
 

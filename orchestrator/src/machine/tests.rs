@@ -549,6 +549,31 @@ fn cancel_stops_everything_and_releases() {
     assert!(flow.cancel(7).is_err());
 }
 
+/// Messages name states as the wire does (`running`), not as Rust's Debug does.
+#[test]
+fn messages_name_states_by_their_wire_names() {
+    let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
+    let a = assign(&mut flow, "a", "w1", 0);
+    flow.report(&report("a", a, ReportKind::Started), 1)
+        .unwrap();
+    let mut c = changes();
+    c.remove = vec![tid("a")];
+    let problems = flow.modify(&c, 2).unwrap_err();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.message.starts_with("task a is running;")),
+        "{problems:?}"
+    );
+    flow.cancel(3).unwrap();
+    assert_eq!(
+        flow.pause().unwrap_err().to_string(),
+        "flow is cancelled, cannot pause"
+    );
+    let problems = flow.modify(&c, 4).unwrap_err();
+    assert_eq!(problems[0].message, "flow is cancelled");
+}
+
 #[test]
 fn fail_fast_cancels_running_and_skips_the_rest() {
     let mut s = spec(vec![task("a", &[]), task("b", &[]), task("c", &["a"])]);

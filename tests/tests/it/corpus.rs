@@ -14,6 +14,10 @@
 //! the test, so a new endpoint cannot go without coverage. A per-agent
 //! endpoint (`coord.agents.*.…`) is sent to agent `a1`'s subject, and a body
 //! naming another agent there is `forbidden`.
+//!
+//! Every endpoint also gets an empty object and an empty body (which the
+//! endpoints read as `{}`): a read may answer them, but no endpoint may write
+//! anything for them (a scope set from `{}` used to reset the `default` scope).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -658,6 +662,35 @@ async fn every_endpoint_answers_a_corpus_of_bad_input_with_typed_errors_and_chan
                 failures.push(format!(
                     "{subject}: {}: expected {:?}, got {code} (header {header:?}): {shown}",
                     c.what, c.expect
+                ));
+            }
+        }
+        // Nothing but defaults: answered or refused, never written.
+        for (what, body) in [("an empty object", "{}"), ("an empty body", "")] {
+            sent += 1;
+            let before = revisions(&js).await;
+            let reply = tokio::time::timeout(
+                Duration::from_secs(10),
+                sys.nats.request(subject.clone(), body.into()),
+            )
+            .await;
+            if !matches!(reply, Ok(Ok(_))) {
+                failures.push(format!("{subject}: {what}: no reply ({reply:?})"));
+            }
+            let after = revisions(&js).await;
+            if after != before {
+                let shown: String = reply
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|r| {
+                        String::from_utf8_lossy(&r.payload)
+                            .chars()
+                            .take(200)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                failures.push(format!(
+                    "{subject}: {what} changed stored state ({before:?} -> {after:?}): {shown}"
                 ));
             }
         }
