@@ -33,23 +33,21 @@ async fn status_of(sys: &System, agent: &AgentId) -> Option<AgentStatus> {
     cap.agent_status.get(agent).copied()
 }
 
+/// What a held handler returns.
+type Outcome = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<serde_json::Value, agent::TaskFailure>> + Send>,
+>;
+
+/// Each assignment a held handler got, with the sender that lets it finish.
+type Held = mpsc::UnboundedReceiver<(Assignment, oneshot::Sender<()>)>;
+
 /// A handler that sends each assignment out and then waits until told to finish.
 fn held() -> (
-    mpsc::UnboundedReceiver<(Assignment, oneshot::Sender<()>)>,
-    impl Fn(
-            Assignment,
-        ) -> std::pin::Pin<
-            Box<
-                dyn std::future::Future<Output = Result<serde_json::Value, agent::TaskFailure>>
-                    + Send,
-            >,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
+    Held,
+    impl Fn(Assignment) -> Outcome + Clone + Send + Sync + 'static,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let handler = move |a: Assignment| {
+    let handler = move |a: Assignment| -> Outcome {
         let tx = tx.clone();
         Box::pin(async move {
             let (done, wait) = oneshot::channel();
@@ -57,12 +55,6 @@ fn held() -> (
             let _ = wait.await;
             Ok(json!("done"))
         })
-            as std::pin::Pin<
-                Box<
-                    dyn std::future::Future<Output = Result<serde_json::Value, agent::TaskFailure>>
-                        + Send,
-                >,
-            >
     };
     (rx, handler)
 }
