@@ -273,6 +273,8 @@ pub mod event {
     pub const TASK_CANCELLED: &str = "coord.events.task.cancelled";
     pub const FLOW_PAUSED: &str = "coord.events.flow.paused";
     pub const FLOW_RESUMED: &str = "coord.events.flow.resumed";
+    pub const FLOW_RERUN: &str = "coord.events.flow.rerun";
+    pub const TASK_RESET: &str = "coord.events.task.reset";
     pub const REPORT_REJECTED: &str = "coord.events.task.report_rejected";
     pub const AGENT_REGISTERED: &str = "coord.events.agent.registered";
     pub const ALLOCATION_MADE: &str = "coord.events.allocation.made";

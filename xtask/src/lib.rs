@@ -680,6 +680,13 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             "A flow was resumed.",
         ),
         event(
+            "eventFlowRerun",
+            "event::FLOW_RERUN",
+            e::FLOW_RERUN,
+            ORCHESTRATOR,
+            "Tasks of a flow were reset to run again; a finished flow runs again.",
+        ),
+        event(
             "eventTaskReady",
             "event::TASK_READY",
             e::TASK_READY,
@@ -720,6 +727,13 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             e::TASK_SKIPPED,
             ORCHESTRATOR,
             "A task will not run (a dependency failed).",
+        ),
+        event(
+            "eventTaskReset",
+            "event::TASK_RESET",
+            e::TASK_RESET,
+            ORCHESTRATOR,
+            "A task waits for its dependencies again (re-run, or a dependency added).",
         ),
         event(
             "eventTaskTimedOut",

@@ -65,6 +65,19 @@ pub enum EventKind {
     FlowPaused {
         flow_id: FlowId,
     },
+    /// Tasks of a flow were reset to run again (`flow.rerun`); a finished
+    /// flow is running again and will complete (and be counted) again.
+    FlowRerun {
+        flow_id: FlowId,
+        /// The task re-run; everything downstream of it was reset too.
+        task_id: crate::TaskId,
+        /// How many tasks were reset.
+        #[serde(default)]
+        reset: usize,
+        /// Whether the flow had finished before.
+        #[serde(default)]
+        was_finished: bool,
+    },
     FlowResumed {
         flow_id: FlowId,
     },
@@ -257,10 +270,12 @@ impl EventKind {
                 TaskState::Failed => s::TASK_FAILED,
                 TaskState::Cancelled => s::TASK_CANCELLED,
                 TaskState::TimedOut => s::TASK_TIMED_OUT,
-                TaskState::Skipped | TaskState::Blocked => s::TASK_SKIPPED,
+                TaskState::Skipped => s::TASK_SKIPPED,
+                TaskState::Blocked => s::TASK_RESET,
             },
             EventKind::FlowPaused { .. } => s::FLOW_PAUSED,
             EventKind::FlowResumed { .. } => s::FLOW_RESUMED,
+            EventKind::FlowRerun { .. } => s::FLOW_RERUN,
             EventKind::ReportRejected { .. } => s::REPORT_REJECTED,
             EventKind::AgentRegistered { .. } => s::AGENT_REGISTERED,
             EventKind::AllocationMade { .. } => s::ALLOCATION_MADE,

@@ -26,8 +26,13 @@ pub struct SystemMetrics {
     pub messages_by_subject: BTreeMap<String, u64>,
     #[serde(default)]
     pub flows_created: u64,
+    /// Completions, counted again when a re-run flow completes again, so
+    /// `flows_completed` ≤ `flows_created` + `flows_rerun`.
     #[serde(default)]
     pub flows_completed: u64,
+    /// Re-runs (`flow.rerun` events).
+    #[serde(default)]
+    pub flows_rerun: u64,
     #[serde(default)]
     pub tasks_assigned: u64,
     #[serde(default)]

@@ -22,6 +22,7 @@ pub struct Counters {
     by_family: BTreeMap<String, u64>,
     flows_created: u64,
     flows_completed: u64,
+    flows_rerun: u64,
     tasks_assigned: u64,
     tasks_completed: u64,
     tasks_failed: u64,
@@ -62,6 +63,7 @@ impl Counters {
         match kind {
             EventKind::FlowCreated { .. } => self.flows_created += 1,
             EventKind::FlowCompleted { .. } => self.flows_completed += 1,
+            EventKind::FlowRerun { .. } => self.flows_rerun += 1,
             EventKind::TaskTransition { to, .. } => match to {
                 TaskState::Assigned => self.tasks_assigned += 1,
                 TaskState::Succeeded => self.tasks_completed += 1,
@@ -98,6 +100,7 @@ impl Counters {
             messages_by_subject: self.by_family.clone(),
             flows_created: self.flows_created,
             flows_completed: self.flows_completed,
+            flows_rerun: self.flows_rerun,
             tasks_assigned: self.tasks_assigned,
             tasks_completed: self.tasks_completed,
             tasks_failed: self.tasks_failed,

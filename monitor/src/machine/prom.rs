@@ -142,8 +142,14 @@ pub fn render(m: &SystemMetrics, anomalies_total: u64, verdict: Option<Verdict>)
     o.one(
         "coord_flows_completed_total",
         "counter",
-        "Flows that reached a final state.",
+        "Flows that reached a final state (again, after a re-run).",
         m.flows_completed as f64,
+    );
+    o.one(
+        "coord_flows_rerun_total",
+        "counter",
+        "Re-runs of a flow's tasks.",
+        m.flows_rerun as f64,
     );
     o.family(
         "coord_tasks_total",

@@ -193,7 +193,10 @@ impl Flow {
     }
 
     /// Resets a finished task and everything downstream of it, so they run
-    /// again. Attempts of the downstream tasks still running are stopped.
+    /// again, each with its retry budget renewed (attempt numbers go on, so
+    /// reports of earlier attempts stay fenced). Attempts of the downstream
+    /// tasks still running are stopped. A `flow.rerun` event says so; the
+    /// resets are `task.reset` transitions.
     pub fn rerun(&mut self, task: &TaskId, now_ms: u64) -> Result<Vec<Effect>, Problems> {
         let Some(t) = self.tasks.get(task) else {
             return Err(vec![problem(
@@ -254,12 +257,22 @@ impl Flow {
                 t.output = serde_json::Value::Null;
                 t.agent = None;
                 t.allocation = None;
+                t.uncounted = t.attempt;
+                t.progress = None;
+                t.progress_message = None;
             }
         }
-        if self.state.is_terminal() {
+        let was_finished = self.state.is_terminal();
+        if was_finished {
             self.state = common::msg::FlowState::Running;
             self.finished_at_ms = None;
         }
+        effects.push(Effect::Event(common::msg::EventKind::FlowRerun {
+            flow_id: self.id.clone(),
+            task_id: task.clone(),
+            reset: seen.len(),
+            was_finished,
+        }));
         self.settle_readiness(now_ms, &mut effects);
         Ok(effects)
     }
@@ -343,7 +356,7 @@ impl Task {
             error: None,
             failures: 0,
             history: Vec::new(),
-            handed_back: 0,
+            uncounted: 0,
             progress: None,
             progress_message: None,
             spec,

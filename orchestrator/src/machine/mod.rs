@@ -152,10 +152,11 @@ pub struct Task {
     /// The last attempts, oldest first (at most [`HISTORY_KEEP`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<AttemptRecord>,
-    /// Attempts handed back by an agent that left: not failures, so they do
-    /// not count against `max_attempts`.
+    /// Attempts that do not count against `max_attempts`: those handed back
+    /// by an agent that left (not failures), and all made before a re-run
+    /// (which renews the budget).
     #[serde(default, skip_serializing_if = "is_zero")]
-    pub handed_back: u32,
+    pub uncounted: u32,
     /// The current attempt's latest progress, 0..=1, and its message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
@@ -322,7 +323,7 @@ impl Flow {
                     error: None,
                     failures: 0,
                     history: Vec::new(),
-                    handed_back: 0,
+                    uncounted: 0,
                     progress: None,
                     progress_message: None,
                     spec,
@@ -910,7 +911,7 @@ impl Flow {
         let Some(t) = self.tasks.get_mut(id) else {
             return;
         };
-        t.handed_back += 1;
+        t.uncounted += 1;
         t.not_before_ms = 0;
         t.allocation = None;
         let reason = format!(
@@ -974,7 +975,7 @@ impl Flow {
         t.failures += 1;
         t.error = Some(outcome.clone());
         let policy = &t.spec.retry;
-        let retry = t.attempt.saturating_sub(t.handed_back) < policy.max_attempts
+        let retry = t.attempt.saturating_sub(t.uncounted) < policy.max_attempts
             && policy.retry_on.contains(&kind)
             && (kind != FailureKind::Error || retryable);
         if retry {

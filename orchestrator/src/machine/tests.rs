@@ -1064,3 +1064,98 @@ fn the_lease_tells_the_agent_every_timeout_and_deadline() {
     );
     assert_eq!(lease.tick_ms, 200);
 }
+
+#[test]
+fn a_rerun_renews_the_retry_budget_and_says_so() {
+    let mut flow = flow_of(vec![retrying("a", 1), task("b", &["a"])]);
+    let first = assign(&mut flow, "a", "w1", 0);
+    flow.report(
+        &report(
+            "a",
+            first,
+            ReportKind::Failed {
+                error: "x".into(),
+                retryable: true,
+            },
+        ),
+        10,
+    )
+    .unwrap();
+    assert_eq!(flow.state, FlowState::Failed);
+    let e = flow.rerun(&tid("a"), 20).unwrap();
+    assert!(
+        e.iter().any(|e| matches!(
+            e,
+            Effect::Event(EventKind::FlowRerun {
+                reset: 2,
+                was_finished: true,
+                ..
+            })
+        )),
+        "{e:?}"
+    );
+    assert!(
+        e.iter().all(|e| !matches!(e, Effect::Event(ev) if ev.subject() == common::subject::event::TASK_SKIPPED)),
+        "a reset is not a skip: {e:?}"
+    );
+    assert!(e.iter().any(
+        |e| matches!(e, Effect::Event(ev) if ev.subject() == common::subject::event::TASK_RESET)
+    ));
+    // One attempt allowed, and the re-run gets its own: a retryable failure
+    // now fails for good at attempt 2, but attempt 2 did run.
+    let second = assign(&mut flow, "a", "w1", 30);
+    assert_eq!(second, first + 1);
+    flow.report(
+        &report(
+            "a",
+            second,
+            ReportKind::Failed {
+                error: "y".into(),
+                retryable: true,
+            },
+        ),
+        40,
+    )
+    .unwrap();
+    assert_eq!(flow.tasks[&tid("a")].state, TaskState::Failed);
+}
+
+#[test]
+fn a_rerun_of_a_task_at_max_attempts_gets_all_its_attempts_again() {
+    let mut flow = flow_of(vec![retrying("a", 2)]);
+    for now in [0, 1_000] {
+        let n = assign(&mut flow, "a", "w1", now);
+        flow.report(
+            &report(
+                "a",
+                n,
+                ReportKind::Failed {
+                    error: "x".into(),
+                    retryable: true,
+                },
+            ),
+            now + 10,
+        )
+        .unwrap();
+    }
+    assert_eq!(flow.tasks[&tid("a")].state, TaskState::Failed);
+    flow.rerun(&tid("a"), 2_000).unwrap();
+    let n = assign(&mut flow, "a", "w1", 2_000);
+    flow.report(
+        &report(
+            "a",
+            n,
+            ReportKind::Failed {
+                error: "x".into(),
+                retryable: true,
+            },
+        ),
+        2_010,
+    )
+    .unwrap();
+    assert_eq!(
+        flow.tasks[&tid("a")].state,
+        TaskState::Ready,
+        "the first of two renewed attempts failed: retried"
+    );
+}
