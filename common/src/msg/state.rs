@@ -110,6 +110,11 @@ pub struct ScopeConfig {
     /// A JSON Schema every document of the scope must satisfy (no remote `$ref`s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<Value>,
+    /// Refuse a put whose document fails `schema` (`validation_failed`, with
+    /// every violation). Off by default: documents are stored as written and
+    /// `validate` reports them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enforce_schema: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub invariants: Vec<Invariant>,
     /// JSON Pointers that `synchronize` makes equal across agents (besides `agree` invariants).

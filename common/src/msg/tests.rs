@@ -120,6 +120,7 @@ fn every_message_round_trips() {
         }),
     });
     round_trip(&ScopeConfig {
+        enforce_schema: false,
         scope: ScopeId::new("plans").unwrap(),
         policy: ConflictPolicy::Merge,
         merge_fallback: MergeFallback::Theirs,

@@ -53,7 +53,8 @@ pub(crate) enum ScopeCmd {
     /// A scope's configuration (defaults when never set).
     Get { scope: String },
     /// Configure a scope from a YAML or JSON file (`-` reads stdin): `scope`, `policy`,
-    /// `merge_fallback`, `schema`, `invariants`, `shared`.
+    /// `merge_fallback`, `schema`, `enforce_schema` (refuse puts the schema
+    /// does not allow), `invariants`, `shared`.
     Set { file: String },
 }
 

@@ -14,7 +14,7 @@ mod consistency;
 mod points;
 mod state;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +27,7 @@ use common::{subject, AgentId, Error, ErrorCode, ScopeId, SyncPointId};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::machine;
 use crate::machine::hlc::Clock;
 
 /// Synchronizer settings.
@@ -56,6 +57,9 @@ pub(crate) struct Synchronizer {
     points: kv::Store,
     events: EventPublisher,
     clock: Mutex<Clock>,
+    /// Compiled schemas of the scopes that enforce theirs on write, kept
+    /// from a watch of the scopes bucket so a put costs no extra read.
+    enforced: std::sync::RwLock<HashMap<ScopeId, Arc<machine::rules::Schema>>>,
 }
 
 /// An agent's acknowledgement as stored under `ack.{notice}.{agent}`.
@@ -87,7 +91,9 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         points,
         events: EventPublisher::new(nats.clone(), NAME),
         clock: Mutex::new(Clock::new(node)),
+        enforced: Default::default(),
     });
+    let enforcing = tokio::spawn(sync.clone().follow_scopes());
 
     let acks = nats
         .queue_subscribe(subject::SYNC_ACK_ALL, ACK_GROUP.to_owned())
@@ -136,6 +142,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     tracing::info!("synchronizer shutting down");
     service.stop().await;
     ack_task.abort();
+    enforcing.abort();
     nats.drain().await.ok();
     Ok(())
 }

@@ -13,12 +13,85 @@ use super::{decode_doc, doc_key, unavailable, Synchronizer};
 use crate::machine::{self, resolve};
 
 impl Synchronizer {
+    /// Keeps [`Synchronizer::enforced`] in step with the scopes bucket, for
+    /// as long as the service runs (a failed watch is made again).
+    pub(super) async fn follow_scopes(self: std::sync::Arc<Self>) {
+        loop {
+            match self.scopes.watch_with_history(">").await {
+                Ok(mut watch) => {
+                    // Stopped at the first error: polled again after one, a
+                    // watch whose connection went away panics (async-nats 0.51).
+                    while let Some(Ok(entry)) = watch.next().await {
+                        let Ok(scope) = ScopeId::new(entry.key.clone()) else {
+                            continue;
+                        };
+                        let cfg = match entry.operation {
+                            async_nats::jetstream::kv::Operation::Put => {
+                                serde_json::from_slice::<ScopeConfig>(&entry.value).ok()
+                            }
+                            _ => None,
+                        };
+                        self.remember_enforcement(&scope, cfg.as_ref());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "scopes watch not made yet"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+
+    fn remember_enforcement(&self, scope: &ScopeId, cfg: Option<&ScopeConfig>) {
+        let schema = cfg
+            .filter(|c| c.enforce_schema)
+            .and_then(|c| c.schema.as_ref())
+            .and_then(|s| machine::rules::compile_schema(s).ok());
+        if let Ok(mut m) = self.enforced.write() {
+            match schema {
+                Some(s) => {
+                    m.insert(scope.clone(), std::sync::Arc::new(s));
+                }
+                None => {
+                    m.remove(scope);
+                }
+            }
+        }
+    }
+
+    /// Refuses a document its scope's enforced schema does not allow.
+    fn check_enforced(&self, req: &StatePut) -> Result<(), Error> {
+        let schema = self
+            .enforced
+            .read()
+            .ok()
+            .and_then(|m| m.get(&req.scope).cloned());
+        let Some(schema) = schema else { return Ok(()) };
+        let violations = machine::rules::schema_violations(&schema, &req.agent_id, &req.doc);
+        if violations.is_empty() {
+            return Ok(());
+        }
+        let first = violations[0].message.clone();
+        Err(Error::new(
+            ErrorCode::ValidationFailed,
+            format!(
+                "the document does not satisfy scope {}'s schema: {first}{}",
+                req.scope,
+                if violations.len() > 1 {
+                    format!(" (and {} more)", violations.len() - 1)
+                } else {
+                    String::new()
+                }
+            ),
+        )
+        .with_details(serde_json::json!({ "violations": violations })))
+    }
+
     /// The scope's configuration; defaults for a scope nobody configured.
     pub(super) async fn scope_config(&self, scope: &ScopeId) -> Result<ScopeConfig, Error> {
         Ok(bus::get_json::<ScopeConfig>(&self.scopes, scope.as_str())
             .await?
             .map(|(c, _)| c)
             .unwrap_or_else(|| ScopeConfig {
+                enforce_schema: false,
                 scope: scope.clone(),
                 policy: ConflictPolicy::default(),
                 merge_fallback: Default::default(),
@@ -30,11 +103,19 @@ impl Synchronizer {
 
     pub(super) async fn scope_set(&self, cfg: ScopeConfig) -> Result<ScopeConfig, Error> {
         machine::rules::check_config(&cfg)?;
+        if cfg.enforce_schema && cfg.schema.is_none() {
+            return Err(Error::new(
+                ErrorCode::ValidationFailed,
+                "enforce_schema needs a schema",
+            ));
+        }
         let stored = cfg.clone();
         bus::cas_update::<ScopeConfig, (), _>(&self.scopes, cfg.scope.as_str(), move |_| {
             Ok(Step::Write(stored.clone(), ()))
         })
         .await?;
+        // In force here at once; other replicas follow through the watch.
+        self.remember_enforcement(&cfg.scope, Some(&cfg));
         self.events
             .publish(EventKind::ScopeConfigured {
                 scope: cfg.scope.clone(),
@@ -71,6 +152,7 @@ impl Synchronizer {
 
     pub(super) async fn put(&self, req: StatePut) -> Result<StateDoc, Error> {
         machine::check_doc(&req.doc)?;
+        self.check_enforced(&req)?;
         let key = doc_key(&req.scope, &req.agent_id);
         let hlc = match &req.clock {
             Some(c) => {

@@ -34,6 +34,7 @@ fn put(scope: &ScopeId, a: &AgentId, expected_revision: u64, doc: Value) -> Stat
 
 fn config(scope: &ScopeId, policy: ConflictPolicy) -> ScopeConfig {
     ScopeConfig {
+        enforce_schema: false,
         scope: scope.clone(),
         policy,
         merge_fallback: MergeFallback::Lww,
@@ -191,6 +192,7 @@ async fn merge_policy_keeps_disjoint_edits_lists_overlaps_and_survives_an_aged_o
     let sys = System::start().await;
     let s = scope("mrg");
     let cfg = ScopeConfig {
+        enforce_schema: false,
         merge_fallback: MergeFallback::Theirs,
         ..config(&s, ConflictPolicy::Merge)
     };
@@ -431,6 +433,7 @@ async fn validation_reports_every_schema_and_invariant_violation_precisely() {
     let bad = sys
         .client
         .scope_set(&ScopeConfig {
+            enforce_schema: false,
             schema: Some(json!({"type": "bogus"})),
             invariants: vec![Invariant::Agree {
                 pointer: "plan".into(),
@@ -444,6 +447,7 @@ async fn validation_reports_every_schema_and_invariant_violation_precisely() {
     assert_eq!(bad.details["problems"].as_array().unwrap().len(), 2);
 
     let cfg = ScopeConfig {
+        enforce_schema: false,
         schema: Some(json!({
             "type": "object",
             "required": ["plan"],
@@ -547,6 +551,7 @@ async fn synchronize_agrees_shared_keys_pushes_them_and_names_the_silent_agent()
     let s = scope("syn");
     sys.client
         .scope_set(&ScopeConfig {
+            enforce_schema: false,
             shared: vec!["/plan".into()],
             ..config(&s, ConflictPolicy::Lww)
         })
@@ -597,6 +602,7 @@ async fn synchronize_agrees_shared_keys_pushes_them_and_names_the_silent_agent()
     let r = scope("synrej");
     sys.client
         .scope_set(&ScopeConfig {
+            enforce_schema: false,
             shared: vec!["/plan".into()],
             ..config(&r, ConflictPolicy::Reject)
         })
@@ -816,4 +822,66 @@ async fn sync_point_over_50_agents_completes_names_the_silent_one_and_rolls_back
         .await
         .unwrap_err();
     assert_eq!(none.code, ErrorCode::BadRequest);
+}
+
+#[tokio::test]
+async fn a_scope_that_enforces_its_schema_refuses_a_bad_document_on_write() {
+    let sys = System::start().await;
+    let schema =
+        json!({"type": "object", "properties": {"budget": {"type": "number", "minimum": 0}}});
+    let (strict, lax) = (scope("strict"), scope("lax"));
+    let a = agent("w1");
+    for (s, enforce) in [(&strict, true), (&lax, false)] {
+        sys.client
+            .scope_set(&ScopeConfig {
+                enforce_schema: enforce,
+                schema: Some(schema.clone()),
+                ..config(s, ConflictPolicy::Reject)
+            })
+            .await
+            .unwrap();
+    }
+    let refused = sys
+        .client
+        .state_put(&put(&strict, &a, 0, json!({"budget": -1})))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::ValidationFailed, "{refused:?}");
+    assert!(
+        refused.details["violations"][0]["pointer"] == "/budget",
+        "{:?}",
+        refused.details
+    );
+    let read = |s: &ScopeId| StateGet {
+        agent_id: a.clone(),
+        scope: s.clone(),
+        revision: None,
+    };
+    let missing = sys.client.state_get_at(&read(&strict)).await.unwrap_err();
+    assert_eq!(missing.code, ErrorCode::NotFound, "nothing was stored");
+    let ok = sys
+        .client
+        .state_put(&put(&strict, &a, 0, json!({"budget": 3})))
+        .await
+        .unwrap();
+    assert_eq!(ok.doc, json!({"budget": 3}));
+    // Without enforcement a put is stored as written; validate reports it.
+    sys.client
+        .state_put(&put(&lax, &a, 0, json!({"budget": -1})))
+        .await
+        .unwrap();
+    assert_eq!(
+        sys.client.state_get_at(&read(&lax)).await.unwrap().doc,
+        json!({"budget": -1})
+    );
+    // Enforcement needs a schema.
+    let e = sys
+        .client
+        .scope_set(&ScopeConfig {
+            enforce_schema: true,
+            ..config(&scope("none"), ConflictPolicy::Reject)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::ValidationFailed);
 }

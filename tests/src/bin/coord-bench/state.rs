@@ -342,6 +342,7 @@ async fn hot(
     let s = scope(format!("bench-{run_id}-{pname}-{writers}"))?;
     client
         .scope_set(&ScopeConfig {
+            enforce_schema: false,
             scope: s.clone(),
             policy,
             merge_fallback: Default::default(),
