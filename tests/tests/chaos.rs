@@ -809,8 +809,14 @@ async fn an_agent_paused_past_its_lease_has_its_late_reports_rejected() {
 const STOPPED_WORK_MS: u64 = 3_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_process_stopped_past_its_lease_has_its_late_report_rejected() {
+async fn an_agent_process_stopped_past_its_lease_is_told_and_its_late_report_rejected() {
     let sys = System::start().await;
+    let mut notices = sys
+        .nats
+        .subscribe(common::subject::cancel(&AgentId::new("sleeper").unwrap()))
+        .await
+        .unwrap();
+    sys.nats.flush().await.unwrap();
     let flow_id = FlowId::new("stopped").unwrap();
     let work_ms = STOPPED_WORK_MS.to_string();
     // A real process, frozen by SIGSTOP: sockets open, nothing running.
@@ -897,22 +903,28 @@ async fn an_agent_process_stopped_past_its_lease_has_its_late_report_rejected() 
     let frozen_for = stopped.elapsed();
     sleeper.resume();
 
-    // Thawed, it reports attempt 1 completed: rejected as stale.
-    let events = eventually(
-        Duration::from_secs(30),
-        "the late report rejected",
-        || async {
-            let events = all_events(&sys.nats).await;
-            events
-                .iter()
-                .any(|e| {
-                    matches!(&e.kind, EventKind::ReportRejected { attempt: 1, agent_id, .. }
-                    if agent_id.as_str() == "sleeper")
-                })
-                .then_some(events)
-        },
-    )
-    .await;
+    // It was told its attempt was taken away (it was lost, or timed out)...
+    let notice = tokio::time::timeout(Duration::from_secs(10), notices.next())
+        .await
+        .expect("a cancel notice for the frozen agent")
+        .unwrap();
+    let notice: common::msg::CancelNotice = serde_json::from_slice(&notice.payload).unwrap();
+    assert_eq!(notice.attempt, 1, "{notice:?}");
+    // ...but thawed, it may still report attempt 1 done before it reads the
+    // notice (its work timer and the notice are both due): such a report is
+    // rejected as stale. Either way, nothing it says counts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = all_events(&sys.nats).await;
+    for e in &events {
+        if let EventKind::ReportRejected {
+            attempt, agent_id, ..
+        } = &e.kind
+        {
+            if agent_id.as_str() == "sleeper" {
+                assert_eq!(*attempt, 1, "{e:?}");
+            }
+        }
+    }
     let completions: BTreeSet<(u32, Option<String>)> = events
         .iter()
         .filter_map(|e| match &e.kind {
@@ -935,8 +947,9 @@ async fn an_agent_process_stopped_past_its_lease_has_its_late_report_rejected() 
     assert_eq!(status.tasks[0].attempt, task.attempt);
     assert!(sleeper.is_alive(), "the resumed agent exited");
     eprintln!(
-        "stopped agent: frozen {:.1} s, task done by steady at attempt {}, late report rejected",
+        "stopped agent: frozen {:.1} s, told ({:?}), task done by steady at attempt {}",
         frozen_for.as_secs_f64(),
+        notice.code,
         task.attempt
     );
     let _ = stop_steady.send(());

@@ -14,12 +14,29 @@ use common::nats::Step;
 use super::Allocator;
 use crate::machine::{AgentRecord, Expired};
 
+/// How much later than its interval a sweep may come before the gap counts
+/// as this replica's own pause.
+const PAUSE_SLACK: Duration = Duration::from_millis(1_000);
+
 impl Allocator {
     pub(super) async fn sweep_forever(self: Arc<Self>, every_ms: u64) {
-        let mut tick = tokio::time::interval(Duration::from_millis(every_ms.max(10)));
+        let every = Duration::from_millis(every_ms.max(10));
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = tokio::time::Instant::now();
         loop {
             tick.tick().await;
+            // A judge that was paused (frozen, starved) heard nothing meanwhile:
+            // the gap counts like an outage, so agents are not lost for it.
+            let now = tokio::time::Instant::now();
+            if now.duration_since(last) > every + PAUSE_SLACK {
+                tracing::info!(
+                    gap_ms = now.duration_since(last).as_millis() as u64,
+                    "sweep was paused; its gap counts as an outage"
+                );
+                self.outages.stalled();
+            }
+            last = now;
             self.sweep().await;
         }
     }
