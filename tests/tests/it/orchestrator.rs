@@ -1028,7 +1028,7 @@ async fn explain_says_what_the_allocator_lacks() {
         reasons("big")
     );
     assert!(
-        reasons("gpu").contains("no agent can take it now"),
+        reasons("gpu").contains("no agent can take it now: no agent takes these requirements: 1 lacks capability cuda"),
         "{}",
         reasons("gpu")
     );
