@@ -689,9 +689,12 @@ impl Orchestrator {
             let Some(t) = flow.tasks.get(&id) else {
                 continue;
             };
+            // A task waiting for a slot does not "fit now", whatever is free.
+            let mut slot_full = false;
             if let Some(c) = &t.spec.concurrency {
                 if let Ok(holders) = self.slots.holders(&c.key).await {
                     if holders.len() >= c.limit as usize {
+                        slot_full = true;
                         let names: Vec<&str> = holders.keys().take(5).map(String::as_str).collect();
                         let reason = format!(
                             "concurrency key {} is at its limit: {} of {} slots held (by {})",
@@ -711,6 +714,13 @@ impl Orchestrator {
                 ..Default::default()
             };
             let reason = match self.client.capacity(&check).await {
+                Ok(c) if c.fits == Some(true) && slot_full => {
+                    let on: Vec<&str> = c.candidates.iter().take(3).map(|a| a.as_str()).collect();
+                    format!(
+                        "once a slot frees it fits on {} (free there now)",
+                        on.join(", ")
+                    )
+                }
                 Ok(c) if c.fits == Some(true) => {
                     let on: Vec<&str> = c.candidates.iter().take(3).map(|a| a.as_str()).collect();
                     format!("waiting for placement; it fits now on {}", on.join(", "))

@@ -1028,10 +1028,79 @@ async fn explain_says_what_the_allocator_lacks() {
         reasons("big")
     );
     assert!(
-        reasons("gpu").contains("no agent can take it now: no agent takes these requirements: 1 lacks capability cuda"),
+        reasons("gpu").contains(
+            "no agent can take it now: no agent takes these requirements: 1 lacks capability cuda"
+        ),
         "{}",
         reasons("gpu")
     );
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn explain_does_not_say_fits_now_while_the_concurrency_key_is_full() {
+    let sys = System::start().await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let (stop, agent) = spawn_agent(&sys.nats, "w", 2.0, move |_| {
+        let g = g.clone();
+        async move {
+            let _ = g.acquire().await;
+            Ok(json!(null))
+        }
+    });
+    wait_registered(&sys.client, "w").await;
+    let limited = |id: &str| {
+        let mut t = cpu_task(id, &[]);
+        t.concurrency = Some(common::msg::ConcurrencyLimit {
+            key: "k".into(),
+            limit: 1,
+        });
+        t
+    };
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new(
+            "one-at-a-time",
+            vec![limited("one"), limited("two")],
+        ))
+        .await
+        .unwrap();
+    // One holds the key's only slot and runs until the gate opens; the
+    // other is ready, and the agent has room for it.
+    let waiting = eventually(
+        Duration::from_secs(10),
+        "one running, one ready",
+        || async {
+            let s = sys.client.flow_status(&created.flow_id).await.ok()?;
+            let running = s.tasks.iter().any(|t| t.state == TaskState::Running);
+            let ready = s.tasks.iter().find(|t| t.state == TaskState::Ready)?;
+            running.then(|| ready.task_id.clone())
+        },
+    )
+    .await;
+    let why = sys
+        .client
+        .explain_flow(&common::msg::ExplainRequest {
+            flow_id: created.flow_id.clone(),
+            task_id: Some(waiting),
+        })
+        .await
+        .unwrap();
+    let reasons = why.tasks[0].reasons.join(" | ");
+    assert!(
+        reasons.contains("concurrency key k is at its limit"),
+        "{reasons}"
+    );
+    assert!(!reasons.contains("fits now"), "{reasons}");
+    assert!(
+        reasons.contains("once a slot frees it fits on w"),
+        "{reasons}"
+    );
+    gate.add_permits(2);
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(20)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
 }
