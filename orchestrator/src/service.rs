@@ -149,8 +149,12 @@ struct Orchestrator {
     flows: kv::Store,
     events: EventPublisher,
     actors: Mutex<HashMap<FlowId, mpsc::UnboundedSender<Queued>>>,
-    /// Flows known to be finished: final, so the sweep never loads them again.
-    finished: Mutex<HashSet<FlowId>>,
+    /// Flows known to be finished, so the sweep does not load them again. Not
+    /// final: a re-run or a change makes a flow run again, so an entry is
+    /// dropped when this replica's actor steps the flow back to running, and
+    /// checked against the stored revision every [`FINISHED_RECHECK_MS`] in
+    /// case another replica did it (and is gone before it sweeps the flow).
+    finished: Mutex<HashMap<FlowId, Finished>>,
     /// Bounds allocation requests in flight (see [`MAX_PLACING`]).
     placing: Semaphore,
     /// Moves whenever capacity may have freed up: this replica released an
@@ -160,6 +164,17 @@ struct Orchestrator {
     /// How often the sweep checks deadlines (told to agents in each lease).
     tick_ms: u64,
 }
+
+/// A flow this replica saw finished: at which revision, and when last checked.
+#[derive(Clone, Copy)]
+struct Finished {
+    revision: u64,
+    checked_ms: u64,
+}
+
+/// How often the sweep checks that a flow it skips as finished is still at
+/// the revision it finished at.
+const FINISHED_RECHECK_MS: u64 = 10_000;
 
 /// A concurrency slot taken for a placement: the key and its holder.
 type SlotHeld = Option<(String, String)>;
@@ -674,9 +689,12 @@ impl Orchestrator {
             let Some(t) = flow.tasks.get(&id) else {
                 continue;
             };
+            // A task waiting for a slot does not "fit now", whatever is free.
+            let mut slot_full = false;
             if let Some(c) = &t.spec.concurrency {
                 if let Ok(holders) = self.slots.holders(&c.key).await {
                     if holders.len() >= c.limit as usize {
+                        slot_full = true;
                         let names: Vec<&str> = holders.keys().take(5).map(String::as_str).collect();
                         let reason = format!(
                             "concurrency key {} is at its limit: {} of {} slots held (by {})",
@@ -696,6 +714,13 @@ impl Orchestrator {
                 ..Default::default()
             };
             let reason = match self.client.capacity(&check).await {
+                Ok(c) if c.fits == Some(true) && slot_full => {
+                    let on: Vec<&str> = c.candidates.iter().take(3).map(|a| a.as_str()).collect();
+                    format!(
+                        "once a slot frees it fits on {} (free there now)",
+                        on.join(", ")
+                    )
+                }
                 Ok(c) if c.fits == Some(true) => {
                     let on: Vec<&str> = c.candidates.iter().take(3).map(|a| a.as_str()).collect();
                     format!("waiting for placement; it fits now on {}", on.join(", "))
@@ -924,9 +949,24 @@ impl Orchestrator {
                     }
                 }
             }
-            if finished {
-                if let Ok(mut done) = self.finished.lock() {
-                    done.insert(flow.clone());
+            // Any step that leaves the flow unfinished (a re-run, a change)
+            // must put it back under the sweep: timeouts and back-offs need it.
+            if let Ok(mut done) = self.finished.lock() {
+                match (finished, &cache) {
+                    (true, Some((_, revision, _))) => {
+                        let checked_ms = common::now_ms();
+                        done.insert(
+                            flow.clone(),
+                            Finished {
+                                revision: *revision,
+                                checked_ms,
+                            },
+                        );
+                    }
+                    (true, None) => {}
+                    (false, _) => {
+                        done.remove(&flow);
+                    }
                 }
             }
         }
@@ -1835,6 +1875,40 @@ impl Orchestrator {
         }
     }
 
+    /// Whether the sweep may skip `id` as finished. Every
+    /// [`FINISHED_RECHECK_MS`] the stored revision (the header's only) is
+    /// compared with the one the flow finished at: another replica may have
+    /// re-run or changed it, and this one must sweep it should that one go.
+    async fn still_finished(&self, id: &FlowId, now: u64) -> bool {
+        let known = self.finished.lock().ok().and_then(|d| d.get(id).copied());
+        let Some(known) = known else {
+            return false;
+        };
+        if now.saturating_sub(known.checked_ms) < FINISHED_RECHECK_MS {
+            return true;
+        }
+        let same = match self.flows.entry(id.as_str()).await {
+            Ok(Some(e)) => e.revision == known.revision,
+            Ok(None) => false,
+            // Checked again on the next sweep.
+            Err(_) => return true,
+        };
+        if let Ok(mut done) = self.finished.lock() {
+            if same {
+                done.insert(
+                    id.clone(),
+                    Finished {
+                        checked_ms: now,
+                        ..known
+                    },
+                );
+            } else {
+                done.remove(id);
+            }
+        }
+        same
+    }
+
     /// Ticks every unfinished flow: deadlines, back-offs, unplaced tasks.
     async fn sweep(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
@@ -1857,12 +1931,7 @@ impl Orchestrator {
                 continue;
             };
             for id in ids {
-                let known_done = self
-                    .finished
-                    .lock()
-                    .map(|d| d.contains(&id))
-                    .unwrap_or(false);
-                if known_done {
+                if self.still_finished(&id, now).await {
                     continue;
                 }
                 // A flow with an actor here is ticked without a read: the
@@ -1877,9 +1946,16 @@ impl Orchestrator {
                     continue;
                 }
                 match self.load(&id).await {
-                    Ok((flow, _)) if flow.state.is_terminal() => {
+                    Ok((flow, revision)) if flow.state.is_terminal() => {
                         if let Ok(mut done) = self.finished.lock() {
-                            done.insert(id);
+                            let checked_ms = now;
+                            done.insert(
+                                id,
+                                Finished {
+                                    revision,
+                                    checked_ms,
+                                },
+                            );
                         }
                     }
                     Ok(_) => self.send(&id, Cmd::Tick),

@@ -146,16 +146,21 @@ pub fn place<'a>(
 }
 
 /// Why nothing fits: among agents that qualify by status, capabilities, labels
-/// and anti-affinity, the one short by the least.
+/// and anti-affinity, the one short by the least; when none qualifies, every
+/// distinct reason with how many agents it stops, and as `short` the one
+/// most worth acting on (see [`closeness`]).
 fn no_fit<'a>(
     agents: impl IntoIterator<Item = &'a AgentRecord>,
     why: impl Fn(&AgentRecord) -> Option<Unfit>,
 ) -> Box<NoFit> {
     let mut considered = 0;
-    let mut first_reason: Option<Unfit> = None;
+    let mut reasons: Vec<(Unfit, usize)> = Vec::new();
     let mut closest: Option<(&AgentRecord, Unfit, f64)> = None;
+    // Every agent, to tell "short" from "nobody has it".
+    let mut seen: Vec<&AgentRecord> = Vec::new();
     for a in agents {
         considered += 1;
+        seen.push(a);
         match why(a) {
             Some(u @ Unfit::Short { .. }) => {
                 let gap = match &u {
@@ -171,8 +176,11 @@ fn no_fit<'a>(
                     closest = Some((a, u, gap));
                 }
             }
-            Some(other) if first_reason.is_none() => first_reason = Some(other),
-            _ => {}
+            Some(other) => match reasons.iter_mut().find(|(r, _)| *r == other) {
+                Some((_, n)) => *n += 1,
+                None => reasons.push((other, 1)),
+            },
+            None => {}
         }
     }
     let message = match (&closest, considered) {
@@ -188,21 +196,33 @@ fn no_fit<'a>(
                 _,
             )),
             _,
-        ) => format!(
-            "{resource} is short: needs {needed}, best candidate {} has {free} free",
-            a.agent_id
-        ),
-        _ => format!(
-            "no agent takes these requirements ({})",
-            first_reason
-                .as_ref()
-                .map(describe)
-                .unwrap_or_else(|| "no reason".into())
-        ),
+        ) => {
+            let anywhere = seen
+                .iter()
+                .any(|h| h.capacity.get(resource).is_some_and(|c| *c > EPS));
+            if anywhere {
+                format!(
+                    "{resource} is short: needs {needed}, best candidate {} has {free} free",
+                    a.agent_id
+                )
+            } else {
+                format!("no agent has resource {resource} (needs {needed})")
+            }
+        }
+        _ => {
+            let all: Vec<String> = reasons
+                .iter()
+                .map(|(u, n)| format!("{n} {}", describe(u, *n)))
+                .collect();
+            format!("no agent takes these requirements: {}", all.join("; "))
+        }
     };
     let (best_candidate, short) = match closest {
         Some((a, u, _)) => (Some(a.agent_id.clone()), Some(u)),
-        None => (None, first_reason),
+        None => (
+            None,
+            reasons.into_iter().map(|(u, _)| u).max_by_key(closeness),
+        ),
     };
     Box::new(NoFit {
         message,
@@ -213,20 +233,41 @@ fn no_fit<'a>(
     })
 }
 
-fn describe(u: &Unfit) -> String {
+/// How close an agent stopped by `u` is to taking the requirements: one
+/// that lacks a capability or label never will; a draining one would but
+/// for its status; one already holding the anti-affinity group qualifies
+/// in every other way.
+fn closeness(u: &Unfit) -> u8 {
     match u {
-        Unfit::NotAccepting { status } => format!("agents are {status:?}"),
-        Unfit::MissingCapability { capability } => {
-            format!("no agent has the required capabilities: {capability}")
-        }
-        Unfit::LabelMismatch { label, want, .. } => {
-            format!("no agent has the required labels: {label}={want}")
-        }
+        Unfit::Unknown => 0,
+        Unfit::MissingCapability { .. } => 1,
+        Unfit::LabelMismatch { .. } => 2,
+        Unfit::NotAccepting { .. } => 3,
+        Unfit::AntiAffinity { .. } => 4,
+        Unfit::Short { .. } => 5,
+    }
+}
+
+/// `u` for a count of `n` agents ("2 are draining", "1 lacks capability gpu").
+fn describe(u: &Unfit, n: usize) -> String {
+    let one = n == 1;
+    let (is, has, lacks, holds) = if one {
+        ("is", "has", "lacks", "holds")
+    } else {
+        ("are", "have", "lack", "hold")
+    };
+    match u {
+        Unfit::NotAccepting { status } => format!("{is} {status}"),
+        Unfit::MissingCapability { capability } => format!("{lacks} capability {capability}"),
+        Unfit::LabelMismatch { label, want, have } => match have {
+            Some(h) => format!("{has} label {label}={h}, not {want}"),
+            None => format!("{lacks} label {label}={want}"),
+        },
         Unfit::AntiAffinity { group } => {
-            format!("every agent already holds anti-affinity group {group}")
+            format!("already {holds} anti-affinity group {group}")
         }
-        Unfit::Short { resource, .. } => format!("{resource} is short"),
-        Unfit::Unknown => "unknown".into(),
+        Unfit::Short { resource, .. } => format!("{is} short of {resource}"),
+        Unfit::Unknown => format!("{is} unsuitable for a reason this build does not know"),
     }
 }
 

@@ -108,7 +108,11 @@ fn capabilities_and_labels_filter() {
     req.labels.insert("zone".into(), "us".into());
     let err = place(&agents, &req, None, 0).unwrap_err();
     assert_eq!(err.best_candidate, None);
-    assert!(err.message.contains("labels"), "{}", err.message);
+    assert!(
+        err.message.contains("1 has label zone=eu, not us"),
+        "{}",
+        err.message
+    );
 }
 
 #[test]
@@ -156,6 +160,58 @@ fn no_fit_names_the_short_resource_and_best_candidate() {
     assert!(matches!(err.short, Some(Unfit::Short { ref resource, .. }) if resource == "cpu"));
     let none = place(&[], &cpu(1.0), None, 0).unwrap_err();
     assert_eq!(none.message, "no agent is registered");
+}
+
+#[test]
+fn no_fit_gives_each_reason_and_the_closest_as_short() {
+    let req = Requirements {
+        anti_affinity: Some("g".into()),
+        capabilities: vec!["db".into()],
+        ..cpu(1.0)
+    };
+    let mut held = agent("held", 4.0, &["db"]);
+    let x = new_allocation(
+        AllocationId::new("x").unwrap(),
+        &held.agent_id,
+        "o",
+        &req,
+        0,
+        Draw::General,
+        0,
+        None,
+    );
+    held.allocations.insert(x.allocation_id.clone(), x);
+    let mut draining = agent("draining", 4.0, &["db"]);
+    draining.status = AgentStatus::Draining;
+    let plain = agent("plain", 4.0, &[]);
+
+    let err = place([&plain, &draining, &held], &req, None, 0).unwrap_err();
+    assert_eq!(
+        err.message,
+        "no agent takes these requirements: 1 lacks capability db; 1 is draining; \
+         1 already holds anti-affinity group g"
+    );
+    assert_eq!(err.short, Some(Unfit::AntiAffinity { group: "g".into() }));
+
+    // Draining is said in the wire name, and is not a missing capability.
+    let err = place([&plain, &draining], &req, None, 0).unwrap_err();
+    assert_eq!(
+        err.short,
+        Some(Unfit::NotAccepting {
+            status: AgentStatus::Draining
+        })
+    );
+    assert!(err.message.ends_with("1 is draining"), "{}", err.message);
+}
+
+#[test]
+fn a_resource_no_agent_has_is_named_not_short() {
+    let req = Requirements {
+        resources: [("gpu".to_string(), 1.0)].into(),
+        ..Default::default()
+    };
+    let err = place(&[agent("a", 4.0, &[])], &req, None, 0).unwrap_err();
+    assert_eq!(err.message, "no agent has resource gpu (needs 1)");
 }
 
 #[test]

@@ -53,6 +53,25 @@ pub enum AgentStatus {
     Unknown,
 }
 
+impl AgentStatus {
+    /// The wire name (`active`, `draining`, …), for messages people read.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentStatus::Active => "active",
+            AgentStatus::Draining => "draining",
+            AgentStatus::Lost => "lost",
+            AgentStatus::Left => "left",
+            AgentStatus::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for AgentStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `coord.agents.{agent_id}.deregister` (operators: `coord.agents.deregister`):
 /// the agent is leaving; it drains (no new placements).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

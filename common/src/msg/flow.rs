@@ -584,7 +584,8 @@ pub struct FlowPlan {
 /// What limits a flow's makespan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct FlowBottleneck {
-    /// `critical_path`, `resource`, `parallelism` or `none` (nothing left to run).
+    /// `critical_path`, `resource`, `parallelism`, `unplaceable` (no remaining
+    /// task can start anywhere; `bound_ms` is 0) or `none` (nothing left to run).
     pub kind: String,
     /// For `resource`: which one.
     #[serde(default, skip_serializing_if = "Option::is_none")]

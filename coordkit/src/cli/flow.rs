@@ -228,15 +228,25 @@ pub(crate) async fn run(ctx: &Ctx, cmd: FlowCmd) -> anyhow::Result<()> {
 
 fn plan_text(p: &FlowPlan) -> String {
     let path: Vec<&str> = p.critical_path.iter().map(|t| t.as_str()).collect();
-    let mut out = format!(
-        "flow {} (revision {})\ncritical path: {} ({} ms)\nmakespan: {} ms now, {} ms with the proposed priorities (no order beats {} ms)\nbottleneck: {}\n",
+    // With tasks left and none placed, a makespan of 0 ms would read as done.
+    let makespan = if p.placements.is_empty() && !p.unplaceable.is_empty() {
+        format!(
+            "nothing can be placed now ({} tasks cannot run)",
+            p.unplaceable.len()
+        )
+    } else {
+        format!(
+            "{} ms now, {} ms with the proposed priorities (no order beats {} ms)",
+            p.makespan_ms, p.optimized_makespan_ms, p.lower_bound_ms
+        )
+    };
+    let mut out =
+        format!(
+        "flow {} (revision {})\ncritical path: {} ({} ms)\nmakespan: {makespan}\nbottleneck: {}\n",
         p.flow_id,
         p.revision,
         if path.is_empty() { "-".to_owned() } else { path.join(" → ") },
         p.critical_path_ms,
-        p.makespan_ms,
-        p.optimized_makespan_ms,
-        p.lower_bound_ms,
         p.bottleneck.message,
     );
     if p.priority_changes.is_empty() {
@@ -433,5 +443,48 @@ fn truncate(s: &str, max: usize) -> String {
         let mut out: String = s.chars().take(max - 1).collect();
         out.push('…');
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use common::msg::{FlowBottleneck, FlowPlan, TaskExplanation, TaskState};
+    use common::{FlowId, TaskId};
+
+    use super::plan_text;
+
+    #[test]
+    fn a_plan_that_places_nothing_says_so_instead_of_a_makespan() {
+        let plan = FlowPlan {
+            flow_id: FlowId::new("f").unwrap(),
+            revision: 3,
+            critical_path: vec![TaskId::new("a").unwrap()],
+            critical_path_ms: 2000,
+            makespan_ms: 0,
+            optimized_makespan_ms: 0,
+            lower_bound_ms: 0,
+            unplaceable: vec![TaskExplanation {
+                task_id: TaskId::new("a").unwrap(),
+                state: TaskState::Ready,
+                reasons: vec!["no registered agent has it".into()],
+            }],
+            bottleneck: FlowBottleneck {
+                kind: "unplaceable".into(),
+                resource: None,
+                bound_ms: 0,
+                message: "nothing can be placed".into(),
+            },
+            resources: Default::default(),
+            placements: vec![],
+            priority_changes: vec![],
+            applied: false,
+            status: None,
+        };
+        let text = plan_text(&plan);
+        assert!(
+            text.contains("makespan: nothing can be placed now (1 tasks cannot run)"),
+            "{text}"
+        );
+        assert!(!text.contains("0 ms now"), "{text}");
     }
 }

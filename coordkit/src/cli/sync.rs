@@ -32,6 +32,13 @@ pub(crate) enum StateCmd {
         #[arg(long)]
         scope: Option<String>,
     },
+    /// Follow a document live: one line per write or deletion, until Ctrl-C
+    /// (`--output json`: one JSON object per line).
+    Watch {
+        agent_id: String,
+        #[arg(long)]
+        scope: Option<String>,
+    },
     /// The kept revisions of a document, oldest first.
     History {
         agent_id: String,
@@ -171,6 +178,9 @@ pub(crate) async fn run_state(ctx: &Ctx, cmd: StateCmd) -> anyhow::Result<()> {
                 ),
                 None => format!("stored at revision {}", d.revision),
             });
+        }
+        StateCmd::Watch { agent_id, scope: s } => {
+            watch_state(ctx, &id(&agent_id)?, &scope(s.as_deref())?).await?;
         }
         StateCmd::History { agent_id, scope: s } => {
             let h = c
@@ -498,4 +508,97 @@ pub(crate) async fn run_syncpoint(ctx: &Ctx, cmd: SyncpointCmd) -> anyhow::Resul
         }
     }
     Ok(())
+}
+
+/// Prints every write the server republishes for the document until Ctrl-C.
+/// The republish carries the revision in `Nats-Sequence` and marks a deletion
+/// with `KV-Operation: DEL` (or `PURGE`) and an empty body.
+async fn watch_state(ctx: &Ctx, agent: &AgentId, scope: &ScopeId) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let nats = ctx.client.nats();
+    let mut writes = nats
+        .subscribe(common::subject::state_watch(scope, agent))
+        .await?;
+    // Subscribed first, then the current document: no write falls between.
+    nats.flush().await?;
+    let mut last = 0;
+    let current = ctx
+        .client
+        .state_get_at(&StateGet {
+            agent_id: agent.clone(),
+            scope: scope.clone(),
+            revision: None,
+        })
+        .await;
+    match current {
+        Ok(d) => {
+            last = d.revision;
+            print_write(ctx, agent, scope, Some(d.revision), false, d.doc);
+        }
+        Err(e) if e.code == common::ErrorCode::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    loop {
+        let msg = tokio::select! {
+            msg = writes.next() => match msg {
+                Some(msg) => msg,
+                None => return Ok(()),
+            },
+            _ = &mut stop => return Ok(()),
+        };
+        let header = |name: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let revision: Option<u64> = header("Nats-Sequence").and_then(|v| v.parse().ok());
+        let deleted = header("KV-Operation").is_some_and(|op| op == "DEL" || op == "PURGE");
+        if revision.is_some_and(|r| r <= last) {
+            continue;
+        }
+        let doc: serde_json::Value = if deleted {
+            serde_json::Value::Null
+        } else {
+            match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
+                // The stored record wraps the document with its clock.
+                Ok(mut v) => match v.get_mut("doc") {
+                    Some(d) => d.take(),
+                    None => v,
+                },
+                Err(_) => {
+                    serde_json::Value::String(String::from_utf8_lossy(&msg.payload).into_owned())
+                }
+            }
+        };
+        print_write(ctx, agent, scope, revision, deleted, doc);
+    }
+}
+
+/// One line for one revision of the document (`doc` is null when deleted).
+fn print_write(
+    ctx: &Ctx,
+    agent: &AgentId,
+    scope: &ScopeId,
+    revision: Option<u64>,
+    deleted: bool,
+    doc: serde_json::Value,
+) {
+    let rev = revision.map_or_else(|| "?".to_owned(), |r| r.to_string());
+    if ctx.json {
+        let line = serde_json::json!({
+            "agent_id": agent,
+            "scope": scope,
+            "revision": revision,
+            "deleted": deleted,
+            "doc": doc,
+        });
+        super::say(&line.to_string());
+    } else if deleted {
+        super::say(&format!("revision {rev}: deleted"));
+    } else {
+        super::say(&format!("revision {rev}: {doc}"));
+    }
 }

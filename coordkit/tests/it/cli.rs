@@ -733,3 +733,58 @@ async fn a_running_tasks_progress_shows_in_status_explain_and_watch() {
     assert_eq!(a.progress, Some(0.4), "the last progress of a's attempt");
     let _ = stop.send(());
 }
+
+/// `coordctl state watch` prints the document, then every write as it lands.
+#[tokio::test]
+async fn state_watch_follows_the_document_line_by_line() {
+    use tokio::io::AsyncBufReadExt;
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    let put = |revision: u64, doc: &'static str| {
+        let url = url.clone();
+        async move {
+            let rev = revision.to_string();
+            let d: StateDoc =
+                coordctl_json(&url, &["state", "put", "watched", "--revision", &rev, doc]).await;
+            d.revision
+        }
+    };
+    let first = put(0, r#"{"step": 1}"#).await;
+    let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_coordctl"))
+        .args(["--output", "json", "state", "watch", "watched"])
+        .env("NATS_URL", &url)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut next = async || -> serde_json::Value {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+            .expect("coordctl still running");
+        serde_json::from_str(&line).unwrap()
+    };
+    // The current document comes first: the watch is in place after it.
+    let now = next().await;
+    assert_eq!(
+        (now["revision"].as_u64(), &now["doc"]),
+        (Some(first), &serde_json::json!({"step": 1}))
+    );
+    let second = put(first, r#"{"step": 2}"#).await;
+    let third = put(second, r#"{"step": 3}"#).await;
+    let a = next().await;
+    let b = next().await;
+    assert_eq!(
+        (a["revision"].as_u64(), &a["doc"]["step"]),
+        (Some(second), &serde_json::json!(2))
+    );
+    assert_eq!(
+        (b["revision"].as_u64(), &b["doc"]["step"]),
+        (Some(third), &serde_json::json!(3))
+    );
+    assert_eq!(b["deleted"], false);
+    watch.kill().await.unwrap();
+}

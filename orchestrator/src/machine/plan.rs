@@ -108,6 +108,18 @@ impl Flow {
                 };
             }
         }
+        if !left.is_empty() && chosen.placements.is_empty() {
+            // No bound means anything when no task can start at all.
+            bottleneck = FlowBottleneck {
+                kind: "unplaceable".into(),
+                resource: None,
+                bound_ms: 0,
+                message: format!(
+                    "nothing can be placed: none of the {} remaining tasks fits on any registered agent",
+                    left.len()
+                ),
+            };
+        }
         if left.is_empty() {
             bottleneck = FlowBottleneck {
                 kind: "none".into(),
@@ -302,13 +314,33 @@ impl Flow {
                 }
             }
         }
+        // Only agents that could run some task needing `r` count towards its
+        // capacity: a big agent without the capability shortens no queue. A
+        // task with no eligibility list (one already running) may use any.
+        let mut usable: BTreeMap<&str, Option<BTreeSet<&AgentId>>> = BTreeMap::new();
+        for id in left.keys().filter(|id| !stuck.contains(**id)) {
+            let Some(t) = self.tasks.get(*id) else {
+                continue;
+            };
+            for r in t.spec.requirements.resources.keys() {
+                let entry = usable
+                    .entry(r.as_str())
+                    .or_insert_with(|| Some(BTreeSet::new()));
+                match (entry.as_mut(), input.eligible.get(*id)) {
+                    (Some(set), Some(agents)) => set.extend(agents),
+                    _ => *entry = None,
+                }
+            }
+        }
         demand
             .into_iter()
             .map(|(r, demand)| {
+                let only = usable.get(r.as_str()).and_then(Option::as_ref);
                 let capacity: f64 = input
                     .capacity
-                    .values()
-                    .filter_map(|c| c.get(&r))
+                    .iter()
+                    .filter(|(a, _)| only.is_none_or(|set| set.contains(a)))
+                    .filter_map(|(_, c)| c.get(&r))
                     .filter(|v| **v > 0.0)
                     .sum();
                 let bound_ms = if capacity > 0.0 {
@@ -559,6 +591,41 @@ mod tests {
         assert!(plan.unplaceable[0].reasons[0].contains("no registered agent"));
         assert!(plan.unplaceable[1].reasons[0].contains("waits on tasks that cannot run: a"));
         assert_eq!(plan.makespan_ms, 100);
+    }
+
+    #[test]
+    fn capacity_on_agents_no_task_may_use_does_not_lower_the_bound() {
+        let tasks = (0..4)
+            .map(|i| task(&format!("t{i}"), &[], 100, 0))
+            .collect();
+        // "w" (1 cpu) may run every task; "big" (100 cpu) lacks their capability.
+        let (flow, mut input) = setup(tasks, 1.0);
+        input
+            .capacity
+            .insert(agent("big"), [("cpu".to_string(), 100.0)].into());
+        let plan = flow.plan(1, &input, 0);
+        assert_eq!(plan.makespan_ms, 400);
+        assert_eq!(plan.resources["cpu"].capacity, 1.0);
+        assert_eq!(plan.lower_bound_ms, 400);
+        assert_eq!(plan.bottleneck.resource.as_deref(), Some("cpu"));
+    }
+
+    #[test]
+    fn a_flow_nothing_of_which_can_be_placed_says_so() {
+        let (flow, mut input) = setup(
+            vec![task("a", &[], 1000, 0), task("b", &["a"], 1000, 0)],
+            1.0,
+        );
+        input.eligible.insert(tid("a"), Vec::new());
+        let plan = flow.plan(1, &input, 0);
+        assert!(plan.placements.is_empty());
+        assert_eq!(plan.bottleneck.kind, "unplaceable");
+        assert_eq!(plan.lower_bound_ms, 0);
+        assert!(
+            plan.bottleneck.message.starts_with("nothing can be placed"),
+            "{}",
+            plan.bottleneck.message
+        );
     }
 
     #[test]

@@ -325,6 +325,83 @@ async fn a_timed_out_attempt_moves_to_another_agent_and_the_late_report_is_rejec
 }
 
 #[tokio::test]
+async fn a_rerun_of_a_finished_flow_is_swept_again_so_its_timeouts_fire() {
+    let sys = System::start().await;
+    let js = jetstream::new(sys.nats.clone());
+    let agent = AgentId::new("hand").unwrap();
+    sys.client
+        .register_agent(&RegisterAgent {
+            agent_id: agent.clone(),
+            capabilities: vec![],
+            labels: Default::default(),
+            capacity: [("cpu".to_string(), 1.0)].into(),
+            heartbeat_interval_ms: 60_000,
+        })
+        .await
+        .unwrap();
+    let consumer = assignment_consumer(&js, &agent).await;
+    let mut t = cpu_task("t", &[]);
+    t.timeouts.start_to_close_ms = Some(1_000);
+    t.retry = RetryPolicy {
+        max_attempts: 5,
+        backoff_base_ms: 10,
+        ..Default::default()
+    };
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new("rerun-sweep", vec![t]))
+        .await
+        .unwrap();
+    let report = |attempt: u32, kind: serde_json::Value| {
+        let mut r = json!({"flow_id": created.flow_id, "task_id": "t", "attempt": attempt, "agent_id": agent});
+        r.as_object_mut()
+            .unwrap()
+            .extend(kind.as_object().unwrap().clone());
+        r.to_string()
+    };
+    let publish = |body: String| {
+        let js = js.clone();
+        let subject = subject::report(&agent);
+        async move {
+            js.publish(subject, body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    };
+
+    // The first run succeeds, so this replica notes the flow finished.
+    let first = take_assignment(&consumer).await;
+    assert_eq!(first.attempt, 1);
+    publish(report(1, json!({"type": "started"}))).await;
+    publish(report(1, json!({"type": "completed", "output": 1}))).await;
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(10)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    // Let a few sweeps pass over the finished flow.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    sys.client
+        .rerun_task(&common::msg::RerunRequest {
+            flow_id: created.flow_id.clone(),
+            task_id: tid("t"),
+        })
+        .await
+        .unwrap();
+    // The re-run attempt starts and then hangs: only the sweep can end it.
+    let hung = take_assignment(&consumer).await;
+    assert_eq!(hung.attempt, 2);
+    publish(report(2, json!({"type": "started"}))).await;
+
+    // Its 1 s start-to-close timeout fires and the task is retried.
+    let retry = take_assignment(&consumer).await;
+    assert_eq!((retry.attempt, &retry.agent_id), (3, &agent));
+    let status = sys.client.flow_status(&created.flow_id).await.unwrap();
+    assert_eq!(status.state, FlowState::Running);
+    assert_eq!(status.tasks[0].attempt, 3);
+}
+
+#[tokio::test]
 async fn a_paused_flow_dispatches_nothing_until_resumed() {
     let sys = System::start().await;
     let (stop, agent) = spawn_agent(&sys.nats, "w", 2.0, |_| async {
@@ -951,10 +1028,79 @@ async fn explain_says_what_the_allocator_lacks() {
         reasons("big")
     );
     assert!(
-        reasons("gpu").contains("no agent can take it now"),
+        reasons("gpu").contains(
+            "no agent can take it now: no agent takes these requirements: 1 lacks capability cuda"
+        ),
         "{}",
         reasons("gpu")
     );
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn explain_does_not_say_fits_now_while_the_concurrency_key_is_full() {
+    let sys = System::start().await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let (stop, agent) = spawn_agent(&sys.nats, "w", 2.0, move |_| {
+        let g = g.clone();
+        async move {
+            let _ = g.acquire().await;
+            Ok(json!(null))
+        }
+    });
+    wait_registered(&sys.client, "w").await;
+    let limited = |id: &str| {
+        let mut t = cpu_task(id, &[]);
+        t.concurrency = Some(common::msg::ConcurrencyLimit {
+            key: "k".into(),
+            limit: 1,
+        });
+        t
+    };
+    let created = sys
+        .client
+        .create_flow(&FlowSpec::new(
+            "one-at-a-time",
+            vec![limited("one"), limited("two")],
+        ))
+        .await
+        .unwrap();
+    // One holds the key's only slot and runs until the gate opens; the
+    // other is ready, and the agent has room for it.
+    let waiting = eventually(
+        Duration::from_secs(10),
+        "one running, one ready",
+        || async {
+            let s = sys.client.flow_status(&created.flow_id).await.ok()?;
+            let running = s.tasks.iter().any(|t| t.state == TaskState::Running);
+            let ready = s.tasks.iter().find(|t| t.state == TaskState::Ready)?;
+            running.then(|| ready.task_id.clone())
+        },
+    )
+    .await;
+    let why = sys
+        .client
+        .explain_flow(&common::msg::ExplainRequest {
+            flow_id: created.flow_id.clone(),
+            task_id: Some(waiting),
+        })
+        .await
+        .unwrap();
+    let reasons = why.tasks[0].reasons.join(" | ");
+    assert!(
+        reasons.contains("concurrency key k is at its limit"),
+        "{reasons}"
+    );
+    assert!(!reasons.contains("fits now"), "{reasons}");
+    assert!(
+        reasons.contains("once a slot frees it fits on w"),
+        "{reasons}"
+    );
+    gate.add_permits(2);
+    let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(20)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
 }
