@@ -22,7 +22,10 @@ use futures::StreamExt;
 use serde_json::json;
 use testkit::{eventually, NatsServer, ServiceHandle};
 
-use super::{agent_login, agent_revision, isolated_server, put, registration, serve_isolated};
+use super::{
+    agent_login, agent_revision, isolated_server, login, put, refused, registration,
+    serve_isolated, watched, SERVICE,
+};
 
 /// The synchronizer's endpoint for `coord.agents.*.state.get`, as `$SRV.STATS` names it.
 const STATE_GET_ENDPOINT: &str = "agents-id-state-get";
@@ -291,4 +294,29 @@ async fn a_reply_aimed_at_another_agents_sync_notices_is_not_sent() {
 #[tokio::test]
 async fn a_reply_aimed_at_an_event_subject_is_not_sent() {
     a_reply_aimed_at(|_| INJECTED_EVENT.to_owned()).await;
+}
+
+/// The services' own login may not publish what only agents send, so no
+/// message reflected by a service can pass for an agent's heartbeat, report,
+/// acknowledgement or request.
+#[tokio::test]
+async fn the_services_login_cannot_publish_what_only_agents_send() {
+    let b = AgentId::new("atk-b").unwrap();
+    let server = isolated_server(&[b.as_str()]);
+    let mut cfg = login(&server, SERVICE);
+    cfg.nats_inbox_prefix = Some("_INBOX".to_owned());
+    let (service, mut errors) = watched(&cfg).await;
+    for subj in [
+        subject::heartbeat(&b),
+        subject::report(&b),
+        subject::sync_ack(&b),
+        subject::agent_leave(&b),
+        subject::agent_register(&b),
+        subject::agent_deregister(&b),
+        subject::agent_state_put(&b),
+        subject::agent_state_delete(&b),
+    ] {
+        service.publish(subj.clone(), "{}".into()).await.unwrap();
+        refused(&mut errors, "the services' login", &subj).await;
+    }
 }
