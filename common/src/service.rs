@@ -9,10 +9,16 @@
 //! What an agent asks about itself is served on a per-agent wildcard
 //! ([`Service::serve_agent`]): the agent is the one the subject names, which
 //! the server's permissions can confine, so an agent cannot act for another.
+//!
+//! Replies go only to inboxes ([`ReplyPrefixes`]). The server does not check a
+//! reply subject against the requester's permissions, and the services may
+//! publish anywhere, so answering any reply subject would let an agent have
+//! a service write, on its behalf, to a KV bucket or another agent's subjects.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::service::{Service as NatsService, ServiceExt};
 use async_nats::HeaderMap;
@@ -39,12 +45,76 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Environment variable naming a file where a service writes its instance id.
 pub const INSTANCE_FILE_ENV: &str = "COORD_INSTANCE_FILE";
 
-type ErrorCounts = Arc<Mutex<HashMap<String, (u64, Option<ErrorCode>)>>>;
+/// Environment variable with extra reply-subject prefixes the services answer
+/// (comma-separated, e.g. `_REPLIES,_OPS`), for clients whose inbox prefix is
+/// neither `_INBOX` nor `_INBOX_{id}`.
+pub const REPLY_PREFIXES_ENV: &str = "COORD_REPLY_PREFIXES";
+
+/// At most one warning per endpoint this often about refused reply subjects;
+/// the count in `$SRV.STATS` keeps every one.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// What `$SRV.STATS` reports per endpoint beyond the built-in counters.
+#[derive(Default)]
+struct EndpointCounts {
+    error_replies: u64,
+    last_error_code: Option<ErrorCode>,
+    /// Requests dropped unanswered because their reply subject is no inbox.
+    refused_replies: u64,
+    last_warned: Option<Instant>,
+}
+
+type Counts = Arc<Mutex<HashMap<String, EndpointCounts>>>;
+
+/// The reply subjects a service answers: inboxes, `_INBOX.…` (the default of
+/// every NATS client) and `_INBOX_{id}.…` (an isolated agent's), plus any
+/// prefix listed in [`REPLY_PREFIXES_ENV`]. Anything else (`$KV.…`,
+/// `coord.…`, `$JS.…`) would be a write on the requester's behalf.
+#[derive(Clone, Debug, Default)]
+pub struct ReplyPrefixes {
+    extra: Vec<String>,
+}
+
+impl ReplyPrefixes {
+    /// The inboxes plus the prefixes in [`REPLY_PREFIXES_ENV`].
+    pub fn from_env() -> Self {
+        let listed = std::env::var(REPLY_PREFIXES_ENV).unwrap_or_default();
+        Self::with_extra(listed.split(','))
+    }
+
+    /// The inboxes plus `extra` (each a subject prefix, its own tokens whole).
+    pub fn with_extra<'a>(extra: impl IntoIterator<Item = &'a str>) -> Self {
+        let extra = extra
+            .into_iter()
+            .map(|p| p.trim().trim_end_matches('.'))
+            // A wildcard or an empty prefix would let every subject through.
+            .filter(|p| !p.is_empty() && !p.contains(['*', '>', ' ']))
+            .map(|p| format!("{p}."))
+            .collect();
+        ReplyPrefixes { extra }
+    }
+
+    /// Whether a reply may be published on `reply`.
+    pub fn allows(&self, reply: &str) -> bool {
+        let Some((first, rest)) = reply.split_once('.') else {
+            return false;
+        };
+        if rest.is_empty() {
+            return false;
+        }
+        let inbox = first == "_INBOX"
+            || first
+                .strip_prefix("_INBOX_")
+                .is_some_and(|id| !id.is_empty());
+        inbox || self.extra.iter().any(|p| reply.starts_with(p.as_str()))
+    }
+}
 
 /// A running micro service.
 pub struct Service {
     inner: NatsService,
-    errors: ErrorCounts,
+    counts: Counts,
+    replies: ReplyPrefixes,
     tasks: tokio::task::JoinSet<()>,
     client: async_nats::Client,
 }
@@ -56,21 +126,27 @@ impl Service {
         name: &str,
         description: &str,
     ) -> Result<Self, Error> {
-        let errors: ErrorCounts = Arc::default();
-        let stats_errors = errors.clone();
+        let counts: Counts = Arc::default();
+        let stats_counts = counts.clone();
         let inner = client
             .service_builder()
             .description(description)
             .stats_handler(move |endpoint, _stats| {
                 // Error replies carry a JSON body, so they are counted here rather
                 // than in the built-in error counter (which only sees empty bodies).
-                let counts = stats_errors
+                let (errors, last, refused) = stats_counts
                     .lock()
-                    .map(|m| m.get(&endpoint).cloned())
                     .ok()
-                    .flatten();
-                let (errors, last) = counts.unwrap_or((0, None));
-                serde_json::json!({ "error_replies": errors, "last_error_code": last })
+                    .and_then(|m| {
+                        m.get(&endpoint)
+                            .map(|c| (c.error_replies, c.last_error_code, c.refused_replies))
+                    })
+                    .unwrap_or_default();
+                serde_json::json!({
+                    "error_replies": errors,
+                    "last_error_code": last,
+                    "refused_replies": refused,
+                })
             })
             .start(name, VERSION)
             .await
@@ -82,7 +158,8 @@ impl Service {
             })?;
         Ok(Service {
             inner,
-            errors,
+            counts,
+            replies: ReplyPrefixes::from_env(),
             tasks: tokio::task::JoinSet::new(),
             client: client.clone(),
         })
@@ -160,14 +237,23 @@ impl Service {
                     format!("cannot serve {subject}: {e}"),
                 )
             })?;
-        let errors = self.errors.clone();
+        let counts = self.counts.clone();
+        let replies = self.replies.clone();
         let client = self.client.clone();
         let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         self.tasks.spawn(async move {
             while let Some(request) = endpoint.next().await {
+                // Refused before the handler runs: a request whose answer would
+                // land outside an inbox changes nothing either.
+                if let Some(reply) = &request.message.reply {
+                    if !replies.allows(reply) {
+                        refuse_reply(&counts, &name, &request.message.subject, reply);
+                        continue;
+                    }
+                }
                 let Ok(permit) = limit.clone().acquire_owned().await else { break };
                 let handler = handler.clone();
-                let errors = errors.clone();
+                let counts = counts.clone();
                 let name = name.clone();
                 let client = client.clone();
                 let span = telemetry::message_span("request", subject, request.message.headers.as_ref());
@@ -185,10 +271,10 @@ impl Service {
                             Ok(body) => request.respond(Ok(body.into())).await,
                             Err(err) => {
                                 tracing::debug!(code = %err.code, message = %err.message, "error reply");
-                                if let Ok(mut m) = errors.lock() {
+                                if let Ok(mut m) = counts.lock() {
                                     let entry = m.entry(name).or_default();
-                                    entry.0 += 1;
-                                    entry.1 = Some(err.code);
+                                    entry.error_replies += 1;
+                                    entry.last_error_code = Some(err.code);
                                 }
                                 request.respond_with_headers(Ok(err.to_body().into()), error_headers(&err)).await
                             }
@@ -209,6 +295,26 @@ impl Service {
     pub async fn stop(mut self) {
         self.tasks.abort_all();
         let _ = self.inner.stop().await;
+    }
+}
+
+/// Counts a request dropped for its reply subject and warns, at most once per
+/// endpoint every [`REFUSAL_WARN_EVERY`].
+fn refuse_reply(counts: &Counts, endpoint: &str, subject: &str, reply: &str) {
+    let Ok(mut m) = counts.lock() else { return };
+    let entry = m.entry(endpoint.to_owned()).or_default();
+    entry.refused_replies += 1;
+    let due = entry
+        .last_warned
+        .is_none_or(|at| at.elapsed() >= REFUSAL_WARN_EVERY);
+    if due {
+        entry.last_warned = Some(Instant::now());
+        tracing::warn!(
+            subject,
+            reply,
+            refused = entry.refused_replies,
+            "request dropped unanswered: its reply subject is not an inbox"
+        );
     }
 }
 
@@ -360,6 +466,39 @@ mod tests {
             ErrorCode::PayloadTooLarge
         );
         assert!(fits(vec![b'x'; 11], 0).is_ok(), "no limit known");
+    }
+
+    #[test]
+    fn replies_go_only_to_inboxes() {
+        let only_inboxes = ReplyPrefixes::default();
+        for ok in [
+            "_INBOX.abc",
+            "_INBOX.abc.1",
+            "_INBOX_w1.abc",
+            "_INBOX_w-1.x.y",
+        ] {
+            assert!(only_inboxes.allows(ok), "{ok}");
+        }
+        for refused in [
+            "$KV.coord_state.default.b",
+            "$KV.coord_agents.b",
+            "$JS.API.CONSUMER.DELETE.COORD_ASSIGN.agent-b",
+            "coord.agents.b.heartbeat",
+            "coord.events.injected",
+            "_INBOX",
+            "_INBOX.",
+            "_INBOX_.x",
+            "_INBOXES.x",
+            "_INBOX_w1",
+            "x._INBOX.y",
+        ] {
+            assert!(!only_inboxes.allows(refused), "{refused}");
+        }
+        let extra = ReplyPrefixes::with_extra([" _REPLIES ", "_OPS.", "", ">", "*"]);
+        assert!(extra.allows("_REPLIES.1"));
+        assert!(extra.allows("_OPS.a.b"));
+        assert!(!extra.allows("_REPLIESX.1"));
+        assert!(!extra.allows("coord.agents.b.cancel"));
     }
 
     #[test]

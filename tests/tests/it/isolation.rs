@@ -7,7 +7,10 @@
 //! names another agent, and fencing keeps a report for another agent's lease
 //! out. User/password login over TLS is exercised once, and once over mutual
 //! TLS with the services and an agent running a flow; a login with a
-//! credentials file (operator/JWT mode) once.
+//! credentials file (operator/JWT mode) once. `attacks`: replies aimed by an
+//! agent at subjects it may not publish on.
+
+mod attacks;
 
 use std::path::Path;
 use std::process::Command;
