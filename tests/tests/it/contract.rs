@@ -382,7 +382,7 @@ async fn lost_and_left_agents_are_retired_after_the_retention_period() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sync_points_complete_with_runtime_agents() {
+async fn sync_points_and_synchronize_complete_with_runtime_agents() {
     let sys = System::start().await;
     let mut agents = Vec::new();
     for id in ["w1", "w2"] {
@@ -422,6 +422,54 @@ async fn sync_points_complete_with_runtime_agents() {
         .await
         .unwrap();
     assert_eq!(done.state, SyncPointState::Completed, "{done:?}");
+    // A synchronize round: the agents disagree at /step, the latest writer
+    // wins, both are told and both acknowledge.
+    sys.client
+        .scope_set(&common::msg::ScopeConfig {
+            scope: ScopeId::default(),
+            policy: common::msg::ConflictPolicy::Lww,
+            merge_fallback: Default::default(),
+            schema: None,
+            enforce_schema: false,
+            invariants: vec![],
+            shared: vec![],
+        })
+        .await
+        .unwrap();
+    let w2 = sys
+        .client
+        .state_get_at(&common::msg::StateGet {
+            agent_id: aid("w2"),
+            scope: ScopeId::default(),
+            revision: None,
+        })
+        .await
+        .unwrap();
+    sys.client
+        .state_put(&StatePut {
+            agent_id: aid("w2"),
+            expected_revision: w2.revision,
+            doc: json!({"step": 2}),
+            scope: ScopeId::default(),
+            clock: None,
+        })
+        .await
+        .unwrap();
+    let round = sys
+        .client
+        .synchronize(&common::msg::SynchronizeRequest {
+            scope: ScopeId::default(),
+            agents: vec![aid("w1"), aid("w2")],
+            shared: vec!["/step".into()],
+            timeout_ms: 5_000,
+        })
+        .await
+        .unwrap();
+    assert!(round.complete, "{round:?}");
+    assert!(
+        !round.divergences.is_empty(),
+        "there was something to agree on"
+    );
     for (stop, run) in agents {
         let _ = stop.send(());
         run.await.unwrap().unwrap();

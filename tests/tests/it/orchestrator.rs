@@ -887,9 +887,11 @@ async fn a_running_flow_is_modified_re_run_explained_and_watched() {
         .subscribe(subject::flow_watch(&created.flow_id))
         .await
         .unwrap();
+    // `b` itself running (not `a` a moment before it finishes).
     let status = eventually(Duration::from_secs(10), "b running", || async {
         let s = sys.client.flow_status(&created.flow_id).await.ok()?;
-        (s.counts.get(&TaskState::Running) == Some(&1)).then_some(s)
+        let b = s.tasks.iter().find(|t| t.task_id == tid("b"))?;
+        (b.state == TaskState::Running).then_some(s)
     })
     .await;
 
