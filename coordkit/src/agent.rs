@@ -665,13 +665,7 @@ pub async fn report(
     a: &Assignment,
     kind: ReportKind,
 ) -> Result<(), Error> {
-    let tag = match &kind {
-        ReportKind::Started => "started",
-        ReportKind::Progress { .. } => "progress",
-        ReportKind::Completed { .. } => "completed",
-        ReportKind::Failed { .. } => "failed",
-        ReportKind::Unknown => "unknown",
-    };
+    let tag = kind.type_name();
     let body = AgentReport {
         flow_id: a.flow_id.clone(),
         task_id: a.task_id.clone(),

@@ -26,8 +26,8 @@ use async_nats::jetstream::{self, consumer, kv};
 use common::msg::{
     AgentReport, AllocateRequest, Allocation, Assignment, CapacityRequest, EventKind,
     ExplainRequest, Explanation, FlowChanges, FlowList, FlowListRequest, FlowOptimizeRequest,
-    FlowPlan, FlowRef, FlowSpec, FlowStatus, RejectReason, ReleaseRequest, ReportKind,
-    ReportRejected, RerunRequest, TaskSpec,
+    FlowPlan, FlowRef, FlowSpec, FlowStatus, RejectReason, ReleaseRequest, ReportRejected,
+    RerunRequest, TaskSpec,
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Stream};
 use common::now_ms;
@@ -1260,7 +1260,7 @@ impl Orchestrator {
                     flow_id: Some(report.flow_id.to_string()),
                     task_id: Some(report.task_id.to_string()),
                     attempt: Some(report.attempt),
-                    report_type: Some(report_type(&report.kind).to_owned()),
+                    report_type: Some(report.kind.type_name().to_owned()),
                     code,
                     reason: why,
                     message: reason.clone(),
@@ -1981,18 +1981,7 @@ where
     }
 }
 
-/// The flow and task an allocation owner names (`{flow}/{task}`), if it is one of ours.
-/// The `type` of a report, as on the wire.
-fn report_type(kind: &ReportKind) -> &'static str {
-    match kind {
-        ReportKind::Started => "started",
-        ReportKind::Progress { .. } => "progress",
-        ReportKind::Completed { .. } => "completed",
-        ReportKind::Failed { .. } => "failed",
-        ReportKind::Unknown => "unknown",
-    }
-}
-
+/// A report's `Nats-Msg-Id` header, if it had one.
 fn msg_id(msg: &jetstream::Message) -> Option<String> {
     msg.headers
         .as_ref()
@@ -2027,6 +2016,7 @@ fn malformed(msg: &jetstream::Message, e: &serde_json::Error) -> ReportRejected 
     }
 }
 
+/// The flow and task an allocation owner names (`{flow}/{task}`), if it is one of ours.
 fn owner_task(owner: &str) -> Option<(FlowId, TaskId)> {
     let (flow, task) = owner.split_once('/')?;
     Some((FlowId::new(flow).ok()?, TaskId::new(task).ok()?))

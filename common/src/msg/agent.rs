@@ -219,6 +219,19 @@ pub enum ReportKind {
     Unknown,
 }
 
+impl ReportKind {
+    /// The report's `type` on the wire.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ReportKind::Started => "started",
+            ReportKind::Progress { .. } => "progress",
+            ReportKind::Completed { .. } => "completed",
+            ReportKind::Failed { .. } => "failed",
+            ReportKind::Unknown => "unknown",
+        }
+    }
+}
+
 /// `coord.agents.{id}.report` (JetStream): an agent's report on an attempt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AgentReport {

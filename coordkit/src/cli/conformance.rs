@@ -577,12 +577,7 @@ impl Kit {
             .reports
             .iter()
             .filter(|r| !r.by_kit() && r.is(flow, attempt) && r.at >= since)
-            .filter_map(|r| {
-                r.body
-                    .as_ref()
-                    .ok()
-                    .map(|b| report_type(&b.kind).to_owned())
-            })
+            .filter_map(|r| r.body.as_ref().ok().map(|b| b.kind.type_name().to_owned()))
             .collect()
     }
 
@@ -704,7 +699,7 @@ impl Kit {
                 .collect();
             let kinds: Vec<&str> = mine
                 .iter()
-                .filter_map(|r| r.body.as_ref().ok().map(|b| report_type(&b.kind)))
+                .filter_map(|r| r.body.as_ref().ok().map(|b| b.kind.type_name()))
                 .collect();
             if kinds.first() != Some(&"started") {
                 return Err(format!(
@@ -1427,20 +1422,10 @@ fn task_of(s: &FlowStatus) -> Option<&TaskStatus> {
     s.tasks.iter().find(|t| t.task_id.as_str() == TASK)
 }
 
-fn report_type(kind: &ReportKind) -> &'static str {
-    match kind {
-        ReportKind::Started => "started",
-        ReportKind::Progress { .. } => "progress",
-        ReportKind::Completed { .. } => "completed",
-        ReportKind::Failed { .. } => "failed",
-        ReportKind::Unknown => "unknown",
-    }
-}
-
 /// The report's `Nats-Msg-Id` is `{flow}.{task}.{attempt}.{type}`, with a
 /// suffix for progress (each progress report is new).
 fn msg_id_ok(msg_id: Option<&str>, r: &AgentReport) -> Result<(), String> {
-    let kind = report_type(&r.kind);
+    let kind = r.kind.type_name();
     if kind == "unknown" {
         return Err("a report has an unknown type".into());
     }

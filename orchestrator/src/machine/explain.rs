@@ -31,7 +31,7 @@ impl Flow {
                             if dt.state != TaskState::Succeeded {
                                 reasons.push(format!(
                                     "waiting on dependency {d} ({})",
-                                    state_word(dt.state)
+                                    dt.state.as_str()
                                 ));
                             }
                         }
@@ -45,7 +45,7 @@ impl Flow {
                             waiting_for_agent = false;
                         }
                         s if s.is_terminal() => {
-                            reasons.push(format!("the flow is {}", flow_word(s)));
+                            reasons.push(format!("the flow is {}", s.as_str()));
                             waiting_for_agent = false;
                         }
                         _ => {}
@@ -105,7 +105,7 @@ impl Flow {
                     reasons.push(r);
                 }
                 done => {
-                    let mut r = format!("finished: {}", state_word(done));
+                    let mut r = format!("finished: {}", done.as_str());
                     if let Some(e) = &t.error {
                         r.push_str(&format!(" ({e})"));
                     }
@@ -119,29 +119,5 @@ impl Flow {
             });
         }
         (out, placement)
-    }
-}
-
-fn state_word(s: TaskState) -> &'static str {
-    match s {
-        TaskState::Blocked => "blocked",
-        TaskState::Ready => "ready",
-        TaskState::Assigned => "assigned",
-        TaskState::Running => "running",
-        TaskState::Succeeded => "succeeded",
-        TaskState::Failed => "failed",
-        TaskState::Cancelled => "cancelled",
-        TaskState::Skipped => "skipped",
-        TaskState::TimedOut => "timed out",
-    }
-}
-
-fn flow_word(s: FlowState) -> &'static str {
-    match s {
-        FlowState::Running => "running",
-        FlowState::Paused => "paused",
-        FlowState::Succeeded => "succeeded",
-        FlowState::Failed => "failed",
-        FlowState::Cancelled => "cancelled",
     }
 }
