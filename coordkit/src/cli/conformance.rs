@@ -723,52 +723,46 @@ impl Kit {
     }
 
     async fn retryable_failure(&self) -> RuleOutcome {
-        let retry = RetryPolicy {
-            max_attempts: 2,
-            backoff_base_ms: 100,
-            ..Default::default()
-        };
-        let flow = self
-            .submit(
-                Rule::RetryableFailure,
-                json!({ "sleep_ms": 100, "fail": "retryable" }),
-                retry,
-                Timeouts::default(),
-            )
-            .await;
-        self.on_flow(flow, |flow| async move {
-            let status = self.finished(&flow, self.deadline()).await?;
-            let t = task_of(&status).ok_or("the flow has no task")?;
-            self.on_agent(t)?;
-            if t.state != TaskState::Failed || t.attempt != 2 {
-                return Err(format!(
-                    "the task ended {} after {} attempt(s), not failed after 2 ({})",
-                    super::wire_name(&t.state),
-                    t.attempt,
-                    t.error.as_deref().unwrap_or("no error")
-                ));
-            }
-            let failed = self.failed_reports(&flow);
-            if failed != [(1, true), (2, true)] {
-                return Err(format!(
-                    "failed reports (attempt, retryable) were {failed:?}, not [(1, true), (2, true)]"
-                ));
-            }
-            Ok(Outcome::Pass("attempt 1 failed retryable, attempt 2 ran".into()))
-        })
+        self.failure(
+            Rule::RetryableFailure,
+            "retryable",
+            2,
+            &[(1, true), (2, true)],
+            "attempt 1 failed retryable, attempt 2 ran",
+        )
         .await
     }
 
     async fn fatal_failure(&self) -> RuleOutcome {
+        self.failure(
+            Rule::FatalFailure,
+            "fatal",
+            3,
+            &[(1, false)],
+            "one attempt, failed for good",
+        )
+        .await
+    }
+
+    /// A task told to fail (`fail`) under `max_attempts`: it must end failed
+    /// after as many attempts as `want` lists, each reported (attempt, retryable).
+    async fn failure(
+        &self,
+        rule: Rule,
+        fail: &str,
+        max_attempts: u32,
+        want: &[(u32, bool)],
+        pass: &str,
+    ) -> RuleOutcome {
         let retry = RetryPolicy {
-            max_attempts: 3,
+            max_attempts,
             backoff_base_ms: 100,
             ..Default::default()
         };
         let flow = self
             .submit(
-                Rule::FatalFailure,
-                json!({ "sleep_ms": 100, "fail": "fatal" }),
+                rule,
+                json!({ "sleep_ms": 100, "fail": fail }),
                 retry,
                 Timeouts::default(),
             )
@@ -777,21 +771,22 @@ impl Kit {
             let status = self.finished(&flow, self.deadline()).await?;
             let t = task_of(&status).ok_or("the flow has no task")?;
             self.on_agent(t)?;
-            if t.state != TaskState::Failed || t.attempt != 1 {
+            let attempts = want.len() as u32;
+            if t.state != TaskState::Failed || t.attempt != attempts {
                 return Err(format!(
-                    "the task ended {} after {} attempt(s), not failed after 1 ({})",
+                    "the task ended {} after {} attempt(s), not failed after {attempts} ({})",
                     super::wire_name(&t.state),
                     t.attempt,
                     t.error.as_deref().unwrap_or("no error")
                 ));
             }
             let failed = self.failed_reports(&flow);
-            if failed != [(1, false)] {
+            if failed != want {
                 return Err(format!(
-                    "failed reports (attempt, retryable) were {failed:?}, not [(1, false)]"
+                    "failed reports (attempt, retryable) were {failed:?}, not {want:?}"
                 ));
             }
-            Ok(Outcome::Pass("one attempt, failed for good".into()))
+            Ok(Outcome::Pass(pass.to_owned()))
         })
         .await
     }
