@@ -201,27 +201,18 @@ impl Outages {
     /// this may go unseen, and one that short hides no heartbeat interval.
     pub const POLL: Duration = Duration::from_millis(50);
 
-    /// How much later than [`Outages::POLL`] the watcher may wake before the
-    /// gap counts as the process's own pause.
-    pub const PAUSED_AFTER: Duration = Duration::from_millis(1_000);
-
     /// Starts watching `client` (needs a Tokio runtime).
     pub fn watch(client: &async_nats::Client) -> Outages {
         let last_down_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (client, down) = (client.clone(), std::sync::Arc::downgrade(&last_down_ms));
         tokio::spawn(async move {
-            let mut paused = false;
             loop {
                 let Some(down) = down.upgrade() else { return };
-                // A pause of this process (frozen, starved) is an outage too:
-                // what was sent meanwhile was not heard in time.
-                if paused || client.connection_state() != async_nats::connection::State::Connected {
-                    down.fetch_max(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+                if client.connection_state() != async_nats::connection::State::Connected {
+                    down.store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
                 }
                 drop(down);
-                let slept = tokio::time::Instant::now();
                 tokio::time::sleep(Self::POLL).await;
-                paused = slept.elapsed() > Self::POLL + Self::PAUSED_AFTER;
             }
         });
         Outages { last_down_ms }

@@ -36,8 +36,9 @@ impl Allocator {
                 );
                 self.outages.stalled();
             }
-            last = now;
             self.sweep().await;
+            // From the end of this sweep: a slow sweep is not a pause.
+            last = tokio::time::Instant::now();
         }
     }
 
