@@ -495,6 +495,21 @@ impl Kit {
     }
 
     /// The flow once it has ended.
+    /// The kit's task once its flow ends, which must be in success on this agent.
+    async fn succeeded(&self, flow: &FlowId) -> Result<TaskStatus, String> {
+        let status = self.finished(flow, self.deadline()).await?;
+        let t = task_of(&status).ok_or("the flow has no task")?;
+        self.on_agent(t)?;
+        if status.state != FlowState::Succeeded {
+            return Err(format!(
+                "the task ended {} ({})",
+                super::wire_name(&t.state),
+                t.error.as_deref().unwrap_or("no error")
+            ));
+        }
+        Ok(t.clone())
+    }
+
     async fn finished(&self, flow: &FlowId, deadline: Instant) -> Result<FlowStatus, String> {
         self.wait_flow(flow, "end of the flow", deadline, |s| {
             s.state.is_terminal().then(|| s.clone())
@@ -666,16 +681,7 @@ impl Kit {
             )
             .await;
         self.on_flow(flow, |flow| async move {
-            let status = self.finished(&flow, self.deadline()).await?;
-            let t = task_of(&status).ok_or("the flow has no task")?;
-            self.on_agent(t)?;
-            if status.state != FlowState::Succeeded {
-                return Err(format!(
-                    "the task ended {} ({})",
-                    super::wire_name(&t.state),
-                    t.error.as_deref().unwrap_or("no error")
-                ));
-            }
+            let t = self.succeeded(&flow).await?;
             if t.output != output {
                 return Err(format!(
                     "output {} is not the one asked for, {output}",
@@ -1164,16 +1170,7 @@ impl Kit {
             )
             .await;
         self.on_flow(flow, |flow| async move {
-            let status = self.finished(&flow, self.deadline()).await?;
-            let t = task_of(&status).ok_or("the flow has no task")?;
-            self.on_agent(t)?;
-            if status.state != FlowState::Succeeded {
-                return Err(format!(
-                    "the task ended {} ({})",
-                    super::wire_name(&t.state),
-                    t.error.as_deref().unwrap_or("no error")
-                ));
-            }
+            self.succeeded(&flow).await?;
             // The agent puts before its final report, so the document is there now.
             let doc = self
                 .client

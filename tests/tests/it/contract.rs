@@ -24,6 +24,15 @@ fn aid(s: &str) -> AgentId {
     AgentId::new(s).unwrap()
 }
 
+/// The flow's status once it has succeeded, waiting up to `secs`.
+async fn succeeded(sys: &System, flow: &common::FlowId, secs: u64) -> common::msg::FlowStatus {
+    eventually(Duration::from_secs(secs), "the flow to succeed", || async {
+        let s = sys.client.flow_status(flow).await.ok()?;
+        (s.state == FlowState::Succeeded).then_some(s)
+    })
+    .await
+}
+
 async fn status_of(sys: &System, agent: &AgentId) -> Option<AgentStatus> {
     let cap = sys
         .client
@@ -108,11 +117,7 @@ async fn assignments_carry_their_lease_and_progress_shows_with_the_task() {
     .await;
     assert_eq!(shown.progress_message.as_deref(), Some("indexing"));
     let _ = done.send(());
-    eventually(Duration::from_secs(10), "the flow to succeed", || async {
-        let s = sys.client.flow_status(&flow.flow_id).await.ok()?;
-        (s.state == FlowState::Succeeded).then_some(())
-    })
-    .await;
+    succeeded(&sys, &flow.flow_id, 10).await;
     let _ = stop.send(());
     run.await.unwrap().unwrap();
 }
@@ -217,11 +222,7 @@ async fn refused_reports_come_back_as_typed_verdicts_on_the_agents_subject() {
 
     // None of it changed the attempt: it still finishes.
     let _ = done.send(());
-    eventually(Duration::from_secs(10), "the flow to succeed", || async {
-        let s = sys.client.flow_status(&flow.flow_id).await.ok()?;
-        (s.state == FlowState::Succeeded).then_some(())
-    })
-    .await;
+    succeeded(&sys, &flow.flow_id, 10).await;
     let _ = stop.send(());
     run.await.unwrap().unwrap();
 }
@@ -246,11 +247,7 @@ async fn a_runtime_agent_that_shuts_down_leaves_and_is_never_lost() {
         .create_flow(&FlowSpec::new("then leave", vec![cpu_task("a", &[])]))
         .await
         .unwrap();
-    eventually(Duration::from_secs(20), "the flow to succeed", || async {
-        let s = sys.client.flow_status(&flow.flow_id).await.ok()?;
-        (s.state == FlowState::Succeeded).then_some(())
-    })
-    .await;
+    succeeded(&sys, &flow.flow_id, 20).await;
 
     let asked = Instant::now();
     let _ = stop.send(());
@@ -326,11 +323,7 @@ async fn work_still_running_when_its_agent_leaves_is_handed_back_and_the_agent_t
     );
     // Another agent runs attempt 2.
     let (stop2, run2) = spawn_agent(&sys.nats, "w2", 1.0, |_a| async { Ok(json!(2)) });
-    let done = eventually(Duration::from_secs(20), "the flow to succeed", || async {
-        let s = sys.client.flow_status(&flow.flow_id).await.ok()?;
-        (s.state == FlowState::Succeeded).then_some(s)
-    })
-    .await;
+    let done = succeeded(&sys, &flow.flow_id, 20).await;
     let a = done.tasks.iter().find(|t| t.task_id == tid("a")).unwrap();
     assert_eq!((a.state, a.attempt), (TaskState::Succeeded, 2));
     assert_eq!(a.agent_id, Some(aid("w2")));
@@ -501,11 +494,7 @@ async fn a_runtime_agent_stays_up_through_a_long_idle_stretch() {
         .create_flow(&FlowSpec::new("after idle", vec![cpu_task("a", &[])]))
         .await
         .unwrap();
-    eventually(Duration::from_secs(20), "the flow to succeed", || async {
-        let s = sys.client.flow_status(&flow.flow_id).await.ok()?;
-        (s.state == FlowState::Succeeded).then_some(())
-    })
-    .await;
+    succeeded(&sys, &flow.flow_id, 20).await;
     let _ = stop.send(());
     run.await.unwrap().unwrap();
 }
