@@ -60,6 +60,8 @@ async fn main() -> anyhow::Result<()> {
         priority: 0,
         allocation_id: None,
         deadline_ms: None,
+        task: None,
+        ttl_ms: None,
     });
     let per_task = args.ops / args.concurrency.max(1);
     let started = Instant::now();

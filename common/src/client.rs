@@ -94,6 +94,14 @@ impl Client {
         self.request(subject::RELEASE, req).await
     }
 
+    pub async fn renew(&self, req: &RenewRequest) -> Result<Allocation, Error> {
+        self.request(subject::RENEW, req).await
+    }
+
+    pub async fn allocations_held(&self, req: &HeldRequest) -> Result<HeldReply, Error> {
+        self.request(subject::ALLOCATIONS_HELD, req).await
+    }
+
     pub async fn capacity(&self, req: &CapacityRequest) -> Result<CapacityStatus, Error> {
         self.request(subject::CAPACITY_CHECK, req).await
     }

@@ -31,6 +31,9 @@ pub const FLOW_EXPLAIN: &str = "coord.orchestrator.flow.explain";
 /// A plan for the remaining tasks (critical path, makespan, placement,
 /// bottleneck), applied as new priorities on request.
 pub const FLOW_OPTIMIZE: &str = "coord.orchestrator.flow.optimize";
+/// Which of the given allocations their flow tasks still hold (the
+/// allocator's reconciliation asks; allocator → orchestrator).
+pub const ALLOCATIONS_HELD: &str = "coord.orchestrator.allocations.held";
 
 /// A flow's status summary after every change (core publish, orchestrator → watchers).
 pub fn flow_watch(flow: &crate::id::FlowId) -> String {
@@ -77,6 +80,8 @@ pub const ALLOCATE: &str = "coord.allocator.allocate";
 /// Several requirements placed all-or-nothing.
 pub const ALLOCATE_GANG: &str = "coord.allocator.allocate.gang";
 pub const RELEASE: &str = "coord.allocator.release";
+/// Extends an allocation's lease (`ttl_ms`).
+pub const RENEW: &str = "coord.allocator.renew";
 pub const CAPACITY_CHECK: &str = "coord.allocator.capacity.check";
 /// Hold capacity for an owner over a time window.
 pub const CAPACITY_RESERVE: &str = "coord.allocator.capacity.reserve";

@@ -5,6 +5,7 @@
 //! the allocator, assigns them on each agent's durable subject and consumes the
 //! agents' reports.
 
+mod held;
 pub mod machine;
 mod placing;
 pub mod service;

@@ -26,8 +26,8 @@ use async_nats::jetstream::{self, consumer, kv};
 use common::msg::{
     AgentReport, AllocateRequest, Allocation, Assignment, CapacityRequest, EventKind,
     ExplainRequest, Explanation, FlowChanges, FlowList, FlowListRequest, FlowOptimizeRequest,
-    FlowPlan, FlowRef, FlowSpec, FlowStatus, RejectReason, ReleaseRequest, ReportRejected,
-    RerunRequest, TaskSpec,
+    FlowPlan, FlowRef, FlowSpec, FlowStatus, HeldRequest, RejectReason, ReleaseRequest,
+    ReportRejected, RerunRequest, TaskRef, TaskSpec,
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Stream};
 use common::now_ms;
@@ -102,11 +102,12 @@ enum Cmd {
         report: Box<AgentReport>,
         msg: Box<jetstream::Message>,
     },
-    /// Record a placement the allocator granted.
+    /// Record a placement the allocator granted (at `granted_ms`).
     Assign {
         task: TaskId,
         allocation: Box<Allocation>,
         slot: SlotHeld,
+        granted_ms: u64,
     },
     /// The allocator did not place the task (it stays ready); `asked_at` is
     /// the replica's freed count when it was asked (see [`Placing`]).
@@ -286,6 +287,14 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         })
         .await?;
 
+    let flows = orch.flows.clone();
+    service
+        .serve(subject::ALLOCATIONS_HELD, move |r: HeldRequest| {
+            let flows = flows.clone();
+            async move { crate::held::held(&flows, r).await }
+        })
+        .await?;
+
     let allocator_events = tokio::spawn(orch.clone().consume_allocator_events());
     let capacity = tokio::spawn(orch.clone().count_capacity_changes());
     let reports = tokio::spawn(
@@ -333,7 +342,17 @@ enum Refusal {
         expected: u64,
         current: u64,
     },
+    /// A placement granted too long ago to be used: the allocator's
+    /// reconciliation may have taken it back meanwhile.
+    LateGrant {
+        age_ms: u64,
+    },
 }
+
+/// How old a grant may be when its step applies it. Longer, and the
+/// allocator's reconciliation (which asks after a grace of 30 s by default)
+/// might already have found the allocation unheld and taken it back.
+const GRANT_MAX_AGE_MS: u64 = 10_000;
 
 impl From<Rejection> for Refusal {
     fn from(r: Rejection) -> Self {
@@ -355,6 +374,12 @@ impl std::fmt::Display for Refusal {
                     "the flow is at revision {current}, not {expected}: read it again"
                 )
             }
+            Refusal::LateGrant { age_ms } => {
+                write!(
+                    f,
+                    "the placement was granted {age_ms} ms ago; placing again"
+                )
+            }
         }
     }
 }
@@ -373,6 +398,7 @@ fn refusal_error(r: &Refusal) -> Error {
             .with_details(serde_json::json!({ "problems": problems })),
         Refusal::Stale { current, .. } => Error::new(ErrorCode::Conflict, r.to_string())
             .with_details(serde_json::json!({ "current_revision": current })),
+        Refusal::LateGrant { .. } => Error::new(ErrorCode::Conflict, r.to_string()),
     }
 }
 
@@ -1133,6 +1159,7 @@ impl Orchestrator {
                     task,
                     allocation,
                     slot,
+                    ..
                 },
                 Err(rejection),
             ) => {
@@ -1227,6 +1254,7 @@ impl Orchestrator {
                     task,
                     allocation,
                     slot,
+                    ..
                 } => {
                     placing.remove(&task);
                     self.release_unless_held(flow_id.clone(), task, *allocation, slot);
@@ -1390,6 +1418,11 @@ impl Orchestrator {
                 priority: t.spec.priority,
                 allocation_id: Some(AllocationId::random()),
                 deadline_ms: None,
+                task: Some(TaskRef {
+                    flow_id: flow.id.clone(),
+                    task_id: task.clone(),
+                }),
+                ttl_ms: None,
             };
             let (o, flow_id) = (self.clone(), flow.id.clone());
             // The grant goes back to the actor with this span as its cause,
@@ -1419,6 +1452,7 @@ impl Orchestrator {
                             task,
                             allocation: Box::new(allocation),
                             slot,
+                            granted_ms: common::now_ms(),
                         },
                         None => {
                             o.free_slot(slot);
@@ -2069,8 +2103,17 @@ fn step(
     Ok(match cmd {
         Cmd::Report { report, .. } => (0, flow.report(report, now)?),
         Cmd::Assign {
-            task, allocation, ..
-        } => flow.assign(task, &allocation.agent_id, &allocation.allocation_id, now)?,
+            task,
+            allocation,
+            granted_ms,
+            ..
+        } => {
+            let age_ms = now.saturating_sub(*granted_ms);
+            if age_ms > GRANT_MAX_AGE_MS {
+                return Err(Refusal::LateGrant { age_ms });
+            }
+            flow.assign(task, &allocation.agent_id, &allocation.allocation_id, now)?
+        }
         Cmd::Unplaced { .. } | Cmd::Wake => (0, Vec::new()),
         Cmd::Unassign { task, attempt } => (0, flow.unassign(task, *attempt, now)?),
         Cmd::Tick => (0, flow.tick(now)),

@@ -276,6 +276,13 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             "A plan for the remaining tasks; applied as new priorities on request.",
             request(ORCHESTRATOR, msg!(FlowOptimizeRequest), msg!(FlowPlan)),
         ),
+        req(
+            "allocationsHeld",
+            "ALLOCATIONS_HELD",
+            subject::ALLOCATIONS_HELD,
+            "Which of these allocations their flow tasks still hold (asked by the allocator's reconciliation).",
+            request(ORCHESTRATOR, msg!(HeldRequest), msg!(HeldReply)),
+        ),
         // Allocator.
         req(
             "agentRegister",
@@ -332,6 +339,13 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             subject::RELEASE,
             "Release an allocation (idempotent).",
             request(ALLOCATOR, msg!(ReleaseRequest), msg!(ReleaseReply)),
+        ),
+        req(
+            "renew",
+            "RENEW",
+            subject::RENEW,
+            "Extend an allocation's lease (`ttl_ms`); unrenewed, it is taken back.",
+            request(ALLOCATOR, msg!(RenewRequest), msg!(Allocation)),
         ),
         req(
             "capacityCheck",

@@ -96,6 +96,15 @@ fn take_drawn(record: &mut AgentRecord, res: &Reservation) -> Vec<Allocation> {
         .collect()
 }
 
+/// Why [`AgentRecord::renew`] did nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewRefused {
+    /// The allocation is not on this agent (any more).
+    NotHere,
+    /// It has no lease and the request named none.
+    NoLease,
+}
+
 /// What [`AgentRecord::expire`] took out.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Expired {
@@ -104,11 +113,16 @@ pub struct Expired {
     pub drawn: Vec<Allocation>,
     /// Gang members booked but not confirmed within the deadline.
     pub unconfirmed: Vec<Allocation>,
+    /// Allocations whose lease (`ttl_ms`) ran out unrenewed.
+    pub unrenewed: Vec<Allocation>,
 }
 
 impl Expired {
     pub fn is_empty(&self) -> bool {
-        self.reservations.is_empty() && self.drawn.is_empty() && self.unconfirmed.is_empty()
+        self.reservations.is_empty()
+            && self.drawn.is_empty()
+            && self.unconfirmed.is_empty()
+            && self.unrenewed.is_empty()
     }
 }
 
@@ -138,7 +152,45 @@ impl AgentRecord {
             .iter()
             .filter_map(|id| self.allocations.remove(id))
             .collect();
+        let unrenewed: Vec<_> = self
+            .allocations
+            .values()
+            .filter(|a| !a.pending && a.expires_at_ms.is_some_and(|end| end <= now_ms))
+            .map(|a| a.allocation_id.clone())
+            .collect();
+        out.unrenewed = unrenewed
+            .iter()
+            .filter_map(|id| self.allocations.remove(id))
+            .collect();
         out
+    }
+
+    /// Allocations booked for a flow task at least `grace_ms` ago: the ones
+    /// reconciliation asks the orchestrator about. Younger ones may still be
+    /// on their way into the flow's record.
+    pub fn vouched_by_tasks(
+        &self,
+        grace_ms: u64,
+        now_ms: u64,
+    ) -> impl Iterator<Item = &Allocation> + '_ {
+        self.allocations.values().filter(move |a| {
+            a.task.is_some() && !a.pending && a.created_at_ms.saturating_add(grace_ms) <= now_ms
+        })
+    }
+
+    /// Extends allocation `id`'s lease to `ttl_ms` (or its own `ttl_ms`) from
+    /// now; the renewed allocation, or why not.
+    pub fn renew(
+        &mut self,
+        id: &common::AllocationId,
+        ttl_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Allocation, RenewRefused> {
+        let a = self.allocations.get_mut(id).ok_or(RenewRefused::NotHere)?;
+        let ttl = ttl_ms.or(a.ttl_ms).ok_or(RenewRefused::NoLease)?;
+        a.ttl_ms = Some(ttl);
+        a.expires_at_ms = Some(now_ms.saturating_add(ttl));
+        Ok(a.clone())
     }
 
     /// Cancels reservation `id`; returns it and what drew from it.

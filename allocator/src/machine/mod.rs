@@ -27,7 +27,7 @@ mod quota;
 
 use std::collections::BTreeMap;
 
-pub use adjust::{shrink_to_fit, Expired, Shrink};
+pub use adjust::{shrink_to_fit, Expired, RenewRefused, Shrink};
 use common::msg::{
     AgentInfo, AgentStatus, Allocation, RegisterAgent, Requirements, Reservation, ResourceCapacity,
 };
@@ -554,6 +554,9 @@ pub fn new_allocation(
         labels: req.labels.clone(),
         gang_id: gang_id.map(str::to_owned),
         pending: gang_id.is_some(),
+        task: None,
+        ttl_ms: None,
+        expires_at_ms: None,
     }
 }
 

@@ -310,6 +310,9 @@ mod tests {
             labels: BTreeMap::new(),
             gang_id: None,
             pending: false,
+            task: None,
+            ttl_ms: None,
+            expires_at_ms: None,
         }
     }
 

@@ -422,3 +422,55 @@ fn a_large_pool_is_sampled_unless_it_holds_reservations() {
         Draw::Reservation(ReservationId::new("r1").unwrap())
     );
 }
+
+#[test]
+fn a_lease_ends_unrenewed_and_renewing_moves_its_end() {
+    let mut a = agent("w1", 4.0, &[]);
+    let mut leased = alloc(&a, "leased", "o", 1.0, 0, 0);
+    leased.ttl_ms = Some(1_000);
+    leased.expires_at_ms = Some(1_000);
+    a.allocations.insert(leased.allocation_id.clone(), leased);
+    book(&mut a, "held", 1.0);
+    let id = AllocationId::new("leased").unwrap();
+    let renewed = a.renew(&id, None, 800).unwrap();
+    assert_eq!(renewed.expires_at_ms, Some(1_800));
+    assert!(a.expire(1_500, u64::MAX).is_empty(), "renewed in time");
+    let gone = a.expire(1_800, u64::MAX);
+    assert_eq!(gone.unrenewed.len(), 1);
+    assert_eq!(gone.unrenewed[0].allocation_id, id);
+    assert!(a
+        .allocations
+        .contains_key(&AllocationId::new("held").unwrap()));
+    assert_eq!(a.renew(&id, None, 1_900), Err(RenewRefused::NotHere));
+    let held = AllocationId::new("held").unwrap();
+    assert_eq!(a.renew(&held, None, 1_900), Err(RenewRefused::NoLease));
+    assert!(
+        a.renew(&held, Some(500), 1_900).is_ok(),
+        "a lease can be started"
+    );
+}
+
+#[test]
+fn only_task_allocations_past_the_grace_are_asked_about() {
+    let mut a = agent("w1", 4.0, &[]);
+    let task = common::msg::TaskRef {
+        flow_id: common::FlowId::new("f").unwrap(),
+        task_id: common::TaskId::new("t").unwrap(),
+    };
+    for (id, at, for_task, pending) in [
+        ("old", 0, true, false),
+        ("young", 900, true, false),
+        ("manual", 0, false, false),
+        ("unconfirmed", 0, true, true),
+    ] {
+        let mut x = alloc(&a, id, "f/t", 1.0, 0, at);
+        x.task = for_task.then(|| task.clone());
+        x.pending = pending;
+        a.allocations.insert(x.allocation_id.clone(), x);
+    }
+    let asked: Vec<&str> = a
+        .vouched_by_tasks(500, 1_000)
+        .map(|x| x.allocation_id.as_str())
+        .collect();
+    assert_eq!(asked, ["old"]);
+}

@@ -15,6 +15,7 @@ mod cache;
 mod lanes;
 mod ops;
 mod quota;
+mod reconcile;
 mod sweep;
 
 use std::future::Future;
@@ -24,7 +25,7 @@ use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, kv};
 use common::msg::{
     AdjustRequest, CancelReservation, CapacityRequest, DeregisterAgent, GangRequest, LeaveAgent,
-    OptimizeRequest, QuotaRequest, RegisterAgent, ReleaseRequest, ReserveRequest,
+    OptimizeRequest, QuotaRequest, RegisterAgent, ReleaseRequest, RenewRequest, ReserveRequest,
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Stream};
 use common::service::Service;
@@ -58,6 +59,16 @@ pub struct Config {
         default_value_t = 3_600_000
     )]
     pub agent_retention_ms: u64,
+    /// How old an allocation booked for a flow task must be before the
+    /// reconciliation asks the orchestrator whether the task still holds it
+    /// (and takes it back if not), in ms. It covers the time from booking to
+    /// the orchestrator recording the assignment.
+    #[arg(
+        long,
+        env = "COORD_ALLOCATOR_RECONCILE_GRACE_MS",
+        default_value_t = 30_000
+    )]
+    pub reconcile_grace_ms: u64,
 }
 
 impl Config {
@@ -67,6 +78,7 @@ impl Config {
             sweep_ms: 500,
             gang_deadline_ms: 30_000,
             agent_retention_ms: 3_600_000,
+            reconcile_grace_ms: 30_000,
         }
     }
 }
@@ -91,6 +103,11 @@ pub(crate) struct Allocator {
     events: EventPublisher,
     gang_deadline_ms: u64,
     agent_retention_ms: u64,
+    reconcile_grace_ms: u64,
+    /// Asks the orchestrator which task allocations are still held.
+    client: common::Client,
+    /// When this replica last reconciled (ms since the epoch).
+    reconciled_at: std::sync::atomic::AtomicU64,
     /// For the agents' assignment consumers, removed when an agent leaves.
     js: jetstream::Context,
     /// When this replica's connection was last down, or its heartbeat
@@ -157,6 +174,9 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         events: EventPublisher::new(nats.clone(), NAME),
         gang_deadline_ms: cfg.gang_deadline_ms,
         agent_retention_ms: cfg.agent_retention_ms,
+        reconcile_grace_ms: cfg.reconcile_grace_ms,
+        client: common::Client::new(nats.clone()),
+        reconciled_at: Default::default(),
         js: js.clone(),
         outages: bus::Outages::watch(&nats),
         lanes: Default::default(),
@@ -229,6 +249,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         allocate_gang
     );
     serve!(service, alloc, subject::RELEASE, ReleaseRequest, release);
+    serve!(service, alloc, subject::RENEW, RenewRequest, renew);
     serve!(
         service,
         alloc,

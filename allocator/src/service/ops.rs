@@ -10,7 +10,7 @@ use common::msg::{
     AdjustReply, AdjustRequest, AgentInfo, AgentStatus, AllocateRequest, Allocation, CancelReply,
     CancelReservation, CapacityRequest, CapacityStatus, DeregisterAgent, EventKind, GangReply,
     GangRequest, LeaveAgent, OptimizePlan, OptimizeRequest, QuotaExceeded, RegisterAgent,
-    ReleaseReply, ReleaseRequest, Requirements, Reservation, ReserveRequest,
+    ReleaseReply, ReleaseRequest, RenewRequest, Requirements, Reservation, ReserveRequest,
 };
 use common::nats::{self as bus, Step};
 use common::{AgentId, AllocationId, Error, ErrorCode, ReservationId};
@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::lanes::{self, Lane, Waiting};
 use super::{unavailable, Allocator};
-use crate::machine::{self, Admission, AgentRecord, Draw, NoFit};
+use crate::machine::{self, Admission, AgentRecord, Draw, NoFit, RenewRefused};
 
 /// Placement decisions retried from fresh state before giving up on contention.
 const PLACE_ATTEMPTS: usize = 16;
@@ -57,6 +57,18 @@ fn quota_exceeded(over: &QuotaExceeded) -> Error {
         ),
     )
     .with_details(over)
+}
+
+/// The longest lease an allocation may ask for: a year.
+const MAX_TTL_MS: u64 = 365 * 24 * 3_600_000;
+
+fn check_ttl(ttl_ms: Option<u64>) -> Result<(), Error> {
+    match ttl_ms {
+        Some(t) if t == 0 || t > MAX_TTL_MS => Err(invalid(format!(
+            "ttl_ms must be between 1 and {MAX_TTL_MS}, not {t}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses a request whose caller has stopped waiting for it: carried out
@@ -408,6 +420,8 @@ impl Allocator {
     pub(super) async fn allocate(&self, req: AllocateRequest) -> Result<Allocation, Error> {
         check_requirements(&req.requirements)?;
         check_owner(&req.owner)?;
+        check_ttl(req.ttl_ms)?;
+        let (task, ttl) = (req.task.clone(), req.ttl_ms);
         let id = req
             .allocation_id
             .clone()
@@ -449,6 +463,7 @@ impl Allocator {
             let agent = self.unbusy(ranked[0].agent.agent_id.clone(), || ranked);
             let (wanted, owner, priority) =
                 (req.requirements.clone(), req.owner.clone(), req.priority);
+            let task = task.clone();
             let this = id.clone();
             let booked = self
                 .book_agent(&agent, move |rec| {
@@ -474,6 +489,9 @@ impl Allocator {
                         None,
                     );
                     a.pending = governed;
+                    a.task = task.clone();
+                    a.ttl_ms = ttl;
+                    a.expires_at_ms = ttl.map(|t| now.saturating_add(t));
                     rec.allocations.insert(a.allocation_id.clone(), a.clone());
                     Ok(Step::Write((), Some((a, true))))
                 })
@@ -761,6 +779,39 @@ impl Allocator {
             })
             .await;
         Ok(ReleaseReply { released: true })
+    }
+
+    pub(super) async fn renew(&self, req: RenewRequest) -> Result<Allocation, Error> {
+        check_ttl(req.ttl_ms)?;
+        let not_found = || {
+            Error::new(
+                ErrorCode::NotFound,
+                format!("no allocation {}", req.allocation_id),
+            )
+        };
+        let agent = self
+            .shared_records()
+            .iter()
+            .find(|r| r.allocations.contains_key(&req.allocation_id))
+            .map(|r| r.agent_id.clone())
+            .ok_or_else(not_found)?;
+        let (id, ttl) = (req.allocation_id.clone(), req.ttl_ms);
+        let renewed = self
+            .update_agent(&agent, move |mut rec| {
+                match rec.renew(&id, ttl, common::now_ms()) {
+                    Ok(a) => Ok(Step::Write(rec, Ok(a))),
+                    Err(why) => Ok(Step::Keep(Err(why))),
+                }
+            })
+            .await?;
+        match renewed {
+            Ok(a) => Ok(a),
+            Err(RenewRefused::NotHere) => Err(not_found()),
+            Err(RenewRefused::NoLease) => Err(invalid(format!(
+                "allocation {} has no lease; give ttl_ms to start one",
+                req.allocation_id
+            ))),
+        }
     }
 
     pub(super) async fn capacity(&self, req: CapacityRequest) -> Result<CapacityStatus, Error> {

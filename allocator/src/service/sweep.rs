@@ -1,5 +1,6 @@
 //! The periodic sweep every replica runs: lost agents, expired reservations,
-//! unconfirmed bookings, and the quota book's repairs.
+//! unconfirmed bookings and leases, and the quota book's repairs; now and
+//! then also the reconciliation ([`reconcile`](super::reconcile)).
 //!
 //! Replicas sweep independently; each transition is a compare-and-set that
 //! re-checks its condition on the record being written, so when two replicas
@@ -37,6 +38,9 @@ impl Allocator {
                 self.outages.stalled();
             }
             self.sweep().await;
+            if self.reconcile_due() {
+                self.reconcile().await;
+            }
             // From the end of this sweep: a slow sweep is not a pause.
             last = tokio::time::Instant::now();
         }
@@ -150,6 +154,7 @@ impl Allocator {
             Ok(expired) => {
                 self.forget(&expired.drawn).await;
                 self.forget(&expired.unconfirmed).await;
+                self.forget(&expired.unrenewed).await;
                 self.reservations_ended_pub(&expired).await;
             }
             Err(e) => tracing::debug!(agent = %rec.agent_id, error = %e, "expiry deferred"),
@@ -170,6 +175,7 @@ impl Allocator {
         for (allocs, reason) in [
             (&expired.drawn, "reservation_ended"),
             (&expired.unconfirmed, "gang_rolled_back"),
+            (&expired.unrenewed, "expired"),
         ] {
             for a in allocs {
                 self.events

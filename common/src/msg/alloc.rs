@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::id::{AgentId, AllocationId, ReservationId};
+use crate::id::{AgentId, AllocationId, FlowId, ReservationId, TaskId};
 use crate::msg::AgentStatus;
 
 /// What a task (or any client) needs from the agent that runs it.
@@ -78,6 +78,69 @@ pub struct AllocateRequest {
     /// typed client sets it to its request timeout. Default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// The flow task the allocation is for. The allocator's reconciliation
+    /// asks the orchestrator whether that task still holds it, and takes it
+    /// back if not (the orchestrator died between booking and recording it,
+    /// or its release was lost). The orchestrator sets it. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskRef>,
+    /// A lease for a client's own allocation: taken back (`allocation.preempted`,
+    /// reason `expired`) unless renewed (`coord.allocator.renew`) within this
+    /// many ms. Default none: held until released — an operator's booking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+}
+
+/// A task of a flow, as the holder of an allocation.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRef {
+    pub flow_id: FlowId,
+    pub task_id: TaskId,
+}
+
+/// `coord.allocator.renew`: extends an allocation's lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub allocation_id: AllocationId,
+    /// The new lease from now, in ms; default the allocation's own `ttl_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+}
+
+/// `coord.orchestrator.allocations.held`: the allocator's reconciliation asks
+/// which of these allocations their flow tasks still hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeldRequest {
+    pub allocations: Vec<HeldQuery>,
+}
+
+/// One allocation and the task it was booked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeldQuery {
+    pub allocation_id: AllocationId,
+    pub task: TaskRef,
+}
+
+/// Reply: the allocations no task holds, each with why. An allocation whose
+/// flow could not be read is held (nothing is taken back on doubt).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HeldReply {
+    #[serde(default)]
+    pub unheld: Vec<Unheld>,
+}
+
+/// An allocation its task does not hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Unheld {
+    pub allocation_id: AllocationId,
+    /// E.g. "flow f1 is gone", "task t1 is succeeded", "task t1 holds another allocation".
+    pub reason: String,
 }
 
 /// A live allocation: `resources` held on `agent_id` for `owner`.
@@ -115,6 +178,15 @@ pub struct Allocation {
     /// back if not confirmed in time (the booking replica died).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
+    /// The flow task it was booked for (see [`AllocateRequest::task`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskRef>,
+    /// Its lease (see [`AllocateRequest::ttl_ms`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// When its lease ends unless renewed, in ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
 }
 
 /// `coord.allocator.allocate.gang`: several requirements placed all-or-nothing.

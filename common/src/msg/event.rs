@@ -161,8 +161,9 @@ pub enum EventKind {
         owner: String,
         #[serde(default)]
         priority: i32,
-        /// `capacity_reduced`, `quota_reduced`, `reservation_ended` or
-        /// `gang_rolled_back`.
+        /// `capacity_reduced`, `quota_reduced`, `reservation_ended`,
+        /// `gang_rolled_back`, `reclaimed` (no task holds it: reconciliation)
+        /// or `expired` (its lease was not renewed).
         #[serde(default)]
         reason: String,
     },

@@ -303,6 +303,12 @@ fn allocation() -> Allocation {
         labels: [("zone".to_string(), "eu".to_string())].into(),
         gang_id: Some("gang1".into()),
         pending: true,
+        task: Some(TaskRef {
+            flow_id: FlowId::new("f1").unwrap(),
+            task_id: TaskId::new("t1").unwrap(),
+        }),
+        ttl_ms: Some(5_000),
+        expires_at_ms: Some(5_007),
     }
 }
 

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 
 use clap::{Args, Subcommand};
 use common::msg::{
-    AdjustRequest, AllocateRequest, CancelReservation, CapacityRequest, CapacityStatus,
-    GangRequest, OptimizeRequest, Policy, QuotaRequest, QuotaStatus, ReleaseRequest, Requirements,
-    ReserveRequest, ResourceCapacity,
+    AdjustRequest, AllocateRequest, Allocation, CancelReservation, CapacityRequest, CapacityStatus,
+    GangRequest, OptimizeRequest, Policy, QuotaRequest, QuotaStatus, ReleaseRequest, RenewRequest,
+    Requirements, ReserveRequest, ResourceCapacity,
 };
 use common::{AgentId, AllocationId, Error, ErrorCode, ReservationId};
 
@@ -103,6 +103,17 @@ pub(crate) enum AllocCmd {
         /// Caller-chosen id, making a retried request idempotent.
         #[arg(long)]
         allocation_id: Option<String>,
+        /// A lease, in ms: the allocation is taken back unless renewed
+        /// (`alloc renew`) within it. Without one it is held until released.
+        #[arg(long)]
+        ttl_ms: Option<u64>,
+    },
+    /// Extend an allocation's lease from now.
+    Renew {
+        allocation_id: String,
+        /// The new lease, in ms; default the allocation's own.
+        #[arg(long)]
+        ttl_ms: Option<u64>,
     },
     /// Place several requirements all-or-nothing, from a YAML or JSON file (`-` reads
     /// stdin): `{"owner", "members": [requirements], "priority"}`.
@@ -445,6 +456,21 @@ pub(crate) async fn run_capacity(ctx: &Ctx, cmd: CapacityCmd) -> anyhow::Result<
     Ok(())
 }
 
+/// One allocation in a line, with when its lease ends if it has one.
+fn describe(a: &Allocation) -> String {
+    let lease = match a.expires_at_ms {
+        Some(end) => format!(
+            ", lease ends in {} ms",
+            end.saturating_sub(common::now_ms())
+        ),
+        None => String::new(),
+    };
+    format!(
+        "allocation {} on {} for {}: {:?}{lease}",
+        a.allocation_id, a.agent_id, a.owner, a.resources
+    )
+}
+
 pub(crate) async fn run_alloc(ctx: &Ctx, cmd: AllocCmd) -> anyhow::Result<()> {
     let c = &ctx.client;
     match cmd {
@@ -453,6 +479,7 @@ pub(crate) async fn run_alloc(ctx: &Ctx, cmd: AllocCmd) -> anyhow::Result<()> {
             req,
             priority,
             allocation_id,
+            ttl_ms,
         } => {
             // The allocator takes an empty requirement (a task that needs only an
             // agent); from the command line it is a forgotten -r that would book `{}`.
@@ -473,14 +500,23 @@ pub(crate) async fn run_alloc(ctx: &Ctx, cmd: AllocCmd) -> anyhow::Result<()> {
                         .map(id::<AllocationId>)
                         .transpose()?,
                     deadline_ms: None,
+                    task: None,
+                    ttl_ms,
                 })
                 .await?;
-            ctx.emit(&a, |a| {
-                format!(
-                    "allocation {} on {} for {}: {:?}",
-                    a.allocation_id, a.agent_id, a.owner, a.resources
-                )
-            });
+            ctx.emit(&a, describe);
+        }
+        AllocCmd::Renew {
+            allocation_id,
+            ttl_ms,
+        } => {
+            let a = c
+                .renew(&RenewRequest {
+                    allocation_id: id::<AllocationId>(&allocation_id)?,
+                    ttl_ms,
+                })
+                .await?;
+            ctx.emit(&a, describe);
         }
         AllocCmd::Gang { file } => {
             let arg = if file == "-" {

@@ -13,6 +13,32 @@ use super::{Flow, DEFAULT_ESTIMATE_MS};
 pub const STATUS_TASKS: usize = 1_000;
 
 impl Flow {
+    /// Whether `task` holds `allocation` (assigned or running on it); if
+    /// not, why, for the allocator's reconciliation to log and report.
+    pub fn holds(&self, task: &TaskId, allocation: &common::AllocationId) -> Result<(), String> {
+        let Some(t) = self.tasks.get(task) else {
+            return Err(format!("flow {} has no task {task}", self.id));
+        };
+        if !t.state.is_active() {
+            return Err(format!(
+                "task {task} of flow {} is {}",
+                self.id,
+                t.state.as_str()
+            ));
+        }
+        match &t.allocation {
+            Some(a) if a == allocation => Ok(()),
+            Some(a) => Err(format!(
+                "task {task} of flow {} holds allocation {a} instead",
+                self.id
+            )),
+            None => Err(format!(
+                "task {task} of flow {} holds no allocation",
+                self.id
+            )),
+        }
+    }
+
     /// The status reply for this flow at `revision`, as of `now_ms`. A large
     /// flow lists its unfinished tasks first, up to [`STATUS_TASKS`].
     pub fn status(&self, revision: u64, now_ms: u64) -> FlowStatus {

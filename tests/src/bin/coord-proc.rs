@@ -44,6 +44,9 @@ enum What {
     Allocator {
         #[arg(long, default_value_t = 500)]
         sweep_ms: u64,
+        /// See `allocator::Config::reconcile_grace_ms`.
+        #[arg(long, default_value_t = 30_000)]
+        reconcile_grace_ms: u64,
     },
     /// An orchestrator replica.
     Orchestrator {
@@ -82,9 +85,13 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
         }
-        What::Allocator { sweep_ms } => {
+        What::Allocator {
+            sweep_ms,
+            reconcile_grace_ms,
+        } => {
             let mut cfg = allocator::Config::new(args.nats);
             cfg.sweep_ms = sweep_ms;
+            cfg.reconcile_grace_ms = reconcile_grace_ms;
             allocator::run(cfg, common::shutdown::signal()).await?;
         }
         What::Orchestrator { sweep_ms } => {

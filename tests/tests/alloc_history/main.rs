@@ -136,6 +136,8 @@ impl Driver {
             priority: 0,
             allocation_id: Some(id.clone()),
             deadline_ms: None,
+            task: None,
+            ttl_ms: None,
         };
         let mut unanswered = false;
         while Instant::now() < self.give_up {

@@ -53,6 +53,8 @@ async fn allocate(
         priority,
         allocation_id: None,
         deadline_ms: None,
+        task: None,
+        ttl_ms: None,
     })
     .await
 }
@@ -723,6 +725,8 @@ async fn an_allocate_request_past_its_deadline_books_nothing() {
         // A caller that stopped waiting a second ago: read this late, the
         // allocator must not book behind its back.
         deadline_ms: Some(common::now_ms() - 1_000),
+        task: None,
+        ttl_ms: None,
     };
     let err = c.allocate(&req).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::Timeout, "{err}");

@@ -49,6 +49,8 @@ async fn allocate(
         priority,
         allocation_id: None,
         deadline_ms: None,
+        task: None,
+        ttl_ms: None,
     })
     .await
 }
@@ -408,6 +410,8 @@ async fn two_replicas_never_exceed_a_quota_under_concurrent_requests() {
                             priority: 0,
                             allocation_id: None,
                             deadline_ms: None,
+                            task: None,
+                            ttl_ms: None,
                         })
                         .await;
                     match booked {

@@ -82,6 +82,10 @@ fn base(subject: &str) -> Option<Value> {
         }
         subject::ALLOCATE_GANG => json!({"owner": "o", "members": [needs], "priority": 1}),
         subject::RELEASE => json!({"allocation_id": "x1", "agent_id": "a1"}),
+        subject::RENEW => json!({"allocation_id": "x1", "ttl_ms": 5000}),
+        subject::ALLOCATIONS_HELD => json!({"allocations": [
+            {"allocation_id": "x1", "task": {"flow_id": "f1", "task_id": "a"}}
+        ]}),
         subject::CAPACITY_CHECK => json!({"owner": "o", "requirements": needs}),
         subject::CAPACITY_RESERVE => json!({
             "owner": "o", "requirements": needs, "start_ms": 1, "end_ms": 2, "agent_id": "a1"

@@ -93,6 +93,8 @@ async fn malformed_requests_get_typed_errors_and_change_nothing() {
         priority: 0,
         allocation_id: None,
         deadline_ms: None,
+        task: None,
+        ttl_ms: None,
     };
     assert_eq!(
         sys.client.allocate(&negative).await.unwrap_err().code,
@@ -111,6 +113,8 @@ async fn malformed_requests_get_typed_errors_and_change_nothing() {
         priority: 0,
         allocation_id: None,
         deadline_ms: None,
+        task: None,
+        ttl_ms: None,
     };
     let err = sys.client.allocate(&nothing).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::NoCapacity);

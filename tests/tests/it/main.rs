@@ -17,6 +17,7 @@ mod large_flows;
 mod monitor;
 mod monitor_traffic;
 mod orchestrator;
+mod reconcile;
 mod reconnect;
 mod services;
 mod startup;

@@ -824,6 +824,8 @@ async fn an_assignment_recorded_but_never_sent_is_delivered_by_the_sweep() {
             priority: 0,
             allocation_id: None,
             deadline_ms: None,
+            task: None,
+            ttl_ms: None,
         })
         .await
         .unwrap();

@@ -397,6 +397,8 @@ pub(crate) async fn alloc(
             priority: 0,
             allocation_id: None,
             deadline_ms: None,
+            task: None,
+            ttl_ms: None,
         });
         let (wall, latencies) = pairs(s.alloc_ops, s.alloc_concurrency, limit, |_, share| {
             let (client, req) = (client.clone(), req.clone());

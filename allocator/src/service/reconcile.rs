@@ -1,0 +1,162 @@
+//! Reconciliation: every allocation is justified by a live holder, and what
+//! a crash left behind is taken back.
+//!
+//! A killed orchestrator can leave an allocation booked that nobody will
+//! release: it died after the allocator booked a task's allocation but before
+//! recording it in the flow (a later placement of the task books another), or
+//! after recording the task's end but before its release went out. The
+//! orchestrator knows which allocations its flows hold, so allocations booked
+//! for a flow task ([`Allocation::task`]) are checked against it once they are
+//! older than the grace — the time a booking may take to reach the flow's
+//! record. Those no task holds are taken back with an `allocation.preempted`
+//! event (reason `reclaimed`); the orchestrator's own handling of that event
+//! fails any attempt that did hold it after all, so a wrong answer cannot
+//! leave a task running on capacity nobody has booked. Nothing is taken back
+//! when the orchestrator does not answer.
+//!
+//! Leased allocations (`ttl_ms`) end in the sweep when not renewed, unconfirmed
+//! bookings and expired reservations likewise, quota holds whose allocation is
+//! gone in the quota sweep. Here also: the assignment consumers of agents
+//! that have no record (a retirement cut short between the record and the
+//! consumer) are deleted with their stored assignments.
+//!
+//! Every replica reconciles; taking an allocation back is a compare-and-set,
+//! so replicas racing produce one release and one event.
+
+use std::sync::atomic::Ordering;
+
+use common::msg::{Allocation, HeldQuery, HeldRequest};
+use common::AgentId;
+use futures::TryStreamExt;
+
+use super::Allocator;
+
+/// Allocations asked about in one request.
+const HELD_BATCH: usize = 500;
+
+impl Allocator {
+    /// Whether a reconciliation is due: a third of the grace after the last.
+    pub(super) fn reconcile_due(&self) -> bool {
+        let now = common::now_ms();
+        let every = (self.reconcile_grace_ms / 3).max(100);
+        let last = self.reconciled_at.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= every
+            && self
+                .reconciled_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    pub(super) async fn reconcile(&self) {
+        self.reclaim_unheld().await;
+        self.drop_orphaned_consumers().await;
+    }
+
+    /// Takes back task allocations past the grace that no task holds.
+    async fn reclaim_unheld(&self) {
+        let now = common::now_ms();
+        let candidates: Vec<(HeldQuery, AgentId)> = self
+            .shared_records()
+            .iter()
+            .flat_map(|r| {
+                r.vouched_by_tasks(self.reconcile_grace_ms, now)
+                    .filter_map(|a| {
+                        let task = a.task.clone()?;
+                        let query = HeldQuery {
+                            allocation_id: a.allocation_id.clone(),
+                            task,
+                        };
+                        Some((query, r.agent_id.clone()))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for chunk in candidates.chunks(HELD_BATCH) {
+            let req = HeldRequest {
+                allocations: chunk.iter().map(|(q, _)| q.clone()).collect(),
+            };
+            let reply = match self.client.allocations_held(&req).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    tracing::debug!(code = %e.code, error = %e.message, "allocations not reconciled: the orchestrator did not answer");
+                    return;
+                }
+            };
+            for unheld in reply.unheld {
+                let Some((query, agent)) = chunk
+                    .iter()
+                    .find(|(q, _)| q.allocation_id == unheld.allocation_id)
+                else {
+                    continue;
+                };
+                match self
+                    .take_allocation(&query.allocation_id, Some(agent))
+                    .await
+                {
+                    Ok(Some(a)) => self.reclaimed(a, &unheld.reason).await,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(allocation = %query.allocation_id, error = %e, "reclaim deferred")
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reclaimed(&self, a: Allocation, why: &str) {
+        tracing::info!(
+            allocation = %a.allocation_id,
+            agent = %a.agent_id,
+            owner = %a.owner,
+            why,
+            "allocation no task holds taken back"
+        );
+        let taken = std::slice::from_ref(&a);
+        self.forget(taken).await;
+        self.preempted(taken, "reclaimed").await;
+    }
+
+    /// Deletes the consumer `agent-{id}` (and its stored assignments) of every
+    /// agent without a record, once the consumer is older than the grace (an
+    /// agent may make its consumer just before it registers).
+    async fn drop_orphaned_consumers(&self) {
+        let Ok(stream) = self.js.get_stream(common::nats::STREAM_ASSIGN).await else {
+            return;
+        };
+        let names: Vec<String> = match stream.consumer_names().try_collect().await {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::debug!(error = %e, "assignment consumers not listed");
+                return;
+            }
+        };
+        for name in names {
+            let Some(agent) = name
+                .strip_prefix("agent-")
+                .and_then(|id| AgentId::new(id).ok())
+            else {
+                continue;
+            };
+            if self.cache.get(&agent).is_some() {
+                continue;
+            }
+            // The cache may lag (a replica starting): only a fresh read counts.
+            match self.agents.entry(agent.as_str()).await {
+                Ok(None) => {}
+                Ok(Some(_)) | Err(_) => continue,
+            }
+            let created_ms = match stream.consumer_info(&name).await {
+                Ok(info) => (info.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+                Err(e) => {
+                    tracing::debug!(consumer = %name, error = %e, "consumer not looked at");
+                    continue;
+                }
+            };
+            let old = created_ms.saturating_add(self.reconcile_grace_ms) <= common::now_ms();
+            if old {
+                tracing::info!(agent = %agent, "assignment consumer of an agent without a record removed");
+                self.remove_work_path(&agent).await;
+            }
+        }
+    }
+}
