@@ -54,8 +54,11 @@ pub struct Config {
     #[arg(long, env = "ORCHESTRATOR_SWEEP_MS", default_value_t = 1_000)]
     pub sweep_ms: u64,
     /// How long a report taken by a replica may stay unacknowledged before it is
-    /// redelivered (to another replica if this one died), in ms.
-    #[arg(long, env = "ORCHESTRATOR_REPORT_ACK_WAIT_MS", default_value_t = 5_000)]
+    /// redelivered (to another replica if this one died or stalled), in ms: the
+    /// most a stalled replica delays the reports it holds. A report delivered
+    /// again after it was applied is acknowledged without effect, so a short
+    /// wait costs only the rare second delivery under heavy load.
+    #[arg(long, env = "ORCHESTRATOR_REPORT_ACK_WAIT_MS", default_value_t = 2_000)]
     pub report_ack_wait_ms: u64,
 }
 
@@ -64,7 +67,7 @@ impl Config {
         Config {
             nats,
             sweep_ms: 1_000,
-            report_ack_wait_ms: 5_000,
+            report_ack_wait_ms: 2_000,
         }
     }
 }
@@ -1127,6 +1130,10 @@ impl Orchestrator {
             (Cmd::Report { msg, .. }, Ok((_, e))) => {
                 let _ = msg.ack().await;
                 effects.extend(e);
+            }
+            (Cmd::Report { msg, .. }, Err(Refusal::Rejected(Rejection::AlreadyApplied))) => {
+                tracing::debug!(subject = %msg.subject, "report delivered again after it was applied");
+                let _ = msg.ack().await;
             }
             (Cmd::Report { report, msg }, Err(rejection)) => {
                 let _ = msg.ack().await;

@@ -230,6 +230,11 @@ pub enum Rejection {
     ProgressOutOfRange(String),
     #[error("flow is {0}, cannot {1}")]
     WrongFlowState(FlowState, &'static str),
+    /// The report was applied already: a delivery of it again (its first
+    /// replica stalled past the acknowledgement wait and another took it).
+    /// Acknowledged without a verdict: the agent's work counted.
+    #[error("the report was applied already")]
+    AlreadyApplied,
 }
 
 impl Rejection {
@@ -247,6 +252,7 @@ impl Rejection {
             Rejection::UnknownReport => (C::BadRequest, RejectReason::UnknownType),
             Rejection::ProgressOutOfRange(_) => (C::BadRequest, RejectReason::ProgressOutOfRange),
             Rejection::FlowPaused
+            | Rejection::AlreadyApplied
             | Rejection::NotReady(_)
             | Rejection::NotDue(_)
             | Rejection::ParallelismLimit(_) => (C::Fenced, RejectReason::Other),
@@ -547,6 +553,11 @@ impl Flow {
             return Err(Rejection::WrongAgent {
                 got: report.agent_id.clone(),
             });
+        }
+        // Only a completion of this attempt by this agent reaches `succeeded`,
+        // so anything but a failure arriving then is a report seen again.
+        if t.state == TaskState::Succeeded && !matches!(report.kind, ReportKind::Failed { .. }) {
+            return Err(Rejection::AlreadyApplied);
         }
         if self.state.is_terminal() {
             return Err(Rejection::FlowFinished);

@@ -191,8 +191,17 @@ fn stale_foreign_and_duplicate_reports_are_fenced() {
     ));
     let done = ReportKind::Completed { output: json!(1) };
     flow.report(&report("a", 1, done.clone()), 3).unwrap();
+    // The same completion again is a second delivery of it: no verdict.
     assert_eq!(
         flow.report(&report("a", 1, done), 4),
+        Err(Rejection::AlreadyApplied)
+    );
+    let failed = ReportKind::Failed {
+        error: "late".into(),
+        retryable: false,
+    };
+    assert_eq!(
+        flow.report(&report("a", 1, failed), 4),
         Err(Rejection::NotActive(TaskState::Succeeded))
     );
     assert_eq!(

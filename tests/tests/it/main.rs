@@ -20,6 +20,7 @@ mod orchestrator;
 mod reconcile;
 mod reconnect;
 mod services;
+mod stalls;
 mod startup;
 mod state;
 mod sync;
