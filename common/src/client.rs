@@ -174,6 +174,7 @@ impl Client {
             failure_mode: spec.failure_mode,
             require_feasible: spec.require_feasible,
             tasks_object: Some(name),
+            owner: spec.owner.clone(),
         };
         self.request(subject::FLOW_CREATE, &head).await
     }

@@ -27,7 +27,7 @@ use common::msg::{
     AgentReport, AllocateRequest, Allocation, Assignment, CapacityRequest, EventKind,
     ExplainRequest, Explanation, FlowChanges, FlowList, FlowListRequest, FlowOptimizeRequest,
     FlowPlan, FlowRef, FlowSpec, FlowStatus, HeldRequest, RejectReason, ReleaseRequest,
-    ReportRejected, RerunRequest, TaskRef, TaskSpec,
+    ReportRejected, Requirements, RerunRequest, TaskRef, TaskSpec,
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Stream};
 use common::now_ms;
@@ -740,9 +740,12 @@ impl Orchestrator {
             }
             let check = CapacityRequest {
                 requirements: Some(t.spec.requirements.clone()),
-                ..Default::default()
+                owner: Some(flow.allocation_owner(&id)),
             };
             let reason = match self.client.capacity(&check).await {
+                Ok(c) if quota_reached(&c, &t.spec.requirements).is_some() => {
+                    quota_reached(&c, &t.spec.requirements).unwrap_or_default()
+                }
                 Ok(c) if c.fits == Some(true) && slot_full => {
                     let on: Vec<&str> = c.candidates.iter().take(3).map(|a| a.as_str()).collect();
                     format!(
@@ -1420,7 +1423,7 @@ impl Orchestrator {
                 (c, holder)
             });
             let request = AllocateRequest {
-                owner: format!("{}/{}", flow.id, task),
+                owner: flow.allocation_owner(&task),
                 requirements: t.spec.requirements.clone(),
                 priority: t.spec.priority,
                 allocation_id: Some(AllocationId::random()),
@@ -2057,9 +2060,27 @@ fn malformed(msg: &jetstream::Message, e: &serde_json::Error) -> ReportRejected 
     }
 }
 
-/// The flow and task an allocation owner names (`{flow}/{task}`), if it is one of ours.
+/// Why a quota covering the owner keeps `needs` back, if one does.
+fn quota_reached(c: &common::msg::CapacityStatus, needs: &Requirements) -> Option<String> {
+    c.quotas.iter().find_map(|(holder, q)| {
+        needs.resources.iter().find_map(|(r, need)| {
+            let limit = *q.limits.get(r)?;
+            let used = q.used.get(r).copied().unwrap_or(0.0);
+            (used + need > limit + 1e-9).then(|| {
+                format!(
+                    "owner {holder}'s quota is reached: {used} of {limit} {r} in use, {need} more needed"
+                )
+            })
+        })
+    })
+}
+
+/// The flow and task an allocation owner names (`{flow}/{task}`, or
+/// `{owner}/{flow}/{task}` for a flow with an owner), if it is one of ours.
 fn owner_task(owner: &str) -> Option<(FlowId, TaskId)> {
-    let (flow, task) = owner.split_once('/')?;
+    let mut parts = owner.rsplitn(3, '/');
+    let task = parts.next()?;
+    let flow = parts.next()?;
     Some((FlowId::new(flow).ok()?, TaskId::new(task).ok()?))
 }
 

@@ -36,6 +36,12 @@ pub struct FlowSpec {
     /// [`crate::Client::create_flow`] does this by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tasks_object: Option<String>,
+    /// Who the flow runs for, e.g. a team (`team-a`, or `org/team-a`). Its
+    /// tasks' allocations are owned `{owner}/{flow}/{task}`, so the owner's
+    /// quotas count them and its reservations serve them from the first
+    /// placement. Default none: owned `{flow}/{task}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// What happens to a flow when a task fails for good.
@@ -222,6 +228,7 @@ impl FlowSpec {
             failure_mode: FailureMode::default(),
             require_feasible: false,
             tasks_object: None,
+            owner: None,
         }
     }
 }

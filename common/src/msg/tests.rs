@@ -90,6 +90,7 @@ fn every_message_round_trips() {
     round_trip(&FlowSpec {
         max_parallelism: Some(2),
         failure_mode: FailureMode::FailFast,
+        owner: Some("team-a".into()),
         ..FlowSpec::new("n", vec![task])
     });
     round_trip(&Event {
@@ -446,7 +447,8 @@ fn allocator_json_is_pinned() {
         json!({
             "allocation_id": "al1", "agent_id": "w1", "owner": "team/f1",
             "resources": {"cpu": 2.0}, "priority": 3, "created_at_ms": 7,
-            "movable": true, "gang_id": "gang1", "pending": true
+            "movable": true, "gang_id": "gang1", "pending": true,
+            "task": {"flow_id": "f1", "task_id": "t1"}, "ttl_ms": 5000, "expires_at_ms": 5007
         })
     );
     // Defaults may be left out of requests.

@@ -29,6 +29,15 @@ struct Alloc<'a> {
     owner: &'a str,
 }
 
+/// The flow and task an allocation owner names: `{flow}/{task}`, or
+/// `{owner}/{flow}/{task}` for a flow with an owner.
+fn flow_task(owner: &str) -> Option<(&str, &str)> {
+    let mut parts = owner.rsplitn(3, '/');
+    let task = parts.next()?;
+    let flow = parts.next()?;
+    Some((flow, task))
+}
+
 /// Every violation found, sorted; `agents` and `flows` are `(key, record)` pairs.
 pub fn validate(
     agents: &[(String, Value)],
@@ -121,7 +130,8 @@ pub fn validate(
                     ),
                 )),
                 Some(a) => {
-                    if a.owner != subject || agent.is_some_and(|g| g != a.agent) {
+                    let owned = flow_task(a.owner) == Some((*flow, task.as_str()));
+                    if !owned || agent.is_some_and(|g| g != a.agent) {
                         out.push(v(
                             "allocation_mismatch",
                             subject.clone(),
@@ -139,7 +149,7 @@ pub fn validate(
     }
 
     for (id, a) in &allocs {
-        let Some((flow, task)) = a.owner.split_once('/') else {
+        let Some((flow, task)) = flow_task(a.owner) else {
             continue;
         };
         // Owners that are not a stored flow belong to other clients; not judged.

@@ -65,6 +65,9 @@ pub struct Flow {
     pub max_parallelism: Option<u32>,
     #[serde(default)]
     pub failure_mode: FailureMode,
+    /// Who the flow runs for (see [`FlowSpec::owner`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Problems found at creation that did not stop the flow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<common::msg::ValidationProblem>,
@@ -345,6 +348,7 @@ impl Flow {
             finished_at_ms: None,
             max_parallelism: spec.max_parallelism,
             failure_mode: spec.failure_mode,
+            owner: spec.owner,
             warnings: Vec::new(),
             trace: None,
             tasks,
@@ -1174,6 +1178,16 @@ impl Flow {
             failure_mode: self.failure_mode,
             require_feasible: false,
             tasks_object: None,
+            owner: self.owner.clone(),
+        }
+    }
+
+    /// The owner of `task`'s allocations: `{owner}/{flow}/{task}`, or
+    /// `{flow}/{task}` for a flow without an owner.
+    pub fn allocation_owner(&self, task: &TaskId) -> String {
+        match &self.owner {
+            Some(owner) => format!("{owner}/{}/{task}", self.id),
+            None => format!("{}/{task}", self.id),
         }
     }
 }

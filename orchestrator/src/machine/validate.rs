@@ -9,6 +9,9 @@ use petgraph::graph::{DiGraph, NodeIndex};
 
 /// Most tasks one flow may hold (a flow is stored as one KV entry).
 pub const MAX_TASKS: usize = 1_000_000;
+/// The longest flow owner: with `/{flow}/{task}` it stays within the
+/// allocator's 256-character owner.
+const MAX_OWNER: usize = 120;
 
 /// Checks a spec and returns *every* problem, not just the first.
 pub fn validate(spec: &FlowSpec) -> Result<(), Vec<ValidationProblem>> {
@@ -32,6 +35,21 @@ pub fn validate(spec: &FlowSpec) -> Result<(), Vec<ValidationProblem>> {
             format!("{} tasks, at most {MAX_TASKS} per flow", spec.tasks.len()),
             None,
         ));
+    }
+    if let Some(owner) = &spec.owner {
+        if owner.is_empty()
+            || owner.len() > MAX_OWNER
+            || owner.split('/').any(str::is_empty)
+            || owner.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            problems.push(problem(
+                "invalid_owner",
+                format!(
+                    "owner {owner:?} must be 1 to {MAX_OWNER} characters without spaces, in `/`-separated parts none of which is empty"
+                ),
+                None,
+            ));
+        }
     }
     if spec.max_parallelism == Some(0) {
         problems.push(problem(

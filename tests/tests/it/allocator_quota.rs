@@ -591,3 +591,80 @@ async fn a_quota_set_during_a_burst_counts_every_allocation() {
     assert_eq!(cap.quotas["burst"].allocations, booked);
     second.stop().await.unwrap();
 }
+
+/// A flow with an owner runs under the owner's quota from its first
+/// placement: its tasks' allocations are owned `{owner}/{flow}/{task}`, so
+/// `team-q`'s quota of 1 CPU lets one of its two tasks run at a time though
+/// the agent has room for four, and check-system finds nothing wrong.
+#[tokio::test]
+async fn a_flow_with_an_owner_runs_within_the_owners_quota() {
+    use crate::orchestrator::{cpu_task, spawn_agent, wait_finished};
+    use common::msg::{FlowSpec, FlowState, TaskState};
+    use std::sync::Arc;
+    use tokio::sync::Semaphore;
+
+    let sys = System::start().await;
+    let c = &sys.client;
+    c.set_quota(&quota("team-q", Some(1.0), false))
+        .await
+        .unwrap();
+    // The agent finishes a task only when the test hands it a permit.
+    let permits = Arc::new(Semaphore::new(0));
+    let agent = {
+        let permits = permits.clone();
+        spawn_agent(&sys.nats, "q", 4.0, move |_| {
+            let permits = permits.clone();
+            async move {
+                permits.acquire().await.unwrap().forget();
+                Ok(serde_json::json!(null))
+            }
+        })
+    };
+    crate::orchestrator::wait_registered(c, "q").await;
+    let flow_id = common::FlowId::new("owned").unwrap();
+    let mut spec = FlowSpec::new("owned", vec![cpu_task("a", &[]), cpu_task("b", &[])]);
+    spec.id = Some(flow_id.clone());
+    spec.owner = Some("team-q".into());
+    c.create_flow(&spec).await.unwrap();
+
+    let running = eventually(Duration::from_secs(20), "one task running", || async {
+        let s = c.flow_status(&flow_id).await.ok()?;
+        let running: Vec<_> = s
+            .tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Running)
+            .map(|t| t.task_id.to_string())
+            .collect();
+        (running.len() == 1).then(|| running[0].clone())
+    })
+    .await;
+    assert_eq!(quota_used(c, "team-q").await, Some(1.0));
+    let explained = c
+        .explain_flow(&common::msg::ExplainRequest {
+            flow_id: flow_id.clone(),
+            task_id: None,
+        })
+        .await
+        .unwrap();
+    let text = serde_json::to_string(&explained).unwrap();
+    assert!(text.contains("quota"), "explain names the quota: {text}");
+    let s = c.flow_status(&flow_id).await.unwrap();
+    assert_eq!(
+        s.tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Running)
+            .count(),
+        1,
+        "the quota holds the other task back while {running} runs"
+    );
+    let cap = c.capacity(&CapacityRequest::default()).await.unwrap();
+    let held = &cap.agents[&AgentId::new("q").unwrap()]["cpu"];
+    assert_eq!(held.allocated, 1.0);
+    let v = c.validate_system().await.unwrap();
+    assert!(v.violations.is_empty(), "{:?}", v.violations);
+
+    permits.add_permits(2);
+    let done = wait_finished(c, &flow_id, Duration::from_secs(30)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    let _ = agent.0.send(());
+}
