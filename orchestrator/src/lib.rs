@@ -5,7 +5,10 @@
 //! the allocator, assigns them on each agent's durable subject and consumes the
 //! agents' reports.
 
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
 pub mod machine;
+pub mod outbox;
 mod placing;
 pub mod service;
 mod slots;
