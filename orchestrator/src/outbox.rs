@@ -179,7 +179,12 @@ impl Ledger {
                     return;
                 }
             }
-            ledger.with(&flow, |m| m.acked.insert(batch));
+            // Not for a flow forgotten meanwhile (its actor went away).
+            if let Ok(mut flows) = ledger.flows.lock() {
+                if let Some(m) = flows.get_mut(&flow) {
+                    m.acked.insert(batch);
+                }
+            }
         });
     }
 
