@@ -1084,9 +1084,15 @@ impl Orchestrator {
                 } else {
                     cause
                 };
-                self.settle(&flow, revision, now, cmd, outcome, placing, &mut cursor)
-                    .instrument(span)
-                    .await;
+                let cursor = &mut cursor;
+                async {
+                    let effects = self
+                        .settle(&flow, revision, now, cmd, outcome, placing)
+                        .await;
+                    self.run_effects(effects, cursor).await;
+                }
+                .instrument(span)
+                .await;
             }
             self.outbox.sent(cursor, now);
             span.in_scope(|| self.dispatch(&flow, now, placing));
@@ -1113,8 +1119,8 @@ impl Orchestrator {
         )
     }
 
-    /// After a successful write: acknowledge, answer, and carry out the
-    /// command's effects.
+    /// After a successful write: acknowledge and answer; returns the
+    /// command's effects to carry out.
     async fn settle(
         self: &Arc<Self>,
         flow: &Flow,
@@ -1123,8 +1129,7 @@ impl Orchestrator {
         cmd: Cmd,
         outcome: Result<(u32, Vec<Effect>), Refusal>,
         placing: &mut Placing,
-        cursor: &mut Cursor,
-    ) {
+    ) -> Vec<Effect> {
         let mut effects = Vec::new();
         match (cmd, outcome) {
             (Cmd::Report { msg, .. }, Ok((_, e))) => {
@@ -1183,7 +1188,7 @@ impl Orchestrator {
             (_, Ok((_, e))) => effects.extend(e),
             (_, Err(_)) => {}
         }
-        self.run_effects(effects, cursor).await;
+        effects
     }
 
     /// Tells watchers of the flow what it looks like now (counts and progress,
