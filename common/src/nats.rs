@@ -271,6 +271,11 @@ impl Stream {
             subjects: vec![subject.to_owned()],
             storage: stream::StorageType::File,
             num_replicas: replicas.max(1),
+            // A repeat of a `Nats-Msg-Id` within this is stored once: it
+            // covers the orchestrator's redelivered assignments (until 100 s)
+            // and the events its replicas publish again from a flow's outbox
+            // (2 s after they were stored, or at most 10 s after for a
+            // replica that lives; see `orchestrator::outbox`).
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };

@@ -5,8 +5,11 @@
 //! the allocator, assigns them on each agent's durable subject and consumes the
 //! agents' reports.
 
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
 mod held;
 pub mod machine;
+pub mod outbox;
 mod placing;
 pub mod service;
 mod slots;

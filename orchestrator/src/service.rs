@@ -8,7 +8,7 @@
 //! many task transitions, and no two steps of one replica race each other. Steps
 //! of different replicas still may: the loser re-reads and re-applies its batch.
 //! Effects (events, assignments, releases, cancel notices) run only after the
-//! write succeeded.
+//! write succeeded; the events are stored with the write too (see [`crate::outbox`]).
 //!
 //! Replicas share the `$SRV` queue group for requests and one durable consumer
 //! on the reports stream. A periodic sweep ticks every unfinished flow, which
@@ -41,6 +41,7 @@ use tracing::Instrument;
 use common::msg::{FlowState, TaskState};
 
 use crate::machine::{self, Effect, Flow, Rejection};
+use crate::outbox::{Cursor, Ledger};
 use crate::placing::Placing;
 use crate::slots::Slots;
 use crate::store::{self, Stored, WriteError};
@@ -152,6 +153,8 @@ struct Orchestrator {
     js: jetstream::Context,
     flows: kv::Store,
     events: EventPublisher,
+    /// What this replica published from the flows' outboxes.
+    outbox: Arc<Ledger>,
     actors: Mutex<HashMap<FlowId, mpsc::UnboundedSender<Queued>>>,
     /// Flows known to be finished, so the sweep does not load them again. Not
     /// final: a re-run or a change makes a flow run again, so an entry is
@@ -203,6 +206,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         js: js.clone(),
         flows,
         events: EventPublisher::new(nats.clone(), NAME),
+        outbox: Arc::default(),
         actors: Mutex::default(),
         finished: Mutex::default(),
         placing: Semaphore::new(MAX_PLACING),
@@ -474,10 +478,11 @@ impl Orchestrator {
             let (mut flow, effects) = Flow::new(id.clone(), spec, now);
             flow.warnings = warnings;
             flow.trace = trace;
+            let (cursor, _) = self.outbox.stage(&mut flow, events_of(&effects), now);
             store::lay_out(&mut flow);
             let encoded = store::encode(&mut flow, None).map(|(e, _)| e);
             let status = flow.status(0, now);
-            (flow, effects, encoded, status)
+            (flow, (effects, cursor), encoded, status)
         });
         let encoded = encoded?;
         self.fits_in_entries(&flow, &encoded)?;
@@ -496,7 +501,11 @@ impl Orchestrator {
         let o = self.clone();
         tokio::spawn(
             async move {
-                o.run_effects(effects).await;
+                #[cfg(feature = "failpoints")]
+                crate::failpoints::after_write(&id).await;
+                let (effects, mut cursor) = effects;
+                o.run_effects(effects, &mut cursor).await;
+                o.outbox.sent(cursor, common::now_ms());
                 o.send(&id, Cmd::Tick);
             }
             .in_current_span(),
@@ -955,6 +964,7 @@ impl Orchestrator {
                         Ok(cmd) => cmd,
                         Err(_) => {
                             actors.remove(&flow);
+                            self.outbox.forget(&flow);
                             return;
                         }
                     }
@@ -976,6 +986,7 @@ impl Orchestrator {
                 if let Some((f, rev, _)) = &cache {
                     let now = common::now_ms();
                     self.redeliver(f, now, &mut resent);
+                    self.outbox.republish(&self.js, f, now).await;
                     if watch.due(f, now) {
                         self.publish_watch(f, *rev, now, &mut watch).await;
                     }
@@ -1045,6 +1056,13 @@ impl Orchestrator {
                 .iter()
                 .map(|cmd| step(&mut flow, cmd, revision, now))
                 .collect();
+            // The step's events go into the record with it (the outbox).
+            let outbox_before = flow.outbox.clone();
+            let (mut cursor, outbox_changed) = self.outbox.stage(
+                &mut flow,
+                outcomes.iter().flatten().flat_map(|(_, e)| events_of(e)),
+                now,
+            );
             // The encoding tells whether the step changed anything: it is
             // needed for the write anyway, and keeping a copy of a large
             // flow to compare against cost more than the step itself.
@@ -1055,7 +1073,11 @@ impl Orchestrator {
                     return false;
                 }
             };
-            let changed = body.header != stored.header;
+            let changed = outbox_changed
+                || store::before_outbox(&body.header) != store::before_outbox(&stored.header);
+            if !changed {
+                flow.outbox = outbox_before;
+            }
             if !changed && from_cache && !self.still_current(&flow, revision).await {
                 continue;
             }
@@ -1075,6 +1097,10 @@ impl Orchestrator {
                     }
                 }
             };
+            #[cfg(feature = "failpoints")]
+            if changed {
+                crate::failpoints::after_write(flow_id).await;
+            }
             watch.pending |= changed;
             if watch.due(&flow, now) {
                 self.publish_watch(&flow, revision, now, watch)
@@ -1090,12 +1116,20 @@ impl Orchestrator {
                 } else {
                     cause
                 };
-                self.settle(&flow, revision, now, cmd, outcome, placing)
-                    .instrument(span)
-                    .await;
+                let cursor = &mut cursor;
+                async {
+                    let effects = self
+                        .settle(&flow, revision, now, cmd, outcome, placing)
+                        .await;
+                    self.run_effects(effects, cursor).await;
+                }
+                .instrument(span)
+                .await;
             }
+            self.outbox.sent(cursor, now);
             span.in_scope(|| self.dispatch(&flow, now, placing));
-            let finished = flow.state.is_terminal();
+            // Finished once its last events are known to be stored too.
+            let finished = flow.state.is_terminal() && flow.outbox.is_empty();
             *cache = Some((flow, revision, body));
             return finished;
         }
@@ -1117,8 +1151,8 @@ impl Orchestrator {
         )
     }
 
-    /// After a successful write: acknowledge, answer, and carry out the
-    /// command's effects.
+    /// After a successful write: acknowledge and answer; returns the
+    /// command's effects to carry out.
     async fn settle(
         self: &Arc<Self>,
         flow: &Flow,
@@ -1127,7 +1161,7 @@ impl Orchestrator {
         cmd: Cmd,
         outcome: Result<(u32, Vec<Effect>), Refusal>,
         placing: &mut Placing,
-    ) {
+    ) -> Vec<Effect> {
         let mut effects = Vec::new();
         match (cmd, outcome) {
             (Cmd::Report { msg, .. }, Ok((_, e))) => {
@@ -1191,7 +1225,7 @@ impl Orchestrator {
             (_, Ok((_, e))) => effects.extend(e),
             (_, Err(_)) => {}
         }
-        self.run_effects(effects).await;
+        effects
     }
 
     /// Tells watchers of the flow what it looks like now (counts and progress,
@@ -1333,10 +1367,12 @@ impl Orchestrator {
         }
     }
 
-    async fn run_effects(self: &Arc<Self>, effects: Vec<Effect>) {
+    /// Carries out a step's effects; its events are published under the
+    /// numbers `cursor` gives them (those the step stored them under).
+    async fn run_effects(self: &Arc<Self>, effects: Vec<Effect>, cursor: &mut Cursor) {
         for effect in effects {
             match effect {
-                Effect::Event(kind) => self.events.publish(kind).await,
+                Effect::Event(kind) => self.outbox.publish(&self.js, cursor, kind).await,
                 Effect::Release { agent, allocation } => self.release(agent, allocation),
                 Effect::FreeSlot { key, holder } => self.free_slot(Some((key, holder))),
                 Effect::Cancel { agent, notice } => {
@@ -1990,7 +2026,8 @@ impl Orchestrator {
                     continue;
                 }
                 match self.load(&id).await {
-                    Ok((flow, revision)) if flow.state.is_terminal() => {
+                    // Its last events still in its outbox: ticked until stored.
+                    Ok((flow, revision)) if flow.state.is_terminal() && flow.outbox.is_empty() => {
                         if let Ok(mut done) = self.finished.lock() {
                             let checked_ms = now;
                             done.insert(
@@ -2118,6 +2155,14 @@ fn step_span(
     );
     telemetry::join_causes(&span, causes, flow.trace.as_deref());
     span
+}
+
+/// The events among a step's effects.
+fn events_of(effects: &[Effect]) -> impl Iterator<Item = &EventKind> {
+    effects.iter().filter_map(|e| match e {
+        Effect::Event(kind) => Some(kind),
+        _ => None,
+    })
 }
 
 /// One command applied to the flow. `Ok` carries the attempt number for an

@@ -38,13 +38,18 @@ impl Counters {
 
     /// Counts one message; events are also read for task and flow counts.
     pub fn observe(&mut self, subject: &str, payload: &[u8]) {
-        self.bytes += payload.len() as u64;
-        self.count(subject, 1);
+        self.traffic(subject, payload);
         if subject.starts_with("coord.events.") {
             if let Ok(event) = serde_json::from_slice::<Event>(payload) {
                 self.count_event(&event.kind);
             }
         }
+    }
+
+    /// Counts one message as traffic alone (an event seen before).
+    pub fn traffic(&mut self, subject: &str, payload: &[u8]) {
+        self.bytes += payload.len() as u64;
+        self.count(subject, 1);
     }
 
     /// Counts `n` messages on `subject` whose bodies the monitor does not see

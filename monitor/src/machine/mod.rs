@@ -13,6 +13,7 @@ pub mod health;
 pub mod latency;
 pub mod prom;
 pub mod requests;
+pub mod seen;
 pub mod validate;
 pub mod window;
 
@@ -205,6 +206,8 @@ pub struct Monitor {
     state_conflicts: u64,
     sync_points: u64,
     allocation_failures: u64,
+    /// Event ids seen lately: a repeat is traffic, not another fact.
+    seen: seen::Seen,
     seq: u64,
     anomalies: VecDeque<Anomaly>,
     anomalies_total: u64,
@@ -243,6 +246,7 @@ impl Monitor {
             state_conflicts: 0,
             sync_points: 0,
             allocation_failures: 0,
+            seen: seen::Seen::default(),
             seq: 0,
             anomalies: VecDeque::new(),
             anomalies_total: 0,
@@ -258,14 +262,24 @@ impl Monitor {
 
     /// Takes one message seen on the monitor's subscriptions
     /// ([`MONITOR_INTAKE`](common::subject::MONITOR_INTAKE)) at `now_ms`.
+    /// An event whose id was seen within the stream's duplicate window (one
+    /// published again after a crash) counts as traffic only.
     pub fn observe(&mut self, subject: &str, payload: &[u8], now_ms: u64) {
-        self.counters.observe(subject, payload);
         self.bytes.add(now_ms, payload.len() as f64);
         self.family_window(subject).add(now_ms, 1.0);
-        if subject.starts_with("coord.events.") {
-            if let Ok(event) = serde_json::from_slice::<Event>(payload) {
-                self.event(&event, now_ms);
+        let event = subject
+            .starts_with("coord.events.")
+            .then(|| serde_json::from_slice::<Event>(payload).ok())
+            .flatten();
+        match event {
+            Some(e) if !self.seen.first(&e.event_id, now_ms) => {
+                self.counters.traffic(subject, payload);
             }
+            Some(e) => {
+                self.counters.observe(subject, payload);
+                self.event(&e, now_ms);
+            }
+            None => self.counters.observe(subject, payload),
         }
     }
 

@@ -2,9 +2,12 @@ use super::*;
 use common::msg::ResourceCapacity;
 use common::{AgentId, FlowId, TaskId};
 
+/// An event with an id of its own (a repeated id is counted once).
 fn ev(at_ms: u64, kind: EventKind) -> Vec<u8> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     serde_json::to_vec(&Event {
-        event_id: "e".into(),
+        event_id: format!("e{n}"),
         at_ms,
         source: "test".into(),
         kind,
@@ -438,4 +441,25 @@ fn a_task_is_judged_by_the_usual_time_of_its_own_kind() {
         "{}",
         a[0].message
     );
+}
+
+#[test]
+fn an_event_published_again_under_its_id_is_counted_once() {
+    let mut m = Monitor::new(0, "t", Settings::default());
+    let (subject, body) = tr("f", "a", TaskState::Succeeded, 10);
+    let created = ev(
+        10,
+        EventKind::FlowCreated {
+            flow_id: FlowId::new("f").unwrap(),
+            name: "f".into(),
+            tasks: 1,
+        },
+    );
+    for at in [10, 2_000, 60_000] {
+        m.observe(&subject, &body, at);
+        m.observe("coord.events.flow.created", &created, at);
+    }
+    let metrics = m.metrics(60_000);
+    assert_eq!((metrics.tasks_completed, metrics.flows_created), (1, 1));
+    assert_eq!(metrics.messages_total, 6, "each repeat is still traffic");
 }

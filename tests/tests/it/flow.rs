@@ -208,15 +208,21 @@ async fn a_stale_report_is_fenced_and_the_flow_is_unharmed() {
         .create_flow(&demo::demo_flow().unwrap())
         .await
         .unwrap();
+    // Finished, and its last events stored (the write that empties its
+    // outbox is the flow's last): read the record first, then the status.
+    let js = async_nats::jetstream::new(sys.nats.clone());
+    let kv = js.get_key_value(common::nats::KV_FLOWS).await.unwrap();
     let status = eventually(Duration::from_secs(30), "flow done", || async {
+        let (f, _, _) = orchestrator::store::read(&kv, &created.flow_id)
+            .await
+            .ok()??;
         let s = sys.client.flow_status(&created.flow_id).await.ok()?;
-        (s.state != FlowState::Running).then_some(s)
+        (s.state != FlowState::Running && f.outbox.is_empty()).then_some(s)
     })
     .await;
     assert_eq!(status.state, FlowState::Succeeded);
 
     // A late report for an old attempt of a finished task, through JetStream like a real agent.
-    let js = async_nats::jetstream::new(sys.nats.clone());
     let agent_id = AgentId::new(demo::DEMO_AGENT).unwrap();
     let late = serde_json::json!({
         "flow_id": created.flow_id, "task_id": "a", "attempt": 1, "agent_id": agent_id,

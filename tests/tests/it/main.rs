@@ -11,6 +11,7 @@ mod compose;
 mod contract;
 mod corpus;
 mod errors;
+mod events;
 mod flow;
 mod isolation;
 mod large_flows;

@@ -1,0 +1,258 @@
+//! Events at least once: the outbox.
+//!
+//! A step's events are numbered and stored in the flow record ([`Flow::outbox`])
+//! by the same compare-and-set that commits the step, then published on the
+//! events stream with `Nats-Msg-Id` = the event id `{flow}.{n}`. Storing them
+//! costs no message of its own: they ride in the write the step makes anyway.
+//! A later write drops the batches JetStream has acknowledged to this replica;
+//! a replica killed between its write and its publish leaves its batch in the
+//! record, and any replica's actor publishes a batch again once it is
+//! [`REPUBLISH_AFTER_MS`] old and not acknowledged here. The stream's
+//! duplicate window (2 min) stores a repeat once; subscribers who read the
+//! subjects directly may see it twice and tell by the id.
+//!
+//! A batch stays in the record until the flow's next write, so an idle flow
+//! (a long task running) gets one write of its own [`CLEAR_AFTER_MS`] after
+//! its last, and a finished flow one at once: a batch older than that is left
+//! by a replica that died, never one that lives. The sweep keeps ticking a
+//! finished flow until its outbox is empty.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use common::msg::{Event, EventKind};
+use common::nats::dedupe_headers;
+use common::FlowId;
+
+use crate::machine::{Flow, Numbered, Staged};
+
+/// A batch not acknowledged here is published again once this old (by its
+/// writer too, if the stream did not acknowledge it then).
+pub const REPUBLISH_AFTER_MS: u64 = 2_000;
+/// An idle unfinished flow's acknowledged batches are dropped by a write of
+/// their own this long after they were stored.
+pub const CLEAR_AFTER_MS: u64 = 10_000;
+/// Most events an outbox holds (about 200 bytes each). A step with more (a
+/// large flow's creation, a cancel of thousands of tasks) stores every flow
+/// event and the first task events that fit; the rest are published once,
+/// under their ids, without the guarantee.
+pub const MAX_EVENTS: usize = 512;
+
+const SOURCE: &str = "orchestrator";
+
+/// The id of event `n` of `flow`.
+pub fn event_id(flow: &FlowId, n: u64) -> String {
+    format!("{flow}.{n}")
+}
+
+/// What this replica published from each flow's outbox, by the number of a
+/// batch's first event: when it last sent it, and whether the stream
+/// acknowledged every event of it.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    flows: Mutex<HashMap<FlowId, Marks>>,
+}
+
+#[derive(Debug, Default)]
+struct Marks {
+    sent: HashMap<u64, u64>,
+    acked: HashSet<u64>,
+}
+
+/// The events of one step as they are published: each gets the number the
+/// step stored it (or would have stored it) under.
+#[derive(Debug)]
+pub struct Cursor {
+    flow: FlowId,
+    next: u64,
+    at_ms: u64,
+    /// The stored batch, if any (its first number).
+    batch: Option<u64>,
+    acks: Vec<PublishAckFuture>,
+}
+
+fn key(batch: &Staged) -> Option<u64> {
+    batch.events.first().map(|e| e.n)
+}
+
+impl Ledger {
+    fn with<R>(&self, flow: &FlowId, f: impl FnOnce(&mut Marks) -> R) -> Option<R> {
+        let mut flows = self.flows.lock().ok()?;
+        Some(f(flows.entry(flow.clone()).or_default()))
+    }
+
+    fn acked(&self, flow: &FlowId, batch: u64) -> bool {
+        self.with(flow, |m| m.acked.contains(&batch))
+            .unwrap_or(false)
+    }
+
+    /// Forgets a flow whose actor went away.
+    pub fn forget(&self, flow: &FlowId) {
+        if let Ok(mut flows) = self.flows.lock() {
+            flows.remove(flow);
+        }
+    }
+
+    /// Numbers the step's events and stores them in the flow's outbox,
+    /// dropping the batches acknowledged here. Returns the cursor that
+    /// publishes them and whether the outbox needs a write even if nothing
+    /// else changed: new events, or acknowledged batches of a finished flow
+    /// or older than [`CLEAR_AFTER_MS`].
+    pub fn stage<'a>(
+        &self,
+        flow: &mut Flow,
+        events: impl IntoIterator<Item = &'a EventKind>,
+        now: u64,
+    ) -> (Cursor, bool) {
+        let terminal = flow.state.is_terminal();
+        let mut clear = false;
+        let id = flow.id.clone();
+        flow.outbox.retain(|b| {
+            let acked = key(b).is_some_and(|k| self.acked(&id, k));
+            clear |= acked && (terminal || now.saturating_sub(b.at_ms) >= CLEAR_AFTER_MS);
+            !acked
+        });
+        let first = flow.events;
+        let mut room = MAX_EVENTS.saturating_sub(flow.outbox.iter().map(|b| b.events.len()).sum());
+        let mut kept = Vec::new();
+        for kind in events {
+            let n = flow.events;
+            flow.events += 1;
+            let task = matches!(kind, EventKind::TaskTransition { .. });
+            if room > 0 || !task {
+                room = room.saturating_sub(1);
+                kept.push(Numbered {
+                    n,
+                    kind: kind.clone(),
+                });
+            }
+        }
+        let batch = key_of(&kept);
+        let new = flow.events > first;
+        if !kept.is_empty() {
+            flow.outbox.push(Staged {
+                at_ms: now,
+                events: kept,
+            });
+        }
+        let cursor = Cursor {
+            flow: flow.id.clone(),
+            next: first,
+            at_ms: now,
+            batch,
+            acks: Vec::new(),
+        };
+        (cursor, new || clear)
+    }
+
+    /// Publishes one event of a step, under its number.
+    pub async fn publish(&self, js: &jetstream::Context, cursor: &mut Cursor, kind: EventKind) {
+        let event = Event {
+            event_id: event_id(&cursor.flow, cursor.next),
+            at_ms: cursor.at_ms,
+            source: SOURCE.to_owned(),
+            kind,
+        };
+        cursor.next += 1;
+        if let Some(ack) = send(js, &event).await {
+            cursor.acks.push(ack);
+        }
+    }
+
+    /// After a step's events went out: its batch counts as sent now, and as
+    /// acknowledged once the stream has confirmed every event of it.
+    pub fn sent(self: &std::sync::Arc<Self>, cursor: Cursor, now: u64) {
+        let Some(batch) = cursor.batch else {
+            return;
+        };
+        self.with(&cursor.flow, |m| m.sent.insert(batch, now));
+        self.confirm(cursor.flow, batch, cursor.acks);
+    }
+
+    fn confirm(self: &std::sync::Arc<Self>, flow: FlowId, batch: u64, acks: Vec<PublishAckFuture>) {
+        let ledger = self.clone();
+        tokio::spawn(async move {
+            for ack in acks {
+                if let Err(e) = ack.await {
+                    tracing::debug!(%flow, error = %e, "event not acknowledged, published again later");
+                    return;
+                }
+            }
+            // Not for a flow forgotten meanwhile (its actor went away).
+            if let Ok(mut flows) = ledger.flows.lock() {
+                if let Some(m) = flows.get_mut(&flow) {
+                    m.acked.insert(batch);
+                }
+            }
+        });
+    }
+
+    /// Publishes again the batches of `flow`'s outbox that are due (see
+    /// [`REPUBLISH_AFTER_MS`]), and forgets batches the flow no longer holds.
+    pub async fn republish(
+        self: &std::sync::Arc<Self>,
+        js: &jetstream::Context,
+        flow: &Flow,
+        now: u64,
+    ) {
+        let held: HashSet<u64> = flow.outbox.iter().filter_map(key).collect();
+        let due: Vec<&Staged> = self
+            .with(&flow.id, |m| {
+                m.sent.retain(|k, _| held.contains(k));
+                m.acked.retain(|k| held.contains(k));
+                flow.outbox
+                    .iter()
+                    .filter(|b| {
+                        let Some(k) = key(b) else { return false };
+                        let since = m.sent.get(&k).copied().unwrap_or(b.at_ms);
+                        !m.acked.contains(&k) && now.saturating_sub(since) >= REPUBLISH_AFTER_MS
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for b in due {
+            let Some(k) = key(b) else { continue };
+            tracing::debug!(flow = %flow.id, events = b.events.len(), "outbox published again");
+            let mut acks = Vec::new();
+            for e in &b.events {
+                let event = Event {
+                    event_id: event_id(&flow.id, e.n),
+                    at_ms: b.at_ms,
+                    source: SOURCE.to_owned(),
+                    kind: e.kind.clone(),
+                };
+                acks.extend(send(js, &event).await);
+            }
+            self.with(&flow.id, |m| m.sent.insert(k, now));
+            self.confirm(flow.id.clone(), k, acks);
+        }
+    }
+}
+
+fn key_of(events: &[Numbered]) -> Option<u64> {
+    events.first().map(|e| e.n)
+}
+
+/// One JetStream publish under the event's id; the acknowledgement is
+/// awaited elsewhere, so a step does not wait for the stream.
+async fn send(js: &jetstream::Context, event: &Event) -> Option<PublishAckFuture> {
+    let body = match serde_json::to_vec(event) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "event encode failed");
+            return None;
+        }
+    };
+    let subject = event.kind.subject();
+    match js
+        .publish_with_headers(subject, dedupe_headers(&event.event_id), body.into())
+        .await
+    {
+        Ok(ack) => Some(ack),
+        Err(e) => {
+            tracing::warn!(error = %e, subject, "event publish failed");
+            None
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Events derived from committed state reach the events stream at least once
+//! and are stored once, under ids consumers can tell repeats by, even when the
+//! replica that committed a step dies before publishing anything of it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::msg::{Event, EventKind, FlowSpec, FlowState, TaskState};
+use common::{FlowId, TaskId};
+use serde_json::json;
+use testkit::{eventually, start_service, wait_for_service, NatsServer, Replica};
+
+use crate::orchestrator::{cpu_task, spawn_agent, tid, wait_finished, wait_registered};
+
+/// The flow an event is about, if it is one of the flow events.
+fn flow_of(kind: &EventKind) -> Option<&FlowId> {
+    match kind {
+        EventKind::FlowCreated { flow_id, .. }
+        | EventKind::FlowCompleted { flow_id, .. }
+        | EventKind::TaskTransition { flow_id, .. } => Some(flow_id),
+        _ => None,
+    }
+}
+
+/// Every event of `flow` the events stream holds, in order, each with its
+/// `Nats-Msg-Id`.
+async fn stored_events(js: &jetstream::Context, flow: &FlowId) -> Vec<(Event, String)> {
+    let mut stream = js.get_stream(common::nats::STREAM_EVENTS).await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let Ok(msg) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        let event: Event = serde_json::from_slice(&msg.payload).unwrap();
+        if flow_of(&event.kind) == Some(flow) {
+            let id = msg
+                .headers
+                .get("Nats-Msg-Id")
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            out.push((event, id));
+        }
+    }
+    out
+}
+
+/// What the stored events say happened: flow events by type, task
+/// transitions by task and new state, each with how often it was stored.
+fn tally(events: &[(Event, String)]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for (e, _) in events {
+        let what = match &e.kind {
+            EventKind::TaskTransition { task_id, to, .. } => format!("{task_id} {to:?}"),
+            other => other.subject().to_owned(),
+        };
+        *out.entry(what).or_insert(0) += 1;
+    }
+    out
+}
+
+#[tokio::test]
+async fn events_of_steps_a_killed_replica_never_published_are_stored_once() {
+    common::telemetry::init_for_tests();
+    let server = NatsServer::start();
+    let _services: Vec<_> = ["allocator", "monitor"]
+        .into_iter()
+        .map(|n| start_service(n, server.config()))
+        .collect();
+    let nats = server.connect().await;
+    let js = jetstream::new(nats.clone());
+    let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
+    for name in ["allocator", "monitor"] {
+        wait_for_service(&nats, name).await;
+    }
+    let flow = FlowId::new("held").unwrap();
+    // The first replica stops after each write of the flow, before anything
+    // that follows from it is published.
+    orchestrator::failpoints::hold_after_write(&flow);
+    let first = Replica::start("orchestrator", server.config());
+    wait_for_service(&nats, "orchestrator").await;
+    let (stop, agent) = spawn_agent(&nats, "w", 1.0, |a| async move { Ok(json!(a.attempt)) });
+    wait_registered(&client, "w").await;
+
+    let mut spec = FlowSpec::new("held", vec![cpu_task("a", &[]), cpu_task("b", &["a"])]);
+    spec.id = Some(flow.clone());
+    client.create_flow(&spec).await.unwrap();
+    // Created (a ready) and then a placed: both written, neither published.
+    let state_of = |s: &common::msg::FlowStatus, t: &TaskId| {
+        s.tasks.iter().find(|x| &x.task_id == t).map(|x| x.state)
+    };
+    eventually(Duration::from_secs(20), "a stored as assigned", || async {
+        let s = client.flow_status(&flow).await.ok()?;
+        (state_of(&s, &tid("a")) == Some(TaskState::Assigned)).then_some(())
+    })
+    .await;
+    assert!(
+        stored_events(&js, &flow).await.is_empty(),
+        "the held replica published nothing of the flow"
+    );
+    first.kill();
+    orchestrator::failpoints::release_after_write();
+
+    let _second = Replica::start("orchestrator", server.config());
+    let done = wait_finished(&client, &flow, Duration::from_secs(60)).await;
+    assert_eq!(done.state, FlowState::Succeeded);
+    // The last events are published after the write that finishes the flow,
+    // and its outbox is emptied once the stream has them all: after that
+    // nothing of the flow is published again.
+    let kv = js.get_key_value(common::nats::KV_FLOWS).await.unwrap();
+    eventually(Duration::from_secs(20), "the outbox emptied", || async {
+        let (f, _, _) = orchestrator::store::read(&kv, &flow).await.ok()??;
+        f.outbox.is_empty().then_some(())
+    })
+    .await;
+
+    let stored = stored_events(&js, &flow).await;
+    let mut expected = BTreeMap::new();
+    for what in ["coord.events.flow.created", "coord.events.flow.completed"] {
+        expected.insert(what.to_owned(), 1);
+    }
+    for t in ["a", "b"] {
+        for to in ["Ready", "Assigned", "Running", "Succeeded"] {
+            expected.insert(format!("{t} {to}"), 1);
+        }
+    }
+    assert_eq!(tally(&stored), expected, "every transition stored once");
+    for (e, id) in &stored {
+        assert_eq!(&e.event_id, id, "the message id is the event's id");
+        assert!(e.event_id.starts_with("held."), "{}", e.event_id);
+    }
+
+    // The monitor read the same events off the subjects: it counts each once.
+    let m = eventually(Duration::from_secs(10), "the monitor's counts", || async {
+        let m = client.metrics().await.ok()?;
+        (m.flows_completed == 1 && m.tasks_completed == 2).then_some(m)
+    })
+    .await;
+    assert_eq!(
+        (
+            m.flows_created,
+            m.flows_completed,
+            m.tasks_assigned,
+            m.tasks_completed
+        ),
+        (1, 1, 2, 2)
+    );
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
