@@ -12,9 +12,9 @@
 //! explicitly acknowledged; for the stream's info without per-subject counts.
 //! The answers are JetStream's own, so clients need no change.
 
+use common::nats::{agent_consumer, STREAM_ASSIGN};
 use common::service::ReplyPrefixes;
 use common::subject;
-use common::nats::{agent_consumer, STREAM_ASSIGN};
 use common::AgentId;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
@@ -124,7 +124,9 @@ fn consumer_config(agent: &AgentId, asked: &Value) -> Result<Value, String> {
     let asked = asked.as_object().cloned().unwrap_or_default();
     let set = |k: &str| asked.get(k).is_some_and(|v| !v.is_null() && v != "");
     if set("deliver_subject") || set("deliver_group") {
-        return Err("an agent's consumer is a pull consumer: deliver_subject is not allowed".into());
+        return Err(
+            "an agent's consumer is a pull consumer: deliver_subject is not allowed".into(),
+        );
     }
     let name = agent_consumer(agent);
     for key in ["durable_name", "name"] {

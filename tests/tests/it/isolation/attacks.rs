@@ -406,14 +406,20 @@ async fn a_pull_reply_aimed_at(aim: fn(&Scene) -> String) {
         .request(next, pull.into())
         .await
         .expect("A's own pull is answered");
-    let status = answer.headers.as_ref().and_then(|h| h.get("Status").cloned());
+    let status = answer
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Status").cloned());
     assert!(
         answer.status.is_some() || status.is_some(),
         "an empty pull is answered with a status: {answer:?}"
     );
 
     let after = jetstream_assets(&ops_js, &scene.b).await;
-    assert_eq!(after, before, "a pull reply aimed at {target} deleted something");
+    assert_eq!(
+        after, before,
+        "a pull reply aimed at {target} deleted something"
+    );
     // B's state is as B left it.
     assert_eq!(
         scene.ops.state_get(&scene.b).await.unwrap().doc,
@@ -468,8 +474,7 @@ async fn a_pull_reply_aimed_at_an_operators_stream_deletes_nothing() {
 
 #[tokio::test]
 async fn a_pull_reply_aimed_at_an_operators_consumer_deletes_nothing() {
-    a_pull_reply_aimed_at(|_| format!("$JS.API.CONSUMER.DELETE.{OPS_STREAM}.{OPS_CONSUMER}"))
-        .await;
+    a_pull_reply_aimed_at(|_| format!("$JS.API.CONSUMER.DELETE.{OPS_STREAM}.{OPS_CONSUMER}")).await;
 }
 
 /// A asks for its own consumer as a push consumer delivering on an event
@@ -531,7 +536,11 @@ async fn the_assignment_streams_info_lists_no_subjects_to_an_agent() {
         .await
         .unwrap();
     let info: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
-    assert_eq!(info["config"]["name"], common::nats::STREAM_ASSIGN, "{info}");
+    assert_eq!(
+        info["config"]["name"],
+        common::nats::STREAM_ASSIGN,
+        "{info}"
+    );
     assert!(info["state"]["subjects"].is_null(), "{info}");
     assert!(!info.to_string().contains(scene.b.as_str()), "{info}");
     scene.stop().await;
