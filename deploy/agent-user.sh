@@ -1,7 +1,9 @@
 #!/bin/sh
-# Prints the nats-server `users` entry for one agent of an isolating server
-# (deploy/nats-auth.conf): paste it into the users list and reload the server
-# (`nats-server --signal reload`, or restart the container).
+# Prints the nats-server account of one agent of an isolating server
+# (deploy/nats-auth.conf): add it to the agents file (deploy/agents.conf) and
+# reload the server (`nats-server --signal reload`, or restart the container).
+# Revoking the agent is removing the block and reloading: its connections are
+# closed and its login refused.
 #
 #   deploy/agent-user.sh AGENT_ID PASSWORD
 #
@@ -9,19 +11,28 @@
 # read it from its environment, anything else becomes a literal; a bcrypt hash
 # (`nats server passwd`) keeps it out of the file.
 #
-# The agent may publish only what the protocol asks of it: its heartbeats,
-# reports and sync acknowledgements, its (de)registration, leave and state requests on
-# its own subjects (`coord.agents.{id}.register`, `.state.put`, …: the services
+# The account AGENT_{id} has one user, named after the agent (connect with
+# NATS_INBOX_PREFIX=_INBOX_{id}; `coordctl agent` and the Python example agent
+# do so), no JetStream and no exports. It imports from COORD only what the protocol asks of the agent,
+# each on the agent's own subject: its heartbeats, reports, sync
+# acknowledgements, (de)registration, leave and state requests (the services
 # refuse a body naming another agent there), reads of any agent's state
-# (`coord.sync.state.get`/`history`, read-only), and the JetStream API calls
-# that open and pull its own durable consumer `agent-{id}` on COORD_ASSIGN and
-# acknowledge what it pulled (and delete that consumer: an agent restarted
-# after dying mid-task makes it afresh so its unacknowledged assignments are
-# delivered again at once). The shared write subjects (`coord.agents.register`,
-# `coord.sync.state.put`, …) name the agent only in the JSON, so they stay
-# closed to agents. It may subscribe only to its own inboxes (`_INBOX_{id}.>`:
-# connect with NATS_INBOX_PREFIX=_INBOX_{id}; `coordctl agent` and the Python
-# example agent do so), its cancel notices, report verdicts and sync notices, and `agent.lost` events.
+# (`coord.sync.state.get`/`history`, read-only), the JetStream API calls on its
+# own durable consumer `agent-{id}` (info, pull, acknowledge, delete: an agent
+# restarted after dying mid-task makes it afresh so its unacknowledged
+# assignments are delivered again at once), and its cancel notices, report
+# verdicts, sync notices and `agent.lost` events. Creating the consumer and
+# reading the assignment stream's info are answered by the allocator, which
+# makes only a pull consumer on the agent's own subject: clients call the
+# usual JetStream API subjects and need no option.
+#
+# The shared write subjects (`coord.agents.register`, `coord.sync.state.put`,
+# …) name the agent only in the JSON, so they are not imported. Replies come
+# back to the agent's own account whatever reply subject it names.
+#
+# Limits, per agent account (override with the environment):
+#   COORD_AGENT_MAX_CONNECTIONS (default 4), COORD_AGENT_MAX_SUBSCRIPTIONS
+#   (default 256), COORD_AGENT_MAX_PAYLOAD (bytes, default 1048576).
 set -eu
 if [ $# -ne 2 ]; then
     echo "usage: $0 AGENT_ID PASSWORD" >&2
@@ -37,8 +48,31 @@ case $pass in
     \$*) ;;
     *) pass="\"$(printf '%s' "$pass" | sed 's/[\\"]/\\&/g')\"" ;;
 esac
-cat <<ENTRY
-    { user: "$id", password: $pass, permissions: {
+conns=${COORD_AGENT_MAX_CONNECTIONS:-4}
+subs=${COORD_AGENT_MAX_SUBSCRIPTIONS:-256}
+payload=${COORD_AGENT_MAX_PAYLOAD:-1048576}
+for n in "$conns" "$subs" "$payload"; do
+    case $n in
+        ''|*[!0-9]*) echo "error: a limit is a whole number, got '$n'" >&2; exit 2 ;;
+    esac
+done
+svc() {
+    printf '      { service: { account: COORD, subject: "%s" } }\n' "$1"
+}
+# A JetStream API subject answered by the allocator: the agent's client calls
+# the usual subject, the import carries it to the allocator's.
+via() {
+    printf '      { service: { account: COORD, subject: "%s" }, to: "%s" }\n' "$1" "$2"
+}
+str() {
+    printf '      { stream: { account: COORD, subject: "%s" } }\n' "$1"
+}
+echo "  \"AGENT_$id\": {"
+# The user's permissions say again, subject by subject, what the imports
+# allow: anything else is refused by the server at once, with a permissions
+# violation, rather than going nowhere.
+cat <<USER
+    users: [ { user: "$id", password: $pass, permissions: {
         publish: { allow: [
           "coord.agents.$id.heartbeat", "coord.agents.$id.report", "coord.agents.$id.sync.ack",
           "coord.agents.$id.register", "coord.agents.$id.deregister", "coord.agents.$id.leave",
@@ -47,7 +81,9 @@ cat <<ENTRY
           "coord.sync.state.get", "coord.sync.state.history",
           "\$JS.API.STREAM.INFO.COORD_ASSIGN",
           "\$JS.API.CONSUMER.INFO.COORD_ASSIGN.agent-$id",
+          "\$JS.API.CONSUMER.CREATE.COORD_ASSIGN.agent-$id",
           "\$JS.API.CONSUMER.CREATE.COORD_ASSIGN.agent-$id.coord.agents.$id.assign",
+          "\$JS.API.CONSUMER.DURABLE.CREATE.COORD_ASSIGN.agent-$id",
           "\$JS.API.CONSUMER.DELETE.COORD_ASSIGN.agent-$id",
           "\$JS.API.CONSUMER.MSG.NEXT.COORD_ASSIGN.agent-$id",
           "\$JS.ACK.COORD_ASSIGN.agent-$id.>"
@@ -56,5 +92,30 @@ cat <<ENTRY
           "_INBOX_$id.>", "coord.agents.$id.cancel", "coord.agents.$id.rejected", "coord.agents.$id.sync",
           "coord.events.agent.lost"
         ] }
-    } }
-ENTRY
+    } } ]
+USER
+echo "    limits: { max_connections: $conns, max_subscriptions: $subs, max_payload: $payload }"
+echo "    imports: ["
+for s in heartbeat report sync.ack register deregister leave \
+    state.get state.put state.delete state.history; do
+    svc "coord.agents.$id.$s"
+done
+svc "coord.sync.state.get"
+svc "coord.sync.state.history"
+svc "\$JS.API.CONSUMER.INFO.COORD_ASSIGN.agent-$id"
+svc "\$JS.API.CONSUMER.DELETE.COORD_ASSIGN.agent-$id"
+svc "\$JS.API.CONSUMER.MSG.NEXT.COORD_ASSIGN.agent-$id"
+svc "\$JS.ACK.COORD_ASSIGN.agent-$id.>"
+via "coord.agents.$id.consumer.create" "\$JS.API.CONSUMER.CREATE.COORD_ASSIGN.agent-$id.coord.agents.$id.assign"
+via "coord.agents.$id.consumer.create" "\$JS.API.CONSUMER.CREATE.COORD_ASSIGN.agent-$id"
+via "coord.agents.$id.consumer.create" "\$JS.API.CONSUMER.DURABLE.CREATE.COORD_ASSIGN.agent-$id"
+via "coord.agents.$id.assign.info" "\$JS.API.STREAM.INFO.COORD_ASSIGN"
+# Without an import of \$JS.API.INFO the server answers the whole \$JS.API of an
+# account without JetStream itself, ahead of the imports above.
+via "coord.agents.$id.account.info" "\$JS.API.INFO"
+for s in cancel rejected sync; do
+    str "coord.agents.$id.$s"
+done
+str "coord.events.agent.lost"
+echo "    ]"
+echo "  }"

@@ -67,7 +67,8 @@ struct EndpointCounts {
 type Counts = Arc<Mutex<HashMap<String, EndpointCounts>>>;
 
 /// The reply subjects a service answers: inboxes, `_INBOX.…` (the default of
-/// every NATS client) and `_INBOX_{id}.…` (an isolated agent's), plus any
+/// every NATS client), `_INBOX_{id}.…` (an isolated agent's) and `_R_.…` (a
+/// request from another account, mapped by the server), plus any
 /// prefix listed in [`REPLY_PREFIXES_ENV`]. Anything else (`$KV.…`,
 /// `coord.…`, `$JS.…`) would be a write on the requester's behalf.
 #[derive(Clone, Debug, Default)]
@@ -102,7 +103,12 @@ impl ReplyPrefixes {
         if rest.is_empty() {
             return false;
         }
+        // `_R_.…` is what the server puts in place of the reply subject of a
+        // request that came through an import from another account (an
+        // isolated agent's); the server carries the answer back into the
+        // requester's account and nowhere else.
         let inbox = first == "_INBOX"
+            || first == "_R_"
             || first
                 .strip_prefix("_INBOX_")
                 .is_some_and(|id| !id.is_empty());
@@ -476,6 +482,7 @@ mod tests {
             "_INBOX.abc.1",
             "_INBOX_w1.abc",
             "_INBOX_w-1.x.y",
+            "_R_.abc.def",
         ] {
             assert!(only_inboxes.allows(ok), "{ok}");
         }
@@ -491,6 +498,8 @@ mod tests {
             "_INBOXES.x",
             "_INBOX_w1",
             "x._INBOX.y",
+            "_R_",
+            "_R_X.a",
         ] {
             assert!(!only_inboxes.allows(refused), "{refused}");
         }

@@ -69,6 +69,24 @@ pub fn agent_deregister(agent: &AgentId) -> String {
     format!("coord.agents.{agent}.deregister")
 }
 
+/// Every agent's request to make its assignment consumer (the allocator's
+/// endpoint). On an isolating server an agent's account imports it as
+/// `$JS.API.CONSUMER.CREATE.COORD_ASSIGN.agent-{id}…`, so the agent's client
+/// calls the usual JetStream subject and the allocator makes the consumer:
+/// a pull consumer on the agent's own assignments, whatever the request asks.
+pub const CONSUMER_CREATE_ALL: &str = "coord.agents.*.consumer.create";
+/// Every agent's request for the assignment stream's info (the allocator's
+/// endpoint; imported as `$JS.API.STREAM.INFO.COORD_ASSIGN`): the stream's
+/// info without its per-subject counts, which would list every agent.
+pub const ASSIGN_INFO_ALL: &str = "coord.agents.*.assign.info";
+
+/// Every agent's JetStream account info request (the allocator's endpoint;
+/// imported as `$JS.API.INFO`): answered "not available". An agent's account
+/// has no JetStream of its own, and without an import of that subject the
+/// server would answer the agent's whole JetStream API itself ("not enabled
+/// for account"), overshadowing the imports of its own consumer.
+pub const ACCOUNT_INFO_ALL: &str = "coord.agents.*.account.info";
+
 /// Every agent's own leave subject (the allocators' endpoint).
 pub const AGENT_LEAVE_ALL: &str = "coord.agents.*.leave";
 

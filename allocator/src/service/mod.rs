@@ -12,6 +12,7 @@
 //! replicas racing on the same agent produce one transition and one event.
 
 mod cache;
+mod jsproxy;
 mod lanes;
 mod ops;
 mod quota;
@@ -281,6 +282,11 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     serve!(service, alloc, subject::QUOTA_SET, QuotaRequest, set_quota);
     serve!(service, alloc, subject::OPTIMIZE, OptimizeRequest, optimize);
 
+    let mut jetstream_endpoints =
+        jsproxy::serve(nats.clone(), common::service::ReplyPrefixes::from_env())
+            .await
+            .map_err(|e| unavailable("JetStream endpoints for agents", e))?;
+
     let mut beats = nats
         .queue_subscribe(subject::HEARTBEAT_ALL, HEARTBEAT_QUEUE.to_owned())
         .await
@@ -310,6 +316,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     tracing::info!("allocator shutting down");
     service.stop().await;
     heartbeat_task.abort();
+    jetstream_endpoints.abort_all();
     sweep_task.abort();
     probe_task.abort();
     for w in watchers {

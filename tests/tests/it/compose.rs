@@ -149,7 +149,20 @@ fn the_isolating_overlay_logs_every_client_in() {
     }
     let agent = serde_yaml::to_string(&overlay["services"]["demo-agent"]["environment"]).unwrap();
     assert!(agent.contains("NATS_USER: demo-agent"), "{agent}");
-    assert!(auth.contains("user: \"demo-agent\""));
+    // The agents' accounts come from a file of their own, by default the
+    // shipped (empty) one; the demo agent's from the demo file.
+    assert!(
+        mounts.contains("${COORD_AGENTS_FILE:-./deploy/agents.conf}:/etc/nats/agents.conf"),
+        "{mounts}"
+    );
+    assert!(auth.contains("include ./agents.conf"));
+    let demo = std::fs::read_to_string(root.join("deploy/agents.demo.conf")).unwrap();
+    assert!(demo.contains("user: \"demo-agent\""));
+    assert!(demo.contains("$DEMO_AGENT_PASSWORD"));
+    assert!(
+        nats_env.contains("DEMO_AGENT_PASSWORD"),
+        "nats is given the demo password: {nats_env}"
+    );
 }
 
 /// The cluster overlay: three nodes, each with its own store and the cluster

@@ -37,7 +37,7 @@ fn password(agent: &str) -> String {
     format!("{agent}-secret")
 }
 
-/// The entry `deploy/agent-user.sh` prints for `agent`: the test uses the
+/// The account `deploy/agent-user.sh` prints for `agent`: the test uses the
 /// operator's own tool, so a change to it is tested here.
 fn agent_entry(agent: &str) -> String {
     let out = Command::new("sh")
@@ -50,21 +50,20 @@ fn agent_entry(agent: &str) -> String {
 }
 
 /// A server with `deploy/nats-auth.conf`, its passwords defined in the file
-/// (as the environment would) and an entry for each of `agents`.
+/// (as the environment would) and an account for each of `agents` where the
+/// agents file is included.
 fn isolated_server(agents: &[&str]) -> NatsServer {
     let auth = std::fs::read_to_string(workspace_root().join("deploy/nats-auth.conf")).unwrap();
-    let marker = "# agents (deploy/agent-user.sh prints one entry)\n";
+    let marker = "  include ./agents.conf\n";
     assert!(
         auth.contains(marker),
-        "nats-auth.conf lost its agents marker"
+        "nats-auth.conf no longer includes the agents file"
     );
     let entries: String = agents.iter().map(|a| agent_entry(a)).collect();
-    let auth = auth.replacen(marker, &format!("{marker}{entries}"), 1);
+    let auth = auth.replacen(marker, &entries, 1);
     let vars = format!(
-        "COORD_SERVICE_PASSWORD: \"{}\"\nCOORD_OPERATOR_PASSWORD: \"{}\"\nDEMO_AGENT_PASSWORD: \"{}\"\n",
-        SERVICE.1,
-        OPERATOR.1,
-        password("demo-agent")
+        "COORD_SERVICE_PASSWORD: \"{}\"\nCOORD_OPERATOR_PASSWORD: \"{}\"\n",
+        SERVICE.1, OPERATOR.1,
     );
     NatsServer::start_with_config(&format!("{vars}{auth}"))
 }
