@@ -77,6 +77,19 @@ impl Scene {
             .unwrap();
         let created = ops.create_flow(&demo::demo_flow().unwrap()).await.unwrap();
         ops.cancel_flow(&created.flow_id).await.unwrap();
+        // The cancel's events leave the flow's outbox with one more write:
+        // after it, nothing writes the flow's record again.
+        let kv = jetstream::new(operator.clone())
+            .get_key_value(KV_FLOWS)
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(20), "the flow's outbox emptied", || async {
+            let (f, _, _) = orchestrator::store::read(&kv, &created.flow_id)
+                .await
+                .ok()??;
+            f.outbox.is_empty().then_some(())
+        })
+        .await;
         let flow = ops.flow_status(&created.flow_id).await.unwrap();
         assert_eq!(flow.state, FlowState::Cancelled);
         Scene {
