@@ -17,13 +17,21 @@
 //!   record in `coord_agents` (watched live, so none ages out of the 64-value
 //!   history unseen) holds no more of a resource than the agent's capacity.
 //!
+//! - **nothing left behind**: once the faults stop every flow is final within
+//!   the drain bound, the pool holds no allocation (what dead replicas left
+//!   is reconciled), and every committed transition has its event, stored
+//!   once (no event id twice; one `flow.created` and one `flow.completed` per
+//!   flow, one `task.succeeded` per task).
+//!
+//! A second profile kills only orchestrator replicas, about every 2 s.
+//!
 //! It prints the figures: faults by kind, tasks, retries, rejected reports,
 //! and each fault's time to recover (from the fault to the next accepted
 //! completion). The size comes from `CHAOS_FLOWS`, `CHAOS_TASKS`,
 //! `CHAOS_AGENTS`, `CHAOS_SECONDS`, `CHAOS_FAULT_EVERY_MS` and `CHAOS_SEED`
 //! (see docs/RELIABILITY.md); the defaults are the CI size.
 //!
-//! A second test pauses an agent (its whole runtime frozen, heartbeats
+//! Another test pauses an agent (its whole runtime frozen, heartbeats
 //! included) past its lease: its late reports are rejected as stale and the
 //! task completes once, elsewhere. A third does the same to an agent that is
 //! a process of its own (`coord-proc agent`), frozen with `SIGSTOP` and
@@ -75,17 +83,32 @@ fn env_u64(name: &str, default: u64) -> u64 {
     }
 }
 
+/// Which faults a run injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    /// Replicas of every service, agents mid-task, and the nats-server once.
+    Mixed,
+    /// Orchestrator replicas only, one killed about every 2 s: the crash
+    /// debris of a dying orchestrator (allocations booked for it, events it
+    /// never published) must be repaired by the system.
+    Orchestrator,
+}
+
 impl Size {
-    fn from_env() -> Size {
+    fn from_env(profile: Profile) -> Size {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap();
+        let (seconds, every) = match profile {
+            Profile::Mixed => (60, 5_000),
+            Profile::Orchestrator => (30, 2_000),
+        };
         Size {
             flows: env_u64("CHAOS_FLOWS", 10) as usize,
             tasks: env_u64("CHAOS_TASKS", 10) as usize,
             agents: env_u64("CHAOS_AGENTS", 4) as usize,
-            seconds: env_u64("CHAOS_SECONDS", 60),
-            fault_every_ms: env_u64("CHAOS_FAULT_EVERY_MS", 5_000),
+            seconds: env_u64("CHAOS_SECONDS", seconds),
+            fault_every_ms: env_u64("CHAOS_FAULT_EVERY_MS", every),
             seed: env_u64("CHAOS_SEED", now.as_nanos() as u64 & 0xffff_ffff),
             work_ms: env_u64("CHAOS_WORK_MS", 1_000),
         }
@@ -300,8 +323,24 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_task_is_lost_or_completed_twice_and_no_agent_over_allocated_under_chaos() {
-    let size = Size::from_env();
-    eprintln!("chaos: {size:?} (rerun with CHAOS_SEED={})", size.seed);
+    chaos(Profile::Mixed).await;
+}
+
+/// Two orchestrator replicas, one killed about every 2 s for 30 s: every
+/// flow finishes within the drain bound once the kills stop, nothing stays
+/// booked (what the dead replicas left is reconciled), and every committed
+/// transition has its event, stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrator_replicas_killed_every_two_seconds_leave_nothing_behind() {
+    chaos(Profile::Orchestrator).await;
+}
+
+async fn chaos(profile: Profile) {
+    let size = Size::from_env(profile);
+    eprintln!(
+        "chaos: {profile:?} {size:?} (rerun with CHAOS_SEED={})",
+        size.seed
+    );
     let mut rng = Rng(size.seed);
     common::telemetry::init_for_tests();
     let mut server = NatsServer::start();
@@ -371,6 +410,21 @@ async fn no_task_is_lost_or_completed_twice_and_no_agent_over_allocated_under_ch
             break;
         }
         tokio::time::sleep(wait).await;
+        if profile == Profile::Orchestrator {
+            let orchestrators: Vec<usize> = (0..replicas.len())
+                .filter(|i| replicas[*i].name == "orchestrator")
+                .collect();
+            let i = orchestrators[rng.below(orchestrators.len() as u64) as usize];
+            replicas.swap_remove(i).kill();
+            faults.push(Fault {
+                kind: FaultKind::Replica,
+                what: "orchestrator".to_owned(),
+                at_ms: common::now_ms(),
+            });
+            tokio::time::sleep(rng.millis(0, 1_000)).await;
+            replicas.push(Replica::start("orchestrator", cfg.clone()));
+            continue;
+        }
         if !nats_done && started.elapsed() >= nats_at {
             nats_done = true;
             faults.push(restart_nats(&mut server, &mut rng).await);
@@ -420,7 +474,7 @@ async fn no_task_is_lost_or_completed_twice_and_no_agent_over_allocated_under_ch
             );
         }
     }
-    if !nats_done {
+    if !nats_done && profile == Profile::Mixed {
         faults.push(restart_nats(&mut server, &mut rng).await);
     }
     submitter.await.unwrap();
@@ -443,6 +497,17 @@ async fn no_task_is_lost_or_completed_twice_and_no_agent_over_allocated_under_ch
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let finished_after = started.elapsed();
+    let drained_in = chaos_over.elapsed();
+
+    // Nothing stays booked: what dead replicas left is reconciled (after the
+    // allocator's grace, 30 s).
+    let booked = eventually(Duration::from_secs(90), "nothing left booked", || async {
+        let cap = client.capacity(&Default::default()).await.ok()?;
+        let held: f64 = cap.pool.values().map(|r| r.allocated).sum();
+        (held == 0.0).then_some(cap.agents.values().flat_map(|r| r.values()).count())
+    })
+    .await;
+    let settled_in = chaos_over.elapsed();
     let mut stuck = Vec::new();
     for f in flow_ids.iter().filter(|f| !finals.contains_key(*f)) {
         match client.flow_status(f).await {
@@ -469,6 +534,28 @@ async fn no_task_is_lost_or_completed_twice_and_no_agent_over_allocated_under_ch
 
     // Figures and checks, from the events stream and the stored state.
     let events = all_events(&nats).await;
+    let mut ids = BTreeSet::new();
+    let duplicate_ids = events
+        .iter()
+        .filter(|e| !ids.insert(e.event_id.clone()))
+        .count();
+    let mut created_events: BTreeMap<FlowId, usize> = BTreeMap::new();
+    let mut finished_events: BTreeMap<FlowId, usize> = BTreeMap::new();
+    for e in &events {
+        match &e.kind {
+            EventKind::FlowCreated { flow_id, .. } => {
+                *created_events.entry(flow_id.clone()).or_default() += 1
+            }
+            EventKind::FlowCompleted { flow_id, .. } => {
+                *finished_events.entry(flow_id.clone()).or_default() += 1
+            }
+            _ => {}
+        }
+    }
+    let flows_missing_events: Vec<&FlowId> = flow_ids
+        .iter()
+        .filter(|f| created_events.get(*f) != Some(&1) || finished_events.get(*f) != Some(&1))
+        .collect();
     let mut succeeded: BTreeMap<(FlowId, TaskId), usize> = BTreeMap::new();
     let mut completions: Vec<u64> = Vec::new();
     let (mut rejected, mut timed_out, mut lost, mut failed) = (0, 0, 0, 0);
@@ -606,6 +693,15 @@ async fn no_task_is_lost_or_completed_twice_and_no_agent_over_allocated_under_ch
         twice.len(),
     );
     eprintln!(
+        "chaos: all flows final {:.1} s after the faults stopped, nothing booked {:.1} s after \
+         ({booked} resources checked); events {} (duplicate ids {duplicate_ids}), flows without \
+         exactly one created and one finished event {}",
+        drained_in.as_secs_f64(),
+        settled_in.as_secs_f64(),
+        events.len(),
+        flows_missing_events.len()
+    );
+    eprintln!(
         "chaos: agent record revisions checked {} of {last_revision} (missing {missing_revisions}, \
          rewritten {}), over-allocations {}",
         revisions.len(),
@@ -644,8 +740,20 @@ async fn no_task_is_lost_or_completed_twice_and_no_agent_over_allocated_under_ch
         size.seed,
         rewritten.lock().unwrap()
     );
+    assert_eq!(
+        (unrecorded, duplicate_ids),
+        (0, 0),
+        "succeeded tasks without their event, or events stored twice (seed {})",
+        size.seed
+    );
     assert!(
-        faults.iter().any(|f| f.kind == FaultKind::Nats) && faults.len() >= 3,
+        flows_missing_events.is_empty(),
+        "flows without exactly one created and one finished event (seed {}): {flows_missing_events:?}",
+        size.seed
+    );
+    let nats_faults = faults.iter().any(|f| f.kind == FaultKind::Nats);
+    assert!(
+        (nats_faults || profile == Profile::Orchestrator) && faults.len() >= 3,
         "too few faults to mean anything: {faults:?}"
     );
     drop(agents);
