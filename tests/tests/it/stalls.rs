@@ -101,3 +101,65 @@ async fn a_report_held_by_a_frozen_orchestrator_reaches_another_in_time() {
     let _ = agent.0.send(());
     drop(frozen);
 }
+
+/// An allocator frozen for 3.5 s wakes with every timer expired and the
+/// agents' heartbeats of the pause still unread: its pause is not the
+/// agents' silence, so a live agent is never declared lost for it. Frozen
+/// three times over, since the wake-up race does not lose every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_allocator_does_not_declare_a_live_agent_lost_on_waking() {
+    use futures::StreamExt;
+
+    common::telemetry::init_for_tests();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let client = common::Client::new(nats.clone());
+    let allocator = Process::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_coord-proc")),
+        ["--nats-url", server.url(), "allocator", "--sweep-ms", "200"],
+    );
+    wait_for_service(&nats, "allocator").await;
+    let mut lost = nats
+        .subscribe(common::subject::event::AGENT_LOST)
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    // Heartbeats every 300 ms: silent for 900 ms, an agent is lost.
+    let agent_nats = common::nats::connect(&server.config(), "agent-live")
+        .await
+        .unwrap();
+    let mut opts =
+        coordkit::agent::AgentOptions::new(AgentId::new("live").unwrap()).capacity("cpu", 1.0);
+    opts.heartbeat_interval = Duration::from_millis(300);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(coordkit::agent::run(
+        agent_nats,
+        opts,
+        |_| async { Ok(json!(null)) },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    wait_registered(&client, "live").await;
+
+    for round in 0..3 {
+        allocator.stop();
+        tokio::time::sleep(Duration::from_millis(3_500)).await;
+        allocator.resume();
+        // Two seconds awake: many sweeps, with the agent heartbeating.
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), lost.next()).await {
+            panic!(
+                "round {round}: a live agent was declared lost on waking: {}",
+                String::from_utf8_lossy(&m.payload)
+            );
+        }
+    }
+    let cap = client.capacity(&Default::default()).await.unwrap();
+    assert_eq!(
+        cap.agent_status[&AgentId::new("live").unwrap()],
+        common::msg::AgentStatus::Active
+    );
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+    drop(allocator);
+}
