@@ -96,7 +96,7 @@ enum Command {
     /// Pool capacity: show, check a requirement, reserve, adjust an agent.
     #[command(subcommand)]
     Capacity(alloc::CapacityCmd),
-    /// Allocations: allocate, gang, release.
+    /// Allocations: allocate, renew a lease, gang, release.
     #[command(subcommand)]
     Alloc(alloc::AllocCmd),
     /// Plan (and with --apply, make) moves of movable allocations that even out utilisation.
