@@ -14,6 +14,7 @@ mod errors;
 mod flow;
 mod isolation;
 mod large_flows;
+mod model;
 mod monitor;
 mod monitor_traffic;
 mod orchestrator;
