@@ -432,8 +432,11 @@ async fn rerun(sys: &Sys, model: &mut Model, rng: &mut Rng, i: usize) -> Result<
     };
     let id = model.flows[i].id.clone();
     let before = status(sys, &id).await?;
+    // Mostly what failed or timed out: what an operator re-runs.
+    let failed: Vec<&common::msg::TaskStatus> = before.tasks.iter().filter(|t| matches!(t.state, TaskState::Failed | TaskState::TimedOut)).collect();
     let done: Vec<&common::msg::TaskStatus> = before.tasks.iter().filter(|t| t.state.is_terminal()).collect();
-    let Some(target) = rng.pick(&done).map(|t| t.task_id.clone()) else {
+    let pool = if !failed.is_empty() && rng.percent(60) { &failed } else { &done };
+    let Some(target) = rng.pick(pool).map(|t| t.task_id.clone()) else {
         let req = RerunRequest { flow_id: id.clone(), task_id: tid("nope") };
         return refused(&format!("rerun {id}/nope"), sys.client.rerun_task(&req).await, &[ErrorCode::ValidationFailed, ErrorCode::NotFound]);
     };
