@@ -15,14 +15,16 @@
 //! `COORD_MODEL_SEEDS=1,2,3` several, `COORD_MODEL_STEPS` sets the steps per
 //! seed; a failure prints the seed and the command that runs it again.
 
+mod checks;
 mod harness;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use checks::{check, check_booked, finish};
 use common::msg::{
-    CapacityRequest, ExplainRequest, FlowChanges, FlowListRequest, FlowOptimizeRequest, FlowSpec,
-    FlowState, FlowStatus, Requirements, RerunRequest, RetryPolicy, TaskSpec, TaskState, Timeouts,
+    FlowChanges, FlowListRequest, FlowOptimizeRequest, FlowSpec, FlowState, FlowStatus,
+    Requirements, RerunRequest, RetryPolicy, TaskSpec, TaskState, Timeouts,
 };
 use common::{AgentId, ErrorCode, FlowId, TaskId};
 use harness::{watchdog, Rng, Sys, Violations};
@@ -67,11 +69,8 @@ fn tid(s: &str) -> TaskId {
 }
 
 fn seeds() -> (Vec<u64>, usize) {
-    let parse = |v: String| -> Vec<u64> {
-        v.split(',')
-            .filter_map(|s| s.trim().parse().ok())
-            .collect()
-    };
+    let parse =
+        |v: String| -> Vec<u64> { v.split(',').filter_map(|s| s.trim().parse().ok()).collect() };
     let seeds = std::env::var("COORD_MODEL_SEED")
         .ok()
         .map(parse)
@@ -150,7 +149,10 @@ fn refused<T: std::fmt::Debug>(
 ) -> Result<String, String> {
     match r {
         Err(e) if codes.contains(&e.code) => Ok(format!("{what}: refused ({})", e.code)),
-        Err(e) => Err(format!("{what}: refused with {} ({}), expected one of {codes:?}", e.code, e.message)),
+        Err(e) => Err(format!(
+            "{what}: refused with {} ({}), expected one of {codes:?}",
+            e.code, e.message
+        )),
         Ok(v) => Err(format!("{what}: applied, expected a refusal: {v:?}")),
     }
 }
@@ -197,19 +199,28 @@ fn task(rng: &mut Rng, id: &str, deps: Vec<TaskId>) -> TaskSpec {
 
 /// Picks one action the model allows, applies it and checks the reply.
 async fn act(sys: &mut Sys, model: &mut Model, rng: &mut Rng, seed: u64) -> Result<String, String> {
-    let open = open_flows(sys, model).await?;
+    let open = open_flows(sys).await?;
     let roll = rng.below(100);
     let any = (!model.flows.is_empty()).then(|| rng.below(model.flows.len() as u64) as usize);
     match (roll, any) {
         (0..=21, _) | (_, None) if open < MAX_OPEN_FLOWS => create(sys, model, rng, seed).await,
-        (0..=21, _) | (_, None) => sys.client.metrics().await.map(|m| format!("metrics: {} flows created", m.flows_created)).map_err(|e| format!("metrics: {e}")),
+        (0..=21, _) | (_, None) => sys
+            .client
+            .metrics()
+            .await
+            .map(|m| format!("metrics: {} flows created", m.flows_created))
+            .map_err(|e| format!("metrics: {e}")),
         (22..=26, _) => {
             let mut t = TaskSpec::new(tid("a"));
             t.depends_on = vec![tid("b")];
             let mut u = TaskSpec::new(tid("b"));
             u.depends_on = vec![tid("a")];
             let spec = FlowSpec::new("cycle", vec![t, u]);
-            refused("create a cycle", sys.client.create_flow(&spec).await, &[ErrorCode::ValidationFailed])
+            refused(
+                "create a cycle",
+                sys.client.create_flow(&spec).await,
+                &[ErrorCode::ValidationFailed],
+            )
         }
         (27..=34, Some(i)) => pause(sys, model, i).await,
         (35..=42, Some(i)) => resume(sys, model, i).await,
@@ -226,12 +237,23 @@ async fn act(sys: &mut Sys, model: &mut Model, rng: &mut Rng, seed: u64) -> Resu
                 capacity: [("cpu".to_string(), cpu)].into(),
                 preempt,
             };
-            let r = sys.client.adjust_capacity(&req).await.map_err(|e| format!("adjust {agent}: {e}"))?;
-            Ok(format!("adjust {agent} cpu {cpu} preempt {preempt}: applied {}", r.applied))
+            let r = sys
+                .client
+                .adjust_capacity(&req)
+                .await
+                .map_err(|e| format!("adjust {agent}: {e}"))?;
+            Ok(format!(
+                "adjust {agent} cpu {cpu} preempt {preempt}: applied {}",
+                r.applied
+            ))
         }
         (80..=84, _) => {
             let agent = rng.pick(&model.live).cloned().unwrap_or_default();
-            let info = sys.client.deregister_agent(&AgentId::new(&agent).unwrap()).await.map_err(|e| format!("drain {agent}: {e}"))?;
+            let info = sys
+                .client
+                .deregister_agent(&AgentId::new(&agent).unwrap())
+                .await
+                .map_err(|e| format!("drain {agent}: {e}"))?;
             model.live.retain(|a| *a != agent);
             model.drained.push(agent.clone());
             // A drained agent runs on until it is killed; few are kept.
@@ -241,7 +263,10 @@ async fn act(sys: &mut Sys, model: &mut Model, rng: &mut Rng, seed: u64) -> Resu
             }
             let new = sys.add_agent().await;
             model.live.push(new.clone());
-            Ok(format!("drain {agent} ({}), start {new}", info.status.as_str()))
+            Ok(format!(
+                "drain {agent} ({}), start {new}",
+                info.status.as_str()
+            ))
         }
         (85..=89, _) => {
             let agent = rng.pick(&model.live).cloned().unwrap_or_default();
@@ -254,23 +279,29 @@ async fn act(sys: &mut Sys, model: &mut Model, rng: &mut Rng, seed: u64) -> Resu
         (90..=94, _) => {
             let which = rng.below(2) as usize;
             sys.restart_orchestrator(which).await;
-            Ok(format!("kill orchestrator replica {which} and start another"))
+            Ok(format!(
+                "kill orchestrator replica {which} and start another"
+            ))
         }
         (_, Some(i)) => {
-            let unknown = FlowId::new(&format!("{}-nope", model.flows[i].id)).unwrap();
-            let r = if rng.percent(50) { sys.client.pause_flow(&unknown).await } else { sys.client.cancel_flow(&unknown).await };
+            let unknown = FlowId::new(format!("{}-nope", model.flows[i].id)).unwrap();
+            let r = if rng.percent(50) {
+                sys.client.pause_flow(&unknown).await
+            } else {
+                sys.client.cancel_flow(&unknown).await
+            };
             refused("an unknown flow", r, &[ErrorCode::NotFound])
         }
     }
 }
 
-async fn open_flows(sys: &Sys, model: &Model) -> Result<usize, String> {
+/// Flows not finished, as `flow.list` has them.
+async fn open_flows(sys: &Sys) -> Result<usize, String> {
     let list = sys
         .client
         .list_flows(&FlowListRequest::default())
         .await
         .map_err(|e| format!("flow.list: {e}"))?;
-    let _ = model;
     Ok(list.flows.iter().filter(|f| !f.state.is_terminal()).count())
 }
 
@@ -285,7 +316,7 @@ async fn create(sys: &Sys, model: &mut Model, rng: &mut Rng, seed: u64) -> Resul
         tasks.push(task(rng, &format!("t{i}"), deps));
     }
     let mut spec = FlowSpec::new("model", tasks.clone());
-    let id = FlowId::new(&format!("s{seed}-f{}", model.next)).unwrap();
+    let id = FlowId::new(format!("s{seed}-f{}", model.next)).unwrap();
     model.next += 1;
     spec.id = Some(id.clone());
     let status = sys
@@ -317,9 +348,17 @@ async fn pause(sys: &Sys, model: &mut Model, i: usize) -> Result<String, String>
     let id = model.flows[i].id.clone();
     let before = status(sys, &id).await?;
     if before.state.is_terminal() {
-        return refused(&format!("pause {id} ({})", before.state), sys.client.pause_flow(&id).await, &[ErrorCode::Conflict]);
+        return refused(
+            &format!("pause {id} ({})", before.state),
+            sys.client.pause_flow(&id).await,
+            &[ErrorCode::Conflict],
+        );
     }
-    let s = sys.client.pause_flow(&id).await.map_err(|e| format!("pause {id} ({}): {e}", before.state))?;
+    let s = sys
+        .client
+        .pause_flow(&id)
+        .await
+        .map_err(|e| format!("pause {id} ({}): {e}", before.state))?;
     if s.state != FlowState::Paused {
         return Err(format!("pause {id}: the flow is {} after it", s.state));
     }
@@ -331,9 +370,17 @@ async fn resume(sys: &Sys, model: &mut Model, i: usize) -> Result<String, String
     let id = model.flows[i].id.clone();
     let before = status(sys, &id).await?;
     if before.state.is_terminal() {
-        return refused(&format!("resume {id} ({})", before.state), sys.client.resume_flow(&id).await, &[ErrorCode::Conflict]);
+        return refused(
+            &format!("resume {id} ({})", before.state),
+            sys.client.resume_flow(&id).await,
+            &[ErrorCode::Conflict],
+        );
     }
-    let s = sys.client.resume_flow(&id).await.map_err(|e| format!("resume {id} ({}): {e}", before.state))?;
+    let s = sys
+        .client
+        .resume_flow(&id)
+        .await
+        .map_err(|e| format!("resume {id} ({}): {e}", before.state))?;
     if s.state == FlowState::Paused || s.state == FlowState::Cancelled {
         return Err(format!("resume {id}: the flow is {} after it", s.state));
     }
@@ -345,9 +392,17 @@ async fn cancel(sys: &Sys, model: &mut Model, i: usize) -> Result<String, String
     let id = model.flows[i].id.clone();
     let before = status(sys, &id).await?;
     if before.state.is_terminal() {
-        return refused(&format!("cancel {id} ({})", before.state), sys.client.cancel_flow(&id).await, &[ErrorCode::Conflict]);
+        return refused(
+            &format!("cancel {id} ({})", before.state),
+            sys.client.cancel_flow(&id).await,
+            &[ErrorCode::Conflict],
+        );
     }
-    let s = sys.client.cancel_flow(&id).await.map_err(|e| format!("cancel {id} ({}): {e}", before.state))?;
+    let s = sys
+        .client
+        .cancel_flow(&id)
+        .await
+        .map_err(|e| format!("cancel {id} ({}): {e}", before.state))?;
     if s.state != FlowState::Cancelled {
         return Err(format!("cancel {id}: the flow is {} after it", s.state));
     }
@@ -364,13 +419,22 @@ async fn optimize(sys: &Sys, model: &Model, i: usize) -> Result<String, String> 
         apply: true,
     };
     if before.state.is_terminal() {
-        return refused(&format!("optimize --apply {id} ({})", before.state), sys.client.optimize_flow(&req).await, &[ErrorCode::Conflict]);
+        return refused(
+            &format!("optimize --apply {id} ({})", before.state),
+            sys.client.optimize_flow(&req).await,
+            &[ErrorCode::Conflict],
+        );
     }
     match sys.client.optimize_flow(&req).await {
-        Ok(plan) if plan.applied => Ok(format!("optimize --apply {id}: {} changes", plan.priority_changes.len())),
+        Ok(plan) if plan.applied => Ok(format!(
+            "optimize --apply {id}: {} changes",
+            plan.priority_changes.len()
+        )),
         Ok(_) => Err(format!("optimize --apply {id}: the plan was not applied")),
         // The flow moved on while the plan was made, a typed refusal.
-        Err(e) if e.code == ErrorCode::Conflict => Ok(format!("optimize --apply {id}: conflict ({})", e.message)),
+        Err(e) if e.code == ErrorCode::Conflict => {
+            Ok(format!("optimize --apply {id}: conflict ({})", e.message))
+        }
         Err(e) => Err(format!("optimize --apply {id}: {e}")),
     }
 }
@@ -379,7 +443,10 @@ async fn modify(sys: &Sys, model: &mut Model, rng: &mut Rng, i: usize) -> Result
     let id = model.flows[i].id.clone();
     let before = status(sys, &id).await?;
     let new = tid(&format!("x{}", model.flows[i].deps.len()));
-    let on = rng.pick(&before.tasks).map(|t| t.task_id.clone()).unwrap_or_else(|| tid("t0"));
+    let on = rng
+        .pick(&before.tasks)
+        .map(|t| t.task_id.clone())
+        .unwrap_or_else(|| tid("t0"));
     let mut spec = task(rng, new.as_str(), vec![on.clone()]);
     if spec.kind == "hang" {
         spec.kind = "work".into();
@@ -396,19 +463,28 @@ async fn modify(sys: &Sys, model: &mut Model, rng: &mut Rng, i: usize) -> Result
     };
     let r = sys.client.modify_flow(&changes).await;
     if before.state.is_terminal() {
-        return refused(&format!("modify {id} ({})", before.state), r, &[ErrorCode::ValidationFailed]);
+        return refused(
+            &format!("modify {id} ({})", before.state),
+            r,
+            &[ErrorCode::ValidationFailed],
+        );
     }
     match r {
         Ok(s) => {
             if !s.tasks.iter().any(|t| t.task_id == new) {
-                return Err(format!("modify {id}: task {new} is not in the flow after it"));
+                return Err(format!(
+                    "modify {id}: task {new} is not in the flow after it"
+                ));
             }
             model.flows[i].deps.insert(new.clone(), vec![on.clone()]);
             Ok(format!("modify {id}: add {new} after {on}"))
         }
         // Changed since it was read: a typed refusal, nothing applied.
         Err(e) if e.code == ErrorCode::Conflict => Ok(format!("modify {id}: conflict")),
-        Err(e) if e.code == ErrorCode::ValidationFailed && status(sys, &id).await?.state.is_terminal() => {
+        Err(e)
+            if e.code == ErrorCode::ValidationFailed
+                && status(sys, &id).await?.state.is_terminal() =>
+        {
             Ok(format!("modify {id}: refused, it finished meanwhile"))
         }
         Err(e) => Err(format!("modify {id} ({}): {e}", before.state)),
@@ -433,29 +509,68 @@ async fn rerun(sys: &Sys, model: &mut Model, rng: &mut Rng, i: usize) -> Result<
     let id = model.flows[i].id.clone();
     let before = status(sys, &id).await?;
     // Mostly what failed or timed out: what an operator re-runs.
-    let failed: Vec<&common::msg::TaskStatus> = before.tasks.iter().filter(|t| matches!(t.state, TaskState::Failed | TaskState::TimedOut)).collect();
-    let done: Vec<&common::msg::TaskStatus> = before.tasks.iter().filter(|t| t.state.is_terminal()).collect();
-    let pool = if !failed.is_empty() && rng.percent(60) { &failed } else { &done };
-    let Some(target) = rng.pick(pool).map(|t| t.task_id.clone()) else {
-        let req = RerunRequest { flow_id: id.clone(), task_id: tid("nope") };
-        return refused(&format!("rerun {id}/nope"), sys.client.rerun_task(&req).await, &[ErrorCode::ValidationFailed, ErrorCode::NotFound]);
+    let failed: Vec<&common::msg::TaskStatus> = before
+        .tasks
+        .iter()
+        .filter(|t| matches!(t.state, TaskState::Failed | TaskState::TimedOut))
+        .collect();
+    let done: Vec<&common::msg::TaskStatus> = before
+        .tasks
+        .iter()
+        .filter(|t| t.state.is_terminal())
+        .collect();
+    let pool = if !failed.is_empty() && rng.percent(60) {
+        &failed
+    } else {
+        &done
     };
-    let req = RerunRequest { flow_id: id.clone(), task_id: target.clone() };
+    let Some(target) = rng.pick(pool).map(|t| t.task_id.clone()) else {
+        let req = RerunRequest {
+            flow_id: id.clone(),
+            task_id: tid("nope"),
+        };
+        return refused(
+            &format!("rerun {id}/nope"),
+            sys.client.rerun_task(&req).await,
+            &[ErrorCode::ValidationFailed, ErrorCode::NotFound],
+        );
+    };
+    let req = RerunRequest {
+        flow_id: id.clone(),
+        task_id: target.clone(),
+    };
     let r = sys.client.rerun_task(&req).await;
     if model.flows[i].cancelled {
-        return refused(&format!("rerun {id}/{target} (cancelled)"), r, &[ErrorCode::ValidationFailed]);
+        return refused(
+            &format!("rerun {id}/{target} (cancelled)"),
+            r,
+            &[ErrorCode::ValidationFailed],
+        );
     }
     let after = r.map_err(|e| format!("rerun {id}/{target} ({}): {e}", before.state))?;
-    let again = after.tasks.iter().find(|t| t.task_id == target).map(|t| t.state);
+    let again = after
+        .tasks
+        .iter()
+        .find(|t| t.task_id == target)
+        .map(|t| t.state);
     // A task whose dependency did not succeed is skipped again at once, and
     // the flow may finish again with it.
     let skipped = again == Some(TaskState::Skipped);
     if again.is_none_or(|s| s.is_terminal() && !skipped) {
-        return Err(format!("rerun {id}/{target}: the task is {again:?} after it"));
+        return Err(format!(
+            "rerun {id}/{target}: the task is {again:?} after it"
+        ));
     }
-    let expect = if model.flows[i].paused { FlowState::Paused } else { FlowState::Running };
+    let expect = if model.flows[i].paused {
+        FlowState::Paused
+    } else {
+        FlowState::Running
+    };
     if after.state != expect && !(skipped && after.state.is_terminal()) {
-        return Err(format!("rerun {id}/{target}: the flow is {} after it, expected {expect}", after.state));
+        return Err(format!(
+            "rerun {id}/{target}: the flow is {} after it, expected {expect}",
+            after.state
+        ));
     }
     // What it reset: the task and everything downstream of it.
     let deps = &model.flows[i].deps;
@@ -477,141 +592,9 @@ async fn rerun(sys: &Sys, model: &mut Model, rng: &mut Rng, i: usize) -> Result<
     if before.state.is_terminal() {
         model.reran_finished += 1;
     }
-    Ok(format!("rerun {id}/{target} ({} before, {} reset)", before.state, reset.len()))
-}
-
-/// After every step: what the watchdog and the agents saw, every flow listed
-/// in the state the operator left it in, and `explain` giving a reason for
-/// every unfinished task.
-async fn check(sys: &Sys, model: &Model, found: &Violations) -> Result<(), String> {
-    if let Some(v) = found.take().into_iter().next() {
-        return Err(v);
-    }
-    if let Some(v) = sys.runs.overlaps().into_iter().next() {
-        return Err(v);
-    }
-    let list = sys.client.list_flows(&FlowListRequest::default()).await.map_err(|e| format!("flow.list: {e}"))?;
-    if list.flows.len() != model.flows.len() {
-        return Err(format!("flow.list has {} flows, {} were created", list.flows.len(), model.flows.len()));
-    }
-    for f in &model.flows {
-        let Some(listed) = list.flows.iter().find(|l| l.flow_id == f.id) else {
-            return Err(format!("flow {} is not listed", f.id));
-        };
-        let want = if f.cancelled { Some(FlowState::Cancelled) } else if f.paused { Some(FlowState::Paused) } else { None };
-        if want.is_some_and(|w| w != listed.state) || (want.is_none() && matches!(listed.state, FlowState::Paused | FlowState::Cancelled)) {
-            return Err(format!("flow {} is {}, the operator left it {}", f.id, listed.state, want.map_or("running", |w| w.as_str())));
-        }
-        if listed.state.is_terminal() {
-            continue;
-        }
-        let why = sys.client.explain_flow(&ExplainRequest { flow_id: f.id.clone(), task_id: None }).await.map_err(|e| format!("flow.explain {}: {e}", f.id))?;
-        if let Some(t) = why.tasks.iter().find(|t| !t.state.is_terminal() && t.reasons.is_empty()) {
-            return Err(format!("flow.explain {} gives no reason for task {} ({})", f.id, t.task_id, t.state));
-        }
-    }
-    Ok(())
-}
-
-/// Every agent's booked cpu is exactly what the flows' assigned and running
-/// tasks on it hold: nothing booked without an owner, no task without its
-/// booking. Finished work is held back meanwhile so the state stands still;
-/// a read is used when the flows did not change around the capacity read.
-async fn check_booked(sys: &Sys) -> Result<(), String> {
-    sys.hold(true);
-    let r = booked_matches(sys, Duration::from_secs(20) + Duration::from_millis(harness::RECONCILE_GRACE_MS)).await;
-    sys.hold(false);
-    r
-}
-
-async fn booked_matches(sys: &Sys, within: Duration) -> Result<(), String> {
-    let started = Instant::now();
-    let mut last = String::new();
-    while started.elapsed() < within {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let Ok((revisions, held)) = holdings(sys).await else { continue };
-        let Ok(capacity) = sys.client.capacity(&CapacityRequest::default()).await else { continue };
-        let Ok((again, _)) = holdings(sys).await else { continue };
-        if again != revisions {
-            continue;
-        }
-        let booked: BTreeMap<String, f64> = capacity
-            .agents
-            .iter()
-            .map(|(a, r)| (a.to_string(), r.get("cpu").map_or(0.0, |c| c.allocated)))
-            .filter(|(_, c)| *c > 0.0)
-            .collect();
-        if booked == held {
-            return Ok(());
-        }
-        last = format!("booked cpu per agent {booked:?}, held by tasks {held:?}");
-    }
-    Err(format!("allocations do not match the tasks holding them after {within:?}: {last}"))
-}
-
-/// Every flow's revision, and the cpu its active tasks hold per agent.
-async fn holdings(sys: &Sys) -> Result<(BTreeMap<FlowId, u64>, BTreeMap<String, f64>), common::Error> {
-    let list = sys.client.list_flows(&FlowListRequest::default()).await?;
-    let mut revisions = BTreeMap::new();
-    let mut held = BTreeMap::new();
-    for f in list.flows {
-        let s = sys.client.flow_status(&f.flow_id).await?;
-        revisions.insert(f.flow_id, s.revision);
-        for t in s.tasks.iter().filter(|t| t.state.is_active()) {
-            if let Some(a) = &t.agent_id {
-                *held.entry(a.to_string()).or_insert(0.0) += 1.0;
-            }
-        }
-    }
-    Ok((revisions, held))
-}
-
-/// Once the actions stop: every flow finishes (paused ones resumed), nothing
-/// stays booked, and the monitor's counts match the flows.
-async fn finish(sys: &Sys, model: &Model, found: &Violations) -> Result<(), String> {
-    for f in model.flows.iter().filter(|f| f.paused) {
-        sys.client.resume_flow(&f.id).await.map_err(|e| format!("resume {}: {e}", f.id))?;
-    }
-    let started = Instant::now();
-    let statuses = loop {
-        if let Some(v) = found.take().into_iter().next() {
-            return Err(v);
-        }
-        let mut all = Vec::new();
-        for f in &model.flows {
-            all.push(status(sys, &f.id).await?);
-        }
-        if all.iter().all(|s| s.state.is_terminal()) {
-            break all;
-        }
-        if started.elapsed() > FINISH_WITHIN {
-            let open: Vec<String> = all.iter().filter(|s| !s.state.is_terminal()).map(|s| format!("{} {} {:?}", s.flow_id, s.state, s.counts)).collect();
-            return Err(format!("flows not finished {FINISH_WITHIN:?} after the last step: {open:?}"));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    if let Some(v) = sys.runs.overlaps().into_iter().next() {
-        return Err(v);
-    }
-    booked_matches(sys, Duration::from_secs(15) + Duration::from_millis(harness::RECONCILE_GRACE_MS)).await?;
-    let created = model.flows.len() as u64;
-    let completed = statuses.len() as u64 + model.reran_finished;
-    let succeeded: u64 = statuses.iter().map(|s| s.counts.get(&TaskState::Succeeded).copied().unwrap_or(0) as u64).sum();
-    let lo = succeeded + model.reset_succeeded;
-    let hi = lo + model.reset_maybe;
-    let started = Instant::now();
-    loop {
-        let m = sys.client.metrics().await.map_err(|e| format!("metrics: {e}"))?;
-        let got = (m.flows_created, m.flows_completed, m.tasks_completed);
-        if got.0 == created && got.1 == completed && (lo..=hi).contains(&got.2) {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(15) {
-            return Err(format!(
-                "metrics say {} created, {} completed, {} tasks completed ({} re-runs); the flows say {created} created, {completed} completed ({} re-runs of finished flows), {lo}..={hi} tasks completed",
-                got.0, got.1, got.2, m.flows_rerun, model.reran_finished
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    Ok(format!(
+        "rerun {id}/{target} ({} before, {} reset)",
+        before.state,
+        reset.len()
+    ))
 }

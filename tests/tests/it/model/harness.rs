@@ -153,7 +153,6 @@ impl Runs {
         }
         found
     }
-
 }
 
 /// What a task does on an agent, by its `kind`:
@@ -258,7 +257,8 @@ impl Sys {
         let name = id.clone();
         let agent = Isolated::spawn(async move {
             let nats = async_nats::connect(url).await.expect("agent connects");
-            let mut opts = AgentOptions::new(AgentId::new(&name).unwrap()).capacity("cpu", AGENT_CPU);
+            let mut opts =
+                AgentOptions::new(AgentId::new(&name).unwrap()).capacity("cpu", AGENT_CPU);
             opts.heartbeat_interval = Duration::from_millis(500);
             opts.concurrency = AGENT_CONCURRENCY;
             let handler = move |a: Assignment| handle(a, name.clone(), runs.clone(), hold.clone());
@@ -267,7 +267,11 @@ impl Sys {
         self.agents.insert(id.clone(), agent);
         let agent_id = AgentId::new(&id).unwrap();
         testkit::eventually(Duration::from_secs(20), "the agent registered", || async {
-            let c = self.client.capacity(&CapacityRequest::default()).await.ok()?;
+            let c = self
+                .client
+                .capacity(&CapacityRequest::default())
+                .await
+                .ok()?;
             c.agents.contains_key(&agent_id).then_some(())
         })
         .await;
@@ -371,7 +375,7 @@ pub(super) async fn watchdog(client: Client, found: Violations) {
                         ));
                     }
                 }
-                let past_backoff = t.not_before_ms.map_or(true, |nb| now > nb + STUCK_MS);
+                let past_backoff = t.not_before_ms.is_none_or(|nb| now > nb + STUCK_MS);
                 if t.state == TaskState::Ready
                     && status.state == FlowState::Running
                     && past_backoff
@@ -404,7 +408,13 @@ pub(super) async fn watchdog(client: Client, found: Violations) {
                                 task_id: Some(t.task_id.clone()),
                             })
                             .await
-                            .map(|e| e.tasks.iter().flat_map(|x| x.reasons.clone()).collect::<Vec<_>>().join("; "))
+                            .map(|e| {
+                                e.tasks
+                                    .iter()
+                                    .flat_map(|x| x.reasons.clone())
+                                    .collect::<Vec<_>>()
+                                    .join("; ")
+                            })
                             .unwrap_or_else(|e| format!("explain failed: {e}"));
                         found.push(format!(
                             "no progress: task {flow}/{} attempt {} has been ready {} ms past its back-off while cpu fits (explain: {why})",
