@@ -52,8 +52,13 @@ struct MFlow {
 #[derive(Default)]
 struct Model {
     flows: Vec<MFlow>,
-    /// Re-runs of flows that had finished: each makes one more completion.
+    /// Re-runs applied (each a `flow.rerun` event), and those of flows that
+    /// had finished: each of these makes one more completion.
+    reruns: u64,
     reran_finished: u64,
+    /// Re-runs of flows read unfinished just before: one may have finished
+    /// in between, and then it completes once more.
+    reran_maybe_finished: u64,
     /// Succeeded tasks a re-run reset (each completes again), and tasks it
     /// reset that might have succeeded just before it.
     reset_succeeded: u64,
@@ -589,8 +594,11 @@ async fn rerun(sys: &Sys, model: &mut Model, rng: &mut Rng, i: usize) -> Result<
             _ => {}
         }
     }
+    model.reruns += 1;
     if before.state.is_terminal() {
         model.reran_finished += 1;
+    } else {
+        model.reran_maybe_finished += 1;
     }
     Ok(format!(
         "rerun {id}/{target} ({} before, {} reset)",

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::msg::{CapacityRequest, ExplainRequest, FlowListRequest, FlowState, TaskState};
+use common::msg::{
+    CapacityRequest, EventKind, ExplainRequest, FlowListRequest, FlowState, TaskState,
+};
 use common::FlowId;
 
 use super::harness::{self, Sys, Violations};
@@ -186,8 +188,10 @@ pub(super) async fn finish(sys: &Sys, model: &Model, found: &Violations) -> Resu
         Duration::from_secs(15) + Duration::from_millis(harness::RECONCILE_GRACE_MS),
     )
     .await?;
+    no_completion_twice(sys)?;
     let created = model.flows.len() as u64;
     let completed = statuses.len() as u64 + model.reran_finished;
+    let completed_hi = completed + model.reran_maybe_finished;
     let succeeded: u64 = statuses
         .iter()
         .map(|s| s.counts.get(&TaskState::Succeeded).copied().unwrap_or(0) as u64)
@@ -201,16 +205,54 @@ pub(super) async fn finish(sys: &Sys, model: &Model, found: &Violations) -> Resu
             .metrics()
             .await
             .map_err(|e| format!("metrics: {e}"))?;
-        let got = (m.flows_created, m.flows_completed, m.tasks_completed);
-        if got.0 == created && got.1 == completed && (lo..=hi).contains(&got.2) {
+        if m.flows_created == created
+            && (completed..=completed_hi).contains(&m.flows_completed)
+            && (lo..=hi).contains(&m.tasks_completed)
+            && m.flows_rerun == model.reruns
+        {
             return Ok(());
         }
         if started.elapsed() > Duration::from_secs(15) {
             return Err(format!(
-                "metrics say {} created, {} completed, {} tasks completed ({} re-runs); the flows say {created} created, {completed} completed ({} re-runs of finished flows), {lo}..={hi} tasks completed",
-                got.0, got.1, got.2, m.flows_rerun, model.reran_finished
+                "metrics say {} created, {} completed, {} tasks completed, {} re-runs; the flows say \
+                 {created} created, {completed}..={completed_hi} completed ({} re-runs of finished flows), \
+                 {lo}..={hi} tasks completed, {} re-runs",
+                m.flows_created, m.flows_completed, m.tasks_completed, m.flows_rerun,
+                model.reran_finished, model.reruns
             ));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A flow completes once per run: no more `flow.completed` events than its
+/// creation and the re-runs that found it finished (`was_finished`).
+fn no_completion_twice(sys: &Sys) -> Result<(), String> {
+    let mut runs: BTreeMap<String, (i64, Vec<String>)> = BTreeMap::new();
+    for e in sys.flow_events.lock().unwrap().iter() {
+        match &e.kind {
+            EventKind::FlowCompleted { flow_id, state } => {
+                let r = runs.entry(flow_id.to_string()).or_insert((1, Vec::new()));
+                r.0 -= 1;
+                r.1.push(format!("completed {state} ({})", e.event_id));
+            }
+            EventKind::FlowRerun {
+                flow_id,
+                task_id,
+                was_finished,
+                ..
+            } => {
+                let r = runs.entry(flow_id.to_string()).or_insert((1, Vec::new()));
+                r.0 += i64::from(*was_finished);
+                r.1.push(format!("rerun {task_id} (was finished: {was_finished})"));
+            }
+            _ => {}
+        }
+    }
+    match runs.into_iter().find(|(_, (open, _))| *open < 0) {
+        Some((flow, (_, seen))) => Err(format!(
+            "flow {flow} completed more often than it ran: {seen:?}"
+        )),
+        None => Ok(()),
     }
 }

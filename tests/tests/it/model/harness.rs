@@ -198,6 +198,9 @@ pub(super) struct Sys {
     /// Agents by id: running ones, and drained ones still running.
     pub(super) agents: BTreeMap<String, Isolated>,
     next_agent: usize,
+    /// `flow.completed` and `flow.rerun` events as they were published, to
+    /// say which flow a count that does not match comes from.
+    pub(super) flow_events: Arc<Mutex<Vec<common::msg::Event>>>,
 }
 
 impl Sys {
@@ -227,6 +230,17 @@ impl Sys {
         for name in testkit::SERVICES {
             wait_for_service(&nats, name).await;
         }
+        let flow_events = Arc::new(Mutex::new(Vec::new()));
+        let mut sub = nats.subscribe("coord.events.flow.>").await.unwrap();
+        let log = flow_events.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(m) = sub.next().await {
+                if let Ok(e) = serde_json::from_slice(&m.payload) {
+                    log.lock().unwrap().push(e);
+                }
+            }
+        });
         let client = Client::new(nats).with_timeout(Duration::from_secs(10));
         let (hold, _) = watch::channel(false);
         let mut sys = Sys {
@@ -238,6 +252,7 @@ impl Sys {
             hold,
             agents: BTreeMap::new(),
             next_agent: 0,
+            flow_events,
         };
         for _ in 0..agents {
             sys.add_agent().await;
