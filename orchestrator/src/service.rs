@@ -692,21 +692,30 @@ impl Orchestrator {
         let unavailable = |e: &dyn std::fmt::Display| {
             Error::new(ErrorCode::Unavailable, format!("list flows: {e}"))
         };
-        // Stopped at the first error: polled again after one, a key listing
-        // whose connection went away panics (async-nats 0.51).
-        let keys: Vec<String> = self
+        // The stream's subjects, not `kv::Store::keys`: that consumer ends
+        // early when an entry it was about to deliver is replaced meanwhile
+        // (the bucket keeps one revision), so a busy flow went missing from
+        // `flow.list` and from sweeps. The subject counts are the server's
+        // own snapshot. Flows are never deleted, so no key here is a tombstone.
+        // Stopped at the first error, as a listing polled again after one may
+        // panic (async-nats 0.51).
+        let prefix = self.flows.prefix.as_str();
+        let subjects: Vec<(String, usize)> = self
             .flows
-            .keys()
+            .stream
+            .info_with_subjects(format!("{prefix}>"))
             .await
             .map_err(|e| unavailable(&e))?
             .try_collect()
             .await
             .map_err(|e| unavailable(&e))?;
         // Page keys hold a `.`, which no flow id does.
-        Ok(keys
+        let mut ids: Vec<FlowId> = subjects
             .into_iter()
-            .filter_map(|k| FlowId::new(k).ok())
-            .collect())
+            .filter_map(|(subject, _)| FlowId::new(subject.strip_prefix(prefix)?).ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
     }
 
     /// Every reason each unfinished task (or the one named) is where it is,
