@@ -83,12 +83,16 @@ impl Scene {
             .get_key_value(KV_FLOWS)
             .await
             .unwrap();
-        eventually(Duration::from_secs(20), "the flow's outbox emptied", || async {
-            let (f, _, _) = orchestrator::store::read(&kv, &created.flow_id)
-                .await
-                .ok()??;
-            f.outbox.is_empty().then_some(())
-        })
+        eventually(
+            Duration::from_secs(20),
+            "the flow's outbox emptied",
+            || async {
+                let (f, _, _) = orchestrator::store::read(&kv, &created.flow_id)
+                    .await
+                    .ok()??;
+                f.outbox.is_empty().then_some(())
+            },
+        )
         .await;
         let flow = ops.flow_status(&created.flow_id).await.unwrap();
         assert_eq!(flow.state, FlowState::Cancelled);
