@@ -15,6 +15,7 @@ mod events;
 mod flow;
 mod isolation;
 mod large_flows;
+mod limits;
 mod monitor;
 mod monitor_traffic;
 mod orchestrator;
