@@ -38,9 +38,18 @@ async fn heartbeat_writes(js: &async_nats::jetstream::Context) -> u64 {
 async fn a_heartbeat_flood_from_one_agent_costs_a_handful_of_writes() {
     let sys = System::start().await;
     let js = async_nats::jetstream::new(sys.nats.clone());
-    let (flooder, marker) = (AgentId::new("flooder").unwrap(), AgentId::new("marker").unwrap());
-    sys.client.register_agent(&registration(&flooder)).await.unwrap();
-    sys.client.register_agent(&registration(&marker)).await.unwrap();
+    let (flooder, marker) = (
+        AgentId::new("flooder").unwrap(),
+        AgentId::new("marker").unwrap(),
+    );
+    sys.client
+        .register_agent(&registration(&flooder))
+        .await
+        .unwrap();
+    sys.client
+        .register_agent(&registration(&marker))
+        .await
+        .unwrap();
     let before = heartbeat_writes(&js).await;
 
     let beat = serde_json::to_vec(&Heartbeat {
@@ -69,14 +78,19 @@ async fn a_heartbeat_flood_from_one_agent_costs_a_handful_of_writes() {
         .unwrap();
     sys.nats.flush().await.unwrap();
     let beats = js.get_key_value(KV_HEARTBEATS).await.unwrap();
-    eventually(Duration::from_secs(20), "the marker's heartbeat recorded", || async {
-        beats.get(marker.as_str()).await.ok()?.map(drop)
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the marker's heartbeat recorded",
+        || async { beats.get(marker.as_str()).await.ok()?.map(drop) },
+    )
     .await;
 
     let writes = heartbeat_writes(&js).await - before;
     // The flood's first heartbeat and the marker's.
-    assert!(writes <= 2, "{writes} heartbeat writes for a flood of 20,000");
+    assert!(
+        writes <= 2,
+        "{writes} heartbeat writes for a flood of 20,000"
+    );
     assert!(beats.get(flooder.as_str()).await.unwrap().is_some());
     let record = js
         .get_key_value(KV_AGENTS)
@@ -176,8 +190,14 @@ async fn an_agent_has_documents_in_at_most_so_many_scopes() {
         })
         .await
         .unwrap();
-    client.state_put(&put_in(&agent, &scope(16), 0, 1)).await.unwrap();
-    let full = client.state_put(&put_in(&agent, &scope(17), 0, 1)).await.unwrap_err();
+    client
+        .state_put(&put_in(&agent, &scope(16), 0, 1))
+        .await
+        .unwrap();
+    let full = client
+        .state_put(&put_in(&agent, &scope(17), 0, 1))
+        .await
+        .unwrap_err();
     assert_eq!(full.code, ErrorCode::QuotaExceeded);
     // An operator's write is not held to the agent's cap.
     let _: StateDoc = client
