@@ -33,6 +33,9 @@ pub enum ErrorCode {
     /// The allocation would take its owner beyond a quota; `details` names the
     /// quota's owner, the resource, the limit, what is in use and what was asked.
     QuotaExceeded,
+    /// The caller sends faster than it may (e.g. one agent's state writes);
+    /// retry later.
+    RateLimited,
     /// A report for an attempt or agent that no longer holds the task.
     Fenced,
     /// A request on one agent's own subject (`coord.agents.{id}.…`) whose body
@@ -57,7 +60,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict | ErrorCode::Fenced => 409,
-            ErrorCode::QuotaExceeded => 429,
+            ErrorCode::QuotaExceeded | ErrorCode::RateLimited => 429,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::ValidationFailed => 422,
             ErrorCode::Internal | ErrorCode::Unknown => 500,
@@ -76,6 +79,7 @@ impl ErrorCode {
             ErrorCode::ValidationFailed => "validation_failed",
             ErrorCode::NoCapacity => "no_capacity",
             ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Fenced => "fenced",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unavailable => "unavailable",
@@ -86,7 +90,7 @@ impl ErrorCode {
     }
 
     /// Every code, for docs and tests.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidId,
         ErrorCode::PayloadTooLarge,
@@ -95,6 +99,7 @@ impl ErrorCode {
         ErrorCode::ValidationFailed,
         ErrorCode::NoCapacity,
         ErrorCode::QuotaExceeded,
+        ErrorCode::RateLimited,
         ErrorCode::Fenced,
         ErrorCode::Forbidden,
         ErrorCode::Unavailable,

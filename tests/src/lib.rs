@@ -12,6 +12,8 @@
 // Test support: failing fast with a clear message is the point here.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
+pub mod isolated;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

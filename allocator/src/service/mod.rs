@@ -93,6 +93,12 @@ const HEARTBEATS_IN_FLIGHT: usize = 256;
 /// go unanswered before the time counts as a JetStream stall. On a healthy
 /// server it takes milliseconds.
 const STALL_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+/// The least time between two heartbeats of one agent that are both recorded
+/// (see [`Allocator::admit_beat`]): an agent flooding its heartbeat subject
+/// costs a handful of bucket writes, not one per message.
+const MIN_BEAT_GAP_MS: u64 = 100;
+/// How often, at most, dropped heartbeats are logged.
+const BEAT_DROP_WARN_EVERY_MS: u64 = 10_000;
 
 pub(crate) struct Allocator {
     agents: kv::Store,
@@ -101,6 +107,12 @@ pub(crate) struct Allocator {
     heartbeat_stream: jetstream::stream::Stream,
     cache: cache::Cache<AgentRecord>,
     beats: cache::Cache<cache::Beat>,
+    /// When this replica last accepted a heartbeat of each agent for writing.
+    beat_gate: std::sync::Mutex<std::collections::HashMap<AgentId, u64>>,
+    /// Heartbeats dropped for arriving too soon after the last one recorded.
+    beats_dropped: std::sync::atomic::AtomicU64,
+    /// When dropped heartbeats were last logged (ms since the epoch).
+    beats_dropped_warned: std::sync::atomic::AtomicU64,
     events: EventPublisher,
     gang_deadline_ms: u64,
     agent_retention_ms: u64,
@@ -172,6 +184,9 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         heartbeat_stream,
         cache: cache::Cache::default(),
         beats: cache::Cache::default(),
+        beat_gate: Default::default(),
+        beats_dropped: Default::default(),
+        beats_dropped_warned: Default::default(),
         events: EventPublisher::new(nats.clone(), NAME),
         gang_deadline_ms: cfg.gang_deadline_ms,
         agent_retention_ms: cfg.agent_retention_ms,
@@ -333,10 +348,14 @@ impl Allocator {
         let Some(agent) = subject::agent_of(&msg.subject) else {
             return;
         };
+        let now = common::now_ms();
+        if !self.admit_beat(&agent, now) {
+            return;
+        }
         let beat = serde_json::from_slice::<common::msg::Heartbeat>(&msg.payload).ok();
         let record = cache::Beat {
             agent_id: agent.clone(),
-            at_ms: common::now_ms(),
+            at_ms: now,
             running: beat.map(|b| b.running).unwrap_or(0),
         };
         let Ok(body) = serde_json::to_vec(&record) else {
@@ -346,6 +365,63 @@ impl Allocator {
         if let Err(e) = self.outages.observe(STALL_AFTER, put).await {
             tracing::warn!(agent = %agent, error = %e, "heartbeat not recorded");
         }
+    }
+
+    /// The least time between two recorded heartbeats of `agent`: a quarter
+    /// of its registered interval, at least [`MIN_BEAT_GAP_MS`]. An agent
+    /// that heartbeats at its interval is never held back; a flood is.
+    fn beat_gap_ms(&self, agent: &AgentId) -> u64 {
+        let interval = self
+            .cache
+            .get(agent)
+            .map_or(0, |(rec, _)| rec.heartbeat_interval_ms);
+        (interval / 4).max(MIN_BEAT_GAP_MS)
+    }
+
+    /// Whether a heartbeat of `agent` arriving at `now` is recorded: not if
+    /// one was recorded less than [`Self::beat_gap_ms`] before, by this
+    /// replica or (as its cache of the bucket shows) another. A dropped one is
+    /// counted and, now and then, logged.
+    fn admit_beat(&self, agent: &AgentId, now: u64) -> bool {
+        let gap = self.beat_gap_ms(agent);
+        let elsewhere = self.beats.get(agent).map_or(0, |(b, _)| b.at_ms);
+        let admitted = {
+            let mut gate = match self.beat_gate.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let last = gate.get(agent).copied().unwrap_or(0).max(elsewhere);
+            if now.saturating_sub(last) < gap && last <= now {
+                false
+            } else {
+                // Forget agents not heard from for a while, so the gate stays
+                // as small as the set of agents heartbeating now.
+                if gate.len() >= 1024 && !gate.contains_key(agent) {
+                    gate.retain(|_, at| now.saturating_sub(*at) < 600_000);
+                }
+                gate.insert(agent.clone(), now);
+                true
+            }
+        };
+        if !admitted {
+            use std::sync::atomic::Ordering::Relaxed;
+            let dropped = self.beats_dropped.fetch_add(1, Relaxed) + 1;
+            let warned = self.beats_dropped_warned.load(Relaxed);
+            if now.saturating_sub(warned) >= BEAT_DROP_WARN_EVERY_MS
+                && self
+                    .beats_dropped_warned
+                    .compare_exchange(warned, now, Relaxed, Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    agent = %agent,
+                    dropped,
+                    gap_ms = gap,
+                    "heartbeats dropped: sent sooner than the least gap after the last recorded"
+                );
+            }
+        }
+        admitted
     }
 
     /// The last heartbeat recorded for `agent`, as the heartbeat stream's

@@ -35,7 +35,10 @@ async fn registered(sys: &System, agent: &str) {
 async fn kit(url: &str, args: &[&str]) -> (Value, Option<i32>) {
     let mut all = vec!["--output", "json", "conformance"];
     all.extend_from_slice(args);
-    let out = coordctl(url, &all).await;
+    report_of(coordctl(url, &all).await)
+}
+
+fn report_of(out: std::process::Output) -> (Value, Option<i32>) {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "the kit printed no report ({e}):\n{}\n{}",
@@ -89,6 +92,68 @@ async fn the_rust_runtime_agent_keeps_every_rule() {
     // It left on SIGTERM, and exited.
     let exited = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await;
     assert!(matches!(exited, Ok(Ok(s)) if s.success()), "{exited:?}");
+}
+
+/// On the isolating deployment (`deploy/nats-auth.conf`, an account per
+/// agent from `deploy/agent-user.sh`): the services log in as theirs, the
+/// Rust runtime agent with only its own password, the kit as an operator.
+#[tokio::test]
+async fn the_rust_runtime_agent_keeps_every_rule_on_an_isolating_server() {
+    use testkit::isolated::{isolated_server, login, password, OPERATOR, SERVICE};
+
+    common::telemetry::init_for_tests();
+    let me = "conf-iso";
+    let server = isolated_server(&[me]);
+    let services: Vec<_> = testkit::SERVICES
+        .iter()
+        .map(|n| testkit::start_service(n, login(&server, SERVICE)))
+        .collect();
+    let operator = common::nats::connect(&login(&server, OPERATOR), "operator")
+        .await
+        .unwrap();
+    for name in testkit::SERVICES {
+        testkit::wait_for_service(&operator, name).await;
+    }
+    let ops = common::Client::new(operator).with_timeout(Duration::from_secs(10));
+    let url = server.url().to_owned();
+    let mut agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_coordctl"))
+        .args(["agent", "--id", me, "--heartbeat-ms", "500"])
+        .env("NATS_URL", &url)
+        .env("NATS_USER", me)
+        .env("NATS_PASSWORD", password(me))
+        .env_remove("NATS_INBOX_PREFIX")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let id = AgentId::new(me).unwrap();
+    eventually(Duration::from_secs(30), "the agent to register", || async {
+        let cap = ops.capacity(&Default::default()).await.ok()?;
+        (cap.agent_status.get(&id) == Some(&AgentStatus::Active)).then_some(())
+    })
+    .await;
+
+    let stop = format!("kill -TERM {}", agent.id().unwrap());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_coordctl"))
+        .args(["--output", "json", "conformance", "--agent-id", me])
+        .args(["--stop-cmd", &stop])
+        .env("NATS_URL", &url)
+        .env("NATS_USER", OPERATOR.0)
+        .env("NATS_PASSWORD", OPERATOR.1)
+        .env_remove("NATS_INBOX_PREFIX")
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let (report, code) = report_of(out);
+    assert_all_pass(&report, code);
+    let exited = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await;
+    assert!(matches!(exited, Ok(Ok(s)) if s.success()), "{exited:?}");
+    for s in services {
+        s.stop().await.unwrap();
+    }
 }
 
 /// How a hand-written agent breaks the contract.

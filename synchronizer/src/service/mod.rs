@@ -11,6 +11,7 @@
 //! side by side and any of them may answer any request.
 
 mod consistency;
+mod limits;
 mod points;
 mod state;
 
@@ -35,11 +36,28 @@ use crate::machine::hlc::Clock;
 pub struct Config {
     #[command(flatten)]
     pub nats: common::config::NatsConfig,
+    /// State puts one agent may make a second on its own subject (per
+    /// replica); more are answered `rate_limited`. Operators' puts on
+    /// `coord.sync.state.put` are not limited.
+    #[arg(long, env = "COORD_SYNC_AGENT_PUT_RATE", default_value_t = 100.0)]
+    pub agent_put_rate: f64,
+    /// How many puts one agent may make at once above its rate.
+    #[arg(long, env = "COORD_SYNC_AGENT_PUT_BURST", default_value_t = 200.0)]
+    pub agent_put_burst: f64,
+    /// In how many scopes one agent may have documents; a put creating one in
+    /// a further scope is answered `quota_exceeded`.
+    #[arg(long, env = "COORD_SYNC_AGENT_MAX_SCOPES", default_value_t = 16)]
+    pub agent_max_scopes: usize,
 }
 
 impl Config {
     pub fn new(nats: common::config::NatsConfig) -> Self {
-        Config { nats }
+        Config {
+            nats,
+            agent_put_rate: 100.0,
+            agent_put_burst: 200.0,
+            agent_max_scopes: 16,
+        }
     }
 }
 
@@ -60,6 +78,11 @@ pub(crate) struct Synchronizer {
     /// Compiled schemas of the scopes that enforce theirs on write, kept
     /// from a watch of the scopes bucket so a put costs no extra read.
     enforced: std::sync::RwLock<HashMap<ScopeId, Arc<machine::rules::Schema>>>,
+    /// The stream under `state`, asked in which scopes an agent has documents.
+    state_stream: jetstream::stream::Stream,
+    /// Per-agent write limits (see [`limits`]).
+    limits: limits::Limits,
+    cfg: Config,
 }
 
 /// An agent's acknowledgement as stored under `ack.{notice}.{agent}`.
@@ -82,6 +105,10 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let state = bus::ensure_bucket(&js, Bucket::State, replicas).await?;
     let scopes = bus::ensure_bucket(&js, Bucket::SyncScopes, replicas).await?;
     let points = bus::ensure_bucket(&js, Bucket::SyncPoints, replicas).await?;
+    let state_stream = js
+        .get_stream(format!("KV_{}", bus::KV_STATE))
+        .await
+        .map_err(|e| anyhow::anyhow!("state stream: {e}"))?;
     let node = format!("sync-{}", uuid::Uuid::now_v7().simple());
     let sync = Arc::new(Synchronizer {
         nats: nats.clone(),
@@ -92,6 +119,9 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         events: EventPublisher::new(nats.clone(), NAME),
         clock: Mutex::new(Clock::new(node)),
         enforced: Default::default(),
+        state_stream,
+        limits: Default::default(),
+        cfg: cfg.clone(),
     });
     let enforcing = tokio::spawn(sync.clone().follow_scopes());
 
@@ -118,7 +148,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     }
     // An agent's own documents, on its own subjects: it cannot write another's.
     serve!(serve_agent, subject::AGENT_STATE_GET_ALL, get);
-    serve!(serve_agent, subject::AGENT_STATE_PUT_ALL, put);
+    serve!(serve_agent, subject::AGENT_STATE_PUT_ALL, agent_put);
     serve!(serve_agent, subject::AGENT_STATE_DELETE_ALL, delete);
     serve!(serve_agent, subject::AGENT_STATE_HISTORY_ALL, history);
     // Any agent's documents by name, for operators' tools.

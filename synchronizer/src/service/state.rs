@@ -396,6 +396,7 @@ impl Synchronizer {
                 .await
             {
                 Ok(()) => {
+                    self.limits.forget(&req.agent_id, &req.scope);
                     self.events
                         .publish(EventKind::StateDeleted {
                             agent_id: req.agent_id.clone(),

@@ -30,43 +30,7 @@ use testkit::{
 };
 use tokio::sync::mpsc;
 
-const SERVICE: (&str, &str) = ("coord-service", "service-secret");
-const OPERATOR: (&str, &str) = ("coord-operator", "operator-secret");
-
-fn password(agent: &str) -> String {
-    format!("{agent}-secret")
-}
-
-/// The account `deploy/agent-user.sh` prints for `agent`: the test uses the
-/// operator's own tool, so a change to it is tested here.
-fn agent_entry(agent: &str) -> String {
-    let out = Command::new("sh")
-        .arg(workspace_root().join("deploy/agent-user.sh"))
-        .args([agent, &password(agent)])
-        .output()
-        .expect("run deploy/agent-user.sh");
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A server with `deploy/nats-auth.conf`, its passwords defined in the file
-/// (as the environment would) and an account for each of `agents` where the
-/// agents file is included.
-fn isolated_server(agents: &[&str]) -> NatsServer {
-    let auth = std::fs::read_to_string(workspace_root().join("deploy/nats-auth.conf")).unwrap();
-    let marker = "  include ./agents.conf\n";
-    assert!(
-        auth.contains(marker),
-        "nats-auth.conf no longer includes the agents file"
-    );
-    let entries: String = agents.iter().map(|a| agent_entry(a)).collect();
-    let auth = auth.replacen(marker, &entries, 1);
-    let vars = format!(
-        "COORD_SERVICE_PASSWORD: \"{}\"\nCOORD_OPERATOR_PASSWORD: \"{}\"\n",
-        SERVICE.1, OPERATOR.1,
-    );
-    NatsServer::start_with_config(&format!("{vars}{auth}"))
-}
+use testkit::isolated::{isolated_server, login, password, OPERATOR, SERVICE};
 
 /// The four services logged in as `coord-service` and answering, and an
 /// operator's connection with a client over it.
@@ -83,13 +47,6 @@ async fn serve_isolated(server: &NatsServer) -> (Vec<ServiceHandle>, async_nats:
     }
     let ops = Client::new(operator.clone()).with_timeout(Duration::from_secs(10));
     (services, operator, ops)
-}
-
-fn login(server: &NatsServer, (user, pass): (&str, &str)) -> NatsConfig {
-    let mut cfg = server.config();
-    cfg.nats_user = Some(user.to_owned());
-    cfg.nats_password = Some(pass.to_owned());
-    cfg
 }
 
 /// How an agent connects: as the user named after it, with its own inboxes.
