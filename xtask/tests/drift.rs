@@ -56,6 +56,18 @@ fn protocol_page_subject_table_matches_the_code() {
 /// Names in `common::subject` that are not a channel of their own, and why.
 const NOT_CHANNELS: &[(&str, &str)] = &[
     ("ROOT", "prefix of every subject"),
+    (
+        "CONSUMER_CREATE_ALL",
+        "an agent account's `$JS.API.CONSUMER.CREATE…` import, answered by the allocator",
+    ),
+    (
+        "ASSIGN_INFO_ALL",
+        "an agent account's `$JS.API.STREAM.INFO.COORD_ASSIGN` import, answered by the allocator",
+    ),
+    (
+        "ACCOUNT_INFO_ALL",
+        "an agent account's `$JS.API.INFO` import, answered by the allocator",
+    ),
     ("ALL", "wildcard over every subject"),
     (
         "MONITOR_INTAKE",

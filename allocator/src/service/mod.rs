@@ -203,6 +203,10 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         quota_reads: Default::default(),
         quota_tickets: Default::default(),
     });
+    // A replica that has just started heard no heartbeat before now: the
+    // bucket's last beats may be old (no allocator was recording them), so
+    // its start counts like an outage and no agent is lost for that gap.
+    alloc.outages.stalled();
     alloc.read_quotas().await?;
     let watchers = [
         alloc.cache.clone().start(agents).await?,
