@@ -69,6 +69,8 @@ pub struct Cursor {
     at_ms: u64,
     /// The stored batch, if any (its first number).
     batch: Option<u64>,
+    /// The numbers stored in it: the rest (past [`MAX_EVENTS`]) go out once.
+    kept: std::collections::HashSet<u64>,
     acks: Vec<PublishAckFuture>,
 }
 
@@ -129,6 +131,7 @@ impl Ledger {
             }
         }
         let batch = key_of(&kept);
+        let numbers = kept.iter().map(|e| e.n).collect();
         let new = flow.events > first;
         if !kept.is_empty() {
             flow.outbox.push(Staged {
@@ -141,6 +144,7 @@ impl Ledger {
             next: first,
             at_ms: now,
             batch,
+            kept: numbers,
             acks: Vec::new(),
         };
         (cursor, new || clear)
@@ -154,7 +158,16 @@ impl Ledger {
             source: SOURCE.to_owned(),
             kind,
         };
+        let n = cursor.next;
         cursor.next += 1;
+        if !cursor.kept.contains(&n) {
+            // Not in the outbox: published once, on core NATS (the stream
+            // still stores it, de-duplicated by its id), with no
+            // acknowledgement to wait for: a step of 100,000 events (a large
+            // flow's cancel) is not held to the stream's acknowledgement pace.
+            send_once(&js.client(), &event).await;
+            return;
+        }
         if let Some(ack) = send(js, &event).await {
             cursor.acks.push(ack);
         }
@@ -254,5 +267,19 @@ async fn send(js: &jetstream::Context, event: &Event) -> Option<PublishAckFuture
             tracing::warn!(error = %e, subject, "event publish failed");
             None
         }
+    }
+}
+
+/// Publishes `event` once on core NATS, with its id for de-duplication.
+async fn send_once(nats: &async_nats::Client, event: &Event) {
+    let Ok(body) = serde_json::to_vec(event) else {
+        return;
+    };
+    let subject = event.kind.subject();
+    if let Err(e) = nats
+        .publish_with_headers(subject, dedupe_headers(&event.event_id), body.into())
+        .await
+    {
+        tracing::warn!(error = %e, subject, "event publish failed");
     }
 }
