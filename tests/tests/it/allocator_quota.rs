@@ -385,7 +385,7 @@ async fn two_replicas_never_exceed_a_quota_under_concurrent_requests() {
         clients.push(tokio::spawn(async move {
             let mut rng = Lcg(k + 7);
             let mut held: Vec<Allocation> = Vec::new();
-            let (mut made, mut released, mut refused) = (Vec::new(), Vec::new(), 0);
+            let (mut made, mut released, mut refused) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..OPS_PER_CLIENT {
                 if !held.is_empty() && rng.next(3) == 0 {
                     let a = held.swap_remove(rng.next(held.len() as u64) as usize);
@@ -421,7 +421,9 @@ async fn two_replicas_never_exceed_a_quota_under_concurrent_requests() {
                         }
                         Err(e) => {
                             assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e}");
-                            refused += 1;
+                            let over: QuotaExceeded =
+                                serde_json::from_value(e.details.clone()).unwrap();
+                            refused.push(over);
                         }
                     }
                 }
@@ -429,15 +431,22 @@ async fn two_replicas_never_exceed_a_quota_under_concurrent_requests() {
             (made, released, refused)
         }));
     }
-    let (mut made, mut released, mut refused) = (BTreeSet::new(), BTreeSet::new(), 0);
+    let (mut made, mut released, mut refused) = (BTreeSet::new(), BTreeSet::new(), Vec::new());
     for c in clients {
         let (m, r, n) = c.await.unwrap();
         made.extend(m);
         released.extend(r);
-        refused += n;
+        refused.extend(n);
     }
     assert!(made.len() > 25, "enough allocations: {}", made.len());
-    assert!(refused > 0, "the quota was reached");
+    // The quota was reached: each refusal names what the quota counted, and
+    // that is within the limit yet too much for the request.
+    assert!(!refused.is_empty(), "the quota was reached");
+    for over in &refused {
+        assert_eq!(over.limit, LIMIT);
+        assert!(over.in_use <= LIMIT + 1e-9, "{over:?}");
+        assert!(over.in_use + over.requested > LIMIT, "{over:?}");
+    }
 
     // The checker: replay every revision of the agents bucket in order (one
     // stream, so revisions order all agents' writes) and sum the confirmed
@@ -475,7 +484,8 @@ async fn two_replicas_never_exceed_a_quota_under_concurrent_requests() {
             .sum()
     };
     let mut now: BTreeMap<String, f64> = BTreeMap::new();
-    let mut peak: f64 = 0.0;
+    // (How close the confirmed bookings came to the limit depends on how many
+    // were still pending at each instant, so only the bound is asserted.)
     for (rev, key, rec) in &writes {
         now.insert(key.clone(), tenant_cpu(rec));
         let total: f64 = now.values().sum();
@@ -483,9 +493,7 @@ async fn two_replicas_never_exceed_a_quota_under_concurrent_requests() {
             total <= LIMIT + 1e-9,
             "at revision {rev} the tenant holds {total} of a {LIMIT} quota"
         );
-        peak = peak.max(total);
     }
-    assert!(peak >= LIMIT - 1.0, "the load came near the quota: {peak}");
 
     // Every revision of the quota book still in history is within its limits.
     let quotas = js.get_key_value(common::nats::KV_QUOTAS).await.unwrap();
