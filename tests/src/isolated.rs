@@ -2,10 +2,12 @@
 //! an account per agent from `deploy/agent-user.sh`), for tests of any crate.
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::config::NatsConfig;
+use common::{AgentId, Client};
 
-use crate::{workspace_root, NatsServer};
+use crate::{start_service, wait_for_service, workspace_root, NatsServer, ServiceHandle};
 
 /// The services' login.
 pub const SERVICE: (&str, &str) = ("coord-service", "service-secret");
@@ -54,5 +56,31 @@ pub fn login(server: &NatsServer, (user, pass): (&str, &str)) -> NatsConfig {
     let mut cfg = server.config();
     cfg.nats_user = Some(user.to_owned());
     cfg.nats_password = Some(pass.to_owned());
+    cfg
+}
+
+/// The four services logged in as `coord-service` and answering, and an
+/// operator's connection with a client over it.
+pub async fn serve_isolated(
+    server: &NatsServer,
+) -> (Vec<ServiceHandle>, async_nats::Client, Client) {
+    let services = crate::SERVICES
+        .iter()
+        .map(|n| start_service(n, login(server, SERVICE)))
+        .collect();
+    let operator = common::nats::connect(&login(server, OPERATOR), "operator")
+        .await
+        .unwrap();
+    for name in crate::SERVICES {
+        wait_for_service(&operator, name).await;
+    }
+    let ops = Client::new(operator.clone()).with_timeout(Duration::from_secs(10));
+    (services, operator, ops)
+}
+
+/// How an agent connects: as the user named after it, with its own inboxes.
+pub fn agent_login(server: &NatsServer, agent: &AgentId) -> NatsConfig {
+    let mut cfg = login(server, (agent.as_str(), &password(agent.as_str())));
+    cfg.nats_inbox_prefix = Some(coordkit::agent::inbox_prefix(agent));
     cfg
 }

@@ -15,7 +15,6 @@ mod events;
 mod flow;
 mod isolation;
 mod large_flows;
-mod limits;
 mod model;
 mod monitor;
 mod monitor_traffic;
