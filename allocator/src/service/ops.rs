@@ -511,8 +511,21 @@ impl Allocator {
             };
             // Count it against the owner's quotas; this also catches a quota
             // set after the hint above was read.
-            let admission = match self.admit(std::slice::from_ref(&a)).await {
+            let mut admission = self.admit(std::slice::from_ref(&a)).await;
+            if admission.is_err() && !a.pending {
+                // A read cut short (a stall of this replica outlasts any
+                // timeout in flight) is worth one more try before giving up.
+                admission = self.admit(std::slice::from_ref(&a)).await;
+            }
+            let admission = match admission {
                 Ok(x) => x,
+                // A booking stored without the pending mark reads as granted:
+                // a retry of this request, here or at another replica, may
+                // have been answered with it already, so taking it back could
+                // take it from its holder. It stays; the caller's retry (the
+                // protocol's answer to `unavailable`) gets it, and the sweep
+                // counts it should a quota govern its owner after all.
+                Err(e) if !a.pending => return Err(e),
                 Err(e) => {
                     self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
                         .await;
