@@ -11,12 +11,15 @@
 //! whose booking replica died. The sweep's writes are compare-and-sets too, so
 //! replicas racing on the same agent produce one transition and one event.
 
+mod agents;
+mod booking;
 mod cache;
 mod jsproxy;
 mod lanes;
 mod ops;
 mod quota;
 mod reconcile;
+mod records;
 mod sweep;
 
 use std::future::Future;

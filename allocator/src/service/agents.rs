@@ -1,0 +1,109 @@
+//! Agents joining, leaving and being deregistered: their records and their
+//! work path (the assignments consumer).
+
+use common::msg::{AgentInfo, AgentStatus, DeregisterAgent, EventKind, LeaveAgent, RegisterAgent};
+use common::nats::{self as bus, Step};
+use common::{AgentId, Error, ErrorCode};
+
+use super::ops::invalid;
+use super::Allocator;
+use crate::machine::{self, AgentRecord};
+
+impl Allocator {
+    pub(super) async fn register(&self, req: RegisterAgent) -> Result<AgentInfo, Error> {
+        machine::check_amounts(&req.capacity).map_err(invalid)?;
+        let now = common::now_ms();
+        // Registering with less capacity than is held preempts what no longer fits:
+        // the agent's word about itself wins over the ledger.
+        let (shrink, revision) = bus::cas_update::<AgentRecord, machine::Shrink, _>(
+            &self.agents,
+            req.agent_id.as_str(),
+            |prev| {
+                let rec = AgentRecord::register(&req, prev, now);
+                let shrink = machine::shrink_to_fit(&rec, now);
+                Ok(Step::Write(shrink.record.clone(), shrink))
+            },
+        )
+        .await?;
+        let rec = shrink.record.clone();
+        self.cache
+            .remember(rec.agent_id.clone(), rec.clone(), revision);
+        self.events
+            .publish(EventKind::AgentRegistered {
+                agent_id: rec.agent_id.clone(),
+                capacity: rec.capacity.clone(),
+            })
+            .await;
+        self.forget(&shrink.evicted).await;
+        self.preempted(&shrink.evicted, "capacity_reduced").await;
+        self.reservations_ended(&shrink.dropped, "capacity_reduced")
+            .await;
+        Ok(rec.info(0))
+    }
+
+    pub(super) async fn deregister(&self, req: DeregisterAgent) -> Result<AgentInfo, Error> {
+        let now = common::now_ms();
+        let rec = self
+            .update_agent(&req.agent_id, |mut rec| {
+                if rec.status == AgentStatus::Left {
+                    return Err(Error::new(
+                        ErrorCode::Conflict,
+                        format!("agent {} has left; register again first", rec.agent_id),
+                    ));
+                }
+                if rec.status != AgentStatus::Draining {
+                    rec.status = AgentStatus::Draining;
+                    rec.status_since_ms = now;
+                }
+                Ok(Step::Write(rec.clone(), rec))
+            })
+            .await?;
+        self.events
+            .publish(EventKind::AgentDeregistered {
+                agent_id: rec.agent_id.clone(),
+                allocations: rec.allocations.len(),
+            })
+            .await;
+        let beat = self.beats.get(&rec.agent_id).map(|(b, _)| b.at_ms);
+        Ok(rec.info(beat.unwrap_or(0)))
+    }
+
+    /// The agent is done: `left`, what it held released and handed back,
+    /// its assignments consumer and stored assignments removed. Leaving again
+    /// is a no-op that answers the same.
+    pub(super) async fn leave(&self, req: LeaveAgent) -> Result<AgentInfo, Error> {
+        let now = common::now_ms();
+        let (rec, released) = self
+            .update_agent(&req.agent_id, |mut rec| {
+                let released = rec.leave(now);
+                Ok(Step::Write(rec.clone(), (rec, released)))
+            })
+            .await?;
+        tracing::info!(agent = %rec.agent_id, released = released.len(), "agent left");
+        self.forget(&released).await;
+        self.events
+            .publish(EventKind::AgentLeft {
+                agent_id: rec.agent_id.clone(),
+                released,
+            })
+            .await;
+        self.remove_work_path(&rec.agent_id).await;
+        let beat = self.beats.get(&rec.agent_id).map(|(b, _)| b.at_ms);
+        Ok(rec.info(beat.unwrap_or(0)))
+    }
+
+    /// Deletes the agent's assignments consumer and purges what is stored for
+    /// it: durable consumers outlive their agents and a server caps how many a
+    /// stream keeps. An agent that registers again creates its consumer anew.
+    pub(super) async fn remove_work_path(&self, agent: &AgentId) {
+        let Ok(stream) = self.js.get_stream(bus::STREAM_ASSIGN).await else {
+            return;
+        };
+        if let Err(e) = stream.delete_consumer(&bus::agent_consumer(agent)).await {
+            tracing::debug!(agent = %agent, error = %e, "no assignments consumer to delete");
+        }
+        if let Err(e) = stream.purge().filter(common::subject::assign(agent)).await {
+            tracing::warn!(agent = %agent, error = %e, "stored assignments not purged");
+        }
+    }
+}
