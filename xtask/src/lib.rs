@@ -6,6 +6,8 @@
 //! files in memory and compares them with the checked-in ones, and a coverage test
 //! checks that every subject defined in `common::subject` has a row here.
 
+pub mod tidy;
+
 use std::collections::BTreeMap;
 
 use anyhow::Context;

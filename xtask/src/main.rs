@@ -18,6 +18,9 @@ enum Task {
     /// from the Rust wire types and subjects, and the subject table in
     /// `docs/protocol.md`. A test fails when any of them drifts.
     Schemas,
+    /// Check the house rules on every crate's `src/`: a `//!` doc on every
+    /// file, no IO in a `machine/` core, no file over the size limit.
+    Tidy,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,6 +29,15 @@ fn main() -> anyhow::Result<()> {
             let root = workspace_root();
             write_schemas(&root.join(xtask::SCHEMA_DIR))?;
             write_protocol_table(&root.join(xtask::PROTOCOL_DOC))
+        }
+        Task::Tidy => {
+            let problems = xtask::tidy::check(&workspace_root())?;
+            for p in &problems {
+                println!("{p}");
+            }
+            anyhow::ensure!(problems.is_empty(), "{} rule(s) broken", problems.len());
+            println!("tidy: every rule holds");
+            Ok(())
         }
     }
 }

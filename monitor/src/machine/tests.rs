@@ -1,3 +1,6 @@
+//! The monitor core driven by hand-made events: windows, detectors,
+//! health, validation and the report, each checked on what it derives.
+
 use super::*;
 use common::msg::ResourceCapacity;
 use common::{AgentId, FlowId, TaskId};
