@@ -19,6 +19,7 @@ mod limits;
 mod model;
 mod monitor;
 mod monitor_traffic;
+mod observability;
 mod orchestrator;
 mod reconcile;
 mod reconnect;
