@@ -248,3 +248,165 @@ async fn health_stays_healthy_through_a_burst_of_no_capacity_refusals_on_a_full_
 async fn h_addr(sys: &System) -> String {
     sys.client.health_report().await.unwrap().http_addr.unwrap()
 }
+
+/// Every metric family a scrape declares (`# TYPE`), with a histogram's
+/// `_bucket`, `_sum` and `_count` series.
+fn declared(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for l in text.lines() {
+        let mut parts = l
+            .strip_prefix("# TYPE ")
+            .into_iter()
+            .flat_map(|r| r.split(' '));
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        out.insert(name.to_owned());
+        if kind == "histogram" {
+            for s in ["_bucket", "_sum", "_count"] {
+                out.insert(format!("{name}{s}"));
+            }
+        }
+    }
+    out
+}
+
+/// The `coord_…` metric names a PromQL expression reads.
+fn metrics_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("coord_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        out.push(name);
+    }
+    out
+}
+
+/// The shipped Prometheus config, alert rules and Grafana dashboard: valid by
+/// promtool, the rules' own unit tests pass, and every metric they read is
+/// one a real scrape declares.
+#[tokio::test]
+async fn the_operator_kit_reads_only_metrics_a_real_scrape_has() {
+    let root = testkit::workspace_root();
+    let dir = root.join("deploy/prometheus");
+    if let Some(promtool) = promtool() {
+        for args in [
+            vec!["check", "rules", "alerts.yml"],
+            vec!["check", "config", "prometheus.yml"],
+            vec!["test", "rules", "alerts.test.yml"],
+        ] {
+            let out = std::process::Command::new(&promtool)
+                .args(&args)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "promtool {args:?}:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    let sys = System::start().await;
+    let (stop, agent) = agent_with_delay(&sys.nats, "kit-w1", 1.0, Arc::new(AtomicU64::new(1)));
+    wait_registered(&sys.client, "kit-w1").await;
+    run_flow(&sys.client, "kit-f1", vec![work("a", &[])]).await;
+    sys.client.health().await.unwrap();
+    let known = declared(&scrape(&sys, 1.0).await);
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("alerts.yml")).unwrap()).unwrap();
+    let mut alerts = std::collections::BTreeSet::new();
+    for group in rules["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let name = rule["alert"].as_str().unwrap();
+            alerts.insert(name.to_owned());
+            let expr = rule["expr"].as_str().unwrap();
+            for m in metrics_in(expr) {
+                assert!(
+                    known.contains(&m),
+                    "alert {name} reads {m}, which no scrape has"
+                );
+            }
+        }
+    }
+    for wanted in [
+        "CoordAgentLost",
+        "CoordFlowStuck",
+        "CoordErrorSpike",
+        "CoordPoolSaturated",
+        "CoordNatsDown",
+    ] {
+        assert!(alerts.contains(wanted), "{wanted} missing: {alerts:?}");
+    }
+
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/coordkit.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(dash["title"].is_string() && dash["uid"].is_string());
+    let inputs: Vec<String> = dash["__inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| format!("${{{}}}", i["name"].as_str().unwrap()))
+        .collect();
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10, "{} panels", panels.len());
+    let mut ids = std::collections::BTreeSet::new();
+    let mut read = std::collections::BTreeSet::new();
+    for p in panels {
+        let title = p["title"].as_str().unwrap();
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "{title}: id repeated"
+        );
+        assert!(
+            ["stat", "timeseries"].contains(&p["type"].as_str().unwrap()),
+            "{title}"
+        );
+        let g = &p["gridPos"];
+        let (x, w) = (g["x"].as_u64().unwrap(), g["w"].as_u64().unwrap());
+        assert!(x + w <= 24 && g["h"].as_u64().unwrap() > 0, "{title}: {g}");
+        assert!(
+            inputs.contains(&p["datasource"]["uid"].as_str().unwrap().to_owned()),
+            "{title}: datasource not an input"
+        );
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title}: no query");
+        let mut refs = std::collections::BTreeSet::new();
+        for t in targets {
+            assert!(
+                refs.insert(t["refId"].as_str().unwrap()),
+                "{title}: refId repeated"
+            );
+            let expr = t["expr"].as_str().unwrap();
+            let metrics = metrics_in(expr);
+            assert!(!metrics.is_empty(), "{title}: {expr} reads no coord metric");
+            for m in metrics {
+                assert!(
+                    known.contains(&m),
+                    "panel {title} reads {m}, which no scrape has"
+                );
+                read.insert(m);
+            }
+        }
+    }
+    for m in [
+        "coord_requests_total",
+        "coord_request_failures_total",
+        "coord_task_run_seconds_bucket",
+        "coord_agents",
+        "coord_pool_used_ratio",
+    ] {
+        assert!(read.contains(m), "the dashboard shows {m}");
+    }
+}
