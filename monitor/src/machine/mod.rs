@@ -20,8 +20,8 @@ pub mod window;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use common::msg::{
-    Anomaly, AnomalyKind, CapacityStatus, Event, EventKind, Severity, StreamHealth, SystemMetrics,
-    TaskState,
+    AgentStatus, Anomaly, AnomalyKind, CapacityStatus, Event, EventKind, Severity, StreamHealth,
+    SystemMetrics, TaskState,
 };
 use hdrhistogram::Histogram;
 
@@ -115,24 +115,6 @@ impl Default for Tracked {
             kind: None,
             agent: None,
             stuck_reported: false,
-        }
-    }
-}
-
-/// What the monitor last heard of an agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum AgentPhase {
-    Online,
-    Left,
-    Lost,
-}
-
-impl AgentPhase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AgentPhase::Online => "online",
-            AgentPhase::Left => "left",
-            AgentPhase::Lost => "lost",
         }
     }
 }
@@ -272,7 +254,7 @@ pub struct Monitor {
     /// Flows seen created and not finished: `(seq, paused)`.
     flows: HashMap<String, (u64, bool)>,
     flows_completed: BTreeMap<&'static str, u64>,
-    agents: BTreeMap<String, AgentPhase>,
+    agents: BTreeMap<String, AgentStatus>,
     agents_lost: u64,
     by_agent: HashMap<String, Ranked>,
     /// Successful run times per task kind: the usual time a stuck task of
@@ -295,6 +277,9 @@ pub struct Monitor {
     /// Requests and failures per service over sliding windows, for health.
     recent: BTreeMap<String, (Windows, Windows)>,
     pool_used: BTreeMap<String, f64>,
+    /// Agents by status as the allocator last told (`active`, `draining`,
+    /// `lost`, `left`); `None` until it has.
+    agent_status: Option<BTreeMap<&'static str, u64>>,
     detectors: Detectors,
     saturation: BTreeMap<String, Latch>,
     lag: BTreeMap<String, (u64, u32, Latch)>,
@@ -342,6 +327,7 @@ impl Monitor {
             endpoints: BTreeMap::new(),
             recent: BTreeMap::new(),
             pool_used: BTreeMap::new(),
+            agent_status: None,
             detectors: Detectors::new(settings),
             saturation: BTreeMap::new(),
             lag: BTreeMap::new(),
@@ -454,10 +440,13 @@ impl Monitor {
                 now_ms,
             ),
             EventKind::AgentRegistered { agent_id, .. } => {
-                self.agent_seen(agent_id.as_str(), AgentPhase::Online);
+                self.agent_seen(agent_id.as_str(), AgentStatus::Active);
             }
             EventKind::AgentDeregistered { agent_id, .. } => {
-                self.agent_seen(agent_id.as_str(), AgentPhase::Left);
+                self.agent_seen(agent_id.as_str(), AgentStatus::Draining);
+            }
+            EventKind::AgentLeft { agent_id, .. } => {
+                self.agent_seen(agent_id.as_str(), AgentStatus::Left);
             }
             EventKind::FlowCreated { flow_id, .. } | EventKind::FlowRerun { flow_id, .. } => {
                 self.flow_seen(flow_id.as_str(), false);
@@ -473,7 +462,7 @@ impl Monitor {
                 last_seen_ms,
                 released,
             } => {
-                self.agent_seen(agent_id.as_str(), AgentPhase::Lost);
+                self.agent_seen(agent_id.as_str(), AgentStatus::Lost);
                 self.agents_lost += 1;
                 self.raise(
                     AnomalyKind::AgentLost,
@@ -495,7 +484,7 @@ impl Monitor {
         }
     }
 
-    fn agent_seen(&mut self, agent: &str, phase: AgentPhase) {
+    fn agent_seen(&mut self, agent: &str, phase: AgentStatus) {
         if self.agents.len() < MAX_TRACKED_AGENTS || self.agents.contains_key(agent) {
             self.agents.insert(agent.to_owned(), phase);
         }
@@ -837,8 +826,13 @@ impl Monitor {
         }
     }
 
-    /// Resource saturation, from the allocator's capacity report.
+    /// Resource saturation and agents by status, from the allocator's capacity report.
     pub fn observe_capacity(&mut self, now_ms: u64, cap: &CapacityStatus) {
+        let mut status = BTreeMap::new();
+        for s in cap.agent_status.values() {
+            *status.entry(s.as_str()).or_default() += 1;
+        }
+        self.agent_status = Some(status);
         for (resource, c) in &cap.pool {
             if c.capacity <= 0.0 {
                 continue;
@@ -946,7 +940,7 @@ impl Monitor {
         m.agents_online = self
             .agents
             .values()
-            .filter(|p| **p == AgentPhase::Online)
+            .filter(|p| **p == AgentStatus::Active)
             .count();
         m.agents_lost = self.agents_lost;
         m.allocation_failures = self.allocation_failures;
@@ -983,7 +977,12 @@ impl Monitor {
                     .map(|(_, paused)| if *paused { "paused" } else { "running" }),
             ),
             flows_completed: self.flows_completed.clone(),
-            agents: count(&mut self.agents.values().map(|p| p.as_str())),
+            // The allocator's word when there is one: it knows the agents
+            // that registered before this monitor started.
+            agents: self
+                .agent_status
+                .clone()
+                .unwrap_or_else(|| count(&mut self.agents.values().map(|p| p.as_str()))),
             anomalies: self.anomalies_by_kind.clone(),
             endpoints: self.endpoints.clone(),
             pool_used: self.pool_used.clone(),

@@ -256,7 +256,7 @@ impl Collector for Snapshot {
         gauge(
             enc,
             "coord_agents",
-            "Agents by what was last heard of them: online, left (deregistered) or lost.",
+            "Agents by status (active, draining, lost, left), as the allocator last reported.",
             None,
             by("state", &e.agents),
         )?;

@@ -54,7 +54,7 @@ async fn a_scrape_after_a_real_flow_passes_promtool_and_no_label_value_is_an_id(
         "{text}"
     );
     assert_eq!(
-        prom_sample(&text, r#"coord_agents{state="online"}"#),
+        prom_sample(&text, r#"coord_agents{state="active"}"#),
         Some(1.0)
     );
     assert_eq!(
