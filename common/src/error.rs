@@ -89,6 +89,18 @@ impl ErrorCode {
         }
     }
 
+    /// Whether an error reply with this code is a failure of the service
+    /// (it could not do what it should have), as opposed to an expected
+    /// refusal (`no_capacity`, `conflict`, `not_found`, `fenced`,
+    /// `quota_exceeded`, …) or the caller's mistake (`bad_request`, …). Only
+    /// failures count in `$SRV.STATS` `num_errors` and against health.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Internal | ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Unknown
+        )
+    }
+
     /// Every code, for docs and tests.
     pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadRequest,

@@ -15,7 +15,7 @@
 //! publish anywhere, so answering any reply subject would let an agent have
 //! a service write, on its behalf, to a KV bucket or another agent's subjects.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,10 +54,15 @@ pub const REPLY_PREFIXES_ENV: &str = "COORD_REPLY_PREFIXES";
 /// the count in `$SRV.STATS` keeps every one.
 const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// What `$SRV.STATS` reports per endpoint beyond the built-in counters.
+/// What `$SRV.STATS` reports per endpoint beyond the built-in counters
+/// (`num_errors` and `last_error` count failures only, see
+/// [`ErrorCode::is_failure`]).
 #[derive(Default)]
 struct EndpointCounts {
+    /// Every error reply, refusals included.
     error_replies: u64,
+    /// Error replies per code (at most one entry per [`ErrorCode`]).
+    errors_by_code: BTreeMap<&'static str, u64>,
     last_error_code: Option<ErrorCode>,
     /// Requests dropped unanswered because their reply subject is no inbox.
     refused_replies: u64,
@@ -138,18 +143,25 @@ impl Service {
             .service_builder()
             .description(description)
             .stats_handler(move |endpoint, _stats| {
-                // Error replies carry a JSON body, so they are counted here rather
-                // than in the built-in error counter (which only sees empty bodies).
-                let (errors, last, refused) = stats_counts
+                // Every error reply by code, refusals included; the built-in
+                // `num_errors` counts the failures among them.
+                let (errors, by_code, last, refused) = stats_counts
                     .lock()
                     .ok()
                     .and_then(|m| {
-                        m.get(&endpoint)
-                            .map(|c| (c.error_replies, c.last_error_code, c.refused_replies))
+                        m.get(&endpoint).map(|c| {
+                            (
+                                c.error_replies,
+                                c.errors_by_code.clone(),
+                                c.last_error_code,
+                                c.refused_replies,
+                            )
+                        })
                     })
                     .unwrap_or_default();
                 serde_json::json!({
                     "error_replies": errors,
+                    "errors_by_code": by_code,
                     "last_error_code": last,
                     "refused_replies": refused,
                 })
@@ -280,9 +292,14 @@ impl Service {
                                 if let Ok(mut m) = counts.lock() {
                                     let entry = m.entry(name).or_default();
                                     entry.error_replies += 1;
+                                    *entry.errors_by_code.entry(err.code.as_str()).or_default() += 1;
                                     entry.last_error_code = Some(err.code);
                                 }
-                                request.respond_with_headers(Ok(err.to_body().into()), error_headers(&err)).await
+                                if err.code.is_failure() {
+                                    respond_failure(&client, request, &err).await
+                                } else {
+                                    request.respond_with_headers(Ok(err.to_body().into()), error_headers(&err)).await
+                                }
                             }
                         };
                         if let Err(e) = sent {
@@ -302,6 +319,30 @@ impl Service {
         self.tasks.abort_all();
         let _ = self.inner.stop().await;
     }
+}
+
+/// Answers a failure so that `$SRV.STATS` counts it in `num_errors` and
+/// `last_error`. The micro library counts an error only when it sends the
+/// reply itself, and then with an empty body; coordkit's error replies carry
+/// a JSON body callers read. So the caller gets the usual reply from here, and
+/// the library's empty one goes to a fresh inbox nobody listens on.
+async fn respond_failure(
+    client: &async_nats::Client,
+    mut request: async_nats::service::Request,
+    err: &Error,
+) -> Result<(), async_nats::PublishError> {
+    if let Some(reply) = request.message.reply.take() {
+        client
+            .publish_with_headers(reply, error_headers(err), err.to_body().into())
+            .await?;
+    }
+    request.message.reply = Some(client.new_inbox().into());
+    request
+        .respond(Err(async_nats::service::error::Error {
+            status: err.message.clone(),
+            code: err.code.status().into(),
+        }))
+        .await
 }
 
 /// Counts a request dropped for its reply subject and warns, at most once per

@@ -343,15 +343,22 @@ pub mod event {
     }
 }
 
-/// The family of a subject, for metrics: `coord.agents.w1.report` → `coord.agents.*.report`.
+/// The family of a subject, for metrics: `coord.agents.w1.report` →
+/// `coord.agents.*.report`, `coord.orchestrator.watch.{flow}` →
+/// `coord.orchestrator.watch.*`, `coord.sync.watch.{scope}.{agent}` →
+/// `coord.sync.watch.*.*`.
 ///
-/// Collapsing the id token keeps the number of series bounded however many
-/// agents there are.
+/// Collapsing the id tokens keeps the number of series bounded however many
+/// agents, flows and scopes there are.
 pub fn family(subject: &str) -> String {
     let parts: Vec<&str> = subject.split('.').collect();
     match parts.as_slice() {
         [ROOT, "agents", id, rest @ ..] if !rest.is_empty() && *id != "register" => {
             format!("coord.agents.*.{}", rest.join("."))
+        }
+        [ROOT, "orchestrator", "watch", _flow] => FLOW_WATCH_ALL.to_owned(),
+        [ROOT, "sync", "watch", ids @ ..] if !ids.is_empty() => {
+            format!("{STATE_WATCH_PREFIX}{}", ".*".repeat(ids.len()))
         }
         _ => subject.to_owned(),
     }
@@ -386,6 +393,11 @@ mod tests {
     #[test]
     fn families_collapse_agent_ids() {
         assert_eq!(family("coord.agents.w-1.report"), "coord.agents.*.report");
+        assert_eq!(
+            family("coord.orchestrator.watch.f-123"),
+            "coord.orchestrator.watch.*"
+        );
+        assert_eq!(family("coord.sync.watch.plans.w-1"), "coord.sync.watch.*.*");
         assert_eq!(family("coord.agents.register"), "coord.agents.register");
         assert_eq!(family(FLOW_CREATE), FLOW_CREATE);
     }

@@ -7,6 +7,10 @@
 //!
 //! Tests install a provider that can also keep finished spans in memory
 //! ([`SpanCapture`]), so a test can check how spans link without an exporter.
+//!
+//! Logs go to stderr as text, coloured only when stderr is a terminal (never
+//! escape codes in a file or a pipe, nor with `NO_COLOR` set), or as one JSON
+//! object per line with `LOG_FORMAT=json`, for log collectors.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,8 +24,59 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanProcessor};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Environment variable choosing the log format: `json`, or text (anything else).
+pub const LOG_FORMAT_ENV: &str = "LOG_FORMAT";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// For people; ANSI colours only when `ansi`.
+    Text { ansi: bool },
+    /// One JSON object per line: `timestamp`, `level`, `fields` (with
+    /// `message`), and the current span and its parents.
+    Json,
+}
+
+impl LogFormat {
+    /// From [`LOG_FORMAT_ENV`], and whether stderr is a terminal and
+    /// `NO_COLOR` is unset.
+    pub fn from_env() -> Self {
+        use std::io::IsTerminal;
+        let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        Self::choose(std::env::var(LOG_FORMAT_ENV).ok().as_deref(), colour)
+    }
+
+    /// `format` as [`LOG_FORMAT_ENV`] gives it; `colour` when colour may be used.
+    pub fn choose(format: Option<&str>, colour: bool) -> Self {
+        match format.map(str::trim) {
+            Some(f) if f.eq_ignore_ascii_case("json") => LogFormat::Json,
+            _ => LogFormat::Text { ansi: colour },
+        }
+    }
+
+    /// The log layer writing this format to `writer`.
+    pub fn layer<S, W>(self, writer: W) -> Box<dyn Layer<S> + Send + Sync + 'static>
+    where
+        S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+        W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+    {
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_target(false);
+        match self {
+            LogFormat::Text { ansi } => fmt.with_ansi(ansi).boxed(),
+            LogFormat::Json => fmt
+                .json()
+                .with_current_span(true)
+                .with_span_list(true)
+                .boxed(),
+        }
+    }
+}
 
 /// Flushes pending spans when dropped (at the end of `main`).
 pub struct TelemetryGuard {
@@ -68,7 +123,8 @@ fn provider(service: &str, capture: bool) -> SdkTracerProvider {
 }
 
 /// The one subscriber set-up for binaries: `RUST_LOG`-filtered logs on stderr
-/// (default `info`), spans to OTLP when configured. Call once at the top of `main`.
+/// (default `info`; text or JSON, see [`LogFormat`]), spans to OTLP when
+/// configured. Call once at the top of `main`.
 pub fn init(service: &str) -> TelemetryGuard {
     install(service, true, false)
 }
@@ -95,11 +151,7 @@ fn install(service: &str, logs: bool, capture: bool) -> TelemetryGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,async_nats=warn,opentelemetry=warn,opentelemetry_sdk=warn")
     });
-    let fmt = logs.then(|| {
-        tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_target(false)
-    });
+    let fmt = logs.then(|| LogFormat::from_env().layer(std::io::stderr));
     let otel = tracing_opentelemetry::layer().with_tracer(tracer);
     // A second install in one process (tests) keeps the first; that is fine.
     let _ = tracing_subscriber::registry()
@@ -288,4 +340,68 @@ impl SpanProcessor for CaptureProcessor {
 pub fn trace_id(headers: &HeaderMap) -> Option<String> {
     let tp = headers.get("traceparent")?.as_str();
     tp.split('-').nth(1).map(str::to_owned)
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A writer into shared memory, to read what the layer wrote.
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn written(format: LogFormat) -> String {
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::registry().with(format.layer(move || out.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", subject = "coord.x");
+            let _in = span.enter();
+            tracing::warn!(code = "internal", "reply not sent");
+        });
+        let bytes = buf.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn the_format_follows_the_environment_and_the_terminal() {
+        assert_eq!(LogFormat::choose(Some("json"), true), LogFormat::Json);
+        assert_eq!(LogFormat::choose(Some(" JSON "), false), LogFormat::Json);
+        assert_eq!(
+            LogFormat::choose(None, false),
+            LogFormat::Text { ansi: false }
+        );
+        assert_eq!(
+            LogFormat::choose(Some("text"), true),
+            LogFormat::Text { ansi: true }
+        );
+    }
+
+    #[test]
+    fn text_without_a_terminal_has_no_escape_codes_and_json_is_one_object_a_line() {
+        let text = written(LogFormat::Text { ansi: false });
+        assert!(text.contains("reply not sent"), "{text}");
+        assert!(!text.contains('\x1b'), "{text:?}");
+        assert!(written(LogFormat::Text { ansi: true }).contains('\x1b'));
+
+        let json = written(LogFormat::Json);
+        let lines: Vec<&str> = json.lines().collect();
+        assert_eq!(lines.len(), 1, "{json}");
+        let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(v["level"], "WARN");
+        assert_eq!(v["fields"]["message"], "reply not sent");
+        assert_eq!(v["fields"]["code"], "internal");
+        assert_eq!(v["span"]["subject"], "coord.x");
+    }
 }

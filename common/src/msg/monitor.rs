@@ -312,15 +312,29 @@ pub struct ServiceHealth {
     pub replicas: usize,
     #[serde(default)]
     pub requests: u64,
-    /// Error replies (typed errors sent back to callers), over all endpoints and replicas.
+    /// Error replies (typed errors sent back to callers, expected refusals
+    /// such as `no_capacity` included), over all endpoints and replicas.
     #[serde(default)]
     pub errors: u64,
+    /// Failures among them (`internal`, `unavailable`, `timeout`: `$SRV.STATS`
+    /// `num_errors`), over all endpoints and replicas.
+    #[serde(default)]
+    pub failures: u64,
+    /// Requests over the last five minutes the monitor watched.
+    #[serde(default)]
+    pub recent_requests: u64,
+    /// Failures over the last five minutes the monitor watched; what health judges.
+    #[serde(default)]
+    pub recent_failures: u64,
     /// Mean processing time per request, over all endpoints and replicas.
     #[serde(default)]
     pub average_processing_ms: f64,
     /// Error replies per endpoint name.
     #[serde(default)]
     pub errors_by_endpoint: BTreeMap<String, u64>,
+    /// Error replies per error code (`no_capacity`, `internal`, …).
+    #[serde(default)]
+    pub errors_by_code: BTreeMap<String, u64>,
 }
 
 /// One JetStream stream and its consumers.
@@ -347,6 +361,10 @@ pub struct HealthStatus {
     /// Why the verdict is not `healthy` (empty when it is).
     #[serde(default)]
     pub reasons: Vec<String>,
+    /// What an operator should know that is not a fault and leaves the
+    /// verdict alone, e.g. a saturated pool (work waits for capacity).
+    #[serde(default)]
+    pub findings: Vec<String>,
     #[serde(default)]
     pub services: Vec<ServiceHealth>,
     #[serde(default)]

@@ -610,12 +610,15 @@ fn health_text(h: &common::msg::HealthStatus) -> String {
                 s.replicas.to_string(),
                 s.requests.to_string(),
                 s.errors.to_string(),
+                s.failures.to_string(),
+                format!("{}/{}", s.recent_failures, s.recent_requests),
                 format!("{:.2}", s.average_processing_ms),
             ]
         })
         .collect();
+    let findings: String = h.findings.iter().map(|f| format!("note: {f}\n")).collect();
     format!(
-        "{}{}\n{}",
+        "{}{}\n{findings}{}",
         wire_name(&h.verdict),
         if h.reasons.is_empty() {
             String::new()
@@ -623,7 +626,15 @@ fn health_text(h: &common::msg::HealthStatus) -> String {
             format!(": {}", h.reasons.join("; "))
         },
         table(
-            &["service", "replicas", "requests", "errors", "avg ms"],
+            &[
+                "service",
+                "replicas",
+                "requests",
+                "errors",
+                "failures",
+                "failed/5 min",
+                "avg ms"
+            ],
             rows
         )
     )

@@ -168,6 +168,11 @@ pub struct Latch {
 }
 
 impl Latch {
+    /// Whether the condition holds (fired and not yet cleared).
+    pub fn is_on(&self) -> bool {
+        self.on
+    }
+
     /// Returns true when the condition becomes true; it must fall to `clear`
     /// before it can fire again.
     pub fn update(&mut self, fire: bool, clear: bool) -> bool {

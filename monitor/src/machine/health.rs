@@ -9,9 +9,11 @@ use serde_json::Value;
 
 /// Services that must answer for the system to work.
 pub const REQUIRED: [&str; 4] = ["orchestrator", "allocator", "synchronizer", "monitor"];
-/// Error replies above this share of requests degrade a service…
-pub const ERROR_SHARE: f64 = 0.5;
-/// …once it has served at least this many.
+/// Failures (not refusals: see [`common::ErrorCode::is_failure`]) above this
+/// share of the requests of the last [`HEALTH_WINDOW_MS`](super::HEALTH_WINDOW_MS)
+/// degrade a service…
+pub const ERROR_SHARE: f64 = 0.1;
+/// …once it has served at least this many in that window.
 pub const ERROR_MIN_REQUESTS: u64 = 20;
 /// Undelivered messages on a consumer that degrade health.
 pub const PENDING_DEGRADED: u64 = 10_000;
@@ -40,13 +42,24 @@ pub fn services(pings: &[Value], stats: &[Value]) -> Vec<ServiceHealth> {
             .flatten()
         {
             let requests = e.get("num_requests").and_then(Value::as_u64).unwrap_or(0);
+            let failures = e.get("num_errors").and_then(Value::as_u64).unwrap_or(0);
+            // Every error reply, refusals included; a service that does not
+            // say has at least its failures.
             let errors = e
                 .pointer("/data/error_replies")
                 .and_then(Value::as_u64)
-                .unwrap_or(0)
-                + e.get("num_errors").and_then(Value::as_u64).unwrap_or(0);
+                .unwrap_or(failures);
             s.requests += requests;
             s.errors += errors;
+            s.failures += failures;
+            for (code, n) in e
+                .pointer("/data/errors_by_code")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                *s.errors_by_code.entry(code.clone()).or_default() += n.as_u64().unwrap_or(0);
+            }
             *time_ns.entry(name.to_owned()).or_default() += e
                 .get("processing_time")
                 .and_then(Value::as_f64)
@@ -66,8 +79,36 @@ pub fn services(pings: &[Value], stats: &[Value]) -> Vec<ServiceHealth> {
     by.into_values().collect()
 }
 
+/// Fills in each service's requests and failures over the recent window
+/// (`(requests, failures)` per service name, from
+/// [`Monitor::recent_requests`](super::Monitor::recent_requests)).
+pub fn with_recent(services: &mut [ServiceHealth], recent: &BTreeMap<String, (u64, u64)>) {
+    for s in services {
+        let (requests, failures) = recent.get(&s.name).copied().unwrap_or_default();
+        s.recent_requests = requests;
+        s.recent_failures = failures;
+    }
+}
+
+/// Findings that leave the verdict alone: saturated resources (`(resource,
+/// share used)`). A full pool is the system working at capacity; the requests
+/// it refuses are refusals, not failures.
+pub fn findings(saturated: &[(String, f64)]) -> Vec<String> {
+    saturated
+        .iter()
+        .map(|(r, used)| {
+            format!(
+                "pool saturated: {r} is {:.0}% used; work waits for capacity",
+                used * 100.0
+            )
+        })
+        .collect()
+}
+
 /// The verdict and the reasons for it.
 ///
+/// A service is judged by its failures over the recent window
+/// ([`with_recent`]), never by refusals or by what it did long ago.
 /// `jetstream` is `Err` when stream infos could not be read; `nats_server` is
 /// `Some(Err)` when a monitoring URL is configured but did not answer.
 pub fn verdict(
@@ -95,12 +136,17 @@ pub fn verdict(
         }
     }
     for s in services {
-        if s.requests >= ERROR_MIN_REQUESTS && s.errors as f64 > ERROR_SHARE * s.requests as f64 {
+        if s.recent_requests >= ERROR_MIN_REQUESTS
+            && s.recent_failures as f64 > ERROR_SHARE * s.recent_requests as f64
+        {
             note(
                 Verdict::Degraded,
                 format!(
-                    "{}: {} of {} requests answered with an error",
-                    s.name, s.errors, s.requests
+                    "{}: {} of {} requests in the last {} minutes failed",
+                    s.name,
+                    s.recent_failures,
+                    s.recent_requests,
+                    super::HEALTH_WINDOW_MS / 60_000
                 ),
                 &mut worst,
             );
@@ -146,16 +192,20 @@ mod tests {
         let pings = [ping("allocator"), ping("allocator"), ping("monitor")];
         let stats = [
             json!({"name": "allocator", "endpoints": [
-                {"name": "allocator-allocate", "num_requests": 10, "num_errors": 0, "processing_time": 20_000_000,
-                 "data": {"error_replies": 4}}]}),
+                {"name": "allocator-allocate", "num_requests": 10, "num_errors": 1, "processing_time": 20_000_000,
+                 "data": {"error_replies": 4, "errors_by_code": {"no_capacity": 3, "internal": 1}}}]}),
             json!({"name": "allocator", "endpoints": [
                 {"name": "allocator-allocate", "num_requests": 30, "processing_time": 20_000_000,
-                 "data": {"error_replies": 1}}]}),
+                 "data": {"error_replies": 1, "errors_by_code": {"no_capacity": 1}}}]}),
         ];
         let s = services(&pings, &stats);
         let a = s.iter().find(|s| s.name == "allocator").unwrap();
-        assert_eq!((a.replicas, a.requests, a.errors), (2, 40, 5));
+        assert_eq!(
+            (a.replicas, a.requests, a.errors, a.failures),
+            (2, 40, 5, 1)
+        );
         assert_eq!(a.errors_by_endpoint["allocator-allocate"], 5);
+        assert_eq!(a.errors_by_code["no_capacity"], 4);
         assert!((a.average_processing_ms - 1.0).abs() < 1e-9);
     }
 
@@ -182,6 +232,34 @@ mod tests {
         assert_eq!(
             verdict(&ok, &Err("down".into()), None).0,
             Verdict::Unhealthy
+        );
+    }
+
+    #[test]
+    fn only_recent_failures_degrade_and_refusals_never_do() {
+        let all: Vec<Value> = REQUIRED.iter().map(|n| ping(n)).collect();
+        // 100 no_capacity refusals since start, no failure.
+        let stats = [json!({"name": "allocator", "endpoints": [
+            {"name": "allocator-allocate", "num_requests": 100, "num_errors": 0,
+             "data": {"error_replies": 100, "errors_by_code": {"no_capacity": 100}}}]})];
+        let mut s = services(&all, &stats);
+        let recent = BTreeMap::from([("allocator".to_owned(), (100, 0))]);
+        with_recent(&mut s, &recent);
+        assert_eq!(verdict(&s, &Ok(vec![]), None).0, Verdict::Healthy);
+
+        // Failures long ago (outside the window) count for nothing either.
+        with_recent(&mut s, &BTreeMap::new());
+        assert_eq!(verdict(&s, &Ok(vec![]), None).0, Verdict::Healthy);
+
+        let recent = BTreeMap::from([("allocator".to_owned(), (40, 5))]);
+        with_recent(&mut s, &recent);
+        let (v, r) = verdict(&s, &Ok(vec![]), None);
+        assert_eq!(v, Verdict::Degraded);
+        assert!(r[0].contains("5 of 40"), "{r:?}");
+
+        assert_eq!(
+            findings(&[("cpu".to_owned(), 1.0)]),
+            vec!["pool saturated: cpu is 100% used; work waits for capacity".to_owned()]
         );
     }
 }

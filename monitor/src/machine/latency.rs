@@ -66,6 +66,35 @@ pub fn summarise(h: &Histogram<u32>) -> LatencySummary {
     }
 }
 
+/// Upper bounds of the exported histogram buckets, in seconds: from a fast
+/// local hop to an hour-long task.
+pub const BUCKETS_SECONDS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+/// A cumulative histogram since the monitor started, with fixed buckets, as
+/// Prometheus reads it (`rate()` and `histogram_quantile()` over any window).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Buckets {
+    /// Observations per bucket of [`BUCKETS_SECONDS`], and one past the last.
+    pub counts: [u64; BUCKETS_SECONDS.len() + 1],
+    pub sum_seconds: f64,
+    pub count: u64,
+}
+
+impl Buckets {
+    pub fn record(&mut self, ms: u64) {
+        let s = ms as f64 / 1_000.0;
+        let i = BUCKETS_SECONDS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(BUCKETS_SECONDS.len());
+        self.counts[i] += 1;
+        self.sum_seconds += s;
+        self.count += 1;
+    }
+}
+
 /// A histogram for one detection interval (reset by the caller).
 pub fn interval_histogram() -> Option<Histogram<u32>> {
     histogram()
@@ -89,5 +118,19 @@ mod tests {
         let s = l.summary(61 * 60_000, 60);
         assert_eq!(s.count, 1);
         assert!(s.p50_ms >= 4_950, "{s:?}");
+    }
+
+    #[test]
+    fn buckets_take_each_value_once_at_its_upper_bound() {
+        let mut b = Buckets::default();
+        for ms in [5, 6, 1_000, 10_000_000] {
+            b.record(ms);
+        }
+        assert_eq!(b.count, 4);
+        assert_eq!(b.counts[0], 1, "5 ms is within 0.005 s");
+        assert_eq!(b.counts[1], 1);
+        assert_eq!(b.counts[7], 1, "1 s is within 1 s");
+        assert_eq!(b.counts[BUCKETS_SECONDS.len()], 1, "past the last bound");
+        assert!((b.sum_seconds - 10_001.011).abs() < 1e-6);
     }
 }

@@ -20,14 +20,14 @@ pub mod window;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use common::msg::{
-    Anomaly, AnomalyKind, CapacityStatus, Event, EventKind, Severity, StreamHealth, SystemMetrics,
-    TaskState,
+    AgentStatus, Anomaly, AnomalyKind, CapacityStatus, Event, EventKind, Severity, StreamHealth,
+    SystemMetrics, TaskState,
 };
 use hdrhistogram::Histogram;
 
 pub use counters::{Counters, MAX_FAMILIES, OTHER};
 use detect::{Detector, Direction, Latch, Tuning};
-use latency::Latency;
+use latency::{Buckets, Latency};
 use requests::Requests;
 use window::Windows;
 
@@ -35,6 +35,18 @@ use window::Windows;
 pub const MAX_TRACKED_TASKS: usize = 50_000;
 /// Agents and flows kept for "slowest" rankings.
 pub const MAX_RANKED: usize = 512;
+/// Agents whose state (online, left, lost) is counted; beyond it new agents
+/// are not, so the counts undercount rather than memory grow.
+pub const MAX_TRACKED_AGENTS: usize = 10_000;
+/// Flows seen created and not yet completed, counted by state; beyond it the
+/// oldest are forgotten.
+pub const MAX_TRACKED_FLOWS: usize = 50_000;
+/// `(service, endpoint)` pairs whose requests are counted, and services whose
+/// recent requests are judged for health.
+pub const MAX_ENDPOINT_SERIES: usize = 512;
+pub const MAX_SERVICES: usize = 64;
+/// How far back health looks at failures.
+pub const HEALTH_WINDOW_MS: u64 = 5 * 60_000;
 /// Anomalies kept for queries.
 pub const MAX_ANOMALIES: usize = 256;
 /// Consumers and resources watched by the threshold rules.
@@ -73,9 +85,11 @@ impl Default for Settings {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Tracked {
     seq: u64,
+    /// The task's state as the last transition said.
+    state: TaskState,
     attempt: u32,
     ready_ms: Option<u64>,
     assigned_ms: Option<u64>,
@@ -88,6 +102,45 @@ struct Tracked {
     stuck_reported: bool,
 }
 
+impl Default for Tracked {
+    fn default() -> Self {
+        Tracked {
+            seq: 0,
+            state: TaskState::Blocked,
+            attempt: 0,
+            ready_ms: None,
+            assigned_ms: None,
+            started_ms: None,
+            timeout_ms: None,
+            kind: None,
+            agent: None,
+            stuck_reported: false,
+        }
+    }
+}
+
+/// Counts for the Prometheus exposition: bounded label values only (states,
+/// kinds, codes, services, endpoints, subject families), never an id.
+#[derive(Debug, Clone, Default)]
+pub struct Exposition {
+    pub metrics: SystemMetrics,
+    pub queue_wait: Buckets,
+    pub run_time: Buckets,
+    pub end_to_end: Buckets,
+    /// Task transitions by target state.
+    pub transitions: BTreeMap<&'static str, u64>,
+    /// Tasks in flight by state (tasks the monitor tracks).
+    pub tasks: BTreeMap<&'static str, u64>,
+    /// Flows seen created and not finished, by state.
+    pub flows: BTreeMap<&'static str, u64>,
+    /// Flows finished, by final state.
+    pub flows_completed: BTreeMap<&'static str, u64>,
+    pub agents: BTreeMap<&'static str, u64>,
+    pub anomalies: BTreeMap<&'static str, u64>,
+    pub endpoints: BTreeMap<(String, String), requests::Counts>,
+    /// Share of each pool resource in use (allocated and reserved), 0 to 1.
+    pub pool_used: BTreeMap<String, f64>,
+}
 #[derive(Debug, Clone, Default)]
 struct Ranked {
     seq: u64,
@@ -195,8 +248,13 @@ pub struct Monitor {
     queue_wait: Latency,
     run_time: Latency,
     end_to_end: Latency,
+    buckets: [Buckets; 3],
+    transitions: BTreeMap<&'static str, u64>,
     tasks: HashMap<(String, String), Tracked>,
-    agents: BTreeMap<String, bool>,
+    /// Flows seen created and not finished: `(seq, paused)`.
+    flows: HashMap<String, (u64, bool)>,
+    flows_completed: BTreeMap<&'static str, u64>,
+    agents: BTreeMap<String, AgentStatus>,
     agents_lost: u64,
     by_agent: HashMap<String, Ranked>,
     /// Successful run times per task kind: the usual time a stuck task of
@@ -211,7 +269,17 @@ pub struct Monitor {
     seq: u64,
     anomalies: VecDeque<Anomaly>,
     anomalies_total: u64,
+    anomalies_by_kind: BTreeMap<&'static str, u64>,
     outbox: Vec<Anomaly>,
+    /// Requests, failures and error replies per `(service, endpoint)` since
+    /// the monitor started.
+    endpoints: BTreeMap<(String, String), requests::Counts>,
+    /// Requests and failures per service over sliding windows, for health.
+    recent: BTreeMap<String, (Windows, Windows)>,
+    pool_used: BTreeMap<String, f64>,
+    /// Agents by status as the allocator last told (`active`, `draining`,
+    /// `lost`, `left`); `None` until it has.
+    agent_status: Option<BTreeMap<&'static str, u64>>,
     detectors: Detectors,
     saturation: BTreeMap<String, Latch>,
     lag: BTreeMap<String, (u64, u32, Latch)>,
@@ -237,7 +305,11 @@ impl Monitor {
             queue_wait: Latency::default(),
             run_time: Latency::default(),
             end_to_end: Latency::default(),
+            buckets: Default::default(),
+            transitions: BTreeMap::new(),
             tasks: HashMap::new(),
+            flows: HashMap::new(),
+            flows_completed: BTreeMap::new(),
             agents: BTreeMap::new(),
             agents_lost: 0,
             by_agent: HashMap::new(),
@@ -250,7 +322,12 @@ impl Monitor {
             seq: 0,
             anomalies: VecDeque::new(),
             anomalies_total: 0,
+            anomalies_by_kind: BTreeMap::new(),
             outbox: Vec::new(),
+            endpoints: BTreeMap::new(),
+            recent: BTreeMap::new(),
+            pool_used: BTreeMap::new(),
+            agent_status: None,
             detectors: Detectors::new(settings),
             saturation: BTreeMap::new(),
             lag: BTreeMap::new(),
@@ -287,10 +364,47 @@ impl Monitor {
     /// endpoint took since the previous answers count as traffic on its
     /// subject, now (see [`requests`]).
     pub fn observe_requests(&mut self, now_ms: u64, stats: &[serde_json::Value]) {
-        for (subject, n) in self.requests.observe(stats) {
+        let delta = self.requests.observe(stats);
+        for (subject, n) in delta.by_subject {
             self.counters.count(&subject, n);
             self.family_window(&subject).add(now_ms, n as f64);
         }
+        for (key, c) in delta.by_endpoint {
+            if self.recent.len() < MAX_SERVICES || self.recent.contains_key(&key.0) {
+                let (req, fail) = self.recent.entry(key.0.clone()).or_default();
+                req.add(now_ms, c.requests as f64);
+                fail.add(now_ms, c.failures as f64);
+            }
+            if self.endpoints.len() < MAX_ENDPOINT_SERIES || self.endpoints.contains_key(&key) {
+                self.endpoints.entry(key).or_default().add(&c);
+            }
+        }
+    }
+
+    /// Requests and failures per service over the last [`HEALTH_WINDOW_MS`].
+    pub fn recent_requests(&self, now_ms: u64) -> BTreeMap<String, (u64, u64)> {
+        self.recent
+            .iter()
+            .map(|(s, (req, fail))| {
+                (
+                    s.clone(),
+                    (
+                        req.sum_recent(now_ms, HEALTH_WINDOW_MS) as u64,
+                        fail.sum_recent(now_ms, HEALTH_WINDOW_MS) as u64,
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// Resources whose pool is saturated now (past [`SATURATED`], not yet
+    /// back under [`SATURATION_CLEARS`]), with the share in use.
+    pub fn saturated(&self) -> Vec<(String, f64)> {
+        self.saturation
+            .iter()
+            .filter(|(_, l)| l.is_on())
+            .map(|(r, _)| (r.clone(), self.pool_used.get(r).copied().unwrap_or(1.0)))
+            .collect()
     }
 
     /// The sliding windows of a subject's family, or of [`OTHER`] once
@@ -326,17 +440,29 @@ impl Monitor {
                 now_ms,
             ),
             EventKind::AgentRegistered { agent_id, .. } => {
-                self.agent_seen(agent_id.as_str(), true);
+                self.agent_seen(agent_id.as_str(), AgentStatus::Active);
             }
             EventKind::AgentDeregistered { agent_id, .. } => {
-                self.agent_seen(agent_id.as_str(), false);
+                self.agent_seen(agent_id.as_str(), AgentStatus::Draining);
+            }
+            EventKind::AgentLeft { agent_id, .. } => {
+                self.agent_seen(agent_id.as_str(), AgentStatus::Left);
+            }
+            EventKind::FlowCreated { flow_id, .. } | EventKind::FlowRerun { flow_id, .. } => {
+                self.flow_seen(flow_id.as_str(), false);
+            }
+            EventKind::FlowResumed { flow_id } => self.flow_seen(flow_id.as_str(), false),
+            EventKind::FlowPaused { flow_id } => self.flow_seen(flow_id.as_str(), true),
+            EventKind::FlowCompleted { flow_id, state } => {
+                self.flows.remove(flow_id.as_str());
+                *self.flows_completed.entry(state.as_str()).or_default() += 1;
             }
             EventKind::AgentLost {
                 agent_id,
                 last_seen_ms,
                 released,
             } => {
-                self.agent_seen(agent_id.as_str(), false);
+                self.agent_seen(agent_id.as_str(), AgentStatus::Lost);
                 self.agents_lost += 1;
                 self.raise(
                     AnomalyKind::AgentLost,
@@ -358,10 +484,23 @@ impl Monitor {
         }
     }
 
-    fn agent_seen(&mut self, agent: &str, online: bool) {
-        if self.agents.len() < MAX_RANKED || self.agents.contains_key(agent) {
-            self.agents.insert(agent.to_owned(), online);
+    fn agent_seen(&mut self, agent: &str, phase: AgentStatus) {
+        if self.agents.len() < MAX_TRACKED_AGENTS || self.agents.contains_key(agent) {
+            self.agents.insert(agent.to_owned(), phase);
         }
+    }
+
+    fn flow_seen(&mut self, flow: &str, paused: bool) {
+        self.seq += 1;
+        if !self.flows.contains_key(flow) && self.flows.len() >= MAX_TRACKED_FLOWS {
+            // The oldest sixteenth at once, as for tasks.
+            let mut seqs: Vec<u64> = self.flows.values().map(|f| f.0).collect();
+            let cut = (MAX_TRACKED_FLOWS / 16).min(seqs.len().saturating_sub(1));
+            let (_, nth, _) = seqs.select_nth_unstable(cut);
+            let limit = *nth;
+            self.flows.retain(|_, f| f.0 > limit);
+        }
+        self.flows.insert(flow.to_owned(), (self.seq, paused));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -381,8 +520,10 @@ impl Monitor {
         if !self.tasks.contains_key(&key) && self.tasks.len() >= MAX_TRACKED_TASKS {
             self.evict_oldest_tasks();
         }
+        *self.transitions.entry(to.as_str()).or_default() += 1;
         let t = self.tasks.entry(key.clone()).or_default();
         t.seq = seq;
+        t.state = to;
         match to {
             TaskState::Blocked => {}
             TaskState::Ready => {
@@ -410,6 +551,7 @@ impl Monitor {
                 if let Some(a) = t.assigned_ms {
                     let wait = at_ms.saturating_sub(a);
                     self.queue_wait.record(now_ms, wait);
+                    self.buckets[0].record(wait);
                     if let Some(h) = &mut self.detectors.wait_interval {
                         h.saturating_record(wait.clamp(1, latency::MAX_LATENCY_MS));
                     }
@@ -431,6 +573,7 @@ impl Monitor {
                 if let Some(s) = t.started_ms {
                     let run = at_ms.saturating_sub(s);
                     self.run_time.record(now_ms, run);
+                    self.buckets[1].record(run);
                     if let Some(h) = &mut self.detectors.run_interval {
                         h.saturating_record(run.clamp(1, latency::MAX_LATENCY_MS));
                     }
@@ -444,6 +587,7 @@ impl Monitor {
                 if let Some(r) = t.ready_ms {
                     let e2e = at_ms.saturating_sub(r);
                     self.end_to_end.record(now_ms, e2e);
+                    self.buckets[2].record(e2e);
                     ranked_entry(&mut self.by_flow, flow).record(seq, e2e);
                 }
             }
@@ -474,6 +618,7 @@ impl Monitor {
         message: String,
     ) {
         self.anomalies_total += 1;
+        *self.anomalies_by_kind.entry(kind.as_str()).or_default() += 1;
         let a = Anomaly {
             anomaly_id: format!("{}-{}", self.instance, self.anomalies_total),
             kind,
@@ -681,8 +826,13 @@ impl Monitor {
         }
     }
 
-    /// Resource saturation, from the allocator's capacity report.
+    /// Resource saturation and agents by status, from the allocator's capacity report.
     pub fn observe_capacity(&mut self, now_ms: u64, cap: &CapacityStatus) {
+        let mut status = BTreeMap::new();
+        for s in cap.agent_status.values() {
+            *status.entry(s.as_str()).or_default() += 1;
+        }
+        self.agent_status = Some(status);
         for (resource, c) in &cap.pool {
             if c.capacity <= 0.0 {
                 continue;
@@ -691,6 +841,7 @@ impl Monitor {
                 continue;
             }
             let used = ((c.allocated + c.reserved) / c.capacity).clamp(0.0, 1.0);
+            self.pool_used.insert(resource.clone(), used);
             let latch = self.saturation.entry(resource.clone()).or_default();
             if latch.update(used >= SATURATED, used <= SATURATION_CLEARS) {
                 self.raise(
@@ -786,7 +937,11 @@ impl Monitor {
         .into_iter()
         .map(|(k, l)| (k.to_owned(), l.summary(now_ms, 60)))
         .collect();
-        m.agents_online = self.agents.values().filter(|on| **on).count();
+        m.agents_online = self
+            .agents
+            .values()
+            .filter(|p| **p == AgentStatus::Active)
+            .count();
         m.agents_lost = self.agents_lost;
         m.allocation_failures = self.allocation_failures;
         m.state_conflicts = self.state_conflicts;
@@ -796,6 +951,42 @@ impl Monitor {
         m.queue_depth_peak = self.queue_depth_windows.peaks(now_ms);
         m.queue_depth_by_agent = self.queue.clone();
         m
+    }
+
+    /// Everything the Prometheus exposition shows.
+    pub fn exposition(&self, now_ms: u64) -> Exposition {
+        let count = |it: &mut dyn Iterator<Item = &'static str>| {
+            let mut out = BTreeMap::new();
+            for k in it {
+                *out.entry(k).or_default() += 1;
+            }
+            out
+        };
+        let [queue_wait, run_time, end_to_end] = self.buckets.clone();
+        Exposition {
+            metrics: self.metrics(now_ms),
+            queue_wait,
+            run_time,
+            end_to_end,
+            transitions: self.transitions.clone(),
+            tasks: count(&mut self.tasks.values().map(|t| t.state.as_str())),
+            flows: count(
+                &mut self
+                    .flows
+                    .values()
+                    .map(|(_, paused)| if *paused { "paused" } else { "running" }),
+            ),
+            flows_completed: self.flows_completed.clone(),
+            // The allocator's word when there is one: it knows the agents
+            // that registered before this monitor started.
+            agents: self
+                .agent_status
+                .clone()
+                .unwrap_or_else(|| count(&mut self.agents.values().map(|p| p.as_str()))),
+            anomalies: self.anomalies_by_kind.clone(),
+            endpoints: self.endpoints.clone(),
+            pool_used: self.pool_used.clone(),
+        }
     }
 
     /// Minute totals of the task series, for trends.

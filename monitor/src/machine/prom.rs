@@ -1,460 +1,411 @@
-//! Prometheus text exposition (format 0.0.4) of the monitor's metrics, and a
-//! strict reader of that format used to check it.
+//! The Prometheus exposition of the monitor's metrics (text format 0.0.4),
+//! written by `prometheus-client` from one [`Exposition`] snapshot.
+//!
+//! Conventions: base units (`_seconds`, `_bytes`), counters end in `_total`
+//! and count since the monitor started (`rate()` makes them rates), latencies
+//! are histograms with fixed buckets, and every label takes values from a
+//! bounded set — states, kinds, error codes, services, endpoints, subject
+//! families with their ids collapsed, resource names — never a flow, task or
+//! agent id: per-flow and per-agent detail is the JSON API's.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write;
+use std::collections::BTreeMap;
 
-use common::msg::{SystemMetrics, Verdict};
+use common::msg::Verdict;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use super::latency::{Buckets, BUCKETS_SECONDS};
+use super::Exposition;
 
 /// The `Content-Type` of [`render`]'s output.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// What the adapter knows beyond the machine: the last health verdict, the
+/// replicas each service had then, and the monitor's own NATS connection.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub verdict: Option<Verdict>,
+    pub replicas: BTreeMap<String, u64>,
+    pub nats_connected: bool,
+    pub version: String,
 }
 
-fn number(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".to_owned()
-    } else if v.is_infinite() {
-        if v > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
-    } else {
-        format!("{v}")
-    }
+#[derive(Debug)]
+struct Snapshot {
+    e: Exposition,
+    s: Status,
 }
 
-struct Out(String);
+type Labels = Vec<(&'static str, String)>;
 
-impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(
-            self.0,
-            "# HELP {name} {}",
-            help.replace('\\', "\\\\").replace('\n', "\\n")
-        );
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
-        self.0.push_str(name);
-        if !labels.is_empty() {
-            let body: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-                .collect();
-            let _ = write!(self.0, "{{{}}}", body.join(","));
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl IntoIterator<Item = (Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, unit, MetricType::Counter)?;
+    for (labels, v) in samples {
+        if labels.is_empty() {
+            m.encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+        } else {
+            m.encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
         }
-        let _ = writeln!(self.0, " {}", number(v));
     }
-
-    fn one(&mut self, name: &str, kind: &str, help: &str, v: f64) {
-        self.family(name, kind, help);
-        self.sample(name, &[], v);
-    }
+    Ok(())
 }
 
-/// The exposition of `m`, the anomalies detected so far, and the last health verdict.
-pub fn render(m: &SystemMetrics, anomalies_total: u64, verdict: Option<Verdict>) -> String {
-    let mut o = Out(String::new());
-    o.one(
-        "coord_messages_total",
-        "counter",
-        "Messages on coord.> since the monitor started (requests as the services counted them).",
-        m.messages_total as f64,
-    );
-    o.one(
-        "coord_bytes_total",
-        "counter",
-        "Payload bytes of the coord.> messages other than requests since the monitor started.",
-        m.bytes_total as f64,
-    );
-    o.family(
-        "coord_subject_messages_total",
-        "counter",
-        "Messages per subject family (agent ids collapsed).",
-    );
-    for (f, n) in &m.messages_by_subject {
-        o.sample("coord_subject_messages_total", &[("family", f)], *n as f64);
-    }
-    o.family(
-        "coord_subject_message_rate",
-        "gauge",
-        "Messages per second per subject family over a sliding window.",
-    );
-    for (f, r) in &m.message_rates {
-        for (w, v) in [("1m", r.last_1m), ("15m", r.last_15m), ("1h", r.last_1h)] {
-            o.sample(
-                "coord_subject_message_rate",
-                &[("family", f), ("window", w)],
-                v,
-            );
+fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl IntoIterator<Item = (Labels, V)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, v) in samples {
+        if labels.is_empty() {
+            m.encode_gauge(&v)?;
+        } else {
+            m.encode_family(&labels)?.encode_gauge(&v)?;
         }
     }
-    o.family(
-        "coord_task_rate",
-        "gauge",
-        "Tasks per second by outcome over a sliding window.",
-    );
-    for (k, r) in &m.task_rates {
-        for (w, v) in [("1m", r.last_1m), ("15m", r.last_15m), ("1h", r.last_1h)] {
-            o.sample("coord_task_rate", &[("outcome", k), ("window", w)], v);
-        }
-    }
-    o.family(
-        "coord_task_latency_ms",
-        "gauge",
-        "Task latency percentiles over the last hour, in milliseconds.",
-    );
-    for (k, l) in &m.latency {
-        for (q, v) in [
-            ("0.5", l.p50_ms),
-            ("0.9", l.p90_ms),
-            ("0.99", l.p99_ms),
-            ("1", l.max_ms),
-        ] {
-            o.sample(
-                "coord_task_latency_ms",
-                &[("measure", k), ("quantile", q)],
-                v as f64,
-            );
-        }
-    }
-    o.family(
-        "coord_task_latency_samples",
-        "gauge",
-        "Task latency samples over the last hour.",
-    );
-    for (k, l) in &m.latency {
-        o.sample(
-            "coord_task_latency_samples",
-            &[("measure", k)],
-            l.count as f64,
-        );
-    }
-    o.one(
-        "coord_flows_created_total",
-        "counter",
-        "Flows created.",
-        m.flows_created as f64,
-    );
-    o.one(
-        "coord_flows_completed_total",
-        "counter",
-        "Flows that reached a final state (again, after a re-run).",
-        m.flows_completed as f64,
-    );
-    o.one(
-        "coord_flows_rerun_total",
-        "counter",
-        "Re-runs of a flow's tasks.",
-        m.flows_rerun as f64,
-    );
-    o.family(
-        "coord_tasks_total",
-        "counter",
-        "Task transitions by target state.",
-    );
-    for (k, v) in [
-        ("assigned", m.tasks_assigned),
-        ("succeeded", m.tasks_completed),
-        ("failed", m.tasks_failed),
-    ] {
-        o.sample("coord_tasks_total", &[("state", k)], v as f64);
-    }
-    o.one(
-        "coord_agents_online",
-        "gauge",
-        "Agents registered and not lost or deregistered.",
-        m.agents_online as f64,
-    );
-    o.one(
-        "coord_agents_lost_total",
-        "counter",
-        "Agents declared lost.",
-        m.agents_lost as f64,
-    );
-    o.one(
-        "coord_allocation_failures_total",
-        "counter",
-        "Allocation requests answered with an error.",
-        m.allocation_failures as f64,
-    );
-    o.one(
-        "coord_state_conflicts_total",
-        "counter",
-        "State writes from a stale revision.",
-        m.state_conflicts as f64,
-    );
-    o.one(
-        "coord_sync_points_total",
-        "counter",
-        "Sync points initiated.",
-        m.sync_points as f64,
-    );
-    o.one(
-        "coord_tasks_tracked",
-        "gauge",
-        "Task attempts being timed by the monitor.",
-        m.tasks_tracked as f64,
-    );
-    o.one(
-        "coord_queue_depth",
-        "gauge",
-        "Assignments stored for agents and not yet delivered.",
-        m.queue_depth as f64,
-    );
-    o.family(
-        "coord_agent_queue_depth",
-        "gauge",
-        "Assignments waiting for one agent (agents with any waiting).",
-    );
-    for (agent, n) in &m.queue_depth_by_agent {
-        o.sample("coord_agent_queue_depth", &[("agent", agent)], *n as f64);
-    }
-    o.one(
-        "coord_anomalies_total",
-        "counter",
-        "Anomalies detected.",
-        anomalies_total as f64,
-    );
-    if let Some(v) = verdict {
-        o.family(
-            "coord_health",
-            "gauge",
-            "1 for the current health verdict, 0 for the others.",
-        );
-        for (name, x) in [
-            ("healthy", Verdict::Healthy),
-            ("degraded", Verdict::Degraded),
-            ("unhealthy", Verdict::Unhealthy),
-        ] {
-            o.sample(
+    Ok(())
+}
+
+fn histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    b: &Buckets,
+) -> Result<(), std::fmt::Error> {
+    let buckets: Vec<(f64, u64)> = BUCKETS_SECONDS
+        .iter()
+        .copied()
+        .chain([f64::INFINITY])
+        .zip(b.counts.iter().copied())
+        .collect();
+    enc.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?
+        .encode_histogram::<NoLabelSet>(b.sum_seconds, b.count, &buckets, None)
+}
+
+fn one<V>(v: V) -> [(Labels, V); 1] {
+    [(Vec::new(), v)]
+}
+
+fn by<'a, V: Copy + 'a, K: ToString + 'a>(
+    label: &'static str,
+    m: impl IntoIterator<Item = (&'a K, &'a V)> + 'a,
+) -> impl Iterator<Item = (Labels, V)> + 'a {
+    m.into_iter()
+        .map(move |(k, v)| (vec![(label, k.to_string())], *v))
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (e, s, m) = (&self.e, &self.s, &self.e.metrics);
+        let enc = &mut enc;
+        enc.encode_descriptor(
+            "coord_build",
+            "The monitor's build; always 1.",
+            None,
+            MetricType::Info,
+        )?
+        .encode_info(&vec![("version", s.version.clone())])?;
+        gauge(
+            enc,
+            "coord_nats_connected",
+            "1 while the monitor is connected to NATS.",
+            None,
+            one(u64::from(s.nats_connected)),
+        )?;
+        counter(
+            enc,
+            "coord_messages",
+            "Messages on coord.> since the monitor started (requests as the services counted them).",
+            None,
+            one(m.messages_total),
+        )?;
+        counter(
+            enc,
+            "coord_message",
+            "Payload bytes of the coord.> messages other than requests since the monitor started.",
+            Some(&Unit::Bytes),
+            one(m.bytes_total),
+        )?;
+        counter(
+            enc,
+            "coord_subject_messages",
+            "Messages per subject family (agent, flow and scope ids collapsed to *).",
+            None,
+            by("family", &m.messages_by_subject),
+        )?;
+        counter(
+            enc,
+            "coord_requests",
+            "Requests each service endpoint took, from every replica's $SRV.STATS.",
+            None,
+            e.endpoints.iter().map(|((svc, ep), c)| {
+                (
+                    vec![("service", svc.clone()), ("endpoint", ep.clone())],
+                    c.requests,
+                )
+            }),
+        )?;
+        counter(
+            enc,
+            "coord_request_errors",
+            "Error replies per service endpoint and error code; internal, unavailable, timeout and unknown are failures, the other codes refusals or bad input.",
+            None,
+            e.endpoints.iter().flat_map(|((svc, ep), c)| {
+                c.errors_by_code.iter().map(move |(code, n)| {
+                    (
+                        vec![
+                            ("service", svc.clone()),
+                            ("endpoint", ep.clone()),
+                            ("code", (*code).to_owned()),
+                        ],
+                        *n,
+                    )
+                })
+            }),
+        )?;
+        counter(
+            enc,
+            "coord_request_failures",
+            "Failures per service endpoint ($SRV.STATS num_errors): the service could not do what it should have.",
+            None,
+            e.endpoints.iter().map(|((svc, ep), c)| {
+                (
+                    vec![("service", svc.clone()), ("endpoint", ep.clone())],
+                    c.failures,
+                )
+            }),
+        )?;
+        gauge(
+            enc,
+            "coord_service_replicas",
+            "Instances of each service that answered $SRV.PING at the last health check.",
+            None,
+            by("service", &s.replicas),
+        )?;
+        histogram(
+            enc,
+            "coord_task_queue_wait",
+            "Time from a task's assignment to its start.",
+            &e.queue_wait,
+        )?;
+        histogram(
+            enc,
+            "coord_task_run",
+            "Time from a task's start to its final state.",
+            &e.run_time,
+        )?;
+        histogram(
+            enc,
+            "coord_task_end_to_end",
+            "Time from a task becoming ready to its final state.",
+            &e.end_to_end,
+        )?;
+        counter(
+            enc,
+            "coord_task_transitions",
+            "Task transitions by the state entered.",
+            None,
+            by("state", &e.transitions),
+        )?;
+        gauge(
+            enc,
+            "coord_tasks",
+            "Tasks not yet final, by state (those the monitor has seen move).",
+            None,
+            by("state", &e.tasks),
+        )?;
+        counter(
+            enc,
+            "coord_flows_created",
+            "Flows created.",
+            None,
+            one(m.flows_created),
+        )?;
+        counter(
+            enc,
+            "coord_flows_completed",
+            "Flows that reached a final state (again, after a re-run), by that state.",
+            None,
+            by("state", &e.flows_completed),
+        )?;
+        counter(
+            enc,
+            "coord_flow_reruns",
+            "Re-runs of a flow's tasks.",
+            None,
+            one(m.flows_rerun),
+        )?;
+        gauge(
+            enc,
+            "coord_flows",
+            "Flows created and not yet final, by state (those the monitor saw created).",
+            None,
+            by("state", &e.flows),
+        )?;
+        gauge(
+            enc,
+            "coord_agents",
+            "Agents by status (active, draining, lost, left), as the allocator last reported.",
+            None,
+            by("state", &e.agents),
+        )?;
+        counter(
+            enc,
+            "coord_agents_lost",
+            "Agents declared lost.",
+            None,
+            one(m.agents_lost),
+        )?;
+        counter(
+            enc,
+            "coord_state_conflicts",
+            "State writes from a stale revision.",
+            None,
+            one(m.state_conflicts),
+        )?;
+        counter(
+            enc,
+            "coord_sync_points",
+            "Sync points initiated.",
+            None,
+            one(m.sync_points),
+        )?;
+        gauge(
+            enc,
+            "coord_tasks_tracked",
+            "Task attempts being timed by the monitor.",
+            None,
+            one(m.tasks_tracked as u64),
+        )?;
+        gauge(
+            enc,
+            "coord_queue_depth",
+            "Assignments stored for agents and not yet delivered.",
+            None,
+            one(m.queue_depth),
+        )?;
+        gauge(
+            enc,
+            "coord_pool_used_ratio",
+            "Share of each pool resource allocated or reserved, 0 to 1.",
+            None,
+            by("resource", &e.pool_used),
+        )?;
+        counter(
+            enc,
+            "coord_anomalies",
+            "Anomalies detected, by kind.",
+            None,
+            by("kind", &e.anomalies),
+        )?;
+        if let Some(v) = s.verdict {
+            gauge(
+                enc,
                 "coord_health",
-                &[("verdict", name)],
-                if v == x { 1.0 } else { 0.0 },
-            );
+                "1 for the current health verdict, 0 for the others.",
+                None,
+                [
+                    ("healthy", Verdict::Healthy),
+                    ("degraded", Verdict::Degraded),
+                    ("unhealthy", Verdict::Unhealthy),
+                ]
+                .map(|(name, x)| (vec![("verdict", name.to_owned())], u64::from(v == x))),
+            )?;
         }
+        Ok(())
     }
-    o.0
 }
 
-fn valid_name(n: &str) -> bool {
-    let mut chars = n.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-/// One sample: metric name and labels, sorted.
-pub type SampleKey = (String, BTreeMap<String, String>);
-
-/// Reads an exposition strictly: every sample belongs to a family declared by
-/// `# TYPE` before it, families are contiguous and declared once, names and
-/// label names are valid, label values are properly quoted and escaped, values
-/// are numbers, and no sample repeats.
-pub fn parse(text: &str) -> Result<BTreeMap<SampleKey, f64>, String> {
-    let mut out = BTreeMap::new();
-    let mut declared: BTreeSet<String> = BTreeSet::new();
-    let mut current: Option<String> = None;
-    for (i, line) in text.lines().enumerate() {
-        let at = |m: &str| format!("line {}: {m}: {line:?}", i + 1);
-        if line.is_empty() {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# ") {
-            let mut parts = rest.splitn(3, ' ');
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some("TYPE"), Some(name), Some(kind)) => {
-                    if !valid_name(name) {
-                        return Err(at("bad metric name"));
-                    }
-                    if !matches!(
-                        kind,
-                        "counter" | "gauge" | "summary" | "histogram" | "untyped"
-                    ) {
-                        return Err(at("bad type"));
-                    }
-                    if !declared.insert(name.to_owned()) {
-                        return Err(at("family declared twice"));
-                    }
-                    current = Some(name.to_owned());
-                }
-                (Some("HELP"), Some(name), _) if valid_name(name) => {}
-                _ => return Err(at("bad comment")),
-            }
-            continue;
-        }
-        let (name, rest) = match line.find(['{', ' ']) {
-            Some(p) => line.split_at(p),
-            None => return Err(at("no value")),
-        };
-        if !valid_name(name) {
-            return Err(at("bad metric name"));
-        }
-        let family = current
-            .as_deref()
-            .ok_or_else(|| at("sample before any TYPE"))?;
-        if name != family
-            && !["_sum", "_count", "_bucket"]
-                .iter()
-                .any(|s| name == format!("{family}{s}"))
-        {
-            return Err(at("sample outside its family"));
-        }
-        let mut labels = BTreeMap::new();
-        let mut rest = rest;
-        if let Some(body) = rest.strip_prefix('{') {
-            let mut chars = body.char_indices().peekable();
-            let mut end = None;
-            loop {
-                let start = match chars.peek() {
-                    Some((_, '}')) => {
-                        end = chars.next().map(|(p, _)| p);
-                        break;
-                    }
-                    Some((p, _)) => *p,
-                    None => break,
-                };
-                let eq = body[start..]
-                    .find('=')
-                    .ok_or_else(|| at("label without ="))?
-                    + start;
-                let lname = &body[start..eq];
-                if !valid_name(lname) || lname.contains(':') {
-                    return Err(at("bad label name"));
-                }
-                while chars.peek().is_some_and(|(p, _)| *p <= eq) {
-                    chars.next();
-                }
-                if chars.next().map(|(_, c)| c) != Some('"') {
-                    return Err(at("label value not quoted"));
-                }
-                let mut value = String::new();
-                loop {
-                    match chars.next() {
-                        Some((_, '\\')) => match chars.next() {
-                            Some((_, '\\')) => value.push('\\'),
-                            Some((_, '"')) => value.push('"'),
-                            Some((_, 'n')) => value.push('\n'),
-                            _ => return Err(at("bad escape")),
-                        },
-                        Some((_, '"')) => break,
-                        Some((_, '\n')) | None => return Err(at("unterminated label value")),
-                        Some((_, c)) => value.push(c),
-                    }
-                }
-                if labels.insert(lname.to_owned(), value).is_some() {
-                    return Err(at("label repeated"));
-                }
-                match chars.peek() {
-                    Some((_, ',')) => {
-                        chars.next();
-                    }
-                    Some((_, '}')) => {}
-                    _ => return Err(at("expected , or }")),
-                }
-            }
-            let end = end.ok_or_else(|| at("unterminated labels"))?;
-            rest = &body[end + 1..];
-        }
-        let value = rest
-            .strip_prefix(' ')
-            .ok_or_else(|| at("no space before value"))?;
-        let value = value.split(' ').next().unwrap_or("");
-        let v = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            "NaN" => f64::NAN,
-            s => s.parse::<f64>().map_err(|_| at("value is not a number"))?,
-        };
-        if out.insert((name.to_owned(), labels), v).is_some() {
-            return Err(at("sample repeated"));
-        }
-    }
+/// The exposition of `e` and `s`.
+pub fn render(e: Exposition, s: Status) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snapshot { e, s }));
+    let mut out = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?;
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::msg::{LatencySummary, WindowRates};
 
-    #[test]
-    fn the_rendering_reads_back_strictly() {
-        let mut m = SystemMetrics {
-            messages_total: 7,
-            ..Default::default()
-        };
-        m.messages_by_subject
-            .insert("coord.weird\"fam\\ily\nx".into(), 3);
-        m.message_rates.insert(
-            "coord.a".into(),
-            WindowRates {
-                last_1m: 0.5,
-                ..Default::default()
-            },
-        );
-        m.latency.insert(
-            "run_time".into(),
-            LatencySummary {
-                count: 2,
-                p50_ms: 10,
-                p90_ms: 20,
-                p99_ms: 30,
-                max_ms: 31,
-            },
-        );
-        let text = render(&m, 4, Some(Verdict::Degraded));
-        let parsed = parse(&text).unwrap();
-        let get = |name: &str, labels: &[(&str, &str)]| {
-            let l = labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            parsed[&(name.to_owned(), l)]
-        };
-        assert_eq!(get("coord_messages_total", &[]), 7.0);
-        assert_eq!(
-            get(
-                "coord_subject_messages_total",
-                &[("family", "coord.weird\"fam\\ily\nx")]
-            ),
-            3.0
-        );
-        assert_eq!(
-            get(
-                "coord_subject_message_rate",
-                &[("family", "coord.a"), ("window", "1m")]
-            ),
-            0.5
-        );
-        assert_eq!(
-            get(
-                "coord_task_latency_ms",
-                &[("measure", "run_time"), ("quantile", "0.99")]
-            ),
-            30.0
-        );
-        assert_eq!(get("coord_anomalies_total", &[]), 4.0);
-        assert_eq!(get("coord_health", &[("verdict", "degraded")]), 1.0);
+    /// The value of the sample written exactly as `series` (name and labels).
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
     #[test]
-    fn the_reader_rejects_malformed_text() {
-        for bad in [
-            "x 1",
-            "# TYPE x counter\ny 1",
-            "# TYPE x counter\nx{a=\"1} 1",
-            "# TYPE x counter\nx{a=1} 1",
-            "# TYPE x counter\nx one",
-            "# TYPE x counter\nx 1\nx 2",
-            "# TYPE x counter\n# TYPE x counter",
-            "# TYPE 1x counter",
-        ] {
-            assert!(parse(bad).is_err(), "{bad:?} accepted");
-        }
+    fn the_rendering_follows_the_conventions() {
+        let mut e = Exposition::default();
+        e.metrics.messages_total = 7;
+        e.metrics
+            .messages_by_subject
+            .insert("coord.weird\"fam\\ily\nx".into(), 3);
+        e.run_time.record(1_500);
+        e.transitions.insert("succeeded", 2);
+        let mut c = super::super::requests::Counts {
+            requests: 9,
+            failures: 1,
+            ..Default::default()
+        };
+        c.errors_by_code.insert("no_capacity", 4);
+        e.endpoints
+            .insert(("allocator".into(), "allocator-allocate".into()), c);
+        let text = render(
+            e,
+            Status {
+                verdict: Some(Verdict::Degraded),
+                version: "1.2.3".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(sample(&text, "coord_messages_total"), Some(7.0));
+        assert_eq!(
+            sample(
+                &text,
+                r#"coord_subject_messages_total{family="coord.weird\"fam\\ily\nx"}"#
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(&text, r#"coord_task_run_seconds_bucket{le="2.5"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"coord_task_run_seconds_bucket{le="1"}"#),
+            Some(0.0),
+            "{text}"
+        );
+        assert_eq!(sample(&text, "coord_task_run_seconds_sum"), Some(1.5));
+        assert_eq!(
+            sample(
+                &text,
+                r#"coord_request_errors_total{service="allocator",endpoint="allocator-allocate",code="no_capacity"}"#
+            ),
+            Some(4.0)
+        );
+        assert_eq!(
+            sample(&text, r#"coord_build_info{version="1.2.3"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"coord_health{verdict="degraded"}"#),
+            Some(1.0)
+        );
+        assert!(!text.contains("quantile"), "{text}");
+        assert!(!text.contains("_ms"), "{text}");
     }
 }

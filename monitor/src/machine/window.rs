@@ -132,6 +132,11 @@ impl Windows {
         }
     }
 
+    /// The total over about the last `ms` (whole 10 s buckets, at most 15 minutes).
+    pub fn sum_recent(&self, now_ms: u64, ms: u64) -> f64 {
+        self.ten.sum_last(now_ms, ms.div_ceil(10_000) as usize)
+    }
+
     /// Totals of the last `n` whole minutes, oldest first (the current minute last).
     pub fn minutes(&self, now_ms: u64, n: usize) -> Vec<f64> {
         self.min.buckets(now_ms, n)

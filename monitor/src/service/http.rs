@@ -37,8 +37,17 @@ fn error(e: Error) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    let verdict = s.last_verdict.lock().ok().and_then(|v| *v);
-    match s.with(|m| prom::render(&m.metrics(common::now_ms()), m.anomalies_total(), verdict)) {
+    let (verdict, replicas) = s.last_verdict.lock().map(|v| v.clone()).unwrap_or_default();
+    let status = prom::Status {
+        verdict,
+        replicas,
+        nats_connected: s.nats.connection_state() == async_nats::connection::State::Connected,
+        version: common::service::VERSION.to_owned(),
+    };
+    let text = s.with(|m| m.exposition(common::now_ms())).and_then(|e| {
+        prom::render(e, status).map_err(|_| Error::internal("metrics encoding failed"))
+    });
+    match text {
         Ok(text) => ([(header::CONTENT_TYPE, prom::CONTENT_TYPE)], text).into_response(),
         Err(e) => error(e),
     }

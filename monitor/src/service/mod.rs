@@ -72,8 +72,10 @@ pub(crate) struct Shared {
     js: jetstream::Context,
     client: common::Client,
     nats_monitor_url: Option<String>,
-    last_verdict: Mutex<Option<Verdict>>,
+    /// The last health verdict and the replicas of each service then.
+    last_verdict: Mutex<(Option<Verdict>, std::collections::BTreeMap<String, u64>)>,
     http_addr: Option<String>,
+    http: reqwest::Client,
 }
 
 fn poisoned() -> Error {
@@ -174,15 +176,26 @@ impl Shared {
         let stats = stats?;
         // Fresh answers are request counts too; older ones arriving late add nothing.
         self.with(|m| m.observe_requests(common::now_ms(), &stats))?;
-        let services = health::services(&pings?, &stats);
+        let mut services = health::services(&pings?, &stats);
+        // A full pool is a finding of its own; read it fresh.
+        if let Ok(cap) = self.capacity().await {
+            self.with(|m| m.observe_capacity(common::now_ms(), &cap))?;
+        }
+        let (recent, saturated) =
+            self.with(|m| (m.recent_requests(common::now_ms()), m.saturated()))?;
+        health::with_recent(&mut services, &recent);
         let streams = probe::streams(&self.js).await;
         let nats_server = match &self.nats_monitor_url {
-            Some(url) => Some(probe::http_get_json(url, "/varz").await),
+            Some(url) => Some(probe::http_get_json(&self.http, url, "/varz").await),
             None => None,
         };
         let (verdict, reasons) = health::verdict(&services, &streams, nats_server.as_ref());
         if let Ok(mut v) = self.last_verdict.lock() {
-            *v = Some(verdict);
+            let replicas = services
+                .iter()
+                .map(|s| (s.name.clone(), s.replicas as u64))
+                .collect();
+            *v = (Some(verdict), replicas);
         }
         let allocation_failures: u64 = services
             .iter()
@@ -201,6 +214,7 @@ impl Shared {
             at_ms: now,
             verdict,
             reasons,
+            findings: health::findings(&saturated),
             services,
             streams,
             nats_server: nats_server.and_then(Result::ok).map(varz_summary),
@@ -353,8 +367,9 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         client: common::Client::new(nats.clone()).with_timeout(cfg.nats.request_timeout()),
         nats: nats.clone(),
         nats_monitor_url: cfg.nats_monitor_url.clone(),
-        last_verdict: Mutex::new(None),
+        last_verdict: Mutex::new(Default::default()),
         http_addr: http_addr.clone(),
+        http: probe::http_client()?,
     });
 
     // Never a request subject: that interest would keep NATS from answering
@@ -421,9 +436,6 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Ok(cap) = s.capacity().await {
-                let _ = s.with(|m| m.observe_capacity(common::now_ms(), &cap));
-            }
             if let Err(e) = s.health().await {
                 tracing::debug!(error = %e.message, "health probe failed");
             }

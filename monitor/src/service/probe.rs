@@ -8,7 +8,6 @@ use common::msg::StreamHealth;
 use common::{Error, ErrorCode};
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Longest wait for the first answer of a scatter-gather, and for each next one.
 const GATHER_FIRST: Duration = Duration::from_millis(1_000);
@@ -130,39 +129,42 @@ pub(super) async fn flow_records(js: &jetstream::Context) -> Result<Vec<(String,
     Ok(flows)
 }
 
-/// `GET {base}{path}` over plain HTTP/1.0, JSON body. The NATS monitoring port
-/// speaks plain HTTP; a tiny client keeps a TLS stack out of the monitor.
-pub(super) async fn http_get_json(base: &str, path: &str) -> Result<Value, String> {
-    let rest = base
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{base}: only http:// URLs are supported"))?;
-    let host = rest.trim_end_matches('/');
-    let request = async {
-        let mut s = tokio::net::TcpStream::connect(host)
-            .await
-            .map_err(|e| format!("{host}: {e}"))?;
-        let req =
-            format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n");
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("{host}: {e}"))?;
-        let mut buf = Vec::new();
-        s.take(16 * 1024 * 1024)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| format!("{host}: {e}"))?;
-        Ok::<_, String>(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(2), request)
-        .await
-        .map_err(|_| format!("{host}: no answer within 2 s"))??;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{host}{path}: not an HTTP response"))?;
-    let status = head.split(' ').nth(1).unwrap_or("");
-    if status != "200" {
-        return Err(format!("{host}{path}: HTTP {status}"));
+/// Longest wait for the NATS monitoring endpoint.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest monitoring document read.
+const HTTP_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+/// The client for the NATS monitoring endpoint: plain HTTP (the monitoring
+/// port speaks no TLS unless configured to), no redirects, a short timeout.
+pub(super) fn http_client() -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .timeout(HTTP_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| Error::internal(format!("HTTP client: {e}")))
+}
+
+/// `GET {base}{path}`, JSON body.
+pub(super) async fn http_get_json(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+) -> Result<Value, String> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let resp = client.get(&url).send().await.map_err(|e| {
+        if e.is_timeout() {
+            format!("{url}: no answer within {} s", HTTP_TIMEOUT.as_secs())
+        } else {
+            format!("{url}: {e}")
+        }
+    })?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(format!("{url}: HTTP {}", status.as_u16()));
     }
-    serde_json::from_str(body).map_err(|e| format!("{host}{path}: {e}"))
+    let body = resp.bytes().await.map_err(|e| format!("{url}: {e}"))?;
+    if body.len() > HTTP_MAX_BYTES {
+        return Err(format!("{url}: answer larger than {HTTP_MAX_BYTES} bytes"));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))
 }

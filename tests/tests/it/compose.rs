@@ -220,3 +220,48 @@ fn the_cluster_overlay_runs_three_routed_nodes() {
     let beat = &overlay["services"]["demo-agent"]["environment"]["COORD_HEARTBEAT_MS"];
     assert!(beat.as_str().and_then(|b| b.parse::<u64>().ok()) >= Some(5_000));
 }
+
+/// The `observability` profile: Prometheus, pinned by version and digest,
+/// reading the shipped config and rules, scraping the monitor's port.
+#[test]
+fn the_observability_profile_runs_a_pinned_prometheus_on_the_shipped_config() {
+    let root = workspace_root();
+    let compose: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(root.join("docker-compose.yml")).unwrap())
+            .unwrap();
+    let prom = &compose["services"]["prometheus"];
+    assert_eq!(
+        serde_yaml::to_string(&prom["profiles"]).unwrap().trim(),
+        "- observability"
+    );
+    let image = prom["image"].as_str().unwrap();
+    assert!(
+        image.starts_with("prom/prometheus:v") && image.contains("@sha256:"),
+        "pinned: {image}"
+    );
+    let volumes = serde_yaml::to_string(&prom["volumes"]).unwrap();
+    assert!(
+        volumes.contains("./deploy/prometheus:/etc/prometheus"),
+        "{volumes}"
+    );
+    let command = serde_yaml::to_string(&prom["command"]).unwrap();
+    assert!(
+        command.contains("/etc/prometheus/prometheus.yml"),
+        "{command}"
+    );
+    let config: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root.join("deploy/prometheus/prometheus.yml")).unwrap(),
+    )
+    .unwrap();
+    for rules in config["rule_files"].as_sequence().unwrap() {
+        assert!(root
+            .join("deploy/prometheus")
+            .join(rules.as_str().unwrap())
+            .exists());
+    }
+    let job = &config["scrape_configs"][0];
+    assert_eq!(job["dns_sd_configs"][0]["names"][0], "monitor");
+    let port = job["dns_sd_configs"][0]["port"].as_u64().unwrap();
+    let expose = serde_yaml::to_string(&compose["services"]["monitor"]["expose"]).unwrap();
+    assert!(expose.contains(&port.to_string()), "{expose} vs {port}");
+}

@@ -18,6 +18,7 @@ mod large_flows;
 mod model;
 mod monitor;
 mod monitor_traffic;
+mod observability;
 mod orchestrator;
 mod reconcile;
 mod reconnect;

@@ -166,8 +166,14 @@ async fn the_monitor_counts_every_subject_family_after_a_flow_runs() {
         .unwrap();
     assert_eq!(point.state, SyncPointState::Completed);
 
-    let watch_flow = subject::flow_watch(&done.flow_id);
-    let watch_state = subject::state_watch(&Default::default(), &me);
+    // Counted under their families: the flow, scope and agent ids collapse.
+    assert_eq!(
+        subject::family(&subject::flow_watch(&done.flow_id)),
+        subject::FLOW_WATCH_ALL
+    );
+    let watch_flow = subject::family(&subject::flow_watch(&done.flow_id));
+    let watch_state = subject::family(&subject::state_watch(&Default::default(), &me));
+    assert_eq!(watch_state, "coord.sync.watch.*.*");
     let families: Vec<&str> = vec![
         // Requests, counted by the services that took them.
         subject::FLOW_CREATE,

@@ -72,8 +72,14 @@ async fn replicas_share_a_queue_group_and_stats_count_requests() {
     )
     .await;
 
-    for _ in 0..20 {
-        sys.client.capacity(&Default::default()).await.unwrap();
+    // Releases of allocations nobody holds: an endpoint no service or the
+    // monitor calls on its own (the monitor reads capacity with each health
+    // check), so every request counted here is one of these.
+    for i in 0..20 {
+        let release: common::msg::ReleaseRequest =
+            serde_json::from_value(serde_json::json!({ "allocation_id": format!("nobody-{i}") }))
+                .unwrap();
+        sys.client.release(&release).await.unwrap();
     }
     let stats = gather(&sys.nats, &format!("{}.allocator", subject::SRV_STATS)).await;
     let served: Vec<u64> = stats
@@ -83,7 +89,7 @@ async fn replicas_share_a_queue_group_and_stats_count_requests() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|e| e["subject"] == subject::CAPACITY_CHECK)
+                .find(|e| e["subject"] == subject::RELEASE)
                 .map(|e| e["num_requests"].as_u64().unwrap())
                 .unwrap()
         })
