@@ -72,21 +72,21 @@ async fn a_100k_task_flow_is_created_over_the_wire_paged_and_cancelled() {
             .collect(),
     );
     spec.max_parallelism = Some(1);
-    let created = sys.client.create_flow(&spec).await.unwrap();
+    // Every request on a 100,000-task flow is heavy (the first status reads
+    // 100 pages; a cancel rewrites every page and sends an event per task):
+    // on a loaded machine one may take longer than the client's usual 10 s.
+    let patient = sys.client.clone().with_timeout(Duration::from_secs(60));
+    let created = patient.create_flow(&spec).await.unwrap();
     let flow = created.flow_id.clone();
     let js = jetstream::new(sys.nats.clone());
     assert_eq!(page_keys(&js, flow.as_str()).await, n / PAGE_TASKS);
-    let status = sys.client.flow_status(&flow).await.unwrap();
+    let status = patient.flow_status(&flow).await.unwrap();
     assert_eq!(status.counts.values().sum::<usize>(), n);
     assert_eq!(status.counts.get(&TaskState::Ready), Some(&n));
     assert!(status.tasks.len() < n, "the status lists a bounded sample");
     assert_eq!(status.tasks_omitted, n - status.tasks.len());
-    // Cancelling 100,000 tasks is one heavy step (every page rewritten, an
-    // event per task): on a loaded machine it may take longer than the
-    // client's usual 10 s.
-    let patient = sys.client.clone().with_timeout(Duration::from_secs(60));
     let cancelled = patient.cancel_flow(&flow).await.unwrap();
     assert_eq!(cancelled.state, FlowState::Cancelled);
-    let after = sys.client.flow_status(&flow).await.unwrap();
+    let after = patient.flow_status(&flow).await.unwrap();
     assert_eq!(after.counts.get(&TaskState::Cancelled), Some(&n));
 }
