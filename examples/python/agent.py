@@ -425,6 +425,12 @@ class Agent:
                 await self.put_state(c["state"])
             except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
                 raise TaskFailed(f"conformance: state not stored: {e}", True) from e
+        if isinstance(c.get("event"), dict):
+            ev = c["event"]
+            try:
+                await self.publish_event(ev.get("type") or "conformance", ev.get("data"), ev.get("event_id"))
+            except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
+                raise TaskFailed(f"conformance: event not stored: {e}", False) from e
         fail = c.get("fail")
         if fail in ("retryable", "fatal"):
             raise TaskFailed("conformance: asked to fail", fail == "retryable")
