@@ -9,6 +9,7 @@
 //! unit.
 
 pub mod agent;
+pub mod agent_event;
 pub mod alloc;
 pub mod event;
 pub mod flow;
@@ -16,6 +17,7 @@ pub mod monitor;
 pub mod state;
 
 pub use agent::*;
+pub use agent_event::*;
 pub use alloc::*;
 pub use event::*;
 pub use flow::*;

@@ -650,6 +650,7 @@ async fn every_command_has_help() {
         "anomalies",
         "check-system",
         "conformance",
+        "events",
     ] {
         assert!(text.contains(cmd), "--help lists {cmd}: {text}");
         let sub = coordctl("nats://127.0.0.1:1", &[cmd, "--help"]).await;
@@ -787,4 +788,123 @@ async fn state_watch_follows_the_document_line_by_line() {
     );
     assert_eq!(b["deleted"], false);
     watch.kill().await.unwrap();
+}
+
+/// `coordctl events`: schemas set and read, stored events listed by each
+/// filter as one JSON object per line, followed live by `watch`, and bad
+/// input refused with its code.
+#[tokio::test]
+async fn events_list_watch_and_schemas_from_the_command_line() {
+    use common::msg::{AgentEventPublish, AgentEventRecord, EventSchema};
+    use tokio::io::AsyncBufReadExt;
+
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    let set: EventSchema = coordctl_json(
+        &url,
+        &[
+            "events",
+            "schema",
+            "set",
+            "approved",
+            r#"{"type": "object", "required": ["approved"]}"#,
+        ],
+    )
+    .await;
+    assert_eq!(set.event_type, "approved");
+    let got: EventSchema = coordctl_json(&url, &["events", "schema", "get", "approved"]).await;
+    assert_eq!(got.schema, set.schema);
+    coordctl_fails(
+        &url,
+        &["events", "schema", "set", "bad", r#"{"type": 12}"#],
+        "validation_failed",
+    )
+    .await;
+    coordctl_fails(&url, &["events", "list", "--type", "Bad"], "invalid_id").await;
+
+    let since = common::now_ms().saturating_sub(1).to_string();
+    let publish = |agent: &str, t: &str, data: serde_json::Value| {
+        let client = sys.client.clone();
+        let agent = AgentId::new(agent).unwrap();
+        let t = t.to_owned();
+        async move {
+            client
+                .publish_event(
+                    &agent,
+                    &t,
+                    &AgentEventPublish {
+                        data,
+                        event_id: None,
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    publish("w1", "approved", serde_json::json!({"approved": true})).await;
+    publish("w2", "approved", serde_json::json!({"approved": false})).await;
+    publish("w1", "docked", serde_json::json!({"bay": 3})).await;
+
+    let lines = |args: &'static [&'static str]| {
+        let url = url.clone();
+        async move {
+            let mut all = vec!["--output", "json", "events", "list"];
+            all.extend_from_slice(args);
+            let out = coordctl(&url, &all).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str::<AgentEventRecord>(l).unwrap())
+                .map(|r| (r.event.agent_id.to_string(), r.event.event_type))
+                .collect::<Vec<_>>()
+        }
+    };
+    let pair = |a: &str, t: &str| (a.to_owned(), t.to_owned());
+    assert_eq!(lines(&[]).await.len(), 3);
+    assert_eq!(
+        lines(&["--type", "approved", "--match", "/approved=true"]).await,
+        [pair("w1", "approved")]
+    );
+    assert_eq!(lines(&["--agent", "w2"]).await, [pair("w2", "approved")]);
+    assert_eq!(
+        lines(&["--since", "1h", "--limit", "1", "--all"])
+            .await
+            .len(),
+        3
+    );
+
+    // Watch from before the first event: the stored ones, then a new one live.
+    let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_coordctl"))
+        .args([
+            "--output", "json", "events", "watch", "--type", "approved", "--since", &since,
+        ])
+        .env("NATS_URL", &url)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    assert_eq!(next_event(&mut out).await, pair("w1", "approved"));
+    assert_eq!(next_event(&mut out).await, pair("w2", "approved"));
+    publish("w3", "approved", serde_json::json!({"approved": true})).await;
+    assert_eq!(next_event(&mut out).await, pair("w3", "approved"));
+    let _ = watch.kill().await;
+}
+
+/// The next event `coordctl -o json events watch` prints, as (agent, type).
+async fn next_event(
+    out: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> (String, String) {
+    let line = tokio::time::timeout(std::time::Duration::from_secs(20), out.next_line())
+        .await
+        .expect("a line from events watch")
+        .unwrap()
+        .expect("events watch still running");
+    let r: common::msg::AgentEventRecord = serde_json::from_str(&line).unwrap();
+    (r.event.agent_id.to_string(), r.event.event_type)
 }

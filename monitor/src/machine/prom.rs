@@ -146,6 +146,13 @@ impl Collector for Snapshot {
         )?;
         counter(
             enc,
+            "coord_agent_events",
+            "Agent events accepted per type (64 types, the rest as (other)).",
+            None,
+            by("type", &m.agent_events_by_type),
+        )?;
+        counter(
+            enc,
             "coord_requests",
             "Requests each service endpoint took, from every replica's $SRV.STATS.",
             None,

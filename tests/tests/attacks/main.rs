@@ -11,12 +11,14 @@
 //! password), requests on the agent's own subjects that name another agent,
 //! and reports for another agent's lease (fencing, on an open server too).
 //! `replies`: replies aimed by an agent at subjects it may not publish on,
-//! whether a service or JetStream would send them. `limits`: one agent's
-//! floods of heartbeats, state writes and scopes.
+//! whether a service or JetStream would send them. `events`: agent events
+//! published as another agent. `limits`: one agent's floods of heartbeats,
+//! state writes and scopes.
 
 // Test helpers fail fast, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod events;
 mod limits;
 mod replies;
 
