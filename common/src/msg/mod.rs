@@ -14,6 +14,7 @@ pub mod event;
 pub mod flow;
 pub mod monitor;
 pub mod state;
+pub mod trigger;
 
 pub use agent::*;
 pub use alloc::*;
@@ -21,6 +22,7 @@ pub use event::*;
 pub use flow::*;
 pub use monitor::*;
 pub use state::*;
+pub use trigger::*;
 
 #[cfg(test)]
 mod tests;
