@@ -347,6 +347,42 @@ impl Client {
         .await
     }
 
+    /// Publishes one event of the named agent's and waits for the verdict:
+    /// the stored event, or why it was refused.
+    pub async fn publish_event(
+        &self,
+        agent: &crate::AgentId,
+        event_type: &str,
+        event: &AgentEventPublish,
+    ) -> Result<AgentEvent, Error> {
+        self.request(&subject::agent_event(agent, event_type)?, event)
+            .await
+    }
+
+    /// Stored agent events matching `query`, oldest first, one page.
+    pub async fn list_events(&self, query: &AgentEventQuery) -> Result<AgentEventList, Error> {
+        self.request(subject::AGENT_EVENTS_LIST, query).await
+    }
+
+    pub async fn event_schema_set(&self, req: &EventSchemaSet) -> Result<EventSchema, Error> {
+        self.request(subject::EVENT_SCHEMA_SET, req).await
+    }
+
+    pub async fn event_schema_get(&self, event_type: &str) -> Result<EventSchema, Error> {
+        self.request(
+            subject::EVENT_SCHEMA_GET,
+            &EventSchemaGet {
+                event_type: event_type.to_owned(),
+            },
+        )
+        .await
+    }
+
+    pub async fn event_schema_list(&self) -> Result<EventSchemaList, Error> {
+        self.request(subject::EVENT_SCHEMA_LIST, &EventSchemaListRequest {})
+            .await
+    }
+
     pub async fn metrics(&self) -> Result<SystemMetrics, Error> {
         self.request(subject::MONITOR_METRICS, &MetricsRequest {})
             .await

@@ -21,6 +21,13 @@ pub const STREAM_ASSIGN: &str = "COORD_ASSIGN";
 pub const STREAM_REPORTS: &str = "COORD_REPORTS";
 /// Every domain event: the audit log.
 pub const STREAM_EVENTS: &str = "COORD_EVENTS";
+/// Events external agents published and the synchronizer accepted
+/// (`coord.agent_events.{type}.{agent}`), with limits of their own.
+pub const STREAM_AGENT_EVENTS: &str = "COORD_AGENT_EVENTS";
+/// How long agent events are kept by default.
+pub const AGENT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How many bytes of agent events are kept by default (oldest dropped first).
+pub const AGENT_EVENTS_MAX_BYTES: i64 = 1 << 30;
 /// The orchestrators' shared durable consumer on [`STREAM_REPORTS`].
 /// The durable consumer an agent reads its assignments through.
 pub fn agent_consumer(agent: &crate::AgentId) -> String {
@@ -54,6 +61,8 @@ pub const KV_SYNC_SCOPES: &str = "coord_sync_scopes";
 /// Sync points (`sp.{id}`), their cut documents (`cut.{id}.{agent}`) and the
 /// agents' acknowledgements (`ack.{notice}.{agent}`, one key each so acks never contend).
 pub const KV_SYNC_POINTS: &str = "coord_sync_points";
+/// Registered JSON Schemas of agent event types, one entry per type.
+pub const KV_EVENT_SCHEMAS: &str = "coord_event_schemas";
 
 /// Longest pause between two reconnect attempts. async-nats backs off up to
 /// 4 s by default; a shorter cap brings everyone back within a heartbeat
@@ -267,6 +276,9 @@ pub enum Stream {
     Assign,
     Reports,
     Events,
+    /// Agent events, with the default limits (the synchronizer applies its
+    /// configured ones).
+    AgentEvents,
 }
 
 impl Stream {
@@ -301,6 +313,14 @@ impl Stream {
                 max_bytes: 1 << 30,
                 ..base(STREAM_EVENTS, subject::EVENTS_ALL)
             },
+            // A re-sent agent event (same `{agent}.{event id}`) within the
+            // duplicate window is stored once.
+            Stream::AgentEvents => stream::Config {
+                retention: stream::RetentionPolicy::Limits,
+                max_age: AGENT_EVENTS_MAX_AGE,
+                max_bytes: AGENT_EVENTS_MAX_BYTES,
+                ..base(STREAM_AGENT_EVENTS, subject::AGENT_EVENTS_ALL)
+            },
         }
     }
 }
@@ -317,6 +337,7 @@ pub enum Bucket {
     SyncPoints,
     Quotas,
     Triggers,
+    EventSchemas,
 }
 
 impl Bucket {
@@ -333,6 +354,7 @@ impl Bucket {
             // History lets a checker replay the quota ledger beside the agents'.
             Bucket::Quotas => (KV_QUOTAS, 64),
             Bucket::Triggers => (KV_TRIGGERS, 1),
+            Bucket::EventSchemas => (KV_EVENT_SCHEMAS, 1),
         };
         // The server republishes every state write on the watch subjects, in
         // the same step as the write: watchers see each change exactly once,

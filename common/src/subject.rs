@@ -196,6 +196,66 @@ pub fn sync_notice(agent: &AgentId) -> String {
 pub fn sync_ack(agent: &AgentId) -> String {
     format!("coord.agents.{agent}.sync.ack")
 }
+// Agent events: an agent publishes on its own subject (the synchronizers'
+// endpoint, a request or a plain publish); accepted events are stored under
+// `coord.agent_events.{type}.{agent}` in their own stream. Operators register
+// per-type schemas and list the stored events under `coord.sync.events.…`.
+/// Every agent's events (the synchronizers' endpoint).
+pub const AGENT_EVENTS_PUBLISH_ALL: &str = "coord.agents.*.events.*";
+/// Every stored agent event (the agent events stream's subjects).
+pub const AGENT_EVENTS_ALL: &str = "coord.agent_events.>";
+/// Stored agent events, newest pages first.
+pub const AGENT_EVENTS_LIST: &str = "coord.sync.events.list";
+/// Register or remove the JSON Schema of one event type.
+pub const EVENT_SCHEMA_SET: &str = "coord.sync.events.schema.set";
+/// One event type's registered schema.
+pub const EVENT_SCHEMA_GET: &str = "coord.sync.events.schema.get";
+/// Every registered event schema.
+pub const EVENT_SCHEMA_LIST: &str = "coord.sync.events.schema.list";
+
+/// An agent publishes an event of `event_type` (agent → synchronizer). The
+/// type must be a valid event type (see `msg::validate_event_type`).
+pub fn agent_event(agent: &AgentId, event_type: &str) -> Result<String, crate::Error> {
+    crate::msg::validate_event_type(event_type)?;
+    Ok(format!("coord.agents.{agent}.events.{event_type}"))
+}
+
+/// Where an accepted event is stored (synchronizer → stream, and watchers).
+pub fn agent_event_stored(event_type: &str, agent: &AgentId) -> Result<String, crate::Error> {
+    crate::msg::validate_event_type(event_type)?;
+    Ok(format!("coord.agent_events.{event_type}.{agent}"))
+}
+
+/// The stored subjects matching an optional type and agent (`*` for a
+/// filter not given): a consumer's filter subject.
+pub fn agent_events_filter(
+    event_type: Option<&str>,
+    agent: Option<&AgentId>,
+) -> Result<String, crate::Error> {
+    if let Some(t) = event_type {
+        crate::msg::validate_event_type(t)?;
+    }
+    Ok(format!(
+        "coord.agent_events.{}.{}",
+        event_type.unwrap_or("*"),
+        agent.map_or("*", AgentId::as_str)
+    ))
+}
+
+/// The agent and event type of `coord.agents.{id}.events.{type}`, validated.
+pub fn agent_event_of(subject: &str) -> Result<(AgentId, String), crate::Error> {
+    let parts: Vec<&str> = subject.split('.').collect();
+    match parts.as_slice() {
+        [ROOT, "agents", id, "events", t] => {
+            let agent = AgentId::new(*id)?;
+            crate::msg::validate_event_type(t)?;
+            Ok((agent, (*t).to_owned()))
+        }
+        _ => Err(crate::Error::bad_request(format!(
+            "{subject} is not an agent event subject"
+        ))),
+    }
+}
 // End of the synchronizer block.
 // ---------------------------------------------------------------------------
 
@@ -231,6 +291,8 @@ pub const MONITOR_INTAKE: &[&str] = &[
     SYNC_ACK_ALL,
     FLOW_WATCH_ALL,
     STATE_WATCH_ALL,
+    // Accepted agent events (their publish subjects are requests).
+    AGENT_EVENTS_ALL,
 ];
 // ---- end of monitor ------------------------------------------------------
 
@@ -388,6 +450,30 @@ mod tests {
         assert_eq!(family(&agent_state_put(&a)), AGENT_STATE_PUT_ALL);
         assert_eq!(family(&agent_state_delete(&a)), AGENT_STATE_DELETE_ALL);
         assert_eq!(family(&agent_state_history(&a)), AGENT_STATE_HISTORY_ALL);
+    }
+
+    #[test]
+    fn agent_event_subjects_round_trip() {
+        let a = AgentId::new("w-1").unwrap();
+        let on = agent_event(&a, "approved").unwrap();
+        assert_eq!(on, "coord.agents.w-1.events.approved");
+        assert_eq!(agent_of(&on), Some(a.clone()));
+        assert_eq!(
+            agent_event_of(&on).unwrap(),
+            (a.clone(), "approved".to_owned())
+        );
+        assert_eq!(family(&on), "coord.agents.*.events.approved");
+        assert_eq!(
+            agent_event_stored("approved", &a).unwrap(),
+            "coord.agent_events.approved.w-1"
+        );
+        assert_eq!(
+            agent_events_filter(None, Some(&a)).unwrap(),
+            "coord.agent_events.*.w-1"
+        );
+        assert!(agent_event(&a, "Bad.Type").is_err());
+        assert!(agent_event_of("coord.agents.w-1.events.UP").is_err());
+        assert!(agent_event_of("coord.agents.w-1.report").is_err());
     }
 
     #[test]

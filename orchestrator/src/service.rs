@@ -1347,6 +1347,8 @@ impl Orchestrator {
                     message: reason.clone(),
                     msg_id: msg_id(msg),
                     at_ms: now_ms(),
+                    event_type: None,
+                    event_id: None,
                 },
             )
             .await;
@@ -2103,6 +2105,8 @@ fn malformed(msg: &jetstream::Message, e: &serde_json::Error) -> ReportRejected 
         message: format!("not a report: {e}"),
         msg_id: msg_id(msg),
         at_ms: now_ms(),
+        event_type: None,
+        event_id: None,
     }
 }
 

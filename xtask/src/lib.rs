@@ -82,6 +82,7 @@ pub struct Channel {
 const AGENT_PLACEHOLDER: &str = "AGENT_ID";
 const SCOPE_PLACEHOLDER: &str = "SCOPE_ID";
 const FLOW_PLACEHOLDER: &str = "FLOW_ID";
+const EVENT_TYPE_PLACEHOLDER: &str = "event_type_placeholder";
 
 /// An agent subject with the id left as the AsyncAPI parameter `{agent_id}`; built
 /// by the real subject function so the address cannot drift from the code.
@@ -102,6 +103,16 @@ fn per_scope_agent(f: fn(&ScopeId, &AgentId) -> String) -> anyhow::Result<String
     Ok(f(&scope, &agent)
         .replace(AGENT_PLACEHOLDER, "{agent_id}")
         .replace(SCOPE_PLACEHOLDER, "{scope}"))
+}
+
+/// An agent event subject with `{agent_id}` and `{event_type}` left as parameters.
+fn per_agent_event(
+    f: fn(&AgentId, &str) -> Result<String, common::Error>,
+) -> anyhow::Result<String> {
+    let agent = AgentId::new(AGENT_PLACEHOLDER)?;
+    Ok(f(&agent, EVENT_TYPE_PLACEHOLDER)?
+        .replace(AGENT_PLACEHOLDER, "{agent_id}")
+        .replace(EVENT_TYPE_PLACEHOLDER, "{event_type}"))
 }
 
 /// Payload of the watch subjects: the stored state document itself, any JSON.
@@ -585,6 +596,41 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             request(MONITOR, msg!(SystemValidateRequest), msg!(SystemValidation)),
         ),
         req(
+            "agentEvent",
+            "agent_event",
+            &per_agent_event(subject::agent_event)?,
+            "The agent publishes an event of its own (a request, or a plain publish whose refusal comes back on `coord.agents.{agent_id}.rejected`); stored once per `event_id`, checked against the type's registered schema.",
+            own_request(SYNCHRONIZER, msg!(AgentEventPublish), msg!(AgentEvent)),
+        ),
+        req(
+            "agentEventsList",
+            "AGENT_EVENTS_LIST",
+            subject::AGENT_EVENTS_LIST,
+            "Stored agent events by type, agent, time and a field of `data`, oldest first, in pages.",
+            request(SYNCHRONIZER, msg!(AgentEventQuery), msg!(AgentEventList)),
+        ),
+        req(
+            "eventSchemaSet",
+            "EVENT_SCHEMA_SET",
+            subject::EVENT_SCHEMA_SET,
+            "Register (or with `schema: null` remove) the JSON Schema of an agent event type.",
+            operator_request(SYNCHRONIZER, msg!(EventSchemaSet), msg!(EventSchema)),
+        ),
+        req(
+            "eventSchemaGet",
+            "EVENT_SCHEMA_GET",
+            subject::EVENT_SCHEMA_GET,
+            "An agent event type's registered schema.",
+            request(SYNCHRONIZER, msg!(EventSchemaGet), msg!(EventSchema)),
+        ),
+        req(
+            "eventSchemaList",
+            "EVENT_SCHEMA_LIST",
+            subject::EVENT_SCHEMA_LIST,
+            "Every registered agent event schema.",
+            request(SYNCHRONIZER, msg!(EventSchemaListRequest), msg!(EventSchemaList)),
+        ),
+        req(
             "monitorReport",
             "MONITOR_REPORT",
             subject::MONITOR_REPORT,
@@ -654,8 +700,8 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             id: "agentRejected",
             address: per_agent(subject::rejected)?,
             source: "rejected",
-            summary: "A report of the agent's changed nothing: `code` and `reason` say why (malformed, out of range, fenced, unknown).",
-            pattern: Publish { from: ORCHESTRATOR, to: AGENT, message: msg!(ReportRejected), jetstream: None },
+            summary: "A report of the agent's, or an event it published without a reply subject, changed nothing: `code` and `reason` say why (malformed, out of range, fenced, unknown, schema violation).",
+            pattern: Publish { from: "orchestrator, synchronizer", to: AGENT, message: msg!(ReportRejected), jetstream: None },
         },
         Channel {
             id: "agentSyncNotice",
@@ -670,6 +716,18 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             source: "sync_ack",
             summary: "The agent acknowledges a notice (the agent is taken from the subject).",
             pattern: Publish { from: AGENT, to: SYNCHRONIZER, message: msg!(SyncAck), jetstream: None },
+        },
+        Channel {
+            id: "agentEventStored",
+            address: {
+                let agent = AgentId::new(AGENT_PLACEHOLDER)?;
+                subject::agent_event_stored(EVENT_TYPE_PLACEHOLDER, &agent)?
+                    .replace(AGENT_PLACEHOLDER, "{agent_id}")
+                    .replace(EVENT_TYPE_PLACEHOLDER, "{event_type}")
+            },
+            source: "agent_event_stored",
+            summary: "An accepted agent event, stored once per `Nats-Msg-Id` `{agent_id}.{event_id}`; watch by subscribing, query with `coord.sync.events.list`.",
+            pattern: Publish { from: SYNCHRONIZER, to: "any watcher (monitor, orchestrator)", message: msg!(AgentEvent), jetstream: Some("COORD_AGENT_EVENTS") },
         },
         Channel {
             id: "stateWatch",
@@ -992,7 +1050,7 @@ pub fn asyncapi(channels: &[Channel]) -> Value {
             "summary": c.summary,
             "x-rust-subject": format!("common::subject::{}", c.source),
         });
-        let params: Vec<&str> = ["agent_id", "scope", "flow_id", "kind"]
+        let params: Vec<&str> = ["agent_id", "scope", "flow_id", "kind", "event_type"]
             .into_iter()
             .filter(|p| c.address.contains(&format!("{{{p}}}")))
             .collect();
@@ -1000,9 +1058,14 @@ pub fn asyncapi(channels: &[Channel]) -> Value {
             channel["parameters"] = params
                 .iter()
                 .map(|p| {
+                    let pattern = if *p == "event_type" {
+                        EVENT_TYPE_PATTERN
+                    } else {
+                        common::id::ID_PATTERN
+                    };
                     (
                         (*p).to_owned(),
-                        json!({"description": format!("The {p}: `^[A-Za-z0-9_-]{{1,64}}$`.")}),
+                        json!({"description": format!("The {p}: `{pattern}`.")}),
                     )
                 })
                 .collect::<serde_json::Map<_, _>>()

@@ -101,6 +101,13 @@ const NOT_CHANNELS: &[(&str, &str)] = &[
     ("state_watch_scope", "wildcard over state_watch"),
     ("event::UNKNOWN", "never published by this build"),
     ("agent_of", "parses subjects, builds none"),
+    ("agent_event_of", "parses subjects, builds none"),
+    ("AGENT_EVENTS_PUBLISH_ALL", "wildcard over agent_event"),
+    (
+        "AGENT_EVENTS_ALL",
+        "wildcard over agent_event_stored (the agent events stream's subjects)",
+    ),
+    ("agent_events_filter", "wildcard over agent_event_stored"),
     ("family", "metrics label, builds no subject"),
 ];
 

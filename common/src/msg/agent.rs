@@ -286,9 +286,10 @@ pub enum CancelCode {
     Other,
 }
 
-/// `coord.agents.{id}.rejected` (core publish, orchestrator → agent): a report
-/// of this agent's was refused and changed nothing. Fields the report did not
-/// carry readably are absent.
+/// `coord.agents.{id}.rejected` (core publish, orchestrator or synchronizer →
+/// agent): a report of this agent's, or an event it published without asking
+/// for a reply, was refused and changed nothing. Fields the report or event
+/// did not carry readably are absent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ReportRejected {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -314,9 +315,15 @@ pub struct ReportRejected {
     pub msg_id: Option<String>,
     #[serde(default)]
     pub at_ms: u64,
+    /// For a refused agent event: its type (from the subject).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    /// For a refused agent event: its `event_id`, if readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
 }
 
-/// The rule a rejected report broke.
+/// The rule a rejected report (or agent event) broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RejectReason {
@@ -340,6 +347,14 @@ pub enum RejectReason {
     NotRunning,
     /// The flow has finished (or been cancelled).
     FlowFinished,
+    /// An agent event's type (the last subject token) is not 1 to 64 of
+    /// `a-z`, `0-9`, `_`, `-`, or its `event_id` breaks the id grammar.
+    InvalidEventType,
+    /// An agent event's `data` does not match its type's registered schema
+    /// (`validation_failed`; the message lists the violations).
+    SchemaViolation,
+    /// An agent event could not be stored (`unavailable`): publish it again.
+    NotStored,
     /// A reason this build does not know.
     #[serde(other)]
     Other,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::id::{AgentId, AllocationId, FlowId, TaskId};
-use crate::msg::Requirements;
+use crate::msg::{FieldMatch, Requirements};
 
 /// `coord.orchestrator.flow.create`: a DAG of tasks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -199,7 +199,7 @@ pub struct TaskSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WaitFor {
-    /// The event's type (letters, digits, `_` and `-`, at most 64).
+    /// The event's type (`a-z`, `0-9`, `_` and `-`, at most 64).
     pub event_type: String,
     /// Only events this agent published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -212,17 +212,6 @@ pub struct WaitFor {
     /// no limit (until the flow is cancelled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
-}
-
-/// A field of an event's `data` that must equal a value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FieldMatch {
-    /// A JSON Pointer (RFC 6901) into the event's `data`, e.g. `/approved`;
-    /// `""` is the whole of `data`.
-    pub path: String,
-    /// The value found there must be equal to this (JSON equality).
-    pub equals: Value,
 }
 
 /// Whether an agent event of `event_type` from `agent` with `data` matches a
@@ -243,8 +232,8 @@ pub fn event_matches(
 /// What is wrong with an event filter, for a validation message; `None` when
 /// it is fine.
 pub fn event_filter_problem(event_type: &str, field: Option<&FieldMatch>) -> Option<String> {
-    if let Err(e) = crate::id::validate(event_type) {
-        return Some(format!("event_type: {e}"));
+    if let Err(e) = crate::msg::validate_event_type(event_type) {
+        return Some(e.message);
     }
     if let Some(f) = field {
         if !(f.path.is_empty() || f.path.starts_with('/')) {

@@ -9,6 +9,7 @@
 //! unit.
 
 pub mod agent;
+pub mod agent_event;
 pub mod alloc;
 pub mod event;
 pub mod flow;
@@ -17,6 +18,7 @@ pub mod state;
 pub mod trigger;
 
 pub use agent::*;
+pub use agent_event::*;
 pub use alloc::*;
 pub use event::*;
 pub use flow::*;

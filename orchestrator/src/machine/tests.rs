@@ -1304,7 +1304,7 @@ fn a_bad_wait_for_is_a_validation_problem() {
         .unwrap()
         .path = "approved".into();
     let mut typed = approval("t", &[], None);
-    typed.wait_for.as_mut().unwrap().event_type = "a.b".into();
+    typed.wait_for.as_mut().unwrap().event_type = "Bad.Type".into();
     let mut retried = approval("r", &[], None);
     retried.retry.max_attempts = 3;
     bad.kind = "x".into();
