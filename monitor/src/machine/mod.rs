@@ -384,7 +384,9 @@ impl Monitor {
         let t = self.tasks.entry(key.clone()).or_default();
         t.seq = seq;
         match to {
-            TaskState::Blocked => {}
+            // A wait task waits for an agent's event, on no agent: neither
+            // queued nor running, so never stuck.
+            TaskState::Blocked | TaskState::Waiting => {}
             TaskState::Ready => {
                 t.ready_ms.get_or_insert(at_ms);
                 t.assigned_ms = None;

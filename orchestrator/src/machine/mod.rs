@@ -82,6 +82,10 @@ pub struct Flow {
     /// Events numbered so far: the next event's number (see [`Staged`]).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub events: u64,
+    /// Wait tasks waiting now: the adapter looks for their events only when
+    /// there are some, without a pass over every task.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub waiting: u32,
     pub tasks: Tasks,
     /// How the tasks are spread over KV entries; `None` while they fit in the
     /// flow's own entry. Kept by the store, never read by the state machine.
@@ -400,6 +404,7 @@ impl Flow {
             started_by: None,
             trace: None,
             events: 0,
+            waiting: 0,
             tasks,
             pages: None,
             outbox: Vec::new(),
@@ -495,10 +500,11 @@ impl Flow {
             .min()
     }
 
-    /// The wait tasks waiting now.
-    pub fn waiting(&self) -> impl Iterator<Item = &Task> {
+    /// The wait tasks waiting now (none without a pass when there are none).
+    pub fn waiting_tasks(&self) -> impl Iterator<Item = &Task> {
         self.tasks
             .values()
+            .take(if self.waiting == 0 { 0 } else { usize::MAX })
             .filter(|t| t.state == TaskState::Waiting)
     }
 
@@ -1286,6 +1292,12 @@ impl Flow {
         };
         t.state = to;
         t.since_ms = now_ms;
+        if from == TaskState::Waiting {
+            self.waiting = self.waiting.saturating_sub(1);
+        }
+        if to == TaskState::Waiting {
+            self.waiting += 1;
+        }
         if !to.is_active() {
             t.deadline_ms = None;
         }
