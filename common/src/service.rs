@@ -225,6 +225,30 @@ impl Service {
         H: Fn(String, Req) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<Resp, Error>> + Send + 'static,
     {
+        self.serve_messages(subject, move |msg: async_nats::Message| {
+            let handler = handler.clone();
+            async move {
+                let req = decode::<Req>(&msg.payload)?;
+                handler(msg.subject.to_string(), req).await
+            }
+        })
+        .await
+    }
+
+    /// Serves `subject` with a handler that gets the whole message: its
+    /// subject, headers, raw body and whether anyone waits for a reply. For
+    /// endpoints that also take plain publishes and must answer a refusal
+    /// some other way (agent events: on the agent's `rejected` subject).
+    pub async fn serve_messages<Resp, H, Fut>(
+        &mut self,
+        subject: &'static str,
+        handler: H,
+    ) -> Result<(), Error>
+    where
+        Resp: Serialize + Send + 'static,
+        H: Fn(async_nats::Message) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<Resp, Error>> + Send + 'static,
+    {
         // Endpoint names are tokens: a wildcard's `*` becomes `id`.
         let name = subject
             .strip_prefix("coord.")
@@ -265,11 +289,7 @@ impl Service {
                 let span = telemetry::message_span("request", subject, request.message.headers.as_ref());
                 tokio::spawn(
                     async move {
-                        let on = request.message.subject.to_string();
-                        let result = match decode::<Req>(&request.message.payload) {
-                            Ok(req) => handler(on, req).await,
-                            Err(e) => Err(e),
-                        };
+                        let result = handler(request.message.clone()).await;
                         let result = result
                             .and_then(|resp| encode(&resp))
                             .and_then(|body| fits(body, client.server_info().max_payload));

@@ -8,6 +8,7 @@
 
 mod alloc;
 mod conformance;
+mod events;
 mod flow;
 mod sync;
 
@@ -114,6 +115,9 @@ enum Command {
     /// Sync points: consistent cuts of agents' state, completion, rollback.
     #[command(subcommand)]
     Syncpoint(sync::SyncpointCmd),
+    /// Events agents published: list, watch, and the per-type schemas they are checked against.
+    #[command(subcommand)]
+    Events(events::EventsCmd),
     /// Traffic metrics from the monitor.
     Metrics,
     /// Health of every service, JetStream and the NATS server: healthy, degraded or unhealthy, with reasons.
@@ -266,6 +270,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         Command::Synchronize(args) => sync::run_synchronize(&ctx, args).await?,
         Command::Syncpoint(cmd) => sync::run_syncpoint(&ctx, cmd).await?,
         Command::Conformance(args) => conformance::run(&ctx, args).await?,
+        Command::Events(cmd) => events::run(&ctx, cmd).await?,
         Command::Metrics => {
             let m = client.metrics().await?;
             ctx.emit(&m, |m| {

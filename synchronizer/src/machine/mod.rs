@@ -8,6 +8,7 @@
 
 pub mod agree;
 pub mod diff;
+pub mod events;
 pub mod hlc;
 pub mod merge;
 pub mod pointer;

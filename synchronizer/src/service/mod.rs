@@ -5,12 +5,14 @@
 //!   scope configuration.
 //! - `consistency`: validation and synchronize rounds.
 //! - `points`: sync points, and the acknowledgements agents publish.
+//! - `events`: agent events (ingest, the per-type schema registry, queries).
 //!
 //! Every write is a compare-and-set on a KV revision, and nothing is kept in
 //! memory between requests except the hybrid logical clock, so replicas run
 //! side by side and any of them may answer any request.
 
 mod consistency;
+mod events;
 mod limits;
 mod points;
 mod state;
@@ -48,6 +50,12 @@ pub struct Config {
     /// a further scope is answered `quota_exceeded`.
     #[arg(long, env = "COORD_SYNC_AGENT_MAX_SCOPES", default_value_t = 16)]
     pub agent_max_scopes: usize,
+    /// How long agent events are kept (seconds); applied to the stream at start.
+    #[arg(long, env = "COORD_SYNC_AGENT_EVENTS_MAX_AGE_S", default_value_t = 7 * 24 * 3600)]
+    pub agent_events_max_age_s: u64,
+    /// How many bytes of agent events are kept (oldest dropped first).
+    #[arg(long, env = "COORD_SYNC_AGENT_EVENTS_MAX_BYTES", default_value_t = bus::AGENT_EVENTS_MAX_BYTES)]
+    pub agent_events_max_bytes: i64,
 }
 
 impl Config {
@@ -57,6 +65,8 @@ impl Config {
             agent_put_rate: 100.0,
             agent_put_burst: 200.0,
             agent_max_scopes: 16,
+            agent_events_max_age_s: bus::AGENT_EVENTS_MAX_AGE.as_secs(),
+            agent_events_max_bytes: bus::AGENT_EVENTS_MAX_BYTES,
         }
     }
 }
@@ -82,6 +92,13 @@ pub(crate) struct Synchronizer {
     state_stream: jetstream::stream::Stream,
     /// Per-agent write limits (see [`limits`]).
     limits: limits::Limits,
+    js: jetstream::Context,
+    /// `COORD_AGENT_EVENTS`: agent events are stored in and listed from it.
+    agent_events: jetstream::stream::Stream,
+    /// The per-type event schema registry.
+    event_schemas: kv::Store,
+    /// Its compiled schemas, kept from a watch of the bucket.
+    event_validators: events::Validators,
     cfg: Config,
 }
 
@@ -109,6 +126,8 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         .get_stream(format!("KV_{}", bus::KV_STATE))
         .await
         .map_err(|e| anyhow::anyhow!("state stream: {e}"))?;
+    let agent_events = events::open_stream(&js, &cfg).await?;
+    let event_schemas = bus::ensure_bucket(&js, Bucket::EventSchemas, replicas).await?;
     let node = format!("sync-{}", uuid::Uuid::now_v7().simple());
     let sync = Arc::new(Synchronizer {
         nats: nats.clone(),
@@ -121,9 +140,14 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         enforced: Default::default(),
         state_stream,
         limits: Default::default(),
+        js: js.clone(),
+        agent_events,
+        event_schemas,
+        event_validators: Default::default(),
         cfg: cfg.clone(),
     });
     let enforcing = tokio::spawn(sync.clone().follow_scopes());
+    let event_schemas = tokio::spawn(sync.clone().follow_event_schemas());
 
     let acks = nats
         .queue_subscribe(subject::SYNC_ACK_ALL, ACK_GROUP.to_owned())
@@ -166,6 +190,17 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     serve!(subject::SYNCPOINT_LIST, list);
     serve!(subject::SYNCPOINT_GET, get_point);
     serve!(subject::SYNCPOINT_DIFF, diff);
+    // Agent events: each agent on its own subjects (requests or plain
+    // publishes), the registry and queries for operators.
+    serve!(
+        serve_messages,
+        subject::AGENT_EVENTS_PUBLISH_ALL,
+        ingest_event
+    );
+    serve!(subject::AGENT_EVENTS_LIST, list_events);
+    serve!(subject::EVENT_SCHEMA_SET, event_schema_set);
+    serve!(subject::EVENT_SCHEMA_GET, event_schema_get);
+    serve!(subject::EVENT_SCHEMA_LIST, event_schema_list);
     tracing::info!(url = %cfg.nats.nats_url, "synchronizer running");
 
     shutdown.await;
@@ -173,6 +208,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     service.stop().await;
     ack_task.abort();
     enforcing.abort();
+    event_schemas.abort();
     nats.drain().await.ok();
     Ok(())
 }

@@ -3,6 +3,7 @@
 // Test helpers fail fast, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod agent_events;
 mod agent_flows;
 mod allocator;
 mod allocator_quota;
