@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::msg::{
-    AgentEvent, FieldMatch, FlowListRequest, FlowSpec, FlowState, FlowStatus, TaskSpec, TaskState,
-    Trigger, WaitFor, TRIGGER_EVENT_KEY,
+    AgentEventPublish, FieldMatch, FlowListRequest, FlowSpec, FlowState, FlowStatus, TaskSpec,
+    TaskState, Trigger, WaitFor, TRIGGER_EVENT_KEY,
 };
 use common::{AgentId, Client, ErrorCode, FlowId};
 use serde_json::{json, Value};
@@ -19,36 +19,18 @@ use testkit::{eventually, start_service, wait_for_service, NatsServer, Replica, 
 
 use crate::orchestrator::{cpu_task, spawn_agent, tid, wait_finished, wait_registered};
 
-/// Stores an agent event in the agent events stream the way the
-/// synchronizer does once it accepted it: on `coord.agent_events.{type}.{agent}`
-/// under `Nats-Msg-Id` `{agent}.{event id}`.
+/// Publishes an agent event through the synchronizer's ingest, as the
+/// agent would, and waits until it is stored.
 async fn store_event(nats: &async_nats::Client, agent: &str, kind: &str, id: &str, data: Value) {
-    let js = jetstream::new(nats.clone());
-    common::nats::ensure_stream(&js, common::nats::Stream::AgentEvents, 1)
+    let client = Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
+    let event = AgentEventPublish {
+        data,
+        event_id: Some(id.to_owned()),
+    };
+    client
+        .publish_event(&AgentId::new(agent).unwrap(), kind, &event)
         .await
         .unwrap();
-    let agent = AgentId::new(agent).unwrap();
-    let event = AgentEvent {
-        event_id: id.to_owned(),
-        agent_id: agent.clone(),
-        event_type: kind.to_owned(),
-        data,
-        published_ms: common::now_ms(),
-    };
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        "Nats-Msg-Id",
-        common::msg::event_msg_id(&agent, id).as_str(),
-    );
-    js.publish_with_headers(
-        common::subject::agent_event_stored(kind, &agent).unwrap(),
-        headers,
-        serde_json::to_vec(&event).unwrap().into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
 }
 
 fn wait_task(id: &str, deps: &[&str], timeout_ms: Option<u64>) -> TaskSpec {
@@ -305,10 +287,12 @@ async fn a_trigger_starts_exactly_one_flow_per_event_with_two_replicas() {
     common::telemetry::init_for_tests();
     let server = NatsServer::start();
     let _allocator = start_service("allocator", server.config());
+    let _synchronizer = start_service("synchronizer", server.config());
     let _one = Replica::start("orchestrator", server.config());
     let _two = Replica::start("orchestrator", server.config());
     let nats = server.connect().await;
     wait_for_service(&nats, "allocator").await;
+    wait_for_service(&nats, "synchronizer").await;
     wait_for_service(&nats, "orchestrator").await;
     let client = Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
     let (stop, agent) = spawn_agent(&nats, "w", 4.0, echo);
@@ -368,8 +352,10 @@ async fn a_replica_killed_mid_trigger_still_starts_exactly_one_flow_per_event() 
     common::telemetry::init_for_tests();
     let server = NatsServer::start();
     let _allocator = start_service("allocator", server.config());
+    let _synchronizer = start_service("synchronizer", server.config());
     let nats = server.connect().await;
     wait_for_service(&nats, "allocator").await;
+    wait_for_service(&nats, "synchronizer").await;
     let client = Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
     let (stop, agent) = spawn_agent(&nats, "w", 4.0, echo);
     wait_registered(&client, "w").await;
