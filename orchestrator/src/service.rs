@@ -60,7 +60,8 @@ pub struct Config {
     /// redelivered (to another replica if this one died or stalled), in ms: the
     /// most a stalled replica delays the reports it holds. A report delivered
     /// again after it was applied is acknowledged without effect, so a short
-    /// wait costs only the rare second delivery under heavy load.
+    /// wait costs only the rare second delivery under heavy load. The same
+    /// wait applies to the agent events the triggers consume.
     #[arg(long, env = "ORCHESTRATOR_REPORT_ACK_WAIT_MS", default_value_t = 2_000)]
     pub report_ack_wait_ms: u64,
 }
