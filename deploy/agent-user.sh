@@ -16,7 +16,8 @@
 # do so), no JetStream and no exports. It imports from COORD only what the protocol asks of the agent,
 # each on the agent's own subject: its heartbeats, reports, sync
 # acknowledgements, (de)registration, leave and state requests (the services
-# refuse a body naming another agent there), reads of any agent's state
+# refuse a body naming another agent there), its own events
+# (`coord.agents.{id}.events.{type}`), reads of any agent's state
 # (`coord.sync.state.get`/`history`, read-only), the JetStream API calls on its
 # own durable consumer `agent-{id}` (info, pull, acknowledge, delete: an agent
 # restarted after dying mid-task makes it afresh so its unacknowledged
@@ -78,6 +79,7 @@ cat <<USER
           "coord.agents.$id.register", "coord.agents.$id.deregister", "coord.agents.$id.leave",
           "coord.agents.$id.state.get", "coord.agents.$id.state.put",
           "coord.agents.$id.state.delete", "coord.agents.$id.state.history",
+          "coord.agents.$id.events.*",
           "coord.sync.state.get", "coord.sync.state.history",
           "\$JS.API.STREAM.INFO.COORD_ASSIGN",
           "\$JS.API.CONSUMER.INFO.COORD_ASSIGN.agent-$id",
@@ -100,6 +102,9 @@ for s in heartbeat report sync.ack register deregister leave \
     state.get state.put state.delete state.history; do
     svc "coord.agents.$id.$s"
 done
+# Its own events, one subject token per type (the synchronizer stores them
+# under the agent the subject names).
+svc "coord.agents.$id.events.*"
 svc "coord.sync.state.get"
 svc "coord.sync.state.history"
 svc "\$JS.API.CONSUMER.INFO.COORD_ASSIGN.agent-$id"

@@ -422,6 +422,9 @@ pub fn family(subject: &str) -> String {
         [ROOT, "agents", id, rest @ ..] if !rest.is_empty() && *id != "register" => {
             format!("coord.agents.*.{}", rest.join("."))
         }
+        [ROOT, "agent_events", event_type, _agent] => {
+            format!("coord.agent_events.{event_type}.*")
+        }
         _ => subject.to_owned(),
     }
 }
@@ -463,6 +466,10 @@ mod tests {
             (a.clone(), "approved".to_owned())
         );
         assert_eq!(family(&on), "coord.agents.*.events.approved");
+        assert_eq!(
+            family(&agent_event_stored("approved", &a).unwrap()),
+            "coord.agent_events.approved.*"
+        );
         assert_eq!(
             agent_event_stored("approved", &a).unwrap(),
             "coord.agent_events.approved.w-1"

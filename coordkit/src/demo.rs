@@ -148,6 +148,22 @@ pub async fn run_conformance_task(
                 retryable: true,
             })?;
     }
+    if let Some(event) = spec.get("event").filter(|e| e.is_object()) {
+        let event_type = event["type"].as_str().unwrap_or("conformance");
+        let event_id = event["event_id"].as_str().map(str::to_owned);
+        agent::publish_event(
+            client,
+            &task.agent_id,
+            event_type,
+            event["data"].clone(),
+            event_id,
+        )
+        .await
+        .map_err(|e| agent::TaskFailure {
+            error: format!("conformance: event not stored: {e}"),
+            retryable: false,
+        })?;
+    }
     if let Some(fail) = spec["fail"].as_str() {
         return Err(agent::TaskFailure {
             error: "conformance: asked to fail".into(),

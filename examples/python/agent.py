@@ -17,6 +17,10 @@ What it does, in the order of the agent life cycle:
   it is refused as `fenced` or `not_found` on `coord.agents.{id}.rejected`
   (every verdict is logged);
 - acknowledges sync notices, so sync points complete;
+- publishes an agent event `task_done` on `coord.agents.{id}.events.task_done`
+  after each echo task, as a request (the reply is the stored event or why it
+  was refused), with `event_id` `{flow}.{task}.{attempt}` so sending it again
+  stores it once;
 - on SIGTERM/SIGINT leaves as the protocol says: drains (deregister), takes
   what is already stored for it and gives running tasks `--leave-grace`
   seconds, hands the rest back, requests `coord.agents.{id}.leave` (status
@@ -241,6 +245,10 @@ class Agent:
             v = json.loads(msg.data)
         except ValueError:
             return
+        if v.get("event_type"):
+            # An event of ours published without a reply subject was refused.
+            log(f"rejected event {v.get('event_type')} {v.get('event_id')}: {v.get('code')}/{v.get('reason')}")
+            return
         where = f"{v.get('flow_id')}/{v.get('task_id')}#{v.get('attempt')}"
         log(
             f"rejected {v.get('report_type')} report of {where}: "
@@ -363,6 +371,14 @@ class Agent:
 
     # ---- running an attempt -------------------------------------------------
 
+    async def publish_event(self, event_type: str, data, event_id: str = None) -> dict:
+        """Publishes an event of ours and returns it as stored; a refusal
+        (a registered schema not met, say) raises ServiceError with its code."""
+        body = {"data": data}
+        if event_id is not None:
+            body["event_id"] = event_id
+        return await request(self.nc, self.subject(f"events.{event_type}"), body)
+
     async def keep_lease(self, att: Attempt):
         """Sends a bare `progress` whenever no report went out for half the
         lease's heartbeat_ms: the orchestrator checks only every tick_ms, and
@@ -409,6 +425,12 @@ class Agent:
                 await self.put_state(c["state"])
             except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
                 raise TaskFailed(f"conformance: state not stored: {e}", True) from e
+        if isinstance(c.get("event"), dict):
+            ev = c["event"]
+            try:
+                await self.publish_event(ev.get("type") or "conformance", ev.get("data"), ev.get("event_id"))
+            except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
+                raise TaskFailed(f"conformance: event not stored: {e}", False) from e
         fail = c.get("fail")
         if fail in ("retryable", "fatal"):
             raise TaskFailed("conformance: asked to fail", fail == "retryable")
@@ -481,6 +503,15 @@ class Agent:
             self.done += 1
             log(f"{outcome[0]} {att.label()}")
             if not (isinstance(task_input, dict) and "conformance" in task_input):
+                try:
+                    event = await self.publish_event(
+                        "task_done",
+                        {"flow_id": a["flow_id"], "task_id": a["task_id"], "attempt": a["attempt"]},
+                        event_id=f"{a['flow_id']}.{a['task_id']}.{a['attempt']}",
+                    )
+                    log(f"event task_done {event.get('event_id')} stored")
+                except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
+                    log(f"event task_done not stored: {e}")
                 doc = {"tasks_done": self.done, "last_task": a["task_id"], "at_ms": now_ms()}
                 try:
                     await self.put_state(doc)

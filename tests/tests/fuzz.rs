@@ -106,10 +106,15 @@ request_types!(
     HealthRequest,
     SystemValidateRequest,
     ReportRequest,
+    AgentEventQuery,
+    EventSchemaSet,
+    EventSchemaGet,
+    EventSchemaListRequest,
     // Agents' messages the services read.
     AgentReport,
     Heartbeat,
     SyncAck,
+    AgentEventPublish,
 );
 
 /// Every property name in the request schemas, so arbitrary JSON reaches past

@@ -84,9 +84,9 @@ pub fn event_msg_id(agent: &AgentId, event_id: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentEventPublish {
-    /// Any JSON (at most 256 KiB); checked against the type's schema when an
-    /// operator registered one. Absent = `null`.
-    #[serde(default)]
+    /// Any JSON, `null` included (at most 256 KiB); checked against the
+    /// type's schema when an operator registered one. Required, so an empty
+    /// body is refused rather than stored as an event.
     pub data: Value,
     /// The agent's own id for this event (1..=128 of `A-Za-z0-9_.:-`): a
     /// re-sent event with the same id within two minutes is stored once.
@@ -249,10 +249,11 @@ mod tests {
     }
 
     #[test]
-    fn a_publish_refuses_unknown_fields_and_defaults_data() {
-        let p: AgentEventPublish = serde_json::from_str("{}").unwrap();
+    fn a_publish_refuses_unknown_fields_and_needs_data() {
+        let p: AgentEventPublish = serde_json::from_str(r#"{"data":null}"#).unwrap();
         assert_eq!(p.data, Value::Null);
-        assert!(serde_json::from_str::<AgentEventPublish>(r#"{"agent_id":"x"}"#).is_err());
+        assert!(serde_json::from_str::<AgentEventPublish>("{}").is_err());
+        assert!(serde_json::from_str::<AgentEventPublish>(r#"{"data":1,"agent_id":"x"}"#).is_err());
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct SystemMetrics {
     pub tasks_completed: u64,
     #[serde(default)]
     pub tasks_failed: u64,
+    /// Agent events accepted, per type: at most 64 types, the rest under `(other)`.
+    #[serde(default)]
+    pub agent_events_by_type: BTreeMap<String, u64>,
     /// Messages per second per subject family over the sliding windows.
     #[serde(default)]
     pub message_rates: BTreeMap<String, WindowRates>,

@@ -38,8 +38,8 @@ pub(crate) struct ConformanceArgs {
     /// Only these rules, comma-separated (default: all): success,
     /// retryable_failure, fatal_failure, progress_keeps_lease,
     /// heartbeat_timeout, cancel, preemption, stale_attempt, malformed_report,
-    /// progress_bounds, progress_valid, state_cas, sync_notice, heartbeats,
-    /// clean_leave.
+    /// progress_bounds, progress_valid, state_cas, agent_event, sync_notice,
+    /// heartbeats, clean_leave.
     #[arg(long, value_delimiter = ',', value_parser = parse_rule)]
     rules: Vec<Rule>,
     /// A shell command that stops the agent (e.g. `kill -TERM 1234`); run
@@ -74,6 +74,7 @@ pub(crate) enum Rule {
     MalformedReport,
     ProgressBounds,
     StateCas,
+    AgentEvent,
     SyncNotice,
     // Judged over everything the agent did in the rules above.
     StaleAttempt,
@@ -83,7 +84,7 @@ pub(crate) enum Rule {
     CleanLeave,
 }
 
-const RULES: [(Rule, &str); 15] = [
+const RULES: [(Rule, &str); 16] = [
     (Rule::Success, "success"),
     (Rule::RetryableFailure, "retryable_failure"),
     (Rule::FatalFailure, "fatal_failure"),
@@ -94,6 +95,7 @@ const RULES: [(Rule, &str); 15] = [
     (Rule::MalformedReport, "malformed_report"),
     (Rule::ProgressBounds, "progress_bounds"),
     (Rule::StateCas, "state_cas"),
+    (Rule::AgentEvent, "agent_event"),
     (Rule::SyncNotice, "sync_notice"),
     (Rule::StaleAttempt, "stale_attempt"),
     (Rule::ProgressValid, "progress_valid"),
@@ -209,6 +211,7 @@ pub(crate) async fn run(ctx: &Ctx, args: ConformanceArgs) -> anyhow::Result<()> 
                 }
             }
             Rule::StateCas => kit.state_cas().await,
+            Rule::AgentEvent => kit.agent_event().await,
             Rule::SyncNotice => kit.sync_notice().await,
             Rule::StaleAttempt => kit.stale_attempt(),
             Rule::ProgressValid => kit.progress_valid(),
@@ -1187,6 +1190,52 @@ impl Kit {
                 "revision {} over the kit's {}",
                 doc.revision, written.revision
             )))
+        })
+        .await
+    }
+
+    async fn agent_event(&self) -> RuleOutcome {
+        let nonce = uuid::Uuid::now_v7().simple().to_string();
+        let event_id = format!("conformance-{nonce}");
+        let data = json!({ "conformance": "agent_event", "nonce": nonce });
+        let flow = self
+            .submit(
+                Rule::AgentEvent,
+                json!({ "sleep_ms": 0, "event": {
+                    "type": "conformance", "data": data, "event_id": event_id
+                } }),
+                RetryPolicy::default(),
+                Timeouts::default(),
+            )
+            .await;
+        self.on_flow(flow, |flow| async move {
+            self.succeeded(&flow).await?;
+            // The agent publishes before its final report, so the event is stored now.
+            let listed = self
+                .client
+                .list_events(&common::msg::AgentEventQuery {
+                    event_type: Some("conformance".into()),
+                    agent_id: Some(self.agent.clone()),
+                    field: Some(common::msg::FieldMatch {
+                        path: "/nonce".into(),
+                        equals: json!(nonce),
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .map_err(because("events not listed"))?;
+            match listed.events.as_slice() {
+                [one] if one.event.event_id == event_id && one.event.data == data => Ok(
+                    Outcome::Pass(format!("event {event_id} stored (seq {})", one.seq)),
+                ),
+                [] => Err(format!(
+                    "no conformance event of {} with the task's nonce is stored",
+                    self.agent
+                )),
+                other => Err(format!(
+                    "expected one event {event_id} with the task's data, found {other:?}"
+                )),
+            }
         })
         .await
     }

@@ -68,7 +68,7 @@ fn assert_all_pass(report: &Value, code: Option<i32>) {
     let rows = report["rules"].as_array().unwrap();
     let not_passed: Vec<&Value> = rows.iter().filter(|r| r["result"] != "pass").collect();
     assert!(not_passed.is_empty(), "rules not passed: {not_passed:#?}");
-    assert_eq!(rows.len(), 15, "every rule ran: {report:#}");
+    assert_eq!(rows.len(), 16, "every rule ran: {report:#}");
     assert_eq!(report["passed"], true);
     assert_eq!(code, Some(0));
 }

@@ -263,6 +263,84 @@ async fn a_flow_completes_on_the_python_agent() {
     drop(agent);
 }
 
+/// After each task the agent publishes a `task_done` event: it is stored
+/// under the agent's identity, listed, seen by a watcher and counted by the
+/// monitor; once a schema it does not meet is registered, the agent gets the
+/// `validation_failed` verdict (and logs it) and nothing more is stored.
+#[tokio::test]
+async fn the_python_agents_task_events_are_stored_listed_watched_counted_and_refused() {
+    let sys = System::start().await;
+    let me = AgentId::new("py-ev").unwrap();
+    let mut watch = sys
+        .nats
+        .subscribe(common::subject::agent_events_filter(Some("task_done"), Some(&me)).unwrap())
+        .await
+        .unwrap();
+    sys.nats.flush().await.unwrap();
+    let agent = PyAgent::spawn(sys.server.url(), me.as_str(), &[]);
+    let run = |name: &'static str| {
+        let sys = &sys;
+        async move {
+            let flow = FlowSpec::new(name, vec![task("a", &[], serde_json::json!({}))]);
+            let created = sys.client.create_flow(&flow).await.unwrap();
+            let done = finished(sys, &created.flow_id).await;
+            assert_eq!(done.state, FlowState::Succeeded, "{:?}", done.tasks);
+            created.flow_id
+        }
+    };
+    let flow = run("events").await;
+    let query = common::msg::AgentEventQuery {
+        event_type: Some("task_done".into()),
+        agent_id: Some(me.clone()),
+        ..Default::default()
+    };
+    let listed = eventually(Duration::from_secs(20), "the task_done event", || async {
+        let l = sys.client.list_events(&query).await.ok()?;
+        (!l.events.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(listed.events.len(), 1, "{listed:?}");
+    let e = &listed.events[0].event;
+    assert_eq!(e.event_id, format!("{flow}.a.1"));
+    assert_eq!(e.data["task_id"], "a");
+    let seen = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<common::msg::AgentEvent>(&seen.payload).unwrap(),
+        *e
+    );
+    eventually(Duration::from_secs(20), "the monitor's count", || async {
+        let m = sys.client.metrics().await.ok()?;
+        (m.agent_events_by_type.get("task_done") == Some(&1)).then_some(())
+    })
+    .await;
+
+    sys.client
+        .event_schema_set(&common::msg::EventSchemaSet {
+            event_type: "task_done".into(),
+            schema: Some(serde_json::json!({"type": "object", "required": ["approved_by"]})),
+        })
+        .await
+        .unwrap();
+    run("refused").await;
+    eventually(
+        Duration::from_secs(20),
+        "the agent told of the refusal",
+        || async {
+            agent
+                .log()
+                .contains("event task_done not stored: validation_failed")
+                .then_some(())
+        },
+    )
+    .await;
+    let after = sys.client.list_events(&query).await.unwrap();
+    assert_eq!(after.events.len(), 1, "{after:?}");
+    drop(agent);
+}
+
 #[tokio::test]
 async fn the_python_agent_carries_on_after_a_nats_outage() {
     let mut sys = System::start().await;

@@ -13,6 +13,9 @@ pub const MAX_FAMILIES: usize = 1_000;
 /// Where traffic beyond [`MAX_FAMILIES`] is counted.
 pub const OTHER: &str = "(other)";
 
+/// Most agent event types counted apart; the rest are counted under [`OTHER`].
+pub const MAX_EVENT_TYPES: usize = 64;
+
 /// Counts since the monitor started.
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
@@ -26,6 +29,7 @@ pub struct Counters {
     tasks_assigned: u64,
     tasks_completed: u64,
     tasks_failed: u64,
+    agent_events: BTreeMap<String, u64>,
 }
 
 impl Counters {
@@ -62,6 +66,19 @@ impl Counters {
         } else {
             *self.by_family.entry(OTHER.to_owned()).or_insert(0) += n;
         }
+    }
+
+    /// Counts one accepted agent event of `event_type` (a type is a label:
+    /// beyond [`MAX_EVENT_TYPES`] they share one).
+    pub fn agent_event(&mut self, event_type: &str) {
+        let key = if self.agent_events.len() < MAX_EVENT_TYPES
+            || self.agent_events.contains_key(event_type)
+        {
+            event_type
+        } else {
+            OTHER
+        };
+        *self.agent_events.entry(key.to_owned()).or_insert(0) += 1;
     }
 
     fn count_event(&mut self, kind: &EventKind) {
@@ -109,6 +126,7 @@ impl Counters {
             tasks_assigned: self.tasks_assigned,
             tasks_completed: self.tasks_completed,
             tasks_failed: self.tasks_failed,
+            agent_events_by_type: self.agent_events.clone(),
             ..Default::default()
         }
     }
@@ -118,6 +136,19 @@ impl Counters {
 mod tests {
     use super::*;
     use common::msg::Event;
+
+    #[test]
+    fn agent_event_types_are_bounded_labels() {
+        let mut c = Counters::new(0);
+        for i in 0..MAX_EVENT_TYPES + 10 {
+            c.agent_event(&format!("t{i}"));
+        }
+        c.agent_event("t0");
+        let m = c.snapshot(1);
+        assert_eq!(m.agent_events_by_type.len(), MAX_EVENT_TYPES + 1);
+        assert_eq!(m.agent_events_by_type["t0"], 2);
+        assert_eq!(m.agent_events_by_type[OTHER], 10);
+    }
     use common::{FlowId, TaskId};
 
     fn transition(to: TaskState) -> Vec<u8> {

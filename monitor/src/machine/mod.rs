@@ -281,6 +281,16 @@ impl Monitor {
             }
             None => self.counters.observe(subject, payload),
         }
+        // An agent event sent again within the duplicate window is stored
+        // once but reaches subscribers each time: counted once.
+        if subject.starts_with("coord.agent_events.") {
+            if let Ok(e) = serde_json::from_slice::<common::msg::AgentEvent>(payload) {
+                let id = common::msg::event_msg_id(&e.agent_id, &e.event_id);
+                if self.seen.first(&id, now_ms) {
+                    self.counters.agent_event(&e.event_type);
+                }
+            }
+        }
     }
 
     /// Takes one gather of `$SRV.STATS` answers at `now_ms`: the requests each

@@ -79,6 +79,14 @@ pub fn render(m: &SystemMetrics, anomalies_total: u64, verdict: Option<Verdict>)
         o.sample("coord_subject_messages_total", &[("family", f)], *n as f64);
     }
     o.family(
+        "coord_agent_events_total",
+        "counter",
+        "Agent events accepted per type since the monitor started (64 types, the rest as (other)).",
+    );
+    for (t, n) in &m.agent_events_by_type {
+        o.sample("coord_agent_events_total", &[("type", t)], *n as f64);
+    }
+    o.family(
         "coord_subject_message_rate",
         "gauge",
         "Messages per second per subject family over a sliding window.",

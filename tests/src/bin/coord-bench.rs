@@ -24,6 +24,9 @@
 //!   the critical path; allocate/release round trips over large agent pools
 //!   against raw KV compare-and-sets; tasks/s against agents, replicas and flow
 //!   size, drawn to SVG (see `scale.rs`).
+//! - `events`: agent events stored through the synchronizer against the same
+//!   JetStream publish done raw, and read back through the list endpoint
+//!   (see `events.rs`).
 //!
 //! Latency is from just before a flow's create request (or a message's publish)
 //! to the driver receiving its task's `task.succeeded` event (or completion).
@@ -43,6 +46,8 @@ use futures::{stream::FuturesUnordered, StreamExt};
 use testkit::{NatsServer, ServiceHandle};
 use tokio::sync::{oneshot, Mutex};
 
+#[path = "coord-bench/events.rs"]
+mod events;
 #[path = "coord-bench/scale.rs"]
 mod scale;
 #[path = "coord-bench/state.rs"]
@@ -66,6 +71,8 @@ enum Scenario {
     Alloc,
     /// Tasks/s against agents, orchestrator replicas and flow size, as tables and SVG.
     Curves,
+    /// Agent events stored through the synchronizer against raw JetStream, and read back.
+    Events,
 }
 
 /// End-to-end benchmarks of coordkit against the bus's own limit.
@@ -111,6 +118,8 @@ struct Args {
     monitor_seconds: u64,
     #[command(flatten)]
     state: state::StateArgs,
+    #[command(flatten)]
+    events: events::EventsArgs,
     #[command(flatten)]
     scale: scale::ScaleArgs,
 }
@@ -183,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Dag => return scale::dag(&nats, &url, &args, run_id, limit).await,
         Scenario::Alloc => return scale::alloc(&nats, &url, &args, run_id, limit).await,
         Scenario::Curves => return scale::curves(&nats, &url, &args, run_id, limit).await,
+        Scenario::Events => return events::run(&nats, &url, &args.events, run_id, limit).await,
         Scenario::Baseline | Scenario::Dispatch | Scenario::Monitor => {}
     }
     println!(

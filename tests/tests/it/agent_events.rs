@@ -181,13 +181,14 @@ async fn invalid_events_are_refused_with_a_code_the_agent_receives() {
     };
     let on = subject::agent_event(&w1, "approved").unwrap();
     assert_eq!(raw(on.clone(), "not json").await, ErrorCode::BadRequest);
+    assert_eq!(raw(on.clone(), "").await, ErrorCode::BadRequest);
     assert_eq!(
         raw(on.clone(), r#"{"data": {}, "agent_id": "w2"}"#).await,
         ErrorCode::BadRequest
     );
     assert_eq!(raw(on.clone(), "[{}, \"id\"]").await, ErrorCode::BadRequest);
     assert_eq!(
-        raw(on.clone(), r#"{"event_id": "a b"}"#).await,
+        raw(on.clone(), r#"{"data": 1, "event_id": "a b"}"#).await,
         ErrorCode::InvalidId
     );
     assert_eq!(
@@ -495,4 +496,42 @@ async fn accepted_events_can_be_followed_by_subscribing() {
         serde_json::from_slice::<AgentEvent>(&msg.payload).unwrap(),
         sent
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_counts_accepted_events_per_type_once_each() {
+    let b = start().await;
+    let _monitor = start_service("monitor", b._server.config());
+    wait_for_service(&b.nats, "monitor").await;
+    // The monitor subscribes as it starts: wait until it sees traffic.
+    let w1 = aid("w1");
+    eventually(Duration::from_secs(20), "the monitor counting", || async {
+        b.client
+            .publish_event(&w1, "warmup", &publish(json!(1), None))
+            .await
+            .unwrap();
+        let m = b.client.metrics().await.ok()?;
+        m.agent_events_by_type.contains_key("warmup").then_some(())
+    })
+    .await;
+    for (t, id) in [
+        ("approved", "a1"),
+        ("approved", "a1"),
+        ("approved", "a2"),
+        ("docked", "d1"),
+    ] {
+        b.client
+            .publish_event(&w1, t, &publish(json!(1), Some(id)))
+            .await
+            .unwrap();
+    }
+    // Published one after another, seen in that order: once the last is
+    // counted, so is every one before it.
+    let m = eventually(Duration::from_secs(20), "docked counted", || async {
+        let m = b.client.metrics().await.ok()?;
+        m.agent_events_by_type.contains_key("docked").then_some(m)
+    })
+    .await;
+    assert_eq!(m.agent_events_by_type.get("approved"), Some(&2), "{m:?}");
+    assert_eq!(m.agent_events_by_type.get("docked"), Some(&1));
 }

@@ -153,3 +153,30 @@ async fn coord_bench_curves_runs_at_a_tiny_size() {
         assert!(svg.contains("--curve-flow-sizes 10,25"), "{file}: {svg}");
     }
 }
+
+/// `coord-bench events` exits 0 only when every event it stored is listed
+/// back; it prints the ingest and the query tables.
+#[tokio::test]
+async fn coord_bench_events_runs_at_a_tiny_size() {
+    let server = NatsServer::start();
+    let stdout = coord_bench(
+        &server,
+        &[
+            "events",
+            "--events",
+            "40",
+            "--event-concurrency",
+            "4",
+            "--event-agents",
+            "3",
+        ],
+    )
+    .await;
+    for row in [
+        "| agent events, no schema | 40 |",
+        "| agent events, checked against a schema | 40 |",
+        "| every event, pages of 1000 | 80 | 1 |",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
+    }
+}

@@ -127,6 +127,14 @@ fn base(subject: &str) -> Option<Value> {
         }
         subject::SYNCPOINT_LIST => json!({"scope": "s", "state": "open"}),
         subject::SYNCPOINT_GET | subject::SYNCPOINT_DIFF => point,
+        subject::AGENT_EVENTS_PUBLISH_ALL => json!({"data": {"k": 1}, "event_id": "e1"}),
+        subject::AGENT_EVENTS_LIST => json!({
+            "event_type": "t", "agent_id": "a1", "since_ms": 1, "until_ms": 2,
+            "match": {"path": "/k", "equals": 1}, "limit": 5, "from_seq": 1
+        }),
+        subject::EVENT_SCHEMA_SET => json!({"event_type": "t", "schema": {"type": "object"}}),
+        subject::EVENT_SCHEMA_GET => json!({"event_type": "t"}),
+        subject::EVENT_SCHEMA_LIST => json!({}),
         subject::MONITOR_ANOMALIES => json!({"kind": "k", "limit": 1, "since_ms": 0}),
         subject::MONITOR_METRICS
         | subject::MONITOR_ANALYSIS
@@ -142,6 +150,37 @@ fn semantic(subject: &str) -> Vec<Case> {
     let body = |v: Value| v.to_string().into_bytes();
     let task = |id: &str, deps: &[&str]| json!({"id": id, "depends_on": deps});
     let negative = json!({"resources": {"cpu": -1.0}});
+    if subject == subject::AGENT_EVENTS_PUBLISH_ALL {
+        // The agent comes from the subject only: naming one is an unknown field.
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        return vec![
+            case(
+                "a body naming an agent",
+                body(json!({"data": 1, "agent_id": "a2"})),
+                &[BadRequest],
+            ),
+            case(
+                "event id with a space",
+                body(json!({"data": 1, "event_id": "a b"})),
+                &[InvalidId],
+            ),
+            case(
+                "event id too long",
+                body(json!({"data": 1, "event_id": "x".repeat(129)})),
+                &[InvalidId],
+            ),
+            case(
+                "data nested 100 deep",
+                format!(r#"{{"data":{deep}}}"#),
+                &[BadRequest],
+            ),
+            case(
+                "data over 256 KiB",
+                body(json!({"data": "x".repeat(300 * 1024)})),
+                &[PayloadTooLarge],
+            ),
+        ];
+    }
     if subject.starts_with("coord.agents.*.") {
         // Valid in every other respect, so only the agent can be wrong.
         let mut other = base(subject).unwrap_or_default();
@@ -389,6 +428,52 @@ fn semantic(subject: &str) -> Vec<Case> {
             case(
                 "agent id with a space",
                 body(json!({"agents": ["a b"]})),
+                &[InvalidId],
+            ),
+        ],
+        subject::EVENT_SCHEMA_SET => vec![
+            case(
+                "a schema that is not one",
+                body(json!({"event_type": "t", "schema": {"type": 12}})),
+                &[ValidationFailed],
+            ),
+            case(
+                "an uppercase type",
+                body(json!({"event_type": "Approved", "schema": {}})),
+                &[InvalidId],
+            ),
+            case(
+                "a type with a dot",
+                body(json!({"event_type": "a.b", "schema": null})),
+                &[InvalidId],
+            ),
+        ],
+        subject::EVENT_SCHEMA_GET => vec![case(
+            "a type with a wildcard",
+            body(json!({"event_type": "*"})),
+            &[InvalidId],
+        )],
+        subject::AGENT_EVENTS_LIST => vec![
+            case("limit 0", body(json!({"limit": 0})), &[BadRequest]),
+            case(
+                "limit past the maximum",
+                body(json!({"limit": 1_000_000})),
+                &[BadRequest],
+            ),
+            case("from_seq 0", body(json!({"from_seq": 0})), &[BadRequest]),
+            case(
+                "until before since",
+                body(json!({"since_ms": 5, "until_ms": 1})),
+                &[BadRequest],
+            ),
+            case(
+                "a match path that is no pointer",
+                body(json!({"match": {"path": "k", "equals": 1}})),
+                &[BadRequest],
+            ),
+            case(
+                "a type with a wildcard",
+                body(json!({"event_type": ">"})),
                 &[InvalidId],
             ),
         ],
@@ -655,7 +740,9 @@ async fn every_endpoint_answers_a_corpus_of_bad_input_with_typed_errors_and_chan
             let schema = serde_json::to_value(request.schema()).unwrap();
             // Served as the wildcard over every agent's subject.
             endpoints.insert(
-                c.address.replace("{agent_id}", "*"),
+                c.address
+                    .replace("{agent_id}", "*")
+                    .replace("{event_type}", "*"),
                 (server.to_owned(), schema),
             );
         }

@@ -11,6 +11,7 @@
 //! agent at subjects it may not publish on.
 
 mod attacks;
+mod events;
 
 use std::path::Path;
 use std::process::Command;
