@@ -230,6 +230,34 @@ impl Client {
         self.request(subject::FLOW_LIST, req).await
     }
 
+    /// Registers (or replaces) a trigger; the reply is the trigger as stored.
+    pub async fn set_trigger(
+        &self,
+        trigger: &crate::msg::Trigger,
+    ) -> Result<crate::msg::Trigger, Error> {
+        self.request(subject::TRIGGER_SET, trigger).await
+    }
+
+    pub async fn get_trigger(&self, name: &str) -> Result<crate::msg::Trigger, Error> {
+        let r = crate::msg::TriggerRef {
+            name: name.to_owned(),
+        };
+        self.request(subject::TRIGGER_GET, &r).await
+    }
+
+    pub async fn list_triggers(&self) -> Result<crate::msg::TriggerList, Error> {
+        self.request(subject::TRIGGER_LIST, &crate::msg::TriggerListRequest {})
+            .await
+    }
+
+    /// Removes a trigger; flows it started run on.
+    pub async fn delete_trigger(&self, name: &str) -> Result<crate::msg::TriggerDeleted, Error> {
+        let r = crate::msg::TriggerRef {
+            name: name.to_owned(),
+        };
+        self.request(subject::TRIGGER_DELETE, &r).await
+    }
+
     /// The latest document of `agent` in the default scope.
     pub async fn state_get(&self, agent: &crate::AgentId) -> Result<StateDoc, Error> {
         self.state_get_at(&StateGet {

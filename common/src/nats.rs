@@ -38,6 +38,9 @@ pub const CONSUMER_ORCHESTRATOR: &str = "orchestrator";
 /// The orchestrators' shared durable consumer of the allocator's `agent.lost`
 /// and `allocation.preempted` events on [`STREAM_EVENTS`].
 pub const CONSUMER_ORCHESTRATOR_ALLOCATOR_EVENTS: &str = "orchestrator-allocator-events";
+/// The orchestrators' shared durable consumer of stored agent events, which
+/// starts the flows of matching triggers.
+pub const CONSUMER_ORCHESTRATOR_TRIGGERS: &str = "orchestrator-triggers";
 
 /// Flows and their tasks' states, one entry per flow.
 pub const KV_FLOWS: &str = "coord_flows";
@@ -49,6 +52,8 @@ pub const KV_AGENTS: &str = "coord_agents";
 pub const KV_HEARTBEATS: &str = "coord_heartbeats";
 /// Owner quotas and the allocations counted against them, one document (`pool`).
 pub const KV_QUOTAS: &str = "coord_quotas";
+/// Triggers: flows started by matching agent events, one entry per trigger name.
+pub const KV_TRIGGERS: &str = "coord_triggers";
 /// Agent state documents, with history for three-way merges and reads at a revision.
 pub const KV_STATE: &str = "coord_state";
 /// Per-scope synchronizer configuration (policy, schema, invariants), one entry per scope.
@@ -331,6 +336,7 @@ pub enum Bucket {
     SyncScopes,
     SyncPoints,
     Quotas,
+    Triggers,
     EventSchemas,
 }
 
@@ -347,6 +353,7 @@ impl Bucket {
             Bucket::SyncPoints => (KV_SYNC_POINTS, 1),
             // History lets a checker replay the quota ledger beside the agents'.
             Bucket::Quotas => (KV_QUOTAS, 64),
+            Bucket::Triggers => (KV_TRIGGERS, 1),
             Bucket::EventSchemas => (KV_EVENT_SCHEMAS, 1),
         };
         // The server republishes every state write on the watch subjects, in

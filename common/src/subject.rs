@@ -31,6 +31,11 @@ pub const FLOW_EXPLAIN: &str = "coord.orchestrator.flow.explain";
 /// A plan for the remaining tasks (critical path, makespan, placement,
 /// bottleneck), applied as new priorities on request.
 pub const FLOW_OPTIMIZE: &str = "coord.orchestrator.flow.optimize";
+/// Register (or replace) a trigger: a flow started by matching agent events.
+pub const TRIGGER_SET: &str = "coord.orchestrator.trigger.set";
+pub const TRIGGER_GET: &str = "coord.orchestrator.trigger.get";
+pub const TRIGGER_LIST: &str = "coord.orchestrator.trigger.list";
+pub const TRIGGER_DELETE: &str = "coord.orchestrator.trigger.delete";
 /// Which of the given allocations their flow tasks still hold (the
 /// allocator's reconciliation asks; allocator → orchestrator).
 pub const ALLOCATIONS_HELD: &str = "coord.orchestrator.allocations.held";
@@ -356,6 +361,8 @@ pub mod event {
     pub const TASK_SKIPPED: &str = "coord.events.task.skipped";
     pub const TASK_TIMED_OUT: &str = "coord.events.task.timed_out";
     pub const TASK_CANCELLED: &str = "coord.events.task.cancelled";
+    /// A wait task began waiting for its agent event.
+    pub const TASK_WAITING: &str = "coord.events.task.waiting";
     pub const FLOW_PAUSED: &str = "coord.events.flow.paused";
     pub const FLOW_RESUMED: &str = "coord.events.flow.resumed";
     pub const FLOW_RERUN: &str = "coord.events.flow.rerun";

@@ -32,3 +32,35 @@ pub(crate) async fn after_write(flow: &FlowId) {
         std::future::pending::<()>().await;
     }
 }
+
+/// After a stored agent event's triggered flows are created and before the
+/// event is acknowledged: armed for one trigger, the replica's trigger
+/// consumer stops there for good, as if the process had died at that instant.
+pub const BEFORE_TRIGGER_ACK: &str = "orchestrator::before-trigger-ack";
+
+/// Stops every replica in this process before it acknowledges an event that
+/// started a flow of `trigger`.
+pub fn hold_before_trigger_ack(trigger: &str) {
+    if let Err(e) = fail::cfg(BEFORE_TRIGGER_ACK, &format!("return({trigger})")) {
+        tracing::error!(error = %e, "fail point not armed");
+    }
+}
+
+/// Disarms [`hold_before_trigger_ack`] (work already held stays held).
+pub fn release_before_trigger_ack() {
+    fail::remove(BEFORE_TRIGGER_ACK);
+}
+
+/// Parks the caller for ever when [`BEFORE_TRIGGER_ACK`] is armed for one of `started`.
+pub(crate) async fn before_trigger_ack(started: &[String]) {
+    let held = (|| {
+        fail::fail_point!(BEFORE_TRIGGER_ACK, |arg| started
+            .iter()
+            .any(|t| arg.as_deref() == Some(t.as_str())));
+        false
+    })();
+    if held {
+        tracing::warn!(?started, "held at the fail point {BEFORE_TRIGGER_ACK}");
+        std::future::pending::<()>().await;
+    }
+}

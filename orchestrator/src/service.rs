@@ -46,6 +46,8 @@ use crate::placing::Placing;
 use crate::slots::Slots;
 use crate::store::{self, Stored, WriteError};
 
+mod agent_events;
+
 /// Orchestrator settings.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
@@ -58,7 +60,8 @@ pub struct Config {
     /// redelivered (to another replica if this one died or stalled), in ms: the
     /// most a stalled replica delays the reports it holds. A report delivered
     /// again after it was applied is acknowledged without effect, so a short
-    /// wait costs only the rare second delivery under heavy load.
+    /// wait costs only the rare second delivery under heavy load. The same
+    /// wait applies to the agent events the triggers consume.
     #[arg(long, env = "ORCHESTRATOR_REPORT_ACK_WAIT_MS", default_value_t = 2_000)]
     pub report_ack_wait_ms: u64,
 }
@@ -140,6 +143,12 @@ enum Cmd {
         op: Control,
         reply: oneshot::Sender<Result<FlowStatus, Error>>,
     },
+    /// A stored agent event that may be what a waiting task waits for.
+    Event {
+        task: TaskId,
+        event: Box<common::msg::AgentEvent>,
+        stored_ms: u64,
+    },
 }
 
 /// A command with the span it was sent from (its cause), so the work it leads
@@ -170,6 +179,11 @@ struct Orchestrator {
     slots: Slots,
     /// How often the sweep checks deadlines (told to agents in each lease).
     tick_ms: u64,
+    /// The event types the wait tasks of each flow with an actor here wait
+    /// for: a stored event of one of them ticks the flow at once.
+    waiting: Mutex<HashMap<FlowId, HashSet<String>>>,
+    /// Registered triggers (`coord_triggers`).
+    triggers: kv::Store,
 }
 
 /// A flow this replica saw finished: at which revision, and when last checked.
@@ -200,6 +214,10 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let flows = bus::ensure_bucket(&js, Bucket::Flows, cfg.nats.js_replicas).await?;
     store::allow_batches(&js, &flows).await?;
     let slots = bus::ensure_bucket(&js, Bucket::Concurrency, cfg.nats.js_replicas).await?;
+    let triggers = bus::ensure_bucket(&js, Bucket::Triggers, cfg.nats.js_replicas).await?;
+    // Wait tasks and triggers read the agent events (the synchronizer's
+    // stream, made here with its default limits if it is not there yet).
+    bus::ensure_stream(&js, Stream::AgentEvents, cfg.nats.js_replicas).await?;
     let orch = Arc::new(Orchestrator {
         client: common::Client::new(nats.clone()).with_timeout(cfg.nats.request_timeout()),
         nats: nats.clone(),
@@ -213,6 +231,8 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         freed: AtomicU64::new(0),
         slots: Slots::new(slots),
         tick_ms: cfg.sweep_ms.max(10),
+        waiting: Mutex::default(),
+        triggers,
     });
 
     let mut service = Service::start(
@@ -302,7 +322,13 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         })
         .await?;
 
+    agent_events::serve_triggers(&orch, &mut service).await?;
     let allocator_events = tokio::spawn(orch.clone().consume_allocator_events());
+    let triggered = tokio::spawn(
+        orch.clone()
+            .consume_triggers(Duration::from_millis(cfg.report_ack_wait_ms.max(100))),
+    );
+    let wake_waits = tokio::spawn(orch.clone().wake_waiting());
     let capacity = tokio::spawn(orch.clone().count_capacity_changes());
     let reports = tokio::spawn(
         orch.clone()
@@ -319,6 +345,8 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     service.stop().await;
     reports.abort();
     allocator_events.abort();
+    triggered.abort();
+    wake_waits.abort();
     capacity.abort();
     sweeper.abort();
     nats.drain().await.ok();
@@ -446,7 +474,16 @@ impl Watch {
 const MAX_WARNINGS: usize = 100;
 
 impl Orchestrator {
-    async fn create(self: &Arc<Self>, mut spec: FlowSpec) -> Result<FlowStatus, Error> {
+    async fn create(self: &Arc<Self>, spec: FlowSpec) -> Result<FlowStatus, Error> {
+        self.create_from(spec, None).await
+    }
+
+    /// Creates a flow; `origin` names the trigger and event that started it.
+    async fn create_from(
+        self: &Arc<Self>,
+        mut spec: FlowSpec,
+        origin: Option<common::msg::FlowOrigin>,
+    ) -> Result<FlowStatus, Error> {
         if let Some(name) = spec.tasks_object.take() {
             spec.tasks = self.uploaded_tasks(&name, !spec.tasks.is_empty()).await?;
         }
@@ -477,6 +514,7 @@ impl Orchestrator {
         let (flow, effects, encoded, status) = off_worker(large, || {
             let (mut flow, effects) = Flow::new(id.clone(), spec, now);
             flow.warnings = warnings;
+            flow.started_by = origin;
             flow.trace = trace;
             let (cursor, _) = self.outbox.stage(&mut flow, events_of(&effects), now);
             store::lay_out(&mut flow);
@@ -960,6 +998,8 @@ impl Orchestrator {
         // The flow as this actor last wrote it, with its revision.
         let mut cache: Option<Stored> = None;
         let mut watch = Watch::default();
+        // How far into the agent events each wait was looked for.
+        let mut looked = agent_events::Looked::default();
         loop {
             let first = match tokio::time::timeout(ACTOR_IDLE, rx.recv()).await {
                 Ok(Some(cmd)) => cmd,
@@ -974,6 +1014,7 @@ impl Orchestrator {
                         Err(_) => {
                             actors.remove(&flow);
                             self.outbox.forget(&flow);
+                            self.note_waiting(&flow, None);
                             return;
                         }
                     }
@@ -986,11 +1027,19 @@ impl Orchestrator {
                     Err(_) => break,
                 }
             }
+            let ticked = batch.iter().any(|(c, _)| matches!(c, Cmd::Tick));
+            if ticked {
+                // Events a wait task waits for go first, before the tick
+                // could time it out.
+                let found = self.events_for_waits(&flow, &mut cache, &mut looked).await;
+                let span = tracing::Span::current();
+                batch.splice(0..0, found.into_iter().map(|c| (c, span.clone())));
+            }
             let (batch, causes): (Vec<Cmd>, Vec<tracing::Span>) = batch.into_iter().unzip();
-            let ticked = batch.iter().any(|c| matches!(c, Cmd::Tick));
             let finished = self
                 .apply_batch(&flow, batch, causes, &mut placing, &mut cache, &mut watch)
                 .await;
+            self.note_waiting(&flow, cache.as_ref().map(|(f, _, _)| f));
             if ticked {
                 if let Some((f, rev, _)) = &cache {
                     let now = common::now_ms();
@@ -2209,6 +2258,20 @@ fn step(
             allocation,
             reason,
         } => (0, flow.preempted(task, allocation, reason, now)),
+        Cmd::Event {
+            task,
+            event,
+            stored_ms,
+        } => {
+            let whole = serde_json::to_value(event.as_ref()).unwrap_or(Value::Null);
+            let seen = machine::AgentEventRef {
+                event_type: &event.event_type,
+                agent_id: &event.agent_id,
+                data: &event.data,
+                whole: &whole,
+            };
+            (0, flow.event_arrived(task, &seen, *stored_ms, now)?)
+        }
         Cmd::Control { op, .. } => match op {
             Control::Pause => (0, flow.pause()?),
             Control::Resume => (0, flow.resume(now)?),

@@ -290,6 +290,34 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             request(ORCHESTRATOR, msg!(FlowOptimizeRequest), msg!(FlowPlan)),
         ),
         req(
+            "triggerSet",
+            "TRIGGER_SET",
+            subject::TRIGGER_SET,
+            "Register or replace a trigger: a flow started once per matching agent event.",
+            request(ORCHESTRATOR, msg!(Trigger), msg!(Trigger)),
+        ),
+        req(
+            "triggerGet",
+            "TRIGGER_GET",
+            subject::TRIGGER_GET,
+            "One trigger, by name.",
+            request(ORCHESTRATOR, msg!(TriggerRef), msg!(Trigger)),
+        ),
+        req(
+            "triggerList",
+            "TRIGGER_LIST",
+            subject::TRIGGER_LIST,
+            "Every trigger.",
+            request(ORCHESTRATOR, msg!(TriggerListRequest), msg!(TriggerList)),
+        ),
+        req(
+            "triggerDelete",
+            "TRIGGER_DELETE",
+            subject::TRIGGER_DELETE,
+            "Remove a trigger; the flows it started run on.",
+            request(ORCHESTRATOR, msg!(TriggerRef), msg!(TriggerDeleted)),
+        ),
+        req(
             "allocationsHeld",
             "ALLOCATIONS_HELD",
             subject::ALLOCATIONS_HELD,
@@ -815,6 +843,13 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             e::TASK_TIMED_OUT,
             ORCHESTRATOR,
             "A task exceeded a timeout.",
+        ),
+        event(
+            "eventTaskWaiting",
+            "event::TASK_WAITING",
+            e::TASK_WAITING,
+            ORCHESTRATOR,
+            "A wait task began waiting for its agent event.",
         ),
         event(
             "eventTaskCancelled",

@@ -271,6 +271,7 @@ impl EventKind {
                 TaskState::Failed => s::TASK_FAILED,
                 TaskState::Cancelled => s::TASK_CANCELLED,
                 TaskState::TimedOut => s::TASK_TIMED_OUT,
+                TaskState::Waiting => s::TASK_WAITING,
                 TaskState::Skipped => s::TASK_SKIPPED,
                 TaskState::Blocked => s::TASK_RESET,
             },

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::id::{AgentId, AllocationId, FlowId, TaskId};
-use crate::msg::Requirements;
+use crate::msg::{FieldMatch, Requirements};
 
 /// `coord.orchestrator.flow.create`: a DAG of tasks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -184,6 +184,89 @@ pub struct TaskSpec {
     /// rate-limited tools and APIs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<ConcurrencyLimit>,
+    /// Makes this a *wait* task: instead of running on an agent it waits for
+    /// an agent event that matches, and succeeds with that event as its
+    /// output. It takes no allocation and is never retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for: Option<WaitFor>,
+}
+
+/// What a wait task waits for: the first agent event of `event_type` (from
+/// `agent_id` when given, whose `data` matches `match` when given) stored at
+/// or after the moment the task began waiting. Events stored earlier, even
+/// since the flow started, do not count: a wait is for something that
+/// happens after the work before it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WaitFor {
+    /// The event's type (`a-z`, `0-9`, `_` and `-`, at most 64).
+    pub event_type: String,
+    /// Only events this agent published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+    /// Only events whose `data` holds this value at this place.
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub field: Option<FieldMatch>,
+    /// How long to wait, from the moment the task began waiting; the task
+    /// then ends `timed_out` with the error `wait_timed_out: …`. Default:
+    /// no limit (until the flow is cancelled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Whether an agent event of `event_type` from `agent` with `data` matches a
+/// filter of the same three parts (as a wait task and a trigger hold them).
+pub fn event_matches(
+    want_type: &str,
+    want_agent: Option<&AgentId>,
+    field: Option<&FieldMatch>,
+    event_type: &str,
+    agent: &AgentId,
+    data: &Value,
+) -> bool {
+    want_type == event_type
+        && want_agent.is_none_or(|a| a == agent)
+        && field.is_none_or(|f| data.pointer(&f.path) == Some(&f.equals))
+}
+
+/// What is wrong with an event filter, for a validation message; `None` when
+/// it is fine.
+pub fn event_filter_problem(event_type: &str, field: Option<&FieldMatch>) -> Option<String> {
+    if let Err(e) = crate::msg::validate_event_type(event_type) {
+        return Some(e.message);
+    }
+    if let Some(f) = field {
+        if !(f.path.is_empty() || f.path.starts_with('/')) {
+            return Some(format!(
+                "match.path {:?} is not a JSON Pointer (it must be empty or start with '/')",
+                f.path
+            ));
+        }
+        if f.path.len() > MAX_POINTER_LEN {
+            return Some(format!(
+                "match.path is {} bytes, at most {MAX_POINTER_LEN} allowed",
+                f.path.len()
+            ));
+        }
+    }
+    None
+}
+
+/// Longest JSON Pointer a filter may hold.
+pub const MAX_POINTER_LEN: usize = 256;
+
+impl WaitFor {
+    /// Whether an agent event matches.
+    pub fn matches(&self, event_type: &str, agent: &AgentId, data: &Value) -> bool {
+        event_matches(
+            &self.event_type,
+            self.agent_id.as_ref(),
+            self.field.as_ref(),
+            event_type,
+            agent,
+            data,
+        )
+    }
 }
 
 /// A named limit shared by every flow: a task takes one of the key's `limit`
@@ -213,6 +296,7 @@ impl TaskSpec {
             retry: RetryPolicy::default(),
             estimated_duration_ms: None,
             concurrency: None,
+            wait_for: None,
         }
     }
 }
@@ -256,8 +340,11 @@ pub enum TaskState {
     Cancelled,
     /// Never ran because a dependency failed.
     Skipped,
-    /// The last attempt missed a deadline and no retry was left.
+    /// The last attempt missed a deadline and no retry was left, or a wait
+    /// task's event did not come in time.
     TimedOut,
+    /// A wait task (`wait_for`) whose dependencies are done, waiting for its event.
+    Waiting,
 }
 
 impl TaskState {
@@ -289,6 +376,7 @@ impl TaskState {
             TaskState::Cancelled => "cancelled",
             TaskState::Skipped => "skipped",
             TaskState::TimedOut => "timed_out",
+            TaskState::Waiting => "waiting",
         }
     }
 }
@@ -422,6 +510,22 @@ pub struct FlowStatus {
     /// no registered agent could satisfy (`infeasible_requirements`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<ValidationProblem>,
+    /// The trigger and the agent event that started the flow, for a flow a
+    /// trigger started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_by: Option<FlowOrigin>,
+}
+
+/// Which trigger started a flow, on which agent event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FlowOrigin {
+    pub trigger: String,
+    pub event_type: String,
+    pub agent_id: AgentId,
+    pub event_id: String,
+    /// The event's sequence in the agent events stream.
+    #[serde(default)]
+    pub stream_seq: u64,
 }
 
 /// `coord.orchestrator.flow.list`.
@@ -459,7 +563,7 @@ pub struct ValidationProblem {
     /// Stable: `empty_flow`, `too_many_tasks`, `duplicate_task`, `unknown_dependency`,
     /// `self_dependency`, `cycle`, `invalid_requirement`, `invalid_retry`, `invalid_timeout`,
     /// `infeasible_requirements` (a warning unless the spec sets `require_feasible`),
-    /// `invalid_parallelism`, `invalid_concurrency`.
+    /// `invalid_parallelism`, `invalid_concurrency`, `invalid_wait_for`.
     pub code: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

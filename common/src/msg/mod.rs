@@ -15,6 +15,7 @@ pub mod event;
 pub mod flow;
 pub mod monitor;
 pub mod state;
+pub mod trigger;
 
 pub use agent::*;
 pub use agent_event::*;
@@ -23,6 +24,7 @@ pub use event::*;
 pub use flow::*;
 pub use monitor::*;
 pub use state::*;
+pub use trigger::*;
 
 #[cfg(test)]
 mod tests;

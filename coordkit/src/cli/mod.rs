@@ -12,6 +12,7 @@ mod events;
 mod flow;
 mod monitor;
 mod sync;
+mod trigger;
 
 use std::time::Duration;
 
@@ -119,6 +120,9 @@ enum Command {
     /// Events agents published: list, watch, and the per-type schemas they are checked against.
     #[command(subcommand)]
     Events(events::EventsCmd),
+    /// Triggers: a flow started once for every matching agent event.
+    #[command(subcommand)]
+    Trigger(trigger::TriggerCmd),
     /// Traffic metrics from the monitor.
     Metrics,
     /// Health of every service, JetStream and the NATS server: healthy, degraded or unhealthy, with reasons.
@@ -272,6 +276,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         Command::Syncpoint(cmd) => sync::run_syncpoint(&ctx, cmd).await?,
         Command::Conformance(args) => conformance::run(&ctx, args).await?,
         Command::Events(cmd) => events::run(&ctx, cmd).await?,
+        Command::Trigger(cmd) => trigger::run(&ctx, cmd).await?,
         Command::Metrics => {
             let m = client.metrics().await?;
             ctx.emit(&m, |m| {

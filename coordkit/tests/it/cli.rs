@@ -908,3 +908,52 @@ async fn next_event(
     let r: common::msg::AgentEventRecord = serde_json::from_str(&line).unwrap();
     (r.event.agent_id.to_string(), r.event.event_type)
 }
+
+const TRIGGER_YAML: &str = r#"
+name: on-approval
+event_type: approval
+match: {path: /approved, equals: true}
+flow:
+  name: publish
+  tasks:
+    - {id: publish, kind: publish, input: {channel: web}}
+"#;
+
+#[tokio::test]
+async fn trigger_set_get_list_and_delete() {
+    let sys = System::start().await;
+    let url = sys.server.url().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "trigger.yaml", TRIGGER_YAML);
+
+    let set: common::msg::Trigger = coordctl_json(&url, &["trigger", "set", &file]).await;
+    assert_eq!(set.name, "on-approval");
+    let got: common::msg::Trigger = coordctl_json(&url, &["trigger", "get", "on-approval"]).await;
+    assert_eq!(got, set);
+    let list: common::msg::TriggerList = coordctl_json(&url, &["trigger", "list"]).await;
+    assert_eq!(list.triggers, vec![set]);
+    let text = coordctl(&url, &["trigger", "list"]).await;
+    assert!(String::from_utf8_lossy(&text.stdout).contains("/approved = true"));
+
+    // A typo is refused naming the field; a bad type is a typed error.
+    let typo = write(
+        &dir,
+        "typo.yaml",
+        &TRIGGER_YAML.replace("event_type", "eventtype"),
+    );
+    let err = coordctl_fails(&url, &["trigger", "set", &typo], "bad_request").await;
+    assert!(err.contains("eventtype"), "{err}");
+    let bad = write(
+        &dir,
+        "bad.yaml",
+        &TRIGGER_YAML.replace("event_type: approval", "event_type: Appro.val"),
+    );
+    coordctl_fails(&url, &["trigger", "set", &bad], "validation_failed").await;
+    coordctl_fails(&url, &["trigger", "get", "nope"], "not_found").await;
+
+    let gone: common::msg::TriggerDeleted =
+        coordctl_json(&url, &["trigger", "delete", "on-approval"]).await;
+    assert!(gone.deleted);
+    let list: common::msg::TriggerList = coordctl_json(&url, &["trigger", "list"]).await;
+    assert!(list.triggers.is_empty());
+}

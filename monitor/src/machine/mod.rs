@@ -447,7 +447,9 @@ impl Monitor {
         t.seq = seq;
         t.state = to;
         match to {
-            TaskState::Blocked => {}
+            // A wait task waits for an agent's event, on no agent: neither
+            // queued nor running, so never stuck.
+            TaskState::Blocked | TaskState::Waiting => {}
             TaskState::Ready => {
                 t.ready_ms.get_or_insert(at_ms);
                 t.assigned_ms = None;

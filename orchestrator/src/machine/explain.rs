@@ -104,6 +104,23 @@ impl Flow {
                     }
                     reasons.push(r);
                 }
+                TaskState::Waiting => {
+                    let since = t.started_ms.map(|s| now_ms.saturating_sub(s)).unwrap_or(0);
+                    let what = t
+                        .spec
+                        .wait_for
+                        .as_ref()
+                        .map(|w| match &w.agent_id {
+                            Some(a) => format!("a {} event from agent {a}", w.event_type),
+                            None => format!("a {} event", w.event_type),
+                        })
+                        .unwrap_or_default();
+                    let mut r = format!("waiting for {what} for {since} ms");
+                    if let Some(d) = t.deadline_ms {
+                        r.push_str(&format!("; times out in {} ms", d.saturating_sub(now_ms)));
+                    }
+                    reasons.push(r);
+                }
                 done => {
                     let mut r = format!("finished: {}", done.as_str());
                     if let Some(e) = &t.error {

@@ -71,6 +71,9 @@ pub struct Flow {
     /// Problems found at creation that did not stop the flow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<common::msg::ValidationProblem>,
+    /// The trigger and agent event that started the flow, if a trigger did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_by: Option<common::msg::FlowOrigin>,
     /// The W3C `traceparent` of the request that created the flow. Work with no
     /// cause of its own (a sweep's tick ending a back-off) continues this
     /// trace, so every attempt of a task stays in the flow's trace.
@@ -79,6 +82,10 @@ pub struct Flow {
     /// Events numbered so far: the next event's number (see [`Staged`]).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub events: u64,
+    /// Wait tasks waiting now: the adapter looks for their events only when
+    /// there are some, without a pass over every task.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub waiting: u32,
     pub tasks: Tasks,
     /// How the tasks are spread over KV entries; `None` while they fit in the
     /// flow's own entry. Kept by the store, never read by the state machine.
@@ -263,6 +270,20 @@ pub enum Rejection {
     /// Acknowledged without a verdict: the agent's work counted.
     #[error("the report was applied already")]
     AlreadyApplied,
+    #[error("task is {0}, not waiting for an event")]
+    NotWaiting(TaskState),
+    #[error("the event does not match what the task waits for")]
+    NoMatch,
+}
+
+/// An agent event as a wait task sees it: the parts it matches on, and the
+/// whole event (its output).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentEventRef<'a> {
+    pub event_type: &'a str,
+    pub agent_id: &'a AgentId,
+    pub data: &'a Value,
+    pub whole: &'a Value,
 }
 
 impl Rejection {
@@ -282,11 +303,16 @@ impl Rejection {
             Rejection::FlowPaused
             | Rejection::AlreadyApplied
             | Rejection::NotReady(_)
+            | Rejection::NotWaiting(_)
+            | Rejection::NoMatch
             | Rejection::NotDue(_)
             | Rejection::ParallelismLimit(_) => (C::Fenced, RejectReason::Other),
         }
     }
 }
+
+/// The code a wait task's error starts with when its event did not come in time.
+pub const WAIT_TIMED_OUT: &str = "wait_timed_out";
 
 /// The longest progress message kept with a task.
 pub const MAX_PROGRESS_MESSAGE: usize = 1_024;
@@ -375,8 +401,10 @@ impl Flow {
             failure_mode: spec.failure_mode,
             owner: spec.owner,
             warnings: Vec::new(),
+            started_by: None,
             trace: None,
             events: 0,
+            waiting: 0,
             tasks,
             pages: None,
             outbox: Vec::new(),
@@ -466,10 +494,56 @@ impl Flow {
             .values()
             .filter_map(|t| match t.state {
                 TaskState::Ready if t.not_before_ms > 0 => Some(t.not_before_ms),
-                TaskState::Assigned | TaskState::Running => t.deadline_ms,
+                TaskState::Assigned | TaskState::Running | TaskState::Waiting => t.deadline_ms,
                 _ => None,
             })
             .min()
+    }
+
+    /// The wait tasks waiting now (none without a pass when there are none).
+    pub fn waiting_tasks(&self) -> impl Iterator<Item = &Task> {
+        self.tasks
+            .values()
+            .take(if self.waiting == 0 { 0 } else { usize::MAX })
+            .filter(|t| t.state == TaskState::Waiting)
+    }
+
+    /// An agent event that may be what a waiting task waits for, stored at
+    /// `stored_ms`: it succeeds with `event` as its output when the event
+    /// matches and was stored while it waited (from the moment it began,
+    /// up to its deadline).
+    pub fn event_arrived(
+        &mut self,
+        task: &TaskId,
+        event: &AgentEventRef<'_>,
+        stored_ms: u64,
+        now_ms: u64,
+    ) -> Result<Vec<Effect>, Rejection> {
+        if self.state.is_terminal() {
+            return Err(Rejection::FlowFinished);
+        }
+        let t = self
+            .tasks
+            .get_mut(task)
+            .ok_or_else(|| Rejection::UnknownTask(task.clone()))?;
+        if t.state != TaskState::Waiting {
+            return Err(Rejection::NotWaiting(t.state));
+        }
+        let Some(wait) = &t.spec.wait_for else {
+            return Err(Rejection::NotWaiting(t.state));
+        };
+        let since = t.started_ms.unwrap_or(t.since_ms);
+        if !wait.matches(event.event_type, event.agent_id, event.data)
+            || stored_ms < since
+            || t.deadline_ms.is_some_and(|d| stored_ms > d)
+        {
+            return Err(Rejection::NoMatch);
+        }
+        t.output = event.whole.clone();
+        t.error = None;
+        let mut effects = Vec::new();
+        self.succeed(task, now_ms, &mut effects);
+        Ok(effects)
     }
 
     /// Records that `task` was placed on `agent` and is being sent to it.
@@ -674,8 +748,11 @@ impl Flow {
         // One pass: on a flow of a million tasks each costs tens of ms.
         let mut expired: Vec<(TaskId, TaskState)> = Vec::new();
         let mut unblocked: Vec<TaskId> = Vec::new();
+        let mut waited_out: Vec<TaskId> = Vec::new();
         for t in self.tasks.values() {
-            if t.state.is_active() && t.deadline_ms.is_some_and(|d| d <= now_ms) {
+            if t.state == TaskState::Waiting && t.deadline_ms.is_some_and(|d| d < now_ms) {
+                waited_out.push(t.spec.id.clone());
+            } else if t.state.is_active() && t.deadline_ms.is_some_and(|d| d <= now_ms) {
                 expired.push((t.spec.id.clone(), t.state));
             } else if t.state == TaskState::Blocked && self.deps_succeeded(t) {
                 unblocked.push(t.spec.id.clone());
@@ -704,6 +781,9 @@ impl Flow {
                 now_ms,
                 &mut effects,
             );
+        }
+        for id in waited_out {
+            self.wait_timed_out(&id, now_ms, &mut effects);
         }
         for id in unblocked {
             // Unless an expiry above ended the flow meanwhile.
@@ -1037,6 +1117,12 @@ impl Flow {
             TaskState::Failed
         };
         self.transition(id, end, now_ms, Some(outcome), effects);
+        self.after_failure(id, now_ms, effects);
+    }
+
+    /// A task failed for good: its dependants are skipped, or (fail-fast)
+    /// everything unfinished is stopped.
+    fn after_failure(&mut self, id: &TaskId, now_ms: u64, effects: &mut Vec<Effect>) {
         match self.failure_mode {
             FailureMode::Continue => self.skip_downstream(id, now_ms, effects),
             FailureMode::FailFast => {
@@ -1064,6 +1150,33 @@ impl Flow {
             }
         }
         self.maybe_finish(now_ms, effects);
+    }
+
+    /// A wait task's deadline passed with no matching event: it times out
+    /// for good (waits are not retried) and the failure mode decides the rest.
+    fn wait_timed_out(&mut self, id: &TaskId, now_ms: u64, effects: &mut Vec<Effect>) {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        if t.state != TaskState::Waiting || self.state.is_terminal() {
+            return;
+        }
+        let waited = t
+            .deadline_ms
+            .unwrap_or(now_ms)
+            .saturating_sub(t.started_ms.unwrap_or(now_ms));
+        let event = t
+            .spec
+            .wait_for
+            .as_ref()
+            .map(|w| w.event_type.clone())
+            .unwrap_or_default();
+        let error = format!("{WAIT_TIMED_OUT}: no matching {event} event within {waited} ms");
+        t.failures += 1;
+        t.error = Some(error.clone());
+        t.deadline_ms = None;
+        self.transition(id, TaskState::TimedOut, now_ms, Some(error), effects);
+        self.after_failure(id, now_ms, effects);
     }
 
     /// Ends an unfinished task without running it (further).
@@ -1172,10 +1285,30 @@ impl Flow {
             return;
         };
         let from = t.state;
+        // A wait task never queues for an agent: it begins waiting instead.
+        let to = match (&t.spec.wait_for, to) {
+            (Some(_), TaskState::Ready) => TaskState::Waiting,
+            _ => to,
+        };
         t.state = to;
         t.since_ms = now_ms;
+        if from == TaskState::Waiting {
+            self.waiting = self.waiting.saturating_sub(1);
+        }
+        if to == TaskState::Waiting {
+            self.waiting += 1;
+        }
         if !to.is_active() {
             t.deadline_ms = None;
+        }
+        if to == TaskState::Waiting {
+            t.started_ms = Some(now_ms);
+            t.deadline_ms = t
+                .spec
+                .wait_for
+                .as_ref()
+                .and_then(|w| w.timeout_ms)
+                .map(|ms| now_ms.saturating_add(ms));
         }
         effects.push(Effect::Event(EventKind::TaskTransition {
             flow_id: self.id.clone(),

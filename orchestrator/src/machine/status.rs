@@ -102,6 +102,7 @@ impl Flow {
             critical_path_remaining_ms: critical,
             eta_ms: (self.state == FlowState::Running).then_some(now_ms.saturating_add(critical)),
             warnings: self.warnings.clone(),
+            started_by: self.started_by.clone(),
         }
     }
 

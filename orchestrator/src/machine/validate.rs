@@ -79,6 +79,29 @@ pub fn validate(spec: &FlowSpec) -> Result<(), Vec<ValidationProblem>> {
                 ));
             }
         }
+        if let Some(w) = &t.wait_for {
+            let mut why = common::msg::event_filter_problem(&w.event_type, w.field.as_ref());
+            if w.timeout_ms == Some(0) {
+                why = why.or(Some("timeout_ms must be > 0".into()));
+            }
+            if t.retry.max_attempts > 1 {
+                why = why.or(Some(
+                    "a wait task is never retried (max_attempts must be 1)".into(),
+                ));
+            }
+            if t.concurrency.is_some() || t.requirements != Default::default() {
+                why = why.or(Some(
+                    "a wait task runs on no agent: it takes no requirements or concurrency".into(),
+                ));
+            }
+            if let Some(why) = why {
+                problems.push(problem(
+                    "invalid_wait_for",
+                    format!("task {}: wait_for: {why}", t.id),
+                    Some(&t.id),
+                ));
+            }
+        }
         let r = &t.retry;
         if r.max_attempts == 0 || r.max_attempts > 100 {
             problems.push(problem(

@@ -70,6 +70,13 @@ fn base(subject: &str) -> Option<Value> {
         subject::FLOW_RERUN => json!({"flow_id": "f1", "task_id": "a"}),
         subject::FLOW_EXPLAIN => json!({"flow_id": "f1", "task_id": "a"}),
         subject::FLOW_OPTIMIZE => json!({"flow_id": "f1", "apply": true}),
+        subject::TRIGGER_SET => json!({
+            "name": "t1", "event_type": "approval", "agent_id": "a1",
+            "match": {"path": "/ok", "equals": true},
+            "flow": {"name": "n", "tasks": [{"id": "a", "kind": "k", "input": {"x": 1}}]}
+        }),
+        subject::TRIGGER_GET | subject::TRIGGER_DELETE => json!({"name": "t1"}),
+        subject::TRIGGER_LIST => json!({}),
         subject::AGENT_REGISTER | subject::AGENT_REGISTER_ALL => json!({
             "agent_id": "a1", "capabilities": ["c"], "labels": {"k": "v"},
             "capacity": {"cpu": 2.0}, "heartbeat_interval_ms": 1000
@@ -244,7 +251,74 @@ fn semantic(subject: &str) -> Vec<Case> {
                 body(json!({"tasks": [{"id": "a", "dependson": ["b"]}]})),
                 &[BadRequest],
             ),
+            case(
+                "wait for an event type that is not one",
+                body(json!({"tasks": [{"id": "a", "wait_for": {"event_type": "A.B"}}]})),
+                &[ValidationFailed],
+            ),
+            case(
+                "wait with a match that is not a JSON Pointer",
+                body(json!({"tasks": [{"id": "a", "wait_for": {
+                    "event_type": "ok", "match": {"path": "x", "equals": 1}, "timeout_ms": 0
+                }}]})),
+                &[ValidationFailed],
+            ),
+            case(
+                "wait with an unknown field",
+                body(
+                    json!({"tasks": [{"id": "a", "wait_for": {"event_type": "ok", "timout_ms": 5}}]}),
+                ),
+                &[BadRequest],
+            ),
         ],
+        subject::TRIGGER_SET => {
+            let trigger = |name: &str, event_type: &str, flow: Value| json!({"name": name, "event_type": event_type, "flow": flow});
+            let flow = json!({"tasks": [{"id": "a"}]});
+            vec![
+                case(
+                    "trigger name with a dot",
+                    body(trigger("a.b", "ok", flow.clone())),
+                    &[InvalidId],
+                ),
+                case(
+                    "trigger name too long",
+                    body(trigger(&"n".repeat(33), "ok", flow.clone())),
+                    &[InvalidId],
+                ),
+                case(
+                    "event type with upper case",
+                    body(trigger("t1", "Ok", flow.clone())),
+                    &[ValidationFailed],
+                ),
+                case(
+                    "flow with an id",
+                    body(trigger(
+                        "t1",
+                        "ok",
+                        json!({"id": "f", "tasks": [{"id": "a"}]}),
+                    )),
+                    &[ValidationFailed],
+                ),
+                case(
+                    "task input that is not an object",
+                    body(trigger(
+                        "t1",
+                        "ok",
+                        json!({"tasks": [{"id": "a", "input": 3}]}),
+                    )),
+                    &[ValidationFailed],
+                ),
+                case(
+                    "flow with a cycle",
+                    body(trigger(
+                        "t1",
+                        "ok",
+                        json!({"tasks": [task("a", &["b"]), task("b", &["a"])]}),
+                    )),
+                    &[ValidationFailed],
+                ),
+            ]
+        }
         subject::FLOW_MODIFY => vec![
             case(
                 "self-dependency on a missing flow",

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod agent_events;
+mod agent_flows;
 mod allocator;
 mod allocator_quota;
 mod bench;
