@@ -15,7 +15,6 @@ use common::error::ErrorBody;
 use common::msg::*;
 use common::{subject, AgentId, FlowId, ScopeId};
 use schemars::{schema_for, Schema};
-use serde_json::{json, Value};
 
 /// Folder (relative to the workspace root) the artefacts live in.
 pub const SCHEMA_DIR: &str = "schemas";
@@ -1034,129 +1033,6 @@ pub fn messages(channels: &[Channel]) -> BTreeMap<&'static str, Msg> {
     out
 }
 
-fn message_ref(channel: &str, msg: &Msg) -> Value {
-    json!({"$ref": format!("#/channels/{channel}/messages/{}", msg.name)})
-}
-
-fn component_ref(msg: &Msg) -> Value {
-    json!({"$ref": format!("#/components/messages/{}", msg.name)})
-}
-
-/// The AsyncAPI 3.0 document, from the point of view of the coordkit services.
-pub fn asyncapi(channels: &[Channel]) -> Value {
-    let mut chans = serde_json::Map::new();
-    let mut ops = serde_json::Map::new();
-    for c in channels {
-        let mut channel = json!({
-            "address": c.address,
-            "summary": c.summary,
-            "x-rust-subject": format!("common::subject::{}", c.source),
-        });
-        let params: Vec<&str> = ["agent_id", "scope", "flow_id", "kind", "event_type"]
-            .into_iter()
-            .filter(|p| c.address.contains(&format!("{{{p}}}")))
-            .collect();
-        if !params.is_empty() {
-            channel["parameters"] = params
-                .iter()
-                .map(|p| {
-                    let pattern = if *p == "event_type" {
-                        EVENT_TYPE_PATTERN
-                    } else {
-                        common::id::ID_PATTERN
-                    };
-                    (
-                        (*p).to_owned(),
-                        json!({"description": format!("The {p}: `{pattern}`.")}),
-                    )
-                })
-                .collect::<serde_json::Map<_, _>>()
-                .into();
-        }
-        match c.pattern {
-            Pattern::Request {
-                from,
-                server,
-                request,
-                reply,
-            } => {
-                let error = msg!(ErrorBody);
-                channel["messages"] = json!({
-                    request.name: component_ref(&request),
-                    reply.name: component_ref(&reply),
-                    error.name: component_ref(&error),
-                });
-                ops.insert(
-                    c.id.to_owned(),
-                    json!({
-                        "action": "receive",
-                        "summary": c.summary,
-                        "description": format!("Request/reply served by the {server}; who may request: {from}. A failure replies `ErrorBody` with the `Nats-Service-Error` and `Nats-Service-Error-Code` headers."),
-                        "channel": {"$ref": format!("#/channels/{}", c.id)},
-                        "messages": [message_ref(c.id, &request)],
-                        "reply": {
-                            "channel": {"$ref": format!("#/channels/{}", c.id)},
-                            "messages": [message_ref(c.id, &reply), message_ref(c.id, &error)],
-                        },
-                        "x-direction": format!("client → {server} → client"),
-                    }),
-                );
-            }
-            Pattern::Publish {
-                from,
-                to,
-                message,
-                jetstream,
-            } => {
-                channel["messages"] = json!({ message.name: component_ref(&message) });
-                // The document describes the services: they send what they publish
-                // and receive what agents publish.
-                let action = if from == AGENT { "receive" } else { "send" };
-                let mut op = json!({
-                    "action": action,
-                    "summary": c.summary,
-                    "channel": {"$ref": format!("#/channels/{}", c.id)},
-                    "messages": [message_ref(c.id, &message)],
-                    "x-direction": format!("{from} → {to}"),
-                });
-                if let Some(stream) = jetstream {
-                    op["x-jetstream-stream"] = stream.into();
-                }
-                ops.insert(c.id.to_owned(), op);
-            }
-        }
-        chans.insert(c.id.to_owned(), channel);
-    }
-    let components: serde_json::Map<String, Value> = messages(channels)
-        .values()
-        .map(|m| {
-            (
-                m.name.to_owned(),
-                json!({
-                    "name": m.name,
-                    "contentType": "application/json",
-                    "payload": {"$ref": format!("./{}", m.file())},
-                }),
-            )
-        })
-        .collect();
-    json!({
-        "asyncapi": "3.0.0",
-        "info": {
-            "title": "coordkit",
-            "version": env!("CARGO_PKG_VERSION"),
-            "description": "The coordkit wire protocol: JSON over NATS. Generated by `cargo xtask schemas` from the Rust types in `common/src/msg/` and the subjects in `common/src/subject.rs`; do not edit. The prose reference is docs/protocol.md.",
-        },
-        "defaultContentType": "application/json",
-        "servers": {
-            "local": {"host": "127.0.0.1:4222", "protocol": "nats", "description": "nats-server with JetStream, as scripts/run.sh starts it"}
-        },
-        "channels": chans,
-        "operations": ops,
-        "components": {"messages": components},
-    })
-}
-
 /// Every generated file, by path relative to [`SCHEMA_DIR`], with its exact contents.
 pub fn generate() -> anyhow::Result<BTreeMap<String, String>> {
     let channels = channels()?;
@@ -1242,3 +1118,6 @@ pub fn splice_subjects(doc: &str, table: &str) -> anyhow::Result<String> {
         &doc[end..]
     ))
 }
+
+mod asyncapi;
+pub use asyncapi::asyncapi;

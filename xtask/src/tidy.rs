@@ -30,11 +30,9 @@ pub enum Legacy {
 /// What was over the rules when tidy came in: the orchestrator's split and
 /// the machine's storage bookkeeping are work in progress.
 pub const LEGACY: &[(&str, Legacy)] = &[
-    ("common/src/msg/flow.rs", Legacy::Lines(640)),
-    ("common/src/nats.rs", Legacy::Lines(610)),
     ("coordkit/src/agent.rs", Legacy::Lines(815)),
     ("coordkit/src/cli/alloc.rs", Legacy::Lines(605)),
-    ("coordkit/src/cli/conformance.rs", Legacy::Lines(1500)),
+    ("coordkit/src/cli/conformance.rs", Legacy::Lines(1395)),
     ("coordkit/src/cli/sync.rs", Legacy::Lines(610)),
     ("orchestrator/src/machine/mod.rs", Legacy::Lines(1270)),
     ("orchestrator/src/machine/plan.rs", Legacy::Lines(645)),
@@ -43,11 +41,10 @@ pub const LEGACY: &[(&str, Legacy)] = &[
     ("orchestrator/src/machine/tests.rs", Legacy::Lines(1175)),
     ("orchestrator/src/service.rs", Legacy::Lines(2230)),
     ("orchestrator/src/store.rs", Legacy::Lines(620)),
-    ("tests/src/bin/coord-bench.rs", Legacy::Lines(930)),
+    ("tests/src/bin/coord-bench.rs", Legacy::Lines(725)),
     ("tests/src/bin/coord-bench/scale.rs", Legacy::Lines(800)),
     ("tests/src/bin/coord-bench/state.rs", Legacy::Lines(795)),
-    ("tests/src/lib.rs", Legacy::Lines(815)),
-    ("xtask/src/lib.rs", Legacy::Lines(1150)),
+    ("xtask/src/lib.rs", Legacy::Lines(1125)),
 ];
 
 /// Every `.rs` file under each crate's `src/` in `root`, as paths relative

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::id::{AgentId, AllocationId, FlowId, TaskId};
-use crate::msg::{FieldMatch, Requirements};
+use crate::msg::{FlowOrigin, Requirements, WaitFor};
 
 /// `coord.orchestrator.flow.create`: a DAG of tasks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -189,84 +189,6 @@ pub struct TaskSpec {
     /// output. It takes no allocation and is never retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_for: Option<WaitFor>,
-}
-
-/// What a wait task waits for: the first agent event of `event_type` (from
-/// `agent_id` when given, whose `data` matches `match` when given) stored at
-/// or after the moment the task began waiting. Events stored earlier, even
-/// since the flow started, do not count: a wait is for something that
-/// happens after the work before it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct WaitFor {
-    /// The event's type (`a-z`, `0-9`, `_` and `-`, at most 64).
-    pub event_type: String,
-    /// Only events this agent published.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent_id: Option<AgentId>,
-    /// Only events whose `data` holds this value at this place.
-    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
-    pub field: Option<FieldMatch>,
-    /// How long to wait, from the moment the task began waiting; the task
-    /// then ends `timed_out` with the error `wait_timed_out: …`. Default:
-    /// no limit (until the flow is cancelled).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout_ms: Option<u64>,
-}
-
-/// Whether an agent event of `event_type` from `agent` with `data` matches a
-/// filter of the same three parts (as a wait task and a trigger hold them).
-pub fn event_matches(
-    want_type: &str,
-    want_agent: Option<&AgentId>,
-    field: Option<&FieldMatch>,
-    event_type: &str,
-    agent: &AgentId,
-    data: &Value,
-) -> bool {
-    want_type == event_type
-        && want_agent.is_none_or(|a| a == agent)
-        && field.is_none_or(|f| data.pointer(&f.path) == Some(&f.equals))
-}
-
-/// What is wrong with an event filter, for a validation message; `None` when
-/// it is fine.
-pub fn event_filter_problem(event_type: &str, field: Option<&FieldMatch>) -> Option<String> {
-    if let Err(e) = crate::msg::validate_event_type(event_type) {
-        return Some(e.message);
-    }
-    if let Some(f) = field {
-        if !(f.path.is_empty() || f.path.starts_with('/')) {
-            return Some(format!(
-                "match.path {:?} is not a JSON Pointer (it must be empty or start with '/')",
-                f.path
-            ));
-        }
-        if f.path.len() > MAX_POINTER_LEN {
-            return Some(format!(
-                "match.path is {} bytes, at most {MAX_POINTER_LEN} allowed",
-                f.path.len()
-            ));
-        }
-    }
-    None
-}
-
-/// Longest JSON Pointer a filter may hold.
-pub const MAX_POINTER_LEN: usize = 256;
-
-impl WaitFor {
-    /// Whether an agent event matches.
-    pub fn matches(&self, event_type: &str, agent: &AgentId, data: &Value) -> bool {
-        event_matches(
-            &self.event_type,
-            self.agent_id.as_ref(),
-            self.field.as_ref(),
-            event_type,
-            agent,
-            data,
-        )
-    }
 }
 
 /// A named limit shared by every flow: a task takes one of the key's `limit`
@@ -516,18 +438,6 @@ pub struct FlowStatus {
     pub started_by: Option<FlowOrigin>,
 }
 
-/// Which trigger started a flow, on which agent event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct FlowOrigin {
-    pub trigger: String,
-    pub event_type: String,
-    pub agent_id: AgentId,
-    pub event_id: String,
-    /// The event's sequence in the agent events stream.
-    #[serde(default)]
-    pub stream_seq: u64,
-}
-
 /// `coord.orchestrator.flow.list`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -614,125 +524,6 @@ pub struct Dependency {
 pub struct RerunRequest {
     pub flow_id: FlowId,
     pub task_id: TaskId,
-}
-
-/// `coord.orchestrator.flow.explain`: why tasks are where they are.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ExplainRequest {
-    pub flow_id: FlowId,
-    /// Only this task; default every task that is not finished.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub task_id: Option<TaskId>,
-}
-
-/// Reply to `flow.explain`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct Explanation {
-    pub flow_id: FlowId,
-    pub state: FlowState,
-    pub tasks: Vec<TaskExplanation>,
-}
-
-/// Every reason one task is in its state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct TaskExplanation {
-    pub task_id: TaskId,
-    pub state: TaskState,
-    pub reasons: Vec<String>,
-}
-
-/// `coord.orchestrator.flow.optimize`: a plan for the flow's remaining tasks,
-/// applied (as new priorities of the tasks not started) only on request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FlowOptimizeRequest {
-    pub flow_id: FlowId,
-    /// Re-prioritise the tasks that have not started as the plan proposes.
-    #[serde(default)]
-    pub apply: bool,
-}
-
-/// Reply to `flow.optimize`: how the remaining work is expected to run on the
-/// agents registered now, and the order that would finish it soonest.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct FlowPlan {
-    pub flow_id: FlowId,
-    /// The flow revision the plan was made from.
-    pub revision: u64,
-    /// The longest chain of remaining work, first task first.
-    pub critical_path: Vec<TaskId>,
-    /// Its length in estimated milliseconds (observed means where known).
-    pub critical_path_ms: u64,
-    /// Expected time to finish with the current priorities, simulated over the
-    /// capacity the agents have for this flow now.
-    pub makespan_ms: u64,
-    /// Expected time to finish with the proposed priorities.
-    pub optimized_makespan_ms: u64,
-    /// No order can finish sooner: the longer of the critical path, the busiest
-    /// resource's work over its capacity and the work over `max_parallelism`.
-    pub lower_bound_ms: u64,
-    /// What limits the makespan most.
-    pub bottleneck: FlowBottleneck,
-    /// Demand and capacity per resource the remaining tasks need.
-    #[serde(default)]
-    pub resources: BTreeMap<String, ResourceLoad>,
-    /// Where and when each remaining task would run under the proposed order
-    /// (times relative to the plan), by the allocator's default policy (best fit).
-    pub placements: Vec<PlannedTask>,
-    /// Tasks no registered agent could run, and tasks waiting on them.
-    #[serde(default)]
-    pub unplaceable: Vec<TaskExplanation>,
-    /// Priority changes the plan proposes; empty when the current order is as good.
-    pub priority_changes: Vec<PriorityChange>,
-    /// Whether the changes were applied.
-    pub applied: bool,
-    /// The flow after applying.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<FlowStatus>,
-}
-
-/// What limits a flow's makespan.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct FlowBottleneck {
-    /// `critical_path`, `resource`, `parallelism`, `unplaceable` (no remaining
-    /// task can start anywhere; `bound_ms` is 0) or `none` (nothing left to run).
-    pub kind: String,
-    /// For `resource`: which one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resource: Option<String>,
-    /// The makespan this limit alone imposes, in ms.
-    pub bound_ms: u64,
-    pub message: String,
-}
-
-/// One resource's load from the remaining tasks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct ResourceLoad {
-    /// Sum over the remaining tasks of amount × estimated ms.
-    pub demand: f64,
-    /// What the agents have for this flow now, summed.
-    pub capacity: f64,
-    /// `demand / capacity`: the makespan this resource alone imposes, in ms.
-    pub bound_ms: u64,
-}
-
-/// Where and when the plan runs one task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct PlannedTask {
-    pub task_id: TaskId,
-    pub agent_id: AgentId,
-    /// Start and end, in ms after the plan was made.
-    pub start_ms: u64,
-    pub end_ms: u64,
-}
-
-/// A new priority for a task that has not started.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct PriorityChange {
-    pub task_id: TaskId,
-    pub from: i32,
-    pub to: i32,
 }
 
 fn is_zero(n: &usize) -> bool {

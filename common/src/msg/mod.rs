@@ -14,6 +14,7 @@ pub mod alloc;
 pub mod event;
 pub mod flow;
 pub mod monitor;
+pub mod plan;
 pub mod state;
 pub mod trigger;
 
@@ -23,6 +24,7 @@ pub use alloc::*;
 pub use event::*;
 pub use flow::*;
 pub use monitor::*;
+pub use plan::*;
 pub use state::*;
 pub use trigger::*;
 

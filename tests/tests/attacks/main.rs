@@ -33,7 +33,9 @@ use common::{subject, AgentId, Client, ErrorCode};
 use coordkit::{agent, demo};
 use futures::StreamExt;
 use serde_json::json;
-use testkit::isolated::{agent_login, isolated_server, login, password, serve_isolated, SERVICE};
+use testkit::isolated::{
+    agent_login, isolated_server, login, password, serve_isolated, OPERATOR, SERVICE,
+};
 use testkit::{eventually, System};
 use tokio::sync::mpsc;
 
