@@ -279,7 +279,9 @@ fn compose_v1_accepts_every_file_and_overlay() {
         ("COORD_AGENTS_FILE", "./deploy/agents.demo.conf"),
         ("DEMO_AGENT_PASSWORD", "d"),
     ];
-    let cases: [(&[&str], Option<&str>, &[(&str, &str)]); 6] = [
+    /// Files, profile, variables.
+    type Case<'a> = (&'a [&'a str], Option<&'a str>, &'a [(&'a str, &'a str)]);
+    let cases: [Case; 6] = [
         (&["docker-compose.yml"], None, &[]),
         (&["docker-compose.yml"], Some("demo"), &[]),
         (
