@@ -47,6 +47,7 @@ use crate::slots::Slots;
 use crate::store::{self, Stored, WriteError};
 
 mod agent_events;
+mod allocator_events;
 
 /// Orchestrator settings.
 #[derive(clap::Args, Debug, Clone)]
@@ -1910,111 +1911,6 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Re-queues the tasks of agents the allocator declared lost and of
-    /// allocations it preempted. Read from the events stream through a durable
-    /// consumer, so an event published while no orchestrator ran is not missed.
-    async fn consume_allocator_events(self: Arc<Self>) {
-        keep_running("allocator events", || {
-            self.clone().consume_allocator_events_once()
-        })
-        .await;
-    }
-
-    async fn consume_allocator_events_once(self: Arc<Self>) -> Result<(), Error> {
-        let mut messages = self
-            .durable_messages(
-                common::nats::STREAM_EVENTS,
-                consumer::pull::Config {
-                    durable_name: Some(
-                        common::nats::CONSUMER_ORCHESTRATOR_ALLOCATOR_EVENTS.to_owned(),
-                    ),
-                    filter_subjects: vec![
-                        subject::event::AGENT_LOST.to_owned(),
-                        subject::event::AGENT_LEFT.to_owned(),
-                        subject::event::ALLOCATION_PREEMPTED.to_owned(),
-                    ],
-                    deliver_policy: consumer::DeliverPolicy::New,
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ..Default::default()
-                },
-            )
-            .await?;
-        let unavailable =
-            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
-        while let Some(msg) = messages.next().await {
-            let msg = msg.map_err(|e| unavailable(&e))?;
-            let span =
-                telemetry::message_span("allocator event", &msg.subject, msg.headers.as_ref());
-            let kind = serde_json::from_slice::<common::msg::Event>(&msg.payload).map(|e| e.kind);
-            span.in_scope(|| match kind {
-                Ok(
-                    ref kind @ (EventKind::AgentLost {
-                        ref agent_id,
-                        ref released,
-                        ..
-                    }
-                    | EventKind::AgentLeft {
-                        ref agent_id,
-                        ref released,
-                    }),
-                ) => {
-                    let left = matches!(kind, EventKind::AgentLeft { .. });
-                    let flows: HashSet<FlowId> = released
-                        .iter()
-                        .filter_map(|a| owner_task(&a.owner))
-                        .map(|(f, _)| f)
-                        .collect();
-                    tracing::info!(agent = %agent_id, flows = flows.len(), left, "agent gone, re-queuing its tasks");
-                    for flow in flows {
-                        self.send(&flow, Cmd::AgentGone(agent_id.clone(), left));
-                    }
-                }
-                Ok(EventKind::AllocationPreempted {
-                    allocation_id,
-                    owner,
-                    reason,
-                    ..
-                }) => {
-                    if let Some((flow, task)) = owner_task(&owner) {
-                        self.send(
-                            &flow,
-                            Cmd::Preempted {
-                                task,
-                                allocation: allocation_id,
-                                reason,
-                            },
-                        );
-                    }
-                }
-                _ => {}
-            });
-            let _ = msg.ack().await;
-        }
-        Ok(())
-    }
-
-    /// Moves the freed count when capacity may have been added (see
-    /// [`Placing`]); the next tick of a flow whose tasks were refused asks
-    /// for them again. Core messages: one missed only delays that.
-    async fn count_capacity_changes(self: Arc<Self>) {
-        let subjects = [
-            subject::event::AGENT_REGISTERED,
-            subject::event::CAPACITY_ADJUSTED,
-            subject::event::RESERVATION_ENDED,
-            subject::event::QUOTA_CHANGED,
-        ];
-        let mut all = futures::stream::SelectAll::new();
-        for s in subjects {
-            match self.nats.subscribe(s).await {
-                Ok(sub) => all.push(sub),
-                Err(e) => tracing::warn!(subject = s, error = %e, "not subscribed"),
-            }
-        }
-        while all.next().await.is_some() {
-            self.freed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// Whether the sweep may skip `id` as finished. Every
     /// [`FINISHED_RECHECK_MS`] the stored revision (the header's only) is
     /// compared with the one the flow finished at: another replica may have
@@ -2172,15 +2068,6 @@ fn quota_reached(c: &common::msg::CapacityStatus, needs: &Requirements) -> Optio
             })
         })
     })
-}
-
-/// The flow and task an allocation owner names (`{flow}/{task}`, or
-/// `{owner}/{flow}/{task}` for a flow with an owner), if it is one of ours.
-fn owner_task(owner: &str) -> Option<(FlowId, TaskId)> {
-    let mut parts = owner.rsplitn(3, '/');
-    let task = parts.next()?;
-    let flow = parts.next()?;
-    Some((FlowId::new(flow).ok()?, TaskId::new(task).ok()?))
 }
 
 /// The span of one step (one write) of a flow's actor. It continues the

@@ -21,12 +21,14 @@
 //! any unfinished ─cancel─▶ cancelled
 //! ```
 
+mod agents;
 mod change;
 mod explain;
 mod plan;
 mod status;
 mod tasks;
 mod validate;
+mod wait;
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -43,6 +45,7 @@ pub use plan::PlanInput;
 pub use status::STATUS_TASKS;
 pub use tasks::{Tasks, Touched};
 pub use validate::{validate, MAX_TASKS};
+pub use wait::{AgentEventRef, WAIT_TIMED_OUT};
 
 /// How long an assigned task may wait for its agent's `started` report when the
 /// spec sets no `schedule_to_start_ms`.
@@ -276,16 +279,6 @@ pub enum Rejection {
     NoMatch,
 }
 
-/// An agent event as a wait task sees it: the parts it matches on, and the
-/// whole event (its output).
-#[derive(Debug, Clone, Copy)]
-pub struct AgentEventRef<'a> {
-    pub event_type: &'a str,
-    pub agent_id: &'a AgentId,
-    pub data: &'a Value,
-    pub whole: &'a Value,
-}
-
 impl Rejection {
     /// The typed verdict an agent hears for a report refused with this.
     pub fn verdict(&self) -> (common::ErrorCode, RejectReason) {
@@ -310,9 +303,6 @@ impl Rejection {
         }
     }
 }
-
-/// The code a wait task's error starts with when its event did not come in time.
-pub const WAIT_TIMED_OUT: &str = "wait_timed_out";
 
 /// The longest progress message kept with a task.
 pub const MAX_PROGRESS_MESSAGE: usize = 1_024;
@@ -498,52 +488,6 @@ impl Flow {
                 _ => None,
             })
             .min()
-    }
-
-    /// The wait tasks waiting now (none without a pass when there are none).
-    pub fn waiting_tasks(&self) -> impl Iterator<Item = &Task> {
-        self.tasks
-            .values()
-            .take(if self.waiting == 0 { 0 } else { usize::MAX })
-            .filter(|t| t.state == TaskState::Waiting)
-    }
-
-    /// An agent event that may be what a waiting task waits for, stored at
-    /// `stored_ms`: it succeeds with `event` as its output when the event
-    /// matches and was stored while it waited (from the moment it began,
-    /// up to its deadline).
-    pub fn event_arrived(
-        &mut self,
-        task: &TaskId,
-        event: &AgentEventRef<'_>,
-        stored_ms: u64,
-        now_ms: u64,
-    ) -> Result<Vec<Effect>, Rejection> {
-        if self.state.is_terminal() {
-            return Err(Rejection::FlowFinished);
-        }
-        let t = self
-            .tasks
-            .get_mut(task)
-            .ok_or_else(|| Rejection::UnknownTask(task.clone()))?;
-        if t.state != TaskState::Waiting {
-            return Err(Rejection::NotWaiting(t.state));
-        }
-        let Some(wait) = &t.spec.wait_for else {
-            return Err(Rejection::NotWaiting(t.state));
-        };
-        let since = t.started_ms.unwrap_or(t.since_ms);
-        if !wait.matches(event.event_type, event.agent_id, event.data)
-            || stored_ms < since
-            || t.deadline_ms.is_some_and(|d| stored_ms > d)
-        {
-            return Err(Rejection::NoMatch);
-        }
-        t.output = event.whole.clone();
-        t.error = None;
-        let mut effects = Vec::new();
-        self.succeed(task, now_ms, &mut effects);
-        Ok(effects)
     }
 
     /// Records that `task` was placed on `agent` and is being sent to it.
@@ -798,91 +742,6 @@ impl Flow {
             self.transition(&id, TaskState::Ready, now_ms, None, &mut effects);
         }
         self.maybe_finish(now_ms, &mut effects);
-        effects
-    }
-
-    /// Every attempt held by `agent` failed with it.
-    pub fn agent_lost(&mut self, agent: &AgentId, now_ms: u64) -> Vec<Effect> {
-        self.agent_gone(agent, false, now_ms)
-    }
-
-    /// Every attempt held by `agent` is taken away and the agent told, in
-    /// case it still works on them. A lost agent's attempts fail (as
-    /// `agent_lost`, under the retry policy); a left agent handed them back:
-    /// they run again at once, not counted against `max_attempts`.
-    pub fn agent_gone(&mut self, agent: &AgentId, left: bool, now_ms: u64) -> Vec<Effect> {
-        let mut effects = Vec::new();
-        if self.state.is_terminal() {
-            return effects;
-        }
-        let held: Vec<TaskId> = self
-            .tasks
-            .values()
-            .filter(|t| t.state.is_active() && t.agent.as_ref() == Some(agent))
-            .map(|t| t.spec.id.clone())
-            .collect();
-        if left {
-            for id in held {
-                self.hand_back(&id, agent, now_ms, &mut effects);
-            }
-            return effects;
-        }
-        let (error, code) = ("agent lost", CancelCode::AgentLost);
-        for id in held {
-            self.fail_attempt(
-                &id,
-                FailureKind::AgentLost,
-                true,
-                error,
-                Some(code),
-                now_ms,
-                &mut effects,
-            );
-        }
-        effects
-    }
-
-    /// The allocator took back the allocation an attempt runs on (capacity
-    /// reduced, reservation ended): the attempt fails like one whose agent was
-    /// lost, and is retried under the task's policy.
-    pub fn preempted(
-        &mut self,
-        task: &TaskId,
-        allocation: &AllocationId,
-        reason: &str,
-        now_ms: u64,
-    ) -> Vec<Effect> {
-        let mut effects = Vec::new();
-        let holds = self
-            .tasks
-            .get(task)
-            .is_some_and(|t| t.state.is_active() && t.allocation.as_ref() == Some(allocation));
-        if holds && !self.state.is_terminal() {
-            if let Some(t) = self.tasks.get(task) {
-                if let Some(agent) = t.agent.clone() {
-                    effects.push(Effect::Cancel {
-                        agent,
-                        notice: CancelNotice {
-                            flow_id: self.id.clone(),
-                            task_id: task.clone(),
-                            attempt: t.attempt,
-                            code: CancelCode::Preempted,
-                            reason: format!("resources preempted: {reason}"),
-                        },
-                    });
-                }
-            }
-            let error = format!("preempted: {reason}");
-            self.fail_attempt(
-                task,
-                FailureKind::AgentLost,
-                true,
-                &error,
-                None,
-                now_ms,
-                &mut effects,
-            );
-        }
         effects
     }
 
@@ -1150,33 +1009,6 @@ impl Flow {
             }
         }
         self.maybe_finish(now_ms, effects);
-    }
-
-    /// A wait task's deadline passed with no matching event: it times out
-    /// for good (waits are not retried) and the failure mode decides the rest.
-    fn wait_timed_out(&mut self, id: &TaskId, now_ms: u64, effects: &mut Vec<Effect>) {
-        let Some(t) = self.tasks.get_mut(id) else {
-            return;
-        };
-        if t.state != TaskState::Waiting || self.state.is_terminal() {
-            return;
-        }
-        let waited = t
-            .deadline_ms
-            .unwrap_or(now_ms)
-            .saturating_sub(t.started_ms.unwrap_or(now_ms));
-        let event = t
-            .spec
-            .wait_for
-            .as_ref()
-            .map(|w| w.event_type.clone())
-            .unwrap_or_default();
-        let error = format!("{WAIT_TIMED_OUT}: no matching {event} event within {waited} ms");
-        t.failures += 1;
-        t.error = Some(error.clone());
-        t.deadline_ms = None;
-        self.transition(id, TaskState::TimedOut, now_ms, Some(error), effects);
-        self.after_failure(id, now_ms, effects);
     }
 
     /// Ends an unfinished task without running it (further).
