@@ -167,19 +167,28 @@ impl Outages {
     /// How often the watcher looks at the connection: an outage shorter than
     /// this may go unseen, and one that short hides no heartbeat interval.
     pub const POLL: Duration = Duration::from_millis(50);
+    /// How much later than [`Outages::POLL`] a poll may come before the gap
+    /// counts as this process's own pause.
+    pub const PAUSED: Duration = Duration::from_millis(500);
 
     /// Starts watching `client` (needs a Tokio runtime).
     pub fn watch(client: &async_nats::Client) -> Outages {
         let last_down_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (client, down) = (client.clone(), std::sync::Arc::downgrade(&last_down_ms));
         tokio::spawn(async move {
+            let mut paused = false;
             loop {
                 let Some(down) = down.upgrade() else { return };
-                if client.connection_state() != async_nats::connection::State::Connected {
-                    down.store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+                if paused || client.connection_state() != async_nats::connection::State::Connected {
+                    down.fetch_max(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
                 }
                 drop(down);
+                // A poll that comes far later than asked means this process
+                // was paused (frozen, starved): it heard nothing meanwhile,
+                // which is not the silence of whoever it listens to.
+                let asked = tokio::time::Instant::now();
                 tokio::time::sleep(Self::POLL).await;
+                paused = asked.elapsed() > Self::POLL + Self::PAUSED;
             }
         });
         Outages { last_down_ms }

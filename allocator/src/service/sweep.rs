@@ -70,6 +70,9 @@ impl Allocator {
     /// stalled, counts as heard from: a NATS outage or a cluster's failover
     /// silences every agent at once, and must not make them all lost.
     async fn lose(&self, rec: &AgentRecord) {
+        // Give the outage watcher a poll first: if this replica was just
+        // paused, the watcher counts the pause before it is judged on.
+        tokio::time::sleep(common::nats::Outages::POLL * 2).await;
         let beat = self.last_beat(&rec.agent_id).await;
         let heard = beat.max(self.outages.last_down_ms());
         let now = common::now_ms();
