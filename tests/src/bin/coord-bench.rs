@@ -85,6 +85,10 @@ struct Args {
     /// Start a private nats-server (JetStream, temp store, 8 MB `max_payload`) for this run.
     #[arg(long, conflicts_with = "nats_url")]
     spawn: bool,
+    /// With `--spawn`: fsync every JetStream write (`sync_interval: always`,
+    /// the shipped setting) instead of the server's default background flush.
+    #[arg(long, requires = "spawn")]
+    fsync_always: bool,
     /// Use this NATS server instead (it must have JetStream on).
     #[arg(long, env = "COORD_BENCH_NATS_URL")]
     nats_url: Option<String>,
@@ -173,7 +177,7 @@ async fn main() -> anyhow::Result<()> {
         bail!("--tasks, --flows, --agents and --orchestrators must be at least 1");
     }
     let server = if args.spawn {
-        Some(NatsServer::start_with_config(SPAWNED_CONFIG))
+        Some(NatsServer::start_with_config(&spawned_config(&args)))
     } else {
         None
     };
@@ -405,6 +409,16 @@ const AGENT_CONCURRENCY: usize = 1024;
 /// flow entry of 10,000 tasks (before flows had pages) was about 2 MB of
 /// JSON, over the default 1 MB `max_payload`.
 const SPAWNED_CONFIG: &str = "max_payload: 8MB\n";
+
+/// The spawned server's config: [`SPAWNED_CONFIG`], and with `--fsync-always`
+/// the shipped durability setting.
+fn spawned_config(args: &Args) -> String {
+    let mut config = SPAWNED_CONFIG.to_owned();
+    if args.fsync_always {
+        config.push_str("jetstream {\n  sync_interval: always\n}\n");
+    }
+    config
+}
 
 /// The services in-process and agents on the real runtime, for one round.
 struct System {

@@ -438,7 +438,14 @@ async fn two_replicas_never_exceed_a_quota_under_concurrent_requests() {
         released.extend(r);
         refused.extend(n);
     }
-    assert!(made.len() > 25, "enough allocations: {}", made.len());
+    // More booked than the quota holds at once (each booking is at least
+    // 0.5), so released capacity was booked again. How many more depends on
+    // the interleaving: a client that finishes first keeps what it holds.
+    assert!(
+        made.len() as f64 * 0.5 > LIMIT,
+        "the quota's capacity was reused: {} allocations",
+        made.len()
+    );
     // The quota was reached: each refusal names what the quota counted, and
     // that is within the limit yet too much for the request.
     assert!(!refused.is_empty(), "the quota was reached");

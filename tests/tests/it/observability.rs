@@ -344,6 +344,8 @@ async fn the_operator_kit_reads_only_metrics_a_real_scrape_has() {
         "CoordErrorSpike",
         "CoordPoolSaturated",
         "CoordNatsDown",
+        "CoordAgentEventSurge",
+        "CoordAgentEventsSilent",
     ] {
         assert!(alerts.contains(wanted), "{wanted} missing: {alerts:?}");
     }

@@ -6,7 +6,7 @@
 //! Only the synchronizer runs (in-process). Stored means acknowledged by
 //! JetStream: the server's file store, which writes to the OS at once and
 //! fsyncs on its own `sync_interval` (2 minutes unless the server sets
-//! another), not per message.
+//! another, per message with `--fsync-always`).
 
 use std::time::{Duration, Instant};
 
@@ -101,7 +101,7 @@ pub(crate) async fn run(
         bail!("--events, --event-concurrency and --event-agents must be at least 1");
     }
     println!(
-        "coord-bench events: {url}, {} events from {} agents, {} in flight; stored = acknowledged by JetStream (file store, fsync on the server's sync_interval, not per message)",
+        "coord-bench events: {url}, {} events from {} agents, {} in flight; stored = acknowledged by JetStream (file store, fsync on the server's sync_interval: per message only if it is `always`, as with --fsync-always)",
         args.events, args.event_agents, args.event_concurrency
     );
     let sync = testkit::start_service("synchronizer", common::config::NatsConfig::new(url));

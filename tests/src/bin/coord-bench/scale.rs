@@ -38,8 +38,8 @@ use orchestrator::machine::MAX_TASKS;
 
 use super::svg::{Chart, Series};
 use super::{
-    dispatch_pipelined, memory_kib, ms, round, Args, Round, System, AGENT_CONCURRENCY,
-    SPAWNED_CONFIG,
+    dispatch_pipelined, memory_kib, ms, round, spawned_config, Args, Round, System,
+    AGENT_CONCURRENCY,
 };
 use testkit::NatsServer;
 
@@ -633,7 +633,7 @@ pub(crate) async fn curves(
     // finish once, a million-task flow for seconds).
     let fresh = args
         .spawn
-        .then(|| NatsServer::start_with_config(SPAWNED_CONFIG));
+        .then(|| NatsServer::start_with_config(&spawned_config(args)));
     let (nats, url) = match &fresh {
         Some(server) => (server.connect().await, server.url().to_owned()),
         None => (nats.clone(), url.to_owned()),
