@@ -1,17 +1,16 @@
 # One image with every coordkit service binary and coordctl; docker-compose
-# picks the one to run. Stripped release binaries on debian-slim, run as a
-# non-root user; the dependencies are compiled in a layer of their own, so a
-# source change rebuilds only the workspace's crates.
+# picks the one to run. Stripped release binaries on an empty base (`scratch`,
+# with the libraries they link), run as a non-root user; the dependencies are
+# compiled in a layer of their own, so a source change rebuilds only the
+# workspace's crates.
 #
 # Base images: pin them by digest for a reproducible build. Look each digest
 # up where you can pull (`docker pull IMAGE && docker inspect --format
 # '{{index .RepoDigests 0}}' IMAGE`) and pass it, e.g.
-#   docker build --build-arg RUST_IMAGE=rust:1.95-bookworm@sha256:<digest> \
-#                --build-arg RUNTIME_IMAGE=debian:bookworm-slim@sha256:<digest> .
+#   docker build --build-arg RUST_IMAGE=rust:1.95-bookworm@sha256:<digest> .
 # digest: rust:1.95-bookworm@sha256:<to be pinned; not verified here>
-# digest: debian:bookworm-slim@sha256:<to be pinned; not verified here>
+# The runtime stage is `scratch`, which is not pulled and has no digest.
 ARG RUST_IMAGE=rust:1.95-bookworm
-ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 # The workspace's skeleton: every manifest, the lock file and an empty
 # `fn main() {}` at each target root (src/lib.rs, src/main.rs, src/bin/*.rs
@@ -46,26 +45,23 @@ COPY . .
 RUN set -eu; \
     find . -path ./target -prune -o \( -name '*.rs' -o -name Cargo.toml \) -exec touch {} +; \
     cargo build --release --locked --bins $SHIPPED; \
-    mkdir /out; \
+    mkdir -p /out/usr/local/bin /out/etc/ssl/certs /out/tmp; chmod 1777 /out/tmp; \
     for bin in coord-orchestrator coord-allocator coord-synchronizer coord-monitor coordctl; do \
-        strip -o "/out/$bin" "target/release/$bin"; \
-    done
+        strip -o "/out/usr/local/bin/$bin" "target/release/$bin"; \
+        ldd "target/release/$bin" | grep -o '/[^ ]*' | while read -r lib; do \
+            mkdir -p "/out$(dirname "$lib")"; cp -L "$lib" "/out$lib"; \
+        done; \
+    done; \
+    cp /etc/ssl/certs/ca-certificates.crt /out/etc/ssl/certs/; \
+    printf 'nonroot:x:65532:65532::/tmp:/sbin/nologin\n' > /out/etc/passwd; \
+    printf 'hosts: files dns\n' > /out/etc/nsswitch.conf
 
-FROM ${RUNTIME_IMAGE}
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
-COPY --from=build \
-    /out/coord-orchestrator \
-    /out/coord-allocator \
-    /out/coord-synchronizer \
-    /out/coord-monitor \
-    /out/coordctl \
-    /usr/local/bin/
+# The runtime: nothing but the binaries, the C libraries they link (from the
+# build image, so they match), CA certificates for TLS to NATS, and a user.
+FROM scratch
+COPY --from=build /out/ /
 USER 65532:65532
-# A service container checks its own service (`coord-X --healthcheck`, as
-# docker-compose.yml does per service); anything else (coordctl) has no check.
-HEALTHCHECK --interval=10s --timeout=5s --retries=3 \
-    CMD bin="$(tr '\0' '\n' </proc/1/cmdline | head -n1)"; \
-        case "${bin##*/}" in coord-*) exec "$bin" --healthcheck ;; *) exit 0 ;; esac
+# One image runs every service: the check asks the service this container
+# runs (its first process) for a ping, and passes in any other container.
+HEALTHCHECK --interval=10s --timeout=5s --retries=3 CMD ["coordctl", "healthcheck"]
 CMD ["coordctl", "--help"]

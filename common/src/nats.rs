@@ -58,6 +58,7 @@ async fn open(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, Error>
             Duration::from_millis(2_u64.saturating_pow(exp)).min(MAX_RECONNECT_DELAY)
         })
         .request_timeout(Some(cfg.request_timeout()))
+        .ping_interval(cfg.ping_interval())
         .event_callback(move |event| {
             let name = name.clone();
             async move {

@@ -780,6 +780,10 @@ async def main():
         error_cb=on_error,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
+        # A server cut off by the network closes nothing: unanswered pings
+        # are how the client notices and moves to another (15 s here).
+        ping_interval=5,
+        max_outstanding_pings=3,
         # Replies and pulled assignments arrive on inboxes under this prefix;
         # a server keeping agents apart lets an agent read only `_INBOX_{id}.>`.
         inbox_prefix=args.inbox_prefix or os.environ.get("NATS_INBOX_PREFIX") or f"_INBOX_{args.agent_id}",

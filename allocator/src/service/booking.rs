@@ -3,7 +3,7 @@
 //! the agent it lands on, then counted against its owner's quotas.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::msg::{
     AllocateRequest, Allocation, EventKind, GangReply, GangRequest, ReleaseReply, ReleaseRequest,
@@ -19,6 +19,46 @@ use super::ops::{
 use super::Allocator;
 use crate::machine::{self, Admission, AgentRecord, Draw, RenewRefused};
 
+/// How long a booking waits, at most, for a new quota's first count (see
+/// [`Attempts`]); below the default request timeout, so the answer arrives.
+const COUNT_WAIT: Duration = Duration::from_secs(4);
+
+/// Placements tried from fresh state before giving up on contention. A try
+/// that found the owner's quota being counted is given back, up to
+/// [`COUNT_WAIT`] after the first: that is a wait whose length depends on
+/// how many allocations the count reads and how loaded the machine is, not
+/// contention.
+struct Attempts {
+    left: usize,
+    counting_until: Option<Instant>,
+}
+
+impl Attempts {
+    fn new() -> Attempts {
+        Attempts {
+            left: PLACE_ATTEMPTS,
+            counting_until: None,
+        }
+    }
+
+    /// Takes one try, if any is left.
+    fn next(&mut self) -> bool {
+        let go = self.left > 0;
+        self.left = self.left.saturating_sub(1);
+        go
+    }
+
+    /// The try ended on a count in progress.
+    fn counting(&mut self) {
+        let until = *self
+            .counting_until
+            .get_or_insert_with(|| Instant::now() + COUNT_WAIT);
+        if Instant::now() < until {
+            self.left += 1;
+        }
+    }
+}
+
 impl Allocator {
     pub(super) async fn allocate(&self, req: AllocateRequest) -> Result<Allocation, Error> {
         check_requirements(&req.requirements)?;
@@ -29,7 +69,8 @@ impl Allocator {
             .allocation_id
             .clone()
             .unwrap_or_else(AllocationId::random);
-        for _ in 0..PLACE_ATTEMPTS {
+        let mut attempts = Attempts::new();
+        while attempts.next() {
             let now = common::now_ms();
             let shared = self.shared_records();
             let records: Vec<&AgentRecord> = shared.iter().map(|r| &**r).collect();
@@ -140,6 +181,7 @@ impl Allocator {
                 Admission::Counting => {
                     self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
                         .await;
+                    attempts.counting();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -211,7 +253,8 @@ impl Allocator {
             check_requirements(m)?;
         }
         let gang_id = uuid::Uuid::now_v7().simple().to_string();
-        for _ in 0..PLACE_ATTEMPTS {
+        let mut attempts = Attempts::new();
+        while attempts.next() {
             let now = common::now_ms();
             let ids: Vec<AllocationId> =
                 req.members.iter().map(|_| AllocationId::random()).collect();
@@ -290,6 +333,7 @@ impl Allocator {
                 Ok(Admission::Ungoverned | Admission::Admitted) => {}
                 Ok(Admission::Counting) => {
                     self.unbook(&booked, &ids).await;
+                    attempts.counting();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

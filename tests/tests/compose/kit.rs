@@ -119,22 +119,32 @@ pub(crate) fn images() -> Images {
 }
 
 /// A lock between the test processes of a run: a directory only one can
-/// make. One left by a process killed mid-build is taken after 15 minutes.
+/// make, holding its maker's pid. A waiter takes it over only once that
+/// process is gone, so a long build on a loaded machine is never judged stale.
 struct DirLock(PathBuf);
 
 impl DirLock {
     fn take(path: &Path) -> DirLock {
+        let holder = path.join("pid");
         loop {
             match std::fs::create_dir(path) {
-                Ok(()) => return DirLock(path.to_owned()),
+                Ok(()) => {
+                    std::fs::write(&holder, std::process::id().to_string()).unwrap();
+                    return DirLock(path.to_owned());
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let stale = std::fs::metadata(path)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.elapsed().ok())
-                        .is_some_and(|age| age > Duration::from_secs(15 * 60));
-                    if stale {
-                        let _ = std::fs::remove_dir(path);
+                    // No pid yet: its maker is between the two steps above,
+                    // or died there (then the directory is old).
+                    let gone = match std::fs::read_to_string(&holder) {
+                        Ok(pid) => !Path::new("/proc").join(pid.trim()).exists(),
+                        Err(_) => std::fs::metadata(path)
+                            .and_then(|m| m.modified())
+                            .ok()
+                            .and_then(|t| t.elapsed().ok())
+                            .is_some_and(|age| age > Duration::from_secs(60)),
+                    };
+                    if gone {
+                        let _ = std::fs::remove_dir_all(path);
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }
@@ -146,7 +156,7 @@ impl DirLock {
 
 impl Drop for DirLock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -519,7 +529,7 @@ impl Stack {
     /// The last lines of every service's log, for a failure message.
     pub(crate) fn logs(&self) -> String {
         let out = self
-            .command(&["logs", "--no-color", "--tail", "30"])
+            .command(&["logs", "--no-color", "--tail", "150"])
             .output();
         out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()

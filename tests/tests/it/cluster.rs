@@ -5,7 +5,8 @@
 //! catches up as a current replica); a
 //! node cut off from the other two while it keeps running acknowledges no
 //! write, while the two carry the flow to its end exactly once, and it is a
-//! current replica again once the cut heals.
+//! current replica again once the cut heals; flows submitted while a node is
+//! down complete.
 
 use std::time::Duration;
 
@@ -379,6 +380,59 @@ async fn a_node_cut_off_from_the_others_acknowledges_nothing_and_rejoins() {
     }
     assert_no_agent_lost(&mut losses, &nats).await;
 
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+    for s in services {
+        s.stop().await.unwrap();
+    }
+}
+
+/// Flows submitted while one node is down (each node in turn but the one
+/// the client is on) are created, once a new leader takes the writes, and
+/// complete on the other two.
+#[tokio::test]
+async fn flows_submitted_while_a_node_is_down_complete() {
+    common::telemetry::init_for_tests();
+    let mut cluster = NatsCluster::start(3).await;
+    let cfg = cluster.config();
+    let services: Vec<_> = ["orchestrator", "allocator", "synchronizer"]
+        .into_iter()
+        .map(|n| start_service(n, cfg.clone()))
+        .collect();
+    let nats = common::nats::connect(&cluster.config_of(&[0]), "cluster-test")
+        .await
+        .unwrap();
+    for name in ["orchestrator", "allocator", "synchronizer"] {
+        wait_for_service(&nats, name).await;
+    }
+    let client = Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
+    let (stop, agent) = demo_agent(&cfg).await;
+    let first = client.create_flow(&chain(2)).await.unwrap();
+    let s = finished(&client, &first.flow_id, Duration::from_secs(60)).await;
+    assert_eq!(s.state, FlowState::Succeeded, "{s:?}");
+    for node in [1, 2] {
+        cluster.kill(node);
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            // Refused (unavailable) while the flows bucket elects a leader
+            // or a service reconnects; a caller retries.
+            let spec = chain(2);
+            let made = eventually(Duration::from_secs(60), "a flow created", || async {
+                client.create_flow(&spec).await.ok()
+            })
+            .await;
+            ids.push(made.flow_id);
+        }
+        for id in &ids {
+            let s = finished(&client, id, Duration::from_secs(120)).await;
+            assert_eq!(s.state, FlowState::Succeeded, "node {node} down: {s:?}");
+        }
+        cluster.resume(node);
+        let js = jetstream::new(nats.clone());
+        for name in REPLICATED {
+            current_again(&js, name, node).await;
+        }
+    }
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
     for s in services {

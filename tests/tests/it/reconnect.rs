@@ -387,3 +387,65 @@ async fn after_a_nats_restart_agents_flows_watches_and_consumers_carry_on() {
     let _ = stop_steady.send(());
     steady.await.unwrap().unwrap();
 }
+
+/// A server that stops answering without closing anything (a node cut off by
+/// the network, a frozen host) is left for another in the URL list within
+/// three of the connection's pings, not the client library's minutes.
+#[tokio::test]
+async fn a_connection_leaves_a_server_gone_silent_for_another() {
+    let first = testkit::NatsServer::start();
+    let mut second = testkit::NatsServer::start();
+    // The first server through a relay that can go silent: it then stops
+    // carrying bytes but keeps both sockets open, as a cut network does.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_url = format!("nats://{}", relay.local_addr().unwrap());
+    let target = first.url().trim_start_matches("nats://").to_owned();
+    let (silence, silent) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = relay.accept().await {
+            let outbound = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let mut silent = silent.clone();
+            tokio::spawn(async move {
+                let (mut ir, mut iw) = inbound.into_split();
+                let (mut or, mut ow) = outbound.into_split();
+                tokio::select! {
+                    _ = tokio::io::copy(&mut ir, &mut ow) => {}
+                    _ = tokio::io::copy(&mut or, &mut iw) => {}
+                    _ = silent.wait_for(|s| *s) => {}
+                }
+                // Held open, carrying nothing, until the process ends.
+                std::mem::forget((ir, iw, or, ow));
+            });
+        }
+    });
+    // The second server down while the client connects, so it lands on the
+    // relay; then back.
+    second.kill();
+    let cfg = common::config::NatsConfig::new(format!("{relay_url},{}", second.url()));
+    assert_eq!(
+        cfg.ping_interval(),
+        Duration::from_secs(5),
+        "the shipped default"
+    );
+    let client = common::nats::connect(&cfg, "silent-test").await.unwrap();
+    let port = |url: &str| url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    assert_ne!(client.server_info().port, port(second.url()));
+    second.resume();
+
+    silence.send_replace(true);
+    let cut = Instant::now();
+    eventually(
+        Duration::from_secs(40),
+        "the client on the second server",
+        || async {
+            (client.connection_state() == async_nats::connection::State::Connected
+                && client.server_info().port == port(second.url()))
+            .then_some(())
+        },
+    )
+    .await;
+    // Three pings 5 s apart, then the reconnect; the library's own default
+    // (60 s) took three minutes.
+    eprintln!("on the second server {:?} after the cut", cut.elapsed());
+    client.flush().await.unwrap();
+}
