@@ -696,9 +696,17 @@ async fn a_flow_with_an_owner_runs_within_the_owners_quota() {
         1,
         "the quota holds the other task back while {running} runs"
     );
-    let cap = c.capacity(&CapacityRequest::default()).await.unwrap();
-    let held = &cap.agents[&AgentId::new("q").unwrap()]["cpu"];
-    assert_eq!(held.allocated, 1.0);
+    // The agent holds the running task's allocation alone. The other task's
+    // placement is retried meanwhile, and each try books on the agent before
+    // the quota refuses it and takes it back: seen mid-try, the agent's
+    // allocated is 2, so the agent is read until it is between tries.
+    eventually(Duration::from_secs(10), "the agent holding 1 cpu", || async {
+        let cap = c.capacity(&CapacityRequest::default()).await.ok()?;
+        let held = &cap.agents[&AgentId::new("q").unwrap()]["cpu"];
+        (held.allocated == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(quota_used(c, "team-q").await, Some(1.0));
     eventually(Duration::from_secs(10), "a clean system check", || async {
         let v = c.validate_system().await.ok()?;
         v.violations.is_empty().then_some(())
