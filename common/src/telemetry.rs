@@ -123,8 +123,9 @@ fn provider(service: &str, capture: bool) -> SdkTracerProvider {
 }
 
 /// The one subscriber set-up for binaries: `RUST_LOG`-filtered logs on stderr
-/// (default `info`; text or JSON, see [`LogFormat`]), spans to OTLP when
-/// configured. Call once at the top of `main`.
+/// (default `info`; text or JSON, see [`LogFormat`]), spans filtered by
+/// [`TRACE_FILTER_ENV`] alone and sent to OTLP when configured. Call once at
+/// the top of `main`.
 pub fn init(service: &str) -> TelemetryGuard {
     install(service, true, false)
 }
@@ -144,20 +145,43 @@ pub fn init_for_tests() {
     });
 }
 
+/// Environment variable filtering the spans that make traces, in `RUST_LOG`'s
+/// syntax (default [`DEFAULT_FILTER`]). Apart from `RUST_LOG`, which filters
+/// only the logs: quieter logs must not cut a task's trace in pieces.
+pub const TRACE_FILTER_ENV: &str = "COORD_TRACE_FILTER";
+
+/// What logs and traces keep unless told otherwise.
+const DEFAULT_FILTER: &str = "info,async_nats=warn,opentelemetry=warn,opentelemetry_sdk=warn";
+
+fn filter_from(var: &str) -> EnvFilter {
+    EnvFilter::try_from_env(var).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
+}
+
+/// Logs filtered by `logs`, trace spans by `traces`, each on its own: a
+/// span the log filter drops still carries the trace context.
+fn layers<S>(
+    log: Option<(LogFormat, EnvFilter)>,
+    traces: EnvFilter,
+    tracer: opentelemetry_sdk::trace::Tracer,
+) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    let fmt = log.map(|(format, filter)| format.layer(std::io::stderr).with_filter(filter));
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(traces);
+    Layer::and_then(fmt, otel)
+}
+
 fn install(service: &str, logs: bool, capture: bool) -> TelemetryGuard {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = provider(service, capture);
     let tracer = provider.tracer(service.to_owned());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,async_nats=warn,opentelemetry=warn,opentelemetry_sdk=warn")
-    });
-    let fmt = logs.then(|| LogFormat::from_env().layer(std::io::stderr));
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    let log = logs.then(|| (LogFormat::from_env(), filter_from(EnvFilter::DEFAULT_ENV)));
     // A second install in one process (tests) keeps the first; that is fine.
     let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(otel)
+        .with(layers(log, filter_from(TRACE_FILTER_ENV), tracer))
         .try_init();
     opentelemetry::global::set_tracer_provider(provider.clone());
     TelemetryGuard {
@@ -340,6 +364,40 @@ impl SpanProcessor for CaptureProcessor {
 pub fn trace_id(headers: &HeaderMap) -> Option<String> {
     let tp = headers.get("traceparent")?.as_str();
     tp.split('-').nth(1).map(str::to_owned)
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+
+    /// `RUST_LOG=warn` (logs only) leaves spans at `info` with their trace
+    /// context; the trace filter alone decides.
+    #[test]
+    fn a_quieter_log_filter_keeps_the_trace_context() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let provider = SdkTracerProvider::builder().build();
+        let traced = |logs: &str, traces: &str| {
+            let subscriber = tracing_subscriber::registry().with(layers(
+                Some((LogFormat::Text { ansi: false }, EnvFilter::new(logs))),
+                EnvFilter::new(traces),
+                provider.tracer("filter-test"),
+            ));
+            tracing::subscriber::with_default(subscriber, || {
+                let span = tracing::info_span!("request");
+                let _in = span.enter();
+                traceparent()
+            })
+        };
+        assert!(
+            traced("warn", "info").is_some(),
+            "logs at warn cut the trace"
+        );
+        assert!(traced("info", "info").is_some());
+        assert!(
+            traced("info", "warn").is_none(),
+            "the trace filter is not obeyed"
+        );
+    }
 }
 
 #[cfg(test)]

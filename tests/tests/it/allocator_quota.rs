@@ -700,11 +700,15 @@ async fn a_flow_with_an_owner_runs_within_the_owners_quota() {
     // placement is retried meanwhile, and each try books on the agent before
     // the quota refuses it and takes it back: seen mid-try, the agent's
     // allocated is 2, so the agent is read until it is between tries.
-    eventually(Duration::from_secs(10), "the agent holding 1 cpu", || async {
-        let cap = c.capacity(&CapacityRequest::default()).await.ok()?;
-        let held = &cap.agents[&AgentId::new("q").unwrap()]["cpu"];
-        (held.allocated == 1.0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the agent holding 1 cpu",
+        || async {
+            let cap = c.capacity(&CapacityRequest::default()).await.ok()?;
+            let held = &cap.agents[&AgentId::new("q").unwrap()]["cpu"];
+            (held.allocated == 1.0).then_some(())
+        },
+    )
     .await;
     assert_eq!(quota_used(c, "team-q").await, Some(1.0));
     eventually(Duration::from_secs(10), "a clean system check", || async {
