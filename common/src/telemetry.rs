@@ -157,7 +157,7 @@ fn filter_from(var: &str) -> EnvFilter {
     EnvFilter::try_from_env(var).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
 }
 
-/// Logs filtered by `logs`, trace spans by `traces`, each on its own: a
+/// Logs filtered by `log`'s filter, trace spans by `traces`, each on its own: a
 /// span the log filter drops still carries the trace context.
 fn layers<S>(
     log: Option<(LogFormat, EnvFilter)>,
