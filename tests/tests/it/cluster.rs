@@ -119,19 +119,29 @@ async fn demo_agent(
     (stop, agent)
 }
 
+/// The orchestrator, allocator and synchronizer on `cfg`, and a test
+/// connection on `client` once all three answer.
+async fn services_on(
+    cfg: &common::config::NatsConfig,
+    client: &common::config::NatsConfig,
+) -> (Vec<testkit::ServiceHandle>, async_nats::Client) {
+    let services = ["orchestrator", "allocator", "synchronizer"]
+        .into_iter()
+        .map(|n| start_service(n, cfg.clone()))
+        .collect();
+    let nats = common::nats::connect(client, "cluster-test").await.unwrap();
+    for name in ["orchestrator", "allocator", "synchronizer"] {
+        wait_for_service(&nats, name).await;
+    }
+    (services, nats)
+}
+
 #[tokio::test]
 async fn a_flow_survives_losing_a_node_and_the_node_rejoins() {
     common::telemetry::init_for_tests();
     let mut cluster = NatsCluster::start(3).await;
     let cfg = cluster.config();
-    let services: Vec<_> = ["orchestrator", "allocator", "synchronizer"]
-        .into_iter()
-        .map(|n| start_service(n, cfg.clone()))
-        .collect();
-    let nats = common::nats::connect(&cfg, "cluster-test").await.unwrap();
-    for name in ["orchestrator", "allocator", "synchronizer"] {
-        wait_for_service(&nats, name).await;
-    }
+    let (services, nats) = services_on(&cfg, &cfg).await;
     let client = Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
     let mut losses = watch_losses(&nats).await;
     // Losing a node stalls the streams it led until their leaders are
@@ -395,16 +405,7 @@ async fn flows_submitted_while_a_node_is_down_complete() {
     common::telemetry::init_for_tests();
     let mut cluster = NatsCluster::start(3).await;
     let cfg = cluster.config();
-    let services: Vec<_> = ["orchestrator", "allocator", "synchronizer"]
-        .into_iter()
-        .map(|n| start_service(n, cfg.clone()))
-        .collect();
-    let nats = common::nats::connect(&cluster.config_of(&[0]), "cluster-test")
-        .await
-        .unwrap();
-    for name in ["orchestrator", "allocator", "synchronizer"] {
-        wait_for_service(&nats, name).await;
-    }
+    let (services, nats) = services_on(&cfg, &cluster.config_of(&[0])).await;
     let client = Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
     let (stop, agent) = demo_agent(&cfg).await;
     let first = client.create_flow(&chain(2)).await.unwrap();
