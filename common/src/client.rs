@@ -12,6 +12,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::error::{Error, ErrorBody, ErrorCode};
 use crate::msg::*;
 use crate::{subject, telemetry};
+use tracing::Instrument;
 
 /// Requests to the coordkit services over one NATS connection (cheap to clone).
 #[derive(Clone, Debug)]
@@ -46,13 +47,15 @@ impl Client {
     ) -> Result<Resp, Error> {
         let body = serde_json::to_vec(req)
             .map_err(|e| Error::bad_request(format!("encode request: {e}")))?;
+        let span = telemetry::client_span(subject);
         let request = async_nats::client::Request::new()
             .payload(body.into())
-            .headers(telemetry::headers())
+            .headers(span.in_scope(telemetry::headers))
             .timeout(Some(self.timeout));
         let reply = self
             .nats
             .send_request(subject.to_owned(), request)
+            .instrument(span)
             .await
             .map_err(|e| match e.kind() {
                 async_nats::RequestErrorKind::NoResponders => Error::new(

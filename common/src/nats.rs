@@ -255,7 +255,7 @@ impl EventPublisher {
             kind,
         };
         let subject = event.kind.subject();
-        let mut headers = telemetry::headers();
+        let mut headers = telemetry::producer_headers(subject);
         headers.insert("Nats-Msg-Id", event.event_id.as_str());
         match serde_json::to_vec(&event) {
             Ok(body) => {
@@ -381,9 +381,10 @@ fn fastrand_ms(attempt: usize) -> u64 {
     nanos % (attempt as u64 * 2).min(50)
 }
 
-/// Headers for a JetStream publish that must be stored once even if retried.
-pub fn dedupe_headers(msg_id: &str) -> HeaderMap {
-    let mut headers = telemetry::headers();
+/// Headers for a JetStream publish to `subject` that must be stored once even
+/// if retried, with the trace context of a PRODUCER span for it.
+pub fn dedupe_headers(subject: &str, msg_id: &str) -> HeaderMap {
+    let mut headers = telemetry::producer_headers(subject);
     headers.insert("Nats-Msg-Id", msg_id);
     headers
 }

@@ -174,6 +174,11 @@ impl Service {
                     format!("cannot start service {name}: {e}"),
                 )
             })?;
+        let id = inner.info().await.id;
+        crate::telemetry::set_instance_id(&id);
+        if let Some(path) = std::env::var_os(INSTANCE_FILE_ENV) {
+            write_instance_file(std::path::Path::new(&path), &id);
+        }
         Ok(Service {
             inner,
             counts,
@@ -298,7 +303,7 @@ impl Service {
                 let counts = counts.clone();
                 let name = name.clone();
                 let client = client.clone();
-                let span = telemetry::message_span("request", subject, request.message.headers.as_ref());
+                let span = telemetry::server_span(&request.message.subject, request.message.headers.as_ref());
                 tokio::spawn(
                     async move {
                         let result = handler(request.message.clone()).await;
@@ -423,15 +428,32 @@ pub fn same_agent(on: &str, named: &AgentId) -> Result<(), Error> {
     }
 }
 
+/// Writes this instance's id where [`healthcheck`] reads it, so a container
+/// checks its own replica, not whichever answers first. Written whole, then
+/// renamed: a health check never reads half an id.
+fn write_instance_file(path: &std::path::Path, id: &str) {
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, id).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "instance id not written; the health check will ping any replica");
+    }
+}
+
 /// A container health check: pings this container's own instance (named in
-/// the [`INSTANCE_FILE_ENV`] file) or, without one, any instance of `name`.
-/// Returns whether it answered within two seconds.
+/// the [`INSTANCE_FILE_ENV`] file, which the service writes when it starts) or,
+/// without one, any instance of `name`. Returns whether it answered within two
+/// seconds.
 pub async fn healthcheck(cfg: &crate::config::NatsConfig, name: &str) -> bool {
+    let id = std::env::var_os(INSTANCE_FILE_ENV).and_then(|p| std::fs::read_to_string(p).ok());
+    ping(cfg, name, id.as_deref().map(str::trim)).await
+}
+
+/// Whether instance `id` of service `name` (any instance, without an id)
+/// answers a ping within two seconds.
+pub async fn ping(cfg: &crate::config::NatsConfig, name: &str, id: Option<&str>) -> bool {
     let mut subject = format!("{}.{name}", crate::subject::SRV_PING);
-    if let Some(id) =
-        std::env::var_os(INSTANCE_FILE_ENV).and_then(|p| std::fs::read_to_string(p).ok())
-    {
-        subject = format!("{subject}.{}", id.trim());
+    if let Some(id) = id {
+        subject = format!("{subject}.{id}");
     }
     let check = async {
         let client = crate::nats::connect(cfg, "healthcheck").await.ok()?;

@@ -5,6 +5,12 @@
 //! when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set.
 //! One task's path through all services is then one trace.
 //!
+//! Spans follow OpenTelemetry's messaging conventions: a service answering a
+//! request is a SERVER span, a request sent a CLIENT span, a message published
+//! a PRODUCER span and one taken from a subject or stream a CONSUMER span, each
+//! with `messaging.*` attributes; the resource names the service, its version
+//! and its instance (the NATS micro id, as `$SRV.INFO` shows it).
+//!
 //! Tests install a provider that can also keep finished spans in memory
 //! ([`SpanCapture`]), so a test can check how spans link without an exporter.
 //!
@@ -13,15 +19,18 @@
 //! object per line with `LOG_FORMAT=json`, for log collectors.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use async_nats::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry::KeyValue;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanProcessor};
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
+use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
@@ -103,8 +112,9 @@ fn otlp_enabled() -> bool {
 }
 
 fn provider(service: &str, capture: bool) -> SdkTracerProvider {
-    let resource = opentelemetry_sdk::Resource::builder()
+    let resource = Resource::builder()
         .with_service_name(service.to_owned())
+        .with_attribute(KeyValue::new("service.version", crate::service::VERSION))
         .build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
     if capture {
@@ -115,11 +125,83 @@ fn provider(service: &str, capture: bool) -> SdkTracerProvider {
             .with_http()
             .build()
         {
-            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+            Ok(exporter) => builder = builder.with_batch_exporter(InstanceExporter::new(exporter)),
             Err(e) => eprintln!("OTLP exporter disabled: {e}"),
         }
     }
     builder.build()
+}
+
+/// This process's service instance id, once its service has registered.
+static INSTANCE_ID: OnceLock<String> = OnceLock::new();
+
+/// Names this process's service instance (its NATS micro id) in the trace
+/// resource, as `service.instance.id`. The first call wins: a service process
+/// is one instance (tests running several services in one process keep the
+/// first).
+pub fn set_instance_id(id: &str) {
+    let _ = INSTANCE_ID.set(id.to_owned());
+}
+
+/// The OTLP exporter, told the instance id once it is known: the id is given
+/// by the service registration, after tracing is installed, and a provider's
+/// resource is fixed when it is built.
+#[derive(Debug)]
+struct InstanceExporter {
+    inner: tokio::sync::Mutex<opentelemetry_otlp::SpanExporter>,
+    resource: Resource,
+    named: AtomicBool,
+}
+
+impl InstanceExporter {
+    fn new(inner: opentelemetry_otlp::SpanExporter) -> Self {
+        InstanceExporter {
+            inner: tokio::sync::Mutex::new(inner),
+            resource: Resource::builder_empty().build(),
+            named: AtomicBool::new(false),
+        }
+    }
+}
+
+impl SpanExporter for InstanceExporter {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let mut inner = self.inner.lock().await;
+        if !self.named.load(Ordering::Relaxed) {
+            if let Some(id) = INSTANCE_ID.get() {
+                let named = Resource::builder_empty()
+                    .with_attributes(
+                        self.resource
+                            .iter()
+                            .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+                    )
+                    .with_attribute(KeyValue::new("service.instance.id", id.clone()))
+                    .build();
+                inner.set_resource(&named);
+                self.named.store(true, Ordering::Relaxed);
+            }
+        }
+        inner.export(batch).await
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        match self.inner.try_lock() {
+            Ok(inner) => inner.shutdown_with_timeout(timeout),
+            // An export is under way; the batch processor stops after it.
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        match self.inner.try_lock() {
+            Ok(inner) => inner.force_flush(),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.resource = resource.clone();
+        self.inner.get_mut().set_resource(resource);
+    }
 }
 
 /// The one subscriber set-up for binaries: `RUST_LOG`-filtered logs on stderr
@@ -224,15 +306,32 @@ pub fn headers() -> HeaderMap {
     h
 }
 
-/// A span for handling a message, continuing the sender's trace when its headers
-/// carry one. Without a `traceparent` the span starts a new trace rather than
-/// being orphaned under a bogus parent.
-pub fn message_span(
-    name: &'static str,
+/// A span of a message exchange, by OpenTelemetry's messaging conventions:
+/// named `{operation} {subject family}` (ids collapsed, so span names stay
+/// few), the concrete subject in `messaging.destination.name`.
+fn messaging_span(
+    kind: &'static str,
+    operation: &'static str,
+    operation_type: &'static str,
     subject: &str,
-    headers: Option<&HeaderMap>,
 ) -> tracing::Span {
-    let span = tracing::info_span!("message", otel.name = name, subject = %subject);
+    let family = crate::subject::family(subject);
+    tracing::info_span!(
+        "message",
+        otel.name = %format_args!("{operation} {family}"),
+        otel.kind = kind,
+        messaging.system = "nats",
+        messaging.operation.name = operation,
+        messaging.operation.type = operation_type,
+        messaging.destination.name = %subject,
+        messaging.destination.template = %family,
+    )
+}
+
+/// Continues the sender's trace when its headers carry one. Without a
+/// `traceparent` the span starts a new trace rather than being orphaned under
+/// a bogus parent.
+fn continue_from(span: tracing::Span, headers: Option<&HeaderMap>) -> tracing::Span {
     if let Some(h) = headers {
         if h.get("traceparent").is_some() {
             let parent =
@@ -241,6 +340,44 @@ pub fn message_span(
         }
     }
     span
+}
+
+/// A SERVER span: a service answering the request on `subject`.
+pub fn server_span(subject: &str, headers: Option<&HeaderMap>) -> tracing::Span {
+    continue_from(
+        messaging_span("server", "process", "process", subject),
+        headers,
+    )
+}
+
+/// A CONSUMER span: processing a message taken from `subject` (a report, an
+/// assignment, an event), continuing its sender's trace.
+pub fn consumer_span(subject: &str, headers: Option<&HeaderMap>) -> tracing::Span {
+    continue_from(
+        messaging_span("consumer", "process", "process", subject),
+        headers,
+    )
+}
+
+/// A CLIENT span: a request sent to `subject`, its answer awaited. Inject the
+/// headers inside it, so the server's span is its child.
+pub fn client_span(subject: &str) -> tracing::Span {
+    messaging_span("client", "request", "send", subject)
+}
+
+/// A PRODUCER span: a message published to `subject`. Inject the headers
+/// inside it, so whoever processes the message continues from it.
+pub fn producer_span(subject: &str) -> tracing::Span {
+    messaging_span("producer", "publish", "send", subject)
+}
+
+/// Headers for one message published to `subject`, carrying the context of
+/// a PRODUCER span of its own (ended here, when the message is made): whoever
+/// processes the message continues from it.
+pub fn producer_headers(subject: &str) -> HeaderMap {
+    let span = producer_span(subject);
+    let _in = span.enter();
+    headers()
 }
 
 /// The current span's context as a W3C `traceparent` value, to store with

@@ -319,7 +319,7 @@ where
 
     // Runs one delivered assignment on a worker of its own.
     let take = |msg: jetstream::Message, permit: tokio::sync::OwnedSemaphorePermit| {
-        let span = telemetry::message_span("assignment", &msg.subject, msg.headers.as_ref());
+        let span = telemetry::consumer_span(&msg.subject, msg.headers.as_ref());
         let (js, handler, running, me) = (
             js.clone(),
             handler.clone(),
@@ -692,13 +692,11 @@ pub async fn report(
     };
     let deadline = tokio::time::Instant::now() + DELIVERY_DEADLINE;
     let mut pause = Duration::from_millis(100);
+    let to = subject::report(&a.agent_id);
+    let headers = bus::dedupe_headers(&to, &msg_id);
     loop {
         let sent = js
-            .publish_with_headers(
-                subject::report(&a.agent_id),
-                bus::dedupe_headers(&msg_id),
-                body.clone().into(),
-            )
+            .publish_with_headers(to.clone(), headers.clone(), body.clone().into())
             .await;
         let failure = match sent {
             Ok(ack) => match ack.await {

@@ -11,7 +11,8 @@ What it does, in the order of the agent life cycle:
   `lease.heartbeat_ms`), then `completed` or `failed`, on JetStream, and acks
   the assignment once the final report is stored;
 - copies the assignment's `traceparent` header onto every report of that
-  attempt, so one task is one trace;
+  attempt and every request made for it (state, events), so one task is
+  one trace;
 - stops an attempt at once on a cancel notice (whatever its `code`: no final
   report, the assignment is terminated with +TERM), and also when a report of
   it is refused as `fenced` or `not_found` on `coord.agents.{id}.rejected`
@@ -106,10 +107,11 @@ class TaskFailed(Exception):
         self.retryable = retryable
 
 
-async def request(nc, subject: str, body: dict, timeout: float = 5.0) -> dict:
+async def request(nc, subject: str, body: dict, timeout: float = 5.0, headers: dict = None) -> dict:
     """A request/reply call; a failure reply carries the `Nats-Service-Error-Code`
-    header and an `{"error": …}` body, which becomes a ServiceError."""
-    msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
+    header and an `{"error": …}` body, which becomes a ServiceError. `headers`:
+    the task's trace context, for requests made on a task's behalf."""
+    msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout, headers=headers or None)
     reply = json.loads(msg.data) if msg.data else {}
     if (msg.headers and "Nats-Service-Error-Code" in msg.headers) or "error" in reply:
         err = reply.get("error") or {}
@@ -333,17 +335,20 @@ class Agent:
         except nats.errors.Error as e:
             log(f"+TERM not sent: {e!r}")
 
-    async def put_state(self, doc: dict, retries: int = 5) -> int:
+    async def put_state(self, doc: dict, retries: int = 5, trace: dict = None) -> int:
         """Stores this agent's state document (scope default) by
         compare-and-set: get (not_found: revision 0), put with that
-        expected_revision; on `conflict`, get again and retry."""
+        expected_revision; on `conflict`, get again and retry. `trace`: the
+        task's trace headers, when written for a task."""
         conflicts = 0
         pause = 0.1
         deadline = time.monotonic() + DELIVERY_DEADLINE_S
         while True:
             try:
                 try:
-                    current = await request(self.nc, self.subject("state.get"), {"agent_id": self.id})
+                    current = await request(
+                        self.nc, self.subject("state.get"), {"agent_id": self.id}, headers=trace
+                    )
                     revision = current["revision"]
                 except ServiceError as e:
                     if e.code != "not_found":
@@ -353,6 +358,7 @@ class Agent:
                     self.nc,
                     self.subject("state.put"),
                     {"agent_id": self.id, "expected_revision": revision, "doc": doc},
+                    headers=trace,
                 )
                 return stored["revision"]
             except ServiceError as e:
@@ -371,13 +377,14 @@ class Agent:
 
     # ---- running an attempt -------------------------------------------------
 
-    async def publish_event(self, event_type: str, data, event_id: str = None) -> dict:
+    async def publish_event(self, event_type: str, data, event_id: str = None, trace: dict = None) -> dict:
         """Publishes an event of ours and returns it as stored; a refusal
-        (a registered schema not met, say) raises ServiceError with its code."""
+        (a registered schema not met, say) raises ServiceError with its code.
+        `trace`: the task's trace headers, when published for a task."""
         body = {"data": data}
         if event_id is not None:
             body["event_id"] = event_id
-        return await request(self.nc, self.subject(f"events.{event_type}"), body)
+        return await request(self.nc, self.subject(f"events.{event_type}"), body, headers=trace)
 
     async def keep_lease(self, att: Attempt):
         """Sends a bare `progress` whenever no report went out for half the
@@ -422,13 +429,15 @@ class Agent:
             await asyncio.sleep(min(until - now, 0.1))
         if isinstance(c.get("state"), dict):
             try:
-                await self.put_state(c["state"])
+                await self.put_state(c["state"], trace=att.trace)
             except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
                 raise TaskFailed(f"conformance: state not stored: {e}", True) from e
         if isinstance(c.get("event"), dict):
             ev = c["event"]
             try:
-                await self.publish_event(ev.get("type") or "conformance", ev.get("data"), ev.get("event_id"))
+                await self.publish_event(
+                    ev.get("type") or "conformance", ev.get("data"), ev.get("event_id"), trace=att.trace
+                )
             except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
                 raise TaskFailed(f"conformance: event not stored: {e}", False) from e
         fail = c.get("fail")
@@ -508,13 +517,14 @@ class Agent:
                         "task_done",
                         {"flow_id": a["flow_id"], "task_id": a["task_id"], "attempt": a["attempt"]},
                         event_id=f"{a['flow_id']}.{a['task_id']}.{a['attempt']}",
+                        trace=att.trace,
                     )
                     log(f"event task_done {event.get('event_id')} stored")
                 except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
                     log(f"event task_done not stored: {e}")
                 doc = {"tasks_done": self.done, "last_task": a["task_id"], "at_ms": now_ms()}
                 try:
-                    await self.put_state(doc)
+                    await self.put_state(doc, trace=att.trace)
                 except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
                     log(f"state not stored: {e}")
         except asyncio.CancelledError:

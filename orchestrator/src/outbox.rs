@@ -259,7 +259,11 @@ async fn send(js: &jetstream::Context, event: &Event) -> Option<PublishAckFuture
     };
     let subject = event.kind.subject();
     match js
-        .publish_with_headers(subject, dedupe_headers(&event.event_id), body.into())
+        .publish_with_headers(
+            subject,
+            dedupe_headers(subject, &event.event_id),
+            body.into(),
+        )
         .await
     {
         Ok(ack) => Some(ack),
@@ -277,7 +281,11 @@ async fn send_once(nats: &async_nats::Client, event: &Event) {
     };
     let subject = event.kind.subject();
     if let Err(e) = nats
-        .publish_with_headers(subject, dedupe_headers(&event.event_id), body.into())
+        .publish_with_headers(
+            subject,
+            dedupe_headers(subject, &event.event_id),
+            body.into(),
+        )
         .await
     {
         tracing::warn!(error = %e, subject, "event publish failed");

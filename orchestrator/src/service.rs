@@ -1420,7 +1420,11 @@ impl Orchestrator {
         if let Ok(body) = serde_json::to_vec(&verdict) {
             if let Err(e) = self
                 .nats
-                .publish_with_headers(subject::rejected(agent), telemetry::headers(), body.into())
+                .publish_with_headers(
+                    subject::rejected(agent),
+                    telemetry::producer_headers(&subject::rejected(agent)),
+                    body.into(),
+                )
                 .await
             {
                 tracing::warn!(agent = %agent, error = %e, "rejection not sent");
@@ -1438,10 +1442,11 @@ impl Orchestrator {
                 Effect::FreeSlot { key, holder } => self.free_slot(Some((key, holder))),
                 Effect::Cancel { agent, notice } => {
                     if let Ok(body) = serde_json::to_vec(&notice) {
-                        let headers = telemetry::headers();
+                        let to = subject::cancel(&agent);
+                        let headers = telemetry::producer_headers(&to);
                         if let Err(e) = self
                             .nats
-                            .publish_with_headers(subject::cancel(&agent), headers, body.into())
+                            .publish_with_headers(to, headers, body.into())
                             .await
                         {
                             tracing::warn!(agent = %agent, error = %e, "cancel notice not sent");
@@ -1698,13 +1703,10 @@ impl Orchestrator {
     async fn publish_assignment(&self, a: &Assignment) -> Result<(), Error> {
         let body = serde_json::to_vec(a).map_err(|e| Error::internal(e.to_string()))?;
         let msg_id = format!("{}.{}.{}", a.flow_id, a.task_id, a.attempt);
+        let to = subject::assign(&a.agent_id);
         let ack = self
             .js
-            .publish_with_headers(
-                subject::assign(&a.agent_id),
-                bus::dedupe_headers(&msg_id),
-                body.into(),
-            )
+            .publish_with_headers(to.clone(), bus::dedupe_headers(&to, &msg_id), body.into())
             .await
             .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
         ack.await.map_err(|e| {
@@ -1896,7 +1898,7 @@ impl Orchestrator {
                 continue;
             }
             // The agent's trace goes with the report into the flow's actor.
-            let span = telemetry::message_span("report", &msg.subject, msg.headers.as_ref());
+            let span = telemetry::consumer_span(&msg.subject, msg.headers.as_ref());
             let flow = report.flow_id.clone();
             span.in_scope(|| {
                 self.send(

@@ -338,11 +338,18 @@ impl Process {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let child = Command::new(bin)
-            .args(args)
+        let mut cmd = Command::new(bin);
+        cmd.args(args);
+        Process::command(cmd)
+    }
+
+    /// Starts `cmd` as it is set up (arguments, environment); its output goes
+    /// to the test's stderr.
+    pub fn command(mut cmd: Command) -> Process {
+        let child = cmd
             .stdin(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
         Process { child }
     }
 

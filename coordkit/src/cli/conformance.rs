@@ -1105,11 +1105,12 @@ impl Kit {
         deadline: Instant,
     ) -> RuleOutcome {
         let msg_id = format!("{KIT_MSG_ID}.{}", uuid::Uuid::now_v7().simple());
+        let to = subject::report(&self.agent);
         let ack = self
             .js
             .publish_with_headers(
-                subject::report(&self.agent),
-                common::nats::dedupe_headers(&msg_id),
+                to.clone(),
+                common::nats::dedupe_headers(&to, &msg_id),
                 body.into(),
             )
             .await

@@ -247,9 +247,10 @@ async fn raw_agent(nats: async_nats::Client, id: &'static str, breaks: Breaks) {
                     msg_id.push_str(&format!(".{n}"));
                 }
                 async move {
+                    let to = format!("coord.agents.{id}.report");
                     js.publish_with_headers(
-                        format!("coord.agents.{id}.report"),
-                        common::nats::dedupe_headers(&msg_id),
+                        to.clone(),
+                        common::nats::dedupe_headers(&to, &msg_id),
                         body.to_string().into(),
                     )
                     .await

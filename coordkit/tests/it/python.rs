@@ -15,7 +15,7 @@ use common::msg::{
 };
 use common::{AgentId, FlowId, TaskId};
 use futures::StreamExt;
-use testkit::{eventually, workspace_root, System};
+use testkit::{eventually, wait_for_service, workspace_root, System};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn python() -> std::path::PathBuf {
@@ -361,6 +361,9 @@ async fn the_python_agent_carries_on_after_a_nats_outage() {
     sys.server.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
     sys.server.resume();
+    // The agent is under test here, not how soon the services resubscribe:
+    // the flow is created once the orchestrator answers again.
+    wait_for_service(&sys.nats, "orchestrator").await;
     assert_eq!(run("after").await, FlowState::Succeeded);
     let log = agent.log();
     assert!(log.contains("reconnected; registering again"), "{log}");

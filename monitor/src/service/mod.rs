@@ -388,11 +388,25 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let ev = events.clone();
     tasks.spawn(async move {
         while let Some(msg) = all.next().await {
+            // An event is part of the trace of what it reports; the rest of
+            // the traffic is only counted, and makes no spans.
+            let traced = msg.subject.starts_with("coord.events.")
+                && msg
+                    .headers
+                    .as_ref()
+                    .is_some_and(|h| h.get("traceparent").is_some());
+            let span = if traced {
+                common::telemetry::consumer_span(&msg.subject, msg.headers.as_ref())
+            } else {
+                tracing::Span::none()
+            };
             // Anomalies read straight from an event (an agent lost) go out at once.
-            let found = s
-                .with(|m| {
-                    m.observe(&msg.subject, &msg.payload, common::now_ms());
-                    m.take_new_anomalies()
+            let found = span
+                .in_scope(|| {
+                    s.with(|m| {
+                        m.observe(&msg.subject, &msg.payload, common::now_ms());
+                        m.take_new_anomalies()
+                    })
                 })
                 .unwrap_or_default();
             publish(&ev, found).await;

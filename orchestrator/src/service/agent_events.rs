@@ -282,7 +282,7 @@ impl Orchestrator {
             |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(|e| unavailable(&e))?;
-            let span = telemetry::message_span("agent event", &msg.subject, msg.headers.as_ref());
+            let span = telemetry::consumer_span(&msg.subject, msg.headers.as_ref());
             let done = self.trigger_flows(&msg).instrument(span).await;
             let _ = match done {
                 Ok(()) => msg.ack().await,

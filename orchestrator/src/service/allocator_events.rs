@@ -38,8 +38,7 @@ impl Orchestrator {
             |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(|e| unavailable(&e))?;
-            let span =
-                telemetry::message_span("allocator event", &msg.subject, msg.headers.as_ref());
+            let span = telemetry::consumer_span(&msg.subject, msg.headers.as_ref());
             let kind = serde_json::from_slice::<common::msg::Event>(&msg.payload).map(|e| e.kind);
             span.in_scope(|| match kind {
                 Ok(

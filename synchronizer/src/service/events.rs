@@ -106,7 +106,7 @@ impl Synchronizer {
             published_ms: common::now_ms(),
         };
         let on = subject::agent_event_stored(&event.event_type, &event.agent_id)?;
-        let headers = bus::dedupe_headers(&event_msg_id(&event.agent_id, &event.event_id));
+        let headers = bus::dedupe_headers(&on, &event_msg_id(&event.agent_id, &event.event_id));
         let ack = self
             .js
             .publish_with_headers(on, headers, encode(&event)?)
@@ -164,7 +164,7 @@ impl Synchronizer {
             .nats
             .publish_with_headers(
                 subject::rejected(&agent),
-                common::telemetry::headers(),
+                common::telemetry::producer_headers(&subject::rejected(&agent)),
                 body,
             )
             .await

@@ -337,7 +337,7 @@ impl Synchronizer {
             let subject = subject::sync_notice(&n.agent_id);
             match serde_json::to_vec(&n) {
                 Ok(body) => {
-                    let headers = common::telemetry::headers();
+                    let headers = common::telemetry::producer_headers(&subject);
                     if let Err(e) = self
                         .nats
                         .publish_with_headers(subject, headers, body.into())

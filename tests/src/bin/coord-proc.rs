@@ -8,6 +8,10 @@
 //! coord-proc --nats-url nats://127.0.0.1:4222 agent --id a1 --work-ms 2000
 //! coord-proc --nats-url nats://127.0.0.1:4222 allocator
 //! ```
+//!
+//! A service replica runs the service's own `run`, named in its traces as the
+//! service's binary is (`coord-allocator`, …), so it also stands in for the
+//! binaries where a test needs a service in a process of its own.
 
 use std::time::Duration;
 
@@ -53,12 +57,29 @@ enum What {
         #[arg(long, default_value_t = 200)]
         sweep_ms: u64,
     },
+    /// A synchronizer replica.
+    Synchronizer,
+    /// A monitor replica, its HTTP endpoints on any free port.
+    Monitor,
+}
+
+impl What {
+    /// The name this process's spans carry: the service binary's, or the agent's.
+    fn service_name(&self) -> String {
+        match self {
+            What::Agent { id, .. } => format!("coord-agent-{id}"),
+            What::Allocator { .. } => "coord-allocator".into(),
+            What::Orchestrator { .. } => "coord-orchestrator".into(),
+            What::Synchronizer => "coord-synchronizer".into(),
+            What::Monitor => "coord-monitor".into(),
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = common::telemetry::init("coord-proc");
+    let _telemetry = common::telemetry::init(&args.what.service_name());
     match args.what {
         What::Agent {
             id,
@@ -98,6 +119,15 @@ async fn main() -> anyhow::Result<()> {
             let mut cfg = orchestrator::Config::new(args.nats);
             cfg.sweep_ms = sweep_ms;
             orchestrator::run(cfg, common::shutdown::signal()).await?;
+        }
+        What::Synchronizer => {
+            let cfg = synchronizer::Config::new(args.nats);
+            synchronizer::run(cfg, common::shutdown::signal()).await?;
+        }
+        What::Monitor => {
+            let mut cfg = monitor::Config::new(args.nats);
+            cfg.http_addr = "127.0.0.1:0".into();
+            monitor::run(cfg, common::shutdown::signal()).await?;
         }
     }
     Ok(())

@@ -101,3 +101,53 @@ async fn replicas_share_a_queue_group_and_stats_count_requests() {
     );
     second.stop().await.unwrap();
 }
+
+/// A replica names itself in the file `COORD_INSTANCE_FILE` gives, so a
+/// container's health check pings that replica and not whichever answers
+/// first: with another replica up, the one that died is reported as dead.
+#[tokio::test]
+async fn a_health_check_pings_its_own_replica_not_any() {
+    common::telemetry::init_for_tests();
+    let server = testkit::NatsServer::start();
+    let nats = server.connect().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("coord-instance");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_coord-proc"));
+    cmd.args(["--nats-url", server.url(), "allocator"])
+        .env(common::service::INSTANCE_FILE_ENV, &file);
+    let replica = testkit::Process::command(cmd);
+    testkit::wait_for_service(&nats, "allocator").await;
+    let id = eventually(
+        Duration::from_secs(10),
+        "the replica writes its id",
+        || async { std::fs::read_to_string(&file).ok() },
+    )
+    .await;
+    let info = gather(&nats, &format!("{}.allocator", subject::SRV_INFO)).await;
+    assert_eq!(
+        info.iter()
+            .map(|i| i["id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        [id.as_str()],
+        "the file names the replica that wrote it"
+    );
+    let cfg = server.config();
+    assert!(common::service::ping(&cfg, "allocator", Some(&id)).await);
+
+    let _other = testkit::Replica::start("allocator", server.config());
+    drop(replica);
+    eventually(
+        Duration::from_secs(10),
+        "another replica answers",
+        || async {
+            common::service::ping(&cfg, "allocator", None)
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !common::service::ping(&cfg, "allocator", Some(&id)).await,
+        "the replica that died is reported dead while another answers"
+    );
+}

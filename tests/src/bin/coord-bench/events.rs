@@ -131,13 +131,10 @@ pub(crate) async fn run(
         let body = body.clone();
         let subject = format!("{raw_subject}.{}", i % args.event_agents);
         async move {
-            js.publish_with_headers(
-                subject,
-                common::nats::dedupe_headers(&format!("r{i}")),
-                body.into(),
-            )
-            .await?
-            .await?;
+            let headers = common::nats::dedupe_headers(&subject, &format!("r{i}"));
+            js.publish_with_headers(subject, headers, body.into())
+                .await?
+                .await?;
             Ok(())
         }
     })
