@@ -1,9 +1,11 @@
-//! HTTP: Prometheus `/metrics`, `/healthz`, `/report`, `/api/flows` and the
-//! dashboard at `/` (one static page, embedded, no build step).
+//! HTTP: Prometheus `/metrics`, `/healthz`, `/report`, the dashboard's API
+//! (`/api/flows` with `state`, `q`, `offset`, `limit`; `/api/flows/{id}`;
+//! `/api/agents/{id}`) and the dashboard at `/` (one static page, embedded,
+//! no build step).
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -11,7 +13,7 @@ use axum::{Json, Router};
 use common::msg::Verdict;
 use common::Error;
 
-use super::Shared;
+use super::{FlowQuery, Shared};
 use crate::machine::prom;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -23,6 +25,8 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/report", get(report))
         .route("/api/flows", get(flows))
+        .route("/api/flows/{id}", get(flow))
+        .route("/api/agents/{id}", get(agent))
         .with_state(shared)
 }
 
@@ -76,8 +80,22 @@ async fn report(State(s): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn flows(State(s): State<Arc<Shared>>) -> Response {
-    match s.flows_view().await {
+async fn flows(State(s): State<Arc<Shared>>, Query(q): Query<FlowQuery>) -> Response {
+    match s.flows_view(&q).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+async fn flow(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    match s.flow_view(&id).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+async fn agent(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    match s.agent_view(&id).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => error(e),
     }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::msg::{
-    AllocateRequest, AnomaliesRequest, AnomalyKind, Event, EventKind, FlowSpec, Requirements,
-    TaskSpec, Verdict,
+    AllocateRequest, AnomaliesRequest, AnomalyKind, Event, EventKind, FlowSpec, FlowState,
+    Requirements, TaskSpec, TaskState, Verdict,
 };
 use common::{subject, AgentId, Client, ErrorCode, FlowId, TaskId};
 use coordkit::agent::{self, AgentOptions, TaskFailure};
@@ -742,4 +742,185 @@ async fn health_reads_the_nats_server_monitoring_endpoint_when_configured() {
     assert!(varz["version"].as_str().unwrap().starts_with('2'), "{varz}");
     assert!(varz["connections"].as_u64().unwrap() >= 4, "{varz}");
     monitor.stop().await.unwrap();
+}
+
+/// Where the detail test leaves its screenshots: `DASHBOARD_SCREENSHOTS`
+/// (e.g. `docs/img` to refresh the documentation's), or nowhere.
+async fn screenshot(browser: &std::path::Path, url: &str, name: &str) {
+    let Some(dir) = std::env::var_os("DASHBOARD_SCREENSHOTS") else {
+        return;
+    };
+    let profile = tempfile::tempdir().unwrap();
+    // The page is served by this test's own runtime: wait without blocking it.
+    let status = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new(browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+            ])
+            .args(["--window-size=1200,900", "--virtual-time-budget=3000"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!(
+                "--screenshot={}",
+                std::path::Path::new(&dir).join(name).display()
+            ))
+            .arg(url)
+            .kill_on_drop(true)
+            .status(),
+    )
+    .await
+    .expect("the screenshot is taken within 90 s")
+    .unwrap();
+    assert!(status.success(), "screenshot {name}");
+}
+
+/// The dashboard's detail views, each reached by the link the view before it
+/// shows: the failed flows (a filter), one flow (each task's state, attempt,
+/// agent, input, output, error), and the agent a task ran on (status,
+/// heartbeat age, utilisation, the task it runs now, linked to its flow).
+#[tokio::test]
+async fn dashboard_leads_from_a_flow_to_its_tasks_and_their_agent_in_headless_chromium() {
+    let Some(browser) = chromium() else {
+        println!(
+            "SKIPPED: chromium is not installed and could not be installed here \
+             (scripts/test.sh installs it with apt-get; or set CHROMIUM_BIN)"
+        );
+        return;
+    };
+    let sys = System::start().await;
+    let hold = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut opts = AgentOptions::new(AgentId::new("dash-w2").unwrap()).capacity("cpu", 2.0);
+    opts.heartbeat_interval = Duration::from_millis(300);
+    opts.concurrency = 2;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handler = {
+        let hold = hold.clone();
+        move |a: common::msg::Assignment| {
+            let hold = hold.clone();
+            async move {
+                match a.task_id.as_str() {
+                    "bad" => Err(TaskFailure {
+                        error: "disk full on /scratch".into(),
+                        retryable: false,
+                    }),
+                    "hold" => {
+                        let _ = hold.acquire().await.map(|p| p.forget());
+                        Ok(json!({"held": true}))
+                    }
+                    _ => Ok(json!({"answer": 42})),
+                }
+            }
+        }
+    };
+    let agent = tokio::spawn(agent::run(sys.nats.clone(), opts, handler, async {
+        let _ = stopped.await;
+    }));
+    wait_registered(&sys.client, "dash-w2").await;
+    let mut ok = work("ok", &[]);
+    ok.input = json!({"question": "six times seven"});
+    let failing = flow("dash-failing", vec![ok, work("bad", &["ok"])]);
+    let failing = sys.client.create_flow(&failing).await.unwrap().flow_id;
+    let held = flow("dash-held", vec![work("hold", &[])]);
+    let held = sys.client.create_flow(&held).await.unwrap().flow_id;
+    eventually(
+        Duration::from_secs(30),
+        "one flow failed, one running",
+        || async {
+            let f = sys.client.flow_status(&failing).await.ok()?;
+            let h = sys.client.flow_status(&held).await.ok()?;
+            (f.state == FlowState::Failed && h.tasks[0].state == TaskState::Running).then_some(())
+        },
+    )
+    .await;
+    let addr = sys.client.health_report().await.unwrap().http_addr.unwrap();
+    let base = format!("http://{addr}/");
+
+    // The overview, filtered to failed flows, links to the failed one only.
+    let (dom, log) = render(&browser, &format!("{base}#/?state=failed")).await;
+    assert!(dom.contains("data-loaded=\"true\""), "{dom}\n{log}");
+    assert!(dom.contains("data-flow=\"dash-failing\""), "{dom}");
+    assert!(
+        !dom.contains("data-flow=\"dash-held\""),
+        "filtered out: {dom}"
+    );
+    assert!(dom.contains("1–1 of 1"), "the page says how many: {dom}");
+    let to_flow = "href=\"#/flow/dash-failing\"";
+    assert!(dom.contains(to_flow), "{dom}");
+    screenshot(&browser, &format!("{base}#/"), "dashboard-overview.png").await;
+
+    // The flow: each task with its attempt, agent, input, output and error.
+    let (dom, log) = render(&browser, &format!("{base}#/flow/dash-failing")).await;
+    assert!(dom.contains("data-view=\"flow\""), "{dom}\n{log}");
+    assert!(dom.contains("data-loaded=\"true\""), "{dom}\n{log}");
+    let row = |task: &str| {
+        let at = dom
+            .find(&format!("id=\"task-{task}\""))
+            .unwrap_or_else(|| panic!("no row for {task}: {dom}"));
+        dom[at..dom[at..].find("</tr>").map_or(dom.len(), |e| at + e)].to_owned()
+    };
+    let bad = row("bad");
+    assert!(bad.contains("data-state=\"failed\""), "{bad}");
+    assert!(
+        bad.contains("disk full on /scratch"),
+        "the error message: {bad}"
+    );
+    let ok = row("ok");
+    assert!(ok.contains("data-state=\"succeeded\""), "{ok}");
+    assert!(ok.contains("six times seven"), "the input: {ok}");
+    assert!(ok.contains("\"answer\": 42"), "the output: {ok}");
+    assert!(
+        ok.contains("href=\"#/agent/dash-w2\""),
+        "the agent, linked: {ok}"
+    );
+    assert!(dom.contains("<svg class=\"dag\""), "the graph: {dom}");
+    screenshot(
+        &browser,
+        &format!("{base}#/flow/dash-failing"),
+        "dashboard-flow.png",
+    )
+    .await;
+
+    // The agent: status, heartbeat age, utilisation, the task it runs now.
+    let (dom, log) = render(&browser, &format!("{base}#/agent/dash-w2")).await;
+    assert!(dom.contains("data-view=\"agent\""), "{dom}\n{log}");
+    assert!(dom.contains("data-loaded=\"true\""), "{dom}\n{log}");
+    assert!(
+        dom.contains("<dd data-fact=\"status\">active</dd>"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("<dd data-fact=\"last heartbeat\">") && dom.contains(" s ago</dd>"),
+        "{dom}"
+    );
+    assert!(dom.contains("data-resource=\"cpu\""), "{dom}");
+    assert!(
+        dom.contains("<td>50%</td>"),
+        "one of two cpus booked: {dom}"
+    );
+    assert!(
+        dom.contains("data-task=\"hold\""),
+        "the running task: {dom}"
+    );
+    assert!(
+        dom.contains("href=\"#/flow/dash-held\""),
+        "linked to its flow: {dom}"
+    );
+    assert!(!log.contains("Uncaught"), "console errors:\n{log}");
+    screenshot(
+        &browser,
+        &format!("{base}#/agent/dash-w2"),
+        "dashboard-agent.png",
+    )
+    .await;
+
+    // An unknown flow is said so, not drawn blank.
+    let (dom, _) = render(&browser, &format!("{base}#/flow/no-such-flow")).await;
+    assert!(dom.contains("refresh failed"), "{dom}");
+
+    hold.add_permits(1);
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
 }
