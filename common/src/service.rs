@@ -42,6 +42,10 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 /// Version every coordkit service reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+mod health;
+use health::write_instance_file;
+pub use health::{healthcheck, ping};
+
 /// Environment variable naming a file where a service writes its instance id.
 pub const INSTANCE_FILE_ENV: &str = "COORD_INSTANCE_FILE";
 
@@ -426,43 +430,6 @@ pub fn same_agent(on: &str, named: &AgentId) -> Result<(), Error> {
         .with_details(serde_json::json!({ "subject_agent": sender, "agent_id": named }))),
         None => Err(Error::bad_request(format!("{on} names no agent"))),
     }
-}
-
-/// Writes this instance's id where [`healthcheck`] reads it, so a container
-/// checks its own replica, not whichever answers first. Written whole, then
-/// renamed: a health check never reads half an id.
-fn write_instance_file(path: &std::path::Path, id: &str) {
-    let tmp = path.with_extension("tmp");
-    let written = std::fs::write(&tmp, id).and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        tracing::warn!(path = %path.display(), error = %e, "instance id not written; the health check will ping any replica");
-    }
-}
-
-/// A container health check: pings this container's own instance (named in
-/// the [`INSTANCE_FILE_ENV`] file, which the service writes when it starts) or,
-/// without one, any instance of `name`. Returns whether it answered within two
-/// seconds.
-pub async fn healthcheck(cfg: &crate::config::NatsConfig, name: &str) -> bool {
-    let id = std::env::var_os(INSTANCE_FILE_ENV).and_then(|p| std::fs::read_to_string(p).ok());
-    ping(cfg, name, id.as_deref().map(str::trim)).await
-}
-
-/// Whether instance `id` of service `name` (any instance, without an id)
-/// answers a ping within two seconds.
-pub async fn ping(cfg: &crate::config::NatsConfig, name: &str, id: Option<&str>) -> bool {
-    let mut subject = format!("{}.{name}", crate::subject::SRV_PING);
-    if let Some(id) = id {
-        subject = format!("{subject}.{id}");
-    }
-    let check = async {
-        let client = crate::nats::connect(cfg, "healthcheck").await.ok()?;
-        client.request(subject, "".into()).await.ok()
-    };
-    matches!(
-        tokio::time::timeout(std::time::Duration::from_secs(2), check).await,
-        Ok(Some(_))
-    )
 }
 
 /// Reads a request the way every endpoint does: the size limit, an empty body

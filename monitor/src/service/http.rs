@@ -13,7 +13,8 @@ use axum::{Json, Router};
 use common::msg::Verdict;
 use common::Error;
 
-use super::{FlowQuery, Shared};
+use super::views::FlowQuery;
+use super::Shared;
 use crate::machine::prom;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
