@@ -96,13 +96,15 @@ async fn the_rust_runtime_agent_keeps_every_rule() {
 
 /// On the isolating deployment (`deploy/nats-auth.conf`, an account per
 /// agent from `deploy/agent-user.sh`): the services log in as theirs, the
-/// Rust runtime agent with only its own password, the kit as an operator.
-#[tokio::test]
-async fn the_rust_runtime_agent_keeps_every_rule_on_an_isolating_server() {
+/// agent `me` (started by `agent` with only its own password) and the kit as
+/// an operator. Every rule passes and the agent leaves on SIGTERM.
+async fn keeps_every_rule_on_an_isolating_server(
+    me: &str,
+    agent: impl FnOnce(&str) -> tokio::process::Command,
+) {
     use testkit::isolated::{isolated_server, login, password, OPERATOR, SERVICE};
 
     common::telemetry::init_for_tests();
-    let me = "conf-iso";
     let server = isolated_server(&[me]);
     let services: Vec<_> = testkit::SERVICES
         .iter()
@@ -116,8 +118,7 @@ async fn the_rust_runtime_agent_keeps_every_rule_on_an_isolating_server() {
     }
     let ops = common::Client::new(operator).with_timeout(Duration::from_secs(10));
     let url = server.url().to_owned();
-    let mut agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_coordctl"))
-        .args(["agent", "--id", me, "--heartbeat-ms", "500"])
+    let mut agent = agent(me)
         .env("NATS_URL", &url)
         .env("NATS_USER", me)
         .env("NATS_PASSWORD", password(me))
@@ -154,6 +155,30 @@ async fn the_rust_runtime_agent_keeps_every_rule_on_an_isolating_server() {
     for s in services {
         s.stop().await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn the_rust_runtime_agent_keeps_every_rule_on_an_isolating_server() {
+    keeps_every_rule_on_an_isolating_server("conf-iso", |me| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_coordctl"));
+        cmd.args(["agent", "--id", me, "--heartbeat-ms", "500"]);
+        cmd
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_python_agent_keeps_every_rule_on_an_isolating_server() {
+    let venv = workspace_root().join(".local/venv/bin/python");
+    assert!(venv.exists(), "run `source scripts/setup.sh` first");
+    keeps_every_rule_on_an_isolating_server("conf-iso-py", |me| {
+        let mut cmd = tokio::process::Command::new(venv);
+        cmd.arg(workspace_root().join("examples/python/agent.py"));
+        cmd.args(["--agent-id", me, "--capability", "python"]);
+        cmd.args(["--capacity", "cpu=2", "--heartbeat-ms", "500"]);
+        cmd
+    })
+    .await;
 }
 
 /// How a hand-written agent breaks the contract.

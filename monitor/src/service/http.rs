@@ -1,7 +1,7 @@
 //! HTTP: Prometheus `/metrics`, `/healthz`, `/report`, the dashboard's API
 //! (`/api/flows` with `state`, `q`, `offset`, `limit`; `/api/flows/{id}`;
-//! `/api/agents/{id}`) and the dashboard at `/` (one static page, embedded,
-//! no build step).
+//! `/api/agents/{id}`; the actions, `super::actions`) and the dashboard at
+//! `/` (one static page, embedded, no build step).
 
 use std::sync::Arc;
 
@@ -28,10 +28,11 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/flows", get(flows))
         .route("/api/flows/{id}", get(flow))
         .route("/api/agents/{id}", get(agent))
+        .merge(super::actions::routes())
         .with_state(shared)
 }
 
-fn error(e: Error) -> Response {
+pub(super) fn error(e: Error) -> Response {
     let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
         status,

@@ -3,6 +3,7 @@
 //! [`Monitor`](crate::machine::Monitor), request/reply endpoints for every
 //! query, a detection tick, a probe loop, and the HTTP server.
 
+mod actions;
 mod http;
 mod probe;
 mod views;
@@ -45,6 +46,11 @@ pub struct Config {
     /// How often capacity, consumers and service stats are polled, in ms.
     #[arg(long, env = "MONITOR_PROBE_INTERVAL_MS", default_value_t = 15_000)]
     pub probe_interval_ms: u64,
+    /// Turns the dashboard's actions on (pause, resume, cancel, rerun, drain):
+    /// the token each action must carry as `Authorization: Bearer …`, at
+    /// least 16 characters. Unset: the dashboard only shows.
+    #[arg(long, env = "MONITOR_ACTIONS_TOKEN", hide_env_values = true)]
+    pub actions_token: Option<String>,
 }
 
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9090";
@@ -58,6 +64,7 @@ impl Config {
             detect_interval_ms: 10_000,
             detect_warmup: 8,
             probe_interval_ms: 15_000,
+            actions_token: None,
         }
     }
 }
@@ -77,6 +84,8 @@ pub(crate) struct Shared {
     last_verdict: Mutex<(Option<Verdict>, std::collections::BTreeMap<String, u64>)>,
     http_addr: Option<String>,
     http: reqwest::Client,
+    /// The dashboard actions' token; `None`: actions are off.
+    actions_token: Option<String>,
 }
 
 fn poisoned() -> Error {
@@ -300,6 +309,7 @@ const REQUEST_POLL: Duration = Duration::from_secs(1);
 pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     // NATS may not be up yet: wait for it, unless asked to stop first.
     tokio::pin!(shutdown);
+    let actions_token = actions::token(cfg.actions_token.as_deref())?;
     let Some(nats) = bus::connect_until(&cfg.nats, NAME, shutdown.as_mut()).await? else {
         return Ok(());
     };
@@ -329,6 +339,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         last_verdict: Mutex::new(Default::default()),
         http_addr: http_addr.clone(),
         http: probe::http_client()?,
+        actions_token,
     });
 
     // Never a request subject: that interest would keep NATS from answering
@@ -473,7 +484,12 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
             tracing::error!(error = %e, "monitor HTTP server stopped");
         }
     });
-    tracing::info!(url = %cfg.nats.nats_url, http = ?http_addr, "monitor running");
+    tracing::info!(
+        url = %cfg.nats.nats_url,
+        http = ?http_addr,
+        actions = shared.actions_token.is_some(),
+        "monitor running"
+    );
 
     shutdown.await;
     tracing::info!("monitor shutting down");
