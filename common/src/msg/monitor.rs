@@ -261,6 +261,16 @@ pub struct Anomaly {
     pub expected: f64,
     #[serde(default)]
     pub message: String,
+    /// The flow it concerns, if one (a stuck task's), for links.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_id: Option<String>,
+    /// The task it concerns, if one (a stuck task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// The agent it concerns, if one (lost, running a stuck task, or whose
+    /// assignments pile up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
 }
 
 /// `coord.monitor.anomalies`: the recent anomalies, newest first.

@@ -4,6 +4,24 @@
 
 use super::*;
 
+/// What an anomaly is about, beyond its series: the objects a reader can
+/// open (the dashboard links them).
+#[derive(Debug, Default)]
+pub(super) struct About {
+    pub(super) flow: Option<String>,
+    pub(super) task: Option<String>,
+    pub(super) agent: Option<String>,
+}
+
+impl About {
+    pub(super) fn agent(id: &str) -> About {
+        About {
+            agent: Some(id.to_owned()),
+            ..About::default()
+        }
+    }
+}
+
 /// Series judged once per detection interval.
 #[derive(Debug, Clone)]
 pub(super) struct Detectors {
@@ -141,7 +159,14 @@ impl Monitor {
                 s.value, s.median, s.z
             );
             self.raise(
-                kind, severity, subject, now_ms, s.value, s.expected, message,
+                About::default(),
+                kind,
+                severity,
+                subject,
+                now_ms,
+                s.value,
+                s.expected,
+                message,
             );
         }
         for (subject, s) in by_family {
@@ -153,6 +178,7 @@ impl Monitor {
                 s.z
             );
             self.raise(
+                About::default(),
                 AnomalyKind::Outlier,
                 Severity::Info,
                 &subject,
@@ -195,7 +221,7 @@ impl Monitor {
             if ran > limit {
                 t.stuck_reported = true;
                 stuck.push((
-                    format!("{flow}/{task}"),
+                    (flow.clone(), task.clone()),
                     ran,
                     t.attempt,
                     t.agent.clone(),
@@ -204,7 +230,8 @@ impl Monitor {
                 ));
             }
         }
-        for (subject, ran, attempt, agent, timeout, (usual_ms, kind)) in stuck {
+        for ((flow, task), ran, attempt, agent, timeout, (usual_ms, kind)) in stuck {
+            let subject = format!("{flow}/{task}");
             let on = agent.as_deref().unwrap_or("an unknown agent");
             let (expected, message) = match timeout {
                 Some(timeout) => (
@@ -225,7 +252,13 @@ impl Monitor {
                     },
                 ),
             };
+            let about = About {
+                flow: Some(flow),
+                task: Some(task),
+                agent: agent.clone(),
+            };
             self.raise(
+                about,
                 AnomalyKind::StuckTask,
                 Severity::Warning,
                 &subject,
@@ -256,6 +289,7 @@ impl Monitor {
             let latch = self.saturation.entry(resource.clone()).or_default();
             if latch.update(used >= SATURATED, used <= SATURATION_CLEARS) {
                 self.raise(
+                    About::default(),
                     AnomalyKind::ResourceSaturation,
                     Severity::Warning,
                     resource,
@@ -304,7 +338,13 @@ impl Monitor {
                 let fire = *growing >= LAG_GROWING_POLLS && *pending >= LAG_MIN_PENDING;
                 if latch.update(fire, *growing == 0) {
                     let pending = *pending;
+                    // Each agent reads its assignments through `agent-{id}`.
+                    let about = match (s.name.as_str(), consumer.strip_prefix("agent-")) {
+                        (common::nats::STREAM_ASSIGN, Some(agent)) => About::agent(agent),
+                        _ => About::default(),
+                    };
                     self.raise(
+                        about,
                         AnomalyKind::ConsumerLag,
                         Severity::Warning,
                         &key,

@@ -10,8 +10,9 @@ pub mod analysis;
 pub mod counters;
 pub mod detect;
 pub mod health;
+pub mod history;
 mod judge;
-use judge::Detectors;
+use judge::{About, Detectors};
 pub mod latency;
 pub mod prom;
 pub mod requests;
@@ -149,6 +150,8 @@ pub struct Exposition {
 #[derive(Debug, Clone)]
 pub struct Monitor {
     instance: String,
+    /// The dashboard's charts.
+    history: history::History,
     counters: Counters,
     /// Request counts of every service replica, from `$SRV.STATS`.
     requests: Requests,
@@ -207,6 +210,7 @@ impl Monitor {
     pub fn new(now_ms: u64, instance: impl Into<String>, settings: Settings) -> Self {
         Monitor {
             instance: instance.into(),
+            history: history::History::default(),
             counters: Counters::new(now_ms),
             requests: Requests::default(),
             bytes: Windows::default(),
@@ -387,6 +391,7 @@ impl Monitor {
                 self.agent_seen(agent_id.as_str(), AgentStatus::Lost);
                 self.agents_lost += 1;
                 self.raise(
+                    About::agent(agent_id.as_str()),
                     AnomalyKind::AgentLost,
                     Severity::Critical,
                     agent_id.as_str(),
@@ -533,6 +538,7 @@ impl Monitor {
     #[allow(clippy::too_many_arguments)]
     fn raise(
         &mut self,
+        about: About,
         kind: AnomalyKind,
         severity: Severity,
         subject: &str,
@@ -552,6 +558,9 @@ impl Monitor {
             value,
             expected,
             message,
+            flow_id: about.flow,
+            task_id: about.task,
+            agent_id: about.agent,
         };
         if self.anomalies.len() >= MAX_ANOMALIES {
             self.anomalies.pop_back();
@@ -579,3 +588,5 @@ impl Monitor {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_prom;

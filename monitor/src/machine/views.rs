@@ -1,5 +1,6 @@
 //! What the monitor's state is read as: the metrics reply, the Prometheus
-//! exposition's snapshot, the per-minute series and the slowest rankings.
+//! exposition's snapshot, the per-minute series, the slowest rankings and
+//! the dashboard's chart history.
 
 use super::*;
 
@@ -38,6 +39,28 @@ pub(super) fn ranked_entry<'a>(map: &'a mut HashMap<String, Ranked>, key: &str) 
 }
 
 impl Monitor {
+    /// Adds the charts' point for `now_ms` (every [`history::STEP_MS`] unless
+    /// configured).
+    pub fn sample_history(&mut self, now_ms: u64) {
+        let sample = history::Sample {
+            succeeded_total: self.counters.tasks_completed(),
+            failed_total: self.counters.tasks_failed(),
+            run_time_p90_ms: self.run_time.summary(now_ms, 2).p90_ms,
+            queue_wait_p90_ms: self.queue_wait.summary(now_ms, 2).p90_ms,
+            agents_online: self
+                .agents
+                .values()
+                .filter(|p| **p == AgentStatus::Active)
+                .count(),
+        };
+        self.history.record(now_ms, sample);
+    }
+
+    /// The charts' points, oldest first.
+    pub fn history(&self) -> Vec<history::Point> {
+        self.history.points().cloned().collect()
+    }
+
     pub fn metrics(&self, now_ms: u64) -> SystemMetrics {
         let mut m = self.counters.snapshot(now_ms);
         m.message_rates = self

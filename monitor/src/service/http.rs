@@ -1,7 +1,8 @@
 //! HTTP: Prometheus `/metrics`, `/healthz`, `/report`, the dashboard's API
 //! (`/api/flows` with `state`, `q`, `offset`, `limit`; `/api/flows/{id}`;
-//! `/api/agents/{id}`; the actions, `super::actions`) and the dashboard at
-//! `/` (one static page, embedded, no build step).
+//! `/api/agents/{id}`; `/api/history`, the charts' points; the actions,
+//! `super::actions`) and the dashboard at `/` (one static page, embedded, no
+//! build step).
 
 use std::sync::Arc;
 
@@ -28,6 +29,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/flows", get(flows))
         .route("/api/flows/{id}", get(flow))
         .route("/api/agents/{id}", get(agent))
+        .route("/api/history", get(history))
         .merge(super::actions::routes())
         .with_state(shared)
 }
@@ -92,6 +94,18 @@ async fn flows(State(s): State<Arc<Shared>>, Query(q): Query<FlowQuery>) -> Resp
 async fn flow(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     match s.flow_view(&id).await {
         Ok(v) => Json(v).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+/// The charts' points over the last hour, oldest first.
+async fn history(State(s): State<Arc<Shared>>) -> Response {
+    match s.with(|m| m.history()) {
+        Ok(points) => Json(serde_json::json!({
+            "step_ms": s.history_step_ms,
+            "points": points,
+        }))
+        .into_response(),
         Err(e) => error(e),
     }
 }

@@ -4,6 +4,7 @@
 //! query, a detection tick, a probe loop, and the HTTP server.
 
 mod actions;
+mod board;
 mod http;
 mod probe;
 mod views;
@@ -51,6 +52,10 @@ pub struct Config {
     /// least 16 characters. Unset: the dashboard only shows.
     #[arg(long, env = "MONITOR_ACTIONS_TOKEN", hide_env_values = true)]
     pub actions_token: Option<String>,
+    /// Time between two points of the dashboard's charts, in ms (it keeps
+    /// 360: an hour at the default).
+    #[arg(long, env = "MONITOR_HISTORY_STEP_MS", default_value_t = crate::machine::history::STEP_MS)]
+    pub history_step_ms: u64,
 }
 
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9090";
@@ -65,6 +70,7 @@ impl Config {
             detect_warmup: 8,
             probe_interval_ms: 15_000,
             actions_token: None,
+            history_step_ms: crate::machine::history::STEP_MS,
         }
     }
 }
@@ -86,6 +92,9 @@ pub(crate) struct Shared {
     http: reqwest::Client,
     /// The dashboard actions' token; `None`: actions are off.
     actions_token: Option<String>,
+    history_step_ms: u64,
+    /// The flows bucket, kept current by a watch, for the dashboard.
+    board: Arc<board::Board>,
 }
 
 fn poisoned() -> Error {
@@ -340,7 +349,11 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         http_addr: http_addr.clone(),
         http: probe::http_client()?,
         actions_token,
+        history_step_ms: cfg.history_step_ms.max(100),
+        board: Default::default(),
     });
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(board::follow(shared.js.clone(), shared.board.clone()));
 
     // Never a request subject: that interest would keep NATS from answering
     // "no responders" for a service that is down.
@@ -352,7 +365,6 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
             .map_err(|e| Error::new(ErrorCode::Unavailable, format!("subscribe {s}: {e}")))?;
         all.push(sub);
     }
-    let mut tasks = tokio::task::JoinSet::new();
     let events = EventPublisher::new(nats.clone(), NAME);
     let s = shared.clone();
     let ev = events.clone();
@@ -410,6 +422,16 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
             if let Err(e) = s.poll_requests().await {
                 tracing::debug!(error = %e.message, "request counts not polled");
             }
+        }
+    });
+
+    let s = shared.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(s.history_step_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let _ = s.with(|m| m.sample_history(common::now_ms()));
         }
     });
 

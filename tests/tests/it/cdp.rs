@@ -151,7 +151,8 @@ impl Browser {
     }
 
     /// Clicks the middle of the first element matching `selector`, with the
-    /// mouse: pressed and released there, as a user's click.
+    /// mouse: pressed and released there, as a user's click — once nothing
+    /// covers that spot.
     pub(crate) async fn click(&mut self, selector: &str) {
         let sel = serde_json::to_string(selector).unwrap();
         let at = self
@@ -159,7 +160,10 @@ impl Browser {
                 &format!(
                     "(() => {{ const e = document.querySelector({sel}); if (!e) return null; \
                      e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect(); \
-                     return r.width > 0 ? [r.x + r.width / 2, r.y + r.height / 2] : null; }})()"
+                     if (!(r.width > 0)) return null; \
+                     const x = r.x + r.width / 2, y = r.y + r.height / 2; \
+                     const hit = document.elementFromPoint(x, y); \
+                     return hit && (hit === e || e.contains(hit)) ? [x, y] : null; }})()"
                 ),
                 &format!("something to click at {selector}"),
             )

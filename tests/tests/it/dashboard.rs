@@ -1,7 +1,7 @@
 //! The dashboard in headless Chromium: a running flow's tasks changing
 //! state (the rendered page), the detail views reached link by link, and a
 //! user clicking through flow → task → agent and acting (`cdp`), with the
-//! actions refused without the token.
+//! actions refused without the token; the charts' axes and an anomaly's link.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::cdp::Browser;
-use crate::monitor::{flow, wait_registered, work};
+use crate::monitor::{flow, run_flow, wait_registered, work};
 
 /// An agent (2 cpus, 2 at once) whose tasks wait for the test: `ok` answers
 /// 42 at once, `bad` fails for good, any other reports 40 % "indexing" and
@@ -210,7 +210,7 @@ async fn screenshot(browser: &std::path::Path, url: &str, name: &str) {
                 "--disable-gpu",
                 "--hide-scrollbars",
             ])
-            .args(["--window-size=1200,900", "--virtual-time-budget=3000"])
+            .args(["--window-size=1200,1300", "--virtual-time-budget=3000"])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(format!(
                 "--screenshot={}",
@@ -271,7 +271,6 @@ async fn dashboard_leads_from_a_flow_to_its_tasks_and_their_agent_in_headless_ch
     assert!(dom.contains("1–1 of 1"), "the page says how many: {dom}");
     let to_flow = "href=\"#/flow/dash-failing\"";
     assert!(dom.contains(to_flow), "{dom}");
-    screenshot(&browser, &format!("{base}#/"), "dashboard-overview.png").await;
 
     // The flow: each task with its attempt, agent, input, output and error.
     let (dom, log) = render(&browser, &format!("{base}#/flow/dash-failing")).await;
@@ -298,6 +297,15 @@ async fn dashboard_leads_from_a_flow_to_its_tasks_and_their_agent_in_headless_ch
         "the agent, linked: {ok}"
     );
     assert!(dom.contains("<svg class=\"dag\""), "the graph: {dom}");
+    // The timeline: each attempt a bar, coloured by how it ended.
+    assert!(
+        dom.contains("data-bar=\"ok/1\" data-outcome=\"succeeded\""),
+        "ok's attempt on the timeline: {dom}"
+    );
+    assert!(
+        dom.contains("data-bar=\"bad/1\" data-outcome=\"failed\""),
+        "bad's attempt on the timeline: {dom}"
+    );
     screenshot(
         &browser,
         &format!("{base}#/flow/dash-failing"),
@@ -405,7 +413,8 @@ async fn a_user_clicks_from_a_flow_to_its_agent_and_cancels_it_in_headless_chrom
     })
     .await;
 
-    // A second monitor replica, this one with actions on.
+    // A second monitor replica, this one with actions on; a few quick flows
+    // while it draws its charts.
     const TOKEN: &str = "a-token-of-24-characters";
     let addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -415,12 +424,17 @@ async fn a_user_clicks_from_a_flow_to_its_agent_and_cancels_it_in_headless_chrom
         ::monitor::Config::new(common::config::NatsConfig::new(sys.server.url().to_owned()));
     cfg.http_addr = addr.clone();
     cfg.actions_token = Some(TOKEN.into());
+    cfg.history_step_ms = 200;
     let acting = ServiceHandle::spawn("monitor", move |rx| async move {
         ::monitor::run(cfg, async {
             let _ = rx.await;
         })
         .await
     });
+    for i in 0..4 {
+        run_flow(&sys.client, &format!("dash-ok-{i}"), vec![work("ok", &[])]).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let off = sys.client.health_report().await.unwrap().http_addr.unwrap();
     let cancel = "/api/flows/dash-act/cancel";
     eventually(
@@ -501,8 +515,14 @@ async fn a_user_clicks_from_a_flow_to_its_agent_and_cancels_it_in_headless_chrom
     )
     .await;
 
-    // Drain the agent from its page.
+    // Drain the agent from its page, once the page shows it as it is now.
     b.click("#task-hold a[href='#/agent/dash-w3']").await;
+    b.wait_for(
+        "document.body.dataset.view === 'agent' \
+         && document.querySelector('[data-fact=running]').textContent === '0'",
+        "the agent with nothing running",
+    )
+    .await;
     let drain = "[data-action='drain dash-w3']";
     b.click(drain).await;
     b.wait_for(
@@ -522,6 +542,42 @@ async fn a_user_clicks_from_a_flow_to_its_agent_and_cancels_it_in_headless_chrom
     b.wait_for(
         "document.querySelector('[data-fact=status]').textContent === 'draining'",
         "the agent shown draining",
+    )
+    .await;
+
+    // The overview's charts come from the monitor, with their axes; an
+    // anomaly links to what it is about: an agent that registered and then
+    // never sent a heartbeat, declared lost by the allocator.
+    let gone = common::msg::RegisterAgent {
+        agent_id: AgentId::new("dash-gone").unwrap(),
+        capabilities: vec![],
+        labels: Default::default(),
+        capacity: [("cpu".to_string(), 1.0)].into(),
+        heartbeat_interval_ms: 300,
+    };
+    sys.client.register_agent(&gone).await.unwrap();
+    b.click("nav a[href='#/']").await;
+    b.wait_for(
+        "document.body.dataset.view === 'overview' \
+         && document.querySelectorAll('#throughput text[data-time]').length === 3 \
+         && document.querySelector('#throughput path[data-series=failed_per_s]') \
+         && document.querySelector('#latency text[data-tick]')",
+        "both charts drawn with time and value axes",
+    )
+    .await;
+    b.click("#anomalies tr[data-kind=agent_lost] a[href='#/agent/dash-gone']")
+        .await;
+    b.wait_for(
+        "document.body.dataset.view === 'agent' \
+         && document.getElementById('agent-title').textContent === 'dash-gone' \
+         && document.querySelector('[data-fact=status]').textContent === 'lost'",
+        "the lost agent's page, from its anomaly",
+    )
+    .await;
+    screenshot(
+        &browser,
+        &format!("http://{addr}/#/"),
+        "dashboard-overview.png",
     )
     .await;
 

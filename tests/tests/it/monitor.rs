@@ -306,9 +306,14 @@ async fn http_serves_prometheus_text_health_report_flows_and_the_dashboard() {
     let r: Value = serde_json::from_str(&body).unwrap();
     assert!(r["metrics"]["tasks_completed"].as_u64().unwrap() >= 2);
 
-    let (status, _, body) = http_get(&addr, "/api/flows").await;
-    assert_eq!(status, 200);
-    let f: Value = serde_json::from_str(&body).unwrap();
+    // Served from the monitor's watch of the flows bucket, not a read of it.
+    let f: Value = eventually(Duration::from_secs(10), "flows from the watch", || async {
+        let (status, _, body) = http_get(&addr, "/api/flows?q=http-f1").await;
+        assert_eq!(status, 200, "{body}");
+        let f: Value = serde_json::from_str(&body).unwrap();
+        (f["source"] == "watch" && f["flows"][0]["state"] == "succeeded").then_some(f)
+    })
+    .await;
     let fl = f["flows"]
         .as_array()
         .unwrap()
