@@ -20,6 +20,9 @@ use serde_json::Value;
 pub(super) const MAX_BYTES: usize = 256 * 1024 * 1024;
 /// Wait before watching again after the watch broke or the bucket was missing.
 const RETRY: Duration = Duration::from_secs(1);
+/// Wait before trying again once the bucket was too large to hold: reading
+/// it whole costs the server, so not often.
+const OVERSIZE_RETRY: Duration = Duration::from_secs(300);
 
 /// What the overview filters and sorts on, read once per write of a flow.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
@@ -154,39 +157,63 @@ impl Board {
 /// Keeps `board` current with the flows bucket until the task is aborted.
 pub(super) async fn follow(js: jetstream::Context, board: std::sync::Arc<Board>) {
     loop {
-        match watch_once(&js, &board).await {
-            Ok(()) => tracing::debug!("flows watch ended; watching again"),
-            Err(e) => tracing::debug!(error = %e, "flows watch failed; views read the bucket"),
-        }
+        let wait = match watch_once(&js, &board).await {
+            Ok(()) => {
+                tracing::debug!("flows watch ended; watching again");
+                RETRY
+            }
+            Err(Stop::Oversize) => {
+                tracing::info!(
+                    max_bytes = MAX_BYTES,
+                    "the flows bucket is too large to hold; dashboard views read it directly"
+                );
+                OVERSIZE_RETRY
+            }
+            Err(Stop::Failed(e)) => {
+                tracing::debug!(error = %e, "flows watch failed; views read the bucket");
+                RETRY
+            }
+        };
         board.set(None);
-        tokio::time::sleep(RETRY).await;
+        tokio::time::sleep(wait).await;
     }
+}
+
+/// Why a watch ended.
+enum Stop {
+    Oversize,
+    Failed(String),
 }
 
 /// One watch: the bucket's current records gathered aside, then served and
 /// kept current until the watch ends.
-async fn watch_once(js: &jetstream::Context, board: &Board) -> Result<(), String> {
+async fn watch_once(js: &jetstream::Context, board: &Board) -> Result<(), Stop> {
+    let failed = |e: &dyn std::fmt::Display| Stop::Failed(e.to_string());
     let store = js
         .get_key_value(common::nats::KV_FLOWS)
         .await
-        .map_err(|e| e.to_string())?;
-    let empty = store.status().await.map_err(|e| e.to_string())?.values() == 0;
+        .map_err(|e| failed(&e))?;
+    let status = store.status().await.map_err(|e| failed(&e))?;
+    let empty = status.values() == 0;
+    if status.info.state.bytes > MAX_BYTES as u64 {
+        return Err(Stop::Oversize);
+    }
     let mut watch = store
         .watch_with_history(">")
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failed(&e))?;
     let mut pending = (!empty).then(Records::default);
     if empty {
         board.set(Some(Records::default()));
     }
     while let Some(entry) = watch.next().await {
-        let entry = entry.map_err(|e| e.to_string())?;
+        let entry = entry.map_err(|e| failed(&e))?;
         let value = (entry.operation == kv::Operation::Put).then_some(entry.value);
         match &mut pending {
             Some(records) => {
                 records.apply(&entry.key, value);
                 if records.bytes > MAX_BYTES {
-                    return Err(format!("the flows bucket holds over {MAX_BYTES} bytes"));
+                    return Err(Stop::Oversize);
                 }
                 if entry.delta == 0 {
                     board.set(pending.take());
@@ -194,7 +221,7 @@ async fn watch_once(js: &jetstream::Context, board: &Board) -> Result<(), String
             }
             None => {
                 if !board.apply_live(&entry.key, value) {
-                    return Err(format!("the flows bucket holds over {MAX_BYTES} bytes"));
+                    return Err(Stop::Oversize);
                 }
             }
         }
