@@ -113,6 +113,11 @@ pub fn inbox_prefix(agent: &AgentId) -> String {
     format!("_INBOX_{agent}")
 }
 
+/// How long one pull request for assignments waits, and the idle heartbeat
+/// the server sends meanwhile: a lost pull is noticed within this.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// Runs an agent until `shutdown` resolves: in-flight tasks finish and are
 /// reported, then the function returns.
 pub async fn run<H, Fut>(
@@ -313,7 +318,17 @@ where
         )
         .await
         .map_err(|e| unavailable(&e))?;
-    let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+    // Short pulls: a pull request held by a consumer leader that goes away
+    // (a NATS node stopped in a cluster) is lost without a word, and the
+    // client notices only when it expires or two idle heartbeats are missed.
+    // The library's 30 s / 15 s would leave an assignment waiting that long.
+    let mut messages = consumer
+        .stream()
+        .expires(PULL_EXPIRES)
+        .heartbeat(PULL_HEARTBEAT)
+        .messages()
+        .await
+        .map_err(|e| unavailable(&e))?;
     let limit = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let permits = opts.concurrency.max(1) as u32;
 
