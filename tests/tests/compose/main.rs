@@ -45,9 +45,20 @@ async fn connect(url: &str, login: Option<(&str, &str)>) -> async_nats::Client {
 /// Submits `n` copies of the demo flow (the demo agent's `demo` capability),
 /// retrying while the system is getting back up.
 async fn submit(client: &Client, n: usize) -> Vec<FlowId> {
+    submit_for(client, n, None).await
+}
+
+/// Submits `n` copies of the demo flow, each task asking for `capability`
+/// instead of the demo agent's when one is given.
+async fn submit_for(client: &Client, n: usize, capability: Option<&str>) -> Vec<FlowId> {
     let mut ids = Vec::new();
     for _ in 0..n {
-        let spec = coordkit::demo::demo_flow().unwrap();
+        let mut spec = coordkit::demo::demo_flow().unwrap();
+        if let Some(c) = capability {
+            for t in &mut spec.tasks {
+                t.requirements.capabilities = vec![c.to_owned()];
+            }
+        }
         let id = eventually(Duration::from_secs(60), "a flow accepted", || {
             let (client, spec) = (client.clone(), spec.clone());
             async move { client.create_flow(&spec).await.ok().map(|s| s.flow_id) }
@@ -151,24 +162,35 @@ async fn each_task_once_nothing_leaked(
     .await;
 }
 
-/// `docker-compose.yml` as shipped: up and healthy, a flow run by the demo
-/// agent in its own container; then three orchestrators and two allocators,
-/// and under running flows one orchestrator replica and the agent killed and
-/// the nats container restarted (its volume keeps the streams): every flow
-/// succeeds, each task once, nothing stays booked.
+/// `docker-compose.yml` as shipped: up and healthy, flows run by the demo
+/// agent (the Rust runtime) and by the Python example agent, each in its
+/// own container; then three orchestrators and two allocators, and under
+/// running flows one orchestrator replica and both agents killed and the
+/// nats container restarted (its volume keeps the streams): every flow
+/// succeeds, each task once, on the agent it asked for, nothing stays booked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shipped_stack_scales_and_survives_kills_and_a_nats_restart() {
     if !docker_or_skip("shipped_stack") {
         return;
     }
     let images = images();
-    let stack = Stack::up("scale", &images, &[], &["demo"], &[]);
-    // nats, four services, the demo agent.
-    stack.wait_healthy(6, UP);
+    let stack = Stack::up("scale", &images, &[], &["demo", "python-demo"], &[]);
+    // nats, four services, the demo agent, the Python agent.
+    stack.wait_healthy(7, UP);
     let nats = connect(&stack.nats_url(), None).await;
     let client = Client::new(nats.clone());
-    let first = submit(&client, 1).await;
+    let mut first = submit(&client, 1).await;
+    let mut python = submit_for(&client, 1, Some("python")).await;
     all_succeed(&client, &first, Duration::from_secs(60)).await;
+    all_succeed(&client, &python, Duration::from_secs(60)).await;
+    let on_python = client.flow_status(&python[0]).await.unwrap();
+    assert!(
+        on_python
+            .tasks
+            .iter()
+            .all(|t| t.agent_id.as_ref().map(|a| a.as_str()) == Some("python-agent")),
+        "the Python agent's container ran them: {on_python:?}"
+    );
     // The image's own health check (`coordctl healthcheck`, the Dockerfile's
     // HEALTHCHECK): the service in its container answers, a container of
     // no service passes, and a service it cannot reach fails it.
@@ -201,26 +223,40 @@ async fn shipped_stack_scales_and_survives_kills_and_a_nats_restart() {
         "--scale",
         "allocator=2",
     ]);
-    stack.wait_healthy(9, UP);
+    stack.wait_healthy(10, UP);
     assert_eq!(stack.containers("orchestrator").len(), 3);
     assert_eq!(stack.containers("allocator").len(), 2);
 
-    let mut flows = first;
-    flows.extend(submit(&client, 12).await);
+    first.extend(submit(&client, 12).await);
+    python.extend(submit_for(&client, 4, Some("python")).await);
     let orchestrator = stack.containers("orchestrator")[1].clone();
     let agent = stack.containers("demo-agent")[0].clone();
+    let py_agent = stack.containers("python-agent")[0].clone();
     let nats_box = stack.containers("nats")[0].clone();
     stack.docker(&["kill", &orchestrator]);
     stack.docker(&["kill", &agent]);
-    flows.extend(submit(&client, 4).await);
+    stack.docker(&["kill", &py_agent]);
+    first.extend(submit(&client, 4).await);
+    python.extend(submit_for(&client, 2, Some("python")).await);
     stack.docker(&["start", &agent]);
+    stack.docker(&["start", &py_agent]);
     stack.docker(&["restart", "--time", "5", &nats_box]);
-    flows.extend(submit(&client, 4).await);
+    first.extend(submit(&client, 4).await);
     // The killed replica back too (a restart policy does not apply to a kill).
     stack.docker(&["start", &orchestrator]);
+    let flows: Vec<FlowId> = first.iter().chain(&python).cloned().collect();
     all_succeed(&client, &flows, SETTLE).await;
     each_task_once_nothing_leaked(&nats, &client, &flows).await;
-    stack.wait_healthy(9, UP);
+    for flow in &python {
+        let s = client.flow_status(flow).await.unwrap();
+        assert!(
+            s.tasks
+                .iter()
+                .all(|t| t.agent_id.as_ref().map(|a| a.as_str()) == Some("python-agent")),
+            "{s:?}"
+        );
+    }
+    stack.wait_healthy(10, UP);
 }
 
 /// Whether a NATS node says it is a current member of its JetStream cluster:
@@ -248,8 +284,6 @@ fn node_current(container: &str) -> bool {
 /// cut off its network (a real partition), the majority carries on and a
 /// client on the minority side gets no success; the node rejoins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "passed 4 of 5 runs: once a demo task submitted while a node was stopped timed out \
-            waiting for its agent to start it (schedule_to_start); run with --run-ignored"]
 async fn cluster_overlay_rides_out_a_stopped_node_and_a_partition() {
     if !docker_or_skip("cluster_overlay") {
         return;
