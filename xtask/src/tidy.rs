@@ -30,7 +30,7 @@ pub enum Legacy {
 /// What was over the rules when tidy came in: the orchestrator's split and
 /// the machine's storage bookkeeping are work in progress.
 pub const LEGACY: &[(&str, Legacy)] = &[
-    ("coordkit/src/agent.rs", Legacy::Lines(815)),
+    ("coordkit/src/agent.rs", Legacy::Lines(760)),
     ("coordkit/src/cli/alloc.rs", Legacy::Lines(605)),
     ("coordkit/src/cli/conformance.rs", Legacy::Lines(1395)),
     ("coordkit/src/cli/sync.rs", Legacy::Lines(610)),
@@ -39,7 +39,6 @@ pub const LEGACY: &[(&str, Legacy)] = &[
     ("orchestrator/src/machine/props.rs", Legacy::Io),
     ("orchestrator/src/machine/props.rs", Legacy::Lines(650)),
     ("orchestrator/src/machine/tests.rs", Legacy::Lines(1075)),
-    ("orchestrator/src/service.rs", Legacy::Lines(2180)),
     ("orchestrator/src/store.rs", Legacy::Lines(620)),
     ("tests/src/bin/coord-bench.rs", Legacy::Lines(611)),
     ("tests/src/bin/coord-bench/scale.rs", Legacy::Lines(800)),
