@@ -422,8 +422,7 @@ fn python_image() -> String {
         &workspace_root().join("examples/python/agent.py"),
         "/app/agent.py",
     );
-    std::os::unix::fs::symlink(&interpreter, fs.dir.path().join("usr/local/bin/python"))
-        .unwrap();
+    std::os::unix::fs::symlink(&interpreter, fs.dir.path().join("usr/local/bin/python")).unwrap();
     fs.import(
         "coordkit-test-python",
         &[

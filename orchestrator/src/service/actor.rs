@@ -1,0 +1,471 @@
+//! The per-flow actor: commands queued for a flow, applied in batches by one
+//! machine step each and written with one compare-and-set.
+
+use super::*;
+
+/// Why a command changed nothing.
+#[derive(Debug)]
+pub(super) enum Refusal {
+    Rejected(Rejection),
+    Invalid(machine::Problems),
+    /// A modification made from an older revision of the flow.
+    Stale {
+        expected: u64,
+        current: u64,
+    },
+    /// A placement granted too long ago to be used: the allocator's
+    /// reconciliation may have taken it back meanwhile.
+    LateGrant {
+        age_ms: u64,
+    },
+}
+
+/// How old a grant may be when its step applies it. Longer, and the
+/// allocator's reconciliation (which asks after a grace of 30 s by default)
+/// might already have found the allocation unheld and taken it back.
+pub(super) const GRANT_MAX_AGE_MS: u64 = 10_000;
+
+impl From<Rejection> for Refusal {
+    fn from(r: Rejection) -> Self {
+        Refusal::Rejected(r)
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Rejected(r) => write!(f, "{r}"),
+            Refusal::Invalid(problems) => {
+                let all: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+                write!(f, "{}", all.join("; "))
+            }
+            Refusal::Stale { expected, current } => {
+                write!(
+                    f,
+                    "the flow is at revision {current}, not {expected}: read it again"
+                )
+            }
+            Refusal::LateGrant { age_ms } => {
+                write!(
+                    f,
+                    "the placement was granted {age_ms} ms ago; placing again"
+                )
+            }
+        }
+    }
+}
+
+pub(super) fn refusal_error(r: &Refusal) -> Error {
+    match r {
+        Refusal::Rejected(rejection) => {
+            let code = match rejection {
+                Rejection::UnknownTask(_) => ErrorCode::NotFound,
+                Rejection::StaleAttempt { .. } | Rejection::WrongAgent { .. } => ErrorCode::Fenced,
+                _ => ErrorCode::Conflict,
+            };
+            Error::new(code, r.to_string())
+        }
+        Refusal::Invalid(problems) => Error::new(ErrorCode::ValidationFailed, r.to_string())
+            .with_details(serde_json::json!({ "problems": problems })),
+        Refusal::Stale { current, .. } => Error::new(ErrorCode::Conflict, r.to_string())
+            .with_details(serde_json::json!({ "current_revision": current })),
+        Refusal::LateGrant { .. } => Error::new(ErrorCode::Conflict, r.to_string()),
+    }
+}
+
+/// A large flow's watch updates are this far apart at least, and 1 ms more
+/// per [`WATCH_TASKS_PER_MS`] tasks.
+pub(super) const WATCH_EVERY_MS: u64 = 250;
+pub(super) const WATCH_TASKS_PER_MS: usize = 40;
+
+/// The watch updates of one flow. A status is a scan of every task (and its
+/// critical path): a large (paged) flow's is sent at most every
+/// [`WATCH_EVERY_MS`] or, larger still, at intervals growing with its size
+/// (2.5 s at 100,000 tasks), so that it costs a bounded share of the
+/// orchestrator's time; a change of the flow's own state is sent at once,
+/// and the last change by the first tick after the interval.
+#[derive(Debug, Default)]
+pub(super) struct Watch {
+    pub(super) pending: bool,
+    pub(super) last_ms: u64,
+    pub(super) last_state: Option<FlowState>,
+}
+
+impl Watch {
+    pub(super) fn due(&self, flow: &Flow, now: u64) -> bool {
+        self.pending
+            && (flow.pages.is_none()
+                || self.last_state != Some(flow.state)
+                || now.saturating_sub(self.last_ms)
+                    >= WATCH_EVERY_MS.max((flow.tasks.len() / WATCH_TASKS_PER_MS) as u64))
+    }
+}
+
+impl Orchestrator {
+    /// Queues a command for the flow's actor, starting one if needed. The
+    /// current span goes with it as the command's cause.
+    pub(super) fn send(self: &Arc<Self>, flow: &FlowId, cmd: Cmd) {
+        let mut cmd = (cmd, tracing::Span::current());
+        // An actor goes idle between our lookup and our send at most once in
+        // a while; a fresh one that is gone at once means the runtime is
+        // shutting down.
+        for _ in 0..3 {
+            let tx = {
+                let Ok(mut actors) = self.actors.lock() else {
+                    return;
+                };
+                actors
+                    .entry(flow.clone())
+                    .or_insert_with(|| {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        // No span: the actor outlives its first sender; each
+                        // step runs in a span of the commands it applies.
+                        tokio::spawn(self.clone().actor(flow.clone(), rx));
+                        tx
+                    })
+                    .clone()
+            };
+            match tx.send(cmd) {
+                Ok(()) => return,
+                // The actor went idle in between: start a fresh one.
+                Err(mpsc::error::SendError(back)) => {
+                    cmd = back;
+                    if let Ok(mut actors) = self.actors.lock() {
+                        if actors.get(flow).is_some_and(|t| t.same_channel(&tx)) {
+                            actors.remove(flow);
+                        }
+                    }
+                }
+            }
+        }
+        tracing::debug!(%flow, "command dropped: the runtime is shutting down");
+    }
+
+    pub(super) async fn actor(
+        self: Arc<Self>,
+        flow: FlowId,
+        mut rx: mpsc::UnboundedReceiver<Queued>,
+    ) {
+        let mut placing = Placing::default();
+        let mut resent: HashMap<(TaskId, u32), u64> = HashMap::new();
+        // The flow as this actor last wrote it, with its revision.
+        let mut cache: Option<Stored> = None;
+        let mut watch = Watch::default();
+        // How far into the agent events each wait was looked for.
+        let mut looked = agent_events::Looked::default();
+        loop {
+            let first = match tokio::time::timeout(ACTOR_IDLE, rx.recv()).await {
+                Ok(Some(cmd)) => cmd,
+                Ok(None) => return,
+                Err(_) => {
+                    // Idle: leave, unless a command slipped in meanwhile.
+                    let Ok(mut actors) = self.actors.lock() else {
+                        return;
+                    };
+                    match rx.try_recv() {
+                        Ok(cmd) => cmd,
+                        Err(_) => {
+                            actors.remove(&flow);
+                            self.outbox.forget(&flow);
+                            self.note_waiting(&flow, None);
+                            return;
+                        }
+                    }
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            let ticked = batch.iter().any(|(c, _)| matches!(c, Cmd::Tick));
+            if ticked {
+                // Events a wait task waits for go first, before the tick
+                // could time it out.
+                let found = self.events_for_waits(&flow, &mut cache, &mut looked).await;
+                let span = tracing::Span::current();
+                batch.splice(0..0, found.into_iter().map(|c| (c, span.clone())));
+            }
+            let (batch, causes): (Vec<Cmd>, Vec<tracing::Span>) = batch.into_iter().unzip();
+            let finished = self
+                .apply_batch(&flow, batch, causes, &mut placing, &mut cache, &mut watch)
+                .await;
+            self.note_waiting(&flow, cache.as_ref().map(|(f, _, _)| f));
+            if ticked {
+                if let Some((f, rev, _)) = &cache {
+                    let now = common::now_ms();
+                    self.redeliver(f, now, &mut resent);
+                    self.outbox.republish(&self.js, f, now).await;
+                    if watch.due(f, now) {
+                        self.publish_watch(f, *rev, now, &mut watch).await;
+                    }
+                }
+            }
+            // Any step that leaves the flow unfinished (a re-run, a change)
+            // must put it back under the sweep: timeouts and back-offs need it.
+            if let Ok(mut done) = self.finished.lock() {
+                match (finished, &cache) {
+                    (true, Some((_, revision, _))) => {
+                        let checked_ms = common::now_ms();
+                        done.insert(
+                            flow.clone(),
+                            Finished {
+                                revision: *revision,
+                                checked_ms,
+                            },
+                        );
+                    }
+                    (true, None) => {}
+                    (false, _) => {
+                        done.remove(&flow);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a batch of commands in one step. Returns whether the flow is finished.
+    ///
+    /// The step starts from the flow as this actor last wrote it, which saves a
+    /// read while one replica drives the flow: the compare-and-set proves the
+    /// copy was current. A step that writes nothing proves nothing, so it is
+    /// redone on a fresh read before anything (a rejection, say) is settled,
+    /// unless the flow is large and its header shows it unchanged since.
+    ///
+    /// The step's span continues the trace of the first command that has one
+    /// and links to the others' (see [`step_span`]).
+    pub(super) async fn apply_batch(
+        self: &Arc<Self>,
+        flow_id: &FlowId,
+        batch: Vec<Cmd>,
+        causes: Vec<tracing::Span>,
+        placing: &mut Placing,
+        cache: &mut Option<Stored>,
+        watch: &mut Watch,
+    ) -> bool {
+        let now = common::now_ms();
+        for _ in 0..bus::CAS_ATTEMPTS {
+            let cached = cache.take();
+            let from_cache = cached.is_some();
+            let (mut flow, revision, stored) = match cached {
+                Some(c) => c,
+                None => match store::read(&self.flows, flow_id).await {
+                    Ok(Some(found)) => found,
+                    Ok(None) => {
+                        self.settle_missing(flow_id, batch).await;
+                        return true;
+                    }
+                    Err(e) => {
+                        self.settle_failed(flow_id, batch, &e, placing).await;
+                        return false;
+                    }
+                },
+            };
+            let outcomes: Vec<Result<(u32, Vec<Effect>), Refusal>> = batch
+                .iter()
+                .map(|cmd| step(&mut flow, cmd, revision, now))
+                .collect();
+            // The step's events go into the record with it (the outbox).
+            let outbox_before = flow.outbox.clone();
+            let (mut cursor, outbox_changed) = self.outbox.stage(
+                &mut flow,
+                outcomes.iter().flatten().flat_map(|(_, e)| events_of(e)),
+                now,
+            );
+            // The encoding tells whether the step changed anything: it is
+            // needed for the write anyway, and keeping a copy of a large
+            // flow to compare against cost more than the step itself.
+            let (body, dirty) = match store::encode(&mut flow, Some(&stored)) {
+                Ok(encoded) => encoded,
+                Err(err) => {
+                    self.settle_failed(flow_id, batch, &err, placing).await;
+                    return false;
+                }
+            };
+            let changed = outbox_changed
+                || store::before_outbox(&body.header) != store::before_outbox(&stored.header);
+            if !changed {
+                flow.outbox = outbox_before;
+            }
+            if !changed && from_cache && !self.still_current(&flow, revision).await {
+                continue;
+            }
+            let span = step_span(&flow, changed, &causes, placing, now);
+            let revision = if !changed {
+                revision
+            } else {
+                match store::write(&self.flows, &self.nats, &flow, &body, &dirty, revision)
+                    .instrument(span.clone())
+                    .await
+                {
+                    Ok(rev) => rev,
+                    Err(WriteError::Conflict) => continue,
+                    Err(WriteError::Failed(err)) => {
+                        self.settle_failed(flow_id, batch, &err, placing).await;
+                        return false;
+                    }
+                }
+            };
+            #[cfg(feature = "failpoints")]
+            if changed {
+                crate::failpoints::after_write(flow_id).await;
+            }
+            watch.pending |= changed;
+            if watch.due(&flow, now) {
+                self.publish_watch(&flow, revision, now, watch)
+                    .instrument(span.clone())
+                    .await;
+            }
+            // Each command's outcome in its cause's span (the step's when it
+            // has none): a report's transitions and the assignment a
+            // placement leads to continue the trace they came from.
+            for ((cmd, outcome), cause) in batch.into_iter().zip(outcomes).zip(causes) {
+                let span = if cause.is_disabled() {
+                    span.clone()
+                } else {
+                    cause
+                };
+                let cursor = &mut cursor;
+                async {
+                    let effects = self
+                        .settle(&flow, revision, now, cmd, outcome, placing)
+                        .await;
+                    self.run_effects(effects, cursor).await;
+                }
+                .instrument(span)
+                .await;
+            }
+            self.outbox.sent(cursor, now);
+            span.in_scope(|| self.dispatch(&flow, now, placing));
+            // Finished once its last events are known to be stored too.
+            let finished = flow.state.is_terminal() && flow.outbox.is_empty();
+            *cache = Some((flow, revision, body));
+            return finished;
+        }
+        let err = Error::new(ErrorCode::Conflict, "too much contention on the flow");
+        self.settle_failed(flow_id, batch, &err, placing).await;
+        false
+    }
+
+    /// Whether a large flow's stored header is still at `revision`, so the
+    /// copy this actor holds is current without reading every page again
+    /// (a tick that changes nothing would otherwise read the whole flow).
+    pub(super) async fn still_current(&self, flow: &Flow, revision: u64) -> bool {
+        if flow.pages.is_none() {
+            return false;
+        }
+        matches!(
+            self.flows.entry(flow.id.as_str()).await,
+            Ok(Some(e)) if e.revision == revision && e.operation == kv::Operation::Put
+        )
+    }
+}
+
+/// The span of one step (one write) of a flow's actor. It continues the
+/// trace of the first command that has one and links the others'; a step
+/// driven only by the sweep continues the flow's own trace. A sweep's step that
+/// changes nothing and places nothing gets no span, else every unfinished flow
+/// would add one to its trace every sweep.
+pub(super) fn step_span(
+    flow: &Flow,
+    changed: bool,
+    causes: &[tracing::Span],
+    placing: &HashSet<TaskId>,
+    now: u64,
+) -> tracing::Span {
+    let caused = causes.iter().any(|c| !c.is_disabled());
+    // Only asked when nothing else says the step matters.
+    let places = || {
+        let room = flow
+            .max_parallelism
+            .is_none_or(|max| (max as usize) > flow.active() + placing.len());
+        room && flow
+            .dispatchable_up_to(now, placing.len() + 1)
+            .iter()
+            .any(|t| !placing.contains(t))
+    };
+    if !caused && !changed && !places() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        parent: None,
+        "flow step",
+        flow = %flow.id,
+        commands = causes.len()
+    );
+    telemetry::join_causes(&span, causes, flow.trace.as_deref());
+    span
+}
+
+/// The events among a step's effects.
+pub(super) fn events_of(effects: &[Effect]) -> impl Iterator<Item = &EventKind> {
+    effects.iter().filter_map(|e| match e {
+        Effect::Event(kind) => Some(kind),
+        _ => None,
+    })
+}
+
+/// One command applied to the flow. `Ok` carries the attempt number for an
+/// assignment (0 otherwise) and the step's effects.
+pub(super) fn step(
+    flow: &mut Flow,
+    cmd: &Cmd,
+    revision: u64,
+    now: u64,
+) -> Result<(u32, Vec<Effect>), Refusal> {
+    Ok(match cmd {
+        Cmd::Report { report, .. } => (0, flow.report(report, now)?),
+        Cmd::Assign {
+            task,
+            allocation,
+            granted_ms,
+            ..
+        } => {
+            let age_ms = now.saturating_sub(*granted_ms);
+            if age_ms > GRANT_MAX_AGE_MS {
+                return Err(Refusal::LateGrant { age_ms });
+            }
+            flow.assign(task, &allocation.agent_id, &allocation.allocation_id, now)?
+        }
+        Cmd::Unplaced { .. } | Cmd::Wake => (0, Vec::new()),
+        Cmd::Unassign { task, attempt } => (0, flow.unassign(task, *attempt, now)?),
+        Cmd::Tick => (0, flow.tick(now)),
+        Cmd::AgentGone(agent, left) => (0, flow.agent_gone(agent, *left, now)),
+        Cmd::Preempted {
+            task,
+            allocation,
+            reason,
+        } => (0, flow.preempted(task, allocation, reason, now)),
+        Cmd::Event {
+            task,
+            event,
+            stored_ms,
+        } => {
+            let whole = serde_json::to_value(event.as_ref()).unwrap_or(Value::Null);
+            let seen = machine::AgentEventRef {
+                event_type: &event.event_type,
+                agent_id: &event.agent_id,
+                data: &event.data,
+                whole: &whole,
+            };
+            (0, flow.event_arrived(task, &seen, *stored_ms, now)?)
+        }
+        Cmd::Control { op, .. } => match op {
+            Control::Pause => (0, flow.pause()?),
+            Control::Resume => (0, flow.resume(now)?),
+            Control::Cancel => (0, flow.cancel(now)?),
+            Control::Modify(changes) => {
+                if changes.expected_revision != revision {
+                    return Err(Refusal::Stale {
+                        expected: changes.expected_revision,
+                        current: revision,
+                    });
+                }
+                (0, flow.modify(changes, now).map_err(Refusal::Invalid)?)
+            }
+            Control::Rerun(task) => (0, flow.rerun(task, now).map_err(Refusal::Invalid)?),
+        },
+    })
+}

@@ -1,0 +1,376 @@
+//! Placement and assignment: ready tasks asked of the allocator, granted
+//! allocations recorded and sent to agents, redelivery, slots and releases.
+
+use super::*;
+
+/// Placements one flow has waiting at once (beside [`MAX_PLACING`] in
+/// flight per replica): a wide flow's ready tasks are taken a batch at a
+/// time, as grants come back, rather than all 100,000 queueing here at once.
+pub(super) const MAX_PLACING_PER_FLOW: usize = 1_024;
+
+impl Orchestrator {
+    /// Asks the allocator to place every task that is due and not being placed
+    /// already; each grant comes back to the actor as an `Assign`.
+    pub(super) fn dispatch(self: &Arc<Self>, flow: &Flow, now: u64, placing: &mut Placing) {
+        placing.refresh(self.freed.load(Ordering::Relaxed));
+        self.dispatch_due(flow, now, placing);
+        if let Some(wait) = placing.wake_in(now) {
+            let (o, flow_id) = (self.clone(), flow.id.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                o.send(&flow_id, Cmd::Wake);
+            });
+        }
+    }
+
+    pub(super) fn dispatch_due(self: &Arc<Self>, flow: &Flow, now: u64, placing: &mut Placing) {
+        // A wide flow refills its placements in batches, once half of them
+        // have come back, rather than after every grant.
+        if placing.len() > MAX_PLACING_PER_FLOW / 2 {
+            return;
+        }
+        let budget = match flow.max_parallelism {
+            Some(max) => (max as usize).saturating_sub(flow.active() + placing.len()),
+            None => usize::MAX,
+        }
+        .min(MAX_PLACING_PER_FLOW.saturating_sub(placing.len()));
+        if budget == 0 {
+            return;
+        }
+        // Per concurrency key: slots this flow is taking already.
+        let mut taking: HashMap<&str, usize> = HashMap::new();
+        for t in placing.iter().filter_map(|t| flow.tasks.get(t)) {
+            if let Some(c) = &t.spec.concurrency {
+                *taking.entry(c.key.as_str()).or_default() += 1;
+            }
+        }
+        let mut due = Vec::new();
+        // Held-back tasks keep their place in the budget (a flow with nowhere
+        // to run would otherwise go on to try every task it has); tasks
+        // skipped for a full concurrency key do not hide the others.
+        let mut held = 0;
+        flow.visit_dispatchable(now, |t| {
+            let id = &t.spec.id;
+            if placing.contains(id) {
+                return true;
+            }
+            if placing.held_back(id, now) {
+                held += 1;
+            } else if let Some(c) = &t.spec.concurrency {
+                let n = taking.entry(c.key.as_str()).or_default();
+                if *n < c.limit as usize && !self.slots.known_full(&c.key, now) {
+                    *n += 1;
+                    due.push(id.clone());
+                }
+            } else {
+                due.push(id.clone());
+            }
+            due.len() + held < budget
+        });
+        for task in due {
+            let Some(t) = flow.tasks.get(&task) else {
+                continue;
+            };
+            placing.insert(task.clone());
+            let slot = t.spec.concurrency.clone().map(|c| {
+                let holder = machine::slot_holder(&flow.id, &task, t.attempt + 1);
+                (c, holder)
+            });
+            let request = AllocateRequest {
+                owner: flow.allocation_owner(&task),
+                requirements: t.spec.requirements.clone(),
+                priority: t.spec.priority,
+                allocation_id: Some(AllocationId::random()),
+                deadline_ms: None,
+                task: Some(TaskRef {
+                    flow_id: flow.id.clone(),
+                    task_id: task.clone(),
+                }),
+                ttl_ms: None,
+            };
+            let (o, flow_id) = (self.clone(), flow.id.clone());
+            // The grant goes back to the actor with this span as its cause,
+            // so the assignment it leads to continues the same trace.
+            let span = tracing::info_span!("place", flow = %flow.id, task = %task);
+            tokio::spawn(
+                async move {
+                    let asked_at = o.freed.load(Ordering::Relaxed);
+                    if let Some((limit, holder)) = &slot {
+                        let now = common::now_ms();
+                        match o.slots.acquire(limit, holder, &flow_id, now).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                o.send(&flow_id, Cmd::Unplaced { task, asked_at });
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(key = %limit.key, error = %e, "concurrency slot not taken");
+                                o.send(&flow_id, Cmd::Unplaced { task, asked_at });
+                                return;
+                            }
+                        }
+                    }
+                    let slot = slot.map(|(limit, holder)| (limit.key, holder));
+                    let cmd = match o.place(&request).await {
+                        Some(allocation) => Cmd::Assign {
+                            task,
+                            allocation: Box::new(allocation),
+                            slot,
+                            granted_ms: common::now_ms(),
+                        },
+                        None => {
+                            o.free_slot(slot);
+                            Cmd::Unplaced { task, asked_at }
+                        }
+                    };
+                    o.send(&flow_id, cmd);
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    /// One placement through the allocator, with at most [`MAX_PLACING`] in
+    /// flight per replica. A request that got no answer may still have been
+    /// booked, so its (caller-chosen) allocation id is released, now and once
+    /// more a little later in case the booking lands after the first release.
+    pub(super) async fn place(self: &Arc<Self>, request: &AllocateRequest) -> Option<Allocation> {
+        let _slot = self.placing.acquire().await.ok()?;
+        match self.client.allocate(request).await {
+            Ok(allocation) => Some(allocation),
+            Err(e) => {
+                // No capacity yet is normal: the next tick tries again.
+                tracing::debug!(owner = %request.owner, code = %e.code, message = %e.message, "not placed");
+                if let (ErrorCode::Timeout | ErrorCode::Unavailable, Some(id)) =
+                    (e.code, &request.allocation_id)
+                {
+                    let (o, id) = (self.clone(), id.clone());
+                    tokio::spawn(async move {
+                        o.release_by_id(id.clone(), None).await;
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        o.release_by_id(id, None).await;
+                    });
+                }
+                None
+            }
+        }
+    }
+
+    /// Publishes again the assignments that are still not started a while after
+    /// they were recorded. The replica that recorded one may have died before
+    /// publishing it; the `Nats-Msg-Id` makes a repeat of one that did get
+    /// through a no-op, as long as it falls inside the stream's duplicate window.
+    pub(super) fn redeliver(
+        self: &Arc<Self>,
+        flow: &Flow,
+        now: u64,
+        resent: &mut HashMap<(TaskId, u32), u64>,
+    ) {
+        resent.retain(|(task, attempt), _| {
+            flow.tasks
+                .get(task)
+                .is_some_and(|t| t.state == TaskState::Assigned && t.attempt == *attempt)
+        });
+        for t in flow
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Assigned)
+        {
+            let Some(assigned) = t.assigned_ms else {
+                continue;
+            };
+            let age = now.saturating_sub(assigned);
+            if !(REDELIVER_AFTER_MS..REDELIVER_UNTIL_MS).contains(&age) {
+                continue;
+            }
+            let key = (t.spec.id.clone(), t.attempt);
+            if resent
+                .get(&key)
+                .is_some_and(|last| now.saturating_sub(*last) < REDELIVER_AFTER_MS)
+            {
+                continue;
+            }
+            let (Some(agent), Some(allocation)) = (t.agent.clone(), t.allocation.clone()) else {
+                continue;
+            };
+            resent.insert(key, now);
+            // In the flow's trace: the sweep that got here has none of its own.
+            let span =
+                tracing::info_span!(parent: None, "redeliver", flow = %flow.id, task = %t.spec.id);
+            telemetry::join_causes(&span, &[], flow.trace.as_deref());
+            span.in_scope(|| {
+                tracing::debug!(attempt = t.attempt, "assignment published again");
+                self.send_assignment(flow, &t.spec.id, t.attempt, agent, allocation, assigned)
+            });
+        }
+    }
+
+    /// Publishes an assignment on the agent's durable subject; if JetStream
+    /// refuses it, the task goes back to ready. If JetStream does not answer,
+    /// the assignment may be stored and on its way to the agent, so the task
+    /// stays assigned and [`Orchestrator::redeliver`] publishes it again under
+    /// the same message id: taking it back would run the task twice.
+    pub(super) fn send_assignment(
+        self: &Arc<Self>,
+        flow: &Flow,
+        task: &TaskId,
+        attempt: u32,
+        agent: AgentId,
+        allocation: AllocationId,
+        assigned_at_ms: u64,
+    ) {
+        let Some(t) = flow.tasks.get(task) else {
+            return;
+        };
+        let assignment = Assignment {
+            flow_id: flow.id.clone(),
+            task_id: task.clone(),
+            attempt,
+            agent_id: agent,
+            kind: t.spec.kind.clone(),
+            input: t.spec.input.clone(),
+            allocation_id: allocation,
+            resources: t.spec.requirements.resources.clone(),
+            assigned_at_ms,
+            lease: t.lease(assigned_at_ms, self.tick_ms),
+        };
+        let o = self.clone();
+        tokio::spawn(
+            async move {
+                match o.publish_assignment(&assignment).await {
+                    Ok(()) => {}
+                    Err(e) if e.code == ErrorCode::Timeout => {
+                        tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment unconfirmed, publishing it again later");
+                    }
+                    Err(e) => {
+                        tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment not sent");
+                        o.send(&assignment.flow_id, Cmd::Unassign { task: assignment.task_id.clone(), attempt });
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    pub(super) async fn publish_assignment(&self, a: &Assignment) -> Result<(), Error> {
+        let body = serde_json::to_vec(a).map_err(|e| Error::internal(e.to_string()))?;
+        let msg_id = format!("{}.{}.{}", a.flow_id, a.task_id, a.attempt);
+        let to = subject::assign(&a.agent_id);
+        let ack = self
+            .js
+            .publish_with_headers(to.clone(), bus::dedupe_headers(&to, &msg_id), body.into())
+            .await
+            .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+        ack.await.map_err(|e| {
+            // No answer is not a refusal: the server may have stored it and
+            // gone away before acknowledging (a restart, a lost connection).
+            let code = match e.kind() {
+                jetstream::context::PublishErrorKind::TimedOut => ErrorCode::Timeout,
+                _ => ErrorCode::Unavailable,
+            };
+            Error::new(code, e.to_string())
+        })?;
+        Ok(())
+    }
+
+    /// Gives a concurrency slot back, then wakes this replica's flows that
+    /// found its key full.
+    pub(super) fn free_slot(self: &Arc<Self>, slot: SlotHeld) {
+        let Some((key, holder)) = slot else {
+            return;
+        };
+        self.freed.fetch_add(1, Ordering::Relaxed);
+        let o = self.clone();
+        tokio::spawn(
+            async move {
+                for flow in o.slots.free(&key, &holder).await {
+                    o.send(&flow, Cmd::Tick);
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    pub(super) fn release(self: &Arc<Self>, agent: AgentId, allocation: AllocationId) {
+        self.freed.fetch_add(1, Ordering::Relaxed);
+        let o = self.clone();
+        tokio::spawn(
+            async move { o.release_by_id(allocation, Some(agent)).await }.in_current_span(),
+        );
+    }
+
+    /// Releases an allocation a failed step was to record, once the flow can
+    /// be read and does not hold it. A write that timed out may have been
+    /// stored (the server went away before answering): releasing at once
+    /// would leave an assigned task on capacity the allocator thinks is free.
+    pub(super) fn release_unless_held(
+        self: &Arc<Self>,
+        flow_id: FlowId,
+        task: TaskId,
+        allocation: Allocation,
+        slot: SlotHeld,
+    ) {
+        let o = self.clone();
+        tokio::spawn(
+            async move {
+                let mut pause = Duration::from_millis(200);
+                let held = loop {
+                    match store::read(&o.flows, &flow_id).await {
+                        Ok(flow) => {
+                            break flow.is_some_and(|(f, _, _)| {
+                                f.tasks.get(&task).is_some_and(|t| {
+                                    t.allocation.as_ref() == Some(&allocation.allocation_id)
+                                })
+                            })
+                        }
+                        Err(e) if pause < Duration::from_secs(60) => {
+                            tracing::debug!(error = %e, "flow unreadable, checking the allocation later");
+                            tokio::time::sleep(pause).await;
+                            pause *= 2;
+                        }
+                        // Still unknown after a minute: give it back rather
+                        // than hold it for ever.
+                        Err(_) => break false,
+                    }
+                };
+                if !held {
+                    o.free_slot(slot);
+                    o.release_by_id(allocation.allocation_id, Some(allocation.agent_id))
+                        .await;
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Releases are idempotent, and a lost one holds the agent's capacity
+    /// until the agent itself is lost, so one that gets no answer (or an
+    /// unavailable store) is tried again with back-off, for about a minute.
+    pub(super) async fn release_by_id(&self, allocation: AllocationId, agent: Option<AgentId>) {
+        let req = ReleaseRequest {
+            allocation_id: allocation,
+            agent_id: agent,
+        };
+        let mut pause = Duration::from_millis(100);
+        for attempt in 1..=RELEASE_ATTEMPTS {
+            match self.client.release(&req).await {
+                Ok(_) => {
+                    self.freed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(e)
+                    if attempt < RELEASE_ATTEMPTS
+                        && matches!(e.code, ErrorCode::Timeout | ErrorCode::Unavailable) =>
+                {
+                    tracing::debug!(allocation = %req.allocation_id, error = %e, attempt, "release unanswered, trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => {
+                    tracing::warn!(allocation = %req.allocation_id, error = %e, "release failed");
+                    return;
+                }
+            }
+        }
+    }
+}

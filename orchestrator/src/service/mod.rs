@@ -1,0 +1,400 @@
+//! The orchestrator's NATS adapter.
+//!
+//! Flows live in the `coord_flows` KV bucket: one entry per flow, and a large
+//! flow's tasks in page entries beside it (`crate::store`). In each replica
+//! every flow with work in progress has an *actor*: a task that takes commands
+//! (agent reports, placements, timer ticks, pause/resume/cancel) from a queue,
+//! applies all that are waiting to the flow in one machine step, and writes the
+//! result with one compare-and-set. Under load a single KV write thus carries
+//! many task transitions, and no two steps of one replica race each other. Steps
+//! of different replicas still may: the loser re-reads and re-applies its batch.
+//! Effects (events, assignments, releases, cancel notices) run only after the
+//! write succeeded; the events are stored with the write too (see [`crate::outbox`]).
+//!
+//! Replicas share the `$SRV` queue group for requests and one durable consumer
+//! on the reports stream. A periodic sweep ticks every unfinished flow, which
+//! expires attempts past their stored deadlines, ends back-offs and dispatches
+//! ready tasks nobody placed — so a restarted or replacement replica picks up
+//! every flow from KV alone.
+//!
+//! Here: start-up and endpoint wiring (`run`) and the types the jobs share.
+//! The jobs: `api` (request handlers), `actor` (queue and step), `settle`
+//! (after a step's write), `dispatch` (placement, assignment, release),
+//! `intake` (reports), `sweep`, and the events from agents and the allocator
+//! (`agent_events`, `allocator_events`).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv};
+use common::msg::{
+    AgentReport, AllocateRequest, Allocation, Assignment, CapacityRequest, EventKind,
+    ExplainRequest, Explanation, FlowChanges, FlowList, FlowListRequest, FlowOptimizeRequest,
+    FlowPlan, FlowRef, FlowSpec, FlowStatus, HeldRequest, RejectReason, ReleaseRequest,
+    ReportRejected, Requirements, RerunRequest, TaskRef, TaskSpec,
+};
+use common::nats::{self as bus, Bucket, EventPublisher, Stream};
+use common::now_ms;
+use common::service::Service;
+use common::{subject, telemetry, AgentId, AllocationId, Error, ErrorCode, FlowId, TaskId};
+use futures::{StreamExt, TryStreamExt};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::Instrument;
+
+use common::msg::{FlowState, TaskState};
+
+use crate::machine::{self, Effect, Flow, Rejection};
+use crate::outbox::{Cursor, Ledger};
+use crate::placing::Placing;
+use crate::slots::Slots;
+use crate::store::{self, Stored, WriteError};
+
+mod actor;
+mod agent_events;
+mod allocator_events;
+mod api;
+mod dispatch;
+mod intake;
+mod settle;
+mod sweep;
+
+use actor::{events_of, refusal_error, Refusal, Watch};
+use intake::msg_id;
+
+/// Orchestrator settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: common::config::NatsConfig,
+    /// How often every unfinished flow is ticked (timeouts, back-offs, unplaced tasks), in ms.
+    #[arg(long, env = "ORCHESTRATOR_SWEEP_MS", default_value_t = 1_000)]
+    pub sweep_ms: u64,
+    /// How long a report taken by a replica may stay unacknowledged before it is
+    /// redelivered (to another replica if this one died or stalled), in ms: the
+    /// most a stalled replica delays the reports it holds. A report delivered
+    /// again after it was applied is acknowledged without effect, so a short
+    /// wait costs only the rare second delivery under heavy load. The same
+    /// wait applies to the agent events the triggers consume.
+    #[arg(long, env = "ORCHESTRATOR_REPORT_ACK_WAIT_MS", default_value_t = 2_000)]
+    pub report_ack_wait_ms: u64,
+}
+
+impl Config {
+    pub fn new(nats: common::config::NatsConfig) -> Self {
+        Config {
+            nats,
+            sweep_ms: 1_000,
+            report_ack_wait_ms: 2_000,
+        }
+    }
+}
+
+const NAME: &str = "orchestrator";
+/// Most commands applied in one step.
+const MAX_BATCH: usize = 512;
+/// Allocation requests one replica has in flight at most: enough to keep the
+/// allocator busy, few enough that a burst of ready tasks does not swamp it.
+const MAX_PLACING: usize = 64;
+/// Tries at one release before leaving it to the agent's loss (see
+/// `release_by_id`): with back-off doubling from 100 ms to 10 s, about a minute.
+const RELEASE_ATTEMPTS: u32 = 10;
+/// An assignment not started this long after it was recorded is published again.
+const REDELIVER_AFTER_MS: u64 = 2_000;
+/// ... but only while the stream's duplicate window (2 min) still recognises it.
+const REDELIVER_UNTIL_MS: u64 = 100_000;
+/// An actor with nothing to do for this long goes away (its flow stays in KV).
+const ACTOR_IDLE: Duration = Duration::from_secs(30);
+
+/// Flow operations that reply with the flow's status.
+#[derive(Debug, Clone)]
+enum Control {
+    Pause,
+    Resume,
+    Cancel,
+    Modify(Box<FlowChanges>),
+    Rerun(TaskId),
+}
+
+/// What a flow's actor is asked to do.
+enum Cmd {
+    // Boxed: reports are the most common command and the largest by far.
+    Report {
+        report: Box<AgentReport>,
+        msg: Box<jetstream::Message>,
+    },
+    /// Record a placement the allocator granted (at `granted_ms`).
+    Assign {
+        task: TaskId,
+        allocation: Box<Allocation>,
+        slot: SlotHeld,
+        granted_ms: u64,
+    },
+    /// The allocator did not place the task (it stays ready); `asked_at` is
+    /// the replica's freed count when it was asked (see [`Placing`]).
+    Unplaced {
+        task: TaskId,
+        asked_at: u64,
+    },
+    /// Held-back tasks are due to be placed again.
+    Wake,
+    /// The assignment message could not be sent.
+    Unassign {
+        task: TaskId,
+        attempt: u32,
+    },
+    Tick,
+    /// The allocator declared the agent lost.
+    /// The agent was lost (`false`) or left (`true`) holding attempts.
+    AgentGone(AgentId, bool),
+    /// The allocator took an allocation back.
+    Preempted {
+        task: TaskId,
+        allocation: AllocationId,
+        reason: String,
+    },
+    Control {
+        op: Control,
+        reply: oneshot::Sender<Result<FlowStatus, Error>>,
+    },
+    /// A stored agent event that may be what a waiting task waits for.
+    Event {
+        task: TaskId,
+        event: Box<common::msg::AgentEvent>,
+        stored_ms: u64,
+    },
+}
+
+/// A command with the span it was sent from (its cause), so the work it leads
+/// to continues the sender's trace although the actor applies it later, in a
+/// batch with others.
+type Queued = (Cmd, tracing::Span);
+
+struct Orchestrator {
+    client: common::Client,
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    flows: kv::Store,
+    events: EventPublisher,
+    /// What this replica published from the flows' outboxes.
+    outbox: Arc<Ledger>,
+    actors: Mutex<HashMap<FlowId, mpsc::UnboundedSender<Queued>>>,
+    /// Flows known to be finished, so the sweep does not load them again. Not
+    /// final: a re-run or a change makes a flow run again, so an entry is
+    /// dropped when this replica's actor steps the flow back to running, and
+    /// checked against the stored revision every [`FINISHED_RECHECK_MS`] in
+    /// case another replica did it (and is gone before it sweeps the flow).
+    finished: Mutex<HashMap<FlowId, Finished>>,
+    /// Bounds allocation requests in flight (see [`MAX_PLACING`]).
+    placing: Semaphore,
+    /// Moves whenever capacity may have freed up: this replica released an
+    /// allocation or a slot, or an agent registered or changed capacity.
+    freed: AtomicU64,
+    slots: Slots,
+    /// How often the sweep checks deadlines (told to agents in each lease).
+    tick_ms: u64,
+    /// The event types the wait tasks of each flow with an actor here wait
+    /// for: a stored event of one of them ticks the flow at once.
+    waiting: Mutex<HashMap<FlowId, HashSet<String>>>,
+    /// Registered triggers (`coord_triggers`).
+    triggers: kv::Store,
+}
+
+/// A flow this replica saw finished: at which revision, and when last checked.
+#[derive(Clone, Copy)]
+struct Finished {
+    revision: u64,
+    checked_ms: u64,
+}
+
+/// How often the sweep checks that a flow it skips as finished is still at
+/// the revision it finished at.
+const FINISHED_RECHECK_MS: u64 = 10_000;
+
+/// A concurrency slot taken for a placement: the key and its holder.
+type SlotHeld = Option<(String, String)>;
+
+/// Runs the orchestrator until `shutdown` resolves, then drains the connection.
+pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
+    // NATS may not be up yet: wait for it, unless asked to stop first.
+    tokio::pin!(shutdown);
+    let Some(nats) = bus::connect_until(&cfg.nats, NAME, shutdown.as_mut()).await? else {
+        return Ok(());
+    };
+    let js = jetstream::new(nats.clone());
+    for s in [Stream::Assign, Stream::Reports, Stream::Events] {
+        bus::ensure_stream(&js, s, cfg.nats.js_replicas).await?;
+    }
+    let flows = bus::ensure_bucket(&js, Bucket::Flows, cfg.nats.js_replicas).await?;
+    store::allow_batches(&js, &flows).await?;
+    let slots = bus::ensure_bucket(&js, Bucket::Concurrency, cfg.nats.js_replicas).await?;
+    let triggers = bus::ensure_bucket(&js, Bucket::Triggers, cfg.nats.js_replicas).await?;
+    // Wait tasks and triggers read the agent events (the synchronizer's
+    // stream, made here with its default limits if it is not there yet).
+    bus::ensure_stream(&js, Stream::AgentEvents, cfg.nats.js_replicas).await?;
+    let orch = Arc::new(Orchestrator {
+        client: common::Client::new(nats.clone()).with_timeout(cfg.nats.request_timeout()),
+        nats: nats.clone(),
+        js: js.clone(),
+        flows,
+        events: EventPublisher::new(nats.clone(), NAME),
+        outbox: Arc::default(),
+        actors: Mutex::default(),
+        finished: Mutex::default(),
+        placing: Semaphore::new(MAX_PLACING),
+        freed: AtomicU64::new(0),
+        slots: Slots::new(slots),
+        tick_ms: cfg.sweep_ms.max(10),
+        waiting: Mutex::default(),
+        triggers,
+    });
+
+    let mut service = Service::start(
+        &nats,
+        NAME,
+        "Task flows: DAGs of tasks run on external agents",
+    )
+    .await?;
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_CREATE, move |spec: FlowSpec| {
+            let o = o.clone();
+            async move { o.create(spec).await }
+        })
+        .await?;
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_STATUS, move |r: FlowRef| {
+            let o = o.clone();
+            async move { o.status(&r.flow_id).await }
+        })
+        .await?;
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_GET, move |r: FlowRef| {
+            let o = o.clone();
+            async move { o.load(&r.flow_id).await.map(|(f, _)| f.spec()) }
+        })
+        .await?;
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_LIST, move |r: FlowListRequest| {
+            let o = o.clone();
+            async move { o.list(r).await }
+        })
+        .await?;
+    for (subject, op) in [
+        (subject::FLOW_PAUSE, Control::Pause),
+        (subject::FLOW_RESUME, Control::Resume),
+        (subject::FLOW_CANCEL, Control::Cancel),
+    ] {
+        let o = orch.clone();
+        service
+            .serve(subject, move |r: FlowRef| {
+                let (o, op) = (o.clone(), op.clone());
+                async move { o.control(r.flow_id, op).await }
+            })
+            .await?;
+    }
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_MODIFY, move |c: FlowChanges| {
+            let o = o.clone();
+            async move {
+                o.control(c.flow_id.clone(), Control::Modify(Box::new(c)))
+                    .await
+            }
+        })
+        .await?;
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_RERUN, move |r: RerunRequest| {
+            let o = o.clone();
+            async move { o.control(r.flow_id, Control::Rerun(r.task_id)).await }
+        })
+        .await?;
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_EXPLAIN, move |r: ExplainRequest| {
+            let o = o.clone();
+            async move { o.explain(r).await }
+        })
+        .await?;
+    let o = orch.clone();
+    service
+        .serve(subject::FLOW_OPTIMIZE, move |r: FlowOptimizeRequest| {
+            let o = o.clone();
+            async move { o.optimize(r).await }
+        })
+        .await?;
+
+    let flows = orch.flows.clone();
+    service
+        .serve(subject::ALLOCATIONS_HELD, move |r: HeldRequest| {
+            let flows = flows.clone();
+            async move { crate::held::held(&flows, r).await }
+        })
+        .await?;
+
+    agent_events::serve_triggers(&orch, &mut service).await?;
+    let allocator_events = tokio::spawn(orch.clone().consume_allocator_events());
+    let triggered = tokio::spawn(
+        orch.clone()
+            .consume_triggers(Duration::from_millis(cfg.report_ack_wait_ms.max(100))),
+    );
+    let wake_waits = tokio::spawn(orch.clone().wake_waiting());
+    let capacity = tokio::spawn(orch.clone().count_capacity_changes());
+    let reports = tokio::spawn(
+        orch.clone()
+            .consume_reports(Duration::from_millis(cfg.report_ack_wait_ms.max(100))),
+    );
+    let sweeper = tokio::spawn(
+        orch.clone()
+            .sweep(Duration::from_millis(cfg.sweep_ms.max(10))),
+    );
+    tracing::info!(url = %cfg.nats.nats_url, "orchestrator running");
+
+    shutdown.await;
+    tracing::info!("orchestrator shutting down");
+    service.stop().await;
+    reports.abort();
+    allocator_events.abort();
+    triggered.abort();
+    wake_waits.abort();
+    capacity.abort();
+    sweeper.abort();
+    nats.drain().await.ok();
+    Ok(())
+}
+
+/// Runs what takes seconds on a large flow (validating, laying out, a status
+/// of a million tasks) without holding up the other tasks queued on this
+/// worker: on a two-core host those include agents' heartbeats, which an
+/// allocator in the same process would miss.
+fn off_worker<T>(large: bool, work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if large && h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
+/// Runs a consumer loop for ever, starting it again (after a pause) whenever it
+/// ends: a server restart or a deleted consumer ends it, and it must come back.
+async fn keep_running<F, Fut>(what: &'static str, mut run: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    loop {
+        if let Err(e) = run().await {
+            tracing::warn!(error = %e, consumer = what, "consumer stopped, restarting");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

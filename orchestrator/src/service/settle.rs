@@ -1,0 +1,259 @@
+//! After a step: what the actor does once the write succeeded (effects,
+//! watch updates) or failed (re-read, refuse, tell the agent).
+
+use super::*;
+
+impl Orchestrator {
+    /// After a successful write: acknowledge and answer; returns the
+    /// command's effects to carry out.
+    pub(super) async fn settle(
+        self: &Arc<Self>,
+        flow: &Flow,
+        revision: u64,
+        now: u64,
+        cmd: Cmd,
+        outcome: Result<(u32, Vec<Effect>), Refusal>,
+        placing: &mut Placing,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        match (cmd, outcome) {
+            (Cmd::Report { msg, .. }, Ok((_, e))) => {
+                let _ = msg.ack().await;
+                effects.extend(e);
+            }
+            (Cmd::Report { msg, .. }, Err(Refusal::Rejected(Rejection::AlreadyApplied))) => {
+                tracing::debug!(subject = %msg.subject, "report delivered again after it was applied");
+                let _ = msg.ack().await;
+            }
+            (Cmd::Report { report, msg }, Err(rejection)) => {
+                let _ = msg.ack().await;
+                let (code, reason) = match &rejection {
+                    Refusal::Rejected(r) => r.verdict(),
+                    _ => (ErrorCode::Fenced, RejectReason::Other),
+                };
+                self.reject(&report, &msg, code, reason, rejection.to_string())
+                    .await;
+            }
+            (
+                Cmd::Assign {
+                    task, allocation, ..
+                },
+                Ok((attempt, e)),
+            ) => {
+                placing.placed(&task);
+                effects.extend(e);
+                self.send_assignment(
+                    flow,
+                    &task,
+                    attempt,
+                    allocation.agent_id,
+                    allocation.allocation_id,
+                    now,
+                );
+            }
+            (
+                Cmd::Assign {
+                    task,
+                    allocation,
+                    slot,
+                    ..
+                },
+                Err(rejection),
+            ) => {
+                placing.remove(&task);
+                tracing::debug!(flow = %flow.id, %task, %rejection, "placement not used");
+                self.release(allocation.agent_id, allocation.allocation_id);
+                self.free_slot(slot);
+            }
+            (Cmd::Unplaced { task, asked_at }, _) => {
+                placing.refused(task, asked_at, self.freed.load(Ordering::Relaxed), now);
+            }
+            (Cmd::Control { reply, .. }, Ok((_, e))) => {
+                effects.extend(e);
+                let _ = reply.send(Ok(flow.status(revision, now)));
+            }
+            (Cmd::Control { reply, .. }, Err(rejection)) => {
+                let _ = reply.send(Err(refusal_error(&rejection)));
+            }
+            (_, Ok((_, e))) => effects.extend(e),
+            (_, Err(_)) => {}
+        }
+        effects
+    }
+
+    /// Tells watchers of the flow what it looks like now (counts and progress,
+    /// not every task: a watcher that wants those asks for the status).
+    pub(super) async fn publish_watch(
+        &self,
+        flow: &Flow,
+        revision: u64,
+        now: u64,
+        watch: &mut Watch,
+    ) {
+        *watch = Watch {
+            pending: false,
+            last_ms: now,
+            last_state: Some(flow.state),
+        };
+        let status = off_worker(flow.pages.is_some(), || flow.overview(revision, now));
+        if let Ok(body) = serde_json::to_vec(&status) {
+            if let Err(e) = self
+                .nats
+                .publish(subject::flow_watch(&flow.id), body.into())
+                .await
+            {
+                tracing::debug!(error = %e, "watch update not sent");
+            }
+        }
+    }
+
+    /// The flow is gone: nothing in the batch can apply.
+    pub(super) async fn settle_missing(self: &Arc<Self>, flow_id: &FlowId, batch: Vec<Cmd>) {
+        for cmd in batch {
+            match cmd {
+                Cmd::Report { report, msg } => {
+                    let _ = msg.ack().await;
+                    self.reject(
+                        &report,
+                        &msg,
+                        ErrorCode::NotFound,
+                        RejectReason::UnknownFlow,
+                        format!("no flow {flow_id}"),
+                    )
+                    .await;
+                }
+                Cmd::Assign {
+                    allocation, slot, ..
+                } => {
+                    self.release(allocation.agent_id, allocation.allocation_id);
+                    self.free_slot(slot);
+                }
+                Cmd::Control { reply, .. } => {
+                    let _ = reply.send(Err(Error::not_found(format!("no flow {flow_id}"))));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Storage failed: reports are redelivered later, placements given back
+    /// unless the write landed after all, and the tasks may be placed again.
+    pub(super) async fn settle_failed(
+        self: &Arc<Self>,
+        flow_id: &FlowId,
+        batch: Vec<Cmd>,
+        err: &Error,
+        placing: &mut Placing,
+    ) {
+        tracing::warn!(error = %err, "flow step not applied");
+        for cmd in batch {
+            match cmd {
+                Cmd::Report { msg, .. } => {
+                    let _ = msg
+                        .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(500))))
+                        .await;
+                }
+                Cmd::Assign {
+                    task,
+                    allocation,
+                    slot,
+                    ..
+                } => {
+                    placing.remove(&task);
+                    self.release_unless_held(flow_id.clone(), task, *allocation, slot);
+                }
+                Cmd::Unplaced { task, .. } => {
+                    placing.remove(&task);
+                }
+                Cmd::Control { reply, .. } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A report changed nothing: the agent hears why on its own subject, and
+    /// the rejection is an event.
+    pub(super) async fn reject(
+        &self,
+        report: &AgentReport,
+        msg: &jetstream::Message,
+        code: ErrorCode,
+        why: RejectReason,
+        reason: String,
+    ) {
+        tracing::info!(flow = %report.flow_id, task = %report.task_id, attempt = report.attempt, %reason, "report rejected");
+        if let Some(agent) = subject::agent_of(&msg.subject) {
+            self.tell_rejected(
+                &agent,
+                ReportRejected {
+                    flow_id: Some(report.flow_id.to_string()),
+                    task_id: Some(report.task_id.to_string()),
+                    attempt: Some(report.attempt),
+                    report_type: Some(report.kind.type_name().to_owned()),
+                    code,
+                    reason: why,
+                    message: reason.clone(),
+                    msg_id: msg_id(msg),
+                    at_ms: now_ms(),
+                    event_type: None,
+                    event_id: None,
+                },
+            )
+            .await;
+        }
+        self.events
+            .publish(EventKind::ReportRejected {
+                flow_id: report.flow_id.clone(),
+                task_id: report.task_id.clone(),
+                attempt: report.attempt,
+                agent_id: report.agent_id.clone(),
+                reason,
+            })
+            .await;
+    }
+
+    /// Publishes a verdict on the agent's `rejected` subject (core NATS: an
+    /// agent that is not listening loses nothing but the explanation).
+    pub(super) async fn tell_rejected(&self, agent: &AgentId, verdict: ReportRejected) {
+        if let Ok(body) = serde_json::to_vec(&verdict) {
+            if let Err(e) = self
+                .nats
+                .publish_with_headers(
+                    subject::rejected(agent),
+                    telemetry::producer_headers(&subject::rejected(agent)),
+                    body.into(),
+                )
+                .await
+            {
+                tracing::warn!(agent = %agent, error = %e, "rejection not sent");
+            }
+        }
+    }
+
+    /// Carries out a step's effects; its events are published under the
+    /// numbers `cursor` gives them (those the step stored them under).
+    pub(super) async fn run_effects(self: &Arc<Self>, effects: Vec<Effect>, cursor: &mut Cursor) {
+        for effect in effects {
+            match effect {
+                Effect::Event(kind) => self.outbox.publish(&self.js, cursor, kind).await,
+                Effect::Release { agent, allocation } => self.release(agent, allocation),
+                Effect::FreeSlot { key, holder } => self.free_slot(Some((key, holder))),
+                Effect::Cancel { agent, notice } => {
+                    if let Ok(body) = serde_json::to_vec(&notice) {
+                        let to = subject::cancel(&agent);
+                        let headers = telemetry::producer_headers(&to);
+                        if let Err(e) = self
+                            .nats
+                            .publish_with_headers(to, headers, body.into())
+                            .await
+                        {
+                            tracing::warn!(agent = %agent, error = %e, "cancel notice not sent");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
