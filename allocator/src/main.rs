@@ -1,25 +1,12 @@
 //! `coord-allocator`: runs the allocator service as a process.
 
-use clap::Parser;
-
-/// coordkit allocator: agents, capacity and placement.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Cli {
-    /// Check that this instance answers, then exit (0 healthy, 1 not): for container health checks.
-    #[arg(long)]
-    healthcheck: bool,
-    #[command(flatten)]
-    config: allocator::Config,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    if cli.healthcheck {
-        let ok = common::service::healthcheck(&cli.config.nats, "allocator").await;
-        std::process::exit(if ok { 0 } else { 1 });
-    }
-    let _telemetry = common::telemetry::init("coord-allocator");
-    allocator::run(cli.config, common::shutdown::signal()).await
+    common::service::main(
+        "coord-allocator",
+        "coordkit allocator: agents, capacity and placement",
+        |c: &allocator::Config| &c.nats,
+        allocator::run,
+    )
+    .await
 }

@@ -43,8 +43,10 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 mod health;
+mod main;
 use health::write_instance_file;
 pub use health::{healthcheck, ping};
+pub use main::{main, Shutdown};
 
 /// Environment variable naming a file where a service writes its instance id.
 pub const INSTANCE_FILE_ENV: &str = "COORD_INSTANCE_FILE";

@@ -1,25 +1,12 @@
 //! `coord-orchestrator`: runs the orchestrator service as a process.
 
-use clap::Parser;
-
-/// coordkit orchestrator: task flows (DAGs of tasks) run on external agents.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Cli {
-    /// Check that this instance answers, then exit (0 healthy, 1 not): for container health checks.
-    #[arg(long)]
-    healthcheck: bool,
-    #[command(flatten)]
-    config: orchestrator::Config,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    if cli.healthcheck {
-        let ok = common::service::healthcheck(&cli.config.nats, "orchestrator").await;
-        std::process::exit(if ok { 0 } else { 1 });
-    }
-    let _telemetry = common::telemetry::init("coord-orchestrator");
-    orchestrator::run(cli.config, common::shutdown::signal()).await
+    common::service::main(
+        "coord-orchestrator",
+        "coordkit orchestrator: task flows (DAGs of tasks) run on external agents",
+        |c: &orchestrator::Config| &c.nats,
+        orchestrator::run,
+    )
+    .await
 }

@@ -1,25 +1,12 @@
 //! `coord-synchronizer`: runs the synchronizer service as a process.
 
-use clap::Parser;
-
-/// coordkit synchronizer: versioned agent state.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Cli {
-    /// Check that this instance answers, then exit (0 healthy, 1 not): for container health checks.
-    #[arg(long)]
-    healthcheck: bool,
-    #[command(flatten)]
-    config: synchronizer::Config,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    if cli.healthcheck {
-        let ok = common::service::healthcheck(&cli.config.nats, "synchronizer").await;
-        std::process::exit(if ok { 0 } else { 1 });
-    }
-    let _telemetry = common::telemetry::init("coord-synchronizer");
-    synchronizer::run(cli.config, common::shutdown::signal()).await
+    common::service::main(
+        "coord-synchronizer",
+        "coordkit synchronizer: versioned agent state",
+        |c: &synchronizer::Config| &c.nats,
+        synchronizer::run,
+    )
+    .await
 }
