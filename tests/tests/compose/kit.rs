@@ -411,13 +411,12 @@ fn python_image() -> String {
         fs.libraries(&so.unwrap().path());
     }
     let site = Path::new(stdlib).join("site-packages");
-    for package in ["nats"] {
-        fs.tree(
-            &Path::new(purelib).join(package),
-            &site.join(package).to_string_lossy(),
-            &["__pycache__"],
-        );
-    }
+    // nats-py, the agent's one dependency.
+    fs.tree(
+        &Path::new(purelib).join("nats"),
+        &site.join("nats").to_string_lossy(),
+        &["__pycache__"],
+    );
     fs.copy(
         &workspace_root().join("examples/python/agent.py"),
         "/app/agent.py",
