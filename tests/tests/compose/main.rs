@@ -69,34 +69,66 @@ async fn submit_for(client: &Client, n: usize, capability: Option<&str>) -> Vec<
     ids
 }
 
-/// Waits until every flow has succeeded.
-async fn all_succeed(client: &Client, flows: &[FlowId], within: Duration) {
+/// Waits until every flow has succeeded, each within `within`. A flow still
+/// unfinished then fails the test with what it is waiting for (each task's state,
+/// attempt and agent, the agents' status) and the stack's last log lines.
+async fn all_succeed(stack: &Stack, client: &Client, flows: &[FlowId], within: Duration) {
     for flow in flows {
-        let state = eventually(within, "the flow finishes", || {
-            let client = client.clone();
-            async move {
-                let s = client.flow_status(flow).await.ok()?;
-                s.state.is_terminal().then_some(s)
+        let started = std::time::Instant::now();
+        let state = loop {
+            let s = client.flow_status(flow).await.ok();
+            if let Some(s) = s.as_ref().filter(|s| s.state.is_terminal()) {
+                break s.clone();
             }
-        })
-        .await;
+            if started.elapsed() > within {
+                let tasks: Vec<String> = s
+                    .iter()
+                    .flat_map(|s| &s.tasks)
+                    .map(|t| {
+                        format!(
+                            "{} {:?} attempt {} on {:?}",
+                            t.task_id, t.state, t.attempt, t.agent_id
+                        )
+                    })
+                    .collect();
+                let agents = client
+                    .capacity(&CapacityRequest::default())
+                    .await
+                    .map(|c| format!("{:?}", c.agent_status))
+                    .unwrap_or_else(|e| e.to_string());
+                panic!(
+                    "flow {flow} not finished within {within:?}: {:?}\ntasks: {tasks:#?}\nagents: {agents}\n{}",
+                    s.map(|s| s.state),
+                    stack.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         assert_eq!(state.state, FlowState::Succeeded, "{state:?}");
     }
 }
 
-/// Every event the events stream holds, read from its start.
+/// Every event the events stream holds, read from its start. Just after a
+/// node rejoined a cluster, JetStream may answer "temporarily unavailable"
+/// for a while: asked again until it answers.
 async fn all_events(nats: &async_nats::Client) -> Vec<Event> {
     let js = jetstream::new(nats.clone());
-    let mut stream = js.get_stream(common::nats::STREAM_EVENTS).await.unwrap();
-    let last = stream.info().await.unwrap().state.last_sequence;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
+    let (last, mut messages) = eventually(Duration::from_secs(60), "the events stream", || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream(common::nats::STREAM_EVENTS).await.ok()?;
+            let last = stream.info().await.ok()?.state.last_sequence;
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            Some((last, consumer.messages().await.ok()?))
+        }
+    })
+    .await;
     let mut out = Vec::new();
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(20), messages.next())
@@ -181,8 +213,8 @@ async fn shipped_stack_scales_and_survives_kills_and_a_nats_restart() {
     let client = Client::new(nats.clone());
     let mut first = submit(&client, 1).await;
     let mut python = submit_for(&client, 1, Some("python")).await;
-    all_succeed(&client, &first, Duration::from_secs(60)).await;
-    all_succeed(&client, &python, Duration::from_secs(60)).await;
+    all_succeed(&stack, &client, &first, Duration::from_secs(60)).await;
+    all_succeed(&stack, &client, &python, Duration::from_secs(60)).await;
     let on_python = client.flow_status(&python[0]).await.unwrap();
     assert!(
         on_python
@@ -245,7 +277,7 @@ async fn shipped_stack_scales_and_survives_kills_and_a_nats_restart() {
     // The killed replica back too (a restart policy does not apply to a kill).
     stack.docker(&["start", &orchestrator]);
     let flows: Vec<FlowId> = first.iter().chain(&python).cloned().collect();
-    all_succeed(&client, &flows, SETTLE).await;
+    all_succeed(&stack, &client, &flows, SETTLE).await;
     each_task_once_nothing_leaked(&nats, &client, &flows).await;
     for flow in &python {
         let s = client.flow_status(flow).await.unwrap();
@@ -301,13 +333,13 @@ async fn cluster_overlay_rides_out_a_stopped_node_and_a_partition() {
     let nats = connect(&stack.nats_url(), None).await;
     let client = Client::new(nats.clone());
     let mut flows = submit(&client, 2).await;
-    all_succeed(&client, &flows, Duration::from_secs(90)).await;
+    all_succeed(&stack, &client, &flows, Duration::from_secs(90)).await;
 
     // One node stopped: the other two keep the quorum.
     let node2 = stack.containers("nats-2")[0].clone();
     stack.docker(&["stop", "--time", "2", &node2]);
     let more = submit(&client, 3).await;
-    all_succeed(&client, &more, SETTLE).await;
+    all_succeed(&stack, &client, &more, SETTLE).await;
     flows.extend(more);
     stack.docker(&["start", &node2]);
     stack.wait_healthy(8, UP);
@@ -340,7 +372,7 @@ async fn cluster_overlay_rides_out_a_stopped_node_and_a_partition() {
     )
     .await;
     let more = submit(&client, 3).await;
-    all_succeed(&client, &more, SETTLE).await;
+    all_succeed(&stack, &client, &more, SETTLE).await;
     flows.extend(more);
     // A client on the minority side (in nats-3's network namespace) asks for
     // a flow: it must not be told it succeeded.
@@ -375,7 +407,7 @@ async fn cluster_overlay_rides_out_a_stopped_node_and_a_partition() {
     })
     .await;
     let more = submit(&client, 2).await;
-    all_succeed(&client, &more, SETTLE).await;
+    all_succeed(&stack, &client, &more, SETTLE).await;
     flows.extend(more);
     each_task_once_nothing_leaked(&nats, &client, &flows).await;
 }
@@ -423,7 +455,7 @@ async fn isolated_overlay_lets_an_agent_container_act_only_as_itself() {
     let nats = connect(&stack.nats_url(), Some(("coord-operator", &operator))).await;
     let client = Client::new(nats.clone());
     let flows = submit(&client, 2).await;
-    all_succeed(&client, &flows, Duration::from_secs(90)).await;
+    all_succeed(&stack, &client, &flows, Duration::from_secs(90)).await;
 
     let agent = stack.containers("demo-agent")[0].clone();
     // coordctl in the agent's container, logged in as the agent.
