@@ -305,6 +305,31 @@ pub async fn get_json_raw<T: DeserializeOwned>(
     }
 }
 
+/// Whether `key` is absent from `kv` (never written, deleted or purged), as
+/// the bucket's stream leader says. A KV read is a direct get, which any
+/// replica may answer: one that has not caught up (a node just back in a
+/// cluster) answers "not found" for a key written meanwhile. Before treating
+/// "not found" as final, ask the leader.
+pub async fn absent_at_leader(kv: &kv::Store, key: &str) -> Result<bool, Error> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let subject = format!("{}{key}", kv.prefix);
+    match kv.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(msg) => {
+            let op = msg
+                .headers
+                .get("KV-Operation")
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            Ok(op == "DEL" || op == "PURGE")
+        }
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(true),
+        Err(e) => Err(Error::new(
+            ErrorCode::Unavailable,
+            format!("kv read {key} at the leader: {e}"),
+        )),
+    }
+}
+
 /// The outcome of one step of [`cas_update`].
 pub enum Step<T, R> {
     /// Write this value, then return `R`.

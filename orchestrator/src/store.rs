@@ -277,7 +277,13 @@ pub async fn read(kv: &kv::Store, flow: &FlowId) -> Result<Option<Stored>, Error
         let Some((mut f, revision, header)) =
             common::nats::get_json_raw::<Flow>(kv, flow.as_str()).await?
         else {
-            return Ok(None);
+            // A replica behind the leader may not have the flow yet: a report
+            // refused as "no flow" then would leave its task running for good.
+            if common::nats::absent_at_leader(kv, flow.as_str()).await? {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
         };
         let Some(pages) = f.pages.clone() else {
             return Ok(Some((
@@ -325,7 +331,9 @@ pub async fn read(kv: &kv::Store, flow: &FlowId) -> Result<Option<Stored>, Error
     }
     Err(Error::new(
         ErrorCode::Unavailable,
-        format!("flow {flow}: its pages kept changing while being read"),
+        format!(
+            "flow {flow}: its pages kept changing, or its replicas disagreed, while being read"
+        ),
     ))
 }
 
