@@ -305,6 +305,35 @@ pub async fn get_json_raw<T: DeserializeOwned>(
     }
 }
 
+/// Lets a bucket take atomic batches (several keys written in one step, all
+/// or none); an existing bucket's stream is updated.
+pub async fn allow_atomic_batches(
+    js: &async_nats::jetstream::Context,
+    kv: &kv::Store,
+) -> Result<(), Error> {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        Error::new(ErrorCode::Unavailable, format!("{}: {e}", kv.stream_name))
+    };
+    let mut stream = js
+        .get_stream(&kv.stream_name)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut config = stream
+        .info()
+        .await
+        .map_err(|e| unavailable(&e))?
+        .config
+        .clone();
+    if config.allow_atomic_publish {
+        return Ok(());
+    }
+    config.allow_atomic_publish = true;
+    js.update_stream(config)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    Ok(())
+}
+
 /// Whether `key` is absent from `kv` (never written, deleted or purged), as
 /// the bucket's stream leader says. A KV read is a direct get, which any
 /// replica may answer: one that has not caught up (a node just back in a

@@ -21,6 +21,7 @@
 //! it was declared lost meanwhile, the event saying so may have been missed).
 
 mod events;
+mod pull;
 mod sync;
 pub use events::publish_event;
 pub use sync::SyncFollower;
@@ -111,11 +112,6 @@ pub fn consumer_name(agent: &AgentId) -> String {
 pub fn inbox_prefix(agent: &AgentId) -> String {
     format!("_INBOX_{agent}")
 }
-
-/// How long one pull request for assignments waits, and the idle heartbeat
-/// the server sends meanwhile: a lost pull is noticed within this.
-const PULL_EXPIRES: Duration = Duration::from_secs(10);
-const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// Runs an agent until `shutdown` resolves: in-flight tasks finish and are
 /// reported, then the function returns.
@@ -303,31 +299,19 @@ where
                 .map_err(|e| unavailable(&e))?;
         }
     }
-    let consumer = stream
-        .get_or_create_consumer(
-            &name,
-            consumer::pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: subject::assign(&opts.agent_id),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(300),
-                max_ack_pending: opts.concurrency.max(1) as i64,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| unavailable(&e))?;
-    // Short pulls: a pull request held by a consumer leader that goes away
-    // (a NATS node stopped in a cluster) is lost without a word, and the
-    // client notices only when it expires or two idle heartbeats are missed.
-    // The library's 30 s / 15 s would leave an assignment waiting that long.
-    let mut messages = consumer
-        .stream()
-        .expires(PULL_EXPIRES)
-        .heartbeat(PULL_HEARTBEAT)
-        .messages()
-        .await
-        .map_err(|e| unavailable(&e))?;
+    let mut messages = pull::Assignments::open(
+        stream.clone(),
+        consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: subject::assign(&opts.agent_id),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(300),
+            max_ack_pending: opts.concurrency.max(1) as i64,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|e| unavailable(&e))?;
     let limit = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let permits = opts.concurrency.max(1) as u32;
 
@@ -357,7 +341,6 @@ where
             _ = &mut shutdown => break true,
             msg = messages.next() => msg,
         };
-        let Some(msg) = msg else { break false };
         let msg = match msg {
             Ok(m) => m,
             Err(e) => {
@@ -393,7 +376,7 @@ where
                 _ = tokio::time::sleep_until(grace) => break,
                 msg = tokio::time::timeout(Duration::from_millis(200), messages.next()) => msg,
             };
-            if let Ok(Some(Ok(msg))) = next {
+            if let Ok(Ok(msg)) = next {
                 let permit = tokio::select! {
                     _ = tokio::time::sleep_until(grace) => break,
                     p = limit.clone().acquire_owned() => p,

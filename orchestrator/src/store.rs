@@ -495,31 +495,6 @@ fn unavailable(e: impl std::fmt::Display) -> Error {
     Error::new(ErrorCode::Unavailable, format!("kv write: {e}"))
 }
 
-/// Lets the flows bucket take atomic batches (an existing bucket is updated).
-pub async fn allow_batches(
-    js: &async_nats::jetstream::Context,
-    kv: &kv::Store,
-) -> Result<(), Error> {
-    let mut stream = js
-        .get_stream(&kv.stream_name)
-        .await
-        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("flows stream: {e}")))?;
-    let mut config = stream
-        .info()
-        .await
-        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("flows stream: {e}")))?
-        .config
-        .clone();
-    if config.allow_atomic_publish {
-        return Ok(());
-    }
-    config.allow_atomic_publish = true;
-    js.update_stream(config)
-        .await
-        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("flows stream: {e}")))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

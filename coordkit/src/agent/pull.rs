@@ -1,0 +1,92 @@
+//! The agent's assignments as a stream that does not end while the agent
+//! runs: its durable consumer pulled with short requests, and opened again
+//! (made again if it is gone) whenever the library's stream ends or says the
+//! consumer was deleted. An agent that stopped pulling would still heartbeat,
+//! look alive and never work.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+
+/// How long one pull request for assignments waits, and the idle heartbeat
+/// the server sends meanwhile: a pull lost with a departed consumer leader
+/// (a NATS node stopped in a cluster) is noticed within this. The library's
+/// 30 s / 15 s would leave an assignment waiting that long.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Wait between two tries at opening the consumer again.
+const REOPEN_PAUSE: Duration = Duration::from_secs(1);
+
+pub(super) struct Assignments {
+    stream: jetstream::stream::Stream,
+    config: consumer::pull::Config,
+    messages: Option<pull::Stream>,
+}
+
+impl Assignments {
+    /// Opens the durable consumer `config` names on `stream` (making it if
+    /// missing); an error here is the caller's.
+    pub(super) async fn open(
+        stream: jetstream::stream::Stream,
+        config: consumer::pull::Config,
+    ) -> Result<Self, String> {
+        let messages = Some(Self::pull(&stream, &config).await?);
+        Ok(Assignments {
+            stream,
+            config,
+            messages,
+        })
+    }
+
+    async fn pull(
+        stream: &jetstream::stream::Stream,
+        config: &consumer::pull::Config,
+    ) -> Result<pull::Stream, String> {
+        let name = config.durable_name.clone().unwrap_or_default();
+        let consumer = stream
+            .get_or_create_consumer(&name, config.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        consumer
+            .stream()
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// The next delivery, or an error worth a log line (the stream carries
+    /// on after it). Never the end: a stream that ended is opened again.
+    pub(super) async fn next(&mut self) -> Result<jetstream::Message, String> {
+        loop {
+            let Some(messages) = self.messages.as_mut() else {
+                match Self::pull(&self.stream, &self.config).await {
+                    Ok(m) => {
+                        tracing::info!("assignments: consumer opened again");
+                        self.messages = Some(m);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "assignments: consumer not opened yet");
+                        tokio::time::sleep(REOPEN_PAUSE).await;
+                    }
+                }
+                continue;
+            };
+            match messages.next().await {
+                Some(Ok(msg)) => return Ok(msg),
+                Some(Err(e)) if e.kind() == MessagesErrorKind::ConsumerDeleted => {
+                    tracing::warn!("assignments: consumer deleted; making it again");
+                    self.messages = None;
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                None => {
+                    tracing::warn!("assignments: the pull stream ended; opening it again");
+                    self.messages = None;
+                }
+            }
+        }
+    }
+}
