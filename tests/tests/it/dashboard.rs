@@ -14,7 +14,7 @@ use testkit::{eventually, ServiceHandle, System};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{oneshot, Semaphore};
 
-use crate::cdp::Browser;
+use crate::cdp::{Browser, HEADLESS};
 use crate::monitor::{flow, run_flow, wait_registered, work};
 
 /// An agent (2 cpus, 2 at once) whose tasks wait for the test: `ok` answers
@@ -85,21 +85,26 @@ fn chromium() -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// [`chromium`], or a line saying the test skipped.
+fn chromium_or_skip() -> Option<std::path::PathBuf> {
+    let found = chromium();
+    if found.is_none() {
+        println!(
+            "SKIPPED: chromium is not installed and could not be installed here \
+             (scripts/test.sh installs it with apt-get; or set CHROMIUM_BIN)"
+        );
+    }
+    found
+}
+
 /// The page as Chromium renders it after its scripts ran, and what it logged.
 async fn render(browser: &std::path::Path, url: &str) -> (String, String) {
     let profile = tempfile::tempdir().unwrap();
     let out = tokio::time::timeout(
         Duration::from_secs(90),
         tokio::process::Command::new(browser)
+            .args(HEADLESS)
             .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
                 "--enable-logging=stderr",
                 "--v=0",
                 "--virtual-time-budget=3000",
@@ -128,11 +133,7 @@ fn task_state<'a>(dom: &'a str, task: &str) -> Option<&'a str> {
 
 #[tokio::test]
 async fn dashboard_shows_a_running_flows_tasks_changing_state_in_headless_chromium() {
-    let Some(browser) = chromium() else {
-        println!(
-            "SKIPPED: chromium is not installed and could not be installed here \
-             (scripts/test.sh installs it with apt-get; or set CHROMIUM_BIN)"
-        );
+    let Some(browser) = chromium_or_skip() else {
         return;
     };
     let sys = System::start().await;
@@ -204,12 +205,8 @@ async fn screenshot(browser: &std::path::Path, url: &str, name: &str) {
     let status = tokio::time::timeout(
         Duration::from_secs(90),
         tokio::process::Command::new(browser)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--hide-scrollbars",
-            ])
+            .args(HEADLESS)
+            .arg("--hide-scrollbars")
             .args(["--window-size=1200,1300", "--virtual-time-budget=3000"])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(format!(
@@ -232,11 +229,7 @@ async fn screenshot(browser: &std::path::Path, url: &str, name: &str) {
 /// heartbeat age, utilisation, the task it runs now, linked to its flow).
 #[tokio::test]
 async fn dashboard_leads_from_a_flow_to_its_tasks_and_their_agent_in_headless_chromium() {
-    let Some(browser) = chromium() else {
-        println!(
-            "SKIPPED: chromium is not installed and could not be installed here \
-             (scripts/test.sh installs it with apt-get; or set CHROMIUM_BIN)"
-        );
+    let Some(browser) = chromium_or_skip() else {
         return;
     };
     let sys = System::start().await;
@@ -378,11 +371,7 @@ async fn http_post(addr: &str, path: &str, token: Option<&str>) -> (u16, String)
 /// nothing.
 #[tokio::test]
 async fn a_user_clicks_from_a_flow_to_its_agent_and_cancels_it_in_headless_chromium() {
-    let Some(browser) = chromium() else {
-        println!(
-            "SKIPPED: chromium is not installed and could not be installed here \
-             (scripts/test.sh installs it with apt-get; or set CHROMIUM_BIN)"
-        );
+    let Some(browser) = chromium_or_skip() else {
         return;
     };
     common::telemetry::init_for_tests();
