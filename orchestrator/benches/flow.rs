@@ -106,9 +106,9 @@ fn running_flow() -> (Flow, AgentReport) {
         .into_iter()
         .next()
         .unwrap_or_else(|| unreachable!("a random DAG has roots"));
-    let (attempt, _) = flow
-        .assign(&task, &agent, &allocation, 1)
+    flow.assign(&task, &agent, &allocation, 1)
         .unwrap_or_else(|_| unreachable!("a ready task can be assigned"));
+    let attempt = flow.tasks[&task].attempt;
     let started = AgentReport {
         flow_id: flow.id.clone(),
         task_id: task.clone(),

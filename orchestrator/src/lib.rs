@@ -10,7 +10,6 @@ pub mod failpoints;
 mod held;
 pub mod machine;
 pub mod outbox;
-mod placing;
 pub mod service;
 mod slots;
 pub mod store;

@@ -24,8 +24,11 @@
 mod agents;
 mod change;
 mod explain;
+mod place;
+mod placing;
 mod plan;
 mod status;
+mod step;
 mod tasks;
 mod validate;
 mod wait;
@@ -41,8 +44,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use change::Problems;
+pub use place::{Placement, MAX_PLACING_PER_FLOW};
+pub use placing::Placing;
 pub use plan::PlanInput;
 pub use status::STATUS_TASKS;
+pub use step::{Command, GRANT_MAX_AGE_MS};
 pub use tasks::{Tasks, Touched};
 pub use validate::{validate, MAX_TASKS};
 pub use wait::{AgentEventRef, WAIT_TIMED_OUT};
@@ -224,6 +230,13 @@ pub struct AttemptRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     Event(EventKind),
+    /// Send the attempt to the agent it was placed on.
+    Assign {
+        task: TaskId,
+        attempt: u32,
+        agent: AgentId,
+        allocation: AllocationId,
+    },
     /// Give an allocation back to the allocator.
     Release {
         agent: AgentId,
@@ -242,7 +255,7 @@ pub enum Effect {
 }
 
 /// Why a request, report or assignment was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Rejection {
     #[error("flow has finished")]
     FlowFinished,
@@ -277,6 +290,21 @@ pub enum Rejection {
     NotWaiting(TaskState),
     #[error("the event does not match what the task waits for")]
     NoMatch,
+    /// A change that would leave the flow invalid: every problem found.
+    #[error("{}", problems_text(.0))]
+    Invalid(Problems),
+    /// A modification made from an older revision of the flow.
+    #[error("the flow is at revision {current}, not {expected}: read it again")]
+    Stale { expected: u64, current: u64 },
+    /// A placement granted too long ago to be used: the allocator's
+    /// reconciliation may have taken it back meanwhile.
+    #[error("the placement was granted {age_ms} ms ago; placing again")]
+    LateGrant { age_ms: u64 },
+}
+
+fn problems_text(problems: &Problems) -> String {
+    let all: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+    all.join("; ")
 }
 
 impl Rejection {
@@ -299,7 +327,27 @@ impl Rejection {
             | Rejection::NotWaiting(_)
             | Rejection::NoMatch
             | Rejection::NotDue(_)
-            | Rejection::ParallelismLimit(_) => (C::Fenced, RejectReason::Other),
+            | Rejection::ParallelismLimit(_)
+            | Rejection::Invalid(_)
+            | Rejection::Stale { .. }
+            | Rejection::LateGrant { .. } => (C::Fenced, RejectReason::Other),
+        }
+    }
+
+    /// The error an operator's request refused with this is answered with.
+    pub fn error(&self) -> common::Error {
+        use common::ErrorCode as C;
+        let message = self.to_string();
+        match self {
+            Rejection::UnknownTask(_) => common::Error::new(C::NotFound, message),
+            Rejection::StaleAttempt { .. } | Rejection::WrongAgent { .. } => {
+                common::Error::new(C::Fenced, message)
+            }
+            Rejection::Invalid(problems) => common::Error::new(C::ValidationFailed, message)
+                .with_details(serde_json::json!({ "problems": problems })),
+            Rejection::Stale { current, .. } => common::Error::new(C::Conflict, message)
+                .with_details(serde_json::json!({ "current_revision": current })),
+            _ => common::Error::new(C::Conflict, message),
         }
     }
 }
@@ -339,6 +387,27 @@ impl Flow {
             1,
         )
         .0
+    }
+
+    /// [`Flow::assign`] with the new attempt's number taken out of its
+    /// [`Effect::Assign`], for tests.
+    #[cfg(test)]
+    pub(crate) fn assign_attempt(
+        &mut self,
+        task: &TaskId,
+        agent: &AgentId,
+        allocation: &AllocationId,
+        now_ms: u64,
+    ) -> Result<(u32, Vec<Effect>), Rejection> {
+        let effects = self.assign(task, agent, allocation, now_ms)?;
+        let attempt = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Assign { attempt, .. } => Some(*attempt),
+                _ => None,
+            })
+            .expect("an assignment is sent");
+        Ok((attempt, effects))
     }
 
     /// A new flow from a validated spec. Tasks without dependencies become ready
@@ -422,6 +491,16 @@ impl Flow {
         self.tasks.values().filter(|t| t.state.is_active()).count()
     }
 
+    /// How many more tasks may be started, `in_flight` being placed already:
+    /// the flow's parallelism budget, the one place it is computed.
+    pub fn room(&self, in_flight: usize) -> usize {
+        match self.max_parallelism {
+            // Counting active tasks is a scan of the flow: only when it matters.
+            Some(max) => (max as usize).saturating_sub(self.active() + in_flight),
+            None => usize::MAX,
+        }
+    }
+
     /// Ready tasks in dispatch order: priority, then critical path (upward rank), then id.
     pub fn ready_in_order(&self) -> Vec<TaskId> {
         let ready = self.tasks.ready_in_order();
@@ -441,11 +520,7 @@ impl Flow {
         if self.state != FlowState::Running {
             return Vec::new();
         }
-        let budget = match self.max_parallelism {
-            Some(max) => (max as usize).saturating_sub(self.active()),
-            None => usize::MAX,
-        }
-        .min(limit);
+        let budget = self.room(0).min(limit);
         if budget == 0 {
             return Vec::new();
         }
@@ -490,22 +565,21 @@ impl Flow {
             .min()
     }
 
-    /// Records that `task` was placed on `agent` and is being sent to it.
-    /// Returns the new attempt number.
+    /// Records that `task` was placed on `agent`; the new attempt goes out
+    /// as an [`Effect::Assign`].
     pub fn assign(
         &mut self,
         task: &TaskId,
         agent: &AgentId,
         allocation: &AllocationId,
         now_ms: u64,
-    ) -> Result<(u32, Vec<Effect>), Rejection> {
+    ) -> Result<Vec<Effect>, Rejection> {
         match self.state {
             FlowState::Running => {}
             FlowState::Paused => return Err(Rejection::FlowPaused),
             _ => return Err(Rejection::FlowFinished),
         }
-        // Counting active tasks is a scan of the flow: only when it matters.
-        let active = self.max_parallelism.map(|_| self.active());
+        let full = self.room(0) == 0;
         let t = self
             .tasks
             .get_mut(task)
@@ -516,10 +590,8 @@ impl Flow {
         if t.not_before_ms > now_ms {
             return Err(Rejection::NotDue(t.not_before_ms));
         }
-        if let (Some(max), Some(active)) = (self.max_parallelism, active) {
-            if active >= max as usize {
-                return Err(Rejection::ParallelismLimit(max));
-            }
+        if let (Some(max), true) = (self.max_parallelism, full) {
+            return Err(Rejection::ParallelismLimit(max));
         }
         t.attempt += 1;
         t.agent = Some(agent.clone());
@@ -539,7 +611,13 @@ impl Flow {
         let attempt = t.attempt;
         let mut effects = Vec::new();
         self.transition(task, TaskState::Assigned, now_ms, None, &mut effects);
-        Ok((attempt, effects))
+        effects.push(Effect::Assign {
+            task: task.clone(),
+            attempt,
+            agent: agent.clone(),
+            allocation: allocation.clone(),
+        });
+        Ok(effects)
     }
 
     /// Undoes an assignment whose message could not be sent: the task is ready

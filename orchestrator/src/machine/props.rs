@@ -231,6 +231,12 @@ impl Model {
     fn effects(&mut self, effects: &[Effect], completion_ok: bool) -> Result<(), TestCaseError> {
         for e in effects {
             match e {
+                Effect::Assign { allocation, .. } => {
+                    prop_assert!(
+                        self.held.contains(allocation),
+                        "assignment sent on allocation {allocation} never handed out"
+                    );
+                }
                 Effect::Release { allocation, .. } => {
                     prop_assert!(
                         self.held.remove(allocation),
@@ -330,7 +336,7 @@ fn assign(
     };
     let deps_ok = deps_succeeded(flow, &pre);
     let allocation = model.allocation();
-    match flow.assign(task, agent, &allocation, model.now) {
+    match flow.assign_attempt(task, agent, &allocation, model.now) {
         Ok((attempt, effects)) => {
             prop_assert_eq!(pre.state, TaskState::Ready, "assigned from {:?}", pre.state);
             prop_assert!(deps_ok, "{task} assigned before its dependencies succeeded");
@@ -627,7 +633,8 @@ fn a_fail_fast_step_does_not_revive_the_tasks_it_cancelled() {
         let agent = aid(0);
         for i in 0..2 {
             let allocation = AllocationId::new(format!("al-{i}")).unwrap();
-            flow.assign(&tid(i), &agent, &allocation, 0).unwrap();
+            flow.assign_attempt(&tid(i), &agent, &allocation, 0)
+                .unwrap();
         }
         let effects = if lose_agent {
             flow.agent_lost(&agent, 50)

@@ -60,7 +60,7 @@ fn due(flow: &Flow, now: u64) -> Vec<String> {
 /// Assigns `t` to w1 and reports it completed; returns the completion's effects.
 fn run(flow: &mut Flow, t: &str) -> Vec<Effect> {
     let (attempt, _) = flow
-        .assign(
+        .assign_attempt(
             &tid(t),
             &agent(),
             &AllocationId::new(format!("al-{t}")).unwrap(),
@@ -172,7 +172,7 @@ fn higher_priority_then_longer_chain_goes_first() {
 fn stale_foreign_and_duplicate_reports_are_fenced() {
     let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
     let (attempt, _) = flow
-        .assign(&tid("a"), &agent(), &AllocationId::new("al").unwrap(), 1)
+        .assign_attempt(&tid("a"), &agent(), &AllocationId::new("al").unwrap(), 1)
         .unwrap();
     assert_eq!(attempt, 1);
     assert_eq!(
@@ -205,7 +205,7 @@ fn stale_foreign_and_duplicate_reports_are_fenced() {
         Err(Rejection::NotActive(TaskState::Succeeded))
     );
     assert_eq!(
-        flow.assign(&tid("a"), &agent(), &AllocationId::new("al2").unwrap(), 5),
+        flow.assign_attempt(&tid("a"), &agent(), &AllocationId::new("al2").unwrap(), 5),
         Err(Rejection::NotReady(TaskState::Succeeded))
     );
 }
@@ -215,7 +215,7 @@ fn a_failure_skips_everything_downstream_and_fails_the_flow() {
     let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
     run(&mut flow, "a");
     let (attempt, _) = flow
-        .assign(&tid("b"), &agent(), &AllocationId::new("al").unwrap(), 1)
+        .assign_attempt(&tid("b"), &agent(), &AllocationId::new("al").unwrap(), 1)
         .unwrap();
     flow.report(
         &report(
@@ -240,13 +240,13 @@ fn a_failure_skips_everything_downstream_and_fails_the_flow() {
 fn unassign_puts_the_task_back_and_releases() {
     let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
     let (attempt, _) = flow
-        .assign(&tid("a"), &agent(), &AllocationId::new("al").unwrap(), 1)
+        .assign_attempt(&tid("a"), &agent(), &AllocationId::new("al").unwrap(), 1)
         .unwrap();
     let e = flow.unassign(&tid("a"), attempt, 2).unwrap();
     assert_eq!(flow.tasks[&tid("a")].state, TaskState::Ready);
     assert!(matches!(e[0], Effect::Release { .. }));
     let (next, _) = flow
-        .assign(&tid("a"), &agent(), &AllocationId::new("al2").unwrap(), 3)
+        .assign_attempt(&tid("a"), &agent(), &AllocationId::new("al2").unwrap(), 3)
         .unwrap();
     assert_eq!(next, 2, "a new attempt fences off the old one");
 }
@@ -255,7 +255,7 @@ fn unassign_puts_the_task_back_and_releases() {
 fn every_transition_is_one_event() {
     let (mut flow, mut all) = Flow::new(FlowId::new("f").unwrap(), spec(vec![task("a", &[])]), 0);
     let (attempt, e) = flow
-        .assign(&tid("a"), &agent(), &AllocationId::new("al").unwrap(), 1)
+        .assign_attempt(&tid("a"), &agent(), &AllocationId::new("al").unwrap(), 1)
         .unwrap();
     all.extend(e);
     all.extend(
@@ -294,7 +294,7 @@ fn flow_of(tasks: Vec<TaskSpec>) -> Flow {
 fn assign(flow: &mut Flow, t: &str, agent_name: &str, now: u64) -> u32 {
     let agent = AgentId::new(agent_name).unwrap();
     let alloc = AllocationId::new(format!("al-{t}-{now}")).unwrap();
-    flow.assign(&tid(t), &agent, &alloc, now).unwrap().0
+    flow.assign_attempt(&tid(t), &agent, &alloc, now).unwrap().0
 }
 
 fn retrying(id: &str, attempts: u32) -> TaskSpec {
@@ -334,7 +334,7 @@ fn a_retryable_failure_backs_off_then_runs_again() {
     assert!(flow.dispatchable(119).is_empty(), "still backing off");
     assert_eq!(flow.dispatchable(120), [tid("a")]);
     assert_eq!(
-        flow.assign(&tid("a"), &agent(), &AllocationId::new("x").unwrap(), 50),
+        flow.assign_attempt(&tid("a"), &agent(), &AllocationId::new("x").unwrap(), 50),
         Err(Rejection::NotDue(120))
     );
     let second = assign(&mut flow, "a", "w1", 130);
@@ -493,7 +493,7 @@ fn pause_stops_dispatch_and_resume_continues() {
     assert_eq!(flow.state, FlowState::Paused);
     assert!(flow.dispatchable(10).is_empty());
     assert_eq!(
-        flow.assign(&tid("b"), &agent(), &AllocationId::new("x").unwrap(), 10),
+        flow.assign_attempt(&tid("b"), &agent(), &AllocationId::new("x").unwrap(), 10),
         Err(Rejection::FlowPaused)
     );
     assert!(
@@ -604,7 +604,7 @@ fn max_parallelism_caps_what_is_dispatched() {
     assign(&mut flow, "b", "w1", 0);
     assert!(flow.dispatchable(1).is_empty());
     assert_eq!(
-        flow.assign(&tid("c"), &agent(), &AllocationId::new("x").unwrap(), 1),
+        flow.assign_attempt(&tid("c"), &agent(), &AllocationId::new("x").unwrap(), 1),
         Err(Rejection::ParallelismLimit(2))
     );
 }

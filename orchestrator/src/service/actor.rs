@@ -3,76 +3,6 @@
 
 use super::*;
 
-/// Why a command changed nothing.
-#[derive(Debug)]
-pub(super) enum Refusal {
-    Rejected(Rejection),
-    Invalid(machine::Problems),
-    /// A modification made from an older revision of the flow.
-    Stale {
-        expected: u64,
-        current: u64,
-    },
-    /// A placement granted too long ago to be used: the allocator's
-    /// reconciliation may have taken it back meanwhile.
-    LateGrant {
-        age_ms: u64,
-    },
-}
-
-/// How old a grant may be when its step applies it. Longer, and the
-/// allocator's reconciliation (which asks after a grace of 30 s by default)
-/// might already have found the allocation unheld and taken it back.
-pub(super) const GRANT_MAX_AGE_MS: u64 = 10_000;
-
-impl From<Rejection> for Refusal {
-    fn from(r: Rejection) -> Self {
-        Refusal::Rejected(r)
-    }
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refusal::Rejected(r) => write!(f, "{r}"),
-            Refusal::Invalid(problems) => {
-                let all: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
-                write!(f, "{}", all.join("; "))
-            }
-            Refusal::Stale { expected, current } => {
-                write!(
-                    f,
-                    "the flow is at revision {current}, not {expected}: read it again"
-                )
-            }
-            Refusal::LateGrant { age_ms } => {
-                write!(
-                    f,
-                    "the placement was granted {age_ms} ms ago; placing again"
-                )
-            }
-        }
-    }
-}
-
-pub(super) fn refusal_error(r: &Refusal) -> Error {
-    match r {
-        Refusal::Rejected(rejection) => {
-            let code = match rejection {
-                Rejection::UnknownTask(_) => ErrorCode::NotFound,
-                Rejection::StaleAttempt { .. } | Rejection::WrongAgent { .. } => ErrorCode::Fenced,
-                _ => ErrorCode::Conflict,
-            };
-            Error::new(code, r.to_string())
-        }
-        Refusal::Invalid(problems) => Error::new(ErrorCode::ValidationFailed, r.to_string())
-            .with_details(serde_json::json!({ "problems": problems })),
-        Refusal::Stale { current, .. } => Error::new(ErrorCode::Conflict, r.to_string())
-            .with_details(serde_json::json!({ "current_revision": current })),
-        Refusal::LateGrant { .. } => Error::new(ErrorCode::Conflict, r.to_string()),
-    }
-}
-
 /// A large flow's watch updates are this far apart at least, and 1 ms more
 /// per [`WATCH_TASKS_PER_MS`] tasks.
 pub(super) const WATCH_EVERY_MS: u64 = 250;
@@ -263,15 +193,15 @@ impl Orchestrator {
                     }
                 },
             };
-            let outcomes: Vec<Result<(u32, Vec<Effect>), Refusal>> = batch
+            let outcomes: Vec<Result<Vec<Effect>, Rejection>> = batch
                 .iter()
-                .map(|cmd| step(&mut flow, cmd, revision, now))
+                .map(|cmd| flow.apply(cmd.command(), revision, now))
                 .collect();
             // The step's events go into the record with it (the outbox).
             let outbox_before = flow.outbox.clone();
             let (mut cursor, outbox_changed) = self.outbox.stage(
                 &mut flow,
-                outcomes.iter().flatten().flat_map(|(_, e)| events_of(e)),
+                outcomes.iter().flatten().flat_map(|e| events_of(e)),
                 now,
             );
             // The encoding tells whether the step changed anything: it is
@@ -332,7 +262,7 @@ impl Orchestrator {
                     let effects = self
                         .settle(&flow, revision, now, cmd, outcome, placing)
                         .await;
-                    self.run_effects(effects, cursor).await;
+                    self.run_effects(Some((&flow, now)), effects, cursor).await;
                 }
                 .instrument(span)
                 .await;
@@ -378,13 +308,11 @@ pub(super) fn step_span(
     let caused = causes.iter().any(|c| !c.is_disabled());
     // Only asked when nothing else says the step matters.
     let places = || {
-        let room = flow
-            .max_parallelism
-            .is_none_or(|max| (max as usize) > flow.active() + placing.len());
-        room && flow
-            .dispatchable_up_to(now, placing.len() + 1)
-            .iter()
-            .any(|t| !placing.contains(t))
+        flow.room(placing.len()) > 0
+            && flow
+                .dispatchable_up_to(now, placing.len() + 1)
+                .iter()
+                .any(|t| !placing.contains(t))
     };
     if !caused && !changed && !places() {
         return tracing::Span::none();
@@ -404,68 +332,5 @@ pub(super) fn events_of(effects: &[Effect]) -> impl Iterator<Item = &EventKind> 
     effects.iter().filter_map(|e| match e {
         Effect::Event(kind) => Some(kind),
         _ => None,
-    })
-}
-
-/// One command applied to the flow. `Ok` carries the attempt number for an
-/// assignment (0 otherwise) and the step's effects.
-pub(super) fn step(
-    flow: &mut Flow,
-    cmd: &Cmd,
-    revision: u64,
-    now: u64,
-) -> Result<(u32, Vec<Effect>), Refusal> {
-    Ok(match cmd {
-        Cmd::Report { report, .. } => (0, flow.report(report, now)?),
-        Cmd::Assign {
-            task,
-            allocation,
-            granted_ms,
-            ..
-        } => {
-            let age_ms = now.saturating_sub(*granted_ms);
-            if age_ms > GRANT_MAX_AGE_MS {
-                return Err(Refusal::LateGrant { age_ms });
-            }
-            flow.assign(task, &allocation.agent_id, &allocation.allocation_id, now)?
-        }
-        Cmd::Unplaced { .. } | Cmd::Wake => (0, Vec::new()),
-        Cmd::Unassign { task, attempt } => (0, flow.unassign(task, *attempt, now)?),
-        Cmd::Tick => (0, flow.tick(now)),
-        Cmd::AgentGone(agent, left) => (0, flow.agent_gone(agent, *left, now)),
-        Cmd::Preempted {
-            task,
-            allocation,
-            reason,
-        } => (0, flow.preempted(task, allocation, reason, now)),
-        Cmd::Event {
-            task,
-            event,
-            stored_ms,
-        } => {
-            let whole = serde_json::to_value(event.as_ref()).unwrap_or(Value::Null);
-            let seen = machine::AgentEventRef {
-                event_type: &event.event_type,
-                agent_id: &event.agent_id,
-                data: &event.data,
-                whole: &whole,
-            };
-            (0, flow.event_arrived(task, &seen, *stored_ms, now)?)
-        }
-        Cmd::Control { op, .. } => match op {
-            Control::Pause => (0, flow.pause()?),
-            Control::Resume => (0, flow.resume(now)?),
-            Control::Cancel => (0, flow.cancel(now)?),
-            Control::Modify(changes) => {
-                if changes.expected_revision != revision {
-                    return Err(Refusal::Stale {
-                        expected: changes.expected_revision,
-                        current: revision,
-                    });
-                }
-                (0, flow.modify(changes, now).map_err(Refusal::Invalid)?)
-            }
-            Control::Rerun(task) => (0, flow.rerun(task, now).map_err(Refusal::Invalid)?),
-        },
     })
 }

@@ -76,7 +76,7 @@ impl Orchestrator {
                 #[cfg(feature = "failpoints")]
                 crate::failpoints::after_write(&id).await;
                 let (effects, mut cursor) = effects;
-                o.run_effects(effects, &mut cursor).await;
+                o.run_effects(None, effects, &mut cursor).await;
                 o.outbox.sent(cursor, common::now_ms());
                 o.send(&id, Cmd::Tick);
             }

@@ -3,11 +3,6 @@
 
 use super::*;
 
-/// Placements one flow has waiting at once (beside [`MAX_PLACING`] in
-/// flight per replica): a wide flow's ready tasks are taken a batch at a
-/// time, as grants come back, rather than all 100,000 queueing here at once.
-pub(super) const MAX_PLACING_PER_FLOW: usize = 1_024;
-
 impl Orchestrator {
     /// Asks the allocator to place every task that is due and not being placed
     /// already; each grant comes back to the actor as an `Assign`.
@@ -24,70 +19,15 @@ impl Orchestrator {
     }
 
     pub(super) fn dispatch_due(self: &Arc<Self>, flow: &Flow, now: u64, placing: &mut Placing) {
-        // A wide flow refills its placements in batches, once half of them
-        // have come back, rather than after every grant.
-        if placing.len() > MAX_PLACING_PER_FLOW / 2 {
-            return;
-        }
-        let budget = match flow.max_parallelism {
-            Some(max) => (max as usize).saturating_sub(flow.active() + placing.len()),
-            None => usize::MAX,
-        }
-        .min(MAX_PLACING_PER_FLOW.saturating_sub(placing.len()));
-        if budget == 0 {
-            return;
-        }
-        // Per concurrency key: slots this flow is taking already.
-        let mut taking: HashMap<&str, usize> = HashMap::new();
-        for t in placing.iter().filter_map(|t| flow.tasks.get(t)) {
-            if let Some(c) = &t.spec.concurrency {
-                *taking.entry(c.key.as_str()).or_default() += 1;
-            }
-        }
-        let mut due = Vec::new();
-        // Held-back tasks keep their place in the budget (a flow with nowhere
-        // to run would otherwise go on to try every task it has); tasks
-        // skipped for a full concurrency key do not hide the others.
-        let mut held = 0;
-        flow.visit_dispatchable(now, |t| {
-            let id = &t.spec.id;
-            if placing.contains(id) {
-                return true;
-            }
-            if placing.held_back(id, now) {
-                held += 1;
-            } else if let Some(c) = &t.spec.concurrency {
-                let n = taking.entry(c.key.as_str()).or_default();
-                if *n < c.limit as usize && !self.slots.known_full(&c.key, now) {
-                    *n += 1;
-                    due.push(id.clone());
-                }
-            } else {
-                due.push(id.clone());
-            }
-            due.len() + held < budget
-        });
-        for task in due {
-            let Some(t) = flow.tasks.get(&task) else {
-                continue;
-            };
+        let placements = flow.placements(now, placing, |key| self.slots.known_full(key, now));
+        for machine::Placement {
+            task,
+            slot,
+            mut request,
+        } in placements
+        {
             placing.insert(task.clone());
-            let slot = t.spec.concurrency.clone().map(|c| {
-                let holder = machine::slot_holder(&flow.id, &task, t.attempt + 1);
-                (c, holder)
-            });
-            let request = AllocateRequest {
-                owner: flow.allocation_owner(&task),
-                requirements: t.spec.requirements.clone(),
-                priority: t.spec.priority,
-                allocation_id: Some(AllocationId::random()),
-                deadline_ms: None,
-                task: Some(TaskRef {
-                    flow_id: flow.id.clone(),
-                    task_id: task.clone(),
-                }),
-                ttl_ms: None,
-            };
+            request.allocation_id = Some(AllocationId::random());
             let (o, flow_id) = (self.clone(), flow.id.clone());
             // The grant goes back to the actor with this span as its cause,
             // so the assignment it leads to continues the same trace.

@@ -34,7 +34,7 @@ use common::msg::{
     AgentReport, AllocateRequest, Allocation, Assignment, CapacityRequest, EventKind,
     ExplainRequest, Explanation, FlowChanges, FlowList, FlowListRequest, FlowOptimizeRequest,
     FlowPlan, FlowRef, FlowSpec, FlowStatus, HeldRequest, RejectReason, ReleaseRequest,
-    ReportRejected, Requirements, RerunRequest, TaskRef, TaskSpec,
+    ReportRejected, Requirements, RerunRequest, TaskSpec,
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Stream};
 use common::now_ms;
@@ -47,9 +47,8 @@ use tracing::Instrument;
 
 use common::msg::{FlowState, TaskState};
 
-use crate::machine::{self, Effect, Flow, Rejection};
+use crate::machine::{self, Effect, Flow, Placing, Rejection};
 use crate::outbox::{Cursor, Ledger};
-use crate::placing::Placing;
 use crate::slots::Slots;
 use crate::store::{self, Stored, WriteError};
 
@@ -62,7 +61,7 @@ mod intake;
 mod settle;
 mod sweep;
 
-use actor::{events_of, refusal_error, Refusal, Watch};
+use actor::{events_of, Watch};
 use intake::msg_id;
 
 /// Orchestrator settings.
@@ -166,6 +165,59 @@ enum Cmd {
         event: Box<common::msg::AgentEvent>,
         stored_ms: u64,
     },
+}
+
+impl Cmd {
+    /// What the machine is to apply for this command.
+    fn command(&self) -> machine::Command<'_> {
+        use machine::Command as C;
+        match self {
+            Cmd::Report { report, .. } => C::Report(report),
+            Cmd::Assign {
+                task,
+                allocation,
+                granted_ms,
+                ..
+            } => C::Placed {
+                task,
+                agent: &allocation.agent_id,
+                allocation: &allocation.allocation_id,
+                granted_ms: *granted_ms,
+            },
+            Cmd::Unplaced { .. } | Cmd::Wake => C::Nothing,
+            Cmd::Unassign { task, attempt } => C::Unassign {
+                task,
+                attempt: *attempt,
+            },
+            Cmd::Tick => C::Tick,
+            Cmd::AgentGone(agent, left) => C::AgentGone { agent, left: *left },
+            Cmd::Preempted {
+                task,
+                allocation,
+                reason,
+            } => C::Preempted {
+                task,
+                allocation,
+                reason,
+            },
+            Cmd::Event {
+                task,
+                event,
+                stored_ms,
+            } => C::Event {
+                task,
+                event,
+                stored_ms: *stored_ms,
+            },
+            Cmd::Control { op, .. } => match op {
+                Control::Pause => C::Pause,
+                Control::Resume => C::Resume,
+                Control::Cancel => C::Cancel,
+                Control::Modify(changes) => C::Modify(changes),
+                Control::Rerun(task) => C::Rerun(task),
+            },
+        }
+    }
 }
 
 /// A command with the span it was sent from (its cause), so the work it leads

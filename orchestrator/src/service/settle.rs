@@ -12,44 +12,28 @@ impl Orchestrator {
         revision: u64,
         now: u64,
         cmd: Cmd,
-        outcome: Result<(u32, Vec<Effect>), Refusal>,
+        outcome: Result<Vec<Effect>, Rejection>,
         placing: &mut Placing,
     ) -> Vec<Effect> {
         let mut effects = Vec::new();
         match (cmd, outcome) {
-            (Cmd::Report { msg, .. }, Ok((_, e))) => {
+            (Cmd::Report { msg, .. }, Ok(e)) => {
                 let _ = msg.ack().await;
                 effects.extend(e);
             }
-            (Cmd::Report { msg, .. }, Err(Refusal::Rejected(Rejection::AlreadyApplied))) => {
+            (Cmd::Report { msg, .. }, Err(Rejection::AlreadyApplied)) => {
                 tracing::debug!(subject = %msg.subject, "report delivered again after it was applied");
                 let _ = msg.ack().await;
             }
             (Cmd::Report { report, msg }, Err(rejection)) => {
                 let _ = msg.ack().await;
-                let (code, reason) = match &rejection {
-                    Refusal::Rejected(r) => r.verdict(),
-                    _ => (ErrorCode::Fenced, RejectReason::Other),
-                };
+                let (code, reason) = rejection.verdict();
                 self.reject(&report, &msg, code, reason, rejection.to_string())
                     .await;
             }
-            (
-                Cmd::Assign {
-                    task, allocation, ..
-                },
-                Ok((attempt, e)),
-            ) => {
+            (Cmd::Assign { task, .. }, Ok(e)) => {
                 placing.placed(&task);
                 effects.extend(e);
-                self.send_assignment(
-                    flow,
-                    &task,
-                    attempt,
-                    allocation.agent_id,
-                    allocation.allocation_id,
-                    now,
-                );
             }
             (
                 Cmd::Assign {
@@ -68,14 +52,14 @@ impl Orchestrator {
             (Cmd::Unplaced { task, asked_at }, _) => {
                 placing.refused(task, asked_at, self.freed.load(Ordering::Relaxed), now);
             }
-            (Cmd::Control { reply, .. }, Ok((_, e))) => {
+            (Cmd::Control { reply, .. }, Ok(e)) => {
                 effects.extend(e);
                 let _ = reply.send(Ok(flow.status(revision, now)));
             }
             (Cmd::Control { reply, .. }, Err(rejection)) => {
-                let _ = reply.send(Err(refusal_error(&rejection)));
+                let _ = reply.send(Err(rejection.error()));
             }
-            (_, Ok((_, e))) => effects.extend(e),
+            (_, Ok(e)) => effects.extend(e),
             (_, Err(_)) => {}
         }
         effects
@@ -234,9 +218,27 @@ impl Orchestrator {
 
     /// Carries out a step's effects; its events are published under the
     /// numbers `cursor` gives them (those the step stored them under).
-    pub(super) async fn run_effects(self: &Arc<Self>, effects: Vec<Effect>, cursor: &mut Cursor) {
+    /// Carries out a step's effects; an assignment is sent from `step`, the
+    /// flow as just written and the step's time.
+    pub(super) async fn run_effects(
+        self: &Arc<Self>,
+        step: Option<(&Flow, u64)>,
+        effects: Vec<Effect>,
+        cursor: &mut Cursor,
+    ) {
         for effect in effects {
             match effect {
+                Effect::Assign {
+                    task,
+                    attempt,
+                    agent,
+                    allocation,
+                } => match step {
+                    Some((flow, now)) => {
+                        self.send_assignment(flow, &task, attempt, agent, allocation, now)
+                    }
+                    None => tracing::error!(%task, "an assignment outside a flow step, not sent"),
+                },
                 Effect::Event(kind) => self.outbox.publish(&self.js, cursor, kind).await,
                 Effect::Release { agent, allocation } => self.release(agent, allocation),
                 Effect::FreeSlot { key, holder } => self.free_slot(Some((key, holder))),

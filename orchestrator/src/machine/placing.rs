@@ -17,10 +17,10 @@ use common::TaskId;
 /// First wait after a refusal, doubled on each further one ...
 const FIRST_MS: u64 = 10;
 /// ... up to this.
-pub(crate) const MAX_MS: u64 = 5_000;
+pub(super) const MAX_MS: u64 = 5_000;
 
 #[derive(Debug, Default)]
-pub(crate) struct Placing {
+pub struct Placing {
     /// Out with the allocator (derefs to this).
     out: HashSet<TaskId>,
     /// Refused: not asked again before the time given, and the refusals so far.
@@ -47,7 +47,7 @@ impl DerefMut for Placing {
 impl Placing {
     /// The allocator refused `task`; `asked_at` is the freed count read when
     /// it was asked, `freed` the count now.
-    pub(crate) fn refused(&mut self, task: TaskId, asked_at: u64, freed: u64, now: u64) {
+    pub fn refused(&mut self, task: TaskId, asked_at: u64, freed: u64, now: u64) {
         self.out.remove(&task);
         if asked_at != freed {
             return;
@@ -60,7 +60,7 @@ impl Placing {
     }
 
     /// Lets every held task go if capacity freed since they were refused.
-    pub(crate) fn refresh(&mut self, freed: u64) {
+    pub fn refresh(&mut self, freed: u64) {
         if self.freed != freed {
             self.held.clear();
             self.freed = freed;
@@ -68,19 +68,19 @@ impl Placing {
     }
 
     /// Whether `task` waits out a refusal at `now`.
-    pub(crate) fn held_back(&self, task: &TaskId, now: u64) -> bool {
+    pub fn held_back(&self, task: &TaskId, now: u64) -> bool {
         self.held.get(task).is_some_and(|(until, _)| *until > now)
     }
 
     /// The task was placed after all.
-    pub(crate) fn placed(&mut self, task: &TaskId) {
+    pub fn placed(&mut self, task: &TaskId) {
         self.out.remove(task);
         self.held.remove(task);
     }
 
     /// How long until the first held task may be asked again, when no
     /// wake-up is scheduled by then already; the caller schedules one.
-    pub(crate) fn wake_in(&mut self, now: u64) -> Option<u64> {
+    pub fn wake_in(&mut self, now: u64) -> Option<u64> {
         let first = self
             .held
             .values()

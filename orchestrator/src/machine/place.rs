@@ -1,0 +1,185 @@
+//! What to place next: the ready tasks due now, in dispatch order, within
+//! the flow's parallelism budget, its concurrency keys and the placements
+//! already out with the allocator.
+
+use std::collections::HashMap;
+
+use common::msg::{AllocateRequest, ConcurrencyLimit, TaskRef};
+use common::TaskId;
+
+use super::{slot_holder, Flow, Placing};
+
+/// Placements one flow has waiting at once (beside the replica's own limit
+/// on requests in flight): a wide flow's ready tasks are taken a batch at a
+/// time, as grants come back, rather than all 100,000 queueing at once.
+pub const MAX_PLACING_PER_FLOW: usize = 1_024;
+
+/// A task to ask the allocator for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    pub task: TaskId,
+    /// The concurrency slot its next attempt must hold first, and the
+    /// holder's name for it.
+    pub slot: Option<(ConcurrencyLimit, String)>,
+    /// The request, without an allocation id: the adapter names it.
+    pub request: AllocateRequest,
+}
+
+impl Flow {
+    /// The tasks to ask the allocator for now, `placing` being out already or
+    /// held back; `known_full` tells a concurrency key known to have no free
+    /// slot. A wide flow refills its placements in batches, once half of
+    /// them have come back, rather than after every grant.
+    pub fn placements(
+        &self,
+        now_ms: u64,
+        placing: &Placing,
+        known_full: impl Fn(&str) -> bool,
+    ) -> Vec<Placement> {
+        if placing.len() > MAX_PLACING_PER_FLOW / 2 {
+            return Vec::new();
+        }
+        let budget = self
+            .room(placing.len())
+            .min(MAX_PLACING_PER_FLOW.saturating_sub(placing.len()));
+        if budget == 0 {
+            return Vec::new();
+        }
+        // Per concurrency key: slots this flow is taking already.
+        let mut taking: HashMap<&str, usize> = HashMap::new();
+        for t in placing.iter().filter_map(|t| self.tasks.get(t)) {
+            if let Some(c) = &t.spec.concurrency {
+                *taking.entry(c.key.as_str()).or_default() += 1;
+            }
+        }
+        let mut due = Vec::new();
+        // Held-back tasks keep their place in the budget (a flow with nowhere
+        // to run would otherwise go on to try every task it has); tasks
+        // skipped for a full concurrency key do not hide the others.
+        let mut held = 0;
+        self.visit_dispatchable(now_ms, |t| {
+            let id = &t.spec.id;
+            if placing.contains(id) {
+                return true;
+            }
+            if placing.held_back(id, now_ms) {
+                held += 1;
+            } else if let Some(c) = &t.spec.concurrency {
+                let n = taking.entry(c.key.as_str()).or_default();
+                if *n < c.limit as usize && !known_full(&c.key) {
+                    *n += 1;
+                    due.push(t);
+                }
+            } else {
+                due.push(t);
+            }
+            due.len() + held < budget
+        });
+        due.into_iter()
+            .map(|t| {
+                let task = t.spec.id.clone();
+                Placement {
+                    slot: t.spec.concurrency.clone().map(|c| {
+                        let holder = slot_holder(&self.id, &task, t.attempt + 1);
+                        (c, holder)
+                    }),
+                    request: AllocateRequest {
+                        owner: self.allocation_owner(&task),
+                        requirements: t.spec.requirements.clone(),
+                        priority: t.spec.priority,
+                        allocation_id: None,
+                        deadline_ms: None,
+                        task: Some(TaskRef {
+                            flow_id: self.id.clone(),
+                            task_id: task.clone(),
+                        }),
+                        ttl_ms: None,
+                    },
+                    task,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use common::msg::{FlowSpec, TaskSpec};
+    use common::{FlowId, TaskId};
+
+    use super::*;
+
+    fn tid(s: &str) -> TaskId {
+        TaskId::new(s).unwrap()
+    }
+
+    fn flow(specs: Vec<TaskSpec>, max_parallelism: Option<u32>) -> Flow {
+        let mut spec = FlowSpec::new("f", specs);
+        spec.max_parallelism = max_parallelism;
+        Flow::new(FlowId::new("f").unwrap(), spec, 0).0
+    }
+
+    #[test]
+    fn placements_keep_to_the_budget_less_what_is_out_already() {
+        let specs = (0..5)
+            .map(|i| TaskSpec::new(tid(&format!("t{i}"))))
+            .collect();
+        let f = flow(specs, Some(3));
+        let mut placing = Placing::default();
+        assert_eq!(f.placements(1, &placing, |_| false).len(), 3);
+        placing.insert(tid("t0"));
+        let next: Vec<TaskId> = f
+            .placements(1, &placing, |_| false)
+            .into_iter()
+            .map(|p| p.task)
+            .collect();
+        assert_eq!(next.len(), 2);
+        assert!(
+            !next.contains(&tid("t0")),
+            "a task out already is not asked again"
+        );
+    }
+
+    #[test]
+    fn a_held_back_task_keeps_its_place_and_a_full_key_hides_only_its_tasks() {
+        let mut keyed = TaskSpec::new(tid("k"));
+        keyed.priority = 5;
+        keyed.concurrency = Some(ConcurrencyLimit {
+            key: "gpu".into(),
+            limit: 1,
+        });
+        let f = flow(vec![keyed, TaskSpec::new(tid("plain"))], None);
+        let placing = Placing::default();
+        let all = f.placements(1, &placing, |_| false);
+        assert_eq!(all[0].task, tid("k"));
+        assert_eq!(
+            all[0].slot.as_ref().map(|(_, h)| h.as_str()),
+            Some("f.k.1"),
+            "the slot is held by the next attempt"
+        );
+        let without_full: Vec<TaskId> = f
+            .placements(1, &placing, |key| key == "gpu")
+            .into_iter()
+            .map(|p| p.task)
+            .collect();
+        assert_eq!(without_full, [tid("plain")]);
+
+        let mut placing = Placing::default();
+        placing.refused(tid("k"), 0, 0, 1);
+        let f1 = flow(
+            vec![
+                {
+                    let mut t = TaskSpec::new(tid("k"));
+                    t.priority = 5;
+                    t
+                },
+                TaskSpec::new(tid("plain")),
+            ],
+            Some(1),
+        );
+        assert!(
+            f1.placements(2, &placing, |_| false).is_empty(),
+            "the held-back task takes the one place in the budget"
+        );
+    }
+}
