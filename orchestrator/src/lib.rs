@@ -10,6 +10,8 @@ pub mod failpoints;
 mod held;
 pub mod machine;
 pub mod outbox;
+#[cfg(test)]
+mod props;
 pub mod service;
 mod slots;
 pub mod store;

@@ -10,18 +10,20 @@
 //! are exactly those of the active tasks; the flow parallelism limit holds; the
 //! flow is final exactly when it should be. Each case then drives the flow to its
 //! end and checks that nothing is left held.
+//!
+//! The same steps check the store's side too: with the flow spread over
+//! pages, encoding only the pages a step touched gives what encoding every
+//! page would. That is why these tests sit beside the machine, not in it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::msg::{
-    AgentReport, EventKind, FailureMode, FlowSpec, FlowState, ReportKind, RetryPolicy, TaskSpec,
-    TaskState, Timeouts,
-};
+use common::msg::{AgentReport, EventKind, FlowState, ReportKind, TaskState};
 use common::{AgentId, AllocationId, FlowId, TaskId};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-use super::{Effect, Flow, Task};
+use crate::machine::{self, Effect, Flow, Task};
+use generate::{gen_flow, gen_op, spec_of, Op};
 
 const AGENTS: usize = 3;
 
@@ -31,170 +33,6 @@ fn tid(i: usize) -> TaskId {
 
 fn aid(i: usize) -> AgentId {
     AgentId::new(format!("a{}", i % AGENTS)).unwrap()
-}
-
-/// One task of a generated flow: dependency bits on earlier tasks, attempts allowed,
-/// whether it has run-time deadlines.
-#[derive(Debug, Clone)]
-struct GenTask {
-    deps: u16,
-    max_attempts: u32,
-    deadlines: bool,
-    priority: i32,
-}
-
-#[derive(Debug, Clone)]
-struct GenFlow {
-    tasks: Vec<GenTask>,
-    fail_fast: bool,
-    max_parallelism: Option<u32>,
-}
-
-fn gen_flow() -> impl Strategy<Value = GenFlow> {
-    let task = (
-        any::<u16>(),
-        any::<u16>(),
-        1u32..=3,
-        any::<bool>(),
-        -1i32..=1,
-    )
-        .prop_map(|(a, b, max_attempts, deadlines, priority)| GenTask {
-            // Two masks ANDed: each earlier task is a dependency with probability 1/4.
-            deps: a & b,
-            max_attempts,
-            deadlines,
-            priority,
-        });
-    (
-        prop::collection::vec(task, 1..=12),
-        any::<bool>(),
-        prop_oneof![3 => Just(None), 1 => (1u32..=3).prop_map(Some)],
-    )
-        .prop_map(|(tasks, fail_fast, max_parallelism)| GenFlow {
-            tasks,
-            fail_fast,
-            max_parallelism,
-        })
-}
-
-fn spec_of(g: &GenFlow) -> FlowSpec {
-    let tasks = g
-        .tasks
-        .iter()
-        .enumerate()
-        .map(|(i, gt)| {
-            let mut t = TaskSpec::new(tid(i));
-            t.kind = "noop".into();
-            t.priority = gt.priority;
-            t.depends_on = (0..i)
-                .filter(|d| gt.deps & (1 << d) != 0)
-                .map(tid)
-                .collect();
-            t.retry = RetryPolicy {
-                max_attempts: gt.max_attempts,
-                backoff_base_ms: 10,
-                backoff_factor: 2.0,
-                backoff_max_ms: 50,
-                ..RetryPolicy::default()
-            };
-            if gt.deadlines {
-                t.timeouts = Timeouts {
-                    schedule_to_start_ms: Some(100),
-                    start_to_close_ms: Some(400),
-                    heartbeat_ms: Some(150),
-                };
-            }
-            t
-        })
-        .collect();
-    let mut spec = FlowSpec::new("prop", tasks);
-    spec.failure_mode = if g.fail_fast {
-        FailureMode::FailFast
-    } else {
-        FailureMode::Continue
-    };
-    spec.max_parallelism = g.max_parallelism;
-    spec
-}
-
-#[derive(Debug, Clone)]
-enum Op {
-    /// Assign the `pick`-th dispatchable task (if any) to an agent.
-    AssignReady {
-        pick: usize,
-        agent: usize,
-    },
-    /// Try to assign any task, ready or not.
-    AssignAny {
-        task: usize,
-        agent: usize,
-    },
-    /// A report on a task; `attempt_offset` and `from_holder` make it stale or foreign.
-    Report {
-        task: usize,
-        attempt_offset: i8,
-        from_holder: bool,
-        agent: usize,
-        kind: u8,
-        retryable: bool,
-    },
-    /// Send an earlier report again (JetStream redelivers).
-    Replay {
-        pick: usize,
-    },
-    Tick {
-        advance_ms: u64,
-    },
-    AgentLost {
-        agent: usize,
-    },
-    /// The allocator takes back an allocation (the task's own, or one it does not hold).
-    Preempt {
-        task: usize,
-        own: bool,
-    },
-    Unassign {
-        task: usize,
-        attempt_offset: i8,
-    },
-    Pause,
-    Resume,
-    Cancel,
-}
-
-fn gen_op() -> impl Strategy<Value = Op> {
-    let offset = prop_oneof![6 => Just(0i8), 1 => Just(-1i8), 1 => Just(1i8)];
-    prop_oneof![
-        40 => (any::<usize>(), 0..AGENTS).prop_map(|(pick, agent)| Op::AssignReady { pick, agent }),
-        8 => (any::<usize>(), 0..AGENTS).prop_map(|(task, agent)| Op::AssignAny { task, agent }),
-        60 => (
-            any::<usize>(),
-            offset.clone(),
-            prop::bool::weighted(0.85),
-            0..AGENTS,
-            0u8..5,
-            any::<bool>(),
-        )
-            .prop_map(|(task, attempt_offset, from_holder, agent, kind, retryable)| Op::Report {
-                task,
-                attempt_offset,
-                from_holder,
-                agent,
-                kind,
-                retryable,
-            }),
-        15 => any::<usize>().prop_map(|pick| Op::Replay { pick }),
-        20 => (0u64..300).prop_map(|advance_ms| Op::Tick { advance_ms }),
-        4 => (0..AGENTS).prop_map(|agent| Op::AgentLost { agent }),
-        4 => (any::<usize>(), any::<bool>()).prop_map(|(task, own)| Op::Preempt { task, own }),
-        4 => (any::<usize>(), offset).prop_map(|(task, attempt_offset)| Op::Unassign {
-            task,
-            attempt_offset
-        }),
-        4 => Just(Op::Pause),
-        6 => Just(Op::Resume),
-        1 => Just(Op::Cancel),
-    ]
 }
 
 /// What the test knows independently of the machine.
@@ -586,7 +424,7 @@ proptest! {
         ops in prop::collection::vec(gen_op(), 0..120),
     ) {
         let spec = spec_of(&g);
-        prop_assert!(super::validate(&spec).is_ok());
+        prop_assert!(machine::validate(&spec).is_ok());
         let (mut flow, effects) = Flow::new(FlowId::new("f").unwrap(), spec, 1_000);
         let mut model = Model::new(&flow);
         model.effects(&effects, false)?;
@@ -598,7 +436,7 @@ proptest! {
         let bounds: Vec<TaskId> =
             (1..3).filter_map(|k| keys.get(k * keys.len() / 3).cloned()).collect();
         let count = bounds.len() + 1;
-        flow.pages = Some(super::Pages { count: count as u32, step: 0, steps: vec![0; count], bounds });
+        flow.pages = Some(machine::Pages { count: count as u32, step: 0, steps: vec![0; count], bounds });
         let (mut stored, _) = crate::store::encode(&mut flow, None).unwrap();
         for op in &ops {
             step(&mut flow, &mut model, op)?;
@@ -615,38 +453,5 @@ proptest! {
     }
 }
 
-/// Found by the property above: when one step ends several attempts (a tick with
-/// two deadlines passed, a lost agent holding two tasks) and the first failure is
-/// final in a fail-fast flow, the rest were already cancelled by fail-fast but
-/// still went through the failure path: a cancelled task came back as ready (or
-/// failed) in a flow that had already ended.
-#[test]
-fn a_fail_fast_step_does_not_revive_the_tasks_it_cancelled() {
-    for lose_agent in [false, true] {
-        let mut spec = FlowSpec::new("ff", vec![TaskSpec::new(tid(0)), TaskSpec::new(tid(1))]);
-        spec.failure_mode = FailureMode::FailFast;
-        for (i, t) in spec.tasks.iter_mut().enumerate() {
-            t.retry.max_attempts = i as u32 + 1;
-            t.timeouts.schedule_to_start_ms = Some(100);
-        }
-        let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), spec, 0);
-        let agent = aid(0);
-        for i in 0..2 {
-            let allocation = AllocationId::new(format!("al-{i}")).unwrap();
-            flow.assign_attempt(&tid(i), &agent, &allocation, 0)
-                .unwrap();
-        }
-        let effects = if lose_agent {
-            flow.agent_lost(&agent, 50)
-        } else {
-            flow.tick(100)
-        };
-        assert_eq!(flow.state, FlowState::Failed);
-        assert_eq!(flow.tasks[&tid(1)].state, TaskState::Cancelled);
-        let releases = effects
-            .iter()
-            .filter(|e| matches!(e, Effect::Release { .. }))
-            .count();
-        assert_eq!(releases, 2);
-    }
-}
+mod generate;
+mod regressions;
