@@ -185,19 +185,22 @@ impl Flow {
         }
     }
 
-    /// The earliest time something is due: a back-off ending or a deadline passing.
+    /// The earliest time something is due: a back-off ending or a deadline
+    /// passing (kept in order with the tasks, not a pass over them).
     pub fn next_wakeup(&self) -> Option<u64> {
         if self.state.is_terminal() {
             return None;
         }
-        self.tasks
-            .values()
-            .filter_map(|t| match t.state {
-                TaskState::Ready if t.not_before_ms > 0 => Some(t.not_before_ms),
-                TaskState::Assigned | TaskState::Running | TaskState::Waiting => t.deadline_ms,
-                _ => None,
-            })
-            .min()
+        self.tasks.next_due()
+    }
+
+    /// The first time something is due after `now_ms`: when a flow's
+    /// wake-up is to be set (what is due already is acted on meanwhile).
+    pub fn next_wakeup_after(&self, now_ms: u64) -> Option<u64> {
+        if self.state.is_terminal() {
+            return None;
+        }
+        self.tasks.next_due_after(now_ms)
     }
 
     /// Records that `task` was placed on `agent`; the new attempt goes out

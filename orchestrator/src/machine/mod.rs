@@ -49,7 +49,7 @@ pub use placing::Placing;
 pub use plan::PlanInput;
 pub use status::STATUS_TASKS;
 pub use step::{Command, GRANT_MAX_AGE_MS};
-pub use tasks::{Tasks, Touched};
+pub use tasks::{due_of, Tasks, Touched};
 pub use validate::{validate, MAX_TASKS};
 pub use wait::{AgentEventRef, WAIT_TIMED_OUT};
 

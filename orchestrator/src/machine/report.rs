@@ -114,17 +114,54 @@ impl Flow {
         if self.state.is_terminal() {
             return effects;
         }
-        // One pass: on a flow of a million tasks each costs tens of ms.
+        // One pass: on a flow of a million tasks it costs tens of ms.
+        let unblocked: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Blocked && self.deps_succeeded(t))
+            .map(|t| t.spec.id.clone())
+            .collect();
+        self.expire_due(now_ms, &mut effects);
+        for id in unblocked {
+            // Unless an expiry above ended the flow meanwhile.
+            if self.state.is_terminal()
+                || self
+                    .tasks
+                    .get(&id)
+                    .is_none_or(|t| t.state != TaskState::Blocked)
+            {
+                continue;
+            }
+            self.transition(&id, TaskState::Ready, now_ms, None, &mut effects);
+        }
+        self.maybe_finish(now_ms, &mut effects);
+        effects
+    }
+
+    /// The timers due by `now_ms` alone, without the repair pass of
+    /// [`Flow::tick`]: what a wake-up at [`Flow::next_wakeup`] is for.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if !self.state.is_terminal() {
+            self.expire_due(now_ms, &mut effects);
+            self.maybe_finish(now_ms, &mut effects);
+        }
+        effects
+    }
+
+    /// Ends the attempts and waits whose deadline passed, earliest first,
+    /// found in the timers kept with the tasks.
+    fn expire_due(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
         let mut expired: Vec<(TaskId, TaskState)> = Vec::new();
-        let mut unblocked: Vec<TaskId> = Vec::new();
         let mut waited_out: Vec<TaskId> = Vec::new();
-        for t in self.tasks.values() {
+        for id in self.tasks.due_by(now_ms) {
+            let Some(t) = self.tasks.get(&id) else {
+                continue;
+            };
             if t.state == TaskState::Waiting && t.deadline_ms.is_some_and(|d| d < now_ms) {
-                waited_out.push(t.spec.id.clone());
+                waited_out.push(id);
             } else if t.state.is_active() && t.deadline_ms.is_some_and(|d| d <= now_ms) {
-                expired.push((t.spec.id.clone(), t.state));
-            } else if t.state == TaskState::Blocked && self.deps_succeeded(t) {
-                unblocked.push(t.spec.id.clone());
+                expired.push((id, t.state));
             }
         }
         for (id, state) in expired {
@@ -148,26 +185,12 @@ impl Flow {
                 what,
                 Some(CancelCode::TimedOut),
                 now_ms,
-                &mut effects,
+                effects,
             );
         }
         for id in waited_out {
-            self.wait_timed_out(&id, now_ms, &mut effects);
+            self.wait_timed_out(&id, now_ms, effects);
         }
-        for id in unblocked {
-            // Unless an expiry above ended the flow meanwhile.
-            if self.state.is_terminal()
-                || self
-                    .tasks
-                    .get(&id)
-                    .is_none_or(|t| t.state != TaskState::Blocked)
-            {
-                continue;
-            }
-            self.transition(&id, TaskState::Ready, now_ms, None, &mut effects);
-        }
-        self.maybe_finish(now_ms, &mut effects);
-        effects
     }
 
     /// Stops new dispatch; running tasks finish and are recorded.

@@ -31,8 +31,11 @@ pub enum Command<'a> {
         task: &'a TaskId,
         attempt: u32,
     },
-    /// Time passed: deadlines and back-offs.
+    /// Time passed: deadlines and back-offs, and blocked tasks whose
+    /// dependencies all succeeded made ready (a pass over every task).
     Tick,
+    /// A timer is due: deadlines only, without the pass of `Tick`.
+    Due,
     /// The agent was lost (`left: false`) or left (`true`) holding attempts.
     AgentGone {
         agent: &'a AgentId,
@@ -85,6 +88,7 @@ impl Flow {
             }
             Command::Unassign { task, attempt } => self.unassign(task, attempt, now_ms),
             Command::Tick => Ok(self.tick(now_ms)),
+            Command::Due => Ok(self.expire(now_ms)),
             Command::AgentGone { agent, left } => Ok(self.agent_gone(agent, left, now_ms)),
             Command::Preempted {
                 task,

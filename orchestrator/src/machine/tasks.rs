@@ -29,19 +29,36 @@ pub struct Tasks {
 /// both highest first, then id.
 type Rank = (Reverse<i32>, Reverse<u64>);
 
-/// The ready tasks in dispatch order, kept up to date from the noted tasks.
+/// The ready tasks in dispatch order, and every task's next timer, kept up
+/// to date from the noted tasks.
 #[derive(Debug, Default)]
 struct Ready {
     /// `None` until built (after every task may have changed).
     order: Option<BTreeSet<(Rank, TaskId)>>,
     /// The rank each task in `order` is filed under.
     filed: HashMap<TaskId, Rank>,
+    /// The tasks with a timer by when it is due (built with `order`).
+    timers: BTreeMap<u64, BTreeSet<TaskId>>,
+    /// The time each task in `timers` is filed under.
+    timed: HashMap<TaskId, u64>,
     /// How many of the noted tasks `order` has taken in.
     seen: usize,
 }
 
 fn rank_of(t: &Task) -> Rank {
     (Reverse(t.spec.priority), Reverse(t.rank))
+}
+
+/// When something is due for `t`: its back-off ending, the deadline of its
+/// attempt, or the first moment past its wait's deadline (an event stored
+/// at the deadline still counts).
+pub fn due_of(t: &Task) -> Option<u64> {
+    match t.state {
+        TaskState::Ready if t.not_before_ms > 0 => Some(t.not_before_ms),
+        TaskState::Assigned | TaskState::Running => t.deadline_ms,
+        TaskState::Waiting => t.deadline_ms.map(|d| d.saturating_add(1)),
+        _ => None,
+    }
 }
 
 impl Ready {
@@ -52,10 +69,25 @@ impl Ready {
         if let Some(rank) = self.filed.remove(id) {
             order.remove(&(rank, id.clone()));
         }
-        if let Some(t) = map.get(id).filter(|t| t.state == TaskState::Ready) {
+        if let Some(due) = self.timed.remove(id) {
+            if let btree_map::Entry::Occupied(mut at) = self.timers.entry(due) {
+                at.get_mut().remove(id);
+                if at.get().is_empty() {
+                    at.remove();
+                }
+            }
+        }
+        let Some(t) = map.get(id) else {
+            return;
+        };
+        if t.state == TaskState::Ready {
             let rank = rank_of(t);
             order.insert((rank, id.clone()));
             self.filed.insert(id.clone(), rank);
+        }
+        if let Some(due) = due_of(t) {
+            self.timers.entry(due).or_default().insert(id.clone());
+            self.timed.insert(id.clone(), due);
         }
     }
 
@@ -80,6 +112,14 @@ impl Ready {
             .map(|t| (t.spec.id.clone(), rank_of(t)))
             .collect();
         self.order = Some(ready.map(|t| (rank_of(t), t.spec.id.clone())).collect());
+        self.timed = map
+            .values()
+            .filter_map(|t| Some((t.spec.id.clone(), due_of(t)?)))
+            .collect();
+        self.timers = BTreeMap::new();
+        for (id, due) in &self.timed {
+            self.timers.entry(*due).or_default().insert(id.clone());
+        }
     }
 }
 
@@ -158,13 +198,39 @@ impl Tasks {
 
     /// The ready tasks in dispatch order (see [`Rank`]), as of now.
     pub fn ready_in_order(&self) -> impl Deref<Target = BTreeSet<(Rank, TaskId)>> + '_ {
+        ReadyOrder(self.index())
+    }
+
+    /// The earliest time a task's timer is due (see [`due_of`]), without a
+    /// pass over every task.
+    pub fn next_due(&self) -> Option<u64> {
+        self.index().timers.keys().next().copied()
+    }
+
+    /// The first time a task's timer is due after `now_ms` (a back-off that
+    /// ended while its task waits to be placed is due still, and in the past).
+    pub fn next_due_after(&self, now_ms: u64) -> Option<u64> {
+        let index = self.index();
+        let after = index.timers.range(now_ms.saturating_add(1)..).next();
+        after.map(|(due, _)| *due)
+    }
+
+    /// The tasks whose timer is due by `now_ms`, earliest first.
+    pub fn due_by(&self, now_ms: u64) -> Vec<TaskId> {
+        let index = self.index();
+        let due = index.timers.range(..=now_ms).flat_map(|(_, ids)| ids);
+        due.cloned().collect()
+    }
+
+    /// The index, brought up to date with the tasks noted since.
+    fn index(&self) -> MutexGuard<'_, Ready> {
         let mut ready = self.ready.lock().unwrap_or_else(PoisonError::into_inner);
         ready.catch_up(&self.map, &self.touched);
         // While every task may have changed, built afresh on every call.
         if matches!(self.touched, Touched::All) || ready.order.is_none() {
             ready.build(&self.map);
         }
-        ReadyOrder(ready)
+        ready
     }
 }
 

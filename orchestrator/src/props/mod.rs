@@ -399,6 +399,13 @@ fn drain(flow: &mut Flow, model: &mut Model) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+fn wakeup_by_scan(flow: &Flow) -> Option<u64> {
+    if flow.state.is_terminal() {
+        return None;
+    }
+    flow.tasks.values().filter_map(machine::due_of).min()
+}
+
 fn ready_by_sorting(flow: &Flow) -> Vec<TaskId> {
     let mut ready: Vec<&Task> = flow
         .tasks
@@ -443,6 +450,7 @@ proptest! {
             // The ready order kept up from the noted tasks, before and
             // after the store takes the notes, is the order sorted afresh.
             prop_assert_eq!(flow.ready_in_order(), ready_by_sorting(&flow), "after {:?}", op);
+            prop_assert_eq!(flow.next_wakeup(), wakeup_by_scan(&flow), "after {:?}", op);
             let (incremental, _) = crate::store::encode(&mut flow, Some(&stored)).unwrap();
             prop_assert_eq!(flow.ready_in_order(), ready_by_sorting(&flow), "after {:?}", op);
             let (whole, _) = crate::store::encode(&mut flow.clone(), None).unwrap();

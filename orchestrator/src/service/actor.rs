@@ -81,6 +81,8 @@ impl Orchestrator {
         // The flow as this actor last wrote it, with its revision.
         let mut cache: Option<Stored> = None;
         let mut watch = Watch::default();
+        // When the wake-up set for the flow's next timer fires.
+        let mut alarm: Option<u64> = None;
         // How far into the agent events each wait was looked for.
         let mut looked = agent_events::Looked::default();
         loop {
@@ -123,6 +125,9 @@ impl Orchestrator {
                 .apply_batch(&flow, batch, causes, &mut placing, &mut cache, &mut watch)
                 .await;
             self.note_waiting(&flow, cache.as_ref().map(|(f, _, _)| f));
+            if let Some((f, _, _)) = &cache {
+                self.set_alarm(f, &mut alarm);
+            }
             if ticked {
                 if let Some((f, rev, _)) = &cache {
                     let now = common::now_ms();
@@ -277,6 +282,30 @@ impl Orchestrator {
         let err = Error::new(ErrorCode::Conflict, "too much contention on the flow");
         self.settle_failed(flow_id, batch, &err, placing).await;
         false
+    }
+
+    /// Sets a wake-up for the flow's next timer (a deadline, a back-off's
+    /// end) unless one is set for then or sooner: timers fire when due, not
+    /// at the next sweep. One sleeping task per wake-up set; one that fires
+    /// after a sooner one was set is a step with nothing due.
+    pub(super) fn set_alarm(self: &Arc<Self>, flow: &Flow, alarm: &mut Option<u64>) {
+        let now = common::now_ms();
+        if alarm.is_some_and(|at| at <= now) {
+            // Fired, or its command is queued.
+            *alarm = None;
+        }
+        let Some(due) = flow.next_wakeup_after(now) else {
+            return;
+        };
+        if alarm.is_some_and(|at| at <= due) {
+            return;
+        }
+        *alarm = Some(due);
+        let (o, flow_id) = (self.clone(), flow.id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(due - now)).await;
+            o.send(&flow_id, Cmd::Due);
+        });
     }
 
     /// Whether a large flow's stored header is still at `revision`, so the

@@ -146,6 +146,8 @@ enum Cmd {
         attempt: u32,
     },
     Tick,
+    /// A timer of the flow is due (see [`Orchestrator::set_alarm`]).
+    Due,
     /// The allocator declared the agent lost.
     /// The agent was lost (`false`) or left (`true`) holding attempts.
     AgentGone(AgentId, bool),
@@ -190,6 +192,7 @@ impl Cmd {
                 attempt: *attempt,
             },
             Cmd::Tick => C::Tick,
+            Cmd::Due => C::Due,
             Cmd::AgentGone(agent, left) => C::AgentGone { agent, left: *left },
             Cmd::Preempted {
                 task,
