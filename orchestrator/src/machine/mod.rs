@@ -22,6 +22,7 @@
 //! ```
 
 mod agents;
+mod alarm;
 mod change;
 mod explain;
 mod flow;
@@ -43,6 +44,7 @@ use common::{AgentId, AllocationId, FlowId, TaskId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use alarm::Alarm;
 pub use change::Problems;
 pub use place::{Placement, MAX_PLACING_PER_FLOW};
 pub use placing::Placing;

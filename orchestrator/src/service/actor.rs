@@ -82,7 +82,7 @@ impl Orchestrator {
         let mut cache: Option<Stored> = None;
         let mut watch = Watch::default();
         // When the wake-up set for the flow's next timer fires.
-        let mut alarm: Option<u64> = None;
+        let mut alarm = machine::Alarm::default();
         // How far into the agent events each wait was looked for.
         let mut looked = agent_events::Looked::default();
         loop {
@@ -284,26 +284,16 @@ impl Orchestrator {
         false
     }
 
-    /// Sets a wake-up for the flow's next timer (a deadline, a back-off's
-    /// end) unless one is set for then or sooner: timers fire when due, not
-    /// at the next sweep. One sleeping task per wake-up set; one that fires
-    /// after a sooner one was set is a step with nothing due.
-    pub(super) fn set_alarm(self: &Arc<Self>, flow: &Flow, alarm: &mut Option<u64>) {
+    /// Sets a wake-up for the flow's next timer (see [`machine::Alarm`]):
+    /// one sleeping task per wake-up set.
+    pub(super) fn set_alarm(self: &Arc<Self>, flow: &Flow, alarm: &mut machine::Alarm) {
         let now = common::now_ms();
-        if alarm.is_some_and(|at| at <= now) {
-            // Fired, or its command is queued.
-            *alarm = None;
-        }
-        let Some(due) = flow.next_wakeup_after(now) else {
+        let Some(due) = alarm.set(flow.next_wakeup_after(now), now) else {
             return;
         };
-        if alarm.is_some_and(|at| at <= due) {
-            return;
-        }
-        *alarm = Some(due);
         let (o, flow_id) = (self.clone(), flow.id.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(due - now)).await;
+            tokio::time::sleep(Duration::from_millis(due.saturating_sub(now))).await;
             o.send(&flow_id, Cmd::Due);
         });
     }
