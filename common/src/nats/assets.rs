@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 
-use crate::error::{Error, ErrorCode};
+use crate::error::Error;
 use crate::subject;
 
 /// Assignments, one durable consumer per agent (work queue: an assignment is
@@ -175,12 +175,7 @@ pub async fn ensure_stream(
     opening(|| async {
         js.get_or_create_stream(which.config(replicas))
             .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorCode::Unavailable,
-                    format!("cannot open stream {name}: {e}"),
-                )
-            })
+            .map_err(|e| Error::unavailable(format_args!("cannot open stream {name}"), e))
     })
     .await
 }
@@ -223,10 +218,7 @@ pub async fn ensure_bucket(
         match js.create_key_value(which.config(replicas)).await {
             Ok(store) => Ok(store),
             Err(create_err) => js.get_key_value(&name).await.map_err(|_| {
-                Error::new(
-                    ErrorCode::Unavailable,
-                    format!("cannot open bucket {name}: {create_err}"),
-                )
+                Error::unavailable(format_args!("cannot open bucket {name}"), create_err)
             }),
         }
     })
@@ -256,9 +248,9 @@ pub async fn ensure_uploads(
         match js.create_object_store(config).await {
             Ok(store) => Ok(store),
             Err(create_err) => js.get_object_store(OBJ_UPLOADS).await.map_err(|_| {
-                Error::new(
-                    ErrorCode::Unavailable,
-                    format!("cannot open object store {OBJ_UPLOADS}: {create_err}"),
+                Error::unavailable(
+                    format_args!("cannot open object store {OBJ_UPLOADS}"),
+                    create_err,
                 )
             }),
         }
