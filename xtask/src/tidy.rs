@@ -39,7 +39,6 @@ pub const LEGACY: &[(&str, Legacy)] = &[
     ("orchestrator/src/machine/props.rs", Legacy::Io),
     ("orchestrator/src/machine/props.rs", Legacy::Lines(650)),
     ("orchestrator/src/machine/tests.rs", Legacy::Lines(1075)),
-    ("orchestrator/src/store.rs", Legacy::Lines(620)),
     ("tests/src/bin/coord-bench.rs", Legacy::Lines(611)),
     ("tests/src/bin/coord-bench/scale.rs", Legacy::Lines(800)),
     ("tests/src/bin/coord-bench/state.rs", Legacy::Lines(795)),
