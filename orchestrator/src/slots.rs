@@ -126,12 +126,13 @@ impl Slots {
         F: Fn(FlowId) -> Fut,
         Fut: std::future::Future<Output = Result<Option<Flow>, Error>>,
     {
-        let unavailable =
-            |e: &dyn std::fmt::Display| Error::new(common::ErrorCode::Unavailable, e.to_string());
         // Stopped at the first error (see `Orchestrator::flow_ids`).
         let keys: Vec<String> = match self.kv.keys().await {
-            Ok(keys) => keys.try_collect().await.map_err(|e| unavailable(&e))?,
-            Err(e) => return Err(unavailable(&e)),
+            Ok(keys) => keys
+                .try_collect()
+                .await
+                .map_err(|e| Error::unavailable("slot keys", e))?,
+            Err(e) => return Err(Error::unavailable("slot keys", e)),
         };
         // A flow that could not be read counts as live: nothing is freed on doubt.
         let mut flows: HashMap<FlowId, Result<Option<Flow>, Error>> = HashMap::new();
