@@ -1,9 +1,10 @@
 //! KV entries read as JSON and written by compare-and-set.
 //!
-//! [`write_at`] is the one conditional write: every service's loop over a
-//! KV entry (a plain [`cas_update`], or one that keeps a cache or groups
-//! changes) tells a lost race from a failure through it, and pauses with
-//! [`lost_race_pause`] when races keep being lost.
+//! [`write_at`] is the one conditional write ([`delete_at`] the one
+//! conditional delete): every service's loop over a KV entry (a plain
+//! [`cas_update`], or one that keeps a cache or groups changes) tells a lost
+//! race from a failure through it, and pauses with [`lost_race_pause`] when
+//! races keep being lost.
 
 use std::time::Duration;
 
@@ -103,6 +104,17 @@ pub async fn write_at(
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(Written::Lost),
             Err(e) => Err(Error::unavailable(format_args!("kv create {key}"), e)),
         },
+    }
+}
+
+/// Deletes `key` if the entry is still at revision `expected`: `false` when
+/// someone else wrote it first (nothing deleted), any other failure is
+/// `unavailable`.
+pub async fn delete_at(kv: &kv::Store, key: &str, expected: u64) -> Result<bool, Error> {
+    match kv.delete_expect_revision(key, Some(expected)).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => Ok(false),
+        Err(e) => Err(Error::unavailable(format_args!("kv delete {key}"), e)),
     }
 }
 
