@@ -13,7 +13,7 @@ use common::{AgentId, Error, ErrorCode, ScopeId, SyncPointId};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
-use super::{ack_results, decode_doc, doc_key, notices, unavailable, Synchronizer, FAN_OUT};
+use super::{ack_results, decode_doc, doc_key, notices, Synchronizer, FAN_OUT};
 use crate::machine::{self, agree, rules};
 
 /// Most agents one synchronize or sync point request may name.
@@ -53,10 +53,10 @@ impl Synchronizer {
             .state
             .keys()
             .await
-            .map_err(|e| unavailable("kv keys", e))?
+            .map_err(|e| Error::unavailable("kv keys", e))?
             .try_collect()
             .await
-            .map_err(|e| unavailable("kv keys", e))?;
+            .map_err(|e| Error::unavailable("kv keys", e))?;
         Ok(keys
             .iter()
             .filter_map(|k| k.strip_prefix(&prefix))

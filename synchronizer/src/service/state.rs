@@ -9,7 +9,7 @@ use common::nats::{self as bus, Step, CAS_ATTEMPTS};
 use common::{Error, ErrorCode, ScopeId};
 use futures::StreamExt;
 
-use super::{decode_doc, doc_key, unavailable, Synchronizer};
+use super::{decode_doc, doc_key, Synchronizer};
 use crate::machine::{self, resolve};
 
 impl Synchronizer {
@@ -390,28 +390,16 @@ impl Synchronizer {
                     })));
                 }
             }
-            match self
-                .state
-                .delete_expect_revision(&key, Some(current.revision))
-                .await
-            {
-                Ok(()) => {
-                    self.limits.forget(&req.agent_id, &req.scope);
-                    self.events
-                        .publish(EventKind::StateDeleted {
-                            agent_id: req.agent_id.clone(),
-                            scope: req.scope.clone(),
-                        })
-                        .await;
-                    return Ok(reply(true));
-                }
-                Err(e)
-                    if e.kind()
-                        == async_nats::jetstream::kv::DeleteErrorKind::WrongLastRevision =>
-                {
-                    continue
-                }
-                Err(e) => return Err(unavailable(&format!("kv delete {key}"), e)),
+            // A lost race reads the document again.
+            if bus::delete_at(&self.state, &key, current.revision).await? {
+                self.limits.forget(&req.agent_id, &req.scope);
+                self.events
+                    .publish(EventKind::StateDeleted {
+                        agent_id: req.agent_id.clone(),
+                        scope: req.scope.clone(),
+                    })
+                    .await;
+                return Ok(reply(true));
             }
         }
         Err(Error::new(
@@ -426,7 +414,7 @@ impl Synchronizer {
         match self.state.history(&key).await {
             Ok(mut h) => {
                 while let Some(e) = h.next().await {
-                    let e = e.map_err(|e| unavailable(&format!("kv history {key}"), e))?;
+                    let e = e.map_err(|e| Error::unavailable(&format!("kv history {key}"), e))?;
                     entries.push(match decode_doc(&e)? {
                         Some(d) => HistoryEntry {
                             revision: d.revision,
@@ -445,7 +433,7 @@ impl Synchronizer {
                     });
                 }
             }
-            Err(e) => return Err(unavailable(&format!("kv history {key}"), e)),
+            Err(e) => return Err(Error::unavailable(&format!("kv history {key}"), e)),
         }
         if entries.is_empty() {
             return Err(Error::not_found(format!(
