@@ -23,12 +23,21 @@ pub const STREAM_AGENT_EVENTS: &str = "COORD_AGENT_EVENTS";
 pub const AGENT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How many bytes of agent events are kept by default (oldest dropped first).
 pub const AGENT_EVENTS_MAX_BYTES: i64 = 1 << 30;
-/// The orchestrators' shared durable consumer on [`STREAM_REPORTS`].
-/// The durable consumer an agent reads its assignments through.
+/// The durable consumer an agent reads its assignments through (on
+/// [`STREAM_ASSIGN`]).
 pub fn agent_consumer(agent: &crate::AgentId) -> String {
-    format!("agent-{agent}")
+    format!("{AGENT_CONSUMER_PREFIX}{agent}")
 }
 
+/// The agent whose assignments consumer `name` is ([`agent_consumer`]'s
+/// inverse), unchecked; `None` for any other consumer.
+pub fn consumer_agent(name: &str) -> Option<&str> {
+    name.strip_prefix(AGENT_CONSUMER_PREFIX)
+}
+
+const AGENT_CONSUMER_PREFIX: &str = "agent-";
+
+/// The orchestrators' shared durable consumer on [`STREAM_REPORTS`].
 pub const CONSUMER_ORCHESTRATOR: &str = "orchestrator";
 /// The orchestrators' shared durable consumer of the allocator's `agent.lost`
 /// and `allocation.preempted` events on [`STREAM_EVENTS`].
