@@ -106,7 +106,7 @@ pub(super) async fn serve_triggers(
 }
 
 fn valid_name(name: &str) -> Result<(), Error> {
-    common::id::validate(name).map_err(|e| Error::new(ErrorCode::InvalidId, e.to_string()))?;
+    common::id::validate(name)?;
     if name.len() > MAX_TRIGGER_NAME {
         return Err(Error::new(
             ErrorCode::InvalidId,
@@ -178,8 +178,7 @@ pub(crate) fn triggered_flow_id(trigger: &str, msg_id: &str) -> Result<FlowId, E
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    FlowId::new(format!("trg-{trigger}-{hash:016x}"))
-        .map_err(|e| Error::new(ErrorCode::InvalidId, e.to_string()))
+    Ok(FlowId::new(format!("trg-{trigger}-{hash:016x}"))?)
 }
 
 /// The trigger's flow for one event: every task finds the event in its
