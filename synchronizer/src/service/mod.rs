@@ -261,7 +261,7 @@ impl Synchronizer {
         self.state
             .entry(key)
             .await
-            .map_err(|e| Error::unavailable(&format!("kv read {key}"), e))
+            .map_err(|e| Error::unavailable(format_args!("kv read {key}"), e))
     }
 
     /// The document of `key` at exactly `revision`: `Ok(None)` when that
@@ -280,7 +280,12 @@ impl Synchronizer {
             {
                 return Ok(None)
             }
-            Err(e) => return Err(Error::unavailable(&format!("kv read {key}@{revision}"), e)),
+            Err(e) => {
+                return Err(Error::unavailable(
+                    format_args!("kv read {key}@{revision}"),
+                    e,
+                ))
+            }
         };
         if msg.subject.as_str() != format!("$KV.{}.{key}", common::nats::KV_STATE) {
             return Ok(None);

@@ -108,10 +108,10 @@ impl Synchronizer {
             .state
             .history(&key)
             .await
-            .map_err(|e| Error::unavailable(&format!("kv history {key}"), e))?
+            .map_err(|e| Error::unavailable(format_args!("kv history {key}"), e))?
             .try_collect()
             .await
-            .map_err(|e| Error::unavailable(&format!("kv history {key}"), e))?;
+            .map_err(|e| Error::unavailable(format_args!("kv history {key}"), e))?;
         let revisions: Vec<u64> = history.iter().map(|e| e.revision).collect();
         let Some(rev) = syncpoint::revision_at(&revisions, sequence) else {
             return Err(Error::new(

@@ -414,7 +414,8 @@ impl Synchronizer {
         match self.state.history(&key).await {
             Ok(mut h) => {
                 while let Some(e) = h.next().await {
-                    let e = e.map_err(|e| Error::unavailable(&format!("kv history {key}"), e))?;
+                    let e =
+                        e.map_err(|e| Error::unavailable(format_args!("kv history {key}"), e))?;
                     entries.push(match decode_doc(&e)? {
                         Some(d) => HistoryEntry {
                             revision: d.revision,
@@ -433,7 +434,7 @@ impl Synchronizer {
                     });
                 }
             }
-            Err(e) => return Err(Error::unavailable(&format!("kv history {key}"), e)),
+            Err(e) => return Err(Error::unavailable(format_args!("kv history {key}"), e)),
         }
         if entries.is_empty() {
             return Err(Error::not_found(format!(
