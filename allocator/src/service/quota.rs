@@ -13,7 +13,6 @@ use std::time::Duration;
 use common::msg::{Allocation, EventKind, QuotaReply, QuotaRequest};
 use common::nats::{self as bus, Step, Written};
 use common::{AgentId, AllocationId, Error, ErrorCode};
-use futures::StreamExt;
 
 use super::Allocator;
 use crate::machine::{self, Admission, AgentRecord, Quota, QuotaBook};
@@ -158,14 +157,8 @@ impl Allocator {
     }
 
     async fn read_agents(&self) -> Result<BTreeMap<String, (u64, Option<AgentRecord>)>, Error> {
-        let mut keys = self
-            .agents
-            .keys()
-            .await
-            .map_err(|e| Error::unavailable("kv keys", e))?;
         let mut out = BTreeMap::new();
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(|e| Error::unavailable("kv keys", e))?;
+        for k in bus::keys(&self.agents).await? {
             let entry = self
                 .agents
                 .entry(&k)

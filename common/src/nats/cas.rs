@@ -1,4 +1,4 @@
-//! KV entries read as JSON and written by compare-and-set.
+//! KV entries listed, read as JSON and written by compare-and-set.
 //!
 //! [`write_at`] is the one conditional write ([`delete_at`] the one
 //! conditional delete): every service's loop over a KV entry (a plain
@@ -16,6 +16,19 @@ use crate::error::{Error, ErrorCode};
 
 /// How many times a compare-and-set is retried from fresh state before giving up.
 pub const CAS_ATTEMPTS: usize = 64;
+
+/// Every key of `kv` with a value (deleted ones left out). A failure ends
+/// the listing: polled again after one, a listing whose connection went away
+/// panics (async-nats 0.51).
+pub async fn keys(kv: &kv::Store) -> Result<Vec<String>, Error> {
+    use futures::TryStreamExt;
+    kv.keys()
+        .await
+        .map_err(|e| Error::unavailable("kv keys", e))?
+        .try_collect()
+        .await
+        .map_err(|e| Error::unavailable("kv keys", e))
+}
 
 /// Reads a JSON value and its revision; `None` when the key is absent or deleted.
 pub async fn get_json<T: DeserializeOwned>(

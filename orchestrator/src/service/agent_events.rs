@@ -238,13 +238,7 @@ impl Orchestrator {
 
     /// Every trigger, by name.
     async fn stored_triggers(&self) -> Result<Vec<StoredTrigger>, Error> {
-        let mut names: Vec<String> = match self.triggers.keys().await {
-            Ok(keys) => keys
-                .try_collect()
-                .await
-                .map_err(|e| Error::unavailable("trigger names", e))?,
-            Err(e) => return Err(Error::unavailable("trigger names", e)),
-        };
+        let mut names = bus::keys(&self.triggers).await?;
         names.sort();
         let mut out = Vec::with_capacity(names.len());
         for name in names {

@@ -8,7 +8,7 @@ use common::msg::{
     CapacityRequest, EventKind, Invariant, NoticeKind, ScopeConfig, StateDoc, SyncReport,
     SynchronizeRequest, ValidateRequest, ValidationReport, Violation,
 };
-use common::nats::CAS_ATTEMPTS;
+use common::nats::{self as bus, CAS_ATTEMPTS};
 use common::{AgentId, Error, ErrorCode, ScopeId, SyncPointId};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
@@ -49,14 +49,7 @@ impl Synchronizer {
     /// Every agent with a document in `scope`.
     async fn agents_in(&self, scope: &ScopeId) -> Result<Vec<AgentId>, Error> {
         let prefix = format!("{scope}.");
-        let keys: Vec<String> = self
-            .state
-            .keys()
-            .await
-            .map_err(|e| Error::unavailable("kv keys", e))?
-            .try_collect()
-            .await
-            .map_err(|e| Error::unavailable("kv keys", e))?;
+        let keys = bus::keys(&self.state).await?;
         Ok(keys
             .iter()
             .filter_map(|k| k.strip_prefix(&prefix))

@@ -338,14 +338,7 @@ impl Synchronizer {
         if req.state == Some(common::msg::SyncPointState::Unknown) {
             return Err(Error::bad_request("unknown sync point state"));
         }
-        let keys: Vec<String> = self
-            .points
-            .keys()
-            .await
-            .map_err(|e| Error::unavailable("kv keys", e))?
-            .try_collect()
-            .await
-            .map_err(|e| Error::unavailable("kv keys", e))?;
+        let keys = bus::keys(&self.points).await?;
         let mut points: Vec<SyncPoint> =
             futures::stream::iter(keys.into_iter().filter(|k| k.starts_with("sp.")))
                 .map(|k| async move { bus::get_json::<SyncPoint>(&self.points, &k).await })
