@@ -125,7 +125,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let state_stream = js
         .get_stream(format!("KV_{}", bus::KV_STATE))
         .await
-        .map_err(|e| anyhow::anyhow!("state stream: {e}"))?;
+        .map_err(|e| Error::unavailable("state stream", e))?;
     let agent_events = events::open_stream(&js, &cfg).await?;
     let event_schemas = bus::ensure_bucket(&js, Bucket::EventSchemas, replicas).await?;
     let node = format!("sync-{}", uuid::Uuid::now_v7().simple());
@@ -152,7 +152,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let acks = nats
         .queue_subscribe(subject::SYNC_ACK_ALL, ACK_GROUP.to_owned())
         .await
-        .map_err(|e| anyhow::anyhow!("cannot subscribe to acknowledgements: {e}"))?;
+        .map_err(|e| Error::unavailable("cannot subscribe to acknowledgements", e))?;
     let ack_task = tokio::spawn(points::store_acks(sync.clone(), acks));
 
     let mut service = Service::start(&nats, NAME, "Versioned agent state").await?;
