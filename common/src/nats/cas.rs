@@ -165,10 +165,16 @@ where
             }
         }
     }
-    Err(Error::new(
+    Err(contention(key))
+}
+
+/// What a compare-and-set loop on `key` answers when it has lost
+/// [`CAS_ATTEMPTS`] races in a row: `conflict`, to be retried later.
+pub fn contention(key: &str) -> Error {
+    Error::new(
         ErrorCode::Conflict,
         format!("{key}: too much contention, gave up"),
-    ))
+    )
 }
 
 /// The pause before trying again after the `attempt`th lost compare-and-set

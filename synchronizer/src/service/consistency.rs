@@ -307,9 +307,6 @@ impl Synchronizer {
                 return Ok(StateDoc { revision, ..next });
             }
         }
-        Err(Error::new(
-            ErrorCode::Conflict,
-            format!("{key}: too much contention, gave up"),
-        ))
+        Err(bus::contention(&key))
     }
 }

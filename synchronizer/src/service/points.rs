@@ -254,10 +254,7 @@ impl Synchronizer {
             let verified = stored.as_ref().is_some_and(|s| s.doc == cut.doc);
             return Ok((StateDoc { revision, ..next }, verified));
         }
-        Err(Error::new(
-            ErrorCode::Conflict,
-            format!("{key}: too much contention, gave up"),
-        ))
+        Err(bus::contention(&key))
     }
 
     pub(super) async fn rollback(&self, req: SyncPointWait) -> Result<RollbackReport, Error> {

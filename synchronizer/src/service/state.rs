@@ -287,10 +287,7 @@ impl Synchronizer {
                 }
             }
         }
-        Err(Error::new(
-            ErrorCode::Conflict,
-            format!("{key}: too much contention, gave up"),
-        ))
+        Err(bus::contention(&key))
     }
 
     async fn updated(&self, req: &StatePut, revision: u64) {
@@ -402,10 +399,7 @@ impl Synchronizer {
                 return Ok(reply(true));
             }
         }
-        Err(Error::new(
-            ErrorCode::Conflict,
-            format!("{key}: too much contention, gave up"),
-        ))
+        Err(bus::contention(&key))
     }
 
     pub(super) async fn history(&self, req: StateHistoryRequest) -> Result<StateHistory, Error> {
