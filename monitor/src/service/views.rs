@@ -182,10 +182,9 @@ impl Shared {
                     .flatten()
                     .filter(|(_, t)| {
                         t.get("agent").and_then(Value::as_str) == Some(agent.as_str())
-                            && matches!(
-                                t.get("state").and_then(Value::as_str),
-                                Some("assigned" | "running")
-                            )
+                            && t.get("state")
+                                .and_then(Value::as_str)
+                                .is_some_and(|s| s.parse().is_ok_and(TaskState::is_active))
                     })
                     .map(move |(task, t)| {
                         serde_json::json!({
