@@ -67,9 +67,9 @@ impl Client {
                     format!("{subject}: no reply within {:?}", self.timeout),
                 ),
                 async_nats::RequestErrorKind::MaxPayloadExceeded => {
-                    Error::new(ErrorCode::PayloadTooLarge, format!("{subject}: {e}"))
+                    Error::from_source(ErrorCode::PayloadTooLarge, subject, e)
                 }
-                _ => Error::new(ErrorCode::Unavailable, format!("{subject}: {e}")),
+                _ => Error::unavailable(subject, e),
             })?;
         decode_reply(&reply)
     }
@@ -168,7 +168,7 @@ impl Client {
         uploads
             .put(name.as_str(), &mut tasks.as_slice())
             .await
-            .map_err(|e| Error::new(ErrorCode::Unavailable, format!("upload of the tasks: {e}")))?;
+            .map_err(|e| Error::unavailable("upload of the tasks", e))?;
         let head = FlowSpec {
             id: spec.id.clone(),
             name: spec.name.clone(),
@@ -449,6 +449,5 @@ pub fn decode_reply<Resp: DeserializeOwned>(reply: &async_nats::Message) -> Resu
         };
         return Err(Error::new(code, message));
     }
-    serde_json::from_slice(&reply.payload)
-        .map_err(|e| Error::internal(format!("unreadable reply: {e}")))
+    serde_json::from_slice(&reply.payload).map_err(|e| Error::internal_from("unreadable reply", e))
 }

@@ -5,6 +5,13 @@
 //! `{"error":{"code","message","details"}}`. `code` is one of the stable
 //! [`ErrorCode`] strings documented in `docs/protocol.md`; callers branch on it,
 //! never on the message text.
+//!
+//! A failure that comes from elsewhere (a NATS call, a decoder) keeps that
+//! error as its [`std::error::Error::source`], for logs and for callers that
+//! need the cause; only code, message and details go on the wire
+//! ([`Error::to_body`]).
+
+use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -126,9 +133,16 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
+/// What caused an [`Error`], shared so the error stays cheap to clone.
+pub type Source = Arc<dyn std::error::Error + Send + Sync>;
+
+/// Any error a cause may be given as: a typed error, one already boxed (as
+/// async-nats returns some), or a message.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A failed request: what callers match on ([`ErrorCode`]) plus a human message
 /// and structured details (e.g. every validation problem, the current revision).
-#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize, JsonSchema)]
 #[error("{code}: {message}")]
 pub struct Error {
     pub code: ErrorCode,
@@ -136,6 +150,20 @@ pub struct Error {
     /// Structured context; `null` when there is none.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub details: Value,
+    /// The failure this one reports, already spelled out in `message`; never
+    /// sent, so a decoded error has none.
+    #[serde(skip)]
+    #[schemars(skip)]
+    #[source]
+    source: Option<Source>,
+}
+
+/// Two errors are equal when they say the same on the wire; the source is
+/// left out (it is not comparable, and never sent).
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        self.code == other.code && self.message == other.message && self.details == other.details
+    }
 }
 
 /// The JSON body of an error reply.
@@ -150,7 +178,33 @@ impl Error {
             code,
             message: message.into(),
             details: Value::Null,
+            source: None,
         }
+    }
+
+    /// An error caused by `source`: the message is `"{what}: {source}"`, and
+    /// `source` stays reachable through [`std::error::Error::source`].
+    pub fn from_source(
+        code: ErrorCode,
+        what: impl std::fmt::Display,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        let source = source.into();
+        let mut e = Self::new(code, format!("{what}: {source}"));
+        e.source = Some(Source::from(source));
+        e
+    }
+
+    /// A bus, store or peer failure while doing `what`: `unavailable`, the
+    /// request may be retried.
+    pub fn unavailable(what: impl std::fmt::Display, source: impl Into<BoxError>) -> Self {
+        Self::from_source(ErrorCode::Unavailable, what, source)
+    }
+
+    /// A failure of this service's own doing (encoding, stored data it cannot
+    /// read) while doing `what`.
+    pub fn internal_from(what: impl std::fmt::Display, source: impl Into<BoxError>) -> Self {
+        Self::from_source(ErrorCode::Internal, what, source)
     }
 
     pub fn with_details(mut self, details: impl Serialize) -> Self {
@@ -223,6 +277,21 @@ mod tests {
         );
         let back: ErrorBody = serde_json::from_value(v).unwrap();
         assert_eq!(back.error, e);
+    }
+
+    #[test]
+    fn a_source_is_kept_for_logs_and_left_off_the_wire() {
+        use std::error::Error as _;
+        let io = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "pipe closed");
+        let e = Error::unavailable("kv write k", io);
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert_eq!(e.message, "kv write k: pipe closed");
+        assert_eq!(e.to_string(), "unavailable: kv write k: pipe closed");
+        assert_eq!(e.source().unwrap().to_string(), "pipe closed");
+        let back: ErrorBody = serde_json::from_slice(&e.to_body()).unwrap();
+        assert!(back.error.source().is_none());
+        assert_eq!(back.error, e, "equal on what is sent");
+        assert_eq!(e.clone().source().unwrap().to_string(), "pipe closed");
     }
 
     #[test]

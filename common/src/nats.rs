@@ -1,12 +1,11 @@
 //! The NATS connection, the JetStream resources ([`assets`]), and the few bus
-//! operations every service repeats: publishing an event, and a
-//! compare-and-set on a KV entry.
+//! operations every service repeats: publishing an event, reading and
+//! compare-and-setting a KV entry ([`cas`]), and writing several entries in
+//! one atomic batch ([`batch`]).
 
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
 use async_nats::HeaderMap;
-use serde::{de::DeserializeOwned, Serialize};
 
 use crate::config::NatsConfig;
 use crate::error::{Error, ErrorCode};
@@ -14,8 +13,12 @@ use crate::msg::{Event, EventKind};
 use crate::telemetry;
 
 mod assets;
+mod batch;
+mod cas;
 
 pub use assets::*;
+pub use batch::*;
+pub use cas::*;
 
 /// Longest pause between two reconnect attempts. async-nats backs off up to
 /// 4 s by default; a shorter cap brings everyone back within a heartbeat
@@ -30,7 +33,8 @@ async fn open(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, Error>
         Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
             .await
             .map_err(|e| {
-                Error::bad_request(format!("cannot read credentials {}: {e}", path.display()))
+                let what = format!("cannot read credentials {}", path.display());
+                Error::from_source(ErrorCode::BadRequest, what, e)
             })?,
         None => async_nats::ConnectOptions::new(),
     };
@@ -81,12 +85,9 @@ async fn open(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, Error>
         .map(str::trim)
         .filter(|u| !u.is_empty())
         .collect();
-    opts.connect(servers).await.map_err(|e| {
-        Error::new(
-            ErrorCode::Unavailable,
-            format!("cannot connect to nats at {urls}: {e}"),
-        )
-    })
+    opts.connect(servers)
+        .await
+        .map_err(|e| Error::unavailable(format_args!("cannot connect to nats at {urls}"), e))
 }
 
 /// Waits until `client` has reached the server, saying every few seconds
@@ -270,169 +271,6 @@ impl EventPublisher {
             Err(e) => tracing::error!(error = %e, "event encode failed"),
         }
     }
-}
-
-/// How many times a compare-and-set is retried from fresh state before giving up.
-pub const CAS_ATTEMPTS: usize = 64;
-
-/// Reads a JSON value and its revision; `None` when the key is absent or deleted.
-pub async fn get_json<T: DeserializeOwned>(
-    kv: &kv::Store,
-    key: &str,
-) -> Result<Option<(T, u64)>, Error> {
-    Ok(get_json_raw(kv, key)
-        .await?
-        .map(|(value, revision, _)| (value, revision)))
-}
-
-/// [`get_json`] that also returns the stored bytes, for callers that tell a
-/// change by comparing encodings instead of keeping a copy of the value.
-pub async fn get_json_raw<T: DeserializeOwned>(
-    kv: &kv::Store,
-    key: &str,
-) -> Result<Option<(T, u64, bytes::Bytes)>, Error> {
-    let entry = kv
-        .entry(key)
-        .await
-        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("kv read {key}: {e}")))?;
-    match entry {
-        Some(e) if e.operation == kv::Operation::Put => {
-            let value = serde_json::from_slice(&e.value)
-                .map_err(|err| Error::internal(format!("stored value {key} unreadable: {err}")))?;
-            Ok(Some((value, e.revision, e.value)))
-        }
-        _ => Ok(None),
-    }
-}
-
-/// Lets a bucket take atomic batches (several keys written in one step, all
-/// or none); an existing bucket's stream is updated.
-pub async fn allow_atomic_batches(
-    js: &async_nats::jetstream::Context,
-    kv: &kv::Store,
-) -> Result<(), Error> {
-    let unavailable = |e: &dyn std::fmt::Display| {
-        Error::new(ErrorCode::Unavailable, format!("{}: {e}", kv.stream_name))
-    };
-    let mut stream = js
-        .get_stream(&kv.stream_name)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let mut config = stream
-        .info()
-        .await
-        .map_err(|e| unavailable(&e))?
-        .config
-        .clone();
-    if config.allow_atomic_publish {
-        return Ok(());
-    }
-    config.allow_atomic_publish = true;
-    js.update_stream(config)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    Ok(())
-}
-
-/// Whether `key` is absent from `kv` (never written, deleted or purged), as
-/// the bucket's stream leader says. A KV read is a direct get, which any
-/// replica may answer: one that has not caught up (a node just back in a
-/// cluster) answers "not found" for a key written meanwhile. Before treating
-/// "not found" as final, ask the leader.
-pub async fn absent_at_leader(kv: &kv::Store, key: &str) -> Result<bool, Error> {
-    use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    let subject = format!("{}{key}", kv.prefix);
-    match kv.stream.get_last_raw_message_by_subject(&subject).await {
-        Ok(msg) => {
-            let op = msg
-                .headers
-                .get("KV-Operation")
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default();
-            Ok(op == "DEL" || op == "PURGE")
-        }
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(true),
-        Err(e) => Err(Error::new(
-            ErrorCode::Unavailable,
-            format!("kv read {key} at the leader: {e}"),
-        )),
-    }
-}
-
-/// The outcome of one step of [`cas_update`].
-pub enum Step<T, R> {
-    /// Write this value, then return `R`.
-    Write(T, R),
-    /// Leave the entry as it is and return `R`.
-    Keep(R),
-}
-
-/// Compare-and-set loop: reads the entry, lets `f` decide, writes against the
-/// revision it read, and on losing the race starts over from fresh state.
-/// Returns `f`'s result and the revision now stored.
-pub async fn cas_update<T, R, F>(kv: &kv::Store, key: &str, mut f: F) -> Result<(R, u64), Error>
-where
-    T: Serialize + DeserializeOwned,
-    F: FnMut(Option<T>) -> Result<Step<T, R>, Error>,
-{
-    for attempt in 0..CAS_ATTEMPTS {
-        let current = get_json::<T>(kv, key).await?;
-        let revision = current.as_ref().map(|(_, r)| *r);
-        match f(current.map(|(v, _)| v))? {
-            Step::Keep(r) => return Ok((r, revision.unwrap_or(0))),
-            Step::Write(value, r) => {
-                let body = serde_json::to_vec(&value)
-                    .map_err(|e| Error::internal(format!("encode {key}: {e}")))?;
-                let written = match revision {
-                    Some(rev) => {
-                        kv.update(key, body.into(), rev)
-                            .await
-                            .map_err(|e| match e.kind() {
-                                kv::UpdateErrorKind::WrongLastRevision => None,
-                                _ => Some(Error::new(
-                                    ErrorCode::Unavailable,
-                                    format!("kv write {key}: {e}"),
-                                )),
-                            })
-                    }
-                    None => kv
-                        .create(key, body.into())
-                        .await
-                        .map_err(|e| match e.kind() {
-                            kv::CreateErrorKind::AlreadyExists => None,
-                            _ => Some(Error::new(
-                                ErrorCode::Unavailable,
-                                format!("kv create {key}: {e}"),
-                            )),
-                        }),
-                };
-                match written {
-                    Ok(rev) => return Ok((r, rev)),
-                    Err(Some(err)) => return Err(err),
-                    Err(None) => {
-                        tracing::debug!(key, attempt, "compare-and-set lost, retrying");
-                        if attempt > 4 {
-                            tokio::time::sleep(Duration::from_millis(1 + fastrand_ms(attempt)))
-                                .await;
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Err(Error::new(
-        ErrorCode::Conflict,
-        format!("{key}: too much contention, gave up"),
-    ))
-}
-
-/// A small, spread-out back-off without pulling in a random number generator.
-fn fastrand_ms(attempt: usize) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0) as u64;
-    nanos % (attempt as u64 * 2).min(50)
 }
 
 /// Headers for a JetStream publish to `subject` that must be stored once even

@@ -174,12 +174,7 @@ impl Service {
             })
             .start(name, VERSION)
             .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorCode::Unavailable,
-                    format!("cannot start service {name}: {e}"),
-                )
-            })?;
+            .map_err(|e| Error::unavailable(format_args!("cannot start service {name}"), e))?;
         let id = inner.info().await.id;
         crate::telemetry::set_instance_id(&id);
         if let Some(path) = std::env::var_os(INSTANCE_FILE_ENV) {
@@ -284,12 +279,7 @@ impl Service {
             .name(&name)
             .add(subject)
             .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorCode::Unavailable,
-                    format!("cannot serve {subject}: {e}"),
-                )
-            })?;
+            .map_err(|e| Error::unavailable(format_args!("cannot serve {subject}"), e))?;
         let counts = self.counts.clone();
         let replies = self.replies.clone();
         let client = self.client.clone();
@@ -456,7 +446,7 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Error> {
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(value).map_err(|e| Error::internal(format!("reply encode: {e}")))
+    serde_json::to_vec(value).map_err(|e| Error::internal_from("reply encode", e))
 }
 
 /// A reply the server would refuse to carry becomes an error the caller can

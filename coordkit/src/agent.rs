@@ -157,7 +157,7 @@ where
     let mut lost = nats
         .subscribe(subject::event::AGENT_LOST)
         .await
-        .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+        .map_err(|e| Error::unavailable("subscribe to agent.lost", e))?;
     let outages = bus::Outages::watch(&nats);
     let (me, again) = (opts.agent_id.clone(), client.clone());
     let reregister = tokio::spawn(async move {
@@ -214,7 +214,7 @@ where
     let mut cancels = nats
         .subscribe(subject::cancel(&opts.agent_id))
         .await
-        .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+        .map_err(|e| Error::unavailable("subscribe to cancellations", e))?;
     let cancel_map = in_flight.clone();
     let canceller = tokio::spawn(async move {
         while let Some(msg) = cancels.next().await {
@@ -253,7 +253,7 @@ where
     let mut verdicts = nats
         .subscribe(subject::rejected(&opts.agent_id))
         .await
-        .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+        .map_err(|e| Error::unavailable("subscribe to report verdicts", e))?;
     let listener = tokio::spawn(async move {
         while let Some(msg) = verdicts.next().await {
             match serde_json::from_slice::<common::msg::ReportRejected>(&msg.payload) {
@@ -282,7 +282,6 @@ where
         running.clone(),
     ));
 
-    let unavailable = |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
     let stream = bus::ensure_stream(&js, Stream::Assign, 1).await?;
     let name = consumer_name(&opts.agent_id);
     // Deliveries nobody acknowledged went to an earlier run of this agent that
@@ -296,7 +295,7 @@ where
             stream
                 .delete_consumer(&name)
                 .await
-                .map_err(|e| unavailable(&e))?;
+                .map_err(|e| Error::unavailable(format_args!("delete consumer {name}"), e))?;
         }
     }
     let mut messages = pull::Assignments::open(
@@ -310,8 +309,7 @@ where
             ..Default::default()
         },
     )
-    .await
-    .map_err(|e| unavailable(&e))?;
+    .await?;
     let limit = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let permits = opts.concurrency.max(1) as u32;
 
@@ -674,7 +672,7 @@ pub async fn report(
         kind,
         at_ms: common::now_ms(),
     };
-    let body = serde_json::to_vec(&body).map_err(|e| Error::internal(e.to_string()))?;
+    let body = serde_json::to_vec(&body).map_err(|e| Error::internal_from("encode report", e))?;
     // Each progress report is new; every other kind is sent once per attempt.
     let msg_id = if tag == "progress" {
         format!(
@@ -695,18 +693,15 @@ pub async fn report(
         let sent = js
             .publish_with_headers(to.clone(), headers.clone(), body.clone().into())
             .await;
-        let failure = match sent {
+        let failure: common::error::BoxError = match sent {
             Ok(ack) => match ack.await {
                 Ok(_) => return Ok(()),
-                Err(e) => e.to_string(),
+                Err(e) => e.into(),
             },
-            Err(e) => e.to_string(),
+            Err(e) => e.into(),
         };
         if tokio::time::Instant::now() + pause >= deadline {
-            return Err(Error::new(
-                ErrorCode::Unavailable,
-                format!("report not stored: {failure}"),
-            ));
+            return Err(Error::unavailable("report not stored", failure));
         }
         tracing::debug!(error = %failure, "report not stored yet, retrying");
         tokio::time::sleep(pause).await;

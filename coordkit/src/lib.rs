@@ -4,7 +4,9 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), coordkit::Error> {
 //! use coordkit::{agent, AgentId};
-//! let nats = async_nats::connect("nats://127.0.0.1:4222").await.map_err(|e| coordkit::Error::internal(e.to_string()))?;
+//! let nats = async_nats::connect("nats://127.0.0.1:4222")
+//!     .await
+//!     .map_err(|e| coordkit::Error::unavailable("connect to nats", e))?;
 //! let opts = agent::AgentOptions::new(AgentId::new("worker-1")?).capacity("cpu", 4.0);
 //! agent::run(nats, opts, |task| async move { Ok(task.input) }, tokio::signal::ctrl_c()).await
 //! # }

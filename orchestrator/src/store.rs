@@ -16,8 +16,8 @@ use std::ops::Bound;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use async_nats::HeaderMap;
 use bytes::Bytes;
+use common::nats::Written;
 use common::{Error, ErrorCode, FlowId, TaskId};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize, Serializer};
@@ -27,8 +27,8 @@ use crate::machine::{Flow, Pages, Task, Touched};
 /// Tasks per page, and the most a flow keeps in its own entry (about 0.5 MB
 /// at a full attempt history, under NATS's default 1 MB `max_payload`).
 pub const PAGE_TASKS: usize = 1_000;
-/// One atomic batch holds at most 1,000 messages: the pages and the header.
-pub const MAX_PAGES: usize = 999;
+/// One atomic batch holds the pages and the header.
+pub const MAX_PAGES: usize = common::nats::MAX_BATCH - 1;
 /// Torn reads tried again before giving up.
 const READ_ATTEMPTS: usize = 20;
 /// Pages fetched at once.
@@ -169,7 +169,7 @@ fn tasks_part(value: &Bytes) -> Option<Bytes> {
 }
 
 fn encode_err(e: serde_json::Error) -> Error {
-    Error::internal(format!("flow encode: {e}"))
+    Error::internal_from("flow encode", e)
 }
 
 /// Encodes the flow and says which pages differ from `before` (all of them
@@ -346,12 +346,12 @@ async fn read_page(
     let Some(value) = kv
         .get(&key)
         .await
-        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("kv read {key}: {e}")))?
+        .map_err(|e| Error::unavailable(format_args!("kv read {key}"), e))?
     else {
         return Ok(None);
     };
     let parsed: PageIn = serde_json::from_slice(&value)
-        .map_err(|e| Error::internal(format!("stored page {key} unreadable: {e}")))?;
+        .map_err(|e| Error::internal_from(format_args!("stored page {key} unreadable"), e))?;
     let part = tasks_part(&value)
         .ok_or_else(|| Error::internal(format!("stored page {key} has an unknown layout")))?;
     Ok(Some((parsed, part)))
@@ -368,7 +368,7 @@ pub async fn create(
         if kv
             .get(flow.id.as_str())
             .await
-            .map_err(|e| WriteError::Failed(unavailable(e)))?
+            .map_err(|e| WriteError::Failed(Error::unavailable("kv read", e)))?
             .is_some()
         {
             return Err(WriteError::Conflict);
@@ -383,7 +383,11 @@ pub async fn create(
         let written: Vec<_> = futures::stream::iter(pages)
             .map(|(key, value)| {
                 let kv = kv.clone();
-                async move { kv.put(key, value).await.map_err(unavailable) }
+                async move {
+                    kv.put(&key, value)
+                        .await
+                        .map_err(|e| Error::unavailable(format_args!("kv write {key}"), e))
+                }
             })
             .buffer_unordered(READ_AHEAD)
             .collect()
@@ -392,10 +396,10 @@ pub async fn create(
             w.map_err(WriteError::Failed)?;
         }
     }
-    match kv.create(flow.id.as_str(), enc.header.clone()).await {
-        Ok(rev) => Ok((rev, enc)),
-        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(WriteError::Conflict),
-        Err(e) => Err(WriteError::Failed(unavailable(e))),
+    let header = enc.header.clone();
+    match common::nats::write_at(kv, flow.id.as_str(), header, None).await {
+        Ok(written) => written_or_conflict(written).map(|rev| (rev, enc)),
+        Err(e) => Err(WriteError::Failed(e)),
     }
 }
 
@@ -410,89 +414,30 @@ pub async fn write(
     revision: u64,
 ) -> Result<u64, WriteError> {
     let key = flow.id.as_str();
-    let Some(pages) = flow.pages.as_ref().filter(|_| !dirty.is_empty()) else {
-        return match kv.update(key, enc.header.clone(), revision).await {
-            Ok(rev) => Ok(rev),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                Err(WriteError::Conflict)
-            }
-            Err(e) => Err(WriteError::Failed(unavailable(e))),
-        };
+    let written = match flow.pages.as_ref().filter(|_| !dirty.is_empty()) {
+        None => common::nats::write_at(kv, key, enc.header.clone(), Some(revision)).await,
+        Some(pages) => {
+            let changed: Vec<(String, Bytes)> = dirty
+                .iter()
+                .map(|&i| {
+                    (
+                        page_key(&flow.id, i),
+                        page_value(pages.steps[i], &enc.pages[i]),
+                    )
+                })
+                .collect();
+            let commit = (key, enc.header.clone());
+            common::nats::write_batch(nats, kv, changed, commit, revision).await
+        }
     };
-    let batch = uuid::Uuid::now_v7().simple().to_string();
-    let subject = |k: &str| format!("{}{k}", kv.put_prefix.as_ref().unwrap_or(&kv.prefix));
-    for (n, &i) in dirty.iter().enumerate() {
-        let mut h = HeaderMap::new();
-        h.insert("Nats-Batch-Id", batch.as_str());
-        h.insert("Nats-Batch-Sequence", (n + 1).to_string().as_str());
-        nats.publish_with_headers(
-            subject(&page_key(&flow.id, i)),
-            h,
-            page_value(pages.steps[i], &enc.pages[i]),
-        )
-        .await
-        .map_err(|e| WriteError::Failed(unavailable(e)))?;
+    written_or_conflict(written.map_err(WriteError::Failed)?)
+}
+
+fn written_or_conflict(written: Written) -> Result<u64, WriteError> {
+    match written {
+        Written::Stored(rev) => Ok(rev),
+        Written::Lost => Err(WriteError::Conflict),
     }
-    let mut h = HeaderMap::new();
-    h.insert("Nats-Batch-Id", batch.as_str());
-    h.insert(
-        "Nats-Batch-Sequence",
-        (dirty.len() + 1).to_string().as_str(),
-    );
-    h.insert("Nats-Batch-Commit", "1");
-    h.insert(
-        "Nats-Expected-Last-Subject-Sequence",
-        revision.to_string().as_str(),
-    );
-    let reply = nats
-        .request_with_headers(subject(key), h, enc.header.clone())
-        .await
-        .map_err(|e| WriteError::Failed(unavailable(e)))?;
-    commit_outcome(&reply.payload)
-}
-
-#[derive(Deserialize)]
-struct Ack {
-    #[serde(default)]
-    seq: u64,
-    #[serde(default)]
-    error: Option<AckError>,
-}
-
-#[derive(Deserialize)]
-struct AckError {
-    #[serde(default)]
-    err_code: u64,
-    #[serde(default)]
-    description: String,
-}
-
-/// JetStream's "wrong last sequence" error: the header moved on.
-const WRONG_LAST_SEQUENCE: u64 = 10071;
-
-fn commit_outcome(payload: &[u8]) -> Result<u64, WriteError> {
-    let ack: Ack = serde_json::from_slice(payload).map_err(|e| {
-        WriteError::Failed(Error::new(
-            ErrorCode::Unavailable,
-            format!("batch commit: unreadable ack: {e}"),
-        ))
-    })?;
-    match ack.error {
-        None if ack.seq > 0 => Ok(ack.seq),
-        None => Err(WriteError::Failed(Error::new(
-            ErrorCode::Unavailable,
-            "batch commit: ack without a sequence",
-        ))),
-        Some(e) if e.err_code == WRONG_LAST_SEQUENCE => Err(WriteError::Conflict),
-        Some(e) => Err(WriteError::Failed(Error::new(
-            ErrorCode::Unavailable,
-            format!("batch commit: {} ({})", e.description, e.err_code),
-        ))),
-    }
-}
-
-fn unavailable(e: impl std::fmt::Display) -> Error {
-    Error::new(ErrorCode::Unavailable, format!("kv write: {e}"))
 }
 
 #[cfg(test)]
@@ -579,23 +524,6 @@ mod tests {
         assert_eq!(
             tasks_part(&v).unwrap(),
             Bytes::from_static(br#"{"a":{"x":"\"tasks\":"}}"#)
-        );
-    }
-
-    #[test]
-    fn a_lost_race_is_a_conflict_and_other_refusals_are_not() {
-        assert!(matches!(
-            commit_outcome(br#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 5"}}"#),
-            Err(WriteError::Conflict)
-        ));
-        assert!(matches!(
-            commit_outcome(br#"{"error":{"code":400,"err_code":10174,"description":"atomic publish is disabled"}}"#),
-            Err(WriteError::Failed(_))
-        ));
-        assert_eq!(
-            commit_outcome(br#"{"stream":"KV_coord_flows","seq":42,"batch":"b","count":3}"#)
-                .unwrap(),
-            42
         );
     }
 }

@@ -355,11 +355,13 @@ fn drive(spec: FlowSpec, outcomes: &[bool], jumps: &[u64]) {
     for round in 0..64 {
         let _ = flow.status(round, now);
         let _ = flow.next_wakeup();
+        let _ = flow.next_wakeup_after(now);
         for task in flow.dispatchable(now) {
             let allocation = AllocationId::new(format!("x{round}-{task}")).unwrap();
-            let Ok((attempt, _)) = flow.assign(&task, &agent, &allocation, now) else {
+            if flow.assign(&task, &agent, &allocation, now).is_err() {
                 continue;
-            };
+            }
+            let attempt = flow.tasks[&task].attempt;
             let mut report = AgentReport {
                 flow_id: id.clone(),
                 task_id: task.clone(),

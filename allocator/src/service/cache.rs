@@ -13,8 +13,6 @@ use common::{AgentId, Error};
 use futures::StreamExt;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::unavailable;
-
 /// The last heartbeat of one agent, as recorded in `coord_heartbeats`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Beat {
@@ -56,8 +54,11 @@ impl<T: Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
         let mut watch = store
             .watch_all()
             .await
-            .map_err(|e| unavailable("kv watch", e))?;
-        let mut keys = store.keys().await.map_err(|e| unavailable("kv keys", e))?;
+            .map_err(|e| Error::unavailable("kv watch", e))?;
+        let mut keys = store
+            .keys()
+            .await
+            .map_err(|e| Error::unavailable("kv keys", e))?;
         // Stopped at the first error: polled again after one, a key listing
         // whose connection went away panics (async-nats 0.51).
         while let Some(Ok(k)) = keys.next().await {

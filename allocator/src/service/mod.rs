@@ -33,7 +33,7 @@ use common::msg::{
 };
 use common::nats::{self as bus, Bucket, EventPublisher, Stream};
 use common::service::Service;
-use common::{subject, AgentId, Error, ErrorCode};
+use common::{subject, AgentId, Error};
 use futures::StreamExt;
 
 use crate::machine::{AgentRecord, QuotaBook};
@@ -146,10 +146,6 @@ pub(crate) struct Allocator {
     quota_tickets: std::sync::atomic::AtomicU64,
 }
 
-fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::new(ErrorCode::Unavailable, format!("{what}: {e}"))
-}
-
 macro_rules! serve {
     ($service:expr, $alloc:expr, $subject:expr, $req:ty, $method:ident) => {
         serve!(serve, $service, $alloc, $subject, $req, $method)
@@ -180,7 +176,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let heartbeat_stream = js
         .get_stream(format!("KV_{}", bus::KV_HEARTBEATS))
         .await
-        .map_err(|e| unavailable("heartbeat stream", e))?;
+        .map_err(|e| Error::unavailable("heartbeat stream", e))?;
     let alloc = Arc::new(Allocator {
         agents: agents.clone(),
         heartbeats: heartbeats.clone(),
@@ -307,12 +303,12 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let mut jetstream_endpoints =
         jsproxy::serve(nats.clone(), common::service::ReplyPrefixes::from_env())
             .await
-            .map_err(|e| unavailable("JetStream endpoints for agents", e))?;
+            .map_err(|e| Error::unavailable("JetStream endpoints for agents", e))?;
 
     let mut beats = nats
         .queue_subscribe(subject::HEARTBEAT_ALL, HEARTBEAT_QUEUE.to_owned())
         .await
-        .map_err(|e| unavailable("heartbeat subscription", e))?;
+        .map_err(|e| Error::unavailable("heartbeat subscription", e))?;
     let a = alloc.clone();
     let heartbeat_task = tokio::spawn(async move {
         // Recorded side by side: one write stuck on a slow or restarting

@@ -11,11 +11,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::msg::{Allocation, EventKind, QuotaReply, QuotaRequest};
-use common::nats::{self as bus, Step};
+use common::nats::{self as bus, Step, Written};
 use common::{AgentId, AllocationId, Error, ErrorCode};
-use futures::StreamExt;
 
-use super::{unavailable, Allocator};
+use super::Allocator;
 use crate::machine::{self, Admission, AgentRecord, Quota, QuotaBook};
 
 /// The quota book's key in `coord_quotas`.
@@ -158,19 +157,13 @@ impl Allocator {
     }
 
     async fn read_agents(&self) -> Result<BTreeMap<String, (u64, Option<AgentRecord>)>, Error> {
-        let mut keys = self
-            .agents
-            .keys()
-            .await
-            .map_err(|e| unavailable("kv keys", e))?;
         let mut out = BTreeMap::new();
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(|e| unavailable("kv keys", e))?;
+        for k in bus::keys(&self.agents).await? {
             let entry = self
                 .agents
                 .entry(&k)
                 .await
-                .map_err(|e| unavailable("kv read", e))?;
+                .map_err(|e| Error::unavailable("kv read", e))?;
             if let Some(e) = entry {
                 let rec = serde_json::from_slice::<AgentRecord>(&e.value).ok();
                 out.insert(k, (e.revision, rec));
@@ -192,22 +185,19 @@ impl Allocator {
         if !book.reconcile(&live) {
             return Ok(true);
         }
-        let body = serde_json::to_vec(&book)
-            .map_err(|e| Error::internal(format!("encode quotas: {e}")))?;
+        let body =
+            serde_json::to_vec(&book).map_err(|e| Error::internal_from("encode quotas", e))?;
         if rev == 0 {
             // No book was ever written: there is nothing to count against.
             return Ok(true);
         }
-        match self.quotas.update(KEY, body.into(), rev).await {
-            Ok(rev) => {
+        match bus::write_at(&self.quotas, KEY, body.into(), Some(rev)).await? {
+            Written::Stored(rev) => {
                 tracing::info!("quota book reconciled with the agents");
                 self.remember_quotas(book, rev);
                 Ok(true)
             }
-            Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
-                Ok(false)
-            }
-            Err(e) => Err(unavailable("kv write", e)),
+            Written::Lost => Ok(false),
         }
     }
 

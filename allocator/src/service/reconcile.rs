@@ -131,9 +131,8 @@ impl Allocator {
             }
         };
         for name in names {
-            let Some(agent) = name
-                .strip_prefix("agent-")
-                .and_then(|id| AgentId::new(id).ok())
+            let Some(agent) =
+                common::nats::consumer_agent(&name).and_then(|id| AgentId::new(id).ok())
             else {
                 continue;
             };

@@ -3,18 +3,16 @@
 //! in this replica go out together instead of racing each other.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream::kv;
 use common::msg::{Allocation, EventKind, Reservation};
-use common::nats::{self as bus, Step};
+use common::nats::{self as bus, Step, Written};
 use common::{AgentId, Error};
 
 use tokio::sync::oneshot;
 
 use super::lanes::{self, Lane, Waiting};
 use super::ops::contention;
-use super::{unavailable, Allocator};
+use super::Allocator;
 use crate::machine::{self, AgentRecord};
 
 impl Allocator {
@@ -37,7 +35,7 @@ impl Allocator {
                 Ok(())
             }
             Ok(None) => Ok(()),
-            Err(e) => Err(unavailable("kv read", e)),
+            Err(e) => Err(Error::unavailable("kv read", e)),
         }
     }
 
@@ -130,22 +128,17 @@ impl Allocator {
         revision: u64,
         attempt: usize,
     ) -> Result<bool, Error> {
-        let body =
-            serde_json::to_vec(&rec).map_err(|e| Error::internal(format!("encode agent: {e}")))?;
-        match self.agents.update(id.as_str(), body.into(), revision).await {
-            Ok(rev) => {
+        let body = serde_json::to_vec(&rec).map_err(|e| Error::internal_from("encode agent", e))?;
+        match bus::write_at(&self.agents, id.as_str(), body.into(), Some(revision)).await? {
+            Written::Stored(rev) => {
                 self.cache.remember(id.clone(), rec, rev);
                 Ok(true)
             }
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            Written::Lost => {
                 self.refresh(id).await?;
-                if attempt > 4 {
-                    let jitter = (common::now_ms() % 7) + attempt as u64;
-                    tokio::time::sleep(Duration::from_millis(jitter)).await;
-                }
+                bus::lost_race_pause(attempt).await;
                 Ok(false)
             }
-            Err(e) => Err(unavailable("kv write", e)),
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::msg::EventKind;
-use common::nats::Step;
+use common::nats::{self as bus, Step};
 
 use super::Allocator;
 use crate::machine::{AgentRecord, Expired};
@@ -121,13 +121,16 @@ impl Allocator {
         if !current.retire_at(self.agent_retention_ms, now) {
             return;
         }
-        if let Err(e) = self
-            .agents
-            .delete_expect_revision(rec.agent_id.as_str(), Some(entry.revision))
-            .await
-        {
-            tracing::debug!(agent = %rec.agent_id, error = %e, "retirement deferred");
-            return;
+        match bus::delete_at(&self.agents, rec.agent_id.as_str(), entry.revision).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(agent = %rec.agent_id, "retirement deferred: the record changed");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(agent = %rec.agent_id, error = %e, "retirement deferred");
+                return;
+            }
         }
         let _ = self.heartbeats.delete(rec.agent_id.as_str()).await;
         self.remove_work_path(&rec.agent_id).await;

@@ -309,6 +309,14 @@ impl std::fmt::Display for TaskState {
     }
 }
 
+/// The state a wire name stands for, for readers of records as plain JSON.
+impl std::str::FromStr for TaskState {
+    type Err = serde::de::value::Error;
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Self::deserialize(serde::de::IntoDeserializer::into_deserializer(name))
+    }
+}
+
 /// Where a flow is in its life cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -347,6 +355,14 @@ impl FlowState {
 impl std::fmt::Display for FlowState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// The state a wire name stands for, for readers of records as plain JSON.
+impl std::str::FromStr for FlowState {
+    type Err = serde::de::value::Error;
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Self::deserialize(serde::de::IntoDeserializer::into_deserializer(name))
     }
 }
 

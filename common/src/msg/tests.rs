@@ -532,3 +532,16 @@ fn allocator_json_is_pinned() {
     let err = serde_json::from_value::<OptimizeRequest>(json!({"aply": true})).unwrap_err();
     assert!(err.to_string().contains("aply"), "{err}");
 }
+
+#[test]
+fn states_read_back_from_their_wire_names() {
+    for s in [TaskState::Blocked, TaskState::TimedOut, TaskState::Waiting] {
+        assert_eq!(s.as_str().parse::<TaskState>().unwrap(), s);
+        assert_eq!(serde_json::to_value(s).unwrap(), json!(s.as_str()));
+    }
+    for s in [FlowState::Running, FlowState::Cancelled] {
+        assert_eq!(s.as_str().parse::<FlowState>().unwrap(), s);
+    }
+    assert!("timedout".parse::<TaskState>().is_err());
+    assert!("".parse::<FlowState>().is_err());
+}

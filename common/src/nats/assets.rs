@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 
-use crate::error::{Error, ErrorCode};
+use crate::error::Error;
 use crate::subject;
 
 /// Assignments, one durable consumer per agent (work queue: an assignment is
@@ -23,12 +23,21 @@ pub const STREAM_AGENT_EVENTS: &str = "COORD_AGENT_EVENTS";
 pub const AGENT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How many bytes of agent events are kept by default (oldest dropped first).
 pub const AGENT_EVENTS_MAX_BYTES: i64 = 1 << 30;
-/// The orchestrators' shared durable consumer on [`STREAM_REPORTS`].
-/// The durable consumer an agent reads its assignments through.
+/// The durable consumer an agent reads its assignments through (on
+/// [`STREAM_ASSIGN`]).
 pub fn agent_consumer(agent: &crate::AgentId) -> String {
-    format!("agent-{agent}")
+    format!("{AGENT_CONSUMER_PREFIX}{agent}")
 }
 
+/// The agent whose assignments consumer `name` is ([`agent_consumer`]'s
+/// inverse), unchecked; `None` for any other consumer.
+pub fn consumer_agent(name: &str) -> Option<&str> {
+    name.strip_prefix(AGENT_CONSUMER_PREFIX)
+}
+
+const AGENT_CONSUMER_PREFIX: &str = "agent-";
+
+/// The orchestrators' shared durable consumer on [`STREAM_REPORTS`].
 pub const CONSUMER_ORCHESTRATOR: &str = "orchestrator";
 /// The orchestrators' shared durable consumer of the allocator's `agent.lost`
 /// and `allocation.preempted` events on [`STREAM_EVENTS`].
@@ -175,12 +184,7 @@ pub async fn ensure_stream(
     opening(|| async {
         js.get_or_create_stream(which.config(replicas))
             .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorCode::Unavailable,
-                    format!("cannot open stream {name}: {e}"),
-                )
-            })
+            .map_err(|e| Error::unavailable(format_args!("cannot open stream {name}"), e))
     })
     .await
 }
@@ -223,10 +227,7 @@ pub async fn ensure_bucket(
         match js.create_key_value(which.config(replicas)).await {
             Ok(store) => Ok(store),
             Err(create_err) => js.get_key_value(&name).await.map_err(|_| {
-                Error::new(
-                    ErrorCode::Unavailable,
-                    format!("cannot open bucket {name}: {create_err}"),
-                )
+                Error::unavailable(format_args!("cannot open bucket {name}"), create_err)
             }),
         }
     })
@@ -256,9 +257,9 @@ pub async fn ensure_uploads(
         match js.create_object_store(config).await {
             Ok(store) => Ok(store),
             Err(create_err) => js.get_object_store(OBJ_UPLOADS).await.map_err(|_| {
-                Error::new(
-                    ErrorCode::Unavailable,
-                    format!("cannot open object store {OBJ_UPLOADS}: {create_err}"),
+                Error::unavailable(
+                    format_args!("cannot open object store {OBJ_UPLOADS}"),
+                    create_err,
                 )
             }),
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
 use async_nats::jetstream::{self, consumer};
+use common::Error;
 use futures::StreamExt;
 
 /// How long one pull request for assignments waits, and the idle heartbeat
@@ -31,7 +32,7 @@ impl Assignments {
     pub(super) async fn open(
         stream: jetstream::stream::Stream,
         config: consumer::pull::Config,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Error> {
         let messages = Some(Self::pull(&stream, &config).await?);
         Ok(Assignments {
             stream,
@@ -43,24 +44,24 @@ impl Assignments {
     async fn pull(
         stream: &jetstream::stream::Stream,
         config: &consumer::pull::Config,
-    ) -> Result<pull::Stream, String> {
+    ) -> Result<pull::Stream, Error> {
         let name = config.durable_name.clone().unwrap_or_default();
         let consumer = stream
             .get_or_create_consumer(&name, config.clone())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::unavailable(format_args!("consumer {name}"), e))?;
         consumer
             .stream()
             .expires(PULL_EXPIRES)
             .heartbeat(PULL_HEARTBEAT)
             .messages()
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| Error::unavailable(format_args!("consumer {name}"), e))
     }
 
     /// The next delivery, or an error worth a log line (the stream carries
     /// on after it). Never the end: a stream that ended is opened again.
-    pub(super) async fn next(&mut self) -> Result<jetstream::Message, String> {
+    pub(super) async fn next(&mut self) -> Result<jetstream::Message, Error> {
         loop {
             let Some(messages) = self.messages.as_mut() else {
                 match Self::pull(&self.stream, &self.config).await {
@@ -81,7 +82,7 @@ impl Assignments {
                     tracing::warn!("assignments: consumer deleted; making it again");
                     self.messages = None;
                 }
-                Some(Err(e)) => return Err(e.to_string()),
+                Some(Err(e)) => return Err(Error::unavailable("assignments", e)),
                 None => {
                     tracing::warn!("assignments: the pull stream ended; opening it again");
                     self.messages = None;

@@ -4,7 +4,7 @@
 use std::future::Future;
 
 use common::msg::{SyncAck, SyncNotice};
-use common::{subject, AgentId, Error, ErrorCode};
+use common::{subject, AgentId, Error};
 use futures::StreamExt;
 
 /// An agent's end of the synchronizer's notices: sync points, rollbacks and
@@ -21,13 +21,13 @@ impl SyncFollower {
     /// Subscribes and waits until the server has the subscription, so no
     /// notice published after this returns is missed.
     pub async fn subscribe(nats: async_nats::Client, agent: AgentId) -> Result<Self, Error> {
-        let unavailable =
-            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         let notices = nats
             .subscribe(subject::sync_notice(&agent))
             .await
-            .map_err(|e| unavailable(&e))?;
-        nats.flush().await.map_err(|e| unavailable(&e))?;
+            .map_err(|e| Error::unavailable("subscribe to sync notices", e))?;
+        nats.flush()
+            .await
+            .map_err(|e| Error::unavailable("subscribe to sync notices", e))?;
         Ok(SyncFollower {
             nats,
             agent,

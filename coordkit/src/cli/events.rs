@@ -197,12 +197,7 @@ async fn watch(ctx: &Ctx, filter: Filter) -> anyhow::Result<()> {
     let stream = js
         .get_stream(common::nats::STREAM_AGENT_EVENTS)
         .await
-        .map_err(|e| {
-            Error::new(
-                common::ErrorCode::Unavailable,
-                format!("agent events stream: {e}"),
-            )
-        })?;
+        .map_err(|e| Error::unavailable("agent events stream", e))?;
     let deliver_policy = match q.since_ms {
         Some(ms) => consumer::DeliverPolicy::ByStartTime {
             start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
@@ -219,16 +214,11 @@ async fn watch(ctx: &Ctx, filter: Filter) -> anyhow::Result<()> {
             ..Default::default()
         })
         .await
-        .map_err(|e| {
-            Error::new(
-                common::ErrorCode::Unavailable,
-                format!("agent events consumer: {e}"),
-            )
-        })?;
+        .map_err(|e| Error::unavailable("agent events consumer", e))?;
     let mut messages = consumer
         .messages()
         .await
-        .map_err(|e| Error::new(common::ErrorCode::Unavailable, format!("agent events: {e}")))?;
+        .map_err(|e| Error::unavailable("agent events", e))?;
     let mut shutdown = std::pin::pin!(common::shutdown::signal());
     if !ctx.json {
         say(&table(
@@ -246,9 +236,7 @@ async fn watch(ctx: &Ctx, filter: Filter) -> anyhow::Result<()> {
             }
         };
         let Some(m) = next else { return Ok(()) };
-        let m = m.map_err(|e| {
-            Error::new(common::ErrorCode::Unavailable, format!("agent events: {e}"))
-        })?;
+        let m = m.map_err(|e| Error::unavailable("agent events", e))?;
         let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
         let Ok(event) = serde_json::from_slice::<AgentEvent>(&m.payload) else {
             continue;

@@ -323,7 +323,7 @@ impl Monitor {
                 .iter()
                 .filter(|(_, n)| **n > 0)
                 .take(MAX_WATCHED)
-                .map(|(c, n)| (c.strip_prefix("agent-").unwrap_or(c).to_owned(), *n))
+                .map(|(c, n)| (common::nats::consumer_agent(c).unwrap_or(c).to_owned(), *n))
                 .collect();
         }
         for s in streams {
@@ -339,7 +339,7 @@ impl Monitor {
                 if latch.update(fire, *growing == 0) {
                     let pending = *pending;
                     // Each agent reads its assignments through `agent-{id}`.
-                    let about = match (s.name.as_str(), consumer.strip_prefix("agent-")) {
+                    let about = match (s.name.as_str(), common::nats::consumer_agent(consumer)) {
                         (common::nats::STREAM_ASSIGN, Some(agent)) => About::agent(agent),
                         _ => About::default(),
                     };

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use common::msg::SystemViolation;
+use common::msg::{FlowState, SystemViolation, TaskState};
 use serde_json::Value;
 
 /// Allowed lag between a reservation's end and the allocator dropping it.
@@ -21,7 +21,7 @@ fn v(rule: &str, subject: impl Into<String>, message: impl Into<String>) -> Syst
 }
 
 fn is_active(state: &str) -> bool {
-    matches!(state, "assigned" | "running")
+    state.parse().is_ok_and(TaskState::is_active)
 }
 
 struct Alloc<'a> {
@@ -187,7 +187,7 @@ pub fn validate(
             let flow = owner.split('/').next().unwrap_or("");
             let finished_flow = flow_tasks
                 .get(flow)
-                .is_some_and(|(s, _)| matches!(*s, "succeeded" | "failed" | "cancelled"));
+                .is_some_and(|(s, _)| s.parse().is_ok_and(FlowState::is_terminal));
             let why = if st == "lost" {
                 Some(format!("agent {key} is lost"))
             } else if end.saturating_add(RESERVATION_GRACE_MS) < now_ms {

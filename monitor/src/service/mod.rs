@@ -21,7 +21,7 @@ use common::msg::{
 };
 use common::nats::{self as bus, EventPublisher};
 use common::service::Service;
-use common::{subject, Error, ErrorCode};
+use common::{subject, Error};
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -324,12 +324,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     };
     let listener = tokio::net::TcpListener::bind(&cfg.http_addr)
         .await
-        .map_err(|e| {
-            Error::new(
-                ErrorCode::Unavailable,
-                format!("bind {}: {e}", cfg.http_addr),
-            )
-        })?;
+        .map_err(|e| Error::unavailable(format_args!("bind {}", cfg.http_addr), e))?;
     let http_addr = listener.local_addr().ok().map(|a| a.to_string());
     let instance = uuid::Uuid::now_v7().simple().to_string();
     let settings = Settings {
@@ -362,7 +357,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         let sub = nats
             .subscribe(*s)
             .await
-            .map_err(|e| Error::new(ErrorCode::Unavailable, format!("subscribe {s}: {e}")))?;
+            .map_err(|e| Error::unavailable(format_args!("subscribe {s}"), e))?;
         all.push(sub);
     }
     let events = EventPublisher::new(nats.clone(), NAME);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::msg::StreamHealth;
-use common::{Error, ErrorCode};
+use common::Error;
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -21,10 +21,10 @@ pub(super) async fn gather(nats: &async_nats::Client, subject: &str) -> Result<V
     let mut sub = nats
         .subscribe(inbox.clone())
         .await
-        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("subscribe: {e}")))?;
+        .map_err(|e| Error::unavailable("subscribe", e))?;
     nats.publish_with_reply(subject.to_owned(), inbox, "".into())
         .await
-        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("{subject}: {e}")))?;
+        .map_err(|e| Error::unavailable(subject, e))?;
     let mut out = Vec::new();
     let mut wait = GATHER_FIRST;
     while let Ok(Some(msg)) = tokio::time::timeout(wait, sub.next()).await {
@@ -86,7 +86,7 @@ pub(super) async fn records(
     let mut keys = store
         .keys()
         .await
-        .map_err(|e| Error::new(ErrorCode::Unavailable, format!("keys of {bucket}: {e}")))?;
+        .map_err(|e| Error::unavailable(format_args!("keys of {bucket}"), e))?;
     let mut out = Vec::new();
     while let Some(key) = keys.next().await {
         let Ok(key) = key else { continue };
@@ -96,7 +96,7 @@ pub(super) async fn records(
         let value = store
             .get(&key)
             .await
-            .map_err(|e| Error::new(ErrorCode::Unavailable, format!("{bucket}/{key}: {e}")))?;
+            .map_err(|e| Error::unavailable(format_args!("{bucket}/{key}"), e))?;
         if let Some(bytes) = value {
             let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             out.push((key, v));
@@ -141,7 +141,7 @@ pub(super) fn http_client() -> Result<reqwest::Client, Error> {
         .timeout(HTTP_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .map_err(|e| Error::internal(format!("HTTP client: {e}")))
+        .map_err(|e| Error::internal_from("HTTP client", e))
 }
 
 /// `GET {base}{path}`, JSON body.

@@ -2,6 +2,7 @@
 //! read from the watch-fed `board`; the bucket itself only while the board
 //! cannot answer.
 
+use common::msg::{FlowState, TaskState};
 use common::nats as bus;
 use common::Error;
 use serde_json::Value;
@@ -181,10 +182,9 @@ impl Shared {
                     .flatten()
                     .filter(|(_, t)| {
                         t.get("agent").and_then(Value::as_str) == Some(agent.as_str())
-                            && matches!(
-                                t.get("state").and_then(Value::as_str),
-                                Some("assigned" | "running")
-                            )
+                            && t.get("state")
+                                .and_then(Value::as_str)
+                                .is_some_and(|s| s.parse().is_ok_and(TaskState::is_active))
                     })
                     .map(move |(task, t)| {
                         serde_json::json!({
@@ -216,7 +216,7 @@ impl Shared {
         let (heads, read) = self.heads().await?;
         let ids: Vec<String> = heads
             .into_iter()
-            .filter(|(_, h)| matches!(h.state.as_str(), "running" | "paused"))
+            .filter(|(_, h)| h.state.parse().is_ok_and(|s: FlowState| !s.is_terminal()))
             .map(|(id, _)| id)
             .collect();
         self.flow_records(&ids, read).await
@@ -260,10 +260,7 @@ fn timeline(flow: &Value) -> Vec<Value> {
         if ended(t.get("attempt")) {
             continue;
         }
-        let done = matches!(
-            state,
-            "succeeded" | "failed" | "cancelled" | "timed_out" | "skipped"
-        );
+        let done = state.parse().is_ok_and(TaskState::is_terminal);
         bars.push(serde_json::json!({
             "task_id": task,
             "attempt": t.get("attempt"),

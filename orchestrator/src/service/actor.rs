@@ -279,7 +279,7 @@ impl Orchestrator {
             *cache = Some((flow, revision, body));
             return finished;
         }
-        let err = Error::new(ErrorCode::Conflict, "too much contention on the flow");
+        let err = bus::contention(flow_id.as_str());
         self.settle_failed(flow_id, batch, &err, placing).await;
         false
     }

@@ -93,7 +93,7 @@ pub(super) async fn serve_triggers(
                     o.triggers
                         .delete(&r.name)
                         .await
-                        .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+                        .map_err(|e| Error::unavailable("delete trigger", e))?;
                 }
                 Ok(TriggerDeleted {
                     name: r.name,
@@ -106,7 +106,7 @@ pub(super) async fn serve_triggers(
 }
 
 fn valid_name(name: &str) -> Result<(), Error> {
-    common::id::validate(name).map_err(|e| Error::new(ErrorCode::InvalidId, e.to_string()))?;
+    common::id::validate(name)?;
     if name.len() > MAX_TRIGGER_NAME {
         return Err(Error::new(
             ErrorCode::InvalidId,
@@ -178,8 +178,7 @@ pub(crate) fn triggered_flow_id(trigger: &str, msg_id: &str) -> Result<FlowId, E
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    FlowId::new(format!("trg-{trigger}-{hash:016x}"))
-        .map_err(|e| Error::new(ErrorCode::InvalidId, e.to_string()))
+    Ok(FlowId::new(format!("trg-{trigger}-{hash:016x}"))?)
 }
 
 /// The trigger's flow for one event: every task finds the event in its
@@ -219,12 +218,12 @@ impl Orchestrator {
             trigger: t,
             set_ms: common::now_ms(),
         };
-        let body = serde_json::to_vec(&stored)
-            .map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
+        let body =
+            serde_json::to_vec(&stored).map_err(|e| Error::internal_from("encode trigger", e))?;
         self.triggers
             .put(&stored.trigger.name, body.into())
             .await
-            .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+            .map_err(|e| Error::unavailable("store trigger", e))?;
         Ok(stored.trigger)
     }
 
@@ -233,18 +232,13 @@ impl Orchestrator {
             .triggers
             .get(name)
             .await
-            .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+            .map_err(|e| Error::unavailable("read trigger", e))?;
         Ok(found.and_then(|b| serde_json::from_slice(&b).ok()))
     }
 
     /// Every trigger, by name.
     async fn stored_triggers(&self) -> Result<Vec<StoredTrigger>, Error> {
-        let unavailable =
-            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
-        let mut names: Vec<String> = match self.triggers.keys().await {
-            Ok(keys) => keys.try_collect().await.map_err(|e| unavailable(&e))?,
-            Err(e) => return Err(unavailable(&e)),
-        };
+        let mut names = bus::keys(&self.triggers).await?;
         names.sort();
         let mut out = Vec::with_capacity(names.len());
         for name in names {
@@ -278,10 +272,8 @@ impl Orchestrator {
                 },
             )
             .await?;
-        let unavailable =
-            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         while let Some(msg) = messages.next().await {
-            let msg = msg.map_err(|e| unavailable(&e))?;
+            let msg = msg.map_err(|e| Error::unavailable("agent events", e))?;
             let span = telemetry::consumer_span(&msg.subject, msg.headers.as_ref());
             let done = self.trigger_flows(&msg).instrument(span).await;
             let _ = match done {
@@ -480,14 +472,13 @@ async fn find_event(
     after: Option<u64>,
     until_ms: Option<u64>,
 ) -> Result<Option<(AgentEvent, u64)>, Error> {
-    let unavailable = |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
     let deliver_policy = match after {
         Some(seq) => consumer::DeliverPolicy::ByStartSequence {
             start_sequence: seq + 1,
         },
         None => consumer::DeliverPolicy::ByStartTime {
             start_time: async_nats::datetime::from_nanos(i128::from(since_ms) * 1_000_000)
-                .map_err(|e| unavailable(&e))?,
+                .map_err(|e| Error::unavailable("start time", e))?,
         },
     };
     let filter_subject =
@@ -502,7 +493,7 @@ async fn find_event(
             ..Default::default()
         })
         .await
-        .map_err(|e| unavailable(&e))?;
+        .map_err(|e| Error::unavailable("agent events consumer", e))?;
     let mut pending = consumer.cached_info().num_pending;
     let mut found = None;
     while pending > 0 && found.is_none() {
@@ -511,10 +502,10 @@ async fn find_event(
             .max_messages(256)
             .messages()
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| Error::unavailable("agent events fetch", e))?;
         let mut got = 0;
         while let Some(msg) = batch.next().await {
-            let msg = msg.map_err(|e| unavailable(&e))?;
+            let msg = msg.map_err(|e| Error::unavailable("agent events fetch", e))?;
             got += 1;
             let Ok(info) = msg.info() else { continue };
             pending = info.pending;

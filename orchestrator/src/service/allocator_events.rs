@@ -34,10 +34,8 @@ impl Orchestrator {
                 },
             )
             .await?;
-        let unavailable =
-            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         while let Some(msg) = messages.next().await {
-            let msg = msg.map_err(|e| unavailable(&e))?;
+            let msg = msg.map_err(|e| Error::unavailable("allocator events", e))?;
             let span = telemetry::consumer_span(&msg.subject, msg.headers.as_ref());
             let kind = serde_json::from_slice::<common::msg::Event>(&msg.payload).map(|e| e.kind);
             span.in_scope(|| match kind {

@@ -108,12 +108,7 @@ impl Orchestrator {
         let mut body = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut object, &mut body)
             .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorCode::Unavailable,
-                    format!("uploaded tasks {name:?}: {e}"),
-                )
-            })?;
+            .map_err(|e| Error::unavailable(format_args!("uploaded tasks {name:?}"), e))?;
         let tasks = serde_json::from_slice(&body).map_err(|e| {
             Error::new(
                 ErrorCode::BadRequest,
@@ -269,9 +264,6 @@ impl Orchestrator {
     }
 
     pub(super) async fn flow_ids(&self) -> Result<Vec<FlowId>, Error> {
-        let unavailable = |e: &dyn std::fmt::Display| {
-            Error::new(ErrorCode::Unavailable, format!("list flows: {e}"))
-        };
         // The stream's subjects, not `kv::Store::keys`: that consumer ends
         // early when an entry it was about to deliver is replaced meanwhile
         // (the bucket keeps one revision), so a busy flow went missing from
@@ -285,10 +277,10 @@ impl Orchestrator {
             .stream
             .info_with_subjects(format!("{prefix}>"))
             .await
-            .map_err(|e| unavailable(&e))?
+            .map_err(|e| Error::unavailable("list flows", e))?
             .try_collect()
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| Error::unavailable("list flows", e))?;
         // Page keys hold a `.`, which no flow id does.
         let mut ids: Vec<FlowId> = subjects
             .into_iter()

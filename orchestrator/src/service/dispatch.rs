@@ -193,14 +193,15 @@ impl Orchestrator {
     }
 
     pub(super) async fn publish_assignment(&self, a: &Assignment) -> Result<(), Error> {
-        let body = serde_json::to_vec(a).map_err(|e| Error::internal(e.to_string()))?;
+        let body =
+            serde_json::to_vec(a).map_err(|e| Error::internal_from("encode assignment", e))?;
         let msg_id = format!("{}.{}.{}", a.flow_id, a.task_id, a.attempt);
         let to = subject::assign(&a.agent_id);
         let ack = self
             .js
             .publish_with_headers(to.clone(), bus::dedupe_headers(&to, &msg_id), body.into())
             .await
-            .map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))?;
+            .map_err(|e| Error::unavailable(format_args!("publish to {to}"), e))?;
         ack.await.map_err(|e| {
             // No answer is not a refusal: the server may have stored it and
             // gone away before acknowledging (a restart, a lost connection).
@@ -208,7 +209,7 @@ impl Orchestrator {
                 jetstream::context::PublishErrorKind::TimedOut => ErrorCode::Timeout,
                 _ => ErrorCode::Unavailable,
             };
-            Error::new(code, e.to_string())
+            Error::from_source(code, format_args!("publish to {to}"), e)
         })?;
         Ok(())
     }

@@ -10,14 +10,12 @@ impl Orchestrator {
         stream: &str,
         config: consumer::pull::Config,
     ) -> Result<consumer::pull::Stream, Error> {
-        let unavailable =
-            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         let name = config.durable_name.clone().unwrap_or_default();
         let stream = self
             .js
             .get_stream(stream)
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| Error::unavailable(format_args!("stream {stream}"), e))?;
         // Create or update: a consumer made by an older build gets this
         // build's filters (the allocator events grew `agent.left`).
         let consumer: consumer::PullConsumer = match stream.create_consumer(config.clone()).await {
@@ -25,9 +23,12 @@ impl Orchestrator {
             Err(_) => stream
                 .get_or_create_consumer(&name, config)
                 .await
-                .map_err(|e| unavailable(&e))?,
+                .map_err(|e| Error::unavailable(format_args!("consumer {name}"), e))?,
         };
-        consumer.messages().await.map_err(|e| unavailable(&e))
+        consumer
+            .messages()
+            .await
+            .map_err(|e| Error::unavailable(format_args!("consumer {name}"), e))
     }
 
     /// Hands agents' reports from the shared durable consumer to the flows' actors.
@@ -51,10 +52,8 @@ impl Orchestrator {
                 },
             )
             .await?;
-        let unavailable =
-            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, e.to_string());
         while let Some(msg) = messages.next().await {
-            let msg = msg.map_err(|e| unavailable(&e))?;
+            let msg = msg.map_err(|e| Error::unavailable("reports", e))?;
             let report: AgentReport = match serde_json::from_slice(&msg.payload) {
                 Ok(r) => r,
                 Err(e) => {

@@ -8,12 +8,12 @@ use common::msg::{
     CapacityRequest, EventKind, Invariant, NoticeKind, ScopeConfig, StateDoc, SyncReport,
     SynchronizeRequest, ValidateRequest, ValidationReport, Violation,
 };
-use common::nats::CAS_ATTEMPTS;
+use common::nats::{self as bus, CAS_ATTEMPTS};
 use common::{AgentId, Error, ErrorCode, ScopeId, SyncPointId};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
-use super::{ack_results, decode_doc, doc_key, notices, unavailable, Synchronizer, FAN_OUT};
+use super::{ack_results, decode_doc, doc_key, notices, Synchronizer, FAN_OUT};
 use crate::machine::{self, agree, rules};
 
 /// Most agents one synchronize or sync point request may name.
@@ -49,14 +49,7 @@ impl Synchronizer {
     /// Every agent with a document in `scope`.
     async fn agents_in(&self, scope: &ScopeId) -> Result<Vec<AgentId>, Error> {
         let prefix = format!("{scope}.");
-        let keys: Vec<String> = self
-            .state
-            .keys()
-            .await
-            .map_err(|e| unavailable("kv keys", e))?
-            .try_collect()
-            .await
-            .map_err(|e| unavailable("kv keys", e))?;
+        let keys = bus::keys(&self.state).await?;
         Ok(keys
             .iter()
             .filter_map(|k| k.strip_prefix(&prefix))
@@ -314,9 +307,6 @@ impl Synchronizer {
                 return Ok(StateDoc { revision, ..next });
             }
         }
-        Err(Error::new(
-            ErrorCode::Conflict,
-            format!("{key}: too much contention, gave up"),
-        ))
+        Err(bus::contention(&key))
     }
 }

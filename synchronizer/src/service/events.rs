@@ -19,7 +19,7 @@ use common::nats::{self as bus, Stream};
 use common::{subject, Error};
 use futures::StreamExt;
 
-use super::{encode, unavailable, Synchronizer};
+use super::{encode, Synchronizer};
 use crate::machine;
 
 /// Stored events one list request reads at most before answering with a
@@ -50,7 +50,7 @@ pub(super) async fn open_stream(
     let have = s
         .info()
         .await
-        .map_err(|e| unavailable("agent events stream info", e))?
+        .map_err(|e| Error::unavailable("agent events stream info", e))?
         .config
         .clone();
     if have.max_age != want.max_age || have.max_bytes != want.max_bytes {
@@ -60,7 +60,7 @@ pub(super) async fn open_stream(
             ..have
         })
         .await
-        .map_err(|e| unavailable("agent events stream limits", e))?;
+        .map_err(|e| Error::unavailable("agent events stream limits", e))?;
     }
     Ok(s)
 }
@@ -111,9 +111,9 @@ impl Synchronizer {
             .js
             .publish_with_headers(on, headers, encode(&event)?)
             .await
-            .map_err(|e| unavailable("store agent event", e))?
+            .map_err(|e| Error::unavailable("store agent event", e))?
             .await
-            .map_err(|e| unavailable("store agent event", e))?;
+            .map_err(|e| Error::unavailable("store agent event", e))?;
         if ack.duplicate {
             // Stored before: answer with what was stored then.
             if let Ok(first) = self.agent_events.get_raw_message(ack.sequence).await {
@@ -227,13 +227,13 @@ impl Synchronizer {
                 self.event_schemas
                     .put(&req.event_type, encode(&stored)?)
                     .await
-                    .map_err(|e| unavailable("store event schema", e))?;
+                    .map_err(|e| Error::unavailable("store event schema", e))?;
             }
             None => {
                 self.event_schemas
                     .delete(&req.event_type)
                     .await
-                    .map_err(|e| unavailable("remove event schema", e))?;
+                    .map_err(|e| Error::unavailable("remove event schema", e))?;
             }
         }
         // In force here at once; other replicas follow through the watch.
@@ -257,7 +257,7 @@ impl Synchronizer {
     ) -> Result<EventSchemaList, Error> {
         let mut keys: Vec<String> = match self.event_schemas.keys().await {
             Ok(keys) => keys.filter_map(|k| async { k.ok() }).collect().await,
-            Err(e) => return Err(unavailable("list event schemas", e)),
+            Err(e) => return Err(Error::unavailable("list event schemas", e)),
         };
         keys.sort();
         keys.truncate(MAX_SCHEMAS);
@@ -299,7 +299,7 @@ impl Synchronizer {
                 ..Default::default()
             })
             .await
-            .map_err(|e| unavailable("agent events consumer", e))?;
+            .map_err(|e| Error::unavailable("agent events consumer", e))?;
         let started = Instant::now();
         let mut out = AgentEventList::default();
         let mut scanned = 0usize;
@@ -310,16 +310,16 @@ impl Synchronizer {
                 .max_messages(BATCH)
                 .messages()
                 .await
-                .map_err(|e| unavailable("read agent events", e))?;
+                .map_err(|e| Error::unavailable("read agent events", e))?;
             let mut got = 0usize;
             while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| unavailable("read agent events", e))?;
+                let m = m.map_err(|e| Error::unavailable("read agent events", e))?;
                 got += 1;
                 scanned += 1;
                 let seq = m
                     .info()
                     .map(|i| i.stream_sequence)
-                    .map_err(|e| Error::internal(format!("agent event metadata: {e}")))?;
+                    .map_err(|e| Error::internal_from("agent event metadata", e))?;
                 last_seq = Some(seq);
                 let Ok(event) = serde_json::from_slice::<AgentEvent>(&m.payload) else {
                     continue;

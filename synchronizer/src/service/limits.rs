@@ -8,7 +8,7 @@ use common::msg::{StateDoc, StatePut};
 use common::{AgentId, Error, ErrorCode, ScopeId};
 use futures::StreamExt;
 
-use super::{doc_key, unavailable, Synchronizer};
+use super::{doc_key, Synchronizer};
 
 /// One agent's token bucket: `tokens` as of `at_ms`.
 #[derive(Debug, Clone, Copy)]
@@ -127,10 +127,10 @@ impl Synchronizer {
             .state_stream
             .info_with_subjects(&filter)
             .await
-            .map_err(|e| unavailable("state stream", e))?;
+            .map_err(|e| Error::unavailable("state stream", e))?;
         let mut scopes = Vec::new();
         while let Some(item) = info.next().await {
-            let (subject, _) = item.map_err(|e| unavailable("state stream", e))?;
+            let (subject, _) = item.map_err(|e| Error::unavailable("state stream", e))?;
             let prefix = format!("$KV.{}.", common::nats::KV_STATE);
             let scope = subject
                 .strip_prefix(&prefix)

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use common::msg::{Hlc, NoticeKind, StateDoc, SyncNotice};
-use common::nats::{self as bus, Bucket, EventPublisher, Stream};
+use common::nats::{self as bus, Bucket, EventPublisher, Stream, Written};
 use common::service::Service;
 use common::{subject, AgentId, Error, ErrorCode, ScopeId, SyncPointId};
 use futures::StreamExt;
@@ -125,7 +125,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let state_stream = js
         .get_stream(format!("KV_{}", bus::KV_STATE))
         .await
-        .map_err(|e| anyhow::anyhow!("state stream: {e}"))?;
+        .map_err(|e| Error::unavailable("state stream", e))?;
     let agent_events = events::open_stream(&js, &cfg).await?;
     let event_schemas = bus::ensure_bucket(&js, Bucket::EventSchemas, replicas).await?;
     let node = format!("sync-{}", uuid::Uuid::now_v7().simple());
@@ -152,7 +152,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let acks = nats
         .queue_subscribe(subject::SYNC_ACK_ALL, ACK_GROUP.to_owned())
         .await
-        .map_err(|e| anyhow::anyhow!("cannot subscribe to acknowledgements: {e}"))?;
+        .map_err(|e| Error::unavailable("cannot subscribe to acknowledgements", e))?;
     let ack_task = tokio::spawn(points::store_acks(sync.clone(), acks));
 
     let mut service = Service::start(&nats, NAME, "Versioned agent state").await?;
@@ -218,14 +218,10 @@ fn doc_key(scope: &ScopeId, agent: &AgentId) -> String {
     format!("{scope}.{agent}")
 }
 
-fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::new(ErrorCode::Unavailable, format!("{what}: {e}"))
-}
-
 fn encode<T: Serialize>(value: &T) -> Result<bytes::Bytes, Error> {
     serde_json::to_vec(value)
         .map(Into::into)
-        .map_err(|e| Error::internal(format!("encode: {e}")))
+        .map_err(|e| Error::internal_from("encode", e))
 }
 
 /// A KV entry's state document, with the revision filled in; `None` for a deletion.
@@ -233,8 +229,9 @@ fn decode_doc(entry: &kv::Entry) -> Result<Option<StateDoc>, Error> {
     if entry.operation != kv::Operation::Put {
         return Ok(None);
     }
-    let doc: StateDoc = serde_json::from_slice(&entry.value)
-        .map_err(|e| Error::internal(format!("stored state {} unreadable: {e}", entry.key)))?;
+    let doc: StateDoc = serde_json::from_slice(&entry.value).map_err(|e| {
+        Error::internal_from(format_args!("stored state {} unreadable", entry.key), e)
+    })?;
     Ok(Some(StateDoc {
         revision: entry.revision,
         resolution: None,
@@ -264,7 +261,7 @@ impl Synchronizer {
         self.state
             .entry(key)
             .await
-            .map_err(|e| unavailable(&format!("kv read {key}"), e))
+            .map_err(|e| Error::unavailable(format_args!("kv read {key}"), e))
     }
 
     /// The document of `key` at exactly `revision`: `Ok(None)` when that
@@ -283,7 +280,12 @@ impl Synchronizer {
             {
                 return Ok(None)
             }
-            Err(e) => return Err(unavailable(&format!("kv read {key}@{revision}"), e)),
+            Err(e) => {
+                return Err(Error::unavailable(
+                    format_args!("kv read {key}@{revision}"),
+                    e,
+                ))
+            }
         };
         if msg.subject.as_str() != format!("$KV.{}.{key}", common::nats::KV_STATE) {
             return Ok(None);
@@ -296,7 +298,7 @@ impl Synchronizer {
             return Ok(Some(None));
         }
         let doc: StateDoc = serde_json::from_slice(&msg.payload)
-            .map_err(|e| Error::internal(format!("stored state {key} unreadable: {e}")))?;
+            .map_err(|e| Error::internal_from(format_args!("stored state {key} unreadable"), e))?;
         Ok(Some(Some(StateDoc {
             revision,
             resolution: None,
@@ -317,18 +319,12 @@ impl Synchronizer {
             resolution: None,
             ..doc.clone()
         })?;
-        match revision {
-            Some(rev) => match self.state.update(key, body, rev).await {
-                Ok(r) => Ok(Some(r)),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
-                Err(e) => Err(unavailable(&format!("kv write {key}"), e)),
+        Ok(
+            match bus::write_at(&self.state, key, body, revision).await? {
+                Written::Stored(r) => Some(r),
+                Written::Lost => None,
             },
-            None => match self.state.create(key, body).await {
-                Ok(r) => Ok(Some(r)),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
-                Err(e) => Err(unavailable(&format!("kv create {key}"), e)),
-            },
-        }
+        )
     }
 
     /// Pushes a notice to each agent on its own subject.
@@ -369,7 +365,7 @@ impl Synchronizer {
             .points
             .watch(format!("ack.{notice}.*"))
             .await
-            .map_err(|e| unavailable("watch acknowledgements", e))?;
+            .map_err(|e| Error::unavailable("watch acknowledgements", e))?;
         let mut got = BTreeMap::new();
         let keys: Vec<(AgentId, String)> = expected
             .keys()

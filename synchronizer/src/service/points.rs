@@ -17,15 +17,12 @@ use common::msg::{
     SyncPointDiff, SyncPointInitiate, SyncPointList, SyncPointListRequest, SyncPointRef,
     SyncPointState, SyncPointWait,
 };
-use common::nats::{self as bus, Step, CAS_ATTEMPTS};
+use common::nats::{self as bus, Step, Written, CAS_ATTEMPTS};
 use common::{subject, AgentId, Error, ErrorCode, ScopeId, SyncPointId};
 use futures::{StreamExt, TryStreamExt};
 
 use super::consistency::check_agents;
-use super::{
-    ack_results, decode_doc, doc_key, encode, notices, unavailable, AckRecord, Synchronizer,
-    FAN_OUT,
-};
+use super::{ack_results, decode_doc, doc_key, encode, notices, AckRecord, Synchronizer, FAN_OUT};
 use crate::machine::{diff, syncpoint};
 
 fn point_key(id: &SyncPointId) -> String {
@@ -34,6 +31,22 @@ fn point_key(id: &SyncPointId) -> String {
 
 fn cut_key(id: &SyncPointId, agent: &AgentId) -> String {
     format!("cut.{id}.{agent}")
+}
+
+/// Stores the first value of `key`, under a fresh sync point id: taken, it
+/// fails like any other write that did not happen.
+async fn create(
+    kv: &async_nats::jetstream::kv::Store,
+    key: &str,
+    body: bytes::Bytes,
+) -> Result<u64, Error> {
+    match bus::write_at(kv, key, body, None).await? {
+        Written::Stored(rev) => Ok(rev),
+        Written::Lost => Err(Error::new(
+            ErrorCode::Unavailable,
+            format!("kv create {key}: already exists"),
+        )),
+    }
 }
 
 /// Stores each acknowledgement agents publish on `coord.agents.{id}.sync.ack`.
@@ -95,10 +108,10 @@ impl Synchronizer {
             .state
             .history(&key)
             .await
-            .map_err(|e| unavailable(&format!("kv history {key}"), e))?
+            .map_err(|e| Error::unavailable(format_args!("kv history {key}"), e))?
             .try_collect()
             .await
-            .map_err(|e| unavailable(&format!("kv history {key}"), e))?;
+            .map_err(|e| Error::unavailable(format_args!("kv history {key}"), e))?;
         let revisions: Vec<u64> = history.iter().map(|e| e.revision).collect();
         let Some(rev) = syncpoint::revision_at(&revisions, sequence) else {
             return Err(Error::new(
@@ -118,7 +131,7 @@ impl Synchronizer {
             .stream
             .get_info()
             .await
-            .map_err(|e| unavailable("state stream info", e))?
+            .map_err(|e| Error::unavailable("state stream info", e))?
             .state
             .last_sequence;
         let scope = &req.scope;
@@ -149,12 +162,7 @@ impl Synchronizer {
         futures::stream::iter(docs.clone())
             .map(|d| {
                 let id = id.clone();
-                async move {
-                    self.points
-                        .create(cut_key(&id, &d.agent_id), encode(&d)?)
-                        .await
-                        .map_err(|e| unavailable("store cut", e))
-                }
+                async move { create(&self.points, &cut_key(&id, &d.agent_id), encode(&d)?).await }
             })
             .buffer_unordered(FAN_OUT)
             .try_collect::<Vec<u64>>()
@@ -175,10 +183,7 @@ impl Synchronizer {
             completed_at_ms: None,
             rollbacks: Vec::new(),
         };
-        self.points
-            .create(point_key(&id), encode(&sp)?)
-            .await
-            .map_err(|e| unavailable("store sync point", e))?;
+        create(&self.points, &point_key(&id), encode(&sp)?).await?;
         self.events
             .publish(EventKind::SyncPointInitiated {
                 sync_point_id: id.clone(),
@@ -249,10 +254,7 @@ impl Synchronizer {
             let verified = stored.as_ref().is_some_and(|s| s.doc == cut.doc);
             return Ok((StateDoc { revision, ..next }, verified));
         }
-        Err(Error::new(
-            ErrorCode::Conflict,
-            format!("{key}: too much contention, gave up"),
-        ))
+        Err(bus::contention(&key))
     }
 
     pub(super) async fn rollback(&self, req: SyncPointWait) -> Result<RollbackReport, Error> {
@@ -333,14 +335,7 @@ impl Synchronizer {
         if req.state == Some(common::msg::SyncPointState::Unknown) {
             return Err(Error::bad_request("unknown sync point state"));
         }
-        let keys: Vec<String> = self
-            .points
-            .keys()
-            .await
-            .map_err(|e| unavailable("kv keys", e))?
-            .try_collect()
-            .await
-            .map_err(|e| unavailable("kv keys", e))?;
+        let keys = bus::keys(&self.points).await?;
         let mut points: Vec<SyncPoint> =
             futures::stream::iter(keys.into_iter().filter(|k| k.starts_with("sp.")))
                 .map(|k| async move { bus::get_json::<SyncPoint>(&self.points, &k).await })

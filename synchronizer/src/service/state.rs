@@ -9,7 +9,7 @@ use common::nats::{self as bus, Step, CAS_ATTEMPTS};
 use common::{Error, ErrorCode, ScopeId};
 use futures::StreamExt;
 
-use super::{decode_doc, doc_key, unavailable, Synchronizer};
+use super::{decode_doc, doc_key, Synchronizer};
 use crate::machine::{self, resolve};
 
 impl Synchronizer {
@@ -287,10 +287,7 @@ impl Synchronizer {
                 }
             }
         }
-        Err(Error::new(
-            ErrorCode::Conflict,
-            format!("{key}: too much contention, gave up"),
-        ))
+        Err(bus::contention(&key))
     }
 
     async fn updated(&self, req: &StatePut, revision: u64) {
@@ -390,34 +387,19 @@ impl Synchronizer {
                     })));
                 }
             }
-            match self
-                .state
-                .delete_expect_revision(&key, Some(current.revision))
-                .await
-            {
-                Ok(()) => {
-                    self.limits.forget(&req.agent_id, &req.scope);
-                    self.events
-                        .publish(EventKind::StateDeleted {
-                            agent_id: req.agent_id.clone(),
-                            scope: req.scope.clone(),
-                        })
-                        .await;
-                    return Ok(reply(true));
-                }
-                Err(e)
-                    if e.kind()
-                        == async_nats::jetstream::kv::DeleteErrorKind::WrongLastRevision =>
-                {
-                    continue
-                }
-                Err(e) => return Err(unavailable(&format!("kv delete {key}"), e)),
+            // A lost race reads the document again.
+            if bus::delete_at(&self.state, &key, current.revision).await? {
+                self.limits.forget(&req.agent_id, &req.scope);
+                self.events
+                    .publish(EventKind::StateDeleted {
+                        agent_id: req.agent_id.clone(),
+                        scope: req.scope.clone(),
+                    })
+                    .await;
+                return Ok(reply(true));
             }
         }
-        Err(Error::new(
-            ErrorCode::Conflict,
-            format!("{key}: too much contention, gave up"),
-        ))
+        Err(bus::contention(&key))
     }
 
     pub(super) async fn history(&self, req: StateHistoryRequest) -> Result<StateHistory, Error> {
@@ -426,7 +408,8 @@ impl Synchronizer {
         match self.state.history(&key).await {
             Ok(mut h) => {
                 while let Some(e) = h.next().await {
-                    let e = e.map_err(|e| unavailable(&format!("kv history {key}"), e))?;
+                    let e =
+                        e.map_err(|e| Error::unavailable(format_args!("kv history {key}"), e))?;
                     entries.push(match decode_doc(&e)? {
                         Some(d) => HistoryEntry {
                             revision: d.revision,
@@ -445,7 +428,7 @@ impl Synchronizer {
                     });
                 }
             }
-            Err(e) => return Err(unavailable(&format!("kv history {key}"), e)),
+            Err(e) => return Err(Error::unavailable(format_args!("kv history {key}"), e)),
         }
         if entries.is_empty() {
             return Err(Error::not_found(format!(

@@ -18,6 +18,7 @@ mod errors;
 mod events;
 mod flow;
 mod isolation;
+mod kv;
 mod large_flows;
 mod model;
 mod monitor;

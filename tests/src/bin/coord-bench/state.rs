@@ -289,15 +289,10 @@ async fn raw_hot(kv: &kv::Store, writers: usize, total: usize) -> anyhow::Result
                     };
                     let mut doc: Value = serde_json::from_slice(&entry.value)?;
                     bump(&mut doc, w);
-                    match kv
-                        .update(key, serde_json::to_vec(&doc)?.into(), entry.revision)
-                        .await
-                    {
-                        Ok(_) => break,
-                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                            me.retries += 1;
-                        }
-                        Err(e) => return Err(e.into()),
+                    let body = serde_json::to_vec(&doc)?.into();
+                    match common::nats::write_at(kv, key, body, Some(entry.revision)).await? {
+                        common::nats::Written::Stored(_) => break,
+                        common::nats::Written::Lost => me.retries += 1,
                     }
                 }
                 me.latencies.push(t.elapsed());
