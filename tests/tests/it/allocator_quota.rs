@@ -525,11 +525,21 @@ async fn two_replicas_never_exceed_a_quota_under_concurrent_requests() {
     }
     let expected: BTreeSet<String> = made.difference(&released).map(|a| a.to_string()).collect();
     assert_eq!(live, expected);
-    let used = quota_used(&sys.client, "tenant").await.unwrap();
-    assert!(
-        (used - live_cpu).abs() < 1e-9,
-        "{used} counted, {live_cpu} live"
-    );
+    // A release forgets its hold best effort (a forget that kept losing its
+    // compare-and-set under this load leaves it to the sweep), so the count
+    // comes to exactly what is live, if not at once.
+    let mut used = 0.0;
+    let settled = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            used = quota_used(&sys.client, "tenant").await.unwrap();
+            if (used - live_cpu).abs() < 1e-9 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(settled.is_ok(), "{used} counted, {live_cpu} live");
     second.stop().await.unwrap();
 }
 
