@@ -1,7 +1,7 @@
 //! Events at least once: the outbox.
 //!
-//! A step's events are numbered and stored in the flow record ([`Flow::outbox`])
-//! by the same compare-and-set that commits the step, then published on the
+//! A step's events are numbered and stored in the flow record (its header's
+//! [`crate::store::Kept::outbox`]) by the same compare-and-set that commits the step, then published on the
 //! events stream with `Nats-Msg-Id` = the event id `{flow}.{n}`. Storing them
 //! costs no message of its own: they ride in the write the step makes anyway.
 //! A later write drops the batches JetStream has acknowledged to this replica;
@@ -24,8 +24,25 @@ use async_nats::jetstream::{self, context::PublishAckFuture};
 use common::msg::{Event, EventKind};
 use common::nats::dedupe_headers;
 use common::FlowId;
+use serde::{Deserialize, Serialize};
 
-use crate::machine::{Flow, Numbered, Staged};
+use crate::machine::Flow;
+
+/// The events of one step, stored with it (the outbox) until a later write
+/// drops them once the events stream has them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Staged {
+    pub at_ms: u64,
+    pub events: Vec<Numbered>,
+}
+
+/// An event with its number in the flow: its id is `{flow}.{n}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Numbered {
+    pub n: u64,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
 
 /// A batch not acknowledged here is published again once this old (by its
 /// writer too, if the stream did not acknowledge it then).
@@ -96,27 +113,28 @@ impl Ledger {
         }
     }
 
-    /// Numbers the step's events and stores them in the flow's outbox,
-    /// dropping the batches acknowledged here. Returns the cursor that
+    /// Numbers the step's events (counted in the flow) and stores them in
+    /// the flow's `outbox`, dropping the batches acknowledged here. Returns the cursor that
     /// publishes them and whether the outbox needs a write even if nothing
     /// else changed: new events, or acknowledged batches of a finished flow
     /// or older than [`CLEAR_AFTER_MS`].
     pub fn stage<'a>(
         &self,
         flow: &mut Flow,
+        outbox: &mut Vec<Staged>,
         events: impl IntoIterator<Item = &'a EventKind>,
         now: u64,
     ) -> (Cursor, bool) {
         let terminal = flow.state.is_terminal();
         let mut clear = false;
         let id = flow.id.clone();
-        flow.outbox.retain(|b| {
+        outbox.retain(|b| {
             let acked = key(b).is_some_and(|k| self.acked(&id, k));
             clear |= acked && (terminal || now.saturating_sub(b.at_ms) >= CLEAR_AFTER_MS);
             !acked
         });
         let first = flow.events;
-        let mut room = MAX_EVENTS.saturating_sub(flow.outbox.iter().map(|b| b.events.len()).sum());
+        let mut room = MAX_EVENTS.saturating_sub(outbox.iter().map(|b| b.events.len()).sum());
         let mut kept = Vec::new();
         for kind in events {
             let n = flow.events;
@@ -134,7 +152,7 @@ impl Ledger {
         let numbers = kept.iter().map(|e| e.n).collect();
         let new = flow.events > first;
         if !kept.is_empty() {
-            flow.outbox.push(Staged {
+            outbox.push(Staged {
                 at_ms: now,
                 events: kept,
             });
@@ -201,20 +219,21 @@ impl Ledger {
         });
     }
 
-    /// Publishes again the batches of `flow`'s outbox that are due (see
+    /// Publishes again the batches of `flow`'s `outbox` that are due (see
     /// [`REPUBLISH_AFTER_MS`]), and forgets batches the flow no longer holds.
     pub async fn republish(
         self: &std::sync::Arc<Self>,
         js: &jetstream::Context,
-        flow: &Flow,
+        flow: &FlowId,
+        outbox: &[Staged],
         now: u64,
     ) {
-        let held: HashSet<u64> = flow.outbox.iter().filter_map(key).collect();
+        let held: HashSet<u64> = outbox.iter().filter_map(key).collect();
         let due: Vec<&Staged> = self
-            .with(&flow.id, |m| {
+            .with(flow, |m| {
                 m.sent.retain(|k, _| held.contains(k));
                 m.acked.retain(|k| held.contains(k));
-                flow.outbox
+                outbox
                     .iter()
                     .filter(|b| {
                         let Some(k) = key(b) else { return false };
@@ -226,19 +245,19 @@ impl Ledger {
             .unwrap_or_default();
         for b in due {
             let Some(k) = key(b) else { continue };
-            tracing::debug!(flow = %flow.id, events = b.events.len(), "outbox published again");
+            tracing::debug!(%flow, events = b.events.len(), "outbox published again");
             let mut acks = Vec::new();
             for e in &b.events {
                 let event = Event {
-                    event_id: event_id(&flow.id, e.n),
+                    event_id: event_id(flow, e.n),
                     at_ms: b.at_ms,
                     source: SOURCE.to_owned(),
                     kind: e.kind.clone(),
                 };
                 acks.extend(send(js, &event).await);
             }
-            self.with(&flow.id, |m| m.sent.insert(k, now));
-            self.confirm(flow.id.clone(), k, acks);
+            self.with(flow, |m| m.sent.insert(k, now));
+            self.confirm(flow.clone(), k, acks);
         }
     }
 }

@@ -100,8 +100,6 @@ impl Flow {
             events: 0,
             waiting: 0,
             tasks,
-            pages: None,
-            outbox: Vec::new(),
             unfinished: Hint::default(),
         };
         let mut effects = vec![Effect::Event(EventKind::FlowCreated {

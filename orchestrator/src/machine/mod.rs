@@ -90,7 +90,8 @@ pub struct Flow {
     /// trace, so every attempt of a task stays in the flow's trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
-    /// Events numbered so far: the next event's number (see [`Staged`]).
+    /// Events numbered so far: the next event's number (its id is
+    /// `{flow}.{n}`, see `crate::outbox`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub events: u64,
     /// Wait tasks waiting now: the adapter looks for their events only when
@@ -98,16 +99,6 @@ pub struct Flow {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub waiting: u32,
     pub tasks: Tasks,
-    /// How the tasks are spread over KV entries; `None` while they fit in the
-    /// flow's own entry. Kept by the store, never read by the state machine.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pages: Option<Pages>,
-    /// Events committed with a step and not yet known to be in the events
-    /// stream, kept and read by the adapter alone (`crate::outbox`). Always
-    /// the last field, even when empty: the store tells a step that changed
-    /// only the outbox by the encoding before it.
-    #[serde(default)]
-    pub outbox: Vec<Staged>,
     /// Where the last look for an unfinished task stopped.
     #[serde(skip)]
     unfinished: Hint,
@@ -124,38 +115,6 @@ impl PartialEq for Hint {
     fn eq(&self, _: &Self) -> bool {
         true
     }
-}
-
-/// The events of one step, stored with it (the outbox) until a later write
-/// drops them once the events stream has them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Staged {
-    pub at_ms: u64,
-    pub events: Vec<Numbered>,
-}
-
-/// An event with its number in the flow: its id is `{flow}.{n}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Numbered {
-    pub n: u64,
-    #[serde(flatten)]
-    pub kind: EventKind,
-}
-
-/// A large flow's tasks live in `count` page entries beside the flow's entry
-/// (its header). Every write stamps the pages it changes with a new `step`
-/// and records it here, so a reader can tell a page written after the header
-/// it read (a torn read) and read again.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Pages {
-    pub count: u32,
-    /// The step of the header's last write.
-    pub step: u64,
-    /// The step each page was last written at.
-    pub steps: Vec<u64>,
-    /// Page `i + 1` holds the ids from `bounds[i]` up to the next bound.
-    #[serde(default)]
-    pub bounds: Vec<TaskId>,
 }
 
 /// One task's spec and run state.

@@ -23,6 +23,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
 use crate::machine::{self, Effect, Flow, Task};
+use crate::store::{Kept, Pages};
 use generate::{gen_flow, gen_op, spec_of, Op};
 
 const AGENTS: usize = 3;
@@ -443,17 +444,22 @@ proptest! {
         let bounds: Vec<TaskId> =
             (1..3).filter_map(|k| keys.get(k * keys.len() / 3).cloned()).collect();
         let count = bounds.len() + 1;
-        flow.pages = Some(machine::Pages { count: count as u32, step: 0, steps: vec![0; count], bounds });
-        let (mut stored, _) = crate::store::encode(&mut flow, None).unwrap();
+        let kept = Kept {
+            pages: Some(Pages { count: count as u32, step: 0, steps: vec![0; count], bounds }),
+            outbox: Vec::new(),
+        };
+        let (mut stored, _) = crate::store::encode(&mut flow, kept, None).unwrap();
         for op in &ops {
             step(&mut flow, &mut model, op)?;
             // The ready order kept up from the noted tasks, before and
             // after the store takes the notes, is the order sorted afresh.
             prop_assert_eq!(flow.ready_in_order(), ready_by_sorting(&flow), "after {:?}", op);
             prop_assert_eq!(flow.next_wakeup(), wakeup_by_scan(&flow), "after {:?}", op);
-            let (incremental, _) = crate::store::encode(&mut flow, Some(&stored)).unwrap();
+            let kept = stored.kept.clone();
+            let (incremental, _) = crate::store::encode(&mut flow, kept, Some(&stored)).unwrap();
             prop_assert_eq!(flow.ready_in_order(), ready_by_sorting(&flow), "after {:?}", op);
-            let (whole, _) = crate::store::encode(&mut flow.clone(), None).unwrap();
+            let kept = incremental.kept.clone();
+            let (whole, _) = crate::store::encode(&mut flow.clone(), kept, None).unwrap();
             prop_assert_eq!(&incremental.pages, &whole.pages, "after {:?}", op);
             stored = incremental;
         }

@@ -24,7 +24,7 @@ pub(super) struct Watch {
 impl Watch {
     pub(super) fn due(&self, flow: &Flow, now: u64) -> bool {
         self.pending
-            && (flow.pages.is_none()
+            && (!store::large(flow)
                 || self.last_state != Some(flow.state)
                 || now.saturating_sub(self.last_ms)
                     >= WATCH_EVERY_MS.max((flow.tasks.len() / WATCH_TASKS_PER_MS) as u64))
@@ -129,10 +129,12 @@ impl Orchestrator {
                 self.set_alarm(f, &mut alarm);
             }
             if ticked {
-                if let Some((f, rev, _)) = &cache {
+                if let Some((f, rev, enc)) = &cache {
                     let now = common::now_ms();
                     self.redeliver(f, now, &mut resent);
-                    self.outbox.republish(&self.js, f, now).await;
+                    self.outbox
+                        .republish(&self.js, &f.id, &enc.kept.outbox, now)
+                        .await;
                     if watch.due(f, now) {
                         self.publish_watch(f, *rev, now, &mut watch).await;
                     }
@@ -203,16 +205,17 @@ impl Orchestrator {
                 .map(|cmd| flow.apply(cmd.command(), revision, now))
                 .collect();
             // The step's events go into the record with it (the outbox).
-            let outbox_before = flow.outbox.clone();
+            let mut kept = stored.kept.clone();
             let (mut cursor, outbox_changed) = self.outbox.stage(
                 &mut flow,
+                &mut kept.outbox,
                 outcomes.iter().flatten().flat_map(|e| events_of(e)),
                 now,
             );
             // The encoding tells whether the step changed anything: it is
             // needed for the write anyway, and keeping a copy of a large
             // flow to compare against cost more than the step itself.
-            let (body, dirty) = match store::encode(&mut flow, Some(&stored)) {
+            let (mut body, dirty) = match store::encode(&mut flow, kept, Some(&stored)) {
                 Ok(encoded) => encoded,
                 Err(err) => {
                     self.settle_failed(flow_id, batch, &err, placing).await;
@@ -222,7 +225,7 @@ impl Orchestrator {
             let changed = outbox_changed
                 || store::before_outbox(&body.header) != store::before_outbox(&stored.header);
             if !changed {
-                flow.outbox = outbox_before;
+                body.kept.outbox = stored.kept.outbox.clone();
             }
             if !changed && from_cache && !self.still_current(&flow, revision).await {
                 continue;
@@ -275,7 +278,7 @@ impl Orchestrator {
             self.outbox.sent(cursor, now);
             span.in_scope(|| self.dispatch(&flow, now, placing));
             // Finished once its last events are known to be stored too.
-            let finished = flow.state.is_terminal() && flow.outbox.is_empty();
+            let finished = flow.state.is_terminal() && body.kept.outbox.is_empty();
             *cache = Some((flow, revision, body));
             return finished;
         }
@@ -302,7 +305,7 @@ impl Orchestrator {
     /// copy this actor holds is current without reading every page again
     /// (a tick that changes nothing would otherwise read the whole flow).
     pub(super) async fn still_current(&self, flow: &Flow, revision: u64) -> bool {
-        if flow.pages.is_none() {
+        if !store::large(flow) {
             return false;
         }
         matches!(

@@ -50,9 +50,15 @@ impl Orchestrator {
             flow.warnings = warnings;
             flow.started_by = origin;
             flow.trace = trace;
-            let (cursor, _) = self.outbox.stage(&mut flow, events_of(&effects), now);
-            store::lay_out(&mut flow);
-            let encoded = store::encode(&mut flow, None).map(|(e, _)| e);
+            let mut outbox = Vec::new();
+            let (cursor, _) = self
+                .outbox
+                .stage(&mut flow, &mut outbox, events_of(&effects), now);
+            let kept = store::Kept {
+                pages: store::lay_out(&flow),
+                outbox,
+            };
+            let encoded = store::encode(&mut flow, kept, None).map(|(e, _)| e);
             let status = flow.status(0, now);
             (flow, (effects, cursor), encoded, status)
         });
@@ -246,7 +252,7 @@ impl Orchestrator {
 
     pub(super) async fn status(&self, flow: &FlowId) -> Result<FlowStatus, Error> {
         let (f, rev) = self.load(flow).await?;
-        Ok(off_worker(f.pages.is_some(), || {
+        Ok(off_worker(store::large(&f), || {
             f.status(rev, common::now_ms())
         }))
     }

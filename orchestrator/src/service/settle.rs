@@ -79,7 +79,7 @@ impl Orchestrator {
             last_ms: now,
             last_state: Some(flow.state),
         };
-        let status = off_worker(flow.pages.is_some(), || flow.overview(revision, now));
+        let status = off_worker(store::large(flow), || flow.overview(revision, now));
         if let Ok(body) = serde_json::to_vec(&status) {
             if let Err(e) = self
                 .nats

@@ -74,9 +74,11 @@ impl Orchestrator {
                     self.send(&id, Cmd::Tick);
                     continue;
                 }
-                match self.load(&id).await {
+                match store::read(&self.flows, &id).await {
                     // Its last events still in its outbox: ticked until stored.
-                    Ok((flow, revision)) if flow.state.is_terminal() && flow.outbox.is_empty() => {
+                    Ok(Some((flow, revision, enc)))
+                        if flow.state.is_terminal() && enc.kept.outbox.is_empty() =>
+                    {
                         if let Ok(mut done) = self.finished.lock() {
                             let checked_ms = now;
                             done.insert(
@@ -88,8 +90,8 @@ impl Orchestrator {
                             );
                         }
                     }
-                    Ok(_) => self.send(&id, Cmd::Tick),
-                    Err(_) => {}
+                    Ok(Some(_)) => self.send(&id, Cmd::Tick),
+                    Ok(None) | Err(_) => {}
                 }
             }
         }

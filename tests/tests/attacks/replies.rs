@@ -87,10 +87,10 @@ impl Scene {
             Duration::from_secs(20),
             "the flow's outbox emptied",
             || async {
-                let (f, _, _) = orchestrator::store::read(&kv, &created.flow_id)
+                let (_, _, stored) = orchestrator::store::read(&kv, &created.flow_id)
                     .await
                     .ok()??;
-                f.outbox.is_empty().then_some(())
+                stored.kept.outbox.is_empty().then_some(())
             },
         )
         .await;

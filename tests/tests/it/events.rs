@@ -110,8 +110,8 @@ async fn events_of_steps_a_killed_replica_never_published_are_stored_once() {
     // nothing of the flow is published again.
     let kv = js.get_key_value(common::nats::KV_FLOWS).await.unwrap();
     eventually(Duration::from_secs(20), "the outbox emptied", || async {
-        let (f, _, _) = orchestrator::store::read(&kv, &flow).await.ok()??;
-        f.outbox.is_empty().then_some(())
+        let (_, _, stored) = orchestrator::store::read(&kv, &flow).await.ok()??;
+        stored.kept.outbox.is_empty().then_some(())
     })
     .await;
 

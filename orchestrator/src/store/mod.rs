@@ -11,6 +11,10 @@
 //! A reader takes the header, then the pages. A page written after the header
 //! it read carries a step the header does not name: the read is torn and is
 //! made again.
+//!
+//! The header holds the flow and what the store keeps beside it ([`Kept`]):
+//! the pages' layout and the outbox of events (`crate::outbox`). Neither is
+//! the state machine's: a [`Flow`] knows nothing of how it is stored.
 
 use std::ops::Bound;
 use std::time::Duration;
@@ -22,7 +26,8 @@ use common::{Error, ErrorCode, FlowId, TaskId};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::machine::{Flow, Pages, Task, Touched};
+use crate::machine::{Flow, Task, Touched};
+use crate::outbox::Staged;
 
 /// Tasks per page, and the most a flow keeps in its own entry (about 0.5 MB
 /// at a full attempt history, under NATS's default 1 MB `max_payload`).
@@ -34,12 +39,60 @@ const READ_ATTEMPTS: usize = 20;
 /// Pages fetched at once.
 const READ_AHEAD: usize = 16;
 
-/// A flow's stored encoding: its header and, for a paged flow, the tasks part
-/// of each page (what tells whether a step changed the page).
+/// A large flow's tasks live in `count` page entries beside the flow's entry
+/// (its header). Every write stamps the pages it changes with a new `step`
+/// and records it here, so a reader can tell a page written after the header
+/// it read (a torn read) and read again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pages {
+    pub count: u32,
+    /// The step of the header's last write.
+    pub step: u64,
+    /// The step each page was last written at.
+    pub steps: Vec<u64>,
+    /// Page `i + 1` holds the ids from `bounds[i]` up to the next bound.
+    #[serde(default)]
+    pub bounds: Vec<TaskId>,
+}
+
+/// What the store keeps in a flow's header beside the flow.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Kept {
+    /// How the tasks are spread over entries; `None` while they fit in the
+    /// flow's own entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<Pages>,
+    /// Events committed with a step and not yet known to be in the events
+    /// stream (`crate::outbox`). Always the header's last field, even when
+    /// empty: [`before_outbox`] tells a step that changed only the outbox
+    /// by the encoding before it.
+    #[serde(default)]
+    pub outbox: Vec<Staged>,
+}
+
+/// A header as written: the flow's fields, then the store's.
+#[derive(Serialize)]
+struct Header<'a> {
+    #[serde(flatten)]
+    flow: &'a Flow,
+    #[serde(flatten)]
+    kept: &'a Kept,
+}
+
+/// A flow's stored encoding: its header, for a paged flow the tasks part of
+/// each page (what tells whether a step changed the page), and what the
+/// store keeps in the header.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Encoded {
     pub header: Bytes,
     pub pages: Vec<Bytes>,
+    pub kept: Kept,
+}
+
+/// Whether a flow is large enough for its reads and status to be worth
+/// care (paged, or about to be).
+pub fn large(flow: &Flow) -> bool {
+    flow.tasks.len() > PAGE_TASKS
 }
 
 /// The flow as last written or read: the value, its revision and its encoding.
@@ -64,20 +117,19 @@ pub fn page_count(tasks: usize) -> u32 {
 
 /// Lays a new flow out: pages for a large one, stamped with a fresh step so
 /// pages left by another create of the same id never pass for this flow's.
-pub fn lay_out(flow: &mut Flow) {
+pub fn lay_out(flow: &Flow) -> Option<Pages> {
     let step = uuid::Uuid::now_v7().as_u64_pair().1 >> 1;
-    flow.pages = None;
-    split_pages(flow, step);
+    split_pages(flow, None, step)
 }
 
 /// Pages are ranges of task ids, about equal in size: tasks that run
 /// together are mostly neighbours by id (they are dispatched in id order
 /// within a priority and rank), so a step changes few pages.
-fn split_pages(flow: &mut Flow, step: u64) {
+fn split_pages(flow: &Flow, before: Option<Pages>, step: u64) -> Option<Pages> {
     let n = flow.tasks.len();
     let count = page_count(n);
     if count == 0 {
-        return;
+        return before;
     }
     let per_page = n.div_ceil(count as usize);
     let bounds = flow
@@ -88,20 +140,18 @@ fn split_pages(flow: &mut Flow, step: u64) {
         .cloned()
         .collect::<Vec<_>>();
     let count = bounds.len() as u32 + 1;
-    let steps = flow
-        .pages
-        .take()
+    let steps = before
         .map(|mut p| {
             p.steps.resize(count as usize, step);
             p.steps
         })
         .unwrap_or_else(|| vec![step; count as usize]);
-    flow.pages = Some(Pages {
+    Some(Pages {
         count,
         step,
         steps,
         bounds,
-    });
+    })
 }
 
 /// Most tasks a page may hold before the flow is laid out again: twice what
@@ -112,9 +162,9 @@ fn page_limit(flow: &Flow) -> usize {
 
 /// A flow grown by `flow.modify` past one entry gets pages. Returns whether
 /// the layout changed.
-fn grow(flow: &mut Flow) -> bool {
-    if flow.pages.is_none() && page_count(flow.tasks.len()) > 0 {
-        lay_out(flow);
+fn grow(flow: &Flow, kept: &mut Kept) -> bool {
+    if kept.pages.is_none() && page_count(flow.tasks.len()) > 0 {
+        kept.pages = lay_out(flow);
         return true;
     }
     false
@@ -176,43 +226,55 @@ fn encode_err(e: serde_json::Error) -> Error {
 /// without it). Only pages holding tasks handed out for change since `before`
 /// (see [`crate::machine::Tasks`]) are encoded again. Changed pages get a new
 /// step, recorded in the header, so it must be called once per write.
-pub fn encode(flow: &mut Flow, before: Option<&Encoded>) -> Result<(Encoded, Vec<usize>), Error> {
-    let mut grown = grow(flow);
+pub fn encode(
+    flow: &mut Flow,
+    mut kept: Kept,
+    before: Option<&Encoded>,
+) -> Result<(Encoded, Vec<usize>), Error> {
+    let mut grown = grow(flow, &mut kept);
     let touched = flow.tasks.take_touched();
     loop {
-        let (encoded, dirty, overfull) = encode_pages(flow, before, grown, &touched)?;
+        let (header, pages, dirty, overfull) =
+            encode_pages(flow, &mut kept, before, grown, &touched)?;
         if !overfull {
+            let encoded = Encoded {
+                header,
+                pages,
+                kept,
+            };
             return Ok((encoded, dirty));
         }
         // A page outgrew its share: split the ids again, write every page.
-        let step = flow.pages.as_ref().map_or(0, |p| p.step);
-        split_pages(flow, step);
+        let step = kept.pages.as_ref().map_or(0, |p| p.step);
+        kept.pages = split_pages(flow, kept.pages.take(), step);
         grown = true;
     }
 }
 
-/// One try at [`encode`]; also says whether some page holds too many tasks.
+fn header(flow: &Flow, kept: &Kept) -> Result<Bytes, Error> {
+    let header = serde_json::to_vec(&Header { flow, kept }).map_err(encode_err)?;
+    Ok(header.into())
+}
+
+/// The header and pages of one try at [`encode`], the pages that changed,
+/// and whether some page holds too many tasks.
+type Try = (Bytes, Vec<Bytes>, Vec<usize>, bool);
+
+/// One try at [`encode`].
 fn encode_pages(
     flow: &mut Flow,
+    kept: &mut Kept,
     before: Option<&Encoded>,
     grown: bool,
     touched: &Touched,
-) -> Result<(Encoded, Vec<usize>, bool), Error> {
-    let Some(layout) = flow.pages.as_ref() else {
-        let header = serde_json::to_vec(flow).map_err(encode_err)?.into();
-        return Ok((
-            Encoded {
-                header,
-                pages: Vec::new(),
-            },
-            Vec::new(),
-            false,
-        ));
+) -> Result<Try, Error> {
+    let Some(layout) = kept.pages.as_ref() else {
+        return Ok((header(flow, kept)?, Vec::new(), Vec::new(), false));
     };
     let n = layout.count as usize;
-    let kept = before.filter(|b| !grown && b.pages.len() == n);
-    let mut redo = vec![kept.is_none(); n];
-    match (kept, touched) {
+    let reuse = before.filter(|b| !grown && b.pages.len() == n);
+    let mut redo = vec![reuse.is_none(); n];
+    match (reuse, touched) {
         (None, _) | (_, Touched::All) => redo.fill(true),
         (Some(_), Touched::None) => {}
         (Some(_), Touched::Some(ids)) => ids.iter().for_each(|id| redo[page_of(id, layout)] = true),
@@ -221,13 +283,13 @@ fn encode_pages(
     let mut pages = Vec::with_capacity(n);
     let mut page = Vec::new();
     for (i, redo) in redo.iter().enumerate() {
-        pages.push(match kept {
+        pages.push(match reuse {
             Some(b) if !redo => b.pages[i].clone(),
             _ => {
                 page.clear();
                 page.extend(flow.tasks.range::<TaskId, _>(page_range(layout, i)));
                 if page.len() > limit {
-                    return Ok((Encoded::default(), Vec::new(), true));
+                    return Ok((Bytes::new(), Vec::new(), Vec::new(), true));
                 }
                 Bytes::from(serde_json::to_vec(&TasksRef(&page)).map_err(encode_err)?)
             }
@@ -238,26 +300,19 @@ fn encode_pages(
     let dirty: Vec<usize> = (0..n)
         .filter(|&i| redo[i] && before.and_then(|b| b.pages.get(i)) != Some(&pages[i]))
         .collect();
-    if let Some(p) = flow.pages.as_mut().filter(|_| !dirty.is_empty()) {
+    if let Some(p) = kept.pages.as_mut().filter(|_| !dirty.is_empty()) {
         p.step += 1;
         for &i in &dirty {
             p.steps[i] = p.step;
         }
     }
     let tasks = std::mem::take(&mut flow.tasks);
-    let header = serde_json::to_vec(flow).map_err(encode_err);
+    let header = header(flow, kept);
     flow.tasks = tasks;
-    Ok((
-        Encoded {
-            header: header?.into(),
-            pages,
-        },
-        dirty,
-        false,
-    ))
+    Ok((header?, pages, dirty, false))
 }
 
-/// The part of a flow's header before its outbox ([`Flow::outbox`], the last
+/// The part of a flow's header before its outbox ([`Kept::outbox`], the last
 /// field): what tells whether a step changed the flow, since publishing and
 /// dropping events changes only the outbox. The outbox holds events alone,
 /// whose strings escape their quotes, so the last match is the field's key; a
@@ -285,13 +340,16 @@ pub async fn read(kv: &kv::Store, flow: &FlowId) -> Result<Option<Stored>, Error
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Some(pages) = f.pages.clone() else {
+        let kept: Kept = serde_json::from_slice(&header)
+            .map_err(|e| Error::internal_from(format_args!("stored flow {flow} unreadable"), e))?;
+        let Some(pages) = kept.pages.clone() else {
             return Ok(Some((
                 f,
                 revision,
                 Encoded {
                     header,
                     pages: Vec::new(),
+                    kept,
                 },
             )));
         };
@@ -324,6 +382,7 @@ pub async fn read(kv: &kv::Store, flow: &FlowId) -> Result<Option<Stored>, Error
                 Encoded {
                     header,
                     pages: parts,
+                    kept,
                 },
             )));
         }
@@ -364,7 +423,7 @@ pub async fn create(
     flow: &Flow,
     enc: Encoded,
 ) -> Result<(u64, Encoded), WriteError> {
-    if let Some(p) = &flow.pages {
+    if let Some(p) = &enc.kept.pages {
         if kv
             .get(flow.id.as_str())
             .await
@@ -414,7 +473,7 @@ pub async fn write(
     revision: u64,
 ) -> Result<u64, WriteError> {
     let key = flow.id.as_str();
-    let written = match flow.pages.as_ref().filter(|_| !dirty.is_empty()) {
+    let written = match enc.kept.pages.as_ref().filter(|_| !dirty.is_empty()) {
         None => common::nats::write_at(kv, key, enc.header.clone(), Some(revision)).await,
         Some(pages) => {
             let changed: Vec<(String, Bytes)> = dirty
@@ -441,89 +500,4 @@ fn written_or_conflict(written: Written) -> Result<u64, WriteError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn small_flows_stay_in_one_entry_and_large_ones_fit_one_batch() {
-        assert_eq!(page_count(PAGE_TASKS), 0);
-        assert_eq!(page_count(PAGE_TASKS + 1), 2);
-        assert_eq!(page_count(100_000), 100);
-        assert_eq!(page_count(10_000_000), MAX_PAGES as u32);
-    }
-
-    fn flow(n: usize) -> Flow {
-        Flow::independent(n)
-    }
-
-    #[test]
-    fn only_changed_pages_are_written_and_a_grown_flow_is_paged_again() {
-        let mut f = flow(5 * PAGE_TASKS);
-        lay_out(&mut f);
-        let (first, dirty) = encode(&mut f, None).unwrap();
-        assert_eq!(dirty, (0..5).collect::<Vec<_>>());
-        let step = f.pages.as_ref().unwrap().step;
-        let (same, dirty) = encode(&mut f, Some(&first)).unwrap();
-        assert!(dirty.is_empty());
-        assert_eq!(same, first, "nothing changed, nothing re-stamped");
-        let t = TaskId::new("t7").unwrap();
-        f.tasks.get_mut(&t).unwrap().attempt = 9;
-        let (_, dirty) = encode(&mut f, Some(&first)).unwrap();
-        assert_eq!(dirty, vec![page_of(&t, f.pages.as_ref().unwrap())]);
-        let p = f.pages.as_ref().unwrap();
-        assert_eq!((p.step, p.steps[dirty[0]]), (step + 1, step + 1));
-
-        // An unpaged flow grown past a page, and a page grown past its share.
-        let mut small = flow(3 * PAGE_TASKS);
-        let (enc, dirty) = encode(&mut small, None).unwrap();
-        assert_eq!((enc.pages.len(), dirty.len()), (3, 3));
-        let mut big = flow(12 * PAGE_TASKS);
-        big.pages = Some(Pages {
-            count: 2,
-            step: 1,
-            steps: vec![1; 2],
-            bounds: vec![TaskId::new("t5").unwrap()],
-        });
-        let (enc, _) = encode(&mut big, None).unwrap();
-        assert_eq!(enc.pages.len(), 12);
-    }
-
-    #[test]
-    fn the_outbox_is_left_out_of_the_comparison_and_task_inputs_do_not_fool_it() {
-        let mut f = flow(2);
-        f.tasks
-            .get_mut(&TaskId::new("t0").unwrap())
-            .unwrap()
-            .spec
-            .input = serde_json::json!({"x": 1, "outbox": [1]});
-        let (plain, _) = encode(&mut f, None).unwrap();
-        f.outbox.push(crate::machine::Staged {
-            at_ms: 5,
-            events: vec![crate::machine::Numbered {
-                n: 0,
-                kind: common::msg::EventKind::FlowPaused {
-                    flow_id: f.id.clone(),
-                },
-            }],
-        });
-        let (with_events, _) = encode(&mut f, None).unwrap();
-        assert_ne!(plain.header, with_events.header);
-        assert_eq!(
-            before_outbox(&plain.header),
-            before_outbox(&with_events.header)
-        );
-        assert!(
-            before_outbox(&plain.header).ends_with(b"}}"),
-            "cut at the field, not the input"
-        );
-    }
-
-    #[test]
-    fn the_tasks_part_is_found_again_in_a_page_value() {
-        let v = page_value(7, br#"{"a":{"x":"\"tasks\":"}}"#);
-        assert_eq!(
-            tasks_part(&v).unwrap(),
-            Bytes::from_static(br#"{"a":{"x":"\"tasks\":"}}"#)
-        );
-    }
-}
+mod tests;
