@@ -135,21 +135,22 @@ impl Flow {
     }
 
     /// Ready tasks in dispatch order: priority, then critical path (upward rank), then id.
-    pub fn ready_in_order(&self) -> Vec<TaskId> {
+    pub fn ready_in_order(&mut self) -> Vec<TaskId> {
         let ready = self.tasks.ready_in_order();
         ready.iter().map(|(_, id)| id.clone()).collect()
     }
 
     /// The ready tasks to place now, in order, within the parallelism budget:
     /// none while the flow is paused or finished, none still backing off.
-    pub fn dispatchable(&self, now_ms: u64) -> Vec<TaskId> {
+    pub fn dispatchable(&mut self, now_ms: u64) -> Vec<TaskId> {
         self.dispatchable_up_to(now_ms, usize::MAX)
     }
 
     /// The first `limit` of [`Flow::dispatchable`], read off the ready tasks
     /// kept in order: a wide flow has far more ready tasks than can be
     /// placed at once, and finding them must not be a pass over every task.
-    pub fn dispatchable_up_to(&self, now_ms: u64, limit: usize) -> Vec<TaskId> {
+    pub fn dispatchable_up_to(&mut self, now_ms: u64, limit: usize) -> Vec<TaskId> {
+        self.tasks.settle();
         if self.state != FlowState::Running {
             return Vec::new();
         }
@@ -167,13 +168,16 @@ impl Flow {
 
     /// Hands the ready tasks due at `now_ms` to `visit`, in dispatch order,
     /// until it returns `false`; the parallelism budget is the caller's. The
-    /// order stays locked meanwhile: `visit` must not ask for it again.
-    pub fn visit_dispatchable<'a>(&'a self, now_ms: u64, mut visit: impl FnMut(&'a Task) -> bool) {
+    /// order is read as of the tasks' last `settle`.
+    pub(super) fn visit_dispatchable<'a>(
+        &'a self,
+        now_ms: u64,
+        mut visit: impl FnMut(&'a Task) -> bool,
+    ) {
         if self.state != FlowState::Running {
             return;
         }
-        let ready = self.tasks.ready_in_order();
-        for (_, id) in ready.iter() {
+        for (_, id) in self.tasks.ready_order() {
             let Some(t) = self.tasks.get(id).filter(|t| t.not_before_ms <= now_ms) else {
                 continue;
             };
@@ -185,7 +189,7 @@ impl Flow {
 
     /// The earliest time something is due: a back-off ending or a deadline
     /// passing (kept in order with the tasks, not a pass over them).
-    pub fn next_wakeup(&self) -> Option<u64> {
+    pub fn next_wakeup(&mut self) -> Option<u64> {
         if self.state.is_terminal() {
             return None;
         }
@@ -194,7 +198,7 @@ impl Flow {
 
     /// The first time something is due after `now_ms`: when a flow's
     /// wake-up is to be set (what is due already is acted on meanwhile).
-    pub fn next_wakeup_after(&self, now_ms: u64) -> Option<u64> {
+    pub fn next_wakeup_after(&mut self, now_ms: u64) -> Option<u64> {
         if self.state.is_terminal() {
             return None;
         }

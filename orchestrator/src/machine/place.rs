@@ -31,6 +31,17 @@ impl Flow {
     /// slot. A wide flow refills its placements in batches, once half of
     /// them have come back, rather than after every grant.
     pub fn placements(
+        &mut self,
+        now_ms: u64,
+        placing: &Placing,
+        known_full: impl Fn(&str) -> bool,
+    ) -> Vec<Placement> {
+        self.tasks.settle();
+        let this = &*self;
+        this.placements_settled(now_ms, placing, known_full)
+    }
+
+    fn placements_settled(
         &self,
         now_ms: u64,
         placing: &Placing,
@@ -124,7 +135,7 @@ mod tests {
         let specs = (0..5)
             .map(|i| TaskSpec::new(tid(&format!("t{i}"))))
             .collect();
-        let f = flow(specs, Some(3));
+        let mut f = flow(specs, Some(3));
         let mut placing = Placing::default();
         assert_eq!(f.placements(1, &placing, |_| false).len(), 3);
         placing.insert(tid("t0"));
@@ -148,7 +159,7 @@ mod tests {
             key: "gpu".into(),
             limit: 1,
         });
-        let f = flow(vec![keyed, TaskSpec::new(tid("plain"))], None);
+        let mut f = flow(vec![keyed, TaskSpec::new(tid("plain"))], None);
         let placing = Placing::default();
         let all = f.placements(1, &placing, |_| false);
         assert_eq!(all[0].task, tid("k"));
@@ -166,7 +177,7 @@ mod tests {
 
         let mut placing = Placing::default();
         placing.refused(tid("k"), 0, 0, 1);
-        let f1 = flow(
+        let mut f1 = flow(
             vec![
                 {
                     let mut t = TaskSpec::new(tid("k"));

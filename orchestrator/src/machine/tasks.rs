@@ -3,7 +3,6 @@
 use std::cmp::Reverse;
 use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap};
 use std::ops::Deref;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use common::msg::TaskState;
 use common::TaskId;
@@ -14,15 +13,14 @@ use super::Task;
 /// The tasks of a flow. Reading goes through `Deref` to the map; every way to
 /// change it is a method here that notes the task it hands out, so the store
 /// can write only the pages holding tasks a step touched (a large flow would
-/// otherwise be encoded whole after every step), and the ready tasks can be
-/// kept in dispatch order without a pass over every task.
+/// otherwise be encoded whole after every step), and the ready tasks and
+/// the timers can be kept in order without a pass over every task: reading
+/// either takes `&mut self` and brings the order up to date first.
 #[derive(Debug, Default)]
 pub struct Tasks {
     map: BTreeMap<TaskId, Task>,
     touched: Touched,
-    /// Behind a lock so that reading the order (through `&self`) can bring
-    /// it up to date with the tasks noted since.
-    ready: Mutex<Ready>,
+    index: Ready,
 }
 
 /// Where a ready task stands in dispatch order: priority, then upward rank,
@@ -128,7 +126,7 @@ impl Clone for Tasks {
         Tasks {
             map: self.map.clone(),
             touched: self.touched.clone(),
-            ready: Mutex::default(),
+            index: Ready::default(),
         }
     }
 }
@@ -187,61 +185,56 @@ impl Tasks {
 
     /// What was handed out for change since the last call.
     pub fn take_touched(&mut self) -> Touched {
-        let ready = self.ready.get_mut().unwrap_or_else(PoisonError::into_inner);
         match &self.touched {
-            Touched::All => ready.order = None,
-            other => ready.catch_up(&self.map, other),
+            Touched::All => self.index.order = None,
+            other => self.index.catch_up(&self.map, other),
         }
-        ready.seen = 0;
+        self.index.seen = 0;
         std::mem::take(&mut self.touched)
     }
 
     /// The ready tasks in dispatch order (see [`Rank`]), as of now.
-    pub fn ready_in_order(&self) -> impl Deref<Target = BTreeSet<(Rank, TaskId)>> + '_ {
-        ReadyOrder(self.index())
+    pub fn ready_in_order(&mut self) -> &BTreeSet<(Rank, TaskId)> {
+        self.settle();
+        self.ready_order()
     }
 
     /// The earliest time a task's timer is due (see [`due_of`]), without a
     /// pass over every task.
-    pub fn next_due(&self) -> Option<u64> {
-        self.index().timers.keys().next().copied()
+    pub fn next_due(&mut self) -> Option<u64> {
+        self.settle();
+        self.index.timers.keys().next().copied()
     }
 
     /// The first time a task's timer is due after `now_ms` (a back-off that
     /// ended while its task waits to be placed is due still, and in the past).
-    pub fn next_due_after(&self, now_ms: u64) -> Option<u64> {
-        let index = self.index();
-        let after = index.timers.range(now_ms.saturating_add(1)..).next();
+    pub fn next_due_after(&mut self, now_ms: u64) -> Option<u64> {
+        self.settle();
+        let after = self.index.timers.range(now_ms.saturating_add(1)..).next();
         after.map(|(due, _)| *due)
     }
 
     /// The tasks whose timer is due by `now_ms`, earliest first.
-    pub fn due_by(&self, now_ms: u64) -> Vec<TaskId> {
-        let index = self.index();
-        let due = index.timers.range(..=now_ms).flat_map(|(_, ids)| ids);
+    pub fn due_by(&mut self, now_ms: u64) -> Vec<TaskId> {
+        self.settle();
+        let due = self.index.timers.range(..=now_ms).flat_map(|(_, ids)| ids);
         due.cloned().collect()
     }
 
-    /// The index, brought up to date with the tasks noted since.
-    fn index(&self) -> MutexGuard<'_, Ready> {
-        let mut ready = self.ready.lock().unwrap_or_else(PoisonError::into_inner);
-        ready.catch_up(&self.map, &self.touched);
+    /// Brings the order and timers up to date with the tasks noted since.
+    pub fn settle(&mut self) {
+        self.index.catch_up(&self.map, &self.touched);
         // While every task may have changed, built afresh on every call.
-        if matches!(self.touched, Touched::All) || ready.order.is_none() {
-            ready.build(&self.map);
+        if matches!(self.touched, Touched::All) || self.index.order.is_none() {
+            self.index.build(&self.map);
         }
-        ready
     }
-}
 
-struct ReadyOrder<'a>(MutexGuard<'a, Ready>);
-
-impl Deref for ReadyOrder<'_> {
-    type Target = BTreeSet<(Rank, TaskId)>;
-    fn deref(&self) -> &Self::Target {
-        // Built by `ready_in_order` before it hands this out.
+    /// The ready order as of the last [`Tasks::settle`], for a reader that
+    /// settled it and holds the tasks shared meanwhile.
+    pub(super) fn ready_order(&self) -> &BTreeSet<(Rank, TaskId)> {
         static EMPTY: BTreeSet<(Rank, TaskId)> = BTreeSet::new();
-        self.0.order.as_ref().unwrap_or(&EMPTY)
+        self.index.order.as_ref().unwrap_or(&EMPTY)
     }
 }
 
@@ -264,7 +257,7 @@ impl FromIterator<(TaskId, Task)> for Tasks {
         Tasks {
             map: iter.into_iter().collect(),
             touched: Touched::All,
-            ready: Mutex::default(),
+            index: Ready::default(),
         }
     }
 }
@@ -296,7 +289,7 @@ impl<'de> Deserialize<'de> for Tasks {
         Ok(Tasks {
             map: BTreeMap::deserialize(d)?,
             touched: Touched::None,
-            ready: Mutex::default(),
+            index: Ready::default(),
         })
     }
 }

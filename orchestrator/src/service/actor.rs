@@ -125,7 +125,7 @@ impl Orchestrator {
                 .apply_batch(&flow, batch, causes, &mut placing, &mut cache, &mut watch)
                 .await;
             self.note_waiting(&flow, cache.as_ref().map(|(f, _, _)| f));
-            if let Some((f, _, _)) = &cache {
+            if let Some((f, _, _)) = &mut cache {
                 self.set_alarm(f, &mut alarm);
             }
             if ticked {
@@ -230,7 +230,7 @@ impl Orchestrator {
             if !changed && from_cache && !self.still_current(&flow, revision).await {
                 continue;
             }
-            let span = step_span(&flow, changed, &causes, placing, now);
+            let span = step_span(&mut flow, changed, &causes, placing, now);
             let revision = if !changed {
                 revision
             } else {
@@ -276,7 +276,7 @@ impl Orchestrator {
                 .await;
             }
             self.outbox.sent(cursor, now);
-            span.in_scope(|| self.dispatch(&flow, now, placing));
+            span.in_scope(|| self.dispatch(&mut flow, now, placing));
             // Finished once its last events are known to be stored too.
             let finished = flow.state.is_terminal() && body.kept.outbox.is_empty();
             *cache = Some((flow, revision, body));
@@ -289,7 +289,7 @@ impl Orchestrator {
 
     /// Sets a wake-up for the flow's next timer (see [`machine::Alarm`]):
     /// one sleeping task per wake-up set.
-    pub(super) fn set_alarm(self: &Arc<Self>, flow: &Flow, alarm: &mut machine::Alarm) {
+    pub(super) fn set_alarm(self: &Arc<Self>, flow: &mut Flow, alarm: &mut machine::Alarm) {
         let now = common::now_ms();
         let Some(due) = alarm.set(flow.next_wakeup_after(now), now) else {
             return;
@@ -321,7 +321,7 @@ impl Orchestrator {
 /// changes nothing and places nothing gets no span, else every unfinished flow
 /// would add one to its trace every sweep.
 pub(super) fn step_span(
-    flow: &Flow,
+    flow: &mut Flow,
     changed: bool,
     causes: &[tracing::Span],
     placing: &HashSet<TaskId>,
@@ -329,7 +329,7 @@ pub(super) fn step_span(
 ) -> tracing::Span {
     let caused = causes.iter().any(|c| !c.is_disabled());
     // Only asked when nothing else says the step matters.
-    let places = || {
+    let mut places = || {
         flow.room(placing.len()) > 0
             && flow
                 .dispatchable_up_to(now, placing.len() + 1)

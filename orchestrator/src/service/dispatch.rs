@@ -6,7 +6,7 @@ use super::*;
 impl Orchestrator {
     /// Asks the allocator to place every task that is due and not being placed
     /// already; each grant comes back to the actor as an `Assign`.
-    pub(super) fn dispatch(self: &Arc<Self>, flow: &Flow, now: u64, placing: &mut Placing) {
+    pub(super) fn dispatch(self: &Arc<Self>, flow: &mut Flow, now: u64, placing: &mut Placing) {
         placing.refresh(self.freed.load(Ordering::Relaxed));
         self.dispatch_due(flow, now, placing);
         if let Some(wait) = placing.wake_in(now) {
@@ -18,7 +18,7 @@ impl Orchestrator {
         }
     }
 
-    pub(super) fn dispatch_due(self: &Arc<Self>, flow: &Flow, now: u64, placing: &mut Placing) {
+    pub(super) fn dispatch_due(self: &Arc<Self>, flow: &mut Flow, now: u64, placing: &mut Placing) {
         let placements = flow.placements(now, placing, |key| self.slots.known_full(key, now));
         for machine::Placement {
             task,

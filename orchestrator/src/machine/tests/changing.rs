@@ -20,7 +20,11 @@ fn modify_adds_a_task_after_a_finished_one_and_removes_a_pending_one() {
     assert!(!flow.tasks.contains_key(&tid("d")));
     assert!(flow.tasks[&tid("a")].dependents.contains(&tid("e")));
     assert_eq!(flow.tasks[&tid("b")].spec.priority, 9);
-    assert_eq!(due(&flow, 10)[0], "b", "the new priority orders dispatch");
+    assert_eq!(
+        due(&mut flow, 10)[0],
+        "b",
+        "the new priority orders dispatch"
+    );
 }
 
 #[test]
@@ -79,7 +83,7 @@ fn rerun_resets_a_task_and_everything_downstream() {
         TaskState::Succeeded,
         "siblings are kept"
     );
-    assert_eq!(due(&flow, 10), ["b"]);
+    assert_eq!(due(&mut flow, 10), ["b"]);
     let next = assign(&mut flow, "b", "w1", 11);
     assert_eq!(
         next, 2,

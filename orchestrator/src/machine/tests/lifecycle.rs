@@ -196,7 +196,7 @@ fn pause_stops_dispatch_and_resume_continues() {
         "pausing twice is harmless"
     );
     flow.resume(20).unwrap();
-    let mut ready = due(&flow, 20);
+    let mut ready = due(&mut flow, 20);
     ready.sort();
     assert_eq!(ready, ["b", "c"]);
 }
@@ -294,7 +294,7 @@ fn max_parallelism_caps_what_is_dispatched() {
     let mut s = spec(vec![task("a", &[]), task("b", &[]), task("c", &[])]);
     s.max_parallelism = Some(2);
     let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), s, 0);
-    assert_eq!(due(&flow, 0).len(), 2);
+    assert_eq!(due(&mut flow, 0).len(), 2);
     assign(&mut flow, "a", "w1", 0);
     assign(&mut flow, "b", "w1", 0);
     assert!(flow.dispatchable(1).is_empty());

@@ -50,7 +50,7 @@ fn report(t: &str, attempt: u32, kind: ReportKind) -> AgentReport {
 }
 
 /// What the adapter would place next, as of `now`.
-fn due(flow: &Flow, now: u64) -> Vec<String> {
+fn due(flow: &mut Flow, now: u64) -> Vec<String> {
     flow.dispatchable(now)
         .into_iter()
         .map(|t| t.to_string())
@@ -119,10 +119,10 @@ fn empty_flows_and_negative_resources_are_refused() {
 
 #[test]
 fn roots_are_ready_and_dispatched_on_creation() {
-    let (flow, effects) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
+    let (mut flow, effects) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
     assert_eq!(flow.tasks[&tid("a")].state, TaskState::Ready);
     assert_eq!(flow.tasks[&tid("d")].state, TaskState::Blocked);
-    assert_eq!(due(&flow, 0), ["a"]);
+    assert_eq!(due(&mut flow, 0), ["a"]);
     assert!(matches!(
         effects[0],
         Effect::Event(EventKind::FlowCreated { tasks: 4, .. })
@@ -133,7 +133,7 @@ fn roots_are_ready_and_dispatched_on_creation() {
 fn dependants_become_ready_only_when_all_dependencies_succeeded() {
     let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
     let e = run(&mut flow, "a");
-    let mut ready = due(&flow, 0);
+    let mut ready = due(&mut flow, 0);
     ready.sort();
     assert_eq!(ready, ["b", "c"]);
     assert!(e.contains(&Effect::Release {
@@ -141,9 +141,9 @@ fn dependants_become_ready_only_when_all_dependencies_succeeded() {
         allocation: AllocationId::new("al-a").unwrap()
     }));
     run(&mut flow, "b");
-    assert_eq!(due(&flow, 0), ["c"], "d still waits for c");
+    assert_eq!(due(&mut flow, 0), ["c"], "d still waits for c");
     run(&mut flow, "c");
-    assert_eq!(due(&flow, 0), ["d"]);
+    assert_eq!(due(&mut flow, 0), ["d"]);
     let e = run(&mut flow, "d");
     assert_eq!(flow.state, FlowState::Succeeded);
     assert!(e.contains(&Effect::Event(EventKind::FlowCompleted {
@@ -163,8 +163,8 @@ fn higher_priority_then_longer_chain_goes_first() {
         task("after", &["long"]),
         hi,
     ]);
-    let (flow, _) = Flow::new(FlowId::new("f").unwrap(), s, 0);
-    assert_eq!(due(&flow, 0), ["hi", "long", "short"]);
+    let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), s, 0);
+    assert_eq!(due(&mut flow, 0), ["hi", "long", "short"]);
     assert_eq!(flow.tasks[&tid("long")].rank, 2 * DEFAULT_ESTIMATE_MS);
 }
 

@@ -49,7 +49,7 @@ fn a_wait_task_waits_once_its_dependencies_are_done_and_succeeds_with_its_event(
     assert_eq!(w.state, TaskState::Waiting);
     assert_eq!(w.deadline_ms, Some(1_003));
     assert!(
-        due(&flow, 10).iter().all(|t| t != "w"),
+        due(&mut flow, 10).iter().all(|t| t != "w"),
         "a wait task is never placed"
     );
     let agent = agent();
@@ -88,7 +88,7 @@ fn a_wait_task_waits_once_its_dependencies_are_done_and_succeeds_with_its_event(
     let w = flow.tasks.get(&tid("w")).unwrap();
     assert_eq!(w.state, TaskState::Succeeded);
     assert_eq!(w.output, whole);
-    assert_eq!(due(&flow, 30), vec!["b"]);
+    assert_eq!(due(&mut flow, 30), vec!["b"]);
     // A second delivery is refused, not applied twice.
     assert_eq!(
         flow.event_arrived(
