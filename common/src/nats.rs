@@ -25,6 +25,14 @@ pub use cas::*;
 /// interval of the server's return, at the cost of a few more attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
+/// How long one pull request of a long-lived consumer waits, and the idle
+/// heartbeat the server sends meanwhile: a pull lost with a departed or
+/// re-elected consumer leader (a node stopped, a cluster settling) is
+/// noticed within this. The library's 30 s / 15 s would leave a message
+/// waiting that long.
+pub const PULL_EXPIRES: Duration = Duration::from_secs(10);
+pub const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// Opens a connection that retries its first attempt in the background and
 /// reconnects without limit afterwards. It returns at once; nothing is sent
 /// before the server is reached (see [`connect`] and [`connect_until`]).

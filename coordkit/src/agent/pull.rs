@@ -11,12 +11,6 @@ use async_nats::jetstream::{self, consumer};
 use common::Error;
 use futures::StreamExt;
 
-/// How long one pull request for assignments waits, and the idle heartbeat
-/// the server sends meanwhile: a pull lost with a departed consumer leader
-/// (a NATS node stopped in a cluster) is noticed within this. The library's
-/// 30 s / 15 s would leave an assignment waiting that long.
-const PULL_EXPIRES: Duration = Duration::from_secs(10);
-const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Wait between two tries at opening the consumer again.
 const REOPEN_PAUSE: Duration = Duration::from_secs(1);
 
@@ -52,8 +46,8 @@ impl Assignments {
             .map_err(|e| Error::unavailable(format_args!("consumer {name}"), e))?;
         consumer
             .stream()
-            .expires(PULL_EXPIRES)
-            .heartbeat(PULL_HEARTBEAT)
+            .expires(common::nats::PULL_EXPIRES)
+            .heartbeat(common::nats::PULL_HEARTBEAT)
             .messages()
             .await
             .map_err(|e| Error::unavailable(format_args!("consumer {name}"), e))

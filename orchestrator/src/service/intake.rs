@@ -25,7 +25,12 @@ impl Orchestrator {
                 .await
                 .map_err(|e| Error::unavailable(format_args!("consumer {name}"), e))?,
         };
+        // Short pulls: one lost with a consumer leader that moved is noticed
+        // in seconds (see `common::nats::PULL_EXPIRES`).
         consumer
+            .stream()
+            .expires(bus::PULL_EXPIRES)
+            .heartbeat(bus::PULL_HEARTBEAT)
             .messages()
             .await
             .map_err(|e| Error::unavailable(format_args!("consumer {name}"), e))

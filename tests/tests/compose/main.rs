@@ -71,7 +71,8 @@ async fn submit_for(client: &Client, n: usize, capability: Option<&str>) -> Vec<
 
 /// Waits until every flow has succeeded, each within `within`. A flow still
 /// unfinished then fails the test with what it is waiting for (each task's state,
-/// attempt and agent, the agents' status) and the stack's last log lines.
+/// attempt and agent, the agents' status) and the stack's last log lines; a
+/// flow that ended otherwise fails it with its status, the agents' and the logs.
 async fn all_succeed(stack: &Stack, client: &Client, flows: &[FlowId], within: Duration) {
     for flow in flows {
         let started = std::time::Instant::now();
@@ -104,7 +105,16 @@ async fn all_succeed(stack: &Stack, client: &Client, flows: &[FlowId], within: D
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        assert_eq!(state.state, FlowState::Succeeded, "{state:?}");
+        assert_eq!(
+            state.state,
+            FlowState::Succeeded,
+            "{state:?}\nagents: {:?}\n{}",
+            client
+                .capacity(&CapacityRequest::default())
+                .await
+                .map(|c| c.agent_status),
+            stack.logs()
+        );
     }
 }
 
