@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 
-use crate::error::Error;
+use crate::error::{BoxError, Error};
 use crate::subject;
 
 /// Assignments, one durable consumer per agent (work queue: an assignment is
@@ -105,10 +105,18 @@ impl Stream {
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 ..base(STREAM_REPORTS, subject::REPORT_ALL)
             },
+            // Events are telemetry and an audit log; the buckets are the
+            // truth. On one node they are stored without waiting for the
+            // disk (`persist_mode: async`), so that at `sync_interval:
+            // always` the events of a task (six of its ten stored messages)
+            // cost no fsync: a server that dies loses at most its last
+            // unflushed events. A replicated stream has the Raft log for that
+            // (and the server allows async persistence on one replica only).
             Stream::Events => stream::Config {
                 retention: stream::RetentionPolicy::Limits,
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 max_bytes: 1 << 30,
+                persist_mode: (replicas <= 1).then_some(stream::PersistenceMode::Async),
                 ..base(STREAM_EVENTS, subject::EVENTS_ALL)
             },
             // A re-sent agent event (same `{agent}.{event id}`) within the
@@ -213,6 +221,37 @@ where
     }
 }
 
+impl Bucket {
+    /// The stream of a bucket whose writes need not wait for the disk, on
+    /// one node: the last heartbeat of each agent. A beat lost with a server
+    /// that died costs nothing (the next comes within seconds) while one
+    /// fsynced at `sync_interval: always` costs a disk flush per agent per
+    /// interval, the disk's whole budget at a thousand agents. Only
+    /// transitions (active, lost, left) are written durably, in the agents'
+    /// records. A replicated bucket has the Raft log, and the server allows
+    /// async persistence on one replica only. The stream is what
+    /// `create_key_value` would make, plus `persist_mode: async`.
+    fn unsynced_stream(self, replicas: usize) -> Option<stream::Config> {
+        if self != Bucket::Heartbeats || replicas > 1 {
+            return None;
+        }
+        let kv = self.config(replicas);
+        Some(stream::Config {
+            name: format!("KV_{}", kv.bucket),
+            subjects: vec![format!("$KV.{}.>", kv.bucket)],
+            max_messages_per_subject: kv.history,
+            storage: kv.storage,
+            num_replicas: kv.num_replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            persist_mode: Some(stream::PersistenceMode::Async),
+            ..Default::default()
+        })
+    }
+}
+
 /// Gets the bucket, creating it if missing (replicas racing to create it is fine).
 pub async fn ensure_bucket(
     js: &jetstream::Context,
@@ -224,7 +263,17 @@ pub async fn ensure_bucket(
         if let Ok(store) = js.get_key_value(&name).await {
             return Ok(store);
         }
-        match js.create_key_value(which.config(replicas)).await {
+        let created = match which.unsynced_stream(replicas) {
+            Some(config) => match js.create_stream(config).await {
+                Ok(_) => js.get_key_value(&name).await.map_err(BoxError::from),
+                Err(e) => Err(BoxError::from(e)),
+            },
+            None => js
+                .create_key_value(which.config(replicas))
+                .await
+                .map_err(BoxError::from),
+        };
+        match created {
             Ok(store) => Ok(store),
             Err(create_err) => js.get_key_value(&name).await.map_err(|_| {
                 Error::unavailable(format_args!("cannot open bucket {name}"), create_err)

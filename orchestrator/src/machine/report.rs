@@ -59,6 +59,19 @@ impl Flow {
         }
         let id = report.task_id.clone();
         let mut effects = Vec::new();
+        // A final report implies `started` (work that ends at once may skip
+        // it): the attempt passes through running, so its events and timings
+        // read the same either way.
+        let last = matches!(
+            report.kind,
+            ReportKind::Completed { .. } | ReportKind::Failed { .. }
+        );
+        if last && state == TaskState::Assigned {
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.started_ms = Some(now_ms);
+            }
+            self.transition(&id, TaskState::Running, now_ms, None, &mut effects);
+        }
         match &report.kind {
             ReportKind::Started | ReportKind::Progress { .. } => {
                 if let (ReportKind::Progress { progress, message }, Some(t)) =

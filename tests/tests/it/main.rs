@@ -13,6 +13,7 @@ mod cluster;
 mod compose;
 mod contract;
 mod corpus;
+mod cost;
 mod dashboard;
 mod errors;
 mod events;

@@ -287,6 +287,42 @@ fn every_transition_is_one_event() {
     );
 }
 
+#[test]
+fn a_final_report_without_started_passes_through_running() {
+    for (kind, end) in [
+        (
+            ReportKind::Completed { output: json!(1) },
+            TaskState::Succeeded,
+        ),
+        (
+            ReportKind::Failed {
+                error: "no".into(),
+                retryable: false,
+            },
+            TaskState::Failed,
+        ),
+    ] {
+        let mut flow = flow_of(vec![task("a", &[])]);
+        let attempt = assign(&mut flow, "a", "w1", 1);
+        let e = flow.report(&report("a", attempt, kind), 7).unwrap();
+        let transitions: Vec<(TaskState, TaskState)> = e
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Event(EventKind::TaskTransition { from, to, .. }) => Some((*from, *to)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            transitions,
+            [
+                (TaskState::Assigned, TaskState::Running),
+                (TaskState::Running, end)
+            ]
+        );
+        assert_eq!(flow.tasks[&tid("a")].started_ms, Some(7));
+    }
+}
+
 fn flow_of(tasks: Vec<TaskSpec>) -> Flow {
     Flow::new(FlowId::new("f").unwrap(), spec(tasks), 0).0
 }

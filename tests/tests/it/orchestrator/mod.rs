@@ -70,6 +70,16 @@ pub(crate) type AgentHandle = (
 pub(crate) struct Runs(Arc<Mutex<BTreeMap<(String, String), usize>>>);
 
 impl Runs {
+    /// Counts one run of the assignment's task.
+    pub(crate) fn count(&self, a: &common::msg::Assignment) {
+        *self
+            .0
+            .lock()
+            .unwrap()
+            .entry((a.flow_id.to_string(), a.task_id.to_string()))
+            .or_insert(0) += 1;
+    }
+
     /// Agents `{prefix}0`… that count each run, wait `work`, and succeed.
     pub(crate) fn agents(
         &self,
@@ -86,12 +96,7 @@ impl Runs {
                     let runs = runs.clone();
                     async move {
                         tokio::time::sleep(work).await;
-                        *runs
-                            .0
-                            .lock()
-                            .unwrap()
-                            .entry((a.flow_id.to_string(), a.task_id.to_string()))
-                            .or_insert(0) += 1;
+                        runs.count(&a);
                         Ok(json!(a.task_id))
                     }
                 })

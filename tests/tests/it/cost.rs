@@ -1,0 +1,230 @@
+//! What a task costs the bus: the messages JetStream stores per task, by
+//! stream and bucket, counted from the streams' own sequence numbers around a
+//! 1,000-task flow of independent no-op tasks on 4 agents, and of those the
+//! ones the server waits for the disk to store (an fsync each at the shipped
+//! `sync_interval: always`; a stream with `persist_mode: async` does not
+//! wait). A count, not a timing: it fails when a change makes dispatch store
+//! more than the budget, whatever the machine. The agents' start grace is
+//! long, so that every no-op task reports only its end however loaded the
+//! machine (with the default 20 ms, a task that waits longer than that for a
+//! thread sends `started` too).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream::PersistenceMode, stream::StorageType};
+use common::msg::{FlowSpec, FlowState, TaskSpec};
+use common::{subject, AgentId, FlowId, TaskId};
+use coordkit::agent::{self, AgentOptions};
+use futures::StreamExt;
+use testkit::System;
+use tokio::sync::oneshot;
+
+use crate::orchestrator::{wait_finished, wait_registered, Runs};
+
+/// Messages stored with the disk's acknowledgement per task, at most: a
+/// third of the 9.8 the round stored before events and heartbeats were kept
+/// off the disk's path and a final report implied `started` (2.8 since).
+const DURABLE_PER_TASK: f64 = 3.25;
+/// Messages stored per task in all, at most (8.8 measured).
+const STORED_PER_TASK: f64 = 9.5;
+
+const TASKS: usize = 1000;
+const AGENTS: usize = 4;
+
+/// Every stream's last sequence number (the count of messages it ever
+/// stored, whatever it kept since: work queues and buckets keep few) and
+/// whether its writes wait for the disk.
+async fn sequences(js: &jetstream::Context) -> BTreeMap<String, (u64, bool)> {
+    let mut out = BTreeMap::new();
+    let mut streams = js.streams();
+    while let Some(info) = streams.next().await {
+        let info = info.expect("stream info");
+        let durable = info.config.storage == StorageType::File
+            && info.config.persist_mode != Some(PersistenceMode::Async);
+        out.insert(
+            info.config.name.clone(),
+            (info.state.last_sequence, durable),
+        );
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_task_stores_no_more_messages_than_the_budget() {
+    let sys = System::start().await;
+    let js = jetstream::new(sys.nats.clone());
+    let runs = Runs::default();
+    let _agents: Vec<_> = (0..AGENTS)
+        .map(|i| {
+            let mut opts = AgentOptions::new(AgentId::new(format!("cost-a{i}")).unwrap())
+                .capacity("cpu", 1000.0);
+            opts.concurrency = 1000;
+            opts.start_grace = Duration::from_secs(10);
+            opts.heartbeat_interval = Duration::from_secs(1);
+            let (stop, stopped) = oneshot::channel::<()>();
+            let runs = runs.clone();
+            let handle = tokio::spawn(agent::run(
+                sys.nats.clone(),
+                opts,
+                move |a| {
+                    let runs = runs.clone();
+                    async move {
+                        runs.count(&a);
+                        Ok(serde_json::Value::Null)
+                    }
+                },
+                async {
+                    let _ = stopped.await;
+                },
+            ));
+            (stop, handle)
+        })
+        .collect();
+    for i in 0..AGENTS {
+        wait_registered(&sys.client, &format!("cost-a{i}")).await;
+    }
+    let mut completed = sys
+        .nats
+        .subscribe(subject::event::FLOW_COMPLETED)
+        .await
+        .unwrap();
+    sys.nats.flush().await.unwrap();
+
+    let before = sequences(&js).await;
+    let id = FlowId::new("cost").unwrap();
+    let tasks = (0..TASKS)
+        .map(|i| {
+            let mut t = TaskSpec::new(TaskId::new(format!("t{i}")).unwrap());
+            t.kind = "noop".into();
+            t.requirements.resources.insert("cpu".into(), 1.0);
+            t
+        })
+        .collect();
+    let mut spec = FlowSpec::new("cost", tasks);
+    spec.id = Some(id.clone());
+    sys.client.create_flow(&spec).await.unwrap();
+    let status = wait_finished(&sys.client, &id, Duration::from_secs(120)).await;
+    assert_eq!(status.state, FlowState::Succeeded);
+    // The flow's last event is published after its last write: once it is
+    // seen, every message of the round is stored.
+    tokio::time::timeout(Duration::from_secs(30), completed.next())
+        .await
+        .expect("flow.completed within 30 s")
+        .expect("subscription open");
+    runs.assert_each_once(TASKS);
+    let after = sequences(&js).await;
+
+    let (mut total, mut durable) = (0u64, 0u64);
+    let mut table = String::from(
+        "| stream | stored | per task | waits for the disk |\n| --- | ---: | ---: | --- |\n",
+    );
+    for (name, (last, synced)) in &after {
+        let stored = last - before.get(name).map_or(0, |(seq, _)| *seq);
+        total += stored;
+        if *synced {
+            durable += stored;
+        }
+        if stored > 0 {
+            let per = stored as f64 / TASKS as f64;
+            let synced = if *synced { "yes" } else { "no" };
+            table += &format!("| {name} | {stored} | {per:.2} | {synced} |\n");
+        }
+    }
+    let per_task = total as f64 / TASKS as f64;
+    let durable_per_task = durable as f64 / TASKS as f64;
+    table += &format!("| all | {total} | {per_task:.2} | {durable_per_task:.2} per task |\n");
+    println!("{table}");
+    assert!(
+        durable_per_task <= DURABLE_PER_TASK,
+        "{durable_per_task:.2} messages per task waited for the disk, over the budget of {DURABLE_PER_TASK}:\n{table}"
+    );
+    assert!(
+        per_task <= STORED_PER_TASK,
+        "{per_task:.2} stored messages per task, over the budget of {STORED_PER_TASK}:\n{table}"
+    );
+}
+
+/// A handler done within the start grace reports only its end; one still
+/// running past it reports `started` first. The long task's handler waits
+/// until the test has seen its `started`, so neither side races the clock.
+#[tokio::test]
+async fn started_is_sent_only_for_work_that_outlasts_the_grace() {
+    let sys = System::start().await;
+    let mut reports = sys.nats.subscribe(subject::REPORT_ALL).await.unwrap();
+    sys.nats.flush().await.unwrap();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let start = |name: &str, grace: Duration| {
+        let mut opts = AgentOptions::new(AgentId::new(name).unwrap()).capacity(name, 1.0);
+        opts.start_grace = grace;
+        let released = released.clone();
+        tokio::spawn(agent::run(
+            sys.nats.clone(),
+            opts,
+            move |_a| {
+                let mut released = released.clone();
+                async move {
+                    let _ = released.wait_for(|r| *r).await;
+                    Ok(serde_json::Value::Null)
+                }
+            },
+            std::future::pending::<()>(),
+        ))
+    };
+    // The quick agent's handler is released from the start.
+    let _slow = start("grace-slow", agent::START_GRACE);
+    wait_registered(&sys.client, "grace-slow").await;
+    let mut task = TaskSpec::new(TaskId::new("slow").unwrap());
+    task.requirements.resources.insert("grace-slow".into(), 1.0);
+    let mut spec = FlowSpec::new("grace", vec![task]);
+    spec.id = Some(FlowId::new("grace-slow").unwrap());
+    sys.client.create_flow(&spec).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), reports.next())
+        .await
+        .expect("a report within 30 s")
+        .unwrap();
+    let first: common::msg::AgentReport = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(
+        first.kind.type_name(),
+        "started",
+        "the long task's first report"
+    );
+    release.send(true).unwrap();
+    let status = wait_finished(
+        &sys.client,
+        spec.id.as_ref().unwrap(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(status.state, FlowState::Succeeded);
+
+    let _quick = start("grace-quick", Duration::from_secs(10));
+    wait_registered(&sys.client, "grace-quick").await;
+    let mut task = TaskSpec::new(TaskId::new("quick").unwrap());
+    task.requirements
+        .resources
+        .insert("grace-quick".into(), 1.0);
+    let mut spec = FlowSpec::new("grace", vec![task]);
+    spec.id = Some(FlowId::new("grace-quick").unwrap());
+    sys.client.create_flow(&spec).await.unwrap();
+    let status = wait_finished(
+        &sys.client,
+        spec.id.as_ref().unwrap(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(status.state, FlowState::Succeeded);
+    let mut kinds = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), reports.next()).await {
+        let r: common::msg::AgentReport = serde_json::from_slice(&m.payload).unwrap();
+        kinds.push((r.task_id.to_string(), r.kind.type_name()));
+    }
+    assert_eq!(
+        kinds,
+        [
+            ("slow".to_owned(), "completed"),
+            ("quick".to_owned(), "completed")
+        ],
+        "after the long task's `started`: its end, then the quick task's only report"
+    );
+}
