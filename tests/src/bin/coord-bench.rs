@@ -11,7 +11,9 @@
 //!   a core subject the driver subscribes to — pipelined and one at a time;
 //! - `dispatch`: the baseline first, then `--tasks` independent no-op tasks as
 //!   `--flows` flows submitted at once, then `--serial` one-task flows one at a
-//!   time; every figure is also printed as a ratio of the baseline's;
+//!   time; every figure is also printed as a ratio of the baseline's. With
+//!   `--spawn` it runs at both settings, page cache then fsync always, on a
+//!   server each (`--page-cache` or `--fsync-always` picks one);
 //! - `monitor`: the monitor alone, in a child process of its own (so its memory
 //!   is its own), fed task events, heartbeats and reports on `coord.>` at each
 //!   of `--monitor-rates` for `--monitor-seconds`; it prints what the monitor
@@ -89,8 +91,13 @@ struct Args {
     spawn: bool,
     /// With `--spawn`: fsync every JetStream write (`sync_interval: always`,
     /// the shipped setting) instead of the server's default background flush.
-    #[arg(long, requires = "spawn")]
+    /// `dispatch` runs at both settings, one server each, unless this or
+    /// `--page-cache` picks one.
+    #[arg(long, requires = "spawn", conflicts_with = "page_cache")]
     fsync_always: bool,
+    /// With `--spawn`: only the server's default background flush.
+    #[arg(long, requires = "spawn")]
+    page_cache: bool,
     /// Use this NATS server instead (it must have JetStream on).
     #[arg(long, env = "COORD_BENCH_NATS_URL")]
     nats_url: Option<String>,
@@ -178,8 +185,19 @@ async fn main() -> anyhow::Result<()> {
     if args.tasks == 0 || args.flows == 0 || args.agents == 0 || args.orchestrators == 0 {
         bail!("--tasks, --flows, --agents and --orchestrators must be at least 1");
     }
+    if args.scenario == Scenario::Dispatch && args.spawn && !args.fsync_always && !args.page_cache {
+        // Both settings, each on a server of its own, in one run.
+        for fsync in [false, true] {
+            let server = NatsServer::start_with_config(&spawned_config(fsync));
+            println!("\n### {}\n", setting_name(fsync));
+            dispatch_on(&args, server.url()).await?;
+        }
+        return Ok(());
+    }
     let server = if args.spawn {
-        Some(NatsServer::start_with_config(&spawned_config(&args)))
+        Some(NatsServer::start_with_config(&spawned_config(
+            args.fsync_always,
+        )))
     } else {
         None
     };
@@ -188,6 +206,12 @@ async fn main() -> anyhow::Result<()> {
         (None, Some(u)) => u.clone(),
         (None, None) => bail!("give --spawn or --nats-url"),
     };
+    if matches!(args.scenario, Scenario::Baseline | Scenario::Dispatch) {
+        if args.spawn {
+            println!("\n### {}\n", setting_name(args.fsync_always));
+        }
+        return dispatch_on(&args, &url).await;
+    }
     let nats = async_nats::connect(&url)
         .await
         .with_context(|| format!("failed to connect to {url}"))?;
@@ -202,22 +226,40 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Alloc => return scale::alloc(&nats, &url, &args, run_id, limit).await,
         Scenario::Curves => return scale::curves(&nats, &url, &args, run_id, limit).await,
         Scenario::Events => return events::run(&nats, &url, &args.events, run_id, limit).await,
-        Scenario::Baseline | Scenario::Dispatch | Scenario::Monitor => {}
+        Scenario::Baseline | Scenario::Dispatch | Scenario::Monitor => Ok(()),
     }
+}
+
+fn setting_name(fsync: bool) -> &'static str {
+    if fsync {
+        "fsync always (`sync_interval: always`, the shipped setting)"
+    } else {
+        "page cache (the server's default background flush)"
+    }
+}
+
+/// The baseline, then (for `dispatch`) the system's rounds, against the
+/// server at `url`; prints their table.
+async fn dispatch_on(args: &Args, url: &str) -> anyhow::Result<()> {
+    let nats = async_nats::connect(url)
+        .await
+        .with_context(|| format!("failed to connect to {url}"))?;
+    let run_id = common::now_ms();
+    let limit = Duration::from_secs(args.timeout_s);
     println!(
         "coord-bench: {url}, {} agents, {} orchestrator replica(s), {} tasks in {} flows, {} serial",
         args.agents, args.orchestrators, args.tasks, args.flows, args.serial
     );
 
     let mut rounds = Vec::new();
-    let (base_pipe, base_serial) = baseline(&nats, &args, run_id, limit).await?;
+    let (base_pipe, base_serial) = baseline(&nats, args, run_id, limit).await?;
     rounds.push(base_pipe);
     rounds.push(base_serial);
 
     if args.scenario == Scenario::Dispatch {
         let system = System::start(
             &nats,
-            &url,
+            url,
             args.orchestrators,
             args.agents,
             "",
@@ -228,7 +270,7 @@ async fn main() -> anyhow::Result<()> {
         let tag = format!("{run_id}-p");
         let pipe = dispatch_pipelined(&nats, args.tasks, args.flows, &tag, limit).await?;
         rounds.push(pipe);
-        let serial = dispatch_serial(&nats, &args, run_id, limit).await?;
+        let serial = dispatch_serial(&nats, args, run_id, limit).await?;
         rounds.push(serial);
         system.stop(&nats).await;
     }
@@ -282,11 +324,11 @@ const AGENT_CONCURRENCY: usize = 1024;
 /// JSON, over the default 1 MB `max_payload`.
 const SPAWNED_CONFIG: &str = "max_payload: 8MB\n";
 
-/// The spawned server's config: [`SPAWNED_CONFIG`], and with `--fsync-always`
-/// the shipped durability setting.
-fn spawned_config(args: &Args) -> String {
+/// The spawned server's config: [`SPAWNED_CONFIG`], and with `fsync` the
+/// shipped durability setting.
+fn spawned_config(fsync: bool) -> String {
     let mut config = SPAWNED_CONFIG.to_owned();
-    if args.fsync_always {
+    if fsync {
         config.push_str("jetstream {\n  sync_interval: always\n}\n");
     }
     config

@@ -633,7 +633,7 @@ pub(crate) async fn curves(
     // finish once, a million-task flow for seconds).
     let fresh = args
         .spawn
-        .then(|| NatsServer::start_with_config(&spawned_config(args)));
+        .then(|| NatsServer::start_with_config(&spawned_config(args.fsync_always)));
     let (nats, url) = match &fresh {
         Some(server) => (server.connect().await, server.url().to_owned()),
         None => (nats.clone(), url.to_owned()),
