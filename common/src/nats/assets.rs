@@ -12,6 +12,8 @@ use crate::subject;
 /// Assignments, one durable consumer per agent (work queue: an assignment is
 /// removed once its agent acks it).
 pub const STREAM_ASSIGN: &str = "COORD_ASSIGN";
+/// The assignment consumers `COORD_ASSIGN` allows, one per agent.
+pub const MAX_AGENT_CONSUMERS: i32 = 100_000;
 /// Agent reports, consumed by the orchestrators through one shared durable consumer.
 pub const STREAM_REPORTS: &str = "COORD_REPORTS";
 /// Every domain event: the audit log.
@@ -95,9 +97,13 @@ impl Stream {
             ..Default::default()
         };
         match self {
+            // One consumer per agent: without an explicit limit the server
+            // (2.15) refuses the 1,001st, and agents past it would register,
+            // heartbeat and be given work they can never receive.
             Stream::Assign => stream::Config {
                 retention: stream::RetentionPolicy::WorkQueue,
                 max_age: Duration::from_secs(7 * 24 * 3600),
+                max_consumers: MAX_AGENT_CONSUMERS,
                 ..base(STREAM_ASSIGN, subject::ASSIGN_ALL)
             },
             Stream::Reports => stream::Config {
@@ -189,12 +195,27 @@ pub async fn ensure_stream(
     replicas: usize,
 ) -> Result<stream::Stream, Error> {
     let name = which.config(replicas).name;
-    opening(|| async {
+    let mut stream = opening(|| async {
         js.get_or_create_stream(which.config(replicas))
             .await
             .map_err(|e| Error::unavailable(format_args!("cannot open stream {name}"), e))
     })
-    .await
+    .await?;
+    // An assignments stream made before it had a limit of its own has the
+    // server's (1,000 consumers, so 1,000 agents): raised in place.
+    if which == Stream::Assign && stream.cached_info().config.max_consumers <= 0 {
+        let mut config = stream.cached_info().config.clone();
+        config.max_consumers = MAX_AGENT_CONSUMERS;
+        match js.update_stream(config).await {
+            Ok(_) => {
+                stream = js.get_stream(&name).await.map_err(|e| {
+                    Error::unavailable(format_args!("cannot open stream {name}"), e)
+                })?;
+            }
+            Err(e) => tracing::warn!(error = %e, stream = %name, "consumer limit not raised"),
+        }
+    }
+    Ok(stream)
 }
 
 /// Opening a stream or bucket right after another service created it (on a

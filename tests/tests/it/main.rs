@@ -5,6 +5,7 @@
 
 mod agent_events;
 mod agent_flows;
+mod agent_scale;
 mod allocator;
 mod allocator_quota;
 mod bench;
