@@ -294,11 +294,8 @@ impl Orchestrator {
         let Some(due) = alarm.set(flow.next_wakeup_after(now), now) else {
             return;
         };
-        let (o, flow_id) = (self.clone(), flow.id.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(due.saturating_sub(now))).await;
-            o.send(&flow_id, Cmd::Due);
-        });
+        let after = Duration::from_millis(due.saturating_sub(now));
+        self.send_after(&flow.id, after, Cmd::Due);
     }
 
     /// Whether a large flow's stored header is still at `revision`, so the

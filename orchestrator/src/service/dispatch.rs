@@ -10,64 +10,71 @@ impl Orchestrator {
         placing.refresh(self.freed.load(Ordering::Relaxed));
         self.dispatch_due(flow, now, placing);
         if let Some(wait) = placing.wake_in(now) {
-            let (o, flow_id) = (self.clone(), flow.id.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(wait)).await;
-                o.send(&flow_id, Cmd::Wake);
-            });
+            self.send_after(&flow.id, Duration::from_millis(wait), Cmd::Wake);
         }
+    }
+
+    /// Queues `cmd` for the flow's actor once `after` has passed.
+    pub(super) fn send_after(self: &Arc<Self>, flow: &FlowId, after: Duration, cmd: Cmd) {
+        let (o, flow) = (self.clone(), flow.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            o.send(&flow, cmd);
+        });
     }
 
     pub(super) fn dispatch_due(self: &Arc<Self>, flow: &mut Flow, now: u64, placing: &mut Placing) {
         let placements = flow.placements(now, placing, |key| self.slots.known_full(key, now));
-        for machine::Placement {
-            task,
-            slot,
-            mut request,
-        } in placements
-        {
-            placing.insert(task.clone());
-            request.allocation_id = Some(AllocationId::random());
-            let (o, flow_id) = (self.clone(), flow.id.clone());
+        for mut placement in placements {
+            placing.insert(placement.task.clone());
+            placement.request.allocation_id = Some(AllocationId::random());
             // The grant goes back to the actor with this span as its cause,
             // so the assignment it leads to continues the same trace.
-            let span = tracing::info_span!("place", flow = %flow.id, task = %task);
-            tokio::spawn(
-                async move {
-                    let asked_at = o.freed.load(Ordering::Relaxed);
-                    if let Some((limit, holder)) = &slot {
-                        let now = common::now_ms();
-                        match o.slots.acquire(limit, holder, &flow_id, now).await {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                o.send(&flow_id, Cmd::Unplaced { task, asked_at });
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::warn!(key = %limit.key, error = %e, "concurrency slot not taken");
-                                o.send(&flow_id, Cmd::Unplaced { task, asked_at });
-                                return;
-                            }
-                        }
-                    }
-                    let slot = slot.map(|(limit, holder)| (limit.key, holder));
-                    let cmd = match o.place(&request).await {
-                        Some(allocation) => Cmd::Assign {
-                            task,
-                            allocation: Box::new(allocation),
-                            slot,
-                            granted_ms: common::now_ms(),
-                        },
-                        None => {
-                            o.free_slot(slot);
-                            Cmd::Unplaced { task, asked_at }
-                        }
-                    };
-                    o.send(&flow_id, cmd);
-                }
-                .instrument(span),
-            );
+            let span = tracing::info_span!("place", flow = %flow.id, task = %placement.task);
+            let placed = self.clone().place_task(flow.id.clone(), placement);
+            tokio::spawn(placed.instrument(span));
         }
+    }
+
+    /// Takes the task's concurrency slot (if it names a key), asks the
+    /// allocator, and sends the actor the grant (`Assign`) or the refusal
+    /// (`Unplaced`, with the slot given back).
+    async fn place_task(self: Arc<Self>, flow_id: FlowId, placement: machine::Placement) {
+        let machine::Placement {
+            task,
+            slot,
+            request,
+        } = placement;
+        let asked_at = self.freed.load(Ordering::Relaxed);
+        if let Some((limit, holder)) = &slot {
+            let now = common::now_ms();
+            match self.slots.acquire(limit, holder, &flow_id, now).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.send(&flow_id, Cmd::Unplaced { task, asked_at });
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(key = %limit.key, error = %e, "concurrency slot not taken");
+                    self.send(&flow_id, Cmd::Unplaced { task, asked_at });
+                    return;
+                }
+            }
+        }
+        let slot = slot.map(|(limit, holder)| (limit.key, holder));
+        let cmd = match self.place(&request).await {
+            Some(allocation) => Cmd::Assign {
+                task,
+                allocation: Box::new(allocation),
+                slot,
+                granted_ms: common::now_ms(),
+            },
+            None => {
+                self.free_slot(slot);
+                Cmd::Unplaced { task, asked_at }
+            }
+        };
+        self.send(&flow_id, cmd);
     }
 
     /// One placement through the allocator, with at most [`MAX_PLACING`] in
@@ -84,16 +91,19 @@ impl Orchestrator {
                 if let (ErrorCode::Timeout | ErrorCode::Unavailable, Some(id)) =
                     (e.code, &request.allocation_id)
                 {
-                    let (o, id) = (self.clone(), id.clone());
-                    tokio::spawn(async move {
-                        o.release_by_id(id.clone(), None).await;
-                        tokio::time::sleep(Duration::from_secs(10)).await;
-                        o.release_by_id(id, None).await;
-                    });
+                    tokio::spawn(self.clone().release_unanswered(id.clone()));
                 }
                 None
             }
         }
+    }
+
+    /// Releases a booking whose request got no answer, now and once more
+    /// 10 s later, in case the booking lands after the first release.
+    async fn release_unanswered(self: Arc<Self>, id: AllocationId) {
+        self.release_by_id(id.clone(), None).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        self.release_by_id(id, None).await;
     }
 
     /// Publishes again the assignments that are still not started a while after
@@ -174,22 +184,22 @@ impl Orchestrator {
             assigned_at_ms,
             lease: t.lease(assigned_at_ms, self.tick_ms),
         };
-        let o = self.clone();
-        tokio::spawn(
-            async move {
-                match o.publish_assignment(&assignment).await {
-                    Ok(()) => {}
-                    Err(e) if e.code == ErrorCode::Timeout => {
-                        tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment unconfirmed, publishing it again later");
-                    }
-                    Err(e) => {
-                        tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment not sent");
-                        o.send(&assignment.flow_id, Cmd::Unassign { task: assignment.task_id.clone(), attempt });
-                    }
-                }
+        tokio::spawn(self.clone().deliver(assignment).in_current_span());
+    }
+
+    /// Publishes one assignment; refused, the attempt goes back (`Unassign`).
+    async fn deliver(self: Arc<Self>, assignment: Assignment) {
+        match self.publish_assignment(&assignment).await {
+            Ok(()) => {}
+            Err(e) if e.code == ErrorCode::Timeout => {
+                tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment unconfirmed, publishing it again later");
             }
-            .in_current_span(),
-        );
+            Err(e) => {
+                tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment not sent");
+                let (task, attempt) = (assignment.task_id.clone(), assignment.attempt);
+                self.send(&assignment.flow_id, Cmd::Unassign { task, attempt });
+            }
+        }
     }
 
     pub(super) async fn publish_assignment(&self, a: &Assignment) -> Result<(), Error> {
@@ -221,23 +231,20 @@ impl Orchestrator {
             return;
         };
         self.freed.fetch_add(1, Ordering::Relaxed);
-        let o = self.clone();
-        tokio::spawn(
-            async move {
-                for flow in o.slots.free(&key, &holder).await {
-                    o.send(&flow, Cmd::Tick);
-                }
-            }
-            .in_current_span(),
-        );
+        tokio::spawn(self.clone().free_slot_now(key, holder).in_current_span());
+    }
+
+    async fn free_slot_now(self: Arc<Self>, key: String, holder: String) {
+        for flow in self.slots.free(&key, &holder).await {
+            self.send(&flow, Cmd::Tick);
+        }
     }
 
     pub(super) fn release(self: &Arc<Self>, agent: AgentId, allocation: AllocationId) {
         self.freed.fetch_add(1, Ordering::Relaxed);
         let o = self.clone();
-        tokio::spawn(
-            async move { o.release_by_id(allocation, Some(agent)).await }.in_current_span(),
-        );
+        let released = async move { o.release_by_id(allocation, Some(agent)).await };
+        tokio::spawn(released.in_current_span());
     }
 
     /// Releases an allocation a failed step was to record, once the flow can
@@ -251,37 +258,44 @@ impl Orchestrator {
         allocation: Allocation,
         slot: SlotHeld,
     ) {
-        let o = self.clone();
-        tokio::spawn(
-            async move {
-                let mut pause = Duration::from_millis(200);
-                let held = loop {
-                    match store::read(&o.flows, &flow_id).await {
-                        Ok(flow) => {
-                            break flow.is_some_and(|(f, _, _)| {
-                                f.tasks.get(&task).is_some_and(|t| {
-                                    t.allocation.as_ref() == Some(&allocation.allocation_id)
-                                })
-                            })
-                        }
-                        Err(e) if pause < Duration::from_secs(60) => {
-                            tracing::debug!(error = %e, "flow unreadable, checking the allocation later");
-                            tokio::time::sleep(pause).await;
-                            pause *= 2;
-                        }
-                        // Still unknown after a minute: give it back rather
-                        // than hold it for ever.
-                        Err(_) => break false,
-                    }
-                };
-                if !held {
-                    o.free_slot(slot);
-                    o.release_by_id(allocation.allocation_id, Some(allocation.agent_id))
-                        .await;
+        let checked = self
+            .clone()
+            .release_if_not_held(flow_id, task, allocation, slot);
+        tokio::spawn(checked.in_current_span());
+    }
+
+    async fn release_if_not_held(
+        self: Arc<Self>,
+        flow_id: FlowId,
+        task: TaskId,
+        allocation: Allocation,
+        slot: SlotHeld,
+    ) {
+        let mut pause = Duration::from_millis(200);
+        let held = loop {
+            match store::read(&self.flows, &flow_id).await {
+                Ok(flow) => {
+                    break flow.is_some_and(|(f, _, _)| {
+                        f.tasks.get(&task).is_some_and(|t| {
+                            t.allocation.as_ref() == Some(&allocation.allocation_id)
+                        })
+                    })
                 }
+                Err(e) if pause < Duration::from_secs(60) => {
+                    tracing::debug!(error = %e, "flow unreadable, checking the allocation later");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                // Still unknown after a minute: give it back rather than hold
+                // it for ever.
+                Err(_) => break false,
             }
-            .in_current_span(),
-        );
+        };
+        if !held {
+            self.free_slot(slot);
+            self.release_by_id(allocation.allocation_id, Some(allocation.agent_id))
+                .await;
+        }
     }
 
     /// Releases are idempotent, and a lost one holds the agent's capacity
