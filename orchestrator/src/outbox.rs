@@ -11,6 +11,13 @@
 //! duplicate window (2 min) stores a repeat once; subscribers who read the
 //! subjects directly may see it twice and tell by the id.
 //!
+//! The events stream stores without waiting for the disk on one node
+//! (`persist_mode: async`): an acknowledged event reaches the file within
+//! milliseconds, and a server killed meanwhile loses it. So an acknowledgement
+//! counts only once it is [`SETTLE_MS`] old with no outage of the connection
+//! seen since (a server that died drops it): a batch acknowledged before an
+//! outage is published again, and the duplicate window stores it once.
+//!
 //! A batch stays in the record until the flow's next write, so an idle flow
 //! (a long task running) gets one write of its own [`CLEAR_AFTER_MS`] after
 //! its last, and a finished flow one at once: a batch older than that is left
@@ -50,6 +57,10 @@ pub const REPUBLISH_AFTER_MS: u64 = 2_000;
 /// An idle unfinished flow's acknowledged batches are dropped by a write of
 /// their own this long after they were stored.
 pub const CLEAR_AFTER_MS: u64 = 10_000;
+/// How old an acknowledgement must be, with no outage since, before its
+/// batch leaves the outbox: far past the server's flush of an async stream
+/// (8 ms at most) and the outage watcher's poll.
+pub const SETTLE_MS: u64 = 1_000;
 /// Most events an outbox holds (about 200 bytes each). A step with more (a
 /// large flow's creation, a cancel of thousands of tasks) stores every flow
 /// event and the first task events that fit; the rest are published once,
@@ -69,12 +80,28 @@ pub fn event_id(flow: &FlowId, n: u64) -> String {
 #[derive(Debug, Default)]
 pub struct Ledger {
     flows: Mutex<HashMap<FlowId, Marks>>,
+    /// When the connection was last seen down (none: never).
+    outages: Option<common::nats::Outages>,
 }
 
 #[derive(Debug, Default)]
 struct Marks {
     sent: HashMap<u64, u64>,
-    acked: HashSet<u64>,
+    /// When the stream acknowledged each batch, and whether it was seen
+    /// settled (then no later outage can undo it).
+    acked: HashMap<u64, (u64, bool)>,
+}
+
+/// Where a batch's acknowledgement stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    None,
+    /// Acknowledged less than [`SETTLE_MS`] ago: it may not be on disk yet.
+    Settling,
+    /// Stored for good.
+    Settled,
+    /// Acknowledged before an outage: it may be lost.
+    Doubtful,
 }
 
 /// The events of one step as they are published: each gets the number the
@@ -101,9 +128,37 @@ impl Ledger {
         Some(f(flows.entry(flow.clone()).or_default()))
     }
 
-    fn acked(&self, flow: &FlowId, batch: u64) -> bool {
-        self.with(flow, |m| m.acked.contains(&batch))
-            .unwrap_or(false)
+    /// A ledger that doubts acknowledgements an outage of the connection
+    /// `outages` watches came after.
+    pub fn new(outages: common::nats::Outages) -> Ledger {
+        Ledger {
+            flows: Mutex::default(),
+            outages: Some(outages),
+        }
+    }
+
+    /// Where an acknowledgement stands, marking it settled for good once
+    /// it is.
+    fn ack_of(&self, acked: Option<&mut (u64, bool)>, now: u64) -> Ack {
+        let Some((at, settled)) = acked else {
+            return Ack::None;
+        };
+        let down = self.outages.as_ref().map_or(0, |o| o.last_down_ms());
+        if *settled {
+            Ack::Settled
+        } else if down >= *at {
+            Ack::Doubtful
+        } else if now.saturating_sub(*at) < SETTLE_MS {
+            Ack::Settling
+        } else {
+            *settled = true;
+            Ack::Settled
+        }
+    }
+
+    fn ack(&self, flow: &FlowId, batch: u64, now: u64) -> Ack {
+        self.with(flow, |m| self.ack_of(m.acked.get_mut(&batch), now))
+            .unwrap_or(Ack::None)
     }
 
     /// Forgets a flow whose actor went away.
@@ -129,9 +184,9 @@ impl Ledger {
         let mut clear = false;
         let id = flow.id.clone();
         outbox.retain(|b| {
-            let acked = key(b).is_some_and(|k| self.acked(&id, k));
-            clear |= acked && (terminal || now.saturating_sub(b.at_ms) >= CLEAR_AFTER_MS);
-            !acked
+            let settled = key(b).is_some_and(|k| self.ack(&id, k, now) == Ack::Settled);
+            clear |= settled && (terminal || now.saturating_sub(b.at_ms) >= CLEAR_AFTER_MS);
+            !settled
         });
         let first = flow.events;
         let mut room = MAX_EVENTS.saturating_sub(outbox.iter().map(|b| b.events.len()).sum());
@@ -213,7 +268,7 @@ impl Ledger {
             // Not for a flow forgotten meanwhile (its actor went away).
             if let Ok(mut flows) = ledger.flows.lock() {
                 if let Some(m) = flows.get_mut(&flow) {
-                    m.acked.insert(batch);
+                    m.acked.insert(batch, (common::now_ms(), false));
                 }
             }
         });
@@ -229,16 +284,19 @@ impl Ledger {
         now: u64,
     ) {
         let held: HashSet<u64> = outbox.iter().filter_map(key).collect();
+        // Not acknowledged, or acknowledged before an outage, for a while.
         let due: Vec<&Staged> = self
             .with(flow, |m| {
                 m.sent.retain(|k, _| held.contains(k));
-                m.acked.retain(|k| held.contains(k));
+                m.acked.retain(|k, _| held.contains(k));
                 outbox
                     .iter()
                     .filter(|b| {
                         let Some(k) = key(b) else { return false };
                         let since = m.sent.get(&k).copied().unwrap_or(b.at_ms);
-                        !m.acked.contains(&k) && now.saturating_sub(since) >= REPUBLISH_AFTER_MS
+                        let ack = self.ack_of(m.acked.get_mut(&k), now);
+                        matches!(ack, Ack::None | Ack::Doubtful)
+                            && now.saturating_sub(since) >= REPUBLISH_AFTER_MS
                     })
                     .collect()
             })

@@ -149,3 +149,68 @@ async fn events_of_steps_a_killed_replica_never_published_are_stored_once() {
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
 }
+
+/// The events stream stores without waiting for the disk on one node: a
+/// server killed the moment a flow's last events went out may lose them
+/// although it acknowledged them. The outbox keeps a batch until its
+/// acknowledgement has outlived any outage, so they are published again and
+/// stored once when the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_acknowledged_just_before_the_server_dies_are_stored_once() {
+    common::telemetry::init_for_tests();
+    let mut server = NatsServer::start();
+    let services: Vec<_> = testkit::SERVICES
+        .iter()
+        .map(|n| start_service(n, server.config()))
+        .collect();
+    let nats = server.connect().await;
+    for name in testkit::SERVICES {
+        wait_for_service(&nats, name).await;
+    }
+    let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
+    let (_stop, _agent) = spawn_agent(&nats, "w", 1.0, |a| async move { Ok(json!(a.attempt)) });
+    wait_registered(&client, "w").await;
+    let mut completed = nats
+        .subscribe(common::subject::event::FLOW_COMPLETED)
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+
+    let flow = FlowId::new("dies").unwrap();
+    let mut spec = FlowSpec::new("dies", vec![cpu_task("a", &[])]);
+    spec.id = Some(flow.clone());
+    client.create_flow(&spec).await.unwrap();
+    // The moment the flow's last event is out, before the server's flush.
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        futures::StreamExt::next(&mut completed),
+    )
+    .await
+    .expect("flow.completed within 30 s");
+    tokio::task::block_in_place(|| server.kill());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| server.resume());
+
+    let nats = server.connect().await;
+    let js = jetstream::new(nats);
+    let stored = eventually(Duration::from_secs(30), "the flow's events stored", || {
+        let js = js.clone();
+        let flow = flow.clone();
+        async move {
+            let stored = stored_events(&js, &flow).await;
+            tally(&stored)
+                .contains_key("coord.events.flow.completed")
+                .then_some(stored)
+        }
+    })
+    .await;
+    let mut expected = BTreeMap::new();
+    for what in ["coord.events.flow.created", "coord.events.flow.completed"] {
+        expected.insert(what.to_owned(), 1);
+    }
+    for to in ["Ready", "Assigned", "Running", "Succeeded"] {
+        expected.insert(format!("a {to}"), 1);
+    }
+    assert_eq!(tally(&stored), expected, "every transition stored once");
+    drop(services);
+}
