@@ -3,6 +3,7 @@
 //! compare-and-setting a KV entry ([`cas`]), and writing several entries in
 //! one atomic batch ([`batch`]).
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -79,6 +80,7 @@ async fn open(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, Error>
                         tracing::info!(client = %name, "connected to nats")
                     }
                     async_nats::Event::Disconnected => {
+                        LAST_DISCONNECT_MS.fetch_max(crate::now_ms(), Ordering::Relaxed);
                         tracing::warn!(client = %name, "disconnected from nats")
                     }
                     other => tracing::debug!(client = %name, event = %other, "nats event"),
@@ -164,6 +166,15 @@ pub async fn connect_within(
 /// When a connection was last seen down, kept current by a background task
 /// that polls the client's state.
 ///
+static LAST_DISCONNECT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// When a connection of this process made by [`connect`] (or its kin) last found
+/// its server gone (0: never). What a server acknowledged without waiting for
+/// its disk (a stream with `persist_mode: async`) before then may be lost.
+pub fn last_disconnect_ms() -> u64 {
+    LAST_DISCONNECT_MS.load(Ordering::Relaxed)
+}
+
 /// A process that decides on silence (no heartbeat for a while) must not count
 /// the time it could hear nothing: while it was disconnected, messages were
 /// not lost by their senders but never reached it. Clones share one watcher,

@@ -62,8 +62,10 @@ pub struct AgentOptions {
     pub follow_sync: bool,
     /// How long a handler may run before its `started` report is sent: one
     /// done sooner reports only its end, which saves a stored report and a
-    /// flow write (default [`START_GRACE`]; zero sends `started` first, as
-    /// before the handler runs). Capped so `started` is in by `start_by_ms`.
+    /// flow write (default [`START_GRACE`]; zero sends `started` before the
+    /// handler runs). Capped so `started` is in by `start_by_ms`.
+    /// A handler that blocks its thread on a current-thread runtime holds the
+    /// grace's timer up too: give such an agent zero.
     pub start_grace: Duration,
 }
 

@@ -13,10 +13,13 @@
 //!
 //! The events stream stores without waiting for the disk on one node
 //! (`persist_mode: async`): an acknowledged event reaches the file within
-//! milliseconds, and a server killed meanwhile loses it. So an acknowledgement
-//! counts only once it is [`SETTLE_MS`] old with no outage of the connection
-//! seen since (a server that died drops it): a batch acknowledged before an
-//! outage is published again, and the duplicate window stores it once.
+//! milliseconds, and a server killed meanwhile loses it. So an
+//! acknowledgement that a connection of this process losing its server
+//! followed counts for nothing: such a batch still in the record is published
+//! again as unacknowledged, and one already dropped from it is kept in this
+//! replica's memory for [`SETTLE_MS`] for the sweep to publish again
+//! ([`Ledger::recheck`]). The duplicate window stores it once. (The replica and the server dying
+//! together, the machine with them, loses those milliseconds of events.)
 //!
 //! A batch stays in the record until the flow's next write, so an idle flow
 //! (a long task running) gets one write of its own [`CLEAR_AFTER_MS`] after
@@ -57,10 +60,14 @@ pub const REPUBLISH_AFTER_MS: u64 = 2_000;
 /// An idle unfinished flow's acknowledged batches are dropped by a write of
 /// their own this long after they were stored.
 pub const CLEAR_AFTER_MS: u64 = 10_000;
-/// How old an acknowledgement must be, with no outage since, before its
-/// batch leaves the outbox: far past the server's flush of an async stream
-/// (8 ms at most) and the outage watcher's poll.
+/// How long a batch acknowledged by the stream is kept in memory, in case
+/// the server dies before it reaches the file: far past the server's flush
+/// of an async stream (8 ms at most) and the client's notice of a lost
+/// connection.
 pub const SETTLE_MS: u64 = 1_000;
+/// Events are published again at most this long after they were stored,
+/// inside the events stream's duplicate window (2 min).
+const REPEAT_UNTIL_MS: u64 = 100_000;
 /// Most events an outbox holds (about 200 bytes each). A step with more (a
 /// large flow's creation, a cancel of thousands of tasks) stores every flow
 /// event and the first task events that fit; the rest are published once,
@@ -80,28 +87,23 @@ pub fn event_id(flow: &FlowId, n: u64) -> String {
 #[derive(Debug, Default)]
 pub struct Ledger {
     flows: Mutex<HashMap<FlowId, Marks>>,
-    /// When the connection was last seen down (none: never).
-    outages: Option<common::nats::Outages>,
+    /// Batches dropped from their record as acknowledged, less than
+    /// [`SETTLE_MS`] ago.
+    settling: Mutex<Vec<Settling>>,
 }
 
 #[derive(Debug, Default)]
 struct Marks {
     sent: HashMap<u64, u64>,
-    /// When the stream acknowledged each batch, and whether it was seen
-    /// settled (then no later outage can undo it).
-    acked: HashMap<u64, (u64, bool)>,
+    /// When the stream acknowledged each batch.
+    acked: HashMap<u64, u64>,
 }
 
-/// Where a batch's acknowledgement stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ack {
-    None,
-    /// Acknowledged less than [`SETTLE_MS`] ago: it may not be on disk yet.
-    Settling,
-    /// Stored for good.
-    Settled,
-    /// Acknowledged before an outage: it may be lost.
-    Doubtful,
+#[derive(Debug)]
+struct Settling {
+    flow: FlowId,
+    acked_ms: u64,
+    batch: Staged,
 }
 
 /// The events of one step as they are published: each gets the number the
@@ -128,37 +130,13 @@ impl Ledger {
         Some(f(flows.entry(flow.clone()).or_default()))
     }
 
-    /// A ledger that doubts acknowledgements an outage of the connection
-    /// `outages` watches came after.
-    pub fn new(outages: common::nats::Outages) -> Ledger {
-        Ledger {
-            flows: Mutex::default(),
-            outages: Some(outages),
-        }
-    }
-
-    /// Where an acknowledgement stands, marking it settled for good once
-    /// it is.
-    fn ack_of(&self, acked: Option<&mut (u64, bool)>, now: u64) -> Ack {
-        let Some((at, settled)) = acked else {
-            return Ack::None;
-        };
-        let down = self.outages.as_ref().map_or(0, |o| o.last_down_ms());
-        if *settled {
-            Ack::Settled
-        } else if down >= *at {
-            Ack::Doubtful
-        } else if now.saturating_sub(*at) < SETTLE_MS {
-            Ack::Settling
-        } else {
-            *settled = true;
-            Ack::Settled
-        }
-    }
-
-    fn ack(&self, flow: &FlowId, batch: u64, now: u64) -> Ack {
-        self.with(flow, |m| self.ack_of(m.acked.get_mut(&batch), now))
-            .unwrap_or(Ack::None)
+    /// When the stream acknowledged the batch, unless a connection of this
+    /// process found its server gone since (then it may be lost).
+    fn acked(&self, flow: &FlowId, batch: u64) -> Option<u64> {
+        let at = self
+            .with(flow, |m| m.acked.get(&batch).copied())
+            .flatten()?;
+        (common::nats::last_disconnect_ms() < at).then_some(at)
     }
 
     /// Forgets a flow whose actor went away.
@@ -183,11 +161,22 @@ impl Ledger {
         let terminal = flow.state.is_terminal();
         let mut clear = false;
         let id = flow.id.clone();
+        let mut dropped = Vec::new();
         outbox.retain(|b| {
-            let settled = key(b).is_some_and(|k| self.ack(&id, k, now) == Ack::Settled);
-            clear |= settled && (terminal || now.saturating_sub(b.at_ms) >= CLEAR_AFTER_MS);
-            !settled
+            let acked = key(b).and_then(|k| self.acked(&id, k));
+            clear |= acked.is_some() && (terminal || now.saturating_sub(b.at_ms) >= CLEAR_AFTER_MS);
+            if let Some(acked_ms) = acked.filter(|at| now.saturating_sub(*at) < SETTLE_MS) {
+                dropped.push(Settling {
+                    flow: id.clone(),
+                    acked_ms,
+                    batch: b.clone(),
+                });
+            }
+            acked.is_none()
         });
+        if let Ok(mut settling) = self.settling.lock() {
+            settling.extend(dropped);
+        }
         let first = flow.events;
         let mut room = MAX_EVENTS.saturating_sub(outbox.iter().map(|b| b.events.len()).sum());
         let mut kept = Vec::new();
@@ -268,7 +257,7 @@ impl Ledger {
             // Not for a flow forgotten meanwhile (its actor went away).
             if let Ok(mut flows) = ledger.flows.lock() {
                 if let Some(m) = flows.get_mut(&flow) {
-                    m.acked.insert(batch, (common::now_ms(), false));
+                    m.acked.insert(batch, common::now_ms());
                 }
             }
         });
@@ -284,7 +273,7 @@ impl Ledger {
         now: u64,
     ) {
         let held: HashSet<u64> = outbox.iter().filter_map(key).collect();
-        // Not acknowledged, or acknowledged before an outage, for a while.
+        let down = common::nats::last_disconnect_ms();
         let due: Vec<&Staged> = self
             .with(flow, |m| {
                 m.sent.retain(|k, _| held.contains(k));
@@ -294,9 +283,9 @@ impl Ledger {
                     .filter(|b| {
                         let Some(k) = key(b) else { return false };
                         let since = m.sent.get(&k).copied().unwrap_or(b.at_ms);
-                        let ack = self.ack_of(m.acked.get_mut(&k), now);
-                        matches!(ack, Ack::None | Ack::Doubtful)
-                            && now.saturating_sub(since) >= REPUBLISH_AFTER_MS
+                        // Not acknowledged, or only before an outage.
+                        let acked = m.acked.get(&k).is_some_and(|at| down < *at);
+                        !acked && now.saturating_sub(since) >= REPUBLISH_AFTER_MS
                     })
                     .collect()
             })
@@ -316,6 +305,56 @@ impl Ledger {
             }
             self.with(flow, |m| m.sent.insert(k, now));
             self.confirm(flow.clone(), k, acks);
+        }
+    }
+}
+
+impl Ledger {
+    /// Publishes again the batches acknowledged before a connection of this
+    /// process found its server gone (they may not have reached its disk),
+    /// once connected again, and keeps them as acknowledged anew; forgets
+    /// those that outlived [`SETTLE_MS`] without an outage. Run by the sweep:
+    /// a finished flow has no actor left to do it.
+    pub async fn recheck(&self, js: &jetstream::Context, now: u64) {
+        if js.client().connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
+        let down = common::nats::last_disconnect_ms();
+        let doubtful: Vec<Settling> = match self.settling.lock() {
+            Ok(mut settling) => {
+                let (doubtful, rest) = std::mem::take(&mut *settling)
+                    .into_iter()
+                    // Past the duplicate window a repeat would be stored twice.
+                    .filter(|s| now.saturating_sub(s.batch.at_ms) < REPEAT_UNTIL_MS)
+                    .filter(|s| down >= s.acked_ms || now.saturating_sub(s.acked_ms) < SETTLE_MS)
+                    .partition(|s| down >= s.acked_ms);
+                *settling = rest;
+                doubtful
+            }
+            Err(_) => return,
+        };
+        for mut s in doubtful {
+            tracing::debug!(flow = %s.flow, events = s.batch.events.len(), "events acknowledged before an outage published again");
+            let mut acks = Vec::new();
+            for e in &s.batch.events {
+                let event = Event {
+                    event_id: event_id(&s.flow, e.n),
+                    at_ms: s.batch.at_ms,
+                    source: SOURCE.to_owned(),
+                    kind: e.kind.clone(),
+                };
+                acks.extend(send(js, &event).await);
+            }
+            let mut stored = acks.len() == s.batch.events.len();
+            for ack in acks {
+                stored &= ack.await.is_ok();
+            }
+            // Acknowledged anew: settling again. Not stored: tried again by
+            // the next sweep (an acknowledgement of 0 is doubtful for good).
+            s.acked_ms = if stored { common::now_ms() } else { 0 };
+            if let Ok(mut settling) = self.settling.lock() {
+                settling.push(s);
+            }
         }
     }
 }

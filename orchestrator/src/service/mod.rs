@@ -296,7 +296,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         js: js.clone(),
         flows,
         events: EventPublisher::new(nats.clone(), NAME),
-        outbox: Arc::new(Ledger::new(bus::Outages::watch(&nats))),
+        outbox: Arc::default(),
         actors: Mutex::default(),
         finished: Mutex::default(),
         placing: Semaphore::new(MAX_PLACING),

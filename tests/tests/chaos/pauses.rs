@@ -40,6 +40,9 @@ async fn an_agent_paused_past_its_lease_has_its_late_reports_rejected() {
             let mut opts = AgentOptions::new(AgentId::new("sleeper").unwrap()).capacity("cpu", 1.0);
             opts.heartbeat_interval = Duration::from_millis(300);
             opts.concurrency = 1;
+            // `started` before the handler runs: it is the handler that
+            // freezes the thread a grace's timer would need.
+            opts.start_grace = Duration::ZERO;
             agent::run(
                 nats,
                 opts,
