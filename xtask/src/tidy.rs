@@ -41,7 +41,6 @@ pub const LEGACY: &[(&str, Legacy)] = &[
     ("coordkit/src/cli/alloc.rs", Legacy::Lines(605)),
     ("coordkit/src/cli/conformance.rs", Legacy::Lines(1395)),
     ("coordkit/src/cli/sync.rs", Legacy::Lines(610)),
-    ("tests/src/bin/coord-bench.rs", Legacy::Lines(611)),
     ("tests/src/bin/coord-bench/scale.rs", Legacy::Lines(800)),
     ("tests/src/bin/coord-bench/state.rs", Legacy::Lines(795)),
     ("xtask/src/lib.rs", Legacy::Lines(1125)),

@@ -50,6 +50,9 @@ use tokio::sync::oneshot;
 #[path = "coord-bench/baseline.rs"]
 mod baseline;
 use baseline::baseline;
+#[path = "coord-bench/dispatch.rs"]
+mod dispatch;
+use dispatch::{dispatch_on, setting_name};
 #[path = "coord-bench/events.rs"]
 mod events;
 #[path = "coord-bench/monitor.rs"]
@@ -227,87 +230,6 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Curves => return scale::curves(&nats, &url, &args, run_id, limit).await,
         Scenario::Events => return events::run(&nats, &url, &args.events, run_id, limit).await,
         Scenario::Baseline | Scenario::Dispatch | Scenario::Monitor => Ok(()),
-    }
-}
-
-fn setting_name(fsync: bool) -> &'static str {
-    if fsync {
-        "fsync always (`sync_interval: always`, the shipped setting)"
-    } else {
-        "page cache (the server's default background flush)"
-    }
-}
-
-/// The baseline, then (for `dispatch`) the system's rounds, against the
-/// server at `url`; prints their table.
-async fn dispatch_on(args: &Args, url: &str) -> anyhow::Result<()> {
-    let nats = async_nats::connect(url)
-        .await
-        .with_context(|| format!("failed to connect to {url}"))?;
-    let run_id = common::now_ms();
-    let limit = Duration::from_secs(args.timeout_s);
-    println!(
-        "coord-bench: {url}, {} agents, {} orchestrator replica(s), {} tasks in {} flows, {} serial",
-        args.agents, args.orchestrators, args.tasks, args.flows, args.serial
-    );
-
-    let mut rounds = Vec::new();
-    let (base_pipe, base_serial) = baseline(&nats, args, run_id, limit).await?;
-    rounds.push(base_pipe);
-    rounds.push(base_serial);
-
-    if args.scenario == Scenario::Dispatch {
-        let system = System::start(
-            &nats,
-            url,
-            args.orchestrators,
-            args.agents,
-            "",
-            Duration::ZERO,
-            limit,
-        )
-        .await?;
-        let tag = format!("{run_id}-p");
-        let pipe = dispatch_pipelined(&nats, args.tasks, args.flows, &tag, limit).await?;
-        rounds.push(pipe);
-        let serial = dispatch_serial(&nats, args, run_id, limit).await?;
-        rounds.push(serial);
-        system.stop(&nats).await;
-    }
-    print_table(&rounds);
-    Ok(())
-}
-
-fn print_table(rounds: &[Round]) {
-    println!();
-    println!("| round | tasks | wall s | tasks/s | p50 ms | p90 ms | p99 ms | max ms | tasks/s vs baseline | p99 vs baseline |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    let base = |serial: bool| rounds.get(usize::from(serial));
-    for (i, r) in rounds.iter().enumerate() {
-        let serial = r.name.contains("one at a time");
-        let (rate, p99) = match base(serial) {
-            Some(b) if i >= 2 => (
-                format!("{:.1} %", 100.0 * r.per_sec() / b.per_sec()),
-                format!(
-                    "{:.1}×",
-                    r.pct(0.99).as_secs_f64() / b.pct(0.99).as_secs_f64().max(1e-9)
-                ),
-            ),
-            _ => ("(baseline)".to_owned(), "(baseline)".to_owned()),
-        };
-        println!(
-            "| {} | {} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} |",
-            r.name,
-            r.tasks,
-            r.wall.as_secs_f64(),
-            r.per_sec(),
-            ms(r.pct(0.50)),
-            ms(r.pct(0.90)),
-            ms(r.pct(0.99)),
-            ms(r.pct(1.0)),
-            rate,
-            p99
-        );
     }
 }
 
@@ -613,41 +535,6 @@ async fn dispatch_pipelined(
     Ok(round(
         &format!("dispatch, {} flows × {} tasks", flows.min(total), per_flow),
         wall,
-        latencies,
-    ))
-}
-
-async fn dispatch_serial(
-    nats: &async_nats::Client,
-    args: &Args,
-    run_id: u64,
-    limit: Duration,
-) -> anyhow::Result<Round> {
-    let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(30));
-    let mut events = completion_events(nats).await?;
-    let mut latencies = Vec::with_capacity(args.serial);
-    let started = Instant::now();
-    for i in 0..args.serial {
-        let id = FlowId::new(format!("bench-{run_id}-s{i}"))?;
-        let spec = flow_spec(&id, 1)?;
-        let t = Instant::now();
-        let (created, done) = tokio::join!(
-            client.create_flow(&spec),
-            completions(&mut events, 1, t + limit)
-        );
-        created.map_err(|e| anyhow::anyhow!("flow create failed: {e}"))?;
-        let done = done?;
-        let Some(at) = done
-            .iter()
-            .find_map(|((f, _), at)| (*f == id).then_some(*at))
-        else {
-            bail!("a completion of another flow arrived during the serial round");
-        };
-        latencies.push(at.duration_since(t));
-    }
-    Ok(round(
-        "dispatch, one at a time (1-task flows)",
-        started.elapsed(),
         latencies,
     ))
 }

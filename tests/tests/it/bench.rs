@@ -180,3 +180,32 @@ async fn coord_bench_events_runs_at_a_tiny_size() {
         assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
     }
 }
+
+/// `coord-bench --spawn dispatch` runs at both settings, a server each, and
+/// prints each setting's table with the system's rounds beside the raw one.
+#[tokio::test]
+async fn coord_bench_dispatch_runs_at_both_settings_at_a_tiny_size() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_coord-bench"))
+        .args(["--spawn", "--timeout-s", "90", "dispatch"])
+        .args([
+            "--tasks", "20", "--flows", "4", "--serial", "2", "--agents", "2",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let page = stdout.find("### page cache").expect("a page cache table");
+    let fsync = stdout.find("### fsync always").expect("an fsync table");
+    assert!(page < fsync, "page cache first:\n{stdout}");
+    for table in [&stdout[page..fsync], &stdout[fsync..]] {
+        for row in [
+            "| baseline, pipelined | 20 |",
+            "| dispatch, 4 flows × 5 tasks | 20 |",
+            "| dispatch, one at a time (1-task flows) | 2 |",
+        ] {
+            assert!(table.contains(row), "no row {row:?} in:\n{table}");
+        }
+    }
+}
