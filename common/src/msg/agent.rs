@@ -192,7 +192,8 @@ pub struct AttemptLease {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ReportKind {
-    /// The agent began work on the attempt.
+    /// The agent began work on the attempt. Optional for work that ends at
+    /// once: a final report stored by `start_by_ms` implies it.
     Started,
     /// Still working: renews the lease; optional progress in 0..=1 and a
     /// short message (at most 1,024 bytes), shown with the task's status.
