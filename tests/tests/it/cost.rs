@@ -174,11 +174,11 @@ async fn started_is_sent_only_for_work_that_outlasts_the_grace() {
     // The quick agent's handler is released from the start.
     let _slow = start("grace-slow", agent::START_GRACE);
     wait_registered(&sys.client, "grace-slow").await;
-    let mut task = TaskSpec::new(TaskId::new("slow").unwrap());
-    task.requirements.resources.insert("grace-slow".into(), 1.0);
-    let mut spec = FlowSpec::new("grace", vec![task]);
-    spec.id = Some(FlowId::new("grace-slow").unwrap());
-    sys.client.create_flow(&spec).await.unwrap();
+    let slow = FlowId::new("grace-slow").unwrap();
+    sys.client
+        .create_flow(&one_task_on(&slow, "grace-slow"))
+        .await
+        .unwrap();
     let first = tokio::time::timeout(Duration::from_secs(30), reports.next())
         .await
         .expect("a report within 30 s")
@@ -190,29 +190,17 @@ async fn started_is_sent_only_for_work_that_outlasts_the_grace() {
         "the long task's first report"
     );
     release.send(true).unwrap();
-    let status = wait_finished(
-        &sys.client,
-        spec.id.as_ref().unwrap(),
-        Duration::from_secs(30),
-    )
-    .await;
+    let status = wait_finished(&sys.client, &slow, Duration::from_secs(30)).await;
     assert_eq!(status.state, FlowState::Succeeded);
 
     let _quick = start("grace-quick", Duration::from_secs(10));
     wait_registered(&sys.client, "grace-quick").await;
-    let mut task = TaskSpec::new(TaskId::new("quick").unwrap());
-    task.requirements
-        .resources
-        .insert("grace-quick".into(), 1.0);
-    let mut spec = FlowSpec::new("grace", vec![task]);
-    spec.id = Some(FlowId::new("grace-quick").unwrap());
-    sys.client.create_flow(&spec).await.unwrap();
-    let status = wait_finished(
-        &sys.client,
-        spec.id.as_ref().unwrap(),
-        Duration::from_secs(30),
-    )
-    .await;
+    let quick = FlowId::new("grace-quick").unwrap();
+    sys.client
+        .create_flow(&one_task_on(&quick, "grace-quick"))
+        .await
+        .unwrap();
+    let status = wait_finished(&sys.client, &quick, Duration::from_secs(30)).await;
     assert_eq!(status.state, FlowState::Succeeded);
     let mut kinds = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), reports.next()).await {
@@ -227,4 +215,15 @@ async fn started_is_sent_only_for_work_that_outlasts_the_grace() {
         ],
         "after the long task's `started`: its end, then the quick task's only report"
     );
+}
+
+/// A flow `id` of one task, `slow` or `quick` after the flow's name, that
+/// only the agent with the resource `only_on` can take.
+fn one_task_on(id: &FlowId, only_on: &str) -> FlowSpec {
+    let name = id.as_str().trim_start_matches("grace-");
+    let mut task = TaskSpec::new(TaskId::new(name).unwrap());
+    task.requirements.resources.insert(only_on.into(), 1.0);
+    let mut spec = FlowSpec::new("grace", vec![task]);
+    spec.id = Some(id.clone());
+    spec
 }

@@ -269,15 +269,8 @@ fn every_transition_is_one_event() {
         )
         .unwrap(),
     );
-    let transitions: Vec<(TaskState, TaskState)> = all
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Event(EventKind::TaskTransition { from, to, .. }) => Some((*from, *to)),
-            _ => None,
-        })
-        .collect();
     assert_eq!(
-        transitions,
+        transitions(&all),
         [
             (TaskState::Blocked, TaskState::Ready),
             (TaskState::Ready, TaskState::Assigned),
@@ -305,15 +298,8 @@ fn a_final_report_without_started_passes_through_running() {
         let mut flow = flow_of(vec![task("a", &[])]);
         let attempt = assign(&mut flow, "a", "w1", 1);
         let e = flow.report(&report("a", attempt, kind), 7).unwrap();
-        let transitions: Vec<(TaskState, TaskState)> = e
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Event(EventKind::TaskTransition { from, to, .. }) => Some((*from, *to)),
-                _ => None,
-            })
-            .collect();
         assert_eq!(
-            transitions,
+            transitions(&e),
             [
                 (TaskState::Assigned, TaskState::Running),
                 (TaskState::Running, end)
@@ -321,6 +307,17 @@ fn a_final_report_without_started_passes_through_running() {
         );
         assert_eq!(flow.tasks[&tid("a")].started_ms, Some(7));
     }
+}
+
+/// The task transitions among `effects`, as (from, to).
+fn transitions(effects: &[Effect]) -> Vec<(TaskState, TaskState)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Event(EventKind::TaskTransition { from, to, .. }) => Some((*from, *to)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn flow_of(tasks: Vec<TaskSpec>) -> Flow {
