@@ -1,20 +1,21 @@
-//! A deterministic simulation of a flow's run: the machine's own decisions
-//! (`Flow::apply`, `Flow::placements`, the placing book, `next_wakeup_after`)
-//! driven by a simulated clock, allocator, agents and replica, seeded and
-//! reproducible. The driver does what a flow's actor does after each step:
-//! carry out the effects, ask for the placements, set the wake-up for the
-//! next timer, tick on the sweep, publish again assignments not started.
+//! A deterministic simulation of a flow's run: the flow's actor — the
+//! machine's steps and the decisions around them (`machine::Driver`: what to
+//! place, when to wake, what to publish again) — run by a simulated
+//! executor with a simulated clock, allocator, agents and replica, seeded
+//! and reproducible. The service's actor runs the same driver through
+//! tokio and NATS; what differs is only the executor (`machine::Executor`)
+//! and the store, whose every write lands here.
 //!
 //! Faults: agents that hang (no report), fail, die (declared lost a few
 //! seconds later, back later) and report late for attempts long fenced; the
-//! replica restarts, losing its placing book, its wake-up, grants in flight
+//! replica restarts, losing its driver, its wake-ups, grants in flight
 //! and (sometimes) the effects of the step it had just written, which the
 //! sweep's repairs and the allocator's reconciliation must make good.
 //!
-//! Checked: a task succeeds once; no attempt runs on an allocation the
-//! allocator does not hold; every timer fires within 5 ms of its due time
-//! while a replica runs the flow; the flow ends with every task final and
-//! every allocation given back.
+//! Checked: a task succeeds once; no attempt is sent on an allocation the
+//! allocator does not hold, nor runs on one it gave back; every timer fires
+//! within 5 ms of its due time while a replica runs the flow; the flow ends
+//! with every task final and every allocation given back.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -22,10 +23,11 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 
 use common::msg::{
-    AgentReport, EventKind, FlowSpec, FlowState, ReportKind, RetryPolicy, TaskSpec, TaskState,
+    AgentReport, Assignment, CancelNotice, EventKind, FlowSpec, FlowState, ReportKind, RetryPolicy,
+    TaskSpec, TaskState,
 };
 use common::{AgentId, AllocationId, FlowId, TaskId};
-use orchestrator::machine::{Alarm, Command, Effect, Flow, Placing};
+use orchestrator::machine::{Alarm, Command, Driver, Executor, Flow, Placement, Placing, Wake};
 use proptest::prelude::Rng;
 use proptest::test_runner::{RngAlgorithm, TestRng};
 
@@ -33,8 +35,6 @@ use proptest::test_runner::{RngAlgorithm, TestRng};
 const SWEEP_MS: u64 = 1_000;
 /// An agent silent this long is declared lost.
 const LOST_AFTER_MS: u64 = 3_000;
-/// Assignments not started this long after they were recorded are sent again.
-const REDELIVER_AFTER_MS: u64 = 2_000;
 /// The allocator takes back allocations no task holds after this grace.
 const RECONCILE_GRACE_MS: u64 = 2_000;
 
@@ -49,11 +49,13 @@ enum Ev {
     Refused {
         epoch: u64,
         task: TaskId,
+        /// The replica's freed count when it asked.
+        asked_at: u64,
     },
-    /// A wake-up set by replica `epoch`: held-back placements, or a timer.
+    /// A wake-up set by replica `epoch`.
     Wake {
         epoch: u64,
-        timer: bool,
+        why: Wake,
     },
     Sweep,
     Report(AgentReport),
@@ -75,76 +77,48 @@ struct Agent {
     seen: HashSet<(TaskId, u32)>,
 }
 
-struct Sim {
+/// Everything outside the flow's actor: the clock, the event queue, the
+/// allocator's book and the agents. It is the actor's [`Executor`].
+struct World {
     now: u64,
     rng: TestRng,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
     events: HashMap<u64, Ev>,
     seq: u64,
+    /// The replica running the flow (a new one after each restart): what
+    /// comes back to an earlier one is lost with it.
+    epoch: u64,
+    agents: Vec<Agent>,
+    /// The allocator's book: allocation → agent, and when it was granted.
+    held: BTreeMap<AllocationId, (usize, u64)>,
+    next_allocation: u64,
+    /// Allocations given back by the replica (its freed count).
+    freed: u64,
+}
+
+struct Sim {
+    world: World,
     /// The flow as last written (every write lands; what a restart loses
     /// is the replica's own state).
     flow: Flow,
     revision: u64,
-    epoch: u64,
-    placing: Placing,
-    alarm: Alarm,
+    driver: Driver,
     /// Set after a restart, until the sweep brings the flow back to an actor.
     down: bool,
     /// When the replica last took the flow up again.
     up_since: u64,
     crash_pending: bool,
-    agents: Vec<Agent>,
-    /// The allocator's book: allocation → agent, and when it was granted.
-    held: BTreeMap<AllocationId, (usize, u64)>,
-    next_allocation: u64,
     succeeded: HashMap<TaskId, u32>,
     latest_timer_ms: u64,
     timers_fired: usize,
     steps: usize,
+    /// Events taken off the queue.
+    handled: usize,
+    /// Whether the actor is to dispatch once this millisecond's events are in.
+    to_drive: bool,
 }
 
-impl Sim {
-    fn new(seed: u64, flow: Flow, agents: usize, slots: usize) -> Sim {
-        let mut bytes = [0u8; 32];
-        bytes[..8].copy_from_slice(&seed.to_le_bytes());
-        let agents = (0..agents)
-            .map(|i| Agent {
-                id: AgentId::new(format!("a{i}")).unwrap(),
-                slots,
-                used: 0,
-                alive: true,
-                seen: HashSet::new(),
-            })
-            .collect();
-        let mut sim = Sim {
-            now: 0,
-            rng: TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
-            queue: BinaryHeap::new(),
-            events: HashMap::new(),
-            seq: 0,
-            flow,
-            revision: 1,
-            epoch: 0,
-            placing: Placing::default(),
-            alarm: Alarm::default(),
-            down: false,
-            up_since: 0,
-            crash_pending: false,
-            agents,
-            held: BTreeMap::new(),
-            next_allocation: 0,
-            succeeded: HashMap::new(),
-            latest_timer_ms: 0,
-            timers_fired: 0,
-            steps: 0,
-        };
-        sim.at(0, Ev::Sweep);
-        sim.at(RECONCILE_GRACE_MS, Ev::Reconcile);
-        let first = 2_000 + sim.below(6_000);
-        sim.at(first, Ev::Crash);
-        sim
-    }
-
+impl World {
     fn below(&mut self, n: u64) -> u64 {
         self.rng.next_u64() % n.max(1)
     }
@@ -163,227 +137,7 @@ impl Sim {
         self.at(self.now + wait, ev);
     }
 
-    /// Runs until the flow ends and the allocator's book is empty, or the
-    /// simulated time runs out.
-    fn run(&mut self, until_ms: u64) {
-        while let Some(Reverse((when, seq))) = self.queue.pop() {
-            let ev = self.events.remove(&seq).expect("queued");
-            if when > until_ms {
-                break;
-            }
-            self.now = when;
-            self.handle(ev);
-            if self.flow.state.is_terminal() && self.held.is_empty() && !self.down {
-                break;
-            }
-        }
-    }
-
-    fn handle(&mut self, ev: Ev) {
-        match ev {
-            Ev::Granted {
-                epoch,
-                task,
-                agent,
-                allocation,
-            } => {
-                if epoch != self.epoch || self.down {
-                    // Lost with the replica: the allocator takes it back.
-                    return;
-                }
-                let agent = self.agents[agent].id.clone();
-                let cmd = Command::Placed {
-                    task: &task,
-                    agent: &agent,
-                    allocation: &allocation,
-                    granted_ms: self.now,
-                };
-                if self.step(cmd) {
-                    self.placing.placed(&task);
-                } else {
-                    self.placing.remove(&task);
-                    self.release(&allocation);
-                }
-                self.drive();
-            }
-            Ev::Refused { epoch, task } => {
-                if epoch == self.epoch && !self.down {
-                    self.placing.refused(task, 0, 0, self.now);
-                    self.drive();
-                }
-            }
-            Ev::Wake { epoch, timer } => {
-                if epoch != self.epoch || self.down {
-                    return;
-                }
-                if timer {
-                    self.time_timers();
-                    self.step(Command::Due);
-                }
-                self.drive();
-            }
-            Ev::Sweep => {
-                self.after(SWEEP_MS, Ev::Sweep);
-                if self.down {
-                    self.down = false;
-                    self.up_since = self.now;
-                } else {
-                    self.time_timers();
-                }
-                self.step(Command::Tick);
-                self.redeliver();
-                self.check_holdings();
-                self.drive();
-            }
-            Ev::Report(report) => {
-                if self.down {
-                    // Stays in the stream until a replica takes it.
-                    self.after(SWEEP_MS, Ev::Report(report));
-                    return;
-                }
-                self.step(Command::Report(&report));
-                self.drive();
-            }
-            Ev::AgentDies(i) => {
-                if self.agents[i].alive {
-                    self.agents[i].alive = false;
-                    self.after(LOST_AFTER_MS, Ev::AgentLost(i));
-                }
-            }
-            Ev::AgentLost(i) => {
-                if self.down {
-                    // The allocator's event waits in its stream.
-                    self.after(SWEEP_MS, Ev::AgentLost(i));
-                    return;
-                }
-                let gone: Vec<AllocationId> = self
-                    .held
-                    .iter()
-                    .filter(|(_, (a, _))| *a == i)
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                for id in gone {
-                    self.release(&id);
-                }
-                let agent = self.agents[i].id.clone();
-                self.step(Command::AgentGone {
-                    agent: &agent,
-                    left: false,
-                });
-                self.drive();
-                let back = 1_000 + self.below(5_000);
-                self.after(back, Ev::AgentBack(i));
-            }
-            Ev::AgentBack(i) => {
-                self.agents[i].alive = true;
-                self.agents[i].seen.clear();
-            }
-            Ev::Crash => {
-                self.crash_pending = true;
-                let next = 2_000 + self.below(6_000);
-                self.after(next, Ev::Crash);
-            }
-            Ev::Reconcile => {
-                self.after(RECONCILE_GRACE_MS, Ev::Reconcile);
-                let in_use: HashSet<&AllocationId> = self
-                    .flow
-                    .tasks
-                    .values()
-                    .filter(|t| t.state.is_active())
-                    .filter_map(|t| t.allocation.as_ref())
-                    .collect();
-                let unheld: Vec<AllocationId> = self
-                    .held
-                    .iter()
-                    .filter(|(id, (_, granted))| {
-                        !in_use.contains(id)
-                            && self.now.saturating_sub(*granted) >= RECONCILE_GRACE_MS
-                    })
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                for id in unheld {
-                    self.release(&id);
-                }
-            }
-        }
-    }
-
-    /// How late the deadlines a timer step is about to end are, counting
-    /// those that came due while a replica had the flow.
-    fn time_timers(&mut self) {
-        for id in self.flow.tasks.due_by(self.now) {
-            let t = &self.flow.tasks[&id];
-            let Some(deadline) = t.deadline_ms.filter(|_| t.state.is_active()) else {
-                continue;
-            };
-            if deadline >= self.up_since {
-                self.latest_timer_ms = self.latest_timer_ms.max(self.now - deadline);
-                self.timers_fired += 1;
-            }
-        }
-    }
-
-    /// One step: the command applied, the flow written, the effects carried
-    /// out, unless the replica dies right after the write (every 2 to 8 s).
-    /// Returns whether the command was applied.
-    fn step(&mut self, cmd: Command<'_>) -> bool {
-        self.steps += 1;
-        let Ok(effects) = self.flow.apply(cmd, self.revision, self.now) else {
-            return false;
-        };
-        self.revision += 1;
-        // The store takes the notes of what changed with every write.
-        let _ = self.flow.tasks.take_touched();
-        if std::mem::take(&mut self.crash_pending) {
-            self.restart();
-            return true;
-        }
-        for e in effects {
-            self.effect(e);
-        }
-        true
-    }
-
-    /// The replica dies: its placing book, wake-ups and grants in flight go
-    /// with it; the flow is read again from the store (a round trip that
-    /// also builds its indexes afresh) when the sweep brings it back.
-    fn restart(&mut self) {
-        self.epoch += 1;
-        self.flow = serde_json::from_slice(&serde_json::to_vec(&self.flow).unwrap()).unwrap();
-        self.placing = Placing::default();
-        self.alarm = Alarm::default();
-        self.down = true;
-    }
-
-    fn effect(&mut self, e: Effect) {
-        match e {
-            Effect::Assign {
-                task,
-                attempt,
-                agent,
-                allocation,
-            } => {
-                assert!(
-                    self.held.contains_key(&allocation),
-                    "{task} attempt {attempt} sent on allocation {allocation} the allocator does not hold"
-                );
-                self.send(task, attempt, agent);
-            }
-            Effect::Release { allocation, .. } => self.release(&allocation),
-            Effect::Event(EventKind::TaskTransition {
-                task_id,
-                to: TaskState::Succeeded,
-                ..
-            }) => {
-                let n = self.succeeded.entry(task_id.clone()).or_default();
-                *n += 1;
-                assert_eq!(*n, 1, "{task_id} succeeded twice");
-            }
-            _ => {}
-        }
-    }
-
-    fn release(&mut self, allocation: &AllocationId) {
+    fn give_back(&mut self, allocation: &AllocationId) {
         if let Some((agent, _)) = self.held.remove(allocation) {
             self.agents[agent].used -= 1;
         }
@@ -391,17 +145,16 @@ impl Sim {
 
     /// An assignment reaches its agent, which runs it: it completes, fails,
     /// hangs, or dies with it.
-    fn send(&mut self, task: TaskId, attempt: u32, agent: AgentId) {
-        let i: usize = agent.as_str()[1..].parse().unwrap();
-        if !self.agents[i].alive || !self.agents[i].seen.insert((task.clone(), attempt)) {
+    fn deliver(&mut self, a: Assignment) {
+        let i: usize = a.agent_id.as_str()[1..].parse().unwrap();
+        if !self.agents[i].alive || !self.agents[i].seen.insert((a.task_id.clone(), a.attempt)) {
             return;
         }
-        let flow_id = self.flow.id.clone();
         let report = |kind| AgentReport {
-            flow_id: flow_id.clone(),
-            task_id: task.clone(),
-            attempt,
-            agent_id: agent.clone(),
+            flow_id: a.flow_id.clone(),
+            task_id: a.task_id.clone(),
+            attempt: a.attempt,
+            agent_id: a.agent_id.clone(),
             kind,
             at_ms: 0,
         };
@@ -423,103 +176,378 @@ impl Sim {
             }
         } else {
             ReportKind::Completed {
-                output: serde_json::json!(attempt),
+                output: serde_json::json!(a.attempt),
             }
         };
         let late = if self.chance(3) { 60_000 } else { 0 };
         self.after(start + run + late, Ev::Report(report(end)));
     }
+}
 
-    /// What an actor does after a step: ask for placements, set the
+impl Executor for World {
+    /// The allocator: the first live agent with a free slot, granted (or
+    /// refused) a millisecond or two later.
+    fn place(&mut self, _flow: &FlowId, placement: Placement) {
+        let latency = 1 + self.below(2);
+        let epoch = self.epoch;
+        let task = placement.task;
+        let agent = (0..self.agents.len())
+            .find(|a| self.agents[*a].alive && self.agents[*a].used < self.agents[*a].slots);
+        let Some(agent) = agent else {
+            let asked_at = self.freed;
+            self.after(
+                latency,
+                Ev::Refused {
+                    epoch,
+                    task,
+                    asked_at,
+                },
+            );
+            return;
+        };
+        self.next_allocation += 1;
+        let allocation = AllocationId::new(format!("al{}", self.next_allocation)).unwrap();
+        self.held.insert(allocation.clone(), (agent, self.now));
+        self.agents[agent].used += 1;
+        let granted = Ev::Granted {
+            epoch,
+            task,
+            agent,
+            allocation,
+        };
+        self.after(latency, granted);
+    }
+
+    fn assign(&mut self, _flow: &Flow, a: Assignment, again: bool) {
+        assert!(
+            again || self.held.contains_key(&a.allocation_id),
+            "{} attempt {} sent on allocation {} the allocator does not hold",
+            a.task_id,
+            a.attempt,
+            a.allocation_id
+        );
+        self.deliver(a);
+    }
+
+    fn release(&mut self, _agent: AgentId, allocation: AllocationId) {
+        self.freed += 1;
+        self.give_back(&allocation);
+    }
+
+    fn free_slot(&mut self, _key: String, _holder: String) {}
+
+    fn cancel(&mut self, _agent: AgentId, _notice: CancelNotice) {}
+
+    fn wake(&mut self, _flow: &FlowId, after_ms: u64, why: Wake) {
+        let epoch = self.epoch;
+        self.after(after_ms, Ev::Wake { epoch, why });
+    }
+
+    fn known_full(&self, _key: &str, _now_ms: u64) -> bool {
+        false
+    }
+
+    fn freed(&self) -> u64 {
+        self.freed
+    }
+}
+
+impl Sim {
+    fn new(seed: u64, flow: Flow, agents: usize, slots: usize) -> Sim {
+        let mut bytes = [0u8; 32];
+        bytes[..8].copy_from_slice(&seed.to_le_bytes());
+        let agents = (0..agents)
+            .map(|i| Agent {
+                id: AgentId::new(format!("a{i}")).unwrap(),
+                slots,
+                used: 0,
+                alive: true,
+                seen: HashSet::new(),
+            })
+            .collect();
+        let world = World {
+            now: 0,
+            rng: TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            seq: 0,
+            epoch: 0,
+            agents,
+            held: BTreeMap::new(),
+            next_allocation: 0,
+            freed: 0,
+        };
+        let mut sim = Sim {
+            world,
+            flow,
+            revision: 1,
+            driver: Driver::new(SWEEP_MS),
+            down: false,
+            up_since: 0,
+            crash_pending: false,
+            succeeded: HashMap::new(),
+            latest_timer_ms: 0,
+            timers_fired: 0,
+            steps: 0,
+            handled: 0,
+            to_drive: false,
+        };
+        let w = &mut sim.world;
+        w.at(0, Ev::Sweep);
+        w.at(RECONCILE_GRACE_MS, Ev::Reconcile);
+        let first = 2_000 + w.below(6_000);
+        w.at(first, Ev::Crash);
+        sim
+    }
+
+    /// Runs until the flow ends and the allocator's book is empty, or the
+    /// simulated time runs out.
+    fn run(&mut self, until_ms: u64) {
+        while let Some(Reverse((when, seq))) = self.world.queue.pop() {
+            let ev = self.world.events.remove(&seq).expect("queued");
+            if when > until_ms {
+                break;
+            }
+            self.world.now = when;
+            self.handled += 1;
+            self.handle(ev);
+            // As the actor takes every command waiting before it dispatches,
+            // everything due this millisecond is handled first.
+            let next = self.world.queue.peek().map(|Reverse((at, _))| *at);
+            if next != Some(when) && std::mem::take(&mut self.to_drive) {
+                self.drive();
+            }
+            if self.flow.state.is_terminal() && self.world.held.is_empty() && !self.down {
+                break;
+            }
+        }
+    }
+
+    /// Whether something sent to replica `epoch` reaches a running replica.
+    fn reaches(&self, epoch: u64) -> bool {
+        epoch == self.world.epoch && !self.down
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        let now = self.world.now;
+        match ev {
+            Ev::Granted {
+                epoch,
+                task,
+                agent,
+                allocation,
+            } => {
+                if !self.reaches(epoch) {
+                    // Lost with the replica: the allocator takes it back.
+                    return;
+                }
+                let agent = self.world.agents[agent].id.clone();
+                let cmd = Command::Placed {
+                    task: &task,
+                    agent: &agent,
+                    allocation: &allocation,
+                    granted_ms: now,
+                };
+                if self.step(cmd) {
+                    self.driver.granted(&task);
+                } else {
+                    self.driver
+                        .grant_unused(&mut self.world, &task, agent, allocation, None);
+                }
+                self.to_drive = true;
+            }
+            Ev::Refused {
+                epoch,
+                task,
+                asked_at,
+            } => {
+                if self.reaches(epoch) {
+                    self.driver.refused(&self.world, task, asked_at, now);
+                    self.to_drive = true;
+                }
+            }
+            Ev::Wake { epoch, why } => {
+                if !self.reaches(epoch) {
+                    return;
+                }
+                if why == Wake::Timer {
+                    self.time_timers();
+                    self.step(Command::Due);
+                }
+                self.to_drive = true;
+            }
+            Ev::Sweep => {
+                self.world.after(SWEEP_MS, Ev::Sweep);
+                if self.down {
+                    self.down = false;
+                    self.up_since = now;
+                } else {
+                    self.time_timers();
+                }
+                self.step(Command::Tick);
+                if !self.down {
+                    self.driver.redeliver(&mut self.world, &self.flow, now);
+                }
+                self.check_holdings();
+                self.to_drive = true;
+            }
+            Ev::Report(report) => {
+                if self.down {
+                    // Stays in the stream until a replica takes it.
+                    self.world.after(SWEEP_MS, Ev::Report(report));
+                    return;
+                }
+                self.step(Command::Report(&report));
+                self.to_drive = true;
+            }
+            Ev::AgentDies(i) => {
+                if self.world.agents[i].alive {
+                    self.world.agents[i].alive = false;
+                    self.world.after(LOST_AFTER_MS, Ev::AgentLost(i));
+                }
+            }
+            Ev::AgentLost(i) => {
+                if self.down {
+                    // The allocator's event waits in its stream.
+                    self.world.after(SWEEP_MS, Ev::AgentLost(i));
+                    return;
+                }
+                let gone: Vec<AllocationId> = self
+                    .world
+                    .held
+                    .iter()
+                    .filter(|(_, (a, _))| *a == i)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in gone {
+                    self.world.give_back(&id);
+                }
+                let agent = self.world.agents[i].id.clone();
+                self.step(Command::AgentGone {
+                    agent: &agent,
+                    left: false,
+                });
+                self.to_drive = true;
+                let back = 1_000 + self.world.below(5_000);
+                self.world.after(back, Ev::AgentBack(i));
+            }
+            Ev::AgentBack(i) => {
+                self.world.agents[i].alive = true;
+                self.world.agents[i].seen.clear();
+            }
+            Ev::Crash => {
+                self.crash_pending = true;
+                let next = 2_000 + self.world.below(6_000);
+                self.world.after(next, Ev::Crash);
+            }
+            Ev::Reconcile => {
+                self.world.after(RECONCILE_GRACE_MS, Ev::Reconcile);
+                let in_use: HashSet<&AllocationId> = self
+                    .flow
+                    .tasks
+                    .values()
+                    .filter(|t| t.state.is_active())
+                    .filter_map(|t| t.allocation.as_ref())
+                    .collect();
+                let unheld: Vec<AllocationId> = self
+                    .world
+                    .held
+                    .iter()
+                    .filter(|(id, (_, granted))| {
+                        !in_use.contains(id) && now.saturating_sub(*granted) >= RECONCILE_GRACE_MS
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in unheld {
+                    self.world.give_back(&id);
+                }
+            }
+        }
+    }
+
+    /// How late the deadlines a timer step is about to end are, counting
+    /// those that came due while a replica had the flow.
+    fn time_timers(&mut self) {
+        let now = self.world.now;
+        for id in self.flow.tasks.due_by(now) {
+            let t = &self.flow.tasks[&id];
+            let Some(deadline) = t.deadline_ms.filter(|_| t.state.is_active()) else {
+                continue;
+            };
+            if deadline >= self.up_since {
+                self.latest_timer_ms = self.latest_timer_ms.max(now - deadline);
+                self.timers_fired += 1;
+            }
+        }
+    }
+
+    /// One step: the command applied, the flow written, the effects carried
+    /// out by the driver, unless the replica dies right after the write
+    /// (every 2 to 8 s). Returns whether the command was applied.
+    fn step(&mut self, cmd: Command<'_>) -> bool {
+        self.steps += 1;
+        let now = self.world.now;
+        let Ok(effects) = self.flow.apply(cmd, self.revision, now) else {
+            return false;
+        };
+        self.revision += 1;
+        // The store takes the notes of what changed with every write.
+        let _ = self.flow.tasks.take_touched();
+        if std::mem::take(&mut self.crash_pending) {
+            self.restart();
+            return true;
+        }
+        let events = self
+            .driver
+            .carry_out(&mut self.world, Some(&self.flow), now, effects);
+        for e in events {
+            if let EventKind::TaskTransition {
+                task_id,
+                to: TaskState::Succeeded,
+                ..
+            } = e
+            {
+                let n = self.succeeded.entry(task_id.clone()).or_default();
+                *n += 1;
+                assert_eq!(*n, 1, "{task_id} succeeded twice");
+            }
+        }
+        true
+    }
+
+    /// The replica dies: its driver (placing book, wake-up, redeliveries)
+    /// and grants in flight go with it; the flow is read again from the
+    /// store (a round trip that also builds its indexes afresh) when the
+    /// sweep brings it back.
+    fn restart(&mut self) {
+        self.world.epoch += 1;
+        self.flow = serde_json::from_slice(&serde_json::to_vec(&self.flow).unwrap()).unwrap();
+        self.driver = Driver::new(SWEEP_MS);
+        self.down = true;
+    }
+
+    /// What an actor does after its steps: ask for placements, set the
     /// wake-ups.
     fn drive(&mut self) {
         if self.down {
             return;
         }
-        self.placing.refresh(0);
-        let free: Vec<usize> = (0..self.agents.len())
-            .filter(|i| self.agents[*i].alive)
-            .collect();
-        for p in self.flow.placements(self.now, &self.placing, |_| false) {
-            self.placing.insert(p.task.clone());
-            let latency = 1 + self.below(2);
-            let agent = free
-                .iter()
-                .copied()
-                .find(|a| self.agents[*a].used < self.agents[*a].slots);
-            let epoch = self.epoch;
-            match agent {
-                Some(agent) => {
-                    self.next_allocation += 1;
-                    let allocation =
-                        AllocationId::new(format!("al{}", self.next_allocation)).unwrap();
-                    self.held.insert(allocation.clone(), (agent, self.now));
-                    self.agents[agent].used += 1;
-                    self.after(
-                        latency,
-                        Ev::Granted {
-                            epoch,
-                            task: p.task,
-                            agent,
-                            allocation,
-                        },
-                    );
-                }
-                None => self.after(
-                    latency,
-                    Ev::Refused {
-                        epoch,
-                        task: p.task,
-                    },
-                ),
-            }
-        }
-        if let Some(wait) = self.placing.wake_in(self.now) {
-            let epoch = self.epoch;
-            self.after(
-                wait,
-                Ev::Wake {
-                    epoch,
-                    timer: false,
-                },
-            );
-        }
-        let next = self.flow.next_wakeup_after(self.now);
-        if let Some(due) = self.alarm.set(next, self.now) {
-            let epoch = self.epoch;
-            self.at(due, Ev::Wake { epoch, timer: true });
-        }
-    }
-
-    /// The sweep's repair: assignments recorded but never started (their
-    /// message lost with a replica) are sent again.
-    fn redeliver(&mut self) {
-        let again: Vec<(TaskId, u32, AgentId)> = self
-            .flow
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Assigned)
-            .filter(|t| {
-                t.assigned_ms
-                    .is_some_and(|at| self.now.saturating_sub(at) >= REDELIVER_AFTER_MS)
-            })
-            .filter_map(|t| Some((t.spec.id.clone(), t.attempt, t.agent.clone()?)))
-            .collect();
-        for (task, attempt, agent) in again {
-            self.send(task, attempt, agent);
-        }
+        let now = self.world.now;
+        self.driver.dispatch(&mut self.world, &mut self.flow, now);
+        self.driver.set_alarm(&mut self.world, &mut self.flow, now);
     }
 
     /// Every attempt in progress runs on an allocation the allocator holds.
     fn check_holdings(&self) {
         for t in self.flow.tasks.values().filter(|t| t.state.is_active()) {
             let allocation = t.allocation.as_ref().expect("an active task holds one");
-            let agent_lost = t
+            let i = t
                 .agent
                 .as_ref()
-                .is_some_and(|a| !self.agents[a.as_str()[1..].parse::<usize>().unwrap()].alive);
+                .map(|a| a.as_str()[1..].parse::<usize>().unwrap());
+            let agent_lost = i.is_some_and(|i| !self.world.agents[i].alive);
             assert!(
-                agent_lost || self.held.contains_key(allocation),
+                agent_lost || self.world.held.contains_key(allocation),
                 "{} runs on {allocation}, which the allocator gave back",
                 t.spec.id
             );
@@ -564,10 +592,11 @@ fn a_10k_task_dag_survives_agent_deaths_hangs_and_replica_restarts() {
         let mut sim = Sim::new(seed, flow, 100, 10);
         sim.run(3_600_000);
         eprintln!(
-            "seed {seed}: {} steps, {} simulated s, {} restarts, {} timers, latest {} ms",
+            "seed {seed}: {} events, {} steps, {} simulated s, {} restarts, {} timers, latest {} ms",
+            sim.handled,
             sim.steps,
-            sim.now / 1_000,
-            sim.epoch,
+            sim.world.now / 1_000,
+            sim.world.epoch,
             sim.timers_fired,
             sim.latest_timer_ms
         );
@@ -591,11 +620,14 @@ fn a_10k_task_dag_survives_agent_deaths_hangs_and_replica_restarts() {
             "seed {seed}"
         );
         assert!(
-            sim.held.is_empty(),
+            sim.world.held.is_empty(),
             "seed {seed}: {:?} still held",
-            sim.held
+            sim.world.held
         );
-        assert!(sim.epoch > 0, "seed {seed}: no replica restart happened");
+        assert!(
+            sim.world.epoch > 0,
+            "seed {seed}: no replica restart happened"
+        );
         assert!(
             sim.timers_fired > 100,
             "seed {seed}: {} timers",

@@ -24,6 +24,7 @@
 mod agents;
 mod alarm;
 mod change;
+mod driver;
 mod explain;
 mod flow;
 mod place;
@@ -46,6 +47,7 @@ use serde_json::Value;
 
 pub use alarm::Alarm;
 pub use change::Problems;
+pub use driver::{Driver, Executor, Wake, REDELIVER_AFTER_MS, REDELIVER_UNTIL_MS};
 pub use place::{Placement, MAX_PLACING_PER_FLOW};
 pub use placing::Placing;
 pub use plan::PlanInput;

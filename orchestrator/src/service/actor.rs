@@ -76,13 +76,12 @@ impl Orchestrator {
         flow: FlowId,
         mut rx: mpsc::UnboundedReceiver<Queued>,
     ) {
-        let mut placing = Placing::default();
-        let mut resent: HashMap<(TaskId, u32), u64> = HashMap::new();
+        // What the actor decides around the steps (placements, wake-ups,
+        // redeliveries) and remembers between them.
+        let mut driver = Driver::new(self.tick_ms);
         // The flow as this actor last wrote it, with its revision.
         let mut cache: Option<Stored> = None;
         let mut watch = Watch::default();
-        // When the wake-up set for the flow's next timer fires.
-        let mut alarm = machine::Alarm::default();
         // How far into the agent events each wait was looked for.
         let mut looked = agent_events::Looked::default();
         loop {
@@ -122,16 +121,16 @@ impl Orchestrator {
             }
             let (batch, causes): (Vec<Cmd>, Vec<tracing::Span>) = batch.into_iter().unzip();
             let finished = self
-                .apply_batch(&flow, batch, causes, &mut placing, &mut cache, &mut watch)
+                .apply_batch(&flow, batch, causes, &mut driver, &mut cache, &mut watch)
                 .await;
             self.note_waiting(&flow, cache.as_ref().map(|(f, _, _)| f));
             if let Some((f, _, _)) = &mut cache {
-                self.set_alarm(f, &mut alarm);
+                driver.set_alarm(&mut Exec(&self), f, common::now_ms());
             }
             if ticked {
                 if let Some((f, rev, enc)) = &cache {
                     let now = common::now_ms();
-                    self.redeliver(f, now, &mut resent);
+                    driver.redeliver(&mut Exec(&self), f, now);
                     self.outbox
                         .republish(&self.js, &f.id, &enc.kept.outbox, now)
                         .await;
@@ -178,7 +177,7 @@ impl Orchestrator {
         flow_id: &FlowId,
         batch: Vec<Cmd>,
         causes: Vec<tracing::Span>,
-        placing: &mut Placing,
+        driver: &mut Driver,
         cache: &mut Option<Stored>,
         watch: &mut Watch,
     ) -> bool {
@@ -195,7 +194,7 @@ impl Orchestrator {
                         return true;
                     }
                     Err(e) => {
-                        self.settle_failed(flow_id, batch, &e, placing).await;
+                        self.settle_failed(flow_id, batch, &e, driver).await;
                         return false;
                     }
                 },
@@ -218,7 +217,7 @@ impl Orchestrator {
             let (mut body, dirty) = match store::encode(&mut flow, kept, Some(&stored)) {
                 Ok(encoded) => encoded,
                 Err(err) => {
-                    self.settle_failed(flow_id, batch, &err, placing).await;
+                    self.settle_failed(flow_id, batch, &err, driver).await;
                     return false;
                 }
             };
@@ -230,7 +229,7 @@ impl Orchestrator {
             if !changed && from_cache && !self.still_current(&flow, revision).await {
                 continue;
             }
-            let span = step_span(&mut flow, changed, &causes, placing, now);
+            let span = step_span(&mut flow, changed, &causes, driver.placing(), now);
             let revision = if !changed {
                 revision
             } else {
@@ -241,7 +240,7 @@ impl Orchestrator {
                     Ok(rev) => rev,
                     Err(WriteError::Conflict) => continue,
                     Err(WriteError::Failed(err)) => {
-                        self.settle_failed(flow_id, batch, &err, placing).await;
+                        self.settle_failed(flow_id, batch, &err, driver).await;
                         return false;
                     }
                 }
@@ -268,34 +267,24 @@ impl Orchestrator {
                 let cursor = &mut cursor;
                 async {
                     let effects = self
-                        .settle(&flow, revision, now, cmd, outcome, placing)
+                        .settle(&flow, revision, now, cmd, outcome, driver)
                         .await;
-                    self.run_effects(Some((&flow, now)), effects, cursor).await;
+                    self.run_effects(driver, Some((&flow, now)), effects, cursor)
+                        .await;
                 }
                 .instrument(span)
                 .await;
             }
             self.outbox.sent(cursor, now);
-            span.in_scope(|| self.dispatch(&mut flow, now, placing));
+            span.in_scope(|| driver.dispatch(&mut Exec(self), &mut flow, now));
             // Finished once its last events are known to be stored too.
             let finished = flow.state.is_terminal() && body.kept.outbox.is_empty();
             *cache = Some((flow, revision, body));
             return finished;
         }
         let err = bus::contention(flow_id.as_str());
-        self.settle_failed(flow_id, batch, &err, placing).await;
+        self.settle_failed(flow_id, batch, &err, driver).await;
         false
-    }
-
-    /// Sets a wake-up for the flow's next timer (see [`machine::Alarm`]):
-    /// one sleeping task per wake-up set.
-    pub(super) fn set_alarm(self: &Arc<Self>, flow: &mut Flow, alarm: &mut machine::Alarm) {
-        let now = common::now_ms();
-        let Some(due) = alarm.set(flow.next_wakeup_after(now), now) else {
-            return;
-        };
-        let after = Duration::from_millis(due.saturating_sub(now));
-        self.send_after(&flow.id, after, Cmd::Due);
     }
 
     /// Whether a large flow's stored header is still at `revision`, so the

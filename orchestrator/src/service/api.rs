@@ -82,7 +82,9 @@ impl Orchestrator {
                 #[cfg(feature = "failpoints")]
                 crate::failpoints::after_write(&id).await;
                 let (effects, mut cursor) = effects;
-                o.run_effects(None, effects, &mut cursor).await;
+                // A creation places nothing yet: a driver of its own will do.
+                let mut driver = Driver::new(o.tick_ms);
+                o.run_effects(&mut driver, None, effects, &mut cursor).await;
                 o.outbox.sent(cursor, common::now_ms());
                 o.send(&id, Cmd::Tick);
             }

@@ -3,17 +3,65 @@
 
 use super::*;
 
-impl Orchestrator {
-    /// Asks the allocator to place every task that is due and not being placed
-    /// already; each grant comes back to the actor as an `Assign`.
-    pub(super) fn dispatch(self: &Arc<Self>, flow: &mut Flow, now: u64, placing: &mut Placing) {
-        placing.refresh(self.freed.load(Ordering::Relaxed));
-        self.dispatch_due(flow, now, placing);
-        if let Some(wait) = placing.wake_in(now) {
-            self.send_after(&flow.id, Duration::from_millis(wait), Cmd::Wake);
-        }
+/// The service's hands for a flow actor's decisions (see [`Driver`]): each
+/// job spawned, its outcome sent back to the actor as a command.
+pub(super) struct Exec<'a>(pub(super) &'a Arc<Orchestrator>);
+
+impl Executor for Exec<'_> {
+    fn place(&mut self, flow: &FlowId, mut placement: machine::Placement) {
+        placement.request.allocation_id = Some(AllocationId::random());
+        // The grant goes back to the actor with this span as its cause,
+        // so the assignment it leads to continues the same trace.
+        let span = tracing::info_span!("place", flow = %flow, task = %placement.task);
+        let placed = self.0.clone().place_task(flow.clone(), placement);
+        tokio::spawn(placed.instrument(span));
     }
 
+    fn assign(&mut self, flow: &Flow, assignment: Assignment, again: bool) {
+        if !again {
+            tokio::spawn(self.0.clone().deliver(assignment).in_current_span());
+            return;
+        }
+        // In the flow's trace: the sweep that got here has none of its own.
+        let span = tracing::info_span!(parent: None, "redeliver", flow = %flow.id, task = %assignment.task_id);
+        telemetry::join_causes(&span, &[], flow.trace.as_deref());
+        span.in_scope(|| {
+            tracing::debug!(attempt = assignment.attempt, "assignment published again")
+        });
+        tokio::spawn(self.0.clone().deliver(assignment).instrument(span));
+    }
+
+    fn release(&mut self, agent: AgentId, allocation: AllocationId) {
+        self.0.release(agent, allocation);
+    }
+
+    fn free_slot(&mut self, key: String, holder: String) {
+        self.0.free_slot(Some((key, holder)));
+    }
+
+    fn cancel(&mut self, agent: AgentId, notice: CancelNotice) {
+        tokio::spawn(self.0.clone().send_cancel(agent, notice).in_current_span());
+    }
+
+    fn wake(&mut self, flow: &FlowId, after_ms: u64, why: Wake) {
+        let cmd = match why {
+            Wake::Timer => Cmd::Due,
+            Wake::Placing => Cmd::Wake,
+        };
+        self.0
+            .send_after(flow, Duration::from_millis(after_ms), cmd);
+    }
+
+    fn known_full(&self, key: &str, now_ms: u64) -> bool {
+        self.0.slots.known_full(key, now_ms)
+    }
+
+    fn freed(&self) -> u64 {
+        self.0.freed.load(Ordering::Relaxed)
+    }
+}
+
+impl Orchestrator {
     /// Queues `cmd` for the flow's actor once `after` has passed.
     pub(super) fn send_after(self: &Arc<Self>, flow: &FlowId, after: Duration, cmd: Cmd) {
         let (o, flow) = (self.clone(), flow.clone());
@@ -21,19 +69,6 @@ impl Orchestrator {
             tokio::time::sleep(after).await;
             o.send(&flow, cmd);
         });
-    }
-
-    pub(super) fn dispatch_due(self: &Arc<Self>, flow: &mut Flow, now: u64, placing: &mut Placing) {
-        let placements = flow.placements(now, placing, |key| self.slots.known_full(key, now));
-        for mut placement in placements {
-            placing.insert(placement.task.clone());
-            placement.request.allocation_id = Some(AllocationId::random());
-            // The grant goes back to the actor with this span as its cause,
-            // so the assignment it leads to continues the same trace.
-            let span = tracing::info_span!("place", flow = %flow.id, task = %placement.task);
-            let placed = self.clone().place_task(flow.id.clone(), placement);
-            tokio::spawn(placed.instrument(span));
-        }
     }
 
     /// Takes the task's concurrency slot (if it names a key), asks the
@@ -104,87 +139,6 @@ impl Orchestrator {
         self.release_by_id(id.clone(), None).await;
         tokio::time::sleep(Duration::from_secs(10)).await;
         self.release_by_id(id, None).await;
-    }
-
-    /// Publishes again the assignments that are still not started a while after
-    /// they were recorded. The replica that recorded one may have died before
-    /// publishing it; the `Nats-Msg-Id` makes a repeat of one that did get
-    /// through a no-op, as long as it falls inside the stream's duplicate window.
-    pub(super) fn redeliver(
-        self: &Arc<Self>,
-        flow: &Flow,
-        now: u64,
-        resent: &mut HashMap<(TaskId, u32), u64>,
-    ) {
-        resent.retain(|(task, attempt), _| {
-            flow.tasks
-                .get(task)
-                .is_some_and(|t| t.state == TaskState::Assigned && t.attempt == *attempt)
-        });
-        for t in flow
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Assigned)
-        {
-            let Some(assigned) = t.assigned_ms else {
-                continue;
-            };
-            let age = now.saturating_sub(assigned);
-            if !(REDELIVER_AFTER_MS..REDELIVER_UNTIL_MS).contains(&age) {
-                continue;
-            }
-            let key = (t.spec.id.clone(), t.attempt);
-            if resent
-                .get(&key)
-                .is_some_and(|last| now.saturating_sub(*last) < REDELIVER_AFTER_MS)
-            {
-                continue;
-            }
-            let (Some(agent), Some(allocation)) = (t.agent.clone(), t.allocation.clone()) else {
-                continue;
-            };
-            resent.insert(key, now);
-            // In the flow's trace: the sweep that got here has none of its own.
-            let span =
-                tracing::info_span!(parent: None, "redeliver", flow = %flow.id, task = %t.spec.id);
-            telemetry::join_causes(&span, &[], flow.trace.as_deref());
-            span.in_scope(|| {
-                tracing::debug!(attempt = t.attempt, "assignment published again");
-                self.send_assignment(flow, &t.spec.id, t.attempt, agent, allocation, assigned)
-            });
-        }
-    }
-
-    /// Publishes an assignment on the agent's durable subject; if JetStream
-    /// refuses it, the task goes back to ready. If JetStream does not answer,
-    /// the assignment may be stored and on its way to the agent, so the task
-    /// stays assigned and [`Orchestrator::redeliver`] publishes it again under
-    /// the same message id: taking it back would run the task twice.
-    pub(super) fn send_assignment(
-        self: &Arc<Self>,
-        flow: &Flow,
-        task: &TaskId,
-        attempt: u32,
-        agent: AgentId,
-        allocation: AllocationId,
-        assigned_at_ms: u64,
-    ) {
-        let Some(t) = flow.tasks.get(task) else {
-            return;
-        };
-        let assignment = Assignment {
-            flow_id: flow.id.clone(),
-            task_id: task.clone(),
-            attempt,
-            agent_id: agent,
-            kind: t.spec.kind.clone(),
-            input: t.spec.input.clone(),
-            allocation_id: allocation,
-            resources: t.spec.requirements.resources.clone(),
-            assigned_at_ms,
-            lease: t.lease(assigned_at_ms, self.tick_ms),
-        };
-        tokio::spawn(self.clone().deliver(assignment).in_current_span());
     }
 
     /// Publishes one assignment; refused, the attempt goes back (`Unassign`).

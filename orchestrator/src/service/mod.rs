@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv};
 use common::msg::{
-    AgentReport, AllocateRequest, Allocation, Assignment, CapacityRequest, EventKind,
+    AgentReport, AllocateRequest, Allocation, Assignment, CancelNotice, CapacityRequest, EventKind,
     ExplainRequest, Explanation, FlowChanges, FlowList, FlowListRequest, FlowOptimizeRequest,
     FlowPlan, FlowRef, FlowSpec, FlowStatus, HeldRequest, RejectReason, ReleaseRequest,
     ReportRejected, Requirements, RerunRequest, TaskSpec,
@@ -47,7 +47,7 @@ use tracing::Instrument;
 
 use common::msg::{FlowState, TaskState};
 
-use crate::machine::{self, Effect, Flow, Placing, Rejection};
+use crate::machine::{self, Driver, Effect, Executor, Flow, Rejection, Wake};
 use crate::outbox::{Cursor, Ledger};
 use crate::slots::Slots;
 use crate::store::{self, Stored, WriteError};
@@ -62,6 +62,7 @@ mod settle;
 mod sweep;
 
 use actor::{events_of, Watch};
+use dispatch::Exec;
 use intake::msg_id;
 
 /// Orchestrator settings.
@@ -101,10 +102,6 @@ const MAX_PLACING: usize = 64;
 /// Tries at one release before leaving it to the agent's loss (see
 /// `release_by_id`): with back-off doubling from 100 ms to 10 s, about a minute.
 const RELEASE_ATTEMPTS: u32 = 10;
-/// An assignment not started this long after it was recorded is published again.
-const REDELIVER_AFTER_MS: u64 = 2_000;
-/// ... but only while the stream's duplicate window (2 min) still recognises it.
-const REDELIVER_UNTIL_MS: u64 = 100_000;
 /// An actor with nothing to do for this long goes away (its flow stays in KV).
 const ACTOR_IDLE: Duration = Duration::from_secs(30);
 
@@ -133,7 +130,7 @@ enum Cmd {
         granted_ms: u64,
     },
     /// The allocator did not place the task (it stays ready); `asked_at` is
-    /// the replica's freed count when it was asked (see [`Placing`]).
+    /// the replica's freed count when it was asked (see [`machine::Placing`]).
     Unplaced {
         task: TaskId,
         asked_at: u64,
@@ -146,7 +143,7 @@ enum Cmd {
         attempt: u32,
     },
     Tick,
-    /// A timer of the flow is due (see [`Orchestrator::set_alarm`]).
+    /// A timer of the flow is due (see [`Driver::set_alarm`]).
     Due,
     /// The allocator declared the agent lost.
     /// The agent was lost (`false`) or left (`true`) holding attempts.

@@ -13,7 +13,7 @@ impl Orchestrator {
         now: u64,
         cmd: Cmd,
         outcome: Result<Vec<Effect>, Rejection>,
-        placing: &mut Placing,
+        driver: &mut Driver,
     ) -> Vec<Effect> {
         let mut effects = Vec::new();
         match (cmd, outcome) {
@@ -32,7 +32,7 @@ impl Orchestrator {
                     .await;
             }
             (Cmd::Assign { task, .. }, Ok(e)) => {
-                placing.placed(&task);
+                driver.granted(&task);
                 effects.extend(e);
             }
             (
@@ -44,13 +44,12 @@ impl Orchestrator {
                 },
                 Err(rejection),
             ) => {
-                placing.remove(&task);
                 tracing::debug!(flow = %flow.id, %task, %rejection, "placement not used");
-                self.release(allocation.agent_id, allocation.allocation_id);
-                self.free_slot(slot);
+                let (agent, allocation) = (allocation.agent_id, allocation.allocation_id);
+                driver.grant_unused(&mut Exec(self), &task, agent, allocation, slot);
             }
             (Cmd::Unplaced { task, asked_at }, _) => {
-                placing.refused(task, asked_at, self.freed.load(Ordering::Relaxed), now);
+                driver.refused(&Exec(self), task, asked_at, now);
             }
             (Cmd::Control { reply, .. }, Ok(e)) => {
                 effects.extend(e);
@@ -127,7 +126,7 @@ impl Orchestrator {
         flow_id: &FlowId,
         batch: Vec<Cmd>,
         err: &Error,
-        placing: &mut Placing,
+        driver: &mut Driver,
     ) {
         tracing::warn!(error = %err, "flow step not applied");
         for cmd in batch {
@@ -143,11 +142,11 @@ impl Orchestrator {
                     slot,
                     ..
                 } => {
-                    placing.remove(&task);
+                    driver.abandoned(&task);
                     self.release_unless_held(flow_id.clone(), task, *allocation, slot);
                 }
                 Cmd::Unplaced { task, .. } => {
-                    placing.remove(&task);
+                    driver.abandoned(&task);
                 }
                 Cmd::Control { reply, .. } => {
                     let _ = reply.send(Err(err.clone()));
@@ -216,46 +215,36 @@ impl Orchestrator {
         }
     }
 
-    /// Carries out a step's effects; its events are published under the
-    /// numbers `cursor` gives them (those the step stored them under).
-    /// Carries out a step's effects; an assignment is sent from `step`, the
-    /// flow as just written and the step's time.
+    /// Carries out a step's effects (`step`: the flow as just written, for
+    /// its assignments); its events are published under the numbers
+    /// `cursor` gives them (those the step stored them under).
     pub(super) async fn run_effects(
         self: &Arc<Self>,
+        driver: &mut Driver,
         step: Option<(&Flow, u64)>,
         effects: Vec<Effect>,
         cursor: &mut Cursor,
     ) {
-        for effect in effects {
-            match effect {
-                Effect::Assign {
-                    task,
-                    attempt,
-                    agent,
-                    allocation,
-                } => match step {
-                    Some((flow, now)) => {
-                        self.send_assignment(flow, &task, attempt, agent, allocation, now)
-                    }
-                    None => tracing::error!(%task, "an assignment outside a flow step, not sent"),
-                },
-                Effect::Event(kind) => self.outbox.publish(&self.js, cursor, kind).await,
-                Effect::Release { agent, allocation } => self.release(agent, allocation),
-                Effect::FreeSlot { key, holder } => self.free_slot(Some((key, holder))),
-                Effect::Cancel { agent, notice } => {
-                    if let Ok(body) = serde_json::to_vec(&notice) {
-                        let to = subject::cancel(&agent);
-                        let headers = telemetry::producer_headers(&to);
-                        if let Err(e) = self
-                            .nats
-                            .publish_with_headers(to, headers, body.into())
-                            .await
-                        {
-                            tracing::warn!(agent = %agent, error = %e, "cancel notice not sent");
-                        }
-                    }
-                }
-            }
+        let (flow, now) = step.map_or((None, now_ms()), |(f, now)| (Some(f), now));
+        for kind in driver.carry_out(&mut Exec(self), flow, now, effects) {
+            self.outbox.publish(&self.js, cursor, kind).await;
+        }
+    }
+
+    /// Tells an agent to stop an attempt (core NATS: an agent not listening
+    /// misses only the notice; its report for the attempt is refused).
+    pub(super) async fn send_cancel(self: Arc<Self>, agent: AgentId, notice: CancelNotice) {
+        let Ok(body) = serde_json::to_vec(&notice) else {
+            return;
+        };
+        let to = subject::cancel(&agent);
+        let headers = telemetry::producer_headers(&to);
+        if let Err(e) = self
+            .nats
+            .publish_with_headers(to, headers, body.into())
+            .await
+        {
+            tracing::warn!(agent = %agent, error = %e, "cancel notice not sent");
         }
     }
 }
