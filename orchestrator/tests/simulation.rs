@@ -27,7 +27,9 @@ use common::msg::{
     TaskSpec, TaskState,
 };
 use common::{AgentId, AllocationId, FlowId, TaskId};
-use orchestrator::machine::{Alarm, Command, Driver, Executor, Flow, Placement, Placing, Wake};
+use orchestrator::machine::{
+    Alarm, Command, Driver, Executor, Flow, Placement, Placing, Wake, FREED_ALL,
+};
 use proptest::prelude::Rng;
 use proptest::test_runner::{RngAlgorithm, TestRng};
 
@@ -434,6 +436,8 @@ impl Sim {
             Ev::AgentBack(i) => {
                 self.world.agents[i].alive = true;
                 self.world.agents[i].seen.clear();
+                // Registered again: capacity added, as the allocator says.
+                self.world.freed += FREED_ALL;
             }
             Ev::Crash => {
                 self.crash_pending = true;

@@ -165,7 +165,7 @@ impl Driver {
         self.placing.refresh(x.freed());
         let placements = flow.placements(now_ms, &self.placing, |key| x.known_full(key, now_ms));
         for placement in placements {
-            self.placing.insert(placement.task.clone());
+            self.placing.asking(placement.task.clone(), now_ms);
             x.place(&flow.id, placement);
         }
         if let Some(wait) = self.placing.wake_in(now_ms) {

@@ -68,12 +68,19 @@ impl Flow {
         // to run would otherwise go on to try every task it has); tasks
         // skipped for a full concurrency key do not hide the others.
         let mut held = 0;
+        // Held-back tasks that may go anyway, first in dispatch order.
+        let mut credit = placing.credit();
         self.visit_dispatchable(now_ms, |t| {
             let id = &t.spec.id;
             if placing.contains(id) {
                 return true;
             }
-            if placing.held_back(id, now_ms) {
+            let waits = placing.held_back(id, now_ms) && {
+                let spent = credit == 0;
+                credit = credit.saturating_sub(1);
+                spent
+            };
+            if waits {
                 held += 1;
             } else if let Some(c) = &t.spec.concurrency {
                 let n = taking.entry(c.key.as_str()).or_default();
@@ -192,5 +199,29 @@ mod tests {
             f1.placements(2, &placing, |_| false).is_empty(),
             "the held-back task takes the one place in the budget"
         );
+    }
+
+    #[test]
+    fn capacity_freed_lets_held_tasks_go_in_dispatch_order() {
+        let specs = (0..4)
+            .map(|i| {
+                let mut t = TaskSpec::new(tid(&format!("t{i}")));
+                t.priority = i;
+                t
+            })
+            .collect();
+        let mut f = flow(specs, None);
+        let mut placing = Placing::default();
+        for i in 0..4 {
+            placing.refused(tid(&format!("t{i}")), 0, 0, 1);
+        }
+        assert!(f.placements(2, &placing, |_| false).is_empty(), "all held");
+        placing.refresh(2);
+        let next: Vec<TaskId> = f
+            .placements(2, &placing, |_| false)
+            .into_iter()
+            .map(|p| p.task)
+            .collect();
+        assert_eq!(next, [tid("t3"), tid("t2")], "two freed: the first two");
     }
 }

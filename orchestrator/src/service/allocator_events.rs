@@ -86,7 +86,7 @@ impl Orchestrator {
     }
 
     /// Moves the freed count when capacity may have been added (see
-    /// [`Placing`]); the next tick of a flow whose tasks were refused asks
+    /// [`machine::Placing`]); the next tick of a flow whose tasks were refused asks
     /// for them again. Core messages: one missed only delays that.
     pub(super) async fn count_capacity_changes(self: Arc<Self>) {
         let subjects = [
@@ -102,8 +102,9 @@ impl Orchestrator {
                 Err(e) => tracing::warn!(subject = s, error = %e, "not subscribed"),
             }
         }
+        // Any amount may have been added: every held task may go.
         while all.next().await.is_some() {
-            self.freed.fetch_add(1, Ordering::Relaxed);
+            self.freed.fetch_add(machine::FREED_ALL, Ordering::Relaxed);
         }
     }
 }

@@ -194,6 +194,9 @@ impl Orchestrator {
         }
     }
 
+    /// Gives an allocation back. The freed count moves now, so the step
+    /// that released asks for a held task at once, and again once the
+    /// allocator has it, so a refusal that raced the release is stale.
     pub(super) fn release(self: &Arc<Self>, agent: AgentId, allocation: AllocationId) {
         self.freed.fetch_add(1, Ordering::Relaxed);
         let o = self.clone();

@@ -242,8 +242,10 @@ struct Orchestrator {
     finished: Mutex<HashMap<FlowId, Finished>>,
     /// Bounds allocation requests in flight (see [`MAX_PLACING`]).
     placing: Semaphore,
-    /// Moves whenever capacity may have freed up: this replica released an
-    /// allocation or a slot, or an agent registered or changed capacity.
+    /// Moves whenever capacity may have freed up (see [`machine::Placing`]):
+    /// by one when this replica releases an allocation and again when the
+    /// release is answered, by one when it gives a slot back, by
+    /// [`machine::FREED_ALL`] when an agent registered or capacity changed.
     freed: AtomicU64,
     slots: Slots,
     /// How often the sweep checks deadlines (told to agents in each lease).
