@@ -96,6 +96,7 @@ impl Allocator {
     /// it: durable consumers outlive their agents and a server caps how many a
     /// stream keeps. An agent that registers again creates its consumer anew.
     pub(super) async fn remove_work_path(&self, agent: &AgentId) {
+        self.paths.note(agent, false, common::now_ms());
         let Ok(stream) = self.js.get_stream(bus::STREAM_ASSIGN).await else {
             return;
         };

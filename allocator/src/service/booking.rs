@@ -86,6 +86,11 @@ impl Allocator {
             let start = self
                 .rotation
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // A task goes only to an agent its assignment can reach.
+            let (records, unreachable) = match &task {
+                Some(_) => self.with_work_path(&records, now).await,
+                None => (records, Vec::new()),
+            };
             let found = machine::sample(
                 &records,
                 &req.requirements,
@@ -95,12 +100,19 @@ impl Allocator {
                 PLACEMENT_SAMPLE,
             );
             if found.is_empty() {
-                let why = machine::why_not(
+                let mut why = machine::why_not(
                     records.iter().copied(),
                     &req.requirements,
                     Some(&req.owner),
                     now,
                 );
+                if !unreachable.is_empty() {
+                    why.message = format!(
+                        "{}; left out for having no assignments consumer yet: {}",
+                        why.message,
+                        listed(&unreachable)
+                    );
+                }
                 return Err(no_capacity(&why));
             }
             let ranked = machine::rank(found, req.requirements.policy);
@@ -472,5 +484,15 @@ impl Allocator {
                 req.allocation_id
             ))),
         }
+    }
+}
+
+/// A few agent ids for a message, and how many more.
+fn listed(agents: &[AgentId]) -> String {
+    const SHOWN: usize = 5;
+    let names: Vec<&str> = agents.iter().take(SHOWN).map(|a| a.as_str()).collect();
+    match agents.len().saturating_sub(SHOWN) {
+        0 => names.join(", "),
+        more => format!("{} and {more} more", names.join(", ")),
     }
 }

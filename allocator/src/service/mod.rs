@@ -17,6 +17,7 @@ mod cache;
 mod jsproxy;
 mod lanes;
 mod ops;
+mod paths;
 mod quota;
 mod reconcile;
 mod records;
@@ -144,6 +145,8 @@ pub(crate) struct Allocator {
     /// (see `fresh_quotas`): the last read with the ticket count it started at.
     quota_reads: tokio::sync::Mutex<Option<(u64, QuotaBook, u64)>>,
     quota_tickets: std::sync::atomic::AtomicU64,
+    /// Which agents have an assignments consumer (see [`paths`]).
+    paths: paths::WorkPaths,
 }
 
 macro_rules! serve {
@@ -201,6 +204,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         quota_lock: Default::default(),
         quota_reads: Default::default(),
         quota_tickets: Default::default(),
+        paths: Default::default(),
     });
     // A replica that has just started heard no heartbeat before now: the
     // bucket's last beats may be old (no allocator was recording them), so

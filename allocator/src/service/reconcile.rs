@@ -23,6 +23,7 @@
 //! Every replica reconciles; taking an allocation back is a compare-and-set,
 //! so replicas racing produce one release and one event.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use common::msg::{Allocation, HeldQuery, HeldRequest};
@@ -116,13 +117,16 @@ impl Allocator {
         self.preempted(taken, "reclaimed").await;
     }
 
-    /// Deletes the consumer `agent-{id}` (and its stored assignments) of every
-    /// agent without a record, once the consumer is older than the grace (an
-    /// agent may make its consumer just before it registers).
+    /// Lists the agents' consumers: notes which agents have a work path
+    /// (see [`super::paths`]), and deletes the consumer `agent-{id}` (and its
+    /// stored assignments) of every agent without a record, once the
+    /// consumer is older than the grace (an agent may make its consumer just
+    /// before it registers).
     async fn drop_orphaned_consumers(&self) {
         let Ok(stream) = self.js.get_stream(common::nats::STREAM_ASSIGN).await else {
             return;
         };
+        let listed_ms = common::now_ms();
         let names: Vec<String> = match stream.consumer_names().try_collect().await {
             Ok(names) => names,
             Err(e) => {
@@ -130,6 +134,12 @@ impl Allocator {
                 return;
             }
         };
+        let with: HashSet<AgentId> = names
+            .iter()
+            .filter_map(|n| common::nats::consumer_agent(n).and_then(|id| AgentId::new(id).ok()))
+            .collect();
+        self.paths.listed(with, listed_ms);
+        self.paths.retain(|a| self.cache.get(a).is_some());
         for name in names {
             let Some(agent) =
                 common::nats::consumer_agent(&name).and_then(|id| AgentId::new(id).ok())
