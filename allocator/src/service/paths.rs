@@ -102,7 +102,10 @@ impl Allocator {
             .iter()
             .copied()
             .partition(|r| self.paths.get(&r.agent_id, now_ms) == Some(true));
-        (with, without.into_iter().map(|r| r.agent_id.clone()).collect())
+        (
+            with,
+            without.into_iter().map(|r| r.agent_id.clone()).collect(),
+        )
     }
 
     /// Looks at one agent's consumer and notes what it found; a failed look

@@ -115,14 +115,21 @@ async fn a_placement_never_targets_an_agent_without_a_work_path() {
                     running: 0,
                 };
                 let body = serde_json::to_vec(&beat).unwrap();
-                let _ = nats.publish(common::subject::heartbeat(&ghost), body.into()).await;
+                let _ = nats
+                    .publish(common::subject::heartbeat(&ghost), body.into())
+                    .await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     });
 
     // A flow wider than the agent that can take work: every task runs there.
-    let _agent = spawn_agent(&sys.nats, "real", 1.0, |a| async move { Ok(json!(a.task_id)) });
+    let _agent = spawn_agent(
+        &sys.nats,
+        "real",
+        1.0,
+        |a| async move { Ok(json!(a.task_id)) },
+    );
     wait_registered(&sys.client, "real").await;
     let id = FlowId::new("reachable").unwrap();
     let tasks = (0..4).map(|i| cpu_task(&format!("t{i}"), &[])).collect();
@@ -132,7 +139,11 @@ async fn a_placement_never_targets_an_agent_without_a_work_path() {
     let status = wait_finished(&sys.client, &id, Duration::from_secs(30)).await;
     assert_eq!(status.state, FlowState::Succeeded, "{status:?}");
     for t in &status.tasks {
-        assert_eq!(t.agent_id.as_ref().map(|a| a.as_str()), Some("real"), "{t:?}");
+        assert_eq!(
+            t.agent_id.as_ref().map(|a| a.as_str()),
+            Some("real"),
+            "{t:?}"
+        );
     }
 
     // A task only the agent without a consumer could take.
