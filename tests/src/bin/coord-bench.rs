@@ -29,6 +29,10 @@
 //! - `events`: agent events stored through the synchronizer against the same
 //!   JetStream publish done raw, and read back through the list endpoint
 //!   (see `events.rs`).
+//! - `agents`: many simulated agents on one deployment — a join storm, the
+//!   heartbeat path idle and under a flow, the flow's rate, agents falsely
+//!   declared lost — for each count of `--agents-curve`; with `--spawn` at
+//!   both settings (see `agents.rs`).
 //!
 //! Latency is from just before a flow's create request (or a message's publish)
 //! to the driver receiving its task's `task.succeeded` event (or completion).
@@ -47,6 +51,8 @@ use futures::{stream::FuturesUnordered, StreamExt};
 use testkit::{NatsServer, ServiceHandle};
 use tokio::sync::oneshot;
 
+#[path = "coord-bench/agents.rs"]
+mod agents;
 #[path = "coord-bench/baseline.rs"]
 mod baseline;
 use baseline::baseline;
@@ -83,6 +89,8 @@ enum Scenario {
     Curves,
     /// Agent events stored through the synchronizer against raw JetStream, and read back.
     Events,
+    /// Many simulated agents: join storm, heartbeat path, a flow, falsely lost.
+    Agents,
 }
 
 /// End-to-end benchmarks of coordkit against the bus's own limit.
@@ -141,6 +149,8 @@ struct Args {
     events: events::EventsArgs,
     #[command(flatten)]
     scale: scale::ScaleArgs,
+    #[command(flatten)]
+    agents_scale: agents::AgentsArgs,
 }
 
 /// One measured round.
@@ -188,12 +198,19 @@ async fn main() -> anyhow::Result<()> {
     if args.tasks == 0 || args.flows == 0 || args.agents == 0 || args.orchestrators == 0 {
         bail!("--tasks, --flows, --agents and --orchestrators must be at least 1");
     }
-    if args.scenario == Scenario::Dispatch && args.spawn && !args.fsync_always && !args.page_cache {
+    let both = matches!(args.scenario, Scenario::Dispatch | Scenario::Agents);
+    if both && args.spawn && !args.fsync_always && !args.page_cache {
         // Both settings, each on a server of its own, in one run.
         for fsync in [false, true] {
             let server = NatsServer::start_with_config(&spawned_config(fsync));
             println!("\n### {}\n", setting_name(fsync));
-            dispatch_on(&args, server.url()).await?;
+            match args.scenario {
+                Scenario::Agents => {
+                    let limit = Duration::from_secs(args.timeout_s);
+                    agents::run(server.url(), &args, common::now_ms(), limit).await?
+                }
+                _ => dispatch_on(&args, server.url()).await?,
+            }
         }
         return Ok(());
     }
@@ -229,6 +246,12 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Alloc => return scale::alloc(&nats, &url, &args, run_id, limit).await,
         Scenario::Curves => return scale::curves(&nats, &url, &args, run_id, limit).await,
         Scenario::Events => return events::run(&nats, &url, &args.events, run_id, limit).await,
+        Scenario::Agents => {
+            if args.spawn {
+                println!("\n### {}\n", setting_name(args.fsync_always));
+            }
+            return agents::run(&url, &args, run_id, limit).await;
+        }
         Scenario::Baseline | Scenario::Dispatch | Scenario::Monitor => Ok(()),
     }
 }
@@ -328,18 +351,25 @@ impl System {
     /// and the server refuses new ones after about a thousand), then stops
     /// the services.
     async fn stop(self, nats: &async_nats::Client) {
+        self.stop_with(nats, &[]).await;
+    }
+
+    /// [`System::stop`], taking `others` (agents run outside the system)
+    /// out of the pool with its own.
+    async fn stop_with(self, nats: &async_nats::Client, others: &[AgentId]) {
         for (stop, handle) in self.agents {
             let _ = stop.send(());
             let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
         }
+        let ids: Vec<&AgentId> = self.ids.iter().chain(others).collect();
         let client = common::Client::new(nats.clone());
-        let mut gone = futures::stream::iter(self.ids.iter())
+        let mut gone = futures::stream::iter(ids.iter().copied())
             .map(|id| client.deregister_agent(id))
             .buffer_unordered(64);
         while gone.next().await.is_some() {}
         let js = jetstream::new(nats.clone());
         if let Ok(stream) = js.get_stream(common::nats::STREAM_ASSIGN).await {
-            let mut deleted = futures::stream::iter(self.ids.iter())
+            let mut deleted = futures::stream::iter(ids.iter().copied())
                 .map(|id| {
                     let (stream, name) = (&stream, agent::consumer_name(id));
                     async move { stream.delete_consumer(&name).await }

@@ -209,3 +209,40 @@ async fn coord_bench_dispatch_runs_at_both_settings_at_a_tiny_size() {
         }
     }
 }
+
+/// `coord-bench agents` at a tiny size: with `--spawn` alone it runs both
+/// settings, and each prints a row per agent count whose flow succeeded
+/// with no agent falsely declared lost.
+#[tokio::test]
+async fn coord_bench_agents_runs_at_both_settings_at_a_tiny_size() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_coord-bench"))
+        .args(["--spawn", "--timeout-s", "90", "agents"])
+        .args([
+            "--agents-curve",
+            "3,6",
+            "--agents-flow-tasks",
+            "12",
+            "--agents-idle-s",
+            "2",
+            "--agents-beat-ms",
+            "500",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let page = stdout.find("### page cache").expect("a page cache table");
+    let fsync = stdout.find("### fsync always").expect("an fsync table");
+    assert!(page < fsync, "page cache first:\n{stdout}");
+    for table in [&stdout[page..fsync], &stdout[fsync..]] {
+        for n in ["3", "6"] {
+            let row = table
+                .lines()
+                .find(|l| l.starts_with(&format!("| {n} |")))
+                .unwrap_or_else(|| panic!("no row for {n} agents in:\n{table}"));
+            assert!(row.contains("| succeeded | 0 |"), "{row}");
+        }
+    }
+}

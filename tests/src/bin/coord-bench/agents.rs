@@ -1,0 +1,367 @@
+//! The `agents` scenario: many agents on one deployment. For each count of
+//! `--agents-curve`, that many simulated agents, sharing [`CONNECTIONS`]
+//! connections as a fleet behind a few gateways would, join at once
+//! (register, make their assignments consumer, [`JOINING_AT_ONCE`] at a
+//! time), heartbeat every `--agents-beat-ms` (spread over the interval),
+//! sit idle for `--agents-idle-s`, then run one flow of
+//! `--agents-flow-tasks` independent one-cpu no-op tasks, each agent taking
+//! one at a time (capacity cpu=1, as the issue's fleet did).
+//!
+//! Printed per count: the join's wall time; the heartbeat path's latency
+//! (a heartbeat published until its record shows in `coord_heartbeats`,
+//! seen through a watch) while idle and during the flow; the flow's tasks/s;
+//! and how many `agent.lost` events were published for agents that never
+//! stopped (falsely lost). The services run in-process, one replica each.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use async_nats::jetstream::{self, consumer};
+use common::msg::{AgentReport, Assignment, Heartbeat, RegisterAgent, ReportKind};
+use common::{subject, AgentId, FlowId};
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::watch;
+
+use super::{flow_spec, Args, System};
+
+/// Connections the simulated agents share.
+const CONNECTIONS: usize = 4;
+/// Agents joining at once.
+const JOINING_AT_ONCE: usize = 64;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct AgentsArgs {
+    /// Agent counts of the `agents` scenario, one point each.
+    #[arg(long, value_delimiter = ',', default_value = "100,300,1000,2000")]
+    pub(crate) agents_curve: Vec<usize>,
+    /// Tasks of the flow run while the agents are up.
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) agents_flow_tasks: usize,
+    /// Each simulated agent's heartbeat interval, in ms.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) agents_beat_ms: u64,
+    /// Seconds of idle heartbeating measured before the flow.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) agents_idle_s: u64,
+}
+
+/// One count's figures.
+struct Point {
+    agents: usize,
+    join: Duration,
+    idle: Vec<Duration>,
+    busy: Vec<Duration>,
+    flow: Duration,
+    state: String,
+    lost: usize,
+}
+
+/// Heartbeats in flight (agent → when published) and the latencies seen.
+#[derive(Default)]
+struct Beats {
+    sent: HashMap<String, Instant>,
+    seen: Vec<Duration>,
+}
+
+pub(crate) async fn run(
+    url: &str,
+    args: &Args,
+    run_id: u64,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let a = &args.agents_scale;
+    if a.agents_curve.contains(&0) || a.agents_flow_tasks == 0 || a.agents_beat_ms == 0 {
+        bail!("--agents-curve, --agents-flow-tasks and --agents-beat-ms must be at least 1");
+    }
+    println!(
+        "coord-bench agents: {url}, agents on {CONNECTIONS} connections, heartbeat every {} ms, {} s idle, then a flow of {} one-cpu tasks (each agent cpu=1)",
+        a.agents_beat_ms, a.agents_idle_s, a.agents_flow_tasks
+    );
+    println!();
+    println!("| agents | join s | heartbeat path p50 / p99 ms, idle | during the flow | flow tasks/s | flow | falsely lost |");
+    println!("| ---: | ---: | ---: | ---: | ---: | --- | ---: |");
+    for &n in &a.agents_curve {
+        let p = point(url, n, a, run_id, limit).await?;
+        let pct = |v: &[Duration], q: f64| -> String {
+            if v.is_empty() {
+                return "—".into();
+            }
+            let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len());
+            format!("{:.1}", v[i - 1].as_secs_f64() * 1e3)
+        };
+        println!(
+            "| {} | {:.2} | {} / {} | {} / {} | {:.0} | {} | {} |",
+            p.agents,
+            p.join.as_secs_f64(),
+            pct(&p.idle, 0.5),
+            pct(&p.idle, 0.99),
+            pct(&p.busy, 0.5),
+            pct(&p.busy, 0.99),
+            a.agents_flow_tasks as f64 / p.flow.as_secs_f64().max(1e-9),
+            p.state,
+            p.lost
+        );
+    }
+    Ok(())
+}
+
+async fn point(
+    url: &str,
+    n: usize,
+    a: &AgentsArgs,
+    run_id: u64,
+    limit: Duration,
+) -> anyhow::Result<Point> {
+    let nats = async_nats::connect(url)
+        .await
+        .with_context(|| format!("failed to connect to {url}"))?;
+    let system = System::start(&nats, url, 1, 0, "", Duration::ZERO, limit).await?;
+    let mut conns = Vec::new();
+    for _ in 0..CONNECTIONS {
+        conns.push(async_nats::connect(url).await?);
+    }
+    let ids = (0..n)
+        .map(|i| Ok(AgentId::new(format!("swarm-{run_id}-{n}-{i}"))?))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let lost = Arc::new(AtomicUsize::new(0));
+    let mut lost_sub = nats.subscribe(subject::event::AGENT_LOST).await?;
+    let lost_count = lost.clone();
+    // Only this point's agents: those of the last one may be lost now.
+    let ours = format!("\"swarm-{run_id}-{n}-");
+    let lost_task = tokio::spawn(async move {
+        while let Some(msg) = lost_sub.next().await {
+            if String::from_utf8_lossy(&msg.payload).contains(&ours) {
+                lost_count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let beats = Arc::new(Mutex::new(Beats::default()));
+    let js = jetstream::new(nats.clone());
+    let bucket = js
+        .get_key_value(common::nats::KV_HEARTBEATS)
+        .await
+        .context("heartbeat bucket")?;
+    let mut watch_beats = bucket.watch_all().await?;
+    let seen = beats.clone();
+    let beat_task = tokio::spawn(async move {
+        while let Some(Ok(entry)) = watch_beats.next().await {
+            if let Ok(mut b) = seen.lock() {
+                if let Some(sent) = b.sent.remove(&entry.key) {
+                    b.seen.push(sent.elapsed());
+                }
+            }
+        }
+    });
+
+    // The join storm.
+    let beat = Duration::from_millis(a.agents_beat_ms);
+    let started = Instant::now();
+    let consumers: Vec<consumer::PullConsumer> = futures::stream::iter(ids.iter().enumerate())
+        .map(|(i, id)| join(&conns[i % CONNECTIONS], id, beat))
+        .buffered(JOINING_AT_ONCE)
+        .try_collect()
+        .await?;
+    let join_time = started.elapsed();
+
+    let (stop, stopped) = watch::channel(false);
+    let mut running = Vec::new();
+    for (i, (id, consumer)) in ids.iter().zip(consumers).enumerate() {
+        let conn = conns[i % CONNECTIONS].clone();
+        let offset = beat.mul_f64(i as f64 / n as f64);
+        running.push(tokio::spawn(heartbeat(
+            conn.clone(),
+            id.clone(),
+            beat,
+            offset,
+            beats.clone(),
+            stopped.clone(),
+        )));
+        running.push(tokio::spawn(work(
+            conn,
+            id.clone(),
+            consumer,
+            stopped.clone(),
+        )));
+    }
+
+    tokio::time::sleep(Duration::from_secs(a.agents_idle_s)).await;
+    let idle = take_seen(&beats);
+
+    let client = common::Client::new(nats.clone());
+    let flow = FlowId::new(format!("swarm-{run_id}-{n}"))?;
+    let flow_started = Instant::now();
+    client
+        .create_flow(&flow_spec(&flow, a.agents_flow_tasks)?)
+        .await
+        .map_err(|e| anyhow::anyhow!("flow not created: {e}"))?;
+    let state = loop {
+        if let Ok(s) = client.flow_status(&flow).await {
+            if s.state.is_terminal() {
+                break format!("{:?}", s.state).to_lowercase();
+            }
+        }
+        if flow_started.elapsed() > limit {
+            break "unfinished".to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let flow_time = flow_started.elapsed();
+    let busy = take_seen(&beats);
+    // Counted up to here: agents stopped next fall silent, and are lost.
+    let lost = lost.load(Ordering::Relaxed);
+
+    let _ = stop.send(true);
+    for r in running {
+        let _ = tokio::time::timeout(Duration::from_secs(10), r).await;
+    }
+    beat_task.abort();
+    lost_task.abort();
+    system.stop_with(&nats, &ids).await;
+    Ok(Point {
+        agents: n,
+        join: join_time,
+        idle,
+        busy,
+        flow: flow_time,
+        state,
+        lost,
+    })
+}
+
+fn take_seen(beats: &Mutex<Beats>) -> Vec<Duration> {
+    let mut seen = beats
+        .lock()
+        .map(|mut b| std::mem::take(&mut b.seen))
+        .unwrap_or_default();
+    seen.sort_unstable();
+    seen
+}
+
+/// Registers one agent (cpu=1) and makes its assignments consumer, as the
+/// protocol page's agent does.
+async fn join(
+    conn: &async_nats::Client,
+    id: &AgentId,
+    beat: Duration,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let client = common::Client::new(conn.clone());
+    client
+        .register_agent(&RegisterAgent {
+            agent_id: id.clone(),
+            capabilities: Vec::new(),
+            labels: Default::default(),
+            capacity: [("cpu".to_string(), 1.0)].into(),
+            heartbeat_interval_ms: beat.as_millis() as u64,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{id} not registered: {e}"))?;
+    let stream = jetstream::new(conn.clone())
+        .get_stream_no_info(common::nats::STREAM_ASSIGN)
+        .await?;
+    let consumer = stream
+        .get_or_create_consumer(
+            &common::nats::agent_consumer(id),
+            consumer::pull::Config {
+                durable_name: Some(common::nats::agent_consumer(id)),
+                filter_subject: subject::assign(id),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(300),
+                max_ack_pending: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("{id}: assignments consumer"))?;
+    Ok(consumer)
+}
+
+/// Heartbeats every `every`, the first after `offset`.
+async fn heartbeat(
+    conn: async_nats::Client,
+    id: AgentId,
+    every: Duration,
+    offset: Duration,
+    beats: Arc<Mutex<Beats>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+    let to = subject::heartbeat(&id);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let beat = Heartbeat {
+            agent_id: id.clone(),
+            at_ms: common::now_ms(),
+            running: 0,
+        };
+        let Ok(body) = serde_json::to_vec(&beat) else {
+            return;
+        };
+        if let Ok(mut b) = beats.lock() {
+            b.sent.insert(id.to_string(), Instant::now());
+        }
+        let _ = conn.publish(to.clone(), body.into()).await;
+    }
+}
+
+/// Takes assignments one at a time and completes each at once.
+async fn work(
+    conn: async_nats::Client,
+    id: AgentId,
+    consumer: consumer::PullConsumer,
+    mut stop: watch::Receiver<bool>,
+) {
+    let js = jetstream::new(conn);
+    loop {
+        let fetched = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(5))
+            .messages();
+        let mut batch = tokio::select! {
+            b = fetched => match b {
+                Ok(b) => b,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        loop {
+            let msg = tokio::select! {
+                m = batch.next() => match m {
+                    Some(Ok(m)) => m,
+                    _ => break,
+                },
+                _ = stop.changed() => return,
+            };
+            let Ok(a) = serde_json::from_slice::<Assignment>(&msg.payload) else {
+                let _ = msg.ack().await;
+                continue;
+            };
+            let report = AgentReport {
+                flow_id: a.flow_id,
+                task_id: a.task_id,
+                attempt: a.attempt,
+                agent_id: id.clone(),
+                kind: ReportKind::Completed {
+                    output: serde_json::Value::Null,
+                },
+                at_ms: common::now_ms(),
+            };
+            if let Ok(body) = serde_json::to_vec(&report) {
+                if let Ok(ack) = js.publish(subject::report(&id), body.into()).await {
+                    let _ = ack.await;
+                }
+            }
+            let _ = msg.ack().await;
+        }
+    }
+}
