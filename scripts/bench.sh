@@ -59,6 +59,7 @@ run $BENCH --spawn state
 run $BENCH --spawn dag
 run $BENCH --spawn --agents 16 dag --work-ms 10
 run $BENCH --spawn alloc
+run $BENCH --spawn --timeout-s 600 agents --agents-curve 100,300,1000,2000
 run $BENCH --spawn --agents 16 --timeout-s 3600 curves \
     --curve-flow-sizes 1000,10000,100000,1000000 --svg-dir docs/bench
 

@@ -290,16 +290,29 @@ async fn requirements_no_agent_can_meet_are_reported_at_creation() {
     agent.await.unwrap().unwrap();
 }
 
-/// Registers an agent by hand that never takes its assignments: what it is
-/// given stays assigned, and its capacity stays booked.
-async fn register_idle_agent(client: &Client, id: &str, capacity: &[(&str, f64)]) {
-    client
+/// Registers an agent by hand that makes its assignments consumer (so it
+/// may be given work) but never takes its assignments: what it is given
+/// stays assigned, and its capacity stays booked.
+async fn register_idle_agent(sys: &System, id: &str, capacity: &[(&str, f64)]) {
+    let agent = AgentId::new(id).unwrap();
+    sys.client
         .register_agent(&RegisterAgent {
-            agent_id: AgentId::new(id).unwrap(),
+            agent_id: agent.clone(),
             capabilities: Vec::new(),
             labels: BTreeMap::new(),
             capacity: capacity.iter().map(|(r, v)| (r.to_string(), *v)).collect(),
             heartbeat_interval_ms: 60_000,
+        })
+        .await
+        .unwrap();
+    let js = jetstream::new(sys.nats.clone());
+    let stream = js.get_stream(common::nats::STREAM_ASSIGN).await.unwrap();
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(common::nats::agent_consumer(&agent)),
+            filter_subject: subject::assign(&agent),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -310,8 +323,8 @@ async fn optimize_plans_the_remaining_work_and_applies_critical_path_priorities(
     let sys = System::start().await;
     // A gate task holds every other task back; its agent never starts it, so
     // the plan sees the same flow from one call to the next.
-    register_idle_agent(&sys.client, "gatekeeper", &[("gate", 1.0)]).await;
-    register_idle_agent(&sys.client, "worker", &[("cpu", 2.0)]).await;
+    register_idle_agent(&sys, "gatekeeper", &[("gate", 1.0)]).await;
+    register_idle_agent(&sys, "worker", &[("cpu", 2.0)]).await;
     let mut gate = TaskSpec::new(tid("gate"));
     gate.requirements.resources.insert("gate".into(), 1.0);
     gate.estimated_duration_ms = Some(1);
