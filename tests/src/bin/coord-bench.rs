@@ -207,7 +207,8 @@ async fn main() -> anyhow::Result<()> {
             match args.scenario {
                 Scenario::Agents => {
                     let limit = Duration::from_secs(args.timeout_s);
-                    agents::run(server.url(), &args, common::now_ms(), limit).await?
+                    let setting = if fsync { "fsync" } else { "page-cache" };
+                    agents::run(server.url(), &args, setting, common::now_ms(), limit).await?
                 }
                 _ => dispatch_on(&args, server.url()).await?,
             }
@@ -250,7 +251,12 @@ async fn main() -> anyhow::Result<()> {
             if args.spawn {
                 println!("\n### {}\n", setting_name(args.fsync_always));
             }
-            return agents::run(&url, &args, run_id, limit).await;
+            let setting = match (args.spawn, args.fsync_always) {
+                (true, true) => "fsync",
+                (true, false) => "page-cache",
+                (false, _) => "server",
+            };
+            return agents::run(&url, &args, setting, run_id, limit).await;
         }
         Scenario::Baseline | Scenario::Dispatch | Scenario::Monitor => Ok(()),
     }

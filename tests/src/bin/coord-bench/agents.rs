@@ -12,6 +12,8 @@
 //! seen through a watch) while idle and during the flow; the flow's tasks/s;
 //! and how many `agent.lost` events were published for agents that never
 //! stopped (falsely lost). The services run in-process, one replica each.
+//! With `--svg-dir`, the flow's rate and the heartbeat path's p99 are drawn
+//! against the agent count.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +27,8 @@ use common::{subject, AgentId, FlowId};
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
+use super::scale::today;
+use super::svg::{Chart, Series};
 use super::{flow_spec, Args, System};
 
 /// Connections the simulated agents share.
@@ -66,9 +70,12 @@ struct Beats {
     seen: Vec<Duration>,
 }
 
+/// Runs the curve against the server at `url`; `setting` names its
+/// durability setting in the charts' file names (`page-cache`, `fsync`).
 pub(crate) async fn run(
     url: &str,
     args: &Args,
+    setting: &str,
     run_id: u64,
     limit: Duration,
 ) -> anyhow::Result<()> {
@@ -83,14 +90,11 @@ pub(crate) async fn run(
     println!();
     println!("| agents | join s | heartbeat path p50 / p99 ms, idle | during the flow | flow tasks/s | flow | falsely lost |");
     println!("| ---: | ---: | ---: | ---: | ---: | --- | ---: |");
+    let mut points = Vec::new();
     for &n in &a.agents_curve {
         let p = point(url, n, a, run_id, limit).await?;
         let pct = |v: &[Duration], q: f64| -> String {
-            if v.is_empty() {
-                return "—".into();
-            }
-            let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len());
-            format!("{:.1}", v[i - 1].as_secs_f64() * 1e3)
+            percentile_ms(v, q).map_or("—".into(), |ms| format!("{ms:.1}"))
         };
         println!(
             "| {} | {:.2} | {} / {} | {} / {} | {:.0} | {} | {} |",
@@ -104,6 +108,89 @@ pub(crate) async fn run(
             p.state,
             p.lost
         );
+        points.push(p);
+    }
+    if let Some(dir) = &args.scale.svg_dir {
+        write_charts(dir, setting, a.agents_flow_tasks, &points)?;
+    }
+    Ok(())
+}
+
+fn percentile_ms(v: &[Duration], q: f64) -> Option<f64> {
+    let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len().max(1));
+    v.get(i - 1).map(|d| d.as_secs_f64() * 1e3)
+}
+
+/// `agents-{setting}-flow.svg` (the flow's tasks/s against agents) and
+/// `agents-{setting}-heartbeat.svg` (the heartbeat path's p99, idle and
+/// during the flow).
+fn write_charts(
+    dir: &std::path::Path,
+    setting: &str,
+    tasks: usize,
+    points: &[Point],
+) -> anyhow::Result<()> {
+    let mut command = vec!["coord-bench".to_owned()];
+    command.extend(std::env::args().skip(1));
+    let caption = format!("{} (measured {})", command.join(" "), today());
+    let p99 = |pick: fn(&Point) -> &Vec<Duration>| -> Vec<(f64, f64)> {
+        points
+            .iter()
+            .filter_map(|p| Some((p.agents as f64, percentile_ms(pick(p), 0.99)?)))
+            .collect()
+    };
+    let rate = points
+        .iter()
+        .map(|p| {
+            (
+                p.agents as f64,
+                tasks as f64 / p.flow.as_secs_f64().max(1e-9),
+            )
+        })
+        .collect();
+    let charts = [
+        (
+            format!("agents-{setting}-flow.svg"),
+            Chart {
+                title: format!("A {tasks}-task flow's tasks/s against agents ({setting})"),
+                x_label: "agents (cpu=1 each)".into(),
+                y_label: "tasks/s".into(),
+                log_x: true,
+                series: vec![Series {
+                    name: "tasks/s".into(),
+                    points: rate,
+                }],
+                caption: caption.clone(),
+            },
+        ),
+        (
+            format!("agents-{setting}-heartbeat.svg"),
+            Chart {
+                title: format!("Heartbeat path p99 against agents ({setting})"),
+                x_label: "agents".into(),
+                y_label: "ms, publish to stored".into(),
+                log_x: true,
+                series: vec![
+                    Series {
+                        name: "idle".into(),
+                        points: p99(|p| &p.idle),
+                    },
+                    Series {
+                        name: "during the flow".into(),
+                        points: p99(|p| &p.busy),
+                    },
+                ],
+                caption,
+            },
+        ),
+    ];
+    std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    println!();
+    for (file, chart) in charts {
+        let path = dir.join(file);
+        std::fs::write(&path, chart.render())
+            .with_context(|| format!("failed to write {}", path.display()))?;
+        println!("wrote {}", path.display());
     }
     Ok(())
 }

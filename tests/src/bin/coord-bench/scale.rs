@@ -552,7 +552,7 @@ fn print_curve(title: &str, x_name: &str, points: &[Point]) {
 }
 
 /// Today's date (UTC) from the wall clock, for the charts' captions.
-fn today() -> String {
+pub(crate) fn today() -> String {
     // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
     let days = (common::now_ms() / 86_400_000) as i64 + 719_468;
     let era = days.div_euclid(146_097);
