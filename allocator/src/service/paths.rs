@@ -35,16 +35,19 @@ pub(super) struct WorkPaths {
 }
 
 impl WorkPaths {
-    /// `Some(true)` for an agent whose consumer was seen, `Some(false)` for
-    /// one found without a consumer less than [`RECHECK_MS`] ago, `None` if
-    /// it is to be looked at.
-    fn get(&self, agent: &AgentId, now_ms: u64) -> Option<bool> {
-        let known = self.known.lock().ok()?;
-        match known.get(agent) {
+    /// For each record's agent, under one lock: `Some(true)` if its
+    /// consumer was seen, `Some(false)` if it was found without one less
+    /// than [`RECHECK_MS`] ago, `None` if it is to be looked at.
+    fn of(&self, records: &[&AgentRecord], now_ms: u64) -> Vec<Option<bool>> {
+        let Ok(known) = self.known.lock() else {
+            return vec![None; records.len()];
+        };
+        let state = |agent: &AgentId| match known.get(agent) {
             Some((true, _)) => Some(true),
             Some((false, at)) if now_ms.saturating_sub(*at) < RECHECK_MS => Some(false),
             _ => None,
-        }
+        };
+        records.iter().map(|r| state(&r.agent_id)).collect()
     }
 
     pub(super) fn note(&self, agent: &AgentId, has: bool, now_ms: u64) {
@@ -90,22 +93,24 @@ impl Allocator {
     ) -> (Vec<&'a AgentRecord>, Vec<AgentId>) {
         let unknown: Vec<AgentId> = records
             .iter()
-            .filter(|r| self.paths.get(&r.agent_id, now_ms).is_none())
+            .zip(self.paths.of(records, now_ms))
+            .filter(|(_, known)| known.is_none())
             .take(LOOKS_PER_PLACEMENT)
-            .map(|r| r.agent_id.clone())
+            .map(|(r, _)| r.agent_id.clone())
             .collect();
         if !unknown.is_empty() {
             let looks = unknown.iter().map(|a| self.look_for_consumer(a));
             futures::future::join_all(looks).await;
         }
-        let (with, without): (Vec<&AgentRecord>, Vec<&AgentRecord>) = records
-            .iter()
-            .copied()
-            .partition(|r| self.paths.get(&r.agent_id, now_ms) == Some(true));
-        (
-            with,
-            without.into_iter().map(|r| r.agent_id.clone()).collect(),
-        )
+        let mut with = Vec::with_capacity(records.len());
+        let mut without = Vec::new();
+        for (r, known) in records.iter().zip(self.paths.of(records, now_ms)) {
+            match known {
+                Some(true) => with.push(*r),
+                _ => without.push(r.agent_id.clone()),
+            }
+        }
+        (with, without)
     }
 
     /// Looks at one agent's consumer and notes what it found; a failed look
