@@ -86,19 +86,23 @@ impl Allocator {
             let start = self
                 .rotation
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            // A task goes only to an agent its assignment can reach.
-            let (records, unreachable) = match &task {
-                Some(_) => self.with_work_path(&records, now).await,
-                None => (records, Vec::new()),
-            };
-            let found = machine::sample(
-                &records,
-                &req.requirements,
-                Some(&req.owner),
-                now,
-                start,
-                PLACEMENT_SAMPLE,
-            );
+            let (wanted, owner) = (&req.requirements, Some(req.owner.as_str()));
+            let mut found = machine::sample(&records, wanted, owner, now, start, PLACEMENT_SAMPLE);
+            // A task goes only to an agent its assignment can reach: those
+            // sampled are looked up, and only when none of them has a work
+            // path is every agent.
+            let mut unreachable = Vec::new();
+            let mut records = records.as_slice();
+            let with;
+            if task.is_some() {
+                let sampled = found.len();
+                found = self.reachable(found, now).await;
+                if found.is_empty() && sampled > 0 {
+                    (with, unreachable) = self.with_work_path(records, now).await;
+                    records = &with;
+                    found = machine::sample(records, wanted, owner, now, start, PLACEMENT_SAMPLE);
+                }
+            }
             if found.is_empty() {
                 let mut why = machine::why_not(
                     records.iter().copied(),

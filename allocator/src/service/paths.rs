@@ -19,7 +19,7 @@ use common::nats as bus;
 use common::AgentId;
 
 use super::Allocator;
-use crate::machine::AgentRecord;
+use crate::machine::{AgentRecord, Candidate};
 
 /// How long an agent found without a consumer is left out before it is
 /// looked at again.
@@ -38,16 +38,20 @@ impl WorkPaths {
     /// For each record's agent, under one lock: `Some(true)` if its
     /// consumer was seen, `Some(false)` if it was found without one less
     /// than [`RECHECK_MS`] ago, `None` if it is to be looked at.
-    fn of(&self, records: &[&AgentRecord], now_ms: u64) -> Vec<Option<bool>> {
+    fn of<'a>(
+        &self,
+        agents: impl ExactSizeIterator<Item = &'a AgentId>,
+        now_ms: u64,
+    ) -> Vec<Option<bool>> {
         let Ok(known) = self.known.lock() else {
-            return vec![None; records.len()];
+            return vec![None; agents.len()];
         };
         let state = |agent: &AgentId| match known.get(agent) {
             Some((true, _)) => Some(true),
             Some((false, at)) if now_ms.saturating_sub(*at) < RECHECK_MS => Some(false),
             _ => None,
         };
-        records.iter().map(|r| state(&r.agent_id)).collect()
+        agents.map(state).collect()
     }
 
     pub(super) fn note(&self, agent: &AgentId, has: bool, now_ms: u64) {
@@ -91,26 +95,58 @@ impl Allocator {
         records: &[&'a AgentRecord],
         now_ms: u64,
     ) -> (Vec<&'a AgentRecord>, Vec<AgentId>) {
-        let unknown: Vec<AgentId> = records
-            .iter()
-            .zip(self.paths.of(records, now_ms))
-            .filter(|(_, known)| known.is_none())
-            .take(LOOKS_PER_PLACEMENT)
-            .map(|(r, _)| r.agent_id.clone())
-            .collect();
-        if !unknown.is_empty() {
-            let looks = unknown.iter().map(|a| self.look_for_consumer(a));
-            futures::future::join_all(looks).await;
-        }
+        let known = self
+            .known_paths(records.iter().map(|r| &r.agent_id), now_ms)
+            .await;
         let mut with = Vec::with_capacity(records.len());
         let mut without = Vec::new();
-        for (r, known) in records.iter().zip(self.paths.of(records, now_ms)) {
+        for (r, known) in records.iter().zip(known) {
             match known {
                 Some(true) => with.push(*r),
                 _ => without.push(r.agent_id.clone()),
             }
         }
         (with, without)
+    }
+
+    /// Of the candidates a placement sampled, those whose agent has a work
+    /// path (as [`Self::with_work_path`] decides): a placement among ten
+    /// thousand agents looks up the few it sampled, not all of them.
+    pub(super) async fn reachable<'a>(
+        &self,
+        found: Vec<Candidate<'a>>,
+        now_ms: u64,
+    ) -> Vec<Candidate<'a>> {
+        let known = self
+            .known_paths(found.iter().map(|c| &c.agent.agent_id), now_ms)
+            .await;
+        found
+            .into_iter()
+            .zip(known)
+            .filter_map(|(c, known)| (known == Some(true)).then_some(c))
+            .collect()
+    }
+
+    /// Whether each agent has a work path, after looking at a few of those
+    /// not known yet.
+    async fn known_paths<'a>(
+        &self,
+        agents: impl ExactSizeIterator<Item = &'a AgentId> + Clone,
+        now_ms: u64,
+    ) -> Vec<Option<bool>> {
+        let unknown: Vec<AgentId> = agents
+            .clone()
+            .zip(self.paths.of(agents.clone(), now_ms))
+            .filter(|(_, known)| known.is_none())
+            .take(LOOKS_PER_PLACEMENT)
+            .map(|(a, _)| a.clone())
+            .collect();
+        if unknown.is_empty() {
+            return self.paths.of(agents, now_ms);
+        }
+        let looks = unknown.iter().map(|a| self.look_for_consumer(a));
+        futures::future::join_all(looks).await;
+        self.paths.of(agents, now_ms)
     }
 
     /// Looks at one agent's consumer and notes what it found; a failed look
