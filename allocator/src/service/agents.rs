@@ -64,8 +64,7 @@ impl Allocator {
                 allocations: rec.allocations.len(),
             })
             .await;
-        let beat = self.beats.get(&rec.agent_id).map(|(b, _)| b.at_ms);
-        Ok(rec.info(beat.unwrap_or(0)))
+        Ok(rec.info(self.last_beat(&rec.agent_id)))
     }
 
     /// The agent is done: `left`, what it held released and handed back,
@@ -88,8 +87,7 @@ impl Allocator {
             })
             .await;
         self.remove_work_path(&rec.agent_id).await;
-        let beat = self.beats.get(&rec.agent_id).map(|(b, _)| b.at_ms);
-        Ok(rec.info(beat.unwrap_or(0)))
+        Ok(rec.info(self.last_beat(&rec.agent_id)))
     }
 
     /// Deletes the agent's assignments consumer and purges what is stored for

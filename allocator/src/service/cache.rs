@@ -13,7 +13,7 @@ use common::{AgentId, Error};
 use futures::StreamExt;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-/// The last heartbeat of one agent, as recorded in `coord_heartbeats`.
+/// The last heartbeat of one agent, as a replica heard it (see [`super::beats`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Beat {
     pub(crate) agent_id: AgentId,
@@ -114,6 +114,28 @@ impl<T: Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
             .read()
             .ok()
             .and_then(|c| c.get(id).map(|(v, rev)| (T::clone(v), *rev)))
+    }
+
+    /// What `f` makes of the value of `id`, without copying it.
+    pub(crate) fn peek<R>(&self, id: &AgentId, f: impl FnOnce(&T) -> R) -> Option<R> {
+        self.0
+            .read()
+            .ok()
+            .and_then(|c| c.get(id).map(|(v, _)| f(v)))
+    }
+
+    /// Forgets `id`.
+    pub(crate) fn forget(&self, id: &AgentId) {
+        if let Ok(mut c) = self.0.write() {
+            c.remove(id);
+        }
+    }
+
+    /// Keeps only the ids `keep` says to.
+    pub(crate) fn retain(&self, keep: impl Fn(&AgentId) -> bool) {
+        if let Ok(mut c) = self.0.write() {
+            c.retain(|id, _| keep(id));
+        }
     }
 
     pub(crate) fn snapshot(&self) -> Vec<(Arc<T>, u64)> {

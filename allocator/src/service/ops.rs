@@ -97,6 +97,11 @@ impl Allocator {
             req.owner.as_deref(),
             common::now_ms(),
         );
+        status.last_heartbeat_ms = records
+            .iter()
+            .map(|r| (r.agent_id.clone(), self.last_beat(&r.agent_id)))
+            .filter(|(_, at)| *at > 0)
+            .collect();
         status.quotas = self.read_quotas().await?.0.report(req.owner.as_deref());
         Ok(status)
     }

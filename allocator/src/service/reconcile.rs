@@ -139,7 +139,8 @@ impl Allocator {
             .filter_map(|n| common::nats::consumer_agent(n).and_then(|id| AgentId::new(id).ok()))
             .collect();
         self.paths.listed(with, listed_ms);
-        self.paths.retain(|a| self.cache.get(a).is_some());
+        self.paths.retain(|a| self.cache.peek(a, |_| ()).is_some());
+        self.beats.retain(|a| self.cache.peek(a, |_| ()).is_some());
         for name in names {
             let Some(agent) =
                 common::nats::consumer_agent(&name).and_then(|id| AgentId::new(id).ok())

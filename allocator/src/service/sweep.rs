@@ -49,8 +49,9 @@ impl Allocator {
     async fn sweep(&self) {
         let now = common::now_ms();
         for rec in self.records() {
-            let beat = self.beats.get(&rec.agent_id).map(|(b, _)| b.at_ms);
-            let heard = beat.unwrap_or(0).max(self.outages.last_down_ms());
+            let heard = self
+                .last_beat(&rec.agent_id)
+                .max(self.outages.last_down_ms());
             if rec.lost_at(heard, now).is_some() {
                 self.lose(&rec).await;
             }
@@ -66,14 +67,14 @@ impl Allocator {
     }
 
     /// Marks the agent lost if, on fresh data, it still has missed its heartbeats.
-    /// Time this replica spent disconnected, or saw the heartbeat bucket
-    /// stalled, counts as heard from: a NATS outage or a cluster's failover
+    /// Time this replica spent disconnected or paused, or saw the agents'
+    /// bucket stalled, counts as heard from: a NATS outage or a cluster's failover
     /// silences every agent at once, and must not make them all lost.
     async fn lose(&self, rec: &AgentRecord) {
         // Give the outage watcher a poll first: if this replica was just
         // paused, the watcher counts the pause before it is judged on.
         tokio::time::sleep(common::nats::Outages::POLL * 2).await;
-        let beat = self.last_beat(&rec.agent_id).await;
+        let beat = self.last_beat(&rec.agent_id);
         let heard = beat.max(self.outages.last_down_ms());
         let now = common::now_ms();
         let outcome = self
@@ -132,7 +133,7 @@ impl Allocator {
                 return;
             }
         }
-        let _ = self.heartbeats.delete(rec.agent_id.as_str()).await;
+        self.beats.forget(&rec.agent_id);
         self.remove_work_path(&rec.agent_id).await;
         tracing::info!(agent = %rec.agent_id, status = ?current.status, "agent retired");
         self.events

@@ -316,6 +316,10 @@ pub struct CapacityStatus {
     /// Every agent's life-cycle status.
     #[serde(default)]
     pub agent_status: BTreeMap<AgentId, AgentStatus>,
+    /// When the answering allocator last heard each agent's heartbeat (ms
+    /// since the epoch); an agent not heard from since it started is absent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub last_heartbeat_ms: BTreeMap<AgentId, u64>,
     /// Whether the requirements (if given) fit on some agent now.
     #[serde(default)]
     pub fits: Option<bool>,

@@ -423,6 +423,7 @@ fn allocator_messages_round_trip() {
             member: Some(0),
         }),
         quotas: [("team".to_string(), quota)].into(),
+        last_heartbeat_ms: [(a("w1"), 1_700_000_000_000)].into(),
         ..Default::default()
     });
     round_trip(&QuotaExceeded {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 
-use crate::error::{BoxError, Error};
+use crate::error::Error;
 use crate::subject;
 
 /// Assignments, one durable consumer per agent (work queue: an assignment is
@@ -54,8 +54,6 @@ pub const KV_FLOWS: &str = "coord_flows";
 pub const KV_CONCURRENCY: &str = "coord_concurrency";
 /// Agents with their capacity and live allocations, one entry per agent.
 pub const KV_AGENTS: &str = "coord_agents";
-/// Last heartbeat per agent, kept apart so heartbeats never contend with allocations.
-pub const KV_HEARTBEATS: &str = "coord_heartbeats";
 /// Owner quotas and the allocations counted against them, one document (`pool`).
 pub const KV_QUOTAS: &str = "coord_quotas";
 /// Triggers: flows started by matching agent events, one entry per trigger name.
@@ -143,7 +141,6 @@ pub enum Bucket {
     Flows,
     Concurrency,
     Agents,
-    Heartbeats,
     State,
     SyncScopes,
     SyncPoints,
@@ -159,7 +156,6 @@ impl Bucket {
             Bucket::Concurrency => (KV_CONCURRENCY, 1),
             // History lets a checker replay every revision of an agent's ledger.
             Bucket::Agents => (KV_AGENTS, 64),
-            Bucket::Heartbeats => (KV_HEARTBEATS, 1),
             Bucket::State => (KV_STATE, 64),
             Bucket::SyncScopes => (KV_SYNC_SCOPES, 1),
             Bucket::SyncPoints => (KV_SYNC_POINTS, 1),
@@ -242,37 +238,6 @@ where
     }
 }
 
-impl Bucket {
-    /// The stream of a bucket whose writes need not wait for the disk, on
-    /// one node: the last heartbeat of each agent. A beat lost with a server
-    /// that died costs nothing (the next comes within seconds) while one
-    /// fsynced at `sync_interval: always` costs a disk flush per agent per
-    /// interval, the disk's whole budget at a thousand agents. Only
-    /// transitions (active, lost, left) are written durably, in the agents'
-    /// records. A replicated bucket has the Raft log, and the server allows
-    /// async persistence on one replica only. The stream is what
-    /// `create_key_value` would make, plus `persist_mode: async`.
-    fn unsynced_stream(self, replicas: usize) -> Option<stream::Config> {
-        if self != Bucket::Heartbeats || replicas > 1 {
-            return None;
-        }
-        let kv = self.config(replicas);
-        Some(stream::Config {
-            name: format!("KV_{}", kv.bucket),
-            subjects: vec![format!("$KV.{}.>", kv.bucket)],
-            max_messages_per_subject: kv.history,
-            storage: kv.storage,
-            num_replicas: kv.num_replicas,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            persist_mode: Some(stream::PersistenceMode::Async),
-            ..Default::default()
-        })
-    }
-}
-
 /// Gets the bucket, creating it if missing (replicas racing to create it is fine).
 pub async fn ensure_bucket(
     js: &jetstream::Context,
@@ -284,16 +249,7 @@ pub async fn ensure_bucket(
         if let Ok(store) = js.get_key_value(&name).await {
             return Ok(store);
         }
-        let created = match which.unsynced_stream(replicas) {
-            Some(config) => match js.create_stream(config).await {
-                Ok(_) => js.get_key_value(&name).await.map_err(BoxError::from),
-                Err(e) => Err(BoxError::from(e)),
-            },
-            None => js
-                .create_key_value(which.config(replicas))
-                .await
-                .map_err(BoxError::from),
-        };
+        let created = js.create_key_value(which.config(replicas)).await;
         match created {
             Ok(store) => Ok(store),
             Err(create_err) => js.get_key_value(&name).await.map_err(|_| {

@@ -161,18 +161,14 @@ impl Shared {
             let entry = store.get(key).await.ok()??;
             serde_json::from_slice::<Value>(&entry).ok()
         };
-        let (info, beat, cap, flows) = tokio::join!(
-            kv(bus::KV_AGENTS),
-            kv(bus::KV_HEARTBEATS),
-            self.capacity(),
-            self.live_flows()
-        );
+        let (info, cap, flows) =
+            tokio::join!(kv(bus::KV_AGENTS), self.capacity(), self.live_flows());
         let cap = cap?;
         if info.is_none() && !cap.agent_status.contains_key(&agent) {
             return Err(Error::not_found(format!("no agent {agent}")));
         }
         let now = common::now_ms();
-        let beat_ms = beat.as_ref().and_then(|b| b["at_ms"].as_u64());
+        let beat_ms = cap.last_heartbeat_ms.get(&agent).copied();
         let running: Vec<Value> = flows?
             .iter()
             .flat_map(|(flow, f)| {

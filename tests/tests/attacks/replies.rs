@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::msg::{FlowListRequest, FlowState, FlowStatus, StateDoc};
-use common::nats::{KV_AGENTS, KV_FLOWS, KV_HEARTBEATS, KV_STATE, STREAM_EVENTS, STREAM_REPORTS};
+use common::nats::{KV_AGENTS, KV_FLOWS, KV_STATE, STREAM_EVENTS, STREAM_REPORTS};
 use common::{subject, AgentId, Client};
 use coordkit::demo;
 use futures::StreamExt;
@@ -145,12 +145,15 @@ impl Scene {
             .filter_map(|k| async move { k.ok() })
             .any(|k| async move { k == self.b.as_str() })
             .await;
-        let heartbeats = js.get_key_value(KV_HEARTBEATS).await.unwrap();
-        let b_beat = heartbeats
-            .entry(self.b.as_str())
+        // What the allocator heard last from `b` (its beats are not stored).
+        let b_beat = self
+            .ops
+            .capacity(&Default::default())
             .await
             .unwrap()
-            .map(|e| e.revision);
+            .last_heartbeat_ms
+            .get(&self.b)
+            .copied();
         Snapshot {
             b_doc: (b_doc.revision, b_doc.doc),
             flow: (flow.state, flow.revision),
@@ -201,7 +204,7 @@ struct Snapshot {
     listed: Option<FlowState>,
     /// B among the agents' keys, and its record's revision.
     b_registered: (bool, u64),
-    /// The revision of B's last recorded heartbeat.
+    /// When the allocator last heard B's heartbeat.
     b_beat: Option<u64>,
     /// The sequence of the last report stored on B's report subject.
     b_reports: Option<u64>,

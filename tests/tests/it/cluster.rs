@@ -145,8 +145,9 @@ async fn a_flow_survives_losing_a_node_and_the_node_rejoins() {
     let client = Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
     let mut losses = watch_losses(&nats).await;
     // Losing a node stalls the streams it led until their leaders are
-    // elected elsewhere: seconds in which no heartbeat is recorded. The
-    // allocator counts that stall as an outage, so the demo agent's 1 s
+    // elected elsewhere, and cuts off the connections it served: seconds in
+    // which heartbeats sent through it are heard by no allocator. The
+    // allocators count the stall as an outage, so the demo agent's 1 s
     // interval (lost after 3 s) holds.
     let (stop, agent) = demo_agent(&cfg).await;
 
@@ -163,14 +164,15 @@ async fn a_flow_survives_losing_a_node_and_the_node_rejoins() {
     })
     .await;
 
-    // The heartbeat bucket's leader: heartbeats cannot be recorded until a
-    // new one is elected, the stall the allocator must not take for silence.
+    // The agents' bucket's leader: until a new one is elected no transition
+    // can be written, and the allocators must not take the election's
+    // silence (agents on the killed node reconnecting) for agents lost.
     let js = jetstream::new(nats.clone());
     let leader = eventually(
         Duration::from_secs(10),
-        "the heartbeats' leader",
+        "the agents' bucket's leader",
         || async {
-            let mut stream = js.get_stream("KV_coord_heartbeats").await.ok()?;
+            let mut stream = js.get_stream("KV_coord_agents").await.ok()?;
             let leader = stream.info().await.ok()?.cluster.clone()?.leader?;
             leader.strip_prefix('n')?.parse::<usize>().ok()
         },

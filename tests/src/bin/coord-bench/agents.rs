@@ -8,8 +8,10 @@
 //! one at a time (capacity cpu=1, as the fleet did).
 //!
 //! Printed per count: the join's wall time; the heartbeat path's latency
-//! (a heartbeat published until its record shows in `coord_heartbeats`,
-//! seen through a watch) while idle and during the flow; the flow's tasks/s;
+//! (a heartbeat published until the allocator has heard it: the time it
+//! recorded, read back once a second from its capacity reply, against the
+//! time of publishing, on the one clock of this machine, to the ms) while
+//! idle and during the flow; the flow's tasks/s;
 //! and how many `agent.lost` events were published for agents that never
 //! stopped (falsely lost). The services run in-process, one replica each.
 //! With `--svg-dir`, the flow's rate and the heartbeat path's p99 are drawn
@@ -63,11 +65,31 @@ struct Point {
     lost: usize,
 }
 
-/// Heartbeats in flight (agent → when published) and the latencies seen.
+/// When each agent's last two heartbeats were published (ms since the
+/// epoch), what the allocator last said it heard, and the latencies seen.
 #[derive(Default)]
 struct Beats {
-    sent: HashMap<String, Instant>,
+    sent: HashMap<AgentId, [u64; 2]>,
+    heard: HashMap<AgentId, u64>,
     seen: Vec<Duration>,
+}
+
+impl Beats {
+    /// Takes one capacity reply's heartbeats: each newly heard one is
+    /// matched with the last beat published before it was heard.
+    fn heard(&mut self, heard: std::collections::BTreeMap<AgentId, u64>) {
+        for (agent, at) in heard {
+            if self.heard.insert(agent.clone(), at) == Some(at) {
+                continue;
+            }
+            let Some(sent) = self.sent.get(&agent) else {
+                continue;
+            };
+            if let Some(s) = sent.iter().filter(|s| **s > 0 && **s <= at).max() {
+                self.seen.push(Duration::from_millis(at - s));
+            }
+        }
+    }
 }
 
 /// Runs the curve against the server at `url`; `setting` names its
@@ -168,7 +190,7 @@ fn write_charts(
             Chart {
                 title: format!("Heartbeat path p99 against agents ({setting})"),
                 x_label: "agents".into(),
-                y_label: "ms, publish to stored".into(),
+                y_label: "ms, publish to heard".into(),
                 log_x: true,
                 series: vec![
                     Series {
@@ -227,18 +249,14 @@ async fn point(
         }
     });
     let beats = Arc::new(Mutex::new(Beats::default()));
-    let js = jetstream::new(nats.clone());
-    let bucket = js
-        .get_key_value(common::nats::KV_HEARTBEATS)
-        .await
-        .context("heartbeat bucket")?;
-    let mut watch_beats = bucket.watch_all().await?;
-    let seen = beats.clone();
+    let (seen, asker) = (beats.clone(), common::Client::new(nats.clone()));
     let beat_task = tokio::spawn(async move {
-        while let Some(Ok(entry)) = watch_beats.next().await {
-            if let Ok(mut b) = seen.lock() {
-                if let Some(sent) = b.sent.remove(&entry.key) {
-                    b.seen.push(sent.elapsed());
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Ok(cap) = asker.capacity(&Default::default()).await {
+                if let Ok(mut b) = seen.lock() {
+                    b.heard(cap.last_heartbeat_ms);
                 }
             }
         }
@@ -391,7 +409,8 @@ async fn heartbeat(
             return;
         };
         if let Ok(mut b) = beats.lock() {
-            b.sent.insert(id.to_string(), Instant::now());
+            let sent = b.sent.entry(id.clone()).or_default();
+            *sent = [sent[1], beat.at_ms];
         }
         let _ = conn.publish(to.clone(), body.into()).await;
     }
