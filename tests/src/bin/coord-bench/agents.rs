@@ -262,31 +262,32 @@ async fn point(
         }
     });
 
-    // The join storm.
+    // The join storm. Each agent heartbeats from the moment it has
+    // registered, as a real one does, not from when the last has joined.
     let beat = Duration::from_millis(a.agents_beat_ms);
-    let started = Instant::now();
-    let consumers: Vec<consumer::PullConsumer> = futures::stream::iter(ids.iter().enumerate())
-        .map(|(i, id)| join(&conns[i % CONNECTIONS], id, beat))
-        .buffered(JOINING_AT_ONCE)
-        .try_collect()
-        .await?;
-    let join_time = started.elapsed();
-
     let (stop, stopped) = watch::channel(false);
     let mut running = Vec::new();
-    for (i, (id, consumer)) in ids.iter().zip(consumers).enumerate() {
-        let conn = conns[i % CONNECTIONS].clone();
-        let offset = beat.mul_f64(i as f64 / n as f64);
-        running.push(tokio::spawn(heartbeat(
-            conn.clone(),
-            id.clone(),
-            beat,
-            offset,
-            beats.clone(),
-            stopped.clone(),
-        )));
+    let started = Instant::now();
+    let joined: Vec<(consumer::PullConsumer, tokio::task::JoinHandle<()>)> =
+        futures::stream::iter(ids.iter().enumerate())
+            .map(|(i, id)| {
+                let beating = Beating {
+                    every: beat,
+                    offset: beat.mul_f64(i as f64 / n as f64),
+                    beats: beats.clone(),
+                    stop: stopped.clone(),
+                };
+                join(&conns[i % CONNECTIONS], id, beating)
+            })
+            .buffered(JOINING_AT_ONCE)
+            .try_collect()
+            .await?;
+    let join_time = started.elapsed();
+
+    for (i, (id, (consumer, beating))) in ids.iter().zip(joined).enumerate() {
+        running.push(beating);
         running.push(tokio::spawn(work(
-            conn,
+            conns[i % CONNECTIONS].clone(),
             id.clone(),
             consumer,
             stopped.clone(),
@@ -346,13 +347,22 @@ fn take_seen(beats: &Mutex<Beats>) -> Vec<Duration> {
     seen
 }
 
-/// Registers one agent (cpu=1) and makes its assignments consumer, as the
-/// protocol page's agent does.
+/// How a joined agent heartbeats (see [`heartbeat`]).
+struct Beating {
+    every: Duration,
+    offset: Duration,
+    beats: Arc<Mutex<Beats>>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Registers one agent (cpu=1), starts its heartbeats and makes its
+/// assignments consumer, as the protocol page's agent does.
 async fn join(
     conn: &async_nats::Client,
     id: &AgentId,
-    beat: Duration,
-) -> anyhow::Result<consumer::PullConsumer> {
+    beating: Beating,
+) -> anyhow::Result<(consumer::PullConsumer, tokio::task::JoinHandle<()>)> {
+    let beat = beating.every;
     let client = common::Client::new(conn.clone());
     client
         .register_agent(&RegisterAgent {
@@ -364,6 +374,20 @@ async fn join(
         })
         .await
         .map_err(|e| anyhow::anyhow!("{id} not registered: {e}"))?;
+    let Beating {
+        every,
+        offset,
+        beats,
+        stop,
+    } = beating;
+    let beats = tokio::spawn(heartbeat(
+        conn.clone(),
+        id.clone(),
+        every,
+        offset,
+        beats,
+        stop,
+    ));
     let stream = jetstream::new(conn.clone())
         .get_stream_no_info(common::nats::STREAM_ASSIGN)
         .await?;
@@ -381,7 +405,7 @@ async fn join(
         )
         .await
         .with_context(|| format!("{id}: assignments consumer"))?;
-    Ok(consumer)
+    Ok((consumer, beats))
 }
 
 /// Heartbeats every `every`, the first after `offset`.
