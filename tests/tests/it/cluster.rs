@@ -1,5 +1,5 @@
 //! On a 3-node JetStream cluster, with every stream and bucket on all three
-//! nodes: losing one node mid-flow (the heartbeat bucket's leader) costs
+//! nodes: losing one node mid-flow (the agents' bucket's leader) costs
 //! nothing (the flow completes on the other two, no agent heartbeating every
 //! second is declared lost during the failover, and the node brought back
 //! catches up as a current replica); a
