@@ -156,7 +156,8 @@ proptest! {
                 Op::Tick(dt) => {
                     now += dt;
                     for a in &mut agents {
-                        a.expire(now, 10);
+                        let said = a.has_expired(now, 10);
+                        prop_assert_eq!(said, !a.expire(now, 10).is_empty());
                     }
                 }
                 Op::Shrink(i, cpu) => {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::msg::EventKind;
 use common::nats::{self as bus, Step};
+use futures::StreamExt;
 
 use super::Allocator;
 use crate::machine::{AgentRecord, Expired};
@@ -18,6 +19,8 @@ use crate::machine::{AgentRecord, Expired};
 /// How much later than its interval a sweep may come before the gap counts
 /// as this replica's own pause.
 const PAUSE_SLACK: Duration = Duration::from_millis(1_000);
+/// Silent agents judged at once by one sweep (each a compare-and-set).
+const LOSING_AT_ONCE: usize = 16;
 
 impl Allocator {
     pub(super) async fn sweep_forever(self: Arc<Self>, every_ms: u64) {
@@ -48,32 +51,40 @@ impl Allocator {
 
     async fn sweep(&self) {
         let now = common::now_ms();
-        for rec in self.records() {
+        let mut silent = Vec::new();
+        for rec in self.shared_records() {
             let heard = self
                 .last_beat(&rec.agent_id)
                 .max(self.outages.last_down_ms());
             if rec.lost_at(heard, now).is_some() {
-                self.lose(&rec).await;
+                silent.push(rec.clone());
             }
-            let mut probe = rec.clone();
-            if !probe.expire(now, self.gang_deadline_ms).is_empty() {
+            if rec.has_expired(now, self.gang_deadline_ms) {
                 self.expire(&rec).await;
             }
             if rec.retire_at(self.agent_retention_ms, now) {
                 self.retire(&rec).await;
             }
         }
+        if !silent.is_empty() {
+            // Give the outage watcher a poll first: if this replica was just
+            // paused, the watcher counts the pause before the silent are
+            // judged on. Once for all of them: a rack of agents gone at once
+            // is declared lost in one sweep, not one poll apart each.
+            tokio::time::sleep(common::nats::Outages::POLL * 2).await;
+            futures::stream::iter(&silent)
+                .for_each_concurrent(LOSING_AT_ONCE, |rec| self.lose(rec))
+                .await;
+        }
         self.sweep_quotas().await;
     }
 
-    /// Marks the agent lost if, on fresh data, it still has missed its heartbeats.
+    /// Marks the agent lost if, on fresh data, it still has missed its
+    /// heartbeats (the sweep gives the outage watcher a poll first).
     /// Time this replica spent disconnected or paused, or saw the agents'
     /// bucket stalled, counts as heard from: a NATS outage or a cluster's failover
     /// silences every agent at once, and must not make them all lost.
     async fn lose(&self, rec: &AgentRecord) {
-        // Give the outage watcher a poll first: if this replica was just
-        // paused, the watcher counts the pause before it is judged on.
-        tokio::time::sleep(common::nats::Outages::POLL * 2).await;
         let beat = self.last_beat(&rec.agent_id);
         let heard = beat.max(self.outages.last_down_ms());
         let now = common::now_ms();
