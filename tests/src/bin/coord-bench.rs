@@ -351,8 +351,8 @@ impl System {
         Ok(system)
     }
 
-    /// Stops the agents, takes them out of the pool (a stopped agent is not
-    /// deregistered by itself, and the next round must not be placed on it),
+    /// Stops the agents, has each leave (the next round must not be placed
+    /// on them, nor judge them lost while it runs),
     /// deletes their durable assignment consumers (they outlive the agent,
     /// and the server refuses new ones after about a thousand), then stops
     /// the services.
@@ -370,7 +370,7 @@ impl System {
         let ids: Vec<&AgentId> = self.ids.iter().chain(others).collect();
         let client = common::Client::new(nats.clone());
         let mut gone = futures::stream::iter(ids.iter().copied())
-            .map(|id| client.deregister_agent(id))
+            .map(|id| client.leave_agent(id))
             .buffer_unordered(64);
         while gone.next().await.is_some() {}
         let js = jetstream::new(nats.clone());
