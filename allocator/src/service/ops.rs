@@ -90,9 +90,12 @@ impl Allocator {
         if let Some(r) = &req.requirements {
             check_requirements(r)?;
         }
-        let records = self.records();
+        // Read in place: nothing here writes, and at ten thousand agents a
+        // copy of every record per request (the monitor asks every few
+        // seconds) is work for nothing.
+        let records = self.shared_records();
         let mut status = machine::capacity_status(
-            &records,
+            records.iter().map(|r| &**r),
             req.requirements.as_ref(),
             req.owner.as_deref(),
             common::now_ms(),
