@@ -127,12 +127,9 @@ impl Expired {
 }
 
 impl AgentRecord {
-    /// Ends reservations whose window is over (with what drew from them) and
-    /// rolls back gang members still pending `pending_deadline_ms` after booking.
     /// Whether [`Self::expire`] at `now_ms` would take anything. The sweep
     /// asks it of every agent each tick and copies a record only to expire
-    /// it: at ten thousand agents a copy of each per tick was most of the
-    /// sweep's work.
+    /// it, not ten thousand copies per tick for nothing.
     pub fn has_expired(&self, now_ms: u64, pending_deadline_ms: u64) -> bool {
         self.reservations.values().any(|r| r.end_ms <= now_ms)
             || self.allocations.values().any(|a| {
@@ -144,6 +141,8 @@ impl AgentRecord {
             })
     }
 
+    /// Ends reservations whose window is over (with what drew from them) and
+    /// rolls back gang members still pending `pending_deadline_ms` after booking.
     pub fn expire(&mut self, now_ms: u64, pending_deadline_ms: u64) -> Expired {
         let over: Vec<Reservation> = self
             .reservations

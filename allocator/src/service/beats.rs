@@ -17,7 +17,7 @@ use std::sync::Arc;
 use common::{subject, AgentId};
 use futures::StreamExt;
 
-use super::{cache, Allocator, STALL_AFTER};
+use super::{Allocator, STALL_AFTER};
 
 /// The least time between two heartbeats of one agent that are both recorded
 /// (see [`Allocator::admit_beat`]).
@@ -51,13 +51,8 @@ impl Allocator {
         if !self.admit_beat(&agent, interval, now) {
             return;
         }
-        let beat = serde_json::from_slice::<common::msg::Heartbeat>(&msg.payload).ok();
-        let record = cache::Beat {
-            agent_id: agent.clone(),
-            at_ms: now,
-            running: beat.map(|b| b.running).unwrap_or(0),
-        };
-        self.beats.remember(agent, record, now);
+        // Only the arrival counts: nothing in the body is needed to judge.
+        self.beats.remember(agent, now, now);
     }
 
     /// Whether a heartbeat of `agent` arriving at `now` is recorded: not if
@@ -66,7 +61,7 @@ impl Allocator {
     /// is never held back; a flood is, and is counted and now and then logged.
     fn admit_beat(&self, agent: &AgentId, interval_ms: u64, now: u64) -> bool {
         let gap = (interval_ms / 4).max(MIN_BEAT_GAP_MS);
-        let last = self.beats.get(agent).map_or(0, |(b, _)| b.at_ms);
+        let last = self.beats.get(agent).map_or(0, |(at, _)| at);
         if now.saturating_sub(last) >= gap || last > now {
             return true;
         }
@@ -92,7 +87,7 @@ impl Allocator {
     /// The last heartbeat this replica heard from `agent` (ms since the
     /// epoch, 0 if none).
     pub(super) fn last_beat(&self, agent: &AgentId) -> u64 {
-        self.beats.get(agent).map_or(0, |(b, _)| b.at_ms)
+        self.beats.get(agent).map_or(0, |(at, _)| at)
     }
 
     /// Asks the agents' bucket's leader for its state every `every_ms`, so

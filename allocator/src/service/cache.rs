@@ -11,17 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use common::{AgentId, Error};
 use futures::StreamExt;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
-
-/// The last heartbeat of one agent, as a replica heard it (see [`super::beats`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct Beat {
-    pub(crate) agent_id: AgentId,
-    /// When a replica recorded it (its clock, ms since the epoch).
-    pub(crate) at_ms: u64,
-    #[serde(default)]
-    pub(crate) running: u32,
-}
+use serde::de::DeserializeOwned;
 
 /// Values by agent id with the KV revision they were read at. Shared, so a
 /// snapshot of every agent costs a pointer per agent, not a copy of each

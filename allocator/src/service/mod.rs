@@ -96,9 +96,9 @@ const STALL_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
 pub(crate) struct Allocator {
     agents: kv::Store,
     cache: cache::Cache<AgentRecord>,
-    /// The last heartbeat heard from each registered agent (see [`beats`]),
-    /// by the time it was heard.
-    beats: cache::Cache<cache::Beat>,
+    /// When this replica last heard each registered agent's heartbeat (ms
+    /// since the epoch; see [`beats`]).
+    beats: cache::Cache<u64>,
     /// Heartbeats dropped for arriving too soon after the last one recorded.
     beats_dropped: std::sync::atomic::AtomicU64,
     /// When dropped heartbeats were last logged (ms since the epoch).
