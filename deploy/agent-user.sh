@@ -18,14 +18,10 @@
 # acknowledgements, (de)registration, leave and state requests (the services
 # refuse a body naming another agent there), its own events
 # (`coord.agents.{id}.events.{type}`), reads of any agent's state
-# (`coord.sync.state.get`/`history`, read-only), the JetStream API calls on its
-# own durable consumer `agent-{id}` (info, pull, acknowledge, delete: an agent
-# restarted after dying mid-task makes it afresh so its unacknowledged
-# assignments are delivered again at once), and its cancel notices, report
-# verdicts, sync notices and `agent.lost` events. Creating the consumer and
-# reading the assignment stream's info are answered by the allocator, which
-# makes only a pull consumer on the agent's own subject: clients call the
-# usual JetStream API subjects and need no option.
+# (`coord.sync.state.get`/`history`, read-only), and its assignments, cancel
+# notices, report verdicts, sync notices and `agent.lost` events. No JetStream
+# API: a report is a publish on the agent's own subject that the COORD
+# account's stream stores and acknowledges.
 #
 # The shared write subjects (`coord.agents.register`, `coord.sync.state.put`,
 # …) name the agent only in the JSON, so they are not imported. Replies come
@@ -60,11 +56,6 @@ done
 svc() {
     printf '      { service: { account: COORD, subject: "%s" } }\n' "$1"
 }
-# A JetStream API subject answered by the allocator: the agent's client calls
-# the usual subject, the import carries it to the allocator's.
-via() {
-    printf '      { service: { account: COORD, subject: "%s" }, to: "%s" }\n' "$1" "$2"
-}
 str() {
     printf '      { stream: { account: COORD, subject: "%s" } }\n' "$1"
 }
@@ -80,18 +71,11 @@ cat <<USER
           "coord.agents.$id.state.get", "coord.agents.$id.state.put",
           "coord.agents.$id.state.delete", "coord.agents.$id.state.history",
           "coord.agents.$id.events.*",
-          "coord.sync.state.get", "coord.sync.state.history",
-          "\$JS.API.STREAM.INFO.COORD_ASSIGN",
-          "\$JS.API.CONSUMER.INFO.COORD_ASSIGN.agent-$id",
-          "\$JS.API.CONSUMER.CREATE.COORD_ASSIGN.agent-$id",
-          "\$JS.API.CONSUMER.CREATE.COORD_ASSIGN.agent-$id.coord.agents.$id.assign",
-          "\$JS.API.CONSUMER.DURABLE.CREATE.COORD_ASSIGN.agent-$id",
-          "\$JS.API.CONSUMER.DELETE.COORD_ASSIGN.agent-$id",
-          "\$JS.API.CONSUMER.MSG.NEXT.COORD_ASSIGN.agent-$id",
-          "\$JS.ACK.COORD_ASSIGN.agent-$id.>"
+          "coord.sync.state.get", "coord.sync.state.history"
         ] }
         subscribe: { allow: [
-          "_INBOX_$id.>", "coord.agents.$id.cancel", "coord.agents.$id.rejected", "coord.agents.$id.sync",
+          "_INBOX_$id.>", "coord.agents.$id.assign", "coord.agents.$id.cancel",
+          "coord.agents.$id.rejected", "coord.agents.$id.sync",
           "coord.events.agent.lost"
         ] }
     } } ]
@@ -107,18 +91,7 @@ done
 svc "coord.agents.$id.events.*"
 svc "coord.sync.state.get"
 svc "coord.sync.state.history"
-svc "\$JS.API.CONSUMER.INFO.COORD_ASSIGN.agent-$id"
-svc "\$JS.API.CONSUMER.DELETE.COORD_ASSIGN.agent-$id"
-svc "\$JS.API.CONSUMER.MSG.NEXT.COORD_ASSIGN.agent-$id"
-svc "\$JS.ACK.COORD_ASSIGN.agent-$id.>"
-via "coord.agents.$id.consumer.create" "\$JS.API.CONSUMER.CREATE.COORD_ASSIGN.agent-$id.coord.agents.$id.assign"
-via "coord.agents.$id.consumer.create" "\$JS.API.CONSUMER.CREATE.COORD_ASSIGN.agent-$id"
-via "coord.agents.$id.consumer.create" "\$JS.API.CONSUMER.DURABLE.CREATE.COORD_ASSIGN.agent-$id"
-via "coord.agents.$id.assign.info" "\$JS.API.STREAM.INFO.COORD_ASSIGN"
-# Without an import of \$JS.API.INFO the server answers the whole \$JS.API of an
-# account without JetStream itself, ahead of the imports above.
-via "coord.agents.$id.account.info" "\$JS.API.INFO"
-for s in cancel rejected sync; do
+for s in assign cancel rejected sync; do
     str "coord.agents.$id.$s"
 done
 str "coord.events.agent.lost"

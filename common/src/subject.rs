@@ -74,24 +74,6 @@ pub fn agent_deregister(agent: &AgentId) -> String {
     format!("coord.agents.{agent}.deregister")
 }
 
-/// Every agent's request to make its assignment consumer (the allocator's
-/// endpoint). On an isolating server an agent's account imports it as
-/// `$JS.API.CONSUMER.CREATE.COORD_ASSIGN.agent-{id}…`, so the agent's client
-/// calls the usual JetStream subject and the allocator makes the consumer:
-/// a pull consumer on the agent's own assignments, whatever the request asks.
-pub const CONSUMER_CREATE_ALL: &str = "coord.agents.*.consumer.create";
-/// Every agent's request for the assignment stream's info (the allocator's
-/// endpoint; imported as `$JS.API.STREAM.INFO.COORD_ASSIGN`): the stream's
-/// info without its per-subject counts, which would list every agent.
-pub const ASSIGN_INFO_ALL: &str = "coord.agents.*.assign.info";
-
-/// Every agent's JetStream account info request (the allocator's endpoint;
-/// imported as `$JS.API.INFO`): answered "not available". An agent's account
-/// has no JetStream of its own, and without an import of that subject the
-/// server would answer the agent's whole JetStream API itself ("not enabled
-/// for account"), overshadowing the imports of its own consumer.
-pub const ACCOUNT_INFO_ALL: &str = "coord.agents.*.account.info";
-
 /// Every agent's own leave subject (the allocators' endpoint).
 pub const AGENT_LEAVE_ALL: &str = "coord.agents.*.leave";
 
@@ -274,15 +256,18 @@ pub const MONITOR_VALIDATE: &str = "coord.monitor.validate";
 /// Health, key metrics, anomalies and validation in one document.
 pub const MONITOR_REPORT: &str = "coord.monitor.report";
 /// What the monitor subscribes to: every subject that is not a request to a
-/// service. Request subjects are left out so that a request to a service that
-/// is down meets no interest and fails at once with "no responders"; the
-/// monitor counts them from the services' `$SRV.STATS` instead. The agent
-/// subjects are listed one suffix at a time because `coord.agents.*.>` would
-/// match the per-agent requests (`register`, `state.get`, …).
+/// service nor an agent's assignments. Request subjects are left out so that
+/// a request to a service that is down meets no interest and fails at once
+/// with "no responders"; the monitor counts them from the services'
+/// `$SRV.STATS` instead. Assignment subjects likewise: the allocator finds
+/// whether an agent listens by the server's "no responders" there, which a
+/// subscriber to every agent's would hide; the monitor counts assignments
+/// from the `task.assigned` events. The agent subjects are listed one suffix
+/// at a time because `coord.agents.*.>` would match the per-agent requests
+/// (`register`, `state.get`, …).
 pub const MONITOR_INTAKE: &[&str] = &[
     EVENTS_ALL,
     HEARTBEAT_ALL,
-    ASSIGN_ALL,
     REPORT_ALL,
     "coord.agents.*.cancel",
     // Report rejections (orchestrator → agent).
@@ -305,7 +290,7 @@ pub const SRV_STATS: &str = "$SRV.STATS";
 
 /// Heartbeats of every agent (the allocator's subscription).
 pub const HEARTBEAT_ALL: &str = "coord.agents.*.heartbeat";
-/// Assignments to every agent (the assignment stream's subjects).
+/// Assignments to every agent.
 pub const ASSIGN_ALL: &str = "coord.agents.*.assign";
 /// Reports of every agent (the report stream's subjects).
 pub const REPORT_ALL: &str = "coord.agents.*.report";
@@ -317,7 +302,8 @@ pub fn heartbeat(agent: &AgentId) -> String {
     format!("coord.agents.{agent}.heartbeat")
 }
 
-/// An agent's assignments (JetStream, durable per agent, orchestrator → agent).
+/// An agent's assignments (core publish, orchestrator → agent; sent again
+/// until the attempt's `started` is stored, so delivery is at least once).
 pub fn assign(agent: &AgentId) -> String {
     format!("coord.agents.{agent}.assign")
 }
@@ -326,6 +312,10 @@ pub fn assign(agent: &AgentId) -> String {
 pub fn report(agent: &AgentId) -> String {
     format!("coord.agents.{agent}.report")
 }
+
+/// The header of the allocator's empty message on an agent's assignment
+/// subject that finds whether anyone listens there ("no responders" if not).
+pub const PROBE_HEADER: &str = "Coord-Probe";
 
 /// Tells an agent to stop working on an attempt (core publish, orchestrator → agent).
 pub fn cancel(agent: &AgentId) -> String {

@@ -1,31 +1,33 @@
 //! The agent runtime: everything an agent process does besides its actual work.
 //!
-//! It registers with the allocator (retrying until one answers), heartbeats in
-//! the background, takes assignments from its durable JetStream subject, runs
-//! the handler with bounded concurrency, and reports `completed` or `failed`
-//! (after `started` if the handler runs past the start grace) with the attempt
-//! number so the orchestrator can fence stale attempts. An assignment is acked only after its final report is stored, so a
-//! crash mid-task means redelivery rather than a lost task. A cancel notice on
+//! It listens on its assignment subject, hands back what an earlier run of
+//! it held (a leave before it registers: that run died mid-task), registers
+//! with the allocator (retrying until one answers), heartbeats in the
+//! background, runs the handler with bounded concurrency, and reports
+//! `completed` or `failed` (after `started` if the handler runs past the
+//! start grace) with the attempt number so the orchestrator can fence stale
+//! attempts. An assignment comes again until its `started` is stored, so a
+//! repeat of an attempt held or ended is ignored. A cancel notice on
 //! `coord.agents.{id}.cancel` aborts the handler of that attempt.
 //!
 //! On shutdown the agent leaves cleanly: it drains (no new placements, at
-//! once in every allocator replica), takes and runs what was already stored
-//! for it, waits for its running tasks up to `leave_grace`, then leaves
-//! (`left`, never `lost`): whatever is still running is handed back. Report
-//! verdicts (`coord.agents.{id}.rejected`) are logged, and sync notices are
+//! once in every allocator replica), still takes what was placed before the
+//! drain, waits for its tasks up to `leave_grace`, then leaves (`left`,
+//! never `lost`): whatever is still running is handed back. Report verdicts
+//! (`coord.agents.{id}.rejected`) are logged, and sync notices are
 //! acknowledged unless `follow_sync` is off, so sync points complete.
 //!
-//! A NATS outage is ridden out: the client reconnects on its own, the durable
-//! consumer carries on where it was, reports and acks are retried until the
-//! server has them, and the agent registers again after every reconnect (if
-//! it was declared lost meanwhile, the event saying so may have been missed).
+//! A NATS outage is ridden out: the client reconnects and subscribes again
+//! on its own, reports are retried until the server has them, assignments
+//! missed meanwhile come again, and the agent registers again after every
+//! reconnect (if it was declared lost meanwhile, the event saying so may
+//! have been missed).
 
 mod attempt;
 mod events;
-mod pull;
 mod sync;
+use attempt::{claim, work, Attempt, Finished, InFlight, Slot};
 pub use attempt::{progress, report, DELIVERY_DEADLINE, START_GRACE};
-use attempt::{work, Attempt, Finished, InFlight, Slot};
 pub use events::publish_event;
 pub use sync::SyncFollower;
 
@@ -35,11 +37,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use common::msg::{Assignment, CancelNotice, Heartbeat, RegisterAgent};
-use common::nats::{self as bus, Stream};
+use common::nats as bus;
 use common::{subject, telemetry, AgentId, Client, Error, ErrorCode};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -112,14 +114,9 @@ impl<E: std::fmt::Display> From<E> for TaskFailure {
     }
 }
 
-/// The durable consumer name of an agent's assignments.
-pub fn consumer_name(agent: &AgentId) -> String {
-    bus::agent_consumer(agent)
-}
-
 /// The reply-subject prefix of an agent's connection (`_INBOX_{id}`; see
 /// `NatsConfig::nats_inbox_prefix`): where a server isolating agents lets this
-/// agent, and only it, receive replies and pulled assignments.
+/// agent, and only it, receive replies.
 pub fn inbox_prefix(agent: &AgentId) -> String {
     format!("_INBOX_{agent}")
 }
@@ -140,6 +137,35 @@ where
     let js = jetstream::new(nats.clone());
     tokio::pin!(shutdown);
 
+    // Listening before registering: the allocator places work only on an
+    // agent it finds listening.
+    let mut assignments = nats
+        .subscribe(subject::assign(&opts.agent_id))
+        .await
+        .map_err(|e| Error::unavailable("subscribe to assignments", e))?;
+    // What an earlier run of this agent held died with it: handed back now
+    // (run again at once, not counted as failures) rather than when its
+    // leases run out.
+    loop {
+        match client.leave_agent(&opts.agent_id).await {
+            Ok(_) => {
+                tracing::info!(agent = %opts.agent_id, "an earlier run's work handed back");
+                break;
+            }
+            Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                tracing::info!(agent = %opts.agent_id, "waiting for the allocator");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+            // Never registered (or retired): nothing to hand back.
+            Err(_) => break,
+        }
+    }
+    // Whatever came before the leave was answered is the earlier run's,
+    // handed back with it.
+    while let Some(Some(_)) = assignments.next().now_or_never() {}
     let registration = RegisterAgent {
         agent_id: opts.agent_id.clone(),
         capabilities: opts.capabilities.clone(),
@@ -293,47 +319,41 @@ where
         running.clone(),
     ));
 
-    let stream = bus::ensure_stream(&js, Stream::Assign, 1).await?;
-    let name = consumer_name(&opts.agent_id);
-    // Deliveries nobody acknowledged went to an earlier run of this agent that
-    // died mid-task. Until their ack wait (minutes) ends they count against
-    // `max_ack_pending` and hold back this run's assignments, so the consumer
-    // is made afresh: the stream is a work queue, its messages stay, and the
-    // new consumer delivers them at once (a stale attempt's reports are fenced).
-    if let Ok(info) = stream.consumer_info(&name).await {
-        if info.num_ack_pending > 0 {
-            tracing::info!(agent = %opts.agent_id, pending = info.num_ack_pending, "assignments of an earlier run unacknowledged, delivering them again");
-            stream
-                .delete_consumer(&name)
-                .await
-                .map_err(|e| Error::unavailable(format_args!("delete consumer {name}"), e))?;
+    let workers = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    // Claims one assignment and runs it on a task of its own (waiting there
+    // for a worker); a repeat, or anything that is not an assignment for this
+    // agent, is dropped.
+    let take = |msg: async_nats::Message| {
+        if msg
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(subject::PROBE_HEADER).is_some())
+        {
+            return;
         }
-    }
-    let mut messages = pull::Assignments::open(
-        stream.clone(),
-        consumer::pull::Config {
-            durable_name: Some(name.clone()),
-            filter_subject: subject::assign(&opts.agent_id),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(300),
-            max_ack_pending: opts.concurrency.max(1) as i64,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let limit = Arc::new(Semaphore::new(opts.concurrency.max(1)));
-    let permits = opts.concurrency.max(1) as u32;
-
-    // Runs one delivered assignment on a worker of its own.
-    let take = |msg: jetstream::Message, permit: tokio::sync::OwnedSemaphorePermit| {
-        let span = telemetry::consumer_span(&msg.subject, msg.headers.as_ref());
-        let (js, handler, running, me) = (
-            js.clone(),
-            handler.clone(),
-            running.clone(),
-            opts.agent_id.clone(),
+        let assignment: Assignment = match serde_json::from_slice(&msg.payload) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable assignment dropped");
+                return;
+            }
+        };
+        if assignment.agent_id != opts.agent_id {
+            tracing::warn!(to = %assignment.agent_id, "assignment for another agent dropped");
+            return;
+        }
+        let key = (
+            assignment.flow_id.clone(),
+            assignment.task_id.clone(),
+            assignment.attempt,
         );
-        let (in_flight, finished) = (in_flight.clone(), finished.clone());
+        if !claim(&in_flight, &finished, &key) {
+            tracing::debug!(flow = %key.0, task = %key.1, attempt = key.2, "repeat of an attempt held or ended");
+            return;
+        }
+        let span = telemetry::consumer_span(&msg.subject, msg.headers.as_ref());
+        let (js, handler, running) = (js.clone(), handler.clone(), running.clone());
+        let (in_flight, finished, workers) = (in_flight.clone(), finished.clone(), workers.clone());
         let grace = opts.start_grace;
         tokio::spawn(
             async move {
@@ -341,34 +361,26 @@ where
                 let at = Attempt {
                     in_flight: &in_flight,
                     finished: &finished,
+                    workers: &workers,
                     grace,
                 };
-                work(&js, &me, msg, handler, at).await;
+                work(&js, assignment, handler, at).await;
                 running.fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
             }
             .instrument(span),
         );
     };
 
     let leaving = loop {
-        let msg = tokio::select! {
+        tokio::select! {
             _ = &mut shutdown => break true,
-            msg = messages.next() => msg,
-        };
-        let msg = match msg {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "assignment stream error");
-                continue;
-            }
-        };
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            break false;
-        };
-        take(msg, permit);
+            msg = assignments.next() => match msg {
+                Some(msg) => take(msg),
+                None => break false,
+            },
+        }
     };
-    let mut left = false;
+    let held = || in_flight.lock().map(|m| m.len()).unwrap_or(0);
     if leaving {
         // Drain: no new placements from here on, in every allocator replica.
         let grace = tokio::time::Instant::now() + opts.leave_grace;
@@ -376,44 +388,32 @@ where
             Ok(_) => tracing::info!(agent = %opts.agent_id, "draining"),
             Err(e) => tracing::warn!(agent = %opts.agent_id, error = %e, "drain not confirmed"),
         }
-        // What was placed before the drain is stored for this agent: take it
-        // while the grace lasts.
+        // What was placed before the drain may still arrive: taken, and
+        // everything held gets the grace to finish.
+        let mut check = tokio::time::interval(Duration::from_millis(50));
         loop {
-            let pending = stream
-                .consumer_info(&name)
-                .await
-                .map(|i| i.num_pending)
-                .unwrap_or(0);
-            if pending == 0 || tokio::time::Instant::now() >= grace {
-                break;
-            }
-            let next = tokio::select! {
+            tokio::select! {
                 _ = tokio::time::sleep_until(grace) => break,
-                msg = tokio::time::timeout(Duration::from_millis(200), messages.next()) => msg,
-            };
-            if let Ok(Ok(msg)) = next {
-                let permit = tokio::select! {
-                    _ = tokio::time::sleep_until(grace) => break,
-                    p = limit.clone().acquire_owned() => p,
-                };
-                let Ok(permit) = permit else { break };
-                take(msg, permit);
+                msg = assignments.next() => match msg {
+                    Some(msg) => take(msg),
+                    None => break,
+                },
+                _ = check.tick() => if held() == 0 { break },
             }
         }
-        // Running tasks get the rest of the grace; what is still running then
-        // is handed back by the leave.
-        let finished_in_time = tokio::select! {
-            _ = limit.acquire_many(permits) => true,
-            _ = tokio::time::sleep_until(grace) => false,
-        };
-        if !finished_in_time {
+        if held() > 0 {
+            // Handed back by the leave: those waiting never start, those
+            // running are stopped.
             let handles: Vec<_> = in_flight
                 .lock()
-                .map(|m| {
-                    m.values()
+                .map(|mut m| {
+                    m.values_mut()
                         .filter_map(|s| match s {
                             Slot::Running(h) => Some(h.clone()),
-                            _ => None,
+                            slot => {
+                                *slot = Slot::Cancelled;
+                                None
+                            }
                         })
                         .collect()
                 })
@@ -422,18 +422,23 @@ where
             for h in handles {
                 h.abort();
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), limit.acquire_many(permits)).await;
+            workers.close();
+            let stopped = async {
+                while held() > 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), stopped).await;
         }
         match client.leave_agent(&opts.agent_id).await {
-            Ok(_) => {
-                left = true;
-                tracing::info!(agent = %opts.agent_id, "left");
-            }
+            Ok(_) => tracing::info!(agent = %opts.agent_id, "left"),
             Err(e) => tracing::warn!(agent = %opts.agent_id, error = %e, "leave not confirmed"),
         }
     } else {
-        // Let in-flight tasks finish and report before going away.
-        let _ = limit.acquire_many(permits).await;
+        // Let held tasks finish and report before going away.
+        while held() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     heartbeat.abort();
     canceller.abort();
@@ -442,20 +447,6 @@ where
     let _ = stop_sync.send(());
     if let Some(f) = follower {
         let _ = f.await;
-    }
-    // A durable consumer outlives its agent: the allocator removes it on
-    // leave. Without a confirmed leave, one with nothing waiting in it is
-    // removed here, so agents that come and go leave no consumers behind (the
-    // server caps them); one with assignments waiting stays for a restart.
-    drop(messages);
-    if !left {
-        if let Ok(info) = stream.consumer_info(&name).await {
-            if info.num_pending == 0 && info.num_ack_pending == 0 {
-                if let Err(e) = stream.delete_consumer(&name).await {
-                    tracing::debug!(agent = %opts.agent_id, error = %e, "assignment consumer left behind");
-                }
-            }
-        }
     }
     Ok(())
 }

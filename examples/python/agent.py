@@ -4,29 +4,39 @@ nats-py client and nothing else.
 
 What it does, in the order of the agent life cycle:
 
-- registers with its capabilities and capacity (again after every reconnect and
-  whenever a `coord.events.agent.lost` event names it), and heartbeats;
-- takes assignments from its durable consumer `agent-{id}`, reports `started`,
-  keeps the attempt's lease (a `progress` report at least every
-  `lease.heartbeat_ms`), then `completed` or `failed`, on JetStream, and acks
-  the assignment once the final report is stored;
+- on start, listens first (assignments, cancel notices, verdicts, sync
+  notices, `coord.events.agent.lost`), then requests `coord.agents.{id}.leave`
+  so that what an earlier run held (it died mid-task) is handed back at once,
+  then registers with its capabilities and capacity (again, without leaving,
+  after every reconnect and whenever a `coord.events.agent.lost` event names
+  it), and heartbeats;
+- takes assignments from a plain subscription on `coord.agents.{id}.assign`
+  (no JetStream consumer, nothing acknowledged): runs at most `--concurrency`
+  at once and queues the rest, reports `started` when the work begins, keeps
+  the attempt's lease (a `progress` report at least every
+  `lease.heartbeat_ms`), then `completed` or `failed`, on JetStream, each
+  retried until it is stored;
+- ignores a repeat of an assignment (delivery is at least once: it is sent
+  again until `started` is stored) whose attempt it holds, or finished or
+  had taken away in the last 10 minutes; ignores the allocator's empty
+  `Coord-Probe` message (it needs no answer), assignments for another
+  agent and unreadable ones;
 - copies the assignment's `traceparent` header onto every report of that
   attempt and every request made for it (state, events), so one task is
   one trace;
 - stops an attempt at once on a cancel notice (whatever its `code`: no final
-  report, the assignment is terminated with +TERM), and also when a report of
-  it is refused as `fenced` or `not_found` on `coord.agents.{id}.rejected`
-  (every verdict is logged);
+  report), and also when a report of it is refused as `fenced` or
+  `not_found` on `coord.agents.{id}.rejected` (every verdict is logged);
 - acknowledges sync notices, so sync points complete;
 - publishes an agent event `task_done` on `coord.agents.{id}.events.task_done`
   after each echo task, as a request (the reply is the stored event or why it
   was refused), with `event_id` `{flow}.{task}.{attempt}` so sending it again
   stores it once;
-- on SIGTERM/SIGINT leaves as the protocol says: drains (deregister), takes
-  what is already stored for it and gives running tasks `--leave-grace`
-  seconds, hands the rest back, requests `coord.agents.{id}.leave` (status
-  `left`, never `lost`) and exits within about 5 s. A second signal skips the
-  grace.
+- on SIGTERM/SIGINT leaves as the protocol says: drains (deregister), keeps
+  taking the assignments that still arrive and gives running tasks
+  `--leave-grace` seconds, hands the rest back, requests
+  `coord.agents.{id}.leave` (status `left`, never `lost`) and exits within
+  about 5 s. A second signal skips the grace.
 
 Everything it asks or says about itself goes on its own subjects
 (`coord.agents.{id}.…`) and its replies come to its own inboxes
@@ -66,18 +76,23 @@ import uuid
 
 import nats
 import nats.errors
-import nats.js.errors
-from nats.js.api import AckPolicy, ConsumerConfig
 
-STREAM = "COORD_ASSIGN"
 # Every timeout nats-py raises: `nats.errors.TimeoutError` subclasses
-# `asyncio.TimeoutError`, and `fetch()` also raises the plain one.
+# `asyncio.TimeoutError`, and some calls raise the plain one.
 TIMEOUTS = (asyncio.TimeoutError, nats.errors.TimeoutError)
-# How long a report or an ack is retried through an outage: longer than a
-# server restart, shorter than the report stream's duplicate window (2 min).
+# How long a report is retried through an outage: longer than a server
+# restart, shorter than the report stream's duplicate window (2 min).
 DELIVERY_DEADLINE_S = 60.0
-# Attempts remembered as finished, so a redelivery after our ack is acked again.
-REMEMBER_FINISHED = 4096
+# Attempts finished or taken away are remembered for 10 minutes (at most
+# REMEMBER_MAX of them, the oldest forgotten first), so that a repeat of their
+# assignment still on its way is not run again.
+REMEMBER_S = 600.0
+REMEMBER_MAX = 4096
+# How long the leave on start is retried while nobody answers: past it the
+# agent registers anyway, and what an earlier run held waits for its leases.
+LEAVE_ON_START_S = 10.0
+# The header of the allocator's empty message that checks we listen.
+PROBE_HEADER = "coord-probe"
 
 
 def now_ms() -> int:
@@ -130,16 +145,16 @@ def transient(e: BaseException) -> bool:
 
 
 class Attempt:
-    """One attempt being worked on: its assignment, its message, and what
-    stopped it, if anything did."""
+    """One attempt held (queued or running): its assignment, and what stopped
+    it, if anything did."""
 
-    def __init__(self, assignment: dict, msg):
+    def __init__(self, assignment: dict, headers: dict):
         self.a = assignment
-        self.msg = msg
         self.key = (assignment["flow_id"], assignment["task_id"], assignment["attempt"])
         # Trace context of the assignment, copied onto every report.
-        self.trace = {k: v for k, v in (msg.headers or {}).items() if k in ("traceparent", "tracestate")}
+        self.trace = {k: v for k, v in headers.items() if k in ("traceparent", "tracestate")}
         self.task = None
+        self.began = False  # out of the queue, `started` due or sent
         self.stopped = None  # why it was taken away, once it was
         self.last_report = time.monotonic()
 
@@ -153,14 +168,21 @@ class Agent:
         self.js = nc.jetstream()
         self.id = args.agent_id
         self.args = args
-        self.consumer = f"agent-{self.id}"
-        self.attempts = {}  # key -> Attempt, while worked on
-        self.cancelled = collections.OrderedDict()  # keys cancelled before they ran
-        self.finished = collections.OrderedDict()  # keys reported and acked
+        self.attempts = {}  # key -> Attempt, while held (queued or running)
+        self.cancelled = collections.OrderedDict()  # key -> when it was taken away
+        self.finished = collections.OrderedDict()  # key -> when its final report went out
         self.tasks = set()
+        # At most --concurrency attempts run; the others wait here, held.
+        self.slots = asyncio.Semaphore(args.concurrency)
         self.done = 0
         self.stop = asyncio.Event()  # first signal (or --max-tasks): leave
         self.hurry = asyncio.Event()  # second signal: skip the grace
+        # Assignments are run only between the leave on start and the hand
+        # back on leave: any other is one the leave hands back anyway.
+        self.taking = False
+        # Registering again (reconnect, declared lost) waits for the leave on
+        # start: a register racing it would be undone by it.
+        self.up = False
         self.leaving = False
         self.reregistering = None
 
@@ -194,8 +216,10 @@ class Agent:
         return False
 
     def register_again(self, why: str):
-        """Registers in the background, once at a time, unless leaving."""
-        if self.leaving or (self.reregistering and not self.reregistering.done()):
+        """Registers in the background, once at a time, unless leaving or not
+        up yet (the first register follows then anyway). Never leaves first:
+        after a reconnect we still hold what we run."""
+        if not self.up or self.leaving or (self.reregistering and not self.reregistering.done()):
             return
         log(f"{why}; registering again")
         self.reregistering = asyncio.get_running_loop().create_task(self._register_quietly())
@@ -206,9 +230,36 @@ class Agent:
         except Exception as e:  # noqa: BLE001 - logged; the next trigger tries again
             log(f"registering again failed: {e}")
 
+    async def leave_earlier_run(self):
+        """Leaves before the first register, so what an earlier run of this
+        agent held (it died mid-task) is handed back now rather than when its
+        leases run out. Retried while nobody answers, for LEAVE_ON_START_S."""
+        deadline = time.monotonic() + LEAVE_ON_START_S
+        pause = 0.25
+        while not self.stop.is_set():
+            timeout = max(min(deadline - time.monotonic(), 5.0), 0.5)
+            try:
+                info = await request(self.nc, self.subject("leave"), {"agent_id": self.id}, timeout=timeout)
+                log(f"handed back what an earlier run held ({info.get('status')})")
+                return
+            except ServiceError as e:
+                if e.code == "not_found":
+                    return  # never registered (or retired): nothing to hand back
+                if not transient(e):
+                    log(f"leave on start refused: {e}")
+                    return
+            except TIMEOUTS + (nats.errors.Error,):
+                pass
+            if time.monotonic() + pause >= deadline:
+                log(f"leave on start not answered within {LEAVE_ON_START_S:.0f} s; registering anyway")
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
     async def heartbeats(self):
         while True:
-            beat = {"agent_id": self.id, "at_ms": now_ms(), "running": len(self.attempts)}
+            running = sum(1 for att in self.attempts.values() if att.began)
+            beat = {"agent_id": self.id, "at_ms": now_ms(), "running": running}
             try:
                 await self.nc.publish(self.subject("heartbeat"), json.dumps(beat).encode())
             except nats.errors.Error as e:
@@ -216,6 +267,37 @@ class Agent:
             await asyncio.sleep(self.args.heartbeat_ms / 1000)
 
     # ---- what the services tell the agent ---------------------------------
+
+    async def on_assign(self, msg):
+        headers = msg.headers or {}
+        if not msg.data or any(k.lower() == PROBE_HEADER for k in headers):
+            # The allocator checking that we listen: nothing to run, and
+            # nothing to answer (an isolated agent could not reply anyway).
+            return
+        try:
+            a = json.loads(msg.data)
+            key = (a["flow_id"], a["task_id"], a["attempt"])
+            hash(key)
+        except (ValueError, KeyError, TypeError):
+            log(f"unreadable assignment ignored: {msg.data[:200]!r}")
+            return
+        if a.get("agent_id") != self.id:
+            log(f"assignment for {a.get('agent_id')!r} ignored")
+            return
+        # Sent again until its `started` is stored: a repeat of what we hold,
+        # finished or had taken away is not run twice.
+        if key in self.attempts or recently(self.finished, key) or recently(self.cancelled, key):
+            return
+        if not self.taking:
+            # Before the leave on start or after the hand back on leave: the
+            # leave hands it back.
+            log(f"assignment {key[0]}/{key[1]}#{key[2]} ignored: not taking work now")
+            return
+        att = Attempt(a, headers)
+        self.attempts[key] = att
+        att.task = asyncio.create_task(self.handle(att))
+        self.tasks.add(att.task)
+        att.task.add_done_callback(self.tasks.discard)
 
     async def on_lost(self, msg):
         try:
@@ -230,6 +312,7 @@ class Agent:
         try:
             n = json.loads(msg.data)
             key = (n["flow_id"], n["task_id"], n["attempt"])
+            hash(key)
         except (ValueError, KeyError, TypeError):
             return
         # Every code means the same to a worker: the attempt is not ours any
@@ -239,8 +322,7 @@ class Agent:
         if code == "agent_lost":
             # The allocator declared us lost; the event saying so may have been missed.
             self.register_again("declared lost")
-        if not self.take_away(key, f"cancelled ({code})"):
-            remember(self.cancelled, key)
+        self.take_away(key, f"cancelled ({code})")
 
     async def on_rejected(self, msg):
         try:
@@ -258,17 +340,23 @@ class Agent:
         )
         # Fenced or unknown: the attempt is not ours (any more); stop working on it.
         if v.get("code") in ("fenced", "not_found"):
-            self.take_away((v.get("flow_id"), v.get("task_id"), v.get("attempt")), f"fenced ({v.get('reason')})")
+            key = (v.get("flow_id"), v.get("task_id"), v.get("attempt"))
+            try:
+                hash(key)
+            except TypeError:
+                return
+            self.take_away(key, f"{v.get('code')} ({v.get('reason')})")
 
-    def take_away(self, key, why: str) -> bool:
+    def take_away(self, key, why: str):
+        """Stops the attempt, queued or running (no final report), and keeps
+        a repeat of its assignment, already on its way or yet to come, from
+        running it again."""
+        remember(self.cancelled, key)
         att = self.attempts.get(key)
-        if att is None:
-            return False
-        if att.stopped is None:
+        if att is not None and att.stopped is None:
             att.stopped = why
             if att.task is not None:
                 att.task.cancel()
-        return True
 
     async def on_sync_notice(self, msg):
         # Sync points, rollbacks, agreed state: apply (here: nothing to apply) and acknowledge.
@@ -279,7 +367,7 @@ class Agent:
             return
         await self.nc.publish(self.subject("sync.ack"), json.dumps(ack).encode())
 
-    # ---- reports, acks and state -------------------------------------------
+    # ---- reports and state --------------------------------------------------
 
     async def report(self, att: Attempt, kind: str, **fields):
         a = att.a
@@ -312,28 +400,6 @@ class Agent:
                     raise RuntimeError(f"report {msg_id} not stored: {e!r}") from e
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
-
-    async def ack(self, msg):
-        """Acks and waits for the server to confirm it, through an outage: a
-        lost ack brings the assignment back after ack_wait."""
-        deadline = time.monotonic() + DELIVERY_DEADLINE_S
-        pause = 0.1
-        while True:
-            try:
-                await msg.ack_sync(timeout=2)
-                return
-            except TIMEOUTS + (nats.errors.Error,) as e:
-                if time.monotonic() + pause >= deadline:
-                    log(f"ack not confirmed, the assignment will come back: {e!r}")
-                    return
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
-
-    async def term(self, msg):
-        try:
-            await msg.term()
-        except nats.errors.Error as e:
-            log(f"+TERM not sent: {e!r}")
 
     async def put_state(self, doc: dict, retries: int = 5, trace: dict = None) -> int:
         """Stores this agent's state document (scope default) by
@@ -452,86 +518,69 @@ class Agent:
             raise TaskFailed(str(task_input["fail"]), False)
         return {"agent": self.id, "kind": att.a.get("kind", ""), "echo": task_input, "attempt": att.a["attempt"]}
 
-    async def handle(self, msg):
-        try:
-            a = json.loads(msg.data)
-            key = (a["flow_id"], a["task_id"], a["attempt"])
-        except (ValueError, KeyError, TypeError):
-            log("unreadable assignment terminated")
-            await self.term(msg)
-            return
-        if a.get("agent_id") != self.id:
-            await self.term(msg)  # not ours; never redeliver
-            return
-        if key in self.finished:
-            # Delivered again after our ack (a server restarted right after it).
-            await self.ack(msg)
-            return
-        if key in self.attempts:
-            return  # being worked on already; that delivery is acked when it ends
-        if key in self.cancelled:
-            await self.term(msg)
-            return
-        att = Attempt(a, msg)
-        att.task = asyncio.current_task()
-        self.attempts[key] = att
+    async def handle(self, att: Attempt):
+        a, key = att.a, att.key
         lease = None
         try:
-            try:
-                await self.report(att, "started")
-            except RuntimeError as e:
-                log(f"started not stored for {att.label()}, delivering again: {e}")
-                await msg.nak(delay=1)
-                return
-            task_input = a.get("input")
-            conformance = isinstance(task_input, dict) and isinstance(task_input.get("conformance"), dict)
-            # A conformance task says itself when to report progress: keeping
-            # the lease on top would hide whether its lease really runs out.
-            if not conformance:
-                lease = asyncio.create_task(self.keep_lease(att))
-            try:
-                if conformance:
-                    outcome = ("completed", {"output": await self.conformance(att, task_input["conformance"])})
-                else:
-                    outcome = ("completed", {"output": await self.echo(att)})
-            except TaskFailed as f:
-                outcome = ("failed", {"error": f.error, "retryable": f.retryable})
-            except Exception as e:  # noqa: BLE001 - a broken task fails, the agent goes on
-                outcome = ("failed", {"error": f"task broke: {e}", "retryable": True})
-            if lease is not None:
-                lease.cancel()
-            try:
-                await self.report(att, outcome[0], **outcome[1])
-            except RuntimeError as e:
-                log(f"final report not stored for {att.label()}, delivering again: {e}")
-                await msg.nak(delay=1)
-                return
-            remember(self.finished, key)
-            # Ack only once the final report is stored: a crash before this means redelivery.
-            await self.ack(msg)
-            self.done += 1
-            log(f"{outcome[0]} {att.label()}")
-            if not (isinstance(task_input, dict) and "conformance" in task_input):
+            # Queued until a slot is free; a cancel notice may stop it here.
+            async with self.slots:
+                att.began = True
                 try:
-                    event = await self.publish_event(
-                        "task_done",
-                        {"flow_id": a["flow_id"], "task_id": a["task_id"], "attempt": a["attempt"]},
-                        event_id=f"{a['flow_id']}.{a['task_id']}.{a['attempt']}",
-                        trace=att.trace,
-                    )
-                    log(f"event task_done {event.get('event_id')} stored")
-                except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
-                    log(f"event task_done not stored: {e}")
-                doc = {"tasks_done": self.done, "last_task": a["task_id"], "at_ms": now_ms()}
+                    await self.report(att, "started")
+                except RuntimeError as e:
+                    # Not remembered: the assignment comes again until a
+                    # `started` is stored, and is run then.
+                    log(f"started not stored for {att.label()}: {e}")
+                    return
+                task_input = a.get("input")
+                conformance = isinstance(task_input, dict) and isinstance(task_input.get("conformance"), dict)
+                # A conformance task says itself when to report progress: keeping
+                # the lease on top would hide whether its lease really runs out.
+                if not conformance:
+                    lease = asyncio.create_task(self.keep_lease(att))
                 try:
-                    await self.put_state(doc, trace=att.trace)
-                except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
-                    log(f"state not stored: {e}")
+                    if conformance:
+                        outcome = ("completed", {"output": await self.conformance(att, task_input["conformance"])})
+                    else:
+                        outcome = ("completed", {"output": await self.echo(att)})
+                except TaskFailed as f:
+                    outcome = ("failed", {"error": f.error, "retryable": f.retryable})
+                except Exception as e:  # noqa: BLE001 - a broken task fails, the agent goes on
+                    outcome = ("failed", {"error": f"task broke: {e}", "retryable": True})
+                if lease is not None:
+                    lease.cancel()
+                # Ran once: a late repeat of its assignment is not run again,
+                # whether or not the final report gets stored.
+                remember(self.finished, key)
+                try:
+                    await self.report(att, outcome[0], **outcome[1])
+                except RuntimeError as e:
+                    # Its lease runs out and the task's retry policy decides.
+                    log(f"final report not stored for {att.label()}: {e}")
+                    return
+                self.done += 1
+                log(f"{outcome[0]} {att.label()}")
+                if not (isinstance(task_input, dict) and "conformance" in task_input):
+                    try:
+                        event = await self.publish_event(
+                            "task_done",
+                            {"flow_id": a["flow_id"], "task_id": a["task_id"], "attempt": a["attempt"]},
+                            event_id=f"{a['flow_id']}.{a['task_id']}.{a['attempt']}",
+                            trace=att.trace,
+                        )
+                        log(f"event task_done {event.get('event_id')} stored")
+                    except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
+                        log(f"event task_done not stored: {e}")
+                    doc = {"tasks_done": self.done, "last_task": a["task_id"], "at_ms": now_ms()}
+                    try:
+                        await self.put_state(doc, trace=att.trace)
+                    except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
+                        log(f"state not stored: {e}")
         except asyncio.CancelledError:
             # Taken away (cancel notice, fenced report) or handed back on
-            # leave: no final report; +TERM so it is never redelivered here.
-            log(f"stopped {att.label()}: {att.stopped or 'handed back'}")
-            await self.term(msg)
+            # leave: no final report, nothing to acknowledge.
+            where = "" if att.began else " (queued)"
+            log(f"stopped {att.label()}{where}: {att.stopped or 'handed back'}")
         finally:
             if lease is not None:
                 lease.cancel()
@@ -539,102 +588,10 @@ class Agent:
         if self.args.max_tasks and self.done >= self.args.max_tasks:
             self.stop.set()
 
-    def start(self, msg):
-        t = asyncio.create_task(self.handle(msg))
-        self.tasks.add(t)
-        t.add_done_callback(self.tasks.discard)
-
-    # ---- assignments ------------------------------------------------------
-
-    async def bind(self):
-        # Deliveries still unacknowledged went to an earlier run that died; they
-        # would hold back new work until ack_wait. A fresh consumer delivers
-        # them now (the work-queue stream keeps the messages).
-        try:
-            info = await self.js.consumer_info(STREAM, self.consumer)
-            if info.num_ack_pending:
-                await self.js.delete_consumer(STREAM, self.consumer)
-        except nats.js.errors.NotFoundError:
-            pass
-        return await self.js.pull_subscribe(
-            self.subject("assign"),
-            durable=self.consumer,
-            stream=STREAM,
-            config=ConsumerConfig(
-                durable_name=self.consumer,
-                filter_subject=self.subject("assign"),
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=300,
-                max_ack_pending=self.args.concurrency,
-            ),
-        )
-
-    async def fetch(self, psub, n: int, timeout: float, until: asyncio.Event):
-        """Up to n assignments; none on a timeout, a NATS hiccup, or `until`."""
-        fetching = asyncio.ensure_future(psub.fetch(n, timeout=timeout))
-        waiting = asyncio.ensure_future(until.wait())
-        try:
-            await asyncio.wait({fetching, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiting.cancel()
-        if not fetching.done():
-            fetching.cancel()
-        try:
-            return await fetching
-        except (asyncio.CancelledError,) + TIMEOUTS:
-            return []
-
-    async def take(self, psub):
-        """Fetches and runs assignments until told to stop."""
-        timeout = self.args.fetch_timeout
-        while not self.stop.is_set():
-            free = self.args.concurrency - len(self.tasks)
-            if free <= 0:
-                waiting = asyncio.ensure_future(self.stop.wait())
-                await asyncio.wait(self.tasks | {waiting}, return_when=asyncio.FIRST_COMPLETED)
-                waiting.cancel()
-                continue
-            try:
-                msgs = await self.fetch(psub, free, timeout, self.stop)
-            except nats.errors.Error as e:
-                if self.nc.is_closed:
-                    # Refused for good (a login revoked, say): nothing comes back.
-                    log("connection closed; leaving")
-                    self.stop.set()
-                    break
-                # A reconnect, a consumer made afresh, a server restart: wait a
-                # moment; a missing consumer is made again.
-                log(f"fetch failed: {e!r}")
-                await asyncio.sleep(0.5)
-                psub = await self.rebind(psub)
-                continue
-            for m in msgs:
-                self.start(m)
-        return psub
-
-    async def rebind(self, psub):
-        try:
-            await self.js.consumer_info(STREAM, self.consumer)
-            return psub
-        except nats.js.errors.NotFoundError:
-            pass
-        except TIMEOUTS + (nats.errors.Error,):
-            return psub
-        log("assignment consumer gone; making it again")
-        try:
-            await psub.unsubscribe()
-        except nats.errors.Error:
-            pass
-        try:
-            return await self.bind()
-        except TIMEOUTS + (nats.errors.Error,) as e:
-            log(f"assignment consumer not made: {e!r}")
-            return psub
-
     # ---- leaving ------------------------------------------------------------
 
-    async def leave(self, psub):
-        """Drain, take what is stored, let running tasks finish within the
+    async def leave(self):
+        """Drain, keep taking what still arrives and let it run within the
         grace, hand the rest back, then leave (status `left`)."""
         self.leaving = True
         grace_end = time.monotonic() + self.args.leave_grace
@@ -645,50 +602,32 @@ class Agent:
         except (ServiceError,) + TIMEOUTS + (nats.errors.Error,) as e:
             log(f"drain not confirmed: {e}")
 
-        # 2. What was placed before the drain is stored for us: take it while the grace lasts.
+        # 2. Still subscribed: assignments placed just before the drain are
+        # taken as they arrive. What is held gets the rest of the grace.
         over = asyncio.Event()
         timer = asyncio.get_running_loop().call_later(max(grace_end - time.monotonic(), 0), over.set)
         hurry = asyncio.ensure_future(self.hurry.wait())
         hurry.add_done_callback(lambda _: over.set())
+        waiting = asyncio.ensure_future(over.wait())
         try:
-            while not over.is_set():
-                try:
-                    pending = (await asyncio.wait_for(psub.consumer_info(), 0.5)).num_pending
-                except TIMEOUTS + (nats.errors.Error,):
-                    pending = 0
-                if pending == 0 and psub.pending_msgs == 0:
-                    break
-                free = self.args.concurrency - len(self.tasks)
-                if free <= 0:
-                    waiting = asyncio.ensure_future(over.wait())
-                    await asyncio.wait(self.tasks | {waiting}, return_when=asyncio.FIRST_COMPLETED)
-                    waiting.cancel()
-                    continue
-                try:
-                    msgs = await self.fetch(psub, free, 0.25, over)
-                except nats.errors.Error:
-                    msgs = []
-                for m in msgs:
-                    self.start(m)
-
-            # 3. Running tasks get the rest of the grace.
-            waiting = asyncio.ensure_future(over.wait())
             while self.tasks and not over.is_set():
                 await asyncio.wait(self.tasks | {waiting}, return_when=asyncio.FIRST_COMPLETED)
-            waiting.cancel()
         finally:
+            waiting.cancel()
             timer.cancel()
             hurry.cancel()
 
-        # 4. Hand back what still runs: no final report, +TERM; the leave
-        # releases its allocation and the orchestrator runs it elsewhere.
+        # 3. Hand back what is still held: no final report. The leave
+        # releases its allocation and the orchestrator runs it elsewhere; an
+        # assignment arriving from now on is handed back by it too.
+        self.taking = False
         if self.tasks:
             log(f"grace over, handing back {len(self.attempts)} running task(s)")
             for t in list(self.tasks):
                 t.cancel()
             await asyncio.wait(set(self.tasks), timeout=0.5)
 
-        # 5. Leave: status `left`, never `lost`.
+        # 4. Leave: status `left`, never `lost`.
         try:
             info = await request(self.nc, self.subject("leave"), {"agent_id": self.id}, timeout=1)
             log(f"left ({info.get('status')})")
@@ -696,21 +635,32 @@ class Agent:
             log(f"leave not confirmed: {e}")
 
     async def run(self):
+        # Listen before leaving and registering: the allocator places work
+        # only on an agent it finds listening on its assign subject, and a
+        # subscription made later would miss what comes first.
         subs = [
+            await self.nc.subscribe(self.subject("assign"), cb=self.on_assign),
             await self.nc.subscribe(self.subject("cancel"), cb=self.on_cancel),
             await self.nc.subscribe(self.subject("rejected"), cb=self.on_rejected),
             await self.nc.subscribe(self.subject("sync"), cb=self.on_sync_notice),
             await self.nc.subscribe("coord.events.agent.lost", cb=self.on_lost),
         ]
-        beats = asyncio.create_task(self.heartbeats())
+        beats = None
         try:
+            await self.leave_earlier_run()
+            if self.stop.is_set():
+                return
+            self.up = True
+            self.taking = True
+            beats = asyncio.create_task(self.heartbeats())
             if not await self.register():
                 return
-            psub = await self.bind()
-            psub = await self.take(psub)
-            await self.leave(psub)
+            await self.stop.wait()
+            await self.leave()
         finally:
-            beats.cancel()
+            # Heartbeats stop only now, after the leave.
+            if beats is not None:
+                beats.cancel()
             if self.reregistering:
                 self.reregistering.cancel()
             for s in subs:
@@ -720,10 +670,26 @@ class Agent:
                     pass
 
 
-def remember(ordered: collections.OrderedDict, key) -> None:
-    ordered[key] = True
-    while len(ordered) > REMEMBER_FINISHED:
+def forget_old(ordered: collections.OrderedDict) -> None:
+    """Drops entries older than REMEMBER_S, then the oldest past REMEMBER_MAX
+    (entries are kept in the order they were remembered)."""
+    cutoff = time.monotonic() - REMEMBER_S
+    while ordered:
+        oldest_at = next(iter(ordered.values()))
+        if oldest_at >= cutoff and len(ordered) <= REMEMBER_MAX:
+            break
         ordered.popitem(last=False)
+
+
+def remember(ordered: collections.OrderedDict, key) -> None:
+    ordered.pop(key, None)  # to the end: remembered afresh
+    ordered[key] = time.monotonic()
+    forget_old(ordered)
+
+
+def recently(ordered: collections.OrderedDict, key) -> bool:
+    forget_old(ordered)
+    return key in ordered
 
 
 def tls_context():
@@ -746,12 +712,11 @@ async def main():
     p.add_argument("--label", action="append", default=[], help="name=value, repeatable")
     p.add_argument("--capacity", action="append", default=[], help="resource=amount, repeatable (default cpu=2)")
     p.add_argument("--heartbeat-ms", type=int, default=1000)
-    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument(
+        "--concurrency", type=int, default=2, help="tasks run at once; more wait in a local queue (default 2)"
+    )
     p.add_argument("--work-ms", type=int, default=50, help="how long an echo task takes")
     p.add_argument("--max-tasks", type=int, default=0, help="leave after this many tasks (0: never)")
-    p.add_argument(
-        "--fetch-timeout", type=float, default=5.0, help="seconds one pull request waits for assignments (default 5)"
-    )
     p.add_argument(
         "--leave-grace",
         type=float,
@@ -775,6 +740,14 @@ async def main():
         if "agent" in holder:
             holder["agent"].register_again("reconnected")
 
+    async def on_closed():
+        # Closed for good (a login revoked, say) while running: nothing comes
+        # back, so leave (what can still be said fails fast) and exit.
+        agent = holder.get("agent")
+        if agent is not None and not agent.stop.is_set():
+            log("connection closed; leaving")
+            agent.stop.set()
+
     async def on_disconnect():
         log("disconnected from nats")
 
@@ -787,6 +760,7 @@ async def main():
         name=f"python-agent-{args.agent_id}",
         reconnected_cb=on_reconnect,
         disconnected_cb=on_disconnect,
+        closed_cb=on_closed,
         error_cb=on_error,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
@@ -794,7 +768,7 @@ async def main():
         # are how the client notices and moves to another (15 s here).
         ping_interval=5,
         max_outstanding_pings=3,
-        # Replies and pulled assignments arrive on inboxes under this prefix;
+        # Replies (report acks among them) arrive on inboxes under this prefix;
         # a server keeping agents apart lets an agent read only `_INBOX_{id}.>`.
         inbox_prefix=args.inbox_prefix or os.environ.get("NATS_INBOX_PREFIX") or f"_INBOX_{args.agent_id}",
         user=os.environ.get("NATS_USER") or None,

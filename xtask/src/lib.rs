@@ -356,7 +356,7 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             "agentOwnLeave",
             "agent_leave",
             &per_agent(subject::agent_leave)?,
-            "The agent is done: status `left`; what it still held is handed back, its consumer removed.",
+            "The agent is done: status `left`; what it still held is handed back. Also on start, before registering: what an earlier run held is handed back.",
             own_request(ALLOCATOR, msg!(LeaveAgent), msg!(AgentInfo)),
         ),
         req(
@@ -673,8 +673,8 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             id: "agentAssign",
             address: per_agent(subject::assign)?,
             source: "assign",
-            summary: "Work for the agent; read through the durable pull consumer `agent-{agent_id}` on stream `COORD_ASSIGN`, ack after the final report.",
-            pattern: Publish { from: ORCHESTRATOR, to: AGENT, message: msg!(Assignment), jetstream: Some("COORD_ASSIGN") },
+            summary: "Work for the agent: a plain subscription, nothing to ack; sent again until `started` is stored, so a repeat of an attempt held is ignored. Also the allocator's empty `Coord-Probe` message (ignore it).",
+            pattern: Publish { from: ORCHESTRATOR, to: AGENT, message: msg!(Assignment), jetstream: None },
         },
         Channel {
             id: "agentReport",

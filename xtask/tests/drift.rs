@@ -56,18 +56,6 @@ fn protocol_page_subject_table_matches_the_code() {
 /// Names in `common::subject` that are not a channel of their own, and why.
 const NOT_CHANNELS: &[(&str, &str)] = &[
     ("ROOT", "prefix of every subject"),
-    (
-        "CONSUMER_CREATE_ALL",
-        "an agent account's `$JS.API.CONSUMER.CREATE…` import, answered by the allocator",
-    ),
-    (
-        "ASSIGN_INFO_ALL",
-        "an agent account's `$JS.API.STREAM.INFO.COORD_ASSIGN` import, answered by the allocator",
-    ),
-    (
-        "ACCOUNT_INFO_ALL",
-        "an agent account's `$JS.API.INFO` import, answered by the allocator",
-    ),
     ("ALL", "wildcard over every subject"),
     (
         "MONITOR_INTAKE",
@@ -87,10 +75,8 @@ const NOT_CHANNELS: &[(&str, &str)] = &[
         "wildcard over agent_state_history",
     ),
     ("HEARTBEAT_ALL", "wildcard over heartbeat"),
-    (
-        "ASSIGN_ALL",
-        "wildcard over assign (the assignment stream's subjects)",
-    ),
+    ("PROBE_HEADER", "a header on assign, not a subject"),
+    ("ASSIGN_ALL", "wildcard over assign"),
     (
         "REPORT_ALL",
         "wildcard over report (the report stream's subjects)",

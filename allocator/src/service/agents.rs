@@ -1,5 +1,5 @@
 //! Agents joining, leaving and being deregistered: their records and their
-//! work path (the assignments consumer).
+//! work path (whether they listen for assignments).
 
 use common::msg::{AgentInfo, AgentStatus, DeregisterAgent, EventKind, LeaveAgent, RegisterAgent};
 use common::nats::{self as bus, Step};
@@ -67,9 +67,8 @@ impl Allocator {
         Ok(rec.info(self.last_beat(&rec.agent_id)))
     }
 
-    /// The agent is done: `left`, what it held released and handed back,
-    /// its assignments consumer and stored assignments removed. Leaving again
-    /// is a no-op that answers the same.
+    /// The agent is done: `left`, what it held released and handed back.
+    /// Leaving again is a no-op that answers the same.
     pub(super) async fn leave(&self, req: LeaveAgent) -> Result<AgentInfo, Error> {
         let now = common::now_ms();
         let (rec, released) = self
@@ -90,19 +89,9 @@ impl Allocator {
         Ok(rec.info(self.last_beat(&rec.agent_id)))
     }
 
-    /// Deletes the agent's assignments consumer and purges what is stored for
-    /// it: durable consumers outlive their agents and a server caps how many a
-    /// stream keeps. An agent that registers again creates its consumer anew.
+    /// Forgets that the agent listens: one that registers again is looked
+    /// at afresh before it is placed on.
     pub(super) async fn remove_work_path(&self, agent: &AgentId) {
         self.paths.note(agent, false, common::now_ms());
-        let Ok(stream) = self.js.get_stream(bus::STREAM_ASSIGN).await else {
-            return;
-        };
-        if let Err(e) = stream.delete_consumer(&bus::agent_consumer(agent)).await {
-            tracing::debug!(agent = %agent, error = %e, "no assignments consumer to delete");
-        }
-        if let Err(e) = stream.purge().filter(common::subject::assign(agent)).await {
-            tracing::warn!(agent = %agent, error = %e, "stored assignments not purged");
-        }
     }
 }

@@ -112,7 +112,7 @@ impl Allocator {
                 );
                 if !unreachable.is_empty() {
                     why.message = format!(
-                        "{}; left out for having no assignments consumer yet: {}",
+                        "{}; left out for not listening for assignments (yet): {}",
                         why.message,
                         listed(&unreachable)
                     );

@@ -16,7 +16,6 @@ mod agents;
 mod beats;
 mod booking;
 mod cache;
-mod jsproxy;
 mod lanes;
 mod ops;
 mod paths;
@@ -57,7 +56,7 @@ pub struct Config {
     )]
     pub gang_deadline_ms: u64,
     /// How long a lost or left agent stays listed before it is retired (its
-    /// record, consumer and stored assignments removed), in ms.
+    /// record and last heartbeat removed), in ms.
     #[arg(
         long,
         env = "COORD_ALLOCATOR_AGENT_RETENTION_MS",
@@ -111,8 +110,10 @@ pub(crate) struct Allocator {
     client: common::Client,
     /// When this replica last reconciled (ms since the epoch).
     reconciled_at: std::sync::atomic::AtomicU64,
-    /// For the agents' assignment consumers, removed when an agent leaves.
+    /// For the stall probe of the agents' bucket.
     js: jetstream::Context,
+    /// For the probes of the agents' assignment subjects (see [`paths`]).
+    nats: async_nats::Client,
     /// When this replica's connection was last down, or it was paused, or
     /// the agents' bucket last stalled: heartbeats sent then never reached
     /// it, so that silence is not held against the agents.
@@ -131,7 +132,7 @@ pub(crate) struct Allocator {
     /// (see `fresh_quotas`): the last read with the ticket count it started at.
     quota_reads: tokio::sync::Mutex<Option<(u64, QuotaBook, u64)>>,
     quota_tickets: std::sync::atomic::AtomicU64,
-    /// Which agents have an assignments consumer (see [`paths`]).
+    /// Which agents listen on their assignment subject (see [`paths`]).
     paths: paths::WorkPaths,
 }
 
@@ -174,6 +175,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         client: common::Client::new(nats.clone()),
         reconciled_at: Default::default(),
         js: js.clone(),
+        nats: nats.clone(),
         outages: bus::Outages::watch(&nats),
         lanes: Default::default(),
         rotation: Default::default(),
@@ -278,11 +280,6 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     serve!(service, alloc, subject::QUOTA_SET, QuotaRequest, set_quota);
     serve!(service, alloc, subject::OPTIMIZE, OptimizeRequest, optimize);
 
-    let mut jetstream_endpoints =
-        jsproxy::serve(nats.clone(), common::service::ReplyPrefixes::from_env())
-            .await
-            .map_err(|e| Error::unavailable("JetStream endpoints for agents", e))?;
-
     // Not a queue group: every replica hears every agent.
     let beats = nats
         .subscribe(subject::HEARTBEAT_ALL)
@@ -297,7 +294,6 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     tracing::info!("allocator shutting down");
     service.stop().await;
     heartbeat_task.abort();
-    jetstream_endpoints.abort_all();
     sweep_task.abort();
     probe_task.abort();
     for w in watchers {

@@ -1,79 +1,89 @@
-//! Which agents have a work path: a task's assignment reaches an agent only
-//! through its consumer `agent-{id}` on `COORD_ASSIGN`, which the agent makes
-//! after it registers. An agent that registered and heartbeats but has no
-//! consumer (refused by a server limit, deleted, never made) would look able
-//! to work and never get any, so a task is placed only on an agent whose
-//! consumer this replica has seen.
+//! Which agents have a work path: an assignment is a plain message on the
+//! agent's `coord.agents.{id}.assign`, so it reaches an agent only while the
+//! agent listens there. An agent that registered and heartbeats but does not
+//! listen (a broken client, one that never subscribed) would look able to
+//! work and never get any, so a task is placed only on an agent this replica
+//! has found listening.
 //!
-//! What is known comes from the reconciliation's listing of the stream's
-//! consumers, from the consumers this replica removes, and from a look at
-//! one agent's consumer when a placement would pick an agent not known yet
-//! (an agent that has just joined): one request per agent, not per task.
-//! A consumer found missing is looked for again after [`RECHECK_MS`].
+//! Finding out costs one message, not a request that waits for a reply: an
+//! empty message with the header [`subject::PROBE_HEADER`] and a reply
+//! subject, followed by a flush. With nobody subscribed the server answers
+//! "no responders" on the reply subject at once, ahead of the flush's PONG;
+//! with a subscriber it answers nothing (the agent ignores the message, and
+//! on an isolating server could not reply into this account anyway). An
+//! agent is looked at when a placement would pick it and it is not known
+//! yet, again [`RECHECK_MS`] after it was found silent, and again every
+//! [`RECHECK_LISTENING_MS`] while it listens.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
-use async_nats::jetstream::context::ConsumerInfoErrorKind;
-use common::nats as bus;
-use common::AgentId;
+use async_nats::{HeaderMap, StatusCode};
+use common::{subject, AgentId};
+use futures::StreamExt;
 
 use super::Allocator;
 use crate::machine::{AgentRecord, Candidate};
 
-/// How long an agent found without a consumer is left out before it is
-/// looked at again.
+/// How long an agent found silent is left out before it is looked at again.
 pub(super) const RECHECK_MS: u64 = 500;
-/// Agents not known yet looked at by one placement, at most.
+/// How often an agent found listening is looked at again.
+pub(super) const RECHECK_LISTENING_MS: u64 = 10_000;
+/// Agents looked at by one placement, at most.
 const LOOKS_PER_PLACEMENT: usize = 16;
+/// How long a look waits, after the flush, for a "no responders" the server
+/// has already sent (it is in the client's hands by then; this only covers
+/// the hand-over between the client's tasks).
+const NO_RESPONDERS_GRACE: Duration = Duration::from_millis(5);
 
-/// What this replica knows of the agents' consumers.
+/// What this replica knows of the agents' listening.
 #[derive(Default)]
 pub(super) struct WorkPaths {
-    /// Whether the agent has a consumer, and when that was found.
+    /// Whether the agent listens, and when that was found.
     known: Mutex<HashMap<AgentId, (bool, u64)>>,
 }
 
+/// One agent as a placement sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Path {
+    /// Found listening.
+    listens: bool,
+    /// Due to be looked at (not known yet, or known for long enough).
+    look: bool,
+}
+
 impl WorkPaths {
-    /// For each record's agent, under one lock: `Some(true)` if its
-    /// consumer was seen, `Some(false)` if it was found without one less
-    /// than [`RECHECK_MS`] ago, `None` if it is to be looked at.
-    fn of<'a>(
-        &self,
-        agents: impl ExactSizeIterator<Item = &'a AgentId>,
-        now_ms: u64,
-    ) -> Vec<Option<bool>> {
+    /// For each agent, under one lock: whether it may be placed on and
+    /// whether it is to be looked at.
+    fn of<'a>(&self, agents: impl ExactSizeIterator<Item = &'a AgentId>, now_ms: u64) -> Vec<Path> {
+        let unknown = Path {
+            listens: false,
+            look: true,
+        };
         let Ok(known) = self.known.lock() else {
-            return vec![None; agents.len()];
+            return vec![unknown; agents.len()];
         };
         let state = |agent: &AgentId| match known.get(agent) {
-            Some((true, _)) => Some(true),
-            Some((false, at)) if now_ms.saturating_sub(*at) < RECHECK_MS => Some(false),
-            _ => None,
+            Some((listens, at)) => {
+                let every = if *listens {
+                    RECHECK_LISTENING_MS
+                } else {
+                    RECHECK_MS
+                };
+                Path {
+                    listens: *listens,
+                    look: now_ms.saturating_sub(*at) >= every,
+                }
+            }
+            None => unknown,
         };
         agents.map(state).collect()
     }
 
-    pub(super) fn note(&self, agent: &AgentId, has: bool, now_ms: u64) {
+    pub(super) fn note(&self, agent: &AgentId, listens: bool, now_ms: u64) {
         if let Ok(mut known) = self.known.lock() {
-            known.insert(agent.clone(), (has, now_ms));
-        }
-    }
-
-    /// The stream's consumers as listed from `now_ms` on: every agent not
-    /// among them and not seen since has none.
-    pub(super) fn listed(&self, with: HashSet<AgentId>, now_ms: u64) {
-        let Ok(mut known) = self.known.lock() else {
-            return;
-        };
-        for (agent, seen) in known.iter_mut() {
-            // One seen while the listing was under way stays seen.
-            if !with.contains(agent) && seen.1 < now_ms {
-                *seen = (false, now_ms);
-            }
-        }
-        for agent in with {
-            known.insert(agent, (true, now_ms));
+            known.insert(agent.clone(), (listens, now_ms));
         }
     }
 
@@ -86,82 +96,91 @@ impl WorkPaths {
 }
 
 impl Allocator {
-    /// The records a task may be placed on: those of agents with a work
-    /// path, and how many were left out. Agents not known yet are looked at
-    /// first (a few per placement; the rest wait for the next placement or
-    /// the reconciliation).
+    /// The records a task may be placed on: those of agents found listening,
+    /// and the agents left out. Agents due a look are looked at first (a
+    /// few per placement; the rest wait for the next placement).
     pub(super) async fn with_work_path<'a>(
         &self,
         records: &[&'a AgentRecord],
         now_ms: u64,
     ) -> (Vec<&'a AgentRecord>, Vec<AgentId>) {
-        let known = self
-            .known_paths(records.iter().map(|r| &r.agent_id), now_ms)
+        let listening = self
+            .listening(records.iter().map(|r| &r.agent_id), now_ms)
             .await;
         let mut with = Vec::with_capacity(records.len());
         let mut without = Vec::new();
-        for (r, known) in records.iter().zip(known) {
-            match known {
-                Some(true) => with.push(*r),
-                _ => without.push(r.agent_id.clone()),
+        for (r, listens) in records.iter().zip(listening) {
+            if listens {
+                with.push(*r);
+            } else {
+                without.push(r.agent_id.clone());
             }
         }
         (with, without)
     }
 
-    /// Of the candidates a placement sampled, those whose agent has a work
-    /// path (as [`Self::with_work_path`] decides): a placement among ten
-    /// thousand agents looks up the few it sampled, not all of them.
+    /// Of the candidates a placement sampled, those whose agent listens (as
+    /// [`Self::with_work_path`] decides): a placement among ten thousand
+    /// agents looks at the few it sampled, not all of them.
     pub(super) async fn reachable<'a>(
         &self,
         found: Vec<Candidate<'a>>,
         now_ms: u64,
     ) -> Vec<Candidate<'a>> {
-        let known = self
-            .known_paths(found.iter().map(|c| &c.agent.agent_id), now_ms)
+        let listening = self
+            .listening(found.iter().map(|c| &c.agent.agent_id), now_ms)
             .await;
         found
             .into_iter()
-            .zip(known)
-            .filter_map(|(c, known)| (known == Some(true)).then_some(c))
+            .zip(listening)
+            .filter_map(|(c, listens)| listens.then_some(c))
             .collect()
     }
 
-    /// Whether each agent has a work path, after looking at a few of those
-    /// not known yet.
-    async fn known_paths<'a>(
+    /// Whether each agent listens, after looking at a few of those due.
+    async fn listening<'a>(
         &self,
         agents: impl ExactSizeIterator<Item = &'a AgentId> + Clone,
         now_ms: u64,
-    ) -> Vec<Option<bool>> {
-        let unknown: Vec<AgentId> = agents
+    ) -> Vec<bool> {
+        let due: Vec<AgentId> = agents
             .clone()
             .zip(self.paths.of(agents.clone(), now_ms))
-            .filter(|(_, known)| known.is_none())
+            .filter(|(_, p)| p.look)
             .take(LOOKS_PER_PLACEMENT)
             .map(|(a, _)| a.clone())
             .collect();
-        if unknown.is_empty() {
-            return self.paths.of(agents, now_ms);
+        if !due.is_empty() {
+            futures::future::join_all(due.iter().map(|a| self.look_at(a))).await;
         }
-        let looks = unknown.iter().map(|a| self.look_for_consumer(a));
-        futures::future::join_all(looks).await;
-        self.paths.of(agents, now_ms)
+        let paths = self.paths.of(agents, now_ms);
+        paths.into_iter().map(|p| p.listens).collect()
     }
 
-    /// Looks at one agent's consumer and notes what it found; a failed look
-    /// notes nothing (the agent stays unknown, so it is left out this time).
-    async fn look_for_consumer(&self, agent: &AgentId) {
-        let Ok(stream) = self.js.get_stream_no_info(bus::STREAM_ASSIGN).await else {
+    /// Looks at whether `agent` listens and notes it; a look that failed
+    /// (this connection down) notes nothing.
+    async fn look_at(&self, agent: &AgentId) {
+        let nats = &self.nats;
+        let inbox = nats.new_inbox();
+        let Ok(mut answers) = nats.subscribe(inbox.clone()).await else {
             return;
         };
-        let now = common::now_ms();
-        match stream.consumer_info(bus::agent_consumer(agent)).await {
-            Ok(_) => self.paths.note(agent, true, now),
-            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
-                self.paths.note(agent, false, now)
-            }
-            Err(e) => tracing::debug!(agent = %agent, error = %e, "consumer not looked at"),
+        let mut headers = HeaderMap::new();
+        headers.insert(subject::PROBE_HEADER, "1");
+        let to = subject::assign(agent);
+        let sent = nats
+            .publish_with_reply_and_headers(to, inbox, headers, Default::default())
+            .await;
+        if sent.is_err() || nats.flush().await.is_err() {
+            return;
         }
+        let silent = match tokio::time::timeout(NO_RESPONDERS_GRACE, answers.next()).await {
+            Ok(Some(m)) => m.status == Some(StatusCode::NO_RESPONDERS),
+            _ => false,
+        };
+        if silent {
+            tracing::debug!(agent = %agent, "agent does not listen for assignments");
+        }
+        self.paths.note(agent, !silent, common::now_ms());
     }
 }

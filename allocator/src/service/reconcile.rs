@@ -16,19 +16,16 @@
 //!
 //! Leased allocations (`ttl_ms`) end in the sweep when not renewed, unconfirmed
 //! bookings and expired reservations likewise, quota holds whose allocation is
-//! gone in the quota sweep. Here also: the assignment consumers of agents
-//! that have no record (a retirement cut short between the record and the
-//! consumer) are deleted with their stored assignments.
+//! gone in the quota sweep. Here also this replica forgets what it keeps in
+//! memory of agents without a record (their work paths and last heartbeats).
 //!
 //! Every replica reconciles; taking an allocation back is a compare-and-set,
 //! so replicas racing produce one release and one event.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use common::msg::{Allocation, HeldQuery, HeldRequest};
 use common::AgentId;
-use futures::TryStreamExt;
 
 use super::Allocator;
 
@@ -50,7 +47,8 @@ impl Allocator {
 
     pub(super) async fn reconcile(&self) {
         self.reclaim_unheld().await;
-        self.drop_orphaned_consumers().await;
+        self.paths.retain(|a| self.cache.peek(a, |_| ()).is_some());
+        self.beats.retain(|a| self.cache.peek(a, |_| ()).is_some());
     }
 
     /// Takes back task allocations past the grace that no task holds.
@@ -115,58 +113,5 @@ impl Allocator {
         let taken = std::slice::from_ref(&a);
         self.forget(taken).await;
         self.preempted(taken, "reclaimed").await;
-    }
-
-    /// Lists the agents' consumers: notes which agents have a work path
-    /// (see [`super::paths`]), and deletes the consumer `agent-{id}` (and its
-    /// stored assignments) of every agent without a record, once the
-    /// consumer is older than the grace (an agent may make its consumer just
-    /// before it registers).
-    async fn drop_orphaned_consumers(&self) {
-        let Ok(stream) = self.js.get_stream(common::nats::STREAM_ASSIGN).await else {
-            return;
-        };
-        let listed_ms = common::now_ms();
-        let names: Vec<String> = match stream.consumer_names().try_collect().await {
-            Ok(names) => names,
-            Err(e) => {
-                tracing::debug!(error = %e, "assignment consumers not listed");
-                return;
-            }
-        };
-        let with: HashSet<AgentId> = names
-            .iter()
-            .filter_map(|n| common::nats::consumer_agent(n).and_then(|id| AgentId::new(id).ok()))
-            .collect();
-        self.paths.listed(with, listed_ms);
-        self.paths.retain(|a| self.cache.peek(a, |_| ()).is_some());
-        self.beats.retain(|a| self.cache.peek(a, |_| ()).is_some());
-        for name in names {
-            let Some(agent) =
-                common::nats::consumer_agent(&name).and_then(|id| AgentId::new(id).ok())
-            else {
-                continue;
-            };
-            if self.cache.get(&agent).is_some() {
-                continue;
-            }
-            // The cache may lag (a replica starting): only a fresh read counts.
-            match self.agents.entry(agent.as_str()).await {
-                Ok(None) => {}
-                Ok(Some(_)) | Err(_) => continue,
-            }
-            let created_ms = match stream.consumer_info(&name).await {
-                Ok(info) => (info.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
-                Err(e) => {
-                    tracing::debug!(consumer = %name, error = %e, "consumer not looked at");
-                    continue;
-                }
-            };
-            let old = created_ms.saturating_add(self.reconcile_grace_ms) <= common::now_ms();
-            if old {
-                tracing::info!(agent = %agent, "assignment consumer of an agent without a record removed");
-                self.remove_work_path(&agent).await;
-            }
-        }
     }
 }

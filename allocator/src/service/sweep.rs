@@ -119,8 +119,7 @@ impl Allocator {
 
     /// Removes a lost or left agent past the retention period: its record
     /// (a delete over the revision that still shows it retired-to-be, so a
-    /// registration meanwhile wins), its last heartbeat, its consumer and
-    /// stored assignments.
+    /// registration meanwhile wins), its last heartbeat and its work path.
     async fn retire(&self, rec: &AgentRecord) {
         let now = common::now_ms();
         let Ok(entry) = self.agents.entry(rec.agent_id.as_str()).await else {

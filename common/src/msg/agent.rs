@@ -81,9 +81,11 @@ pub struct DeregisterAgent {
 }
 
 /// `coord.agents.{agent_id}.leave`: the agent is done. What it still holds is
-/// released (its attempts are handed back and run elsewhere under their retry
-/// policy), its assignments consumer is deleted, and it is `left`, not `lost`.
-/// Drain first (`deregister`) and finish running work, so nothing is handed back.
+/// released (its attempts are handed back and run again, as new attempts not
+/// counted against their retry policy), and it is `left`, not `lost`. Drain
+/// first (`deregister`) and finish running work, so nothing is handed back.
+/// A new run of the agent leaves before it registers, so what a dead run held
+/// is handed back at once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaveAgent {
@@ -111,7 +113,7 @@ pub struct AgentInfo {
     /// Last heartbeat seen, 0 if none yet.
     #[serde(default)]
     pub last_heartbeat_ms: u64,
-    /// Subject the agent receives its assignments on (a durable JetStream subject).
+    /// Subject the agent receives its assignments on (a plain subscription).
     #[serde(default)]
     pub assign_subject: String,
     #[serde(default)]

@@ -129,7 +129,7 @@ pub enum EventKind {
         released: Vec<Allocation>,
     },
     /// A lost or left agent was removed from the listing after the retention
-    /// period, with its assignments consumer and any assignments still stored.
+    /// period.
     AgentRetired {
         agent_id: AgentId,
         /// `lost` or `left`: what it was when retired.

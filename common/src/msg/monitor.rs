@@ -69,9 +69,8 @@ pub struct SystemMetrics {
     /// Tasks whose attempt the monitor is timing now (bounded).
     #[serde(default)]
     pub tasks_tracked: usize,
-    /// Assignments stored for agents and not yet delivered to them (the
-    /// pending count of every consumer on the assignments stream), at the
-    /// monitor's last look at JetStream.
+    /// Assignments sent to agents and not yet started (tasks in state
+    /// `assigned`, from the events), at the monitor's last look at JetStream.
     #[serde(default)]
     pub queue_depth: u64,
     /// The same per agent, for agents with any waiting (bounded).

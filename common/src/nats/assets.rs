@@ -9,11 +9,6 @@ use async_nats::jetstream::{self, kv, stream};
 use crate::error::Error;
 use crate::subject;
 
-/// Assignments, one durable consumer per agent (work queue: an assignment is
-/// removed once its agent acks it).
-pub const STREAM_ASSIGN: &str = "COORD_ASSIGN";
-/// The assignment consumers `COORD_ASSIGN` allows, one per agent.
-pub const MAX_AGENT_CONSUMERS: i32 = 100_000;
 /// Agent reports, consumed by the orchestrators through one shared durable consumer.
 pub const STREAM_REPORTS: &str = "COORD_REPORTS";
 /// Every domain event: the audit log.
@@ -25,20 +20,6 @@ pub const STREAM_AGENT_EVENTS: &str = "COORD_AGENT_EVENTS";
 pub const AGENT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How many bytes of agent events are kept by default (oldest dropped first).
 pub const AGENT_EVENTS_MAX_BYTES: i64 = 1 << 30;
-/// The durable consumer an agent reads its assignments through (on
-/// [`STREAM_ASSIGN`]).
-pub fn agent_consumer(agent: &crate::AgentId) -> String {
-    format!("{AGENT_CONSUMER_PREFIX}{agent}")
-}
-
-/// The agent whose assignments consumer `name` is ([`agent_consumer`]'s
-/// inverse), unchecked; `None` for any other consumer.
-pub fn consumer_agent(name: &str) -> Option<&str> {
-    name.strip_prefix(AGENT_CONSUMER_PREFIX)
-}
-
-const AGENT_CONSUMER_PREFIX: &str = "agent-";
-
 /// The orchestrators' shared durable consumer on [`STREAM_REPORTS`].
 pub const CONSUMER_ORCHESTRATOR: &str = "orchestrator";
 /// The orchestrators' shared durable consumer of the allocator's `agent.lost`
@@ -71,7 +52,6 @@ pub const KV_EVENT_SCHEMAS: &str = "coord_event_schemas";
 /// The streams coordkit owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
-    Assign,
     Reports,
     Events,
     /// Agent events, with the default limits (the synchronizer applies its
@@ -87,7 +67,7 @@ impl Stream {
             storage: stream::StorageType::File,
             num_replicas: replicas.max(1),
             // A repeat of a `Nats-Msg-Id` within this is stored once: it
-            // covers the orchestrator's redelivered assignments (until 100 s)
+            // covers an agent's report published again through an outage
             // and the events its replicas publish again from a flow's outbox
             // (2 s after they were stored, or at most 10 s after for a
             // replica that lives; see `orchestrator::outbox`).
@@ -95,15 +75,6 @@ impl Stream {
             ..Default::default()
         };
         match self {
-            // One consumer per agent: without an explicit limit the server
-            // (2.15) refuses the 1,001st, and agents past it would register,
-            // heartbeat and be given work they can never receive.
-            Stream::Assign => stream::Config {
-                retention: stream::RetentionPolicy::WorkQueue,
-                max_age: Duration::from_secs(7 * 24 * 3600),
-                max_consumers: MAX_AGENT_CONSUMERS,
-                ..base(STREAM_ASSIGN, subject::ASSIGN_ALL)
-            },
             Stream::Reports => stream::Config {
                 retention: stream::RetentionPolicy::WorkQueue,
                 max_age: Duration::from_secs(7 * 24 * 3600),
@@ -191,27 +162,12 @@ pub async fn ensure_stream(
     replicas: usize,
 ) -> Result<stream::Stream, Error> {
     let name = which.config(replicas).name;
-    let mut stream = opening(|| async {
+    opening(|| async {
         js.get_or_create_stream(which.config(replicas))
             .await
             .map_err(|e| Error::unavailable(format_args!("cannot open stream {name}"), e))
     })
-    .await?;
-    // An assignments stream made before it had a limit of its own has the
-    // server's (1,000 consumers, so 1,000 agents): raised in place.
-    if which == Stream::Assign && stream.cached_info().config.max_consumers <= 0 {
-        let mut config = stream.cached_info().config.clone();
-        config.max_consumers = MAX_AGENT_CONSUMERS;
-        match js.update_stream(config).await {
-            Ok(_) => {
-                stream = js.get_stream(&name).await.map_err(|e| {
-                    Error::unavailable(format_args!("cannot open stream {name}"), e)
-                })?;
-            }
-            Err(e) => tracing::warn!(error = %e, stream = %name, "consumer limit not raised"),
-        }
-    }
-    Ok(stream)
+    .await
 }
 
 /// Opening a stream or bucket right after another service created it (on a

@@ -1,6 +1,6 @@
-//! One attempt on the agent: claimed against a second delivery, its handler
-//! run (with `started` reported once it runs past the start grace), its final
-//! report stored, then its assignment acknowledged.
+//! One attempt on the agent: claimed against a repeat of its assignment,
+//! queued for a worker, its handler run (with `started` reported once it
+//! runs past the start grace) and its final report stored.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use common::msg::{AgentReport, Assignment, ReportKind};
 use common::nats as bus;
-use common::{subject, AgentId, Error, FlowId, TaskId};
+use common::{subject, Error, FlowId, TaskId};
 use serde_json::Value;
 use tracing::Instrument;
 
@@ -19,14 +19,14 @@ use super::TaskFailure;
 /// One attempt of one task.
 pub(super) type AttemptKey = (FlowId, TaskId, u32);
 
-/// Attempts being worked on, with their handler task once it runs (so a
-/// cancel notice can abort it). An attempt is claimed here before anything
-/// else happens, so a second delivery of it meanwhile is left alone.
+/// Attempts held, with their handler task once it runs (so a cancel notice
+/// can abort it). An attempt is claimed here before anything else happens,
+/// so a repeat of its assignment meanwhile is left alone.
 pub(super) type InFlight = Arc<Mutex<HashMap<AttemptKey, Slot>>>;
 
 /// Where a claimed attempt is.
 pub(super) enum Slot {
-    /// Delivered and being started.
+    /// Delivered, waiting for a worker or being started.
     Claimed,
     /// A cancel notice came before its handler started: it never will.
     Cancelled,
@@ -45,26 +45,33 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// How many finished attempts the runtime remembers.
-const REMEMBER_FINISHED: usize = 4096;
+/// How long a finished attempt is remembered: a repeat of its assignment
+/// sent before its report was stored may still be on its way.
+const REMEMBER_FINISHED: Duration = Duration::from_secs(600);
+/// Most finished attempts remembered.
+const REMEMBER_MOST: usize = 65_536;
 
-/// Attempts this runtime has run and reported, oldest first. The server may
-/// deliver an assignment again after its ack (a consumer's acks reach disk
-/// after the fact, so a server killed just after one forgets it); the attempt
-/// is then acknowledged again instead of run twice.
+/// Attempts this runtime has ended (reported, or taken away), oldest first.
+/// The orchestrator sends an assignment again until its `started` is
+/// stored, so a repeat can arrive after the attempt ended: it is not run
+/// twice.
 #[derive(Default)]
 pub(super) struct Finished {
     keys: HashSet<AttemptKey>,
-    order: VecDeque<AttemptKey>,
+    order: VecDeque<(tokio::time::Instant, AttemptKey)>,
 }
 
 impl Finished {
     fn insert(&mut self, key: AttemptKey) {
+        let now = tokio::time::Instant::now();
         if self.keys.insert(key.clone()) {
-            self.order.push_back(key);
+            self.order.push_back((now, key));
         }
-        while self.order.len() > REMEMBER_FINISHED {
-            if let Some(old) = self.order.pop_front() {
+        while let Some((at, _)) = self.order.front() {
+            if self.order.len() <= REMEMBER_MOST && now.duration_since(*at) < REMEMBER_FINISHED {
+                break;
+            }
+            if let Some((_, old)) = self.order.pop_front() {
                 self.keys.remove(&old);
             }
         }
@@ -86,64 +93,52 @@ fn start_grace(grace: Duration, a: &Assignment, now: u64) -> Duration {
 pub(super) struct Attempt<'a> {
     pub(super) in_flight: &'a InFlight,
     pub(super) finished: &'a Mutex<Finished>,
+    pub(super) workers: &'a Arc<tokio::sync::Semaphore>,
     pub(super) grace: Duration,
 }
 
+/// Claims `key` unless it is held or ended already (a repeat).
+pub(super) fn claim(in_flight: &InFlight, finished: &Mutex<Finished>, key: &AttemptKey) -> bool {
+    if finished.lock().is_ok_and(|f| f.keys.contains(key)) {
+        return false;
+    }
+    in_flight.lock().is_ok_and(|mut m| {
+        if m.contains_key(key) {
+            return false;
+        }
+        m.insert(key.clone(), Slot::Claimed);
+        true
+    })
+}
+
+/// Runs a claimed attempt once a worker is free.
 pub(super) async fn work<H, Fut>(
     js: &jetstream::Context,
-    me: &AgentId,
-    msg: jetstream::Message,
+    assignment: Assignment,
     handler: H,
     Attempt {
         in_flight,
         finished,
+        workers,
         grace,
     }: Attempt<'_>,
 ) where
     H: Fn(Assignment) -> Fut,
     Fut: Future<Output = Result<Value, TaskFailure>> + Send + 'static,
 {
-    let assignment: Assignment = match serde_json::from_slice(&msg.payload) {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(error = %e, "unreadable assignment dropped");
-            let _ = msg.ack_with(jetstream::AckKind::Term).await;
-            return;
-        }
-    };
-    if &assignment.agent_id != me {
-        tracing::warn!(to = %assignment.agent_id, "assignment for another agent dropped");
-        let _ = msg.ack_with(jetstream::AckKind::Term).await;
-        return;
-    }
     let key = (
         assignment.flow_id.clone(),
         assignment.task_id.clone(),
         assignment.attempt,
     );
-    if finished.lock().is_ok_and(|f| f.keys.contains(&key)) {
-        tracing::debug!(flow = %key.0, task = %key.1, attempt = key.2, "finished attempt delivered again, acknowledged");
-        ack(&msg).await;
-        return;
-    }
-    let claimed = in_flight.lock().is_ok_and(|mut m| {
-        if m.contains_key(&key) {
-            return false;
-        }
-        m.insert(key.clone(), Slot::Claimed);
-        true
-    });
-    if !claimed {
-        // Being worked on already: that delivery is acknowledged when it ends.
-        return;
-    }
     // Released when this function returns, after the attempt is in `finished`.
     let _claim = Claim(in_flight, key.clone());
+    let Ok(_worker) = workers.clone().acquire_owned().await else {
+        return;
+    };
     let grace = start_grace(grace, &assignment, common::now_ms());
+    // Not stored: the orchestrator sends the assignment again, and it runs then.
     if grace.is_zero() && report(js, &assignment, ReportKind::Started).await.is_err() {
-        let _ = msg
-            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
-            .await;
         return;
     }
     let current = Arc::new((js.clone(), assignment.clone()));
@@ -162,7 +157,9 @@ pub(super) async fn work<H, Fut>(
         Some(task)
     });
     let Some(mut task) = task else {
-        let _ = msg.ack_with(jetstream::AckKind::Term).await;
+        if let Ok(mut f) = finished.lock() {
+            f.insert(key);
+        }
         return;
     };
     // A handler done within the grace sends no `started`: its final report
@@ -175,7 +172,7 @@ pub(super) async fn work<H, Fut>(
             Err(_) => {
                 if let Err(e) = report(js, &assignment, ReportKind::Started).await {
                     // The final report is tried again as long; if it too is
-                    // not stored, the assignment is redelivered.
+                    // not stored, the assignment is sent again.
                     tracing::warn!(error = %e, "started report not stored, working on");
                 }
                 task.await
@@ -190,7 +187,9 @@ pub(super) async fn work<H, Fut>(
         },
         Err(e) if e.is_cancelled() => {
             // The orchestrator no longer wants this attempt; a report would be rejected.
-            let _ = msg.ack_with(jetstream::AckKind::Term).await;
+            if let Ok(mut f) = finished.lock() {
+                f.insert(key);
+            }
             return;
         }
         Err(e) => ReportKind::Failed {
@@ -203,14 +202,9 @@ pub(super) async fn work<H, Fut>(
             if let Ok(mut f) = finished.lock() {
                 f.insert(key);
             }
-            ack(&msg).await
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "final report not stored; the assignment will be redelivered");
-            let _ = msg
-                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-        }
+        // The attempt times out under its lease and runs again.
+        Err(e) => tracing::warn!(error = %e, "final report not stored"),
     }
 }
 
@@ -239,32 +233,10 @@ pub async fn progress(fraction: Option<f64>, message: Option<String>) -> Result<
     .await
 }
 
-/// How long a report or an ack is retried before the runtime gives up on it:
-/// longer than a server restart, shorter than the stream's duplicate window
-/// (two minutes), so a retried report is still recognised as a duplicate.
+/// How long a report is retried before the runtime gives up on it: longer
+/// than a server restart, shorter than the stream's duplicate window (two
+/// minutes), so a retried report is still recognised as a duplicate.
 pub const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
-
-/// Acknowledges an assignment and waits for the server to confirm it, retrying
-/// through an outage: a lost ack would bring the assignment back after the ack
-/// wait (minutes) and run the task a second time.
-async fn ack(msg: &jetstream::Message) {
-    let deadline = tokio::time::Instant::now() + DELIVERY_DEADLINE;
-    let mut pause = Duration::from_millis(100);
-    loop {
-        match msg.double_ack().await {
-            Ok(()) => return,
-            Err(e) if tokio::time::Instant::now() + pause < deadline => {
-                tracing::debug!(error = %e, "ack not confirmed, retrying");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "ack not confirmed; the assignment will come back");
-                return;
-            }
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
-    }
-}
 
 /// Publishes a report and waits for JetStream to store it, retrying for up to
 /// [`DELIVERY_DEADLINE`] (a NATS restart must not cost a finished task). The

@@ -5,7 +5,8 @@
 //! `conformance` on the agent (their input follows the convention in
 //! docs/protocol.md, *Conformance*), listens on the agent's subjects (reports,
 //! cancel notices, verdicts, heartbeats) and the `agent.lost` event, and
-//! reads flow status, state documents and the agent's assignments consumer.
+//! reads flow status and state documents; to check that the agent ignores a
+//! repeat, it sends a live attempt's assignment again itself.
 //! Rules run one after another, so whatever the agent does meanwhile belongs
 //! to the rule running.
 
@@ -74,6 +75,7 @@ pub(crate) enum Rule {
     ProgressKeepsLease,
     HeartbeatTimeout,
     Cancel,
+    RepeatIgnored,
     Preemption,
     MalformedReport,
     ProgressBounds,
@@ -88,13 +90,14 @@ pub(crate) enum Rule {
     CleanLeave,
 }
 
-const RULES: [(Rule, &str); 16] = [
+const RULES: [(Rule, &str); 17] = [
     (Rule::Success, "success"),
     (Rule::RetryableFailure, "retryable_failure"),
     (Rule::FatalFailure, "fatal_failure"),
     (Rule::ProgressKeepsLease, "progress_keeps_lease"),
     (Rule::HeartbeatTimeout, "heartbeat_timeout"),
     (Rule::Cancel, "cancel"),
+    (Rule::RepeatIgnored, "repeat_ignored"),
     (Rule::Preemption, "preemption"),
     (Rule::MalformedReport, "malformed_report"),
     (Rule::ProgressBounds, "progress_bounds"),
@@ -197,6 +200,7 @@ pub(crate) async fn run(ctx: &Ctx, args: ConformanceArgs) -> anyhow::Result<()> 
             Rule::ProgressKeepsLease => kit.progress_keeps_lease().await,
             Rule::HeartbeatTimeout => kit.heartbeat_timeout().await,
             Rule::Cancel => kit.cancel().await,
+            Rule::RepeatIgnored => kit.repeat_ignored().await,
             Rule::Preemption => kit.preemption().await,
             Rule::MalformedReport | Rule::ProgressBounds => {
                 // One live attempt serves both.
@@ -604,8 +608,7 @@ impl Kit {
     }
 
     /// After a cancel notice: the agent stays silent on the attempt until well
-    /// after its work would have ended, and has acknowledged (or terminated)
-    /// the assignment.
+    /// after its work would have ended.
     async fn honours_cancel(
         &self,
         flow: &FlowId,
@@ -622,27 +625,7 @@ impl Kit {
                 late.join(", ")
             ));
         }
-        self.no_unacked_assignment().await
-    }
-
-    /// The agent's consumer holds no delivered, unacknowledged assignment.
-    async fn no_unacked_assignment(&self) -> Result<(), String> {
-        let name = common::nats::agent_consumer(&self.agent);
-        let stream = self
-            .js
-            .get_stream(common::nats::STREAM_ASSIGN)
-            .await
-            .map_err(because("assignments stream"))?;
-        let info = stream
-            .consumer_info(&name)
-            .await
-            .map_err(because(&format!("consumer {name}")))?;
-        match info.num_ack_pending {
-            0 => Ok(()),
-            n => Err(format!(
-                "{n} assignment(s) left unacknowledged on consumer {name}: a cancelled attempt must be acked (+TERM)"
-            )),
-        }
+        Ok(())
     }
 
     /// Cancels a flow a failed rule left running, so it does not disturb the next.

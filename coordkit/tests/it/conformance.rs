@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use common::msg::AgentStatus;
 use common::AgentId;
 use futures::StreamExt;
@@ -68,7 +68,7 @@ fn assert_all_pass(report: &Value, code: Option<i32>) {
     let rows = report["rules"].as_array().unwrap();
     let not_passed: Vec<&Value> = rows.iter().filter(|r| r["result"] != "pass").collect();
     assert!(not_passed.is_empty(), "rules not passed: {not_passed:#?}");
-    assert_eq!(rows.len(), 16, "every rule ran: {report:#}");
+    assert_eq!(rows.len(), 17, "every rule ran: {report:#}");
     assert_eq!(report["passed"], true);
     assert_eq!(code, Some(0));
 }
@@ -190,11 +190,17 @@ struct Breaks {
     no_progress: bool,
     /// Puts its state with revision 0 and ignores the reply.
     blind_state: bool,
+    /// Runs an assignment again each time it comes.
+    runs_repeats: bool,
 }
 
 /// An agent on raw NATS following the conformance convention except where
 /// `breaks` says, with the `raw` capability and 2 cpu.
 async fn raw_agent(nats: async_nats::Client, id: &'static str, breaks: Breaks) {
+    let mut assignments = nats
+        .subscribe(format!("coord.agents.{id}.assign"))
+        .await
+        .unwrap();
     let register = json!({
         "agent_id": id, "capabilities": ["raw"], "capacity": {"cpu": 2}, "heartbeat_interval_ms": 500,
     });
@@ -231,27 +237,17 @@ async fn raw_agent(nats: async_nats::Client, id: &'static str, breaks: Breaks) {
         }
     });
     let js = jetstream::new(nats.clone());
-    let stream = js.get_stream("COORD_ASSIGN").await.unwrap();
-    let name = format!("agent-{id}");
-    let consumer = stream
-        .get_or_create_consumer(
-            &name,
-            consumer::pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: format!("coord.agents.{id}.assign"),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(300),
-                max_ack_pending: 4,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    while let Some(Ok(msg)) = messages.next().await {
+    let mut taken = HashSet::new();
+    while let Some(msg) = assignments.next().await {
+        let Ok(a) = serde_json::from_slice::<Value>(&msg.payload) else {
+            continue;
+        };
+        let key = format!("{}.{}.{}", a["flow_id"], a["task_id"], a["attempt"]);
+        if !taken.insert(key) && !breaks.runs_repeats {
+            continue;
+        }
         let (nats, js, cancelled) = (nats.clone(), js.clone(), cancelled.clone());
         tokio::spawn(async move {
-            let a: Value = serde_json::from_slice(&msg.payload).unwrap();
             let key = format!("{}.{}.{}", a["flow_id"], a["task_id"], a["attempt"]);
             let report = |kind: Value, n: u32| {
                 let js = js.clone();
@@ -294,7 +290,6 @@ async fn raw_agent(nats: async_nats::Client, id: &'static str, breaks: Breaks) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 slept += 50;
                 if !breaks.ignores_cancel && cancelled.lock().unwrap().contains(&key) {
-                    msg.ack_with(jetstream::AckKind::Term).await.unwrap();
                     return;
                 }
                 if !breaks.no_progress && every > 0 && slept % every < 50 && slept < sleep {
@@ -337,7 +332,6 @@ async fn raw_agent(nats: async_nats::Client, id: &'static str, breaks: Breaks) {
                     report(json!({"type": "completed", "output": output}), 0).await;
                 }
             }
-            msg.double_ack().await.unwrap();
         });
     }
 }
@@ -351,6 +345,7 @@ async fn an_agent_that_ignores_cancel_notices_fails_cancel_and_stale_attempt() {
         ignores_cancel: true,
         no_progress: false,
         blind_state: false,
+        runs_repeats: false,
     };
     let _agent = tokio::spawn(raw_agent(nats, "deaf", breaks));
     registered(&sys, "deaf").await;
@@ -398,6 +393,7 @@ async fn an_agent_without_progress_or_state_cas_fails_those_rules() {
         ignores_cancel: false,
         no_progress: true,
         blind_state: true,
+        runs_repeats: true,
     };
     let _agent = tokio::spawn(raw_agent(nats, "sloppy", breaks));
     registered(&sys, "sloppy").await;
@@ -407,12 +403,15 @@ async fn an_agent_without_progress_or_state_cas_fails_those_rules() {
             "--agent-id",
             "sloppy",
             "--rules",
-            "success,progress_keeps_lease,state_cas,progress_valid",
+            "success,repeat_ignored,progress_keeps_lease,state_cas,progress_valid",
         ],
     )
     .await;
     assert_eq!(code, Some(1), "{report:#}");
     assert_eq!(rule(&report, "success").0, "pass", "{report:#}");
+    let (verdict, detail) = rule(&report, "repeat_ignored");
+    assert_eq!(verdict, "fail", "{report:#}");
+    assert!(detail.contains("run more than once"), "{detail}");
     let (verdict, detail) = rule(&report, "progress_keeps_lease");
     assert_eq!(verdict, "fail", "{report:#}");
     assert!(detail.contains("timed_out"), "{detail}");
@@ -435,6 +434,7 @@ async fn the_kit_refuses_an_agent_it_cannot_pin_tasks_on() {
                 ignores_cancel: false,
                 no_progress: false,
                 blind_state: false,
+                runs_repeats: false,
             },
         )));
         registered(&sys, id).await;

@@ -422,9 +422,9 @@ async fn never_lost(sys: &System, agent: &AgentId, lost: &mut async_nats::Subscr
 #[tokio::test]
 async fn the_python_agent_survives_a_long_idle_stretch() {
     let sys = System::start().await;
-    let mut agent = PyAgent::spawn(sys.server.url(), "py-idle", &["--fetch-timeout", "1"]);
+    let mut agent = PyAgent::spawn(sys.server.url(), "py-idle", &[]);
     wait_active(&sys, &agent).await;
-    // Some twenty pull requests expire with nothing to deliver.
+    // A long stretch with nothing to do, heartbeats only.
     tokio::time::sleep(Duration::from_secs(20)).await;
     assert!(
         agent.is_running(),
@@ -468,21 +468,6 @@ async fn the_python_agent_leaves_on_sigterm() {
         .unwrap();
     let event: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
     assert_eq!(event["agent_id"], "py-term", "{event}");
-    // The allocator removes the agent's assignments consumer on leave.
-    let js = async_nats::jetstream::new(sys.nats.clone());
-    let stream = js.get_stream("COORD_ASSIGN").await.unwrap();
-    eventually(
-        Duration::from_secs(5),
-        "the consumer agent-py-term to be deleted",
-        || async {
-            stream
-                .consumer_info("agent-py-term")
-                .await
-                .is_err()
-                .then_some(())
-        },
-    )
-    .await;
     never_lost(&sys, &agent.id, &mut lost).await;
     eprintln!("py-term exited {took:?} after SIGTERM");
 }
@@ -728,10 +713,17 @@ async fn the_python_agent_carries_the_trace_into_its_reports() {
         finished(&sys, &created.flow_id).await.state,
         FlowState::Succeeded
     );
-    let assignment = tokio::time::timeout(Duration::from_secs(5), assigns.next())
-        .await
-        .expect("the assignment")
-        .unwrap();
+    // The first message with a body (the allocator's probes have none).
+    let assignment = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let msg = assigns.next().await.unwrap();
+            if !msg.payload.is_empty() {
+                break msg;
+            }
+        }
+    })
+    .await
+    .expect("the assignment");
     let traceparent = assignment
         .headers
         .as_ref()

@@ -307,25 +307,21 @@ impl Monitor {
         }
     }
 
-    /// Queue depth and consumer lag that keeps growing, from the JetStream
-    /// consumer infos.
+    /// Queue depth (from the tasks tracked) and consumer lag that keeps
+    /// growing (from the JetStream consumer infos).
     pub fn observe_streams(&mut self, now_ms: u64, streams: &[StreamHealth]) {
-        if let Some(assign) = streams
-            .iter()
-            .find(|s| s.name == common::nats::STREAM_ASSIGN)
-        {
-            self.queue_depth = assign.consumer_pending.values().sum();
-            self.queue_depth_windows
-                .observe(now_ms, self.queue_depth as f64);
-            // Each agent reads its assignments through the durable `agent-{id}`.
-            self.queue = assign
-                .consumer_pending
-                .iter()
-                .filter(|(_, n)| **n > 0)
-                .take(MAX_WATCHED)
-                .map(|(c, n)| (common::nats::consumer_agent(c).unwrap_or(c).to_owned(), *n))
-                .collect();
+        // Assigned and not started: sent to the agent, not yet taken up.
+        let mut queue: BTreeMap<String, u64> = BTreeMap::new();
+        for t in self.tasks.values() {
+            if t.state == TaskState::Assigned {
+                let agent = t.agent.clone().unwrap_or_default();
+                *queue.entry(agent).or_default() += 1;
+            }
         }
+        self.queue_depth = queue.values().sum();
+        self.queue_depth_windows
+            .observe(now_ms, self.queue_depth as f64);
+        self.queue = queue.into_iter().take(MAX_WATCHED).collect();
         for s in streams {
             for (consumer, pending) in &s.consumer_pending {
                 let key = format!("{}/{consumer}", s.name);
@@ -338,13 +334,8 @@ impl Monitor {
                 let fire = *growing >= LAG_GROWING_POLLS && *pending >= LAG_MIN_PENDING;
                 if latch.update(fire, *growing == 0) {
                     let pending = *pending;
-                    // Each agent reads its assignments through `agent-{id}`.
-                    let about = match (s.name.as_str(), common::nats::consumer_agent(consumer)) {
-                        (common::nats::STREAM_ASSIGN, Some(agent)) => About::agent(agent),
-                        _ => About::default(),
-                    };
                     self.raise(
-                        about,
+                        About::default(),
                         AnomalyKind::ConsumerLag,
                         Severity::Warning,
                         &key,

@@ -345,32 +345,35 @@ fn family_detectors_are_capped() {
 #[test]
 fn queue_depth_is_the_assignments_waiting_per_agent() {
     let mut m = Monitor::new(0, "m", Settings::default());
-    let assign = |pending: &[(&str, u64)]| StreamHealth {
-        name: common::nats::STREAM_ASSIGN.into(),
-        consumer_pending: pending.iter().map(|(c, n)| (c.to_string(), *n)).collect(),
-        ..Default::default()
+    let to = |m: &mut Monitor, task: &str, agent: &str, state: TaskState, at: u64| {
+        m.transition("f", task, state, (1, None, None), Some(agent), at, at);
     };
+    for (i, agent) in ["w1", "w1", "w1", "w3", "w3", "w2"].iter().enumerate() {
+        to(&mut m, &format!("t{i}"), agent, TaskState::Assigned, 1_000);
+    }
+    to(&mut m, "t5", "w2", TaskState::Running, 1_001);
     let reports = StreamHealth {
         name: common::nats::STREAM_REPORTS.into(),
         consumer_pending: [("orchestrator".to_string(), 40)].into(),
         ..Default::default()
     };
-    m.observe_streams(
-        1_000,
-        &[
-            assign(&[("agent-w1", 3), ("agent-w2", 0), ("agent-w3", 5)]),
-            reports,
-        ],
-    );
+    m.observe_streams(1_000, &[reports]);
     let x = m.metrics(1_000);
-    assert_eq!(x.queue_depth, 8, "only the assignments stream counts");
+    assert_eq!(
+        x.queue_depth, 5,
+        "assigned and not started; no stream counts"
+    );
     assert_eq!(
         x.queue_depth_by_agent,
-        [("w1".to_string(), 3), ("w3".to_string(), 5)].into()
+        [("w1".to_string(), 3), ("w3".to_string(), 2)].into()
     );
-    m.observe_streams(2_000, &[assign(&[("agent-w1", 0)])]);
+    for i in 0..5 {
+        to(&mut m, &format!("t{i}"), "w1", TaskState::Running, 2_000);
+    }
+    m.observe_streams(2_000, &[]);
     assert_eq!(m.metrics(2_000).queue_depth, 0);
     assert!(m.metrics(2_000).queue_depth_by_agent.is_empty());
+    assert_eq!(m.metrics(2_000).queue_depth_peak.last_1m, 5.0);
 }
 
 #[test]

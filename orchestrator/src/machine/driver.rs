@@ -24,12 +24,12 @@ use common::{AgentId, AllocationId, FlowId, TaskId};
 
 use super::{Alarm, Effect, Flow, Placement, Placing};
 
-/// An assignment not started this long after it was recorded is published
-/// again: the replica that recorded it may have died before publishing it.
+/// An assignment not started this long after it was recorded is sent again,
+/// and again as often until it starts or its lease times it out: the
+/// message is not stored, so the flow's record is what delivers it at least
+/// once (the agent reconnecting, the replica that recorded it dead before
+/// sending it). Agents ignore a repeat of an attempt they hold.
 pub const REDELIVER_AFTER_MS: u64 = 2_000;
-/// ... but only while the assignments stream's duplicate window (2 min)
-/// still recognises a repeat of one that did get through.
-pub const REDELIVER_UNTIL_MS: u64 = 100_000;
 
 /// Why the flow's actor is to be woken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,10 +181,9 @@ impl Driver {
         }
     }
 
-    /// On the sweep's tick: publishes again the assignments still not
-    /// started [`REDELIVER_AFTER_MS`] after they were recorded, at most that
-    /// often each. The assignment's message id makes a repeat of one that
-    /// did get through a no-op.
+    /// On the sweep's tick: sends again the assignments still not started
+    /// [`REDELIVER_AFTER_MS`] after they were recorded, at most that often
+    /// each.
     pub fn redeliver(&mut self, x: &mut impl Executor, flow: &Flow, now_ms: u64) {
         self.resent.retain(|(task, attempt), _| {
             flow.tasks
@@ -200,7 +199,7 @@ impl Driver {
                 continue;
             };
             let age = now_ms.saturating_sub(assigned);
-            if !(REDELIVER_AFTER_MS..REDELIVER_UNTIL_MS).contains(&age) {
+            if age < REDELIVER_AFTER_MS {
                 continue;
             }
             let key = (t.spec.id.clone(), t.attempt);

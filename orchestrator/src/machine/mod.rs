@@ -47,7 +47,7 @@ use serde_json::Value;
 
 pub use alarm::Alarm;
 pub use change::Problems;
-pub use driver::{Driver, Executor, Wake, REDELIVER_AFTER_MS, REDELIVER_UNTIL_MS};
+pub use driver::{Driver, Executor, Wake, REDELIVER_AFTER_MS};
 pub use place::{Placement, MAX_PLACING_PER_FLOW};
 pub use placing::{Placing, FREED_ALL};
 pub use plan::PlanInput;

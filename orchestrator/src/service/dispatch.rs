@@ -141,41 +141,26 @@ impl Orchestrator {
         self.release_by_id(id, None).await;
     }
 
-    /// Publishes one assignment; refused, the attempt goes back (`Unassign`).
+    /// Sends one assignment to its agent: a plain message, not stored. The
+    /// flow's record holds the assignment; until the attempt's `started` is
+    /// stored, the sweep sends it again ([`machine::REDELIVER_AFTER_MS`]), so
+    /// one lost here (the agent reconnecting, this connection down) costs a
+    /// redelivery, never the attempt.
     async fn deliver(self: Arc<Self>, assignment: Assignment) {
-        match self.publish_assignment(&assignment).await {
-            Ok(()) => {}
-            Err(e) if e.code == ErrorCode::Timeout => {
-                tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment unconfirmed, publishing it again later");
-            }
-            Err(e) => {
-                tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment not sent");
-                let (task, attempt) = (assignment.task_id.clone(), assignment.attempt);
-                self.send(&assignment.flow_id, Cmd::Unassign { task, attempt });
-            }
+        if let Err(e) = self.publish_assignment(&assignment).await {
+            tracing::warn!(flow = %assignment.flow_id, task = %assignment.task_id, error = %e, "assignment not sent, sending it again later");
         }
     }
 
     pub(super) async fn publish_assignment(&self, a: &Assignment) -> Result<(), Error> {
         let body =
             serde_json::to_vec(a).map_err(|e| Error::internal_from("encode assignment", e))?;
-        let msg_id = format!("{}.{}.{}", a.flow_id, a.task_id, a.attempt);
         let to = subject::assign(&a.agent_id);
-        let ack = self
-            .js
-            .publish_with_headers(to.clone(), bus::dedupe_headers(&to, &msg_id), body.into())
+        let headers = telemetry::producer_headers(&to);
+        self.nats
+            .publish_with_headers(to.clone(), headers, body.into())
             .await
-            .map_err(|e| Error::unavailable(format_args!("publish to {to}"), e))?;
-        ack.await.map_err(|e| {
-            // No answer is not a refusal: the server may have stored it and
-            // gone away before acknowledging (a restart, a lost connection).
-            let code = match e.kind() {
-                jetstream::context::PublishErrorKind::TimedOut => ErrorCode::Timeout,
-                _ => ErrorCode::Unavailable,
-            };
-            Error::from_source(code, format_args!("publish to {to}"), e)
-        })?;
-        Ok(())
+            .map_err(|e| Error::unavailable(format_args!("publish to {to}"), e))
     }
 
     /// Gives a concurrency slot back, then wakes this replica's flows that

@@ -137,11 +137,6 @@ enum Cmd {
     },
     /// Held-back tasks are due to be placed again.
     Wake,
-    /// The assignment message could not be sent.
-    Unassign {
-        task: TaskId,
-        attempt: u32,
-    },
     Tick,
     /// A timer of the flow is due (see [`Driver::set_alarm`]).
     Due,
@@ -184,10 +179,6 @@ impl Cmd {
                 granted_ms: *granted_ms,
             },
             Cmd::Unplaced { .. } | Cmd::Wake => C::Nothing,
-            Cmd::Unassign { task, attempt } => C::Unassign {
-                task,
-                attempt: *attempt,
-            },
             Cmd::Tick => C::Tick,
             Cmd::Due => C::Due,
             Cmd::AgentGone(agent, left) => C::AgentGone { agent, left: *left },
@@ -279,7 +270,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         return Ok(());
     };
     let js = jetstream::new(nats.clone());
-    for s in [Stream::Assign, Stream::Reports, Stream::Events] {
+    for s in [Stream::Reports, Stream::Events] {
         bus::ensure_stream(&js, s, cfg.nats.js_replicas).await?;
     }
     let flows = bus::ensure_bucket(&js, Bucket::Flows, cfg.nats.js_replicas).await?;

@@ -41,7 +41,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use async_nats::jetstream;
 use clap::{Parser, ValueEnum};
 use common::config::NatsConfig;
 use common::msg::{Event, EventKind, FlowSpec, FlowState, TaskSpec, TaskState};
@@ -373,16 +372,6 @@ impl System {
             .map(|id| client.leave_agent(id))
             .buffer_unordered(64);
         while gone.next().await.is_some() {}
-        let js = jetstream::new(nats.clone());
-        if let Ok(stream) = js.get_stream(common::nats::STREAM_ASSIGN).await {
-            let mut deleted = futures::stream::iter(ids.iter().copied())
-                .map(|id| {
-                    let (stream, name) = (&stream, agent::consumer_name(id));
-                    async move { stream.delete_consumer(&name).await }
-                })
-                .buffer_unordered(64);
-            while deleted.next().await.is_some() {}
-        }
         for s in self.services {
             let _ = tokio::time::timeout(Duration::from_secs(10), s.stop()).await;
         }

@@ -259,7 +259,7 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
     let b_inbox = format!("{}.>", agent::inbox_prefix(&b));
     for (what, subj) in [
         ("B's assignments", subject::assign(&b)),
-        ("B's inbox, where its pulled assignments arrive", b_inbox),
+        ("B's inbox, where its replies arrive", b_inbox),
         ("every inbox", "_INBOX.>".to_owned()),
         ("B's cancel notices", subject::cancel(&b)),
         ("B's sync notices", subject::sync_notice(&b)),
@@ -279,7 +279,6 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
             .unwrap();
         refused(&mut errors, "a service's queue group", subj).await;
     }
-    let durable = agent::consumer_name(&b);
     let report = json!({
         "flow_id": created.flow_id, "task_id": "a", "attempt": 1, "agent_id": b,
         "type": "completed", "output": {"forged": true}
@@ -290,40 +289,24 @@ async fn an_agent_runs_as_itself_and_cannot_touch_another_agents_work() {
     let naming_b = json!({"agent_id": b}).to_string();
     let forged_registration = serde_json::to_string(&registration(&b)).unwrap();
     for (what, subj, body) in [
+        // No JetStream API at all: an agent's reports are publishes on
+        // its own subject, stored by the services' account.
         (
-            "pulling from B's durable",
-            format!("$JS.API.CONSUMER.MSG.NEXT.COORD_ASSIGN.{durable}"),
-            json!({"batch": 1}).to_string(),
-        ),
-        (
-            "reading B's durable",
-            format!("$JS.API.CONSUMER.INFO.COORD_ASSIGN.{durable}"),
+            "the JetStream API",
+            "$JS.API.INFO".to_owned(),
             String::new(),
         ),
         (
-            "a consumer of its own on B's subject",
-            format!(
-                "$JS.API.CONSUMER.CREATE.COORD_ASSIGN.{}.{}",
-                agent::consumer_name(&a),
-                subject::assign(&b)
-            ),
+            "a consumer on the reports stream",
+            format!("$JS.API.CONSUMER.CREATE.{}", common::nats::STREAM_REPORTS),
             String::new(),
         ),
         (
-            "an ephemeral consumer",
-            "$JS.API.CONSUMER.CREATE.COORD_ASSIGN".to_owned(),
+            "reading the agents' bucket directly",
+            "$JS.API.DIRECT.GET.KV_coord_agents".to_owned(),
             String::new(),
         ),
-        (
-            "reading the stream directly",
-            "$JS.API.DIRECT.GET.COORD_ASSIGN".to_owned(),
-            String::new(),
-        ),
-        (
-            "acknowledging for B",
-            format!("$JS.ACK.COORD_ASSIGN.{durable}.1.1.1.0.0"),
-            String::new(),
-        ),
+        ("an assignment to B", subject::assign(&b), String::new()),
         ("a report on B's subject", subject::report(&b), report),
         ("B's heartbeat", subject::heartbeat(&b), String::new()),
         (

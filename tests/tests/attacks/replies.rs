@@ -12,8 +12,9 @@
 //! Each test watches every such subject as the operator before the attack,
 //! waits until the synchronizer has counted the request (or fails at once if
 //! a reply shows up), then reads back as the operator everything the reply
-//! would have changed. The `a_pull_reply_…` tests do the same with JetStream
-//! itself answering: an empty pull's status aimed at the JetStream API.
+//! would have changed. The last test follows the allocator's probe of an
+//! agent's assignment subject, whose reply subject is in the services'
+//! account.
 
 use std::time::Duration;
 
@@ -347,221 +348,84 @@ async fn the_services_login_cannot_publish_what_only_agents_send() {
     }
 }
 
-/// An operator's own stream and durable consumer, which no agent may touch.
-const OPS_STREAM: &str = "OPS_OWNED";
-const OPS_CONSUMER: &str = "ops-durable";
-
-/// What the JetStream API replies below would delete, read as the operator:
-/// B's assignment consumer, the state bucket's stream, the operator's stream
-/// and consumer.
-async fn jetstream_assets(js: &jetstream::Context, b: &AgentId) -> Vec<(String, bool)> {
-    let assign = js.get_stream(common::nats::STREAM_ASSIGN).await.unwrap();
-    let b_durable = assign
-        .consumer_info(common::nats::agent_consumer(b))
-        .await
-        .is_ok();
-    let state = js.get_stream(format!("KV_{KV_STATE}")).await.is_ok();
-    let ops = js.get_stream(OPS_STREAM).await;
-    let ops_durable = match &ops {
-        Ok(s) => s.clone().consumer_info(OPS_CONSUMER).await.is_ok(),
-        Err(_) => false,
-    };
-    vec![
-        ("B's consumer".to_owned(), b_durable),
-        ("the state bucket".to_owned(), state),
-        ("the operator's stream".to_owned(), ops.is_ok()),
-        ("the operator's consumer".to_owned(), ops_durable),
-    ]
-}
-
-/// A pulls from its own (empty) consumer with `no_wait`, naming `aim` as the
-/// reply subject: JetStream answers the empty pull with a status message on
-/// the reply subject, which on a server without accounts is a request to the
-/// JetStream API carried out with the services' rights. Nothing may be
-/// deleted.
-async fn a_pull_reply_aimed_at(aim: fn(&Scene) -> String) {
+/// The allocator's probe of an agent's assignment subject (an empty message
+/// with a reply subject) crosses into the agent's account through the
+/// stream import: the agent sees it, and the server's "no responders" for a
+/// silent agent reaches the allocator. The reply subject it carries is the
+/// allocator's, in the services' account: an agent publishing there is
+/// refused, so a probe gives an agent no way to answer into that account.
+#[tokio::test]
+async fn a_probe_reaches_the_agent_and_its_reply_subject_does_not() {
     common::telemetry::init_for_tests();
     let scene = Scene::new().await;
-    let ops_js = jetstream::new(scene.operator.clone());
-    // B's consumer, made by B's own client as any agent makes it.
-    let b_nats = common::nats::connect(&agent_login(&scene._server, &scene.b), "atk-b2")
+    let mut probes = scene
+        .a_nats
+        .subscribe(subject::assign(&scene.a))
         .await
         .unwrap();
-    own_consumer(&b_nats, &scene.b).await;
-    let ops = ops_js
-        .create_stream(jetstream::stream::Config {
-            name: OPS_STREAM.to_owned(),
-            subjects: vec!["ops.owned".to_owned()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    ops.create_consumer(jetstream::consumer::pull::Config {
-        durable_name: Some(OPS_CONSUMER.to_owned()),
-        ..Default::default()
+    scene.a_nats.flush().await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(subject::PROBE_HEADER, "1");
+    // As the allocator sends it, from the services' account; again until it
+    // arrives (the import's interest reaches the services' account after the
+    // agent's subscription is in).
+    let inbox = scene.operator.new_inbox();
+    let mut answers = scene.operator.subscribe(inbox.clone()).await.unwrap();
+    let probe = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            scene
+                .operator
+                .publish_with_reply_and_headers(
+                    subject::assign(&scene.a),
+                    inbox.clone(),
+                    headers.clone(),
+                    "".into(),
+                )
+                .await
+                .unwrap();
+            if let Ok(got) = tokio::time::timeout(Duration::from_millis(200), probes.next()).await {
+                break got.unwrap();
+            }
+        }
     })
     .await
-    .unwrap();
-    let before = jetstream_assets(&ops_js, &scene.b).await;
-    assert!(before.iter().all(|(_, there)| *there), "{before:?}");
-
-    // A's own consumer, empty: its pull is answered at once with a status.
-    own_consumer(&scene.a_nats, &scene.a).await;
-    let next = format!(
-        "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
-        common::nats::STREAM_ASSIGN,
-        common::nats::agent_consumer(&scene.a)
-    );
-    let pull = json!({"batch": 1, "no_wait": true}).to_string();
-    let target = aim(&scene);
-    scene
-        .a_nats
-        .publish_with_reply(next.clone(), target.clone(), pull.clone().into())
-        .await
-        .unwrap();
-    // A second pull, answered on A's inbox, is handled after the first: once
-    // its status arrives, the attack has had its answer.
-    let answer = scene
-        .a_nats
-        .request(next, pull.into())
-        .await
-        .expect("A's own pull is answered");
-    let status = answer
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("Status").cloned());
-    assert!(
-        answer.status.is_some() || status.is_some(),
-        "an empty pull is answered with a status: {answer:?}"
-    );
-
-    let after = jetstream_assets(&ops_js, &scene.b).await;
-    assert_eq!(
-        after, before,
-        "a pull reply aimed at {target} deleted something"
-    );
-    // B's state is as B left it.
-    assert_eq!(
-        scene.ops.state_get(&scene.b).await.unwrap().doc,
-        json!({"owner": "b"})
-    );
-    scene.stop().await;
-}
-
-/// `agent`'s assignment consumer, made through its own login.
-async fn own_consumer(nats: &async_nats::Client, agent: &AgentId) {
-    let js = jetstream::new(nats.clone());
-    let stream = js
-        .get_stream(common::nats::STREAM_ASSIGN)
-        .await
-        .expect("an agent reads the assignment stream's info");
-    let name = common::nats::agent_consumer(agent);
-    stream
-        .get_or_create_consumer(
-            &name,
-            jetstream::consumer::pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: subject::assign(agent),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("an agent makes its own consumer");
-}
-
-#[tokio::test]
-async fn a_pull_reply_aimed_at_another_agents_consumer_deletes_nothing() {
-    a_pull_reply_aimed_at(|s| {
-        format!(
-            "$JS.API.CONSUMER.DELETE.{}.{}",
-            common::nats::STREAM_ASSIGN,
-            common::nats::agent_consumer(&s.b)
-        )
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_pull_reply_aimed_at_the_state_bucket_deletes_nothing() {
-    a_pull_reply_aimed_at(|_| format!("$JS.API.STREAM.DELETE.KV_{KV_STATE}")).await;
-}
-
-#[tokio::test]
-async fn a_pull_reply_aimed_at_an_operators_stream_deletes_nothing() {
-    a_pull_reply_aimed_at(|_| format!("$JS.API.STREAM.DELETE.{OPS_STREAM}")).await;
-}
-
-#[tokio::test]
-async fn a_pull_reply_aimed_at_an_operators_consumer_deletes_nothing() {
-    a_pull_reply_aimed_at(|_| format!("$JS.API.CONSUMER.DELETE.{OPS_STREAM}.{OPS_CONSUMER}")).await;
-}
-
-/// A asks for its own consumer as a push consumer delivering on an event
-/// subject: refused, and no consumer delivers there.
-#[tokio::test]
-async fn an_agents_push_consumer_is_refused() {
-    common::telemetry::init_for_tests();
-    let scene = Scene::new().await;
-    let name = common::nats::agent_consumer(&scene.a);
-    let create = format!(
-        "$JS.API.CONSUMER.CREATE.{}.{name}.{}",
-        common::nats::STREAM_ASSIGN,
-        subject::assign(&scene.a)
-    );
-    let body = json!({
-        "stream_name": common::nats::STREAM_ASSIGN,
-        "config": {
-            "durable_name": name, "filter_subject": subject::assign(&scene.a),
-            "deliver_subject": "coord.events.injected.push", "ack_policy": "explicit",
-        },
-    });
-    let answer = scene
-        .a_nats
-        .request(create, body.to_string().into())
-        .await
-        .unwrap();
-    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
-    assert!(answer["error"].is_object(), "{answer}");
-    let assign = jetstream::new(scene.operator.clone())
-        .get_stream(common::nats::STREAM_ASSIGN)
-        .await
-        .unwrap();
-    let mut consumers = assign.consumers();
-    while let Some(c) = consumers.next().await {
-        let c = c.unwrap();
-        assert_eq!(c.config.deliver_subject, None, "{c:?}");
+    .expect("the probe reaches the agent");
+    // The probes sent before the interest arrived were answered "no
+    // responders": not what is looked for below.
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), answers.next()).await {
+        assert_eq!(
+            m.status,
+            Some(async_nats::StatusCode::NO_RESPONDERS),
+            "{m:?}"
+        );
     }
-    scene.stop().await;
-}
-
-/// The assignment stream's info, asked with a subjects filter, lists no
-/// agent's subject: A learns neither who else has assignments nor how many.
-#[tokio::test]
-async fn the_assignment_streams_info_lists_no_subjects_to_an_agent() {
-    common::telemetry::init_for_tests();
-    let scene = Scene::new().await;
-    jetstream::new(scene.operator.clone())
-        .publish(subject::assign(&scene.b), "{}".into())
-        .await
-        .unwrap()
+    assert!(probe.payload.is_empty(), "{probe:?}");
+    // B does not listen: the server answers "no responders" for it.
+    let inbox = scene.operator.new_inbox();
+    let mut silent = scene.operator.subscribe(inbox.clone()).await.unwrap();
+    scene
+        .operator
+        .publish_with_reply(subject::assign(&scene.b), inbox, "".into())
         .await
         .unwrap();
-    let answer = scene
-        .a_nats
-        .request(
-            format!("$JS.API.STREAM.INFO.{}", common::nats::STREAM_ASSIGN),
-            json!({"subjects_filter": ">"}).to_string().into(),
-        )
+    let none = tokio::time::timeout(Duration::from_secs(10), silent.next())
         .await
+        .expect("no responders is answered")
         .unwrap();
-    let info: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
     assert_eq!(
-        info["config"]["name"],
-        common::nats::STREAM_ASSIGN,
-        "{info}"
+        none.status,
+        Some(async_nats::StatusCode::NO_RESPONDERS),
+        "{none:?}"
     );
-    assert!(info["state"]["subjects"].is_null(), "{info}");
-    assert!(!info.to_string().contains(scene.b.as_str()), "{info}");
+    // The agent answering the probe's reply subject reaches nobody.
+    if let Some(reply) = probe.reply.clone() {
+        scene.a_nats.publish(reply, "forged".into()).await.unwrap();
+        scene.a_nats.flush().await.unwrap();
+        let got = tokio::time::timeout(Duration::from_millis(500), answers.next()).await;
+        assert!(
+            got.is_err(),
+            "an agent's answer reached the services: {got:?}"
+        );
+    }
     scene.stop().await;
 }

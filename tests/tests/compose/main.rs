@@ -363,14 +363,14 @@ async fn cluster_overlay_rides_out_a_stopped_node_and_a_partition() {
     let network = stack.network();
     stack.docker(&["network", "disconnect", &network, &node3]);
     // The majority's view: nats-3 is no longer a current replica of the
-    // assignments stream (its leader, re-elected on the majority if nats-3
+    // reports stream (its leader, re-elected on the majority if nats-3
     // led it, says so).
     let js = jetstream::new(nats.clone());
     eventually(
         Duration::from_secs(60),
         "the majority sees nats-3 gone",
         || async {
-            let mut stream = js.get_stream(common::nats::STREAM_ASSIGN).await.ok()?;
+            let mut stream = js.get_stream(common::nats::STREAM_REPORTS).await.ok()?;
             let cluster = stream.info().await.ok()?.cluster.clone()?;
             (cluster.leader.as_deref() != Some("nats-3")
                 && cluster

@@ -1,94 +1,120 @@
-//! Many agents on one deployment: an agent whose assignment consumer is past
-//! the server's default limit of consumers per stream (1,000 in nats-server
-//! 2.15) still gets its work, and no task is placed on an agent that has no
-//! consumer to receive it.
+//! Many agents on one deployment: assignments need no JetStream consumer per
+//! agent, so an agent past any per-stream consumer limit (1,000 by default in
+//! nats-server 2.15) gets its work and the server's consumers do not grow
+//! with the agents; and no task is placed on an agent that does not listen
+//! for its assignments.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use common::msg::{
-    AllocateRequest, FlowSpec, FlowState, Heartbeat, RegisterAgent, Requirements, TaskRef,
+    AgentReport, AllocateRequest, Assignment, FlowSpec, FlowState, Heartbeat, RegisterAgent,
+    ReportKind, Requirements, TaskRef,
 };
-use common::{AgentId, ErrorCode, FlowId, TaskId};
+use common::{subject, AgentId, ErrorCode, FlowId, TaskId};
 use futures::StreamExt;
 use serde_json::json;
 use testkit::{eventually, System};
 
 use crate::orchestrator::{cpu_task, spawn_agent, wait_finished, wait_registered};
 
-/// The server's default limit of consumers on one stream.
-const SERVER_DEFAULT_LIMIT: usize = 1000;
+/// More agents than the server allows consumers on one stream by default.
+const AGENTS: usize = 1_200;
+
+/// The names of every consumer on every stream of the server.
+async fn consumers(js: &jetstream::Context) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut streams = js.stream_names();
+    while let Some(stream) = streams.next().await {
+        let stream = js.get_stream(stream.unwrap()).await.unwrap();
+        let mut consumers = stream.consumer_names();
+        while let Some(c) = consumers.next().await {
+            names.push(c.unwrap());
+        }
+    }
+    names
+}
 
 #[tokio::test]
-async fn an_agent_past_a_thousand_assignment_consumers_gets_work() {
+async fn an_agent_past_a_thousand_agents_gets_work_without_a_consumer_of_its_own() {
     let sys = System::start().await;
     let js = jetstream::new(sys.nats.clone());
-    let stream = js
-        .get_stream(common::nats::STREAM_ASSIGN)
-        .await
-        .expect("COORD_ASSIGN");
-    // A thousand consumers already there, as a thousand agents would have.
-    let made: Vec<_> = futures::stream::iter(0..SERVER_DEFAULT_LIMIT)
+    // One connection listens for all of them, as a pool of agents may.
+    let mut assignments = sys.nats.subscribe(subject::ASSIGN_ALL).await.unwrap();
+    sys.nats.flush().await.unwrap();
+    let registered: Vec<_> = futures::stream::iter(0..AGENTS)
         .map(|i| {
-            let stream = stream.clone();
+            let client = sys.client.clone();
             async move {
-                stream
-                    .create_consumer(consumer::pull::Config {
-                        durable_name: Some(format!("filler-{i}")),
-                        filter_subject: format!("coord.agents.filler{i}.assign"),
-                        ack_policy: consumer::AckPolicy::Explicit,
-                        ..Default::default()
+                client
+                    .register_agent(&RegisterAgent {
+                        agent_id: AgentId::new(format!("many{i}")).unwrap(),
+                        capabilities: Vec::new(),
+                        labels: [("n".to_string(), i.to_string())].into(),
+                        capacity: [("cpu".to_string(), 1.0)].into(),
+                        // Silence is not held against them in this test's time.
+                        heartbeat_interval_ms: 600_000,
                     })
                     .await
-                    .map(|_| ())
             }
         })
         .buffer_unordered(32)
         .collect()
         .await;
-    let failed = made.iter().filter(|r| r.is_err()).count();
-    assert_eq!(
-        failed,
-        0,
-        "filler consumers refused: {:?}",
-        made.iter().find(|r| r.is_err())
+    assert!(
+        registered.iter().all(Result::is_ok),
+        "registrations refused"
     );
 
-    let _agent = spawn_agent(&sys.nats, "past-limit", 1.0, |a| async move {
-        Ok(json!(a.task_id))
-    });
-    wait_registered(&sys.client, "past-limit").await;
+    // A task only the last agent may take.
+    let last = AgentId::new(format!("many{}", AGENTS - 1)).unwrap();
     let id = FlowId::new("past-limit").unwrap();
-    let mut spec = FlowSpec::new("past-limit", vec![cpu_task("t", &[])]);
+    let mut task = cpu_task("t", &[]);
+    task.requirements.labels = BTreeMap::from([("n".to_string(), (AGENTS - 1).to_string())]);
+    let mut spec = FlowSpec::new("past-limit", vec![task]);
     spec.id = Some(id.clone());
     sys.client.create_flow(&spec).await.unwrap();
-    let status = wait_finished(&sys.client, &id, Duration::from_secs(60)).await;
-    assert_eq!(status.state, FlowState::Succeeded);
-    let mut stream = stream;
-    let consumers = stream.info().await.unwrap().state.consumer_count;
-    assert!(consumers > SERVER_DEFAULT_LIMIT, "{consumers} consumers");
+    let assignment = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let msg = assignments.next().await.unwrap();
+            if let Ok(a) = serde_json::from_slice::<Assignment>(&msg.payload) {
+                break a;
+            }
+        }
+    })
+    .await
+    .expect("the task is assigned");
+    assert_eq!(assignment.agent_id, last);
+    let report = AgentReport {
+        flow_id: assignment.flow_id.clone(),
+        task_id: assignment.task_id.clone(),
+        attempt: assignment.attempt,
+        agent_id: last.clone(),
+        kind: ReportKind::Completed { output: json!(1) },
+        at_ms: common::now_ms(),
+    };
+    js.publish(
+        subject::report(&last),
+        serde_json::to_vec(&report).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let status = wait_finished(&sys.client, &id, Duration::from_secs(30)).await;
+    assert_eq!(status.state, FlowState::Succeeded, "{status:?}");
+    // No stream stores assignments, and no consumer was made for an agent.
+    assert!(js.stream_by_subject(subject::assign(&last)).await.is_err());
+    let all = consumers(&js).await;
+    assert!(all.len() < 20, "{all:?}");
+    assert!(!all.iter().any(|c| c.contains("many")), "{all:?}");
 }
 
-/// An assignments stream made by an earlier version, with the server's
-/// default limit, gets the services' limit when they start.
-#[tokio::test]
-async fn an_earlier_assignments_stream_has_its_consumer_limit_raised() {
-    let server = testkit::NatsServer::start();
-    let nats = server.connect().await;
-    let js = jetstream::new(nats);
-    let mut old = common::nats::Stream::Assign.config(1);
-    old.max_consumers = 0;
-    js.create_stream(old).await.unwrap();
-    let _sys = System::start_on(server).await;
-    let mut stream = js.get_stream(common::nats::STREAM_ASSIGN).await.unwrap();
-    let limit = stream.info().await.unwrap().config.max_consumers;
-    assert_eq!(limit, common::nats::MAX_AGENT_CONSUMERS);
-}
-
-/// An agent registered and heartbeating but without an assignments
-/// consumer gets no task: a flow runs on the agent that has one, and a
-/// task's allocation that only it could take is refused, saying why, until
-/// its consumer exists.
+/// An agent registered and heartbeating but not listening on its assignment
+/// subject gets no task: a flow runs on the agent that listens, and a task's
+/// allocation that only it could take is refused, saying why, until it
+/// listens.
 #[tokio::test]
 async fn a_placement_never_targets_an_agent_without_a_work_path() {
     let sys = System::start().await;
@@ -146,7 +172,7 @@ async fn a_placement_never_targets_an_agent_without_a_work_path() {
         );
     }
 
-    // A task only the agent without a consumer could take.
+    // A task only the agent that does not listen could take.
     let ask = AllocateRequest {
         owner: "gpu-flow/t".into(),
         requirements: Requirements {
@@ -166,28 +192,24 @@ async fn a_placement_never_targets_an_agent_without_a_work_path() {
     let refused = sys.client.allocate(&ask).await.unwrap_err();
     assert_eq!(refused.code, ErrorCode::NoCapacity, "{refused:?}");
     assert!(
-        refused.message.contains("no assignments consumer") && refused.message.contains("ghost"),
+        refused.message.contains("not listening") && refused.message.contains("ghost"),
         "{}",
         refused.message
     );
 
-    // Its consumer made, as the agent would: now it may be chosen.
-    let js = jetstream::new(sys.nats.clone());
-    let stream = js.get_stream(common::nats::STREAM_ASSIGN).await.unwrap();
-    stream
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some(common::nats::agent_consumer(&ghost)),
-            filter_subject: common::subject::assign(&ghost),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ..Default::default()
-        })
+    // It listens now, as the agent would: it may be chosen.
+    let listener = sys
+        .nats
+        .subscribe(common::subject::assign(&ghost))
         .await
         .unwrap();
+    sys.nats.flush().await.unwrap();
     let placed = eventually(Duration::from_secs(10), "a placement on ghost", || {
         let (client, ask) = (sys.client.clone(), ask.clone());
         async move { client.allocate(&ask).await.ok() }
     })
     .await;
     assert_eq!(placed.agent_id, ghost);
+    drop(listener);
     beats.abort();
 }

@@ -21,12 +21,7 @@ use crate::orchestrator::count_successes;
 use crate::reconnect::read_events;
 
 /// Streams and buckets the flow's path goes through.
-const REPLICATED: [&str; 4] = [
-    "COORD_ASSIGN",
-    "COORD_REPORTS",
-    "KV_coord_flows",
-    "KV_coord_agents",
-];
+const REPLICATED: [&str; 3] = ["COORD_REPORTS", "KV_coord_flows", "KV_coord_agents"];
 
 /// Waits until node `n{node}` is a current replica of stream `name`, read through `js`.
 async fn current_again(js: &jetstream::Context, name: &str, node: usize) {

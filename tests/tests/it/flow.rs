@@ -174,10 +174,15 @@ async fn a_three_task_dag_runs_end_to_end_on_a_real_agent() {
         metrics.messages_by_subject["coord.agents.*.report"] >= 6,
         "{metrics:?}"
     );
+    // Assignments are counted from their events (the monitor stays off the
+    // assignment subjects, where the allocator looks for "no responders").
     assert!(
-        metrics.messages_by_subject["coord.agents.*.assign"] >= 3,
+        metrics.messages_by_subject[subject::event::TASK_ASSIGNED] >= 3,
         "{metrics:?}"
     );
+    assert!(!metrics
+        .messages_by_subject
+        .contains_key("coord.agents.*.assign"));
     assert!(metrics
         .messages_by_subject
         .contains_key("coord.agents.*.heartbeat"));

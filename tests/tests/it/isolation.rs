@@ -22,10 +22,9 @@ use testkit::{eventually, start_service, wait_for_service, workspace_root, NatsS
 /// on the isolating server with its own inbox prefix (the default it derives
 /// from its id) and runs a flow's tasks, storing its state after each one on
 /// its own subjects.
-/// An agent killed mid-task leaves its delivery unacknowledged; started
-/// again under the same id it makes its consumer afresh (deleting the old
-/// one, which its permissions allow for its own consumer only) and the task
-/// completes, on a server that keeps agents apart.
+/// An agent killed mid-task, started again under the same id, hands back
+/// what its dead run held (its leave, on its own subject) and the task
+/// completes as a new attempt, on a server that keeps agents apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_mid_task_restarts_and_finishes_it_on_an_isolating_server() {
     let me = AgentId::new("iso-r").unwrap();
@@ -65,7 +64,10 @@ async fn an_agent_killed_mid_task_restarts_and_finishes_it_on_an_isolating_serve
     })
     .await;
     assert_eq!(status.state, FlowState::Succeeded, "{status:?}");
-    assert_eq!(status.tasks[0].attempt, 1, "the same attempt, redelivered");
+    assert_eq!(
+        status.tasks[0].attempt, 2,
+        "handed back by the new run, run again at once"
+    );
     tokio::task::block_in_place(|| second.kill());
     for s in services {
         s.stop().await.unwrap();

@@ -200,7 +200,7 @@ async fn bad_monitor_requests_get_typed_errors_and_the_monitor_stays_up() {
 #[tokio::test]
 async fn queue_depth_counts_assignments_an_agent_has_not_taken() {
     let sys = System::start().await;
-    // An agent that registers and opens its assignment consumer, then never pulls.
+    // An agent that registers and listens, then never starts what it is sent.
     let agent = AgentId::new("queue-w1").unwrap();
     let reg: common::msg::RegisterAgent = serde_json::from_value(json!({
         "agent_id": agent,
@@ -209,17 +209,8 @@ async fn queue_depth_counts_assignments_an_agent_has_not_taken() {
     }))
     .unwrap();
     sys.client.register_agent(&reg).await.unwrap();
-    async_nats::jetstream::new(sys.nats.clone())
-        .get_stream(common::nats::STREAM_ASSIGN)
-        .await
-        .unwrap()
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            durable_name: Some(coordkit::agent::consumer_name(&agent)),
-            filter_subject: subject::assign(&agent),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let _listens = sys.nats.subscribe(subject::assign(&agent)).await.unwrap();
+    sys.nats.flush().await.unwrap();
     let tasks = vec![work("a", &[]), work("b", &[]), work("c", &[])];
     sys.client
         .create_flow(&flow("queue-f1", tasks))

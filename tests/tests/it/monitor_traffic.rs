@@ -189,7 +189,6 @@ async fn the_monitor_counts_every_subject_family_after_a_flow_runs() {
         subject::MONITOR_METRICS,
         // Everything else, seen on the monitor's subscriptions.
         subject::HEARTBEAT_ALL,
-        subject::ASSIGN_ALL,
         subject::REPORT_ALL,
         "coord.agents.*.cancel",
         "coord.agents.*.sync",

@@ -1,5 +1,6 @@
 //! The rules on a task's life on the agent: success, failures, progress
-//! keeping the lease, a heartbeat timeout, a cancel and a preemption.
+//! keeping the lease, a heartbeat timeout, a cancel, a repeated assignment
+//! and a preemption.
 
 use super::*;
 
@@ -346,6 +347,72 @@ impl Kit {
             Ok(Outcome::Pass(
                 "notice preempted, attempt 1 silent after it, attempt 2 succeeded".into(),
             ))
+        })
+        .await
+    }
+
+    /// The attempt's assignment, as the orchestrator sent it, is sent twice
+    /// more while it runs, with an empty probe message between: the agent
+    /// runs it once (one `started`, one `completed`).
+    pub(super) async fn repeat_ignored(&self) -> RuleOutcome {
+        let nats = self.client.nats();
+        let mut sent = match nats.subscribe(subject::assign(&self.agent)).await {
+            Ok(s) => s,
+            Err(e) => return Err(format!("assignments not watched: {e}")),
+        };
+        let flow = self
+            .submit(
+                Rule::RepeatIgnored,
+                json!({ "sleep_ms": 1500 }),
+                RetryPolicy::default(),
+                Timeouts::default(),
+            )
+            .await;
+        self.on_flow(flow, |flow| async move {
+            let deadline = self.deadline();
+            let assignment = loop {
+                let next = tokio::time::timeout_at(deadline, sent.next()).await;
+                let Ok(Some(msg)) = next else {
+                    return Err("the assignment was not seen".into());
+                };
+                let ours = serde_json::from_slice::<common::msg::Assignment>(&msg.payload)
+                    .is_ok_and(|a| a.flow_id == flow && a.attempt == 1);
+                if ours {
+                    break msg;
+                }
+            };
+            self.started(&flow, 1, deadline).await?;
+            let again = |headers: async_nats::HeaderMap, body: bytes::Bytes| {
+                nats.publish_with_headers(assignment.subject.clone(), headers, body)
+            };
+            let mut probe = async_nats::HeaderMap::new();
+            probe.insert(subject::PROBE_HEADER, "1");
+            let headers = assignment.headers.clone().unwrap_or_default();
+            let repeats = [
+                (headers.clone(), assignment.payload.clone()),
+                (probe, bytes::Bytes::new()),
+                (headers, assignment.payload.clone()),
+            ];
+            for (headers, body) in repeats {
+                again(headers, body)
+                    .await
+                    .map_err(because("assignment not sent again"))?;
+            }
+            let t = self.succeeded(&flow).await?;
+            if t.attempt != 1 {
+                return Err(format!("the task ran {} attempts", t.attempt));
+            }
+            // A second run would report after the first run's end.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let kinds = self.reports_since(&flow, 1, self.began);
+            let count = |k: &str| kinds.iter().filter(|x| *x == k).count();
+            if count("started") > 1 || count("completed") != 1 {
+                return Err(format!("run more than once: reported {}", kinds.join(", ")));
+            }
+            Ok(Outcome::Pass(format!(
+                "two repeats and a probe ignored; reported {}",
+                kinds.join(", ")
+            )))
         })
         .await
     }

@@ -1,8 +1,7 @@
 //! The `agents` scenario: many agents on one deployment. For each count of
 //! `--agents-curve`, that many simulated agents, sharing [`CONNECTIONS`]
 //! connections as a fleet behind a few gateways would, join at once
-//! (register, make their assignments consumer, [`JOINING_AT_ONCE`] at a
-//! time), heartbeat every `--agents-beat-ms` (spread over the interval),
+//! (listen for assignments and register, [`JOINING_AT_ONCE`] at a time), heartbeat every `--agents-beat-ms` (spread over the interval),
 //! sit idle for `--agents-idle-s`, then run one flow of
 //! `--agents-flow-tasks` independent one-cpu no-op tasks, each agent taking
 //! one at a time (capacity cpu=1, as the fleet did).
@@ -23,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use common::msg::{AgentReport, Assignment, Heartbeat, RegisterAgent, ReportKind};
 use common::{subject, AgentId, FlowId};
 use futures::{StreamExt, TryStreamExt};
@@ -268,7 +267,7 @@ async fn point(
     let (stop, stopped) = watch::channel(false);
     let mut running = Vec::new();
     let started = Instant::now();
-    let joined: Vec<(consumer::PullConsumer, tokio::task::JoinHandle<()>)> =
+    let joined: Vec<(async_nats::Subscriber, tokio::task::JoinHandle<()>)> =
         futures::stream::iter(ids.iter().enumerate())
             .map(|(i, id)| {
                 let beating = Beating {
@@ -284,12 +283,12 @@ async fn point(
             .await?;
     let join_time = started.elapsed();
 
-    for (i, (id, (consumer, beating))) in ids.iter().zip(joined).enumerate() {
+    for (i, (id, (assignments, beating))) in ids.iter().zip(joined).enumerate() {
         running.push(beating);
         running.push(tokio::spawn(work(
             conns[i % CONNECTIONS].clone(),
             id.clone(),
-            consumer,
+            assignments,
             stopped.clone(),
         )));
     }
@@ -355,14 +354,18 @@ struct Beating {
     stop: watch::Receiver<bool>,
 }
 
-/// Registers one agent (cpu=1), starts its heartbeats and makes its
-/// assignments consumer, as the protocol page's agent does.
+/// Listens on one agent's assignment subject, registers it (cpu=1) and
+/// starts its heartbeats, as the protocol page's agent does.
 async fn join(
     conn: &async_nats::Client,
     id: &AgentId,
     beating: Beating,
-) -> anyhow::Result<(consumer::PullConsumer, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(async_nats::Subscriber, tokio::task::JoinHandle<()>)> {
     let beat = beating.every;
+    let assignments = conn
+        .subscribe(subject::assign(id))
+        .await
+        .with_context(|| format!("{id}: assignments subscription"))?;
     let client = common::Client::new(conn.clone());
     client
         .register_agent(&RegisterAgent {
@@ -388,24 +391,7 @@ async fn join(
         beats,
         stop,
     ));
-    let stream = jetstream::new(conn.clone())
-        .get_stream_no_info(common::nats::STREAM_ASSIGN)
-        .await?;
-    let consumer = stream
-        .get_or_create_consumer(
-            &common::nats::agent_consumer(id),
-            consumer::pull::Config {
-                durable_name: Some(common::nats::agent_consumer(id)),
-                filter_subject: subject::assign(id),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(300),
-                max_ack_pending: 1,
-                ..Default::default()
-            },
-        )
-        .await
-        .with_context(|| format!("{id}: assignments consumer"))?;
-    Ok((consumer, beats))
+    Ok((assignments, beats))
 }
 
 /// Heartbeats every `every`, the first after `offset`.
@@ -440,58 +426,44 @@ async fn heartbeat(
     }
 }
 
-/// Takes assignments one at a time and completes each at once.
+/// Takes assignments one at a time and completes each at once (a repeat
+/// of one completed already is skipped).
 async fn work(
     conn: async_nats::Client,
     id: AgentId,
-    consumer: consumer::PullConsumer,
+    mut assignments: async_nats::Subscriber,
     mut stop: watch::Receiver<bool>,
 ) {
     let js = jetstream::new(conn);
+    let mut done = std::collections::HashSet::new();
     loop {
-        let fetched = consumer
-            .fetch()
-            .max_messages(1)
-            .expires(Duration::from_secs(5))
-            .messages();
-        let mut batch = tokio::select! {
-            b = fetched => match b {
-                Ok(b) => b,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
+        let msg = tokio::select! {
+            m = assignments.next() => match m {
+                Some(m) => m,
+                None => return,
             },
             _ = stop.changed() => return,
         };
-        loop {
-            let msg = tokio::select! {
-                m = batch.next() => match m {
-                    Some(Ok(m)) => m,
-                    _ => break,
-                },
-                _ = stop.changed() => return,
-            };
-            let Ok(a) = serde_json::from_slice::<Assignment>(&msg.payload) else {
-                let _ = msg.ack().await;
-                continue;
-            };
-            let report = AgentReport {
-                flow_id: a.flow_id,
-                task_id: a.task_id,
-                attempt: a.attempt,
-                agent_id: id.clone(),
-                kind: ReportKind::Completed {
-                    output: serde_json::Value::Null,
-                },
-                at_ms: common::now_ms(),
-            };
-            if let Ok(body) = serde_json::to_vec(&report) {
-                if let Ok(ack) = js.publish(subject::report(&id), body.into()).await {
-                    let _ = ack.await;
-                }
+        let Ok(a) = serde_json::from_slice::<Assignment>(&msg.payload) else {
+            continue;
+        };
+        if !done.insert((a.flow_id.clone(), a.task_id.clone(), a.attempt)) {
+            continue;
+        }
+        let report = AgentReport {
+            flow_id: a.flow_id,
+            task_id: a.task_id,
+            attempt: a.attempt,
+            agent_id: id.clone(),
+            kind: ReportKind::Completed {
+                output: serde_json::Value::Null,
+            },
+            at_ms: common::now_ms(),
+        };
+        if let Ok(body) = serde_json::to_vec(&report) {
+            if let Ok(ack) = js.publish(subject::report(&id), body.into()).await {
+                let _ = ack.await;
             }
-            let _ = msg.ack().await;
         }
     }
 }

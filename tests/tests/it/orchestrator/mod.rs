@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use common::msg::{
     Event, EventKind, FlowSpec, FlowState, FlowStatus, RegisterAgent, Requirements, RetryPolicy,
     TaskSpec, TaskState,
@@ -113,37 +113,38 @@ impl Runs {
     }
 }
 
-/// The durable consumer a hand-written agent reads its assignments from.
-pub(crate) async fn assignment_consumer(
-    js: &jetstream::Context,
-    agent: &AgentId,
-) -> consumer::Consumer<consumer::pull::Config> {
-    js.get_stream(common::nats::STREAM_ASSIGN)
-        .await
-        .unwrap()
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some(coordkit::agent::consumer_name(agent)),
-            filter_subject: subject::assign(agent),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
+/// A hand-written agent's assignments: its subscription, and the attempts
+/// already taken (an assignment is sent again until it starts).
+pub(crate) struct Assignments(tokio::sync::Mutex<(async_nats::Subscriber, Taken)>);
+
+/// The attempts a hand-written agent took: flow, task, attempt.
+type Taken = std::collections::HashSet<(String, String, u32)>;
+
+/// Listens on `agent`'s assignment subject, as a hand-written agent does.
+pub(crate) async fn assignment_consumer(js: &jetstream::Context, agent: &AgentId) -> Assignments {
+    let nats = js.client();
+    let sub = nats.subscribe(subject::assign(agent)).await.unwrap();
+    nats.flush().await.unwrap();
+    Assignments(tokio::sync::Mutex::new((sub, Default::default())))
 }
 
-/// Takes (and acks) the next assignment, as an agent that then goes its own way.
-pub(crate) async fn take_assignment(
-    consumer: &consumer::Consumer<consumer::pull::Config>,
-) -> common::msg::Assignment {
-    let mut batch = consumer
-        .fetch()
-        .max_messages(1)
-        .expires(Duration::from_secs(10))
-        .messages()
-        .await
-        .unwrap();
-    let msg = batch.next().await.expect("an assignment").unwrap();
-    msg.ack().await.unwrap();
-    serde_json::from_slice(&msg.payload).unwrap()
+/// Takes the next assignment not taken before, as an agent that then goes
+/// its own way (probes and repeats are skipped).
+pub(crate) async fn take_assignment(assignments: &Assignments) -> common::msg::Assignment {
+    let mut guard = assignments.0.lock().await;
+    let (sub, seen) = &mut *guard;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .expect("an assignment within 30 s")
+            .expect("the subscription is open");
+        let Ok(a) = serde_json::from_slice::<common::msg::Assignment>(&msg.payload) else {
+            continue;
+        };
+        if seen.insert((a.flow_id.to_string(), a.task_id.to_string(), a.attempt)) {
+            return a;
+        }
+    }
 }
 
 pub(crate) async fn wait_finished(client: &Client, flow: &FlowId, within: Duration) -> FlowStatus {
@@ -634,12 +635,25 @@ async fn a_flow_too_large_to_store_is_refused_with_its_size() {
     sys.client.create_flow(&small).await.unwrap();
 }
 
-/// An agent that stops with nothing waiting for it removes its durable
-/// assignment consumer (agents that come and go would otherwise pile them up
-/// until the server refuses new ones); the flow it ran is unaffected.
+/// Every consumer on every stream of the server.
+async fn consumer_count(js: &jetstream::Context) -> usize {
+    let mut streams = js.streams();
+    let mut n = 0;
+    while let Some(s) = streams.next().await {
+        n += s.unwrap().state.consumer_count;
+    }
+    n
+}
+
+/// An agent that comes, works and goes leaves nothing on the server: it
+/// takes its assignments through a subscription, not a consumer of its own
+/// (agents that come and go would otherwise pile consumers up until the
+/// server refuses new ones).
 #[tokio::test]
-async fn an_agent_stopping_with_nothing_waiting_leaves_no_consumer() {
+async fn an_agent_coming_and_going_leaves_no_consumer_behind() {
     let sys = System::start().await;
+    let js = jetstream::new(sys.nats.clone());
+    let before = consumer_count(&js).await;
     let (stop, handle) = spawn_agent(&sys.nats, "leaver", 1.0, |_a| async {
         Ok(json!({"ok": true}))
     });
@@ -656,18 +670,17 @@ async fn an_agent_stopping_with_nothing_waiting_leaves_no_consumer() {
     })
     .await;
     assert_eq!(status.state, FlowState::Succeeded);
-    let js = jetstream::new(sys.nats.clone());
-    let stream = js.get_stream(common::nats::STREAM_ASSIGN).await.unwrap();
-    let name = coordkit::agent::consumer_name(&AgentId::new("leaver").unwrap());
-    assert!(
-        stream.consumer_info(&name).await.is_ok(),
-        "consumer while running"
+    assert_eq!(
+        consumer_count(&js).await,
+        before,
+        "a consumer while running"
     );
     stop.send(()).unwrap();
     handle.await.unwrap().unwrap();
-    assert!(
-        stream.consumer_info(&name).await.is_err(),
-        "the stopped agent's consumer is gone"
+    assert_eq!(
+        consumer_count(&js).await,
+        before,
+        "a consumer after it left"
     );
 }
 

@@ -290,10 +290,14 @@ async fn requirements_no_agent_can_meet_are_reported_at_creation() {
     agent.await.unwrap().unwrap();
 }
 
-/// Registers an agent by hand that makes its assignments consumer (so it
-/// may be given work) but never takes its assignments: what it is given
-/// stays assigned, and its capacity stays booked.
-async fn register_idle_agent(sys: &System, id: &str, capacity: &[(&str, f64)]) {
+/// Registers an agent by hand that listens for assignments (so it may be
+/// given work, while the subscription returned lives) but never starts one:
+/// what it is given stays assigned, and its capacity stays booked.
+async fn register_idle_agent(
+    sys: &System,
+    id: &str,
+    capacity: &[(&str, f64)],
+) -> async_nats::Subscriber {
     let agent = AgentId::new(id).unwrap();
     sys.client
         .register_agent(&RegisterAgent {
@@ -305,17 +309,9 @@ async fn register_idle_agent(sys: &System, id: &str, capacity: &[(&str, f64)]) {
         })
         .await
         .unwrap();
-    let js = jetstream::new(sys.nats.clone());
-    let stream = js.get_stream(common::nats::STREAM_ASSIGN).await.unwrap();
-    stream
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some(common::nats::agent_consumer(&agent)),
-            filter_subject: subject::assign(&agent),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let listens = sys.nats.subscribe(subject::assign(&agent)).await.unwrap();
+    sys.nats.flush().await.unwrap();
+    listens
 }
 
 #[tokio::test]
@@ -323,8 +319,8 @@ async fn optimize_plans_the_remaining_work_and_applies_critical_path_priorities(
     let sys = System::start().await;
     // A gate task holds every other task back; its agent never starts it, so
     // the plan sees the same flow from one call to the next.
-    register_idle_agent(&sys, "gatekeeper", &[("gate", 1.0)]).await;
-    register_idle_agent(&sys, "worker", &[("cpu", 2.0)]).await;
+    let _gatekeeper = register_idle_agent(&sys, "gatekeeper", &[("gate", 1.0)]).await;
+    let _worker = register_idle_agent(&sys, "worker", &[("cpu", 2.0)]).await;
     let mut gate = TaskSpec::new(tid("gate"));
     gate.requirements.resources.insert("gate".into(), 1.0);
     gate.estimated_duration_ms = Some(1);

@@ -117,9 +117,9 @@ async fn with_two_replicas_and_one_killed_every_task_completes_exactly_once() {
     }
 }
 
-/// Before the runtime re-created its consumer, the killed run's delivery
-/// stayed pending for the ack wait (300 s) and filled `max_ack_pending`, so the
-/// restarted agent got nothing and this task never finished.
+/// The runtime's new run hands back what the killed one held (a leave before
+/// it registers): the task runs again at once, as attempt 2, rather than
+/// waiting for a lease it has none of.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_mid_task_and_restarted_runs_the_attempt_again_at_once() {
     let sys = System::start().await;
@@ -154,13 +154,14 @@ async fn an_agent_killed_mid_task_and_restarted_runs_the_attempt_again_at_once()
     })
     .await;
     first.kill();
-    // Back within the heartbeat-loss window: the attempt is still its own.
+    // Back within the heartbeat-loss window: not lost, so only the hand-back
+    // frees the attempt.
     let _second = start(false);
     let done = wait_finished(&sys.client, &created.flow_id, Duration::from_secs(20)).await;
     assert_eq!(done.state, FlowState::Succeeded);
     assert_eq!(
         (done.tasks[0].attempt, done.tasks[0].output.clone()),
-        (1, json!("done"))
+        (2, json!("done"))
     );
 }
 
