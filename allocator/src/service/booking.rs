@@ -59,12 +59,49 @@ impl Attempts {
     }
 }
 
+/// How a booking on a chosen agent ended.
+enum Booked {
+    Done(Box<Allocation>),
+    /// The agent no longer fits, or the count is in progress: choose again.
+    Again,
+}
+
+/// Pools larger than this are sampled from a window (see [`fitting`]).
+const WINDOW_POOL: usize = 1024;
+
+/// From `start` on, the first [`PLACEMENT_SAMPLE`] records that fit, or
+/// `None` when a record with reservations comes first (placement weighs
+/// reservations over the whole pool) or fewer fit.
+fn fitting(
+    rows: &[(std::sync::Arc<AgentRecord>, u64)],
+    start: usize,
+    wanted: &common::msg::Requirements,
+    owner: Option<&str>,
+    now: u64,
+) -> Option<Vec<std::sync::Arc<AgentRecord>>> {
+    let n = rows.len();
+    let mut found = Vec::with_capacity(PLACEMENT_SAMPLE);
+    for i in 0..n {
+        let (r, _) = &rows[(start + i) % n];
+        if !r.reservations.is_empty() {
+            return None;
+        }
+        if r.fit(wanted, owner, now).is_ok() {
+            found.push(r.clone());
+            if found.len() == PLACEMENT_SAMPLE {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
 impl Allocator {
     pub(super) async fn allocate(&self, req: AllocateRequest) -> Result<Allocation, Error> {
         check_requirements(&req.requirements)?;
         check_owner(&req.owner)?;
         check_ttl(req.ttl_ms)?;
-        let (task, ttl) = (req.task.clone(), req.ttl_ms);
+        let task = req.task.clone();
         let id = req
             .allocation_id
             .clone()
@@ -72,12 +109,14 @@ impl Allocator {
         let mut attempts = Attempts::new();
         while attempts.next() {
             let now = common::now_ms();
-            let shared = self.shared_records();
-            let records: Vec<&AgentRecord> = shared.iter().map(|r| &**r).collect();
             // A retry of a request that was booked already gets the same answer.
-            if let Some(a) = records.iter().find_map(|r| r.allocations.get(&id)) {
+            let booked = self.cache.scan(|rows| {
+                rows.iter()
+                    .find_map(|(r, _)| r.allocations.get(&id).cloned())
+            });
+            if let Some(a) = booked {
                 if !a.pending {
-                    return Ok(a.clone());
+                    return Ok(a);
                 }
             }
             past_deadline(req.deadline_ms)?;
@@ -87,6 +126,33 @@ impl Allocator {
                 .rotation
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (wanted, owner) = (&req.requirements, Some(req.owner.as_str()));
+            // A large pool is sampled from a window of agents that fit,
+            // taken in place; every record is copied only when the window
+            // has none to offer.
+            let window = (task.is_some() && self.cache.len() > WINDOW_POOL)
+                .then(|| {
+                    self.cache
+                        .scan(|rows| fitting(rows, start, wanted, owner, now))
+                })
+                .flatten();
+            if let Some(window) = window {
+                let records: Vec<&AgentRecord> = window.iter().map(|r| &**r).collect();
+                let found = machine::sample(&records, wanted, owner, now, 0, PLACEMENT_SAMPLE);
+                let found = self.reachable(found, now).await;
+                if !found.is_empty() {
+                    let ranked = machine::rank(found, req.requirements.policy);
+                    let agent = self.unbusy(ranked[0].agent.agent_id.clone(), || ranked);
+                    match self
+                        .book_task(&req, &id, &agent, governed, now, &mut attempts)
+                        .await?
+                    {
+                        Booked::Done(a) => return Ok(*a),
+                        Booked::Again => continue,
+                    }
+                }
+            }
+            let shared = self.shared_records();
+            let records: Vec<&AgentRecord> = shared.iter().map(|r| &**r).collect();
             let mut found = machine::sample(&records, wanted, owner, now, start, PLACEMENT_SAMPLE);
             // A task goes only to an agent its assignment can reach: those
             // sampled are looked up, and only when none of them has a work
@@ -121,109 +187,131 @@ impl Allocator {
             }
             let ranked = machine::rank(found, req.requirements.policy);
             let agent = self.unbusy(ranked[0].agent.agent_id.clone(), || ranked);
-            let (wanted, owner, priority) =
-                (req.requirements.clone(), req.owner.clone(), req.priority);
-            let task = task.clone();
-            let this = id.clone();
-            let booked = self
-                .book_agent(&agent, move |rec| {
-                    if let Some(a) = rec.allocations.get(&this) {
-                        return Ok(Step::Keep(Some((a.clone(), false))));
-                    }
-                    // Checked again just before the write: the replica may
-                    // have stalled since the first check.
-                    past_deadline(req.deadline_ms)?;
-                    // Decide again on the record being written: the view it was
-                    // chosen from may be stale.
-                    let Ok(draw) = rec.fit(&wanted, Some(&owner), now) else {
-                        return Ok(Step::Keep(None));
-                    };
-                    let mut a = machine::new_allocation(
-                        this.clone(),
-                        &rec.agent_id,
-                        &owner,
-                        &wanted,
-                        priority,
-                        draw,
-                        now,
-                        None,
-                    );
-                    a.pending = governed;
-                    a.task = task.clone();
-                    a.ttl_ms = ttl;
-                    a.expires_at_ms = ttl.map(|t| now.saturating_add(t));
-                    rec.allocations.insert(a.allocation_id.clone(), a.clone());
-                    Ok(Step::Write((), Some((a, true))))
-                })
-                .await;
-            let a = match booked {
-                Ok(Some((a, true))) => a,
-                Ok(Some((a, false))) if !a.pending => return Ok(a),
-                // Another booking of the same id is still being counted.
-                Ok(Some(_)) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-                // It no longer fits there, or the agent is gone: choose again.
-                Ok(None) => continue,
-                Err(e) if e.code == ErrorCode::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            // Count it against the owner's quotas; this also catches a quota
-            // set after the hint above was read.
-            let mut admission = self.admit(std::slice::from_ref(&a)).await;
-            if admission.is_err() && !a.pending {
-                // A read cut short (a stall of this replica outlasts any
-                // timeout in flight) is worth one more try before giving up.
-                admission = self.admit(std::slice::from_ref(&a)).await;
+            match self
+                .book_task(&req, &id, &agent, governed, now, &mut attempts)
+                .await?
+            {
+                Booked::Done(a) => return Ok(*a),
+                Booked::Again => continue,
             }
-            let admission = match admission {
-                Ok(x) => x,
-                // A booking stored without the pending mark reads as granted:
-                // a retry of this request, here or at another replica, may
-                // have been answered with it already, so taking it back could
-                // take it from its holder. It stays; the caller's retry (the
-                // protocol's answer to `unavailable`) gets it, and the sweep
-                // counts it should a quota govern its owner after all.
-                Err(e) if !a.pending => return Err(e),
-                Err(e) => {
-                    self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
-                        .await;
-                    return Err(e);
-                }
-            };
-            match admission {
-                Admission::Ungoverned | Admission::Admitted => {}
-                Admission::Counting => {
-                    self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
-                        .await;
-                    attempts.counting();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                Admission::Over(over) => {
-                    self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
-                        .await;
-                    return Err(quota_exceeded(&over));
-                }
-            }
-            if a.pending && !self.confirm(&agent, std::slice::from_ref(&id)).await {
-                self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
-                    .await;
-                self.forget(std::slice::from_ref(&a)).await;
-                return Err(Error::new(
-                    ErrorCode::Conflict,
-                    "the booking was rolled back before it was confirmed; retry",
-                ));
-            }
-            let a = Allocation {
-                pending: false,
-                ..a
-            };
-            self.made(&a).await;
-            return Ok(a);
         }
         Err(contention())
+    }
+
+    /// Books the task `req` asks for on `agent`, counts it against its
+    /// owner's quotas and confirms it: done, or to be chosen again.
+    async fn book_task(
+        &self,
+        req: &AllocateRequest,
+        id: &AllocationId,
+        agent: &AgentId,
+        governed: bool,
+        now: u64,
+        attempts: &mut Attempts,
+    ) -> Result<Booked, Error> {
+        let (task, ttl, deadline) = (req.task.clone(), req.ttl_ms, req.deadline_ms);
+        let agent = agent.clone();
+        let id = id.clone();
+        let (wanted, owner, priority) = (req.requirements.clone(), req.owner.clone(), req.priority);
+        let task = task.clone();
+        let this = id.clone();
+        let booked = self
+            .book_agent(&agent, move |rec| {
+                if let Some(a) = rec.allocations.get(&this) {
+                    return Ok(Step::Keep(Some((a.clone(), false))));
+                }
+                // Checked again just before the write: the replica may
+                // have stalled since the first check.
+                past_deadline(deadline)?;
+                // Decide again on the record being written: the view it was
+                // chosen from may be stale.
+                let Ok(draw) = rec.fit(&wanted, Some(&owner), now) else {
+                    return Ok(Step::Keep(None));
+                };
+                let mut a = machine::new_allocation(
+                    this.clone(),
+                    &rec.agent_id,
+                    &owner,
+                    &wanted,
+                    priority,
+                    draw,
+                    now,
+                    None,
+                );
+                a.pending = governed;
+                a.task = task.clone();
+                a.ttl_ms = ttl;
+                a.expires_at_ms = ttl.map(|t| now.saturating_add(t));
+                rec.allocations.insert(a.allocation_id.clone(), a.clone());
+                Ok(Step::Write((), Some((a, true))))
+            })
+            .await;
+        let a = match booked {
+            Ok(Some((a, true))) => a,
+            Ok(Some((a, false))) if !a.pending => return Ok(Booked::Done(Box::new(a))),
+            // Another booking of the same id is still being counted.
+            Ok(Some(_)) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return Ok(Booked::Again);
+            }
+            // It no longer fits there, or the agent is gone: choose again.
+            Ok(None) => return Ok(Booked::Again),
+            Err(e) if e.code == ErrorCode::NotFound => return Ok(Booked::Again),
+            Err(e) => return Err(e),
+        };
+        // Count it against the owner's quotas; this also catches a quota
+        // set after the hint above was read.
+        let mut admission = self.admit(std::slice::from_ref(&a)).await;
+        if admission.is_err() && !a.pending {
+            // A read cut short (a stall of this replica outlasts any
+            // timeout in flight) is worth one more try before giving up.
+            admission = self.admit(std::slice::from_ref(&a)).await;
+        }
+        let admission = match admission {
+            Ok(x) => x,
+            // A booking stored without the pending mark reads as granted:
+            // a retry of this request, here or at another replica, may
+            // have been answered with it already, so taking it back could
+            // take it from its holder. It stays; the caller's retry (the
+            // protocol's answer to `unavailable`) gets it, and the sweep
+            // counts it should a quota govern its owner after all.
+            Err(e) if !a.pending => return Err(e),
+            Err(e) => {
+                self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
+                    .await;
+                return Err(e);
+            }
+        };
+        match admission {
+            Admission::Ungoverned | Admission::Admitted => {}
+            Admission::Counting => {
+                self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
+                    .await;
+                attempts.counting();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return Ok(Booked::Again);
+            }
+            Admission::Over(over) => {
+                self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
+                    .await;
+                return Err(quota_exceeded(&over));
+            }
+        }
+        if a.pending && !self.confirm(&agent, std::slice::from_ref(&id)).await {
+            self.unbook(std::slice::from_ref(&agent), std::slice::from_ref(&id))
+                .await;
+            self.forget(std::slice::from_ref(&a)).await;
+            return Err(Error::new(
+                ErrorCode::Conflict,
+                "the booking was rolled back before it was confirmed; retry",
+            ));
+        }
+        let a = Allocation {
+            pending: false,
+            ..a
+        };
+        self.made(&a).await;
+        Ok(Booked::Done(Box::new(a)))
     }
 
     /// Confirms pending allocations `ids` on `agent`; false if any is gone (a

@@ -15,10 +15,55 @@ use serde::de::DeserializeOwned;
 
 /// Values by agent id with the KV revision they were read at. Shared, so a
 /// snapshot of every agent costs a pointer per agent, not a copy of each
-/// record's allocations.
+/// record's allocations; and kept in a vector, so a placement can look
+/// through the agents from any position ([`Cache::scan`]) without a
+/// snapshot at all.
 pub(crate) struct Cache<T>(Arc<RwLock<Entries<T>>>);
 
-type Entries<T> = HashMap<AgentId, (Arc<T>, u64)>;
+/// The rows, and where each agent's is.
+struct Entries<T> {
+    rows: Vec<(Arc<T>, u64)>,
+    ids: Vec<AgentId>,
+    at: HashMap<AgentId, usize>,
+}
+
+impl<T> Default for Entries<T> {
+    fn default() -> Self {
+        Entries {
+            rows: Vec::new(),
+            ids: Vec::new(),
+            at: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Entries<T> {
+    fn get(&self, id: &AgentId) -> Option<&(Arc<T>, u64)> {
+        self.at.get(id).map(|&i| &self.rows[i])
+    }
+
+    fn insert(&mut self, id: AgentId, row: (Arc<T>, u64)) {
+        match self.at.get(&id) {
+            Some(&i) => self.rows[i] = row,
+            None => {
+                self.at.insert(id.clone(), self.rows.len());
+                self.rows.push(row);
+                self.ids.push(id);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &AgentId) {
+        let Some(i) = self.at.remove(id) else {
+            return;
+        };
+        self.rows.swap_remove(i);
+        self.ids.swap_remove(i);
+        if let Some(moved) = self.ids.get(i) {
+            self.at.insert(moved.clone(), i);
+        }
+    }
+}
 
 impl<T> Default for Cache<T> {
     fn default() -> Self {
@@ -82,11 +127,7 @@ impl<T: Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
                     self.remember(id, v, entry.revision);
                 }
             }
-            kv::Operation::Delete | kv::Operation::Purge => {
-                if let Ok(mut c) = self.0.write() {
-                    c.remove(&id);
-                }
-            }
+            kv::Operation::Delete | kv::Operation::Purge => self.forget(&id),
         }
     }
 
@@ -124,14 +165,58 @@ impl<T: Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
     /// Keeps only the ids `keep` says to.
     pub(crate) fn retain(&self, keep: impl Fn(&AgentId) -> bool) {
         if let Ok(mut c) = self.0.write() {
-            c.retain(|id, _| keep(id));
+            let gone: Vec<AgentId> = c.ids.iter().filter(|id| !keep(id)).cloned().collect();
+            for id in gone {
+                c.remove(&id);
+            }
         }
     }
 
     pub(crate) fn snapshot(&self) -> Vec<(Arc<T>, u64)> {
-        self.0
-            .read()
-            .map(|c| c.values().cloned().collect())
-            .unwrap_or_default()
+        self.0.read().map(|c| c.rows.clone()).unwrap_or_default()
+    }
+
+    /// What `f` makes of every value with its revision, under the read lock
+    /// (so `f` must be quick and must not wait): in no set order, but the
+    /// same order for every caller until a value comes or goes.
+    pub(crate) fn scan<R>(&self, f: impl FnOnce(&[(Arc<T>, u64)]) -> R) -> R {
+        match self.0.read() {
+            Ok(c) => f(&c.rows),
+            Err(_) => f(&[]),
+        }
+    }
+
+    /// How many values there are.
+    pub(crate) fn len(&self) -> usize {
+        self.0.read().map(|c| c.rows.len()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> AgentId {
+        AgentId::new(s).unwrap()
+    }
+
+    #[test]
+    fn rows_stay_found_by_id_as_values_come_and_go() {
+        let c: Cache<u64> = Cache::default();
+        for (i, a) in ["a", "b", "c", "d"].iter().enumerate() {
+            c.remember(id(a), i as u64, 1);
+        }
+        c.forget(&id("b"));
+        c.remember(id("c"), 30, 2);
+        c.remember(id("c"), 99, 1);
+        c.retain(|a| a.as_str() != "a");
+        assert_eq!(c.get(&id("a")), None);
+        assert_eq!(c.get(&id("b")), None);
+        assert_eq!(c.get(&id("c")), Some((30, 2)));
+        assert_eq!(c.get(&id("d")), Some((3, 1)));
+        assert_eq!(c.len(), 2);
+        let mut seen: Vec<u64> = c.scan(|rows| rows.iter().map(|(v, _)| **v).collect());
+        seen.sort_unstable();
+        assert_eq!(seen, [3, 30]);
     }
 }

@@ -104,6 +104,46 @@ async fn an_agent_past_a_thousand_agents_gets_work_without_a_consumer_of_its_own
     .unwrap();
     let status = wait_finished(&sys.client, &id, Duration::from_secs(30)).await;
     assert_eq!(status.state, FlowState::Succeeded, "{status:?}");
+
+    // Tasks any of them may take: placed from a window of the pool.
+    let open = FlowId::new("anywhere").unwrap();
+    let mut spec = FlowSpec::new(
+        "anywhere",
+        (0..3).map(|i| cpu_task(&format!("t{i}"), &[])).collect(),
+    );
+    spec.id = Some(open.clone());
+    sys.client.create_flow(&spec).await.unwrap();
+    let mut done = std::collections::HashSet::new();
+    while done.len() < 3 {
+        let msg = tokio::time::timeout(Duration::from_secs(60), assignments.next())
+            .await
+            .expect("the open tasks are assigned")
+            .unwrap();
+        let Ok(a) = serde_json::from_slice::<Assignment>(&msg.payload) else {
+            continue;
+        };
+        if a.flow_id != open || !done.insert(a.task_id.clone()) {
+            continue;
+        }
+        let report = AgentReport {
+            flow_id: a.flow_id.clone(),
+            task_id: a.task_id.clone(),
+            attempt: a.attempt,
+            agent_id: a.agent_id.clone(),
+            kind: ReportKind::Completed { output: json!(1) },
+            at_ms: common::now_ms(),
+        };
+        js.publish(
+            subject::report(&a.agent_id),
+            serde_json::to_vec(&report).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let status = wait_finished(&sys.client, &open, Duration::from_secs(30)).await;
+    assert_eq!(status.state, FlowState::Succeeded, "{status:?}");
     // No stream stores assignments, and no consumer was made for an agent.
     assert!(js.stream_by_subject(subject::assign(&last)).await.is_err());
     let all = consumers(&js).await;

@@ -4,7 +4,9 @@
 //! (listen for assignments and register, [`JOINING_AT_ONCE`] at a time), heartbeat every `--agents-beat-ms` (spread over the interval),
 //! sit idle for `--agents-idle-s`, then run one flow of
 //! `--agents-flow-tasks` independent one-cpu no-op tasks, each agent taking
-//! one at a time (capacity cpu=1, as the fleet did).
+//! one at a time (capacity cpu=1, as the fleet did); with
+//! `--agents-soak-s`, flows of the same size run back to back for that long
+//! after it.
 //!
 //! Printed per count: the join's wall time; the heartbeat path's latency
 //! (a heartbeat published until the allocator has heard it: the time it
@@ -51,6 +53,11 @@ pub(crate) struct AgentsArgs {
     /// Seconds of idle heartbeating measured before the flow.
     #[arg(long, default_value_t = 10)]
     pub(crate) agents_idle_s: u64,
+    /// After the measured flow, seconds of flows run back to back (the
+    /// soak): agents falsely lost and the heartbeat path over it are printed
+    /// in a table of their own. Zero: no soak.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) agents_soak_s: u64,
 }
 
 /// One count's figures.
@@ -61,6 +68,17 @@ struct Point {
     busy: Vec<Duration>,
     flow: Duration,
     state: String,
+    lost: usize,
+    soak: Option<Soak>,
+}
+
+/// What the soak after the measured flow saw.
+struct Soak {
+    took: Duration,
+    flows: usize,
+    failed: usize,
+    tasks: usize,
+    busy: Vec<Duration>,
     lost: usize,
 }
 
@@ -130,6 +148,32 @@ pub(crate) async fn run(
             p.lost
         );
         points.push(p);
+    }
+    if a.agents_soak_s > 0 {
+        println!();
+        println!(
+            "soak: flows of {} tasks back to back after the measured flow",
+            a.agents_flow_tasks
+        );
+        println!();
+        println!("| agents | soak s | flows (failed) | tasks/s | heartbeat path p50 / p99 ms | falsely lost |");
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+        for p in &points {
+            let Some(s) = &p.soak else { continue };
+            let pct =
+                |q: f64| percentile_ms(&s.busy, q).map_or("—".into(), |ms| format!("{ms:.1}"));
+            println!(
+                "| {} | {:.0} | {} ({}) | {:.0} | {} / {} | {} |",
+                p.agents,
+                s.took.as_secs_f64(),
+                s.flows,
+                s.failed,
+                s.tasks as f64 / s.took.as_secs_f64().max(1e-9),
+                pct(0.5),
+                pct(0.99),
+                s.lost
+            );
+        }
     }
     if let Some(dir) = &args.scale.svg_dir {
         write_charts(dir, setting, a.agents_flow_tasks, &points)?;
@@ -316,8 +360,47 @@ async fn point(
     };
     let flow_time = flow_started.elapsed();
     let busy = take_seen(&beats);
+    let lost_then = lost.load(Ordering::Relaxed);
+    let soak = if a.agents_soak_s > 0 {
+        let (mut flows, mut failed) = (0, 0);
+        let soak_started = Instant::now();
+        while soak_started.elapsed() < Duration::from_secs(a.agents_soak_s) {
+            let id = FlowId::new(format!("soak-{run_id}-{n}-{flows}"))?;
+            flows += 1;
+            let done = async {
+                client
+                    .create_flow(&flow_spec(&id, a.agents_flow_tasks)?)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                loop {
+                    if let Ok(s) = client.flow_status(&id).await {
+                        if s.state.is_terminal() {
+                            return Ok::<_, anyhow::Error>(
+                                s.state == common::msg::FlowState::Succeeded,
+                            );
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            match tokio::time::timeout(limit, done).await {
+                Ok(Ok(true)) => {}
+                _ => failed += 1,
+            }
+        }
+        Some(Soak {
+            took: soak_started.elapsed(),
+            flows,
+            failed,
+            tasks: flows * a.agents_flow_tasks,
+            busy: take_seen(&beats),
+            lost: lost.load(Ordering::Relaxed) - lost_then,
+        })
+    } else {
+        None
+    };
     // Counted up to here: agents stopped next fall silent, and are lost.
-    let lost = lost.load(Ordering::Relaxed);
+    let lost = lost_then;
 
     let _ = stop.send(true);
     for r in running {
@@ -334,6 +417,7 @@ async fn point(
         flow: flow_time,
         state,
         lost,
+        soak,
     })
 }
 
