@@ -298,7 +298,7 @@ impl Collector for Snapshot {
         gauge(
             enc,
             "coord_queue_depth",
-            "Assignments stored for agents and not yet delivered.",
+            "Assignments sent to agents and not yet started.",
             None,
             one(m.queue_depth),
         )?;

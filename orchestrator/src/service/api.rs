@@ -294,7 +294,12 @@ impl Orchestrator {
             .into_iter()
             .filter_map(|(subject, _)| FlowId::new(subject.strip_prefix(prefix)?).ok())
             .collect();
+        // The listing asks for a second page after the first whole one, at
+        // the offset of what it got: a flow created in between makes that
+        // page the sorted tail of a list whose first page came unsorted, so
+        // it may repeat a flow already listed.
         ids.sort();
+        ids.dedup();
         Ok(ids)
     }
 
