@@ -110,10 +110,10 @@ impl Allocator {
         while attempts.next() {
             let now = common::now_ms();
             // A retry of a request that was booked already gets the same answer.
-            let booked = self.cache.scan(|rows| {
-                rows.iter()
-                    .find_map(|(r, _)| r.allocations.get(&id).cloned())
-            });
+            let booked = self
+                .cache
+                .holding(&id)
+                .and_then(|(r, _)| r.allocations.get(&id).cloned());
             if let Some(a) = booked {
                 if !a.pending {
                     return Ok(a);
@@ -135,58 +135,19 @@ impl Allocator {
                         .scan(|rows| fitting(rows, start, wanted, owner, now))
                 })
                 .flatten();
+            let mut chosen = None;
             if let Some(window) = window {
                 let records: Vec<&AgentRecord> = window.iter().map(|r| &**r).collect();
                 let found = machine::sample(&records, wanted, owner, now, 0, PLACEMENT_SAMPLE);
                 let found = self.reachable(found, now).await;
                 if !found.is_empty() {
-                    let ranked = machine::rank(found, req.requirements.policy);
-                    let agent = self.unbusy(ranked[0].agent.agent_id.clone(), || ranked);
-                    match self
-                        .book_task(&req, &id, &agent, governed, now, &mut attempts)
-                        .await?
-                    {
-                        Booked::Done(a) => return Ok(*a),
-                        Booked::Again => continue,
-                    }
+                    chosen = Some(self.best(found, req.requirements.policy));
                 }
             }
-            let shared = self.shared_records();
-            let records: Vec<&AgentRecord> = shared.iter().map(|r| &**r).collect();
-            let mut found = machine::sample(&records, wanted, owner, now, start, PLACEMENT_SAMPLE);
-            // A task goes only to an agent its assignment can reach: those
-            // sampled are looked up, and only when none of them has a work
-            // path is every agent.
-            let mut unreachable = Vec::new();
-            let mut records = records.as_slice();
-            let with;
-            if task.is_some() {
-                let sampled = found.len();
-                found = self.reachable(found, now).await;
-                if found.is_empty() && sampled > 0 {
-                    (with, unreachable) = self.with_work_path(records, now).await;
-                    records = &with;
-                    found = machine::sample(records, wanted, owner, now, start, PLACEMENT_SAMPLE);
-                }
-            }
-            if found.is_empty() {
-                let mut why = machine::why_not(
-                    records.iter().copied(),
-                    &req.requirements,
-                    Some(&req.owner),
-                    now,
-                );
-                if !unreachable.is_empty() {
-                    why.message = format!(
-                        "{}; left out for not listening for assignments (yet): {}",
-                        why.message,
-                        listed(&unreachable)
-                    );
-                }
-                return Err(no_capacity(&why));
-            }
-            let ranked = machine::rank(found, req.requirements.policy);
-            let agent = self.unbusy(ranked[0].agent.agent_id.clone(), || ranked);
+            let agent = match chosen {
+                Some(agent) => agent,
+                None => self.choose_from_all(&req, start, now).await?,
+            };
             match self
                 .book_task(&req, &id, &agent, governed, now, &mut attempts)
                 .await?
@@ -196,6 +157,53 @@ impl Allocator {
             }
         }
         Err(contention())
+    }
+
+    /// The best of `found` that no booking in this replica is busy with.
+    fn best(&self, found: Vec<machine::Candidate<'_>>, policy: common::msg::Policy) -> AgentId {
+        let ranked = machine::rank(found, policy);
+        self.unbusy(ranked[0].agent.agent_id.clone(), || ranked)
+    }
+
+    /// The agent to book `req` on, chosen from every record: the answer when
+    /// no window applies or the window has none to offer.
+    async fn choose_from_all(
+        &self,
+        req: &AllocateRequest,
+        start: usize,
+        now: u64,
+    ) -> Result<AgentId, Error> {
+        let (wanted, owner) = (&req.requirements, Some(req.owner.as_str()));
+        let shared = self.shared_records();
+        let records: Vec<&AgentRecord> = shared.iter().map(|r| &**r).collect();
+        let mut found = machine::sample(&records, wanted, owner, now, start, PLACEMENT_SAMPLE);
+        // A task goes only to an agent its assignment can reach: those
+        // sampled are looked up, and only when none of them has a work
+        // path is every agent.
+        let mut unreachable = Vec::new();
+        let mut records = records.as_slice();
+        let with;
+        if req.task.is_some() {
+            let sampled = found.len();
+            found = self.reachable(found, now).await;
+            if found.is_empty() && sampled > 0 {
+                (with, unreachable) = self.with_work_path(records, now).await;
+                records = &with;
+                found = machine::sample(records, wanted, owner, now, start, PLACEMENT_SAMPLE);
+            }
+        }
+        if found.is_empty() {
+            let mut why = machine::why_not(records.iter().copied(), wanted, Some(&req.owner), now);
+            if !unreachable.is_empty() {
+                why.message = format!(
+                    "{}; left out for not listening for assignments (yet): {}",
+                    why.message,
+                    listed(&unreachable)
+                );
+            }
+            return Err(no_capacity(&why));
+        }
+        Ok(self.best(found, req.requirements.policy))
     }
 
     /// Books the task `req` asks for on `agent`, counts it against its
@@ -554,10 +562,9 @@ impl Allocator {
             )
         };
         let agent = self
-            .shared_records()
-            .iter()
-            .find(|r| r.allocations.contains_key(&req.allocation_id))
-            .map(|r| r.agent_id.clone())
+            .cache
+            .holding(&req.allocation_id)
+            .map(|(r, _)| r.agent_id.clone())
             .ok_or_else(not_found)?;
         let (id, ttl) = (req.allocation_id.clone(), req.ttl_ms);
         let renewed = self

@@ -4,12 +4,13 @@
 //! replica's own writes can arrive in any order. The view may lag; every write
 //! made from it is a compare-and-set, so lag costs a retry, never correctness.
 
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use common::{AgentId, Error};
+use common::{AgentId, AllocationId, Error};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
@@ -20,11 +21,33 @@ use serde::de::DeserializeOwned;
 /// snapshot at all.
 pub(crate) struct Cache<T>(Arc<RwLock<Entries<T>>>);
 
-/// The rows, and where each agent's is.
+/// What a value holds that must be found without looking through every
+/// value: an agent record's allocations, so that a retried request, a
+/// renewal or a release finds its allocation in one lookup whatever the
+/// number of agents.
+pub(crate) trait Holds {
+    /// The keys held, in ascending order (so two values compare in one walk).
+    fn held(&self) -> impl Iterator<Item = &AllocationId>;
+}
+
+impl Holds for crate::machine::AgentRecord {
+    fn held(&self) -> impl Iterator<Item = &AllocationId> {
+        self.allocations.keys()
+    }
+}
+
+impl Holds for u64 {
+    fn held(&self) -> impl Iterator<Item = &AllocationId> {
+        std::iter::empty()
+    }
+}
+
+/// The rows, where each agent's is, and which agent holds each key.
 struct Entries<T> {
     rows: Vec<(Arc<T>, u64)>,
     ids: Vec<AgentId>,
     at: HashMap<AgentId, usize>,
+    holder: HashMap<AllocationId, AgentId>,
 }
 
 impl<T> Default for Entries<T> {
@@ -33,22 +56,62 @@ impl<T> Default for Entries<T> {
             rows: Vec::new(),
             ids: Vec::new(),
             at: HashMap::new(),
+            holder: HashMap::new(),
         }
     }
 }
 
-impl<T> Entries<T> {
+impl<T: Holds> Entries<T> {
     fn get(&self, id: &AgentId) -> Option<&(Arc<T>, u64)> {
         self.at.get(id).map(|&i| &self.rows[i])
     }
 
     fn insert(&mut self, id: AgentId, row: (Arc<T>, u64)) {
         match self.at.get(&id) {
-            Some(&i) => self.rows[i] = row,
+            Some(&i) => {
+                let old = std::mem::replace(&mut self.rows[i], row);
+                self.rehold(&id, Some(&old.0), i);
+            }
             None => {
-                self.at.insert(id.clone(), self.rows.len());
+                let i = self.rows.len();
+                self.at.insert(id.clone(), i);
                 self.rows.push(row);
-                self.ids.push(id);
+                self.ids.push(id.clone());
+                self.rehold(&id, None, i);
+            }
+        }
+    }
+
+    /// Brings the holders up to date with row `i` of `id`, which was `old`:
+    /// one ordered walk over both.
+    fn rehold(&mut self, id: &AgentId, old: Option<&Arc<T>>, i: usize) {
+        let new = self.rows[i].0.clone();
+        let mut was = old.into_iter().flat_map(|o| o.held()).peekable();
+        let mut now = new.held().peekable();
+        loop {
+            let order = match (was.peek(), now.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(w), Some(n)) => w.cmp(n),
+            };
+            match order {
+                Ordering::Equal => {
+                    was.next();
+                    now.next();
+                }
+                Ordering::Less => {
+                    if let Some(w) = was.next() {
+                        if self.holder.get(w) == Some(id) {
+                            self.holder.remove(w);
+                        }
+                    }
+                }
+                Ordering::Greater => {
+                    if let Some(n) = now.next() {
+                        self.holder.insert(n.clone(), id.clone());
+                    }
+                }
             }
         }
     }
@@ -57,10 +120,15 @@ impl<T> Entries<T> {
         let Some(i) = self.at.remove(id) else {
             return;
         };
-        self.rows.swap_remove(i);
+        let (gone, _) = self.rows.swap_remove(i);
         self.ids.swap_remove(i);
         if let Some(moved) = self.ids.get(i) {
             self.at.insert(moved.clone(), i);
+        }
+        for k in gone.held() {
+            if self.holder.get(k) == Some(id) {
+                self.holder.remove(k);
+            }
         }
     }
 }
@@ -77,7 +145,7 @@ impl<T> Clone for Cache<T> {
     }
 }
 
-impl<T: Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
+impl<T: Holds + Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
     /// Loads every key and keeps the view current from a KV watch. Returns once
     /// the initial state is loaded, so the first request sees every agent.
     pub(crate) async fn start(
@@ -186,6 +254,12 @@ impl<T: Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
         }
     }
 
+    /// The value that holds `key`, with its revision, without copying it.
+    pub(crate) fn holding(&self, key: &AllocationId) -> Option<(Arc<T>, u64)> {
+        let c = self.0.read().ok()?;
+        c.holder.get(key).and_then(|id| c.get(id)).cloned()
+    }
+
     /// How many values there are.
     pub(crate) fn len(&self) -> usize {
         self.0.read().map(|c| c.rows.len()).unwrap_or(0)
@@ -218,5 +292,40 @@ mod tests {
         let mut seen: Vec<u64> = c.scan(|rows| rows.iter().map(|(v, _)| **v).collect());
         seen.sort_unstable();
         assert_eq!(seen, [3, 30]);
+    }
+
+    #[test]
+    fn a_held_key_is_found_as_it_moves_and_goes() {
+        use crate::machine::AgentRecord;
+        let c: Cache<AgentRecord> = Cache::default();
+        let key = |s: &str| AllocationId::new(s).unwrap();
+        let record = |agent: &str, keys: &[&str]| {
+            let mut r: AgentRecord = serde_json::from_value(
+                serde_json::json!({"agent_id": agent, "capacity": {"cpu": 4}}),
+            )
+            .unwrap();
+            for k in keys {
+                let a: common::msg::Allocation = serde_json::from_value(serde_json::json!({
+                    "allocation_id": k, "agent_id": agent, "owner": "o", "resources": {"cpu": 1}
+                }))
+                .unwrap();
+                r.allocations.insert(key(k), a);
+            }
+            r
+        };
+        let holder = |k: &str| c.holding(&key(k)).map(|(r, _)| r.agent_id.to_string());
+        c.remember(id("a"), record("a", &["k1", "k2"]), 1);
+        c.remember(id("b"), record("b", &["k3"]), 1);
+        assert_eq!(holder("k2").as_deref(), Some("a"));
+        // k2 moves to b; b's write is seen before a's.
+        c.remember(id("b"), record("b", &["k2", "k3"]), 2);
+        c.remember(id("a"), record("a", &["k1"]), 2);
+        assert_eq!(holder("k2").as_deref(), Some("b"));
+        c.remember(id("a"), record("a", &["k0", "k1"]), 3);
+        assert_eq!(holder("k0").as_deref(), Some("a"));
+        c.forget(&id("b"));
+        assert_eq!(holder("k2"), None);
+        assert_eq!(holder("k3"), None);
+        assert_eq!(holder("k1").as_deref(), Some("a"));
     }
 }

@@ -378,11 +378,11 @@ impl Allocator {
         }
         // It may have been moved by a rebalancing: take it where it is now.
         let elsewhere = self
-            .records()
-            .into_iter()
-            .find(|r| r.allocations.contains_key(id) && Some(&r.agent_id) != hint);
+            .cache
+            .holding(id)
+            .filter(|(r, _)| Some(&r.agent_id) != hint);
         match elsewhere {
-            Some(rec) => self.book_agent(&rec.agent_id, remove()).await,
+            Some((rec, _)) => self.book_agent(&rec.agent_id, remove()).await,
             None => Ok(None),
         }
     }

@@ -36,6 +36,26 @@ async fn consumers(js: &jetstream::Context) -> Vec<String> {
     names
 }
 
+/// Reports `a` completed, as its agent would, once the report is stored.
+async fn complete(js: &jetstream::Context, a: &Assignment) {
+    let report = AgentReport {
+        flow_id: a.flow_id.clone(),
+        task_id: a.task_id.clone(),
+        attempt: a.attempt,
+        agent_id: a.agent_id.clone(),
+        kind: ReportKind::Completed { output: json!(1) },
+        at_ms: common::now_ms(),
+    };
+    js.publish(
+        subject::report(&a.agent_id),
+        serde_json::to_vec(&report).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn an_agent_past_a_thousand_agents_gets_work_without_a_consumer_of_its_own() {
     let sys = System::start().await;
@@ -86,22 +106,7 @@ async fn an_agent_past_a_thousand_agents_gets_work_without_a_consumer_of_its_own
     .await
     .expect("the task is assigned");
     assert_eq!(assignment.agent_id, last);
-    let report = AgentReport {
-        flow_id: assignment.flow_id.clone(),
-        task_id: assignment.task_id.clone(),
-        attempt: assignment.attempt,
-        agent_id: last.clone(),
-        kind: ReportKind::Completed { output: json!(1) },
-        at_ms: common::now_ms(),
-    };
-    js.publish(
-        subject::report(&last),
-        serde_json::to_vec(&report).unwrap().into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    complete(&js, &assignment).await;
     let status = wait_finished(&sys.client, &id, Duration::from_secs(30)).await;
     assert_eq!(status.state, FlowState::Succeeded, "{status:?}");
 
@@ -125,22 +130,7 @@ async fn an_agent_past_a_thousand_agents_gets_work_without_a_consumer_of_its_own
         if a.flow_id != open || !done.insert(a.task_id.clone()) {
             continue;
         }
-        let report = AgentReport {
-            flow_id: a.flow_id.clone(),
-            task_id: a.task_id.clone(),
-            attempt: a.attempt,
-            agent_id: a.agent_id.clone(),
-            kind: ReportKind::Completed { output: json!(1) },
-            at_ms: common::now_ms(),
-        };
-        js.publish(
-            subject::report(&a.agent_id),
-            serde_json::to_vec(&report).unwrap().into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        complete(&js, &a).await;
     }
     let status = wait_finished(&sys.client, &open, Duration::from_secs(30)).await;
     assert_eq!(status.state, FlowState::Succeeded, "{status:?}");
