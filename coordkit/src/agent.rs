@@ -26,7 +26,7 @@
 mod attempt;
 mod events;
 mod sync;
-use attempt::{claim, work, Attempt, Finished, InFlight, Slot};
+use attempt::{claim, work, Attempt, Finished, InFlight, Reporter, Slot};
 pub use attempt::{progress, report, DELIVERY_DEADLINE, START_GRACE};
 pub use events::publish_event;
 pub use sync::SyncFollower;
@@ -134,7 +134,7 @@ where
     Fut: Future<Output = Result<Value, TaskFailure>> + Send + 'static,
 {
     let client = Client::new(nats.clone());
-    let js = jetstream::new(nats.clone());
+    let reporter = Reporter::start(jetstream::new(nats.clone()), &opts.agent_id);
     tokio::pin!(shutdown);
 
     // Listening before registering: the allocator places work only on an
@@ -352,7 +352,7 @@ where
             return;
         }
         let span = telemetry::consumer_span(&msg.subject, msg.headers.as_ref());
-        let (js, handler, running) = (js.clone(), handler.clone(), running.clone());
+        let (reporter, handler, running) = (reporter.clone(), handler.clone(), running.clone());
         let (in_flight, finished, workers) = (in_flight.clone(), finished.clone(), workers.clone());
         let grace = opts.start_grace;
         tokio::spawn(
@@ -364,7 +364,7 @@ where
                     workers: &workers,
                     grace,
                 };
-                work(&js, assignment, handler, at).await;
+                work(&reporter, assignment, handler, at).await;
                 running.fetch_sub(1, Ordering::Relaxed);
             }
             .instrument(span),

@@ -680,7 +680,7 @@ pub fn channels() -> anyhow::Result<Vec<Channel>> {
             id: "agentReport",
             address: per_agent(subject::report)?,
             source: "report",
-            summary: "Started, progress, completed or failed, per attempt; `Nats-Msg-Id` = `{flow}.{task}.{attempt}.{type}`.",
+            summary: "Started, progress, completed or failed, per attempt; `Nats-Msg-Id` = `{flow}.{task}.{attempt}.{type}`. Or an array of up to 256 reports, under an id of its own (*5. Report*).",
             pattern: Publish { from: AGENT, to: ORCHESTRATOR, message: msg!(AgentReport), jetstream: Some("COORD_REPORTS") },
         },
         Channel {

@@ -249,6 +249,29 @@ pub struct AgentReport {
     pub at_ms: u64,
 }
 
+/// The most reports one message on `coord.agents.{id}.report` may carry as
+/// an array: an agent whose reports come faster than the stream stores them
+/// sends those waiting together, each applied as if sent alone, in order.
+pub const MAX_REPORTS_PER_MESSAGE: usize = 256;
+
+/// The reports in a message on `coord.agents.{id}.report`: one report
+/// object, or an array of 1..=[`MAX_REPORTS_PER_MESSAGE`], to apply in
+/// order. An array is read whole or not at all.
+pub fn reports_in(payload: &[u8]) -> Result<Vec<AgentReport>, serde_json::Error> {
+    use serde::de::Error as _;
+    if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[') {
+        return serde_json::from_slice(payload).map(|r| vec![r]);
+    }
+    let reports: Vec<AgentReport> = serde_json::from_slice(payload)?;
+    if reports.is_empty() || reports.len() > MAX_REPORTS_PER_MESSAGE {
+        return Err(serde_json::Error::custom(format!(
+            "an array of reports holds 1 to {MAX_REPORTS_PER_MESSAGE}, not {}",
+            reports.len()
+        )));
+    }
+    Ok(reports)
+}
+
 /// `coord.agents.{id}.cancel`: the attempt was taken away from the agent, for
 /// any reason; stop working on it and send no final report (it would be
 /// rejected as `fenced`).

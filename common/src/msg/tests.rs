@@ -546,3 +546,26 @@ fn states_read_back_from_their_wire_names() {
     assert!("timedout".parse::<TaskState>().is_err());
     assert!("".parse::<FlowState>().is_err());
 }
+
+#[test]
+fn a_report_message_holds_one_report_or_an_array_read_whole() {
+    let one =
+        json!({"flow_id": "f", "task_id": "t", "attempt": 1, "agent_id": "w1", "type": "started"});
+    let done = json!({"flow_id": "f", "task_id": "t", "attempt": 1, "agent_id": "w1", "type": "completed", "output": 3});
+    let read = |v: serde_json::Value| reports_in(v.to_string().as_bytes());
+    assert_eq!(read(one.clone()).unwrap().len(), 1);
+    let both = read(json!([one, done])).unwrap();
+    assert_eq!(
+        both.iter().map(|r| r.kind.type_name()).collect::<Vec<_>>(),
+        ["started", "completed"]
+    );
+    assert!(reports_in(b"  \n[]").is_err(), "an empty array");
+    assert!(
+        read(json!([one, "junk"])).is_err(),
+        "read whole or not at all"
+    );
+    let many: Vec<_> = (0..=MAX_REPORTS_PER_MESSAGE).map(|_| one.clone()).collect();
+    let err = read(json!(many)).unwrap_err().to_string();
+    assert!(err.contains("1 to 256"), "{err}");
+    assert!(read(json!("not a report")).is_err());
+}

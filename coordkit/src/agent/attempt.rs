@@ -7,6 +7,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot};
+
 use async_nats::jetstream;
 use common::msg::{AgentReport, Assignment, ReportKind};
 use common::nats as bus;
@@ -113,7 +115,7 @@ pub(super) fn claim(in_flight: &InFlight, finished: &Mutex<Finished>, key: &Atte
 
 /// Runs a claimed attempt once a worker is free.
 pub(super) async fn work<H, Fut>(
-    js: &jetstream::Context,
+    reporter: &Reporter,
     assignment: Assignment,
     handler: H,
     Attempt {
@@ -138,10 +140,15 @@ pub(super) async fn work<H, Fut>(
     };
     let grace = start_grace(grace, &assignment, common::now_ms());
     // Not stored: the orchestrator sends the assignment again, and it runs then.
-    if grace.is_zero() && report(js, &assignment, ReportKind::Started).await.is_err() {
+    if grace.is_zero()
+        && reporter
+            .send(&assignment, ReportKind::Started)
+            .await
+            .is_err()
+    {
         return;
     }
-    let current = Arc::new((js.clone(), assignment.clone()));
+    let current = Arc::new((reporter.clone(), assignment.clone()));
     // Started under the lock, so a cancel notice either finds the claim (and
     // the handler never starts) or finds it running (and aborts it).
     let task = in_flight.lock().ok().and_then(|mut m| {
@@ -170,7 +177,7 @@ pub(super) async fn work<H, Fut>(
         match tokio::time::timeout(grace, &mut task).await {
             Ok(result) => result,
             Err(_) => {
-                if let Err(e) = report(js, &assignment, ReportKind::Started).await {
+                if let Err(e) = reporter.send(&assignment, ReportKind::Started).await {
                     // The final report is tried again as long; if it too is
                     // not stored, the assignment is sent again.
                     tracing::warn!(error = %e, "started report not stored, working on");
@@ -197,7 +204,7 @@ pub(super) async fn work<H, Fut>(
             retryable: true,
         },
     };
-    match report(js, &assignment, outcome).await {
+    match reporter.send(&assignment, outcome).await {
         Ok(()) => {
             if let Ok(mut f) = finished.lock() {
                 f.insert(key);
@@ -210,7 +217,7 @@ pub(super) async fn work<H, Fut>(
 
 tokio::task_local! {
     /// The attempt the running handler works on, for [`progress`].
-    static ATTEMPT: Arc<(jetstream::Context, Assignment)>;
+    static ATTEMPT: Arc<(Reporter, Assignment)>;
 }
 
 /// Reports progress on the attempt the calling handler works on: renews its
@@ -221,16 +228,16 @@ pub async fn progress(fraction: Option<f64>, message: Option<String>) -> Result<
     let current = ATTEMPT
         .try_with(Arc::clone)
         .map_err(|_| Error::bad_request("progress is reported from inside a task handler"))?;
-    let (js, assignment) = &*current;
-    report(
-        js,
-        assignment,
-        ReportKind::Progress {
-            progress: fraction,
-            message,
-        },
-    )
-    .await
+    let (reporter, assignment) = &*current;
+    reporter
+        .send(
+            assignment,
+            ReportKind::Progress {
+                progress: fraction,
+                message,
+            },
+        )
+        .await
 }
 
 /// How long a report is retried before the runtime gives up on it: longer
@@ -240,12 +247,20 @@ pub const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Publishes a report and waits for JetStream to store it, retrying for up to
 /// [`DELIVERY_DEADLINE`] (a NATS restart must not cost a finished task). The
-/// message id makes a retried publish land once.
+/// message id makes a retried publish land once. (The runtime's own reports
+/// go through a [`Reporter`], which sends several in one message under load.)
 pub async fn report(
     js: &jetstream::Context,
     a: &Assignment,
     kind: ReportKind,
 ) -> Result<(), Error> {
+    let (body, msg_id) = encode(a, kind)?;
+    store(js, &subject::report(&a.agent_id), &msg_id, body).await
+}
+
+/// A report's body and its `Nats-Msg-Id`: each progress report is new;
+/// every other kind is sent once per attempt.
+fn encode(a: &Assignment, kind: ReportKind) -> Result<(Vec<u8>, String), Error> {
     let tag = kind.type_name();
     let body = AgentReport {
         flow_id: a.flow_id.clone(),
@@ -256,7 +271,6 @@ pub async fn report(
         at_ms: common::now_ms(),
     };
     let body = serde_json::to_vec(&body).map_err(|e| Error::internal_from("encode report", e))?;
-    // Each progress report is new; every other kind is sent once per attempt.
     let msg_id = if tag == "progress" {
         format!(
             "{}.{}.{}.{tag}.{}",
@@ -268,13 +282,24 @@ pub async fn report(
     } else {
         format!("{}.{}.{}.{tag}", a.flow_id, a.task_id, a.attempt)
     };
+    Ok((body, msg_id))
+}
+
+/// Publishes `body` to `to` and waits for JetStream to store it, retrying
+/// with the same message id until [`DELIVERY_DEADLINE`].
+async fn store(
+    js: &jetstream::Context,
+    to: &str,
+    msg_id: &str,
+    body: Vec<u8>,
+) -> Result<(), Error> {
     let deadline = tokio::time::Instant::now() + DELIVERY_DEADLINE;
     let mut pause = Duration::from_millis(100);
-    let to = subject::report(&a.agent_id);
-    let headers = bus::dedupe_headers(&to, &msg_id);
+    let headers = bus::dedupe_headers(to, msg_id);
+    let body = bytes::Bytes::from(body);
     loop {
         let sent = js
-            .publish_with_headers(to.clone(), headers.clone(), body.clone().into())
+            .publish_with_headers(to.to_owned(), headers.clone(), body.clone())
             .await;
         let failure: common::error::BoxError = match sent {
             Ok(ack) => match ack.await {
@@ -289,5 +314,105 @@ pub async fn report(
         tracing::debug!(error = %failure, "report not stored yet, retrying");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// The agent's reports on their way to the reports stream. One message is
+/// being stored at a time; the reports that come meanwhile go together in
+/// the next one, as an array. An agent ending many short tasks thus costs the
+/// stream a stored message per store rather than per report, and one ending
+/// a task at a time waits for nothing more than its own.
+#[derive(Clone)]
+pub(super) struct Reporter {
+    queue: mpsc::UnboundedSender<Queued>,
+}
+
+/// A report waiting to be sent, and who waits for it to be stored.
+struct Queued {
+    body: Vec<u8>,
+    msg_id: String,
+    stored: oneshot::Sender<Result<(), Error>>,
+}
+
+/// Bytes of reports put in one message at most: well under the server's
+/// default largest message (1 MiB). A larger report goes alone.
+const ARRAY_BYTES: usize = 256 * 1024;
+
+impl Reporter {
+    /// Starts sending `agent`'s reports; it stops once every handle is gone.
+    pub(super) fn start(js: jetstream::Context, agent: &common::AgentId) -> Reporter {
+        let (queue, waiting) = mpsc::unbounded_channel();
+        let to = subject::report(agent);
+        tokio::spawn(send_all(js, to, agent.to_string(), waiting));
+        Reporter { queue }
+    }
+
+    /// Reports `kind` on attempt `a` once it is stored (see [`report`]).
+    pub(super) async fn send(&self, a: &Assignment, kind: ReportKind) -> Result<(), Error> {
+        let (body, msg_id) = encode(a, kind)?;
+        let (stored, done) = oneshot::channel();
+        let gone = || Error::unavailable("report not stored", "the agent's reporter stopped");
+        self.queue
+            .send(Queued {
+                body,
+                msg_id,
+                stored,
+            })
+            .map_err(|_| gone())?;
+        done.await.unwrap_or_else(|_| Err(gone()))
+    }
+}
+
+/// Sends what is queued, one message at a time: alone as it was made, or
+/// several as an array under an id of their own.
+async fn send_all(
+    js: jetstream::Context,
+    to: String,
+    agent: String,
+    mut waiting: mpsc::UnboundedReceiver<Queued>,
+) {
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(q) => q,
+            None => match waiting.recv().await {
+                Some(q) => q,
+                None => return,
+            },
+        };
+        let mut bytes = first.body.len();
+        let mut batch = vec![first];
+        while batch.len() < common::msg::MAX_REPORTS_PER_MESSAGE {
+            match waiting.try_recv() {
+                Ok(q) if bytes + q.body.len() < ARRAY_BYTES => {
+                    bytes += q.body.len() + 1;
+                    batch.push(q);
+                }
+                Ok(q) => {
+                    next = Some(q);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let stored = match batch.as_mut_slice() {
+            [one] => store(&js, &to, &one.msg_id, std::mem::take(&mut one.body)).await,
+            many => {
+                let mut body = Vec::with_capacity(bytes + 2);
+                body.push(b'[');
+                for (i, q) in many.iter().enumerate() {
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(&q.body);
+                }
+                body.push(b']');
+                let msg_id = format!("{agent}.reports.{}", uuid::Uuid::now_v7().simple());
+                store(&js, &to, &msg_id, body).await
+            }
+        };
+        for q in batch {
+            let _ = q.stored.send(stored.clone());
+        }
     }
 }

@@ -276,6 +276,8 @@ pub(crate) async fn run(ctx: &Ctx, args: ConformanceArgs) -> anyhow::Result<()> 
 struct SeenReport {
     at: Instant,
     msg_id: Option<String>,
+    /// It came in an array with others (its message's id is the array's).
+    in_array: bool,
     /// The report, or why it is not one.
     body: Result<AgentReport, String>,
 }
@@ -664,11 +666,19 @@ fn task_of(s: &FlowStatus) -> Option<&TaskStatus> {
 }
 
 /// The report's `Nats-Msg-Id` is `{flow}.{task}.{attempt}.{type}`, with a
-/// suffix for progress (each progress report is new).
-fn msg_id_ok(msg_id: Option<&str>, r: &AgentReport) -> Result<(), String> {
+/// suffix for progress (each progress report is new); an array of reports
+/// has an id of its own.
+fn msg_id_ok(seen: &SeenReport, r: &AgentReport) -> Result<(), String> {
+    let msg_id = seen.msg_id.as_deref();
     let kind = r.kind.type_name();
     if kind == "unknown" {
         return Err("a report has an unknown type".into());
+    }
+    if seen.in_array {
+        return match msg_id {
+            Some(id) if !id.is_empty() => Ok(()),
+            _ => Err("an array of reports has no Nats-Msg-Id".into()),
+        };
     }
     let want = format!("{}.{}.{}.{kind}", r.flow_id, r.task_id, r.attempt);
     match msg_id {
@@ -703,15 +713,27 @@ async fn watch(
                 let at = Instant::now();
                 let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
                 match i {
-                    0 => log.reports.push(SeenReport {
-                        at,
-                        msg_id: msg
+                    0 => {
+                        let msg_id = msg
                             .headers
                             .as_ref()
                             .and_then(|h| h.get("Nats-Msg-Id"))
-                            .map(|v| v.to_string()),
-                        body: serde_json::from_slice(&msg.payload).map_err(|e| e.to_string()),
-                    }),
+                            .map(|v| v.to_string());
+                        let seen = |body, in_array| SeenReport {
+                            at,
+                            msg_id: msg_id.clone(),
+                            in_array,
+                            body,
+                        };
+                        match common::msg::reports_in(&msg.payload) {
+                            Ok(reports) => {
+                                let in_array = reports.len() > 1;
+                                log.reports
+                                    .extend(reports.into_iter().map(|r| seen(Ok(r), in_array)));
+                            }
+                            Err(e) => log.reports.push(seen(Err(e.to_string()), false)),
+                        }
+                    }
                     1 => log
                         .cancels
                         .extend(serde_json::from_slice(&msg.payload).ok().map(|n| (at, n))),

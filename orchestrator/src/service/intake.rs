@@ -1,6 +1,7 @@
 //! Agents' reports: the durable consumer on the reports stream, each report
 //! handed to its flow's actor, malformed ones refused.
 
+use super::delivery::Delivery;
 use super::*;
 
 impl Orchestrator {
@@ -59,7 +60,7 @@ impl Orchestrator {
             .await?;
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(|e| Error::unavailable("reports", e))?;
-            let report: AgentReport = match serde_json::from_slice(&msg.payload) {
+            let reports = match common::msg::reports_in(&msg.payload) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(subject = %msg.subject, error = %e, "unreadable report dropped");
@@ -70,34 +71,38 @@ impl Orchestrator {
                     continue;
                 }
             };
-            // Identity comes from the subject the agent may publish on, not from the JSON.
-            if subject::agent_of(&msg.subject).as_ref() != Some(&report.agent_id) {
-                let _ = msg.ack().await;
-                self.reject(
-                    &report,
-                    &msg,
-                    ErrorCode::BadRequest,
-                    RejectReason::AgentMismatch,
-                    format!(
-                        "report names agent {} but was published on another agent's subject, {}",
-                        report.agent_id, msg.subject
-                    ),
-                )
-                .await;
-                continue;
-            }
-            // The agent's trace goes with the report into the flow's actor.
+            // The agent's trace goes with its reports into the flows' actors.
             let span = telemetry::consumer_span(&msg.subject, msg.headers.as_ref());
-            let flow = report.flow_id.clone();
-            span.in_scope(|| {
-                self.send(
-                    &flow,
-                    Cmd::Report {
-                        report: Box::new(report),
-                        msg: Box::new(msg),
-                    },
-                )
-            });
+            let sender = subject::agent_of(&msg.subject);
+            let parts = Delivery::split(msg, reports.len());
+            for (report, msg) in reports.into_iter().zip(parts) {
+                // Identity comes from the subject the agent may publish on, not from the JSON.
+                if sender.as_ref() != Some(&report.agent_id) {
+                    self.reject(
+                        &report,
+                        &msg,
+                        ErrorCode::BadRequest,
+                        RejectReason::AgentMismatch,
+                        format!(
+                            "report names agent {} but was published on another agent's subject, {}",
+                            report.agent_id, msg.subject
+                        ),
+                    )
+                    .await;
+                    msg.done().await;
+                    continue;
+                }
+                let flow = report.flow_id.clone();
+                span.in_scope(|| {
+                    self.send(
+                        &flow,
+                        Cmd::Report {
+                            report: Box::new(report),
+                            msg,
+                        },
+                    )
+                });
+            }
         }
         Ok(())
     }

@@ -56,6 +56,7 @@ mod actor;
 mod agent_events;
 mod allocator_events;
 mod api;
+mod delivery;
 mod dispatch;
 mod intake;
 mod settle;
@@ -120,7 +121,7 @@ enum Cmd {
     // Boxed: reports are the most common command and the largest by far.
     Report {
         report: Box<AgentReport>,
-        msg: Box<jetstream::Message>,
+        msg: delivery::Delivery,
     },
     /// Record a placement the allocator granted (at `granted_ms`).
     Assign {

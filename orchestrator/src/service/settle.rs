@@ -18,18 +18,18 @@ impl Orchestrator {
         let mut effects = Vec::new();
         match (cmd, outcome) {
             (Cmd::Report { msg, .. }, Ok(e)) => {
-                let _ = msg.ack().await;
+                msg.done().await;
                 effects.extend(e);
             }
             (Cmd::Report { msg, .. }, Err(Rejection::AlreadyApplied)) => {
                 tracing::debug!(subject = %msg.subject, "report delivered again after it was applied");
-                let _ = msg.ack().await;
+                msg.done().await;
             }
             (Cmd::Report { report, msg }, Err(rejection)) => {
-                let _ = msg.ack().await;
                 let (code, reason) = rejection.verdict();
                 self.reject(&report, &msg, code, reason, rejection.to_string())
                     .await;
+                msg.done().await;
             }
             (Cmd::Assign { task, .. }, Ok(e)) => {
                 driver.granted(&task);
@@ -95,7 +95,6 @@ impl Orchestrator {
         for cmd in batch {
             match cmd {
                 Cmd::Report { report, msg } => {
-                    let _ = msg.ack().await;
                     self.reject(
                         &report,
                         &msg,
@@ -104,6 +103,7 @@ impl Orchestrator {
                         format!("no flow {flow_id}"),
                     )
                     .await;
+                    msg.done().await;
                 }
                 Cmd::Assign {
                     allocation, slot, ..
@@ -132,9 +132,7 @@ impl Orchestrator {
         for cmd in batch {
             match cmd {
                 Cmd::Report { msg, .. } => {
-                    let _ = msg
-                        .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(500))))
-                        .await;
+                    msg.again().await;
                 }
                 Cmd::Assign {
                     task,

@@ -29,6 +29,7 @@ mod observability;
 mod orchestrator;
 mod reconcile;
 mod reconnect;
+mod report_arrays;
 mod services;
 mod stalls;
 mod startup;

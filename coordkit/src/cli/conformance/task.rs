@@ -60,7 +60,7 @@ impl Kit {
                 if b.attempt != 1 {
                     return Err(format!("a report names attempt {}, not 1", b.attempt));
                 }
-                msg_id_ok(r.msg_id.as_deref(), b)?;
+                msg_id_ok(r, b)?;
             }
             Ok(Outcome::Pass(format!("reports {}", kinds.join(", "))))
         })
