@@ -21,6 +21,7 @@
 //! inside its own window. An allocation drawn from a reservation ends with it.
 
 mod adjust;
+mod held;
 mod optimize;
 mod place;
 mod quota;
@@ -33,6 +34,7 @@ use common::msg::{
 };
 pub use common::msg::{NoFit, Unfit};
 use common::{AgentId, AllocationId, ReservationId};
+pub use held::Allocations;
 pub use optimize::{plan, utilisation};
 pub use place::{
     candidates, capacity_status, place, place_gang, place_reservation, rank, sample, why_not,
@@ -60,7 +62,7 @@ pub struct AgentRecord {
     #[serde(default)]
     pub capacity: BTreeMap<String, f64>,
     #[serde(default)]
-    pub allocations: BTreeMap<AllocationId, Allocation>,
+    pub allocations: Allocations,
     #[serde(default)]
     pub registered_at_ms: u64,
     #[serde(default)]
@@ -126,7 +128,7 @@ impl AgentRecord {
     ) -> AgentRecord {
         let (allocations, reservations, registered_at_ms) = match previous {
             Some(p) => (p.allocations, p.reservations, p.registered_at_ms),
-            None => (BTreeMap::new(), BTreeMap::new(), now_ms),
+            None => (Allocations::default(), BTreeMap::new(), now_ms),
         };
         AgentRecord {
             agent_id: req.agent_id.clone(),
@@ -162,12 +164,7 @@ impl AgentRecord {
 
     /// Held by allocations outside reservations, for one resource.
     pub fn general_used(&self, resource: &str) -> f64 {
-        total(
-            self.allocations
-                .values()
-                .filter(|a| a.reservation_id.is_none())
-                .filter_map(|a| a.resources.get(resource)),
-        )
+        self.allocations.general_used(resource)
     }
 
     /// Sum of `resource` over reservations whose window holds `t`.
