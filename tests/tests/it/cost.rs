@@ -10,6 +10,7 @@
 //! thread sends `started` too).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream::PersistenceMode, stream::StorageType};
@@ -56,6 +57,40 @@ async fn sequences(js: &jetstream::Context) -> BTreeMap<String, (u64, bool)> {
     out
 }
 
+/// Counts the bytes (body and headers) published on every stream's
+/// subjects from now on, by stream: what the streams store, give or take a
+/// publish one refuses. Returns once the server has every subscription.
+async fn bytes_by_stream(
+    nats: &async_nats::Client,
+    js: &jetstream::Context,
+) -> Arc<Mutex<BTreeMap<String, u64>>> {
+    let counted = Arc::new(Mutex::new(BTreeMap::new()));
+    let mut streams = js.streams();
+    while let Some(info) = streams.next().await {
+        let info = info.expect("stream info");
+        for subject in info.config.subjects {
+            let mut sub = nats.subscribe(subject).await.unwrap();
+            let (counted, name) = (counted.clone(), info.config.name.clone());
+            tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    let headers = m.headers.as_ref().map_or(0, |h| {
+                        h.iter()
+                            .map(|(k, v)| {
+                                k.to_string().len()
+                                    + v.iter().map(|v| v.as_str().len()).sum::<usize>()
+                            })
+                            .sum()
+                    });
+                    *counted.lock().unwrap().entry(name.clone()).or_default() +=
+                        (m.payload.len() + headers) as u64;
+                }
+            });
+        }
+    }
+    nats.flush().await.unwrap();
+    counted
+}
+
 #[tokio::test]
 async fn a_task_stores_no_more_messages_than_the_budget() {
     let sys = System::start().await;
@@ -98,6 +133,7 @@ async fn a_task_stores_no_more_messages_than_the_budget() {
     sys.nats.flush().await.unwrap();
 
     let before = sequences(&js).await;
+    let bytes = bytes_by_stream(&sys.nats, &js).await;
     let id = FlowId::new("cost").unwrap();
     let tasks = (0..TASKS)
         .map(|i| {
@@ -120,10 +156,11 @@ async fn a_task_stores_no_more_messages_than_the_budget() {
         .expect("subscription open");
     runs.assert_each_once(TASKS);
     let after = sequences(&js).await;
+    let bytes = bytes.lock().unwrap().clone();
 
-    let (mut total, mut durable) = (0u64, 0u64);
+    let (mut total, mut durable, mut all_bytes) = (0u64, 0u64, 0u64);
     let mut table = String::from(
-        "| stream | stored | per task | waits for the disk |\n| --- | ---: | ---: | --- |\n",
+        "| stream | stored | per task | bytes per task | waits for the disk |\n| --- | ---: | ---: | ---: | --- |\n",
     );
     for (name, (last, synced)) in &after {
         let stored = last - before.get(name).map_or(0, |(seq, _)| *seq);
@@ -131,15 +168,21 @@ async fn a_task_stores_no_more_messages_than_the_budget() {
         if *synced {
             durable += stored;
         }
+        let b = bytes.get(name).copied().unwrap_or(0);
+        all_bytes += b;
         if stored > 0 {
             let per = stored as f64 / TASKS as f64;
+            let b = b / TASKS as u64;
             let synced = if *synced { "yes" } else { "no" };
-            table += &format!("| {name} | {stored} | {per:.2} | {synced} |\n");
+            table += &format!("| {name} | {stored} | {per:.2} | {b} | {synced} |\n");
         }
     }
     let per_task = total as f64 / TASKS as f64;
     let durable_per_task = durable as f64 / TASKS as f64;
-    table += &format!("| all | {total} | {per_task:.2} | {durable_per_task:.2} per task |\n");
+    let all_bytes = all_bytes / TASKS as u64;
+    table += &format!(
+        "| all | {total} | {per_task:.2} | {all_bytes} | {durable_per_task:.2} per task |\n"
+    );
     println!("{table}");
     assert!(
         durable_per_task <= DURABLE_PER_TASK,
