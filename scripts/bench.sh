@@ -5,8 +5,9 @@
 # the curves at the end). The 10,000-agent sync point is left to its own
 # command there; earlier rounds in docs/bench/history.md name the flags they
 # used. Everything goes to the terminal and to .local/bench/bench-<date>.log.
-# Takes about half an hour on two cores once built (the 1,000,000-task flow
-# alone about ten minutes); figures move with whatever else the machine runs.
+# Takes about an hour on two cores once built (the 1,000,000-task flow
+# alone about ten minutes, the 10,000-agent soak as long); figures move
+# with whatever else the machine runs.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -59,7 +60,12 @@ run $BENCH --spawn state
 run $BENCH --spawn dag
 run $BENCH --spawn --agents 16 dag --work-ms 10
 run $BENCH --spawn alloc
-run $BENCH --spawn --timeout-s 600 agents --agents-curve 100,300,1000,2000
+run $BENCH --spawn --fsync-always --timeout-s 900 agents \
+    --agents-curve 100,300,1000,2000,5000,10000 --agents-flow-tasks 10000 \
+    --agents-soak-s 600 --svg-dir docs/bench
+run $BENCH --spawn --page-cache --timeout-s 900 agents \
+    --agents-curve 100,300,1000,2000,5000,10000 --agents-flow-tasks 10000 \
+    --svg-dir docs/bench
 run $BENCH --spawn --agents 16 --timeout-s 3600 curves \
     --curve-flow-sizes 1000,10000,100000,1000000 --svg-dir docs/bench
 

@@ -6,7 +6,8 @@
 //! `--agents-flow-tasks` independent one-cpu no-op tasks, each agent taking
 //! one at a time (capacity cpu=1, as the fleet did); with
 //! `--agents-soak-s`, flows of the same size run back to back for that long
-//! after it.
+//! after the largest count's flow (so one run gives the curve and the soak
+//! at the scale it is for).
 //!
 //! Printed per count: the join's wall time; the heartbeat path's latency
 //! (a heartbeat published until the allocator has heard it: the time it
@@ -53,9 +54,9 @@ pub(crate) struct AgentsArgs {
     /// Seconds of idle heartbeating measured before the flow.
     #[arg(long, default_value_t = 10)]
     pub(crate) agents_idle_s: u64,
-    /// After the measured flow, seconds of flows run back to back (the
-    /// soak): agents falsely lost and the heartbeat path over it are printed
-    /// in a table of their own. Zero: no soak.
+    /// After the largest count's measured flow, seconds of flows run back
+    /// to back (the soak): agents falsely lost and the heartbeat path over
+    /// it are printed in a table of their own. Zero: no soak.
     #[arg(long, default_value_t = 0)]
     pub(crate) agents_soak_s: u64,
 }
@@ -130,8 +131,10 @@ pub(crate) async fn run(
     println!("| agents | join s | heartbeat path p50 / p99 ms, idle | during the flow | flow tasks/s | flow | falsely lost |");
     println!("| ---: | ---: | ---: | ---: | ---: | --- | ---: |");
     let mut points = Vec::new();
+    let largest = a.agents_curve.iter().copied().max().unwrap_or(0);
     for &n in &a.agents_curve {
-        let p = point(url, n, a, run_id, limit).await?;
+        let soak_s = if n == largest { a.agents_soak_s } else { 0 };
+        let p = point(url, n, a, soak_s, run_id, limit).await?;
         let pct = |v: &[Duration], q: f64| -> String {
             percentile_ms(v, q).map_or("—".into(), |ms| format!("{ms:.1}"))
         };
@@ -264,6 +267,7 @@ async fn point(
     url: &str,
     n: usize,
     a: &AgentsArgs,
+    soak_s: u64,
     run_id: u64,
     limit: Duration,
 ) -> anyhow::Result<Point> {
@@ -361,10 +365,10 @@ async fn point(
     let flow_time = flow_started.elapsed();
     let busy = take_seen(&beats);
     let lost_then = lost.load(Ordering::Relaxed);
-    let soak = if a.agents_soak_s > 0 {
+    let soak = if soak_s > 0 {
         let (mut flows, mut failed) = (0, 0);
         let soak_started = Instant::now();
-        while soak_started.elapsed() < Duration::from_secs(a.agents_soak_s) {
+        while soak_started.elapsed() < Duration::from_secs(soak_s) {
             let id = FlowId::new(format!("soak-{run_id}-{n}-{flows}"))?;
             flows += 1;
             let done = async {
