@@ -39,11 +39,10 @@ pub enum Legacy {
 /// What was over the rules when tidy came in, and is still to be split.
 pub const LEGACY: &[(&str, Legacy)] = &[
     ("coordkit/src/cli/alloc.rs", Legacy::Lines(605)),
-    ("coordkit/src/cli/conformance.rs", Legacy::Lines(757)),
+    ("coordkit/src/cli/conformance.rs", Legacy::Lines(736)),
     ("coordkit/src/cli/sync.rs", Legacy::Lines(610)),
     ("tests/src/bin/coord-bench/scale.rs", Legacy::Lines(800)),
     ("tests/src/bin/coord-bench/state.rs", Legacy::Lines(795)),
-    ("xtask/src/lib.rs", Legacy::Lines(1125)),
 ];
 
 /// Every `.rs` file under each crate's `src/` in `root`, as paths relative

@@ -665,32 +665,6 @@ fn task_of(s: &FlowStatus) -> Option<&TaskStatus> {
     s.tasks.iter().find(|t| t.task_id.as_str() == TASK)
 }
 
-/// The report's `Nats-Msg-Id` is `{flow}.{task}.{attempt}.{type}`, with a
-/// suffix for progress (each progress report is new); an array of reports
-/// has an id of its own.
-fn msg_id_ok(seen: &SeenReport, r: &AgentReport) -> Result<(), String> {
-    let msg_id = seen.msg_id.as_deref();
-    let kind = r.kind.type_name();
-    if kind == "unknown" {
-        return Err("a report has an unknown type".into());
-    }
-    if seen.in_array {
-        return match msg_id {
-            Some(id) if !id.is_empty() => Ok(()),
-            _ => Err("an array of reports has no Nats-Msg-Id".into()),
-        };
-    }
-    let want = format!("{}.{}.{}.{kind}", r.flow_id, r.task_id, r.attempt);
-    match msg_id {
-        Some(id) if id == want => Ok(()),
-        Some(id) if kind == "progress" && id.starts_with(&format!("{want}.")) => Ok(()),
-        Some(id) => Err(format!("Nats-Msg-Id `{id}`, not `{want}`")),
-        None => Err(format!(
-            "a {kind} report has no Nats-Msg-Id (want `{want}`)"
-        )),
-    }
-}
-
 /// Subscribes to everything the agent says and is told, recording it in
 /// `log`; returns once the server has every subscription.
 async fn watch(
