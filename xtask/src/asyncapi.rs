@@ -2,6 +2,7 @@
 
 use serde_json::{json, Value};
 
+use crate::channels::AGENT;
 use crate::*;
 
 fn message_ref(channel: &str, msg: &Msg) -> Value {
