@@ -255,7 +255,9 @@ pub async fn report(
     kind: ReportKind,
 ) -> Result<(), Error> {
     let (body, msg_id) = encode(a, kind)?;
-    store(js, &subject::report(&a.agent_id), &msg_id, body).await
+    let to = subject::report(&a.agent_id);
+    let headers = bus::dedupe_headers(&to, &msg_id);
+    store(js, &to, headers, body).await
 }
 
 /// A report's body and its `Nats-Msg-Id`: each progress report is new;
@@ -286,16 +288,15 @@ fn encode(a: &Assignment, kind: ReportKind) -> Result<(Vec<u8>, String), Error> 
 }
 
 /// Publishes `body` to `to` and waits for JetStream to store it, retrying
-/// with the same message id until [`DELIVERY_DEADLINE`].
+/// with the same headers (so the same message id) until [`DELIVERY_DEADLINE`].
 async fn store(
     js: &jetstream::Context,
     to: &str,
-    msg_id: &str,
+    headers: async_nats::HeaderMap,
     body: Vec<u8>,
 ) -> Result<(), Error> {
     let deadline = tokio::time::Instant::now() + DELIVERY_DEADLINE;
     let mut pause = Duration::from_millis(100);
-    let headers = bus::dedupe_headers(to, msg_id);
     let body = bytes::Bytes::from(body);
     loop {
         let sent = js
@@ -325,12 +326,14 @@ async fn store(
 #[derive(Clone)]
 pub(super) struct Reporter {
     queue: mpsc::UnboundedSender<Queued>,
+    to: Arc<str>,
 }
 
-/// A report waiting to be sent, and who waits for it to be stored.
+/// A report waiting to be sent, with the headers made in its attempt's span
+/// (its message id and trace), and who waits for it to be stored.
 struct Queued {
     body: Vec<u8>,
-    msg_id: String,
+    headers: async_nats::HeaderMap,
     stored: oneshot::Sender<Result<(), Error>>,
 }
 
@@ -342,20 +345,21 @@ impl Reporter {
     /// Starts sending `agent`'s reports; it stops once every handle is gone.
     pub(super) fn start(js: jetstream::Context, agent: &common::AgentId) -> Reporter {
         let (queue, waiting) = mpsc::unbounded_channel();
-        let to = subject::report(agent);
-        tokio::spawn(send_all(js, to, agent.to_string(), waiting));
-        Reporter { queue }
+        let to: Arc<str> = subject::report(agent).into();
+        tokio::spawn(send_all(js, to.clone(), agent.to_string(), waiting));
+        Reporter { queue, to }
     }
 
     /// Reports `kind` on attempt `a` once it is stored (see [`report`]).
     pub(super) async fn send(&self, a: &Assignment, kind: ReportKind) -> Result<(), Error> {
         let (body, msg_id) = encode(a, kind)?;
+        let headers = bus::dedupe_headers(&self.to, &msg_id);
         let (stored, done) = oneshot::channel();
         let gone = || Error::unavailable("report not stored", "the agent's reporter stopped");
         self.queue
             .send(Queued {
                 body,
-                msg_id,
+                headers,
                 stored,
             })
             .map_err(|_| gone())?;
@@ -364,10 +368,10 @@ impl Reporter {
 }
 
 /// Sends what is queued, one message at a time: alone as it was made, or
-/// several as an array under an id of their own.
+/// several as an array under an id of their own, in the first one's trace.
 async fn send_all(
     js: jetstream::Context,
-    to: String,
+    to: Arc<str>,
     agent: String,
     mut waiting: mpsc::UnboundedReceiver<Queued>,
 ) {
@@ -396,7 +400,10 @@ async fn send_all(
             }
         }
         let stored = match batch.as_mut_slice() {
-            [one] => store(&js, &to, &one.msg_id, std::mem::take(&mut one.body)).await,
+            [one] => {
+                let headers = std::mem::take(&mut one.headers);
+                store(&js, &to, headers, std::mem::take(&mut one.body)).await
+            }
             many => {
                 let mut body = Vec::with_capacity(bytes + 2);
                 body.push(b'[');
@@ -408,7 +415,9 @@ async fn send_all(
                 }
                 body.push(b']');
                 let msg_id = format!("{agent}.reports.{}", uuid::Uuid::now_v7().simple());
-                store(&js, &to, &msg_id, body).await
+                let mut headers = std::mem::take(&mut many[0].headers);
+                headers.insert("Nats-Msg-Id", msg_id.as_str());
+                store(&js, &to, headers, body).await
             }
         };
         for q in batch {

@@ -35,7 +35,13 @@ impl Orchestrator {
     /// Queues a command for the flow's actor, starting one if needed. The
     /// current span goes with it as the command's cause.
     pub(super) fn send(self: &Arc<Self>, flow: &FlowId, cmd: Cmd) {
-        let mut cmd = (cmd, tracing::Span::current());
+        self.send_caused(flow, cmd, tracing::Span::current());
+    }
+
+    /// Queues a command for the flow's actor with `cause` as its cause (a
+    /// disabled span: none, so the step continues the flow's own trace).
+    pub(super) fn send_caused(self: &Arc<Self>, flow: &FlowId, cmd: Cmd, cause: tracing::Span) {
+        let mut cmd = (cmd, cause);
         // An actor goes idle between our lookup and our send at most once in
         // a while; a fresh one that is gone at once means the runtime is
         // shutting down.

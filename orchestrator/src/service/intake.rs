@@ -71,11 +71,13 @@ impl Orchestrator {
                     continue;
                 }
             };
-            // The agent's trace goes with its reports into the flows' actors.
+            // The agent's trace goes with its report into the flow's actor.
+            // A message carries one trace: an array's first report's; the
+            // others' steps continue their flows' own traces.
             let span = telemetry::consumer_span(&msg.subject, msg.headers.as_ref());
             let sender = subject::agent_of(&msg.subject);
             let parts = Delivery::split(msg, reports.len());
-            for (report, msg) in reports.into_iter().zip(parts) {
+            for (i, (report, msg)) in reports.into_iter().zip(parts).enumerate() {
                 // Identity comes from the subject the agent may publish on, not from the JSON.
                 if sender.as_ref() != Some(&report.agent_id) {
                     self.reject(
@@ -93,15 +95,16 @@ impl Orchestrator {
                     continue;
                 }
                 let flow = report.flow_id.clone();
-                span.in_scope(|| {
-                    self.send(
-                        &flow,
-                        Cmd::Report {
-                            report: Box::new(report),
-                            msg,
-                        },
-                    )
-                });
+                let cause = if i == 0 {
+                    span.clone()
+                } else {
+                    tracing::Span::none()
+                };
+                let cmd = Cmd::Report {
+                    report: Box::new(report),
+                    msg,
+                };
+                self.send_caused(&flow, cmd, cause);
             }
         }
         Ok(())

@@ -237,7 +237,7 @@ async fn started_is_sent_only_for_work_that_outlasts_the_grace() {
         .await
         .expect("a report within 30 s")
         .unwrap();
-    let first: common::msg::AgentReport = serde_json::from_slice(&first.payload).unwrap();
+    let first = common::msg::reports_in(&first.payload).unwrap().remove(0);
     assert_eq!(
         first.kind.type_name(),
         "started",
@@ -258,8 +258,9 @@ async fn started_is_sent_only_for_work_that_outlasts_the_grace() {
     assert_eq!(status.state, FlowState::Succeeded);
     let mut kinds = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), reports.next()).await {
-        let r: common::msg::AgentReport = serde_json::from_slice(&m.payload).unwrap();
-        kinds.push((r.task_id.to_string(), r.kind.type_name()));
+        for r in common::msg::reports_in(&m.payload).unwrap() {
+            kinds.push((r.task_id.to_string(), r.kind.type_name()));
+        }
     }
     assert_eq!(
         kinds,

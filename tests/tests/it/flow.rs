@@ -170,8 +170,11 @@ async fn a_three_task_dag_runs_end_to_end_on_a_real_agent() {
     })
     .await;
     assert_eq!(metrics.tasks_completed, 3);
+    // Six reports (each task runs past the start grace, so `started` and
+    // `completed`), in four messages at least: b and c run side by side, and
+    // the reports that come while one is stored go in the next message.
     assert!(
-        metrics.messages_by_subject["coord.agents.*.report"] >= 6,
+        metrics.messages_by_subject["coord.agents.*.report"] >= 4,
         "{metrics:?}"
     );
     // Assignments are counted from their events (the monitor stays off the
