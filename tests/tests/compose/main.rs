@@ -158,23 +158,41 @@ async fn all_events(nats: &async_nats::Client) -> Vec<Event> {
 
 /// Each task of each flow succeeded exactly once (one `succeeded` event),
 /// the system's cross-checks pass and no agent has anything booked.
+///
+/// A flow's events are published after the write that finishes it, and
+/// again from its outbox while the stream has not acknowledged them (every
+/// 2 s): just after a fault heals, a flow can read `succeeded` before its
+/// last events are stored. So the stream is read until every task's event
+/// is there (or a minute has passed), and then each must be there once.
 async fn each_task_once_nothing_leaked(
     nats: &async_nats::Client,
     client: &Client,
     flows: &[FlowId],
 ) {
-    let mut succeeded: BTreeMap<(FlowId, TaskId), usize> = BTreeMap::new();
-    for e in all_events(nats).await {
-        if let EventKind::TaskTransition {
-            flow_id,
-            task_id,
-            to: TaskState::Succeeded,
-            ..
-        } = e.kind
-        {
-            *succeeded.entry((flow_id, task_id)).or_default() += 1;
+    let tasks = || {
+        flows
+            .iter()
+            .flat_map(|f| ["a", "b", "c"].map(|t| (f.clone(), TaskId::new(t).unwrap())))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let succeeded = loop {
+        let mut succeeded: BTreeMap<(FlowId, TaskId), usize> = BTreeMap::new();
+        for e in all_events(nats).await {
+            if let EventKind::TaskTransition {
+                flow_id,
+                task_id,
+                to: TaskState::Succeeded,
+                ..
+            } = e.kind
+            {
+                *succeeded.entry((flow_id, task_id)).or_default() += 1;
+            }
         }
-    }
+        if tasks().all(|k| succeeded.contains_key(&k)) || std::time::Instant::now() > deadline {
+            break succeeded;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     for flow in flows {
         for task in ["a", "b", "c"] {
             let n = succeeded
