@@ -191,12 +191,25 @@ impl<T: Holds + Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
         };
         match entry.operation {
             kv::Operation::Put => {
+                // This replica's own writes come back on the watch after it
+                // remembered them: not read again (an agent record holding
+                // thousands of allocations is costly to parse).
+                if self.known_at(&id, entry.revision) {
+                    return;
+                }
                 if let Ok(v) = serde_json::from_slice::<T>(&entry.value) {
                     self.remember(id, v, entry.revision);
                 }
             }
             kv::Operation::Delete | kv::Operation::Purge => self.forget(&id),
         }
+    }
+
+    /// Whether `id` is known at `revision` or later.
+    fn known_at(&self, id: &AgentId, revision: u64) -> bool {
+        self.0
+            .read()
+            .is_ok_and(|c| c.get(id).is_some_and(|(_, rev)| *rev >= revision))
     }
 
     /// Keeps `value` unless a newer revision is already known.
