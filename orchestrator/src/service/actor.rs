@@ -117,6 +117,11 @@ impl Orchestrator {
                     Err(_) => break,
                 }
             }
+            // A flow this replica just created starts from the copy it wrote.
+            let seed = self.created.lock().ok().and_then(|mut c| c.remove(&flow));
+            if cache.is_none() {
+                cache = seed;
+            }
             let ticked = batch.iter().any(|(c, _)| matches!(c, Cmd::Tick));
             if ticked {
                 // Events a wait task waits for go first, before the tick
@@ -256,11 +261,6 @@ impl Orchestrator {
                 crate::failpoints::after_write(flow_id).await;
             }
             watch.pending |= changed;
-            if watch.due(&flow, now) {
-                self.publish_watch(&flow, revision, now, watch)
-                    .instrument(span.clone())
-                    .await;
-            }
             // Each command's outcome in its cause's span (the step's when it
             // has none): a report's transitions and the assignment a
             // placement leads to continue the trace they came from.
@@ -283,6 +283,13 @@ impl Orchestrator {
             }
             self.outbox.sent(cursor, now);
             span.in_scope(|| driver.dispatch(&mut Exec(self), &mut flow, now));
+            // Watchers last: agents, events and the allocator are what the
+            // flow's progress waits for.
+            if watch.due(&flow, now) {
+                self.publish_watch(&flow, revision, now, watch)
+                    .instrument(span.clone())
+                    .await;
+            }
             // Finished once its last events are known to be stored too.
             let finished = flow.state.is_terminal() && body.kept.outbox.is_empty();
             *cache = Some((flow, revision, body));

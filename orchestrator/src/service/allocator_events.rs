@@ -87,24 +87,37 @@ impl Orchestrator {
 
     /// Moves the freed count when capacity may have been added (see
     /// [`machine::Placing`]); the next tick of a flow whose tasks were refused asks
-    /// for them again. Core messages: one missed only delays that.
+    /// for them again. Forgets what creation learnt of feasibility when
+    /// capacity may have gone. Core messages: one missed only delays that
+    /// (a verdict is reused for at most [`FEASIBLE_FOR_MS`] anyway).
     pub(super) async fn count_capacity_changes(self: Arc<Self>) {
-        let subjects = [
+        let added = [
             subject::event::AGENT_REGISTERED,
             subject::event::CAPACITY_ADJUSTED,
             subject::event::RESERVATION_ENDED,
             subject::event::QUOTA_CHANGED,
         ];
+        let gone = [
+            subject::event::AGENT_LOST,
+            subject::event::AGENT_LEFT,
+            subject::event::AGENT_DEREGISTERED,
+            subject::event::AGENT_RETIRED,
+        ];
         let mut all = futures::stream::SelectAll::new();
-        for s in subjects {
+        for s in added.into_iter().chain(gone) {
             match self.nats.subscribe(s).await {
                 Ok(sub) => all.push(sub),
                 Err(e) => tracing::warn!(subject = s, error = %e, "not subscribed"),
             }
         }
-        // Any amount may have been added: every held task may go.
-        while all.next().await.is_some() {
-            self.freed.fetch_add(machine::FREED_ALL, Ordering::Relaxed);
+        while let Some(msg) = all.next().await {
+            if msg.subject.as_str() != subject::event::AGENT_REGISTERED {
+                self.forget_feasible();
+            }
+            // Any amount may have been added: every held task may go.
+            if added.contains(&msg.subject.as_str()) {
+                self.freed.fetch_add(machine::FREED_ALL, Ordering::Relaxed);
+            }
         }
     }
 }

@@ -30,7 +30,7 @@ impl Orchestrator {
             )
             .with_details(serde_json::json!({ "problems": problems })));
         }
-        let warnings = self.infeasible(&spec).await;
+        let warnings = self.infeasible(&spec, !spec.require_feasible).await;
         if spec.require_feasible && !warnings.is_empty() {
             let summary: Vec<&str> = warnings.iter().map(|p| p.message.as_str()).collect();
             return Err(Error::new(
@@ -64,8 +64,8 @@ impl Orchestrator {
         });
         let encoded = encoded?;
         self.fits_in_entries(&flow, &encoded)?;
-        let revision = match store::create(&self.flows, &flow, encoded).await {
-            Ok((revision, _)) => revision,
+        let (revision, encoded) = match store::create(&self.flows, &flow, encoded).await {
+            Ok(written) => written,
             Err(WriteError::Conflict) => {
                 return Err(Error::new(
                     ErrorCode::Conflict,
@@ -86,6 +86,9 @@ impl Orchestrator {
                 let mut driver = Driver::new(o.tick_ms);
                 o.run_effects(&mut driver, None, effects, &mut cursor).await;
                 o.outbox.sent(cursor, common::now_ms());
+                if let Ok(mut created) = o.created.lock() {
+                    created.insert(id.clone(), (flow, revision, encoded));
+                }
                 o.send(&id, Cmd::Tick);
             }
             .in_current_span(),
@@ -166,8 +169,13 @@ impl Orchestrator {
 
     /// Tasks whose requirements no registered agent could satisfy even when
     /// idle: no agent has the capabilities and labels, or none has the
-    /// capacity at all. Each distinct requirement is asked about once.
-    pub(super) async fn infeasible(&self, spec: &FlowSpec) -> Vec<common::msg::ValidationProblem> {
+    /// capacity at all. Each distinct requirement is asked about once, and
+    /// with `reuse` not at all while a recent "fits" stands.
+    pub(super) async fn infeasible(
+        &self,
+        spec: &FlowSpec,
+        reuse: bool,
+    ) -> Vec<common::msg::ValidationProblem> {
         let mut verdicts: Vec<(&common::msg::Requirements, Option<String>)> = Vec::new();
         let mut out = Vec::new();
         for t in &spec.tasks {
@@ -178,7 +186,15 @@ impl Orchestrator {
             let verdict = match known {
                 Some(v) => v,
                 None => {
-                    let v = self.never_fits(&t.requirements).await;
+                    let v = if reuse && self.known_feasible(&t.requirements) {
+                        None
+                    } else {
+                        let v = self.never_fits(&t.requirements).await;
+                        if v.is_none() {
+                            self.note_feasible(&t.requirements);
+                        }
+                        v
+                    };
                     verdicts.push((&t.requirements, v.clone()));
                     v
                 }
@@ -205,6 +221,33 @@ impl Orchestrator {
             });
         }
         out
+    }
+
+    fn known_feasible(&self, req: &common::msg::Requirements) -> bool {
+        let (Ok(key), Ok(known)) = (serde_json::to_string(req), self.feasible.lock()) else {
+            return false;
+        };
+        known
+            .get(&key)
+            .is_some_and(|until| *until > common::now_ms())
+    }
+
+    fn note_feasible(&self, req: &common::msg::Requirements) {
+        let (Ok(key), Ok(mut known)) = (serde_json::to_string(req), self.feasible.lock()) else {
+            return;
+        };
+        if known.len() >= FEASIBLE_KEPT {
+            known.clear();
+        }
+        known.insert(key, common::now_ms() + FEASIBLE_FOR_MS);
+    }
+
+    /// An agent left or its capacity changed: "some agent could run it"
+    /// must be asked again.
+    pub(super) fn forget_feasible(&self) {
+        if let Ok(mut known) = self.feasible.lock() {
+            known.clear();
+        }
     }
 
     pub(super) async fn never_fits(&self, req: &common::msg::Requirements) -> Option<String> {

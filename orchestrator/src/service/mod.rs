@@ -247,7 +247,22 @@ struct Orchestrator {
     waiting: Mutex<HashMap<FlowId, HashSet<String>>>,
     /// Registered triggers (`coord_triggers`).
     triggers: kv::Store,
+    /// Requirements some registered agent could meet, as the allocator last
+    /// said, and until when that is trusted (see [`FEASIBLE_FOR_MS`]).
+    feasible: Mutex<HashMap<String, u64>>,
+    /// Flows this replica just created, as written: their actor's first
+    /// step starts from this copy instead of reading it back.
+    created: Mutex<HashMap<FlowId, Stored>>,
 }
+
+/// How long a "some agent could run this" verdict is reused for creation
+/// warnings, unless an agent leaves or its capacity changes first: a
+/// stream of small flows then skips a round trip to the allocator each.
+/// A warning is advice (an agent may leave just after any check), and a
+/// flow that asks to be refused when infeasible is always checked afresh.
+const FEASIBLE_FOR_MS: u64 = 1_000;
+/// Verdicts kept at most; past that the cache starts over.
+const FEASIBLE_KEPT: usize = 256;
 
 /// A flow this replica saw finished: at which revision, and when last checked.
 #[derive(Clone, Copy)]
@@ -296,6 +311,8 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         tick_ms: cfg.sweep_ms.max(10),
         waiting: Mutex::default(),
         triggers,
+        feasible: Mutex::default(),
+        created: Mutex::default(),
     });
 
     let mut service = Service::start(

@@ -50,14 +50,67 @@ pub(crate) async fn dispatch_on(args: &Args, url: &str) -> anyhow::Result<()> {
         )
         .await?;
         let tag = format!("{run_id}-p");
+        let js = async_nats::jetstream::new(nats.clone());
+        let before = stored(&js).await?;
         let pipe = dispatch_pipelined(&nats, args.tasks, args.flows, &tag, limit).await?;
+        let after = stored(&js).await?;
         rounds.push(pipe);
+        print_stored(&before, &after, args.tasks);
         let serial = dispatch_serial(&nats, args, run_id, limit).await?;
         rounds.push(serial);
         system.stop(&nats).await;
     }
     print_table(&rounds);
     Ok(())
+}
+
+/// Every stream's last sequence number (messages it ever stored) and
+/// whether its writes wait for the disk.
+async fn stored(
+    js: &async_nats::jetstream::Context,
+) -> anyhow::Result<std::collections::BTreeMap<String, (u64, bool)>> {
+    use async_nats::jetstream::stream::{PersistenceMode, StorageType};
+    use futures::StreamExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut streams = js.streams();
+    while let Some(info) = streams.next().await {
+        let info = info.context("failed to list streams")?;
+        let durable = info.config.storage == StorageType::File
+            && info.config.persist_mode != Some(PersistenceMode::Async);
+        out.insert(info.config.name, (info.state.last_sequence, durable));
+    }
+    Ok(out)
+}
+
+/// The pipelined round's stored messages per task, by stream: the cost
+/// model at this server's setting, where writes that wait together are
+/// stored together.
+fn print_stored(
+    before: &std::collections::BTreeMap<String, (u64, bool)>,
+    after: &std::collections::BTreeMap<String, (u64, bool)>,
+    tasks: usize,
+) {
+    let per = |n: u64| n as f64 / tasks.max(1) as f64;
+    let (mut all, mut disk) = (0, 0);
+    let mut parts = Vec::new();
+    for (name, (last, durable)) in after {
+        let n = last - before.get(name).map_or(0, |(seq, _)| *seq);
+        if n == 0 || name.starts_with("BENCH") {
+            continue;
+        }
+        all += n;
+        if *durable {
+            disk += n;
+        }
+        let mark = if *durable { "" } else { " (async)" };
+        parts.push(format!("{name} {:.2}{mark}", per(n)));
+    }
+    println!(
+        "pipelined round, stored per task: {:.2} on the disk's path, {:.2} in all ({})",
+        per(disk),
+        per(all),
+        parts.join(", ")
+    );
 }
 
 fn print_table(rounds: &[Round]) {
