@@ -445,7 +445,10 @@ pub struct FlowStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_ms: Option<u64>,
     /// Problems found at creation that do not stop the flow, e.g. requirements
-    /// no registered agent could satisfy (`infeasible_requirements`).
+    /// no registered agent could satisfy (`infeasible_requirements`). Advice
+    /// only: "some agent could" is taken from the last second's answers
+    /// unless an agent left or its capacity changed since
+    /// (`require_feasible` asks afresh).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<ValidationProblem>,
     /// The trigger and the agent event that started the flow, for a flow a

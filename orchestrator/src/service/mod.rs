@@ -56,6 +56,7 @@ mod actor;
 mod agent_events;
 mod allocator_events;
 mod api;
+mod create;
 mod delivery;
 mod dispatch;
 mod intake;
