@@ -98,27 +98,31 @@ impl Orchestrator {
             }
             Err(WriteError::Failed(e)) => return Err(e),
         };
-        // A large flow's creation is many events (each root becomes ready):
-        // the reply does not wait for them, and dispatch starts after them.
+        // A small flow's first assignments and events go out before the
+        // reply, at once. A large flow's creation is many events (each root
+        // becomes ready): the reply does not wait for them, and dispatch
+        // starts after them.
         let o = self.clone();
-        tokio::spawn(
-            async move {
-                #[cfg(feature = "failpoints")]
-                crate::failpoints::after_write(&id).await;
-                let (effects, mut cursor) = effects;
-                // A creation places nothing yet: a driver of its own will do.
-                let mut driver = Driver::new(o.tick_ms);
-                let now = common::now_ms();
-                o.run_effects(&mut driver, Some((&flow, now)), effects, &mut cursor)
-                    .await;
-                o.outbox.sent(cursor, common::now_ms());
-                if let Ok(mut created) = o.created.lock() {
-                    created.insert(id.clone(), (flow, revision, encoded));
-                }
-                o.send(&id, Cmd::Tick);
+        let after = async move {
+            #[cfg(feature = "failpoints")]
+            crate::failpoints::after_write(&id).await;
+            let (effects, mut cursor) = effects;
+            // A creation places nothing yet: a driver of its own will do.
+            let mut driver = Driver::new(o.tick_ms);
+            let now = common::now_ms();
+            o.run_effects(&mut driver, Some((&flow, now)), effects, &mut cursor)
+                .await;
+            o.outbox.sent(cursor, common::now_ms());
+            if let Ok(mut created) = o.created.lock() {
+                created.insert(id.clone(), (flow, revision, encoded));
             }
-            .in_current_span(),
-        );
+            o.send(&id, Cmd::Tick);
+        };
+        if large {
+            tokio::spawn(after.in_current_span());
+        } else {
+            after.await;
+        }
         Ok(FlowStatus { revision, ..status })
     }
 

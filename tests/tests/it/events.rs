@@ -85,8 +85,13 @@ async fn events_of_steps_a_killed_replica_never_published_are_stored_once() {
 
     let mut spec = FlowSpec::new("held", vec![cpu_task("a", &[]), cpu_task("b", &["a"])]);
     spec.id = Some(flow.clone());
-    client.create_flow(&spec).await.unwrap();
-    // Created (a ready) and then a placed: both written, neither published.
+    // Held right after its write, the replica answers nothing more: the
+    // creation's reply, like its events, is what it never sent.
+    let _creating = tokio::spawn({
+        let client = client.clone();
+        async move { client.create_flow(&spec).await }
+    });
+    // Created with a placed at once: written, nothing published.
     let state_of = |s: &common::msg::FlowStatus, t: &TaskId| {
         s.tasks.iter().find(|x| &x.task_id == t).map(|x| x.state)
     };
