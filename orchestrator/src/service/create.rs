@@ -13,6 +13,13 @@ pub(super) const MAX_WARNINGS: usize = 100;
 /// bookings (its actor places the rest in batches).
 const PLACED_AT_CREATION: usize = 8;
 
+/// How long creation waits for those bookings: an allocator that is slow
+/// to answer (frozen, say) delays the reply by this much at most, and the
+/// tasks it did not place go the usual way. The request's deadline is as
+/// short, so a booking read later books nothing (one that got no answer in
+/// time is released, as any placement's).
+const PLACED_AT_CREATION_WAIT: Duration = Duration::from_millis(500);
+
 impl Orchestrator {
     pub(super) async fn create(self: &Arc<Self>, spec: FlowSpec) -> Result<FlowStatus, Error> {
         self.create_from(spec, None).await
@@ -144,11 +151,15 @@ impl Orchestrator {
             .filter(|p| p.slot.is_none())
             .take(PLACED_AT_CREATION)
             .collect();
+        let client = self.client.clone().with_timeout(PLACED_AT_CREATION_WAIT);
         let granted = futures::future::join_all(placements.into_iter().map(|mut p| {
             let span = tracing::info_span!("place", flow = %flow.id, task = %p.task);
+            let client = &client;
             async move {
                 p.request.allocation_id = Some(AllocationId::random());
-                self.place(&p.request).await.map(|a| (p.task, a))
+                self.place_via(client, &p.request)
+                    .await
+                    .map(|a| (p.task, a))
             }
             .instrument(span)
         }))

@@ -117,8 +117,17 @@ impl Orchestrator {
     /// booked, so its (caller-chosen) allocation id is released, now and once
     /// more a little later in case the booking lands after the first release.
     pub(super) async fn place(self: &Arc<Self>, request: &AllocateRequest) -> Option<Allocation> {
+        self.place_via(&self.client, request).await
+    }
+
+    /// [`Self::place`] through `client` (and so within its timeout).
+    pub(super) async fn place_via(
+        self: &Arc<Self>,
+        client: &common::Client,
+        request: &AllocateRequest,
+    ) -> Option<Allocation> {
         let _slot = self.placing.acquire().await.ok()?;
-        match self.client.allocate(request).await {
+        match client.allocate(request).await {
             Ok(allocation) => Some(allocation),
             Err(e) => {
                 // No capacity yet is normal: the next tick tries again.

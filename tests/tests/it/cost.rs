@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream::PersistenceMode, stream::StorageType};
-use common::msg::{FlowSpec, FlowState, TaskSpec};
+use common::msg::{FlowSpec, FlowState, TaskSpec, TaskState};
 use common::{subject, AgentId, FlowId, TaskId};
 use coordkit::agent::{self, AgentOptions};
 use futures::StreamExt;
@@ -269,6 +269,61 @@ async fn started_is_sent_only_for_work_that_outlasts_the_grace() {
             ("quick".to_owned(), "completed")
         ],
         "after the long task's `started`: its end, then the quick task's only report"
+    );
+}
+
+/// A one-task flow is written twice on its way, not three times: its first
+/// write records the task already assigned (placed before the flow was
+/// stored) and the next its success. Read from the writes themselves (every
+/// write of the flow's key is a message on its subject), so a clean-up write
+/// of the outbox after the finish, if any, is past what is counted.
+#[tokio::test]
+async fn a_one_task_flow_is_created_assigned_and_then_written_once_more() {
+    let sys = System::start().await;
+    let mut opts = AgentOptions::new(AgentId::new("solo").unwrap()).capacity("solo", 1.0);
+    opts.start_grace = Duration::from_secs(10);
+    let _agent = tokio::spawn(agent::run(
+        sys.nats.clone(),
+        opts,
+        |_a| async { Ok(serde_json::Value::Null) },
+        std::future::pending::<()>(),
+    ));
+    wait_registered(&sys.client, "solo").await;
+    let id = FlowId::new("solo-one").unwrap();
+    let mut writes = sys
+        .nats
+        .subscribe(format!("$KV.{}.{id}", common::nats::KV_FLOWS))
+        .await
+        .unwrap();
+    sys.nats.flush().await.unwrap();
+
+    let mut task = TaskSpec::new(TaskId::new("only").unwrap());
+    task.requirements.resources.insert("solo".into(), 1.0);
+    let mut spec = FlowSpec::new("solo", vec![task]);
+    spec.id = Some(id.clone());
+    let created = sys.client.create_flow(&spec).await.unwrap();
+    assert_eq!(
+        created.tasks.iter().map(|t| t.state).collect::<Vec<_>>(),
+        [TaskState::Assigned],
+        "the creation's reply has the task placed"
+    );
+    let mut seen = Vec::new();
+    while !seen.contains(&FlowState::Succeeded) {
+        let write = tokio::time::timeout(Duration::from_secs(30), writes.next())
+            .await
+            .expect("the flow is written within 30 s")
+            .unwrap();
+        let flow: orchestrator::machine::Flow = serde_json::from_slice(&write.payload).unwrap();
+        let only = &flow.tasks[&TaskId::new("only").unwrap()];
+        if seen.is_empty() {
+            assert_eq!(only.state, TaskState::Assigned, "the first write assigns");
+        }
+        seen.push(flow.state);
+    }
+    assert_eq!(
+        seen,
+        [FlowState::Running, FlowState::Succeeded],
+        "created (and assigned), then finished: no write in between"
     );
 }
 
