@@ -27,7 +27,8 @@ pub struct FlowSpec {
     #[serde(default)]
     pub failure_mode: FailureMode,
     /// Refuse the flow (instead of warning) when some task's requirements no
-    /// registered agent could ever satisfy. Default false: agents may join later.
+    /// registered agent could ever satisfy; `unavailable` while the
+    /// allocator cannot say. Default false: agents may join later.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_feasible: bool,
     /// A spec too large for one message sends its tasks ahead: the name of an

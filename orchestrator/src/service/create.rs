@@ -20,6 +20,11 @@ const PLACED_AT_CREATION: usize = 8;
 /// time is released, as any placement's).
 const PLACED_AT_CREATION_WAIT: Duration = Duration::from_millis(500);
 
+/// How long creation waits for the allocator's word on whether a task's
+/// requirements could ever fit, when that is only advice (a warning): a
+/// slow allocator delays the reply by this much, not a request timeout.
+const FEASIBLE_CHECK_WAIT: Duration = Duration::from_secs(1);
+
 impl Orchestrator {
     pub(super) async fn create(self: &Arc<Self>, spec: FlowSpec) -> Result<FlowStatus, Error> {
         self.create_from(spec, None).await
@@ -43,7 +48,7 @@ impl Orchestrator {
             )
             .with_details(serde_json::json!({ "problems": problems })));
         }
-        let warnings = self.infeasible(&spec, !spec.require_feasible).await;
+        let warnings = self.infeasible(&spec, spec.require_feasible).await?;
         if spec.require_feasible && !warnings.is_empty() {
             let summary: Vec<&str> = warnings.iter().map(|p| p.message.as_str()).collect();
             return Err(Error::new(
@@ -257,13 +262,24 @@ impl Orchestrator {
 
     /// Tasks whose requirements no registered agent could satisfy even when
     /// idle: no agent has the capabilities and labels, or none has the
-    /// capacity at all. Each distinct requirement is asked about once, and
-    /// with `reuse` not at all while a recent "fits" stands.
+    /// capacity at all. Each distinct requirement is asked about once.
+    ///
+    /// As advice (`strict` false) a recent "fits" is taken as it stands,
+    /// the allocator is waited for [`FEASIBLE_CHECK_WAIT`] at most, and
+    /// without its answer nothing is known: no warning rather than a false
+    /// one. For a flow to refuse when infeasible (`strict`) every verdict is
+    /// asked afresh, and no answer is an error: it is not known whether the
+    /// flow could run.
     pub(super) async fn infeasible(
         &self,
         spec: &FlowSpec,
-        reuse: bool,
-    ) -> Vec<common::msg::ValidationProblem> {
+        strict: bool,
+    ) -> Result<Vec<common::msg::ValidationProblem>, Error> {
+        let client = if strict {
+            self.client.clone()
+        } else {
+            self.client.clone().with_timeout(FEASIBLE_CHECK_WAIT)
+        };
         let mut verdicts: Vec<(&common::msg::Requirements, Option<String>)> = Vec::new();
         let mut out = Vec::new();
         for t in &spec.tasks {
@@ -274,14 +290,24 @@ impl Orchestrator {
             let verdict = match known {
                 Some(v) => v,
                 None => {
-                    let v = if reuse && self.known_feasible(&t.requirements) {
+                    let v = if !strict && self.known_feasible(&t.requirements) {
                         None
                     } else {
-                        let v = self.never_fits(&t.requirements).await;
-                        if v.is_none() {
-                            self.note_feasible(&t.requirements);
+                        match self.never_fits(&client, &t.requirements).await {
+                            Ok(None) => {
+                                self.note_feasible(&t.requirements);
+                                None
+                            }
+                            Ok(why) => why,
+                            Err(e) if strict => {
+                                return Err(Error::unavailable(
+                                    "not known whether registered agents could run every \
+                                     task (the flow sets `require_feasible`)",
+                                    e,
+                                ))
+                            }
+                            Err(_) => None,
                         }
-                        v
                     };
                     verdicts.push((&t.requirements, v.clone()));
                     v
@@ -308,7 +334,7 @@ impl Orchestrator {
                 path: Vec::new(),
             });
         }
-        out
+        Ok(out)
     }
 
     fn known_feasible(&self, req: &common::msg::Requirements) -> bool {
@@ -338,41 +364,48 @@ impl Orchestrator {
         }
     }
 
-    pub(super) async fn never_fits(&self, req: &common::msg::Requirements) -> Option<String> {
+    /// Why no registered agent could ever run a task with `req`, if none
+    /// could; an error when the allocator did not answer through `client`.
+    pub(super) async fn never_fits(
+        &self,
+        client: &common::Client,
+        req: &common::msg::Requirements,
+    ) -> Result<Option<String>, Error> {
         let check = CapacityRequest {
             requirements: Some(req.clone()),
             ..Default::default()
         };
-        // Without an answer nothing is known: no warning rather than a false one.
-        let status = self.client.capacity(&check).await.ok()?;
+        let status = client.capacity(&check).await?;
         if status.fits == Some(true) {
-            return None;
+            return Ok(None);
         }
         let Some(best) = status
             .no_fit
             .as_ref()
             .and_then(|n| n.best_candidate.clone())
         else {
-            return Some(match status.no_fit {
+            return Ok(Some(match status.no_fit {
                 Some(n) => format!(
                     "no registered agent has the capabilities and labels it needs ({})",
                     n.message
                 ),
                 None => "no registered agent has the capabilities and labels it needs".to_owned(),
-            });
+            }));
         };
-        let totals = status.agents.get(&best)?;
+        let Some(totals) = status.agents.get(&best) else {
+            return Ok(None);
+        };
         let short: Vec<String> = req
             .resources
             .iter()
             .filter(|(r, need)| totals.get(*r).map(|c| c.capacity).unwrap_or(0.0) < **need)
             .map(|(r, need)| format!("{r} {need}"))
             .collect();
-        (!short.is_empty()).then(|| {
+        Ok((!short.is_empty()).then(|| {
             format!(
                 "needs {} but no suitable agent has that much in all",
                 short.join(", ")
             )
-        })
+        }))
     }
 }

@@ -290,6 +290,27 @@ async fn requirements_no_agent_can_meet_are_reported_at_creation() {
     agent.await.unwrap().unwrap();
 }
 
+/// With no allocator to ask, a flow that must be feasible is refused as
+/// `unavailable` (retry later) rather than taken on trust; as advice the
+/// same flow is created, with no warning (nothing is known).
+#[tokio::test]
+async fn a_flow_that_must_be_feasible_waits_for_an_allocator_to_say_so() {
+    let server = testkit::NatsServer::start();
+    let _orchestrator = testkit::start_service("orchestrator", server.config());
+    let nats = server.connect().await;
+    let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
+    testkit::wait_for_service(&nats, "orchestrator").await;
+    let strict = FlowSpec {
+        require_feasible: true,
+        ..FlowSpec::new("strict", vec![cpu_task("a", &[])])
+    };
+    let err = client.create_flow(&strict).await.unwrap_err();
+    assert_eq!(err.code, common::ErrorCode::Unavailable, "{err}");
+    let advised = FlowSpec::new("advised", vec![cpu_task("a", &[])]);
+    let created = client.create_flow(&advised).await.unwrap();
+    assert!(created.warnings.is_empty(), "{:?}", created.warnings);
+}
+
 /// Registers an agent by hand that listens for assignments (so it may be
 /// given work, while the subscription returned lives) but never starts one:
 /// what it is given stays assigned, and its capacity stays booked.
