@@ -119,8 +119,14 @@ impl Orchestrator {
             }
             // A flow this replica just created starts from the copy it wrote.
             let seed = self.created.lock().ok().and_then(|mut c| c.remove(&flow));
-            if cache.is_none() {
-                cache = seed;
+            if let Some(Created { stored, refused }) = seed {
+                let now = common::now_ms();
+                for (task, asked_at) in refused {
+                    driver.refused(&Exec(&self), task, asked_at, now);
+                }
+                if cache.is_none() {
+                    cache = Some(stored);
+                }
             }
             let ticked = batch.iter().any(|(c, _)| matches!(c, Cmd::Tick));
             if ticked {

@@ -70,8 +70,8 @@ impl Orchestrator {
             flow.trace = trace;
             (flow, effects)
         });
-        let booked = if large {
-            Vec::new()
+        let (booked, refused) = if large {
+            Default::default()
         } else {
             self.place_at_creation(&mut flow, &mut effects).await
         };
@@ -119,14 +119,16 @@ impl Orchestrator {
             #[cfg(feature = "failpoints")]
             crate::failpoints::after_write(&id).await;
             let (effects, mut cursor) = effects;
-            // A creation places nothing yet: a driver of its own will do.
+            // Only the assignments of what creation placed: the flow's
+            // actor has the driver that places the rest.
             let mut driver = Driver::new(o.tick_ms);
             let now = common::now_ms();
             o.run_effects(&mut driver, Some((&flow, now)), effects, &mut cursor)
                 .await;
             o.outbox.sent(cursor, common::now_ms());
             if let Ok(mut created) = o.created.lock() {
-                created.insert(id.clone(), (flow, revision, encoded));
+                let stored = (flow, revision, encoded);
+                created.insert(id.clone(), Created { stored, refused });
             }
             o.send(&id, Cmd::Tick);
         };
@@ -143,13 +145,15 @@ impl Orchestrator {
     /// three writes (create and assign, report, complete), not four, and
     /// its assignments leave right after the reply. Tasks with a
     /// concurrency key and any the allocator does not grant at once go the
-    /// usual way, through the flow's actor. Returns what was booked.
+    /// usual way, through the flow's actor. Returns what was booked, and
+    /// the tasks refused (for the actor to hold back as if it had asked).
     async fn place_at_creation(
         self: &Arc<Self>,
         flow: &mut Flow,
         effects: &mut Vec<Effect>,
-    ) -> Vec<(AgentId, AllocationId)> {
+    ) -> (Vec<(AgentId, AllocationId)>, Vec<(TaskId, u64)>) {
         let now = common::now_ms();
+        let asked_at = self.freed.load(Ordering::Relaxed);
         let placements: Vec<machine::Placement> = flow
             .placements(now, &machine::Placing::default(), |_| false)
             .into_iter()
@@ -162,16 +166,19 @@ impl Orchestrator {
             let client = &client;
             async move {
                 p.request.allocation_id = Some(AllocationId::random());
-                self.place_via(client, &p.request)
-                    .await
-                    .map(|a| (p.task, a))
+                let placed = self.place_via(client, &p.request).await;
+                (p.task, placed)
             }
             .instrument(span)
         }))
         .await;
         let granted_ms = common::now_ms();
-        let mut booked = Vec::new();
-        for (task, a) in granted.into_iter().flatten() {
+        let (mut booked, mut refused) = (Vec::new(), Vec::new());
+        for (task, placed) in granted {
+            let Some(a) = placed else {
+                refused.push((task, asked_at));
+                continue;
+            };
             let placed = machine::Command::Placed {
                 task: &task,
                 agent: &a.agent_id,
@@ -186,7 +193,7 @@ impl Orchestrator {
                 Err(_) => self.release(a.agent_id, a.allocation_id),
             }
         }
-        booked
+        (booked, refused)
     }
 
     /// The tasks a client uploaded ahead of a spec too large for one message;

@@ -252,8 +252,17 @@ struct Orchestrator {
     /// said, and until when that is trusted (see [`FEASIBLE_FOR_MS`]).
     feasible: Mutex<HashMap<String, u64>>,
     /// Flows this replica just created, as written: their actor's first
-    /// step starts from this copy instead of reading it back.
-    created: Mutex<HashMap<FlowId, Stored>>,
+    /// step starts from this copy instead of reading it back, and holds
+    /// back the tasks the allocator refused at creation.
+    created: Mutex<HashMap<FlowId, Created>>,
+}
+
+/// A flow as its creation wrote it, with the tasks placed then that the
+/// allocator refused (each with the freed count when it was asked: see
+/// [`machine::Placing`]).
+struct Created {
+    stored: Stored,
+    refused: Vec<(TaskId, u64)>,
 }
 
 /// How long a "some agent could run this" verdict is reused for creation
