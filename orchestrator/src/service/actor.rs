@@ -117,19 +117,20 @@ impl Orchestrator {
                     Err(_) => break,
                 }
             }
-            // A flow this replica just created starts from the copy it wrote.
-            let seed = self.created.lock().ok().and_then(|mut c| c.remove(&flow));
-            if let Some(Created { stored, refused }) = seed {
-                let now = common::now_ms();
-                for (task, asked_at) in refused {
-                    driver.refused(&Exec(&self), task, asked_at, now);
-                }
-                if cache.is_none() {
-                    cache = Some(stored);
-                }
-            }
             let ticked = batch.iter().any(|(c, _)| matches!(c, Cmd::Tick));
             if ticked {
+                // A flow this replica just created (which ticks it) starts
+                // from the copy it wrote.
+                let seed = self.created.lock().ok().and_then(|mut c| c.remove(&flow));
+                if let Some(Created { stored, refused }) = seed {
+                    let now = common::now_ms();
+                    for (task, asked_at) in refused {
+                        driver.refused(&Exec(&self), task, asked_at, now);
+                    }
+                    if cache.is_none() {
+                        cache = Some(stored);
+                    }
+                }
                 // Events a wait task waits for go first, before the tick
                 // could time it out.
                 let found = self.events_for_waits(&flow, &mut cache, &mut looked).await;

@@ -111,11 +111,12 @@ impl Orchestrator {
             }
         }
         while let Some(msg) = all.next().await {
-            if msg.subject.as_str() != subject::event::AGENT_REGISTERED {
+            let subject = msg.subject.as_str();
+            if gone.contains(&subject) || subject == subject::event::CAPACITY_ADJUSTED {
                 self.forget_feasible();
             }
             // Any amount may have been added: every held task may go.
-            if added.contains(&msg.subject.as_str()) {
+            if added.contains(&subject) {
                 self.freed.fetch_add(machine::FREED_ALL, Ordering::Relaxed);
             }
         }
