@@ -459,6 +459,11 @@ impl System {
     }
 }
 
+/// How long a service may take to come up: on a loaded machine, a cluster
+/// elects a leader for each new stream and bucket one after another, and a
+/// service opens up to [`common::nats::OPENING_PATIENCE`] for each.
+const SERVICE_START_PATIENCE: Duration = Duration::from_secs(90);
+
 /// Waits until a service called `name` answers `$SRV.PING.{name}` and has
 /// added its endpoints.
 pub async fn wait_for_service(nats: &async_nats::Client, name: &str) {
@@ -474,8 +479,8 @@ pub async fn wait_for_service(nats: &async_nats::Client, name: &str) {
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "service {name} did not come up within 30 s"
+            started.elapsed() < SERVICE_START_PATIENCE,
+            "service {name} did not come up within {SERVICE_START_PATIENCE:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -483,7 +488,7 @@ pub async fn wait_for_service(nats: &async_nats::Client, name: &str) {
     // it is up once the endpoints it lists stop growing.
     let info = format!("{}.{name}", common::subject::SRV_INFO);
     let mut last = None;
-    while started.elapsed() < Duration::from_secs(30) {
+    while started.elapsed() < SERVICE_START_PATIENCE {
         let listed = tokio::time::timeout(
             Duration::from_millis(500),
             nats.request(info.clone(), "".into()),
@@ -499,7 +504,7 @@ pub async fn wait_for_service(nats: &async_nats::Client, name: &str) {
         last = listed;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("service {name} kept adding endpoints for 30 s");
+    panic!("service {name} kept adding endpoints for {SERVICE_START_PATIENCE:?}");
 }
 
 /// Polls `check` until it returns `Some`, or fails the test after `within`.

@@ -171,21 +171,26 @@ pub async fn ensure_stream(
 }
 
 /// Opening a stream or bucket right after another service created it (on a
-/// cluster, before it has a leader) can fail for a moment: tried again with
-/// back-off for about ten seconds before the service gives up.
+/// cluster, before it has a leader, or while a loaded cluster is still
+/// electing one for each of several new assets) can fail for a while: tried
+/// again with back-off for up to [`OPENING_PATIENCE`] before the service gives
+/// up, saying at `warn` what it still waits for once that takes long.
 async fn opening<T, F, Fut>(mut open: F) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Error>>,
 {
+    let started = std::time::Instant::now();
     let mut pause = Duration::from_millis(200);
-    let mut tries = 0;
     loop {
         match open().await {
             Ok(v) => return Ok(v),
-            Err(e) if tries < 8 => {
-                tries += 1;
-                tracing::debug!(error = %e, "not open yet, trying again");
+            Err(e) if started.elapsed() < OPENING_PATIENCE => {
+                if started.elapsed() < OPENING_QUIET {
+                    tracing::debug!(error = %e, "not open yet, trying again");
+                } else {
+                    tracing::warn!(error = %e, waited_s = started.elapsed().as_secs(), "still not open, trying again");
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
@@ -193,6 +198,11 @@ where
         }
     }
 }
+
+/// How long a service keeps trying to open one stream or bucket at start.
+pub const OPENING_PATIENCE: Duration = Duration::from_secs(60);
+/// Failures to open before this are routine (a new asset's election).
+const OPENING_QUIET: Duration = Duration::from_secs(5);
 
 /// Gets the bucket, creating it if missing (replicas racing to create it is fine).
 pub async fn ensure_bucket(
