@@ -118,6 +118,10 @@ impl Orchestrator {
                 }
             }
             let ticked = batch.iter().any(|(c, _)| matches!(c, Cmd::Tick));
+            // Whether the copy about to be stepped is known current without a
+            // read: the one this replica's creation wrote just now, for a step
+            // of ticks only (nothing it could settle wrongly from a stale copy).
+            let mut current = false;
             if ticked {
                 // A flow this replica just created (which ticks it) starts
                 // from the copy it wrote.
@@ -129,17 +133,18 @@ impl Orchestrator {
                     }
                     if cache.is_none() {
                         cache = Some(stored);
+                        current = batch.iter().all(|(c, _)| matches!(c, Cmd::Tick));
                     }
                 }
                 // Events a wait task waits for go first, before the tick
                 // could time it out.
                 let found = self.events_for_waits(&flow, &mut cache, &mut looked).await;
+                current &= found.is_empty();
                 let span = tracing::Span::current();
                 batch.splice(0..0, found.into_iter().map(|c| (c, span.clone())));
             }
-            let (batch, causes): (Vec<Cmd>, Vec<tracing::Span>) = batch.into_iter().unzip();
             let finished = self
-                .apply_batch(&flow, batch, causes, &mut driver, &mut cache, &mut watch)
+                .apply_batch(&flow, batch, &mut driver, &mut cache, &mut watch, current)
                 .await;
             self.note_waiting(&flow, cache.as_ref().map(|(f, _, _)| f));
             if let Some((f, _, _)) = &mut cache {
@@ -186,19 +191,21 @@ impl Orchestrator {
     /// read while one replica drives the flow: the compare-and-set proves the
     /// copy was current. A step that writes nothing proves nothing, so it is
     /// redone on a fresh read before anything (a rejection, say) is settled,
-    /// unless the flow is large and its header shows it unchanged since.
+    /// unless the flow is large and its header shows it unchanged since, or
+    /// the caller knows the copy `current`.
     ///
     /// The step's span continues the trace of the first command that has one
     /// and links to the others' (see [`step_span`]).
     pub(super) async fn apply_batch(
         self: &Arc<Self>,
         flow_id: &FlowId,
-        batch: Vec<Cmd>,
-        causes: Vec<tracing::Span>,
+        batch: Vec<Queued>,
         driver: &mut Driver,
         cache: &mut Option<Stored>,
         watch: &mut Watch,
+        current: bool,
     ) -> bool {
+        let (batch, causes): (Vec<Cmd>, Vec<tracing::Span>) = batch.into_iter().unzip();
         let now = common::now_ms();
         for _ in 0..bus::CAS_ATTEMPTS {
             let cached = cache.take();
@@ -244,7 +251,7 @@ impl Orchestrator {
             if !changed {
                 body.kept.outbox = stored.kept.outbox.clone();
             }
-            if !changed && from_cache && !self.still_current(&flow, revision).await {
+            if !changed && from_cache && !current && !self.still_current(&flow, revision).await {
                 continue;
             }
             let span = step_span(&mut flow, changed, &causes, driver.placing(), now);
