@@ -194,6 +194,18 @@ async fn main() -> anyhow::Result<()> {
         return monitor_ingest::monitor_child(url).await;
     }
     let args = Args::parse();
+    // Stopped by Ctrl-C or SIGTERM, the run is dropped, and with it the
+    // nats-server it spawned (a private server left running would hold its
+    // store and memory until found).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        done = bench(args) => done,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        _ = term.recv() => bail!("terminated"),
+    }
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
     if args.tasks == 0 || args.flows == 0 || args.agents == 0 || args.orchestrators == 0 {
         bail!("--tasks, --flows, --agents and --orchestrators must be at least 1");
     }
