@@ -1,5 +1,9 @@
 //! `coord-synchronizer`: runs the synchronizer service as a process.
 
+/// Why not the system's: see [`common::service::main`].
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     common::service::main(

@@ -188,6 +188,11 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1e3)
 }
 
+/// The services' own allocator (see [`common::service::main`]), so their
+/// in-process copies here cost what the shipped binaries do.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if let Ok(url) = std::env::var(monitor_ingest::MONITOR_CHILD) {
