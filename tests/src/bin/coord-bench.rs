@@ -132,6 +132,12 @@ struct Args {
     /// Give up on a round after this many seconds.
     #[arg(long, default_value_t = 180)]
     timeout_s: u64,
+    /// With `dispatch`: the baseline and the system's rounds this many times
+    /// on the same server, each printed, then the median and range of each
+    /// ratio. Runs minutes apart move a lot (the disk most): a goal is
+    /// judged on the median.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Messages per second offered to the monitor, one step each.
     #[arg(
         long,

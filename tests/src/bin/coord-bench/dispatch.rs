@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use common::FlowId;
 
 use super::{
@@ -21,26 +21,48 @@ pub(crate) fn setting_name(fsync: bool) -> &'static str {
 }
 
 /// The baseline, then (for `dispatch`) the system's rounds, against the
-/// server at `url`; prints their table.
+/// server at `url`; prints their table, `--repeat` times, then the medians.
 pub(crate) async fn dispatch_on(args: &Args, url: &str) -> anyhow::Result<()> {
     let nats = async_nats::connect(url)
         .await
         .with_context(|| format!("failed to connect to {url}"))?;
-    let run_id = common::now_ms();
-    let limit = Duration::from_secs(args.timeout_s);
     println!(
         "coord-bench: {url}, {} agents, {} orchestrator replica(s), {} tasks in {} flows, {} serial",
         args.agents, args.orchestrators, args.tasks, args.flows, args.serial
     );
+    let times = args.repeat.max(1);
+    let mut runs = Vec::with_capacity(times);
+    for n in 1..=times {
+        if times > 1 {
+            println!("\nrun {n} of {times}");
+        }
+        let rounds = rounds_on(&nats, args, url).await?;
+        print_table(&rounds);
+        runs.push(rounds);
+    }
+    if times > 1 && args.scenario == Scenario::Dispatch {
+        print_medians(&runs);
+    }
+    Ok(())
+}
 
+/// One run: the baseline's two rounds, then (for `dispatch`) the system's
+/// two, on services started for it and stopped after.
+async fn rounds_on(
+    nats: &async_nats::Client,
+    args: &Args,
+    url: &str,
+) -> anyhow::Result<Vec<Round>> {
+    let run_id = common::now_ms();
+    let limit = Duration::from_secs(args.timeout_s);
     let mut rounds = Vec::new();
-    let (base_pipe, base_serial) = baseline(&nats, args, run_id, limit).await?;
+    let (base_pipe, base_serial) = baseline(nats, args, run_id, limit).await?;
     rounds.push(base_pipe);
     rounds.push(base_serial);
 
     if args.scenario == Scenario::Dispatch {
         let system = System::start(
-            &nats,
+            nats,
             url,
             args.orchestrators,
             args.agents,
@@ -52,16 +74,57 @@ pub(crate) async fn dispatch_on(args: &Args, url: &str) -> anyhow::Result<()> {
         let tag = format!("{run_id}-p");
         let js = async_nats::jetstream::new(nats.clone());
         let before = stored(&js).await?;
-        let pipe = dispatch_pipelined(&nats, args.tasks, args.flows, &tag, limit).await?;
+        let pipe = dispatch_pipelined(nats, args.tasks, args.flows, &tag, limit).await?;
         let after = stored(&js).await?;
         rounds.push(pipe);
         print_stored(&before, &after, args.tasks);
-        let serial = dispatch_serial(&nats, args, run_id, limit).await?;
+        let serial = dispatch_serial(nats, args, run_id, limit).await?;
         rounds.push(serial);
-        system.stop(&nats).await;
+        system.stop(nats).await;
     }
-    print_table(&rounds);
-    Ok(())
+    Ok(rounds)
+}
+
+/// The median, lowest and highest of each figure over the runs, the
+/// ratios each taken within its own run.
+fn print_medians(runs: &[Vec<Round>]) {
+    let figure = |f: Figure| {
+        let mut v: Vec<f64> = runs.iter().map(|r| f(r)).collect();
+        v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
+        let median = if v.len() % 2 == 0 {
+            (v[mid - 1] + v[mid]) / 2.0
+        } else {
+            v[mid]
+        };
+        (median, v[0], v[v.len() - 1])
+    };
+    fn p50(r: &Round) -> f64 {
+        r.pct(0.50).as_secs_f64() * 1e3
+    }
+    type Figure = fn(&[Round]) -> f64;
+    let rows: [(&str, Figure); 6] = [
+        ("raw round, pipelined, tasks/s", |r| r[0].per_sec()),
+        ("coordkit, pipelined, tasks/s", |r| r[2].per_sec()),
+        ("pipelined, % of raw", |r| {
+            100.0 * r[2].per_sec() / r[0].per_sec()
+        }),
+        ("raw round, one at a time, p50 ms", |r| p50(&r[1])),
+        ("coordkit, one at a time, p50 ms", |r| p50(&r[3])),
+        ("one at a time, p50 × raw", |r| {
+            p50(&r[3]) / p50(&r[1]).max(1e-9)
+        }),
+    ];
+    println!(
+        "\n{} runs: the median of each figure, and its range\n",
+        runs.len()
+    );
+    println!("| figure | median | lowest | highest |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (name, f) in &rows {
+        let (median, low, high) = figure(*f);
+        println!("| {name} | {median:.2} | {low:.2} | {high:.2} |");
+    }
 }
 
 /// Every stream's last sequence number (messages it ever stored) and
@@ -160,19 +223,22 @@ async fn dispatch_serial(
         let id = FlowId::new(format!("bench-{run_id}-s{i}"))?;
         let spec = flow_spec(&id, 1)?;
         let t = Instant::now();
-        let (created, done) = tokio::join!(
-            client.create_flow(&spec),
-            completions(&mut events, 1, t + limit)
-        );
-        created.map_err(|e| anyhow::anyhow!("flow create failed: {e}"))?;
-        let done = done?;
-        let Some(at) = done
-            .iter()
-            .find_map(|((f, _), at)| (*f == id).then_some(*at))
-        else {
-            bail!("a completion of another flow arrived during the serial round");
+        // Another flow's completion may arrive meanwhile (an event an
+        // earlier run's flow publishes again from its outbox): passed over.
+        let own = async {
+            loop {
+                let done = completions(&mut events, 1, t + limit).await?;
+                if let Some(at) = done
+                    .iter()
+                    .find_map(|((f, _), at)| (*f == id).then_some(*at))
+                {
+                    return anyhow::Ok(at);
+                }
+            }
         };
-        latencies.push(at.duration_since(t));
+        let (created, at) = tokio::join!(client.create_flow(&spec), own);
+        created.map_err(|e| anyhow::anyhow!("flow create failed: {e}"))?;
+        latencies.push(at?.duration_since(t));
     }
     Ok(round(
         "dispatch, one at a time (1-task flows)",
