@@ -1,8 +1,71 @@
 //! Agents' reports: the durable consumer on the reports stream, each report
 //! handed to its flow's actor, malformed ones refused.
+//!
+//! A completion is also taken *early*, as the agent publishes it (a core
+//! subscription in a queue group beside the stream's): its step need not
+//! wait for the stream to store the report and deliver it, which at an
+//! fsync per write is a disk write and a hop off every task's path. The
+//! stream's copy still comes and is what is acknowledged; a replica that
+//! applied the early copy knows it ([`Early`]) and acknowledges the stored
+//! one without a step, and any other finds it applied ("already applied":
+//! a completed attempt is one the flow records), so nothing is applied
+//! twice and nothing waits on the early path: a lost early copy costs only
+//! the time it would have saved. Only completions come early: a failure
+//! applied twice would read as a stale attempt once the task was retried.
+
+use common::msg::ReportKind;
 
 use super::delivery::Delivery;
 use super::*;
+
+/// The core subscription's queue group: each early report goes to one replica.
+const EARLY_GROUP: &str = "coord-orchestrator-early-reports";
+/// Early completions remembered until their stored copies come, at most; a
+/// stored copy another replica took leaves its entry behind, so past this
+/// size entries older than [`EARLY_KEEP_MS`] are dropped (and all of them if
+/// that is not enough: a forgotten entry costs one step, not a report).
+const EARLY_MAX: usize = 16_384;
+const EARLY_KEEP_MS: u64 = 10_000;
+
+/// The completions this replica applied early, keyed by what fences a
+/// report (flow, task, attempt, agent), with when.
+#[derive(Default)]
+pub(super) struct Early(Mutex<HashMap<(FlowId, TaskId, u32, AgentId), u64>>);
+
+impl Early {
+    fn key(r: &AgentReport) -> (FlowId, TaskId, u32, AgentId) {
+        (
+            r.flow_id.clone(),
+            r.task_id.clone(),
+            r.attempt,
+            r.agent_id.clone(),
+        )
+    }
+
+    /// An early completion was applied and stored.
+    pub(super) fn applied(&self, report: &AgentReport, now: u64) {
+        let Ok(mut seen) = self.0.lock() else {
+            return;
+        };
+        if seen.len() >= EARLY_MAX {
+            seen.retain(|_, at| now.saturating_sub(*at) < EARLY_KEEP_MS);
+            if seen.len() >= EARLY_MAX {
+                seen.clear();
+            }
+        }
+        seen.insert(Self::key(report), now);
+    }
+
+    /// Whether this stored report is a completion already applied early
+    /// here (forgotten as it is asked about: its stored copy comes once).
+    fn take(&self, report: &AgentReport) -> bool {
+        matches!(report.kind, ReportKind::Completed { .. })
+            && self
+                .0
+                .lock()
+                .is_ok_and(|mut seen| seen.remove(&Self::key(report)).is_some())
+    }
+}
 
 impl Orchestrator {
     /// Opens (creating it if needed) a durable pull consumer and its messages.
@@ -80,17 +143,23 @@ impl Orchestrator {
             for (i, (report, msg)) in reports.into_iter().zip(parts).enumerate() {
                 // Identity comes from the subject the agent may publish on, not from the JSON.
                 if sender.as_ref() != Some(&report.agent_id) {
-                    self.reject(
-                        &report,
-                        &msg,
-                        ErrorCode::BadRequest,
-                        RejectReason::AgentMismatch,
-                        format!(
-                            "report names agent {} but was published on another agent's subject, {}",
-                            report.agent_id, msg.subject
-                        ),
-                    )
-                    .await;
+                    if let Some(stored) = msg.message() {
+                        self.reject(
+                            &report,
+                            stored,
+                            ErrorCode::BadRequest,
+                            RejectReason::AgentMismatch,
+                            format!(
+                                "report names agent {} but was published on another agent's subject, {}",
+                                report.agent_id, stored.subject
+                            ),
+                        )
+                        .await;
+                    }
+                    msg.done().await;
+                    continue;
+                }
+                if self.early.take(&report) {
                     msg.done().await;
                     continue;
                 }
@@ -105,6 +174,42 @@ impl Orchestrator {
                     msg,
                 };
                 self.send_caused(&flow, cmd, cause);
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands agents' completions to the flows' actors as they are published
+    /// (see the module's doc).
+    pub(super) async fn take_early_reports(self: Arc<Self>) {
+        keep_running("early reports", || self.clone().take_early_reports_once()).await;
+    }
+
+    async fn take_early_reports_once(self: Arc<Self>) -> Result<(), Error> {
+        let mut published = self
+            .nats
+            .queue_subscribe(subject::REPORT_ALL, EARLY_GROUP.to_owned())
+            .await
+            .map_err(|e| Error::unavailable("early reports", e))?;
+        while let Some(msg) = published.next().await {
+            // Whatever is wrong with it is told when its stored copy comes.
+            let (Some(sender), Ok(reports)) = (
+                subject::agent_of(&msg.subject),
+                common::msg::reports_in(&msg.payload),
+            ) else {
+                continue;
+            };
+            for report in reports {
+                if report.agent_id != sender || !matches!(report.kind, ReportKind::Completed { .. })
+                {
+                    continue;
+                }
+                let flow = report.flow_id.clone();
+                let cmd = Cmd::Report {
+                    report: Box::new(report),
+                    msg: Delivery::early(),
+                };
+                self.send_caused(&flow, cmd, tracing::Span::none());
             }
         }
         Ok(())

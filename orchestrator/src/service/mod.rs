@@ -20,7 +20,7 @@
 //! Here: start-up and endpoint wiring (`run`) and the types the jobs share.
 //! The jobs: `api` (request handlers), `actor` (queue and step), `settle`
 //! (after a step's write), `dispatch` (placement, assignment, release),
-//! `intake` (reports), `sweep`, and the events from agents and the allocator
+//! `intake` (reports, stored and early), `sweep`, and the events from agents and the allocator
 //! (`agent_events`, `allocator_events`).
 
 use std::collections::{HashMap, HashSet};
@@ -255,6 +255,8 @@ struct Orchestrator {
     /// step starts from this copy instead of reading it back, and holds
     /// back the tasks the allocator refused at creation.
     created: Mutex<HashMap<FlowId, Created>>,
+    /// Completions this replica applied before the stream delivered them.
+    early: intake::Early,
 }
 
 /// A flow as its creation wrote it, with the tasks placed then that the
@@ -323,6 +325,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         triggers,
         feasible: Mutex::default(),
         created: Mutex::default(),
+        early: intake::Early::default(),
     });
 
     let mut service = Service::start(
@@ -424,6 +427,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         orch.clone()
             .consume_reports(Duration::from_millis(cfg.report_ack_wait_ms.max(100))),
     );
+    let early_reports = tokio::spawn(orch.clone().take_early_reports());
     let sweeper = tokio::spawn(
         orch.clone()
             .sweep(Duration::from_millis(cfg.sweep_ms.max(10))),
@@ -434,6 +438,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     tracing::info!("orchestrator shutting down");
     service.stop().await;
     reports.abort();
+    early_reports.abort();
     allocator_events.abort();
     triggered.abort();
     wake_waits.abort();

@@ -17,18 +17,27 @@ impl Orchestrator {
     ) -> Vec<Effect> {
         let mut effects = Vec::new();
         match (cmd, outcome) {
-            (Cmd::Report { msg, .. }, Ok(e)) => {
+            (Cmd::Report { report, msg }, Ok(e)) => {
+                if msg.message().is_none() {
+                    self.early.applied(&report, now);
+                }
                 msg.done().await;
                 effects.extend(e);
             }
             (Cmd::Report { msg, .. }, Err(Rejection::AlreadyApplied)) => {
-                tracing::debug!(subject = %msg.subject, "report delivered again after it was applied");
+                tracing::debug!(
+                    early = msg.message().is_none(),
+                    "report delivered again after it was applied"
+                );
                 msg.done().await;
             }
             (Cmd::Report { report, msg }, Err(rejection)) => {
-                let (code, reason) = rejection.verdict();
-                self.reject(&report, &msg, code, reason, rejection.to_string())
-                    .await;
+                // An early report's stored copy follows, and is judged then.
+                if let Some(stored) = msg.message() {
+                    let (code, reason) = rejection.verdict();
+                    self.reject(&report, stored, code, reason, rejection.to_string())
+                        .await;
+                }
                 msg.done().await;
             }
             (Cmd::Assign { task, .. }, Ok(e)) => {
@@ -95,14 +104,16 @@ impl Orchestrator {
         for cmd in batch {
             match cmd {
                 Cmd::Report { report, msg } => {
-                    self.reject(
-                        &report,
-                        &msg,
-                        ErrorCode::NotFound,
-                        RejectReason::UnknownFlow,
-                        format!("no flow {flow_id}"),
-                    )
-                    .await;
+                    if let Some(stored) = msg.message() {
+                        self.reject(
+                            &report,
+                            stored,
+                            ErrorCode::NotFound,
+                            RejectReason::UnknownFlow,
+                            format!("no flow {flow_id}"),
+                        )
+                        .await;
+                    }
                     msg.done().await;
                 }
                 Cmd::Assign {

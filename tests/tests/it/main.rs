@@ -16,6 +16,7 @@ mod contract;
 mod corpus;
 mod cost;
 mod dashboard;
+mod early_reports;
 mod errors;
 mod events;
 mod flow;
