@@ -477,12 +477,16 @@ async fn completion_events(
     ]))
 }
 
-/// Waits for `want` distinct task completions and returns when each arrived;
-/// fails as soon as a task fails for good or a flow ends other than
-/// `succeeded` (the round could never finish), saying why.
+/// Waits for `want` distinct task completions of the flows that are `mine`
+/// and returns when each arrived (another flow's completion, such as an
+/// earlier round's event published again from its outbox, does not count:
+/// counted, it would end the round before its own tasks are done); fails
+/// as soon as a task fails for good or a flow ends other than `succeeded`
+/// (the round could never finish), saying why.
 async fn completions(
     events: &mut (impl futures::Stream<Item = async_nats::Message> + Unpin),
     want: usize,
+    mine: &dyn Fn(&FlowId) -> bool,
     deadline: Instant,
 ) -> anyhow::Result<BTreeMap<(FlowId, TaskId), Instant>> {
     let mut done = BTreeMap::new();
@@ -501,9 +505,13 @@ async fn completions(
                 task_id,
                 to: TaskState::Succeeded,
                 ..
-            } => {
+            } if mine(&flow_id) => {
                 done.entry((flow_id, task_id)).or_insert_with(Instant::now);
             }
+            EventKind::TaskTransition {
+                to: TaskState::Succeeded,
+                ..
+            } => {}
             EventKind::TaskTransition {
                 flow_id,
                 task_id,
@@ -572,7 +580,11 @@ async fn dispatch_pipelined(
         }
         anyhow::Ok(())
     };
-    let (created, done) = tokio::join!(creating, completions(&mut events, total, started + limit));
+    let mine = |f: &FlowId| submitted.contains_key(f);
+    let (created, done) = tokio::join!(
+        creating,
+        completions(&mut events, total, &mine, started + limit)
+    );
     created?;
     let done = done?;
     let wall = started.elapsed();

@@ -227,7 +227,7 @@ async fn dispatch_serial(
         // earlier run's flow publishes again from its outbox): passed over.
         let own = async {
             loop {
-                let done = completions(&mut events, 1, t + limit).await?;
+                let done = completions(&mut events, 1, &|f| *f == id, t + limit).await?;
                 if let Some(at) = done
                     .iter()
                     .find_map(|((f, _), at)| (*f == id).then_some(*at))
