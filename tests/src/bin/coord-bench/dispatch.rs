@@ -223,18 +223,12 @@ async fn dispatch_serial(
         let id = FlowId::new(format!("bench-{run_id}-s{i}"))?;
         let spec = flow_spec(&id, 1)?;
         let t = Instant::now();
-        // Another flow's completion may arrive meanwhile (an event an
-        // earlier run's flow publishes again from its outbox): passed over.
+        // Only this flow's completion counts (another's may come meanwhile).
         let own = async {
-            loop {
-                let done = completions(&mut events, 1, &|f| *f == id, t + limit).await?;
-                if let Some(at) = done
-                    .iter()
-                    .find_map(|((f, _), at)| (*f == id).then_some(*at))
-                {
-                    return anyhow::Ok(at);
-                }
-            }
+            let done = completions(&mut events, 1, &|f| *f == id, t + limit).await?;
+            done.into_values()
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("flow {id} done without a completion"))
         };
         let (created, at) = tokio::join!(client.create_flow(&spec), own);
         created.map_err(|e| anyhow::anyhow!("flow create failed: {e}"))?;
