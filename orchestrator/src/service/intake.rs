@@ -12,6 +12,8 @@
 //! twice and nothing waits on the early path: a lost early copy costs only
 //! the time it would have saved. Only completions come early: a failure
 //! applied twice would read as a stale attempt once the task was retried.
+//! And only to a flow whose actor is here: with several replicas, the one
+//! that gets the early copy may not be the one driving the flow.
 
 use common::msg::ReportKind;
 
@@ -204,7 +206,14 @@ impl Orchestrator {
                 {
                     continue;
                 }
+                // Only to a flow this replica is driving: another's actor
+                // would race its driver's writes for nothing the stored copy
+                // does not do as well.
                 let flow = report.flow_id.clone();
+                let driving = self.actors.lock().is_ok_and(|a| a.contains_key(&flow));
+                if !driving {
+                    continue;
+                }
                 let cmd = Cmd::Report {
                     report: Box::new(report),
                     msg: Delivery::early(),
