@@ -201,6 +201,9 @@ impl Orchestrator {
             ) else {
                 continue;
             };
+            // The agent's trace goes with the first report taken, as it does
+            // with the stored copy's first (see `consume_reports_once`).
+            let mut traced = false;
             for report in reports {
                 if report.agent_id != sender || !matches!(report.kind, ReportKind::Completed { .. })
                 {
@@ -214,11 +217,17 @@ impl Orchestrator {
                 if !driving {
                     continue;
                 }
+                let cause = if traced {
+                    tracing::Span::none()
+                } else {
+                    traced = true;
+                    telemetry::consumer_span(&msg.subject, msg.headers.as_ref())
+                };
                 let cmd = Cmd::Report {
                     report: Box::new(report),
                     msg: Delivery::early(),
                 };
-                self.send_caused(&flow, cmd, tracing::Span::none());
+                self.send_caused(&flow, cmd, cause);
             }
         }
         Ok(())
