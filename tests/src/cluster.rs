@@ -189,7 +189,7 @@ impl NatsCluster {
             .expect("nats-server config");
         };
         for i in 0..size {
-            let dir = tempfile::tempdir().expect("temp dir for nats-server");
+            let dir = crate::server_dir();
             let config = dir.path().join("nats-server.conf");
             write(&config, i, None, &route_ports);
             let (child, url) = spawn(&bin, dir.path(), None, Some(&config));

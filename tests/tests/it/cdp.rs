@@ -43,7 +43,9 @@ impl Browser {
     /// 1200×900 tab.
     pub(crate) async fn open(chromium: &Path, url: &str) -> Browser {
         let profile = tempfile::tempdir().unwrap();
-        let mut child = tokio::process::Command::new("sh")
+        let mut command = tokio::process::Command::new("sh");
+        testkit::tie_to_parent(command.as_std_mut());
+        let mut child = command
             .arg("-c")
             .arg(r#"exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>&2"#)
             .arg(chromium)

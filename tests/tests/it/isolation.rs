@@ -93,7 +93,9 @@ async fn the_python_agent_runs_as_itself_on_an_isolating_server() {
         "{} is missing: run `source scripts/setup.sh` (it installs nats-py)",
         python.display()
     );
-    let mut agent = tokio::process::Command::new(python)
+    let mut agent = tokio::process::Command::new(python);
+    testkit::tie_to_parent(agent.as_std_mut());
+    let mut agent = agent
         .arg(workspace_root().join("examples/python/agent.py"))
         .args(["--agent-id", me.as_str(), "--capability", "python"])
         .env("NATS_URL", server.url())

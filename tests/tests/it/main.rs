@@ -21,6 +21,7 @@ mod errors;
 mod events;
 mod flow;
 mod isolation;
+mod kit;
 mod kv;
 mod large_flows;
 mod model;

@@ -538,15 +538,15 @@ async fn monitored_server() -> MonitoredServer {
     let dir = tempfile::tempdir().unwrap();
     let ports = dir.path().join("ports");
     std::fs::create_dir_all(&ports).unwrap();
-    let child = std::process::Command::new(testkit::nats_server_bin().unwrap())
+    let mut command = std::process::Command::new(testkit::nats_server_bin().unwrap());
+    command
         .args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1", "-js", "-sd"])
         .arg(dir.path().join("store"))
         .arg("--ports_file_dir")
         .arg(&ports)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::null());
+    let child = testkit::spawn_tied(command).unwrap();
     let mut server = MonitoredServer {
         child,
         _dir: dir,

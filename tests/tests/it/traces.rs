@@ -346,7 +346,9 @@ async fn a_flow_on_the_python_agent_is_one_trace_in_an_otlp_receiver() {
         python.display()
     );
     let agent_id = AgentId::new("py-traced").unwrap();
-    let _agent = tokio::process::Command::new(python)
+    let mut agent = tokio::process::Command::new(python);
+    testkit::tie_to_parent(agent.as_std_mut());
+    let _agent = agent
         .arg("-u")
         .arg(workspace_root().join("examples/python/agent.py"))
         .args(["--agent-id", agent_id.as_str(), "--capability", "python"])

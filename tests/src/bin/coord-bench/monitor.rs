@@ -117,13 +117,13 @@ pub(crate) async fn monitor_ingest(url: &str, args: &Args) -> anyhow::Result<()>
 
     let run_id = common::now_ms();
     let exe = std::env::current_exe().context("failed to find coord-bench itself")?;
-    let child = std::process::Command::new(exe)
+    let mut command = std::process::Command::new(exe);
+    command
         .env(MONITOR_CHILD, url)
         .env("RUST_LOG", "error")
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .context("failed to start the monitor's process")?;
+        .stdout(std::process::Stdio::null());
+    let child = testkit::spawn_tied(command).context("failed to start the monitor's process")?;
     let child = ChildGuard(child);
     let pid = child.0.id();
     let publisher = async_nats::connect(url).await?;
