@@ -133,7 +133,7 @@ pub(crate) struct Allocator {
     quota_reads: tokio::sync::Mutex<Option<(u64, QuotaBook, u64)>>,
     quota_tickets: std::sync::atomic::AtomicU64,
     /// Which agents listen on their assignment subject (see [`paths`]).
-    paths: paths::WorkPaths,
+    paths: std::sync::Arc<paths::WorkPaths>,
 }
 
 macro_rules! serve {

@@ -13,7 +13,12 @@
 //! on an isolating server could not reply into this account anyway). An
 //! agent is looked at when a placement would pick it and it is not known
 //! yet, again [`RECHECK_MS`] after it was found silent, and again every
-//! [`RECHECK_LISTENING_MS`] while it listens.
+//! [`RECHECK_LISTENING_MS`] while it listens. Only the first two hold the
+//! placement up (a look of one that listens waits out
+//! [`NO_RESPONDERS_GRACE`]): an agent found listening is looked at again
+//! beside the placement, which may still choose it, as any placement in
+//! the ten seconds before could have; one found silent is left out from
+//! the next placement on.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -81,6 +86,24 @@ impl WorkPaths {
         agents.map(state).collect()
     }
 
+    /// Of `agents` found listening, those due to be looked at again, now
+    /// marked as looked at (so that one look is under way per agent).
+    fn recheck_due(&self, agents: impl Iterator<Item = AgentId>, now_ms: u64) -> Vec<AgentId> {
+        let Ok(mut known) = self.known.lock() else {
+            return Vec::new();
+        };
+        let mut due = Vec::new();
+        for agent in agents {
+            if let Some((true, at)) = known.get_mut(&agent) {
+                if now_ms.saturating_sub(*at) >= RECHECK_LISTENING_MS {
+                    *at = now_ms;
+                    due.push(agent);
+                }
+            }
+        }
+        due
+    }
+
     pub(super) fn note(&self, agent: &AgentId, listens: bool, now_ms: u64) {
         if let Ok(mut known) = self.known.lock() {
             known.insert(agent.clone(), (listens, now_ms));
@@ -143,44 +166,115 @@ impl Allocator {
         agents: impl ExactSizeIterator<Item = &'a AgentId> + Clone,
         now_ms: u64,
     ) -> Vec<bool> {
-        let due: Vec<AgentId> = agents
-            .clone()
-            .zip(self.paths.of(agents.clone(), now_ms))
-            .filter(|(_, p)| p.look)
-            .take(LOOKS_PER_PLACEMENT)
-            .map(|(a, _)| a.clone())
-            .collect();
-        if !due.is_empty() {
-            futures::future::join_all(due.iter().map(|a| self.look_at(a))).await;
+        let (mut again, mut first) = (Vec::new(), Vec::new());
+        for (agent, path) in agents.clone().zip(self.paths.of(agents.clone(), now_ms)) {
+            if path.look {
+                let to = if path.listens { &mut again } else { &mut first };
+                to.push(agent.clone());
+            }
+        }
+        // Listening agents due again are looked at beside the placement.
+        for agent in self.paths.recheck_due(again.into_iter(), now_ms) {
+            let (nats, paths) = (self.nats.clone(), self.paths.clone());
+            tokio::spawn(async move { look_at(&nats, &paths, &agent).await });
+        }
+        first.truncate(LOOKS_PER_PLACEMENT);
+        if !first.is_empty() {
+            futures::future::join_all(first.iter().map(|a| look_at(&self.nats, &self.paths, a)))
+                .await;
         }
         let paths = self.paths.of(agents, now_ms);
         paths.into_iter().map(|p| p.listens).collect()
     }
+}
 
-    /// Looks at whether `agent` listens and notes it; a look that failed
-    /// (this connection down) notes nothing.
-    async fn look_at(&self, agent: &AgentId) {
-        let nats = &self.nats;
-        let inbox = nats.new_inbox();
-        let Ok(mut answers) = nats.subscribe(inbox.clone()).await else {
-            return;
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert(subject::PROBE_HEADER, "1");
-        let to = subject::assign(agent);
-        let sent = nats
-            .publish_with_reply_and_headers(to, inbox, headers, Default::default())
-            .await;
-        if sent.is_err() || nats.flush().await.is_err() {
-            return;
-        }
-        let silent = match tokio::time::timeout(NO_RESPONDERS_GRACE, answers.next()).await {
-            Ok(Some(m)) => m.status == Some(StatusCode::NO_RESPONDERS),
-            _ => false,
-        };
-        if silent {
-            tracing::debug!(agent = %agent, "agent does not listen for assignments");
-        }
-        self.paths.note(agent, !silent, common::now_ms());
+/// Looks at whether `agent` listens and notes it in `paths`; a look that
+/// failed (this connection down) notes nothing.
+async fn look_at(nats: &async_nats::Client, paths: &WorkPaths, agent: &AgentId) {
+    let inbox = nats.new_inbox();
+    let Ok(mut answers) = nats.subscribe(inbox.clone()).await else {
+        return;
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(subject::PROBE_HEADER, "1");
+    let to = subject::assign(agent);
+    let sent = nats
+        .publish_with_reply_and_headers(to, inbox, headers, Default::default())
+        .await;
+    if sent.is_err() || nats.flush().await.is_err() {
+        return;
+    }
+    let silent = match tokio::time::timeout(NO_RESPONDERS_GRACE, answers.next()).await {
+        Ok(Some(m)) => m.status == Some(StatusCode::NO_RESPONDERS),
+        _ => false,
+    };
+    if silent {
+        tracing::debug!(agent = %agent, "agent does not listen for assignments");
+    }
+    paths.note(agent, !silent, common::now_ms());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> AgentId {
+        AgentId::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_listening_agent_due_again_stays_placeable_and_is_looked_at_once() {
+        let paths = WorkPaths::default();
+        let (on, off) = (id("on"), id("off"));
+        paths.note(&on, true, 0);
+        paths.note(&off, false, 0);
+        let now = RECHECK_LISTENING_MS;
+        let seen = paths.of([&on, &off].into_iter(), now);
+        assert_eq!(
+            seen,
+            vec![
+                Path {
+                    listens: true,
+                    look: true
+                },
+                Path {
+                    listens: false,
+                    look: true
+                }
+            ]
+        );
+        // Only the listening one is looked at beside the placement, and
+        // once: the look under way counts as the latest.
+        let both = || [on.clone(), off.clone()].into_iter();
+        assert_eq!(paths.recheck_due(both(), now), vec![on.clone()]);
+        assert!(paths.recheck_due(both(), now).is_empty());
+        let seen = paths.of([&on].into_iter(), now);
+        assert_eq!(
+            seen,
+            vec![Path {
+                listens: true,
+                look: false
+            }]
+        );
+    }
+
+    #[test]
+    fn an_agent_not_yet_due_or_unknown_is_not_looked_at_beside_a_placement() {
+        let paths = WorkPaths::default();
+        let on = id("on");
+        paths.note(&on, true, 0);
+        let unknown = id("new");
+        let due = paths.recheck_due(
+            [on.clone(), unknown.clone()].into_iter(),
+            RECHECK_LISTENING_MS - 1,
+        );
+        assert!(due.is_empty());
+        assert_eq!(
+            paths.of([&unknown].into_iter(), 0),
+            vec![Path {
+                listens: false,
+                look: true
+            }]
+        );
     }
 }
