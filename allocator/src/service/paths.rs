@@ -13,12 +13,14 @@
 //! on an isolating server could not reply into this account anyway). An
 //! agent is looked at when a placement would pick it and it is not known
 //! yet, again [`RECHECK_MS`] after it was found silent, and again every
-//! [`RECHECK_LISTENING_MS`] while it listens. Only the first two hold the
-//! placement up (a look of one that listens waits out
-//! [`NO_RESPONDERS_GRACE`]): an agent found listening is looked at again
-//! beside the placement, which may still choose it, as any placement in
-//! the ten seconds before could have; one found silent is left out from
-//! the next placement on.
+//! [`RECHECK_LISTENING_MS`] while it listens. A look waits out
+//! [`NO_RESPONDERS_GRACE`] when the agent listens, so it holds a placement
+//! up only when it must: when none of the agents the placement may choose
+//! is known to listen. Otherwise it is made beside the placement, which
+//! chooses among those known to listen: a new agent gets its first task
+//! from a later placement, and one found listening before may still be
+//! chosen while it is looked at again, as by any placement in the ten
+//! seconds before; one found silent is left out from then on.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -47,6 +49,15 @@ const NO_RESPONDERS_GRACE: Duration = Duration::from_millis(5);
 pub(super) struct WorkPaths {
     /// Whether the agent listens, and when that was found.
     known: Mutex<HashMap<AgentId, (bool, u64)>>,
+}
+
+/// The looks one placement makes (see [`WorkPaths::plan`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Looks {
+    /// Made beside the placement.
+    aside: Vec<AgentId>,
+    /// Made before it chooses.
+    first: Vec<AgentId>,
 }
 
 /// One agent as a placement sees it.
@@ -86,22 +97,45 @@ impl WorkPaths {
         agents.map(state).collect()
     }
 
-    /// Of `agents` found listening, those due to be looked at again, now
-    /// marked as looked at (so that one look is under way per agent).
-    fn recheck_due(&self, agents: impl Iterator<Item = AgentId>, now_ms: u64) -> Vec<AgentId> {
+    /// The looks a placement among `agents` makes: beside it, or first
+    /// when none of them is known to listen (at most
+    /// [`LOOKS_PER_PLACEMENT`] of either kind; the rest wait for the next
+    /// placement). Those looked at beside are marked as looked at now, so
+    /// one look is under way per agent, and a new one counts as silent
+    /// until its look says otherwise.
+    fn plan<'a>(&self, agents: impl Iterator<Item = &'a AgentId>, now_ms: u64) -> Looks {
+        let mut looks = Looks::default();
         let Ok(mut known) = self.known.lock() else {
-            return Vec::new();
+            return looks;
         };
-        let mut due = Vec::new();
+        let agents: Vec<&AgentId> = agents.collect();
+        let any_listens = agents
+            .iter()
+            .any(|a| known.get(*a).is_some_and(|(listens, _)| *listens));
         for agent in agents {
-            if let Some((true, at)) = known.get_mut(&agent) {
-                if now_ms.saturating_sub(*at) >= RECHECK_LISTENING_MS {
-                    *at = now_ms;
-                    due.push(agent);
-                }
+            let due = match known.get(agent) {
+                Some((true, at)) => now_ms.saturating_sub(*at) >= RECHECK_LISTENING_MS,
+                Some((false, at)) => now_ms.saturating_sub(*at) >= RECHECK_MS,
+                None => true,
+            };
+            if !due {
+                continue;
             }
+            let to = if any_listens {
+                &mut looks.aside
+            } else {
+                &mut looks.first
+            };
+            if to.len() >= LOOKS_PER_PLACEMENT {
+                continue;
+            }
+            if any_listens {
+                let listens = known.get(agent).is_some_and(|(listens, _)| *listens);
+                known.insert(agent.clone(), (listens, now_ms));
+            }
+            to.push(agent.clone());
         }
-        due
+        looks
     }
 
     pub(super) fn note(&self, agent: &AgentId, listens: bool, now_ms: u64) {
@@ -166,22 +200,14 @@ impl Allocator {
         agents: impl ExactSizeIterator<Item = &'a AgentId> + Clone,
         now_ms: u64,
     ) -> Vec<bool> {
-        let (mut again, mut first) = (Vec::new(), Vec::new());
-        for (agent, path) in agents.clone().zip(self.paths.of(agents.clone(), now_ms)) {
-            if path.look {
-                let to = if path.listens { &mut again } else { &mut first };
-                to.push(agent.clone());
-            }
-        }
-        // Listening agents due again are looked at beside the placement.
-        for agent in self.paths.recheck_due(again.into_iter(), now_ms) {
+        let looks = self.paths.plan(agents.clone(), now_ms);
+        for agent in looks.aside {
             let (nats, paths) = (self.nats.clone(), self.paths.clone());
             tokio::spawn(async move { look_at(&nats, &paths, &agent).await });
         }
-        first.truncate(LOOKS_PER_PLACEMENT);
-        if !first.is_empty() {
-            futures::future::join_all(first.iter().map(|a| look_at(&self.nats, &self.paths, a)))
-                .await;
+        if !looks.first.is_empty() {
+            let first = looks.first.iter();
+            futures::future::join_all(first.map(|a| look_at(&self.nats, &self.paths, a))).await;
         }
         let paths = self.paths.of(agents, now_ms);
         paths.into_iter().map(|p| p.listens).collect()
@@ -222,59 +248,86 @@ mod tests {
         AgentId::new(s).unwrap()
     }
 
+    fn placeable(paths: &WorkPaths, agents: &[&AgentId], now: u64) -> Vec<bool> {
+        let seen = paths.of(agents.iter().copied(), now);
+        seen.into_iter().map(|p| p.listens).collect()
+    }
+
     #[test]
-    fn a_listening_agent_due_again_stays_placeable_and_is_looked_at_once() {
+    fn with_no_agent_known_to_listen_the_placement_waits_for_its_looks() {
         let paths = WorkPaths::default();
-        let (on, off) = (id("on"), id("off"));
+        let (new, off) = (id("new"), id("off"));
+        paths.note(&off, false, 0);
+        let looks = paths.plan([&new, &off].into_iter(), RECHECK_MS);
+        assert_eq!(
+            looks,
+            Looks {
+                aside: vec![],
+                first: vec![new.clone(), off.clone()]
+            }
+        );
+        // Nothing is marked: the placement's own looks will say.
+        assert_eq!(paths.plan([&new].into_iter(), RECHECK_MS).first, vec![new]);
+    }
+
+    #[test]
+    fn beside_an_agent_known_to_listen_looks_are_made_aside_once() {
+        let paths = WorkPaths::default();
+        let (on, new, off) = (id("on"), id("new"), id("off"));
         paths.note(&on, true, 0);
         paths.note(&off, false, 0);
         let now = RECHECK_LISTENING_MS;
-        let seen = paths.of([&on, &off].into_iter(), now);
+        let all = || [&on, &new, &off].into_iter();
+        let looks = paths.plan(all(), now);
         assert_eq!(
-            seen,
-            vec![
-                Path {
-                    listens: true,
-                    look: true
-                },
-                Path {
-                    listens: false,
-                    look: true
-                }
-            ]
+            looks,
+            Looks {
+                aside: vec![on.clone(), new.clone(), off.clone()],
+                first: vec![]
+            }
         );
-        // Only the listening one is looked at beside the placement, and
-        // once: the look under way counts as the latest.
-        let both = || [on.clone(), off.clone()].into_iter();
-        assert_eq!(paths.recheck_due(both(), now), vec![on.clone()]);
-        assert!(paths.recheck_due(both(), now).is_empty());
-        let seen = paths.of([&on].into_iter(), now);
+        // The one that listens may still be chosen; the new one not until
+        // its look finds it listening.
         assert_eq!(
-            seen,
-            vec![Path {
-                listens: true,
-                look: false
-            }]
+            placeable(&paths, &[&on, &new, &off], now),
+            [true, false, false]
+        );
+        // One look under way per agent.
+        assert_eq!(paths.plan(all(), now), Looks::default());
+        paths.note(&new, true, now);
+        assert_eq!(
+            placeable(&paths, &[&on, &new, &off], now),
+            [true, true, false]
         );
     }
 
     #[test]
-    fn an_agent_not_yet_due_or_unknown_is_not_looked_at_beside_a_placement() {
+    fn an_agent_looked_at_lately_is_not_looked_at_again() {
         let paths = WorkPaths::default();
-        let on = id("on");
+        let (on, off) = (id("on"), id("off"));
         paths.note(&on, true, 0);
-        let unknown = id("new");
-        let due = paths.recheck_due(
-            [on.clone(), unknown.clone()].into_iter(),
-            RECHECK_LISTENING_MS - 1,
-        );
-        assert!(due.is_empty());
+        paths.note(&off, false, 0);
+        let looks = paths.plan([&on, &off].into_iter(), RECHECK_MS - 1);
+        assert_eq!(looks, Looks::default());
+        let looks = paths.plan([&on, &off].into_iter(), RECHECK_LISTENING_MS - 1);
         assert_eq!(
-            paths.of([&unknown].into_iter(), 0),
-            vec![Path {
-                listens: false,
-                look: true
-            }]
+            looks,
+            Looks {
+                aside: vec![off],
+                first: vec![]
+            }
         );
+    }
+
+    #[test]
+    fn a_placement_makes_a_bounded_number_of_looks() {
+        let paths = WorkPaths::default();
+        let agents: Vec<AgentId> = (0..40).map(|i| id(&format!("a{i}"))).collect();
+        let looks = paths.plan(agents.iter(), 0);
+        assert_eq!(looks.first.len(), LOOKS_PER_PLACEMENT);
+        paths.note(&agents[0], true, 0);
+        let looks = paths.plan(agents.iter(), 0);
+        assert_eq!(looks.aside.len(), LOOKS_PER_PLACEMENT);
+        assert!(looks.first.is_empty());
     }
 }
