@@ -98,20 +98,26 @@ impl WorkPaths {
     }
 
     /// The looks a placement among `agents` makes: beside it, or first
-    /// when none of them is known to listen (at most
+    /// when none of them is known to listen or `beside` is false (at most
     /// [`LOOKS_PER_PLACEMENT`] of either kind; the rest wait for the next
     /// placement). Those looked at beside are marked as looked at now, so
     /// one look is under way per agent, and a new one counts as silent
     /// until its look says otherwise.
-    fn plan<'a>(&self, agents: impl Iterator<Item = &'a AgentId>, now_ms: u64) -> Looks {
+    fn plan<'a>(
+        &self,
+        agents: impl Iterator<Item = &'a AgentId>,
+        now_ms: u64,
+        beside: bool,
+    ) -> Looks {
         let mut looks = Looks::default();
         let Ok(mut known) = self.known.lock() else {
             return looks;
         };
         let agents: Vec<&AgentId> = agents.collect();
-        let any_listens = agents
-            .iter()
-            .any(|a| known.get(*a).is_some_and(|(listens, _)| *listens));
+        let any_listens = beside
+            && agents
+                .iter()
+                .any(|a| known.get(*a).is_some_and(|(listens, _)| *listens));
         for agent in agents {
             let due = match known.get(agent) {
                 Some((true, at)) => now_ms.saturating_sub(*at) >= RECHECK_LISTENING_MS,
@@ -155,14 +161,17 @@ impl WorkPaths {
 impl Allocator {
     /// The records a task may be placed on: those of agents found listening,
     /// and the agents left out. Agents due a look are looked at first (a
-    /// few per placement; the rest wait for the next placement).
+    /// few per placement; the rest wait for the next placement): this is
+    /// the last resort of a placement whose sampled candidates all proved
+    /// silent, and `records` need not fit the task, so that others listen
+    /// says nothing of whether the placement could do without the looks.
     pub(super) async fn with_work_path<'a>(
         &self,
         records: &[&'a AgentRecord],
         now_ms: u64,
     ) -> (Vec<&'a AgentRecord>, Vec<AgentId>) {
         let listening = self
-            .listening(records.iter().map(|r| &r.agent_id), now_ms)
+            .listening(records.iter().map(|r| &r.agent_id), now_ms, false)
             .await;
         let mut with = Vec::with_capacity(records.len());
         let mut without = Vec::new();
@@ -185,7 +194,7 @@ impl Allocator {
         now_ms: u64,
     ) -> Vec<Candidate<'a>> {
         let listening = self
-            .listening(found.iter().map(|c| &c.agent.agent_id), now_ms)
+            .listening(found.iter().map(|c| &c.agent.agent_id), now_ms, true)
             .await;
         found
             .into_iter()
@@ -194,13 +203,16 @@ impl Allocator {
             .collect()
     }
 
-    /// Whether each agent listens, after looking at a few of those due.
+    /// Whether each agent listens, after looking at a few of those due
+    /// (beside the placement, when `beside` and one of them is known to
+    /// listen; see [`WorkPaths::plan`]).
     async fn listening<'a>(
         &self,
         agents: impl ExactSizeIterator<Item = &'a AgentId> + Clone,
         now_ms: u64,
+        beside: bool,
     ) -> Vec<bool> {
-        let looks = self.paths.plan(agents.clone(), now_ms);
+        let looks = self.paths.plan(agents.clone(), now_ms, beside);
         for agent in looks.aside {
             let (nats, paths) = (self.nats.clone(), self.paths.clone());
             tokio::spawn(async move { look_at(&nats, &paths, &agent).await });
@@ -258,7 +270,7 @@ mod tests {
         let paths = WorkPaths::default();
         let (new, off) = (id("new"), id("off"));
         paths.note(&off, false, 0);
-        let looks = paths.plan([&new, &off].into_iter(), RECHECK_MS);
+        let looks = paths.plan([&new, &off].into_iter(), RECHECK_MS, true);
         assert_eq!(
             looks,
             Looks {
@@ -267,7 +279,10 @@ mod tests {
             }
         );
         // Nothing is marked: the placement's own looks will say.
-        assert_eq!(paths.plan([&new].into_iter(), RECHECK_MS).first, vec![new]);
+        assert_eq!(
+            paths.plan([&new].into_iter(), RECHECK_MS, true).first,
+            vec![new]
+        );
     }
 
     #[test]
@@ -278,7 +293,7 @@ mod tests {
         paths.note(&off, false, 0);
         let now = RECHECK_LISTENING_MS;
         let all = || [&on, &new, &off].into_iter();
-        let looks = paths.plan(all(), now);
+        let looks = paths.plan(all(), now, true);
         assert_eq!(
             looks,
             Looks {
@@ -293,11 +308,28 @@ mod tests {
             [true, false, false]
         );
         // One look under way per agent.
-        assert_eq!(paths.plan(all(), now), Looks::default());
+        assert_eq!(paths.plan(all(), now, true), Looks::default());
         paths.note(&new, true, now);
         assert_eq!(
             placeable(&paths, &[&on, &new, &off], now),
             [true, true, false]
+        );
+    }
+
+    #[test]
+    fn the_last_resort_over_every_record_waits_for_its_looks() {
+        let paths = WorkPaths::default();
+        let (on, new) = (id("on"), id("new"));
+        paths.note(&on, true, 0);
+        // `on` may not fit the task: that it listens is no reason not to
+        // wait for a look at `new`.
+        let looks = paths.plan([&on, &new].into_iter(), 0, false);
+        assert_eq!(
+            looks,
+            Looks {
+                aside: vec![],
+                first: vec![new]
+            }
         );
     }
 
@@ -307,9 +339,9 @@ mod tests {
         let (on, off) = (id("on"), id("off"));
         paths.note(&on, true, 0);
         paths.note(&off, false, 0);
-        let looks = paths.plan([&on, &off].into_iter(), RECHECK_MS - 1);
+        let looks = paths.plan([&on, &off].into_iter(), RECHECK_MS - 1, true);
         assert_eq!(looks, Looks::default());
-        let looks = paths.plan([&on, &off].into_iter(), RECHECK_LISTENING_MS - 1);
+        let looks = paths.plan([&on, &off].into_iter(), RECHECK_LISTENING_MS - 1, true);
         assert_eq!(
             looks,
             Looks {
@@ -323,10 +355,10 @@ mod tests {
     fn a_placement_makes_a_bounded_number_of_looks() {
         let paths = WorkPaths::default();
         let agents: Vec<AgentId> = (0..40).map(|i| id(&format!("a{i}"))).collect();
-        let looks = paths.plan(agents.iter(), 0);
+        let looks = paths.plan(agents.iter(), 0, true);
         assert_eq!(looks.first.len(), LOOKS_PER_PLACEMENT);
         paths.note(&agents[0], true, 0);
-        let looks = paths.plan(agents.iter(), 0);
+        let looks = paths.plan(agents.iter(), 0, true);
         assert_eq!(looks.aside.len(), LOOKS_PER_PLACEMENT);
         assert!(looks.first.is_empty());
     }
