@@ -30,7 +30,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use async_nats::jetstream::{self, context::PublishAckFuture};
+use async_nats::jetstream;
 use common::msg::{Event, EventKind};
 use common::nats::dedupe_headers;
 use common::FlowId;
@@ -117,8 +117,17 @@ pub struct Cursor {
     batch: Option<u64>,
     /// The numbers stored in it: the rest (past [`MAX_EVENTS`]) go out once.
     kept: std::collections::HashSet<u64>,
-    acks: Vec<PublishAckFuture>,
+    acks: Vec<Ack>,
 }
+
+/// An event's acknowledgement, read on a task of its own from the moment
+/// the event is published. A JetStream context lends every publish one of a
+/// bounded number of permits (5,000) until its acknowledgement is read: a
+/// step that kept its acknowledgements unread while it published more
+/// would, with enough events at once (a burst of wide flows' creations),
+/// hold every permit and wait for one forever, and every flow write with
+/// it.
+type Ack = tokio::task::JoinHandle<bool>;
 
 fn key(batch: &Staged) -> Option<u64> {
     batch.events.first().map(|e| e.n)
@@ -245,12 +254,12 @@ impl Ledger {
         self.confirm(cursor.flow, batch, cursor.acks);
     }
 
-    fn confirm(self: &std::sync::Arc<Self>, flow: FlowId, batch: u64, acks: Vec<PublishAckFuture>) {
+    fn confirm(self: &std::sync::Arc<Self>, flow: FlowId, batch: u64, acks: Vec<Ack>) {
         let ledger = self.clone();
         tokio::spawn(async move {
             for ack in acks {
-                if let Err(e) = ack.await {
-                    tracing::debug!(%flow, error = %e, "event not acknowledged, published again later");
+                if !matches!(ack.await, Ok(true)) {
+                    tracing::debug!(%flow, "event not acknowledged, published again later");
                     return;
                 }
             }
@@ -347,7 +356,7 @@ impl Ledger {
             }
             let mut stored = acks.len() == s.batch.events.len();
             for ack in acks {
-                stored &= ack.await.is_ok();
+                stored &= matches!(ack.await, Ok(true));
             }
             // Acknowledged anew: settling again. Not stored: tried again by
             // the next sweep (an acknowledgement of 0 is doubtful for good).
@@ -364,8 +373,9 @@ fn key_of(events: &[Numbered]) -> Option<u64> {
 }
 
 /// One JetStream publish under the event's id; the acknowledgement is
-/// awaited elsewhere, so a step does not wait for the stream.
-async fn send(js: &jetstream::Context, event: &Event) -> Option<PublishAckFuture> {
+/// read on a task of its own (see [`Ack`]), so a step does not wait for the
+/// stream.
+async fn send(js: &jetstream::Context, event: &Event) -> Option<Ack> {
     let body = match serde_json::to_vec(event) {
         Ok(b) => b,
         Err(e) => {
@@ -382,7 +392,11 @@ async fn send(js: &jetstream::Context, event: &Event) -> Option<PublishAckFuture
         )
         .await
     {
-        Ok(ack) => Some(ack),
+        Ok(ack) => Some(tokio::spawn(async move {
+            ack.await
+                .inspect_err(|e| tracing::debug!(error = %e, "event not acknowledged"))
+                .is_ok()
+        })),
         Err(e) => {
             tracing::warn!(error = %e, subject, "event publish failed");
             None

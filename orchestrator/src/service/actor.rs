@@ -155,7 +155,7 @@ impl Orchestrator {
                     let now = common::now_ms();
                     driver.redeliver(&mut Exec(&self), f, now);
                     self.outbox
-                        .republish(&self.js, &f.id, &enc.kept.outbox, now)
+                        .republish(&self.events_js, &f.id, &enc.kept.outbox, now)
                         .await;
                     if watch.due(f, now) {
                         self.publish_watch(f, *rev, now, &mut watch).await;

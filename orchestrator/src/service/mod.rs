@@ -227,6 +227,10 @@ struct Orchestrator {
     client: common::Client,
     nats: async_nats::Client,
     js: jetstream::Context,
+    /// The outbox's own context: a context bounds the publishes waiting
+    /// for their acknowledgement, so a burst of events (thousands at a
+    /// wide flow's creation) queues behind its own, never a flow's write.
+    events_js: jetstream::Context,
     flows: kv::Store,
     events: EventPublisher,
     /// What this replica published from the flows' outboxes.
@@ -317,12 +321,18 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         client: common::Client::new(nats.clone()).with_timeout(cfg.nats.request_timeout()),
         nats: nats.clone(),
         js: js.clone(),
+        events_js: jetstream::new(nats.clone()),
         flows,
         events: EventPublisher::new(nats.clone(), NAME),
         outbox: Arc::default(),
         actors: Mutex::default(),
         finished: Mutex::default(),
-        placing: Semaphore::new(MAX_PLACING),
+        placing: Semaphore::new(
+            std::env::var("CKX_MP")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(MAX_PLACING),
+        ),
         freed: AtomicU64::new(0),
         slots: Slots::new(slots),
         tick_ms: cfg.sweep_ms.max(10),

@@ -236,7 +236,7 @@ impl Orchestrator {
     ) {
         let (flow, now) = step.map_or((None, now_ms()), |(f, now)| (Some(f), now));
         for kind in driver.carry_out(&mut Exec(self), flow, now, effects) {
-            self.outbox.publish(&self.js, cursor, kind).await;
+            self.outbox.publish(&self.events_js, cursor, kind).await;
         }
     }
 

@@ -46,7 +46,7 @@ impl Orchestrator {
         loop {
             tick.tick().await;
             let now = common::now_ms();
-            self.outbox.recheck(&self.js, now).await;
+            self.outbox.recheck(&self.events_js, now).await;
             if now.saturating_sub(last_reconcile) >= crate::slots::GRACE_MS / 3 {
                 last_reconcile = now;
                 let load = |id: FlowId| {

@@ -219,3 +219,63 @@ async fn events_acknowledged_just_before_the_server_dies_are_stored_once() {
     assert_eq!(tally(&stored), expected, "every transition stored once");
     drop(services);
 }
+
+/// A step with more events than its JetStream context lends permits for
+/// (one per publish until its acknowledgement is read) is published whole:
+/// each acknowledgement is read as it comes, not held until the step ends.
+/// Before, a burst of wide flows' creations (200 flows of 300 tasks) held
+/// all 5,000 of the orchestrator's permits between them, each waiting for
+/// one more, and every flow write waited with them: the orchestrator stood
+/// still. Here one step meets a context of 8 permits with 41 events.
+#[tokio::test]
+async fn a_step_with_more_events_than_the_context_has_permits_is_published_whole() {
+    common::telemetry::init_for_tests();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let js = jetstream::new(nats.clone());
+    common::nats::ensure_stream(&js, common::nats::Stream::Events, 1)
+        .await
+        .unwrap();
+    let few = jetstream::ContextBuilder::new()
+        .max_ack_inflight(8)
+        .build(nats.clone());
+
+    let tasks = (0..40).map(|i| cpu_task(&format!("t{i}"), &[])).collect();
+    let mut spec = FlowSpec::new("wide", tasks);
+    let id = FlowId::new("wide").unwrap();
+    spec.id = Some(id.clone());
+    let now = common::now_ms();
+    let (mut flow, effects) = orchestrator::machine::Flow::new(id.clone(), spec, now);
+    let events: Vec<EventKind> = effects
+        .into_iter()
+        .filter_map(|e| match e {
+            orchestrator::machine::Effect::Event(kind) => Some(kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(events.len(), 41, "the flow's creation and each task ready");
+
+    let ledger = std::sync::Arc::new(orchestrator::outbox::Ledger::default());
+    let mut outbox = Vec::new();
+    let (mut cursor, _) = ledger.stage(&mut flow, &mut outbox, &events, now);
+    let publishing = async {
+        for kind in events.iter().cloned() {
+            ledger.publish(&few, &mut cursor, kind).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), publishing)
+        .await
+        .expect("the step's publishes wait for permits its own unread acknowledgements hold");
+    ledger.sent(cursor, common::now_ms());
+
+    let stored = eventually(Duration::from_secs(10), "every event stored", || async {
+        let stored = stored_events(&js, &id).await;
+        (stored.len() == events.len()).then_some(stored)
+    })
+    .await;
+    assert_eq!(
+        tally(&stored).values().sum::<usize>(),
+        41,
+        "each stored once"
+    );
+}
