@@ -327,12 +327,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         outbox: Arc::default(),
         actors: Mutex::default(),
         finished: Mutex::default(),
-        placing: Semaphore::new(
-            std::env::var("CKX_MP")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(MAX_PLACING),
-        ),
+        placing: Semaphore::new(MAX_PLACING),
         freed: AtomicU64::new(0),
         slots: Slots::new(slots),
         tick_ms: cfg.sweep_ms.max(10),
