@@ -397,6 +397,29 @@ impl System {
     }
 }
 
+/// How many replicas of service `name` answer `$SRV.PING` through `nats`.
+pub async fn replicas(nats: &async_nats::Client, name: &str) -> usize {
+    let inbox = nats.new_inbox();
+    let mut replies = nats.subscribe(inbox.clone()).await.unwrap();
+    nats.publish_with_reply(
+        format!("{}.{name}", common::subject::SRV_PING),
+        inbox,
+        "".into(),
+    )
+    .await
+    .unwrap();
+    let mut n = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures::StreamExt::next(&mut replies),
+    )
+    .await
+    {
+        n += 1;
+    }
+    n
+}
+
 /// How long a service may take to come up: on a loaded machine, a cluster
 /// elects a leader for each new stream and bucket one after another, and a
 /// service opens up to [`common::nats::OPENING_PATIENCE`] for each.

@@ -359,6 +359,7 @@ impl Task {
             uncounted: 0,
             progress: None,
             progress_message: None,
+            readied_by: None,
             spec,
         }
     }

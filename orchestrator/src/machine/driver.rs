@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use common::msg::{Assignment, CancelNotice, EventKind, TaskState};
 use common::{AgentId, AllocationId, FlowId, TaskId};
 
+use super::placing::ADOPT_AFTER_MS;
 use super::{Alarm, Effect, Flow, Placement, Placing};
 
 /// An assignment not started this long after it was recorded is sent again,
@@ -73,6 +74,13 @@ pub struct Driver {
     /// The sweep's interval: an attempt's lease says how often the
     /// deadlines are checked.
     tick_ms: u64,
+    /// This replica, as its steps name it in a task's `readied_by`; none
+    /// where there is only ever one (the simulation).
+    me: Option<u32>,
+    /// The flow's revision as this actor last read or wrote it ...
+    revision: Option<u64>,
+    /// ... and when it last found one another replica wrote (see [`Placing`]).
+    others_ms: Option<u64>,
 }
 
 impl Driver {
@@ -81,6 +89,36 @@ impl Driver {
             tick_ms,
             ..Driver::default()
         }
+    }
+
+    /// The driver of replica `me` (see [`Placing`] on several replicas).
+    pub fn for_replica(tick_ms: u64, me: u32) -> Driver {
+        Driver {
+            me: Some(me),
+            ..Driver::new(tick_ms)
+        }
+    }
+
+    /// A step starts from the flow at `revision`: one this actor neither
+    /// wrote nor read last was written by another replica (and a first
+    /// look counts as one: another may be driving the flow).
+    pub fn read(&mut self, revision: u64, now_ms: u64) {
+        if self.revision != Some(revision) {
+            self.others_ms = Some(now_ms);
+            self.revision = Some(revision);
+        }
+    }
+
+    /// This actor wrote the flow at `revision`.
+    pub fn wrote(&mut self, revision: u64) {
+        self.revision = Some(revision);
+    }
+
+    /// Whether another replica was seen writing the flow within
+    /// [`ADOPT_AFTER_MS`]: the ready tasks it readied are left to it.
+    pub fn defers(&self, now_ms: u64) -> bool {
+        self.others_ms
+            .is_some_and(|at| now_ms < at.saturating_add(ADOPT_AFTER_MS))
     }
 
     /// The tasks out with the allocator or held back.
@@ -163,6 +201,7 @@ impl Driver {
     /// already, and sets a wake-up for the tasks held back.
     pub fn dispatch(&mut self, x: &mut impl Executor, flow: &mut Flow, now_ms: u64) {
         self.placing.refresh(x.freed());
+        self.placing.drive(self.me, self.defers(now_ms));
         let placements = flow.placements(now_ms, &self.placing, |key| x.known_full(key, now_ms));
         for placement in placements {
             self.placing.asking(placement.task.clone(), now_ms);

@@ -80,6 +80,7 @@ impl Flow {
                     uncounted: 0,
                     progress: None,
                     progress_message: None,
+                    readied_by: None,
                     spec,
                 };
                 (task.spec.id.clone(), task)

@@ -49,7 +49,7 @@ pub use alarm::Alarm;
 pub use change::Problems;
 pub use driver::{Driver, Executor, Wake, REDELIVER_AFTER_MS};
 pub use place::{Placement, MAX_PLACING_PER_FLOW};
-pub use placing::{Placing, FREED_ALL};
+pub use placing::{Placing, ADOPT_AFTER_MS, FREED_ALL};
 pub use plan::PlanInput;
 pub use status::STATUS_TASKS;
 pub use step::{Command, GRANT_MAX_AGE_MS};
@@ -169,6 +169,11 @@ pub struct Task {
     pub progress: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress_message: Option<String>,
+    /// The replica whose step made the task ready, which is the one to
+    /// place it (see [`Placing`]); none in a flow stored before replicas
+    /// were told apart, or by a step that did not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readied_by: Option<u32>,
 }
 
 fn is_zero<T: Default + PartialEq>(v: &T) -> bool {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use common::msg::{AllocateRequest, ConcurrencyLimit, TaskRef};
+use common::msg::{AllocateRequest, ConcurrencyLimit, EventKind, TaskRef, TaskState};
 use common::TaskId;
 
 use super::{slot_holder, Flow, Placing};
@@ -26,6 +26,40 @@ pub struct Placement {
 }
 
 impl Flow {
+    /// Names replica `me` as the one that readied what a step about to be
+    /// written made ready (its `events`); a resume readies every ready task
+    /// (see [`Placing`]).
+    pub fn claim_ready<'a>(&mut self, me: u32, events: impl IntoIterator<Item = &'a EventKind>) {
+        let mut ids = Vec::new();
+        for e in events {
+            match e {
+                EventKind::TaskTransition {
+                    task_id,
+                    to: TaskState::Ready,
+                    ..
+                } => ids.push(task_id.clone()),
+                EventKind::FlowResumed { .. } => {
+                    ids = self
+                        .tasks
+                        .ready_in_order()
+                        .iter()
+                        .map(|(_, id)| id.clone())
+                        .collect();
+                }
+                _ => {}
+            }
+        }
+        for id in ids {
+            if let Some(t) = self
+                .tasks
+                .get_mut(&id)
+                .filter(|t| t.state == TaskState::Ready)
+            {
+                t.readied_by = Some(me);
+            }
+        }
+    }
+
     /// The tasks to ask the allocator for now, `placing` being out already or
     /// held back; `known_full` tells a concurrency key known to have no free
     /// slot. A wide flow refills its placements in batches, once half of
@@ -72,7 +106,7 @@ impl Flow {
         let mut credit = placing.credit();
         self.visit_dispatchable(now_ms, |t| {
             let id = &t.spec.id;
-            if placing.contains(id) {
+            if placing.contains(id) || !placing.ours(t) {
                 return true;
             }
             let waits = placing.held_back(id, now_ms) && {

@@ -16,6 +16,16 @@
 //! Letting every held task go on any release instead had a wide flow on full
 //! agents ask again for all of them about once per allocator round trip
 //! (the simulation: 3–4 million refusals for 10,000 tasks on 1,000 slots).
+//!
+//! With several orchestrator replicas, each may step a flow (a report goes
+//! to whichever takes it, and every replica's sweep ticks every flow), and
+//! each knows only its own placements: both would ask for the same ready
+//! task, and the grant recorded second be given back (two replicas made
+//! 15,635 bookings for 8,010 tasks). So a ready task is placed by the
+//! replica whose written step made it ready (the task's `readied_by`); the
+//! others leave it alone while that replica is seen writing the flow, and
+//! take it up once no other replica has written it for [`ADOPT_AFTER_MS`]
+//! (the one that readied it is gone, or stuck).
 
 use std::collections::{HashMap, HashSet};
 use std::ops::{Deref, DerefMut};
@@ -29,6 +39,12 @@ pub(super) const MAX_MS: u64 = 5_000;
 /// What an event that may free any amount of capacity moves the freed
 /// count by: every held task may go.
 pub const FREED_ALL: u64 = 1 << 32;
+/// How long no other replica must have written a flow before this one
+/// places the ready tasks another readied: as long as the longest back-off
+/// after a refusal (a replica holding refused tasks back writes nothing
+/// meanwhile). At 2 s, two loaded replicas took each other for gone: 1.1–1.2
+/// bookings per task in the two-replica test, against 1.00 at 5 s.
+pub const ADOPT_AFTER_MS: u64 = 5_000;
 
 #[derive(Debug, Default)]
 pub struct Placing {
@@ -43,6 +59,11 @@ pub struct Placing {
     credit: u64,
     /// When the wake-up already scheduled fires.
     wake_ms: Option<u64>,
+    /// This replica, as named in a task's `readied_by`.
+    me: Option<u32>,
+    /// Whether another replica is seen driving the flow: the ready tasks it
+    /// readied are left to it.
+    defer: bool,
 }
 
 impl Deref for Placing {
@@ -96,6 +117,19 @@ impl Placing {
             self.credit = self.credit.saturating_sub(1);
         }
         self.out.insert(task);
+    }
+
+    /// Names this replica, and says whether another is seen driving the
+    /// flow (see the module's doc).
+    pub fn drive(&mut self, me: Option<u32>, defer: bool) {
+        self.me = me;
+        self.defer = defer;
+    }
+
+    /// Whether this replica is the one to place `task`: it readied it, or
+    /// no other replica is seen driving the flow, or nobody is named.
+    pub fn ours(&self, task: &super::Task) -> bool {
+        !self.defer || task.readied_by.is_none() || task.readied_by == self.me
     }
 
     /// Whether `task` waits out a refusal at `now`.

@@ -339,6 +339,8 @@ impl Flow {
         };
         t.state = to;
         t.since_ms = now_ms;
+        // Set again by the replica that writes the step (`Flow::claim_ready`).
+        t.readied_by = None;
         if from == TaskState::Waiting {
             self.waiting = self.waiting.saturating_sub(1);
         }

@@ -84,7 +84,7 @@ impl Orchestrator {
     ) {
         // What the actor decides around the steps (placements, wake-ups,
         // redeliveries) and remembers between them.
-        let mut driver = Driver::new(self.tick_ms);
+        let mut driver = Driver::for_replica(self.tick_ms, self.replica);
         // The flow as this actor last wrote it, with its revision.
         let mut cache: Option<Stored> = None;
         let mut watch = Watch::default();
@@ -127,6 +127,7 @@ impl Orchestrator {
                 // from the copy it wrote.
                 let seed = self.created.lock().ok().and_then(|mut c| c.remove(&flow));
                 if let Some(Created { stored, refused }) = seed {
+                    driver.wrote(stored.1);
                     let now = common::now_ms();
                     for (task, asked_at) in refused {
                         driver.refused(&Exec(&self), task, asked_at, now);
@@ -224,10 +225,13 @@ impl Orchestrator {
                     }
                 },
             };
+            driver.read(revision, now);
             let outcomes: Vec<Result<Vec<Effect>, Rejection>> = batch
                 .iter()
                 .map(|cmd| flow.apply(cmd.command(), revision, now))
                 .collect();
+            let events = outcomes.iter().flatten().flat_map(|e| events_of(e));
+            flow.claim_ready(self.replica, events);
             // The step's events go into the record with it (the outbox).
             let mut kept = stored.kept.clone();
             let (mut cursor, outbox_changed) = self.outbox.stage(
@@ -262,7 +266,10 @@ impl Orchestrator {
                     .instrument(span.clone())
                     .await
                 {
-                    Ok(rev) => rev,
+                    Ok(rev) => {
+                        driver.wrote(rev);
+                        rev
+                    }
                     Err(WriteError::Conflict) => continue,
                     Err(WriteError::Failed(err)) => {
                         self.settle_failed(flow_id, batch, &err, driver).await;

@@ -65,6 +65,7 @@ impl Orchestrator {
         let trace = telemetry::traceparent();
         let (mut flow, mut effects) = off_worker(large, || {
             let (mut flow, effects) = Flow::new(id.clone(), spec, now);
+            flow.claim_ready(self.replica, events_of(&effects));
             flow.warnings = warnings;
             flow.started_by = origin;
             flow.trace = trace;

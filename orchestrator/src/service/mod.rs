@@ -266,6 +266,9 @@ struct Orchestrator {
     created: Mutex<HashMap<FlowId, Created>>,
     /// Completions this replica applied before the stream delivered them.
     early: intake::Early,
+    /// This replica, as a task's `readied_by` names it: random, so a
+    /// restarted replica is another (see [`machine::Placing`]).
+    replica: u32,
 }
 
 /// A flow as its creation wrote it, with the tasks placed then that the
@@ -336,6 +339,8 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         feasible: Mutex::default(),
         created: Mutex::default(),
         early: intake::Early::default(),
+        // The low bits of a version-7 UUID are random.
+        replica: uuid::Uuid::now_v7().as_u128() as u32,
     });
 
     let mut service = Service::start(

@@ -229,20 +229,6 @@ fn chain(n: usize) -> FlowSpec {
     FlowSpec::new("a chain", tasks)
 }
 
-/// How many replicas of service `name` answer `$SRV.PING` through `nats`.
-async fn replicas(nats: &async_nats::Client, name: &str) -> usize {
-    let inbox = nats.new_inbox();
-    let mut replies = nats.subscribe(inbox.clone()).await.unwrap();
-    nats.publish_with_reply(format!("{}.{name}", subject::SRV_PING), inbox, "".into())
-        .await
-        .unwrap();
-    let mut n = 0;
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), replies.next()).await {
-        n += 1;
-    }
-    n
-}
-
 #[tokio::test]
 async fn a_node_cut_off_from_the_others_acknowledges_nothing_and_rejoins() {
     common::telemetry::init_for_tests();
@@ -266,7 +252,7 @@ async fn a_node_cut_off_from_the_others_acknowledges_nothing_and_rejoins() {
         .await
         .unwrap();
     eventually(Duration::from_secs(30), "both orchestrators up", || async {
-        (replicas(&lone, "orchestrator").await == 2).then_some(())
+        (testkit::replicas(&lone, "orchestrator").await == 2).then_some(())
     })
     .await;
     let client = Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
