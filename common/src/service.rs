@@ -189,6 +189,11 @@ impl Service {
         })
     }
 
+    /// This replica's id, as `$SRV.PING` answers name it.
+    pub async fn instance_id(&self) -> String {
+        self.inner.info().await.id
+    }
+
     /// Serves `subject` with `handler`: JSON in, JSON out, typed errors.
     pub async fn serve<Req, Resp, H, Fut>(
         &mut self,

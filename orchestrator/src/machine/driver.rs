@@ -22,7 +22,6 @@ use std::collections::HashMap;
 use common::msg::{Assignment, CancelNotice, EventKind, TaskState};
 use common::{AgentId, AllocationId, FlowId, TaskId};
 
-use super::placing::ADOPT_AFTER_MS;
 use super::{Alarm, Effect, Flow, Placement, Placing};
 
 /// An assignment not started this long after it was recorded is sent again,
@@ -62,6 +61,12 @@ pub trait Executor {
     /// How many allocations and slots this replica has given back so far
     /// (see [`Placing`]): capacity may have freed when it moves.
     fn freed(&self) -> u64;
+    /// The replicas known to be up, as tasks' `readied_by` name them; `None`
+    /// while not known (see [`Placing`]). Where there is one replica, nobody
+    /// is named and this is never asked.
+    fn live_replicas(&self) -> Option<Vec<u32>> {
+        None
+    }
 }
 
 /// A flow actor's memory between steps.
@@ -77,10 +82,6 @@ pub struct Driver {
     /// This replica, as its steps name it in a task's `readied_by`; none
     /// where there is only ever one (the simulation).
     me: Option<u32>,
-    /// The flow's revision as this actor last read or wrote it ...
-    revision: Option<u64>,
-    /// ... and when it last found one another replica wrote (see [`Placing`]).
-    others_ms: Option<u64>,
 }
 
 impl Driver {
@@ -97,28 +98,6 @@ impl Driver {
             me: Some(me),
             ..Driver::new(tick_ms)
         }
-    }
-
-    /// A step starts from the flow at `revision`: one this actor neither
-    /// wrote nor read last was written by another replica (and a first
-    /// look counts as one: another may be driving the flow).
-    pub fn read(&mut self, revision: u64, now_ms: u64) {
-        if self.revision != Some(revision) {
-            self.others_ms = Some(now_ms);
-            self.revision = Some(revision);
-        }
-    }
-
-    /// This actor wrote the flow at `revision`.
-    pub fn wrote(&mut self, revision: u64) {
-        self.revision = Some(revision);
-    }
-
-    /// Whether another replica was seen writing the flow within
-    /// [`ADOPT_AFTER_MS`]: the ready tasks it readied are left to it.
-    pub fn defers(&self, now_ms: u64) -> bool {
-        self.others_ms
-            .is_some_and(|at| now_ms < at.saturating_add(ADOPT_AFTER_MS))
     }
 
     /// The tasks out with the allocator or held back.
@@ -201,7 +180,7 @@ impl Driver {
     /// already, and sets a wake-up for the tasks held back.
     pub fn dispatch(&mut self, x: &mut impl Executor, flow: &mut Flow, now_ms: u64) {
         self.placing.refresh(x.freed());
-        self.placing.drive(self.me, self.defers(now_ms));
+        self.placing.drive(self.me, x.live_replicas());
         let placements = flow.placements(now_ms, &self.placing, |key| x.known_full(key, now_ms));
         for placement in placements {
             self.placing.asking(placement.task.clone(), now_ms);

@@ -23,9 +23,11 @@
 //! task, and the grant recorded second be given back (two replicas made
 //! 15,635 bookings for 8,010 tasks). So a ready task is placed by the
 //! replica whose written step made it ready (the task's `readied_by`); the
-//! others leave it alone while that replica is seen writing the flow, and
-//! take it up once no other replica has written it for [`ADOPT_AFTER_MS`]
-//! (the one that readied it is gone, or stuck).
+//! others leave it alone while that replica answers the service's ping, and
+//! take it up once it has not for a while (it is gone, or frozen). Whether a
+//! replica is placing cannot be told from the flow: one whose requests wait
+//! their turn behind other flows' writes nothing for seconds (a rule of "no
+//! write for 2 s" took such replicas for gone, 1.1–1.2 bookings per task).
 
 use std::collections::{HashMap, HashSet};
 use std::ops::{Deref, DerefMut};
@@ -39,12 +41,6 @@ pub(super) const MAX_MS: u64 = 5_000;
 /// What an event that may free any amount of capacity moves the freed
 /// count by: every held task may go.
 pub const FREED_ALL: u64 = 1 << 32;
-/// How long no other replica must have written a flow before this one
-/// places the ready tasks another readied: as long as the longest back-off
-/// after a refusal (a replica holding refused tasks back writes nothing
-/// meanwhile). At 2 s, two loaded replicas took each other for gone: 1.1–1.2
-/// bookings per task in the two-replica test, against 1.00 at 5 s.
-pub const ADOPT_AFTER_MS: u64 = 5_000;
 
 #[derive(Debug, Default)]
 pub struct Placing {
@@ -61,9 +57,9 @@ pub struct Placing {
     wake_ms: Option<u64>,
     /// This replica, as named in a task's `readied_by`.
     me: Option<u32>,
-    /// Whether another replica is seen driving the flow: the ready tasks it
-    /// readied are left to it.
-    defer: bool,
+    /// The other replicas known to be up (the tasks they readied are left
+    /// to them); `None` while not known yet.
+    live: Option<Vec<u32>>,
 }
 
 impl Deref for Placing {
@@ -119,17 +115,21 @@ impl Placing {
         self.out.insert(task);
     }
 
-    /// Names this replica, and says whether another is seen driving the
-    /// flow (see the module's doc).
-    pub fn drive(&mut self, me: Option<u32>, defer: bool) {
+    /// Names this replica and the replicas known to be up, `None` while
+    /// that is not known (see the module's doc).
+    pub fn drive(&mut self, me: Option<u32>, live: Option<Vec<u32>>) {
         self.me = me;
-        self.defer = defer;
+        self.live = live;
     }
 
     /// Whether this replica is the one to place `task`: it readied it, or
-    /// no other replica is seen driving the flow, or nobody is named.
+    /// the replica that did is known to be gone, or nobody is named.
     pub fn ours(&self, task: &super::Task) -> bool {
-        !self.defer || task.readied_by.is_none() || task.readied_by == self.me
+        match task.readied_by {
+            None => true,
+            Some(r) if Some(r) == self.me => true,
+            Some(r) => self.live.as_ref().is_some_and(|live| !live.contains(&r)),
+        }
     }
 
     /// Whether `task` waits out a refusal at `now`.

@@ -127,7 +127,6 @@ impl Orchestrator {
                 // from the copy it wrote.
                 let seed = self.created.lock().ok().and_then(|mut c| c.remove(&flow));
                 if let Some(Created { stored, refused }) = seed {
-                    driver.wrote(stored.1);
                     let now = common::now_ms();
                     for (task, asked_at) in refused {
                         driver.refused(&Exec(&self), task, asked_at, now);
@@ -225,7 +224,6 @@ impl Orchestrator {
                     }
                 },
             };
-            driver.read(revision, now);
             let outcomes: Vec<Result<Vec<Effect>, Rejection>> = batch
                 .iter()
                 .map(|cmd| flow.apply(cmd.command(), revision, now))
@@ -266,10 +264,7 @@ impl Orchestrator {
                     .instrument(span.clone())
                     .await
                 {
-                    Ok(rev) => {
-                        driver.wrote(rev);
-                        rev
-                    }
+                    Ok(rev) => rev,
                     Err(WriteError::Conflict) => continue,
                     Err(WriteError::Failed(err)) => {
                         self.settle_failed(flow_id, batch, &err, driver).await;

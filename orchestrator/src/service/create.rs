@@ -155,8 +155,11 @@ impl Orchestrator {
     ) -> (Vec<(AgentId, AllocationId)>, Vec<(TaskId, u64)>) {
         let now = common::now_ms();
         let asked_at = self.freed.load(Ordering::Relaxed);
+        // Its tasks are this replica's to place (`claim_ready`).
+        let mut placing = machine::Placing::default();
+        placing.drive(Some(self.replica), None);
         let placements: Vec<machine::Placement> = flow
-            .placements(now, &machine::Placing::default(), |_| false)
+            .placements(now, &placing, |_| false)
             .into_iter()
             .filter(|p| p.slot.is_none())
             .take(PLACED_AT_CREATION)

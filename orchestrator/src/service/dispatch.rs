@@ -59,6 +59,10 @@ impl Executor for Exec<'_> {
     fn freed(&self) -> u64 {
         self.0.freed.load(Ordering::Relaxed)
     }
+
+    fn live_replicas(&self) -> Option<Vec<u32>> {
+        self.0.live_replicas()
+    }
 }
 
 impl Orchestrator {

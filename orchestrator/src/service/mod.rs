@@ -60,6 +60,7 @@ mod create;
 mod delivery;
 mod dispatch;
 mod intake;
+mod replicas;
 mod settle;
 mod sweep;
 
@@ -266,9 +267,11 @@ struct Orchestrator {
     created: Mutex<HashMap<FlowId, Created>>,
     /// Completions this replica applied before the stream delivered them.
     early: intake::Early,
-    /// This replica, as a task's `readied_by` names it: random, so a
-    /// restarted replica is another (see [`machine::Placing`]).
+    /// This replica, as a task's `readied_by` names it (see
+    /// [`replicas::tag`]): a restarted replica is another.
     replica: u32,
+    /// The replicas heard answering the service's ping.
+    heard: replicas::Heard,
 }
 
 /// A flow as its creation wrote it, with the tasks placed then that the
@@ -320,6 +323,13 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     // Wait tasks and triggers read the agent events (the synchronizer's
     // stream, made here with its default limits if it is not there yet).
     bus::ensure_stream(&js, Stream::AgentEvents, cfg.nats.js_replicas).await?;
+    // Registered first: its id names this replica.
+    let mut service = Service::start(
+        &nats,
+        NAME,
+        "Task flows: DAGs of tasks run on external agents",
+    )
+    .await?;
     let orch = Arc::new(Orchestrator {
         client: common::Client::new(nats.clone()).with_timeout(cfg.nats.request_timeout()),
         nats: nats.clone(),
@@ -339,16 +349,10 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         feasible: Mutex::default(),
         created: Mutex::default(),
         early: intake::Early::default(),
-        // The low bits of a version-7 UUID are random.
-        replica: uuid::Uuid::now_v7().as_u128() as u32,
+        replica: replicas::tag(&service.instance_id().await),
+        heard: Mutex::default(),
     });
 
-    let mut service = Service::start(
-        &nats,
-        NAME,
-        "Task flows: DAGs of tasks run on external agents",
-    )
-    .await?;
     let o = orch.clone();
     service
         .serve(subject::FLOW_CREATE, move |spec: FlowSpec| {
@@ -443,6 +447,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
             .consume_reports(Duration::from_millis(cfg.report_ack_wait_ms.max(100))),
     );
     let early_reports = tokio::spawn(orch.clone().take_early_reports());
+    let replicas = tokio::spawn(orch.clone().hear_replicas());
     let sweeper = tokio::spawn(
         orch.clone()
             .sweep(Duration::from_millis(cfg.sweep_ms.max(10))),
@@ -459,6 +464,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     wake_waits.abort();
     capacity.abort();
     sweeper.abort();
+    replicas.abort();
     nats.drain().await.ok();
     Ok(())
 }

@@ -367,14 +367,16 @@ fn events_in(effects: &[Effect]) -> impl Iterator<Item = &EventKind> {
 }
 
 #[test]
-fn a_replica_places_what_it_readied_and_what_another_did_once_that_one_is_quiet() {
+fn a_replica_places_what_it_readied_and_what_another_did_once_that_one_is_gone() {
     let (mut flow, created) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
     flow.claim_ready(1, events_in(&created));
-    let placing = |me: u32, defer: bool| {
+    // Replica `me`, with replicas 1 and 2 up, or only itself, or not known.
+    let placing = |me: u32, live: Option<&[u32]>| {
         let mut p = Placing::default();
-        p.drive(Some(me), defer);
+        p.drive(Some(me), live.map(<[u32]>::to_vec));
         p
     };
+    let both: Option<&[u32]> = Some(&[1, 2]);
     let placed = |flow: &mut Flow, now: u64, p: Placing| {
         let mut names: Vec<String> = flow
             .placements(now, &p, |_| false)
@@ -384,36 +386,24 @@ fn a_replica_places_what_it_readied_and_what_another_did_once_that_one_is_quiet(
         names.sort();
         names
     };
-    assert_eq!(placed(&mut flow, 1, placing(1, true)), ["a"], "its own");
+    assert_eq!(placed(&mut flow, 1, placing(1, both)), ["a"], "its own");
     assert!(
-        placed(&mut flow, 1, placing(2, true)).is_empty(),
-        "another's, while that one drives the flow"
+        placed(&mut flow, 1, placing(2, both)).is_empty(),
+        "another's, while that one is up"
     );
-    assert_eq!(placed(&mut flow, 1, placing(2, false)), ["a"], "gone quiet");
+    assert!(
+        placed(&mut flow, 1, placing(2, None)).is_empty(),
+        "another's, while it is not known who is up"
+    );
+    assert_eq!(placed(&mut flow, 1, placing(2, Some(&[2]))), ["a"], "gone");
     // Replica 2 applies a's completion: what it readied is its own.
     let done = run(&mut flow, "a");
     flow.claim_ready(2, events_in(&done));
-    assert_eq!(placed(&mut flow, 4, placing(2, true)), ["b", "c"]);
-    assert!(placed(&mut flow, 4, placing(1, true)).is_empty());
+    assert_eq!(placed(&mut flow, 4, placing(2, both)), ["b", "c"]);
+    assert!(placed(&mut flow, 4, placing(1, both)).is_empty());
     // A flow stored before replicas named themselves: anyone places.
     for t in ["b", "c"] {
         flow.tasks.get_mut(&tid(t)).unwrap().readied_by = None;
     }
-    assert_eq!(placed(&mut flow, 4, placing(1, true)), ["b", "c"]);
-}
-
-#[test]
-fn a_replica_defers_while_another_writes_the_flow_and_takes_over_when_it_stops() {
-    let mut d = Driver::for_replica(1_000, 2);
-    assert!(!d.defers(0), "nothing seen yet");
-    d.read(7, 100);
-    assert!(d.defers(101), "a first look: another may be driving");
-    assert!(!d.defers(100 + ADOPT_AFTER_MS), "quiet since");
-    // Its own writes are not another's.
-    d.wrote(8);
-    d.read(8, 100 + ADOPT_AFTER_MS);
-    assert!(!d.defers(101 + ADOPT_AFTER_MS));
-    // A revision it did not write: another replica's.
-    d.read(9, 200 + ADOPT_AFTER_MS);
-    assert!(d.defers(201 + ADOPT_AFTER_MS));
+    assert_eq!(placed(&mut flow, 4, placing(1, both)), ["b", "c"]);
 }
