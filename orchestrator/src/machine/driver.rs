@@ -61,10 +61,10 @@ pub trait Executor {
     /// How many allocations and slots this replica has given back so far
     /// (see [`Placing`]): capacity may have freed when it moves.
     fn freed(&self) -> u64;
-    /// The replicas known to be up, as tasks' `readied_by` name them; `None`
-    /// while not known (see [`Placing`]). Where there is one replica, nobody
-    /// is named and this is never asked.
-    fn live_replicas(&self) -> Option<Vec<u32>> {
+    /// Tells a replica, as tasks' `readied_by` name it, that is known to be
+    /// gone (see [`Placing`]); none: every other is taken to be up. Where
+    /// there is one replica, nobody is named and this is never asked.
+    fn gone_replicas(&self) -> Option<super::Gone> {
         None
     }
 }
@@ -180,7 +180,7 @@ impl Driver {
     /// already, and sets a wake-up for the tasks held back.
     pub fn dispatch(&mut self, x: &mut impl Executor, flow: &mut Flow, now_ms: u64) {
         self.placing.refresh(x.freed());
-        self.placing.drive(self.me, x.live_replicas());
+        self.placing.drive(self.me, x.gone_replicas());
         let placements = flow.placements(now_ms, &self.placing, |key| x.known_full(key, now_ms));
         for placement in placements {
             self.placing.asking(placement.task.clone(), now_ms);

@@ -57,9 +57,18 @@ pub struct Placing {
     wake_ms: Option<u64>,
     /// This replica, as named in a task's `readied_by`.
     me: Option<u32>,
-    /// The other replicas known to be up (the tasks they readied are left
-    /// to them); `None` while not known yet.
-    live: Option<Vec<u32>>,
+    /// Tells a replica known to be gone (the tasks it readied are taken
+    /// up); none: every other replica is taken to be up.
+    gone: Option<Gone>,
+}
+
+/// Whether the replica a task's `readied_by` names is known to be gone.
+pub struct Gone(pub Box<dyn Fn(u32) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Gone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gone")
+    }
 }
 
 impl Deref for Placing {
@@ -115,11 +124,11 @@ impl Placing {
         self.out.insert(task);
     }
 
-    /// Names this replica and the replicas known to be up, `None` while
-    /// that is not known (see the module's doc).
-    pub fn drive(&mut self, me: Option<u32>, live: Option<Vec<u32>>) {
+    /// Names this replica, and how to tell another that is gone (see the
+    /// module's doc).
+    pub fn drive(&mut self, me: Option<u32>, gone: Option<Gone>) {
         self.me = me;
-        self.live = live;
+        self.gone = gone;
     }
 
     /// Whether this replica is the one to place `task`: it readied it, or
@@ -128,7 +137,7 @@ impl Placing {
         match task.readied_by {
             None => true,
             Some(r) if Some(r) == self.me => true,
-            Some(r) => self.live.as_ref().is_some_and(|live| !live.contains(&r)),
+            Some(r) => self.gone.as_ref().is_some_and(|gone| (gone.0)(r)),
         }
     }
 

@@ -60,8 +60,9 @@ impl Executor for Exec<'_> {
         self.0.freed.load(Ordering::Relaxed)
     }
 
-    fn live_replicas(&self) -> Option<Vec<u32>> {
-        self.0.live_replicas()
+    fn gone_replicas(&self) -> Option<machine::Gone> {
+        let o = self.0.clone();
+        Some(machine::Gone(Box::new(move |r| o.replica_gone(r))))
     }
 }
 

@@ -21,9 +21,20 @@ pub(super) fn tag(instance_id: &str) -> u32 {
     })
 }
 
-/// The replicas heard from, and when each was last heard; `None` until the
-/// first round of pings is in.
-pub(super) type Heard = Mutex<Option<HashMap<u32, u64>>>;
+/// What this replica heard of the others; `None` until its first round
+/// of pings is in.
+pub(super) type Heard = Mutex<Option<Replicas>>;
+
+#[derive(Default)]
+pub(super) struct Replicas {
+    /// When this replica's first round of pings was in.
+    since_ms: u64,
+    /// Each replica heard, and when last.
+    heard: HashMap<u32, u64>,
+    /// Replicas named by tasks but never heard, and when first met: one
+    /// that joined just after a round is heard at the next.
+    met: HashMap<u32, u64>,
+}
 
 impl Orchestrator {
     /// Pings the orchestrator replicas for ever, noting who answers.
@@ -56,27 +67,38 @@ impl Orchestrator {
             }
             let now = now_ms();
             if let Ok(mut known) = self.heard.lock() {
-                let known = known.get_or_insert_with(HashMap::new);
-                known.retain(|_, at| now.saturating_sub(*at) < 10 * GONE_AFTER_MS);
+                let known = known.get_or_insert_with(|| Replicas {
+                    since_ms: now,
+                    ..Replicas::default()
+                });
+                let recent = |at: &mut u64| now.saturating_sub(*at) < 10 * GONE_AFTER_MS;
+                known.heard.retain(|_, at| recent(at));
+                known.met.retain(|_, at| recent(at));
                 for r in heard {
-                    known.insert(r, now);
+                    known.heard.insert(r, now);
+                    known.met.remove(&r);
                 }
             }
         }
     }
 
-    /// The replicas heard from within [`GONE_AFTER_MS`], `None` before the
+    /// Whether replica `r` is known to be gone: not heard for
+    /// [`GONE_AFTER_MS`], or never heard in that long since it was first
+    /// met (and this replica has listened that long). Not known before the
     /// first round of pings is in.
-    pub(super) fn live_replicas(&self) -> Option<Vec<u32>> {
+    pub(super) fn replica_gone(&self, r: u32) -> bool {
         let now = now_ms();
-        let known = self.heard.lock().ok()?;
-        let live = known
-            .as_ref()?
-            .iter()
-            .filter(|(_, at)| now.saturating_sub(**at) < GONE_AFTER_MS)
-            .map(|(r, _)| *r)
-            .collect();
-        Some(live)
+        let Ok(mut known) = self.heard.lock() else {
+            return false;
+        };
+        let Some(known) = known.as_mut() else {
+            return false;
+        };
+        let long = |at: u64| now.saturating_sub(at) >= GONE_AFTER_MS;
+        match known.heard.get(&r) {
+            Some(at) => long(*at),
+            None => long(known.since_ms) && long(*known.met.entry(r).or_insert(now)),
+        }
     }
 }
 

@@ -370,13 +370,13 @@ fn events_in(effects: &[Effect]) -> impl Iterator<Item = &EventKind> {
 fn a_replica_places_what_it_readied_and_what_another_did_once_that_one_is_gone() {
     let (mut flow, created) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
     flow.claim_ready(1, events_in(&created));
-    // Replica `me`, with replicas 1 and 2 up, or only itself, or not known.
-    let placing = |me: u32, live: Option<&[u32]>| {
+    // Replica `me`, with the replicas in `gone` known to be gone.
+    let placing = |me: u32, gone: &'static [u32]| {
         let mut p = Placing::default();
-        p.drive(Some(me), live.map(<[u32]>::to_vec));
+        p.drive(Some(me), Some(Gone(Box::new(|r| gone.contains(&r)))));
         p
     };
-    let both: Option<&[u32]> = Some(&[1, 2]);
+    let both: &[u32] = &[];
     let placed = |flow: &mut Flow, now: u64, p: Placing| {
         let mut names: Vec<String> = flow
             .placements(now, &p, |_| false)
@@ -391,11 +391,13 @@ fn a_replica_places_what_it_readied_and_what_another_did_once_that_one_is_gone()
         placed(&mut flow, 1, placing(2, both)).is_empty(),
         "another's, while that one is up"
     );
+    let mut unknown = Placing::default();
+    unknown.drive(Some(2), None);
     assert!(
-        placed(&mut flow, 1, placing(2, None)).is_empty(),
-        "another's, while it is not known who is up"
+        placed(&mut flow, 1, unknown).is_empty(),
+        "another's, while it is not known who is gone"
     );
-    assert_eq!(placed(&mut flow, 1, placing(2, Some(&[2]))), ["a"], "gone");
+    assert_eq!(placed(&mut flow, 1, placing(2, &[1])), ["a"], "gone");
     // Replica 2 applies a's completion: what it readied is its own.
     let done = run(&mut flow, "a");
     flow.claim_ready(2, events_in(&done));
