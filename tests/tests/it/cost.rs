@@ -340,8 +340,9 @@ fn one_task_on(id: &FlowId, only_on: &str) -> FlowSpec {
 
 /// Allocations made per task with two orchestrator replicas, at most: each
 /// ready task is asked for by the replica that readied it (1.00–1.09
-/// measured: the extra are requests the loaded allocator answered after
-/// their timeout, booked again by the same replica, as happens with one;
+/// measured: the extra are tasks the same replica asked for again seconds
+/// later, most likely after its request timed out on the loaded
+/// allocator, as happens with one;
 /// 1.9–2.4 when both replicas asked for every ready task they stepped past
 /// and the grant recorded second was given back).
 const BOOKINGS_PER_TASK_TWO_REPLICAS: f64 = 1.2;
