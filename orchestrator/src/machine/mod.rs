@@ -49,7 +49,7 @@ pub use alarm::Alarm;
 pub use change::Problems;
 pub use driver::{Driver, Executor, Wake, REDELIVER_AFTER_MS};
 pub use place::{Placement, MAX_PLACING_PER_FLOW};
-pub use placing::{Gone, Placing, FREED_ALL};
+pub use placing::{Gone, Owners, Placing, FREED_ALL};
 pub use plan::PlanInput;
 pub use status::STATUS_TASKS;
 pub use step::{Command, GRANT_MAX_AGE_MS};

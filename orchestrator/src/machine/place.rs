@@ -14,6 +14,13 @@ use super::{slot_holder, Flow, Placing};
 /// time, as grants come back, rather than all 100,000 queueing at once.
 pub const MAX_PLACING_PER_FLOW: usize = 1_024;
 
+/// Ready tasks another replica is to place (see [`Placing`]) that one
+/// dispatch walks past before it stops. Without a bound, a replica applying
+/// the reports of a 100,000-task flow another replica created walked every
+/// ready task on each step. Its own tasks further on wait for these to be
+/// placed, as they would wait in dispatch order for the budget.
+pub(super) const MAX_OTHERS_PASSED: usize = MAX_PLACING_PER_FLOW;
+
 /// A task to ask the allocator for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Placement {
@@ -104,10 +111,16 @@ impl Flow {
         let mut held = 0;
         // Held-back tasks that may go anyway, first in dispatch order.
         let mut credit = placing.credit();
+        let mut owners = placing.owners();
+        let mut passed = 0;
         self.visit_dispatchable(now_ms, |t| {
             let id = &t.spec.id;
-            if placing.contains(id) || !placing.ours(t) {
+            if placing.contains(id) {
                 return true;
+            }
+            if !owners.ours(t) {
+                passed += 1;
+                return passed < MAX_OTHERS_PASSED;
             }
             let waits = placing.held_back(id, now_ms) && {
                 let spent = credit == 0;

@@ -71,6 +71,36 @@ impl std::fmt::Debug for Gone {
     }
 }
 
+/// One dispatch's view of which tasks are this replica's. Whether another
+/// replica is gone is asked once per replica, not once per task: a walk over
+/// a wide flow meets thousands of tasks readied by one or two replicas, and
+/// asking reads the replicas' shared state and the clock.
+pub struct Owners<'a> {
+    placing: &'a Placing,
+    /// The verdicts asked so far: replica, gone.
+    seen: Vec<(u32, bool)>,
+}
+
+impl Owners<'_> {
+    /// Whether this replica is the one to place `task`: it readied it, or
+    /// the replica that did is known to be gone, or nobody is named.
+    pub fn ours(&mut self, task: &super::Task) -> bool {
+        let p = self.placing;
+        match task.readied_by {
+            None => true,
+            Some(r) if Some(r) == p.me => true,
+            Some(r) => {
+                if let Some(&(_, gone)) = self.seen.iter().find(|(s, _)| *s == r) {
+                    return gone;
+                }
+                let gone = p.gone.as_ref().is_some_and(|gone| (gone.0)(r));
+                self.seen.push((r, gone));
+                gone
+            }
+        }
+    }
+}
+
 impl Deref for Placing {
     type Target = HashSet<TaskId>;
     fn deref(&self) -> &HashSet<TaskId> {
@@ -131,13 +161,11 @@ impl Placing {
         self.gone = gone;
     }
 
-    /// Whether this replica is the one to place `task`: it readied it, or
-    /// the replica that did is known to be gone, or nobody is named.
-    pub fn ours(&self, task: &super::Task) -> bool {
-        match task.readied_by {
-            None => true,
-            Some(r) if Some(r) == self.me => true,
-            Some(r) => self.gone.as_ref().is_some_and(|gone| (gone.0)(r)),
+    /// Tells which tasks this replica is to place, for one dispatch.
+    pub fn owners(&self) -> Owners<'_> {
+        Owners {
+            placing: self,
+            seen: Vec::new(),
         }
     }
 

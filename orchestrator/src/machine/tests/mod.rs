@@ -409,3 +409,47 @@ fn a_replica_places_what_it_readied_and_what_another_did_once_that_one_is_gone()
     }
     assert_eq!(placed(&mut flow, 4, placing(1, both)), ["b", "c"]);
 }
+
+#[test]
+fn a_dispatch_asks_once_per_other_replica_and_walks_past_a_bounded_number_of_its_tasks() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let n = super::place::MAX_OTHERS_PASSED + 500;
+    let names: Vec<String> = (0..n).map(|i| format!("t{i:05}")).collect();
+    let tasks = names.iter().map(|id| task(id, &[])).collect();
+    let (mut flow, created) = Flow::new(FlowId::new("f").unwrap(), spec(tasks), 0);
+    flow.claim_ready(1, events_in(&created));
+    // The last task in dispatch order is replica 2's, behind replica 1's.
+    let last = tid(names.last().unwrap());
+    flow.tasks.get_mut(&last).unwrap().readied_by = Some(2);
+    let asked = Arc::new(AtomicUsize::new(0));
+    let placing = |gone: bool| {
+        let asked = Arc::clone(&asked);
+        let mut p = Placing::default();
+        p.drive(
+            Some(2),
+            Some(Gone(Box::new(move |_| {
+                asked.fetch_add(1, Ordering::Relaxed);
+                gone
+            }))),
+        );
+        p
+    };
+    assert!(
+        flow.placements(1, &placing(false), |_| false).is_empty(),
+        "its own task is further on than the walk goes past replica 1's"
+    );
+    assert_eq!(asked.load(Ordering::Relaxed), 1, "one verdict per replica");
+    // Once replica 1 has placed most of its tasks, the walk reaches it.
+    for id in &names[..n - 10] {
+        run(&mut flow, id);
+    }
+    let placed = flow.placements(4, &placing(false), |_| false);
+    assert_eq!(placed.len(), 1);
+    assert_eq!(placed[0].task, last);
+    // Replica 1 gone: everything ready is replica 2's to place.
+    asked.store(0, Ordering::Relaxed);
+    assert_eq!(flow.placements(4, &placing(true), |_| false).len(), 10);
+    assert_eq!(asked.load(Ordering::Relaxed), 1);
+}
