@@ -67,6 +67,14 @@ impl Flow {
         }
     }
 
+    /// Whether a ready task is replica `r`'s to place: no other replica
+    /// places it while `r` answers (see [`Placing`]).
+    pub fn readied_any_by(&self, r: u32) -> bool {
+        self.tasks
+            .values()
+            .any(|t| t.state == TaskState::Ready && t.readied_by == Some(r))
+    }
+
     /// The tasks to ask the allocator for now, `placing` being out already or
     /// held back; `known_full` tells a concurrency key known to have no free
     /// slot. A wide flow refills its placements in batches, once half of

@@ -445,6 +445,7 @@ proptest! {
             (1..3).filter_map(|k| keys.get(k * keys.len() / 3).cloned()).collect();
         let count = bounds.len() + 1;
         let kept = Kept {
+            writer: None,
             pages: Some(Pages { count: count as u32, step: 0, steps: vec![0; count], bounds }),
             outbox: Vec::new(),
         };

@@ -1,6 +1,7 @@
 //! The per-flow actor: commands queued for a flow, applied in batches by one
 //! machine step each and written with one compare-and-set.
 
+use super::forward::Writer;
 use super::*;
 
 /// A large flow's watch updates are this far apart at least, and 1 ms more
@@ -88,6 +89,8 @@ impl Orchestrator {
         // The flow as this actor last wrote it, with its revision.
         let mut cache: Option<Stored> = None;
         let mut watch = Watch::default();
+        // What this replica knows of another writing the flow.
+        let mut writer = Writer::default();
         // How far into the agent events each wait was looked for.
         let mut looked = agent_events::Looked::default();
         loop {
@@ -138,19 +141,35 @@ impl Orchestrator {
                 }
                 // Events a wait task waits for go first, before the tick
                 // could time it out.
-                let found = self.events_for_waits(&flow, &mut cache, &mut looked).await;
-                current &= found.is_empty();
-                let span = tracing::Span::current();
-                batch.splice(0..0, found.into_iter().map(|c| (c, span.clone())));
+                // Not for a flow another replica writes: its own tick looks.
+                if cache.is_some() || writer.elsewhere.is_none() || writer.readied_here {
+                    let found = self.events_for_waits(&flow, &mut cache, &mut looked).await;
+                    current &= found.is_empty();
+                    let span = tracing::Span::current();
+                    batch.splice(0..0, found.into_iter().map(|c| (c, span.clone())));
+                }
             }
             let finished = self
-                .apply_batch(&flow, batch, &mut driver, &mut cache, &mut watch, current)
+                .apply_batch(
+                    &flow,
+                    batch,
+                    &mut driver,
+                    &mut cache,
+                    &mut watch,
+                    current,
+                    &mut writer,
+                )
                 .await;
             self.note_waiting(&flow, cache.as_ref().map(|(f, _, _)| f));
             if let Some((f, _, _)) = &mut cache {
                 driver.set_alarm(&mut Exec(&self), f, common::now_ms());
             }
-            if ticked {
+            // A flow another replica writes is that one's to send again,
+            // publish and watch: the copy here may be stale (see `forward`).
+            let elsewhere = cache
+                .as_ref()
+                .is_some_and(|(_, _, enc)| self.writer_elsewhere(enc.kept.writer).is_some());
+            if ticked && !elsewhere {
                 if let Some((f, rev, enc)) = &cache {
                     let now = common::now_ms();
                     driver.redeliver(&mut Exec(&self), f, now);
@@ -196,6 +215,7 @@ impl Orchestrator {
     ///
     /// The step's span continues the trace of the first command that has one
     /// and links to the others' (see [`step_span`]).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn apply_batch(
         self: &Arc<Self>,
         flow_id: &FlowId,
@@ -204,10 +224,31 @@ impl Orchestrator {
         cache: &mut Option<Stored>,
         watch: &mut Watch,
         current: bool,
+        writer: &mut Writer,
     ) -> bool {
-        let (batch, causes): (Vec<Cmd>, Vec<tracing::Span>) = batch.into_iter().unzip();
+        let (mut batch, mut causes): (Vec<Cmd>, Vec<tracing::Span>) = batch.into_iter().unzip();
         let now = common::now_ms();
         for _ in 0..bus::CAS_ATTEMPTS {
+            // A flow another replica writes is not kept here, only who
+            // writes it, looked at again on the sweep's tick (see `forward`).
+            let handable = |c: &Cmd| matches!(c, Cmd::Report { .. } | Cmd::Tick | Cmd::Due);
+            if cache.is_none() && !writer.readied_here && batch.iter().all(handable) {
+                let ticked = batch.iter().any(|c| matches!(c, Cmd::Tick));
+                let to = match writer.elsewhere.filter(|_| !ticked) {
+                    Some(to) => self.writer_elsewhere(Some(to)),
+                    None => match store::peek(&self.flows, flow_id).await {
+                        Ok(Some(p)) if !p.state.is_terminal() => self.writer_elsewhere(p.writer),
+                        _ => None,
+                    },
+                };
+                writer.elsewhere = to;
+                if let Some(to) = to {
+                    self.hand_over_all(to, &mut batch, &mut causes, true);
+                    if batch.is_empty() {
+                        return false;
+                    }
+                }
+            }
             let cached = cache.take();
             let from_cache = cached.is_some();
             let (mut flow, revision, stored) = match cached {
@@ -224,6 +265,21 @@ impl Orchestrator {
                     }
                 },
             };
+            // Reports go to the replica writing the flow, and its timers are
+            // that one's too, unless tasks this replica readied wait here to
+            // be placed (see `forward`).
+            if let Some(to) = self.writer_elsewhere(stored.kept.writer) {
+                writer.readied_here = flow.readied_any_by(self.replica);
+                self.hand_over_all(to, &mut batch, &mut causes, !writer.readied_here);
+                if batch.is_empty() {
+                    if writer.readied_here {
+                        *cache = Some((flow, revision, stored));
+                    } else {
+                        writer.elsewhere = Some(to);
+                    }
+                    return false;
+                }
+            }
             let outcomes: Vec<Result<Vec<Effect>, Rejection>> = batch
                 .iter()
                 .map(|cmd| flow.apply(cmd.command(), revision, now))
@@ -232,6 +288,7 @@ impl Orchestrator {
             flow.claim_ready(self.replica, events);
             // The step's events go into the record with it (the outbox).
             let mut kept = stored.kept.clone();
+            kept.writer = Some(self.replica);
             let (mut cursor, outbox_changed) = self.outbox.stage(
                 &mut flow,
                 &mut kept.outbox,
@@ -252,11 +309,16 @@ impl Orchestrator {
                 || store::before_outbox(&body.header) != store::before_outbox(&stored.header);
             if !changed {
                 body.kept.outbox = stored.kept.outbox.clone();
+                body.kept.writer = stored.kept.writer;
             }
             if !changed && from_cache && !current && !self.still_current(&flow, revision).await {
                 continue;
             }
             let span = step_span(&mut flow, changed, &causes, driver.placing(), now);
+            if changed {
+                // What this step readied is this replica's to place.
+                *writer = Writer::default();
+            }
             let revision = if !changed {
                 revision
             } else {

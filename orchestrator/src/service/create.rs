@@ -85,6 +85,7 @@ impl Orchestrator {
             let kept = store::Kept {
                 pages: store::lay_out(&flow),
                 outbox,
+                writer: Some(self.replica),
             };
             let encoded = store::encode(&mut flow, kept, None).map(|(e, _)| e);
             let status = flow.status(0, now);

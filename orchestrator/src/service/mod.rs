@@ -8,6 +8,8 @@
 //! result with one compare-and-set. Under load a single KV write thus carries
 //! many task transitions, and no two steps of one replica race each other. Steps
 //! of different replicas still may: the loser re-reads and re-applies its batch.
+//! So a replica hands a flow's reports to the replica that wrote it last, while
+//! that one answers (`forward`).
 //! Effects (events, assignments, releases, cancel notices) run only after the
 //! write succeeded; the events are stored with the write too (see [`crate::outbox`]).
 //!
@@ -20,7 +22,8 @@
 //! Here: start-up and endpoint wiring (`run`) and the types the jobs share.
 //! The jobs: `api` (request handlers), `actor` (queue and step), `settle`
 //! (after a step's write), `dispatch` (placement, assignment, release),
-//! `intake` (reports, stored and early), `sweep`, and the events from agents and the allocator
+//! `intake` (reports, stored and early), `forward` (reports handed between
+//! replicas), `sweep`, and the events from agents and the allocator
 //! (`agent_events`, `allocator_events`).
 
 use std::collections::{HashMap, HashSet};
@@ -59,6 +62,7 @@ mod api;
 mod create;
 mod delivery;
 mod dispatch;
+mod forward;
 mod intake;
 mod replicas;
 mod settle;
@@ -447,6 +451,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
             .consume_reports(Duration::from_millis(cfg.report_ack_wait_ms.max(100))),
     );
     let early_reports = tokio::spawn(orch.clone().take_early_reports());
+    let handed = tokio::spawn(orch.clone().take_handed());
     let replicas = tokio::spawn(orch.clone().hear_replicas());
     let sweeper = tokio::spawn(
         orch.clone()
@@ -459,6 +464,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     service.stop().await;
     reports.abort();
     early_reports.abort();
+    handed.abort();
     allocator_events.abort();
     triggered.abort();
     wake_waits.abort();

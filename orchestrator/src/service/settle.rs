@@ -18,7 +18,7 @@ impl Orchestrator {
         let mut effects = Vec::new();
         match (cmd, outcome) {
             (Cmd::Report { report, msg }, Ok(e)) => {
-                if msg.message().is_none() {
+                if msg.came_early() {
                     self.early.applied(&report, now);
                 }
                 msg.done().await;
@@ -26,17 +26,19 @@ impl Orchestrator {
             }
             (Cmd::Report { msg, .. }, Err(Rejection::AlreadyApplied)) => {
                 tracing::debug!(
-                    early = msg.message().is_none(),
+                    early = msg.came_early(),
                     "report delivered again after it was applied"
                 );
                 msg.done().await;
             }
-            (Cmd::Report { report, msg }, Err(rejection)) => {
+            (Cmd::Report { report, mut msg }, Err(rejection)) => {
                 // An early report's stored copy follows, and is judged then.
+                let (code, reason) = rejection.verdict();
                 if let Some(stored) = msg.message() {
-                    let (code, reason) = rejection.verdict();
                     self.reject(&report, stored, code, reason, rejection.to_string())
                         .await;
+                } else {
+                    msg.refused(code, reason, rejection.to_string());
                 }
                 msg.done().await;
             }
@@ -103,16 +105,19 @@ impl Orchestrator {
     pub(super) async fn settle_missing(self: &Arc<Self>, flow_id: &FlowId, batch: Vec<Cmd>) {
         for cmd in batch {
             match cmd {
-                Cmd::Report { report, msg } => {
+                Cmd::Report { report, mut msg } => {
+                    let why = format!("no flow {flow_id}");
                     if let Some(stored) = msg.message() {
                         self.reject(
                             &report,
                             stored,
                             ErrorCode::NotFound,
                             RejectReason::UnknownFlow,
-                            format!("no flow {flow_id}"),
+                            why,
                         )
                         .await;
+                    } else {
+                        msg.refused(ErrorCode::NotFound, RejectReason::UnknownFlow, why);
                     }
                     msg.done().await;
                 }

@@ -63,11 +63,16 @@ pub struct Kept {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pages: Option<Pages>,
     /// Events committed with a step and not yet known to be in the events
-    /// stream (`crate::outbox`). Always the header's last field, even when
-    /// empty: [`before_outbox`] tells a step that changed only the outbox
-    /// by the encoding before it.
+    /// stream (`crate::outbox`). Always written, even when empty, and only
+    /// `writer` after it: [`before_outbox`] tells a step that changed only
+    /// the outbox by the encoding before it.
     #[serde(default)]
     pub outbox: Vec<Staged>,
+    /// The replica whose step wrote this (its tag): the others hand it the
+    /// flow's reports (`service::forward`). A step that would change only
+    /// this is not written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<u32>,
 }
 
 /// A header as written: the flow's fields, then the store's.
@@ -312,9 +317,9 @@ fn encode_pages(
     Ok((header?, pages, dirty, false))
 }
 
-/// The part of a flow's header before its outbox ([`Kept::outbox`], the last
-/// field): what tells whether a step changed the flow, since publishing and
-/// dropping events changes only the outbox. The outbox holds events alone,
+/// The part of a flow's header before its outbox ([`Kept::outbox`], last but
+/// for the writer's tag): what tells whether a step changed the flow, since
+/// publishing and dropping events changes only the outbox. The outbox holds events alone,
 /// whose strings escape their quotes, so the last match is the field's key; a
 /// header written before the field existed may match inside a task's input,
 /// which costs at most one write nothing else asked for.
@@ -324,6 +329,23 @@ pub fn before_outbox(header: &[u8]) -> &[u8] {
         .windows(KEY.len())
         .rposition(|w| w == KEY)
         .map_or(header, |at| &header[..at])
+}
+
+/// What a flow's header says of who steps it, read without its tasks.
+#[derive(Debug, Deserialize)]
+pub struct Peek {
+    pub state: common::msg::FlowState,
+    /// The replica whose step wrote it ([`Kept::writer`]).
+    #[serde(default)]
+    pub writer: Option<u32>,
+}
+
+/// Reads a flow's header only: what a replica that does not step the flow
+/// needs to hand its reports on (a large flow's tasks are in its pages).
+pub async fn peek(kv: &kv::Store, flow: &FlowId) -> Result<Option<Peek>, Error> {
+    Ok(common::nats::get_json_raw::<Peek>(kv, flow.as_str())
+        .await?
+        .map(|(peek, _, _)| peek))
 }
 
 /// Reads a flow, pages and all.

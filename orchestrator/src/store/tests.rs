@@ -18,6 +18,7 @@ fn flow(n: usize) -> Flow {
 fn only_changed_pages_are_written_and_a_grown_flow_is_paged_again() {
     let mut f = flow(5 * PAGE_TASKS);
     let kept = Kept {
+        writer: None,
         pages: lay_out(&f),
         outbox: Vec::new(),
     };
@@ -40,6 +41,7 @@ fn only_changed_pages_are_written_and_a_grown_flow_is_paged_again() {
     assert_eq!((enc.pages.len(), dirty.len()), (3, 3));
     let mut big = flow(12 * PAGE_TASKS);
     let kept = Kept {
+        writer: None,
         pages: Some(Pages {
             count: 2,
             step: 1,
@@ -62,6 +64,7 @@ fn the_outbox_is_left_out_of_the_comparison_and_task_inputs_do_not_fool_it() {
         .input = serde_json::json!({"x": 1, "outbox": [1]});
     let (plain, _) = encode(&mut f, Kept::default(), None).unwrap();
     let kept = Kept {
+        writer: None,
         pages: None,
         outbox: vec![Staged {
             at_ms: 5,
@@ -89,6 +92,7 @@ fn the_outbox_is_left_out_of_the_comparison_and_task_inputs_do_not_fool_it() {
 fn a_header_reads_back_as_the_flow_and_what_the_store_keeps() {
     let mut f = flow(3);
     let kept = Kept {
+        writer: None,
         pages: None,
         outbox: vec![Staged {
             at_ms: 5,

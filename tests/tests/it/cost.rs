@@ -21,7 +21,7 @@ use futures::StreamExt;
 use testkit::System;
 use tokio::sync::oneshot;
 
-use crate::orchestrator::{wait_finished, wait_registered, Runs};
+use crate::orchestrator::{wait_finished, wait_registered, AgentHandle, Runs};
 
 /// Messages stored with the disk's acknowledgement per task, at most: under
 /// a sixth of the 9.8 the round stored before events and heartbeats were
@@ -290,12 +290,7 @@ async fn a_one_task_flow_is_created_assigned_and_then_written_once_more() {
     ));
     wait_registered(&sys.client, "solo").await;
     let id = FlowId::new("solo-one").unwrap();
-    let mut writes = sys
-        .nats
-        .subscribe(format!("$KV.{}.{id}", common::nats::KV_FLOWS))
-        .await
-        .unwrap();
-    sys.nats.flush().await.unwrap();
+    let mut writes = flow_writes(&sys.nats, &id).await;
 
     let mut task = TaskSpec::new(TaskId::new("only").unwrap());
     task.requirements.resources.insert("solo".into(), 1.0);
@@ -347,27 +342,40 @@ fn one_task_on(id: &FlowId, only_on: &str) -> FlowSpec {
 /// and the grant recorded second was given back).
 const BOOKINGS_PER_TASK_TWO_REPLICAS: f64 = 1.2;
 
-#[tokio::test]
-async fn two_orchestrator_replicas_book_each_task_about_once() {
-    const FLOWS: usize = 12;
-    const PAIRS: usize = 50;
+/// Every write of flow `id`'s entry, as published to the bucket.
+async fn flow_writes(nats: &async_nats::Client, id: &FlowId) -> async_nats::Subscriber {
+    let writes = nats
+        .subscribe(format!("$KV.{}.{id}", common::nats::KV_FLOWS))
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    writes
+}
+
+/// A system with a second orchestrator replica, both answering, and
+/// [`AGENTS`] fast agents named `{prefix}{i}`, registered.
+async fn two_orchestrators(
+    prefix: &str,
+) -> (System, testkit::ServiceHandle, Runs, Vec<AgentHandle>) {
     let sys = System::start().await;
-    let _second = testkit::start_service("orchestrator", sys.server.config());
+    let second = testkit::start_service("orchestrator", sys.server.config());
     testkit::eventually(Duration::from_secs(60), "two orchestrators", || async {
         (testkit::replicas(&sys.nats, "orchestrator").await == 2).then_some(())
     })
     .await;
     let runs = Runs::default();
-    let _agents = runs.agents(
-        &sys.nats,
-        "twice-a",
-        AGENTS,
-        1000.0,
-        Duration::from_millis(1),
-    );
+    let agents = runs.agents(&sys.nats, prefix, AGENTS, 1000.0, Duration::from_millis(1));
     for i in 0..AGENTS {
-        wait_registered(&sys.client, &format!("twice-a{i}")).await;
+        wait_registered(&sys.client, &format!("{prefix}{i}")).await;
     }
+    (sys, second, runs, agents)
+}
+
+#[tokio::test]
+async fn two_orchestrator_replicas_book_each_task_about_once() {
+    const FLOWS: usize = 12;
+    const PAIRS: usize = 50;
+    let (sys, _second, runs, _agents) = two_orchestrators("twice-a").await;
     let mut made = sys
         .nats
         .subscribe(subject::event::ALLOCATION_MADE)
@@ -415,5 +423,44 @@ async fn two_orchestrator_replicas_book_each_task_about_once() {
         per_task <= BOOKINGS_PER_TASK_TWO_REPLICAS,
         "{bookings} allocations made for {tasks} tasks by two orchestrator replicas \
          ({per_task:.2} per task, budget {BOOKINGS_PER_TASK_TWO_REPLICAS})"
+    );
+}
+
+/// Two replicas step one flow: its reports reach either, and the one that
+/// did not write the flow last hands them to the one that did, so nearly
+/// every write is one replica's. (Each applying what it received, they
+/// wrote about half each and lost each other's compare-and-sets: a
+/// 50,000-task flow ran at a third of one replica's rate.)
+#[tokio::test]
+async fn two_orchestrator_replicas_write_a_flow_from_one_of_them() {
+    const PAIRS: usize = 300;
+    let (sys, _second, runs, _agents) = two_orchestrators("writer-a").await;
+    let id = FlowId::new("one-writer").unwrap();
+    let mut writes = flow_writes(&sys.nats, &id).await;
+    let mut tasks = Vec::new();
+    for i in 0..PAIRS {
+        let a = TaskSpec::new(TaskId::new(format!("a{i}")).unwrap());
+        let mut b = TaskSpec::new(TaskId::new(format!("b{i}")).unwrap());
+        b.depends_on = vec![a.id.clone()];
+        tasks.extend([a, b]);
+    }
+    let mut spec = FlowSpec::new("one-writer", tasks);
+    spec.id = Some(id.clone());
+    sys.client.create_flow(&spec).await.unwrap();
+    let status = wait_finished(&sys.client, &id, Duration::from_secs(120)).await;
+    assert_eq!(status.state, FlowState::Succeeded);
+    runs.assert_each_once(PAIRS * 2);
+    let mut by: BTreeMap<Option<u64>, usize> = BTreeMap::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), writes.next()).await {
+        let header: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        *by.entry(header["writer"].as_u64()).or_default() += 1;
+    }
+    let all: usize = by.values().sum();
+    let most = by.values().copied().max().unwrap_or(0);
+    println!("writes of the flow by replica: {by:?}");
+    assert!(all > 0, "no write of the flow was seen");
+    assert!(
+        most as f64 >= 0.9 * all as f64,
+        "writes of one flow spread over replicas: {by:?}"
     );
 }
