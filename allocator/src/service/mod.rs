@@ -129,8 +129,10 @@ pub(crate) struct Allocator {
     /// Quota book updates in this replica, one at a time.
     quota_lock: tokio::sync::Mutex<()>,
     /// Fresh reads of the quota book shared by the bookings waiting for one
-    /// (see `fresh_quotas`): the last read with the ticket count it started at.
-    quota_reads: tokio::sync::Mutex<Option<(u64, QuotaBook, u64)>>,
+    /// (see `fresh_quotas`): the last read with the ticket count it started
+    /// at, who is reading now, and the tickets taken.
+    quota_reads: tokio::sync::watch::Sender<Option<(u64, QuotaBook, u64)>>,
+    quota_reading: tokio::sync::Mutex<()>,
     quota_tickets: std::sync::atomic::AtomicU64,
     /// Which agents listen on their assignment subject (see [`paths`]).
     paths: std::sync::Arc<paths::WorkPaths>,
@@ -182,7 +184,8 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         quotas,
         quota_cache: Default::default(),
         quota_lock: Default::default(),
-        quota_reads: Default::default(),
+        quota_reads: tokio::sync::watch::Sender::new(None),
+        quota_reading: Default::default(),
         quota_tickets: Default::default(),
         paths: Default::default(),
     });

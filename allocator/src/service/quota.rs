@@ -54,19 +54,33 @@ impl Allocator {
     /// need one share it. Each takes a ticket once its booking is stored; a
     /// read serves every ticket taken before it started, so one read in
     /// flight at a time answers all the bookings that arrived meanwhile.
+    /// They wait for it together, not in turn behind a lock: hundreds of
+    /// bookings at once would otherwise wake one after the other.
     async fn fresh_quotas(&self) -> Result<(QuotaBook, u64), Error> {
         use std::sync::atomic::Ordering::SeqCst;
         let ticket = self.quota_tickets.fetch_add(1, SeqCst) + 1;
-        let mut last = self.quota_reads.lock().await;
-        if let Some((served, book, rev)) = &*last {
-            if *served >= ticket {
-                return Ok((book.clone(), *rev));
+        let mut reads = self.quota_reads.subscribe();
+        loop {
+            if let Some((served, book, rev)) = &*reads.borrow_and_update() {
+                if *served >= ticket {
+                    return Ok((book.clone(), *rev));
+                }
             }
+            let Ok(reading) = self.quota_reading.try_lock() else {
+                // A read is in flight: it may have started before this
+                // ticket, so look again once it ends.
+                let _ = reads.changed().await;
+                continue;
+            };
+            // Whatever becomes of this read (done, failed, dropped), the
+            // others look again when it ends.
+            let _ends = ReadEnds(&self.quota_reads, Some(reading));
+            let served = self.quota_tickets.load(SeqCst);
+            let (book, rev) = self.read_quotas().await?;
+            self.quota_reads
+                .send_replace(Some((served, book.clone(), rev)));
+            return Ok((book, rev));
         }
-        let served = self.quota_tickets.load(SeqCst);
-        let (book, rev) = self.read_quotas().await?;
-        *last = Some((served, book.clone(), rev));
-        Ok((book, rev))
     }
 
     /// Compare-and-set on the book. Bookings in this replica queue on a lock
@@ -385,5 +399,20 @@ impl Allocator {
             Some((rec, _)) => self.book_agent(&rec.agent_id, remove()).await,
             None => Ok(None),
         }
+    }
+}
+
+/// A fresh read of the quota book in flight; when it ends, however it
+/// ends, the bookings waiting for it look again.
+struct ReadEnds<'a>(
+    &'a tokio::sync::watch::Sender<Option<(u64, QuotaBook, u64)>>,
+    Option<tokio::sync::MutexGuard<'a, ()>>,
+);
+
+impl Drop for ReadEnds<'_> {
+    fn drop(&mut self) {
+        // Unlocked first: one that looks again may start the next read.
+        drop(self.1.take());
+        self.0.send_modify(|_| {});
     }
 }

@@ -155,10 +155,36 @@ impl Allocator {
         let (done, mut outcome) = oneshot::channel();
         let lane = self.lane(id);
         lane.push(Waiting { change, done });
-        let held = lane.lock.lock().await;
+        // Answered by another's group write, or the lane's turn to write.
+        // The answer is not waited for behind the lock: a group of hundreds
+        // would otherwise hand the lock on once per change, each a wake-up.
+        let held = tokio::select! {
+            biased;
+            answered = &mut outcome => Err(answered),
+            held = lane.lock.lock() => Ok(held),
+        };
+        let result = match held {
+            Err(answered) => answered
+                .unwrap_or_else(|_| Err(Error::internal("a booking was dropped unanswered"))),
+            Ok(held) => self.write_turn(id, &lane, held, outcome).await,
+        };
+        result?;
+        let r = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        r.ok_or_else(|| Error::internal("a booking decided nothing"))
+    }
+
+    /// The lane's lock is `held`: writes every waiting change in one group
+    /// unless this one's was carried already, and returns its outcome.
+    async fn write_turn(
+        &self,
+        id: &AgentId,
+        lane: &Lane,
+        held: tokio::sync::MutexGuard<'_, ()>,
+        mut outcome: oneshot::Receiver<Result<(), Error>>,
+    ) -> Result<(), Error> {
         // The writer before this one answers every change it carried before
         // it unlocks: no answer yet means this change is still waiting.
-        let result = match outcome.try_recv() {
+        match outcome.try_recv() {
             Ok(r) => r,
             Err(oneshot::error::TryRecvError::Closed) => {
                 Err(Error::internal("a booking was dropped unanswered"))
@@ -178,10 +204,7 @@ impl Allocator {
                     .await
                     .unwrap_or_else(|_| Err(Error::internal("a booking was dropped unanswered")))
             }
-        };
-        result?;
-        let r = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        r.ok_or_else(|| Error::internal("a booking decided nothing"))
+        }
     }
 
     /// One compare-and-set carrying every change of `group`, each decided on
