@@ -102,7 +102,16 @@ impl Allocator {
             .await;
         match outcome {
             Ok(Some((last_seen_ms, released))) => {
-                tracing::info!(agent = %rec.agent_id, released = released.len(), "agent lost");
+                // What this replica heard, for telling a silent agent from
+                // heartbeats that did not reach it (a route, a subscription).
+                tracing::info!(
+                    agent = %rec.agent_id,
+                    released = released.len(),
+                    silent_ms = now.saturating_sub(last_seen_ms),
+                    heard_a_beat = beat > 0,
+                    interval_ms = rec.heartbeat_interval_ms,
+                    "agent lost"
+                );
                 self.forget(&released).await;
                 self.events
                     .publish(EventKind::AgentLost {
