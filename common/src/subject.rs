@@ -416,6 +416,9 @@ pub fn family(subject: &str) -> String {
             format!("coord.agents.*.{}", rest.join("."))
         }
         [ROOT, "orchestrator", "watch", _flow] => FLOW_WATCH_ALL.to_owned(),
+        [ROOT, "orchestrator", "replica", _tag, rest @ ..] if !rest.is_empty() => {
+            format!("coord.orchestrator.replica.*.{}", rest.join("."))
+        }
         [ROOT, "sync", "watch", ids @ ..] if !ids.is_empty() => {
             format!("{STATE_WATCH_PREFIX}{}", ".*".repeat(ids.len()))
         }
@@ -441,6 +444,10 @@ mod tests {
         assert_eq!(state_watch(&scope, &a), "coord.sync.watch.plans.w-1");
         assert_eq!(agent_of(&sync_ack(&a)), Some(a.clone()));
         assert_eq!(family(&sync_ack(&a)), "coord.agents.*.sync.ack");
+        assert_eq!(
+            family("coord.orchestrator.replica.00c0ffee.report"),
+            "coord.orchestrator.replica.*.report"
+        );
         assert_eq!(sync_notice(&a), "coord.agents.w-1.sync");
         assert_eq!(agent_of(&agent_register(&a)), Some(a.clone()));
         assert_eq!(agent_of(&agent_state_put(&a)), Some(a.clone()));

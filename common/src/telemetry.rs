@@ -376,6 +376,14 @@ impl SpanCapture {
         SpanCapture(())
     }
 
+    /// The spans called `name` that have ended so far, of any trace.
+    pub fn named(&self, name: &str) -> Vec<SpanData> {
+        CAPTURED
+            .lock()
+            .map(|spans| spans.iter().filter(|s| s.name == name).cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// The spans of `trace_id` (hex, as in `traceparent`) that have ended so far.
     pub fn trace(&self, trace_id: &str) -> Vec<SpanData> {
         CAPTURED

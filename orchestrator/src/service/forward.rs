@@ -80,7 +80,7 @@ impl Orchestrator {
         for (cmd, cause) in batch.drain(..).zip(causes.drain(..)) {
             match cmd {
                 Cmd::Report { report, msg } if msg.may_forward() => {
-                    tokio::spawn(self.clone().hand_over(to, report, msg));
+                    tokio::spawn(self.clone().hand_over(to, report, msg, cause));
                 }
                 Cmd::Tick | Cmd::Due if timers => {}
                 cmd => {
@@ -93,20 +93,29 @@ impl Orchestrator {
     }
 
     /// Hands `report` to replica `to` and settles `msg` as it says; applies
-    /// it here if `to` does not answer.
+    /// it here if `to` does not answer. The request carries the trace of
+    /// `cause` (the agent's, where it sent one), so the writer's step
+    /// continues it.
     pub(super) async fn hand_over(
         self: Arc<Self>,
         to: u32,
         report: Box<AgentReport>,
         msg: Delivery,
+        cause: tracing::Span,
     ) {
         let handed = Handed {
             early: msg.came_early(),
             report: *report,
         };
+        let to_subject = subject(to);
+        let span = cause.in_scope(|| telemetry::client_span(&to_subject));
+        let headers = span.in_scope(telemetry::headers);
         let settled = match serde_json::to_vec(&handed) {
             Ok(body) => {
-                let asked = self.nats.request(subject(to), body.into());
+                let asked = self
+                    .nats
+                    .request_with_headers(to_subject, headers, body.into())
+                    .instrument(span);
                 match tokio::time::timeout(SETTLED_WITHIN, asked).await {
                     Ok(Ok(reply)) => serde_json::from_slice::<Settled>(&reply.payload).ok(),
                     _ => None,
@@ -131,28 +140,44 @@ impl Orchestrator {
             None => {
                 tracing::debug!(replica = to, flow = %report.flow_id, "writer did not take a report; applied here");
                 let flow = report.flow_id.clone();
-                self.send(
-                    &flow,
-                    Cmd::Report {
-                        report,
-                        msg: msg.here(),
-                    },
-                );
+                let cmd = Cmd::Report {
+                    report,
+                    msg: msg.here(),
+                };
+                self.send_caused(&flow, cmd, cause);
             }
         }
     }
 
-    /// Takes the reports other replicas hand this one.
-    pub(super) async fn take_handed(self: Arc<Self>) {
-        keep_running("handed reports", || self.clone().take_handed_once()).await;
-    }
-
-    async fn take_handed_once(self: Arc<Self>) -> Result<(), Error> {
-        let mut handed = self
-            .nats
+    /// Listens for the reports other replicas hand this one: before the
+    /// service answers anything, so that no flow names this replica its
+    /// writer while nobody takes its reports.
+    pub(super) async fn listen_for_handed(&self) -> Result<async_nats::Subscriber, Error> {
+        self.nats
             .subscribe(subject(self.replica))
             .await
-            .map_err(|e| Error::unavailable("handed reports", e))?;
+            .map_err(|e| Error::unavailable("handed reports", e))
+    }
+
+    /// Takes the reports other replicas hand this one, from `first` and
+    /// then from a new subscription whenever one ends.
+    pub(super) async fn take_handed(self: Arc<Self>, first: async_nats::Subscriber) {
+        let mut first = Some(first);
+        keep_running("handed reports", || {
+            let first = first.take();
+            self.clone().take_handed_once(first)
+        })
+        .await;
+    }
+
+    async fn take_handed_once(
+        self: Arc<Self>,
+        listening: Option<async_nats::Subscriber>,
+    ) -> Result<(), Error> {
+        let mut handed = match listening {
+            Some(s) => s,
+            None => self.listen_for_handed().await?,
+        };
         while let Some(m) = handed.next().await {
             let (Some(reply), Ok(h)) = (m.reply, serde_json::from_slice::<Handed>(&m.payload))
             else {
@@ -160,13 +185,12 @@ impl Orchestrator {
             };
             let (msg, settled) = Delivery::forwarded(h.early);
             let flow = h.report.flow_id.clone();
-            self.send(
-                &flow,
-                Cmd::Report {
-                    report: Box::new(h.report),
-                    msg,
-                },
-            );
+            let cause = telemetry::consumer_span(&m.subject, m.headers.as_ref());
+            let cmd = Cmd::Report {
+                report: Box::new(h.report),
+                msg,
+            };
+            self.send_caused(&flow, cmd, cause);
             let nats = self.nats.clone();
             tokio::spawn(async move {
                 let settled = settled.await.unwrap_or(Settled::Again);

@@ -356,6 +356,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         replica: replicas::tag(&service.instance_id().await),
         heard: Mutex::default(),
     });
+    let handed = orch.listen_for_handed().await?;
 
     let o = orch.clone();
     service
@@ -451,7 +452,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
             .consume_reports(Duration::from_millis(cfg.report_ack_wait_ms.max(100))),
     );
     let early_reports = tokio::spawn(orch.clone().take_early_reports());
-    let handed = tokio::spawn(orch.clone().take_handed());
+    let handed = tokio::spawn(orch.clone().take_handed(handed));
     let replicas = tokio::spawn(orch.clone().hear_replicas());
     let sweeper = tokio::spawn(
         orch.clone()

@@ -225,6 +225,102 @@ async fn one_trace_follows_a_task_from_creation_to_completion() {
     agent.await.unwrap().unwrap();
 }
 
+/// With two orchestrator replicas, a report taken by the replica that does
+/// not write its flow is handed to the one that does, and the trace goes
+/// with it: the writer's span for the hand-over continues the taking
+/// replica's request span, which continues the agent's report, and the
+/// writer's step continues the hand-over.
+#[tokio::test]
+async fn a_report_handed_to_the_flows_writer_stays_in_the_agents_trace() {
+    const HANDED: &str = "request coord.orchestrator.replica.*.report";
+    const TAKEN: &str = "process coord.orchestrator.replica.*.report";
+    let capture = telemetry::SpanCapture::start();
+    let sys = System::start().await;
+    let _second = testkit::start_service("orchestrator", sys.server.config());
+    eventually(Duration::from_secs(60), "two orchestrators", || async {
+        (testkit::replicas(&sys.nats, "orchestrator").await == 2).then_some(())
+    })
+    .await;
+    let agent_id = AgentId::new("handed").unwrap();
+    let opts = AgentOptions::new(agent_id.clone()).capacity("cpu", 8.0);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(agent::run(
+        sys.nats.clone(),
+        opts,
+        |_| async { Ok(serde_json::json!({})) },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    eventually(Duration::from_secs(10), "agent registered", || async {
+        let c = sys.client.capacity(&Default::default()).await.ok()?;
+        c.agents.contains_key(&agent_id).then_some(())
+    })
+    .await;
+
+    // Each report goes to either replica: a few flows see one handed over.
+    let mut handed = Vec::new();
+    for round in 0..30 {
+        let tasks = (0..10).map(|i| task(&format!("t{i}"), &[])).collect();
+        let created = sys
+            .client
+            .create_flow(&FlowSpec::new(format!("handed {round}"), tasks))
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(30), "the flow succeeds", || async {
+            let s = sys.client.flow_status(&created.flow_id).await.ok()?;
+            (s.state == FlowState::Succeeded).then_some(())
+        })
+        .await;
+        handed = capture.named(HANDED);
+        if !handed.is_empty() {
+            break;
+        }
+    }
+    assert!(!handed.is_empty(), "no report was handed over in 30 flows");
+
+    // The writer's spans end a little after the hand-over's.
+    let client = &handed[0];
+    let trace = client.span_context.trace_id().to_string();
+    let (taken, stepped, chain_up) = eventually(
+        Duration::from_secs(10),
+        "the writer's spans of the hand-over",
+        || {
+            let all = capture.trace(&trace);
+            async move {
+                let taken = all
+                    .iter()
+                    .find(|s| {
+                        label(s) == TAKEN && s.parent_span_id == client.span_context.span_id()
+                    })?
+                    .clone();
+                let stepped = all.iter().any(|s| {
+                    label(s) == "flow step" && s.parent_span_id == taken.span_context.span_id()
+                });
+                let (up, _) = chain(&all, client.span_context.span_id());
+                let up: Vec<String> = up.iter().map(label).collect();
+                stepped.then_some((taken, stepped, up))
+            }
+        },
+    )
+    .await;
+    assert!(
+        taken.parent_span_is_remote,
+        "the writer continues a remote parent"
+    );
+    assert_eq!(taken.span_kind, opentelemetry::trace::SpanKind::Consumer);
+    assert!(stepped, "the writer's step continues the hand-over");
+    assert!(
+        chain_up
+            .iter()
+            .any(|l| l == "process coord.agents.*.report"),
+        "the hand-over continues the report as the other replica took it: {chain_up:?}"
+    );
+
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
+
 /// A span as a real OTLP/HTTP receiver decoded it, with its resource.
 #[derive(Debug, Clone)]
 struct Exported {
