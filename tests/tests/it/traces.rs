@@ -75,18 +75,16 @@ fn chain(spans: &[SpanData], id: SpanId) -> (Vec<SpanData>, bool) {
     (out, true)
 }
 
-#[tokio::test]
-async fn one_trace_follows_a_task_from_creation_to_completion() {
-    let capture = telemetry::SpanCapture::start();
-    let sys = System::start().await;
-    let mut events = sys.nats.subscribe(subject::EVENTS_ALL).await.unwrap();
-    sys.nats.flush().await.unwrap();
-
-    // Room for both tasks at once, so b is placed the moment a completes
-    // (not by a later sweep) whether or not a's resources are back yet.
-    let agent_id = AgentId::new("tracer").unwrap();
-    let mut opts = AgentOptions::new(agent_id.clone()).capacity("cpu", 2.0);
-    opts.heartbeat_interval = Duration::from_millis(500);
+/// Runs an agent that answers every task with `{"done": true}` and waits
+/// until the allocator has it; the sender stops it.
+async fn registered_agent(
+    sys: &System,
+    opts: AgentOptions,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), common::Error>>,
+) {
+    let agent_id = opts.agent_id.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(agent::run(
         sys.nats.clone(),
@@ -101,6 +99,21 @@ async fn one_trace_follows_a_task_from_creation_to_completion() {
         c.agents.contains_key(&agent_id).then_some(())
     })
     .await;
+    (stop, agent)
+}
+
+#[tokio::test]
+async fn one_trace_follows_a_task_from_creation_to_completion() {
+    let capture = telemetry::SpanCapture::start();
+    let sys = System::start().await;
+    let mut events = sys.nats.subscribe(subject::EVENTS_ALL).await.unwrap();
+    sys.nats.flush().await.unwrap();
+
+    // Room for both tasks at once, so b is placed the moment a completes
+    // (not by a later sweep) whether or not a's resources are back yet.
+    let mut opts = AgentOptions::new(AgentId::new("tracer").unwrap()).capacity("cpu", 2.0);
+    opts.heartbeat_interval = Duration::from_millis(500);
+    let (stop, agent) = registered_agent(&sys, opts).await;
 
     let root = tracing::info_span!("test-create");
     let root_cx = root.context();
@@ -241,22 +254,8 @@ async fn a_report_handed_to_the_flows_writer_stays_in_the_agents_trace() {
         (testkit::replicas(&sys.nats, "orchestrator").await == 2).then_some(())
     })
     .await;
-    let agent_id = AgentId::new("handed").unwrap();
-    let opts = AgentOptions::new(agent_id.clone()).capacity("cpu", 8.0);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(agent::run(
-        sys.nats.clone(),
-        opts,
-        |_| async { Ok(serde_json::json!({})) },
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    eventually(Duration::from_secs(10), "agent registered", || async {
-        let c = sys.client.capacity(&Default::default()).await.ok()?;
-        c.agents.contains_key(&agent_id).then_some(())
-    })
-    .await;
+    let opts = AgentOptions::new(AgentId::new("handed").unwrap()).capacity("cpu", 8.0);
+    let (stop, agent) = registered_agent(&sys, opts).await;
 
     // Each report goes to either replica: a few flows see one handed over.
     let mut handed = Vec::new();
