@@ -360,6 +360,7 @@ impl Task {
             progress: None,
             progress_message: None,
             readied_by: None,
+            asked: None,
             spec,
         }
     }

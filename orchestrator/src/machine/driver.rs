@@ -248,6 +248,37 @@ impl Driver {
     }
 }
 
+/// The assignment a grant sends, worked out on `probe` (a copy of the flow)
+/// ahead of the step that records it: the same attempt as that step gives
+/// it, so a new flow's first assignments can go out before their record.
+pub fn assignment_ahead(
+    probe: &mut Flow,
+    task: &TaskId,
+    agent: &AgentId,
+    allocation: &AllocationId,
+    now_ms: u64,
+    tick_ms: u64,
+) -> Result<Assignment, super::Rejection> {
+    let effects = probe.assign(task, agent, allocation, now_ms)?;
+    let attempt = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Assign { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .unwrap_or(probe.tasks.get(task).map_or(0, |t| t.attempt));
+    assignment(
+        probe,
+        task,
+        attempt,
+        agent.clone(),
+        allocation.clone(),
+        now_ms,
+        tick_ms,
+    )
+    .ok_or_else(|| super::Rejection::UnknownTask(task.clone()))
+}
+
 /// The message that sends `task`'s attempt to its agent.
 fn assignment(
     flow: &Flow,

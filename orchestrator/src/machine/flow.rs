@@ -81,6 +81,7 @@ impl Flow {
                     progress: None,
                     progress_message: None,
                     readied_by: None,
+                    asked: None,
                     spec,
                 };
                 (task.spec.id.clone(), task)
@@ -237,6 +238,7 @@ impl Flow {
         t.attempt += 1;
         t.agent = Some(agent.clone());
         t.allocation = Some(allocation.clone());
+        t.asked = None;
         t.assigned_ms = Some(now_ms);
         t.started_ms = None;
         t.progress = None;

@@ -47,7 +47,7 @@ use serde_json::Value;
 
 pub use alarm::Alarm;
 pub use change::Problems;
-pub use driver::{Driver, Executor, Wake, REDELIVER_AFTER_MS};
+pub use driver::{assignment_ahead, Driver, Executor, Wake, REDELIVER_AFTER_MS};
 pub use place::{Placement, MAX_PLACING_PER_FLOW};
 pub use placing::{Gone, Owners, Placing, FREED_ALL};
 pub use plan::PlanInput;
@@ -174,6 +174,12 @@ pub struct Task {
     /// were told apart, or by a step that did not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readied_by: Option<u32>,
+    /// The allocation id a ready task was asked for with before its grant
+    /// was recorded (a new flow's first tasks, booked beside its first
+    /// write): whoever places it asks with this id again, and so gets back
+    /// the booking already made rather than a second one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked: Option<AllocationId>,
 }
 
 fn is_zero<T: Default + PartialEq>(v: &T) -> bool {

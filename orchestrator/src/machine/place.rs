@@ -160,7 +160,7 @@ impl Flow {
                         owner: self.allocation_owner(&task),
                         requirements: t.spec.requirements.clone(),
                         priority: t.spec.priority,
-                        allocation_id: None,
+                        allocation_id: t.asked.clone(),
                         deadline_ms: None,
                         task: Some(TaskRef {
                             flow_id: self.id.clone(),

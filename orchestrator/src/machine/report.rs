@@ -12,11 +12,27 @@ use super::*;
 impl Flow {
     /// Applies an agent's report. Fencing: only the current attempt, from the
     /// agent that holds it, while it is assigned or running, is accepted.
+    ///
+    /// A report on the attempt a ready task was sent ahead of its record
+    /// (`Task::asked`: the replica that sent it died before recording it)
+    /// records the attempt on the reporting agent first: the agent may
+    /// ignore the same assignment sent again if it finished it already.
     pub fn report(&mut self, report: &AgentReport, now_ms: u64) -> Result<Vec<Effect>, Rejection> {
         let t = self
             .tasks
             .get(&report.task_id)
             .ok_or_else(|| Rejection::UnknownTask(report.task_id.clone()))?;
+        if let (TaskState::Ready, Some(asked)) = (t.state, &t.asked) {
+            if report.attempt == t.attempt + 1 {
+                // On a copy: a report refused leaves the flow as it was.
+                let mut next = self.clone();
+                let mut effects = next.assign(&report.task_id, &report.agent_id, asked, now_ms)?;
+                effects.retain(|e| !matches!(e, Effect::Assign { .. }));
+                effects.extend(next.report(report, now_ms)?);
+                *self = next;
+                return Ok(effects);
+            }
+        }
         if report.attempt != t.attempt {
             return Err(Rejection::StaleAttempt {
                 got: report.attempt,

@@ -19,6 +19,10 @@ impl Flow {
         let Some(t) = self.tasks.get(task) else {
             return Err(format!("flow {} has no task {task}", self.id));
         };
+        // Asked for, its grant not recorded yet (see `Task::asked`).
+        if t.state == TaskState::Ready && t.asked.as_ref() == Some(allocation) {
+            return Ok(());
+        }
         if !t.state.is_active() {
             return Err(format!(
                 "task {task} of flow {} is {}",

@@ -341,6 +341,8 @@ impl Flow {
         t.since_ms = now_ms;
         // Set again by the replica that writes the step (`Flow::claim_ready`).
         t.readied_by = None;
+        // An id asked with is for the task's current wait for a grant only.
+        t.asked = None;
         if from == TaskState::Waiting {
             self.waiting = self.waiting.saturating_sub(1);
         }

@@ -309,6 +309,42 @@ fn a_final_report_without_started_passes_through_running() {
     }
 }
 
+#[test]
+fn a_report_on_an_attempt_sent_ahead_of_its_record_records_it() {
+    let mut flow = flow_of(vec![task("a", &[]), task("b", &[])]);
+    let asked = AllocationId::new("al-asked").unwrap();
+    for t in ["a", "b"] {
+        flow.tasks.get_mut(&tid(t)).unwrap().asked = Some(asked.clone());
+    }
+    let done = ReportKind::Completed { output: json!(1) };
+    // Another attempt than the one sent ahead changes nothing.
+    let before = flow.clone();
+    assert!(flow.report(&report("b", 2, done.clone()), 5).is_err());
+    assert_eq!(flow, before, "a refused report leaves the flow as it was");
+
+    let e = flow.report(&report("a", 1, done), 7).unwrap();
+    assert_eq!(
+        transitions(&e),
+        [
+            (TaskState::Ready, TaskState::Assigned),
+            (TaskState::Assigned, TaskState::Running),
+            (TaskState::Running, TaskState::Succeeded)
+        ]
+    );
+    assert!(
+        !e.iter().any(|e| matches!(e, Effect::Assign { .. })),
+        "the agent has the assignment already: {e:?}"
+    );
+    assert!(e.iter().any(|e| matches!(e,
+        Effect::Release { agent, allocation } if agent.as_str() == "w1" && allocation == &asked)));
+    let a = &flow.tasks[&tid("a")];
+    assert_eq!(
+        (a.attempt, a.agent.as_ref().map(|x| x.as_str())),
+        (1, Some("w1"))
+    );
+    assert_eq!(a.asked, None);
+}
+
 /// The task transitions among `effects`, as (from, to).
 fn transitions(effects: &[Effect]) -> Vec<(TaskState, TaskState)> {
     effects
