@@ -257,6 +257,18 @@ pub struct Replica {
 
 impl Replica {
     pub fn start(name: &'static str, cfg: NatsConfig) -> Replica {
+        Self::start_with(name, || start_service(name, cfg))
+    }
+
+    /// An orchestrator replica with its configuration changed by `tune`.
+    pub fn start_orchestrator(
+        cfg: NatsConfig,
+        tune: impl FnOnce(&mut orchestrator::Config),
+    ) -> Replica {
+        Self::start_with("orchestrator", || start_orchestrator(cfg, tune))
+    }
+
+    fn start_with(name: &'static str, start: impl FnOnce() -> ServiceHandle) -> Replica {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -264,7 +276,7 @@ impl Replica {
             .expect("replica runtime");
         let handle = {
             let _context = runtime.enter();
-            start_service(name, cfg)
+            start()
         };
         // The handle must not stop the service when dropped here: the runtime owns it now.
         std::mem::forget(handle);
@@ -348,11 +360,7 @@ pub fn start_service(name: &'static str, cfg: NatsConfig) -> ServiceHandle {
         let _ = rx.await;
     };
     match name {
-        "orchestrator" => ServiceHandle::spawn(name, move |rx| {
-            let mut c = orchestrator::Config::new(cfg);
-            c.sweep_ms = 200;
-            orchestrator::run(c, shutdown(rx))
-        }),
+        "orchestrator" => start_orchestrator(cfg, |_| {}),
         "allocator" => ServiceHandle::spawn(name, move |rx| {
             allocator::run(allocator::Config::new(cfg), shutdown(rx))
         }),
@@ -369,7 +377,47 @@ pub fn start_service(name: &'static str, cfg: NatsConfig) -> ServiceHandle {
     }
 }
 
+/// Starts an orchestrator against `cfg`, with the tests' sweep and what
+/// `tune` changes.
+pub fn start_orchestrator(
+    cfg: NatsConfig,
+    tune: impl FnOnce(&mut orchestrator::Config),
+) -> ServiceHandle {
+    let mut c = orchestrator::Config::new(cfg);
+    c.sweep_ms = 200;
+    tune(&mut c);
+    ServiceHandle::spawn("orchestrator", move |rx| {
+        orchestrator::run(c, async move {
+            let _ = rx.await;
+        })
+    })
+}
+
 impl System {
+    /// [`System::start`] with the orchestrator's configuration changed by `tune`.
+    pub async fn start_tuned(tune: impl FnOnce(&mut orchestrator::Config)) -> System {
+        let mut sys = Self::start().await;
+        let i = sys
+            .services
+            .iter()
+            .position(|s| s.name == "orchestrator")
+            .expect("an orchestrator");
+        sys.services
+            .remove(i)
+            .stop()
+            .await
+            .expect("orchestrator stopped");
+        sys.services
+            .push(start_orchestrator(sys.server.config(), tune));
+        eventually(
+            Duration::from_secs(60),
+            "the tuned orchestrator",
+            || async { (replicas(&sys.nats, "orchestrator").await == 1).then_some(()) },
+        )
+        .await;
+        sys
+    }
+
     /// A fresh server with all four services, returned once each answers `$SRV.PING`.
     pub async fn start() -> System {
         common::telemetry::init_for_tests();

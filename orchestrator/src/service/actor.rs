@@ -120,6 +120,12 @@ impl Orchestrator {
                     Err(_) => break,
                 }
             }
+            self.hold_first_record(&mut batch, &mut rx).await;
+            let sweep_only = batch.iter().all(|(c, _)| matches!(c, Cmd::Tick));
+            if sweep_only && self.creating.lock().is_ok_and(|c| c.contains(&flow)) {
+                // Its creation ticks it once its grants are queued.
+                continue;
+            }
             let ticked = batch.iter().any(|(c, _)| matches!(c, Cmd::Tick));
             // Whether the copy about to be stepped is known current without a
             // read: the one this replica's creation wrote just now, for a step
@@ -200,6 +206,43 @@ impl Orchestrator {
                         done.remove(&flow);
                     }
                 }
+            }
+        }
+    }
+
+    /// Holds back a step that would only record assignments sent ahead of
+    /// their record (a new flow's, see `create`) until a command that
+    /// matters comes, such as the agents' first reports, or
+    /// [`Config::first_record_ms`] has passed: one write then records the
+    /// grants and the reports. A tick is no reason to write.
+    async fn hold_first_record(
+        &self,
+        batch: &mut Vec<Queued>,
+        rx: &mut mpsc::UnboundedReceiver<Queued>,
+    ) {
+        let quiet = |c: &Cmd| matches!(c, Cmd::Tick | Cmd::Assign { sent: Some(_), .. });
+        let ahead = |c: &Cmd| matches!(c, Cmd::Assign { sent: Some(_), .. });
+        if self.first_record.is_zero()
+            || !batch.iter().all(|(c, _)| quiet(c))
+            || !batch.iter().any(|(c, _)| ahead(c))
+        {
+            return;
+        }
+        let until = tokio::time::Instant::now() + self.first_record;
+        while batch.len() < MAX_BATCH {
+            let Ok(Some(cmd)) = tokio::time::timeout_at(until, rx.recv()).await else {
+                return;
+            };
+            let matters = !quiet(&cmd.0);
+            batch.push(cmd);
+            if matters {
+                break;
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
             }
         }
     }

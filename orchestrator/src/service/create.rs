@@ -7,9 +7,9 @@ use super::*;
 /// Infeasible-requirement warnings listed one by one; more are counted.
 pub(super) const MAX_WARNINGS: usize = 100;
 
-/// Tasks a new flow places before its first write, at most (see
-/// [`Orchestrator::place_at_creation`]): enough for small flows to start
-/// at once, few enough that a wide flow's reply does not wait on many
+/// Tasks a new flow books beside its first write, at most (see
+/// [`Orchestrator::placements_at_creation`]): enough for small flows to
+/// start at once, few enough that a wide flow's reply does not wait on many
 /// bookings (its actor places the rest in batches).
 const PLACED_AT_CREATION: usize = 8;
 
@@ -19,6 +19,35 @@ const PLACED_AT_CREATION: usize = 8;
 /// short, so a booking read later books nothing (one that got no answer in
 /// time is released, as any placement's).
 const PLACED_AT_CREATION_WAIT: Duration = Duration::from_millis(500);
+
+/// A flow in [`Orchestrator::creating`] for as long as this lives.
+struct Creating(Arc<Orchestrator>, FlowId);
+
+impl Creating {
+    fn new(o: &Arc<Orchestrator>, id: &FlowId) -> Self {
+        if let Ok(mut c) = o.creating.lock() {
+            c.insert(id.clone());
+        }
+        Creating(o.clone(), id.clone())
+    }
+}
+
+impl Drop for Creating {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.0.creating.lock() {
+            c.remove(&self.1);
+        }
+    }
+}
+
+/// See [`Orchestrator::sent_ahead`].
+#[derive(Default)]
+struct Ahead {
+    sent: Vec<(TaskId, Allocation, Assignment)>,
+    refused: Vec<(TaskId, u64)>,
+    /// Whether the actor's first step may wait for reports.
+    hold: bool,
+}
 
 /// How long creation waits for the allocator's word on whether a task's
 /// requirements could ever fit, when that is only advice (a warning): a
@@ -63,7 +92,7 @@ impl Orchestrator {
         let id = spec.id.clone().unwrap_or_else(FlowId::random);
         let now = common::now_ms();
         let trace = telemetry::traceparent();
-        let (mut flow, mut effects) = off_worker(large, || {
+        let (mut flow, effects) = off_worker(large, || {
             let (mut flow, effects) = Flow::new(id.clone(), spec, now);
             flow.claim_ready(self.replica, events_of(&effects));
             flow.warnings = warnings;
@@ -71,10 +100,12 @@ impl Orchestrator {
             flow.trace = trace;
             (flow, effects)
         });
-        let (booked, refused) = if large {
-            Default::default()
+        // A small flow's first tasks are booked while its first write is
+        // stored, not before it (see `sent_ahead`).
+        let placements = if large {
+            Vec::new()
         } else {
-            self.place_at_creation(&mut flow, &mut effects).await
+            self.placements_at_creation(&mut flow)
         };
         let (flow, effects, encoded, status) = off_worker(large, || {
             let mut flow = flow;
@@ -91,27 +122,35 @@ impl Orchestrator {
             let status = flow.status(0, now);
             (flow, (effects, cursor), encoded, status)
         });
-        // A flow not written gives its bookings back; one whose write may
-        // have been stored keeps them (reconciliation takes them back if not).
-        let unbook = |o: &Arc<Self>| {
-            for (agent, allocation) in booked.iter().cloned() {
-                o.release(agent, allocation);
-            }
-        };
-        let encoded = encoded.inspect_err(|_| unbook(self))?;
-        self.fits_in_entries(&flow, &encoded)
-            .inspect_err(|_| unbook(self))?;
-        let (revision, encoded) = match store::create(&self.flows, &flow, encoded).await {
+        let encoded = encoded?;
+        self.fits_in_entries(&flow, &encoded)?;
+        let asked_at = self.freed.load(Ordering::Relaxed);
+        let creating = (!large).then(|| Creating::new(self, &id));
+        let (written, granted) = tokio::join!(
+            store::create(&self.flows, &flow, encoded),
+            self.book_at_creation(&flow.id, placements)
+        );
+        let (revision, encoded) = match written {
             Ok(written) => written,
-            Err(WriteError::Conflict) => {
-                unbook(self);
-                return Err(Error::new(
-                    ErrorCode::Conflict,
-                    format!("flow {id} already exists"),
-                ));
+            Err(e) => {
+                // A flow not written gives its bookings back. One whose
+                // write may have been stored keeps them: its ready tasks
+                // hold them under the ids they were asked with, placed by
+                // the sweep's tick, and reconciliation takes them back if
+                // the flow was not stored.
+                let booked = granted.into_iter().filter_map(|(_, a)| a);
+                return Err(match e {
+                    WriteError::Conflict => {
+                        for a in booked {
+                            self.release(a.agent_id, a.allocation_id);
+                        }
+                        Error::new(ErrorCode::Conflict, format!("flow {id} already exists"))
+                    }
+                    WriteError::Failed(e) => e,
+                });
             }
-            Err(WriteError::Failed(e)) => return Err(e),
         };
+        let ahead = self.sent_ahead(&flow, granted, asked_at);
         // A small flow's first assignments and events go out before the
         // reply, at once. A large flow's creation is many events (each root
         // becomes ready): the reply does not wait for them, and dispatch
@@ -121,18 +160,39 @@ impl Orchestrator {
             #[cfg(feature = "failpoints")]
             crate::failpoints::after_write(&id).await;
             let (effects, mut cursor) = effects;
-            // Only the assignments of what creation placed: the flow's
-            // actor has the driver that places the rest.
-            let mut driver = Driver::new(o.tick_ms);
-            let now = common::now_ms();
-            o.run_effects(&mut driver, Some((&flow, now)), effects, &mut cursor)
-                .await;
-            o.outbox.sent(cursor, common::now_ms());
             if let Ok(mut created) = o.created.lock() {
                 let stored = (flow, revision, encoded);
+                let refused = ahead.refused;
                 created.insert(id.clone(), Created { stored, refused });
             }
-            o.send(&id, Cmd::Tick);
+            drop(creating);
+            // Queued before the assignments leave, so that the actor has
+            // each grant before any report on it; without a cause, so that
+            // the step that records them continues the report's trace.
+            let granted_ms = common::now_ms();
+            for (task, allocation, assignment) in &ahead.sent {
+                let cmd = Cmd::Assign {
+                    task: task.clone(),
+                    allocation: Box::new(allocation.clone()),
+                    slot: None,
+                    granted_ms,
+                    sent: Some(assignment.attempt),
+                };
+                o.send_caused(&id, cmd, tracing::Span::none());
+            }
+            o.send_caused(&id, Cmd::Tick, tracing::Span::none());
+            if !ahead.hold {
+                // Tasks are left to place: the first step is not held back.
+                o.send(&id, Cmd::Wake);
+            }
+            for (_, _, assignment) in &ahead.sent {
+                if let Err(e) = o.publish_assignment(assignment).await {
+                    tracing::warn!(flow = %id, task = %assignment.task_id, error = %e, "assignment not sent, sending it again later");
+                }
+            }
+            let mut driver = Driver::new(o.tick_ms);
+            o.run_effects(&mut driver, None, effects, &mut cursor).await;
+            o.outbox.sent(cursor, common::now_ms());
         };
         if large {
             tokio::spawn(after.in_current_span());
@@ -142,63 +202,93 @@ impl Orchestrator {
         Ok(FlowStatus { revision, ..status })
     }
 
-    /// Places a new small flow's first tasks before it is first written, so
-    /// the write that creates it assigns them too: a one-task flow is then
-    /// three writes (create and assign, report, complete), not four, and
-    /// its assignments leave right after the reply. Tasks with a
-    /// concurrency key and any the allocator does not grant at once go the
-    /// usual way, through the flow's actor. Returns what was booked, and
-    /// the tasks refused (for the actor to hold back as if it had asked).
-    async fn place_at_creation(
-        self: &Arc<Self>,
-        flow: &mut Flow,
-        effects: &mut Vec<Effect>,
-    ) -> (Vec<(AgentId, AllocationId)>, Vec<(TaskId, u64)>) {
+    /// A new small flow's first tasks to book as its first write is stored:
+    /// enough for small flows to start at once (a one-task flow is then two
+    /// writes on its path, not three: the creation, beside the booking,
+    /// and the completion). Tasks with a concurrency key go the usual way,
+    /// through the flow's actor. Each has its allocation id chosen here.
+    fn placements_at_creation(&self, flow: &mut Flow) -> Vec<machine::Placement> {
         let now = common::now_ms();
-        let asked_at = self.freed.load(Ordering::Relaxed);
         // Its tasks are this replica's to place (`claim_ready`).
         let mut placing = machine::Placing::default();
         placing.drive(Some(self.replica), None);
-        let placements: Vec<machine::Placement> = flow
-            .placements(now, &placing, |_| false)
+        flow.placements(now, &placing, |_| false)
             .into_iter()
             .filter(|p| p.slot.is_none())
             .take(PLACED_AT_CREATION)
-            .collect();
+            .map(|mut p| {
+                let id = AllocationId::random();
+                if let Some(t) = flow.tasks.get_mut(&p.task) {
+                    t.asked = Some(id.clone());
+                }
+                p.request.allocation_id = Some(id);
+                p
+            })
+            .collect()
+    }
+
+    /// Books the placements, all at once, within [`PLACED_AT_CREATION_WAIT`].
+    async fn book_at_creation(
+        self: &Arc<Self>,
+        flow: &FlowId,
+        placements: Vec<machine::Placement>,
+    ) -> Vec<(TaskId, Option<Allocation>)> {
         let client = self.client.clone().with_timeout(PLACED_AT_CREATION_WAIT);
-        let granted = futures::future::join_all(placements.into_iter().map(|mut p| {
-            let span = tracing::info_span!("place", flow = %flow.id, task = %p.task);
+        futures::future::join_all(placements.into_iter().map(|p| {
+            let span = tracing::info_span!("place", flow = %flow, task = %p.task);
             let client = &client;
-            async move {
-                p.request.allocation_id = Some(AllocationId::random());
-                let placed = self.place_via(client, &p.request).await;
-                (p.task, placed)
-            }
-            .instrument(span)
+            async move { (p.task, self.place_via(client, &p.request, true).await) }.instrument(span)
         }))
-        .await;
-        let granted_ms = common::now_ms();
-        let (mut booked, mut refused) = (Vec::new(), Vec::new());
+        .await
+    }
+
+    /// What creation's bookings lead to once the flow is stored: the
+    /// assignments to send ahead of their record, worked out on a copy of
+    /// the flow as the step that records them will (the same attempt), and
+    /// the tasks refused, for the actor to hold back as if it had asked.
+    ///
+    /// Sending before recording saves the record's write on a short task's
+    /// path: the actor's first step records the grants, and waits up to
+    /// [`Config::first_record_ms`] for the agents' first reports so that one
+    /// write takes both (`hold`, when the flow has nothing else to place).
+    /// Should this replica die in between, the flow holds its tasks as
+    /// ready, each with the allocation id it was asked for with
+    /// (`Task::asked`): the replica that takes them up asks with that id
+    /// again and gets back the same booking, so the same agent is sent the
+    /// same attempt again (it may run it twice: at least once).
+    fn sent_ahead(
+        self: &Arc<Self>,
+        flow: &Flow,
+        granted: Vec<(TaskId, Option<Allocation>)>,
+        asked_at: u64,
+    ) -> Ahead {
+        let now = common::now_ms();
+        let mut probe = flow.clone();
+        let mut ahead = Ahead::default();
         for (task, placed) in granted {
             let Some(a) = placed else {
-                refused.push((task, asked_at));
+                ahead.refused.push((task, asked_at));
                 continue;
             };
-            let placed = machine::Command::Placed {
-                task: &task,
-                agent: &a.agent_id,
-                allocation: &a.allocation_id,
-                granted_ms,
-            };
-            match flow.apply(placed, 0, granted_ms) {
-                Ok(e) => {
-                    effects.extend(e);
-                    booked.push((a.agent_id, a.allocation_id));
-                }
+            let assignment = machine::assignment_ahead(
+                &mut probe,
+                &task,
+                &a.agent_id,
+                &a.allocation_id,
+                now,
+                self.tick_ms,
+            );
+            match assignment {
+                Ok(assignment) => ahead.sent.push((task, a, assignment)),
                 Err(_) => self.release(a.agent_id, a.allocation_id),
             }
         }
-        (booked, refused)
+        let mut placing = machine::Placing::default();
+        placing.drive(Some(self.replica), None);
+        ahead.hold = !ahead.sent.is_empty()
+            && !self.first_record.is_zero()
+            && probe.placements(now, &placing, |_| false).is_empty();
+        ahead
     }
 
     /// The tasks a client uploaded ahead of a spec too large for one message;

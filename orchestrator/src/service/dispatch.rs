@@ -9,11 +9,15 @@ pub(super) struct Exec<'a>(pub(super) &'a Arc<Orchestrator>);
 
 impl Executor for Exec<'_> {
     fn place(&mut self, flow: &FlowId, mut placement: machine::Placement) {
-        placement.request.allocation_id = Some(AllocationId::random());
+        // A task asked for before keeps its id (see `Task::asked`).
+        let kept = placement.request.allocation_id.is_some();
+        if !kept {
+            placement.request.allocation_id = Some(AllocationId::random());
+        }
         // The grant goes back to the actor with this span as its cause,
         // so the assignment it leads to continues the same trace.
         let span = tracing::info_span!("place", flow = %flow, task = %placement.task);
-        let placed = self.0.clone().place_task(flow.clone(), placement);
+        let placed = self.0.clone().place_task(flow.clone(), placement, kept);
         tokio::spawn(placed.instrument(span));
     }
 
@@ -79,7 +83,12 @@ impl Orchestrator {
     /// Takes the task's concurrency slot (if it names a key), asks the
     /// allocator, and sends the actor the grant (`Assign`) or the refusal
     /// (`Unplaced`, with the slot given back).
-    async fn place_task(self: Arc<Self>, flow_id: FlowId, placement: machine::Placement) {
+    async fn place_task(
+        self: Arc<Self>,
+        flow_id: FlowId,
+        placement: machine::Placement,
+        kept: bool,
+    ) {
         let machine::Placement {
             task,
             slot,
@@ -102,12 +111,13 @@ impl Orchestrator {
             }
         }
         let slot = slot.map(|(limit, holder)| (limit.key, holder));
-        let cmd = match self.place(&request).await {
+        let cmd = match self.place_via(&self.client, &request, kept).await {
             Some(allocation) => Cmd::Assign {
                 task,
                 allocation: Box::new(allocation),
                 slot,
                 granted_ms: common::now_ms(),
+                sent: None,
             },
             None => {
                 self.free_slot(slot);
@@ -117,19 +127,17 @@ impl Orchestrator {
         self.send(&flow_id, cmd);
     }
 
-    /// One placement through the allocator, with at most [`MAX_PLACING`] in
-    /// flight per replica. A request that got no answer may still have been
-    /// booked, so its (caller-chosen) allocation id is released, now and once
-    /// more a little later in case the booking lands after the first release.
-    pub(super) async fn place(self: &Arc<Self>, request: &AllocateRequest) -> Option<Allocation> {
-        self.place_via(&self.client, request).await
-    }
-
-    /// [`Self::place`] through `client` (and so within its timeout).
+    /// One placement through `client` (and so within its timeout), with at
+    /// most [`MAX_PLACING`] in flight per replica. A request that got no
+    /// answer may still have been booked, so its (caller-chosen) allocation
+    /// id is released, now and once more a little later in case the booking
+    /// lands after the first release; unless the id is `kept` in the flow
+    /// (`Task::asked`), where asking again gets the booking back.
     pub(super) async fn place_via(
         self: &Arc<Self>,
         client: &common::Client,
         request: &AllocateRequest,
+        kept: bool,
     ) -> Option<Allocation> {
         let _slot = self.placing.acquire().await.ok()?;
         match client.allocate(request).await {
@@ -137,8 +145,8 @@ impl Orchestrator {
             Err(e) => {
                 // No capacity yet is normal: the next tick tries again.
                 tracing::debug!(owner = %request.owner, code = %e.code, message = %e.message, "not placed");
-                if let (ErrorCode::Timeout | ErrorCode::Unavailable, Some(id)) =
-                    (e.code, &request.allocation_id)
+                if let (ErrorCode::Timeout | ErrorCode::Unavailable, Some(id), false) =
+                    (e.code, &request.allocation_id, kept)
                 {
                     tokio::spawn(self.clone().release_unanswered(id.clone()));
                 }
@@ -213,10 +221,11 @@ impl Orchestrator {
         task: TaskId,
         allocation: Allocation,
         slot: SlotHeld,
+        sent: Option<u32>,
     ) {
         let checked = self
             .clone()
-            .release_if_not_held(flow_id, task, allocation, slot);
+            .release_if_not_held(flow_id, task, allocation, slot, sent);
         tokio::spawn(checked.in_current_span());
     }
 
@@ -226,6 +235,7 @@ impl Orchestrator {
         task: TaskId,
         allocation: Allocation,
         slot: SlotHeld,
+        sent: Option<u32>,
     ) {
         let mut pause = Duration::from_millis(200);
         let held = loop {
@@ -248,6 +258,10 @@ impl Orchestrator {
             }
         };
         if !held {
+            if let Some(attempt) = sent {
+                let why = "the step that was to record it failed";
+                self.take_back(&flow_id, &task, attempt, &allocation.agent_id, why);
+            }
             self.free_slot(slot);
             self.release_by_id(allocation.allocation_id, Some(allocation.agent_id))
                 .await;

@@ -88,6 +88,12 @@ pub struct Config {
     /// wait applies to the agent events the triggers consume.
     #[arg(long, env = "ORCHESTRATOR_REPORT_ACK_WAIT_MS", default_value_t = 2_000)]
     pub report_ack_wait_ms: u64,
+    /// How long the assignments a new flow sends at creation may wait to be
+    /// recorded, in ms: they go out before their record, which waits this
+    /// long for the agents' first reports so that one write records both
+    /// (a one-task flow is then two writes). Zero records them at once.
+    #[arg(long, env = "ORCHESTRATOR_FIRST_RECORD_MS", default_value_t = FIRST_RECORD_MS)]
+    pub first_record_ms: u64,
 }
 
 impl Config {
@@ -96,11 +102,16 @@ impl Config {
             nats,
             sweep_ms: 1_000,
             report_ack_wait_ms: 2_000,
+            first_record_ms: FIRST_RECORD_MS,
         }
     }
 }
 
 const NAME: &str = "orchestrator";
+/// See [`Config::first_record_ms`]: longer than an agent's grace before its
+/// `started` report (20 ms in the agent runtime), so a short task's record
+/// waits for its completion and a longer one's for its `started`.
+const FIRST_RECORD_MS: u64 = 50;
 /// Most commands applied in one step.
 const MAX_BATCH: usize = 512;
 /// Allocation requests one replica has in flight at most: enough to keep the
@@ -134,12 +145,15 @@ enum Cmd {
         report: Box<AgentReport>,
         msg: delivery::Delivery,
     },
-    /// Record a placement the allocator granted (at `granted_ms`).
+    /// Record a placement the allocator granted (at `granted_ms`); `sent`:
+    /// the attempt whose assignment went out already (a new flow's, see
+    /// `create`), which an unrecorded grant takes back from the agent.
     Assign {
         task: TaskId,
         allocation: Box<Allocation>,
         slot: SlotHeld,
         granted_ms: u64,
+        sent: Option<u32>,
     },
     /// The allocator did not place the task (it stays ready); `asked_at` is
     /// the replica's freed count when it was asked (see [`machine::Placing`]).
@@ -257,6 +271,8 @@ struct Orchestrator {
     slots: Slots,
     /// How often the sweep checks deadlines (told to agents in each lease).
     tick_ms: u64,
+    /// See [`Config::first_record_ms`].
+    first_record: Duration,
     /// The event types the wait tasks of each flow with an actor here wait
     /// for: a stored event of one of them ticks the flow at once.
     waiting: Mutex<HashMap<FlowId, HashSet<String>>>,
@@ -269,6 +285,11 @@ struct Orchestrator {
     /// step starts from this copy instead of reading it back, and holds
     /// back the tasks the allocator refused at creation.
     created: Mutex<HashMap<FlowId, Created>>,
+    /// Flows this replica is creating, from their first write until their
+    /// creation's grants are queued for their actor: the sweep's ticks
+    /// leave them alone meanwhile, else a tick reading the new flow would
+    /// ask for its tasks again beside the creation's own bookings.
+    creating: Mutex<HashSet<FlowId>>,
     /// Completions this replica applied before the stream delivered them.
     early: intake::Early,
     /// This replica, as a task's `readied_by` names it (see
@@ -348,10 +369,12 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         freed: AtomicU64::new(0),
         slots: Slots::new(slots),
         tick_ms: cfg.sweep_ms.max(10),
+        first_record: Duration::from_millis(cfg.first_record_ms),
         waiting: Mutex::default(),
         triggers,
         feasible: Mutex::default(),
         created: Mutex::default(),
+        creating: Mutex::default(),
         early: intake::Early::default(),
         replica: replicas::tag(&service.instance_id().await),
         heard: Mutex::default(),

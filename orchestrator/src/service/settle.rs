@@ -42,21 +42,41 @@ impl Orchestrator {
                 }
                 msg.done().await;
             }
-            (Cmd::Assign { task, .. }, Ok(e)) => {
+            (Cmd::Assign { task, sent, .. }, Ok(e)) => {
                 driver.granted(&task);
-                effects.extend(e);
+                // An assignment that went out before its record is not sent again.
+                let sent_already =
+                    |e: &Effect| sent.is_some() && matches!(e, Effect::Assign { .. });
+                effects.extend(e.into_iter().filter(|e| !sent_already(e)));
             }
             (
                 Cmd::Assign {
                     task,
                     allocation,
                     slot,
+                    sent,
                     ..
                 },
                 Err(rejection),
             ) => {
                 tracing::debug!(flow = %flow.id, %task, %rejection, "placement not used");
                 let (agent, allocation) = (allocation.agent_id, allocation.allocation_id);
+                // A task asked for twice under one id (`Task::asked`: a
+                // replica that took it up, or a tick that read the flow
+                // before its creation's grants came) may have recorded this
+                // very allocation from the other grant: it is in use.
+                let recorded = flow
+                    .tasks
+                    .get(&task)
+                    .is_some_and(|t| t.allocation.as_ref() == Some(&allocation));
+                if recorded {
+                    driver.granted(&task);
+                    self.free_slot(slot);
+                    return effects;
+                }
+                if let Some(attempt) = sent {
+                    self.take_back(&flow.id, &task, attempt, &agent, &rejection.to_string());
+                }
                 driver.grant_unused(&mut Exec(self), &task, agent, allocation, slot);
             }
             (Cmd::Unplaced { task, asked_at }, _) => {
@@ -122,8 +142,21 @@ impl Orchestrator {
                     msg.done().await;
                 }
                 Cmd::Assign {
-                    allocation, slot, ..
+                    task,
+                    allocation,
+                    slot,
+                    sent,
+                    ..
                 } => {
+                    if let Some(attempt) = sent {
+                        self.take_back(
+                            flow_id,
+                            &task,
+                            attempt,
+                            &allocation.agent_id,
+                            "the flow is gone",
+                        );
+                    }
                     self.release(allocation.agent_id, allocation.allocation_id);
                     self.free_slot(slot);
                 }
@@ -154,10 +187,11 @@ impl Orchestrator {
                     task,
                     allocation,
                     slot,
+                    sent,
                     ..
                 } => {
                     driver.abandoned(&task);
-                    self.release_unless_held(flow_id.clone(), task, *allocation, slot);
+                    self.release_unless_held(flow_id.clone(), task, *allocation, slot, sent);
                 }
                 Cmd::Unplaced { task, .. } => {
                     driver.abandoned(&task);
@@ -243,6 +277,33 @@ impl Orchestrator {
         for kind in driver.carry_out(&mut Exec(self), flow, now, effects) {
             self.outbox.publish(&self.events_js, cursor, kind).await;
         }
+    }
+
+    /// Tells an agent to stop an attempt it was sent that its flow did not
+    /// record (a new flow's, sent before its record: see `create`), since
+    /// its allocation is given back.
+    pub(super) fn take_back(
+        self: &Arc<Self>,
+        flow: &FlowId,
+        task: &TaskId,
+        attempt: u32,
+        agent: &AgentId,
+        why: &str,
+    ) {
+        let notice = CancelNotice {
+            flow_id: flow.clone(),
+            task_id: task.clone(),
+            attempt,
+            code: common::msg::CancelCode::Preempted,
+            reason: format!(
+                "the assignment was not recorded ({why}): its allocation is given back"
+            ),
+        };
+        tokio::spawn(
+            self.clone()
+                .send_cancel(agent.clone(), notice)
+                .in_current_span(),
+        );
     }
 
     /// Tells an agent to stop an attempt (core NATS: an agent not listening

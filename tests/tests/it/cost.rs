@@ -272,26 +272,165 @@ async fn started_is_sent_only_for_work_that_outlasts_the_grace() {
     );
 }
 
-/// A one-task flow is written twice on its way, not three times: its first
-/// write records the task already assigned (placed before the flow was
-/// stored) and the next its success. Read from the writes themselves (every
-/// write of the flow's key is a message on its subject), so a clean-up write
-/// of the outbox after the finish, if any, is past what is counted.
+/// A one-task flow is written twice on its way, not three times: its
+/// creation, stored while the task is booked beside it (so the task is
+/// ready in it), and, once the agent reports, one write recording both the
+/// assignment, which went out before its record, and the success. The
+/// orchestrator here holds that record for the report as long as the test
+/// needs (`first_record_ms`), so the count does not depend on how soon the
+/// agent answers. Read from the writes themselves (every write of the
+/// flow's key is a message on its subject), so a clean-up write of the
+/// outbox after the finish, if any, is past what is counted.
 #[tokio::test]
-async fn a_one_task_flow_is_created_assigned_and_then_written_once_more() {
+async fn a_one_task_flow_is_created_and_then_written_once_more() {
+    let sys = System::start_tuned(|c| c.first_record_ms = 120_000).await;
+    let (writes, id) =
+        solo_flow(&sys, "solo-one", |_a| async { Ok(serde_json::Value::Null) }).await;
+    let seen = states_until(writes, &id, FlowState::Succeeded).await;
+    assert_eq!(
+        seen,
+        [
+            (FlowState::Running, TaskState::Ready, 0),
+            (FlowState::Succeeded, TaskState::Succeeded, 1)
+        ],
+        "created (the task booked beside it), then assigned and finished in one write"
+    );
+}
+
+/// The record of an assignment sent ahead waits for the agent's first
+/// report only so long (50 ms by default): a task that has not reported by
+/// then is recorded as assigned by a write of its own.
+#[tokio::test]
+async fn an_assignment_sent_ahead_is_recorded_without_a_report() {
     let sys = System::start().await;
+    let (writes, id) = solo_flow(&sys, "solo-quiet", |_a| std::future::pending()).await;
+    let seen = states_until(writes, &id, FlowState::Running).await;
+    assert_eq!(
+        seen,
+        [
+            (FlowState::Running, TaskState::Ready, 0),
+            (FlowState::Running, TaskState::Assigned, 1)
+        ],
+        "created, then the assignment recorded while the agent works"
+    );
+}
+
+/// A replica killed after sending a new flow's first assignment ahead of
+/// its record, and before recording it, leaves the task ready with the
+/// allocation id it was booked under: the agent's report, which another
+/// replica takes, records the attempt and ends it, and the booking is given
+/// back (nothing left held on the agent). The first replica holds the
+/// record for as long as the test needs, and the agent's work waits for
+/// the kill, so the state each step asserts is held, not raced.
+#[tokio::test]
+async fn a_replica_killed_before_recording_an_assignment_sent_ahead_leaves_nothing_held() {
+    common::telemetry::init_for_tests();
+    let server = testkit::NatsServer::start();
+    let _allocator = testkit::start_service("allocator", server.config());
+    let nats = server.connect().await;
+    let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(10));
+    testkit::wait_for_service(&nats, "allocator").await;
+    let first = testkit::Replica::start_orchestrator(server.config(), |c| {
+        c.first_record_ms = 600_000;
+    });
+    testkit::wait_for_service(&nats, "orchestrator").await;
+
+    let (runs, gate) = (
+        Arc::new(Mutex::new(0u32)),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let work = {
+        let (runs, gate) = (runs.clone(), gate.clone());
+        move |_a: common::msg::Assignment| {
+            let (runs, gate) = (runs.clone(), gate.clone());
+            async move {
+                *runs.lock().unwrap() += 1;
+                gate.notified().await;
+                Ok(serde_json::Value::Null)
+            }
+        }
+    };
+    let mut opts = AgentOptions::new(AgentId::new("solo").unwrap()).capacity("solo", 1.0);
+    opts.start_grace = Duration::from_secs(600);
+    let _agent = tokio::spawn(agent::run(
+        nats.clone(),
+        opts,
+        work,
+        std::future::pending::<()>(),
+    ));
+    wait_registered(&client, "solo").await;
+    let id = FlowId::new("sent-ahead").unwrap();
+    let mut task = TaskSpec::new(TaskId::new("only").unwrap());
+    task.requirements.resources.insert("solo".into(), 1.0);
+    let mut spec = FlowSpec::new("solo", vec![task]);
+    spec.id = Some(id.clone());
+    client.create_flow(&spec).await.unwrap();
+
+    testkit::eventually(Duration::from_secs(30), "the agent at work", || async {
+        (*runs.lock().unwrap() == 1).then_some(())
+    })
+    .await;
+    let js = jetstream::new(nats.clone());
+    let flows = js.get_key_value(common::nats::KV_FLOWS).await.unwrap();
+    let (stored, _, _) = orchestrator::store::read(&flows, &id)
+        .await
+        .unwrap()
+        .unwrap();
+    let only = &stored.tasks[&TaskId::new("only").unwrap()];
+    assert_eq!(only.state, TaskState::Ready, "sent, not recorded");
+    assert!(only.asked.is_some(), "the id it was booked under is stored");
+
+    first.kill();
+    let _second = testkit::Replica::start("orchestrator", server.config());
+    testkit::wait_for_service(&nats, "orchestrator").await;
+    gate.notify_waiters();
+    let done = wait_finished(&client, &id, Duration::from_secs(60)).await;
+    assert_eq!(done.state, FlowState::Succeeded, "{done:?}");
+    let only = &done.tasks[0];
+    assert_eq!(
+        only.attempt, 1,
+        "the attempt sent ahead, no other: {done:?}"
+    );
+    testkit::eventually(
+        Duration::from_secs(30),
+        "nothing held on the agent",
+        || async {
+            let cap = client
+                .capacity(&common::msg::CapacityRequest::default())
+                .await
+                .ok()?;
+            (cap.agents
+                .get(&AgentId::new("solo").unwrap())?
+                .get("solo")?
+                .allocated
+                == 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Starts an agent `solo` (no `started` report for 10 s) running `work`,
+/// and creates a one-task flow `id` that only it can take. Returns the
+/// flow's writes, subscribed before the creation, and its id.
+async fn solo_flow<F, Fut>(sys: &System, id: &str, work: F) -> (async_nats::Subscriber, FlowId)
+where
+    F: Fn(common::msg::Assignment) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<serde_json::Value, agent::TaskFailure>>
+        + Send
+        + 'static,
+{
     let mut opts = AgentOptions::new(AgentId::new("solo").unwrap()).capacity("solo", 1.0);
     opts.start_grace = Duration::from_secs(10);
     let _agent = tokio::spawn(agent::run(
         sys.nats.clone(),
         opts,
-        |_a| async { Ok(serde_json::Value::Null) },
+        work,
         std::future::pending::<()>(),
     ));
     wait_registered(&sys.client, "solo").await;
-    let id = FlowId::new("solo-one").unwrap();
-    let mut writes = flow_writes(&sys.nats, &id).await;
-
+    let id = FlowId::new(id).unwrap();
+    let writes = flow_writes(&sys.nats, &id).await;
     let mut task = TaskSpec::new(TaskId::new("only").unwrap());
     task.requirements.resources.insert("solo".into(), 1.0);
     let mut spec = FlowSpec::new("solo", vec![task]);
@@ -299,27 +438,30 @@ async fn a_one_task_flow_is_created_assigned_and_then_written_once_more() {
     let created = sys.client.create_flow(&spec).await.unwrap();
     assert_eq!(
         created.tasks.iter().map(|t| t.state).collect::<Vec<_>>(),
-        [TaskState::Assigned],
-        "the creation's reply has the task placed"
+        [TaskState::Ready],
+        "the creation's reply has the task as stored: ready, its assignment on its way"
     );
+    (writes, id)
+}
+
+/// The flow's state, its task's and the task's attempt at each write, up
+/// to the second write or the first in state `last`, whichever is later.
+async fn states_until(
+    mut writes: async_nats::Subscriber,
+    id: &FlowId,
+    last: FlowState,
+) -> Vec<(FlowState, TaskState, u32)> {
     let mut seen = Vec::new();
-    while !seen.contains(&FlowState::Succeeded) {
+    while seen.len() < 2 || seen.last().map(|s: &(FlowState, _, _)| s.0) != Some(last) {
         let write = tokio::time::timeout(Duration::from_secs(30), writes.next())
             .await
-            .expect("the flow is written within 30 s")
+            .unwrap_or_else(|_| panic!("flow {id} written within 30 s (so far {seen:?})"))
             .unwrap();
         let flow: orchestrator::machine::Flow = serde_json::from_slice(&write.payload).unwrap();
         let only = &flow.tasks[&TaskId::new("only").unwrap()];
-        if seen.is_empty() {
-            assert_eq!(only.state, TaskState::Assigned, "the first write assigns");
-        }
-        seen.push(flow.state);
+        seen.push((flow.state, only.state, only.attempt));
     }
-    assert_eq!(
-        seen,
-        [FlowState::Running, FlowState::Succeeded],
-        "created (and assigned), then finished: no write in between"
-    );
+    seen
 }
 
 /// A flow `id` of one task, `slow` or `quick` after the flow's name, that

@@ -91,13 +91,14 @@ async fn events_of_steps_a_killed_replica_never_published_are_stored_once() {
         let client = client.clone();
         async move { client.create_flow(&spec).await }
     });
-    // Created with a placed at once: written, nothing published.
+    // Created with a booked beside the write: written (a ready, its
+    // assignment not sent), nothing published.
     let state_of = |s: &common::msg::FlowStatus, t: &TaskId| {
         s.tasks.iter().find(|x| &x.task_id == t).map(|x| x.state)
     };
-    eventually(Duration::from_secs(20), "a stored as assigned", || async {
+    eventually(Duration::from_secs(20), "a stored as ready", || async {
         let s = client.flow_status(&flow).await.ok()?;
-        (state_of(&s, &tid("a")) == Some(TaskState::Assigned)).then_some(())
+        (state_of(&s, &tid("a")) == Some(TaskState::Ready)).then_some(())
     })
     .await;
     assert!(
