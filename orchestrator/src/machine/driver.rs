@@ -259,14 +259,9 @@ pub fn assignment_ahead(
     now_ms: u64,
     tick_ms: u64,
 ) -> Result<Assignment, super::Rejection> {
-    let effects = probe.assign(task, agent, allocation, now_ms)?;
-    let attempt = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Assign { attempt, .. } => Some(*attempt),
-            _ => None,
-        })
-        .unwrap_or(probe.tasks.get(task).map_or(0, |t| t.attempt));
+    probe.assign(task, agent, allocation, now_ms)?;
+    // The attempt the step made current.
+    let attempt = probe.tasks.get(task).map_or(0, |t| t.attempt);
     assignment(
         probe,
         task,
