@@ -188,7 +188,8 @@ impl AgentRecord {
         now_ms: u64,
     ) -> impl Iterator<Item = &Allocation> + '_ {
         self.allocations.values().filter(move |a| {
-            a.task.is_some() && !a.pending && a.created_at_ms.saturating_add(grace_ms) <= now_ms
+            let bound = a.bound_at_ms.unwrap_or(a.created_at_ms);
+            a.task.is_some() && !a.pending && bound.saturating_add(grace_ms) <= now_ms
         })
     }
 

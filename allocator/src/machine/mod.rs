@@ -554,6 +554,7 @@ pub fn new_allocation(
         task: None,
         ttl_ms: None,
         expires_at_ms: None,
+        bound_at_ms: None,
     }
 }
 

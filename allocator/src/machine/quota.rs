@@ -313,6 +313,7 @@ mod tests {
             task: None,
             ttl_ms: None,
             expires_at_ms: None,
+            bound_at_ms: None,
         }
     }
 

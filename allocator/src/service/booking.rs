@@ -116,6 +116,9 @@ impl Allocator {
                 .and_then(|(r, _)| r.allocations.get(&id).cloned());
             if let Some(a) = booked {
                 if !a.pending {
+                    if req.task.is_some() && a.task != req.task {
+                        return self.hand_on(&req, a).await;
+                    }
                     return Ok(a);
                 }
             }

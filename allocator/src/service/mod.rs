@@ -16,6 +16,7 @@ mod agents;
 mod beats;
 mod booking;
 mod cache;
+mod hand_on;
 mod lanes;
 mod ops;
 mod paths;

@@ -105,6 +105,18 @@ impl Allocator {
         Ok(r)
     }
 
+    /// Whether the same quotas cover owners `a` and `b`, on a fresh read: an
+    /// allocation may then change hands between them with every quota's
+    /// count unchanged.
+    pub(super) async fn same_quotas(&self, a: &str, b: &str) -> Result<bool, Error> {
+        if a == b {
+            return Ok(true);
+        }
+        let (book, _) = self.fresh_quotas().await?;
+        let names = |o| book.covering(o).map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        Ok(names(a) == names(b))
+    }
+
     /// Counts one request's allocations against the quotas covering its owner.
     /// The first read is fresh, and made after the booking, so a quota created
     /// meanwhile is either seen here or counts this booking itself (its count
@@ -373,10 +385,27 @@ impl Allocator {
         id: &AllocationId,
         hint: Option<&AgentId>,
     ) -> Result<Option<Allocation>, Error> {
+        self.take_allocation_if(id, hint, None).await
+    }
+
+    /// As [`Self::take_allocation`], but only while the allocation is still
+    /// bound to task `bound` when that is given: one handed on to another
+    /// task since it was looked at stays.
+    pub(super) async fn take_allocation_if(
+        &self,
+        id: &AllocationId,
+        hint: Option<&AgentId>,
+        bound: Option<&common::msg::TaskRef>,
+    ) -> Result<Option<Allocation>, Error> {
         let remove = || {
             let id = id.clone();
+            let bound = bound.cloned();
             move |rec: &mut AgentRecord| {
-                Ok(match rec.allocations.remove(&id) {
+                let still = rec
+                    .allocations
+                    .get(&id)
+                    .is_some_and(|a| bound.is_none() || a.task == bound);
+                Ok(match still.then(|| rec.allocations.remove(&id)).flatten() {
                     Some(a) => Step::Write((), Some(a)),
                     None => Step::Keep(None),
                 })

@@ -12,7 +12,9 @@
 //! event (reason `reclaimed`); the orchestrator's own handling of that event
 //! fails any attempt that did hold it after all, so a wrong answer cannot
 //! leave a task running on capacity nobody has booked. Nothing is taken back
-//! when the orchestrator does not answer.
+//! when the orchestrator does not answer, nor when the allocation was bound
+//! to another task since it was asked about (handed on, see
+//! [`AllocateRequest::task`](common::msg::AllocateRequest::task)).
 //!
 //! Leased allocations (`ttl_ms`) end in the sweep when not renewed, unconfirmed
 //! bookings and expired reservations likewise, quota holds whose allocation is
@@ -89,7 +91,7 @@ impl Allocator {
                     continue;
                 };
                 match self
-                    .take_allocation(&query.allocation_id, Some(agent))
+                    .take_allocation_if(&query.allocation_id, Some(agent), Some(&query.task))
                     .await
                 {
                     Ok(Some(a)) => self.reclaimed(a, &unheld.reason).await,

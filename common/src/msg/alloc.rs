@@ -82,6 +82,12 @@ pub struct AllocateRequest {
     /// asks the orchestrator whether that task still holds it, and takes it
     /// back if not (the orchestrator died between booking and recording it,
     /// or its release was lost). The orchestrator sets it. Default none.
+    ///
+    /// With the `allocation_id` of a live allocation of the same `owner` that
+    /// was booked for another task, the allocation is handed on: it is bound
+    /// to this task from now on (`bound_at_ms`) and returned, with nothing
+    /// booked anew. The orchestrator hands a finished task's allocation to
+    /// the next task of the same owner and requirements this way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskRef>,
     /// A lease for a client's own allocation: taken back (`allocation.preempted`,
@@ -90,6 +96,13 @@ pub struct AllocateRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_ms: Option<u64>,
 }
+
+/// How long a flow task that succeeded vouches for the allocation it held,
+/// in ms after it ended: its orchestrator replica may have handed the
+/// allocation on to another task (see [`AllocateRequest::task`]), which the
+/// allocator learns late or, for a short task, never. Far longer than that
+/// takes; short enough that one a dead replica kept is soon taken back.
+pub const HAND_ON_VOUCH_MS: u64 = 10_000;
 
 /// A task of a flow, as the holder of an allocation.
 #[derive(
@@ -187,6 +200,10 @@ pub struct Allocation {
     /// When its lease ends unless renewed, in ms since the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
+    /// When it was last handed on to another task (see
+    /// [`AllocateRequest::task`]), in ms since the epoch; none if never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_at_ms: Option<u64>,
 }
 
 /// `coord.allocator.allocate.gang`: several requirements placed all-or-nothing.

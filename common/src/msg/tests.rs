@@ -310,6 +310,7 @@ fn allocation() -> Allocation {
         }),
         ttl_ms: Some(5_000),
         expires_at_ms: Some(5_007),
+        bound_at_ms: None,
     }
 }
 
