@@ -16,6 +16,7 @@ use crate::store;
 pub(crate) const MAX_QUERIES: usize = 10_000;
 
 pub(crate) async fn held(flows: &kv::Store, req: HeldRequest) -> Result<HeldReply, Error> {
+    let now = common::now_ms();
     if req.allocations.len() > MAX_QUERIES {
         return Err(Error::bad_request(format!(
             "{} allocations asked about; at most {MAX_QUERIES} per request",
@@ -31,7 +32,7 @@ pub(crate) async fn held(flows: &kv::Store, req: HeldRequest) -> Result<HeldRepl
         match store::read(flows, &flow_id).await {
             Ok(Some((flow, _, _))) => {
                 for q in queries {
-                    if let Err(reason) = flow.holds(&q.task.task_id, &q.allocation_id) {
+                    if let Err(reason) = flow.holds(&q.task.task_id, &q.allocation_id, now) {
                         reply.unheld.push(Unheld {
                             allocation_id: q.allocation_id,
                             reason,

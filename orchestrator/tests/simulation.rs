@@ -231,7 +231,12 @@ impl Executor for World {
         self.deliver(a);
     }
 
-    fn release(&mut self, _agent: AgentId, allocation: AllocationId) {
+    fn release(
+        &mut self,
+        _agent: AgentId,
+        allocation: AllocationId,
+        _hand_on: Option<orchestrator::machine::HandOn>,
+    ) {
         self.freed += 1;
         self.give_back(&allocation);
     }

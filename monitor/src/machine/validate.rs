@@ -101,6 +101,28 @@ pub fn validate(
         }
     }
 
+    // A task that succeeded just now vouches for its allocation: its replica
+    // may have handed it on to another task, which the allocator learns late
+    // (the orchestrator's `spare`).
+    let handed_on = |owner: &str, id: &str| {
+        let Some((flow, task)) = flow_task(owner) else {
+            return false;
+        };
+        let Some(t) = flow_tasks.get(flow).and_then(|(_, tasks)| tasks.get(task)) else {
+            return false;
+        };
+        let ended = t
+            .get("history")
+            .and_then(Value::as_array)
+            .and_then(|h| h.last())
+            .and_then(|h| h.get("ended_ms"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        t.get("state").and_then(Value::as_str) == Some("succeeded")
+            && t.get("last_allocation").and_then(Value::as_str) == Some(id)
+            && now_ms < ended.saturating_add(common::msg::HAND_ON_VOUCH_MS)
+    };
+
     for (flow, (_, tasks)) in &flow_tasks {
         for (task, t) in tasks.iter() {
             let state = t.get("state").and_then(Value::as_str).unwrap_or("");
@@ -130,7 +152,8 @@ pub fn validate(
                     ),
                 )),
                 Some(a) => {
-                    let owned = flow_task(a.owner) == Some((*flow, task.as_str()));
+                    let owned = flow_task(a.owner) == Some((*flow, task.as_str()))
+                        || handed_on(a.owner, id);
                     if !owned || agent.is_some_and(|g| g != a.agent) {
                         out.push(v(
                             "allocation_mismatch",
@@ -162,7 +185,7 @@ pub fn validate(
                 .is_some_and(is_active)
                 && t.get("allocation").and_then(Value::as_str) == Some(*id)
         });
-        if !holds {
+        if !holds && !handed_on(a.owner, id) {
             out.push(v(
                 "allocation_without_task",
                 id.to_string(),
@@ -238,6 +261,39 @@ mod tests {
             }}),
         )];
         assert_eq!(validate(&agents, &flows, 0), vec![]);
+    }
+
+    #[test]
+    fn an_allocation_handed_on_is_vouched_for_by_the_task_that_succeeded_with_it() {
+        // al-1 is bound at the allocator to f1/a, which succeeded with it at
+        // 1,000; f2/b runs on it now.
+        let agents = vec![agent(
+            "w1",
+            "active",
+            json!({"al-1": {"owner": "f1/a", "agent_id": "w1"}}),
+            json!({}),
+        )];
+        let flows = vec![
+            (
+                "f1".to_owned(),
+                json!({"state": "succeeded", "tasks": {
+                    "a": {"state": "succeeded", "last_allocation": "al-1", "history": [{"ended_ms": 1_000}]}
+                }}),
+            ),
+            (
+                "f2".to_owned(),
+                json!({"state": "running", "tasks": {
+                    "b": {"state": "running", "agent": "w1", "allocation": "al-1"}
+                }}),
+            ),
+        ];
+        assert_eq!(validate(&agents, &flows, 2_000), vec![]);
+        let later = 1_000 + common::msg::HAND_ON_VOUCH_MS;
+        let rules: Vec<String> = validate(&agents, &flows, later)
+            .into_iter()
+            .map(|v| v.rule)
+            .collect();
+        assert_eq!(rules, ["allocation_mismatch", "allocation_without_task"]);
     }
 
     #[test]

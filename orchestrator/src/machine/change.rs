@@ -361,6 +361,7 @@ impl Task {
             progress_message: None,
             readied_by: None,
             asked: None,
+            last_allocation: None,
             spec,
         }
     }

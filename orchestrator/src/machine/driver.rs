@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use common::msg::{Assignment, CancelNotice, EventKind, TaskState};
 use common::{AgentId, AllocationId, FlowId, TaskId};
 
-use super::{Alarm, Effect, Flow, Placement, Placing};
+use super::{Alarm, Effect, Flow, HandOn, Placement, Placing};
 
 /// An assignment not started this long after it was recorded is sent again,
 /// and again as often until it starts or its lease times it out: the
@@ -48,8 +48,9 @@ pub trait Executor {
     fn place(&mut self, flow: &FlowId, placement: Placement);
     /// Sends an assignment to its agent; `again` for a redelivery.
     fn assign(&mut self, flow: &Flow, assignment: Assignment, again: bool);
-    /// Gives an allocation back to the allocator.
-    fn release(&mut self, agent: AgentId, allocation: AllocationId);
+    /// Gives an allocation back to the allocator, or keeps it to hand on
+    /// when `hand_on` says how.
+    fn release(&mut self, agent: AgentId, allocation: AllocationId, hand_on: Option<HandOn>);
     /// Gives a concurrency slot back.
     fn free_slot(&mut self, key: String, holder: String);
     /// Tells an agent to stop an attempt.
@@ -133,7 +134,14 @@ impl Driver {
                         x.assign(f, a, false);
                     }
                 }
-                Effect::Release { agent, allocation } => x.release(agent, allocation),
+                Effect::Release {
+                    agent,
+                    allocation,
+                    after,
+                } => {
+                    let hand_on = after.and_then(|t| flow.and_then(|f| f.hand_on(&t)));
+                    x.release(agent, allocation, hand_on)
+                }
                 Effect::FreeSlot { key, holder } => x.free_slot(key, holder),
                 Effect::Cancel { agent, notice } => x.cancel(agent, notice),
             }
@@ -157,7 +165,7 @@ impl Driver {
         slot: Option<(String, String)>,
     ) {
         self.placing.remove(task);
-        x.release(agent, allocation);
+        x.release(agent, allocation, None);
         if let Some((key, holder)) = slot {
             x.free_slot(key, holder);
         }

@@ -82,6 +82,7 @@ impl Flow {
                     progress_message: None,
                     readied_by: None,
                     asked: None,
+                    last_allocation: None,
                     spec,
                 };
                 (task.spec.id.clone(), task)
@@ -287,7 +288,11 @@ impl Flow {
         }
         let mut effects = Vec::new();
         if let (Some(agent), Some(allocation)) = (t.agent.take(), t.allocation.take()) {
-            effects.push(Effect::Release { agent, allocation });
+            effects.push(Effect::Release {
+                agent,
+                allocation,
+                after: None,
+            });
         }
         if let Some(c) = &t.spec.concurrency {
             effects.push(Effect::FreeSlot {

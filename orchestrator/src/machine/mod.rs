@@ -51,6 +51,7 @@ pub use driver::{assignment_ahead, Driver, Executor, Wake, REDELIVER_AFTER_MS};
 pub use place::{Placement, MAX_PLACING_PER_FLOW};
 pub use placing::{Gone, Owners, Placing, FREED_ALL};
 pub use plan::PlanInput;
+pub use status::HAND_ON_VOUCH_MS;
 pub use status::STATUS_TASKS;
 pub use step::{Command, GRANT_MAX_AGE_MS};
 pub use tasks::{due_of, Tasks, Touched};
@@ -180,6 +181,24 @@ pub struct Task {
     /// the booking already made rather than a second one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asked: Option<AllocationId>,
+    /// The allocation a succeeded task's last attempt held: its replica may
+    /// hand it on to another task, and the task vouches for it until the
+    /// allocator has the new holder (see [`Flow::holds`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_allocation: Option<AllocationId>,
+}
+
+/// A succeeded task's allocation, as its replica may hand it on: to a task
+/// of another flow of the same owner with the same requirements and
+/// priority, which then runs on it with nothing booked anew.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandOn {
+    /// The task that held it.
+    pub from: common::msg::TaskRef,
+    /// Its allocation owner (see [`Flow::allocation_owner`]).
+    pub owner: String,
+    pub requirements: common::msg::Requirements,
+    pub priority: i32,
 }
 
 fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
@@ -215,6 +234,9 @@ pub enum Effect {
     Release {
         agent: AgentId,
         allocation: AllocationId,
+        /// The task that succeeded with it, when it may be handed on to
+        /// another task rather than given back (see [`HandOn`]).
+        after: Option<TaskId>,
     },
     /// Give back the concurrency slot an attempt held.
     FreeSlot {

@@ -12,15 +12,33 @@ use super::{Flow, DEFAULT_ESTIMATE_MS};
 /// Most tasks a status lists: a reply must fit in one NATS message.
 pub const STATUS_TASKS: usize = 1_000;
 
+/// How long a succeeded task vouches for the allocation it held (see
+/// [`Flow::holds`]).
+pub use common::msg::HAND_ON_VOUCH_MS;
+
 impl Flow {
     /// Whether `task` holds `allocation` (assigned or running on it); if
     /// not, why, for the allocator's reconciliation to log and report.
-    pub fn holds(&self, task: &TaskId, allocation: &common::AllocationId) -> Result<(), String> {
+    pub fn holds(
+        &self,
+        task: &TaskId,
+        allocation: &common::AllocationId,
+        now_ms: u64,
+    ) -> Result<(), String> {
         let Some(t) = self.tasks.get(task) else {
             return Err(format!("flow {} has no task {task}", self.id));
         };
         // Asked for, its grant not recorded yet (see `Task::asked`).
         if t.state == TaskState::Ready && t.asked.as_ref() == Some(allocation) {
+            return Ok(());
+        }
+        // Succeeded with it just now: its replica may be handing it on
+        // (see `Task::last_allocation`).
+        let ended = t.history.last().map_or(0, |h| h.ended_ms);
+        if t.state == TaskState::Succeeded
+            && t.last_allocation.as_ref() == Some(allocation)
+            && now_ms < ended.saturating_add(HAND_ON_VOUCH_MS)
+        {
             return Ok(());
         }
         if !t.state.is_active() {

@@ -52,7 +52,17 @@ impl Flow {
             return;
         };
         if let (Some(agent), Some(allocation)) = (t.agent.clone(), t.allocation.take()) {
-            effects.push(Effect::Release { agent, allocation });
+            // Only a success's: the agent answered just now, so its
+            // allocation is worth handing on.
+            let done = outcome == "succeeded";
+            if done {
+                t.last_allocation = Some(allocation.clone());
+            }
+            effects.push(Effect::Release {
+                agent,
+                allocation,
+                after: done.then(|| id.clone()),
+            });
         }
         if let Some(c) = &t.spec.concurrency {
             effects.push(Effect::FreeSlot {
@@ -395,6 +405,20 @@ impl Flow {
 
     /// The owner of `task`'s allocations: `{owner}/{flow}/{task}`, or
     /// `{flow}/{task}` for a flow without an owner.
+    /// What task `task`'s last allocation may be handed on as (see [`HandOn`]).
+    pub fn hand_on(&self, task: &TaskId) -> Option<super::HandOn> {
+        let t = self.tasks.get(task)?;
+        Some(super::HandOn {
+            from: common::msg::TaskRef {
+                flow_id: self.id.clone(),
+                task_id: task.clone(),
+            },
+            owner: self.allocation_owner(task),
+            requirements: t.spec.requirements.clone(),
+            priority: t.spec.priority,
+        })
+    }
+
     pub fn allocation_owner(&self, task: &TaskId) -> String {
         match &self.owner {
             Some(owner) => format!("{owner}/{}/{task}", self.id),

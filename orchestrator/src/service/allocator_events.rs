@@ -60,6 +60,7 @@ impl Orchestrator {
                     for flow in flows {
                         self.send(&flow, Cmd::AgentGone(agent_id.clone(), left));
                     }
+                    self.agent_taken_away(agent_id, left);
                 }
                 Ok(EventKind::AllocationPreempted {
                     allocation_id,
@@ -67,6 +68,7 @@ impl Orchestrator {
                     reason,
                     ..
                 }) => {
+                    self.allocation_taken_away(&allocation_id, &reason);
                     if let Some((flow, task)) = owner_task(&owner) {
                         self.send(
                             &flow,
@@ -114,6 +116,18 @@ impl Orchestrator {
             let subject = msg.subject.as_str();
             if gone.contains(&subject) || subject == subject::event::CAPACITY_ADJUSTED {
                 self.forget_feasible();
+            }
+            // Every replica hears it here: what each keeps to hand on.
+            let kind = serde_json::from_slice::<common::msg::Event>(&msg.payload).map(|e| e.kind);
+            match &kind {
+                Ok(
+                    EventKind::AgentLost { agent_id, .. } | EventKind::AgentLeft { agent_id, .. },
+                ) => {
+                    let left = subject == subject::event::AGENT_LEFT;
+                    self.agent_taken_away(agent_id, left);
+                }
+                Ok(EventKind::AgentDeregistered { agent_id, .. }) => self.agent_draining(agent_id),
+                _ => {}
             }
             // Any amount may have been added: every held task may go.
             if added.contains(&subject) {

@@ -40,6 +40,9 @@ impl Drop for Creating {
     }
 }
 
+/// A kept allocation a new task takes, and the request that binds it.
+type Spare = (Allocation, AllocateRequest);
+
 /// See [`Orchestrator::sent_ahead`].
 #[derive(Default)]
 struct Ahead {
@@ -126,7 +129,7 @@ impl Orchestrator {
         self.fits_in_entries(&flow, &encoded)?;
         let asked_at = self.freed.load(Ordering::Relaxed);
         let creating = (!large).then(|| Creating::new(self, &id));
-        let (written, granted) = tokio::join!(
+        let (written, (granted, binds)) = tokio::join!(
             store::create(&self.flows, &flow, encoded),
             self.book_at_creation(&flow.id, placements)
         );
@@ -193,6 +196,13 @@ impl Orchestrator {
             let mut driver = Driver::new(o.tick_ms);
             o.run_effects(&mut driver, None, effects, &mut cursor).await;
             o.outbox.sent(cursor, common::now_ms());
+            // Allocations handed on, once their grants are queued (see `spare`).
+            for bind in binds {
+                let task = bind.task.as_ref().map(|t| &t.task_id);
+                if ahead.sent.iter().any(|(t, _, _)| Some(t) == task) {
+                    o.handed_on(bind);
+                }
+            }
         };
         if large {
             tokio::spawn(after.in_current_span());
@@ -206,8 +216,10 @@ impl Orchestrator {
     /// enough for small flows to start at once (a one-task flow is then two
     /// writes on its path, not three: the creation, beside the booking,
     /// and the completion). Tasks with a concurrency key go the usual way,
-    /// through the flow's actor. Each has its allocation id chosen here.
-    fn placements_at_creation(&self, flow: &mut Flow) -> Vec<machine::Placement> {
+    /// through the flow's actor. Each has its allocation id chosen here, or
+    /// takes an allocation kept to hand on (see `spare`), with the request
+    /// that binds it to the task.
+    fn placements_at_creation(&self, flow: &mut Flow) -> Vec<(machine::Placement, Option<Spare>)> {
         let now = common::now_ms();
         // Its tasks are this replica's to place (`claim_ready`).
         let mut placing = machine::Placing::default();
@@ -217,29 +229,48 @@ impl Orchestrator {
             .filter(|p| p.slot.is_none())
             .take(PLACED_AT_CREATION)
             .map(|mut p| {
-                let id = AllocationId::random();
+                let spare = self.take_spare(&p.request);
+                let id = spare
+                    .as_ref()
+                    .map_or_else(AllocationId::random, |(a, _)| a.allocation_id.clone());
                 if let Some(t) = flow.tasks.get_mut(&p.task) {
                     t.asked = Some(id.clone());
                 }
                 p.request.allocation_id = Some(id);
-                p
+                (p, spare)
             })
             .collect()
     }
 
-    /// Books the placements, all at once, within [`PLACED_AT_CREATION_WAIT`].
+    /// Books the placements, all at once, within [`PLACED_AT_CREATION_WAIT`]:
+    /// those that took a kept allocation have it at once. Also returns the
+    /// requests that bind those to their tasks.
     async fn book_at_creation(
         self: &Arc<Self>,
         flow: &FlowId,
-        placements: Vec<machine::Placement>,
-    ) -> Vec<(TaskId, Option<Allocation>)> {
+        placements: Vec<(machine::Placement, Option<Spare>)>,
+    ) -> (Vec<(TaskId, Option<Allocation>)>, Vec<AllocateRequest>) {
         let client = self.client.clone().with_timeout(PLACED_AT_CREATION_WAIT);
-        futures::future::join_all(placements.into_iter().map(|p| {
+        let mut binds = Vec::new();
+        let mut kept = Vec::new();
+        let mut asked = Vec::new();
+        for (p, spare) in placements {
+            match spare {
+                Some((a, bind)) => {
+                    binds.push(bind);
+                    kept.push((p.task, Some(a)));
+                }
+                None => asked.push(p),
+            }
+        }
+        let booked = futures::future::join_all(asked.into_iter().map(|p| {
             let span = tracing::info_span!("place", flow = %flow, task = %p.task);
             let client = &client;
             async move { (p.task, self.place_via(client, &p.request, true).await) }.instrument(span)
         }))
-        .await
+        .await;
+        kept.extend(booked);
+        (kept, binds)
     }
 
     /// What creation's bookings lead to once the flow is stored: the

@@ -35,8 +35,13 @@ impl Executor for Exec<'_> {
         tokio::spawn(self.0.clone().deliver(assignment).instrument(span));
     }
 
-    fn release(&mut self, agent: AgentId, allocation: AllocationId) {
-        self.0.release(agent, allocation);
+    fn release(
+        &mut self,
+        agent: AgentId,
+        allocation: AllocationId,
+        hand_on: Option<machine::HandOn>,
+    ) {
+        self.0.release_or_keep(agent, allocation, hand_on);
     }
 
     fn free_slot(&mut self, key: String, holder: String) {
@@ -111,6 +116,21 @@ impl Orchestrator {
             }
         }
         let slot = slot.map(|(limit, holder)| (limit.key, holder));
+        let spare = (!kept).then(|| self.take_spare(&request)).flatten();
+        if let Some((allocation, bind)) = spare {
+            let cmd = Cmd::Assign {
+                task,
+                allocation: Box::new(allocation),
+                slot,
+                granted_ms: common::now_ms(),
+                sent: None,
+            };
+            // Bound at the allocator once the grant is queued: a refusal's
+            // preemption then reaches the actor after it.
+            self.send(&flow_id, cmd);
+            self.handed_on(bind);
+            return;
+        }
         let cmd = match self.place_via(&self.client, &request, kept).await {
             Some(allocation) => Cmd::Assign {
                 task,

@@ -28,7 +28,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,6 +66,7 @@ mod forward;
 mod intake;
 mod replicas;
 mod settle;
+mod spare;
 mod sweep;
 
 use actor::{events_of, Watch};
@@ -94,6 +95,16 @@ pub struct Config {
     /// (a one-task flow is then two writes). Zero records them at once.
     #[arg(long, env = "ORCHESTRATOR_FIRST_RECORD_MS", default_value_t = FIRST_RECORD_MS)]
     pub first_record_ms: u64,
+    /// How long a task's allocation is kept after the task succeeded, in
+    /// ms, to hand on to the next task placed here with the same owner,
+    /// requirements and priority (which then waits on no booking). Zero
+    /// gives it back at once.
+    #[arg(
+        long,
+        env = "ORCHESTRATOR_KEEP_ALLOCATION_MS",
+        default_value_t = KEEP_ALLOCATION_MS
+    )]
+    pub keep_allocation_ms: u64,
 }
 
 impl Config {
@@ -103,6 +114,7 @@ impl Config {
             sweep_ms: 1_000,
             report_ack_wait_ms: 2_000,
             first_record_ms: FIRST_RECORD_MS,
+            keep_allocation_ms: KEEP_ALLOCATION_MS,
         }
     }
 }
@@ -112,6 +124,10 @@ const NAME: &str = "orchestrator";
 /// `started` report (20 ms in the agent runtime), so a short task's record
 /// waits for its completion and a longer one's for its `started`.
 const FIRST_RECORD_MS: u64 = 50;
+/// See [`Config::keep_allocation_ms`]: long enough for a client to read a
+/// flow's end and send the next, short enough that capacity others wait
+/// for is not held idle for long.
+const KEEP_ALLOCATION_MS: u64 = 50;
 /// Most commands applied in one step.
 const MAX_BATCH: usize = 512;
 /// Allocation requests one replica has in flight at most: enough to keep the
@@ -273,6 +289,12 @@ struct Orchestrator {
     tick_ms: u64,
     /// See [`Config::first_record_ms`].
     first_record: Duration,
+    /// See [`Config::keep_allocation_ms`].
+    keep: Duration,
+    /// Allocations kept to hand on (see [`spare`]).
+    spares: spare::Spares,
+    /// Set once the replica stops: nothing more is kept.
+    stopping: AtomicBool,
     /// The event types the wait tasks of each flow with an actor here wait
     /// for: a stored event of one of them ticks the flow at once.
     waiting: Mutex<HashMap<FlowId, HashSet<String>>>,
@@ -370,6 +392,9 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         slots: Slots::new(slots),
         tick_ms: cfg.sweep_ms.max(10),
         first_record: Duration::from_millis(cfg.first_record_ms),
+        keep: Duration::from_millis(cfg.keep_allocation_ms),
+        spares: Default::default(),
+        stopping: AtomicBool::new(false),
         waiting: Mutex::default(),
         triggers,
         feasible: Mutex::default(),
@@ -486,6 +511,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     shutdown.await;
     tracing::info!("orchestrator shutting down");
     service.stop().await;
+    orch.release_kept().await;
     reports.abort();
     early_reports.abort();
     handed.abort();

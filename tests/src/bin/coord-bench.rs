@@ -331,8 +331,8 @@ impl System {
         let mut services: Vec<ServiceHandle> = Vec::new();
         for _ in 0..orchestrators {
             // As deployed (the test kit's sweeps every 200 ms, which a
-            // million-task flow pays for in full on every tick).
-            let cfg = orchestrator::Config::new(cfg.clone());
+            // million-task flow pays for in full on every tick), or tuned.
+            let cfg = dispatch::orchestrator_config(cfg.clone());
             services.push(ServiceHandle::spawn("orchestrator", move |rx| {
                 orchestrator::run(cfg, async move {
                     let _ = rx.await;

@@ -20,6 +20,7 @@ mod early_reports;
 mod errors;
 mod events;
 mod flow;
+mod hand_on;
 mod isolation;
 mod kit;
 mod kv;

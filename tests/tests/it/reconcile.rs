@@ -42,7 +42,8 @@ async fn an_allocation_booked_for_a_killed_orchestrator_is_taken_back() {
             &grace,
         ],
     );
-    let first = Replica::start("orchestrator", server.config());
+    // t1 is to be booked, not handed t0's allocation (see `spare`).
+    let first = Replica::start_orchestrator(server.config(), |c| c.keep_allocation_ms = 0);
     wait_for_service(&nats, "allocator").await;
     wait_for_service(&nats, "orchestrator").await;
 

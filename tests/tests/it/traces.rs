@@ -105,7 +105,9 @@ async fn registered_agent(
 #[tokio::test]
 async fn one_trace_follows_a_task_from_creation_to_completion() {
     let capture = telemetry::SpanCapture::start();
-    let sys = System::start().await;
+    // Every placement asks the allocator: b is not handed a's allocation
+    // (see the orchestrator's `spare`).
+    let sys = System::start_tuned(|c| c.keep_allocation_ms = 0).await;
     let mut events = sys.nats.subscribe(subject::EVENTS_ALL).await.unwrap();
     sys.nats.flush().await.unwrap();
 

@@ -130,6 +130,24 @@ fn roots_are_ready_and_dispatched_on_creation() {
 }
 
 #[test]
+fn a_succeeded_task_vouches_for_its_allocation_while_it_may_be_handed_on() {
+    let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
+    let held = AllocationId::new("al-a").unwrap();
+    assert_eq!(
+        flow.holds(&tid("a"), &held, 0).ok(),
+        None,
+        "not assigned yet"
+    );
+    run(&mut flow, "a");
+    // Ended at 3 (see `run`).
+    assert_eq!(flow.holds(&tid("a"), &held, 3).ok(), Some(()));
+    let over = 3 + crate::machine::HAND_ON_VOUCH_MS;
+    assert!(flow.holds(&tid("a"), &held, over).is_err());
+    let other = AllocationId::new("al-x").unwrap();
+    assert!(flow.holds(&tid("a"), &other, 3).is_err());
+}
+
+#[test]
 fn dependants_become_ready_only_when_all_dependencies_succeeded() {
     let (mut flow, _) = Flow::new(FlowId::new("f").unwrap(), diamond(), 0);
     let e = run(&mut flow, "a");
@@ -138,8 +156,11 @@ fn dependants_become_ready_only_when_all_dependencies_succeeded() {
     assert_eq!(ready, ["b", "c"]);
     assert!(e.contains(&Effect::Release {
         agent: agent(),
-        allocation: AllocationId::new("al-a").unwrap()
+        allocation: AllocationId::new("al-a").unwrap(),
+        after: Some(TaskId::new("a").unwrap()),
     }));
+    let a = &flow.tasks[&TaskId::new("a").unwrap()];
+    assert_eq!(a.last_allocation, Some(AllocationId::new("al-a").unwrap()));
     run(&mut flow, "b");
     assert_eq!(due(&mut flow, 0), ["c"], "d still waits for c");
     run(&mut flow, "c");
@@ -336,7 +357,7 @@ fn a_report_on_an_attempt_sent_ahead_of_its_record_records_it() {
         "the agent has the assignment already: {e:?}"
     );
     assert!(e.iter().any(|e| matches!(e,
-        Effect::Release { agent, allocation } if agent.as_str() == "w1" && allocation == &asked)));
+        Effect::Release { agent, allocation, .. } if agent.as_str() == "w1" && allocation == &asked)));
     let a = &flow.tasks[&tid("a")];
     assert_eq!(
         (a.attempt, a.agent.as_ref().map(|x| x.as_str())),

@@ -240,3 +240,15 @@ async fn dispatch_serial(
         latencies,
     ))
 }
+
+/// An orchestrator's settings as deployed, with those of the deployed
+/// service's environment the bench honours too, for an A/B:
+/// `ORCHESTRATOR_KEEP_ALLOCATION_MS` (0 turns handing on off).
+pub(crate) fn orchestrator_config(nats: common::config::NatsConfig) -> orchestrator::Config {
+    let mut cfg = orchestrator::Config::new(nats);
+    let keep = std::env::var("ORCHESTRATOR_KEEP_ALLOCATION_MS").ok();
+    if let Some(ms) = keep.and_then(|v| v.parse().ok()) {
+        cfg.keep_allocation_ms = ms;
+    }
+    cfg
+}
