@@ -403,9 +403,8 @@ impl Flow {
         }
     }
 
-    /// The owner of `task`'s allocations: `{owner}/{flow}/{task}`, or
-    /// `{flow}/{task}` for a flow without an owner.
-    /// What task `task`'s last allocation may be handed on as (see [`HandOn`]).
+    /// What task `task`'s last allocation may be handed on as (see
+    /// [`super::HandOn`]).
     pub fn hand_on(&self, task: &TaskId) -> Option<super::HandOn> {
         let t = self.tasks.get(task)?;
         Some(super::HandOn {
@@ -419,6 +418,8 @@ impl Flow {
         })
     }
 
+    /// The owner of `task`'s allocations: `{owner}/{flow}/{task}`, or
+    /// `{flow}/{task}` for a flow without an owner.
     pub fn allocation_owner(&self, task: &TaskId) -> String {
         match &self.owner {
             Some(owner) => format!("{owner}/{}/{task}", self.id),

@@ -292,6 +292,8 @@ impl Orchestrator {
     /// until the agent itself is lost, so one that gets no answer (or an
     /// unavailable store) is tried again with back-off, for about a minute.
     pub(super) async fn release_by_id(&self, allocation: AllocationId, agent: Option<AgentId>) {
+        // Given back: never handed on again (see `spare`).
+        self.spares.forget(&allocation);
         let req = ReleaseRequest {
             allocation_id: allocation,
             agent_id: agent,

@@ -185,7 +185,7 @@ impl Spares {
     }
 
     /// Forgets `allocation` (given back, or not to be handed on again).
-    fn forget(&self, allocation: &AllocationId) {
+    pub(super) fn forget(&self, allocation: &AllocationId) {
         let mut inner = self.lock();
         if inner.handed.remove(allocation).is_some() {
             for kept in inner.kept.values_mut() {
