@@ -121,6 +121,10 @@ impl Orchestrator {
                 }
             }
             self.hold_first_record(&mut batch, &mut rx).await;
+            self.drop_applied_early(&mut batch).await;
+            if batch.is_empty() {
+                continue;
+            }
             let sweep_only = batch.iter().all(|(c, _)| matches!(c, Cmd::Tick));
             if sweep_only && self.creating.lock().is_ok_and(|c| c.contains(&flow)) {
                 // Its creation ticks it once its grants are queued.
@@ -245,6 +249,28 @@ impl Orchestrator {
                 Err(_) => break,
             }
         }
+    }
+
+    /// Acknowledges, without a step, the stored copies of completions this
+    /// replica applied early: one that came while the step applying its
+    /// early copy was being written reached the actor before that step
+    /// noted it (see `intake`), and would cost a step of its own (a read,
+    /// often a write) just as the client that waited for the flow sends
+    /// its next.
+    async fn drop_applied_early(&self, batch: &mut Vec<Queued>) {
+        if !batch.iter().any(|(c, _)| matches!(c, Cmd::Report { .. })) {
+            return;
+        }
+        let mut kept = Vec::with_capacity(batch.len());
+        for (cmd, cause) in batch.drain(..) {
+            match cmd {
+                Cmd::Report { report, msg } if !msg.came_early() && self.early.take(&report) => {
+                    msg.done().await;
+                }
+                cmd => kept.push((cmd, cause)),
+            }
+        }
+        *batch = kept;
     }
 
     /// Applies a batch of commands in one step. Returns whether the flow is finished.

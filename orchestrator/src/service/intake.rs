@@ -60,7 +60,7 @@ impl Early {
 
     /// Whether this stored report is a completion already applied early
     /// here (forgotten as it is asked about: its stored copy comes once).
-    fn take(&self, report: &AgentReport) -> bool {
+    pub(super) fn take(&self, report: &AgentReport) -> bool {
         matches!(report.kind, ReportKind::Completed { .. })
             && self
                 .0
