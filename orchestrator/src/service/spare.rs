@@ -116,17 +116,9 @@ impl Spares {
     fn take(&self, key: &str, now_ms: u64) -> Option<(AgentId, AllocationId)> {
         let mut inner = self.lock();
         let kept = inner.kept.get_mut(key)?;
-        let found = loop {
-            let k = kept.pop()?;
-            if k.until_ms > now_ms {
-                break k;
-            }
-            // Out of time: its own timer gives it back.
-            kept.insert(0, k);
-            if kept.iter().all(|k| k.until_ms <= now_ms) {
-                return None;
-            }
-        };
+        // One out of time stays for its own timer to give back.
+        let i = kept.iter().rposition(|k| k.until_ms > now_ms)?;
+        let found = kept.remove(i);
         if kept.is_empty() {
             inner.kept.remove(key);
         }
