@@ -251,8 +251,8 @@ impl Orchestrator {
         }
     }
 
-    /// Acknowledges, without a step, the stored copies of completions this
-    /// replica applied early: one that came while the step applying its
+    /// Acknowledges, without a step, the stored copies (from this replica's
+    /// consumer) of completions it applied early: one that came while the step applying its
     /// early copy was being written reached the actor before that step
     /// noted it (see `intake`), and would cost a step of its own (a read,
     /// often a write) just as the client that waited for the flow sends
@@ -264,7 +264,11 @@ impl Orchestrator {
         let mut kept = Vec::with_capacity(batch.len());
         for (cmd, cause) in batch.drain(..) {
             match cmd {
-                Cmd::Report { report, msg } if !msg.came_early() && self.early.take(&report) => {
+                // Only this replica's own stored copies: one handed over by
+                // another is settled by a step, whose outcome goes back.
+                Cmd::Report { report, msg }
+                    if msg.message().is_some() && self.early.take(&report) =>
+                {
                     msg.done().await;
                 }
                 cmd => kept.push((cmd, cause)),
