@@ -215,10 +215,20 @@ impl ServiceHandle {
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let running = run(rx);
+        // Said at once: a test waiting for the service to come up would
+        // otherwise only time out, without the cause.
+        let task = tokio::spawn(async move {
+            let ended = running.await;
+            if let Err(e) = &ended {
+                eprintln!("service {name} failed: {e:#}");
+            }
+            ended
+        });
         ServiceHandle {
             name,
             stop: Some(tx),
-            task: Some(tokio::spawn(run(rx))),
+            task: Some(task),
         }
     }
 

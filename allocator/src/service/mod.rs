@@ -193,8 +193,8 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     // A replica that has just started heard no heartbeat before now: its
     // start counts like an outage, so no agent is lost for that gap.
     alloc.outages.stalled();
-    alloc.read_quotas().await?;
-    let watchers = [alloc.cache.clone().start(agents).await?];
+    bus::opening(|| alloc.read_quotas()).await?;
+    let watchers = [bus::opening(|| alloc.cache.clone().start(agents.clone())).await?];
 
     let mut service = Service::start(&nats, NAME, "Agents, capacity and placement").await?;
     // An agent (de)registers on its own subject, so it cannot do so for another.

@@ -174,8 +174,10 @@ pub async fn ensure_stream(
 /// cluster, before it has a leader, or while a loaded cluster is still
 /// electing one for each of several new assets) can fail for a while: tried
 /// again with back-off for up to [`OPENING_PATIENCE`] before the service gives
-/// up, saying at `warn` what it still waits for once that takes long.
-async fn opening<T, F, Fut>(mut open: F) -> Result<T, Error>
+/// up, saying at `warn` what it still waits for once that takes long. Every
+/// JetStream call a service makes before it serves (a first read, a watch, a
+/// setting) goes through this, so a new cluster's elections never end a start.
+pub async fn opening<T, F, Fut>(mut open: F) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Error>>,

@@ -364,7 +364,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         bus::ensure_stream(&js, s, cfg.nats.js_replicas).await?;
     }
     let flows = bus::ensure_bucket(&js, Bucket::Flows, cfg.nats.js_replicas).await?;
-    bus::allow_atomic_batches(&js, &flows).await?;
+    bus::opening(|| bus::allow_atomic_batches(&js, &flows)).await?;
     let slots = bus::ensure_bucket(&js, Bucket::Concurrency, cfg.nats.js_replicas).await?;
     let triggers = bus::ensure_bucket(&js, Bucket::Triggers, cfg.nats.js_replicas).await?;
     // Wait tasks and triggers read the agent events (the synchronizer's

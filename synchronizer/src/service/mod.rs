@@ -122,11 +122,13 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let state = bus::ensure_bucket(&js, Bucket::State, replicas).await?;
     let scopes = bus::ensure_bucket(&js, Bucket::SyncScopes, replicas).await?;
     let points = bus::ensure_bucket(&js, Bucket::SyncPoints, replicas).await?;
-    let state_stream = js
-        .get_stream(format!("KV_{}", bus::KV_STATE))
-        .await
-        .map_err(|e| Error::unavailable("state stream", e))?;
-    let agent_events = events::open_stream(&js, &cfg).await?;
+    let state_stream = bus::opening(|| async {
+        js.get_stream(format!("KV_{}", bus::KV_STATE))
+            .await
+            .map_err(|e| Error::unavailable("state stream", e))
+    })
+    .await?;
+    let agent_events = bus::opening(|| events::open_stream(&js, &cfg)).await?;
     let event_schemas = bus::ensure_bucket(&js, Bucket::EventSchemas, replicas).await?;
     let node = format!("sync-{}", uuid::Uuid::now_v7().simple());
     let sync = Arc::new(Synchronizer {
