@@ -165,6 +165,9 @@ impl Orchestrator {
             Err(e) => {
                 // No capacity yet is normal: the next tick tries again.
                 tracing::debug!(owner = %request.owner, code = %e.code, message = %e.message, "not placed");
+                if matches!(e.code, ErrorCode::NoCapacity | ErrorCode::QuotaExceeded) {
+                    self.give_back_spares_for(request);
+                }
                 if let (ErrorCode::Timeout | ErrorCode::Unavailable, Some(id), false) =
                     (e.code, &request.allocation_id, kept)
                 {

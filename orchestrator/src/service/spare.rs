@@ -7,7 +7,8 @@
 //! waits on no booking: the allocate request, its compare-and-set on the
 //! agent's record and the quota read all leave the task's path, and the
 //! release of the one before with them. An allocation nobody takes in time
-//! is released as any other.
+//! is released as any other; so is, at once, every one kept for another
+//! kind of task than one that finds no capacity.
 //!
 //! The allocator learns of the new holder from a request sent once the task
 //! is placed on it: an allocate with the kept allocation's id and the new
@@ -237,6 +238,25 @@ impl Spares {
         taken
     }
 
+    /// The allocations kept under any key but `key`, taken out.
+    fn take_kept_but(&self, key: Option<&str>) -> Vec<(AgentId, AllocationId)> {
+        let mut inner = self.lock();
+        let others: Vec<String> = inner
+            .kept
+            .keys()
+            .filter(|k| Some(k.as_str()) != key)
+            .cloned()
+            .collect();
+        let mut taken = Vec::new();
+        for k in others {
+            taken.extend(inner.kept.remove(&k).into_iter().flatten());
+        }
+        for k in &taken {
+            inner.handed.remove(&k.allocation);
+        }
+        taken.into_iter().map(|k| (k.agent, k.allocation)).collect()
+    }
+
     /// Every allocation kept, taken out.
     fn drain(&self) -> Vec<(AgentId, AllocationId)> {
         let mut inner = self.lock();
@@ -284,6 +304,17 @@ impl Orchestrator {
             }
         };
         tokio::spawn(expire.in_current_span());
+    }
+
+    /// `request` found no capacity (or no room in a quota): the allocations
+    /// kept for other tasks than its kind are given back at once, so capacity
+    /// kept idle never holds back a task that cannot take it. Those kept for
+    /// its kind stay: its next try takes one.
+    pub(super) fn give_back_spares_for(self: &Arc<Self>, request: &AllocateRequest) {
+        let key = spare_key(&request.owner, &request.requirements, request.priority);
+        for (agent, allocation) in self.spares.take_kept_but(key.as_deref()) {
+            self.release(agent, allocation);
+        }
     }
 
     /// An allocation kept for `request`'s task, as its grant, and the
@@ -473,6 +504,28 @@ mod tests {
         assert!(spares.take("k", 60).is_none(), "w2 is out of its time");
         assert!(spares.remove("k", &AllocationId::new("al-w2").unwrap()));
         assert!(spares.drain().is_empty());
+    }
+
+    #[test]
+    fn a_refused_kind_takes_out_what_is_kept_for_the_others_only() {
+        let spares = Spares::default();
+        let kept = |a: &str| Kept {
+            agent: AgentId::new(a).unwrap(),
+            allocation: AllocationId::new(format!("al-{a}")).unwrap(),
+            until_ms: u64::MAX,
+        };
+        spares.keep("mine".into(), kept("w1"), 0);
+        spares.keep("other".into(), kept("w2"), 0);
+        spares.keep("third".into(), kept("w3"), 0);
+        let mut taken: Vec<String> = spares
+            .take_kept_but(Some("mine"))
+            .into_iter()
+            .map(|(a, _)| a.to_string())
+            .collect();
+        taken.sort();
+        assert_eq!(taken, ["w2", "w3"]);
+        assert!(spares.take("other", 1).is_none());
+        assert!(spares.take("mine", 1).is_some(), "its own kind's stays");
     }
 
     fn bind_for(id: &str, task: &str) -> AllocateRequest {

@@ -1,6 +1,7 @@
 //! Handing on over the wire: a succeeded task's allocation kept by its
 //! replica and taken by the next task alike (nothing booked for it), bound
-//! to a holder still running, given back when nobody takes it, and taken
+//! to a holder still running, given back when nobody takes it or a task
+//! of another kind finds no capacity, and taken
 //! back by the reconciliation when the replica keeping it is killed.
 
 use std::sync::{Arc, Mutex};
@@ -158,6 +159,47 @@ async fn a_task_still_running_on_an_allocation_handed_on_is_bound_to_it() {
     )
     .await;
     assert_eq!(done.state, FlowState::Succeeded, "{done:?}");
+    let _ = agent.0.send(());
+}
+
+/// A task of another kind (other requirements) that finds no capacity
+/// while an allocation is kept does not wait out the keeping: what is kept
+/// for other kinds is given back at once, and the task runs on capacity
+/// booked for it. Kept for ten minutes here, so only that can run it.
+#[tokio::test]
+async fn a_task_of_another_kind_is_not_held_back_by_an_allocation_kept() {
+    let sys = System::start_tuned(|c| c.keep_allocation_ms = KEEP_LONG_MS).await;
+    let seen: Arc<Mutex<Vec<AllocationId>>> = Arc::default();
+    let agent = {
+        let seen = seen.clone();
+        spawn_agent(&sys.nats, "w", 1.0, move |a| {
+            seen.lock().unwrap().push(a.allocation_id.clone());
+            async { Ok(Value::Null) }
+        })
+    };
+    wait_registered(&sys.client, "w").await;
+    sys.client.create_flow(&one_task("first")).await.unwrap();
+    wait_finished(
+        &sys.client,
+        &FlowId::new("first").unwrap(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(allocated(&sys.client, "w").await, Some(1.0), "kept");
+
+    let mut other = one_task("other");
+    other.tasks[0].requirements.resources = [("cpu".to_string(), 0.5)].into();
+    sys.client.create_flow(&other).await.unwrap();
+    let done = wait_finished(
+        &sys.client,
+        &FlowId::new("other").unwrap(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(done.state, FlowState::Succeeded, "{done:?}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_ne!(seen[0], seen[1], "booked anew, not handed on");
     let _ = agent.0.send(());
 }
 
