@@ -163,9 +163,8 @@ pub async fn connect_within(
     Ok(client)
 }
 
-/// When a connection was last seen down, kept current by a background task
-/// that polls the client's state.
-///
+/// When a connection was last seen down, kept current by the connections'
+/// event callbacks: every disconnect, however short.
 static LAST_DISCONNECT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// When a connection of this process made by [`connect`] (or its kin) last found

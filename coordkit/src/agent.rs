@@ -197,8 +197,12 @@ where
         .map_err(|e| Error::unavailable("subscribe to agent.lost", e))?;
     let outages = bus::Outages::watch(&nats);
     let (me, again) = (opts.agent_id.clone(), client.clone());
+    // The connection's own disconnect events as well as the poll: a
+    // reconnect faster than the poll (a few ms, to another node of a
+    // cluster) is seen by the events alone.
+    let last_down = move || outages.last_down_ms().max(bus::last_disconnect_ms());
     let reregister = tokio::spawn(async move {
-        let mut seen_down = outages.last_down_ms();
+        let mut seen_down = last_down();
         let mut poll = tokio::time::interval(bus::Outages::POLL * 2);
         loop {
             let why = tokio::select! {
@@ -215,7 +219,7 @@ where
                     }
                 }
                 _ = poll.tick() => {
-                    let down = outages.last_down_ms();
+                    let down = last_down();
                     if down == seen_down
                         || again.nats().connection_state() != async_nats::connection::State::Connected
                     {

@@ -9,6 +9,7 @@ mod agent_scale;
 mod allocator;
 mod allocator_quota;
 mod bench;
+mod blip;
 mod cdp;
 mod cluster;
 mod compose;
