@@ -21,7 +21,8 @@
 //! on its own, reports are retried until the server has them, assignments
 //! missed meanwhile come again, and the agent registers again after every
 //! reconnect (if it was declared lost meanwhile, the event saying so may
-//! have been missed).
+//! have been missed), and when a heartbeat is answered `lost` (the event
+//! missed with no reconnect: a partition between a cluster's servers).
 
 mod attempt;
 mod events;
@@ -38,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::msg::{Assignment, CancelNotice, Heartbeat, RegisterAgent};
+use common::msg::{AgentInfo, AgentStatus, Assignment, CancelNotice, Heartbeat, RegisterAgent};
 use common::nats as bus;
 use common::{subject, telemetry, AgentId, Client, Error, ErrorCode};
 use futures::{FutureExt, StreamExt};
@@ -197,6 +198,10 @@ where
         .map_err(|e| Error::unavailable("subscribe to agent.lost", e))?;
     let outages = bus::Outages::watch(&nats);
     let (me, again) = (opts.agent_id.clone(), client.clone());
+    // Or told so in answer to a heartbeat: an event missed with no reconnect
+    // (a partition that left this connection up).
+    let told_lost = Arc::new(tokio::sync::Notify::new());
+    let told = told_lost.clone();
     // The connection's own disconnect events as well as the poll: a
     // reconnect faster than the poll (a few ms, to another node of a
     // cluster) is seen by the events alone.
@@ -218,6 +223,7 @@ where
                         _ => continue,
                     }
                 }
+                _ = told.notified() => "told on a heartbeat that it is lost",
                 _ = poll.tick() => {
                     let down = last_down();
                     if down == seen_down
@@ -321,6 +327,7 @@ where
         opts.agent_id.clone(),
         opts.heartbeat_interval,
         running.clone(),
+        told_lost,
     ));
 
     let workers = Arc::new(Semaphore::new(opts.concurrency.max(1)));
@@ -455,23 +462,62 @@ where
     Ok(())
 }
 
+/// Heartbeats every `every`, each with a reply subject: an allocator that
+/// has this agent `lost` answers there with its record, and `told_lost`
+/// is notified.
 async fn heartbeats(
     nats: async_nats::Client,
     agent: AgentId,
     every: Duration,
     running: Arc<AtomicU32>,
+    told_lost: Arc<tokio::sync::Notify>,
 ) {
     let subject = subject::heartbeat(&agent);
+    let inbox = nats.new_inbox();
+    let mut answers = match nats.subscribe(inbox.clone()).await {
+        Ok(sub) => Some(sub),
+        Err(e) => {
+            tracing::warn!(error = %e, "heartbeat answers not heard");
+            None
+        }
+    };
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(50)));
     loop {
-        tick.tick().await;
+        let answer = async {
+            match answers.as_mut() {
+                Some(sub) => sub.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        let answered = tokio::select! {
+            _ = tick.tick() => None,
+            msg = answer => Some(msg),
+        };
+        match answered {
+            None => {}
+            // The subscription ended: beats go on unanswered.
+            Some(None) => {
+                answers = None;
+                continue;
+            }
+            Some(Some(msg)) => {
+                let info = serde_json::from_slice::<AgentInfo>(&msg.payload);
+                if info.is_ok_and(|i| i.status == AgentStatus::Lost) {
+                    told_lost.notify_one();
+                }
+                continue;
+            }
+        }
         let beat = Heartbeat {
             agent_id: agent.clone(),
             at_ms: common::now_ms(),
             running: running.load(Ordering::Relaxed),
         };
         if let Ok(body) = serde_json::to_vec(&beat) {
-            if let Err(e) = nats.publish(subject.clone(), body.into()).await {
+            let sent = nats
+                .publish_with_reply(subject.clone(), inbox.clone(), body.into())
+                .await;
+            if let Err(e) = sent {
                 tracing::debug!(error = %e, "heartbeat not sent");
             }
         }

@@ -8,8 +8,8 @@ What it does, in the order of the agent life cycle:
   notices, `coord.events.agent.lost`), then requests `coord.agents.{id}.leave`
   so that what an earlier run held (it died mid-task) is handed back at once,
   then registers with its capabilities and capacity (again, without leaving,
-  after every reconnect and whenever a `coord.events.agent.lost` event names
-  it), and heartbeats;
+  after every reconnect, whenever a `coord.events.agent.lost` event names
+  it and when a heartbeat is answered `lost`), and heartbeats;
 - takes assignments from a plain subscription on `coord.agents.{id}.assign`
   (no JetStream consumer, nothing acknowledged): runs at most `--concurrency`
   at once and queues the rest, reports `started` when the work begins, keeps
@@ -257,14 +257,26 @@ class Agent:
             pause = min(pause * 2, 2.0)
 
     async def heartbeats(self):
+        # With a reply subject: an allocator that has us lost (an agent.lost
+        # event we never heard, our connection never dropped) answers there.
+        inbox = self.nc.new_inbox()
+        await self.nc.subscribe(inbox, cb=self.on_heartbeat_answer)
         while True:
             running = sum(1 for att in self.attempts.values() if att.began)
             beat = {"agent_id": self.id, "at_ms": now_ms(), "running": running}
             try:
-                await self.nc.publish(self.subject("heartbeat"), json.dumps(beat).encode())
+                await self.nc.publish(self.subject("heartbeat"), json.dumps(beat).encode(), reply=inbox)
             except nats.errors.Error as e:
                 log(f"heartbeat not sent: {e}")
             await asyncio.sleep(self.args.heartbeat_ms / 1000)
+
+    async def on_heartbeat_answer(self, msg):
+        try:
+            info = json.loads(msg.data)
+        except ValueError:
+            return
+        if info.get("status") == "lost":
+            self.register_again("told lost on a heartbeat")
 
     # ---- what the services tell the agent ---------------------------------
 

@@ -37,22 +37,39 @@ impl Allocator {
     /// Records `msg` as its agent's last heartbeat, with this replica's
     /// clock. Only registered agents are remembered (a beat of any other id
     /// is noise), and a `left` agent's beats are not.
+    ///
+    /// A `lost` agent that still heartbeats missed its `agent.lost` event
+    /// (a core message: sent while a partition cut it off, say, without its
+    /// connection dropping): if the beat has a reply subject, the agent's
+    /// record is sent there, `status: "lost"`, so that it registers again
+    /// (only to an inbox, as any reply: see [`common::service::ReplyPrefixes`]).
     fn heartbeat(&self, msg: &async_nats::Message) {
+        use common::msg::AgentStatus;
         let Some(agent) = subject::agent_of(&msg.subject) else {
             return;
         };
-        let interval = self.cache.peek(&agent, |rec| {
-            (rec.status != common::msg::AgentStatus::Left).then_some(rec.heartbeat_interval_ms)
+        let now = common::now_ms();
+        let seen = self.cache.peek(&agent, |rec| {
+            let lost = (rec.status == AgentStatus::Lost).then(|| rec.info(now));
+            (rec.status != AgentStatus::Left).then_some((rec.heartbeat_interval_ms, lost))
         });
-        let Some(Some(interval)) = interval else {
+        let Some(Some((interval, lost))) = seen else {
             return;
         };
-        let now = common::now_ms();
         if !self.admit_beat(&agent, interval, now) {
             return;
         }
         // Only the arrival counts: nothing in the body is needed to judge.
         self.beats.remember(agent, now, now);
+        let reply = msg.reply.clone().filter(|r| self.replies.allows(r));
+        if let (Some(info), Some(reply)) = (lost, reply) {
+            let nats = self.nats.clone();
+            tokio::spawn(async move {
+                if let Ok(body) = serde_json::to_vec(&info) {
+                    let _ = nats.publish(reply, body.into()).await;
+                }
+            });
+        }
     }
 
     /// Whether a heartbeat of `agent` arriving at `now` is recorded: not if

@@ -137,6 +137,8 @@ pub(crate) struct Allocator {
     quota_tickets: std::sync::atomic::AtomicU64,
     /// Which agents listen on their assignment subject (see [`paths`]).
     paths: std::sync::Arc<paths::WorkPaths>,
+    /// Where an answer to a heartbeat may go (see [`Allocator::heartbeat`]).
+    replies: common::service::ReplyPrefixes,
 }
 
 macro_rules! serve {
@@ -189,6 +191,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         quota_reading: Default::default(),
         quota_tickets: Default::default(),
         paths: Default::default(),
+        replies: common::service::ReplyPrefixes::from_env(),
     });
     // A replica that has just started heard no heartbeat before now: its
     // start counts like an outage, so no agent is lost for that gap.

@@ -175,3 +175,55 @@ async fn an_agent_lost_unawares_registers_again_after_a_reconnect_of_millisecond
     let _ = stop.send(());
     let _ = run.await;
 }
+
+/// An agent whose record says `lost` but which never heard so (no event, no
+/// reconnect: as after a partition that left its connection up) is told in
+/// answer to its next heartbeat, registers again and is active. The record
+/// is marked lost here by hand, with no event, which is what such an agent
+/// sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_lost_unawares_is_told_on_its_heartbeat_and_registers_again() {
+    let sys = System::start().await;
+    let mut registered = sys
+        .nats
+        .subscribe(subject::event::AGENT_REGISTERED)
+        .await
+        .unwrap();
+    sys.nats.flush().await.unwrap();
+    let (stop, run) = spawn_agent(&sys.nats, "w1", 1.0, |_| async {
+        Ok(serde_json::Value::Null)
+    });
+    registered.next().await.expect("w1 registered");
+    mark_lost(&sys.nats, "w1").await;
+
+    // Registered again, unprompted by any event or reconnect.
+    tokio::time::timeout(Duration::from_secs(20), registered.next())
+        .await
+        .expect("w1 registers again")
+        .unwrap();
+    eventually(Duration::from_secs(20), "w1 active again", || async {
+        (status_of(&sys, "w1").await? == AgentStatus::Active).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    let _ = run.await;
+}
+
+/// Marks `agent`'s record `lost` in the agents' bucket, with no event: what
+/// an agent cut off from the allocator's side of a partition sees.
+pub(crate) async fn mark_lost(nats: &async_nats::Client, agent: &str) {
+    let js = async_nats::jetstream::new(nats.clone());
+    let agents = js.get_key_value(common::nats::KV_AGENTS).await.unwrap();
+    let entry = agents
+        .entry(agent)
+        .await
+        .unwrap()
+        .expect("the agent's record");
+    let mut record: serde_json::Value = serde_json::from_slice(&entry.value).unwrap();
+    record["status"] = "lost".into();
+    let body = serde_json::to_vec(&record).unwrap();
+    agents
+        .update(agent, body.into(), entry.revision)
+        .await
+        .unwrap();
+}

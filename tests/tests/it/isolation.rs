@@ -139,6 +139,23 @@ async fn the_python_agent_runs_as_itself_on_an_isolating_server() {
         },
     )
     .await;
+    // Marked lost with no event, as a partition may leave it: answered
+    // `lost` on a heartbeat (through its account's import), it registers
+    // again.
+    let mut registered = ops
+        .nats()
+        .subscribe(common::subject::event::AGENT_REGISTERED)
+        .await
+        .unwrap();
+    ops.nats().flush().await.unwrap();
+    crate::blip::mark_lost(ops.nats(), me.as_str()).await;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        futures::StreamExt::next(&mut registered),
+    )
+    .await
+    .expect("the Python agent registers again once told it is lost")
+    .unwrap();
     // It leaves on SIGTERM with only the subjects the server allows it:
     // drain, its consumer's info, leave.
     let pid = agent.id().unwrap().to_string();

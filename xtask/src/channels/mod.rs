@@ -148,7 +148,7 @@ fn agent_subjects() -> anyhow::Result<Vec<Channel>> {
             id: "agentHeartbeat",
             address: per_agent(subject::heartbeat)?,
             source: "heartbeat",
-            summary: "Every `heartbeat_interval_ms`; three missed and the agent is lost.",
+            summary: "Every `heartbeat_interval_ms`; three missed and the agent is lost. With a reply subject, a `lost` agent is answered there with its `AgentInfo`: register again.",
             pattern: Publish { from: AGENT, to: ALLOCATOR, message: msg!(Heartbeat), jetstream: None },
         },
         Channel {
