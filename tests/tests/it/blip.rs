@@ -13,14 +13,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::msg::{AgentStatus, CapacityRequest};
+use common::msg::AgentStatus;
 use common::subject;
+use common::AgentId;
 use futures::StreamExt;
 use testkit::{eventually, System};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::contract::status_of;
 use crate::orchestrator::{cpu_task, spawn_agent, tid};
 
 /// A TCP forwarder to `server` that can hold and cut what it carries.
@@ -100,17 +102,6 @@ async fn pump(
     }
 }
 
-async fn status_of(sys: &System, agent: &str) -> Option<AgentStatus> {
-    let cap = sys
-        .client
-        .capacity(&CapacityRequest::default())
-        .await
-        .ok()?;
-    cap.agent_status
-        .get(&common::AgentId::new(agent).unwrap())
-        .copied()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_lost_unawares_registers_again_after_a_reconnect_of_milliseconds() {
     let sys = System::start().await;
@@ -134,7 +125,7 @@ async fn an_agent_lost_unawares_registers_again_after_a_reconnect_of_millisecond
         Ok(serde_json::Value::Null)
     });
     eventually(Duration::from_secs(20), "w1 active", || async {
-        (status_of(&sys, "w1").await? == AgentStatus::Active).then_some(())
+        (status_of(&sys, &AgentId::new("w1").unwrap()).await? == AgentStatus::Active).then_some(())
     })
     .await;
 
@@ -145,13 +136,16 @@ async fn an_agent_lost_unawares_registers_again_after_a_reconnect_of_millisecond
         .await
         .expect("w1 declared lost")
         .unwrap();
-    assert_eq!(status_of(&sys, "w1").await, Some(AgentStatus::Lost));
+    assert_eq!(
+        status_of(&sys, &AgentId::new("w1").unwrap()).await,
+        Some(AgentStatus::Lost)
+    );
     // Cut: the event goes with the connection, and the client is carried
     // again at once.
     link.cut();
 
     eventually(Duration::from_secs(20), "w1 active again", || async {
-        (status_of(&sys, "w1").await? == AgentStatus::Active).then_some(())
+        (status_of(&sys, &AgentId::new("w1").unwrap()).await? == AgentStatus::Active).then_some(())
     })
     .await;
     // And it takes work.
@@ -202,7 +196,7 @@ async fn an_agent_lost_unawares_is_told_on_its_heartbeat_and_registers_again() {
         .expect("w1 registers again")
         .unwrap();
     eventually(Duration::from_secs(20), "w1 active again", || async {
-        (status_of(&sys, "w1").await? == AgentStatus::Active).then_some(())
+        (status_of(&sys, &AgentId::new("w1").unwrap()).await? == AgentStatus::Active).then_some(())
     })
     .await;
     let _ = stop.send(());

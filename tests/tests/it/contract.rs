@@ -33,7 +33,7 @@ async fn succeeded(sys: &System, flow: &common::FlowId, secs: u64) -> common::ms
     .await
 }
 
-async fn status_of(sys: &System, agent: &AgentId) -> Option<AgentStatus> {
+pub(crate) async fn status_of(sys: &System, agent: &AgentId) -> Option<AgentStatus> {
     let cap = sys
         .client
         .capacity(&CapacityRequest::default())

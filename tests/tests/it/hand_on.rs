@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use testkit::{eventually, wait_for_service, NatsServer, Process, Replica, System};
 
-use crate::orchestrator::{cpu_task, spawn_agent, wait_finished, wait_registered};
+use crate::orchestrator::{cpu_task, spawn_agent, wait_finished, wait_registered, AgentHandle};
 
 /// Long enough that nothing kept is given back while a test looks.
 const KEEP_LONG_MS: u64 = 600_000;
@@ -46,6 +46,17 @@ async fn record_allocations(nats: &async_nats::Client, w: &str) -> serde_json::M
     rec["allocations"].as_object().cloned().unwrap_or_default()
 }
 
+/// Agent `w` with 1 cpu, recording the allocation of every task it runs.
+fn recording_agent(nats: &async_nats::Client) -> (AgentHandle, Arc<Mutex<Vec<AllocationId>>>) {
+    let seen: Arc<Mutex<Vec<AllocationId>>> = Arc::default();
+    let record = seen.clone();
+    let agent = spawn_agent(nats, "w", 1.0, move |a| {
+        record.lock().unwrap().push(a.allocation_id.clone());
+        async { Ok(Value::Null) }
+    });
+    (agent, seen)
+}
+
 /// Two one-task flows one after the other on an agent that fits one task:
 /// the second runs on the allocation the first succeeded with, and nothing
 /// is booked or released in between (one `allocation.made`, no
@@ -64,14 +75,7 @@ async fn a_task_runs_on_the_allocation_the_one_before_it_succeeded_with() {
         .await
         .unwrap();
     sys.nats.flush().await.unwrap();
-    let seen: Arc<Mutex<Vec<AllocationId>>> = Arc::default();
-    let agent = {
-        let seen = seen.clone();
-        spawn_agent(&sys.nats, "w", 1.0, move |a| {
-            seen.lock().unwrap().push(a.allocation_id.clone());
-            async { Ok(Value::Null) }
-        })
-    };
+    let (agent, seen) = recording_agent(&sys.nats);
     wait_registered(&sys.client, "w").await;
 
     for id in ["first", "second"] {
@@ -169,14 +173,7 @@ async fn a_task_still_running_on_an_allocation_handed_on_is_bound_to_it() {
 #[tokio::test]
 async fn a_task_of_another_kind_is_not_held_back_by_an_allocation_kept() {
     let sys = System::start_tuned(|c| c.keep_allocation_ms = KEEP_LONG_MS).await;
-    let seen: Arc<Mutex<Vec<AllocationId>>> = Arc::default();
-    let agent = {
-        let seen = seen.clone();
-        spawn_agent(&sys.nats, "w", 1.0, move |a| {
-            seen.lock().unwrap().push(a.allocation_id.clone());
-            async { Ok(Value::Null) }
-        })
-    };
+    let (agent, seen) = recording_agent(&sys.nats);
     wait_registered(&sys.client, "w").await;
     sys.client.create_flow(&one_task("first")).await.unwrap();
     wait_finished(
