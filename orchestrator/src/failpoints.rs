@@ -64,3 +64,50 @@ pub(crate) async fn before_trigger_ack(started: &[String]) {
         std::future::pending::<()>().await;
     }
 }
+
+/// Before a new flow's first write: armed `hold`, the write waits until the
+/// point is disarmed; armed `fail` (once), it is not made, and fails as a
+/// server that did not answer would.
+pub const CREATE_WRITE: &str = "orchestrator::create-write";
+
+/// Holds every creation's write in this process until
+/// [`release_create_writes`].
+pub fn hold_create_writes() {
+    if let Err(e) = fail::cfg(CREATE_WRITE, "return(hold)") {
+        tracing::error!(error = %e, "fail point not armed");
+    }
+}
+
+/// Fails the next creation's write in this process, without making it.
+pub fn fail_next_create_write() {
+    if let Err(e) = fail::cfg(CREATE_WRITE, "1*return(fail)") {
+        tracing::error!(error = %e, "fail point not armed");
+    }
+}
+
+/// Disarms [`hold_create_writes`]: held writes go ahead.
+pub fn release_create_writes() {
+    fail::remove(CREATE_WRITE);
+}
+
+/// Waits while [`CREATE_WRITE`] is armed `hold`; whether it is armed `fail`.
+pub(crate) async fn create_write(flow: &FlowId) -> bool {
+    let mut held = false;
+    loop {
+        let arg = (|| {
+            fail::fail_point!(CREATE_WRITE, |arg| arg);
+            None
+        })();
+        match arg.as_deref() {
+            Some("hold") => {
+                if !held {
+                    tracing::warn!(%flow, "creation held at the fail point {CREATE_WRITE}");
+                    held = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Some("fail") => return true,
+            _ => return false,
+        }
+    }
+}

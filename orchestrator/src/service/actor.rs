@@ -125,10 +125,23 @@ impl Orchestrator {
             if batch.is_empty() {
                 continue;
             }
-            let sweep_only = batch.iter().all(|(c, _)| matches!(c, Cmd::Tick));
-            if sweep_only && self.creating.lock().is_ok_and(|c| c.contains(&flow)) {
-                // Its creation ticks it once its grants are queued.
-                continue;
+            let creating = self
+                .creating
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&flow).cloned());
+            if let Some(mut done) = creating {
+                // Nothing is stepped while its creation is written (its first
+                // assignments may be out already, and their reports here):
+                // once it is, the step starts from the copy written, and
+                // takes the tick the creation queued.
+                let _ = done.changed().await;
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(cmd) => batch.push(cmd),
+                        Err(_) => break,
+                    }
+                }
             }
             let ticked = batch.iter().any(|(c, _)| matches!(c, Cmd::Tick));
             // Whether the copy about to be stepped is known current without a

@@ -198,7 +198,7 @@ fn triggered_spec(t: &Trigger, event: &AgentEvent, id: FlowId) -> FlowSpec {
     spec
 }
 
-fn stored_ms_of(info: &jetstream::message::Info<'_>) -> u64 {
+pub(super) fn stored_ms_of(info: &jetstream::message::Info<'_>) -> u64 {
     u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 

@@ -20,22 +20,32 @@ const PLACED_AT_CREATION: usize = 8;
 /// time is released, as any placement's).
 const PLACED_AT_CREATION_WAIT: Duration = Duration::from_millis(500);
 
-/// A flow in [`Orchestrator::creating`] for as long as this lives.
-struct Creating(Arc<Orchestrator>, FlowId);
+/// A flow in [`Orchestrator::creating`] for as long as this lives; its
+/// actor waits for this to drop (`_done` closes then).
+struct Creating {
+    o: Arc<Orchestrator>,
+    id: FlowId,
+    _done: watch::Sender<()>,
+}
 
 impl Creating {
     fn new(o: &Arc<Orchestrator>, id: &FlowId) -> Self {
+        let (done, waiting) = watch::channel(());
         if let Ok(mut c) = o.creating.lock() {
-            c.insert(id.clone());
+            c.insert(id.clone(), waiting);
         }
-        Creating(o.clone(), id.clone())
+        Creating {
+            o: o.clone(),
+            id: id.clone(),
+            _done: done,
+        }
     }
 }
 
 impl Drop for Creating {
     fn drop(&mut self) {
-        if let Ok(mut c) = self.0.creating.lock() {
-            c.remove(&self.1);
+        if let Ok(mut c) = self.o.creating.lock() {
+            c.remove(&self.id);
         }
     }
 }
@@ -92,6 +102,7 @@ impl Orchestrator {
             )
             .with_details(serde_json::json!({ "problems": warnings })));
         }
+        let early = spec.id.is_none();
         let id = spec.id.clone().unwrap_or_else(FlowId::random);
         let now = common::now_ms();
         let trace = telemetry::traceparent();
@@ -129,31 +140,50 @@ impl Orchestrator {
         self.fits_in_entries(&flow, &encoded)?;
         let asked_at = self.freed.load(Ordering::Relaxed);
         let creating = (!large).then(|| Creating::new(self, &id));
-        let (written, (granted, binds)) = tokio::join!(
-            store::create(&self.flows, &flow, encoded),
-            self.book_at_creation(&flow.id, placements)
-        );
+        // A flow whose id this replica chose cannot be another's, so its
+        // first assignments leave as soon as they are booked, while its
+        // creation is written (see `sent_ahead`). One the client named may
+        // exist already (`conflict`): its assignments wait for the write.
+        let booking = async {
+            let (granted, binds) = self.book_at_creation(&flow.id, placements).await;
+            let ahead = self.sent_ahead(&flow, granted, asked_at);
+            if early {
+                self.send_ahead(&flow.id, &ahead.sent).await;
+            }
+            (ahead, binds)
+        };
+        let write = async {
+            #[cfg(feature = "failpoints")]
+            if crate::failpoints::create_write(&id).await {
+                return Err(WriteError::Failed(Error::new(
+                    ErrorCode::Unavailable,
+                    "the creation's write failed (fail point)",
+                )));
+            }
+            store::create(&self.flows, &flow, encoded).await
+        };
+        let (written, (ahead, binds)) = tokio::join!(write, booking);
         let (revision, encoded) = match written {
             Ok(written) => written,
-            Err(e) => {
-                // A flow not written gives its bookings back. One whose
-                // write may have been stored keeps them: its ready tasks
-                // hold them under the ids they were asked with, placed by
-                // the sweep's tick, and reconciliation takes them back if
-                // the flow was not stored.
-                let booked = granted.into_iter().filter_map(|(_, a)| a);
-                return Err(match e {
-                    WriteError::Conflict => {
-                        for a in booked {
-                            self.release(a.agent_id, a.allocation_id);
-                        }
-                        Error::new(ErrorCode::Conflict, format!("flow {id} already exists"))
-                    }
-                    WriteError::Failed(e) => e,
-                });
+            // Assignments sent ahead are the actor's to settle, once this
+            // returns: it records them if the write was stored after all,
+            // else takes them back and gives their allocations back.
+            Err(WriteError::Conflict) => {
+                // Only a client's own id is taken already: nothing was sent.
+                for (_, a, _) in ahead.sent {
+                    self.release(a.agent_id, a.allocation_id);
+                }
+                return Err(Error::new(
+                    ErrorCode::Conflict,
+                    format!("flow {id} already exists"),
+                ));
             }
+            // Not stored, or not known to be: the bookings not sent stay with
+            // the flow's ready tasks, under the ids they were asked with, for
+            // the sweep's tick to place if the flow was stored and for
+            // reconciliation to take back if it was not.
+            Err(WriteError::Failed(e)) => return Err(e),
         };
-        let ahead = self.sent_ahead(&flow, granted, asked_at);
         // A small flow's first assignments and events go out before the
         // reply, at once. A large flow's creation is many events (each root
         // becomes ready): the reply does not wait for them, and dispatch
@@ -168,31 +198,17 @@ impl Orchestrator {
                 let refused = ahead.refused;
                 created.insert(id.clone(), Created { stored, refused });
             }
-            drop(creating);
-            // Queued before the assignments leave, so that the actor has
-            // each grant before any report on it; without a cause, so that
-            // the step that records them continues the report's trace.
-            let granted_ms = common::now_ms();
-            for (task, allocation, assignment) in &ahead.sent {
-                let cmd = Cmd::Assign {
-                    task: task.clone(),
-                    allocation: Box::new(allocation.clone()),
-                    slot: None,
-                    granted_ms,
-                    sent: Some(assignment.attempt),
-                };
-                o.send_caused(&id, cmd, tracing::Span::none());
+            if !early {
+                o.send_ahead(&id, &ahead.sent).await;
             }
+            // Without a cause, so that the step that records the grants
+            // continues the report's trace; queued before the actor may step.
             o.send_caused(&id, Cmd::Tick, tracing::Span::none());
             if !ahead.hold {
                 // Tasks are left to place: the first step is not held back.
                 o.send(&id, Cmd::Wake);
             }
-            for (_, _, assignment) in &ahead.sent {
-                if let Err(e) = o.publish_assignment(assignment).await {
-                    tracing::warn!(flow = %id, task = %assignment.task_id, error = %e, "assignment not sent, sending it again later");
-                }
-            }
+            drop(creating);
             let mut driver = Driver::new(o.tick_ms);
             o.run_effects(&mut driver, None, effects, &mut cursor).await;
             o.outbox.sent(cursor, common::now_ms());
@@ -273,20 +289,51 @@ impl Orchestrator {
         (kept, binds)
     }
 
-    /// What creation's bookings lead to once the flow is stored: the
-    /// assignments to send ahead of their record, worked out on a copy of
-    /// the flow as the step that records them will (the same attempt), and
-    /// the tasks refused, for the actor to hold back as if it had asked.
+    /// Queues the grants of assignments sent ahead of their record for the
+    /// flow's actor, then sends the assignments: queued first, so that the
+    /// actor has each grant before any report on it.
+    async fn send_ahead(self: &Arc<Self>, id: &FlowId, sent: &[(TaskId, Allocation, Assignment)]) {
+        let granted_ms = common::now_ms();
+        for (task, allocation, assignment) in sent {
+            let cmd = Cmd::Assign {
+                task: task.clone(),
+                allocation: Box::new(allocation.clone()),
+                slot: None,
+                granted_ms,
+                sent: Some(assignment.attempt),
+            };
+            self.send_caused(id, cmd, tracing::Span::none());
+        }
+        for (_, _, assignment) in sent {
+            if let Err(e) = self.publish_assignment(assignment).await {
+                tracing::warn!(flow = %id, task = %assignment.task_id, error = %e, "assignment not sent, sending it again later");
+            }
+        }
+    }
+
+    /// What creation's bookings lead to: the assignments to send ahead of
+    /// their record, worked out on a copy of the flow as the step that
+    /// records them will (the same attempt), and the tasks refused, for the
+    /// actor to hold back as if it had asked.
     ///
     /// Sending before recording saves the record's write on a short task's
     /// path: the actor's first step records the grants, and waits up to
     /// [`Config::first_record_ms`] for the agents' first reports so that one
     /// write takes both (`hold`, when the flow has nothing else to place).
-    /// Should this replica die in between, the flow holds its tasks as
-    /// ready, each with the allocation id it was asked for with
-    /// (`Task::asked`): the replica that takes them up asks with that id
-    /// again and gets back the same booking, so the same agent is sent the
-    /// same attempt again (it may run it twice: at least once).
+    /// A flow whose id this replica chose sends them before its creation is
+    /// even stored, so that the agent works while it is (the one write then
+    /// on a one-task flow's path is its completion's). Its actor steps
+    /// nothing until the write's outcome is known (`creating`): stored,
+    /// the step records the grants; not stored, it finds no flow and takes
+    /// the attempts back (a cancel notice, the allocation given back).
+    /// Should this replica die before the write, the attempt belongs to no
+    /// flow: its report is refused as `unknown_flow` and reconciliation
+    /// takes the allocation back, and the client, which had no answer,
+    /// creates the flow again. Should it die after the write, the flow
+    /// holds its tasks as ready, each with the allocation id it was asked
+    /// for with (`Task::asked`): the replica that takes them up asks with
+    /// that id again and gets back the same booking, so the same agent is
+    /// sent the same attempt again (it may run it twice: at least once).
     fn sent_ahead(
         self: &Arc<Self>,
         flow: &Flow,

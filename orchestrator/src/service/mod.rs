@@ -45,7 +45,7 @@ use common::service::Service;
 use common::{subject, telemetry, AgentId, AllocationId, Error, ErrorCode, FlowId, TaskId};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::Instrument;
 
 use common::msg::{FlowState, TaskState};
@@ -308,10 +308,12 @@ struct Orchestrator {
     /// back the tasks the allocator refused at creation.
     created: Mutex<HashMap<FlowId, Created>>,
     /// Flows this replica is creating, from their first write until their
-    /// creation's grants are queued for their actor: the sweep's ticks
-    /// leave them alone meanwhile, else a tick reading the new flow would
-    /// ask for its tasks again beside the creation's own bookings.
-    creating: Mutex<HashSet<FlowId>>,
+    /// creation's grants are queued for their actor, each with what closes
+    /// when that is done: their actor steps nothing before (a tick reading
+    /// the new flow would ask for its tasks again beside the creation's own
+    /// bookings, and the first assignments may leave before the write is
+    /// stored: see `create`).
+    creating: Mutex<HashMap<FlowId, watch::Receiver<()>>>,
     /// Completions this replica applied before the stream delivered them.
     early: intake::Early,
     /// This replica, as a task's `readied_by` names it (see

@@ -3,6 +3,12 @@
 
 use super::*;
 
+/// A stored report of a flow not found is handed back, not refused, for this
+/// long after it was stored: its flow's first assignments leave before the
+/// flow's creation is stored (see `create`), so a report may overtake it, to
+/// a replica that reads the flow before the write lands.
+const UNKNOWN_FLOW_GRACE_MS: u64 = 2_000;
+
 impl Orchestrator {
     /// After a successful write: acknowledge and answer; returns the
     /// command's effects to carry out.
@@ -126,6 +132,16 @@ impl Orchestrator {
         for cmd in batch {
             match cmd {
                 Cmd::Report { report, mut msg } => {
+                    let young = msg.message().and_then(|m| m.info().ok()).is_some_and(|i| {
+                        common::now_ms().saturating_sub(agent_events::stored_ms_of(&i))
+                            < UNKNOWN_FLOW_GRACE_MS
+                    });
+                    if young {
+                        // Its flow's creation may not be stored yet: the
+                        // first assignments leave before (see `create`).
+                        msg.again().await;
+                        continue;
+                    }
                     let why = format!("no flow {flow_id}");
                     if let Some(stored) = msg.message() {
                         self.reject(

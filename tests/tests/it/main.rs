@@ -6,6 +6,7 @@
 mod agent_events;
 mod agent_flows;
 mod agent_scale;
+mod ahead;
 mod allocator;
 mod allocator_quota;
 mod bench;

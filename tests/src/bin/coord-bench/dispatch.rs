@@ -78,7 +78,7 @@ async fn rounds_on(
         let after = stored(&js).await?;
         rounds.push(pipe);
         print_stored(&before, &after, args.tasks);
-        let serial = dispatch_serial(nats, args, run_id, limit).await?;
+        let serial = dispatch_serial(nats, args, limit).await?;
         rounds.push(serial);
         system.stop(nats).await;
     }
@@ -212,27 +212,32 @@ fn print_table(rounds: &[Round]) {
 async fn dispatch_serial(
     nats: &async_nats::Client,
     args: &Args,
-    run_id: u64,
     limit: Duration,
 ) -> anyhow::Result<Round> {
     let client = common::Client::new(nats.clone()).with_timeout(Duration::from_secs(30));
     let mut events = completion_events(nats).await?;
     let mut latencies = Vec::with_capacity(args.serial);
     let started = Instant::now();
-    for i in 0..args.serial {
-        let id = FlowId::new(format!("bench-{run_id}-s{i}"))?;
-        let spec = flow_spec(&id, 1)?;
+    for _ in 0..args.serial {
+        // The id is the service's to choose, as most clients leave it: a
+        // flow so created has its first task sent ahead of its creation's
+        // write (a named one waits for it, as the name may be taken).
+        let mut spec = flow_spec(&FlowId::new("unnamed")?, 1)?;
+        spec.id = None;
         let t = Instant::now();
-        // Only this flow's completion counts (another's may come meanwhile).
-        let own = async {
-            let done = completions(&mut events, 1, &|f| *f == id, t + limit).await?;
-            done.into_values()
-                .next()
-                .ok_or_else(|| anyhow::anyhow!("flow {id} done without a completion"))
-        };
-        let (created, at) = tokio::join!(client.create_flow(&spec), own);
-        created.map_err(|e| anyhow::anyhow!("flow create failed: {e}"))?;
-        latencies.push(at?.duration_since(t));
+        let created = client
+            .create_flow(&spec)
+            .await
+            .map_err(|e| anyhow::anyhow!("flow create failed: {e}"))?;
+        // Only this flow's completion counts (another's may come meanwhile);
+        // one that came before the reply waits in the subscription.
+        let id = created.flow_id;
+        let done = completions(&mut events, 1, &|f| *f == id, t + limit).await?;
+        let at = done
+            .into_values()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("flow {id} done without a completion"))?;
+        latencies.push(at.duration_since(t));
     }
     Ok(round(
         "dispatch, one at a time (1-task flows)",

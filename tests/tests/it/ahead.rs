@@ -1,0 +1,160 @@
+//! A new flow's first assignments sent ahead of its creation's write: the
+//! agent works while the flow is stored, and a creation that is not stored
+//! takes its attempt back and gives its allocation back.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::msg::{
+    Assignment, CancelNotice, FlowSpec, FlowState, RegisterAgent, RejectReason, ReportRejected,
+};
+use common::{subject, AgentId, ErrorCode};
+use futures::StreamExt;
+use serde_json::json;
+use testkit::{eventually, System};
+
+use crate::orchestrator::cpu_task;
+
+/// Registers `w1` with 1 cpu (no runtime: the test is the agent) and
+/// returns its assignments.
+async fn agent(sys: &System) -> async_nats::Subscriber {
+    let w1 = AgentId::new("w1").unwrap();
+    let assignments = sys.nats.subscribe(subject::assign(&w1)).await.unwrap();
+    sys.nats.flush().await.unwrap();
+    sys.client
+        .register_agent(&RegisterAgent {
+            agent_id: w1,
+            capabilities: Vec::new(),
+            labels: Default::default(),
+            capacity: [("cpu".to_string(), 1.0)].into(),
+            heartbeat_interval_ms: 600_000,
+        })
+        .await
+        .unwrap();
+    assignments
+}
+
+async fn next_assignment(assignments: &mut async_nats::Subscriber) -> Assignment {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), assignments.next())
+            .await
+            .expect("an assignment")
+            .unwrap();
+        if let Ok(a) = serde_json::from_slice::<Assignment>(&msg.payload) {
+            return a;
+        }
+    }
+}
+
+/// `w1`'s completion of `a`, stored in the reports stream.
+async fn complete(js: &jetstream::Context, a: &Assignment) {
+    let report = json!({"flow_id": a.flow_id, "task_id": a.task_id, "attempt": a.attempt,
+        "agent_id": "w1", "type": "completed", "output": 3});
+    js.publish(subject::report(&a.agent_id), report.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// A one-task flow whose id the orchestrator chooses.
+fn unnamed() -> FlowSpec {
+    FlowSpec::new("ahead", vec![cpu_task("a", &[])])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_flows_first_task_is_assigned_and_done_before_its_creation_is_stored() {
+    let sys = System::start().await;
+    let js = jetstream::new(sys.nats.clone());
+    let flows = js.get_key_value(common::nats::KV_FLOWS).await.unwrap();
+    let mut assignments = agent(&sys).await;
+    orchestrator::failpoints::hold_create_writes();
+    let creating = tokio::spawn({
+        let client = sys.client.clone();
+        async move { client.create_flow(&unnamed()).await }
+    });
+    // The write is held: the assignment left before it.
+    let a = next_assignment(&mut assignments).await;
+    assert!(
+        flows.get(a.flow_id.as_str()).await.unwrap().is_none(),
+        "the flow is not stored yet"
+    );
+    // And the agent's completion came before it too.
+    complete(&js, &a).await;
+    assert!(!creating.is_finished(), "no reply before the write");
+    orchestrator::failpoints::release_create_writes();
+    let created = creating.await.unwrap().expect("the flow created");
+    assert_eq!(created.flow_id, a.flow_id);
+    let status = eventually(Duration::from_secs(20), "the flow to succeed", || async {
+        let s = sys.client.flow_status(&a.flow_id).await.ok()?;
+        (s.state == FlowState::Succeeded).then_some(s)
+    })
+    .await;
+    assert_eq!(status.tasks[0].output, json!(3));
+    assert_eq!(status.tasks[0].attempt, 1, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_not_stored_takes_back_the_attempt_it_sent_ahead() {
+    let sys = System::start().await;
+    let js = jetstream::new(sys.nats.clone());
+    let w1 = AgentId::new("w1").unwrap();
+    let mut cancels = sys.nats.subscribe(subject::cancel(&w1)).await.unwrap();
+    let mut verdicts = sys.nats.subscribe(subject::rejected(&w1)).await.unwrap();
+    let mut assignments = agent(&sys).await;
+    orchestrator::failpoints::fail_next_create_write();
+    let err = sys
+        .client
+        .create_flow(&unnamed())
+        .await
+        .expect_err("the creation's write failed");
+    assert_eq!(err.code, ErrorCode::Unavailable, "{err}");
+    // The assignment had left; it is taken back.
+    let a = next_assignment(&mut assignments).await;
+    let msg = tokio::time::timeout(Duration::from_secs(30), cancels.next())
+        .await
+        .expect("a cancel notice")
+        .unwrap();
+    let notice: CancelNotice = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(
+        (&notice.flow_id, &notice.task_id, notice.attempt),
+        (&a.flow_id, &a.task_id, a.attempt)
+    );
+    // Its allocation is given back: the agent is free again.
+    eventually(
+        Duration::from_secs(20),
+        "the allocation given back",
+        || async {
+            let cap = sys.client.capacity(&Default::default()).await.ok()?;
+            let cpu = cap.agents.get(&w1)?.get("cpu")?.allocated;
+            (cpu == 0.0).then_some(())
+        },
+    )
+    .await;
+    // A completion sent anyway belongs to no flow: refused, once it is
+    // clear no creation is still being written.
+    complete(&js, &a).await;
+    let msg = tokio::time::timeout(Duration::from_secs(20), verdicts.next())
+        .await
+        .expect("a verdict")
+        .unwrap();
+    let v: ReportRejected = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(
+        (v.code, v.reason),
+        (ErrorCode::NotFound, RejectReason::UnknownFlow)
+    );
+    // The next flow runs as usual.
+    let next = sys.client.create_flow(&unnamed()).await.unwrap();
+    let b = next_assignment(&mut assignments).await;
+    assert_eq!(b.flow_id, next.flow_id);
+    complete(&js, &b).await;
+    eventually(
+        Duration::from_secs(20),
+        "the next flow to succeed",
+        || async {
+            let s = sys.client.flow_status(&next.flow_id).await.ok()?;
+            (s.state == FlowState::Succeeded).then_some(())
+        },
+    )
+    .await;
+}
