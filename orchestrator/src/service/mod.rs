@@ -64,6 +64,7 @@ mod delivery;
 mod dispatch;
 mod forward;
 mod intake;
+mod known;
 mod replicas;
 mod settle;
 mod spare;
@@ -274,9 +275,11 @@ struct Orchestrator {
     /// Flows known to be finished, so the sweep does not load them again. Not
     /// final: a re-run or a change makes a flow run again, so an entry is
     /// dropped when this replica's actor steps the flow back to running, and
-    /// checked against the stored revision every [`FINISHED_RECHECK_MS`] in
-    /// case another replica did it (and is gone before it sweeps the flow).
+    /// checked against the revision last written (`known`) in case another
+    /// replica did it (and is gone before it sweeps the flow).
     finished: Mutex<HashMap<FlowId, Finished>>,
+    /// Every flow's last revision, followed as the flows bucket is written.
+    known: known::Known,
     /// Bounds allocation requests in flight (see [`MAX_PLACING`]).
     placing: Semaphore,
     /// Moves whenever capacity may have freed up (see [`machine::Placing`]):
@@ -389,6 +392,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         outbox: Arc::default(),
         actors: Mutex::default(),
         finished: Mutex::default(),
+        known: known::Known::default(),
         placing: Semaphore::new(MAX_PLACING),
         freed: AtomicU64::new(0),
         slots: Slots::new(slots),
@@ -504,6 +508,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let early_reports = tokio::spawn(orch.clone().take_early_reports());
     let handed = tokio::spawn(orch.clone().take_handed(handed));
     let replicas = tokio::spawn(orch.clone().hear_replicas());
+    let follower = tokio::spawn(orch.clone().follow_flows());
     let sweeper = tokio::spawn(
         orch.clone()
             .sweep(Duration::from_millis(cfg.sweep_ms.max(10))),
@@ -522,6 +527,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
     wake_waits.abort();
     capacity.abort();
     sweeper.abort();
+    follower.abort();
     replicas.abort();
     nats.drain().await.ok();
     Ok(())

@@ -1,26 +1,34 @@
 //! The periodic sweep: every unfinished flow ticked, so deadlines, back-offs
-//! and ready tasks nobody placed are taken up by whichever replica runs.
+//! and ready tasks nobody placed are taken up by whichever replica runs. It
+//! looks at the flows not known finished and those written since it last
+//! looked (`known`), so its work follows the flows in progress, not every
+//! flow ever run.
 
 use super::*;
 
 impl Orchestrator {
-    /// Whether the sweep may skip `id` as finished. Every
+    /// Whether the sweep may skip `id` as finished: its revision is the one
+    /// it finished at. Another replica may have re-run or changed it since,
+    /// and this one must sweep it should that one go: the revision followed
+    /// ([`Orchestrator::known`]) says so without a read; without it, every
     /// [`FINISHED_RECHECK_MS`] the stored revision (the header's only) is
-    /// compared with the one the flow finished at: another replica may have
-    /// re-run or changed it, and this one must sweep it should that one go.
+    /// read back.
     pub(super) async fn still_finished(&self, id: &FlowId, now: u64) -> bool {
         let known = self.finished.lock().ok().and_then(|d| d.get(id).copied());
         let Some(known) = known else {
             return false;
         };
-        if now.saturating_sub(known.checked_ms) < FINISHED_RECHECK_MS {
-            return true;
-        }
-        let same = match self.flows.entry(id.as_str()).await {
-            Ok(Some(e)) => e.revision == known.revision,
-            Ok(None) => false,
-            // Checked again on the next sweep.
-            Err(_) => return true,
+        let same = match self.known.revision(id) {
+            // The write it finished with is yet to come: it brings it back.
+            Some(rev) if rev <= known.revision => return true,
+            Some(_) => false,
+            None if now.saturating_sub(known.checked_ms) < FINISHED_RECHECK_MS => return true,
+            None => match self.flows.entry(id.as_str()).await {
+                Ok(Some(e)) => e.revision == known.revision,
+                Ok(None) => false,
+                // Checked again on the next sweep.
+                Err(_) => return true,
+            },
         };
         if let Ok(mut done) = self.finished.lock() {
             if same {
@@ -43,6 +51,9 @@ impl Orchestrator {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_reconcile = 0;
+        // The flows to look at: all unfinished ones, and those written since
+        // the last sweep (see `known`).
+        let mut looked_at: HashSet<FlowId> = HashSet::new();
         loop {
             tick.tick().await;
             let now = common::now_ms();
@@ -57,11 +68,20 @@ impl Orchestrator {
                     tracing::warn!(error = %e, "concurrency slots not reconciled");
                 }
             }
-            let Ok(ids) = self.flow_ids().await else {
-                continue;
+            let ids = match self.known.take_written() {
+                Some(written) => {
+                    looked_at.extend(written);
+                    looked_at.iter().cloned().collect()
+                }
+                // Not followed yet: every stored flow, listed.
+                None => match self.flow_ids().await {
+                    Ok(ids) => ids,
+                    Err(_) => continue,
+                },
             };
             for id in ids {
                 if self.still_finished(&id, now).await {
+                    looked_at.remove(&id);
                     continue;
                 }
                 // A flow with an actor here is ticked without a read: the
@@ -92,7 +112,10 @@ impl Orchestrator {
                         }
                     }
                     Ok(Some(_)) => self.send(&id, Cmd::Tick),
-                    Ok(None) | Err(_) => {}
+                    Ok(None) => {
+                        looked_at.remove(&id);
+                    }
+                    Err(_) => {}
                 }
             }
         }

@@ -39,5 +39,6 @@ mod services;
 mod stalls;
 mod startup;
 mod state;
+mod sweep;
 mod sync;
 mod traces;
