@@ -1,5 +1,6 @@
 //! Handing on over the wire: a succeeded task's allocation kept by its
-//! replica and taken by the next task alike (nothing booked for it), bound
+//! replica and taken by the next task alike (nothing booked for it), kept
+//! again for its own time, bound
 //! to a holder still running, given back when nobody takes it or a task
 //! of another kind finds no capacity, and taken
 //! back by the reconciliation when the replica keeping it is killed.
@@ -57,6 +58,14 @@ fn recording_agent(nats: &async_nats::Client) -> (AgentHandle, Arc<Mutex<Vec<All
     (agent, seen)
 }
 
+/// [`recording_agent`], registered, once the test's subscriptions are in.
+async fn recording_agent_registered(sys: &System) -> (AgentHandle, Arc<Mutex<Vec<AllocationId>>>) {
+    sys.nats.flush().await.unwrap();
+    let recorded = recording_agent(&sys.nats);
+    wait_registered(&sys.client, "w").await;
+    recorded
+}
+
 /// Two one-task flows one after the other on an agent that fits one task:
 /// the second runs on the allocation the first succeeded with, and nothing
 /// is booked or released in between (one `allocation.made`, no
@@ -74,9 +83,7 @@ async fn a_task_runs_on_the_allocation_the_one_before_it_succeeded_with() {
         .subscribe(subject::event::ALLOCATION_RELEASED)
         .await
         .unwrap();
-    sys.nats.flush().await.unwrap();
-    let (agent, seen) = recording_agent(&sys.nats);
-    wait_registered(&sys.client, "w").await;
+    let (agent, seen) = recording_agent_registered(&sys).await;
 
     for id in ["first", "second"] {
         sys.client.create_flow(&one_task(id)).await.unwrap();
@@ -109,6 +116,49 @@ async fn a_task_runs_on_the_allocation_the_one_before_it_succeeded_with() {
     assert!(
         tokio::time::timeout(quiet, released.next()).await.is_err(),
         "never released"
+    );
+    let _ = agent.0.send(());
+}
+
+/// An allocation handed on and kept again is kept for its own time: the
+/// timer of the keep before it, firing meanwhile, gives nothing back. The
+/// margins are a second and a half on either side of that timer.
+#[tokio::test]
+async fn an_allocation_kept_again_outlives_the_timer_of_its_first_keep() {
+    let sys = System::start_tuned(|c| c.keep_allocation_ms = 3_000).await;
+    let mut released = sys
+        .nats
+        .subscribe(subject::event::ALLOCATION_RELEASED)
+        .await
+        .unwrap();
+    let (agent, seen) = recording_agent_registered(&sys).await;
+    let run = |id: &'static str| {
+        let client = sys.client.clone();
+        async move {
+            client.create_flow(&one_task(id)).await.unwrap();
+            let id = FlowId::new(id).unwrap();
+            let done = wait_finished(&client, &id, Duration::from_secs(30)).await;
+            assert_eq!(done.state, FlowState::Succeeded, "{done:?}");
+        }
+    };
+    // Kept at t, until t + 3 s; taken and kept again at t + 1.5 s.
+    run("first").await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    run("second").await;
+    // Past the first keep's timer (t + 3 s), before the second's (t + 4.5 s).
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert!(
+        tokio::time::timeout(Duration::ZERO, released.next())
+            .await
+            .is_err(),
+        "given back by the first keep's timer"
+    );
+    run("third").await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(
+        seen.iter().all(|a| a == &seen[0]),
+        "every task ran on the first's allocation: {seen:?}"
     );
     let _ = agent.0.send(());
 }
