@@ -207,22 +207,10 @@ impl Orchestrator {
             // Any step that leaves the flow unfinished (a re-run, a change)
             // must put it back under the sweep: timeouts and back-offs need it.
             if let Ok(mut done) = self.finished.lock() {
-                match (finished, &cache) {
-                    (true, Some((_, revision, _))) => {
-                        let checked_ms = common::now_ms();
-                        done.insert(
-                            flow.clone(),
-                            Finished {
-                                revision: *revision,
-                                checked_ms,
-                            },
-                        );
-                    }
-                    (true, None) => {}
-                    (false, _) => {
-                        done.remove(&flow);
-                    }
-                }
+                match finished {
+                    Some(f) => done.insert(flow.clone(), f),
+                    None => done.remove(&flow),
+                };
             }
         }
     }
@@ -290,7 +278,8 @@ impl Orchestrator {
         *batch = kept;
     }
 
-    /// Applies a batch of commands in one step. Returns whether the flow is finished.
+    /// Applies a batch of commands in one step. Returns the flow as finished
+    /// for the sweep (see [`Orchestrator::settled`]), or `None` while it is not.
     ///
     /// The step starts from the flow as this actor last wrote it, which saves a
     /// read while one replica drives the flow: the compare-and-set proves the
@@ -311,7 +300,7 @@ impl Orchestrator {
         watch: &mut Watch,
         current: bool,
         writer: &mut Writer,
-    ) -> bool {
+    ) -> Option<Finished> {
         let (mut batch, mut causes): (Vec<Cmd>, Vec<tracing::Span>) = batch.into_iter().unzip();
         let now = common::now_ms();
         for _ in 0..bus::CAS_ATTEMPTS {
@@ -331,7 +320,7 @@ impl Orchestrator {
                 if let Some(to) = to {
                     self.hand_over_all(to, &mut batch, &mut causes, true);
                     if batch.is_empty() {
-                        return false;
+                        return None;
                     }
                 }
             }
@@ -343,11 +332,11 @@ impl Orchestrator {
                     Ok(Some(found)) => found,
                     Ok(None) => {
                         self.settle_missing(flow_id, batch).await;
-                        return true;
+                        return None;
                     }
                     Err(e) => {
                         self.settle_failed(flow_id, batch, &e, driver).await;
-                        return false;
+                        return None;
                     }
                 },
             };
@@ -358,12 +347,14 @@ impl Orchestrator {
                 writer.readied_here = flow.readied_any_by(self.replica);
                 self.hand_over_all(to, &mut batch, &mut causes, !writer.readied_here);
                 if batch.is_empty() {
+                    // Finished there: parked here until its last events settle.
+                    let finished = self.settled(&flow, &stored.kept, revision, now);
                     if writer.readied_here {
                         *cache = Some((flow, revision, stored));
                     } else {
                         writer.elsewhere = Some(to);
                     }
-                    return false;
+                    return finished;
                 }
             }
             let outcomes: Vec<Result<Vec<Effect>, Rejection>> = batch
@@ -375,12 +366,16 @@ impl Orchestrator {
             // The step's events go into the record with it (the outbox).
             let mut kept = stored.kept.clone();
             kept.writer = Some(self.replica);
-            let (mut cursor, outbox_changed) = self.outbox.stage(
+            let (mut cursor, staging) = self.outbox.stage(
                 &mut flow,
                 &mut kept.outbox,
                 outcomes.iter().flatten().flat_map(|e| events_of(e)),
                 now,
             );
+            // A finished flow's last batch, acknowledged here, stays in the
+            // record this replica wrote: no write only to empty it.
+            let left = flow.state.is_terminal() && stored.kept.writer == Some(self.replica);
+            let outbox_changed = staging.new || (staging.cleared && !left);
             // The encoding tells whether the step changed anything: it is
             // needed for the write anyway, and keeping a copy of a large
             // flow to compare against cost more than the step itself.
@@ -388,7 +383,7 @@ impl Orchestrator {
                 Ok(encoded) => encoded,
                 Err(err) => {
                     self.settle_failed(flow_id, batch, &err, driver).await;
-                    return false;
+                    return None;
                 }
             };
             let changed = outbox_changed
@@ -416,7 +411,7 @@ impl Orchestrator {
                     Err(WriteError::Conflict) => continue,
                     Err(WriteError::Failed(err)) => {
                         self.settle_failed(flow_id, batch, &err, driver).await;
-                        return false;
+                        return None;
                     }
                 }
             };
@@ -455,13 +450,13 @@ impl Orchestrator {
                     .await;
             }
             // Finished once its last events are known to be stored too.
-            let finished = flow.state.is_terminal() && body.kept.outbox.is_empty();
+            let finished = self.settled(&flow, &body.kept, revision, now);
             *cache = Some((flow, revision, body));
             return finished;
         }
         let err = bus::contention(flow_id.as_str());
         self.settle_failed(flow_id, batch, &err, driver).await;
-        false
+        None
     }
 
     /// Whether a large flow's stored header is still at `revision`, so the

@@ -348,6 +348,16 @@ const FEASIBLE_KEPT: usize = 256;
 struct Finished {
     revision: u64,
     checked_ms: u64,
+    /// Its last events are another replica's to settle, until then (see
+    /// `crate::outbox`): looked at again only should that one go.
+    parked: Option<Parked>,
+}
+
+/// A finished flow whose outbox another replica, up, still holds.
+#[derive(Clone, Copy)]
+struct Parked {
+    writer: u32,
+    until_ms: u64,
 }
 
 /// How often the sweep checks that a flow it skips as finished is still at
