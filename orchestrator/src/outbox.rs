@@ -290,16 +290,25 @@ impl Ledger {
     }
 
     /// After a step's events went out: its batch counts as sent now, and as
-    /// acknowledged once the stream has confirmed every event of it.
-    pub fn sent(self: &std::sync::Arc<Self>, cursor: Cursor, now: u64) {
-        let Some(batch) = cursor.batch else {
-            return;
-        };
+    /// acknowledged once the stream has confirmed every event of it, which
+    /// the handle returned waits for (a finished flow's actor does, so its
+    /// last batch is settled without a tick).
+    pub fn sent(
+        self: &std::sync::Arc<Self>,
+        cursor: Cursor,
+        now: u64,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let batch = cursor.batch?;
         self.with(&cursor.flow, |m| m.sent.insert(batch, now));
-        self.confirm(cursor.flow, batch, cursor.acks);
+        Some(self.confirm(cursor.flow, batch, cursor.acks))
     }
 
-    fn confirm(self: &std::sync::Arc<Self>, flow: FlowId, batch: u64, acks: Vec<Ack>) {
+    fn confirm(
+        self: &std::sync::Arc<Self>,
+        flow: FlowId,
+        batch: u64,
+        acks: Vec<Ack>,
+    ) -> tokio::task::JoinHandle<()> {
         let ledger = self.clone();
         tokio::spawn(async move {
             for ack in acks {
@@ -314,7 +323,7 @@ impl Ledger {
                     m.acked.insert(batch, common::now_ms());
                 }
             }
-        });
+        })
     }
 
     /// Publishes again the batches of `flow`'s `outbox` that are due (see
@@ -360,7 +369,7 @@ impl Ledger {
                 acks.extend(send(js, &event).await);
             }
             self.with(flow, |m| m.sent.insert(k, now));
-            self.confirm(flow.clone(), k, acks);
+            drop(self.confirm(flow.clone(), k, acks));
         }
     }
 }

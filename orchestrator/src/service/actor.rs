@@ -440,7 +440,7 @@ impl Orchestrator {
                 .instrument(span)
                 .await;
             }
-            self.outbox.sent(cursor, now);
+            let confirmed = self.outbox.sent(cursor, now);
             span.in_scope(|| driver.dispatch(&mut Exec(self), &mut flow, now));
             // Watchers last: agents, events and the allocator are what the
             // flow's progress waits for.
@@ -449,8 +449,14 @@ impl Orchestrator {
                     .instrument(span.clone())
                     .await;
             }
-            // Finished once its last events are known to be stored too.
-            let finished = self.settled(&flow, &body.kept, revision, now);
+            // Finished once its last events are known to be stored too: a
+            // finished flow's actor has nothing else to do than wait for
+            // their acknowledgement (the stream's, not the disk's), which
+            // spares it a step on the sweep's tick, all such flows at once.
+            if let Some(confirmed) = confirmed.filter(|_| flow.state.is_terminal()) {
+                let _ = tokio::time::timeout(LAST_EVENTS_WITHIN, confirmed).await;
+            }
+            let finished = self.settled(&flow, &body.kept, revision, common::now_ms());
             *cache = Some((flow, revision, body));
             return finished;
         }

@@ -144,6 +144,9 @@ const MAX_PLACING: usize = 256;
 const RELEASE_ATTEMPTS: u32 = 10;
 /// An actor with nothing to do for this long goes away (its flow stays in KV).
 const ACTOR_IDLE: Duration = Duration::from_secs(30);
+/// How long a finished flow's actor waits for its last events to be
+/// acknowledged before it leaves them to the sweep.
+const LAST_EVENTS_WITHIN: Duration = Duration::from_millis(500);
 
 /// Flow operations that reply with the flow's status.
 #[derive(Debug, Clone)]
