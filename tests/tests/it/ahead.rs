@@ -5,46 +5,13 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::msg::{
-    Assignment, CancelNotice, FlowSpec, FlowState, RegisterAgent, RejectReason, ReportRejected,
-};
+use common::msg::{Assignment, CancelNotice, FlowSpec, FlowState, RejectReason, ReportRejected};
 use common::{subject, AgentId, ErrorCode};
 use futures::StreamExt;
 use serde_json::json;
 use testkit::{eventually, System};
 
-use crate::orchestrator::cpu_task;
-
-/// Registers `w1` with 1 cpu (no runtime: the test is the agent) and
-/// returns its assignments.
-async fn agent(sys: &System) -> async_nats::Subscriber {
-    let w1 = AgentId::new("w1").unwrap();
-    let assignments = sys.nats.subscribe(subject::assign(&w1)).await.unwrap();
-    sys.nats.flush().await.unwrap();
-    sys.client
-        .register_agent(&RegisterAgent {
-            agent_id: w1,
-            capabilities: Vec::new(),
-            labels: Default::default(),
-            capacity: [("cpu".to_string(), 1.0)].into(),
-            heartbeat_interval_ms: 600_000,
-        })
-        .await
-        .unwrap();
-    assignments
-}
-
-async fn next_assignment(assignments: &mut async_nats::Subscriber) -> Assignment {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(30), assignments.next())
-            .await
-            .expect("an assignment")
-            .unwrap();
-        if let Ok(a) = serde_json::from_slice::<Assignment>(&msg.payload) {
-            return a;
-        }
-    }
-}
+use crate::orchestrator::{bare_agent, cpu_task, next_assignment};
 
 /// `w1`'s completion of `a`, stored in the reports stream.
 async fn complete(js: &jetstream::Context, a: &Assignment) {
@@ -67,7 +34,7 @@ async fn a_new_flows_first_task_is_assigned_and_done_before_its_creation_is_stor
     let sys = System::start().await;
     let js = jetstream::new(sys.nats.clone());
     let flows = js.get_key_value(common::nats::KV_FLOWS).await.unwrap();
-    let mut assignments = agent(&sys).await;
+    let mut assignments = bare_agent(&sys, 1.0).await;
     orchestrator::failpoints::hold_create_writes();
     let creating = tokio::spawn({
         let client = sys.client.clone();
@@ -101,7 +68,7 @@ async fn a_creation_not_stored_takes_back_the_attempt_it_sent_ahead() {
     let w1 = AgentId::new("w1").unwrap();
     let mut cancels = sys.nats.subscribe(subject::cancel(&w1)).await.unwrap();
     let mut verdicts = sys.nats.subscribe(subject::rejected(&w1)).await.unwrap();
-    let mut assignments = agent(&sys).await;
+    let mut assignments = bare_agent(&sys, 1.0).await;
     orchestrator::failpoints::fail_next_create_write();
     let err = sys
         .client

@@ -4,42 +4,22 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::msg::{Assignment, FlowSpec, FlowState, RegisterAgent};
+use common::msg::{FlowSpec, FlowState};
 use common::{subject, AgentId, FlowId};
 use futures::StreamExt;
 use serde_json::json;
 use testkit::{eventually, System};
 
-use crate::orchestrator::cpu_task;
+use crate::orchestrator::{bare_agent, cpu_task, next_assignment};
 
 /// Registers `w1` (no runtime: the test is the agent), creates a one-task
 /// flow and returns the attempt it was assigned.
 async fn assigned(sys: &System, flow: &FlowId) -> u32 {
-    let w1 = AgentId::new("w1").unwrap();
-    let mut assignments = sys.nats.subscribe(subject::assign(&w1)).await.unwrap();
-    sys.nats.flush().await.unwrap();
-    sys.client
-        .register_agent(&RegisterAgent {
-            agent_id: w1,
-            capabilities: Vec::new(),
-            labels: Default::default(),
-            capacity: [("cpu".to_string(), 2.0)].into(),
-            heartbeat_interval_ms: 600_000,
-        })
-        .await
-        .unwrap();
+    let mut assignments = bare_agent(sys, 2.0).await;
     let mut spec = FlowSpec::new(flow.as_str(), vec![cpu_task("a", &[])]);
     spec.id = Some(flow.clone());
     sys.client.create_flow(&spec).await.unwrap();
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(30), assignments.next())
-            .await
-            .expect("the task assigned")
-            .unwrap();
-        if let Ok(a) = serde_json::from_slice::<Assignment>(&msg.payload) {
-            return a.attempt;
-        }
-    }
+    next_assignment(&mut assignments).await.attempt
 }
 
 async fn stored_reports(js: &jetstream::Context) -> u64 {

@@ -169,6 +169,40 @@ pub(crate) async fn wait_registered(client: &Client, agent: &str) {
     .await;
 }
 
+/// Registers a bare `w1` with `cpu` (no runtime: the test is the agent)
+/// and returns its assignments, subscribed before it registers.
+pub(crate) async fn bare_agent(sys: &System, cpu: f64) -> async_nats::Subscriber {
+    let w1 = AgentId::new("w1").unwrap();
+    let assignments = sys.nats.subscribe(subject::assign(&w1)).await.unwrap();
+    sys.nats.flush().await.unwrap();
+    sys.client
+        .register_agent(&RegisterAgent {
+            agent_id: w1,
+            capabilities: Vec::new(),
+            labels: Default::default(),
+            capacity: [("cpu".to_string(), cpu)].into(),
+            heartbeat_interval_ms: 600_000,
+        })
+        .await
+        .unwrap();
+    assignments
+}
+
+/// The next assignment on `assignments` (a cancel notice is skipped).
+pub(crate) async fn next_assignment(
+    assignments: &mut async_nats::Subscriber,
+) -> common::msg::Assignment {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), assignments.next())
+            .await
+            .expect("an assignment")
+            .unwrap();
+        if let Ok(a) = serde_json::from_slice(&msg.payload) {
+            return a;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_flaky_task_is_retried_after_back_off_and_succeeds() {
     let sys = System::start().await;
