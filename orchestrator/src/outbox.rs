@@ -23,15 +23,9 @@
 //!
 //! A batch stays in the record until the flow's next write, so an idle flow
 //! (a long task running) gets one write of its own [`CLEAR_AFTER_MS`] after
-//! its last: a batch older than that is left by a replica that died, never
-//! one that lives. A finished flow has no next write, and gets none to empty
-//! its outbox: every flow would pay a third write to the disk for it, and the
-//! sweep's tick would make them all at once. Its last batch stays in the
-//! record, [`Ledger::settled`] by its writer once acknowledged there (and
-//! kept in memory for [`SETTLE_MS`], as a dropped one is); the other replicas
-//! leave it to that writer while it is up, and publish it again (and empty
-//! it) only once it is gone. Past [`REPEAT_UNTIL_MS`] a batch is inert: never
-//! published again, whoever reads it.
+//! its last, and a finished flow one at once: a batch older than that is left
+//! by a replica that died, never one that lives. The sweep keeps ticking a
+//! finished flow until its outbox is empty.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -73,7 +67,7 @@ pub const CLEAR_AFTER_MS: u64 = 10_000;
 pub const SETTLE_MS: u64 = 1_000;
 /// Events are published again at most this long after they were stored,
 /// inside the events stream's duplicate window (2 min).
-pub const REPEAT_UNTIL_MS: u64 = 100_000;
+const REPEAT_UNTIL_MS: u64 = 100_000;
 /// Most events an outbox holds (about 200 bytes each). A step with more (a
 /// large flow's creation, a cancel of thousands of tasks) stores every flow
 /// event and the first task events that fit; the rest are published once,
@@ -110,15 +104,6 @@ struct Settling {
     flow: FlowId,
     acked_ms: u64,
     batch: Staged,
-}
-
-/// What staging a step's events did to the outbox: whether it holds new
-/// events (they must be written with the step) and whether it dropped
-/// acknowledged batches a write should clear from the record.
-#[derive(Debug, Clone, Copy)]
-pub struct Staging {
-    pub new: bool,
-    pub cleared: bool,
 }
 
 /// The events of one step as they are published: each gets the number the
@@ -172,7 +157,7 @@ impl Ledger {
 
     /// Numbers the step's events (counted in the flow) and stores them in
     /// the flow's `outbox`, dropping the batches acknowledged here. Returns the cursor that
-    /// publishes them and what of the outbox needs a write even if nothing
+    /// publishes them and whether the outbox needs a write even if nothing
     /// else changed: new events, or acknowledged batches of a finished flow
     /// or older than [`CLEAR_AFTER_MS`].
     pub fn stage<'a>(
@@ -181,15 +166,14 @@ impl Ledger {
         outbox: &mut Vec<Staged>,
         events: impl IntoIterator<Item = &'a EventKind>,
         now: u64,
-    ) -> (Cursor, Staging) {
+    ) -> (Cursor, bool) {
         let terminal = flow.state.is_terminal();
-        let mut cleared = false;
+        let mut clear = false;
         let id = flow.id.clone();
         let mut dropped = Vec::new();
         outbox.retain(|b| {
             let acked = key(b).and_then(|k| self.acked(&id, k));
-            cleared |=
-                acked.is_some() && (terminal || now.saturating_sub(b.at_ms) >= CLEAR_AFTER_MS);
+            clear |= acked.is_some() && (terminal || now.saturating_sub(b.at_ms) >= CLEAR_AFTER_MS);
             if let Some(acked_ms) = acked.filter(|at| now.saturating_sub(*at) < SETTLE_MS) {
                 dropped.push(Settling {
                     flow: id.clone(),
@@ -199,7 +183,9 @@ impl Ledger {
             }
             acked.is_none()
         });
-        self.settle(dropped);
+        if let Ok(mut settling) = self.settling.lock() {
+            settling.extend(dropped);
+        }
         let first = flow.events;
         let mut room = MAX_EVENTS.saturating_sub(outbox.iter().map(|b| b.events.len()).sum());
         let mut kept = Vec::new();
@@ -217,10 +203,7 @@ impl Ledger {
         }
         let batch = key_of(&kept);
         let numbers = kept.iter().map(|e| e.n).collect();
-        let staging = Staging {
-            new: flow.events > first,
-            cleared,
-        };
+        let new = flow.events > first;
         if !kept.is_empty() {
             outbox.push(Staged {
                 at_ms: now,
@@ -235,35 +218,7 @@ impl Ledger {
             kept: numbers,
             acks: Vec::new(),
         };
-        (cursor, staging)
-    }
-
-    /// Keeps batches dropped from a record (or left in a finished one) in
-    /// memory for [`SETTLE_MS`], once each: a step that does not write
-    /// stages the same acknowledged batches again.
-    fn settle(&self, dropped: Vec<Settling>) {
-        if dropped.is_empty() {
-            return;
-        }
-        if let Ok(mut settling) = self.settling.lock() {
-            for d in dropped {
-                let same = |s: &Settling| s.flow == d.flow && key(&s.batch) == key(&d.batch);
-                if !settling.iter().any(same) {
-                    settling.push(d);
-                }
-            }
-        }
-    }
-
-    /// Whether a finished flow's `outbox` needs nothing more from this
-    /// replica: every batch in it acknowledged here (after any outage) or
-    /// past [`REPEAT_UNTIL_MS`]. The flow is then not written again to
-    /// empty it (see the module's notes).
-    pub fn settled(&self, flow: &FlowId, outbox: &[Staged], now: u64) -> bool {
-        outbox.iter().all(|b| {
-            now.saturating_sub(b.at_ms) >= REPEAT_UNTIL_MS
-                || key(b).and_then(|k| self.acked(flow, k)).is_some()
-        })
+        (cursor, new || clear)
     }
 
     /// Publishes one event of a step, under its number.
@@ -290,25 +245,16 @@ impl Ledger {
     }
 
     /// After a step's events went out: its batch counts as sent now, and as
-    /// acknowledged once the stream has confirmed every event of it, which
-    /// the handle returned waits for (a finished flow's actor does, so its
-    /// last batch is settled without a tick).
-    pub fn sent(
-        self: &std::sync::Arc<Self>,
-        cursor: Cursor,
-        now: u64,
-    ) -> Option<tokio::task::JoinHandle<()>> {
-        let batch = cursor.batch?;
+    /// acknowledged once the stream has confirmed every event of it.
+    pub fn sent(self: &std::sync::Arc<Self>, cursor: Cursor, now: u64) {
+        let Some(batch) = cursor.batch else {
+            return;
+        };
         self.with(&cursor.flow, |m| m.sent.insert(batch, now));
-        Some(self.confirm(cursor.flow, batch, cursor.acks))
+        self.confirm(cursor.flow, batch, cursor.acks);
     }
 
-    fn confirm(
-        self: &std::sync::Arc<Self>,
-        flow: FlowId,
-        batch: u64,
-        acks: Vec<Ack>,
-    ) -> tokio::task::JoinHandle<()> {
+    fn confirm(self: &std::sync::Arc<Self>, flow: FlowId, batch: u64, acks: Vec<Ack>) {
         let ledger = self.clone();
         tokio::spawn(async move {
             for ack in acks {
@@ -323,7 +269,7 @@ impl Ledger {
                     m.acked.insert(batch, common::now_ms());
                 }
             }
-        })
+        });
     }
 
     /// Publishes again the batches of `flow`'s `outbox` that are due (see
@@ -348,9 +294,7 @@ impl Ledger {
                         let since = m.sent.get(&k).copied().unwrap_or(b.at_ms);
                         // Not acknowledged, or only before an outage.
                         let acked = m.acked.get(&k).is_some_and(|at| down < *at);
-                        !acked
-                            && now.saturating_sub(since) >= REPUBLISH_AFTER_MS
-                            && now.saturating_sub(b.at_ms) < REPEAT_UNTIL_MS
+                        !acked && now.saturating_sub(since) >= REPUBLISH_AFTER_MS
                     })
                     .collect()
             })
@@ -369,7 +313,7 @@ impl Ledger {
                 acks.extend(send(js, &event).await);
             }
             self.with(flow, |m| m.sent.insert(k, now));
-            drop(self.confirm(flow.clone(), k, acks));
+            self.confirm(flow.clone(), k, acks);
         }
     }
 }

@@ -207,10 +207,22 @@ impl Orchestrator {
             // Any step that leaves the flow unfinished (a re-run, a change)
             // must put it back under the sweep: timeouts and back-offs need it.
             if let Ok(mut done) = self.finished.lock() {
-                match finished {
-                    Some(f) => done.insert(flow.clone(), f),
-                    None => done.remove(&flow),
-                };
+                match (finished, &cache) {
+                    (true, Some((_, revision, _))) => {
+                        let checked_ms = common::now_ms();
+                        done.insert(
+                            flow.clone(),
+                            Finished {
+                                revision: *revision,
+                                checked_ms,
+                            },
+                        );
+                    }
+                    (true, None) => {}
+                    (false, _) => {
+                        done.remove(&flow);
+                    }
+                }
             }
         }
     }
@@ -278,8 +290,7 @@ impl Orchestrator {
         *batch = kept;
     }
 
-    /// Applies a batch of commands in one step. Returns the flow as finished
-    /// for the sweep (see [`Orchestrator::settled`]), or `None` while it is not.
+    /// Applies a batch of commands in one step. Returns whether the flow is finished.
     ///
     /// The step starts from the flow as this actor last wrote it, which saves a
     /// read while one replica drives the flow: the compare-and-set proves the
@@ -300,7 +311,7 @@ impl Orchestrator {
         watch: &mut Watch,
         current: bool,
         writer: &mut Writer,
-    ) -> Option<Finished> {
+    ) -> bool {
         let (mut batch, mut causes): (Vec<Cmd>, Vec<tracing::Span>) = batch.into_iter().unzip();
         let now = common::now_ms();
         for _ in 0..bus::CAS_ATTEMPTS {
@@ -320,7 +331,7 @@ impl Orchestrator {
                 if let Some(to) = to {
                     self.hand_over_all(to, &mut batch, &mut causes, true);
                     if batch.is_empty() {
-                        return None;
+                        return false;
                     }
                 }
             }
@@ -332,11 +343,11 @@ impl Orchestrator {
                     Ok(Some(found)) => found,
                     Ok(None) => {
                         self.settle_missing(flow_id, batch).await;
-                        return None;
+                        return true;
                     }
                     Err(e) => {
                         self.settle_failed(flow_id, batch, &e, driver).await;
-                        return None;
+                        return false;
                     }
                 },
             };
@@ -347,8 +358,22 @@ impl Orchestrator {
                 writer.readied_here = flow.readied_any_by(self.replica);
                 self.hand_over_all(to, &mut batch, &mut causes, !writer.readied_here);
                 if batch.is_empty() {
-                    // Finished there: parked here until its last events settle.
-                    let finished = self.settled(&flow, &stored.kept, revision, now);
+                    // Finished there, its last events stored: not looked at
+                    // again here (the sweep ticks every flow with an actor
+                    // here, and each tick would read it).
+                    let finished = flow.state.is_terminal() && stored.kept.outbox.is_empty();
+                    if finished {
+                        if let Ok(mut done) = self.finished.lock() {
+                            let checked_ms = common::now_ms();
+                            done.insert(
+                                flow_id.clone(),
+                                Finished {
+                                    revision,
+                                    checked_ms,
+                                },
+                            );
+                        }
+                    }
                     if writer.readied_here {
                         *cache = Some((flow, revision, stored));
                     } else {
@@ -366,16 +391,12 @@ impl Orchestrator {
             // The step's events go into the record with it (the outbox).
             let mut kept = stored.kept.clone();
             kept.writer = Some(self.replica);
-            let (mut cursor, staging) = self.outbox.stage(
+            let (mut cursor, outbox_changed) = self.outbox.stage(
                 &mut flow,
                 &mut kept.outbox,
                 outcomes.iter().flatten().flat_map(|e| events_of(e)),
                 now,
             );
-            // A finished flow's last batch, acknowledged here, stays in the
-            // record this replica wrote: no write only to empty it.
-            let left = flow.state.is_terminal() && stored.kept.writer == Some(self.replica);
-            let outbox_changed = staging.new || (staging.cleared && !left);
             // The encoding tells whether the step changed anything: it is
             // needed for the write anyway, and keeping a copy of a large
             // flow to compare against cost more than the step itself.
@@ -383,7 +404,7 @@ impl Orchestrator {
                 Ok(encoded) => encoded,
                 Err(err) => {
                     self.settle_failed(flow_id, batch, &err, driver).await;
-                    return None;
+                    return false;
                 }
             };
             let changed = outbox_changed
@@ -411,7 +432,7 @@ impl Orchestrator {
                     Err(WriteError::Conflict) => continue,
                     Err(WriteError::Failed(err)) => {
                         self.settle_failed(flow_id, batch, &err, driver).await;
-                        return None;
+                        return false;
                     }
                 }
             };
@@ -440,7 +461,7 @@ impl Orchestrator {
                 .instrument(span)
                 .await;
             }
-            let confirmed = self.outbox.sent(cursor, now);
+            self.outbox.sent(cursor, now);
             span.in_scope(|| driver.dispatch(&mut Exec(self), &mut flow, now));
             // Watchers last: agents, events and the allocator are what the
             // flow's progress waits for.
@@ -449,20 +470,14 @@ impl Orchestrator {
                     .instrument(span.clone())
                     .await;
             }
-            // Finished once its last events are known to be stored too: a
-            // finished flow's actor has nothing else to do than wait for
-            // their acknowledgement (the stream's, not the disk's), which
-            // spares it a step on the sweep's tick, all such flows at once.
-            if let Some(confirmed) = confirmed.filter(|_| flow.state.is_terminal()) {
-                let _ = tokio::time::timeout(LAST_EVENTS_WITHIN, confirmed).await;
-            }
-            let finished = self.settled(&flow, &body.kept, revision, common::now_ms());
+            // Finished once its last events are known to be stored too.
+            let finished = flow.state.is_terminal() && body.kept.outbox.is_empty();
             *cache = Some((flow, revision, body));
             return finished;
         }
         let err = bus::contention(flow_id.as_str());
         self.settle_failed(flow_id, batch, &err, driver).await;
-        None
+        false
     }
 
     /// Whether a large flow's stored header is still at `revision`, so the

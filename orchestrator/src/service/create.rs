@@ -211,7 +211,7 @@ impl Orchestrator {
             drop(creating);
             let mut driver = Driver::new(o.tick_ms);
             o.run_effects(&mut driver, None, effects, &mut cursor).await;
-            drop(o.outbox.sent(cursor, common::now_ms()));
+            o.outbox.sent(cursor, common::now_ms());
             // Allocations handed on, once their grants are queued (see `spare`).
             for bind in binds {
                 let task = bind.task.as_ref().map(|t| &t.task_id);

@@ -144,9 +144,6 @@ const MAX_PLACING: usize = 256;
 const RELEASE_ATTEMPTS: u32 = 10;
 /// An actor with nothing to do for this long goes away (its flow stays in KV).
 const ACTOR_IDLE: Duration = Duration::from_secs(30);
-/// How long a finished flow's actor waits for its last events to be
-/// acknowledged before it leaves them to the sweep.
-const LAST_EVENTS_WITHIN: Duration = Duration::from_millis(500);
 
 /// Flow operations that reply with the flow's status.
 #[derive(Debug, Clone)]
@@ -351,16 +348,6 @@ const FEASIBLE_KEPT: usize = 256;
 struct Finished {
     revision: u64,
     checked_ms: u64,
-    /// Its last events are another replica's to settle, until then (see
-    /// `crate::outbox`): looked at again only should that one go.
-    parked: Option<Parked>,
-}
-
-/// A finished flow whose outbox another replica, up, still holds.
-#[derive(Clone, Copy)]
-struct Parked {
-    writer: u32,
-    until_ms: u64,
 }
 
 /// How often the sweep checks that a flow it skips as finished is still at

@@ -216,12 +216,16 @@ async fn a_stale_report_is_fenced_and_the_flow_is_unharmed() {
         .create_flow(&demo::demo_flow().unwrap())
         .await
         .unwrap();
-    // Finished: the write that finishes a flow is its last (its last events
-    // stay in its outbox, not written away).
+    // Finished, and its last events stored (the write that empties its
+    // outbox is the flow's last): read the record first, then the status.
     let js = async_nats::jetstream::new(sys.nats.clone());
+    let kv = js.get_key_value(common::nats::KV_FLOWS).await.unwrap();
     let status = eventually(Duration::from_secs(30), "flow done", || async {
+        let (_, _, stored) = orchestrator::store::read(&kv, &created.flow_id)
+            .await
+            .ok()??;
         let s = sys.client.flow_status(&created.flow_id).await.ok()?;
-        (s.state != FlowState::Running).then_some(s)
+        (s.state != FlowState::Running && stored.kept.outbox.is_empty()).then_some(s)
     })
     .await;
     assert_eq!(status.state, FlowState::Succeeded);
