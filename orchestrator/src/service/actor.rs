@@ -206,20 +206,13 @@ impl Orchestrator {
             }
             // Any step that leaves the flow unfinished (a re-run, a change)
             // must put it back under the sweep: timeouts and back-offs need it.
-            if let Ok(mut done) = self.finished.lock() {
-                match (finished, &cache) {
-                    (true, Some((_, revision, _))) => {
-                        let checked_ms = common::now_ms();
-                        done.insert(
-                            flow.clone(),
-                            Finished {
-                                revision: *revision,
-                                checked_ms,
-                            },
-                        );
-                    }
-                    (true, None) => {}
-                    (false, _) => {
+            match (finished, &cache) {
+                (true, Some((_, revision, _))) => {
+                    self.note_finished(flow.clone(), *revision, common::now_ms());
+                }
+                (true, None) => {}
+                (false, _) => {
+                    if let Ok(mut done) = self.finished.lock() {
                         done.remove(&flow);
                     }
                 }
@@ -363,16 +356,7 @@ impl Orchestrator {
                     // here, and each tick would read it).
                     let finished = flow.state.is_terminal() && stored.kept.outbox.is_empty();
                     if finished {
-                        if let Ok(mut done) = self.finished.lock() {
-                            let checked_ms = common::now_ms();
-                            done.insert(
-                                flow_id.clone(),
-                                Finished {
-                                    revision,
-                                    checked_ms,
-                                },
-                            );
-                        }
+                        self.note_finished(flow_id.clone(), revision, common::now_ms());
                     }
                     if writer.readied_here {
                         *cache = Some((flow, revision, stored));

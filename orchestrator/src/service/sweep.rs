@@ -46,6 +46,20 @@ impl Orchestrator {
         same
     }
 
+    /// Notes `id` finished at `revision`, checked at `now`: the sweep skips
+    /// it while it stays at that revision.
+    pub(super) fn note_finished(&self, id: FlowId, revision: u64, now: u64) {
+        if let Ok(mut done) = self.finished.lock() {
+            done.insert(
+                id,
+                Finished {
+                    revision,
+                    checked_ms: now,
+                },
+            );
+        }
+    }
+
     /// Ticks every unfinished flow: deadlines, back-offs, unplaced tasks.
     pub(super) async fn sweep(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
@@ -100,16 +114,7 @@ impl Orchestrator {
                     Ok(Some((flow, revision, enc)))
                         if flow.state.is_terminal() && enc.kept.outbox.is_empty() =>
                     {
-                        if let Ok(mut done) = self.finished.lock() {
-                            let checked_ms = now;
-                            done.insert(
-                                id,
-                                Finished {
-                                    revision,
-                                    checked_ms,
-                                },
-                            );
-                        }
+                        self.note_finished(id, revision, now);
                     }
                     Ok(Some(_)) => self.send(&id, Cmd::Tick),
                     Ok(None) => {
