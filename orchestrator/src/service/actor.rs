@@ -93,6 +93,9 @@ impl Orchestrator {
         let mut writer = Writer::default();
         // How far into the agent events each wait was looked for.
         let mut looked = agent_events::Looked::default();
+        // The revision this actor last noted the flow finished at: noted
+        // again, a flow the sweep has forgotten would be held for good.
+        let mut noted = None;
         loop {
             let first = match tokio::time::timeout(ACTOR_IDLE, rx.recv()).await {
                 Ok(Some(cmd)) => cmd,
@@ -208,13 +211,15 @@ impl Orchestrator {
             // must put it back under the sweep: timeouts and back-offs need it.
             match (finished, &cache) {
                 (true, Some((_, revision, _))) => {
-                    self.note_finished(flow.clone(), *revision, common::now_ms());
+                    if noted != Some(*revision) {
+                        noted = Some(*revision);
+                        self.note_finished(flow.clone(), *revision, common::now_ms());
+                    }
                 }
                 (true, None) => {}
                 (false, _) => {
-                    if let Ok(mut done) = self.finished.lock() {
-                        done.remove(&flow);
-                    }
+                    noted = None;
+                    self.known.unfinished(&flow);
                 }
             }
         }

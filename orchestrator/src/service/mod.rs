@@ -272,13 +272,8 @@ struct Orchestrator {
     /// What this replica published from the flows' outboxes.
     outbox: Arc<Ledger>,
     actors: Mutex<HashMap<FlowId, mpsc::UnboundedSender<Queued>>>,
-    /// Flows known to be finished, so the sweep does not load them again. Not
-    /// final: a re-run or a change makes a flow run again, so an entry is
-    /// dropped when this replica's actor steps the flow back to running, and
-    /// checked against the revision last written (`known`) in case another
-    /// replica did it (and is gone before it sweeps the flow).
-    finished: Mutex<HashMap<FlowId, Finished>>,
-    /// Every flow's last revision, followed as the flows bucket is written.
+    /// Every flow's last revision, followed as the flows bucket is written,
+    /// and the flows seen finished.
     known: known::Known,
     /// Bounds allocation requests in flight (see [`MAX_PLACING`]).
     placing: Semaphore,
@@ -343,13 +338,6 @@ const FEASIBLE_FOR_MS: u64 = 1_000;
 /// Verdicts kept at most; past that the cache starts over.
 const FEASIBLE_KEPT: usize = 256;
 
-/// A flow this replica saw finished: at which revision, and when last checked.
-#[derive(Clone, Copy)]
-struct Finished {
-    revision: u64,
-    checked_ms: u64,
-}
-
 /// How often the sweep checks that a flow it skips as finished is still at
 /// the revision it finished at.
 const FINISHED_RECHECK_MS: u64 = 10_000;
@@ -391,7 +379,6 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         events: EventPublisher::new(nats.clone(), NAME),
         outbox: Arc::default(),
         actors: Mutex::default(),
-        finished: Mutex::default(),
         known: known::Known::default(),
         placing: Semaphore::new(MAX_PLACING),
         freed: AtomicU64::new(0),

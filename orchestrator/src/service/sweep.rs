@@ -7,57 +7,32 @@
 use super::*;
 
 impl Orchestrator {
-    /// Whether the sweep may skip `id` as finished: its revision is the one
-    /// it finished at. Another replica may have re-run or changed it since,
-    /// and this one must sweep it should that one go: the revision followed
-    /// ([`Orchestrator::known`]) says so without a read; without it, every
-    /// [`FINISHED_RECHECK_MS`] the stored revision (the header's only) is
-    /// read back.
+    /// Whether the sweep may skip `id` as finished, and may forget it
+    /// (see [`known::Skip`]). Another replica may have re-run or changed it
+    /// since, and this one must sweep it should that one go: the revision
+    /// followed ([`Orchestrator::known`]) says so without a read; without
+    /// it, every [`FINISHED_RECHECK_MS`] the stored revision (the header's
+    /// only) is read back.
     pub(super) async fn still_finished(&self, id: &FlowId, now: u64) -> bool {
-        let known = self.finished.lock().ok().and_then(|d| d.get(id).copied());
-        let Some(known) = known else {
-            return false;
+        let revision = match self.known.skip(id, now) {
+            known::Skip::Forgotten | known::Skip::Finished => return true,
+            known::Skip::Unfinished => return false,
+            known::Skip::Check(revision) => revision,
         };
-        let same = match self.known.revision(id) {
-            // The write it finished with is yet to come: it brings it back.
-            Some(rev) if rev <= known.revision => return true,
-            Some(_) => false,
-            None if now.saturating_sub(known.checked_ms) < FINISHED_RECHECK_MS => return true,
-            None => match self.flows.entry(id.as_str()).await {
-                Ok(Some(e)) => e.revision == known.revision,
-                Ok(None) => false,
-                // Checked again on the next sweep.
-                Err(_) => return true,
-            },
+        let same = match self.flows.entry(id.as_str()).await {
+            Ok(Some(e)) => e.revision == revision,
+            Ok(None) => false,
+            // Checked again on the next sweep.
+            Err(_) => return true,
         };
-        if let Ok(mut done) = self.finished.lock() {
-            if same {
-                done.insert(
-                    id.clone(),
-                    Finished {
-                        checked_ms: now,
-                        ..known
-                    },
-                );
-            } else {
-                done.remove(id);
-            }
-        }
+        self.known.checked(id, same, now);
         same
     }
 
     /// Notes `id` finished at `revision`, checked at `now`: the sweep skips
     /// it while it stays at that revision.
     pub(super) fn note_finished(&self, id: FlowId, revision: u64, now: u64) {
-        if let Ok(mut done) = self.finished.lock() {
-            done.insert(
-                id,
-                Finished {
-                    revision,
-                    checked_ms: now,
-                },
-            );
-        }
+        self.known.finished(id, revision, now);
     }
 
     /// Ticks every unfinished flow: deadlines, back-offs, unplaced tasks.
