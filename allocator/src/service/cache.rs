@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
+use bytes::Bytes;
 use common::{AgentId, AllocationId, Error};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
@@ -48,6 +49,9 @@ struct Entries<T> {
     ids: Vec<AgentId>,
     at: HashMap<AgentId, usize>,
     holder: HashMap<AllocationId, AgentId>,
+    /// This replica's writes in flight ([`Cache::expect`]): the body sent
+    /// and the value it encodes.
+    sent: HashMap<AgentId, (Bytes, Arc<T>)>,
 }
 
 impl<T> Default for Entries<T> {
@@ -57,6 +61,7 @@ impl<T> Default for Entries<T> {
             ids: Vec::new(),
             at: HashMap::new(),
             holder: HashMap::new(),
+            sent: HashMap::new(),
         }
     }
 }
@@ -190,18 +195,25 @@ impl<T: Holds + Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
             return;
         };
         match entry.operation {
-            kv::Operation::Put => {
-                // This replica's own writes come back on the watch after it
-                // remembered them: not read again (an agent record holding
-                // thousands of allocations is costly to parse).
-                if self.known_at(&id, entry.revision) {
-                    return;
-                }
-                if let Ok(v) = serde_json::from_slice::<T>(&entry.value) {
-                    self.remember(id, v, entry.revision);
-                }
-            }
+            kv::Operation::Put => self.put(id, &entry.value, entry.revision),
             kv::Operation::Delete | kv::Operation::Purge => self.forget(&id),
+        }
+    }
+
+    /// A value of `id` read or watched: `body` at `revision`.
+    fn put(&self, id: AgentId, body: &[u8], revision: u64) {
+        // This replica's own writes come back on the watch, after it
+        // remembered them or before: not parsed again (an agent record
+        // holding thousands of allocations is costly to parse).
+        if self.known_at(&id, revision) {
+            return;
+        }
+        if let Some(v) = self.sent_as(&id, body) {
+            self.keep(id, v, revision);
+            return;
+        }
+        if let Ok(v) = serde_json::from_slice::<T>(body) {
+            self.remember(id, v, revision);
         }
     }
 
@@ -214,11 +226,40 @@ impl<T: Holds + Clone + DeserializeOwned + Send + Sync + 'static> Cache<T> {
 
     /// Keeps `value` unless a newer revision is already known.
     pub(crate) fn remember(&self, id: AgentId, value: T, revision: u64) {
+        self.keep(id, Arc::new(value), revision);
+    }
+
+    /// [`Self::remember`] for a value already shared.
+    pub(crate) fn keep(&self, id: AgentId, value: Arc<T>, revision: u64) {
         if let Ok(mut c) = self.0.write() {
             if c.get(&id).is_none_or(|(_, rev)| *rev < revision) {
-                c.insert(id, (Arc::new(value), revision));
+                c.insert(id, (value, revision));
             }
         }
+    }
+
+    /// Notes a write of `value` as `body` to `id` about to be sent: the
+    /// watch may bring it back before the write's acknowledgement, and then
+    /// takes `value` instead of parsing the body. Until [`Self::sent`].
+    pub(crate) fn expect(&self, id: &AgentId, body: Bytes, value: Arc<T>) {
+        if let Ok(mut c) = self.0.write() {
+            c.sent.insert(id.clone(), (body, value));
+        }
+    }
+
+    /// The write to `id` noted by [`Self::expect`] is answered.
+    pub(crate) fn sent(&self, id: &AgentId) {
+        if let Ok(mut c) = self.0.write() {
+            c.sent.remove(id);
+        }
+    }
+
+    /// The value of this replica's write in flight to `id`, if its body is
+    /// `body`.
+    fn sent_as(&self, id: &AgentId, body: &[u8]) -> Option<Arc<T>> {
+        let c = self.0.read().ok()?;
+        let (sent, value) = c.sent.get(id)?;
+        (sent.as_ref() == body).then(|| value.clone())
     }
 
     pub(crate) fn get(&self, id: &AgentId) -> Option<(T, u64)> {
@@ -305,6 +346,23 @@ mod tests {
         let mut seen: Vec<u64> = c.scan(|rows| rows.iter().map(|(v, _)| **v).collect());
         seen.sort_unstable();
         assert_eq!(seen, [3, 30]);
+    }
+
+    #[test]
+    fn a_write_of_this_replica_watched_before_its_answer_is_not_parsed() {
+        let c: Cache<u64> = Cache::default();
+        // The value noted with the body stands for it: had the body been
+        // parsed, 7 would be kept, not 70.
+        c.expect(&id("a"), Bytes::from_static(b"7"), Arc::new(70));
+        c.put(id("a"), b"7", 3);
+        assert_eq!(c.get(&id("a")), Some((70, 3)));
+        // Another body (another replica's write) is parsed.
+        c.put(id("a"), b"8", 4);
+        assert_eq!(c.get(&id("a")), Some((8, 4)));
+        // Once answered, the note is gone.
+        c.sent(&id("a"));
+        c.put(id("a"), b"7", 5);
+        assert_eq!(c.get(&id("a")), Some((7, 5)));
     }
 
     #[test]

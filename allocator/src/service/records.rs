@@ -128,10 +128,16 @@ impl Allocator {
         revision: u64,
         attempt: usize,
     ) -> Result<bool, Error> {
-        let body = serde_json::to_vec(&rec).map_err(|e| Error::internal_from("encode agent", e))?;
-        match bus::write_at(&self.agents, id.as_str(), body.into(), Some(revision)).await? {
+        let body: bytes::Bytes = serde_json::to_vec(&rec)
+            .map_err(|e| Error::internal_from("encode agent", e))?
+            .into();
+        let rec = Arc::new(rec);
+        self.cache.expect(id, body.clone(), rec.clone());
+        let written = bus::write_at(&self.agents, id.as_str(), body, Some(revision)).await;
+        self.cache.sent(id);
+        match written? {
             Written::Stored(rev) => {
-                self.cache.remember(id.clone(), rec, rev);
+                self.cache.keep(id.clone(), rec, rev);
                 Ok(true)
             }
             Written::Lost => {

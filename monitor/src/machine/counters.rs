@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use common::msg::{Event, EventKind, SystemMetrics, TaskState};
+use common::msg::{EventKind, SystemMetrics, TaskState};
 
 /// Most subject families tracked; the rest are counted under [`OTHER`].
 pub const MAX_FAMILIES: usize = 1_000;
@@ -40,13 +40,12 @@ impl Counters {
         }
     }
 
-    /// Counts one message; events are also read for task and flow counts.
-    pub fn observe(&mut self, subject: &str, payload: &[u8]) {
+    /// Counts one message; an event (`event`, parsed once by the caller)
+    /// also counts towards the task and flow counts.
+    pub fn observe(&mut self, subject: &str, payload: &[u8], event: Option<&EventKind>) {
         self.traffic(subject, payload);
-        if subject.starts_with("coord.events.") {
-            if let Ok(event) = serde_json::from_slice::<Event>(payload) {
-                self.count_event(&event.kind);
-            }
+        if let Some(kind) = event {
+            self.count_event(kind);
         }
     }
 
@@ -171,17 +170,25 @@ mod tests {
         .unwrap()
     }
 
+    /// Counts `payload` as the monitor does: an event's body parsed.
+    fn observe(c: &mut Counters, subject: &str, payload: &[u8]) {
+        let event = serde_json::from_slice::<Event>(payload).ok();
+        c.observe(subject, payload, event.as_ref().map(|e| &e.kind));
+    }
+
     #[test]
     fn counts_messages_per_family_and_task_outcomes() {
         let mut c = Counters::new(1);
-        c.observe("coord.agents.w1.report", b"{}");
-        c.observe("coord.agents.w2.report", b"{}");
-        c.observe(
-            "coord.events.task.succeeded",
-            &transition(TaskState::Succeeded),
+        observe(&mut c, "coord.agents.w1.report", b"{}");
+        observe(&mut c, "coord.agents.w2.report", b"{}");
+        let succeeded = transition(TaskState::Succeeded);
+        observe(&mut c, "coord.events.task.succeeded", &succeeded);
+        observe(
+            &mut c,
+            "coord.events.task.failed",
+            &transition(TaskState::Failed),
         );
-        c.observe("coord.events.task.failed", &transition(TaskState::Failed));
-        c.observe("coord.events.task.succeeded", b"not json");
+        observe(&mut c, "coord.events.task.succeeded", b"not json");
         let m = c.snapshot(2);
         assert_eq!(m.messages_total, 5);
         assert_eq!(m.messages_by_subject["coord.agents.*.report"], 2);
@@ -194,7 +201,7 @@ mod tests {
     fn memory_is_bounded_by_the_family_cap() {
         let mut c = Counters::new(0);
         for i in 0..(MAX_FAMILIES + 50) {
-            c.observe(&format!("coord.custom.s{i}"), b"");
+            c.observe(&format!("coord.custom.s{i}"), b"", None);
         }
         let m = c.snapshot(0);
         assert_eq!(m.messages_by_subject.len(), MAX_FAMILIES + 1);

@@ -269,10 +269,10 @@ impl Monitor {
                 self.counters.traffic(subject, payload);
             }
             Some(e) => {
-                self.counters.observe(subject, payload);
+                self.counters.observe(subject, payload, Some(&e.kind));
                 self.event(&e, now_ms);
             }
-            None => self.counters.observe(subject, payload),
+            None => self.counters.observe(subject, payload, None),
         }
         // An agent event sent again within the duplicate window is stored
         // once but reaches subscribers each time: counted once.
