@@ -48,6 +48,57 @@ impl Flow {
         effects
     }
 
+    /// The allocation an attempt was sent on, kept from an earlier task, was
+    /// not handed on to it (gone, or quotas forbid it): not the task's
+    /// failure, so the attempt is taken back uncounted and the task placed
+    /// again at once, whatever its retry policy.
+    pub fn not_handed_on(
+        &mut self,
+        task: &TaskId,
+        allocation: &AllocationId,
+        reason: &str,
+        now_ms: u64,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if let Some((agent, cancel)) = self.preemption(task, allocation, reason) {
+            let closing = format!("not handed on: {reason}");
+            self.take_back(
+                task,
+                &agent,
+                cancel,
+                &closing,
+                &closing,
+                now_ms,
+                &mut effects,
+            );
+        }
+        effects
+    }
+
+    /// The agent running `task`'s attempt on `allocation`, and the notice
+    /// that takes that attempt from it, while both run.
+    fn preemption(
+        &self,
+        task: &TaskId,
+        allocation: &AllocationId,
+        reason: &str,
+    ) -> Option<(AgentId, CancelNotice)> {
+        let t = self.tasks.get(task)?;
+        let holds = t.state.is_active() && t.allocation.as_ref() == Some(allocation);
+        let agent = t
+            .agent
+            .clone()
+            .filter(|_| holds && !self.state.is_terminal())?;
+        let notice = CancelNotice {
+            flow_id: self.id.clone(),
+            task_id: task.clone(),
+            attempt: t.attempt,
+            code: CancelCode::Preempted,
+            reason: format!("resources preempted: {reason}"),
+        };
+        Some((agent, notice))
+    }
+
     /// The allocator took back the allocation an attempt runs on (capacity
     /// reduced, reservation ended): the attempt fails like one whose agent was
     /// lost, and is retried under the task's policy.
@@ -64,19 +115,8 @@ impl Flow {
             .get(task)
             .is_some_and(|t| t.state.is_active() && t.allocation.as_ref() == Some(allocation));
         if holds && !self.state.is_terminal() {
-            if let Some(t) = self.tasks.get(task) {
-                if let Some(agent) = t.agent.clone() {
-                    effects.push(Effect::Cancel {
-                        agent,
-                        notice: CancelNotice {
-                            flow_id: self.id.clone(),
-                            task_id: task.clone(),
-                            attempt: t.attempt,
-                            code: CancelCode::Preempted,
-                            reason: format!("resources preempted: {reason}"),
-                        },
-                    });
-                }
+            if let Some((agent, notice)) = self.preemption(task, allocation, reason) {
+                effects.push(Effect::Cancel { agent, notice });
             }
             let error = format!("preempted: {reason}");
             self.fail_attempt(

@@ -47,6 +47,12 @@ pub enum Command<'a> {
         allocation: &'a AllocationId,
         reason: &'a str,
     },
+    /// The allocation an attempt was sent on was not handed on to it.
+    NotHandedOn {
+        task: &'a TaskId,
+        allocation: &'a AllocationId,
+        reason: &'a str,
+    },
     /// A stored agent event that may be what a waiting task waits for.
     Event {
         task: &'a TaskId,
@@ -95,6 +101,11 @@ impl Flow {
                 allocation,
                 reason,
             } => Ok(self.preempted(task, allocation, reason, now_ms)),
+            Command::NotHandedOn {
+                task,
+                allocation,
+                reason,
+            } => Ok(self.not_handed_on(task, allocation, reason, now_ms)),
             Command::Event {
                 task,
                 event,

@@ -94,31 +94,58 @@ impl Flow {
         now_ms: u64,
         effects: &mut Vec<Effect>,
     ) {
+        let cancel = CancelNotice {
+            flow_id: self.id.clone(),
+            task_id: id.clone(),
+            attempt: 0,
+            code: CancelCode::AgentLeft,
+            reason: "agent left: the attempt is handed back".into(),
+        };
+        let why = format!("handed back by agent {agent} on leaving");
+        self.take_back(
+            id,
+            agent,
+            cancel,
+            "handed back: agent left",
+            &why,
+            now_ms,
+            effects,
+        );
+    }
+
+    /// Takes an active attempt back from `agent` without counting it against
+    /// the retry budget (it did not fail: its agent left, or its allocation
+    /// was not handed on to it), telling the agent with `cancel` (its attempt
+    /// filled in), and makes the task ready at once: `closing` ends the
+    /// attempt's record, `why` leads the transition's reason.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn take_back(
+        &mut self,
+        id: &TaskId,
+        agent: &AgentId,
+        mut cancel: CancelNotice,
+        closing: &str,
+        why: &str,
+        now_ms: u64,
+        effects: &mut Vec<Effect>,
+    ) {
         let Some(t) = self.tasks.get(id) else { return };
         if !t.state.is_active() {
             return;
         }
+        cancel.attempt = t.attempt;
         effects.push(Effect::Cancel {
             agent: agent.clone(),
-            notice: CancelNotice {
-                flow_id: self.id.clone(),
-                task_id: id.clone(),
-                attempt: t.attempt,
-                code: CancelCode::AgentLeft,
-                reason: "agent left: the attempt is handed back".into(),
-            },
+            notice: cancel,
         });
-        self.close_attempt(id, "handed back: agent left", now_ms, effects);
+        self.close_attempt(id, closing, now_ms, effects);
         let Some(t) = self.tasks.get_mut(id) else {
             return;
         };
         t.uncounted += 1;
         t.not_before_ms = 0;
         t.allocation = None;
-        let reason = format!(
-            "handed back by agent {agent} on leaving; attempt {} next",
-            t.attempt + 1
-        );
+        let reason = format!("{why}; attempt {} next", t.attempt + 1);
         self.transition(id, TaskState::Ready, now_ms, Some(reason), effects);
         if let Some(t) = self.tasks.get_mut(id) {
             t.agent = None;

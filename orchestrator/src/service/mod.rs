@@ -192,6 +192,12 @@ enum Cmd {
         allocation: AllocationId,
         reason: String,
     },
+    /// The allocation an attempt was sent on was not handed on to it.
+    NotHandedOn {
+        task: TaskId,
+        allocation: AllocationId,
+        reason: String,
+    },
     Control {
         op: Control,
         reply: oneshot::Sender<Result<FlowStatus, Error>>,
@@ -230,6 +236,15 @@ impl Cmd {
                 allocation,
                 reason,
             } => C::Preempted {
+                task,
+                allocation,
+                reason,
+            },
+            Cmd::NotHandedOn {
+                task,
+                allocation,
+                reason,
+            } => C::NotHandedOn {
                 task,
                 allocation,
                 reason,

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::msg::{AllocateRequest, FlowSpec, FlowState, RegisterAgent, Requirements, TaskRef};
+use common::msg::{
+    AllocateRequest, FlowSpec, FlowState, QuotaRequest, RegisterAgent, Requirements, TaskRef,
+};
 use common::{subject, AgentId, AllocationId, Client, ErrorCode, FlowId, TaskId};
 use futures::StreamExt;
 use serde_json::Value;
@@ -118,6 +120,69 @@ async fn a_task_runs_on_the_allocation_the_one_before_it_succeeded_with() {
         "never released"
     );
     let _ = agent.0.send(());
+}
+
+/// A task sent on a kept allocation that the allocator then refuses to hand
+/// on (here: other quotas cover the two flows) is placed again at once and
+/// the refused attempt does not count: with one attempt allowed, it still
+/// succeeds, on its second.
+#[tokio::test]
+async fn a_task_whose_allocation_is_not_handed_on_runs_again_uncounted() {
+    let sys = System::start_tuned(|c| c.keep_allocation_ms = KEEP_LONG_MS).await;
+    sys.nats.flush().await.unwrap();
+    let seen: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let record = seen.clone();
+    let _agent = spawn_agent(&sys.nats, "w", 1.0, move |a| {
+        record
+            .lock()
+            .unwrap()
+            .push((a.flow_id.to_string(), a.attempt));
+        // Still running when the hand-on is asked for (20 ms on), and
+        // cancelled then.
+        let slow = a.flow_id.as_str() == "second" && a.attempt == 1;
+        async move {
+            if slow {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Ok(Value::Null)
+        }
+    });
+    wait_registered(&sys.client, "w").await;
+    let flow = |id: &str| {
+        let mut spec = one_task(id);
+        spec.owner = Some("team-a".into());
+        spec.tasks[0].retry.max_attempts = 1;
+        spec
+    };
+    sys.client.create_flow(&flow("first")).await.unwrap();
+    let first = FlowId::new("first").unwrap();
+    let done = wait_finished(&sys.client, &first, Duration::from_secs(30)).await;
+    assert_eq!(done.state, FlowState::Succeeded, "{done:?}");
+    // The kept allocation is owned `team-a/first/only`: a quota of its own
+    // covers it and not the next flow's task.
+    sys.client
+        .set_quota(&QuotaRequest {
+            owner: "team-a/first".into(),
+            limits: [("cpu".to_string(), 10.0)].into(),
+            preempt: false,
+        })
+        .await
+        .unwrap();
+    sys.client.create_flow(&flow("second")).await.unwrap();
+    let second = FlowId::new("second").unwrap();
+    let done = wait_finished(&sys.client, &second, Duration::from_secs(30)).await;
+    assert_eq!(done.state, FlowState::Succeeded, "{done:?}");
+    assert_eq!(done.tasks[0].attempt, 2, "{done:?}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            ("first".into(), 1),
+            ("second".into(), 1),
+            ("second".into(), 2)
+        ],
+        "the second ran first on the kept allocation"
+    );
 }
 
 /// An allocation handed on and kept again is kept for its own time: the

@@ -33,6 +33,36 @@ fn a_preempted_attempt_is_retried_and_only_its_own_allocation_counts() {
     assert!(t.error.as_deref().unwrap().contains("capacity_reduced"));
 }
 
+#[test]
+fn an_attempt_whose_allocation_was_not_handed_on_is_placed_again_uncounted() {
+    // One attempt and no retries: a preemption would fail it for good. A
+    // kept allocation the allocator would not hand on is no failure of the
+    // task's, and the task is placed again whatever its policy.
+    let mut flow = flow_of(vec![retrying("a", 1)]);
+    let first = assign(&mut flow, "a", "w1", 0);
+    let kept = flow.tasks[&tid("a")].allocation.clone().unwrap();
+    let other = AllocationId::new("other").unwrap();
+    assert!(flow.not_handed_on(&tid("a"), &other, "x", 1).is_empty());
+    let e = flow.not_handed_on(&tid("a"), &kept, "allocation gone", 1);
+    assert_eq!(cancels(&e), vec![(CancelCode::Preempted, first)]);
+    let t = &flow.tasks[&tid("a")];
+    assert_eq!(t.state, TaskState::Ready);
+    assert_eq!((t.allocation.as_ref(), t.agent.as_ref()), (None, None));
+    assert_eq!(t.not_before_ms, 0, "placed again at once");
+    assert_eq!(t.error, None, "not a failure");
+    let second = assign(&mut flow, "a", "w1", 2);
+    assert_eq!(second, first + 1);
+    // Its one counted attempt is the second: failing it fails the task.
+    let lost = flow.preempted(
+        &tid("a"),
+        &flow.tasks[&tid("a")].allocation.clone().unwrap(),
+        "capacity_reduced",
+        3,
+    );
+    assert_eq!(cancels(&lost), vec![(CancelCode::Preempted, second)]);
+    assert_eq!(flow.tasks[&tid("a")].state, TaskState::Failed);
+}
+
 /// The cancel notices among effects, as (code, attempt).
 fn cancels(effects: &[Effect]) -> Vec<(CancelCode, u32)> {
     effects

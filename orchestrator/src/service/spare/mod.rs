@@ -384,8 +384,8 @@ impl Orchestrator {
 
     /// Binds a handed-on allocation to its holder at the allocator. If the
     /// allocation is gone, or another agent's booking comes back, or quotas
-    /// forbid the hand-over, the attempt on it is preempted (and placed
-    /// again) and what was booked is given back.
+    /// forbid the hand-over, the attempt on it is taken back uncounted (and
+    /// the task placed again) and what was booked is given back.
     async fn hand_on(self: Arc<Self>, bind: AllocateRequest, agent: AgentId) {
         let (Some(id), Some(task)) = (bind.allocation_id.clone(), bind.task.clone()) else {
             return;
@@ -424,7 +424,7 @@ impl Orchestrator {
         tracing::info!(flow = %task.flow_id, task = %task.task_id, allocation = %id, why, "hand-on refused, placing the task again");
         self.send(
             &task.flow_id,
-            Cmd::Preempted {
+            Cmd::NotHandedOn {
                 task: task.task_id,
                 allocation: id,
                 reason: why,
