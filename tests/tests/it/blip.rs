@@ -204,20 +204,28 @@ async fn an_agent_lost_unawares_is_told_on_its_heartbeat_and_registers_again() {
 }
 
 /// Marks `agent`'s record `lost` in the agents' bucket, with no event: what
-/// an agent cut off from the allocator's side of a partition sees.
+/// an agent cut off from the allocator's side of a partition sees. A
+/// compare-and-set, read again when the allocator wrote the record
+/// meanwhile (a heartbeat, a booking).
 pub(crate) async fn mark_lost(nats: &async_nats::Client, agent: &str) {
     let js = async_nats::jetstream::new(nats.clone());
     let agents = js.get_key_value(common::nats::KV_AGENTS).await.unwrap();
-    let entry = agents
-        .entry(agent)
-        .await
-        .unwrap()
-        .expect("the agent's record");
-    let mut record: serde_json::Value = serde_json::from_slice(&entry.value).unwrap();
-    record["status"] = "lost".into();
-    let body = serde_json::to_vec(&record).unwrap();
-    agents
-        .update(agent, body.into(), entry.revision)
-        .await
-        .unwrap();
+    for _ in 0..100 {
+        let entry = agents
+            .entry(agent)
+            .await
+            .unwrap()
+            .expect("the agent's record");
+        let mut record: serde_json::Value = serde_json::from_slice(&entry.value).unwrap();
+        record["status"] = "lost".into();
+        let body = serde_json::to_vec(&record).unwrap();
+        match agents.update(agent, body.into(), entry.revision).await {
+            Ok(_) => return,
+            Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("the agent's record not written: {e}"),
+        }
+    }
+    panic!("the agent's record kept changing: not marked lost");
 }
