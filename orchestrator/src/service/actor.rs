@@ -96,6 +96,8 @@ impl Orchestrator {
         // The revision this actor last noted the flow finished at: noted
         // again, a flow the sweep has forgotten would be held for good.
         let mut noted = None;
+        // A creation this actor is to write (see `first`).
+        let mut unwritten = None;
         loop {
             let first = match tokio::time::timeout(ACTOR_IDLE, rx.recv()).await {
                 Ok(Some(cmd)) => cmd,
@@ -123,7 +125,7 @@ impl Orchestrator {
                     Err(_) => break,
                 }
             }
-            self.hold_first_record(&mut batch, &mut rx).await;
+            self.hold_first_record(&flow, &mut batch, &mut rx).await;
             self.drop_applied_early(&mut batch).await;
             if batch.is_empty() {
                 continue;
@@ -155,7 +157,12 @@ impl Orchestrator {
                 // A flow this replica just created (which ticks it) starts
                 // from the copy it wrote.
                 let seed = self.created.lock().ok().and_then(|mut c| c.remove(&flow));
-                if let Some(Created { stored, refused }) = seed {
+                if let Some(Created {
+                    stored,
+                    refused,
+                    first,
+                }) = seed
+                {
                     let now = common::now_ms();
                     for (task, asked_at) in refused {
                         driver.refused(&Exec(&self), task, asked_at, now);
@@ -163,6 +170,7 @@ impl Orchestrator {
                     if cache.is_none() {
                         cache = Some(stored);
                         current = batch.iter().all(|(c, _)| matches!(c, Cmd::Tick));
+                        unwritten = first;
                     }
                 }
                 // Events a wait task waits for go first, before the tick
@@ -184,6 +192,7 @@ impl Orchestrator {
                     &mut watch,
                     current,
                     &mut writer,
+                    &mut unwritten,
                 )
                 .await;
             self.note_waiting(&flow, cache.as_ref().map(|(f, _, _)| f));
@@ -229,21 +238,28 @@ impl Orchestrator {
     /// their record (a new flow's, see `create`) until a command that
     /// matters comes, such as the agents' first reports, or
     /// [`Config::first_record_ms`] has passed: one write then records the
-    /// grants and the reports. A tick is no reason to write.
+    /// grants and the reports. A tick is no reason to write. A creation
+    /// this actor is to write (see `first`) is held so, but not as long.
     async fn hold_first_record(
         &self,
+        flow: &FlowId,
         batch: &mut Vec<Queued>,
         rx: &mut mpsc::UnboundedReceiver<Queued>,
     ) {
         let quiet = |c: &Cmd| matches!(c, Cmd::Tick | Cmd::Assign { sent: Some(_), .. });
         let ahead = |c: &Cmd| matches!(c, Cmd::Assign { sent: Some(_), .. });
-        if self.first_record.is_zero()
-            || !batch.iter().all(|(c, _)| quiet(c))
-            || !batch.iter().any(|(c, _)| ahead(c))
-        {
+        if !batch.iter().all(|(c, _)| quiet(c)) {
             return;
         }
-        let until = tokio::time::Instant::now() + self.first_record;
+        // A deferred creation's tick may come alone: its grants follow.
+        let hold = if self.first_write_pending(flow) {
+            self.first_write
+        } else if !self.first_record.is_zero() && batch.iter().any(|(c, _)| ahead(c)) {
+            self.first_record
+        } else {
+            return;
+        };
+        let until = tokio::time::Instant::now() + hold;
         while batch.len() < MAX_BATCH {
             let Ok(Some(cmd)) = tokio::time::timeout_at(until, rx.recv()).await else {
                 return;
@@ -309,6 +325,7 @@ impl Orchestrator {
         watch: &mut Watch,
         current: bool,
         writer: &mut Writer,
+        first: &mut Option<First>,
     ) -> bool {
         let (mut batch, mut causes): (Vec<Cmd>, Vec<tracing::Span>) = batch.into_iter().unzip();
         let now = common::now_ms();
@@ -396,7 +413,10 @@ impl Orchestrator {
                     return false;
                 }
             };
-            let changed = outbox_changed
+            // A creation not written yet is written whatever the step did.
+            let unwritten = revision == first::UNWRITTEN && first.is_some();
+            let changed = unwritten
+                || outbox_changed
                 || store::before_outbox(&body.header) != store::before_outbox(&stored.header);
             if !changed {
                 body.kept.outbox = stored.kept.outbox.clone();
@@ -412,6 +432,21 @@ impl Orchestrator {
             }
             let revision = if !changed {
                 revision
+            } else if unwritten {
+                match self
+                    .write_first(&flow, body, first)
+                    .instrument(span.clone())
+                    .await
+                {
+                    Ok((rev, written)) => {
+                        body = written;
+                        rev
+                    }
+                    // Its caller is told; the flow is read back: stored after
+                    // all, it is stepped as usual; not, its attempts are
+                    // taken back (`settle_missing`).
+                    Err(_) => continue,
+                }
             } else {
                 match store::write(&self.flows, &self.nats, &flow, &body, &dirty, revision)
                     .instrument(span.clone())
@@ -428,6 +463,9 @@ impl Orchestrator {
             #[cfg(feature = "failpoints")]
             if changed {
                 crate::failpoints::after_write(flow_id).await;
+            }
+            if unwritten {
+                self.first_written(&flow, revision, first, now).await;
             }
             watch.pending |= changed;
             // Each command's outcome in its cause's span (the step's when it

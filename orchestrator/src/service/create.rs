@@ -1,11 +1,8 @@
-//! Creating flows: validation, the infeasibility check (with the verdicts
-//! it may reuse), uploaded tasks, the size check, placing a small flow's
-//! first tasks and the first write.
+//! Creating flows: validation, uploaded tasks, the size check, placing a
+//! small flow's first tasks and the first write (the infeasibility check is
+//! `feasible`'s; a write made with the first reports, `first`'s).
 
 use super::*;
-
-/// Infeasible-requirement warnings listed one by one; more are counted.
-pub(super) const MAX_WARNINGS: usize = 100;
 
 /// Tasks a new flow books beside its first write, at most (see
 /// [`Orchestrator::placements_at_creation`]): enough for small flows to
@@ -55,17 +52,14 @@ type Spare = (Allocation, AllocateRequest);
 
 /// See [`Orchestrator::sent_ahead`].
 #[derive(Default)]
-struct Ahead {
-    sent: Vec<(TaskId, Allocation, Assignment)>,
-    refused: Vec<(TaskId, u64)>,
+pub(super) struct Ahead {
+    pub(super) sent: Vec<(TaskId, Allocation, Assignment)>,
+    pub(super) refused: Vec<(TaskId, u64)>,
     /// Whether the actor's first step may wait for reports.
-    hold: bool,
+    pub(super) hold: bool,
+    /// Whether every task there was to place was sent.
+    pub(super) all_sent: bool,
 }
-
-/// How long creation waits for the allocator's word on whether a task's
-/// requirements could ever fit, when that is only advice (a warning): a
-/// slow allocator delays the reply by this much, not a request timeout.
-const FEASIBLE_CHECK_WAIT: Duration = Duration::from_secs(1);
 
 impl Orchestrator {
     pub(super) async fn create(self: &Arc<Self>, spec: FlowSpec) -> Result<FlowStatus, Error> {
@@ -116,8 +110,8 @@ impl Orchestrator {
         });
         // A small flow's first tasks are booked while its first write is
         // stored, not before it (see `sent_ahead`).
-        let placements = if large {
-            Vec::new()
+        let (placements, all_placed) = if large {
+            (Vec::new(), false)
         } else {
             self.placements_at_creation(&mut flow)
         };
@@ -140,29 +134,46 @@ impl Orchestrator {
         self.fits_in_entries(&flow, &encoded)?;
         let asked_at = self.freed.load(Ordering::Relaxed);
         let creating = (!large).then(|| Creating::new(self, &id));
-        // A flow whose id this replica chose cannot be another's, so its
-        // first assignments leave as soon as they are booked, while its
-        // creation is written (see `sent_ahead`). One the client named may
-        // exist already (`conflict`): its assignments wait for the write.
-        let booking = async {
+        let write = |flow: &Flow, encoded| {
+            let flow = flow.clone();
+            async move {
+                #[cfg(feature = "failpoints")]
+                if crate::failpoints::create_write(&flow.id).await {
+                    return Err(WriteError::Failed(Error::new(
+                        ErrorCode::Unavailable,
+                        "the creation's write failed (fail point)",
+                    )));
+                }
+                store::create(&self.flows, &flow, encoded).await
+            }
+        };
+        let (written, (ahead, binds)) = if early && all_placed && !self.first_write.is_zero() {
+            // Every ready task is booked here: its actor may write the
+            // creation together with the agents' first reports (`defer`).
             let (granted, binds) = self.book_at_creation(&flow.id, placements).await;
             let ahead = self.sent_ahead(&flow, granted, asked_at);
-            if early {
-                self.send_ahead(&flow.id, &ahead.sent).await;
+            if ahead.all_sent {
+                drop(creating);
+                return self.defer(flow, encoded, effects, ahead, binds).await;
             }
-            (ahead, binds)
+            self.send_ahead(&flow.id, &ahead.sent).await;
+            (write(&flow, encoded).await, (ahead, binds))
+        } else {
+            // A flow whose id this replica chose cannot be another's, so its
+            // first assignments leave as soon as they are booked, while its
+            // creation is written (see `sent_ahead`). One the client named
+            // may exist already (`conflict`): its assignments wait for the
+            // write.
+            let booking = async {
+                let (granted, binds) = self.book_at_creation(&flow.id, placements).await;
+                let ahead = self.sent_ahead(&flow, granted, asked_at);
+                if early {
+                    self.send_ahead(&flow.id, &ahead.sent).await;
+                }
+                (ahead, binds)
+            };
+            tokio::join!(write(&flow, encoded), booking)
         };
-        let write = async {
-            #[cfg(feature = "failpoints")]
-            if crate::failpoints::create_write(&id).await {
-                return Err(WriteError::Failed(Error::new(
-                    ErrorCode::Unavailable,
-                    "the creation's write failed (fail point)",
-                )));
-            }
-            store::create(&self.flows, &flow, encoded).await
-        };
-        let (written, (ahead, binds)) = tokio::join!(write, booking);
         let (revision, encoded) = match written {
             Ok(written) => written,
             // Assignments sent ahead are the actor's to settle, once this
@@ -196,7 +207,15 @@ impl Orchestrator {
             if let Ok(mut created) = o.created.lock() {
                 let stored = (flow, revision, encoded);
                 let refused = ahead.refused;
-                created.insert(id.clone(), Created { stored, refused });
+                let first = None;
+                created.insert(
+                    id.clone(),
+                    Created {
+                        stored,
+                        refused,
+                        first,
+                    },
+                );
             }
             if !early {
                 o.send_ahead(&id, &ahead.sent).await;
@@ -212,13 +231,7 @@ impl Orchestrator {
             let mut driver = Driver::new(o.tick_ms);
             o.run_effects(&mut driver, None, effects, &mut cursor).await;
             o.outbox.sent(cursor, common::now_ms());
-            // Allocations handed on, once their grants are queued (see `spare`).
-            for bind in binds {
-                let task = bind.task.as_ref().map(|t| &t.task_id);
-                if ahead.sent.iter().any(|(t, _, _)| Some(t) == task) {
-                    o.handed_on(bind);
-                }
-            }
+            o.bind_sent(binds, &ahead.sent);
         };
         if large {
             tokio::spawn(after.in_current_span());
@@ -235,12 +248,19 @@ impl Orchestrator {
     /// through the flow's actor. Each has its allocation id chosen here, or
     /// takes an allocation kept to hand on (see `spare`), with the request
     /// that binds it to the task.
-    fn placements_at_creation(&self, flow: &mut Flow) -> Vec<(machine::Placement, Option<Spare>)> {
+    ///
+    /// Also tells whether those are all the tasks there are to place.
+    fn placements_at_creation(
+        &self,
+        flow: &mut Flow,
+    ) -> (Vec<(machine::Placement, Option<Spare>)>, bool) {
         let now = common::now_ms();
         // Its tasks are this replica's to place (`claim_ready`).
         let mut placing = machine::Placing::default();
         placing.drive(Some(self.replica), None);
-        flow.placements(now, &placing, |_| false)
+        let all = flow.placements(now, &placing, |_| false);
+        let total = all.len();
+        let taken: Vec<_> = all
             .into_iter()
             .filter(|p| p.slot.is_none())
             .take(PLACED_AT_CREATION)
@@ -255,7 +275,9 @@ impl Orchestrator {
                 p.request.allocation_id = Some(id);
                 (p, spare)
             })
-            .collect()
+            .collect();
+        let all_placed = !taken.is_empty() && taken.len() == total;
+        (taken, all_placed)
     }
 
     /// Books the placements, all at once, within [`PLACED_AT_CREATION_WAIT`]:
@@ -289,10 +311,28 @@ impl Orchestrator {
         (kept, binds)
     }
 
+    /// Allocations handed on, once their grants are queued (see `spare`).
+    pub(super) fn bind_sent(
+        self: &Arc<Self>,
+        binds: Vec<AllocateRequest>,
+        sent: &[(TaskId, Allocation, Assignment)],
+    ) {
+        for bind in binds {
+            let task = bind.task.as_ref().map(|t| &t.task_id);
+            if sent.iter().any(|(t, _, _)| Some(t) == task) {
+                self.handed_on(bind);
+            }
+        }
+    }
+
     /// Queues the grants of assignments sent ahead of their record for the
     /// flow's actor, then sends the assignments: queued first, so that the
     /// actor has each grant before any report on it.
-    async fn send_ahead(self: &Arc<Self>, id: &FlowId, sent: &[(TaskId, Allocation, Assignment)]) {
+    pub(super) async fn send_ahead(
+        self: &Arc<Self>,
+        id: &FlowId,
+        sent: &[(TaskId, Allocation, Assignment)],
+    ) {
         let granted_ms = common::now_ms();
         for (task, allocation, assignment) in sent {
             let cmd = Cmd::Assign {
@@ -363,9 +403,9 @@ impl Orchestrator {
         }
         let mut placing = machine::Placing::default();
         placing.drive(Some(self.replica), None);
-        ahead.hold = !ahead.sent.is_empty()
-            && !self.first_record.is_zero()
-            && probe.placements(now, &placing, |_| false).is_empty();
+        ahead.all_sent =
+            !ahead.sent.is_empty() && probe.placements(now, &placing, |_| false).is_empty();
+        ahead.hold = ahead.all_sent && !self.first_record.is_zero();
         ahead
     }
 
@@ -438,154 +478,5 @@ impl Orchestrator {
             })));
         }
         Ok(())
-    }
-
-    /// Tasks whose requirements no registered agent could satisfy even when
-    /// idle: no agent has the capabilities and labels, or none has the
-    /// capacity at all. Each distinct requirement is asked about once.
-    ///
-    /// As advice (`strict` false) a recent "fits" is taken as it stands,
-    /// the allocator is waited for [`FEASIBLE_CHECK_WAIT`] at most, and
-    /// without its answer nothing is known: no warning rather than a false
-    /// one. For a flow to refuse when infeasible (`strict`) every verdict is
-    /// asked afresh, and no answer is an error: it is not known whether the
-    /// flow could run.
-    pub(super) async fn infeasible(
-        &self,
-        spec: &FlowSpec,
-        strict: bool,
-    ) -> Result<Vec<common::msg::ValidationProblem>, Error> {
-        let client = if strict {
-            self.client.clone()
-        } else {
-            self.client.clone().with_timeout(FEASIBLE_CHECK_WAIT)
-        };
-        let mut verdicts: Vec<(&common::msg::Requirements, Option<String>)> = Vec::new();
-        let mut out = Vec::new();
-        for t in &spec.tasks {
-            let known = verdicts
-                .iter()
-                .find(|(r, _)| *r == &t.requirements)
-                .map(|(_, v)| v.clone());
-            let verdict = match known {
-                Some(v) => v,
-                None => {
-                    let v = if !strict && self.known_feasible(&t.requirements) {
-                        None
-                    } else {
-                        match self.never_fits(&client, &t.requirements).await {
-                            Ok(None) => {
-                                self.note_feasible(&t.requirements);
-                                None
-                            }
-                            Ok(why) => why,
-                            Err(e) if strict => {
-                                return Err(Error::unavailable(
-                                    "not known whether registered agents could run every \
-                                     task (the flow sets `require_feasible`)",
-                                    e,
-                                ))
-                            }
-                            Err(_) => None,
-                        }
-                    };
-                    verdicts.push((&t.requirements, v.clone()));
-                    v
-                }
-            };
-            if let Some(why) = verdict {
-                out.push(common::msg::ValidationProblem {
-                    code: "infeasible_requirements".into(),
-                    message: format!("task {}: {why}", t.id),
-                    task_id: Some(t.id.clone()),
-                    path: Vec::new(),
-                });
-            }
-        }
-        // Stored with the flow and sent in every status: a large flow's
-        // warnings are summed up past the first few.
-        if out.len() > MAX_WARNINGS {
-            let more = out.len() - MAX_WARNINGS;
-            out.truncate(MAX_WARNINGS);
-            out.push(common::msg::ValidationProblem {
-                code: "infeasible_requirements".into(),
-                message: format!("and {more} more tasks no registered agent could run"),
-                task_id: None,
-                path: Vec::new(),
-            });
-        }
-        Ok(out)
-    }
-
-    fn known_feasible(&self, req: &common::msg::Requirements) -> bool {
-        let (Ok(key), Ok(known)) = (serde_json::to_string(req), self.feasible.lock()) else {
-            return false;
-        };
-        known
-            .get(&key)
-            .is_some_and(|until| *until > common::now_ms())
-    }
-
-    fn note_feasible(&self, req: &common::msg::Requirements) {
-        let (Ok(key), Ok(mut known)) = (serde_json::to_string(req), self.feasible.lock()) else {
-            return;
-        };
-        if known.len() >= FEASIBLE_KEPT {
-            known.clear();
-        }
-        known.insert(key, common::now_ms() + FEASIBLE_FOR_MS);
-    }
-
-    /// An agent left or its capacity changed: "some agent could run it"
-    /// must be asked again.
-    pub(super) fn forget_feasible(&self) {
-        if let Ok(mut known) = self.feasible.lock() {
-            known.clear();
-        }
-    }
-
-    /// Why no registered agent could ever run a task with `req`, if none
-    /// could; an error when the allocator did not answer through `client`.
-    pub(super) async fn never_fits(
-        &self,
-        client: &common::Client,
-        req: &common::msg::Requirements,
-    ) -> Result<Option<String>, Error> {
-        let check = CapacityRequest {
-            requirements: Some(req.clone()),
-            ..Default::default()
-        };
-        let status = client.capacity(&check).await?;
-        if status.fits == Some(true) {
-            return Ok(None);
-        }
-        let Some(best) = status
-            .no_fit
-            .as_ref()
-            .and_then(|n| n.best_candidate.clone())
-        else {
-            return Ok(Some(match status.no_fit {
-                Some(n) => format!(
-                    "no registered agent has the capabilities and labels it needs ({})",
-                    n.message
-                ),
-                None => "no registered agent has the capabilities and labels it needs".to_owned(),
-            }));
-        };
-        let Some(totals) = status.agents.get(&best) else {
-            return Ok(None);
-        };
-        let short: Vec<String> = req
-            .resources
-            .iter()
-            .filter(|(r, need)| totals.get(*r).map(|c| c.capacity).unwrap_or(0.0) < **need)
-            .map(|(r, need)| format!("{r} {need}"))
-            .collect();
-        Ok((!short.is_empty()).then(|| {
-            format!(
-                "needs {} but no suitable agent has that much in all",
-                short.join(", ")
-            )
-        }))
     }
 }

@@ -62,6 +62,8 @@ mod api;
 mod create;
 mod delivery;
 mod dispatch;
+mod feasible;
+mod first;
 mod forward;
 mod intake;
 mod known;
@@ -96,6 +98,14 @@ pub struct Config {
     /// (a one-task flow is then two writes). Zero records them at once.
     #[arg(long, env = "ORCHESTRATOR_FIRST_RECORD_MS", default_value_t = FIRST_RECORD_MS)]
     pub first_record_ms: u64,
+    /// How long a new flow's first write may wait for the agents' first
+    /// reports, in ms, when the orchestrator chose the flow's id and booked
+    /// every ready task at creation: its first assignments go out at once,
+    /// and one write then stores the flow with what the agents reported (a
+    /// short one-task flow is one write). The creation's reply waits for
+    /// that write. Zero writes the creation at once.
+    #[arg(long, env = "ORCHESTRATOR_FIRST_WRITE_MS", default_value_t = FIRST_WRITE_MS)]
+    pub first_write_ms: u64,
     /// How long a task's allocation is kept after the task succeeded, in
     /// ms, to hand on to the next task placed here with the same owner,
     /// requirements and priority (which then waits on no booking). Zero
@@ -115,6 +125,7 @@ impl Config {
             sweep_ms: 1_000,
             report_ack_wait_ms: 2_000,
             first_record_ms: FIRST_RECORD_MS,
+            first_write_ms: FIRST_WRITE_MS,
             keep_allocation_ms: KEEP_ALLOCATION_MS,
         }
     }
@@ -125,6 +136,10 @@ const NAME: &str = "orchestrator";
 /// `started` report (20 ms in the agent runtime), so a short task's record
 /// waits for its completion and a longer one's for its `started`.
 const FIRST_RECORD_MS: u64 = 50;
+/// See [`Config::first_write_ms`]: what a creation's reply may be delayed
+/// by when its tasks take longer, below the agent runtime's grace before a
+/// `started` report (20 ms).
+const FIRST_WRITE_MS: u64 = 10;
 /// See [`Config::keep_allocation_ms`]: long enough for a client to read a
 /// flow's end and send the next, short enough that capacity others wait
 /// for is not held idle for long.
@@ -302,6 +317,8 @@ struct Orchestrator {
     tick_ms: u64,
     /// See [`Config::first_record_ms`].
     first_record: Duration,
+    /// See [`Config::first_write_ms`].
+    first_write: Duration,
     /// See [`Config::keep_allocation_ms`].
     keep: Duration,
     /// Allocations kept to hand on (see [`spare`]).
@@ -342,6 +359,18 @@ struct Orchestrator {
 struct Created {
     stored: Stored,
     refused: Vec<(TaskId, u64)>,
+    /// Set when the copy is not written yet: the actor's first step writes
+    /// it (see `create::defer`).
+    first: Option<First>,
+}
+
+/// A new flow whose first write its actor makes, together with the agents'
+/// first reports: the creation's events, published first once it is
+/// stored, and the creation's caller, waiting for the outcome.
+struct First {
+    effects: Vec<Effect>,
+    cursor: Cursor,
+    reply: oneshot::Sender<Result<FlowStatus, Error>>,
 }
 
 /// How long a "some agent could run this" verdict is reused for creation
@@ -400,6 +429,7 @@ pub async fn run(cfg: Config, shutdown: impl Future) -> anyhow::Result<()> {
         slots: Slots::new(slots),
         tick_ms: cfg.sweep_ms.max(10),
         first_record: Duration::from_millis(cfg.first_record_ms),
+        first_write: Duration::from_millis(cfg.first_write_ms),
         keep: Duration::from_millis(cfg.keep_allocation_ms),
         spares: Default::default(),
         stopping: AtomicBool::new(false),

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::msg::{Assignment, CancelNotice, FlowSpec, FlowState, RejectReason, ReportRejected};
+use common::msg::{
+    Assignment, CancelNotice, FlowSpec, FlowState, RejectReason, ReportRejected, TaskState,
+};
 use common::{subject, AgentId, ErrorCode};
 use futures::StreamExt;
 use serde_json::json;
@@ -124,4 +126,80 @@ async fn a_creation_not_stored_takes_back_the_attempt_it_sent_ahead() {
         },
     )
     .await;
+}
+
+/// Every write of the flows bucket, as published to it.
+async fn flow_writes(sys: &System) -> async_nats::Subscriber {
+    let writes = sys
+        .nats
+        .subscribe(format!("$KV.{}.>", common::nats::KV_FLOWS))
+        .await
+        .unwrap();
+    sys.nats.flush().await.unwrap();
+    writes
+}
+
+/// The next write of the flows bucket: the flow's state, its task's and
+/// the task's attempt.
+async fn next_write(writes: &mut async_nats::Subscriber) -> (FlowState, TaskState, u32) {
+    let write = tokio::time::timeout(Duration::from_secs(30), writes.next())
+        .await
+        .expect("a write within 30 s")
+        .unwrap();
+    let flow: orchestrator::machine::Flow = serde_json::from_slice(&write.payload).unwrap();
+    let only = flow.tasks.values().next().expect("its task");
+    (flow.state, only.state, only.attempt)
+}
+
+/// A one-task flow whose id the orchestrator chose is stored by one write
+/// with its agent's completion: the creation is not written before it. The
+/// orchestrator holds the write for the report as long as the test needs
+/// (`first_write_ms`), so the count does not depend on how soon it comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_flow_and_its_first_report_are_stored_by_one_write() {
+    let sys = System::start_tuned(|c| c.first_write_ms = 120_000).await;
+    let js = jetstream::new(sys.nats.clone());
+    let mut assignments = bare_agent(&sys, 1.0).await;
+    let mut writes = flow_writes(&sys).await;
+    let creating = tokio::spawn({
+        let client = sys.client.clone();
+        async move { client.create_flow(&unnamed()).await }
+    });
+    let a = next_assignment(&mut assignments).await;
+    assert!(!creating.is_finished(), "no reply before the write");
+    complete(&js, &a).await;
+    let created = creating.await.unwrap().expect("the flow created");
+    assert_eq!(created.flow_id, a.flow_id);
+    assert_eq!(
+        (created.state, created.tasks[0].state),
+        (FlowState::Succeeded, TaskState::Succeeded),
+        "the reply has the flow as written: {created:?}"
+    );
+    assert_eq!(
+        next_write(&mut writes).await,
+        (FlowState::Succeeded, TaskState::Succeeded, 1),
+        "the flow's first write holds its end"
+    );
+}
+
+/// A creation whose agent does not report is written once the hold is
+/// over, its assignment recorded, and the reply waits for that write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_flow_whose_agent_is_silent_is_stored_with_its_assignment() {
+    let sys = System::start().await;
+    let mut assignments = bare_agent(&sys, 1.0).await;
+    let mut writes = flow_writes(&sys).await;
+    let created = sys.client.create_flow(&unnamed()).await.unwrap();
+    let a = next_assignment(&mut assignments).await;
+    assert_eq!(created.flow_id, a.flow_id);
+    assert_eq!(
+        (created.tasks[0].state, created.tasks[0].attempt),
+        (TaskState::Assigned, a.attempt),
+        "the reply has the assignment as written: {created:?}"
+    );
+    assert_eq!(
+        next_write(&mut writes).await,
+        (FlowState::Running, TaskState::Assigned, 1),
+        "created and assigned in one write"
+    );
 }
