@@ -31,6 +31,7 @@ impl Orchestrator {
                 effects,
                 cursor,
                 reply,
+                span: tracing::Span::current(),
             });
             let refused = ahead.refused;
             created.insert(
@@ -110,12 +111,14 @@ impl Orchestrator {
             effects,
             mut cursor,
             reply,
+            span,
         }) = first.take()
         else {
             return;
         };
         let mut driver = Driver::new(self.tick_ms);
         self.run_effects(&mut driver, None, effects, &mut cursor)
+            .instrument(span)
             .await;
         self.outbox.sent(cursor, now);
         let status = flow.status(0, now);

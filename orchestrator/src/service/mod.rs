@@ -371,6 +371,8 @@ struct First {
     effects: Vec<Effect>,
     cursor: Cursor,
     reply: oneshot::Sender<Result<FlowStatus, Error>>,
+    /// The creation's span: its events continue the caller's trace.
+    span: tracing::Span,
 }
 
 /// How long a "some agent could run this" verdict is reused for creation
