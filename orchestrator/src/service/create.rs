@@ -147,33 +147,34 @@ impl Orchestrator {
                 store::create(&self.flows, &flow, encoded).await
             }
         };
-        let (written, (ahead, binds)) = if early && all_placed && !self.first_write.is_zero() {
-            // Every ready task is booked here: its actor may write the
-            // creation together with the agents' first reports (`defer`).
-            let (granted, binds) = self.book_at_creation(&flow.id, placements).await;
-            let ahead = self.sent_ahead(&flow, granted, asked_at);
-            if ahead.all_sent {
-                drop(creating);
-                return self.defer(flow, encoded, effects, ahead, binds).await;
-            }
-            self.send_ahead(&flow.id, &ahead.sent).await;
-            (write(&flow, encoded).await, (ahead, binds))
-        } else {
-            // A flow whose id this replica chose cannot be another's, so its
-            // first assignments leave as soon as they are booked, while its
-            // creation is written (see `sent_ahead`). One the client named
-            // may exist already (`conflict`): its assignments wait for the
-            // write.
-            let booking = async {
+        let (written, (ahead, binds)) =
+            if early && all_placed && !self.first_write.is_zero() && self.alone() {
+                // Every ready task is booked here: its actor may write the
+                // creation together with the agents' first reports (`defer`).
                 let (granted, binds) = self.book_at_creation(&flow.id, placements).await;
                 let ahead = self.sent_ahead(&flow, granted, asked_at);
-                if early {
-                    self.send_ahead(&flow.id, &ahead.sent).await;
+                if ahead.all_sent {
+                    drop(creating);
+                    return self.defer(flow, encoded, effects, ahead, binds).await;
                 }
-                (ahead, binds)
+                self.send_ahead(&flow.id, &ahead.sent).await;
+                (write(&flow, encoded).await, (ahead, binds))
+            } else {
+                // A flow whose id this replica chose cannot be another's, so its
+                // first assignments leave as soon as they are booked, while its
+                // creation is written (see `sent_ahead`). One the client named
+                // may exist already (`conflict`): its assignments wait for the
+                // write.
+                let booking = async {
+                    let (granted, binds) = self.book_at_creation(&flow.id, placements).await;
+                    let ahead = self.sent_ahead(&flow, granted, asked_at);
+                    if early {
+                        self.send_ahead(&flow.id, &ahead.sent).await;
+                    }
+                    (ahead, binds)
+                };
+                tokio::join!(write(&flow, encoded), booking)
             };
-            tokio::join!(write(&flow, encoded), booking)
-        };
         let (revision, encoded) = match written {
             Ok(written) => written,
             // Assignments sent ahead are the actor's to settle, once this

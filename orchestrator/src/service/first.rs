@@ -1,7 +1,9 @@
 //! A new flow written once with its agents' first reports.
 //!
 //! A small flow whose id this replica chose (it cannot be taken), all of
-//! whose ready tasks were booked at creation, is not written by `create`:
+//! whose ready tasks were booked at creation, is not written by `create`
+//! while this replica hears no other (`replicas::alone`: the agents' early
+//! reports then all come here):
 //! its first assignments leave at once, and its actor writes the creation
 //! together with the first reports, if they come within
 //! [`Config::first_write_ms`], and answers the caller once that write is stored. A short one-task flow

@@ -82,6 +82,22 @@ impl Orchestrator {
         }
     }
 
+    /// Whether no other replica was heard lately (or none is known yet):
+    /// every early report then comes here, so a new flow's first write may
+    /// wait for them (see `first`). With others, an early report goes to
+    /// any one of them, which drops it, and the stored copy they may get
+    /// waits for the flow to be written before it is handed here.
+    pub(super) fn alone(&self) -> bool {
+        let now = now_ms();
+        self.heard.lock().is_ok_and(|known| {
+            known.as_ref().is_none_or(|k| {
+                k.heard
+                    .iter()
+                    .all(|(r, at)| *r == self.replica || now.saturating_sub(*at) >= GONE_AFTER_MS)
+            })
+        })
+    }
+
     /// Whether replica `r` is known to be gone: not heard for
     /// [`GONE_AFTER_MS`], or never heard in that long since it was first
     /// met (and this replica has listened that long). Not known before the
