@@ -203,3 +203,33 @@ async fn a_new_flow_whose_agent_is_silent_is_stored_with_its_assignment() {
         "created and assigned in one write"
     );
 }
+
+/// With another orchestrator replica heard, a creation is written at once,
+/// as it is for a flow named by its client: an agent's early report goes to
+/// one replica only, and the stored copy to either, so the creating one
+/// might wait for a report that another holds. Both replicas would hold a
+/// deferred creation for as long as the test runs (`first_write_ms`), and
+/// the agent never reports: a creation deferred is a reply that does not
+/// come within the client's timeout. The replicas hear each other within a
+/// ping round or two of starting; until then a creation may be deferred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_replicas_a_new_flow_is_written_at_its_creation() {
+    let hold = |c: &mut orchestrator::Config| c.first_write_ms = 600_000;
+    let sys = System::start_tuned(hold).await;
+    let _second = testkit::start_orchestrator(sys.server.config(), hold);
+    eventually(Duration::from_secs(60), "two orchestrators", || async {
+        (testkit::replicas(&sys.nats, "orchestrator").await == 2).then_some(())
+    })
+    .await;
+    let _assignments = bare_agent(&sys, 1_000.0).await;
+    let client = sys.client.clone().with_timeout(Duration::from_secs(3));
+    eventually(
+        Duration::from_secs(60),
+        "a creation written at once",
+        || async {
+            let created = client.create_flow(&unnamed()).await.ok()?;
+            (created.tasks[0].state == TaskState::Ready).then_some(())
+        },
+    )
+    .await;
+}
