@@ -134,19 +134,6 @@ impl Orchestrator {
         self.fits_in_entries(&flow, &encoded)?;
         let asked_at = self.freed.load(Ordering::Relaxed);
         let creating = (!large).then(|| Creating::new(self, &id));
-        let write = |flow: &Flow, encoded| {
-            let flow = flow.clone();
-            async move {
-                #[cfg(feature = "failpoints")]
-                if crate::failpoints::create_write(&flow.id).await {
-                    return Err(WriteError::Failed(Error::new(
-                        ErrorCode::Unavailable,
-                        "the creation's write failed (fail point)",
-                    )));
-                }
-                store::create(&self.flows, &flow, encoded).await
-            }
-        };
         let (written, (ahead, binds)) =
             if early && all_placed && !self.first_write.is_zero() && self.alone() {
                 // Every ready task is booked here: its actor may write the
@@ -158,7 +145,7 @@ impl Orchestrator {
                     return self.defer(flow, encoded, effects, ahead, binds).await;
                 }
                 self.send_ahead(&flow.id, &ahead.sent).await;
-                (write(&flow, encoded).await, (ahead, binds))
+                (self.write_creation(&flow, encoded).await, (ahead, binds))
             } else {
                 // A flow whose id this replica chose cannot be another's, so its
                 // first assignments leave as soon as they are booked, while its
@@ -173,7 +160,7 @@ impl Orchestrator {
                     }
                     (ahead, binds)
                 };
-                tokio::join!(write(&flow, encoded), booking)
+                tokio::join!(self.write_creation(&flow, encoded), booking)
             };
         let (revision, encoded) = match written {
             Ok(written) => written,
@@ -310,6 +297,23 @@ impl Orchestrator {
         .await;
         kept.extend(booked);
         (kept, binds)
+    }
+
+    /// Writes a new flow's first copy (whoever makes the write: `create`,
+    /// or its actor for a deferred creation, see `first`).
+    pub(super) async fn write_creation(
+        &self,
+        flow: &Flow,
+        encoded: store::Encoded,
+    ) -> Result<(u64, store::Encoded), WriteError> {
+        #[cfg(feature = "failpoints")]
+        if crate::failpoints::create_write(&flow.id).await {
+            return Err(WriteError::Failed(Error::new(
+                ErrorCode::Unavailable,
+                "the creation's write failed (fail point)",
+            )));
+        }
+        store::create(&self.flows, flow, encoded).await
     }
 
     /// Allocations handed on, once their grants are queued (see `spare`).

@@ -73,18 +73,7 @@ impl Orchestrator {
         body: store::Encoded,
         first: &mut Option<First>,
     ) -> Result<(u64, store::Encoded), WriteError> {
-        #[cfg(feature = "failpoints")]
-        if crate::failpoints::create_write(&flow.id).await {
-            let err = Error::new(
-                ErrorCode::Unavailable,
-                "the creation's write failed (fail point)",
-            );
-            if let Some(f) = first.take() {
-                let _ = f.reply.send(Err(err.clone()));
-            }
-            return Err(WriteError::Failed(err));
-        }
-        let written = store::create(&self.flows, flow, body).await;
+        let written = self.write_creation(flow, body).await;
         if let Err(e) = &written {
             let err = match e {
                 WriteError::Failed(e) => e.clone(),
