@@ -193,6 +193,21 @@ impl Known {
             inner.caught_up = true;
         }
     }
+
+    /// Counts the follower caught up once it has delivered the stream's
+    /// `last` write: deliveries come in sequence order, so every key stored
+    /// by then has been seen. A check that does not lean on the pending
+    /// count a delivery carries (an ordered consumer started again after
+    /// its last write delivers none to carry it).
+    pub(super) fn reached(&self, last: u64) -> bool {
+        let Ok(mut inner) = self.0.lock() else {
+            return false;
+        };
+        if inner.last_sequence >= last {
+            inner.caught_up = true;
+        }
+        inner.caught_up
+    }
 }
 
 impl Orchestrator {
@@ -367,6 +382,24 @@ mod tests {
         known.saw(flow(1), Some(12));
         known.reset();
         assert_eq!((known.last_sequence(), known.held()), (0, 0));
+    }
+
+    #[test]
+    fn a_follower_that_delivered_the_last_write_is_caught_up() {
+        let known = Known::default();
+        assert!(known.reached(0), "an empty stream has nothing to follow");
+        let known = Known::default();
+        known.saw(flow(1), Some(4));
+        known.delivered(4);
+        assert!(!known.reached(6));
+        assert_eq!(known.take_written(), None);
+        known.saw(flow(2), Some(6));
+        known.delivered(6);
+        assert!(known.reached(6));
+        assert_eq!(
+            known.take_written(),
+            Some(HashSet::from([flow(1), flow(2)]))
+        );
     }
 
     #[test]

@@ -35,6 +35,17 @@ impl Orchestrator {
         self.known.finished(id, revision, now);
     }
 
+    /// The flows written since the last sweep, if the follower has now
+    /// delivered the bucket's last write (see [`known::Known::reached`]):
+    /// a follower whose deliveries never said "nothing pending" would
+    /// otherwise leave the sweep listing every flow for good.
+    async fn catch_up(&self) -> Option<HashSet<FlowId>> {
+        let last = self.flows.stream.get_info().await.ok()?.state.last_sequence;
+        self.known
+            .reached(last)
+            .then(|| self.known.take_written())?
+    }
+
     /// Ticks every unfinished flow: deadlines, back-offs, unplaced tasks.
     pub(super) async fn sweep(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
@@ -57,7 +68,11 @@ impl Orchestrator {
                     tracing::warn!(error = %e, "concurrency slots not reconciled");
                 }
             }
-            let ids = match self.known.take_written() {
+            let written = match self.known.take_written() {
+                Some(written) => Some(written),
+                None => self.catch_up().await,
+            };
+            let ids = match written {
                 Some(written) => {
                     looked_at.extend(written);
                     looked_at.iter().cloned().collect()
