@@ -3,10 +3,13 @@
 use std::cmp::Reverse;
 use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap};
 use std::ops::Deref;
+use std::sync::Mutex;
 
 use common::msg::TaskState;
 use common::TaskId;
+use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 
 use super::Task;
 
@@ -16,11 +19,40 @@ use super::Task;
 /// otherwise be encoded whole after every step), and the ready tasks and
 /// the timers can be kept in order without a pass over every task: reading
 /// either takes `&mut self` and brings the order up to date first.
+///
+/// Each task's encoding is kept once made, and dropped when the task is
+/// handed out for change: a step of a flow in one entry encodes the flow
+/// whole, and made every task's encoding anew for the few it changed.
 #[derive(Debug, Default)]
 pub struct Tasks {
     map: BTreeMap<TaskId, Task>,
     touched: Touched,
     index: Ready,
+    encoded: Encodings,
+}
+
+/// Most tasks whose encodings are kept: a flow in one entry (larger ones are
+/// written by pages, each encoded again only when a task on it changed), so
+/// a flow of a million tasks does not hold a second copy of them all.
+const ENCODINGS_KEPT: usize = 1_000;
+
+/// The tasks' encodings as last made, by id (a task missing here, or whose
+/// encoding failed, is encoded when written).
+#[derive(Debug, Default)]
+struct Encodings(Mutex<HashMap<TaskId, Box<RawValue>>>);
+
+impl Encodings {
+    fn forget(&mut self, id: &TaskId) {
+        if let Ok(m) = self.0.get_mut() {
+            m.remove(id);
+        }
+    }
+
+    fn clear(&mut self) {
+        if let Ok(m) = self.0.get_mut() {
+            m.clear();
+        }
+    }
 }
 
 /// Where a ready task stands in dispatch order: priority, then upward rank,
@@ -127,6 +159,7 @@ impl Clone for Tasks {
             map: self.map.clone(),
             touched: self.touched.clone(),
             index: Ready::default(),
+            encoded: Encodings::default(),
         }
     }
 }
@@ -160,26 +193,31 @@ impl Tasks {
     pub fn get_mut(&mut self, id: &TaskId) -> Option<&mut Task> {
         let task = self.map.get_mut(id)?;
         self.touched.note(id);
+        self.encoded.forget(id);
         Some(task)
     }
 
     pub fn insert(&mut self, id: TaskId, task: Task) -> Option<Task> {
         self.touched.note(&id);
+        self.encoded.forget(&id);
         self.map.insert(id, task)
     }
 
     pub fn remove(&mut self, id: &TaskId) -> Option<Task> {
         self.touched.note(id);
+        self.encoded.forget(id);
         self.map.remove(id)
     }
 
     pub fn iter_mut(&mut self) -> btree_map::IterMut<'_, TaskId, Task> {
         self.touched = Touched::All;
+        self.encoded.clear();
         self.map.iter_mut()
     }
 
     pub fn values_mut(&mut self) -> btree_map::ValuesMut<'_, TaskId, Task> {
         self.touched = Touched::All;
+        self.encoded.clear();
         self.map.values_mut()
     }
 
@@ -258,6 +296,7 @@ impl FromIterator<(TaskId, Task)> for Tasks {
             map: iter.into_iter().collect(),
             touched: Touched::All,
             index: Ready::default(),
+            encoded: Encodings::default(),
         }
     }
 }
@@ -265,6 +304,7 @@ impl FromIterator<(TaskId, Task)> for Tasks {
 impl Extend<(TaskId, Task)> for Tasks {
     fn extend<I: IntoIterator<Item = (TaskId, Task)>>(&mut self, iter: I) {
         self.touched = Touched::All;
+        self.encoded.clear();
         self.map.extend(iter);
     }
 }
@@ -279,8 +319,35 @@ impl<'a> IntoIterator for &'a Tasks {
 }
 
 impl Serialize for Tasks {
+    /// The map of tasks by id, each unchanged task written as the bytes of
+    /// its last encoding.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.map.serialize(s)
+        let Ok(mut encoded) = self.encoded.0.lock() else {
+            return self.map.serialize(s);
+        };
+        if self.map.len() > ENCODINGS_KEPT {
+            encoded.clear();
+            return self.map.serialize(s);
+        }
+        let mut m = s.serialize_map(Some(self.map.len()))?;
+        for (id, task) in &self.map {
+            if !encoded.contains_key(id) {
+                match serde_json::value::to_raw_value(task) {
+                    Ok(raw) => {
+                        encoded.insert(id.clone(), raw);
+                    }
+                    Err(_) => {
+                        m.serialize_entry(id, task)?;
+                        continue;
+                    }
+                }
+            }
+            match encoded.get(id) {
+                Some(raw) => m.serialize_entry(id, raw)?,
+                None => m.serialize_entry(id, task)?,
+            }
+        }
+        m.end()
     }
 }
 
@@ -290,6 +357,7 @@ impl<'de> Deserialize<'de> for Tasks {
             map: BTreeMap::deserialize(d)?,
             touched: Touched::None,
             index: Ready::default(),
+            encoded: Encodings::default(),
         })
     }
 }
@@ -300,6 +368,26 @@ mod tests {
 
     fn tasks(n: usize) -> Tasks {
         super::super::Flow::independent(n).tasks
+    }
+
+    #[test]
+    fn a_task_handed_out_for_change_is_encoded_anew() {
+        let plain = |t: &Tasks| serde_json::to_string(&t.map).unwrap();
+        let mut t = tasks(3);
+        assert_eq!(serde_json::to_string(&t).unwrap(), plain(&t));
+        let id = |s: &str| TaskId::new(s).unwrap();
+        t.get_mut(&id("t0")).unwrap().attempt = 7;
+        assert_eq!(serde_json::to_string(&t).unwrap(), plain(&t));
+        let moved = t.remove(&id("t1")).unwrap();
+        t.insert(id("t5"), moved);
+        assert_eq!(serde_json::to_string(&t).unwrap(), plain(&t));
+        t.values_mut().for_each(|task| task.attempt = 3);
+        assert_eq!(serde_json::to_string(&t).unwrap(), plain(&t));
+        t.iter_mut().for_each(|(_, task)| task.attempt = 4);
+        let copy = t.clone();
+        assert_eq!(serde_json::to_string(&copy).unwrap(), plain(&t));
+        let back: Tasks = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back, t);
     }
 
     #[test]
